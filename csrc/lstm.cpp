@@ -1,0 +1,189 @@
+// The op schemas (declared once, implemented per backend in cpu/ and cuda/) and the argument
+// checks every backend shares.
+#include "lstm.h"
+
+#include <torch/library.h>
+
+namespace fused_lstm {
+
+namespace {
+
+void check_same(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+  TORCH_CHECK_VALUE(
+      t.scalar_type() == ref.scalar_type(),
+      "fused_lstm: ", name, " dtype (", t.scalar_type(), ") does not match input dtype (",
+      ref.scalar_type(), ")");
+  TORCH_CHECK(
+      t.device() == ref.device(),
+      "fused_lstm: ", name, " is on ", t.device(), " but input is on ", ref.device());
+}
+
+void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* name) {
+  TORCH_CHECK(
+      t.sizes() == expected,
+      "fused_lstm: expected ", name, " of size ", expected, ", got ", t.sizes());
+}
+
+}  // namespace
+
+LSTMShape check_lstm_args(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& batch_sizes,
+    const std::optional<at::Tensor>& hx,
+    const std::optional<at::Tensor>& cx,
+    at::TensorList weights,
+    const std::optional<at::Tensor>& dropout_mask,
+    int64_t num_layers,
+    bool bidirectional,
+    bool has_biases,
+    int64_t proj_size) {
+  LSTMShape s;
+  s.num_layers = num_layers;
+  s.num_directions = bidirectional ? 2 : 1;
+  s.has_biases = has_biases;
+  s.proj_size = proj_size;
+  s.packed = batch_sizes.has_value();
+  TORCH_CHECK_VALUE(num_layers > 0, "fused_lstm: num_layers must be positive, got ", num_layers);
+  TORCH_CHECK_VALUE(proj_size >= 0, "fused_lstm: proj_size must be >= 0, got ", proj_size);
+  TORCH_CHECK(
+      static_cast<int64_t>(weights.size()) ==
+          num_layers * s.num_directions * s.weights_per_direction(),
+      "fused_lstm: expected ", num_layers * s.num_directions * s.weights_per_direction(),
+      " weight tensors, got ", weights.size());
+  TORCH_CHECK_VALUE(
+      at::isFloatingType(input.scalar_type()),
+      "fused_lstm: input must be a floating point tensor, got ", input.scalar_type());
+
+  const at::Tensor& w_ih0 = weights[0];
+  TORCH_CHECK(w_ih0.dim() == 2, "fused_lstm: weight_ih_l0 must be 2-D, got ", w_ih0.dim(), "-D");
+  TORCH_CHECK(
+      w_ih0.size(0) % 4 == 0 && w_ih0.size(0) > 0,
+      "fused_lstm: weight_ih_l0 has ", w_ih0.size(0), " rows, expected 4 * hidden_size");
+  s.hidden_size = w_ih0.size(0) / 4;
+  s.input_size = w_ih0.size(1);
+  TORCH_CHECK_VALUE(
+      proj_size < s.hidden_size, "fused_lstm: proj_size (", proj_size,
+      ") has to be smaller than hidden_size (", s.hidden_size, ")");
+  s.out_size = proj_size > 0 ? proj_size : s.hidden_size;
+
+  // Input: [T, B, I] or packed [rows, I].
+  if (s.packed) {
+    TORCH_CHECK(input.dim() == 2, "fused_lstm: packed input must have 2 dimensions, got ", input.dim());
+    const at::Tensor& bs = *batch_sizes;
+    TORCH_CHECK(
+        bs.dim() == 1 && bs.scalar_type() == at::kLong && bs.device().is_cpu(),
+        "fused_lstm: batch_sizes must be a 1-D int64 CPU tensor");
+    TORCH_CHECK(bs.numel() > 0, "fused_lstm: batch_sizes must not be empty");
+    const at::Tensor bsc = bs.contiguous();
+    const int64_t* p = bsc.const_data_ptr<int64_t>();
+    s.seq_len = bs.numel();
+    s.batch_sizes.assign(p, p + s.seq_len);
+    int64_t rows = 0;
+    for (int64_t t = 0; t < s.seq_len; ++t) {
+      TORCH_CHECK(
+          s.batch_sizes[t] > 0 && (t == 0 || s.batch_sizes[t] <= s.batch_sizes[t - 1]),
+          "fused_lstm: batch_sizes must be positive and non-increasing; batch_sizes[", t, "] = ",
+          s.batch_sizes[t]);
+      s.step_offset.push_back(rows);
+      rows += s.batch_sizes[t];
+    }
+    TORCH_CHECK(
+        rows == input.size(0), "fused_lstm: batch_sizes sum to ", rows,
+        " but packed input has ", input.size(0), " rows");
+    s.rows = rows;
+    s.batch = s.batch_sizes[0];
+  } else {
+    TORCH_CHECK(input.dim() == 3, "fused_lstm: input must have 3 dimensions [T, B, I], got ", input.dim());
+    s.seq_len = input.size(0);
+    s.batch = input.size(1);
+    TORCH_CHECK_VALUE(s.seq_len > 0, "fused_lstm: input sequence length must be > 0, got ", s.seq_len);
+    s.batch_sizes.assign(s.seq_len, s.batch);
+    for (int64_t t = 0; t < s.seq_len; ++t) s.step_offset.push_back(t * s.batch);
+    s.rows = s.seq_len * s.batch;
+  }
+  TORCH_CHECK(
+      input.size(-1) == s.input_size, "fused_lstm: input.size(-1) must be equal to input_size. Expected ",
+      s.input_size, ", got ", input.size(-1));
+
+  // Weights, in nn.LSTM's _flat_weights order.
+  const int64_t G = 4 * s.hidden_size;
+  for (int64_t l = 0; l < num_layers; ++l) {
+    for (int64_t d = 0; d < s.num_directions; ++d) {
+      const int64_t w = s.weight_index(l, d);
+      check_shape(weights[w], {G, s.layer_input_size(l)}, "weight_ih");
+      check_shape(weights[w + 1], {G, s.out_size}, "weight_hh");
+      int64_t next = w + 2;
+      if (has_biases) {
+        check_shape(weights[next], {G}, "bias_ih");
+        check_shape(weights[next + 1], {G}, "bias_hh");
+        next += 2;
+      }
+      if (proj_size > 0) check_shape(weights[next], {s.out_size, s.hidden_size}, "weight_hr");
+    }
+  }
+  for (const auto& w : weights) check_same(w, input, "weight");
+
+  const int64_t LD = num_layers * s.num_directions;
+  if (hx.has_value()) {
+    check_same(*hx, input, "hx");
+    check_shape(*hx, {LD, s.batch, s.out_size}, "hx");
+  }
+  if (cx.has_value()) {
+    check_same(*cx, input, "cx");
+    check_shape(*cx, {LD, s.batch, s.hidden_size}, "cx");
+  }
+  if (dropout_mask.has_value()) {
+    check_same(*dropout_mask, input, "dropout_mask");
+    TORCH_CHECK(num_layers > 1, "fused_lstm: dropout_mask given for a single-layer LSTM");
+    std::vector<int64_t> mask_shape{num_layers - 1};
+    for (int64_t i = 0; i < input.dim() - 1; ++i) mask_shape.push_back(input.size(i));
+    mask_shape.push_back(s.num_directions * s.out_size);
+    check_shape(*dropout_mask, mask_shape, "dropout_mask");
+  }
+  return s;
+}
+
+void check_lstm_backward_args(
+    const LSTMShape& s,
+    const at::Tensor& input,
+    const at::Tensor& reserve,
+    const std::optional<at::Tensor>& grad_output,
+    const std::optional<at::Tensor>& grad_hy,
+    const std::optional<at::Tensor>& grad_cy) {
+  TORCH_CHECK(
+      reserve.dim() == 1 && reserve.numel() == s.reserve_numel(),
+      "fused_lstm: reserve has ", reserve.numel(), " elements, expected ", s.reserve_numel(),
+      " (was it produced by lstm_forward with the same arguments?)");
+  TORCH_CHECK(reserve.device() == input.device(), "fused_lstm: reserve is on the wrong device");
+  std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
+  out_shape.back() = s.num_directions * s.out_size;
+  const int64_t LD = s.num_layers * s.num_directions;
+  if (grad_output.has_value()) check_shape(*grad_output, out_shape, "grad_output");
+  if (grad_hy.has_value()) check_shape(*grad_hy, {LD, s.batch, s.out_size}, "grad_hy");
+  if (grad_cy.has_value()) check_shape(*grad_cy, {LD, s.batch, s.hidden_size}, "grad_cy");
+}
+
+TORCH_LIBRARY(fused_lstm, m) {
+  // The whole stack in one call: every layer, both directions, projection and inter-layer
+  // dropout (applied as a given mask so the op stays deterministic).
+  //   input:        [T, B, I] time-major, or packed [rows, I] when batch_sizes ([T], CPU int64)
+  //   hx, cx:       [L*D, B, out_size], [L*D, B, hidden]; None means zeros
+  //   weights:      nn.LSTM's _flat_weights order (w_ih, w_hh, [b_ih, b_hh], [w_hr]) per layer
+  //                 and direction
+  //   dropout_mask: [L-1, *input.shape[:-1], D*out_size], already scaled by 1/(1-p); or None
+  // Returns output [*input.shape[:-1], D*out_size], hy, cy, and the reserve for backward.
+  m.def(
+      "lstm_forward(Tensor input, Tensor? batch_sizes, Tensor? hx, Tensor? cx, Tensor[] weights, "
+      "Tensor? dropout_mask, int num_layers, bool bidirectional, bool has_biases, int proj_size) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Gradients of lstm_forward for the whole stack in one call. Missing grads mean zeros.
+  // Returns grad_input, grad_hx, grad_cx (zeros-shaped like hx/cx even when they were None)
+  // and one gradient per weight.
+  m.def(
+      "lstm_backward(Tensor input, Tensor? batch_sizes, Tensor? hx, Tensor? cx, Tensor[] weights, "
+      "Tensor? dropout_mask, Tensor reserve, Tensor? grad_output, Tensor? grad_hy, "
+      "Tensor? grad_cy, int num_layers, bool bidirectional, bool has_biases, int proj_size) "
+      "-> (Tensor, Tensor, Tensor, Tensor[])");
+}
+
+}  // namespace fused_lstm

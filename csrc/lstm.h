@@ -1,0 +1,92 @@
+// Shared by every backend: the op's argument checks and the layout of the reserve buffer
+// (what forward saves for backward). Kernels live in cpu/ and cuda/; gate math in lstm_cell.h.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <vector>
+
+namespace fused_lstm {
+
+// Sizes of one call of the stacked-LSTM op, validated.
+//
+// Data layout is time-major and "packed": the rows of step t are the first batch_sizes[t] batch
+// entries, stored at rows [step_offset[t], step_offset[t] + batch_sizes[t]). An unpacked
+// [T, B, C] tensor is the special case batch_sizes = {B, ..., B}, so one code path serves both.
+//
+// Reserve (1-D, in the math dtype: float for float/bfloat16/half, double for double), per layer l:
+//   layer_out  [rows, D * out_size]         h of every step, both directions (pre-dropout)
+//   per direction d:
+//     gates    [rows, 4 * hidden]           activated i, f, g, o
+//     cells    [rows, hidden]               c_t
+//     pre_proj [rows, hidden]               o * tanh(c_t), only when proj_size > 0
+// fused_lstm/ops.py computes the same size for its fake kernel (reserve_numel); keep in sync.
+struct LSTMShape {
+  int64_t num_layers = 0;
+  int64_t num_directions = 0;
+  int64_t input_size = 0;
+  int64_t hidden_size = 0;
+  int64_t proj_size = 0;
+  int64_t out_size = 0;  // proj_size if > 0, else hidden_size
+  int64_t seq_len = 0;
+  int64_t batch = 0;  // batch_sizes[0]
+  int64_t rows = 0;   // sum of batch_sizes
+  bool has_biases = false;
+  bool packed = false;
+  std::vector<int64_t> batch_sizes;  // [seq_len]
+  std::vector<int64_t> step_offset;  // [seq_len], first row of each step
+
+  int64_t weights_per_direction() const {
+    return 2 + (has_biases ? 2 : 0) + (proj_size > 0 ? 1 : 0);
+  }
+  int64_t weight_index(int64_t layer, int64_t direction) const {
+    return (layer * num_directions + direction) * weights_per_direction();
+  }
+  int64_t layer_input_size(int64_t layer) const {
+    return layer == 0 ? input_size : num_directions * out_size;
+  }
+  int64_t direction_numel() const {
+    return rows * (5 * hidden_size + (proj_size > 0 ? hidden_size : 0));
+  }
+  int64_t layer_numel() const {
+    return rows * num_directions * out_size + num_directions * direction_numel();
+  }
+  int64_t reserve_numel() const { return num_layers * layer_numel(); }
+  int64_t layer_out_offset(int64_t layer) const { return layer * layer_numel(); }
+  int64_t gates_offset(int64_t layer, int64_t direction) const {
+    return layer * layer_numel() + rows * num_directions * out_size +
+        direction * direction_numel();
+  }
+  int64_t cells_offset(int64_t layer, int64_t direction) const {
+    return gates_offset(layer, direction) + rows * 4 * hidden_size;
+  }
+  int64_t pre_proj_offset(int64_t layer, int64_t direction) const {
+    return cells_offset(layer, direction) + rows * hidden_size;
+  }
+};
+
+// Validates every argument of the forward op (shapes, dtypes, devices, batch_sizes) and returns
+// the sizes. Raises c10 errors (RuntimeError / ValueError in Python), never crashes.
+LSTMShape check_lstm_args(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& batch_sizes,
+    const std::optional<at::Tensor>& hx,
+    const std::optional<at::Tensor>& cx,
+    at::TensorList weights,
+    const std::optional<at::Tensor>& dropout_mask,
+    int64_t num_layers,
+    bool bidirectional,
+    bool has_biases,
+    int64_t proj_size);
+
+// Additional checks of the backward op: reserve size and gradient shapes.
+void check_lstm_backward_args(
+    const LSTMShape& shape,
+    const at::Tensor& input,
+    const at::Tensor& reserve,
+    const std::optional<at::Tensor>& grad_output,
+    const std::optional<at::Tensor>& grad_hy,
+    const std::optional<at::Tensor>& grad_cy);
+
+}  // namespace fused_lstm

@@ -1,0 +1,62 @@
+// THE LSTM cell: the only place where gate math is written.
+//
+// Gate order is nn.LSTM's: i (input), f (forget), g (cell candidate), o (output).
+// Every function here is a scalar, pointer-free inline template usable from C++ (CPU loops)
+// and CUDA (kernels): `scalar_t` is the storage type, `acc_t` the type the math runs in
+// (float for float/bfloat16/half, double for double).
+#pragma once
+
+#include <c10/macros/Macros.h>
+#include <cmath>
+
+namespace fused_lstm {
+
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t sigmoid(acc_t x) {
+  return acc_t(1) / (acc_t(1) + std::exp(-x));
+}
+
+// Activated gates of one (batch row, hidden unit) at one time step.
+template <typename acc_t>
+struct Gates {
+  acc_t i, f, g, o;
+};
+
+// Forward of one cell element.
+//   pre_*:  gate pre-activations (x W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)
+//   c_prev: c_{t-1}
+// Returns the activated gates; writes c_t and h_t (h_t before any projection).
+template <typename acc_t>
+C10_HOST_DEVICE inline Gates<acc_t> cell_forward(
+    acc_t pre_i, acc_t pre_f, acc_t pre_g, acc_t pre_o, acc_t c_prev, acc_t& c, acc_t& h) {
+  Gates<acc_t> a;
+  a.i = sigmoid(pre_i);
+  a.f = sigmoid(pre_f);
+  a.g = std::tanh(pre_g);
+  a.o = sigmoid(pre_o);
+  c = a.f * c_prev + a.i * a.g;
+  h = a.o * std::tanh(c);
+  return a;
+}
+
+// Backward of one cell element.
+//   a:      the activated gates saved by cell_forward
+//   c:      c_t;  c_prev: c_{t-1}
+//   dh:     dL/dh_t (h before projection), all paths summed
+//   dc:     dL/dc_t arriving from step t+1 (or from c_n)
+// Returns dL/d(pre-activation) per gate; writes dL/dc_{t-1}.
+template <typename acc_t>
+C10_HOST_DEVICE inline Gates<acc_t> cell_backward(
+    const Gates<acc_t>& a, acc_t c, acc_t c_prev, acc_t dh, acc_t dc, acc_t& dc_prev) {
+  const acc_t tanh_c = std::tanh(c);
+  const acc_t dc_total = dc + dh * a.o * (acc_t(1) - tanh_c * tanh_c);
+  Gates<acc_t> d;
+  d.i = dc_total * a.g * a.i * (acc_t(1) - a.i);
+  d.f = dc_total * c_prev * a.f * (acc_t(1) - a.f);
+  d.g = dc_total * a.i * (acc_t(1) - a.g * a.g);
+  d.o = dh * tanh_c * a.o * (acc_t(1) - a.o);
+  dc_prev = dc_total * a.f;
+  return d;
+}
+
+}  // namespace fused_lstm

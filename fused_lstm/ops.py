@@ -1,0 +1,199 @@
+"""The fused_lstm ops: fake kernels, autograd, and typed Python wrappers.
+
+The ops are declared in ``csrc/lstm.cpp`` (``TORCH_LIBRARY(fused_lstm, m)``) and implemented
+per backend in ``csrc/cpu`` and ``csrc/cuda``. This module loads the compiled library, then
+registers what PyTorch needs in Python:
+
+* ``register_fake`` for both ops, so ``torch.compile`` and ``torch.export`` can trace them;
+* ``register_autograd`` for the forward op: its backward is ONE call of ``lstm_backward`` for
+  the whole stack. When a graph of the backward is requested (``create_graph=True``, double
+  backward), the gradient is recomputed through the differentiable reference in
+  ``reference.py`` instead: slower, but exact and itself differentiable.
+
+Argument conventions (shared with the C++ schema):
+
+* ``input``: time-major ``[T, B, I]``, or packed data ``[rows, I]`` with ``batch_sizes``
+  (CPU int64 ``[T]``, non-increasing) as in ``PackedSequence``;
+* ``hx`` ``[L*D, B, out_size]`` and ``cx`` ``[L*D, B, hidden]``, or None for zeros;
+* ``weights``: nn.LSTM's ``_flat_weights`` order;
+* ``dropout_mask``: ``[L-1, *input.shape[:-1], D*out_size]`` already scaled by ``1/(1-p)``,
+  applied to each layer's output before it feeds the next layer; None for no dropout.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ._loader import load_library
+
+load_library()
+
+_ops = torch.ops.fused_lstm
+
+
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels compute and save in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reserve_numel(rows, num_layers, num_directions, hidden_size, proj_size):
+    """Elements of the reserve buffer; must match ``LSTMShape::reserve_numel`` in csrc/lstm.h."""
+    out_size = proj_size if proj_size > 0 else hidden_size
+    per_direction = rows * (5 * hidden_size + (hidden_size if proj_size > 0 else 0))
+    return num_layers * (rows * num_directions * out_size + num_directions * per_direction)
+
+
+@torch.library.register_fake("fused_lstm::lstm_forward")
+def _lstm_forward_fake(
+    input, batch_sizes, hx, cx, weights, dropout_mask, num_layers, bidirectional, has_biases,
+    proj_size,
+):
+    hidden_size = weights[0].shape[0] // 4
+    num_directions = 2 if bidirectional else 1
+    out_size = proj_size if proj_size > 0 else hidden_size
+    if batch_sizes is None:
+        batch = input.shape[1]
+        rows = input.shape[0] * input.shape[1]
+    else:
+        rows = input.shape[0]
+        if hx is not None:
+            batch = hx.shape[1]
+        elif cx is not None:
+            batch = cx.shape[1]
+        else:  # batch_sizes[0]: a value only known at run time
+            batch = torch.library.get_ctx().new_dynamic_size()
+    output = input.new_empty((*input.shape[:-1], num_directions * out_size))
+    hy = input.new_empty((num_layers * num_directions, batch, out_size))
+    cy = input.new_empty((num_layers * num_directions, batch, hidden_size))
+    reserve = input.new_empty(
+        (reserve_numel(rows, num_layers, num_directions, hidden_size, proj_size),),
+        dtype=math_dtype(input.dtype),
+    )
+    return output, hy, cy, reserve
+
+
+@torch.library.register_fake("fused_lstm::lstm_backward")
+def _lstm_backward_fake(
+    input, batch_sizes, hx, cx, weights, dropout_mask, reserve, grad_output, grad_hy, grad_cy,
+    num_layers, bidirectional, has_biases, proj_size,
+):
+    hidden_size = weights[0].shape[0] // 4
+    num_directions = 2 if bidirectional else 1
+    out_size = proj_size if proj_size > 0 else hidden_size
+    if batch_sizes is None:
+        batch = input.shape[1]
+    elif hx is not None:
+        batch = hx.shape[1]
+    elif cx is not None:
+        batch = cx.shape[1]
+    else:
+        batch = torch.library.get_ctx().new_dynamic_size()
+    layers_dirs = num_layers * num_directions
+    return (
+        torch.empty_like(input),
+        input.new_empty((layers_dirs, batch, out_size)),
+        input.new_empty((layers_dirs, batch, hidden_size)),
+        [torch.empty_like(w) for w in weights],
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    (input, batch_sizes, hx, cx, weights, dropout_mask, num_layers, bidirectional, has_biases,
+     proj_size) = inputs
+    reserve = output[3]
+    ctx.mark_non_differentiable(reserve)
+    ctx.set_materialize_grads(False)
+    ctx.batch_sizes = batch_sizes
+    ctx.num_weights = len(weights)
+    ctx.config = (num_layers, bidirectional, has_biases, proj_size)
+    ctx.save_for_backward(input, hx, cx, dropout_mask, reserve, *weights)
+
+
+def _backward(ctx, grad_output, grad_hy, grad_cy, _grad_reserve):
+    input, hx, cx, dropout_mask, reserve, *weights = ctx.saved_tensors
+    num_layers, bidirectional, has_biases, proj_size = ctx.config
+    if torch.is_grad_enabled():
+        # create_graph=True: differentiate the reference so the gradient has a graph.
+        grad_input, grad_hx, grad_cx, grad_weights = _differentiable_backward(
+            input, ctx.batch_sizes, hx, cx, weights, dropout_mask, grad_output, grad_hy,
+            grad_cy, ctx.config,
+        )
+    else:
+        grad_input, grad_hx, grad_cx, grad_weights = _ops.lstm_backward(
+            input, ctx.batch_sizes, hx, cx, weights, dropout_mask, reserve, grad_output, grad_hy,
+            grad_cy, num_layers, bidirectional, has_biases, proj_size,
+        )
+    return (
+        grad_input,
+        None,
+        grad_hx if hx is not None else None,
+        grad_cx if cx is not None else None,
+        list(grad_weights),
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+def _differentiable_backward(input, batch_sizes, hx, cx, weights, dropout_mask, grad_output,
+                             grad_hy, grad_cy, config):
+    from . import reference
+
+    num_layers, bidirectional, has_biases, proj_size = config
+    # Leaves that stand for the saved tensors, wired back to them so the result's graph reaches
+    # the originals (the saved tensors may be leaves that do not require grad).
+    outputs = reference.lstm_forward(
+        input, batch_sizes, hx, cx, weights, dropout_mask, num_layers, bidirectional, has_biases,
+        proj_size,
+    )
+    wrt = [input] + ([hx] if hx is not None else []) + ([cx] if cx is not None else []) \
+        + list(weights)
+    pairs = [(o, g) for o, g in zip(outputs, (grad_output, grad_hy, grad_cy)) if g is not None]
+    differentiable = [t.requires_grad for t in wrt]
+    targets = [t for t, d in zip(wrt, differentiable) if d]
+    grads = torch.autograd.grad(
+        [o for o, _ in pairs], targets, [g for _, g in pairs], create_graph=True,
+        allow_unused=True, materialize_grads=True,
+    ) if pairs and targets else []
+    grads_iter = iter(grads)
+    full = [next(grads_iter) if d else torch.zeros_like(t) for t, d in zip(wrt, differentiable)]
+    grad_input = full[0]
+    k = 1
+    grad_hx = grad_cx = None
+    if hx is not None:
+        grad_hx = full[k]
+        k += 1
+    if cx is not None:
+        grad_cx = full[k]
+        k += 1
+    return grad_input, grad_hx, grad_cx, full[k:]
+
+
+torch.library.register_autograd(
+    "fused_lstm::lstm_forward", _backward, setup_context=_setup_context
+)
+
+
+def lstm(
+    input: Tensor,
+    batch_sizes: Optional[Tensor],
+    hx: Optional[Tensor],
+    cx: Optional[Tensor],
+    weights: Sequence[Tensor],
+    dropout_mask: Optional[Tensor],
+    num_layers: int,
+    bidirectional: bool,
+    has_biases: bool,
+    proj_size: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The stacked LSTM in one op call; returns ``(output, h_n, c_n)`` (see module docstring)."""
+    output, hy, cy, _reserve = _ops.lstm_forward(
+        input, batch_sizes, hx, cx, list(weights), dropout_mask, num_layers, bidirectional,
+        has_biases, proj_size,
+    )
+    return output, hy, cy
