@@ -1,0 +1,296 @@
+"""The fused ops themselves: float64 gradcheck over every option, gradgradcheck, opcheck,
+parity with nn.LSTM's own kernel and with the reference, dtypes, NaN, bad arguments."""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from fused_lstm import ops, reference
+
+LSTM_FORWARD = torch.ops.fused_lstm.lstm_forward.default
+LSTM_BACKWARD = torch.ops.fused_lstm.lstm_backward.default
+
+
+def make_case(num_layers, bias, bidirectional, proj_size, packed, with_state, *, dtype=torch.float64,
+              input_size=3, hidden_size=4, seq_len=4, batch=3, dropout=0.0, requires_grad=True,
+              seed=0):
+    """Random weights and inputs (never zeros) for one op call, plus the nn.LSTM they came from.
+
+    Returns (lstm, kwargs) where kwargs are lstm_forward's arguments by name."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_(requires_grad)
+
+    lstm = nn.LSTM(input_size, hidden_size, num_layers, bias=bias, bidirectional=bidirectional,
+                   proj_size=proj_size, dtype=dtype)
+    with torch.no_grad():
+        for w in lstm.parameters():
+            w.copy_(torch.randn(w.shape, generator=gen, dtype=dtype) * 0.5)
+    weights = [w.detach().clone().requires_grad_(requires_grad) for w in lstm._flat_weights]
+    num_directions = 2 if bidirectional else 1
+    out_size = proj_size or hidden_size
+    x = rand(seq_len, batch, input_size)
+    batch_sizes = None
+    if packed:
+        lengths = torch.randint(1, seq_len + 1, (batch,), generator=gen).sort(descending=True).values
+        lengths[0] = seq_len
+        packed_seq = pack_padded_sequence(x.detach(), lengths)
+        x = packed_seq.data.clone().requires_grad_(requires_grad)
+        batch_sizes = packed_seq.batch_sizes
+    hx = rand(num_layers * num_directions, batch, out_size) if with_state else None
+    cx = rand(num_layers * num_directions, batch, hidden_size) if with_state else None
+    mask = None
+    if dropout > 0 and num_layers > 1:
+        shape = (num_layers - 1, *x.shape[:-1], num_directions * out_size)
+        mask = torch.empty(shape, dtype=dtype).bernoulli_(1 - dropout, generator=gen) / (1 - dropout)
+    args = dict(input=x, batch_sizes=batch_sizes, hx=hx, cx=cx, weights=weights, dropout_mask=mask,
+                num_layers=num_layers, bidirectional=bidirectional, has_biases=bias,
+                proj_size=proj_size)
+    return lstm, args
+
+
+def call(fn, a):
+    return fn(a["input"], a["batch_sizes"], a["hx"], a["cx"], a["weights"], a["dropout_mask"],
+              a["num_layers"], a["bidirectional"], a["has_biases"], a["proj_size"])
+
+
+def differentiable(a):
+    return [t for t in [a["input"], a["hx"], a["cx"], *a["weights"]] if t is not None]
+
+
+GRID = list(itertools.product([1, 2, 3], [True, False], [False, True], [0, 2], [False, True]))
+GRID_IDS = [f"L{l}-{'bias' if b else 'nobias'}-{'bi' if d else 'uni'}-proj{p}-{'packed' if k else 'padded'}"
+            for l, b, d, p, k in GRID]
+
+
+@pytest.mark.parametrize("num_layers,bias,bidirectional,proj_size,packed", GRID, ids=GRID_IDS)
+def test_gradcheck(num_layers, bias, bidirectional, proj_size, packed):
+    _, a = make_case(num_layers, bias, bidirectional, proj_size, packed, with_state=True,
+                     input_size=2, hidden_size=3, seq_len=3, batch=3, dropout=0.5)
+    inputs = differentiable(a)
+    n_state = 3
+
+    def f(*tensors):
+        b = dict(a, input=tensors[0], hx=tensors[1], cx=tensors[2], weights=list(tensors[n_state:]))
+        return call(ops.lstm, b)
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("bidirectional,proj_size,packed", [(False, 0, False), (True, 2, True)])
+def test_gradgradcheck(bidirectional, proj_size, packed):
+    _, a = make_case(2, True, bidirectional, proj_size, packed, with_state=True, input_size=2,
+                     hidden_size=3, seq_len=3, batch=2)
+    inputs = differentiable(a)
+
+    def f(*tensors):
+        b = dict(a, input=tensors[0], hx=tensors[1], cx=tensors[2], weights=list(tensors[3:]))
+        return call(ops.lstm, b)
+
+    assert torch.autograd.gradgradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("num_layers,bias,bidirectional,proj_size,packed", GRID, ids=GRID_IDS)
+@pytest.mark.parametrize("with_state", [True, False], ids=["state", "nostate"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_parity_with_nn_lstm(num_layers, bias, bidirectional, proj_size, packed, with_state, dtype):
+    """The op against nn.LSTM's own kernel (aten::lstm) on the same weights: every output and
+    every gradient."""
+    lstm, a = make_case(num_layers, bias, bidirectional, proj_size, packed, with_state, dtype=dtype,
+                        input_size=5, hidden_size=6, seq_len=5, batch=4)
+    # nn.LSTM on the same tensors (its parameters replaced by our leaf tensors).
+    hx = (a["hx"], a["cx"]) if with_state else None
+    if packed:
+        expected = torch._VF.lstm(a["input"], a["batch_sizes"], hx or _zeros_state(a),
+                                  a["weights"], bias, num_layers, 0.0, False, bidirectional)
+    else:
+        expected = torch._VF.lstm(a["input"], hx or _zeros_state(a), a["weights"], bias,
+                                  num_layers, 0.0, False, bidirectional, False)
+    got = call(ops.lstm, a)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, **tol)
+    grads = [torch.randn_like(t) for t in got]
+    wrt = differentiable(a)
+    got_grads = torch.autograd.grad(got, wrt, grads)
+    expected_grads = torch.autograd.grad(expected, wrt, grads)
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g, e, **tol)
+
+
+def _zeros_state(a):
+    num_directions = 2 if a["bidirectional"] else 1
+    hidden = a["weights"][0].shape[0] // 4
+    out = a["proj_size"] or hidden
+    batch = a["hx"].shape[1] if a["hx"] is not None else (
+        int(a["batch_sizes"][0]) if a["batch_sizes"] is not None else a["input"].shape[1])
+    layers_dirs = a["num_layers"] * num_directions
+    dtype = a["input"].dtype
+    return (torch.zeros(layers_dirs, batch, out, dtype=dtype),
+            torch.zeros(layers_dirs, batch, hidden, dtype=dtype))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_dropout_mask_matches_reference(packed, bidirectional):
+    """Inter-layer dropout: the op applies the given mask exactly as the reference does."""
+    _, a = make_case(3, True, bidirectional, 2, packed, with_state=True, dropout=0.4)
+    assert a["dropout_mask"] is not None and (a["dropout_mask"] == 0).any()
+    got = call(ops.lstm, a)
+    expected = call(reference.lstm_forward, a)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+    grads = [torch.randn_like(t) for t in got]
+    wrt = differentiable(a)
+    for g, e in zip(torch.autograd.grad(got, wrt, grads), torch.autograd.grad(expected, wrt, grads)):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_bfloat16_error_within_twice_pytorchs(packed):
+    """bfloat16 keeps 8 significant bits, so exact parity is meaningless; the rule (as in
+    flash-attention) is that our error against a float64 reference is at most about twice
+    PyTorch's own bfloat16 error, plus a few bfloat16 ulps of slack for tiny errors."""
+    lstm64, a64 = make_case(2, True, True, 0, packed, with_state=True, input_size=16,
+                            hidden_size=32, seq_len=20, batch=8, requires_grad=False)
+    exact = call(ops.lstm, a64)
+    a16 = {k: (v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+           for k, v in a64.items()}
+    a16["weights"] = [w.to(torch.bfloat16) for w in a64["weights"]]
+    ours = call(ops.lstm, a16)
+    assert all(t.dtype == torch.bfloat16 for t in ours)
+    if packed:
+        theirs = torch._VF.lstm(a16["input"], a16["batch_sizes"], (a16["hx"], a16["cx"]),
+                                a16["weights"], True, 2, 0.0, False, True)
+    else:
+        theirs = torch._VF.lstm(a16["input"], (a16["hx"], a16["cx"]), a16["weights"], True, 2,
+                                0.0, False, True, False)
+    eps = torch.finfo(torch.bfloat16).eps
+    for o, t, e in zip(ours, theirs, exact):
+        our_err = (o.double() - e).abs().max().item()
+        their_err = (t.double() - e).abs().max().item()
+        assert our_err <= 2 * their_err + 4 * eps, (our_err, their_err)
+
+
+def test_nan_propagates():
+    _, a = make_case(2, True, True, 0, False, with_state=True, requires_grad=False)
+    a["input"] = a["input"].clone()
+    a["input"][1, 0, 0] = float("nan")
+    output, hy, cy = call(ops.lstm, a)
+    # Batch row 0 sees the NaN from step 1 on (forward) and up to step 1 (reverse).
+    assert torch.isnan(output[:, 0]).all()
+    assert torch.isnan(hy[:, 0]).all() and torch.isnan(cy[:, 0]).all()
+    assert not torch.isnan(output[:, 1:]).any()
+
+
+def test_noncontiguous_arguments():
+    _, a = make_case(2, True, True, 2, False, with_state=True, requires_grad=False)
+    expected = call(ops.lstm, a)
+    b = dict(a)
+    b["input"] = a["input"].transpose(0, 1).contiguous().transpose(0, 1)
+    assert not b["input"].is_contiguous()
+    b["hx"] = a["hx"].transpose(0, 2).contiguous().transpose(0, 2)
+    b["weights"] = [w.t().contiguous().t() if w.dim() == 2 else w for w in a["weights"]]
+    for g, e in zip(call(ops.lstm, b), expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_deterministic_run_to_run():
+    _, a = make_case(2, True, True, 2, True, with_state=True, input_size=32, hidden_size=64,
+                     seq_len=10, batch=16)
+    first = call(ops.lstm, a)
+    grads = [torch.randn_like(t) for t in first]
+    g1 = torch.autograd.grad(first, differentiable(a), grads)
+    second = call(ops.lstm, a)
+    g2 = torch.autograd.grad(second, differentiable(a), grads)
+    for x, y in zip(list(first) + list(g1), list(second) + list(g2)):
+        assert torch.equal(x, y)
+
+
+OPCHECK_CASES = [
+    dict(packed=False, with_state=True, dropout=0.0, proj_size=0, bidirectional=False),
+    dict(packed=False, with_state=False, dropout=0.5, proj_size=2, bidirectional=True),
+    dict(packed=True, with_state=True, dropout=0.5, proj_size=0, bidirectional=True),
+]
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=["padded", "nostate-dropout-proj", "packed"])
+def test_opcheck_forward(case):
+    _, a = make_case(2, True, case["bidirectional"], case["proj_size"], case["packed"],
+                     case["with_state"], dropout=case["dropout"])
+    args = (a["input"], a["batch_sizes"], a["hx"], a["cx"], a["weights"], a["dropout_mask"],
+            a["num_layers"], a["bidirectional"], a["has_biases"], a["proj_size"])
+    torch.library.opcheck(LSTM_FORWARD, args)
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=["padded", "nostate-dropout-proj", "packed"])
+def test_opcheck_backward(case):
+    _, a = make_case(2, True, case["bidirectional"], case["proj_size"], case["packed"],
+                     case["with_state"], dropout=case["dropout"], requires_grad=False)
+    output, hy, cy, reserve = call(LSTM_FORWARD, a)
+    args = (a["input"], a["batch_sizes"], a["hx"], a["cx"], a["weights"], a["dropout_mask"], reserve,
+            torch.randn_like(output), torch.randn_like(hy), None, a["num_layers"], a["bidirectional"],
+            a["has_biases"], a["proj_size"])
+    torch.library.opcheck(LSTM_BACKWARD, args)
+
+
+def test_reserve_size_matches_python_formula():
+    _, a = make_case(3, True, True, 2, True, with_state=True, requires_grad=False)
+    reserve = call(LSTM_FORWARD, a)[3]
+    assert reserve.numel() == ops.reserve_numel(a["input"].shape[0], 3, 2, 4, 2)
+    assert reserve.dtype == torch.float64
+
+
+def test_zero_batch():
+    _, a = make_case(2, True, True, 0, False, with_state=True, batch=0)
+    output, hy, cy = call(ops.lstm, a)
+    assert output.shape == (4, 0, 8) and hy.shape == (4, 0, 4) and cy.shape == (4, 0, 4)
+    grads = torch.autograd.grad(output.sum() + hy.sum(), differentiable(a))
+    assert all(g.abs().sum() == 0 for g in grads)
+
+
+BAD_ARGS = {
+    "too few weights": (lambda a: a.update(weights=a["weights"][:-1]), RuntimeError, "weight tensors"),
+    "wrong input size": (lambda a: a.update(input=torch.randn(4, 3, 7, dtype=torch.float64)),
+                         RuntimeError, "input_size"),
+    "2-D unpacked input": (lambda a: a.update(input=torch.randn(4, 3, dtype=torch.float64)),
+                           RuntimeError, "3 dimensions"),
+    "empty sequence": (lambda a: a.update(input=torch.randn(0, 3, 3, dtype=torch.float64)),
+                       ValueError, "sequence length"),
+    "wrong hx shape": (lambda a: a.update(hx=torch.randn(2, 3, 5, dtype=torch.float64)),
+                       RuntimeError, "hx"),
+    "wrong cx batch": (lambda a: a.update(cx=torch.randn(2, 2, 4, dtype=torch.float64)),
+                       RuntimeError, "cx"),
+    "dtype mismatch": (lambda a: a.update(input=a["input"].float()), ValueError, "dtype"),
+    "increasing batch_sizes": (lambda a: a.update(input=torch.randn(6, 3, dtype=torch.float64),
+                                                  batch_sizes=torch.tensor([1, 2, 3])),
+                               RuntimeError, "non-increasing"),
+    "batch_sizes sum": (lambda a: a.update(input=torch.randn(5, 3, dtype=torch.float64),
+                                           batch_sizes=torch.tensor([3, 3])),
+                        RuntimeError, "sum to"),
+    "mask shape": (lambda a: a.update(dropout_mask=torch.ones(1, 4, 3, 3, dtype=torch.float64)),
+                   RuntimeError, "dropout_mask"),
+    "integer input": (lambda a: a.update(input=torch.ones(4, 3, 3, dtype=torch.long)),
+                      ValueError, "floating point"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_ARGS))
+def test_bad_arguments_raise_cleanly(name):
+    mutate, exc, phrase = BAD_ARGS[name]
+    _, a = make_case(2, True, False, 0, False, with_state=True, requires_grad=False)
+    mutate(a)
+    with pytest.raises(exc, match=phrase):
+        call(LSTM_FORWARD, a)
+
+
+def test_backward_rejects_foreign_reserve():
+    _, a = make_case(2, True, False, 0, False, with_state=True, requires_grad=False)
+    output, hy, cy, reserve = call(LSTM_FORWARD, a)
+    with pytest.raises(RuntimeError, match="reserve"):
+        LSTM_BACKWARD(a["input"], None, a["hx"], a["cx"], a["weights"], None, reserve[:-1],
+                      output, None, None, 2, False, True, 0)
