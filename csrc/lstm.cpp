@@ -96,7 +96,7 @@ LSTMShape check_lstm_args(
     TORCH_CHECK(input.dim() == 3, "fused_lstm: input must have 3 dimensions [T, B, I], got ", input.dim());
     s.seq_len = input.size(0);
     s.batch = input.size(1);
-    TORCH_CHECK_VALUE(s.seq_len > 0, "fused_lstm: input sequence length must be > 0, got ", s.seq_len);
+    TORCH_CHECK(s.seq_len > 0, "fused_lstm: Expected sequence length to be larger than 0 in RNN, got ", s.seq_len);
     s.batch_sizes.assign(s.seq_len, s.batch);
     for (int64_t t = 0; t < s.seq_len; ++t) s.step_offset.push_back(t * s.batch);
     s.rows = s.seq_len * s.batch;

@@ -145,8 +145,8 @@ def _differentiable_backward(input, batch_sizes, hx, cx, weights, dropout_mask, 
     from . import reference
 
     num_layers, bidirectional, has_biases, proj_size = config
-    # Leaves that stand for the saved tensors, wired back to them so the result's graph reaches
-    # the originals (the saved tensors may be leaves that do not require grad).
+    # Recompute the forward through the reference from the saved tensors themselves, so the
+    # gradient's graph reaches them; those that do not require grad get zero gradients.
     outputs = reference.lstm_forward(
         input, batch_sizes, hx, cx, weights, dropout_mask, num_layers, bidirectional, has_biases,
         proj_size,

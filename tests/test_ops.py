@@ -260,7 +260,7 @@ BAD_ARGS = {
     "2-D unpacked input": (lambda a: a.update(input=torch.randn(4, 3, dtype=torch.float64)),
                            RuntimeError, "3 dimensions"),
     "empty sequence": (lambda a: a.update(input=torch.randn(0, 3, 3, dtype=torch.float64)),
-                       ValueError, "sequence length"),
+                       RuntimeError, "sequence length"),
     "wrong hx shape": (lambda a: a.update(hx=torch.randn(2, 3, 5, dtype=torch.float64)),
                        RuntimeError, "hx"),
     "wrong cx batch": (lambda a: a.update(cx=torch.randn(2, 2, 4, dtype=torch.float64)),

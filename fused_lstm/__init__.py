@@ -1,0 +1,12 @@
+"""fused_lstm: a drop-in replacement for torch.nn.LSTM backed by fused C++ ops.
+
+Importing the package loads the compiled library (``fused_lstm.ops``), which registers the
+``torch.ops.fused_lstm`` ops. ``fused_lstm.reference`` (plain PyTorch) depends on torch only.
+"""
+
+from . import ops
+from .module import FusedLSTM, FusedLSTMFallbackWarning, convert, revert
+
+__version__ = "0.1.0"
+
+__all__ = ["FusedLSTM", "FusedLSTMFallbackWarning", "convert", "revert", "ops", "__version__"]

@@ -1,0 +1,323 @@
+"""``FusedLSTM``: torch.nn.LSTM's contract, computed by one fused op call.
+
+``FusedLSTM`` subclasses ``nn.LSTM`` and changes nothing but ``forward``: the constructor,
+parameters, ``state_dict``, ``all_weights``, ``_flat_weights`` and ``flatten_parameters()`` are
+nn.LSTM's own. ``forward`` repeats nn.LSTM's argument checks with the same exception classes and
+messages, brings the input into the op's layout once (time-major ``[T, B, I]``, or packed data
+plus batch sizes), calls ``fused_lstm.ops.lstm`` once for the whole stack and returns what
+nn.LSTM returns.
+
+Where the fused op cannot run the call, ``nn.LSTM.forward`` does (never a wrong result):
+
+* no fused kernel for the input's device: a one-time ``FusedLSTMFallbackWarning`` per device type;
+* autocast is enabled: nn.LSTM has its own autocast rules (dtype casts, skipped dtype check);
+* arguments nn.LSTM rejects only inside its C++ implementation (hx of the wrong dtype or device,
+  an hx that is not a pair, empty sequences, bad packed-sequence shapes...): nn.LSTM raises its
+  own exception, so the exception class and message are exactly nn.LSTM's. Should nn.LSTM accept
+  a call the op rejected, its result is returned with a ``FusedLSTMFallbackWarning``.
+
+``convert`` and ``revert`` swap nn.LSTM and FusedLSTM modules inside a model.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Dict, Optional, Set
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.rnn import PackedSequence
+
+from . import ops
+
+__all__ = ["FusedLSTM", "FusedLSTMFallbackWarning", "convert", "revert"]
+
+_lstm_op = ops.lstm
+_is_autocast_enabled = torch._C._is_any_autocast_enabled
+
+
+class FusedLSTMFallbackWarning(UserWarning):
+    """A FusedLSTM call was computed by torch.nn.LSTM instead of the fused op."""
+
+
+# Device type -> whether the fused op has a kernel for it. Filled on first use of each type.
+_has_kernel: Dict[str, bool] = {}
+_warned_devices: Set[str] = set()
+
+
+@torch.compiler.assume_constant_result  # constant per device type; torch.compile need not trace it
+def _fused_kernel_available(device_type: str) -> bool:
+    has = _has_kernel.get(device_type)
+    if has is None:
+        try:
+            key = torch._C._dispatch_key_for_device(device_type)
+            has = torch._C._dispatch_has_kernel_for_dispatch_key("fused_lstm::lstm_forward", key)
+        except RuntimeError:  # a device type without a dispatch key of its own
+            has = False
+        _has_kernel[device_type] = has
+    return has
+
+
+class FusedLSTM(nn.LSTM):
+    """Drop-in replacement for :class:`torch.nn.LSTM` computed by the fused ``fused_lstm`` op.
+
+    Same constructor, parameters, ``state_dict`` and results as ``nn.LSTM`` (see its
+    documentation); an nn.LSTM ``state_dict`` loads unchanged.
+    """
+
+    def forward(self, input, hx=None):  # noqa: A002 (nn.LSTM's argument name)
+        weights = self._current_flat_weights()
+        if _is_autocast_enabled():
+            return super().forward(input, hx)
+        num_layers = self.num_layers
+        bidirectional = self.bidirectional
+        proj_size = self.proj_size
+        hidden_size = self.hidden_size
+        num_directions = 2 if bidirectional else 1
+        out_size = proj_size if proj_size > 0 else hidden_size
+
+        if isinstance(input, PackedSequence):
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            if not _fused_kernel_available(data.device.type):
+                return self._forward_without_kernel(input, hx, data.device.type)
+            if hx is None:
+                # Explicit zeros (nn.LSTM does the same): they carry the batch size, which a
+                # fake kernel cannot read from batch_sizes while tracing.
+                batch = int(batch_sizes[0])
+                h0 = torch.zeros(num_layers * num_directions, batch, out_size,
+                                 dtype=data.dtype, device=data.device)
+                c0 = torch.zeros(num_layers * num_directions, batch, hidden_size,
+                                 dtype=data.dtype, device=data.device)
+            else:
+                if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                    return self._forward_by_nn_lstm(input, hx)
+                h0, c0 = hx[0], hx[1]
+                if sorted_indices is not None:
+                    # Each hidden state row belongs to the sequence the caller put there.
+                    h0 = h0.index_select(1, sorted_indices)
+                    c0 = c0.index_select(1, sorted_indices)
+            try:
+                output, h_n, c_n = _lstm_op(
+                    data, batch_sizes, h0, c0, weights,
+                    self._dropout_mask(data, num_layers, num_directions * out_size),
+                    num_layers, bidirectional, self.bias, proj_size,
+                )
+            except Exception as op_error:  # nn.LSTM decides: its own exception, or its result
+                return self._forward_by_nn_lstm(input, hx, op_error)
+            output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+            if unsorted_indices is not None:
+                h_n = h_n.index_select(1, unsorted_indices)
+                c_n = c_n.index_select(1, unsorted_indices)
+            return output, (h_n, c_n)
+
+        dim = input.dim()
+        if dim != 3 and dim != 2:
+            raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {dim}D instead")
+        is_batched = dim == 3
+        batch_first = self.batch_first
+        # Time-major view for the op: unbatched input is a batch of one.
+        if not is_batched:
+            x = input.unsqueeze(1)
+        elif batch_first:
+            x = input.transpose(0, 1)
+        else:
+            x = input
+        if not _fused_kernel_available(x.device.type):
+            return self._forward_without_kernel(input, hx, x.device.type)
+
+        if hx is None:
+            h0 = c0 = None
+        else:
+            h0, c0 = hx[0], hx[1]
+            if is_batched:
+                if h0.dim() != 3 or c0.dim() != 3:
+                    raise RuntimeError(
+                        "For batched 3-D input, hx and cx should "
+                        f"also be 3-D but got ({h0.dim()}-D, {c0.dim()}-D) tensors"
+                    )
+            else:
+                if h0.dim() != 2 or c0.dim() != 2:
+                    raise RuntimeError(
+                        "For unbatched 2-D input, hx and cx should "
+                        f"also be 2-D but got ({h0.dim()}-D, {c0.dim()}-D) tensors"
+                    )
+                h0 = h0.unsqueeze(1)
+                c0 = c0.unsqueeze(1)
+
+        # nn.LSTM.check_forward_args, in its order (autocast never reaches this point).
+        weight_dtype = weights[0].dtype
+        if input.dtype != weight_dtype:
+            raise ValueError(
+                f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight_dtype}). "
+                f"Convert input: input.to({weight_dtype}), or convert model: model.to({input.dtype})"
+            )
+        if self.input_size != x.size(-1):
+            raise RuntimeError(
+                f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
+                f"got {x.size(-1)}"
+            )
+        if h0 is not None:
+            layers_dirs = num_layers * num_directions
+            batch = x.size(1)
+            if h0.size() != (layers_dirs, batch, out_size):
+                raise RuntimeError(
+                    f"Expected hidden[0] size {(layers_dirs, batch, out_size)}, "
+                    f"got {list(h0.size())}"
+                )
+            if c0.size() != (layers_dirs, batch, hidden_size):
+                raise RuntimeError(
+                    f"Expected hidden[1] size {(layers_dirs, batch, hidden_size)}, "
+                    f"got {list(c0.size())}"
+                )
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:  # nn.LSTM's C++ rejects it
+                return self._forward_by_nn_lstm(input, hx)
+        if x.size(0) == 0:  # nn.LSTM raises for an empty sequence; let it say so
+            return self._forward_by_nn_lstm(input, hx)
+
+        try:
+            output, h_n, c_n = _lstm_op(
+                x, None, h0, c0, weights,
+                self._dropout_mask(x, num_layers, num_directions * out_size),
+                num_layers, bidirectional, self.bias, proj_size,
+            )
+        except Exception as op_error:  # nn.LSTM decides: its own exception, or its result
+            return self._forward_by_nn_lstm(input, hx, op_error)
+        if not is_batched:
+            return output.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+        if batch_first:
+            output = output.transpose(0, 1)
+        return output, (h_n, c_n)
+
+    def _current_flat_weights(self):
+        """``self._flat_weights`` after ``nn.LSTM._update_flat_weights()``, without its cost
+        (about 10 us: two ``Module.__getattr__`` calls per weight) when no weight changed.
+
+        The fast check passes exactly when nn.LSTM's ``_weights_have_changed()`` is False for
+        plain Parameters: every weight is found in ``_parameters`` (as ``getattr`` would find
+        it) and is the tensor recorded in ``_flat_weight_refs``. Anything else (parametrized
+        weights, ``functional_call``, reassigned weights) takes nn.LSTM's own path.
+        """
+        params = self._parameters
+        for name, ref in zip(self._flat_weights_names, self._flat_weight_refs, strict=True):
+            weight = params.get(name)
+            if weight is None or ref is None or ref() is not weight:
+                self._update_flat_weights()
+                break
+        return self._flat_weights
+
+    def _dropout_mask(self, x: Tensor, num_layers: int, layer_out: int) -> Optional[Tensor]:
+        """Inter-layer dropout as a mask ``[L-1, *x.shape[:-1], D*out_size]`` of 0 and 1/(1-p),
+        or None when there is no dropout (eval mode, p == 0, or a single layer)."""
+        p = self.dropout
+        if not (p > 0 and self.training and num_layers > 1):
+            return None
+        shape = (num_layers - 1, *x.shape[:-1], layer_out)
+        if p >= 1:
+            return torch.zeros(shape, dtype=x.dtype, device=x.device)
+        return torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1 - p).div_(1 - p)
+
+    def _forward_without_kernel(self, input, hx, device_type: str):
+        if device_type not in _warned_devices:
+            _warned_devices.add(device_type)
+            warnings.warn(
+                f"fused_lstm has no fused kernel for device type '{device_type}' (this build "
+                "has none, or it was not compiled for it); FusedLSTM runs torch.nn.LSTM's "
+                "implementation there instead. Results are nn.LSTM's, without the speed-up.",
+                FusedLSTMFallbackWarning,
+                stacklevel=3,
+            )
+        return super().forward(input, hx)
+
+    def _forward_by_nn_lstm(self, input, hx, op_error: Optional[Exception] = None):
+        """nn.LSTM's forward for a call the fused op does not take: nn.LSTM raises its own
+        exception for it, exactly as a plain nn.LSTM would (with the op's own, often clearer,
+        diagnosis attached as a note). Should it not raise, its result stands (correct, only
+        slower), and a warning says so."""
+        try:
+            result = super().forward(input, hx)
+        except Exception as error:
+            if op_error is not None and hasattr(error, "add_note"):  # Python >= 3.11
+                note = str(op_error)
+                error.add_note(note if note.startswith("fused_lstm") else f"fused_lstm: {note}")
+                error.__suppress_context__ = True  # the note says what the op found
+            raise
+        warnings.warn(
+            "fused_lstm: the fused op rejected a call that torch.nn.LSTM accepts"
+            + (f" ({op_error})" if op_error is not None else "")
+            + "; this call ran nn.LSTM's implementation instead. Please report it with the "
+            "input shapes, dtypes and devices.",
+            FusedLSTMFallbackWarning,
+            stacklevel=3,
+        )
+        return result
+
+
+# ---------------------------------------------------------------------------------------------
+# convert / revert
+
+
+def _base_class(module: nn.Module) -> type:
+    """The module's class, looking through the class parametrize.register_parametrization
+    substitutes (``Parametrized<Base>``, a direct subclass of the original class)."""
+    cls = type(module)
+    if parametrize.is_parametrized(module):
+        cls = cls.__bases__[0]
+    return cls
+
+
+def _retyped(module: nn.Module, new_class: type) -> nn.Module:
+    """A new module of ``new_class`` that shares ``module``'s Parameters, buffers, submodules
+    (parametrizations included), hooks and every other attribute; the containers holding them
+    are copied, so the two modules can be changed independently afterwards."""
+    new = new_class.__new__(new_class)
+    state = module.__dict__.copy()
+    for name, value in state.items():
+        if isinstance(value, (dict, list, set)):
+            state[name] = copy.copy(value)
+    new.__dict__.update(state)
+    if parametrize.is_parametrized(module):
+        # Re-create parametrize's class and properties for the new module: they are bound to
+        # the module they were made for.
+        parametrize._inject_new_class(new)
+        for tensor_name in module.parametrizations:
+            parametrize._inject_property(new, tensor_name)
+    return new
+
+
+def _swap(model: nn.Module, source: type, target: type) -> nn.Module:
+    memo: Dict[int, nn.Module] = {}
+
+    def swap(module: nn.Module) -> nn.Module:
+        if _base_class(module) is source:
+            if id(module) not in memo:  # a module used twice stays one module
+                memo[id(module)] = _retyped(module, target)
+            return memo[id(module)]
+        for name, child in list(module._modules.items()):
+            if child is None:
+                continue
+            new_child = swap(child)
+            if new_child is not child:
+                setattr(module, name, new_child)
+        return module
+
+    return swap(model)
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Replaces every ``torch.nn.LSTM`` inside ``model`` by a ``FusedLSTM``, in place, and returns
+    ``model`` (a new FusedLSTM when ``model`` itself is an nn.LSTM).
+
+    The FusedLSTM takes over the nn.LSTM's Parameter objects (an optimizer built before keeps
+    working), parametrizations, hooks, training mode, device and dtype, under the same attribute
+    name. Only exact ``nn.LSTM`` instances are converted: a subclass may override ``forward``.
+    """
+    return _swap(model, nn.LSTM, FusedLSTM)
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """The inverse of :func:`convert`: every FusedLSTM becomes a ``torch.nn.LSTM`` sharing its
+    Parameters (for instance before ONNX export). Returns ``model``, or a new nn.LSTM when
+    ``model`` itself is a FusedLSTM."""
+    return _swap(model, FusedLSTM, nn.LSTM)
