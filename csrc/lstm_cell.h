@@ -11,9 +11,17 @@
 
 namespace fused_lstm {
 
+// The elementwise functions the cell needs. A backend may specialise this for a SIMD vector
+// type (the CPU kernels do, for at::vec::Vectorized) to run the same gate math on many lanes.
+template <typename acc_t>
+struct CellMath {
+  C10_HOST_DEVICE static acc_t exp(acc_t x) { return std::exp(x); }
+  C10_HOST_DEVICE static acc_t tanh(acc_t x) { return std::tanh(x); }
+};
+
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t sigmoid(acc_t x) {
-  return acc_t(1) / (acc_t(1) + std::exp(-x));
+  return acc_t(1) / (acc_t(1) + CellMath<acc_t>::exp(acc_t(0) - x));
 }
 
 // Activated gates of one (batch row, hidden unit) at one time step.
@@ -32,10 +40,10 @@ C10_HOST_DEVICE inline Gates<acc_t> cell_forward(
   Gates<acc_t> a;
   a.i = sigmoid(pre_i);
   a.f = sigmoid(pre_f);
-  a.g = std::tanh(pre_g);
+  a.g = CellMath<acc_t>::tanh(pre_g);
   a.o = sigmoid(pre_o);
   c = a.f * c_prev + a.i * a.g;
-  h = a.o * std::tanh(c);
+  h = a.o * CellMath<acc_t>::tanh(c);
   return a;
 }
 
@@ -48,7 +56,7 @@ C10_HOST_DEVICE inline Gates<acc_t> cell_forward(
 template <typename acc_t>
 C10_HOST_DEVICE inline Gates<acc_t> cell_backward(
     const Gates<acc_t>& a, acc_t c, acc_t c_prev, acc_t dh, acc_t dc, acc_t& dc_prev) {
-  const acc_t tanh_c = std::tanh(c);
+  const acc_t tanh_c = CellMath<acc_t>::tanh(c);
   const acc_t dc_total = dc + dh * a.o * (acc_t(1) - tanh_c * tanh_c);
   Gates<acc_t> d;
   d.i = dc_total * a.g * a.i * (acc_t(1) - a.i);
