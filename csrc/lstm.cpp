@@ -184,6 +184,14 @@ TORCH_LIBRARY(fused_lstm, m) {
       "Tensor? dropout_mask, Tensor reserve, Tensor? grad_output, Tensor? grad_hy, "
       "Tensor? grad_cy, int num_layers, bool bidirectional, bool has_biases, int proj_size) "
       "-> (Tensor, Tensor, Tensor, Tensor[])");
+  // The same gradients, computed so that they are differentiable again (double backward):
+  // implemented in Python (fused_lstm/ops.py) by differentiating the reference implementation.
+  // autograd.cpp calls it instead of lstm_backward when backward runs with create_graph=True.
+  m.def(
+      "lstm_backward_composite(Tensor input, Tensor? batch_sizes, Tensor? hx, Tensor? cx, "
+      "Tensor[] weights, Tensor? dropout_mask, Tensor? grad_output, Tensor? grad_hy, "
+      "Tensor? grad_cy, int num_layers, bool bidirectional, bool has_biases, int proj_size) "
+      "-> (Tensor, Tensor, Tensor, Tensor[])");
 }
 
 }  // namespace fused_lstm

@@ -5,10 +5,15 @@ per backend in ``csrc/cpu`` and ``csrc/cuda``. This module loads the compiled li
 registers what PyTorch needs in Python:
 
 * ``register_fake`` for both ops, so ``torch.compile`` and ``torch.export`` can trace them;
-* ``register_autograd`` for the forward op: its backward is ONE call of ``lstm_backward`` for
-  the whole stack. When a graph of the backward is requested (``create_graph=True``, double
-  backward), the gradient is recomputed through the differentiable reference in
-  ``reference.py`` instead: slower, but exact and itself differentiable.
+* the implementation of ``lstm_backward_composite``: the gradients computed by differentiating
+  the plain-PyTorch reference (``reference.py``), which the C++ autograd kernel
+  (``csrc/autograd.cpp``) calls when a graph of the backward is requested
+  (``create_graph=True``, double backward): slower, but exact and itself differentiable.
+
+Autograd itself is registered in C++ (``csrc/autograd.cpp``), not with
+``torch.library.register_autograd``: at tutorial sizes the wrapper is the cost, and the C++
+kernel's fixed cost is about half of ``register_autograd``'s (``benchmarks/NOTES.md``). Its
+backward is ONE call of ``lstm_backward`` for the whole stack.
 
 Argument conventions (shared with the C++ schema):
 
@@ -32,6 +37,7 @@ from ._loader import load_library
 load_library()
 
 _ops = torch.ops.fused_lstm
+_lstm_forward = _ops.lstm_forward.default
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -100,83 +106,35 @@ def _lstm_backward_fake(
     )
 
 
-def _setup_context(ctx, inputs, output):
-    (input, batch_sizes, hx, cx, weights, dropout_mask, num_layers, bidirectional, has_biases,
-     proj_size) = inputs
-    reserve = output[3]
-    ctx.mark_non_differentiable(reserve)
-    ctx.set_materialize_grads(False)
-    ctx.batch_sizes = batch_sizes
-    ctx.num_weights = len(weights)
-    ctx.config = (num_layers, bidirectional, has_biases, proj_size)
-    ctx.save_for_backward(input, hx, cx, dropout_mask, reserve, *weights)
-
-
-def _backward(ctx, grad_output, grad_hy, grad_cy, _grad_reserve):
-    input, hx, cx, dropout_mask, reserve, *weights = ctx.saved_tensors
-    num_layers, bidirectional, has_biases, proj_size = ctx.config
-    if torch.is_grad_enabled():
-        # create_graph=True: differentiate the reference so the gradient has a graph.
-        grad_input, grad_hx, grad_cx, grad_weights = _differentiable_backward(
-            input, ctx.batch_sizes, hx, cx, weights, dropout_mask, grad_output, grad_hy,
-            grad_cy, ctx.config,
-        )
-    else:
-        grad_input, grad_hx, grad_cx, grad_weights = _ops.lstm_backward(
-            input, ctx.batch_sizes, hx, cx, weights, dropout_mask, reserve, grad_output, grad_hy,
-            grad_cy, num_layers, bidirectional, has_biases, proj_size,
-        )
-    return (
-        grad_input,
-        None,
-        grad_hx if hx is not None else None,
-        grad_cx if cx is not None else None,
-        list(grad_weights),
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
-
-
-def _differentiable_backward(input, batch_sizes, hx, cx, weights, dropout_mask, grad_output,
-                             grad_hy, grad_cy, config):
+@torch.library.impl("fused_lstm::lstm_backward_composite", "CompositeImplicitAutograd")
+def _lstm_backward_composite(
+    input, batch_sizes, hx, cx, weights, dropout_mask, grad_output, grad_hy, grad_cy,
+    num_layers, bidirectional, has_biases, proj_size,
+):
+    """lstm_backward's gradients, differentiable again: the forward is recomputed through the
+    reference from the saved tensors themselves, so the gradient's graph reaches them (and the
+    upstream gradients). Called by the C++ autograd kernel when backward runs with
+    create_graph=True; tensors that do not require grad get zero gradients."""
     from . import reference
 
-    num_layers, bidirectional, has_biases, proj_size = config
-    # Recompute the forward through the reference from the saved tensors themselves, so the
-    # gradient's graph reaches them; those that do not require grad get zero gradients.
     outputs = reference.lstm_forward(
         input, batch_sizes, hx, cx, weights, dropout_mask, num_layers, bidirectional, has_biases,
         proj_size,
     )
-    wrt = [input] + ([hx] if hx is not None else []) + ([cx] if cx is not None else []) \
-        + list(weights)
+    if hx is None:
+        hx = outputs[1].new_zeros(outputs[1].shape)
+    if cx is None:
+        cx = outputs[2].new_zeros(outputs[2].shape)
+    wrt = [input, hx, cx, *weights]
     pairs = [(o, g) for o, g in zip(outputs, (grad_output, grad_hy, grad_cy)) if g is not None]
     differentiable = [t.requires_grad for t in wrt]
     targets = [t for t, d in zip(wrt, differentiable) if d]
-    grads = torch.autograd.grad(
+    grads = iter(torch.autograd.grad(
         [o for o, _ in pairs], targets, [g for _, g in pairs], create_graph=True,
         allow_unused=True, materialize_grads=True,
-    ) if pairs and targets else []
-    grads_iter = iter(grads)
-    full = [next(grads_iter) if d else torch.zeros_like(t) for t, d in zip(wrt, differentiable)]
-    grad_input = full[0]
-    k = 1
-    grad_hx = grad_cx = None
-    if hx is not None:
-        grad_hx = full[k]
-        k += 1
-    if cx is not None:
-        grad_cx = full[k]
-        k += 1
-    return grad_input, grad_hx, grad_cx, full[k:]
-
-
-torch.library.register_autograd(
-    "fused_lstm::lstm_forward", _backward, setup_context=_setup_context
-)
+    ) if pairs and targets else ())
+    full = [next(grads) if d else torch.zeros_like(t) for t, d in zip(wrt, differentiable)]
+    return full[0], full[1], full[2], full[3:]
 
 
 def lstm(
@@ -192,7 +150,7 @@ def lstm(
     proj_size: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The stacked LSTM in one op call; returns ``(output, h_n, c_n)`` (see module docstring)."""
-    output, hy, cy, _reserve = _ops.lstm_forward(
+    output, hy, cy, _reserve = _lstm_forward(
         input, batch_sizes, hx, cx, list(weights), dropout_mask, num_layers, bidirectional,
         has_biases, proj_size,
     )
