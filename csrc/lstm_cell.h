@@ -9,19 +9,30 @@
 #include <c10/macros/Macros.h>
 #include <cmath>
 
+// The cell functions are a few arithmetic instructions each: always inline them, so that they
+// fuse into the kernels' loops (on the CPU, so that those loops vectorise).
+#if defined(__CUDACC__)
+#define FUSED_LSTM_INLINE __forceinline__
+#elif defined(__GNUC__)
+#define FUSED_LSTM_INLINE __attribute__((always_inline)) inline
+#else
+#define FUSED_LSTM_INLINE inline
+#endif
+
 namespace fused_lstm {
 
-// The elementwise functions the cell needs. A backend may specialise this for a SIMD vector
-// type (the CPU kernels do, for at::vec::Vectorized) to run the same gate math on many lanes.
+// The elementwise functions the cell needs. Every function below takes them as a policy
+// (`Math`), so a backend can substitute its own implementations (the CPU kernels pass
+// vectorisable ones, csrc/cpu/fast_math.h) while the gate math stays written once, here.
 template <typename acc_t>
 struct CellMath {
-  C10_HOST_DEVICE static acc_t exp(acc_t x) { return std::exp(x); }
-  C10_HOST_DEVICE static acc_t tanh(acc_t x) { return std::tanh(x); }
+  C10_HOST_DEVICE FUSED_LSTM_INLINE static acc_t exp(acc_t x) { return std::exp(x); }
+  C10_HOST_DEVICE FUSED_LSTM_INLINE static acc_t tanh(acc_t x) { return std::tanh(x); }
 };
 
-template <typename acc_t>
-C10_HOST_DEVICE inline acc_t sigmoid(acc_t x) {
-  return acc_t(1) / (acc_t(1) + CellMath<acc_t>::exp(acc_t(0) - x));
+template <typename acc_t, typename Math = CellMath<acc_t>>
+C10_HOST_DEVICE FUSED_LSTM_INLINE acc_t sigmoid(acc_t x) {
+  return acc_t(1) / (acc_t(1) + Math::exp(acc_t(0) - x));
 }
 
 // Activated gates of one (batch row, hidden unit) at one time step.
@@ -34,16 +45,16 @@ struct Gates {
 //   pre_*:  gate pre-activations (x W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)
 //   c_prev: c_{t-1}
 // Returns the activated gates; writes c_t and h_t (h_t before any projection).
-template <typename acc_t>
-C10_HOST_DEVICE inline Gates<acc_t> cell_forward(
+template <typename acc_t, typename Math = CellMath<acc_t>>
+C10_HOST_DEVICE FUSED_LSTM_INLINE Gates<acc_t> cell_forward(
     acc_t pre_i, acc_t pre_f, acc_t pre_g, acc_t pre_o, acc_t c_prev, acc_t& c, acc_t& h) {
   Gates<acc_t> a;
-  a.i = sigmoid(pre_i);
-  a.f = sigmoid(pre_f);
-  a.g = CellMath<acc_t>::tanh(pre_g);
-  a.o = sigmoid(pre_o);
+  a.i = sigmoid<acc_t, Math>(pre_i);
+  a.f = sigmoid<acc_t, Math>(pre_f);
+  a.g = Math::tanh(pre_g);
+  a.o = sigmoid<acc_t, Math>(pre_o);
   c = a.f * c_prev + a.i * a.g;
-  h = a.o * CellMath<acc_t>::tanh(c);
+  h = a.o * Math::tanh(c);
   return a;
 }
 
@@ -53,10 +64,10 @@ C10_HOST_DEVICE inline Gates<acc_t> cell_forward(
 //   dh:     dL/dh_t (h before projection), all paths summed
 //   dc:     dL/dc_t arriving from step t+1 (or from c_n)
 // Returns dL/d(pre-activation) per gate; writes dL/dc_{t-1}.
-template <typename acc_t>
-C10_HOST_DEVICE inline Gates<acc_t> cell_backward(
+template <typename acc_t, typename Math = CellMath<acc_t>>
+C10_HOST_DEVICE FUSED_LSTM_INLINE Gates<acc_t> cell_backward(
     const Gates<acc_t>& a, acc_t c, acc_t c_prev, acc_t dh, acc_t dc, acc_t& dc_prev) {
-  const acc_t tanh_c = CellMath<acc_t>::tanh(c);
+  const acc_t tanh_c = Math::tanh(c);
   const acc_t dc_total = dc + dh * a.o * (acc_t(1) - tanh_c * tanh_c);
   Gates<acc_t> d;
   d.i = dc_total * a.g * a.i * (acc_t(1) - a.i);

@@ -246,9 +246,9 @@ def test_reserve_size_matches_python_formula():
 
 
 def test_zero_batch():
-    _, a = make_case(2, True, True, 0, False, with_state=True, batch=0)
+    _, a = make_case(2, True, True, 2, False, with_state=True, batch=0)
     output, hy, cy = call(ops.lstm, a)
-    assert output.shape == (4, 0, 8) and hy.shape == (4, 0, 4) and cy.shape == (4, 0, 4)
+    assert output.shape == (4, 0, 4) and hy.shape == (4, 0, 2) and cy.shape == (4, 0, 4)
     grads = torch.autograd.grad(output.sum() + hy.sum(), differentiable(a))
     assert all(g.abs().sum() == 0 for g in grads)
 

@@ -12,6 +12,7 @@
 // double); bfloat16 tensors are converted at the op's boundary.
 #include "../lstm.h"
 #include "../lstm_cell.h"
+#include "fast_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -100,6 +101,98 @@ void for_each_row(int64_t rows, int64_t row_elements, const F& body) {
   }
 }
 
+// ---- The cell passes: lstm_cell.h's math over n elements whose operands are contiguous. ----
+// Loops GCC vectorises (fast_math.h keeps them free of libm calls and branches), compiled for
+// baseline x86-64 and, chosen at run time, AVX2+FMA and AVX-512 machines.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FUSED_LSTM_SIMD_CLONES \
+  __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define FUSED_LSTM_SIMD_CLONES
+#endif
+
+// gate_{i,f,g,o}: [n] pre-activations in, activated gates out
+// c: [n] c_{t-1} in, c_t out;  cells: [n] c_t (reserve copy);  h: [n] h_t before projection
+template <typename T>
+__attribute__((always_inline)) inline void cell_forward_loop(
+    int64_t n, T* __restrict gi, T* __restrict gf, T* __restrict gg, T* __restrict go,
+    T* __restrict c, T* __restrict cells, T* __restrict h) {
+  for (int64_t e = 0; e < n; ++e) {
+    T c_new, h_new;
+    const Gates<T> a = cell_forward<T, cpu::FastMath<T>>(gi[e], gf[e], gg[e], go[e], c[e], c_new, h_new);
+    gi[e] = a.i;
+    gf[e] = a.f;
+    gg[e] = a.g;
+    go[e] = a.o;
+    c[e] = c_new;
+    cells[e] = c_new;
+    h[e] = h_new;
+  }
+}
+
+// a_{i,f,g,o}: [n] activated gates;  c, c_prev: [n] c_t, c_{t-1};  dh: [n] dL/dh_t
+// dc: [n] dL/dc_t in, dL/dc_{t-1} out;  d_{i,f,g,o}: [n] dL/d(pre-activation) out
+template <typename T>
+__attribute__((always_inline)) inline void cell_backward_loop(
+    int64_t n, const T* __restrict ai, const T* __restrict af, const T* __restrict ag,
+    const T* __restrict ao, const T* __restrict c, const T* __restrict c_prev,
+    const T* __restrict dh, T* __restrict dc, T* __restrict di, T* __restrict df,
+    T* __restrict dg, T* __restrict d_o) {
+  for (int64_t e = 0; e < n; ++e) {
+    T dc_prev;
+    const Gates<T> d = cell_backward<T, cpu::FastMath<T>>(Gates<T>{ai[e], af[e], ag[e], ao[e]}, c[e],
+                                                        c_prev[e], dh[e], dc[e], dc_prev);
+    di[e] = d.i;
+    df[e] = d.f;
+    dg[e] = d.g;
+    d_o[e] = d.o;
+    dc[e] = dc_prev;
+  }
+}
+
+#define FUSED_LSTM_DEFINE_BLOCKS(T)                                                            \
+  FUSED_LSTM_SIMD_CLONES void cell_forward_block(int64_t n, T* gi, T* gf, T* gg, T* go, T* c, \
+                                                 T* cells, T* h) {                             \
+    cell_forward_loop<T>(n, gi, gf, gg, go, c, cells, h);                                      \
+  }                                                                                            \
+  FUSED_LSTM_SIMD_CLONES void cell_backward_block(                                             \
+      int64_t n, const T* ai, const T* af, const T* ag, const T* ao, const T* c,               \
+      const T* c_prev, const T* dh, T* dc, T* di, T* df, T* dg, T* d_o) {                      \
+    cell_backward_loop<T>(n, ai, af, ag, ao, c, c_prev, dh, dc, di, df, dg, d_o);             \
+  }
+FUSED_LSTM_DEFINE_BLOCKS(float)
+FUSED_LSTM_DEFINE_BLOCKS(double)
+#undef FUSED_LSTM_DEFINE_BLOCKS
+
+// Gates are stored row-major, [rows, 4H]: gate k of row b is the run g[b*4H + kH, +H). From
+// this hidden size on, each row's runs are long enough to vectorise in place; below it, a
+// step's gates are first gathered gate-major ([4][bs*H]) so one loop covers every row.
+constexpr int64_t kRowWiseHidden = 16;
+
+// Copies a [rows, cols] block between two row strides. Short rows (a small hidden size) are
+// copied column by column: one memcpy call per row would cost more than the copy itself.
+template <typename T>
+void copy_rows(const T* src, int64_t src_stride, T* dst, int64_t dst_stride, int64_t rows,
+               int64_t cols) {
+  if (cols >= 16) {
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * dst_stride, src + r * src_stride, sizeof(T) * cols);
+    return;
+  }
+  for (int64_t j = 0; j < cols; ++j)
+    for (int64_t r = 0; r < rows; ++r) dst[r * dst_stride + j] = src[r * src_stride + j];
+}
+
+// One step's gates, [bs, 4H] row-major, to and from gate-major [4][bs*H].
+template <typename T>
+void gather_gates(const T* g, int64_t bs, int64_t H, T* gate_major) {
+  for (int64_t k = 0; k < 4; ++k) copy_rows(g + k * H, 4 * H, gate_major + k * bs * H, H, bs, H);
+}
+
+template <typename T>
+void scatter_gates(const T* gate_major, int64_t bs, int64_t H, T* g) {
+  for (int64_t k = 0; k < 4; ++k) copy_rows(gate_major + k * bs * H, H, g + k * H, 4 * H, bs, H);
+}
+
 // Weights of one layer and direction, as raw pointers into contiguous math-dtype tensors.
 template <typename T>
 struct DirectionWeights {
@@ -131,13 +224,33 @@ inline int64_t time_of(const LSTMShape& s, int64_t direction, int64_t step) {
   return direction == 0 ? step : s.seq_len - 1 - step;
 }
 
-// Row b of step t's "previous state" (the step processed just before t in direction d), or -1
-// when that state is the initial one (h0/c0): forward t-1; reverse t+1, where only the first
-// batch_sizes[t+1] rows exist (packed sequences join the reverse direction late).
-inline int64_t prev_row(const LSTMShape& s, int64_t direction, int64_t t, int64_t b) {
-  if (direction == 0) return t > 0 ? s.step_offset[t - 1] + b : -1;
-  if (t + 1 < s.seq_len && b < s.batch_sizes[t + 1]) return s.step_offset[t + 1] + b;
-  return -1;
+// c_{t-1} of step t's rows as one contiguous [bs, H] block: a run of the reserve's cells when
+// every row continues a sequence, else pieced together in `buf` with c0 for the rows that start
+// here (only the reverse direction of a packed batch has both kinds in one step).
+template <typename T>
+const T* step_c_prev(const LSTMShape& s, int64_t direction, int64_t t, const T* cells,
+                     const T* c0, T* buf) {
+  const int64_t H = s.hidden_size, bs = s.batch_sizes[t];
+  if (direction == 0) return t > 0 ? cells + s.step_offset[t - 1] * H : c0;
+  if (t + 1 == s.seq_len) return c0;
+  const int64_t continuing = s.batch_sizes[t + 1];
+  const T* prev = cells + s.step_offset[t + 1] * H;
+  if (continuing == bs) return prev;
+  std::memcpy(buf, prev, sizeof(T) * continuing * H);
+  std::memcpy(buf + continuing * H, c0 + continuing * H, sizeof(T) * (bs - continuing) * H);
+  return buf;
+}
+
+// Runs body(begin, length) over [0, n) in chunks, in parallel when there is enough work.
+template <typename F>
+void for_each_chunk(int64_t n, const F& body) {
+  if (n * 4 >= kParallelElements) {
+    at::parallel_for(0, n, kParallelElements / 4, [&](int64_t begin, int64_t end) {
+      body(begin, end - begin);
+    });
+  } else if (n > 0) {
+    body(0, n);
+  }
 }
 
 // x for layer l: the op's input, or the previous layer's output with dropout applied.
@@ -162,6 +275,14 @@ void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
                   T* reserve) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
   const int64_t out_stride = D * out;  // row stride of layer_out
+  const bool has_proj = s.proj_size > 0;
+  // Gate-major scratch for one step's gates ([4][bs*H]), when rows are too short to vectorise.
+  at::Tensor gate_major_buf;
+  T* gate_major = nullptr;
+  if (H < kRowWiseHidden) {
+    gate_major_buf = at::empty({4 * s.batch * H}, c10::CppTypeToScalarType<T>::value);
+    gate_major = gate_major_buf.mutable_data_ptr<T>();
+  }
   at::Tensor dropped_buf;
   T* dropped = nullptr;
   if (mask != nullptr && s.num_layers > 1) {
@@ -176,7 +297,7 @@ void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
       const auto w = direction_weights<T>(s, weights, l, d);
       T* gates = reserve + s.gates_offset(l, d);
       T* cells = reserve + s.cells_offset(l, d);
-      T* pre_proj = s.proj_size > 0 ? reserve + s.pre_proj_offset(l, d) : nullptr;
+      T* pre_proj = reserve + s.pre_proj_offset(l, d);  // used only when has_proj
       // State lives directly in the h_n / c_n outputs.
       const int64_t ld = l * D + d;
       T* h_state = hy + ld * s.batch * out;
@@ -201,30 +322,27 @@ void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
         const int64_t bs = s.batch_sizes[t], off = s.step_offset[t];
         T* g_t = gates + off * G;
         gemm<T>(false, true, bs, G, out, T(1), h_state, out, w.w_hh, out, T(1), g_t, G);
-        for_each_row(bs, G, [&](int64_t b) {
-          T* g = g_t + b * G;
-          T* c_out = cells + (off + b) * H;
-          T* c_st = c_state + b * H;
-          T* h_dst = pre_proj ? pre_proj + (off + b) * H : layer_out + (off + b) * out_stride + d * out;
-          T* h_st = pre_proj ? nullptr : h_state + b * out;
-          for (int64_t j = 0; j < H; ++j) {
-            T c, h;
-            const Gates<T> a = cell_forward<T>(g[j], g[H + j], g[2 * H + j], g[3 * H + j], c_st[j], c, h);
-            g[j] = a.i;
-            g[H + j] = a.f;
-            g[2 * H + j] = a.g;
-            g[3 * H + j] = a.o;
-            c_out[j] = c;
-            c_st[j] = c;
-            h_dst[j] = h;
-            if (h_st) h_st[j] = h;
-          }
-        });
-        if (pre_proj) {
-          gemm<T>(false, true, bs, out, H, T(1), pre_proj + off * H, H, w.w_hr, H, T(0), h_state, out);
-          for (int64_t b = 0; b < bs; ++b)
-            std::memcpy(layer_out + (off + b) * out_stride + d * out, h_state + b * out, sizeof(T) * out);
+        // The cell pass; h goes to h_state ([bs, out], out == H) or to pre_proj ([bs, H]).
+        T* c_out = cells + off * H;
+        T* h_out = has_proj ? pre_proj + off * H : h_state;
+        if (H >= kRowWiseHidden) {
+          for_each_row(bs, G, [&](int64_t b) {
+            T* g = g_t + b * G;
+            cell_forward_block(H, g, g + H, g + 2 * H, g + 3 * H, c_state + b * H, c_out + b * H,
+                               h_out + b * H);
+          });
+        } else {
+          const int64_t n = bs * H;
+          gather_gates(g_t, bs, H, gate_major);
+          for_each_chunk(n, [&](int64_t e, int64_t len) {
+            cell_forward_block(len, gate_major + e, gate_major + n + e, gate_major + 2 * n + e,
+                               gate_major + 3 * n + e, c_state + e, c_out + e, h_out + e);
+          });
+          scatter_gates(gate_major, bs, H, g_t);
         }
+        if (has_proj)
+          gemm<T>(false, true, bs, out, H, T(1), pre_proj + off * H, H, w.w_hr, H, T(0), h_state, out);
+        copy_rows(h_state, out, layer_out + off * out_stride + d * out, out_stride, bs, out);
       }
     }
   }
@@ -244,18 +362,22 @@ void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
   at::Tensor dy_buf = at::empty({s.rows * out_stride}, dtype);  // grad of current layer's output
   at::Tensor dx_buf = s.num_layers > 1 ? at::empty({s.rows * out_stride}, dtype) : at::Tensor();
   at::Tensor dropped_buf = (mask && s.num_layers > 1) ? at::empty({s.rows * out_stride}, dtype) : at::Tensor();
-  at::Tensor dh_all_buf, dr_buf;
-  if (s.proj_size > 0) {
-    dh_all_buf = at::empty({s.rows * out}, dtype);
-    dr_buf = at::empty({s.batch * H}, dtype);
-  }
+  const bool has_proj = s.proj_size > 0;
+  at::Tensor dh_all_buf = has_proj ? at::empty({s.rows * out}, dtype) : at::Tensor();
+  at::Tensor dh_buf_t = at::empty({s.batch * H}, dtype);         // dL/dh_t, [bs, H]
+  at::Tensor c_prev_buf_t = at::empty({s.batch * H}, dtype);     // c_{t-1} when pieced together
+  at::Tensor zeros_buf = at::zeros({s.batch * std::max(H, out)}, dtype);  // h0 / c0 when None
+  at::Tensor gate_major_buf = H < kRowWiseHidden ? at::empty({8 * s.batch * H}, dtype) : at::Tensor();
   T* dgates = dgates_buf.mutable_data_ptr<T>();
   T* h_prev = h_prev_buf.mutable_data_ptr<T>();
   T* dy = dy_buf.mutable_data_ptr<T>();
   T* dx = dx_buf.defined() ? dx_buf.mutable_data_ptr<T>() : nullptr;
   T* dropped = dropped_buf.defined() ? dropped_buf.mutable_data_ptr<T>() : nullptr;
   T* dh_all = dh_all_buf.defined() ? dh_all_buf.mutable_data_ptr<T>() : nullptr;
-  T* dr = dr_buf.defined() ? dr_buf.mutable_data_ptr<T>() : nullptr;
+  T* dh_buf = dh_buf_t.mutable_data_ptr<T>();
+  T* c_prev_buf = c_prev_buf_t.mutable_data_ptr<T>();
+  const T* zeros = zeros_buf.const_data_ptr<T>();
+  T* gate_major = gate_major_buf.defined() ? gate_major_buf.mutable_data_ptr<T>() : nullptr;
 
   if (grad_output) std::memcpy(dy, grad_output, sizeof(T) * s.rows * out_stride);
   else std::fill_n(dy, s.rows * out_stride, T(0));
@@ -270,9 +392,9 @@ void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
       const auto w = direction_weights<T>(s, weights, l, d);
       const T* gates = reserve + s.gates_offset(l, d);
       const T* cells = reserve + s.cells_offset(l, d);
-      const T* pre_proj = s.proj_size > 0 ? reserve + s.pre_proj_offset(l, d) : nullptr;
+      const T* pre_proj = reserve + s.pre_proj_offset(l, d);  // used only when has_proj
       const int64_t ld = l * D + d;
-      const T* c0 = cx ? cx + ld * s.batch * H : nullptr;
+      const T* c0 = cx ? cx + ld * s.batch * H : zeros;
       T* dh_state = grad_hx + ld * s.batch * out;
       T* dc_state = grad_cx + ld * s.batch * H;
       if (grad_hy) std::memcpy(dh_state, grad_hy + ld * s.batch * out, sizeof(T) * s.batch * out);
@@ -284,47 +406,59 @@ void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
         const int64_t t = time_of(s, d, step);
         const int64_t bs = s.batch_sizes[t], off = s.step_offset[t];
         const T* dy_t = dy + off * out_stride + d * out;
-        if (pre_proj) {
-          // dL/dh_t = carried + from output; dL/d(pre_proj) = dL/dh_t W_hr.
-          T* dh_t = dh_all + off * out;
+        // dL/dh_t before projection, [bs, H]: carried + from the output (through W_hr).
+        if (has_proj) {
+          T* dh_proj = dh_all + off * out;
           for (int64_t b = 0; b < bs; ++b)
-            for (int64_t j = 0; j < out; ++j) dh_t[b * out + j] = dh_state[b * out + j] + dy_t[b * out_stride + j];
-          gemm<T>(false, false, bs, H, out, T(1), dh_t, out, w.w_hr, H, T(0), dr, H);
+            for (int64_t j = 0; j < out; ++j)
+              dh_proj[b * out + j] = dh_state[b * out + j] + dy_t[b * out_stride + j];
+          gemm<T>(false, false, bs, H, out, T(1), dh_proj, out, w.w_hr, H, T(0), dh_buf, H);
+        } else {
+          for (int64_t b = 0; b < bs; ++b)
+            for (int64_t j = 0; j < out; ++j)
+              dh_buf[b * out + j] = dh_state[b * out + j] + dy_t[b * out_stride + j];
         }
-        for_each_row(bs, G, [&](int64_t b) {
-          const T* g = gates + (off + b) * G;
-          const T* c = cells + (off + b) * H;
-          const int64_t pr = prev_row(s, d, t, b);
-          const T* c_prev = pr >= 0 ? cells + pr * H : (c0 ? c0 + b * H : nullptr);
-          T* dg = dgates + (off + b) * G;
-          T* dc = dc_state + b * H;
-          for (int64_t j = 0; j < H; ++j) {
-            const T dh = pre_proj ? dr[b * H + j] : dh_state[b * out + j] + dy_t[b * out_stride + j];
-            const Gates<T> a{g[j], g[H + j], g[2 * H + j], g[3 * H + j]};
-            T dc_prev;
-            const Gates<T> da = cell_backward<T>(a, c[j], c_prev ? c_prev[j] : T(0), dh, dc[j], dc_prev);
-            dg[j] = da.i;
-            dg[H + j] = da.f;
-            dg[2 * H + j] = da.g;
-            dg[3 * H + j] = da.o;
-            dc[j] = dc_prev;
-          }
-        });
+        const T* dh_t = dh_buf;
+        const T* c_prev = step_c_prev(s, d, t, cells, c0, c_prev_buf);
+        const T* c_t = cells + off * H;
+        T* dg_t = dgates + off * G;
+        const T* g_t = gates + off * G;
+        if (H >= kRowWiseHidden) {
+          for_each_row(bs, G, [&](int64_t b) {
+            const T* g = g_t + b * G;
+            T* dg = dg_t + b * G;
+            cell_backward_block(H, g, g + H, g + 2 * H, g + 3 * H, c_t + b * H, c_prev + b * H,
+                                dh_t + b * H, dc_state + b * H, dg, dg + H, dg + 2 * H, dg + 3 * H);
+          });
+        } else {
+          const int64_t n = bs * H;
+          gather_gates(g_t, bs, H, gate_major);
+          T* dgate_major = gate_major + 4 * n;
+          for_each_chunk(n, [&](int64_t e, int64_t len) {
+            cell_backward_block(len, gate_major + e, gate_major + n + e, gate_major + 2 * n + e,
+                                gate_major + 3 * n + e, c_t + e, c_prev + e, dh_t + e,
+                                dc_state + e, dgate_major + e, dgate_major + n + e,
+                                dgate_major + 2 * n + e, dgate_major + 3 * n + e);
+          });
+          scatter_gates(dgate_major, bs, H, dg_t);
+        }
         // dL/dh_{t-1} for the rows active at t; the others keep what they carry.
         gemm<T>(false, false, bs, out, G, T(1), dgates + off * G, G, w.w_hh, out, T(0), dh_state, out);
       }
 
-      // h_{t-1} of every row, for dW_hh as one GEMM.
-      const T* h0 = hx ? hx + ld * s.batch * out : nullptr;
+      // h_{t-1} of every row, for dW_hh as one GEMM: per step, the rows that continue from the
+      // previous step (a block of layer_out), then those that start from h0.
+      const T* h0 = hx ? hx + ld * s.batch * out : zeros;
       for (int64_t t = 0; t < s.seq_len; ++t) {
         const int64_t bs = s.batch_sizes[t], off = s.step_offset[t];
-        for (int64_t b = 0; b < bs; ++b) {
-          const int64_t pr = prev_row(s, d, t, b);
-          T* dst = h_prev + (off + b) * out;
-          if (pr >= 0) std::memcpy(dst, layer_out + pr * out_stride + d * out, sizeof(T) * out);
-          else if (h0) std::memcpy(dst, h0 + b * out, sizeof(T) * out);
-          else std::fill_n(dst, out, T(0));
-        }
+        const int64_t prev_t = d == 0 ? t - 1 : t + 1;
+        const int64_t continuing =
+            (prev_t >= 0 && prev_t < s.seq_len) ? std::min(bs, s.batch_sizes[prev_t]) : 0;
+        T* dst = h_prev + off * out;
+        if (continuing > 0)
+          copy_rows(layer_out + s.step_offset[prev_t] * out_stride + d * out, out_stride, dst, out,
+                    continuing, out);
+        copy_rows(h0 + continuing * out, out, dst + continuing * out, out, bs - continuing, out);
       }
 
       const int64_t k = s.weight_index(l, d);
@@ -342,7 +476,7 @@ void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
         std::memcpy(gb_hh, gb_ih, sizeof(T) * G);
         next += 2;
       }
-      if (pre_proj) {
+      if (has_proj) {  // also for an empty batch: gemm zero-fills when k == 0
         T* gw_hr = grad_weights[next].mutable_data_ptr<T>();
         gemm<T>(true, false, out, H, s.rows, T(1), dh_all, out, pre_proj, H, T(0), gw_hr, H);
       }
