@@ -2,6 +2,7 @@
 // checks every backend shares.
 #include "lstm.h"
 
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 namespace fused_lstm {
@@ -161,6 +162,115 @@ void check_lstm_backward_args(
   if (grad_output.has_value()) check_shape(*grad_output, out_shape, "grad_output");
   if (grad_hy.has_value()) check_shape(*grad_hy, {LD, s.batch, s.out_size}, "grad_hy");
   if (grad_cy.has_value()) check_shape(*grad_cy, {LD, s.batch, s.hidden_size}, "grad_cy");
+}
+
+namespace {
+
+at::ScalarType math_type(at::ScalarType st) {
+  return st == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor to_math(const at::Tensor& t, at::ScalarType math) {
+  return t.to(math).contiguous();
+}
+
+at::Tensor opt_to_math(const std::optional<at::Tensor>& t, at::ScalarType math) {
+  return t.has_value() ? to_math(*t, math) : at::Tensor();
+}
+
+void check_supported_dtype(const at::Tensor& input) {
+  const auto st = input.scalar_type();
+  TORCH_CHECK_VALUE(
+      st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
+      "fused_lstm: supported dtypes are float32, float64, bfloat16 and float16, got ", st);
+}
+
+}  // namespace
+
+ForwardArgs prepare_forward(
+    const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
+    const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
+    at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
+    bool bidirectional, bool has_biases, int64_t proj_size) {
+  ForwardArgs a;
+  a.shape = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
+                            bidirectional, has_biases, proj_size);
+  check_supported_dtype(input);
+  const LSTMShape& s = a.shape;
+  a.dtype = input.scalar_type();
+  a.math = math_type(a.dtype);
+  a.input = to_math(input, a.math);
+  a.hx = opt_to_math(hx, a.math);
+  a.cx = opt_to_math(cx, a.math);
+  a.dropout_mask = opt_to_math(dropout_mask, a.math);
+  a.weights.reserve(weights.size());
+  for (const auto& w : weights) a.weights.push_back(to_math(w, a.math));
+  const auto opts = input.options().dtype(a.math);
+  const int64_t LD = s.num_layers * s.num_directions;
+  a.hy = at::empty({LD, s.batch, s.out_size}, opts);
+  a.cy = at::empty({LD, s.batch, s.hidden_size}, opts);
+  a.reserve = at::empty({s.reserve_numel()}, opts);
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_forward(const ForwardArgs& a) {
+  const LSTMShape& s = a.shape;
+  std::vector<int64_t> out_shape(a.input.sizes().begin(), a.input.sizes().end());
+  out_shape.back() = s.num_directions * s.out_size;
+  // A copy even in the math dtype: an output must not alias the reserve.
+  at::Tensor output = a.reserve.narrow(0, s.layer_out_offset(s.num_layers - 1),
+                                       s.rows * s.num_directions * s.out_size)
+                          .view(out_shape)
+                          .to(a.dtype, /*non_blocking=*/false, /*copy=*/true);
+  return {output, a.hy.to(a.dtype), a.cy.to(a.dtype), a.reserve};
+}
+
+BackwardArgs prepare_backward(
+    const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
+    const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
+    at::TensorList weights, const std::optional<at::Tensor>& dropout_mask,
+    const at::Tensor& reserve, const std::optional<at::Tensor>& grad_output,
+    const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
+    int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size) {
+  BackwardArgs a;
+  a.shape = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
+                            bidirectional, has_biases, proj_size);
+  check_supported_dtype(input);
+  check_lstm_backward_args(a.shape, input, reserve, grad_output, grad_hy, grad_cy);
+  const LSTMShape& s = a.shape;
+  a.dtype = input.scalar_type();
+  a.math = math_type(a.dtype);
+  TORCH_CHECK(reserve.scalar_type() == a.math, "fused_lstm: reserve has dtype ",
+              reserve.scalar_type(), ", expected ", a.math);
+  a.input = to_math(input, a.math);
+  a.hx = opt_to_math(hx, a.math);
+  a.cx = opt_to_math(cx, a.math);
+  a.dropout_mask = opt_to_math(dropout_mask, a.math);
+  a.reserve = reserve.contiguous();
+  a.grad_output = opt_to_math(grad_output, a.math);
+  a.grad_hy = opt_to_math(grad_hy, a.math);
+  a.grad_cy = opt_to_math(grad_cy, a.math);
+  const auto opts = input.options().dtype(a.math);
+  a.weights.reserve(weights.size());
+  a.grad_weights.reserve(weights.size());
+  for (const auto& w : weights) {
+    a.weights.push_back(to_math(w, a.math));
+    a.grad_weights.push_back(at::empty(w.sizes(), opts));
+  }
+  const int64_t LD = s.num_layers * s.num_directions;
+  a.grad_input = at::empty(input.sizes(), opts);
+  a.grad_hx = at::empty({LD, s.batch, s.out_size}, opts);
+  a.grad_cx = at::empty({LD, s.batch, s.hidden_size}, opts);
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> finish_backward(
+    const BackwardArgs& a, at::TensorList weights) {
+  std::vector<at::Tensor> grad_weights;
+  grad_weights.reserve(a.grad_weights.size());
+  for (size_t i = 0; i < a.grad_weights.size(); ++i)
+    grad_weights.push_back(a.grad_weights[i].to(weights[i].scalar_type()));
+  return {a.grad_input.to(a.dtype), a.grad_hx.to(a.dtype), a.grad_cx.to(a.dtype), grad_weights};
 }
 
 TORCH_LIBRARY(fused_lstm, m) {

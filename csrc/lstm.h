@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <tuple>
 #include <vector>
 
 namespace fused_lstm {
@@ -79,6 +80,53 @@ LSTMShape check_lstm_args(
     bool bidirectional,
     bool has_biases,
     int64_t proj_size);
+
+// ---- The op boundary every backend shares ----
+// The kernels compute in the math dtype: float for float/bfloat16/half, double for double.
+// prepare_* checks the arguments, converts every tensor to the math dtype (contiguous) and
+// allocates the results; the kernels fill them; finish_* converts them back to the caller's
+// dtypes. Absent optional tensors stay undefined.
+
+struct ForwardArgs {
+  LSTMShape shape;
+  at::ScalarType dtype;  // the caller's
+  at::ScalarType math;
+  at::Tensor input, hx, cx, dropout_mask;  // as given, in the math dtype
+  std::vector<at::Tensor> weights;
+  at::Tensor hy, cy, reserve;  // results: [L*D, B, out], [L*D, B, H], [reserve_numel()]
+};
+
+struct BackwardArgs {
+  LSTMShape shape;
+  at::ScalarType dtype;
+  at::ScalarType math;
+  at::Tensor input, hx, cx, dropout_mask, reserve, grad_output, grad_hy, grad_cy;
+  std::vector<at::Tensor> weights;
+  // results, in the math dtype: shaped like input, [L*D, B, out], [L*D, B, H], like weights
+  at::Tensor grad_input, grad_hx, grad_cx;
+  std::vector<at::Tensor> grad_weights;
+};
+
+ForwardArgs prepare_forward(
+    const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
+    const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
+    at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
+    bool bidirectional, bool has_biases, int64_t proj_size);
+
+// (output, hy, cy, reserve); output is the last layer's rows of the reserve, copied out.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_forward(const ForwardArgs& a);
+
+BackwardArgs prepare_backward(
+    const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
+    const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
+    at::TensorList weights, const std::optional<at::Tensor>& dropout_mask,
+    const at::Tensor& reserve, const std::optional<at::Tensor>& grad_output,
+    const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
+    int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size);
+
+// (grad_input, grad_hx, grad_cx, grad_weights), each in its argument's dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> finish_backward(
+    const BackwardArgs& a, at::TensorList weights);
 
 // Additional checks of the backward op: reserve size and gradient shapes.
 void check_lstm_backward_args(

@@ -182,6 +182,13 @@ void copy_rows(const T* src, int64_t src_stride, T* dst, int64_t dst_stride, int
     for (int64_t r = 0; r < rows; ++r) dst[r * dst_stride + j] = src[r * src_stride + j];
 }
 
+// dst = src, or zeros where an optional tensor (initial state, upstream gradient) is absent.
+template <typename T>
+void copy_or_zero(const T* src, int64_t n, T* dst) {
+  if (src) std::memcpy(dst, src, sizeof(T) * n);
+  else std::fill_n(dst, n, T(0));
+}
+
 // One step's gates, [bs, 4H] row-major, to and from gate-major [4][bs*H].
 template <typename T>
 void gather_gates(const T* g, int64_t bs, int64_t H, T* gate_major) {
@@ -302,10 +309,8 @@ void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
       const int64_t ld = l * D + d;
       T* h_state = hy + ld * s.batch * out;
       T* c_state = cy + ld * s.batch * H;
-      if (hx) std::memcpy(h_state, hx + ld * s.batch * out, sizeof(T) * s.batch * out);
-      else std::fill_n(h_state, s.batch * out, T(0));
-      if (cx) std::memcpy(c_state, cx + ld * s.batch * H, sizeof(T) * s.batch * H);
-      else std::fill_n(c_state, s.batch * H, T(0));
+      copy_or_zero(hx ? hx + ld * s.batch * out : nullptr, s.batch * out, h_state);
+      copy_or_zero(cx ? cx + ld * s.batch * H : nullptr, s.batch * H, c_state);
 
       // Input projection of every step at once: gates = x W_ih^T + (b_ih + b_hh).
       if (w.b_ih) {
@@ -379,8 +384,7 @@ void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
   const T* zeros = zeros_buf.const_data_ptr<T>();
   T* gate_major = gate_major_buf.defined() ? gate_major_buf.mutable_data_ptr<T>() : nullptr;
 
-  if (grad_output) std::memcpy(dy, grad_output, sizeof(T) * s.rows * out_stride);
-  else std::fill_n(dy, s.rows * out_stride, T(0));
+  copy_or_zero(grad_output, s.rows * out_stride, dy);
 
   for (int64_t l = s.num_layers - 1; l >= 0; --l) {
     const int64_t in_size = s.layer_input_size(l);
@@ -397,10 +401,8 @@ void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
       const T* c0 = cx ? cx + ld * s.batch * H : zeros;
       T* dh_state = grad_hx + ld * s.batch * out;
       T* dc_state = grad_cx + ld * s.batch * H;
-      if (grad_hy) std::memcpy(dh_state, grad_hy + ld * s.batch * out, sizeof(T) * s.batch * out);
-      else std::fill_n(dh_state, s.batch * out, T(0));
-      if (grad_cy) std::memcpy(dc_state, grad_cy + ld * s.batch * H, sizeof(T) * s.batch * H);
-      else std::fill_n(dc_state, s.batch * H, T(0));
+      copy_or_zero(grad_hy ? grad_hy + ld * s.batch * out : nullptr, s.batch * out, dh_state);
+      copy_or_zero(grad_cy ? grad_cy + ld * s.batch * H : nullptr, s.batch * H, dc_state);
 
       for (int64_t step = s.seq_len - 1; step >= 0; --step) {
         const int64_t t = time_of(s, d, step);
@@ -495,30 +497,11 @@ void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
   }
 }
 
-// ---- Op entry points: dtype handling, contiguity, output allocation. ----
-
-at::Tensor to_math(const at::Tensor& t, at::ScalarType math) {
-  return t.to(math).contiguous();
-}
+// ---- Op entry points: the shared boundary (lstm.h) around the kernels above. ----
 
 template <typename T>
 const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
-}
-
-at::Tensor opt_to_math(const std::optional<at::Tensor>& t, at::ScalarType math) {
-  return t.has_value() ? to_math(*t, math) : at::Tensor();
-}
-
-at::ScalarType math_type(at::ScalarType st) {
-  return st == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_cpu_dtype(const at::Tensor& input) {
-  const auto st = input.scalar_type();
-  TORCH_CHECK_VALUE(
-      st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
-      "fused_lstm: CPU kernels support float32, float64, bfloat16 and float16, got ", st);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu(
@@ -526,37 +509,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu(
     const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
     bool bidirectional, bool has_biases, int64_t proj_size) {
-  const LSTMShape s = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask,
-                                      num_layers, bidirectional, has_biases, proj_size);
-  check_cpu_dtype(input);
-  const auto math = math_type(input.scalar_type());
-  const auto mopts = input.options().dtype(math);
-  at::Tensor x = to_math(input, math);
-  at::Tensor h0 = opt_to_math(hx, math), c0 = opt_to_math(cx, math);
-  at::Tensor mask = opt_to_math(dropout_mask, math);
-  std::vector<at::Tensor> w;
-  w.reserve(weights.size());
-  for (const auto& t : weights) w.push_back(to_math(t, math));
-
-  const int64_t LD = s.num_layers * s.num_directions;
-  at::Tensor hy = at::empty({LD, s.batch, s.out_size}, mopts);
-  at::Tensor cy = at::empty({LD, s.batch, s.hidden_size}, mopts);
-  at::Tensor reserve = at::empty({s.reserve_numel()}, mopts);
-  AT_DISPATCH_FLOATING_TYPES(math, "fused_lstm_forward_cpu", [&] {
-    forward_impl<scalar_t>(s, x.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(h0),
-                           ptr_or_null<scalar_t>(c0), w, ptr_or_null<scalar_t>(mask),
-                           hy.mutable_data_ptr<scalar_t>(), cy.mutable_data_ptr<scalar_t>(),
-                           reserve.mutable_data_ptr<scalar_t>());
+  ForwardArgs a = prepare_forward(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
+                                  bidirectional, has_biases, proj_size);
+  AT_DISPATCH_FLOATING_TYPES(a.math, "fused_lstm_forward_cpu", [&] {
+    forward_impl<scalar_t>(a.shape, a.input.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(a.hx),
+                           ptr_or_null<scalar_t>(a.cx), a.weights,
+                           ptr_or_null<scalar_t>(a.dropout_mask), a.hy.mutable_data_ptr<scalar_t>(),
+                           a.cy.mutable_data_ptr<scalar_t>(), a.reserve.mutable_data_ptr<scalar_t>());
   });
-  std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
-  out_shape.back() = s.num_directions * s.out_size;
-  // The last layer's output, as stored in the reserve, in the caller's dtype.
-  at::Tensor output = reserve.narrow(0, s.layer_out_offset(s.num_layers - 1),
-                                     s.rows * s.num_directions * s.out_size)
-                          .view(out_shape)
-                          .to(input.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
-  const auto st = input.scalar_type();
-  return {output, hy.to(st), cy.to(st), reserve};
+  return finish_forward(a);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_backward_cpu(
@@ -566,45 +527,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_bac
     const at::Tensor& reserve, const std::optional<at::Tensor>& grad_output,
     const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size) {
-  const LSTMShape s = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask,
-                                      num_layers, bidirectional, has_biases, proj_size);
-  check_cpu_dtype(input);
-  check_lstm_backward_args(s, input, reserve, grad_output, grad_hy, grad_cy);
-  const auto st = input.scalar_type();
-  const auto math = math_type(st);
-  TORCH_CHECK(reserve.scalar_type() == math, "fused_lstm: reserve has dtype ", reserve.scalar_type(),
-              ", expected ", math);
-  const auto mopts = input.options().dtype(math);
-  at::Tensor x = to_math(input, math);
-  at::Tensor h0 = opt_to_math(hx, math), c0 = opt_to_math(cx, math);
-  at::Tensor mask = opt_to_math(dropout_mask, math);
-  at::Tensor res = reserve.contiguous();
-  at::Tensor gy = opt_to_math(grad_output, math);
-  at::Tensor ghy = opt_to_math(grad_hy, math), gcy = opt_to_math(grad_cy, math);
-  std::vector<at::Tensor> w;
-  std::vector<at::Tensor> gw;
-  w.reserve(weights.size());
-  gw.reserve(weights.size());
-  for (const auto& t : weights) {
-    w.push_back(to_math(t, math));
-    gw.push_back(at::empty(t.sizes(), mopts));
-  }
-  const int64_t LD = s.num_layers * s.num_directions;
-  at::Tensor grad_input = at::empty(x.sizes(), mopts);
-  at::Tensor grad_hx = at::empty({LD, s.batch, s.out_size}, mopts);
-  at::Tensor grad_cx = at::empty({LD, s.batch, s.hidden_size}, mopts);
-  AT_DISPATCH_FLOATING_TYPES(math, "fused_lstm_backward_cpu", [&] {
+  BackwardArgs a = prepare_backward(input, batch_sizes, hx, cx, weights, dropout_mask, reserve,
+                                    grad_output, grad_hy, grad_cy, num_layers, bidirectional,
+                                    has_biases, proj_size);
+  AT_DISPATCH_FLOATING_TYPES(a.math, "fused_lstm_backward_cpu", [&] {
     backward_impl<scalar_t>(
-        s, x.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(h0), ptr_or_null<scalar_t>(c0), w,
-        ptr_or_null<scalar_t>(mask), res.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(gy),
-        ptr_or_null<scalar_t>(ghy), ptr_or_null<scalar_t>(gcy),
-        grad_input.mutable_data_ptr<scalar_t>(), grad_hx.mutable_data_ptr<scalar_t>(),
-        grad_cx.mutable_data_ptr<scalar_t>(), gw);
+        a.shape, a.input.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(a.hx),
+        ptr_or_null<scalar_t>(a.cx), a.weights, ptr_or_null<scalar_t>(a.dropout_mask),
+        a.reserve.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(a.grad_output),
+        ptr_or_null<scalar_t>(a.grad_hy), ptr_or_null<scalar_t>(a.grad_cy),
+        a.grad_input.mutable_data_ptr<scalar_t>(), a.grad_hx.mutable_data_ptr<scalar_t>(),
+        a.grad_cx.mutable_data_ptr<scalar_t>(), a.grad_weights);
   });
-  std::vector<at::Tensor> grad_weights;
-  grad_weights.reserve(gw.size());
-  for (size_t i = 0; i < gw.size(); ++i) grad_weights.push_back(gw[i].to(weights[i].scalar_type()));
-  return {grad_input.to(st), grad_hx.to(st), grad_cx.to(st), grad_weights};
+  return finish_backward(a, weights);
 }
 
 }  // namespace

@@ -44,25 +44,6 @@ namespace {
 
 using at::Tensor;
 
-at::ScalarType math_type(at::ScalarType st) {
-  return st == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_cuda_dtype(const Tensor& input) {
-  const auto st = input.scalar_type();
-  TORCH_CHECK_VALUE(
-      st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
-      "fused_lstm: CUDA kernels support float32, float64, bfloat16 and float16, got ", st);
-}
-
-Tensor to_math(const Tensor& t, at::ScalarType math) {
-  return t.to(math).contiguous();
-}
-
-Tensor opt_to_math(const std::optional<Tensor>& t, at::ScalarType math) {
-  return t.has_value() ? to_math(*t, math) : Tensor();
-}
-
 // The [rows, cols] matrix stored at `offset` of the flat reserve (a view, no copy).
 Tensor reserve_matrix(const Tensor& reserve, int64_t offset, int64_t rows, int64_t cols) {
   return reserve.narrow(0, offset, rows * cols).view({rows, cols});
@@ -318,38 +299,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(
     const std::optional<Tensor>& hx, const std::optional<Tensor>& cx, at::TensorList weights,
     const std::optional<Tensor>& dropout_mask, int64_t num_layers, bool bidirectional,
     bool has_biases, int64_t proj_size) {
-  const LSTMShape s = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask,
-                                      num_layers, bidirectional, has_biases, proj_size);
-  check_cuda_dtype(input);
   const c10::cuda::CUDAGuard device_guard(input.device());
+  ForwardArgs a = prepare_forward(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
+                                  bidirectional, has_biases, proj_size);
+  const LSTMShape& s = a.shape;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const auto math = math_type(input.scalar_type());
-  const auto mopts = input.options().dtype(math);
   const int64_t out_stride = s.num_directions * s.out_size;
-  const Tensor x = to_math(input, math).view({s.rows, s.input_size});
-  const Tensor h0 = opt_to_math(hx, math), c0 = opt_to_math(cx, math);
-  Tensor mask = opt_to_math(dropout_mask, math);
+  const Tensor x = a.input.view({s.rows, s.input_size});
+  Tensor mask = a.dropout_mask;
   if (mask.defined()) mask = mask.view({s.num_layers - 1, s.rows, out_stride});
-  std::vector<Tensor> w;
-  w.reserve(weights.size());
-  for (const auto& t : weights) w.push_back(to_math(t, math));
-
-  const int64_t LD = s.num_layers * s.num_directions;
-  Tensor hy = at::empty({LD, s.batch, s.out_size}, mopts);
-  Tensor cy = at::empty({LD, s.batch, s.hidden_size}, mopts);
-  Tensor reserve = at::empty({s.reserve_numel()}, mopts);
-  AT_DISPATCH_FLOATING_TYPES(math, "fused_lstm_forward_cuda", [&] {
-    forward_impl<scalar_t>(s, x, h0, c0, w, mask, hy, cy, reserve, stream);
+  AT_DISPATCH_FLOATING_TYPES(a.math, "fused_lstm_forward_cuda", [&] {
+    forward_impl<scalar_t>(s, x, a.hx, a.cx, a.weights, mask, a.hy, a.cy, a.reserve, stream);
   });
-  std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
-  out_shape.back() = out_stride;
-  // The last layer's output, as stored in the reserve, in the caller's dtype (a copy: the
-  // reserve must not be aliased by an output).
-  Tensor output = reserve.narrow(0, s.layer_out_offset(s.num_layers - 1), s.rows * out_stride)
-                      .view(out_shape)
-                      .to(input.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
-  const auto st = input.scalar_type();
-  return {output, hy.to(st), cy.to(st), reserve};
+  return finish_forward(a);
 }
 
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward_cuda(
@@ -359,47 +321,24 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward_cuda(
     const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_hy,
     const std::optional<Tensor>& grad_cy, int64_t num_layers, bool bidirectional,
     bool has_biases, int64_t proj_size) {
-  const LSTMShape s = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask,
-                                      num_layers, bidirectional, has_biases, proj_size);
-  check_cuda_dtype(input);
-  check_lstm_backward_args(s, input, reserve, grad_output, grad_hy, grad_cy);
-  const auto st = input.scalar_type();
-  const auto math = math_type(st);
-  TORCH_CHECK(reserve.scalar_type() == math, "fused_lstm: reserve has dtype ", reserve.scalar_type(),
-              ", expected ", math);
   const c10::cuda::CUDAGuard device_guard(input.device());
+  BackwardArgs a = prepare_backward(input, batch_sizes, hx, cx, weights, dropout_mask, reserve,
+                                    grad_output, grad_hy, grad_cy, num_layers, bidirectional,
+                                    has_biases, proj_size);
+  const LSTMShape& s = a.shape;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const auto mopts = input.options().dtype(math);
   const int64_t out_stride = s.num_directions * s.out_size;
-  const Tensor x = to_math(input, math).view({s.rows, s.input_size});
-  const Tensor h0 = opt_to_math(hx, math), c0 = opt_to_math(cx, math);
-  Tensor mask = opt_to_math(dropout_mask, math);
+  const Tensor x = a.input.view({s.rows, s.input_size});
+  Tensor mask = a.dropout_mask;
   if (mask.defined()) mask = mask.view({s.num_layers - 1, s.rows, out_stride});
-  const Tensor res = reserve.contiguous();
-  Tensor gy = opt_to_math(grad_output, math);
+  Tensor gy = a.grad_output;
   if (gy.defined()) gy = gy.view({s.rows, out_stride});
-  const Tensor ghy = opt_to_math(grad_hy, math), gcy = opt_to_math(grad_cy, math);
-  std::vector<Tensor> w;
-  std::vector<Tensor> gw;
-  w.reserve(weights.size());
-  gw.reserve(weights.size());
-  for (const auto& t : weights) {
-    w.push_back(to_math(t, math));
-    gw.push_back(at::empty(t.sizes(), mopts));
-  }
-  const int64_t LD = s.num_layers * s.num_directions;
-  Tensor grad_input = at::empty(input.sizes(), mopts);
-  Tensor grad_hx = at::empty({LD, s.batch, s.out_size}, mopts);
-  Tensor grad_cx = at::empty({LD, s.batch, s.hidden_size}, mopts);
-  AT_DISPATCH_FLOATING_TYPES(math, "fused_lstm_backward_cuda", [&] {
-    backward_impl<scalar_t>(s, x, h0, c0, w, mask, res, gy, ghy, gcy,
-                            grad_input.view({s.rows, s.input_size}), grad_hx, grad_cx, gw,
-                            stream);
+  AT_DISPATCH_FLOATING_TYPES(a.math, "fused_lstm_backward_cuda", [&] {
+    backward_impl<scalar_t>(s, x, a.hx, a.cx, a.weights, mask, a.reserve, gy, a.grad_hy,
+                            a.grad_cy, a.grad_input.view({s.rows, s.input_size}), a.grad_hx,
+                            a.grad_cx, a.grad_weights, stream);
   });
-  std::vector<Tensor> grad_weights;
-  grad_weights.reserve(gw.size());
-  for (size_t i = 0; i < gw.size(); ++i) grad_weights.push_back(gw[i].to(weights[i].scalar_type()));
-  return {grad_input.to(st), grad_hx.to(st), grad_cx.to(st), grad_weights};
+  return finish_backward(a, weights);
 }
 
 }  // namespace
