@@ -2,6 +2,7 @@
 // checks every backend shares.
 #include "lstm.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -191,7 +192,7 @@ ForwardArgs prepare_forward(
     const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
     const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
-    bool bidirectional, bool has_biases, int64_t proj_size) {
+    bool bidirectional, bool has_biases, int64_t proj_size, bool with_reserve) {
   ForwardArgs a;
   a.shape = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
                             bidirectional, has_biases, proj_size);
@@ -209,7 +210,7 @@ ForwardArgs prepare_forward(
   const int64_t LD = s.num_layers * s.num_directions;
   a.hy = at::empty({LD, s.batch, s.out_size}, opts);
   a.cy = at::empty({LD, s.batch, s.hidden_size}, opts);
-  a.reserve = at::empty({s.reserve_numel()}, opts);
+  if (with_reserve) a.reserve = at::empty({s.reserve_numel()}, opts);
   return a;
 }
 
@@ -286,6 +287,12 @@ TORCH_LIBRARY(fused_lstm, m) {
       "lstm_forward(Tensor input, Tensor? batch_sizes, Tensor? hx, Tensor? cx, Tensor[] weights, "
       "Tensor? dropout_mask, int num_layers, bool bidirectional, bool has_biases, int proj_size) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // lstm_forward without the reserve, for calls that need no gradient (ops.lstm chooses): a
+  // backend may skip storing what backward needs. Default: lstm_forward, reserve dropped.
+  m.def(
+      "lstm_inference(Tensor input, Tensor? batch_sizes, Tensor? hx, Tensor? cx, Tensor[] weights, "
+      "Tensor? dropout_mask, int num_layers, bool bidirectional, bool has_biases, int proj_size) "
+      "-> (Tensor, Tensor, Tensor)");
   // Gradients of lstm_forward for the whole stack in one call. Missing grads mean zeros.
   // Returns grad_input, grad_hx, grad_cx (zeros-shaped like hx/cx even when they were None)
   // and one gradient per weight.
@@ -302,6 +309,31 @@ TORCH_LIBRARY(fused_lstm, m) {
       "Tensor[] weights, Tensor? dropout_mask, Tensor? grad_output, Tensor? grad_hy, "
       "Tensor? grad_cy, int num_layers, bool bidirectional, bool has_biases, int proj_size) "
       "-> (Tensor, Tensor, Tensor, Tensor[])");
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference_default(
+    const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
+    const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
+    at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
+    bool bidirectional, bool has_biases, int64_t proj_size) {
+  static const auto forward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fused_lstm::lstm_forward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const std::optional<at::Tensor>&,
+              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+              at::TensorList, const std::optional<at::Tensor>&, int64_t, bool, bool, int64_t)>();
+  auto [output, hy, cy, reserve] = forward.call(input, batch_sizes, hx, cx, weights, dropout_mask,
+                                               num_layers, bidirectional, has_biases, proj_size);
+  return {output, hy, cy};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_lstm, CompositeExplicitAutograd, m) {
+  m.impl("lstm_inference", &lstm_inference_default);
 }
 
 }  // namespace fused_lstm

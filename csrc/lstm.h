@@ -94,6 +94,7 @@ struct ForwardArgs {
   at::Tensor input, hx, cx, dropout_mask;  // as given, in the math dtype
   std::vector<at::Tensor> weights;
   at::Tensor hy, cy, reserve;  // results: [L*D, B, out], [L*D, B, H], [reserve_numel()]
+                               // (reserve undefined when prepared without one)
 };
 
 struct BackwardArgs {
@@ -111,7 +112,7 @@ ForwardArgs prepare_forward(
     const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
     const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
-    bool bidirectional, bool has_biases, int64_t proj_size);
+    bool bidirectional, bool has_biases, int64_t proj_size, bool with_reserve = true);
 
 // (output, hy, cy, reserve); output is the last layer's rows of the reserve, copied out.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_forward(const ForwardArgs& a);

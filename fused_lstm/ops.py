@@ -38,6 +38,7 @@ load_library()
 
 _ops = torch.ops.fused_lstm
 _lstm_forward = _ops.lstm_forward.default
+_lstm_inference = _ops.lstm_inference.default
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -81,6 +82,18 @@ def _lstm_forward_fake(
     return output, hy, cy, reserve
 
 
+@torch.library.register_fake("fused_lstm::lstm_inference")
+def _lstm_inference_fake(
+    input, batch_sizes, hx, cx, weights, dropout_mask, num_layers, bidirectional, has_biases,
+    proj_size,
+):
+    output, hy, cy, _ = _lstm_forward_fake(
+        input, batch_sizes, hx, cx, weights, dropout_mask, num_layers, bidirectional, has_biases,
+        proj_size,
+    )
+    return output, hy, cy
+
+
 @torch.library.register_fake("fused_lstm::lstm_backward")
 def _lstm_backward_fake(
     input, batch_sizes, hx, cx, weights, dropout_mask, reserve, grad_output, grad_hy, grad_cy,
@@ -98,11 +111,14 @@ def _lstm_backward_fake(
     else:
         batch = torch.library.get_ctx().new_dynamic_size()
     layers_dirs = num_layers * num_directions
+    # Contiguous, as the kernels allocate them (at::empty(sizes)): empty_like would copy the
+    # strides of a non-contiguous input (batch_first input reaches the op transposed), and
+    # compiled code checks the real strides against these.
     return (
-        torch.empty_like(input),
+        input.new_empty(input.shape),
         input.new_empty((layers_dirs, batch, out_size)),
         input.new_empty((layers_dirs, batch, hidden_size)),
-        [torch.empty_like(w) for w in weights],
+        [w.new_empty(w.shape) for w in weights],
     )
 
 
@@ -149,9 +165,22 @@ def lstm(
     has_biases: bool,
     proj_size: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The stacked LSTM in one op call; returns ``(output, h_n, c_n)`` (see module docstring)."""
-    output, hy, cy, _reserve = _lstm_forward(
+    """The stacked LSTM in one op call; returns ``(output, h_n, c_n)`` (see module docstring).
+
+    When no gradient can flow (grad mode off, or no argument requires grad), the call goes to
+    ``lstm_inference``, which stores nothing for backward."""
+    if torch.is_grad_enabled() and (
+        input.requires_grad
+        or any(w.requires_grad for w in weights)
+        or (hx is not None and hx.requires_grad)
+        or (cx is not None and cx.requires_grad)
+    ):
+        output, hy, cy, _reserve = _lstm_forward(
+            input, batch_sizes, hx, cx, list(weights), dropout_mask, num_layers, bidirectional,
+            has_biases, proj_size,
+        )
+        return output, hy, cy
+    return _lstm_inference(
         input, batch_sizes, hx, cx, list(weights), dropout_mask, num_layers, bidirectional,
         has_biases, proj_size,
     )
-    return output, hy, cy

@@ -294,3 +294,53 @@ def test_backward_rejects_foreign_reserve():
     with pytest.raises(RuntimeError, match="reserve"):
         LSTM_BACKWARD(a["input"], None, a["hx"], a["cx"], a["weights"], None, reserve[:-1],
                       output, None, None, 2, False, True, 0)
+
+
+LSTM_INFERENCE = torch.ops.fused_lstm.lstm_inference.default
+
+
+@pytest.mark.parametrize("num_layers,bias,bidirectional,proj_size,packed", GRID, ids=GRID_IDS)
+def test_inference_op_matches_forward(num_layers, bias, bidirectional, proj_size, packed):
+    """lstm_inference (no reserve, chunked input projection) computes what lstm_forward does."""
+    _, a = make_case(num_layers, bias, bidirectional, proj_size, packed, with_state=True,
+                     dropout=0.3, requires_grad=False)
+    expected = call(LSTM_FORWARD, a)[:3]
+    for g, e in zip(call(LSTM_INFERENCE, a), expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_inference_op_over_several_chunks(packed):
+    # 64 rows x 4*512 gates per step: the input projection runs in chunks of two steps.
+    _, a = make_case(2, True, True, 64, packed, with_state=False, dtype=torch.float32,
+                     input_size=8, hidden_size=512, seq_len=5, batch=64, requires_grad=False)
+    expected = call(LSTM_FORWARD, a)[:3]
+    for g, e in zip(call(LSTM_INFERENCE, a), expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_opcheck_inference():
+    _, a = make_case(2, True, True, 2, True, with_state=True, dropout=0.5, requires_grad=False)
+    args = (a["input"], a["batch_sizes"], a["hx"], a["cx"], a["weights"], a["dropout_mask"],
+            a["num_layers"], a["bidirectional"], a["has_biases"], a["proj_size"])
+    torch.library.opcheck(LSTM_INFERENCE, args)
+
+
+def test_ops_lstm_uses_inference_only_without_grad():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    _, a = make_case(1, True, False, 0, False, with_state=False)
+    for grad_enabled, expected in [(True, "fused_lstm.lstm_forward"), (False, "fused_lstm.lstm_inference")]:
+        with torch.set_grad_enabled(grad_enabled), Record() as record:
+            call(ops.lstm, a)
+        fused = [name for name in record.ops if name.startswith("fused_lstm.")]
+        assert fused and all(name.startswith(expected) for name in fused), fused

@@ -260,20 +260,73 @@ void for_each_chunk(int64_t n, const F& body) {
   }
 }
 
-// x for layer l: the op's input, or the previous layer's output with dropout applied.
-// Returns a pointer to [rows, I_l]; `dropped` is a scratch buffer of [rows, D*out].
+// x for layer l: the op's input, or the previous layer's output ([rows, D*out]) with dropout
+// applied into `dropped` (a scratch buffer of the same size).
 template <typename T>
-const T* layer_input(const LSTMShape& s, int64_t layer, const T* input, const T* reserve,
+const T* layer_input(const LSTMShape& s, int64_t layer, const T* input, const T* prev_layer_out,
                      const T* mask, T* dropped) {
   if (layer == 0) return input;
-  const T* prev = reserve + s.layer_out_offset(layer - 1);
-  if (mask == nullptr) return prev;
+  if (mask == nullptr) return prev_layer_out;
   const int64_t n = s.rows * s.num_directions * s.out_size;
   const T* m = mask + (layer - 1) * n;
   at::parallel_for(0, n, kParallelElements, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) dropped[i] = prev[i] * m[i];
+    for (int64_t i = begin; i < end; ++i) dropped[i] = prev_layer_out[i] * m[i];
   });
   return dropped;
+}
+
+// gates[rows, 4H] = x W_ih^T + (b_ih + b_hh), x: [rows, in_size].
+template <typename T>
+void input_projection(const DirectionWeights<T>& w, const T* x, int64_t rows, int64_t in_size,
+                      int64_t G, T* gates) {
+  if (w.b_ih) {
+    for_each_row(rows, G, [&](int64_t r) {
+      T* g = gates + r * G;
+      for (int64_t j = 0; j < G; ++j) g[j] = w.b_ih[j] + w.b_hh[j];
+    });
+  }
+  gemm<T>(false, true, rows, G, in_size, T(1), x, in_size, w.w_ih, in_size, w.b_ih ? T(1) : T(0),
+          gates, G);
+}
+
+// One time step of one layer and direction, for the bs rows active at it.
+//   g_t:         [bs, 4H] the input projection on entry, the activated gates on exit
+//   h_state:     [B, out] h_{t-1} in, h_t out;  c_state: [B, H] c_{t-1} in, c_t out
+//   cells_t:     [bs, H] receives c_t;  pre_proj_t: [bs, H] receives o * tanh(c_t) (proj only)
+//   layer_out_t: [bs, out] with row stride D*out, receives h_t
+//   gate_major:  [4 * B * H] scratch, used when H < kRowWiseHidden
+template <typename T>
+void forward_step(const LSTMShape& s, const DirectionWeights<T>& w, int64_t bs, T* g_t,
+                  T* h_state, T* c_state, T* cells_t, T* pre_proj_t, T* layer_out_t,
+                  T* gate_major) {
+  const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size;
+  const bool has_proj = s.proj_size > 0;
+  gemm<T>(false, true, bs, G, out, T(1), h_state, out, w.w_hh, out, T(1), g_t, G);
+  // The cell pass; h goes to h_state ([bs, out], out == H) or to pre_proj_t ([bs, H]).
+  T* h_out = has_proj ? pre_proj_t : h_state;
+  if (H >= kRowWiseHidden) {
+    for_each_row(bs, G, [&](int64_t b) {
+      T* g = g_t + b * G;
+      cell_forward_block(H, g, g + H, g + 2 * H, g + 3 * H, c_state + b * H, cells_t + b * H,
+                         h_out + b * H);
+    });
+  } else {
+    const int64_t n = bs * H;
+    gather_gates(g_t, bs, H, gate_major);
+    for_each_chunk(n, [&](int64_t e, int64_t len) {
+      cell_forward_block(len, gate_major + e, gate_major + n + e, gate_major + 2 * n + e,
+                         gate_major + 3 * n + e, c_state + e, cells_t + e, h_out + e);
+    });
+    scatter_gates(gate_major, bs, H, g_t);
+  }
+  if (has_proj) gemm<T>(false, true, bs, out, H, T(1), pre_proj_t, H, w.w_hr, H, T(0), h_state, out);
+  copy_rows(h_state, out, layer_out_t, s.num_directions * out, bs, out);
+}
+
+template <typename T>
+T* scratch(at::Tensor& holder, int64_t numel) {
+  holder = at::empty({numel}, c10::CppTypeToScalarType<T>::value);
+  return holder.mutable_data_ptr<T>();
 }
 
 template <typename T>
@@ -282,74 +335,87 @@ void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
                   T* reserve) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
   const int64_t out_stride = D * out;  // row stride of layer_out
-  const bool has_proj = s.proj_size > 0;
-  // Gate-major scratch for one step's gates ([4][bs*H]), when rows are too short to vectorise.
-  at::Tensor gate_major_buf;
-  T* gate_major = nullptr;
-  if (H < kRowWiseHidden) {
-    gate_major_buf = at::empty({4 * s.batch * H}, c10::CppTypeToScalarType<T>::value);
-    gate_major = gate_major_buf.mutable_data_ptr<T>();
-  }
-  at::Tensor dropped_buf;
-  T* dropped = nullptr;
-  if (mask != nullptr && s.num_layers > 1) {
-    dropped_buf = at::empty({s.rows * out_stride}, c10::CppTypeToScalarType<T>::value);
-    dropped = dropped_buf.mutable_data_ptr<T>();
-  }
+  at::Tensor gate_major_buf, dropped_buf;
+  T* gate_major = H < kRowWiseHidden ? scratch<T>(gate_major_buf, 4 * s.batch * H) : nullptr;
+  T* dropped = (mask && s.num_layers > 1) ? scratch<T>(dropped_buf, s.rows * out_stride) : nullptr;
   for (int64_t l = 0; l < s.num_layers; ++l) {
-    const int64_t in_size = s.layer_input_size(l);
-    const T* x = layer_input(s, l, input, reserve, mask, dropped);
+    const T* x = layer_input(s, l, input, l > 0 ? reserve + s.layer_out_offset(l - 1) : nullptr,
+                             mask, dropped);
     T* layer_out = reserve + s.layer_out_offset(l);
     for (int64_t d = 0; d < D; ++d) {
       const auto w = direction_weights<T>(s, weights, l, d);
       T* gates = reserve + s.gates_offset(l, d);
       T* cells = reserve + s.cells_offset(l, d);
-      T* pre_proj = reserve + s.pre_proj_offset(l, d);  // used only when has_proj
+      T* pre_proj = reserve + s.pre_proj_offset(l, d);  // used only with projection
       // State lives directly in the h_n / c_n outputs.
       const int64_t ld = l * D + d;
       T* h_state = hy + ld * s.batch * out;
       T* c_state = cy + ld * s.batch * H;
       copy_or_zero(hx ? hx + ld * s.batch * out : nullptr, s.batch * out, h_state);
       copy_or_zero(cx ? cx + ld * s.batch * H : nullptr, s.batch * H, c_state);
-
-      // Input projection of every step at once: gates = x W_ih^T + (b_ih + b_hh).
-      if (w.b_ih) {
-        for_each_row(s.rows, G, [&](int64_t r) {
-          T* g = gates + r * G;
-          for (int64_t j = 0; j < G; ++j) g[j] = w.b_ih[j] + w.b_hh[j];
-        });
-      }
-      gemm<T>(false, true, s.rows, G, in_size, T(1), x, in_size, w.w_ih, in_size,
-              w.b_ih ? T(1) : T(0), gates, G);
-
+      input_projection(w, x, s.rows, s.layer_input_size(l), G, gates);  // every step at once
       for (int64_t step = 0; step < s.seq_len; ++step) {
         const int64_t t = time_of(s, d, step);
-        const int64_t bs = s.batch_sizes[t], off = s.step_offset[t];
-        T* g_t = gates + off * G;
-        gemm<T>(false, true, bs, G, out, T(1), h_state, out, w.w_hh, out, T(1), g_t, G);
-        // The cell pass; h goes to h_state ([bs, out], out == H) or to pre_proj ([bs, H]).
-        T* c_out = cells + off * H;
-        T* h_out = has_proj ? pre_proj + off * H : h_state;
-        if (H >= kRowWiseHidden) {
-          for_each_row(bs, G, [&](int64_t b) {
-            T* g = g_t + b * G;
-            cell_forward_block(H, g, g + H, g + 2 * H, g + 3 * H, c_state + b * H, c_out + b * H,
-                               h_out + b * H);
-          });
-        } else {
-          const int64_t n = bs * H;
-          gather_gates(g_t, bs, H, gate_major);
-          for_each_chunk(n, [&](int64_t e, int64_t len) {
-            cell_forward_block(len, gate_major + e, gate_major + n + e, gate_major + 2 * n + e,
-                               gate_major + 3 * n + e, c_state + e, c_out + e, h_out + e);
-          });
-          scatter_gates(gate_major, bs, H, g_t);
-        }
-        if (has_proj)
-          gemm<T>(false, true, bs, out, H, T(1), pre_proj + off * H, H, w.w_hr, H, T(0), h_state, out);
-        copy_rows(h_state, out, layer_out + off * out_stride + d * out, out_stride, bs, out);
+        const int64_t off = s.step_offset[t];
+        forward_step(s, w, s.batch_sizes[t], gates + off * G, h_state, c_state, cells + off * H,
+                     pre_proj + off * H, layer_out + off * out_stride + d * out, gate_major);
       }
     }
+  }
+}
+
+// Forward without storing anything for backward (no grad needed): the input projection runs
+// over chunks of steps into one reused buffer, each step's c_t / pre-projection go to scratch,
+// and layer outputs alternate between two buffers (the last layer writes `output`). Besides
+// the work, this saves the first-touch page faults of a fresh reserve on every call
+// (benchmarks/NOTES.md section 3).
+constexpr int64_t kChunkElements = 1 << 18;  // gate elements per input-projection chunk
+
+template <typename T>
+void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
+                    const std::vector<at::Tensor>& weights, const T* mask, T* hy, T* cy,
+                    T* output) {
+  const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
+  const int64_t out_stride = D * out;
+  const int64_t chunk_steps = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, s.batch * G));
+  at::Tensor gate_major_buf, dropped_buf, chunk_buf, cells_buf, pre_proj_buf, layer_buf[2];
+  T* gate_major = H < kRowWiseHidden ? scratch<T>(gate_major_buf, 4 * s.batch * H) : nullptr;
+  T* dropped = (mask && s.num_layers > 1) ? scratch<T>(dropped_buf, s.rows * out_stride) : nullptr;
+  T* chunk = scratch<T>(chunk_buf, std::min(chunk_steps, s.seq_len) * s.batch * G);
+  T* cells = scratch<T>(cells_buf, s.batch * H);
+  T* pre_proj = s.proj_size > 0 ? scratch<T>(pre_proj_buf, s.batch * H) : nullptr;
+  const T* prev = nullptr;
+  for (int64_t l = 0; l < s.num_layers; ++l) {
+    const int64_t in_size = s.layer_input_size(l);
+    const T* x = layer_input(s, l, input, prev, mask, dropped);
+    T* layer_out = l + 1 == s.num_layers
+        ? output
+        : (layer_buf[l % 2].defined() ? layer_buf[l % 2].mutable_data_ptr<T>()
+                                      : scratch<T>(layer_buf[l % 2], s.rows * out_stride));
+    for (int64_t d = 0; d < D; ++d) {
+      const auto w = direction_weights<T>(s, weights, l, d);
+      const int64_t ld = l * D + d;
+      T* h_state = hy + ld * s.batch * out;
+      T* c_state = cy + ld * s.batch * H;
+      copy_or_zero(hx ? hx + ld * s.batch * out : nullptr, s.batch * out, h_state);
+      copy_or_zero(cx ? cx + ld * s.batch * H : nullptr, s.batch * H, c_state);
+      for (int64_t first = 0; first < s.seq_len; first += chunk_steps) {
+        const int64_t last = std::min(first + chunk_steps, s.seq_len) - 1;
+        // The chunk's steps are consecutive in time, so their rows are one contiguous block.
+        const int64_t t_lo = std::min(time_of(s, d, first), time_of(s, d, last));
+        const int64_t t_hi = std::max(time_of(s, d, first), time_of(s, d, last));
+        const int64_t row0 = s.step_offset[t_lo];
+        const int64_t rows = s.step_offset[t_hi] + s.batch_sizes[t_hi] - row0;
+        input_projection(w, x + row0 * in_size, rows, in_size, G, chunk);
+        for (int64_t step = first; step <= last; ++step) {
+          const int64_t t = time_of(s, d, step);
+          const int64_t off = s.step_offset[t];
+          forward_step(s, w, s.batch_sizes[t], chunk + (off - row0) * G, h_state, c_state, cells,
+                       pre_proj, layer_out + off * out_stride + d * out, gate_major);
+        }
+      }
+    }
+    prev = layer_out;
   }
 }
 
@@ -388,7 +454,8 @@ void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
 
   for (int64_t l = s.num_layers - 1; l >= 0; --l) {
     const int64_t in_size = s.layer_input_size(l);
-    const T* x = layer_input(s, l, input, reserve, mask, dropped);
+    const T* x = layer_input(s, l, input, l > 0 ? reserve + s.layer_out_offset(l - 1) : nullptr,
+                             mask, dropped);
     const T* layer_out = reserve + s.layer_out_offset(l);
     // Gradient w.r.t. this layer's input: the op's grad_input, or the previous layer's output.
     T* dx_l = l == 0 ? grad_input : dx;
@@ -520,6 +587,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu(
   return finish_forward(a);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference_cpu(
+    const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
+    const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
+    at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
+    bool bidirectional, bool has_biases, int64_t proj_size) {
+  ForwardArgs a = prepare_forward(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
+                                  bidirectional, has_biases, proj_size, /*with_reserve=*/false);
+  const LSTMShape& s = a.shape;
+  at::Tensor output = at::empty({s.rows, s.num_directions * s.out_size}, a.hy.options());
+  AT_DISPATCH_FLOATING_TYPES(a.math, "fused_lstm_inference_cpu", [&] {
+    inference_impl<scalar_t>(s, a.input.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(a.hx),
+                             ptr_or_null<scalar_t>(a.cx), a.weights,
+                             ptr_or_null<scalar_t>(a.dropout_mask), a.hy.mutable_data_ptr<scalar_t>(),
+                             a.cy.mutable_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>());
+  });
+  std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
+  out_shape.back() = s.num_directions * s.out_size;
+  return {output.view(out_shape).to(a.dtype), a.hy.to(a.dtype), a.cy.to(a.dtype)};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_backward_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
     const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
@@ -546,6 +633,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_bac
 
 TORCH_LIBRARY_IMPL(fused_lstm, CPU, m) {
   m.impl("lstm_forward", &lstm_forward_cpu);
+  m.impl("lstm_inference", &lstm_inference_cpu);
   m.impl("lstm_backward", &lstm_backward_cpu);
 }
 
