@@ -311,9 +311,9 @@ def test_inference_op_matches_forward(num_layers, bias, bidirectional, proj_size
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_inference_op_over_several_chunks(packed):
-    # 64 rows x 4*512 gates per step: the input projection runs in chunks of two steps.
+    # 64 rows x 4*512 gates per step: the input projection runs in chunks of 8 steps (3 here).
     _, a = make_case(2, True, True, 64, packed, with_state=False, dtype=torch.float32,
-                     input_size=8, hidden_size=512, seq_len=5, batch=64, requires_grad=False)
+                     input_size=8, hidden_size=512, seq_len=20, batch=64, requires_grad=False)
     expected = call(LSTM_FORWARD, a)[:3]
     for g, e in zip(call(LSTM_INFERENCE, a), expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
