@@ -105,6 +105,8 @@ class FusedLSTM(nn.LSTM):
                     num_layers, bidirectional, self.bias, proj_size,
                 )
             except Exception as op_error:  # nn.LSTM decides: its own exception, or its result
+                if hx is not None:
+                    self._check_packed_hidden(h0, c0, batch_sizes, op_error)
                 return self._forward_by_nn_lstm(input, hx, op_error)
             output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
             if unsorted_indices is not None:
@@ -171,7 +173,9 @@ class FusedLSTM(nn.LSTM):
                     f"Expected hidden[1] size {(layers_dirs, batch, hidden_size)}, "
                     f"got {list(c0.size())}"
                 )
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:  # nn.LSTM's C++ rejects it
+            # nn.LSTM's C++ rejects it; unbatched, nn.LSTM itself rebuilds the pair from
+            # hx[0] and hx[1] first, so a longer sequence is accepted there (and here).
+            if is_batched and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
                 return self._forward_by_nn_lstm(input, hx)
         if x.size(0) == 0:  # nn.LSTM raises for an empty sequence; let it say so
             return self._forward_by_nn_lstm(input, hx)
@@ -189,6 +193,30 @@ class FusedLSTM(nn.LSTM):
         if batch_first:
             output = output.transpose(0, 1)
         return output, (h_n, c_n)
+
+    def _check_packed_hidden(self, h0, c0, batch_sizes, op_error: Exception) -> None:
+        """Raises a RuntimeError for packed input whose sequences all have the same length and
+        whose hidden state has the wrong shape, instead of handing it to nn.LSTM.
+
+        nn.LSTM skips its shape check for packed input (``check_forward_args`` runs only for
+        padded input). With equal lengths its oneDNN kernel (float32) then reads and writes
+        past the hidden state's end: heap corruption and an abort (torch 2.13), or a silently
+        wrong result when the state is too large. Its native kernel raises a RuntimeError for
+        the same call, hence the class. Other packed calls still get nn.LSTM's own exception.
+        Only called after the op rejected the call, so the hot path pays nothing.
+        """
+        if batch_sizes.numel() == 0 or bool((batch_sizes != batch_sizes[0]).any()):
+            return
+        num_directions = 2 if self.bidirectional else 1
+        layers_dirs = self.num_layers * num_directions
+        batch = int(batch_sizes[0]) if batch_sizes.numel() else 0
+        out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        for name, tensor, size in (("hidden[0]", h0, out_size),
+                                   ("hidden[1]", c0, self.hidden_size)):
+            expected = (layers_dirs, batch, size)
+            if not isinstance(tensor, Tensor) or tensor.size() != expected:
+                got = list(tensor.size()) if isinstance(tensor, Tensor) else type(tensor).__name__
+                raise RuntimeError(f"Expected {name} size {expected}, got {got}") from op_error
 
     def _current_flat_weights(self):
         """``self._flat_weights`` after ``nn.LSTM._update_flat_weights()``, without its cost
