@@ -370,7 +370,7 @@ void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
 // the work, this saves the first-touch page faults of a fresh reserve on every call
 // (benchmarks/NOTES.md section 3).
 // Gate elements per input-projection chunk (4 MB in float32). Measured: 2^18 cost fastrnns a
-// quarter of its speed in small GEMMs, 2^22 more in page faults than it gained (NOTES.md).
+// quarter of its speed in small GEMMs; 2^22 was slower again than 2^20 (NOTES.md).
 constexpr int64_t kChunkElements = 1 << 20;
 
 template <typename T>
