@@ -99,11 +99,7 @@ class FusedLSTM(nn.LSTM):
                     h0 = h0.index_select(1, sorted_indices)
                     c0 = c0.index_select(1, sorted_indices)
             try:
-                output, h_n, c_n = _lstm_op(
-                    data, batch_sizes, h0, c0, weights,
-                    self._dropout_mask(data, num_layers, num_directions * out_size),
-                    num_layers, bidirectional, self.bias, proj_size,
-                )
+                output, h_n, c_n = self._fused(data, batch_sizes, h0, c0, weights)
             except Exception as op_error:  # nn.LSTM decides: its own exception, or its result
                 if hx is not None:
                     self._check_packed_hidden(h0, c0, batch_sizes, op_error)
@@ -181,11 +177,7 @@ class FusedLSTM(nn.LSTM):
             return self._forward_by_nn_lstm(input, hx)
 
         try:
-            output, h_n, c_n = _lstm_op(
-                x, None, h0, c0, weights,
-                self._dropout_mask(x, num_layers, num_directions * out_size),
-                num_layers, bidirectional, self.bias, proj_size,
-            )
+            output, h_n, c_n = self._fused(x, None, h0, c0, weights)
         except Exception as op_error:  # nn.LSTM decides: its own exception, or its result
             return self._forward_by_nn_lstm(input, hx, op_error)
         if not is_batched:
@@ -235,12 +227,21 @@ class FusedLSTM(nn.LSTM):
                 break
         return self._flat_weights
 
-    def _dropout_mask(self, x: Tensor, num_layers: int, layer_out: int) -> Optional[Tensor]:
+    def _fused(self, x: Tensor, batch_sizes: Optional[Tensor], h0, c0, weights):
+        """The one op call: x is time-major [T, B, I], or packed data with batch_sizes."""
+        return _lstm_op(
+            x, batch_sizes, h0, c0, weights, self._dropout_mask(x), self.num_layers,
+            self.bidirectional, self.bias, self.proj_size,
+        )
+
+    def _dropout_mask(self, x: Tensor) -> Optional[Tensor]:
         """Inter-layer dropout as a mask ``[L-1, *x.shape[:-1], D*out_size]`` of 0 and 1/(1-p),
         or None when there is no dropout (eval mode, p == 0, or a single layer)."""
         p = self.dropout
+        num_layers = self.num_layers
         if not (p > 0 and self.training and num_layers > 1):
             return None
+        layer_out = (2 if self.bidirectional else 1) * (self.proj_size or self.hidden_size)
         shape = (num_layers - 1, *x.shape[:-1], layer_out)
         if p >= 1:
             return torch.zeros(shape, dtype=x.dtype, device=x.device)

@@ -47,32 +47,42 @@ class Tagger(nn.Module):
 # --- threads -------------------------------------------------------------------------------
 
 
+def run_in_threads(run, inputs, rounds=1, threads=4):
+    """run(x) for every input, spread over `threads` threads that start together and go over
+    the inputs `rounds` times (so calls overlap); returns the results in input order."""
+    results, errors = [None] * len(inputs), []
+    barrier = threading.Barrier(threads)
+
+    def work(worker):
+        try:
+            barrier.wait()
+            for _ in range(rounds):
+                for i in range(worker, len(inputs), threads):
+                    results[i] = run(inputs[i])
+        except BaseException as error:  # noqa: BLE001 (reported below)
+            errors.append(error)
+
+    pool = [threading.Thread(target=work, args=(w,)) for w in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert not errors, errors
+    return results
+
+
 def test_threads_share_one_module_bit_identical():
     """Four threads running inference on one FusedLSTM give exactly the serial results."""
     model = FusedLSTM(4, 8, num_layers=2, bidirectional=True, proj_size=3).eval()
     inputs = [randn(5 + i % 4, 1 + i % 3, 4, dtype=F32) for i in range(48)]
     with torch.no_grad():
         serial = [model(x) for x in inputs]
-    results = [None] * len(inputs)
-    errors = []
-    barrier = threading.Barrier(4)
 
-    def work(worker):
-        try:
-            barrier.wait()
-            with torch.no_grad():
-                for _ in range(3):  # several rounds, so calls overlap
-                    for i in range(worker, len(inputs), 4):
-                        results[i] = model(inputs[i])
-        except BaseException as error:  # noqa: BLE001 (reported below)
-            errors.append(error)
+    def run(x):
+        with torch.no_grad():
+            return model(x)
 
-    threads = [threading.Thread(target=work, args=(w,)) for w in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    results = run_in_threads(run, inputs, rounds=3)
     for i, (expected, got) in enumerate(zip(serial, results)):
         assert torch.equal(expected[0], got[0]), f"input {i}: output differs"
         assert torch.equal(expected[1][0], got[1][0]) and torch.equal(expected[1][1], got[1][1])
@@ -90,22 +100,7 @@ def test_threads_training_bit_identical():
         return torch.autograd.grad(output.square().sum() + h_n.sum() + c_n.sum(), [x] + params)
 
     serial = [run(x) for x in inputs]
-    results, errors = [None] * len(inputs), []
-
-    def work(worker):
-        try:
-            for i in range(worker, len(inputs), 4):
-                results[i] = run(inputs[i])
-        except BaseException as error:  # noqa: BLE001
-            errors.append(error)
-
-    threads = [threading.Thread(target=work, args=(w,)) for w in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    for expected, got in zip(serial, results):
+    for expected, got in zip(serial, run_in_threads(run, inputs)):
         for e, g in zip(expected, got):
             assert torch.equal(e, g)
 

@@ -428,29 +428,22 @@ void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
                    T* grad_hx, T* grad_cx, std::vector<at::Tensor>& grad_weights) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
   const int64_t out_stride = D * out;
-  const auto dtype = c10::CppTypeToScalarType<T>::value;
-  // Scratch, allocated once per call.
-  at::Tensor dgates_buf = at::empty({s.rows * G}, dtype);
-  at::Tensor h_prev_buf = at::empty({s.rows * out}, dtype);
-  at::Tensor dy_buf = at::empty({s.rows * out_stride}, dtype);  // grad of current layer's output
-  at::Tensor dx_buf = s.num_layers > 1 ? at::empty({s.rows * out_stride}, dtype) : at::Tensor();
-  at::Tensor dropped_buf = (mask && s.num_layers > 1) ? at::empty({s.rows * out_stride}, dtype) : at::Tensor();
   const bool has_proj = s.proj_size > 0;
-  at::Tensor dh_all_buf = has_proj ? at::empty({s.rows * out}, dtype) : at::Tensor();
-  at::Tensor dh_buf_t = at::empty({s.batch * H}, dtype);         // dL/dh_t, [bs, H]
-  at::Tensor c_prev_buf_t = at::empty({s.batch * H}, dtype);     // c_{t-1} when pieced together
-  at::Tensor zeros_buf = at::zeros({s.batch * std::max(H, out)}, dtype);  // h0 / c0 when None
-  at::Tensor gate_major_buf = H < kRowWiseHidden ? at::empty({8 * s.batch * H}, dtype) : at::Tensor();
-  T* dgates = dgates_buf.mutable_data_ptr<T>();
-  T* h_prev = h_prev_buf.mutable_data_ptr<T>();
-  T* dy = dy_buf.mutable_data_ptr<T>();
-  T* dx = dx_buf.defined() ? dx_buf.mutable_data_ptr<T>() : nullptr;
-  T* dropped = dropped_buf.defined() ? dropped_buf.mutable_data_ptr<T>() : nullptr;
-  T* dh_all = dh_all_buf.defined() ? dh_all_buf.mutable_data_ptr<T>() : nullptr;
-  T* dh_buf = dh_buf_t.mutable_data_ptr<T>();
-  T* c_prev_buf = c_prev_buf_t.mutable_data_ptr<T>();
-  const T* zeros = zeros_buf.const_data_ptr<T>();
-  T* gate_major = gate_major_buf.defined() ? gate_major_buf.mutable_data_ptr<T>() : nullptr;
+  // Scratch, allocated once per call.
+  at::Tensor dgates_buf, h_prev_buf, dy_buf, dx_buf, dropped_buf, dh_all_buf, dh_buf_t,
+      c_prev_buf_t, zeros_buf, gate_major_buf;
+  T* dgates = scratch<T>(dgates_buf, s.rows * G);
+  T* h_prev = scratch<T>(h_prev_buf, s.rows * out);
+  T* dy = scratch<T>(dy_buf, s.rows * out_stride);  // grad of the current layer's output
+  T* dx = s.num_layers > 1 ? scratch<T>(dx_buf, s.rows * out_stride) : nullptr;
+  T* dropped = (mask && s.num_layers > 1) ? scratch<T>(dropped_buf, s.rows * out_stride) : nullptr;
+  T* dh_all = has_proj ? scratch<T>(dh_all_buf, s.rows * out) : nullptr;
+  T* dh_buf = scratch<T>(dh_buf_t, s.batch * H);           // dL/dh_t, [bs, H]
+  T* c_prev_buf = scratch<T>(c_prev_buf_t, s.batch * H);   // c_{t-1} when pieced together
+  T* zeros_mut = scratch<T>(zeros_buf, s.batch * std::max(H, out));  // h0 / c0 when None
+  std::fill_n(zeros_mut, s.batch * std::max(H, out), T(0));
+  const T* zeros = zeros_mut;
+  T* gate_major = H < kRowWiseHidden ? scratch<T>(gate_major_buf, 8 * s.batch * H) : nullptr;
 
   copy_or_zero(grad_output, s.rows * out_stride, dy);
 
