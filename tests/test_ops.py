@@ -344,3 +344,42 @@ def test_ops_lstm_uses_inference_only_without_grad():
             call(ops.lstm, a)
         fused = [name for name in record.ops if name.startswith("fused_lstm.")]
         assert fused and all(name.startswith(expected) for name in fused), fused
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("bidirectional,proj_size,packed",
+                         [(False, 0, False), (True, 0, True), (True, 16, False), (False, 16, True)])
+def test_batch_split_over_threads(two_threads, bidirectional, proj_size, packed):
+    """With two threads and enough recurrent work, each thread runs every step for its own slice
+    of the batch (csrc/cpu: for_each_batch_slice); an odd batch makes the slices unequal and
+    packed lengths make a slice run out of rows before the other. Outputs and gradients against
+    nn.LSTM's kernel, and lstm_inference against lstm_forward."""
+    lstm, a = make_case(2, True, bidirectional, proj_size, packed, with_state=True,
+                        input_size=5, hidden_size=64, seq_len=24, batch=9)
+    # make_case's weights (0.5 * randn) saturate 64 hidden units and grow the gradients to ~1e3
+    # over 24 steps; at nn.LSTM's own initialisation scale (1/sqrt(64)) float64 agrees to 1e-10.
+    a["weights"] = [(w.detach() / 8).requires_grad_() for w in a["weights"]]
+    hx = (a["hx"], a["cx"])
+    if packed:
+        expected = torch._VF.lstm(a["input"], a["batch_sizes"], hx, a["weights"], True, 2, 0.0,
+                                  False, bidirectional)
+    else:
+        expected = torch._VF.lstm(a["input"], hx, a["weights"], True, 2, 0.0, False,
+                                  bidirectional, False)
+    got = call(ops.lstm, a)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+    grads = [torch.randn_like(t) for t in got]
+    wrt = differentiable(a)
+    for g, e in zip(torch.autograd.grad(got, wrt, grads), torch.autograd.grad(expected, wrt, grads)):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        for g, e in zip(call(LSTM_INFERENCE, a), got):
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)

@@ -14,6 +14,7 @@
 #include "../lstm_cell.h"
 #include "fast_math.h"
 
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/from_blob.h>
@@ -26,6 +27,15 @@
 #include <initializer_list>
 #include <limits>
 #include <type_traits>
+
+// oneDNN's matmul, exported by libtorch_cpu (ATen/native/mkldnn/Matmul.h is not shipped):
+// result = beta * result + alpha * mat1 @ mat2, float32 (and bf16/fp16), any strides. Weak, so
+// a torch without it (or without oneDNN) keeps BLAS.
+namespace at::native {
+TORCH_API void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2,
+                             const at::Tensor& result, float beta, float alpha)
+    __attribute__((weak));
+}
 
 namespace fused_lstm {
 namespace {
@@ -62,6 +72,12 @@ bool fortran_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, T alpha, co
   return true;
 }
 
+// From this many multiply-adds on, float32 GEMMs go to oneDNN instead of the BLAS: on the AMD
+// EPYC dev box MKL takes its AVX2 kernels while oneDNN's are AVX-512, 1.3x faster from about
+// this size on (1 and 2 threads), and its fixed cost per call (~5 us) is lost below it
+// (benchmarks/NOTES.md section 5).
+constexpr int64_t kOneDnnMinWork = int64_t{1} << 22;
+
 // Row-major C[m, n] = alpha * op(A)[m, k] op(B)[k, n] + beta * C, with op(X) = X or X^T as
 // stored (trans_a: A is stored [k, m]). Row-major C is column-major C^T = op(B)^T op(A)^T.
 template <typename T>
@@ -73,15 +89,23 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
       for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
     return;
   }
-  if (fortran_gemm<T>(trans_b ? 'T' : 'N', trans_a ? 'T' : 'N', n, m, k, alpha, b, ldb, a, lda,
-                      beta, c, ldc))
-    return;
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
     at::Tensor t = at::from_blob(const_cast<T*>(p), {trans ? cols : rows, trans ? rows : cols},
                                  {ld, 1}, opts);
     return trans ? t.t() : t;
   };
+  if constexpr (std::is_same_v<T, float>) {
+    static const bool onednn = at::native::mkldnn_matmul != nullptr && at::hasMKLDNN();
+    if (onednn && m * n * k >= kOneDnnMinWork) {
+      at::native::mkldnn_matmul(view(a, m, k, lda, trans_a), view(b, k, n, ldb, trans_b),
+                                at::from_blob(c, {m, n}, {ldc, 1}, opts), beta, alpha);
+      return;
+    }
+  }
+  if (fortran_gemm<T>(trans_b ? 'T' : 'N', trans_a ? 'T' : 'N', n, m, k, alpha, b, ldb, a, lda,
+                      beta, c, ldc))
+    return;
   at::Tensor cv = at::from_blob(c, {m, n}, {ldc, 1}, opts);
   cv.addmm_(view(a, m, k, lda, trans_a), view(b, k, n, ldb, trans_b), beta, alpha);
 }
@@ -323,6 +347,54 @@ void forward_step(const LSTMShape& s, const DirectionWeights<T>& w, int64_t bs, 
   copy_rows(h_state, out, layer_out_t, s.num_directions * out, bs, out);
 }
 
+// One step's buffers at its first row (row r of the step is `rows` further on; strides: gates
+// 4H, cells and pre_proj H, layer_out D*out).
+template <typename T>
+struct StepRows {
+  T* gates;
+  T* cells;
+  T* pre_proj;  // null without projection
+  T* layer_out;
+};
+
+// Forward steps [first, last] (processing order) of direction d, for the batch rows [r0, r1)
+// only. The rows of a batch are independent sequences, so a slice of them runs every step
+// without waiting for the others. rows_of(t): step t's StepRows.
+template <typename T, typename RowsOf>
+void forward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_t d, int64_t first,
+                   int64_t last, int64_t r0, int64_t r1, T* h_state, T* c_state,
+                   const RowsOf& rows_of, T* gate_major) {
+  const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size;
+  const int64_t out_stride = s.num_directions * out;
+  for (int64_t step = first; step <= last; ++step) {
+    const int64_t t = time_of(s, d, step);
+    const int64_t bs = std::min(s.batch_sizes[t], r1) - r0;
+    if (bs <= 0) continue;
+    const StepRows<T> p = rows_of(t);
+    forward_step(s, w, bs, p.gates + r0 * G, h_state + r0 * out, c_state + r0 * H,
+                 p.cells + r0 * H, p.pre_proj ? p.pre_proj + r0 * H : nullptr,
+                 p.layer_out + r0 * out_stride, gate_major ? gate_major + 4 * r0 * H : nullptr);
+  }
+}
+
+// Multiply-adds of recurrent work from which the batch is split over threads (each thread runs
+// all steps for its rows: one parallel region instead of two per step; NOTES.md section 6).
+constexpr int64_t kSplitBatchWork = int64_t{1} << 20;
+
+// body(r0, r1) over slices of [0, batch): one per thread when the recurrence of `steps` steps
+// is worth a parallel region, else the whole batch on this thread.
+template <typename F>
+void for_each_batch_slice(const LSTMShape& s, int64_t steps, const F& body) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t work = steps * s.batch * 4 * s.hidden_size * (s.out_size + 8);
+  if (threads > 1 && s.batch > 1 && work >= kSplitBatchWork && !at::in_parallel_region()) {
+    const int64_t slices = std::min(threads, s.batch);
+    at::parallel_for(0, s.batch, (s.batch + slices - 1) / slices, body);
+  } else {
+    body(0, s.batch);
+  }
+}
+
 template <typename T>
 T* scratch(at::Tensor& holder, int64_t numel) {
   holder = at::empty({numel}, c10::CppTypeToScalarType<T>::value);
@@ -354,12 +426,15 @@ void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
       copy_or_zero(hx ? hx + ld * s.batch * out : nullptr, s.batch * out, h_state);
       copy_or_zero(cx ? cx + ld * s.batch * H : nullptr, s.batch * H, c_state);
       input_projection(w, x, s.rows, s.layer_input_size(l), G, gates);  // every step at once
-      for (int64_t step = 0; step < s.seq_len; ++step) {
-        const int64_t t = time_of(s, d, step);
+      auto rows_of = [&](int64_t t) {
         const int64_t off = s.step_offset[t];
-        forward_step(s, w, s.batch_sizes[t], gates + off * G, h_state, c_state, cells + off * H,
-                     pre_proj + off * H, layer_out + off * out_stride + d * out, gate_major);
-      }
+        return StepRows<T>{gates + off * G, cells + off * H,
+                           s.proj_size > 0 ? pre_proj + off * H : nullptr,
+                           layer_out + off * out_stride + d * out};
+      };
+      for_each_batch_slice(s, s.seq_len, [&](int64_t r0, int64_t r1) {
+        forward_steps(s, w, d, 0, s.seq_len - 1, r0, r1, h_state, c_state, rows_of, gate_major);
+      });
     }
   }
 }
@@ -409,12 +484,15 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
         const int64_t row0 = s.step_offset[t_lo];
         const int64_t rows = s.step_offset[t_hi] + s.batch_sizes[t_hi] - row0;
         input_projection(w, x + row0 * in_size, rows, in_size, G, chunk);
-        for (int64_t step = first; step <= last; ++step) {
-          const int64_t t = time_of(s, d, step);
+        // c_t and the pre-projection go to per-row scratch ([B, H]) that each step overwrites.
+        auto rows_of = [&](int64_t t) {
           const int64_t off = s.step_offset[t];
-          forward_step(s, w, s.batch_sizes[t], chunk + (off - row0) * G, h_state, c_state, cells,
-                       pre_proj, layer_out + off * out_stride + d * out, gate_major);
-        }
+          return StepRows<T>{chunk + (off - row0) * G, cells, pre_proj,
+                             layer_out + off * out_stride + d * out};
+        };
+        for_each_batch_slice(s, last - first + 1, [&](int64_t r0, int64_t r1) {
+          forward_steps(s, w, d, first, last, r0, r1, h_state, c_state, rows_of, gate_major);
+        });
       }
     }
     prev = layer_out;
