@@ -38,6 +38,13 @@ _lstm_op = ops.lstm
 _is_autocast_enabled = torch._C._is_any_autocast_enabled
 
 
+@torch.compiler.disable  # nn.LSTM does not compile (torch 2.13); run it eagerly under compile
+def _nn_lstm_forward(module: nn.LSTM, input, hx):  # noqa: A002
+    """nn.LSTM's own forward, for the calls FusedLSTM hands to it (autocast, a device without a
+    kernel, arguments only nn.LSTM's C++ rejects)."""
+    return nn.LSTM.forward(module, input, hx)
+
+
 class FusedLSTMFallbackWarning(UserWarning):
     """A FusedLSTM call was computed by torch.nn.LSTM instead of the fused op."""
 
@@ -70,7 +77,7 @@ class FusedLSTM(nn.LSTM):
     def forward(self, input, hx=None):  # noqa: A002 (nn.LSTM's argument name)
         weights = self._current_flat_weights()
         if _is_autocast_enabled():
-            return super().forward(input, hx)
+            return _nn_lstm_forward(self, input, hx)
         num_layers = self.num_layers
         bidirectional = self.bidirectional
         proj_size = self.proj_size
@@ -257,7 +264,7 @@ class FusedLSTM(nn.LSTM):
                 FusedLSTMFallbackWarning,
                 stacklevel=3,
             )
-        return super().forward(input, hx)
+        return _nn_lstm_forward(self, input, hx)
 
     def _forward_by_nn_lstm(self, input, hx, op_error: Optional[Exception] = None):
         """nn.LSTM's forward for a call the fused op does not take: nn.LSTM raises its own
@@ -265,7 +272,7 @@ class FusedLSTM(nn.LSTM):
         diagnosis attached as a note). Should it not raise, its result stands (correct, only
         slower), and a warning says so."""
         try:
-            result = super().forward(input, hx)
+            result = _nn_lstm_forward(self, input, hx)
         except Exception as error:
             if op_error is not None and hasattr(error, "add_note"):  # Python >= 3.11
                 note = str(op_error)

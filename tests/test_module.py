@@ -749,8 +749,8 @@ def test_autocast_behaves_like_nn_lstm():
 # --- torch.compile ----------------------------------------------------------------------------
 
 def test_torch_compile_fullgraph_with_allow_rnn():
-    """Dynamo refuses every nn.LSTM instance (FusedLSTM is one) unless allow_rnn is set; with it
-    the whole forward, the op included, is one graph."""
+    """The user's allow_rnn flag (needed before fused_lstm._dynamo existed, and the fallback
+    where that hook cannot install) still gives one graph, gradients included."""
     import torch._dynamo
 
     fused = FusedLSTM(3, 5, num_layers=2, bidirectional=True, proj_size=2, batch_first=True,
@@ -768,7 +768,7 @@ def test_torch_compile_fullgraph_with_allow_rnn():
     assert_close(grads, expected_grads)
 
 
-def test_torch_compile_default_runs_eagerly_and_correctly():
+def test_torch_compile_default_gives_nn_lstm_results():
     import torch._dynamo
 
     torch_lstm, fused = lstm_pair(input_size=3, hidden_size=4, num_layers=2)

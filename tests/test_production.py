@@ -289,61 +289,202 @@ def test_dropout_mask_follows_the_seed():
 # --- torch.compile, torch.export, ONNX -----------------------------------------------------
 
 
-def _allow_rnn():
-    # Dynamo refuses every nn.RNN/GRU/LSTM instance (an isinstance check in
-    # torch/_dynamo/variables/builder.py) unless this flag is set; FusedLSTM is an nn.LSTM.
-    # Scoped to the test: the flag is never set by fused_lstm itself.
-    return torch._dynamo.config.patch(allow_rnn=True)
+def _fused_ops(graph_module):
+    """The fused_lstm op calls in a Dynamo graph."""
+    return [n.target for n in graph_module.graph.nodes
+            if n.op == "call_function" and str(n.target).startswith("fused_lstm.")]
+
+
+def _counter(backend):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    return CompileCounterWithBackend(backend)  # counts frames and keeps Dynamo's graphs
 
 
 @pytest.fixture
 def fresh_dynamo():
     """A clean Dynamo state, and no compiled code from the on-disk caches: their keys do not
-    cover the fake kernels, so a cached graph could hide a change to them."""
+    cover the fake kernels, so a cached graph could hide a change to them. allow_rnn is never
+    set: importing fused_lstm lets Dynamo trace FusedLSTM without it (fused_lstm/_dynamo.py)."""
     import torch._functorch.config
     import torch._inductor.config
 
+    assert not torch._dynamo.config.allow_rnn
     torch._dynamo.reset()
     with torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False):
         yield
     torch._dynamo.reset()
+    assert not torch._dynamo.config.allow_rnn
 
 
 def test_compile_fullgraph_inference_and_training(fresh_dynamo):
+    """No allow_rnn: fullgraph=True compiles the model as one graph holding one fused op, with
+    nn.LSTM's results and gradients."""
     torch.manual_seed(0)
     model = Tagger(dtype=F32)
     x = randn(4, 7, 3, dtype=F32)
-    with _allow_rnn():
-        compiled = torch.compile(model, fullgraph=True)
-        with torch.no_grad():
-            expected, got = model.eval()(x), compiled(x)
-        for e, g in zip(expected, got):
-            assert_close(g, e, rtol=1e-5, atol=1e-6)
-
-        model.train()
-        params = list(model.parameters())
-        leaf = x.clone().requires_grad_()
-        upstream = [randn(*t.shape, dtype=F32) for t in expected]
-        grads = []
-        for module in (model, compiled):
-            outs = module(leaf)
-            grads.append(torch.autograd.grad(outs, [leaf] + params, upstream))
-        for e, g in zip(*grads):
-            assert_close(g, e, rtol=1e-5, atol=1e-6)
-
-
-def test_compile_without_allow_rnn(fresh_dynamo):
-    """Without the flag: fullgraph=True refuses (Dynamo's rule for every nn.LSTM); a plain
-    torch.compile runs FusedLSTM eagerly behind a graph break, with the same results."""
-    model = Tagger(dtype=F32).eval()
-    x = randn(2, 5, 3, dtype=F32)
-    assert not torch._dynamo.config.allow_rnn  # importing fused_lstm never sets it
-    with pytest.raises(Exception, match="allow_rnn"):
-        torch.compile(model, fullgraph=True)(x)
-    torch._dynamo.reset()
+    counter = _counter("inductor")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
     with torch.no_grad():
-        assert_close(torch.compile(model)(x), model(x), rtol=1e-5, atol=1e-6)
+        expected, got = model.eval()(x), compiled(x)
+    for e, g in zip(expected, got):
+        assert_close(g, e, rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 1
+    assert _fused_ops(counter.graphs[0]) == [torch.ops.fused_lstm.lstm_inference.default]
+
+    model.train()
+    params = list(model.parameters())
+    leaf = x.clone().requires_grad_()
+    upstream = [randn(*t.shape, dtype=F32) for t in expected]
+    grads = []
+    for module in (model, compiled):
+        outs = module(leaf)
+        grads.append(torch.autograd.grad(outs, [leaf] + params, upstream))
+    for e, g in zip(*grads):
+        assert_close(g, e, rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 2  # the recompile for training mode and grad
+    assert _fused_ops(counter.graphs[1]) == [torch.ops.fused_lstm.lstm_forward.default]
+
+
+class TwoLSTMs(nn.Module):
+    """Two LSTM modules in one model: FusedLSTM, FusedLSTM or nn.LSTM."""
+
+    def __init__(self, second_class):
+        super().__init__()
+        self.first = FusedLSTM(3, 4, batch_first=True)
+        self.second = second_class(4, 5, batch_first=True)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.head(self.second(self.first(x)[0])[0])
+
+
+def test_compile_two_fused_lstms_one_graph(fresh_dynamo):
+    model = TwoLSTMs(FusedLSTM)
+    x = randn(2, 5, 3, dtype=F32, requires_grad=True)
+    counter = _counter("aot_eager")
+    got = torch.compile(model, fullgraph=True, backend=counter)(x)
+    expected = model(x)
+    assert_close(got, expected)
+    assert_close(torch.autograd.grad(got.sum(), x), torch.autograd.grad(expected.sum(), x))
+    assert counter.frame_count == 1
+    assert _fused_ops(counter.graphs[0]) == [torch.ops.fused_lstm.lstm_forward.default] * 2
+
+
+@pytest.mark.parametrize("model_class", ["nn.LSTM", "nn.LSTM next to FusedLSTM"])
+def test_compile_still_refuses_plain_nn_lstm(fresh_dynamo, model_class):
+    """Only FusedLSTM gets through: Dynamo's rule for nn.LSTM is unchanged (refused under
+    fullgraph=True, a graph break without it), also inside a model that holds a FusedLSTM."""
+    if model_class == "nn.LSTM":
+        model = Tagger(lstm_class=nn.LSTM)
+    else:
+        model = TwoLSTMs(nn.LSTM)
+    x = randn(2, 5, 3, dtype=F32)
+    with pytest.raises(Exception, match="allow_rnn"):
+        torch.compile(model, fullgraph=True, backend="eager")(x)
+    assert not torch._dynamo.config.allow_rnn
+    torch._dynamo.reset()
+    counter = _counter("aot_eager")
+    with torch.no_grad():
+        got = torch.compile(model, backend=counter)(x)
+        expected = model(x)
+    for e, g in zip(expected if isinstance(expected, tuple) else [expected],
+                    got if isinstance(got, tuple) else [got]):
+        assert_close(g, e)
+    ops = [op for graph in counter.graphs for op in _fused_ops(graph)]
+    fused_op = torch.ops.fused_lstm.lstm_inference.default
+    assert ops == ([] if model_class == "nn.LSTM" else [fused_op])  # nn.LSTM: eager, not compiled
+
+
+def test_dynamo_hook_is_narrow_and_idempotent():
+    """The wrapped VariableBuilder.wrap_module patches allow_rnn for a FusedLSTM value only, for
+    that call only; another RNN module wrapped from within that call (torch never does so today)
+    sees the user's setting again; installing twice wraps once."""
+    from torch._dynamo.variables.builder import VariableBuilder
+
+    from fused_lstm import _dynamo
+
+    assert _dynamo.active()
+    wrapped = VariableBuilder.wrap_module
+    _dynamo.install(FusedLSTM)
+    assert VariableBuilder.wrap_module is wrapped
+    assert not getattr(wrapped.__wrapped__, "_fused_lstm_allow_rnn_hook", False)
+
+    config = torch._dynamo.config
+    fused, plain = FusedLSTM(2, 3), nn.LSTM(2, 3)
+    seen = []
+
+    def original(self, value, nested=(), fail=False):
+        seen.append((type(value).__name__, config.allow_rnn))
+        for inner in nested:
+            hook(self, inner)
+        if fail:
+            raise RuntimeError("refused")
+
+    hook = _dynamo._make_wrapper(original, config)
+    hook(None, fused, nested=[plain, fused])
+    hook(None, plain)
+    with config.patch(allow_rnn=True):
+        hook(None, plain)  # the user's own setting is left alone
+    with pytest.raises(RuntimeError, match="refused"):
+        hook(None, fused, fail=True)
+    assert seen == [("FusedLSTM", True), ("LSTM", False), ("FusedLSTM", True), ("LSTM", False),
+                    ("LSTM", True), ("FusedLSTM", True)]
+    assert not config.allow_rnn and not getattr(_dynamo._state, "inside", False)
+
+
+def test_dynamo_hook_waits_for_dynamo_import():
+    """Installed before torch._dynamo is imported (import torch does not import it), the hook
+    wraps the method once Dynamo's builder module is imported, and leaves no finder behind."""
+    hook_path = pathlib.Path(fused_lstm.__file__).with_name("_dynamo.py")
+    code = f"""
+import importlib.util, sys, torch
+from torch import nn
+assert "torch._dynamo" not in sys.modules
+spec = importlib.util.spec_from_file_location("hook_under_test", {str(hook_path)!r})
+hook = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(hook)
+class MyLSTM(nn.LSTM):
+    pass
+hook.install(MyLSTM)
+hook.install(MyLSTM)
+assert "torch._dynamo" not in sys.modules and not hook.active()
+import torch._dynamo
+assert hook.active()
+assert not any(isinstance(f, hook._ImportHook) for f in sys.meta_path)
+builder = sys.modules["torch._dynamo.variables.builder"]
+assert type(builder.__loader__).__name__ == "SourceFileLoader", builder.__loader__
+x = torch.randn(5, 2, 3)
+model = MyLSTM(3, 4)
+torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(x), model(x))
+try:
+    torch.compile(nn.LSTM(3, 4), fullgraph=True, backend="eager")(x)
+except Exception as error:
+    assert "allow_rnn" in str(error), error
+else:
+    raise AssertionError("nn.LSTM was not refused")
+print("ok")
+"""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "ok"
+
+
+def test_compile_under_autocast_runs_nn_lstm_eagerly(fresh_dynamo):
+    """Under autocast FusedLSTM hands the call to nn.LSTM's forward, which does not compile on
+    CPU (torch 2.13): it runs eagerly (torch.compiler.disable), with nn.LSTM's exact results."""
+    model = Tagger(dtype=F32)
+    x = randn(2, 5, 3, dtype=F32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = model(x), torch.compile(model, backend="aot_eager")(x)
+    for e, g in zip(expected, got):
+        assert g.dtype == e.dtype
+        assert torch.equal(g, e)
 
 
 def test_export_contains_one_fused_op():
