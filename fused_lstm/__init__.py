@@ -6,7 +6,11 @@ Importing the package loads the compiled library (``fused_lstm.ops``), which reg
 
 from . import ops
 from .module import FusedLSTM, FusedLSTMFallbackWarning, convert, revert
+from . import _dynamo
+
+_dynamo.install(FusedLSTM)  # torch.compile traces FusedLSTM without allow_rnn (see _dynamo.py)
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedLSTM", "FusedLSTMFallbackWarning", "convert", "revert", "ops", "__version__"]
+__all__ = ["FusedLSTM", "FusedLSTMFallbackWarning", "convert", "revert", "ops",
+           "__version__"]
