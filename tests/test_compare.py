@@ -21,7 +21,11 @@ from torch import nn
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "compare.py"
 WORKLOADS = ("seed-tiny", "small")
-IMPLS = ("nn.LSTM", "FusedLSTM")
+FLOOR = "floor (empty op)"
+IMPLS = ("nn.LSTM", "FusedLSTM", FLOOR)
+# The GEMM shapes (M, K, N) the peak is taken over: the two large ones and the workloads' input
+# projections [T*B, I] x [I, 4H].
+GEMM_SHAPES = {(2048, 2048, 2048), (4096, 1024, 4096), (4 * 92, 1, 4 * 3), (3 * 10, 5, 4 * 10)}
 JUNIT = """<?xml version="1.0" encoding="utf-8"?>
 <testsuites><testsuite name="pytest" errors="1" failures="2" skipped="3" tests="20" time="1.0">
 </testsuite></testsuites>
@@ -47,7 +51,7 @@ def run(tmp_path_factory):
     out = tmp / "results"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--min-run-time", "0.01",
-         "--workloads", *WORKLOADS, "--tests-junit", str(junit), "--out", str(out)],
+         "--workloads", *WORKLOADS, "--tests-junit", str(junit), "--targets", "--out", str(out)],
         capture_output=True, text=True, timeout=600, cwd=tmp,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -57,7 +61,7 @@ def run(tmp_path_factory):
 def test_json_schema(run):
     out, _ = run
     report = json.loads((out / "results.json").read_text())
-    assert set(report) == {"machine", "rows", "tests"}
+    assert set(report) == {"machine", "gemm_peaks", "rows", "ceilings", "targets", "tests"}
     machine = report["machine"]
     for key in ("device", "cpu", "torch", "commit", "date"):
         assert isinstance(machine[key], str) and machine[key], key
@@ -69,25 +73,121 @@ def test_json_schema(run):
     cells = {(r["workload"], r["mode"], r["impl"]) for r in rows}
     assert cells == {(w, m, i) for w in WORKLOADS for m in ("train", "infer") for i in IMPLS}
     for row in rows:
-        assert row["status"] == "ok", row
+        assert row["status"] == ("floor" if row["impl"] == FLOOR else "ok"), row
         assert row["dtype"] == "float32"
         assert row["device"] == "cpu"
-        for key in ("median_ms", "iqr_ms", "peak_mem_mb", "speedup"):
+        for key in ("median_ms", "iqr_ms", "peak_mem_mb"):
             assert isinstance(row[key], float), (key, row)
         assert row["median_ms"] > 0 and row["iqr_ms"] >= 0 and row["peak_mem_mb"] >= 0
-        assert row["speedup"] > 0
+        if row["impl"] == FLOOR:  # not an LSTM: no speedup, no rate
+            assert row["speedup"] is None and row["gflops"] is None, row
+            continue
+        for key in ("speedup", "gflops"):
+            assert isinstance(row[key], float) and row[key] > 0, (key, row)
         if row["impl"] == "nn.LSTM":
             assert row["speedup"] == 1.0
 
 
+def _close(a, b):
+    return a == pytest.approx(b, rel=1e-9)
+
+
+def test_json_gemm_peak(run):
+    out, _ = run
+    report = json.loads((out / "results.json").read_text())
+    (peak,) = report["gemm_peaks"]
+    assert (peak["device"], peak["dtype"]) == ("cpu", "float32")
+    assert peak["threads"] == report["machine"]["threads"]
+    assert {(s["m"], s["k"], s["n"]) for s in peak["shapes"]} == GEMM_SHAPES
+    onednn = torch.backends.mkldnn.is_available()
+    assert set(peak["libraries"]) == ({"torch.mm", "oneDNN"} if onednn else {"torch.mm"})
+    for library in peak["libraries"].values():
+        assert library["call"] and library["ran"]
+    rates = [(rate, library, [s["m"], s["k"], s["n"]]) for s in peak["shapes"]
+             for library, rate in s["gflops"].items() if rate is not None]
+    assert all(rate > 0 for rate, _, _ in rates)
+    # Both libraries measured the large shapes; the peak is the best of all.
+    large = [s for s in peak["shapes"] if s["m"] >= 2048]
+    assert all(all(s["gflops"][library] for library in peak["libraries"]) for s in large)
+    best = max(rates, key=lambda r: r[0])
+    assert (peak["gflops"], peak["library"], peak["shape"]) == best
+    # What ran, according to the libraries' verbose logs (x86 with MKL and oneDNN here).
+    if "Math Kernel Library" in torch.__config__.show():
+        assert "MKL SGEMM" in peak["libraries"]["torch.mm"]["ran"]
+    if onednn:
+        assert "oneDNN" in peak["libraries"]["oneDNN"]["ran"]
+        assert "src f32" in peak["libraries"]["oneDNN"]["ran"]
+
+
+def test_json_ceilings(run, monkeypatch):
+    out, _ = run
+    compare = load_compare(monkeypatch)
+    report = json.loads((out / "results.json").read_text())
+    peak = report["gemm_peaks"][0]["gflops"]
+    rows = {(r["workload"], r["mode"], r["impl"]): r for r in report["rows"]}
+    workloads = {w.name: w for w in compare.WORKLOADS}
+    cells = {(c["workload"], c["mode"]): c for c in report["ceilings"]}
+    assert set(cells) == {(w, m) for w in WORKLOADS for m in ("train", "infer")}
+    for (workload, mode), cell in cells.items():
+        baseline = rows[workload, mode, "nn.LSTM"]["median_ms"]
+        floor = rows[workload, mode, FLOOR]["median_ms"]
+        gflop = compare.lstm_gemm_flops(workloads[workload], mode) / 1e9
+        assert (cell["device"], cell["dtype"]) == ("cpu", "float32")
+        assert _close(cell["gflop"], gflop)
+        assert cell["baseline_ms"] == baseline and cell["floor_ms"] == floor
+        assert _close(cell["floor_ceiling"], baseline / floor)
+        assert _close(cell["gemm_bound_ms"], gflop / peak * 1e3)
+        assert _close(cell["gemm_ceiling"], baseline / cell["gemm_bound_ms"])
+        assert cell["ceiling"] == min(cell["floor_ceiling"], cell["gemm_ceiling"])
+        assert cell["ceiling"] > 0
+        assert cell["fused_speedup"] == rows[workload, mode, "FusedLSTM"]["speedup"]
+        for impl in ("nn.LSTM", "FusedLSTM"):  # GFLOP/s consistent with the medians
+            row = rows[workload, mode, impl]
+            assert _close(row["gflops"], gflop / row["median_ms"] * 1e3)
+
+
+def test_json_targets(run):
+    out, _ = run
+    report = json.loads((out / "results.json").read_text())
+    cells = {(c["workload"], c["mode"]): c for c in report["ceilings"]}
+    targets = report["targets"]
+    # Issue 5's targets for these two workloads: >= 10x in both modes.
+    assert {(t["workload"], t["mode"]) for t in targets} == set(cells)
+    for t in targets:
+        cell = cells[t["workload"], t["mode"]]
+        assert (t["issue"], t["kind"], t["value"]) == (5, "speedup", 10.0)
+        assert t["measured"] == cell["fused_speedup"]
+        assert t["ceiling"] == cell["ceiling"] and t["ceiling_from"] in ("floor", "GEMM")
+        expected = ("met" if t["measured"] >= t["value"] else
+                    "above ceiling" if t["value"] > t["ceiling"] else "not met")
+        assert t["verdict"] == expected
+
+
 def test_markdown_has_the_table(run):
     out, _ = run
-    lines = (out / "results.md").read_text().splitlines()
-    header = lines.index("| workload | mode | impl | median | IQR | peak mem | speedup | status |")
+    text = (out / "results.md").read_text()
+    lines = text.splitlines()
+    header = lines.index("| workload | mode | impl | median | IQR | peak mem | speedup | GFLOP/s "
+                         "| status |")
     assert lines[header + 1].startswith("|---")
     body = lines[header + 2:header + 2 + 2 * 2 * len(IMPLS)]
-    assert all(line.startswith("| ") and line.endswith(" | ok |") for line in body), body
+    assert all(line.startswith("| ") for line in body), body
+    assert all(line.endswith(" | floor |" if FLOOR in line else " | ok |") for line in body)
     assert {line.split(" | ")[0].lstrip("| ") for line in body} == set(WORKLOADS)
+    assert sum(FLOOR in line for line in body) == 2 * len(WORKLOADS)
+
+    ceilings = lines.index("| workload | mode | GFLOP/call | nn.LSTM | floor | floor ceiling "
+                           "| GEMM bound | GEMM ceiling | ceiling | FusedLSTM |")
+    assert len([line for line in lines[ceilings + 2:] if line.startswith("| ")][:4]) == 4
+    assert any(line.startswith("- GEMM peak (cpu, float32, ") and "GFLOP/s by " in line
+               for line in lines)
+    assert "Targets of issue 5 above the ceiling" in text or "No issue 5 target" in text
+    targets = lines.index("| issue | workload | mode | target | FusedLSTM | ceiling | verdict |")
+    assert all(line.startswith("| 5 | ") for line in lines[targets + 2:targets + 6])
+    measured = text[text.index("## How it was measured"):]
+    for note in (f"- {FLOOR}: the framework floor", "AccumulateGrad", "- GEMM peak: ",
+                 "- GFLOP/s: ", "- ceilings: "):
+        assert note in measured, note
 
 
 def test_plot_is_a_png(run):
@@ -103,7 +203,10 @@ def test_terminal_output(run):
     _, proc = run
     assert "torch: " in proc.stdout and "commit: " in proc.stdout
     assert "workload   mode   impl" in proc.stdout  # the aligned table's header
-    assert "[6/6" in proc.stderr  # progress: check, train, infer for each workload
+    assert "GEMM peak (cpu, float32" in proc.stdout
+    assert "floor ceiling" in proc.stdout  # the ceilings table
+    assert "targets, cpu, float32" in proc.stdout
+    assert "[7/7" in proc.stderr  # progress: GEMM peak; check, train, infer for each workload
 
 
 def test_plot_skipped_without_matplotlib(monkeypatch, tmp_path):
@@ -156,3 +259,66 @@ def test_check_tells_ok_mismatch_and_fallback(monkeypatch):
         "close": {"train": "ok", "infer": "ok"},
     }
     assert verdicts["wrong"]["train"][1].startswith("output: max error")
+
+
+def test_gemm_flops(monkeypatch):
+    compare = load_compare(monkeypatch)
+    workloads = {w.name: w for w in compare.WORKLOADS}
+    # medium (128, 256, 2 layers, T 100, B 32): 2 * 3200 * 1024 * ((128 + 256) + (256 + 256)),
+    # the 5.87 GFLOP of benchmarks/NOTES.md, section 3.
+    assert compare.lstm_gemm_flops(workloads["medium"], "infer") == 5_872_025_600
+    assert compare.lstm_gemm_flops(workloads["medium"], "train") == 3 * 5_872_025_600
+    # fastrnns (512, 512, 1 layer, T 100, B 64)
+    assert compare.lstm_gemm_flops(workloads["fastrnns"], "infer") == 2 * 6400 * 2048 * 1024
+    # A projection adds 2 * rows * H * P per layer, and P replaces H as the recurrent width.
+    one = compare.Workload("p", 4, 8, 1, 2, 3)
+    assert compare.lstm_gemm_flops(one, "infer", proj_size=5) == 2 * 6 * 32 * (4 + 5) + 2 * 6 * 8 * 5
+
+
+def test_floor_module_shapes(monkeypatch):
+    compare = load_compare(monkeypatch)
+    small = next(w for w in compare.WORKLOADS if w.name == "small")
+    case = compare.floor_case(compare.make_case(small, torch.device("cpu"), torch.float32))
+    floor = compare.FloorLSTM(case.lstm)
+    assert [n for n, _ in floor.named_parameters()] == [n for n, _ in case.lstm.named_parameters()]
+    output, (h_n, c_n) = floor(case.x, (case.h0, case.c0))
+    assert output.shape == (small.seq_len, small.batch, small.hidden_size)
+    assert h_n.shape == case.h0.shape and c_n.shape == case.c0.shape
+    torch.autograd.backward((output, h_n, c_n), case.upstream)
+    for leaf in (case.x, case.h0, case.c0, *floor.parameters()):
+        assert leaf.grad is not None and leaf.grad.shape == leaf.shape
+
+
+def test_target_verdicts(monkeypatch):
+    compare = load_compare(monkeypatch)
+
+    def row(workload, mode, speedup, gflops=1.0, status="ok"):
+        return compare.Row("cpu", workload, mode, "float32", "FusedLSTM", status,
+                           speedup=speedup, gflops=gflops)
+
+    def cell(workload, mode, floor_ceiling, gemm_ceiling, gemm_bound_ms=1.0, floor_ms=1.0):
+        return compare.Ceiling("cpu", workload, mode, "float32", gflop=1.0,
+                               floor_ceiling=floor_ceiling, gemm_ceiling=gemm_ceiling,
+                               gemm_bound_ms=gemm_bound_ms, floor_ms=floor_ms)
+
+    rows = [row("seed-tiny", "train", 12.0), row("seed-tiny", "infer", 4.0),
+            row("small", "train", 4.0), row("medium", "infer", 0.9),
+            row("fastrnns", "infer", 0.7, gflops=85.0), row("fastrnns", "train", None, None,
+                                                             "mismatch")]
+    cells = [cell("seed-tiny", "train", 20.0, 500.0), cell("seed-tiny", "infer", 8.0, 90.0),
+             cell("small", "train", 30.0, 600.0), cell("medium", "infer", 50.0, 1.1),
+             cell("fastrnns", "infer", 200.0, 1.2, gemm_bound_ms=100.0, floor_ms=0.1),
+             cell("fastrnns", "train", 200.0, 1.2)]
+    peaks = [compare.GemmPeak("cpu", "float32", 2, gflops=100.0)]
+    verdicts = {(t["workload"], t["mode"], t["kind"]): (t["verdict"], t["ceiling"],
+                                                        t["ceiling_from"])
+                for t in compare.evaluate_targets(rows, cells, peaks)}
+    assert verdicts == {
+        ("seed-tiny", "train", "speedup"): ("met", 20.0, "floor"),
+        ("seed-tiny", "infer", "speedup"): ("above ceiling", 8.0, "floor"),
+        ("small", "train", "speedup"): ("not met", 30.0, "floor"),
+        ("medium", "infer", "speedup"): ("above ceiling", 1.1, "GEMM"),
+        ("fastrnns", "infer", "speedup"): ("not met", 1.2, "GEMM"),
+        ("fastrnns", "infer", "peak share"): ("met", 1.0, "GEMM peak"),  # 85% >= 80%
+        ("fastrnns", "train", "speedup"): ("not measured (mismatch)", 1.2, "GEMM"),
+    }
