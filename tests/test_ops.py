@@ -383,3 +383,30 @@ def test_batch_split_over_threads(two_threads, bidirectional, proj_size, packed)
     with torch.no_grad():
         for g, e in zip(call(LSTM_INFERENCE, a), got):
             torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bidirectional,packed", [(False, False), (True, True)])
+def test_thin_products_split_over_threads(two_threads, bidirectional, packed):
+    """A batch of a few rows with a large hidden size (streaming inference): the products are
+    split by columns over the threads (csrc/cpu gemm, kThinRows). Against nn.LSTM's kernel,
+    outputs and gradients (whose products of a few rows are split too)."""
+    lstm, a = make_case(2, True, bidirectional, 0, packed, with_state=True,
+                        input_size=7, hidden_size=256, seq_len=3, batch=2)
+    a["weights"] = [(w.detach() / 32).requires_grad_() for w in a["weights"]]  # ~1/sqrt(256)
+    hx = (a["hx"], a["cx"])
+    if packed:
+        expected = torch._VF.lstm(a["input"], a["batch_sizes"], hx, a["weights"], True, 2, 0.0,
+                                  False, bidirectional)
+    else:
+        expected = torch._VF.lstm(a["input"], hx, a["weights"], True, 2, 0.0, False,
+                                  bidirectional, False)
+    got = call(ops.lstm, a)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+    grads = [torch.randn_like(t) for t in got]
+    wrt = differentiable(a)
+    for g, e in zip(torch.autograd.grad(got, wrt, grads), torch.autograd.grad(expected, wrt, grads)):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        for g, e in zip(call(LSTM_INFERENCE, a), got):
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)

@@ -77,6 +77,10 @@ bool fortran_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, T alpha, co
 // this size on (1 and 2 threads), and its fixed cost per call (~5 us) is lost below it
 // (benchmarks/NOTES.md section 5).
 constexpr int64_t kOneDnnMinWork = int64_t{1} << 22;
+// Products of at most kThinRows rows whose matrix has kThinSplitWork elements or more are split
+// by columns over the threads (NOTES.md section 7).
+constexpr int64_t kThinRows = 8;
+constexpr int64_t kThinSplitWork = int64_t{1} << 17;
 
 // Row-major C[m, n] = alpha * op(A)[m, k] op(B)[k, n] + beta * C, with op(X) = X or X^T as
 // stored (trans_a: A is stored [k, m]). Row-major C is column-major C^T = op(B)^T op(A)^T.
@@ -102,6 +106,18 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
                                 at::from_blob(c, {m, n}, {ldc, 1}, opts), beta, alpha);
       return;
     }
+  }
+  // A product of a few rows (streaming inference: one sequence, one step) is bound by reading
+  // the matrix, and BLAS runs it on one thread: split its columns over the threads instead.
+  const int64_t threads = at::get_num_threads();
+  if (m <= kThinRows && n * k >= kThinSplitWork && n >= 32 * threads && threads > 1 &&
+      !at::in_parallel_region()) {
+    const int64_t grain = ((n + threads - 1) / threads + 15) / 16 * 16;
+    at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
+      gemm<T>(trans_a, trans_b, m, n1 - n0, k, alpha, a, lda, trans_b ? b + n0 * ldb : b + n0,
+              ldb, beta, c + n0, ldc);
+    });
+    return;
   }
   if (fortran_gemm<T>(trans_b ? 'T' : 'N', trans_a ? 'T' : 'N', n, m, k, alpha, b, ldb, a, lda,
                       beta, c, ldc))
@@ -187,6 +203,43 @@ __attribute__((always_inline)) inline void cell_backward_loop(
 FUSED_LSTM_DEFINE_BLOCKS(float)
 FUSED_LSTM_DEFINE_BLOCKS(double)
 #undef FUSED_LSTM_DEFINE_BLOCKS
+
+// The small-hidden path's products (see tiny_forward_steps), vectorised along the batch:
+//   tiny_recurrence: g[r][b] += sum_i w[r, i] * h[i][b]    r < rows_w, i < cols_w, b < n
+//   tiny_product:    y[r][b]  = sum_i w[r, i] * h[i][b]
+// where X[k][b] is X + k * ld_x + b (w is row-major [rows_w, cols_w]).
+template <typename T>
+__attribute__((always_inline)) inline void tiny_product_loop(
+    bool accumulate, int64_t n, int64_t rows_w, int64_t cols_w, const T* __restrict w,
+    const T* __restrict h, int64_t ld_h, T* __restrict y, int64_t ld_y) {
+  for (int64_t r = 0; r < rows_w; ++r) {
+    T* __restrict yr = y + r * ld_y;
+    if (!accumulate)
+      for (int64_t b = 0; b < n; ++b) yr[b] = T(0);
+    for (int64_t i = 0; i < cols_w; ++i) {
+      const T wi = w[r * cols_w + i];
+      const T* __restrict hi = h + i * ld_h;
+      for (int64_t b = 0; b < n; ++b) yr[b] += wi * hi[b];
+    }
+  }
+}
+
+#define FUSED_LSTM_DEFINE_TINY(T)                                                              \
+  FUSED_LSTM_SIMD_CLONES void tiny_product(bool accumulate, int64_t n, int64_t rows_w,         \
+                                           int64_t cols_w, const T* w, const T* h,              \
+                                           int64_t ld_h, T* y, int64_t ld_y) {                  \
+    tiny_product_loop<T>(accumulate, n, rows_w, cols_w, w, h, ld_h, y, ld_y);                   \
+  }
+FUSED_LSTM_DEFINE_TINY(float)
+FUSED_LSTM_DEFINE_TINY(double)
+#undef FUSED_LSTM_DEFINE_TINY
+
+// dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols; src null: zeros.
+template <typename T>
+void transpose(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst, int64_t ld_dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src ? src[r * ld_src + c] : T(0);
+}
 
 // Gates are stored row-major, [rows, 4H]: gate k of row b is the run g[b*4H + kH, +H). From
 // this hidden size on, each row's runs are long enough to vectorise in place; below it, a
@@ -318,31 +371,20 @@ void input_projection(const DirectionWeights<T>& w, const T* x, int64_t rows, in
 //   h_state:     [B, out] h_{t-1} in, h_t out;  c_state: [B, H] c_{t-1} in, c_t out
 //   cells_t:     [bs, H] receives c_t;  pre_proj_t: [bs, H] receives o * tanh(c_t) (proj only)
 //   layer_out_t: [bs, out] with row stride D*out, receives h_t
-//   gate_major:  [4 * B * H] scratch, used when H < kRowWiseHidden
+// Hidden sizes from kRowWiseHidden on (smaller ones take tiny_forward_steps).
 template <typename T>
 void forward_step(const LSTMShape& s, const DirectionWeights<T>& w, int64_t bs, T* g_t,
-                  T* h_state, T* c_state, T* cells_t, T* pre_proj_t, T* layer_out_t,
-                  T* gate_major) {
+                  T* h_state, T* c_state, T* cells_t, T* pre_proj_t, T* layer_out_t) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size;
   const bool has_proj = s.proj_size > 0;
   gemm<T>(false, true, bs, G, out, T(1), h_state, out, w.w_hh, out, T(1), g_t, G);
   // The cell pass; h goes to h_state ([bs, out], out == H) or to pre_proj_t ([bs, H]).
   T* h_out = has_proj ? pre_proj_t : h_state;
-  if (H >= kRowWiseHidden) {
-    for_each_row(bs, G, [&](int64_t b) {
-      T* g = g_t + b * G;
-      cell_forward_block(H, g, g + H, g + 2 * H, g + 3 * H, c_state + b * H, cells_t + b * H,
-                         h_out + b * H);
-    });
-  } else {
-    const int64_t n = bs * H;
-    gather_gates(g_t, bs, H, gate_major);
-    for_each_chunk(n, [&](int64_t e, int64_t len) {
-      cell_forward_block(len, gate_major + e, gate_major + n + e, gate_major + 2 * n + e,
-                         gate_major + 3 * n + e, c_state + e, cells_t + e, h_out + e);
-    });
-    scatter_gates(gate_major, bs, H, g_t);
-  }
+  for_each_row(bs, G, [&](int64_t b) {
+    T* g = g_t + b * G;
+    cell_forward_block(H, g, g + H, g + 2 * H, g + 3 * H, c_state + b * H, cells_t + b * H,
+                       h_out + b * H);
+  });
   if (has_proj) gemm<T>(false, true, bs, out, H, T(1), pre_proj_t, H, w.w_hr, H, T(0), h_state, out);
   copy_rows(h_state, out, layer_out_t, s.num_directions * out, bs, out);
 }
@@ -363,7 +405,7 @@ struct StepRows {
 template <typename T, typename RowsOf>
 void forward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_t d, int64_t first,
                    int64_t last, int64_t r0, int64_t r1, T* h_state, T* c_state,
-                   const RowsOf& rows_of, T* gate_major) {
+                   const RowsOf& rows_of) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size;
   const int64_t out_stride = s.num_directions * out;
   for (int64_t step = first; step <= last; ++step) {
@@ -373,7 +415,7 @@ void forward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_t d, 
     const StepRows<T> p = rows_of(t);
     forward_step(s, w, bs, p.gates + r0 * G, h_state + r0 * out, c_state + r0 * H,
                  p.cells + r0 * H, p.pre_proj ? p.pre_proj + r0 * H : nullptr,
-                 p.layer_out + r0 * out_stride, gate_major ? gate_major + 4 * r0 * H : nullptr);
+                 p.layer_out + r0 * out_stride);
   }
 }
 
@@ -401,14 +443,91 @@ T* scratch(at::Tensor& holder, int64_t numel) {
   return holder.mutable_data_ptr<T>();
 }
 
+// ---- Small hidden sizes (H < kRowWiseHidden): a batch-fastest working layout ----
+// Rows of 3 or 10 floats are too short to vectorise, and a BLAS call costs more than a whole
+// step's arithmetic. So below kRowWiseHidden a layer and direction runs with every per-step
+// quantity laid out [feature][batch] ("T" below): the input projection is computed transposed
+// (gT [4H, rows] = W_ih x^T + b), the state is kept as hT [out, B] and cT [H, B], the recurrent
+// product is an inline loop vectorised along the batch, and the cell pass runs per hidden unit
+// over the step's rows. Only what leaves the loop is written row-major: the reserve's gates,
+// cells and pre_proj (training) and the layer output. The reserve layout is the common one.
+template <typename T>
+struct TinyBuffers {
+  T* gT;        // [4H][ld_g]: the input projection of rows [row0, row0 + ld_g), then gates
+  int64_t ld_g;
+  int64_t row0;
+  T* hT;        // [out][B] h state
+  T* cT;        // [H][B]   c state
+  T* hnew;      // [H][B]   o * tanh(c_t) before the projection (projection only)
+  T* cnew;      // [H][B]   c_t of the step
+};
+
+template <typename T>
+void tiny_input_projection(const DirectionWeights<T>& w, const T* x, int64_t rows,
+                           int64_t in_size, int64_t G, T* gT) {
+  if (w.b_ih)
+    for (int64_t r = 0; r < G; ++r) std::fill_n(gT + r * rows, rows, w.b_ih[r] + w.b_hh[r]);
+  gemm<T>(false, true, G, rows, in_size, T(1), w.w_ih, in_size, x, in_size, w.b_ih ? T(1) : T(0),
+          gT, rows);
+}
+
+// Forward steps [first, last] (processing order) of direction d for batch rows [r0, r1).
+// gates/cells/pre_proj: the reserve's (null for inference); layer_out: this direction's first
+// column of the layer output, row stride D*out.
+template <typename T>
+void tiny_forward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_t d,
+                        int64_t first, int64_t last, int64_t r0, int64_t r1,
+                        const TinyBuffers<T>& tb, T* gates, T* cells, T* pre_proj,
+                        T* layer_out) {
+  const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, B = s.batch;
+  const int64_t out_stride = s.num_directions * out;
+  const bool has_proj = s.proj_size > 0;
+  const int64_t ld = tb.ld_g;
+  for (int64_t step = first; step <= last; ++step) {
+    const int64_t t = time_of(s, d, step);
+    const int64_t bs = std::min(s.batch_sizes[t], r1) - r0;
+    if (bs <= 0) continue;
+    const int64_t off = s.step_offset[t];
+    T* g = tb.gT + (off - tb.row0) + r0;
+    T* hT = tb.hT + r0;
+    T* cT = tb.cT + r0;
+    T* hnew = tb.hnew + r0;
+    T* cnew = tb.cnew + r0;
+    tiny_product(true, bs, G, out, w.w_hh, hT, B, g, ld);
+    for (int64_t j = 0; j < H; ++j)
+      cell_forward_block(bs, g + j * ld, g + (H + j) * ld, g + (2 * H + j) * ld,
+                         g + (3 * H + j) * ld, cT + j * B, cnew + j * B,
+                         has_proj ? hnew + j * B : hT + j * B);
+    if (has_proj) tiny_product(false, bs, out, H, w.w_hr, hnew, B, hT, B);
+    const int64_t row = off + r0;
+    if (gates) {
+      transpose(g, ld, G, bs, gates + row * G, G);
+      transpose(cnew, B, H, bs, cells + row * H, H);
+      if (has_proj) transpose(hnew, B, H, bs, pre_proj + row * H, H);
+    }
+    transpose(hT, B, out, bs, layer_out + row * out_stride, out_stride);
+  }
+}
+
+// Allocates the small-hidden path's buffers (gT for `g_rows` rows) in `holder`.
+template <typename T>
+TinyBuffers<T> tiny_buffers(const LSTMShape& s, int64_t g_rows, at::Tensor& holder) {
+  const int64_t H = s.hidden_size, B = s.batch;
+  T* p = scratch<T>(holder, 4 * H * g_rows + (s.out_size + 3 * H) * B);
+  return TinyBuffers<T>{p, g_rows, 0, p + 4 * H * g_rows, p + 4 * H * g_rows + s.out_size * B,
+                        p + 4 * H * g_rows + (s.out_size + H) * B,
+                        p + 4 * H * g_rows + (s.out_size + 2 * H) * B};
+}
+
 template <typename T>
 void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
                   const std::vector<at::Tensor>& weights, const T* mask, T* hy, T* cy,
                   T* reserve) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
   const int64_t out_stride = D * out;  // row stride of layer_out
-  at::Tensor gate_major_buf, dropped_buf;
-  T* gate_major = H < kRowWiseHidden ? scratch<T>(gate_major_buf, 4 * s.batch * H) : nullptr;
+  at::Tensor tiny_buf, dropped_buf;
+  const bool tiny = H < kRowWiseHidden;
+  const TinyBuffers<T> tb = tiny ? tiny_buffers<T>(s, s.rows, tiny_buf) : TinyBuffers<T>{};
   T* dropped = (mask && s.num_layers > 1) ? scratch<T>(dropped_buf, s.rows * out_stride) : nullptr;
   for (int64_t l = 0; l < s.num_layers; ++l) {
     const T* x = layer_input(s, l, input, l > 0 ? reserve + s.layer_out_offset(l - 1) : nullptr,
@@ -425,6 +544,18 @@ void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
       T* c_state = cy + ld * s.batch * H;
       copy_or_zero(hx ? hx + ld * s.batch * out : nullptr, s.batch * out, h_state);
       copy_or_zero(cx ? cx + ld * s.batch * H : nullptr, s.batch * H, c_state);
+      if (tiny) {
+        tiny_input_projection(w, x, s.rows, s.layer_input_size(l), G, tb.gT);
+        transpose(hx ? hx + ld * s.batch * out : nullptr, out, s.batch, out, tb.hT, s.batch);
+        transpose(cx ? cx + ld * s.batch * H : nullptr, H, s.batch, H, tb.cT, s.batch);
+        for_each_batch_slice(s, s.seq_len, [&](int64_t r0, int64_t r1) {
+          tiny_forward_steps(s, w, d, 0, s.seq_len - 1, r0, r1, tb, gates, cells, pre_proj,
+                             layer_out + d * out);
+        });
+        transpose(tb.hT, s.batch, out, s.batch, h_state, out);
+        transpose(tb.cT, s.batch, H, s.batch, c_state, H);
+        continue;
+      }
       input_projection(w, x, s.rows, s.layer_input_size(l), G, gates);  // every step at once
       auto rows_of = [&](int64_t t) {
         const int64_t off = s.step_offset[t];
@@ -433,7 +564,7 @@ void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
                            layer_out + off * out_stride + d * out};
       };
       for_each_batch_slice(s, s.seq_len, [&](int64_t r0, int64_t r1) {
-        forward_steps(s, w, d, 0, s.seq_len - 1, r0, r1, h_state, c_state, rows_of, gate_major);
+        forward_steps(s, w, d, 0, s.seq_len - 1, r0, r1, h_state, c_state, rows_of);
       });
     }
   }
@@ -455,12 +586,14 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
   const int64_t out_stride = D * out;
   const int64_t chunk_steps = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, s.batch * G));
-  at::Tensor gate_major_buf, dropped_buf, chunk_buf, cells_buf, pre_proj_buf, layer_buf[2];
-  T* gate_major = H < kRowWiseHidden ? scratch<T>(gate_major_buf, 4 * s.batch * H) : nullptr;
+  at::Tensor dropped_buf, chunk_buf, cells_buf, pre_proj_buf, layer_buf[2];
   T* dropped = (mask && s.num_layers > 1) ? scratch<T>(dropped_buf, s.rows * out_stride) : nullptr;
-  T* chunk = scratch<T>(chunk_buf, std::min(chunk_steps, s.seq_len) * s.batch * G);
-  T* cells = scratch<T>(cells_buf, s.batch * H);
-  T* pre_proj = s.proj_size > 0 ? scratch<T>(pre_proj_buf, s.batch * H) : nullptr;
+  const int64_t chunk_rows = std::min(chunk_steps, s.seq_len) * s.batch;
+  const bool tiny = H < kRowWiseHidden;
+  TinyBuffers<T> tb = tiny ? tiny_buffers<T>(s, chunk_rows, chunk_buf) : TinyBuffers<T>{};
+  T* chunk = tiny ? nullptr : scratch<T>(chunk_buf, chunk_rows * G);
+  T* cells = tiny ? nullptr : scratch<T>(cells_buf, s.batch * H);
+  T* pre_proj = (s.proj_size > 0 && !tiny) ? scratch<T>(pre_proj_buf, s.batch * H) : nullptr;
   const T* prev = nullptr;
   for (int64_t l = 0; l < s.num_layers; ++l) {
     const int64_t in_size = s.layer_input_size(l);
@@ -483,6 +616,24 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
         const int64_t t_hi = std::max(time_of(s, d, first), time_of(s, d, last));
         const int64_t row0 = s.step_offset[t_lo];
         const int64_t rows = s.step_offset[t_hi] + s.batch_sizes[t_hi] - row0;
+        if (tiny) {
+          if (first == 0) {
+            transpose(hx ? hx + ld * s.batch * out : nullptr, out, s.batch, out, tb.hT, s.batch);
+            transpose(cx ? cx + ld * s.batch * H : nullptr, H, s.batch, H, tb.cT, s.batch);
+          }
+          tb.ld_g = rows;
+          tb.row0 = row0;
+          tiny_input_projection(w, x + row0 * in_size, rows, in_size, G, tb.gT);
+          for_each_batch_slice(s, last - first + 1, [&](int64_t r0, int64_t r1) {
+            tiny_forward_steps<T>(s, w, d, first, last, r0, r1, tb, nullptr, nullptr, nullptr,
+                                  layer_out + d * out);
+          });
+          if (last + 1 == s.seq_len) {
+            transpose(tb.hT, s.batch, out, s.batch, h_state, out);
+            transpose(tb.cT, s.batch, H, s.batch, c_state, H);
+          }
+          continue;
+        }
         input_projection(w, x + row0 * in_size, rows, in_size, G, chunk);
         // c_t and the pre-projection go to per-row scratch ([B, H]) that each step overwrites.
         auto rows_of = [&](int64_t t) {
@@ -491,7 +642,7 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
                              layer_out + off * out_stride + d * out};
         };
         for_each_batch_slice(s, last - first + 1, [&](int64_t r0, int64_t r1) {
-          forward_steps(s, w, d, first, last, r0, r1, h_state, c_state, rows_of, gate_major);
+          forward_steps(s, w, d, first, last, r0, r1, h_state, c_state, rows_of);
         });
       }
     }
