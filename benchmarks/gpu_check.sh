@@ -11,11 +11,17 @@
 #      FUSED_LSTM_FORCE_CUDA=1 so a build that drops the CUDA kernels fails here, and
 #      --no-deps --no-index: everything needed is installed already and there is no network);
 #   2. the whole test suite against the installed build (FUSED_LSTM_EXPECT_AOT=1, as CI),
-#      CUDA tests included, with JUnit XML (pytest-xdist when present);
+#      CUDA tests included, with JUnit XML (pytest-xdist when present); the CUDA path is the
+#      automatic choice (persistent kernels where they fit, csrc/cuda/lstm_persistent.h).
+#      Then tests/test_cuda.py again with FUSED_LSTM_CUDA_PATH=persistent (the persistent
+#      kernels wherever they can run) and with FUSED_LSTM_CUDA_PATH=step (the step path
+#      everywhere);
 #   3. compute-sanitizer memcheck and racecheck over a small forward and backward (padded and
 #      packed, bidirectional, projection, dropout mask, float32 and bfloat16; PyTorch's caching
 #      allocator off so that every tensor is its own allocation and out-of-bounds accesses
-#      are caught at the tensor's edge);
+#      are caught at the tensor's edge); then memcheck, racecheck and synccheck with
+#      FUSED_LSTM_CUDA_PATH=persistent (the same case, plus multi-block, multi-tile plans and
+#      float64);
 #   4. the CUDA benchmark: python benchmarks/compare.py --device cuda --out $OUT/bench
 #      (--quick when little time is left).
 # $OUT receives: results.json (device, torch, commit, per-step status, test counts, sanitizer
@@ -80,18 +86,27 @@ fi
 # -P: the checkout's fused_lstm/ must not shadow the installed package (CI runs `pytest tests`).
 run_step tests 300 150 env FUSED_LSTM_EXPECT_AOT=1 "$PY" -P -m pytest tests -q -rfEs \
     "${XDIST[@]}" --junitxml="$WORK/junit.xml" -o junit_family=xunit2 --durations=15
+# The CUDA tests on each path alone (the tests that pick a path themselves still do).
+for path in persistent step; do
+    run_step "tests_$path" 120 150 env FUSED_LSTM_EXPECT_AOT=1 FUSED_LSTM_CUDA_PATH=$path \
+        "$PY" -P -m pytest tests/test_cuda.py -q -rfEs "${XDIST[@]}" \
+        --junitxml="$WORK/junit_$path.xml" -o junit_family=xunit2
+done
 
 # ---- 3. compute-sanitizer -----------------------------------------------------------------------
 cat >"$WORK/sanitize_case.py" <<'EOF'
 """A small forward and backward of every CUDA code path, for compute-sanitizer."""
+import os
+
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fused_lstm
 
 torch.manual_seed(0)
 ops = torch.ops.fused_lstm
 assert torch._C._dispatch_has_kernel_for_dispatch_key("fused_lstm::lstm_forward", "CUDA")
+PERSISTENT = os.environ.get("FUSED_LSTM_CUDA_PATH") == "persistent"
 L, D, I, H, P, T, B = 2, 2, 5, 8, 3, 6, 4
 for dtype in (torch.float32, torch.bfloat16):
     for packed in (False, True):
@@ -117,6 +132,38 @@ for dtype in (torch.float32, torch.bfloat16):
                                                     True, True, 0)
         ops.lstm_backward(x, batch_sizes, None, None, w2, None, reserve2, torch.randn_like(out2),
                           None, None, L, True, True, 0)
+if PERSISTENT:
+    # The persistent kernels on several plans: blocks per direction (units 3 of hidden 8: 3
+    # blocks, the last one ragged), batch tiles (9 rows in tiles of 4), lanes per dot product;
+    # packed and padded, float32 and float64.
+    B9 = 9
+    plans = [{}, {"FUSED_LSTM_CUDA_PERSISTENT_UNITS": "3", "FUSED_LSTM_CUDA_PERSISTENT_TILE": "4",
+                  "FUSED_LSTM_CUDA_PERSISTENT_KSPLIT": "2"},
+             {"FUSED_LSTM_CUDA_PERSISTENT_UNITS": "1", "FUSED_LSTM_CUDA_PERSISTENT_KSPLIT": "32"}]
+    for plan in plans:
+        os.environ.update(plan)
+        for dtype in (torch.float32, torch.float64):
+            for packed in (False, True):
+                lstm3 = torch.nn.LSTM(I, H, L, bidirectional=True).to("cuda", dtype)
+                w3 = [w.detach() for w in lstm3._flat_weights]
+                x = torch.randn(T, B9, I, device="cuda", dtype=dtype)
+                batch_sizes = None
+                if packed:
+                    seq = pack_padded_sequence(x, torch.tensor([6, 6, 5, 5, 4, 3, 3, 2, 1]))
+                    x, batch_sizes = seq.data, seq.batch_sizes
+                shown = PackedSequence(x, batch_sizes) if packed else x
+                choice = fused_lstm.explain(dict(hidden_size=H, bidirectional=True), shown)
+                assert choice["path"] == "persistent", choice["summary"]
+                assert choice["backward"]["path"] == "persistent", choice["summary"]
+                hx = torch.randn(L * D, B9, H, device="cuda", dtype=dtype)
+                cx = torch.randn(L * D, B9, H, device="cuda", dtype=dtype)
+                out3, hy3, cy3, reserve3 = ops.lstm_forward(x, batch_sizes, hx, cx, w3, None, L,
+                                                            True, True, 0)
+                ops.lstm_backward(x, batch_sizes, hx, cx, w3, None, reserve3,
+                                  torch.randn_like(out3), torch.randn_like(hy3),
+                                  torch.randn_like(cy3), L, True, True, 0)
+        for name in plan:
+            del os.environ[name]
 # through the module and autograd, training mode with dropout
 model = fused_lstm.FusedLSTM(I, H, L, dropout=0.5).cuda().train()
 y, (h, c) = model(torch.randn(T, B, I, device="cuda", requires_grad=True))
@@ -125,15 +172,21 @@ torch.cuda.synchronize()
 print("sanitize_case: ok")
 EOF
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
-for tool in memcheck racecheck; do
+# name:tool:FUSED_LSTM_CUDA_PATH
+SANITIZER_RUNS=(memcheck:memcheck:auto racecheck:racecheck:auto
+                memcheck_persistent:memcheck:persistent racecheck_persistent:racecheck:persistent
+                synccheck_persistent:synccheck:persistent)
+for run in "${SANITIZER_RUNS[@]}"; do
+    IFS=: read -r name tool path <<<"$run"
     if [[ -n "$SANITIZER" ]]; then
-        run_step "sanitizer_$tool" 120 200 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+        run_step "sanitizer_$name" 120 200 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+            FUSED_LSTM_CUDA_PATH="$path" \
             "$SANITIZER" --tool "$tool" --error-exitcode 99 --print-limit 50 \
             "$PY" -P "$WORK/sanitize_case.py"
     else
-        echo "compute-sanitizer not found" >"$WORK/sanitizer_$tool.log"
-        RC[sanitizer_$tool]=missing
-        DURATION[sanitizer_$tool]=0
+        echo "compute-sanitizer not found" >"$WORK/sanitizer_$name.log"
+        RC[sanitizer_$name]=missing
+        DURATION[sanitizer_$name]=0
     fi
 done
 
@@ -146,7 +199,9 @@ fi
 run_step bench 400 15 "$PY" -P benchmarks/compare.py "${BENCH_ARGS[@]}"
 
 # ---- results -------------------------------------------------------------------------------------
-for name in install tests sanitizer_memcheck sanitizer_racecheck bench; do
+for name in install tests tests_persistent tests_step sanitizer_memcheck sanitizer_racecheck \
+        sanitizer_memcheck_persistent sanitizer_racecheck_persistent \
+        sanitizer_synccheck_persistent bench; do
     echo "$name ${RC[$name]:-notrun} ${DURATION[$name]:-0}"
 done >"$WORK/steps.txt"
 GIT_COMMIT=$GIT_COMMIT GIT_DIRTY=$GIT_DIRTY WORK=$WORK OUT=$OUT TOTAL=$((SECONDS - START)) \
@@ -200,7 +255,8 @@ except (OSError, ET.ParseError) as error:
 result["tests"] = tests
 
 sanitizer = {}
-for tool in ("memcheck", "racecheck"):
+for tool in ("memcheck", "racecheck", "memcheck_persistent", "racecheck_persistent",
+             "synccheck_persistent"):
     log = read(f"sanitizer_{tool}.log")
     # memcheck ends with "ERROR SUMMARY: N errors"; racecheck with "RACECHECK SUMMARY: N hazards
     # displayed (E errors, W warnings)" (and maybe an ERROR SUMMARY too).

@@ -5,6 +5,7 @@ Importing the package loads the compiled library (``fused_lstm.ops``), which reg
 """
 
 from . import ops
+from .explain import explain
 from .module import FusedLSTM, FusedLSTMFallbackWarning, convert, revert
 from . import _dynamo
 
@@ -12,5 +13,5 @@ _dynamo.install(FusedLSTM)  # torch.compile traces FusedLSTM without allow_rnn (
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedLSTM", "FusedLSTMFallbackWarning", "convert", "revert", "ops",
+__all__ = ["FusedLSTM", "FusedLSTMFallbackWarning", "convert", "explain", "revert", "ops",
            "__version__"]

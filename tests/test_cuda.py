@@ -1,7 +1,11 @@
 """The CUDA kernels on a GPU: float64 gradcheck over every option, parity with cuDNN's nn.LSTM
 (output, h_n, c_n and every gradient), the low-precision accuracy rule, agreement with the CPU
 kernels (reserve layout included), packed / unbatched / dropout, CUDA graph capture, streams, no
-host synchronisation, determinism.
+host synchronisation, determinism. Then the same properties of the persistent kernels
+(csrc/cuda/lstm_persistent.*), forced with FUSED_LSTM_CUDA_PATH=persistent and checked with
+fused_lstm.explain to have run: against the CPU kernels and the step path (float64, every option
+and several launch plans), cuDNN (float32 across hidden sizes around the rule's limits, bfloat16,
+float16), gradcheck, graph capture, no synchronisation, determinism.
 
 Skipped where no GPU is present; tests/test_cuda_compile.py checks there what can be checked
 without one (the sources compile with nvcc; the host code, emulated on the CPU, matches the CPU
@@ -463,3 +467,300 @@ def test_opcheck_on_cuda(case):
     torch.library.opcheck(LSTM_BACKWARD, (*c[:6], reserve, torch.randn_like(output),
                                           torch.randn_like(hy), None, *c[6:]))
 
+
+
+# --- the persistent kernels (csrc/cuda/lstm_persistent.*) --------------------------------------
+# FUSED_LSTM_CUDA_PATH=persistent runs them wherever they can run (no projection; W_hh fits on
+# chip); each test asserts with fused_lstm.explain that they did. The tests above run whatever
+# the automatic rule picks (the persistent kernels at most of their sizes; benchmarks/
+# gpu_check.sh runs this file again with FUSED_LSTM_CUDA_PATH=persistent and =step).
+
+PATH_ENV = ("FUSED_LSTM_CUDA_PATH", "FUSED_LSTM_CUDA_PERSISTENT_UNITS",
+            "FUSED_LSTM_CUDA_PERSISTENT_TILE", "FUSED_LSTM_CUDA_PERSISTENT_KSPLIT")
+
+
+@pytest.fixture
+def cuda_path(monkeypatch):
+    """cuda_path(mode, units=None, tile=None, k_split=None): the environment the CUDA ops read
+    on every call."""
+    def set_path(mode, units=None, tile=None, k_split=None):
+        monkeypatch.setenv("FUSED_LSTM_CUDA_PATH", mode)
+        for name, value in zip(PATH_ENV[1:], (units, tile, k_split)):
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, str(value))
+    for name in PATH_ENV:
+        monkeypatch.delenv(name, raising=False)
+    return set_path
+
+
+def explain_case(a):
+    """fused_lstm.explain for an op call's arguments."""
+    from fused_lstm import explain
+
+    hidden = a["weights"][0].shape[0] // 4
+    sizes = dict(hidden_size=hidden, num_layers=a["num_layers"],
+                 bidirectional=a["bidirectional"], proj_size=a["proj_size"])
+    x = a["input"]
+    if a["batch_sizes"] is not None:
+        x = PackedSequence(x, a["batch_sizes"])
+    return explain(sizes, x)
+
+
+def assert_path(a, path, backward=True):
+    result = explain_case(a)
+    assert result["forward"]["path"] == path, result["summary"]
+    if backward:
+        assert result["backward"]["path"] == path, result["summary"]
+    return result
+
+
+PERSISTENT_GRID = [(l, b, d, k) for l, b, d, p, k in GRID if p == 0]
+PERSISTENT_GRID_IDS = [f"L{l}-{'bias' if b else 'nobias'}-{'bi' if d else 'uni'}-"
+                       f"{'packed' if k else 'padded'}" for l, b, d, k in PERSISTENT_GRID]
+
+
+@pytest.mark.parametrize("num_layers,bias,bidirectional,packed", PERSISTENT_GRID,
+                         ids=PERSISTENT_GRID_IDS)
+def test_persistent_gradcheck(cuda_path, num_layers, bias, bidirectional, packed):
+    cuda_path("persistent", units=2)  # 2 blocks per direction at hidden 3
+    _, a = make_case(num_layers, bias, bidirectional, 0, packed, with_state=True,
+                     input_size=2, hidden_size=3, seq_len=3, batch=3, dropout=0.5)
+    a = on(a)
+    assert_path(a, "persistent")
+    inputs = differentiable(a)
+
+    def f(*tensors):
+        b = dict(a, input=tensors[0], hx=tensors[1], cx=tensors[2], weights=list(tensors[3:]))
+        return ops.lstm(*args(b))
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def _forward_backward(a, upstream):
+    output, hy, cy, reserve = LSTM_FORWARD(*args(a))
+    c = args(a)
+    grads = LSTM_BACKWARD(*c[:6], reserve, *upstream, *c[6:])
+    return [output, hy, cy, reserve, grads[0], grads[1], grads[2], *grads[3]]
+
+
+@pytest.mark.parametrize("with_state", [True, False], ids=["state", "nostate"])
+@pytest.mark.parametrize("num_layers,bias,bidirectional,packed", PERSISTENT_GRID,
+                         ids=PERSISTENT_GRID_IDS)
+def test_persistent_matches_cpu_kernels_and_step_path(cuda_path, num_layers, bias,
+                                                      bidirectional, packed, with_state):
+    """float64 with a dropout mask: output, h_n, c_n, the whole reserve and every gradient of
+    the persistent path equal the CPU kernels' and the CUDA step path's."""
+    _, a = make_case(num_layers, bias, bidirectional, 0, packed, with_state, input_size=3,
+                     hidden_size=5, seq_len=6, batch=4, dropout=0.4, requires_grad=False)
+    g = on(a)
+    upstream = [torch.randn_like(t) for t in LSTM_FORWARD(*args(a))[:3]]
+    expected = _forward_backward(a, upstream)
+    cuda_path("step")
+    assert_path(g, "step")
+    step = _forward_backward(g, [u.to(CUDA) for u in upstream])
+    cuda_path("persistent", units=2)
+    assert_path(g, "persistent")
+    got = _forward_backward(g, [u.to(CUDA) for u in upstream])
+    for x, y, z in zip(got, expected, step):
+        assert x.device.type == CUDA and x.shape == y.shape and x.dtype == y.dtype
+        torch.testing.assert_close(x.cpu(), y, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(x, z, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("units,tile,k_split", [
+    (None, None, None), (1, None, None), (1, 4, 1), (2, 4, 2), (3, 8, 32), (4, 4, 8),
+    (5, 4, 16), (7, None, 4), (9, 8, None),
+])
+def test_persistent_plans_match_cpu_kernels(cuda_path, units, tile, k_split):
+    """Blocks per direction 7 to 1 (ragged last block), batch tiles of 4 and 8 rows over 9 rows
+    (partial last tile), 1 to 32 lanes per dot product; packed, bidirectional, float64."""
+    cuda_path("persistent", units=units, tile=tile, k_split=k_split)
+    _, a = make_case(2, True, True, 0, True, True, input_size=3, hidden_size=7, seq_len=6,
+                     batch=9, dropout=0.5, requires_grad=False)
+    g = on(a)
+    assert_path(g, "persistent")
+    upstream = [torch.randn_like(t) for t in LSTM_FORWARD(*args(a))[:3]]
+    expected = _forward_backward(a, upstream)
+    got = _forward_backward(g, [u.to(CUDA) for u in upstream])
+    for x, y in zip(got, expected):
+        torch.testing.assert_close(x.cpu(), y, rtol=1e-10, atol=1e-10)
+
+
+# Hidden sizes around the rule's limits on an H100/H200 (float32, batch 64, forced persistent):
+# up to 768 (1024 unidirectional) W_hh fits on chip, beyond it the step path runs; 31-33 and
+# 255-257 straddle the 32-element padding of the shared-memory rows.
+@pytest.mark.parametrize("hidden", [1, 31, 32, 33, 255, 256, 257, 512, 768, 1024])
+@pytest.mark.parametrize("bidirectional,packed", [(False, False), (True, True)],
+                         ids=["uni-padded", "bi-packed"])
+def test_persistent_float32_parity_with_cudnn_across_hidden_sizes(cuda_path, hidden,
+                                                                   bidirectional, packed):
+    """Forced persistent where it fits (explain tells), else the step path; both against cuDNN
+    (TF32 off) by the float32 accuracy rule: at most twice cuDNN's distance to float64."""
+    cuda_path("persistent")
+    _, a = make_case(1, True, bidirectional, 0, packed, with_state=True, dtype=torch.float32,
+                     input_size=16, hidden_size=hidden, seq_len=8, batch=64,
+                     requires_grad=False)
+    scale = min(0.5, 2.0 / hidden ** 0.5)  # keep the gates off saturation at every width
+    for w in a["weights"]:
+        w.mul_(scale / 0.5)
+    result = explain_case(on(a))
+    # Where W_hh cannot stay on chip the step path runs, and is checked the same way.
+    assert result["forward"]["reason"] in ("forced_persistent", "does_not_fit",
+                                           "occupancy_refused"), result
+    g = on(a, requires_grad=True)
+    exact = on(a, device="cpu", dtype=torch.float64, requires_grad=True)
+    ours, theirs, expected = ops.lstm(*args(g)), aten_lstm(g), aten_lstm(exact)
+    upstream = [torch.randn_like(t) for t in ours]
+    ours_g = torch.autograd.grad(ours, differentiable(g), upstream)
+    theirs_g = torch.autograd.grad(theirs, differentiable(g), upstream)
+    expected_g = torch.autograd.grad(expected, differentiable(exact),
+                                     [u.double().cpu() for u in upstream])
+    for o, t, e in zip([*ours, *ours_g], [*theirs, *theirs_g], [*expected, *expected_g]):
+        e = e.to(CUDA)
+        assert _relative_error(o, e) <= max(2 * _relative_error(t, e), 1e-5)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_persistent_low_precision_error_within_twice_cudnn(cuda_path, dtype, packed):
+    cuda_path("persistent")
+    _, a64 = make_case(2, True, True, 0, packed, with_state=True, input_size=16, hidden_size=32,
+                       seq_len=20, batch=8, requires_grad=False)
+    low = on(a64, dtype=dtype, requires_grad=True)
+    assert_path(low, "persistent")
+    exact = on(low, dtype=torch.float64, device="cpu", requires_grad=True)
+    ours, theirs, expected = ops.lstm(*args(low)), aten_lstm(low), aten_lstm(exact)
+    upstream = [torch.randn_like(t) for t in ours]
+    ours_g = torch.autograd.grad(ours, differentiable(low), upstream)
+    theirs_g = torch.autograd.grad(theirs, differentiable(low), upstream)
+    expected_g = torch.autograd.grad(expected, differentiable(exact),
+                                     [u.double().cpu() for u in upstream])
+    eps = torch.finfo(dtype).eps
+    for o, t, e in zip([*ours, *ours_g], [*theirs, *theirs_g], [*expected, *expected_g]):
+        assert o.dtype == dtype
+        e = e.to(CUDA)
+        slack = 4 * eps * max(1.0, e.abs().max().item())
+        assert (o.double() - e).abs().max().item() <= 2 * (t.double() - e).abs().max().item() + slack
+
+
+def test_persistent_at_the_fastrnns_size(cuda_path):
+    """hidden 512, batch 64 (fastrnns; 20 steps here): the automatic rule picks the persistent
+    forward (and, by its cost model, the step path's backward), within the float32 accuracy
+    rule against float64."""
+    cuda_path("auto")
+    _, a = make_case(1, True, False, 0, False, with_state=True, dtype=torch.float32,
+                     input_size=512, hidden_size=512, seq_len=20, batch=64, requires_grad=False)
+    for w in a["weights"]:
+        w.mul_(0.1)
+    g = on(a)
+    result = assert_path(g, "persistent", backward=False)
+    assert result["forward"]["reason"] == "auto"
+    exact = aten_lstm(on(a, device="cpu", dtype=torch.float64))
+    ours, theirs = ops.lstm(*args(g)), aten_lstm(g)
+    for o, t, e in zip(ours, theirs, exact):
+        e = e.to(CUDA)
+        assert _relative_error(o, e) <= max(2 * _relative_error(t, e), 1e-5)
+
+
+def test_persistent_falls_back_where_it_cannot_run(cuda_path):
+    cuda_path("persistent")
+    _, a = make_case(2, True, True, 2, True, with_state=True, requires_grad=False)
+    assert explain_case(on(a))["forward"]["reason"] == "projection"
+    from fused_lstm import explain
+
+    big = explain(dict(hidden_size=8192), torch.empty(2, 2, 2, device=CUDA))  # W_hh: 1 GB
+    assert big["forward"]["reason"] == big["backward"]["reason"] == "does_not_fit"
+    cuda_path("step")
+    assert explain_case(on(a))["forward"]["reason"] == "forced_step"
+    cuda_path("fastest")
+    with pytest.raises(RuntimeError, match="FUSED_LSTM_CUDA_PATH"):
+        LSTM_FORWARD(*args(on(a)))
+
+
+def test_persistent_no_host_synchronisation(cuda_path):
+    cuda_path("persistent")
+    _, a = make_case(2, True, True, 0, True, with_state=True, dropout=0.5, requires_grad=False,
+                     dtype=torch.float32)
+    a = on(a)
+    assert_path(a, "persistent")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        output, hy, cy, reserve = LSTM_FORWARD(*args(a))
+        c = args(a)
+        LSTM_BACKWARD(*c[:6], reserve, torch.ones_like(output), torch.ones_like(hy), None, *c[6:])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_persistent_cuda_graph_capture(cuda_path, packed):
+    """cudaLaunchCooperativeKernel under stream capture (recent drivers support it; this is
+    where that is checked): replays equal eager calls."""
+    cuda_path("persistent")
+    _, a = make_case(2, True, True, 0, packed, with_state=True, dropout=0.5, requires_grad=False,
+                     input_size=8, hidden_size=16, seq_len=7, batch=5)
+    static = on(a, dtype=torch.float32, requires_grad=False)
+    assert_path(static, "persistent")
+    probe = LSTM_FORWARD(*args(static))
+    upstream = [torch.randn_like(t) for t in probe[:3]]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            _forward_backward(static, upstream)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = _forward_backward(static, upstream)
+    for _ in range(2):
+        static["input"].copy_(torch.randn_like(static["input"]))
+        static["hx"].copy_(torch.randn_like(static["hx"]))
+        graph.replay()
+        torch.cuda.synchronize()
+        for x, y in zip(captured, _forward_backward(static, upstream)):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+
+
+def test_persistent_deterministic_and_on_the_current_stream(cuda_path):
+    cuda_path("persistent")
+    _, a = make_case(2, True, True, 0, True, with_state=True, input_size=32, hidden_size=64,
+                     seq_len=10, batch=16, dtype=torch.float32, requires_grad=False)
+    a = on(a)
+    assert_path(a, "persistent")
+    upstream = [torch.randn_like(t) for t in LSTM_FORWARD(*args(a))[:3]]
+    first = _forward_backward(a, upstream)
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        second = _forward_backward(a, upstream)
+    stream.synchronize()
+    for x, y in zip(first, second):
+        assert torch.equal(x, y)  # no atomics: bit-identical
+
+
+def test_explain_reports_the_cuda_path(cuda_path):
+    """explain() on CUDA: the automatic choice with its plan, the forced ones, and the module
+    running what explain said (the persistent forward gives the same as the step path)."""
+    import fused_lstm
+
+    cuda_path("auto")
+    lstm = FusedLSTM(8, 32, 2, batch_first=True, bidirectional=True).to(CUDA)
+    x = crandn(4, 10, 8)
+    result = fused_lstm.explain(lstm, x)
+    assert result["device"].startswith("cuda") and result["path"] == "persistent"
+    forward = result["forward"]
+    assert forward["reason"] == "auto" and forward["blocks"] >= 1 and forward["smem_bytes"] > 0
+    assert forward["blocks"] * 2 <= forward["coresident_blocks"]
+    proj = FusedLSTM(8, 32, 2, proj_size=4).to(CUDA)
+    assert fused_lstm.explain(proj, x)["forward"]["reason"] == "projection"
+    persistent = lstm(x)
+    cuda_path("step")
+    assert fused_lstm.explain(lstm, x)["path"] == "step"
+    step = lstm(x)
+    torch.testing.assert_close(persistent[0], step[0], rtol=1e-5, atol=1e-5)
+    assert fused_lstm.explain(lstm, x.cpu())["path"] == "cpu"

@@ -18,6 +18,16 @@ Two checks keep csrc/cuda honest without a GPU:
   ``fused_lstm_emulated::lstm_forward`` / ``lstm_backward`` for CPU tensors and compared with the
   CPU kernels, reserve included. This checks the CUDA path's index arithmetic and semantics, not
   the GPU execution itself (tests/test_cuda.py does that where a GPU is present).
+* ``test_emulated_persistent_*``: the same for the persistent kernels (csrc/cuda/
+  lstm_persistent.*). Their per-block bodies (``lstm_persistent.cuh``) run on the CPU with the
+  grid barrier as a loop boundary: every block of a step (forward), or of phase A, then every
+  block of phase B (backward), blocks and threads in reverse order so that a block reading what
+  another block writes in the same phase gives a wrong result; shared memory starts as NaN, so
+  reading what was never staged does too. The dot products are split over the same lanes and
+  summed in the same butterfly order as the warp shuffles. The emulated device has an H100's
+  limits unless ``FUSED_LSTM_EMULATED_DEVICE`` says otherwise. Also checked: the Python copy of
+  the path rule (fused_lstm/explain.py) gives the C++ rule's answer on many sizes and devices.
+  Not checked: the barriers themselves, warp shuffles, memory ordering, occupancy and timing.
 """
 
 from __future__ import annotations
@@ -133,8 +143,9 @@ def nvcc_command(nvcc, source: pathlib.Path, obj: pathlib.Path, extra_include: p
 
 @pytest.fixture(scope="module")
 def nvcc_results(tmp_path_factory):
-    """Compiles every .cu at once (in parallel: two files on two cores take about as long as
-    the slowest one); returns {source name: (command, CompletedProcess or None on timeout)}."""
+    """Compiles every .cu at once (in parallel, at most MAX_JOBS at a time: two files on two
+    cores take about as long as the slowest one); returns {source name: (command,
+    CompletedProcess or None on timeout)}."""
     nvcc = find_nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found (CUDA_HOME, PATH, /usr/local/cuda): CUDA sources not compiled")
@@ -152,7 +163,9 @@ def nvcc_results(tmp_path_factory):
         except subprocess.TimeoutExpired:
             return None
 
-    workers = max(1, min(len(commands), os.cpu_count() or 1))
+    # MAX_JOBS (the build's knob for parallel compile jobs) caps the parallel nvcc runs too.
+    jobs = int(os.environ.get("MAX_JOBS") or 0) or os.cpu_count() or 1
+    workers = max(1, min(len(commands), jobs))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         futures = {name: pool.submit(run, cmd) for name, cmd in commands.items()}
         return {name: (commands[name], f.result()) for name, f in futures.items()}
@@ -234,8 +247,163 @@ template void lstm_backward_step<double>(const BackwardStep<double>&, cudaStream
 }  // namespace fused_lstm::gpu
 """
 
+# The persistent kernels' launches become loops over their per-block bodies
+# (lstm_persistent.cuh): the grid barrier is the boundary between two loops over every block.
+EMULATED_PERSISTENT = """
+namespace fused_lstm::gpu {
+
+// The emulated device: FUSED_LSTM_EMULATED_DEVICE = "cooperative,sm_count,smem_per_sm,
+// smem_per_block_optin,reserved_smem_per_block,max_blocks_per_sm" (default: an H100 SXM's);
+// FUSED_LSTM_EMULATED_CORESIDENT: what the occupancy API answers (default: the model's).
+DeviceLimits emulated_limits() {
+  DeviceLimits lim{true, 132, 233472, 232448, 1024, 2};
+  if (const char* v = std::getenv("FUSED_LSTM_EMULATED_DEVICE")) {
+    long long f[6];
+    TORCH_CHECK(std::sscanf(v, "%lld,%lld,%lld,%lld,%lld,%lld", &f[0], &f[1], &f[2], &f[3],
+                            &f[4], &f[5]) == 6, "bad FUSED_LSTM_EMULATED_DEVICE: ", v);
+    lim = DeviceLimits{f[0] != 0, f[1], f[2], f[3], f[4], f[5]};
+  }
+  return lim;
+}
+
+DeviceLimits persistent_device_limits(int, bool, bool) { return emulated_limits(); }
+
+int64_t persistent_coresident_blocks(int, bool, bool, int64_t smem_bytes) {
+  if (const char* v = std::getenv("FUSED_LSTM_EMULATED_CORESIDENT")) return std::atoll(v);
+  return modelled_coresident_blocks(emulated_limits(), smem_bytes);
+}
+
+std::atomic<int64_t> persistent_launch_count{0};
+
+// The threads of one block, one after the other (in reverse order).
+struct HostBlock {
+  int nthreads;
+  void sync() const {}
+  template <typename F>
+  void for_each_thread(F&& f) const {
+    for (int tid = nthreads - 1; tid >= 0; --tid) f(tid);
+  }
+  template <typename AccT, typename Partial, typename Finish>
+  void for_each_team(int k_split, int64_t items, Partial&& partial, Finish&& finish) const {
+    TORCH_CHECK(k_split >= 1 && k_split <= 32 && (k_split & (k_split - 1)) == 0 &&
+                nthreads % 32 == 0, "k_split");
+    constexpr int n = sizeof(AccT::v) / sizeof(AccT::v[0]);
+    const int teams = nthreads / k_split;
+    for (int64_t first = 0; first < items; first += teams) {
+      for (int team = teams - 1; team >= 0; --team) {
+        const int64_t item = first + team;
+        std::vector<AccT> lanes(k_split, AccT{});
+        if (item < items)
+          for (int lane = 0; lane < k_split; ++lane) partial(item, lane, lanes[lane]);
+        // __shfl_xor_sync's butterfly: lane l adds lane l ^ offset's value to its own.
+        for (int offset = 1; offset < k_split; offset <<= 1) {
+          std::vector<AccT> next = lanes;
+          for (int lane = 0; lane < k_split; ++lane)
+            for (int i = 0; i < n; ++i) next[lane].v[i] = lanes[lane].v[i] + lanes[lane ^ offset].v[i];
+          lanes = next;
+        }
+        if (item < items)
+          for (int lane = k_split - 1; lane >= 0; --lane)
+            finish(item, lane, static_cast<const AccT&>(lanes[lane]));
+      }
+    }
+  }
+};
+
+template <typename T>
+std::vector<std::vector<T>> emulated_grid_smem(const PersistentPlan& plan, int64_t directions,
+                                               bool backward) {
+  const int64_t n = int64_t{plan.blocks} * directions;
+  // What cudaLaunchCooperativeKernel and the dynamic shared memory limit refuse.
+  TORCH_CHECK(n <= persistent_coresident_blocks(-1, backward, sizeof(T) == 8, plan.smem_bytes),
+              "emulated launch: grid of ", n, " blocks is not co-resident");
+  TORCH_CHECK(plan.smem_bytes <= emulated_limits().smem_per_block_optin, "emulated: smem");
+  TORCH_CHECK(plan.smem_bytes % sizeof(T) == 0 && plan.threads == kPersistentThreads, "plan");
+  // Shared memory starts as NaN: reading what was never staged shows in the results.
+  return std::vector<std::vector<T>>(
+      n, std::vector<T>(plan.smem_bytes / sizeof(T), std::numeric_limits<T>::quiet_NaN()));
+}
+
+template <typename T>
+void persistent_forward(const PersistentForward<T>& p, cudaStream_t) {
+  ++persistent_launch_count;
+  const int nb = p.plan.blocks, n = nb * static_cast<int>(p.num_directions);
+  auto smem = emulated_grid_smem<T>(p.plan, p.num_directions, false);
+  const HostBlock blk{p.plan.threads};
+  for (int i = n - 1; i >= 0; --i) forward_stage_weights(p, i / nb, i % nb, smem[i].data(), blk);
+  for (int64_t step = 0; step < p.steps.seq_len; ++step) {
+    // grid.sync()
+    for (int i = n - 1; i >= 0; --i)
+      forward_block_step(p, i / nb, i % nb, step, smem[i].data(), blk);
+  }
+}
+
+template <typename T>
+void persistent_backward(const PersistentBackward<T>& p, cudaStream_t) {
+  ++persistent_launch_count;
+  const int nb = p.plan.blocks, n = nb * static_cast<int>(p.num_directions);
+  auto smem = emulated_grid_smem<T>(p.plan, p.num_directions, true);
+  const HostBlock blk{p.plan.threads};
+  for (int i = n - 1; i >= 0; --i) backward_stage_weights(p, i / nb, i % nb, smem[i].data(), blk);
+  for (int64_t step = 0; step < p.steps.seq_len; ++step) {
+    for (int i = n - 1; i >= 0; --i) backward_block_phase_a(p, i / nb, i % nb, step, blk);
+    // grid.sync()
+    for (int i = n - 1; i >= 0; --i)
+      backward_block_phase_b(p, i / nb, i % nb, step, smem[i].data(), blk);
+  }
+}
+
+template void persistent_forward<float>(const PersistentForward<float>&, cudaStream_t);
+template void persistent_forward<double>(const PersistentForward<double>&, cudaStream_t);
+template void persistent_backward<float>(const PersistentBackward<float>&, cudaStream_t);
+template void persistent_backward<double>(const PersistentBackward<double>&, cudaStream_t);
+
+namespace {
+
+std::string decide_for_test(int64_t hidden_size, int64_t proj_size, int64_t batch,
+                            int64_t seq_len, int64_t num_directions, int64_t num_runs,
+                            int64_t elem_size, bool backward, std::vector<int64_t> limits,
+                            std::string mode, int64_t units, int64_t batch_tile,
+                            int64_t k_split) {
+  TORCH_CHECK(limits.size() == 6, "limits");
+  const PathQuery q{hidden_size, proj_size, batch, seq_len, num_directions, num_runs,
+                    elem_size, backward};
+  const DeviceLimits lim{limits[0] != 0, limits[1], limits[2], limits[3], limits[4], limits[5]};
+  PathOverrides o;
+  o.mode = mode == "step" ? PathMode::kStep
+                          : mode == "persistent" ? PathMode::kPersistent : PathMode::kAuto;
+  o.units = units;
+  o.batch_tile = batch_tile;
+  o.k_split = k_split;
+  return describe(decide_cuda_path(q, lim, o));
+}
+
+int64_t persistent_launches() { return persistent_launch_count.load(); }
+
+std::string cuda_path_choice(const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
+                             int64_t hidden_size, bool bidirectional, int64_t proj_size) {
+  return cuda_path_choice_text(input, batch_sizes, hidden_size, bidirectional, proj_size, -1);
+}
+
+}  // namespace
+}  // namespace fused_lstm::gpu
+
+TORCH_LIBRARY_FRAGMENT(fused_lstm, m) {
+  m.def("decide_cuda_path(int hidden_size, int proj_size, int batch, int seq_len, "
+        "int num_directions, int num_runs, int elem_size, bool backward, int[] limits, "
+        "str mode, int units, int batch_tile, int k_split) -> str",
+        &fused_lstm::gpu::decide_for_test);
+  m.def("persistent_launches() -> int", &fused_lstm::gpu::persistent_launches);
+  m.def("cuda_path_choice(Tensor input, Tensor? batch_sizes, int hidden_size, "
+        "bool bidirectional, int proj_size) -> str", &fused_lstm::gpu::cuda_path_choice);
+}
+"""
+
 # The project files the harness includes, relative to csrc/.
-EMULATED_SOURCES = ("lstm.cpp", "cuda/lstm_cuda.cu", "cuda/lstm_step.cuh")
+EMULATED_SOURCES = ("lstm.cpp", "cuda/lstm_cuda.cu", "cuda/lstm_step.cuh",
+                    "cuda/lstm_persistent.cuh")
+# What the emulation code below uses beyond the project's own includes.
+EMULATION_SYSTEM_INCLUDES = ("atomic", "cstdio", "cstdlib", "limits", "string", "vector")
 
 
 def system_includes_of(files):
@@ -259,10 +427,12 @@ def emulation_source():
     # Every system header is included first, while `fused_lstm` and `CUDA` are still plain
     # words; then the project's sources with the namespace renamed (so the ops are
     # fused_lstm_emulated::*, beside the real ones) and the CUDA dispatch key replaced by CPU.
-    lines = [f"#include <{name}>" for name in system_includes_of(EMULATED_SOURCES)]
+    names = system_includes_of(EMULATED_SOURCES)
+    names += [n for n in EMULATION_SYSTEM_INCLUDES if n not in names]
+    lines = [f"#include <{name}>" for name in names]
     lines += ["#define fused_lstm fused_lstm_emulated", "#define CUDA CPU"]
     lines += [f'#include "{name}"' for name in EMULATED_SOURCES]
-    return "\n".join(lines) + "\n" + EMULATED_KERNELS
+    return "\n".join(lines) + "\n" + EMULATED_KERNELS + EMULATED_PERSISTENT
 
 
 @pytest.fixture(scope="module")
@@ -396,3 +566,277 @@ def test_emulated_cuda_path_long_packed_sequence(emulated_ops):
     _, a = make_case(2, True, True, 3, True, with_state=True, input_size=7, hidden_size=8,
                      seq_len=23, batch=9, dropout=0.3, requires_grad=False)
     _check_against_cpu(emulated_ops, a, torch.float64)
+
+
+# ---- the persistent kernels, emulated on the CPU ----------------------------------------------
+
+PATH_ENV = ("FUSED_LSTM_CUDA_PATH", "FUSED_LSTM_CUDA_PERSISTENT_UNITS",
+            "FUSED_LSTM_CUDA_PERSISTENT_TILE", "FUSED_LSTM_CUDA_PERSISTENT_KSPLIT",
+            "FUSED_LSTM_EMULATED_DEVICE", "FUSED_LSTM_EMULATED_CORESIDENT")
+
+
+@pytest.fixture(autouse=True)
+def _step_path_unless_told(monkeypatch):
+    """The tests above check the step path, as before the persistent kernels existed; the
+    persistent tests below choose their path (and plan) themselves."""
+    for name in PATH_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FUSED_LSTM_CUDA_PATH", "step")
+
+
+@pytest.fixture
+def cuda_path(monkeypatch):
+    """cuda_path(mode, units=None, tile=None, k_split=None, device=None, coresident=None) sets
+    the environment that the (emulated) CUDA ops read on every call."""
+    def set_path(mode, units=None, tile=None, k_split=None, device=None, coresident=None):
+        monkeypatch.setenv("FUSED_LSTM_CUDA_PATH", mode)
+        for name, value in zip(PATH_ENV[1:], (units, tile, k_split, device, coresident)):
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, str(value))
+    return set_path
+
+
+def _check_persistent(emulated_ops, a, dtype, launches_per_call):
+    """_check_against_cpu, and the persistent kernels ran: one launch per layer per call."""
+    before = emulated_ops.persistent_launches()
+    _check_against_cpu(emulated_ops, a, dtype)
+    calls = 5  # one forward, four backwards
+    assert emulated_ops.persistent_launches() - before == launches_per_call * calls
+
+
+PERSISTENT_GRID = [(l, b, d, k) for l, b, d, p, k in GRID if p == 0]
+PERSISTENT_GRID_IDS = [f"L{l}-{'bias' if b else 'nobias'}-{'bi' if d else 'uni'}-"
+                       f"{'packed' if k else 'padded'}" for l, b, d, k in PERSISTENT_GRID]
+
+
+@pytest.mark.parametrize("with_state", [True, False], ids=["state", "nostate"])
+@pytest.mark.parametrize("num_layers,bias,bidirectional,packed", PERSISTENT_GRID,
+                         ids=PERSISTENT_GRID_IDS)
+def test_emulated_persistent_matches_cpu_kernels(emulated_ops, cuda_path, num_layers, bias,
+                                                 bidirectional, packed, with_state):
+    """Every option the persistent kernels take, float64, on a multi-block plan (2 units per
+    block: 3 blocks per direction, the last one ragged): forward, reserve and every gradient
+    equal the CPU kernels'."""
+    cuda_path("persistent", units=2)
+    dropout = 0.5 if with_state else 0.0
+    _, a = make_case(num_layers, bias, bidirectional, 0, packed, with_state, input_size=3,
+                     hidden_size=5, seq_len=5, batch=4, dropout=dropout, requires_grad=False)
+    _check_persistent(emulated_ops, a, torch.float64, num_layers)
+
+
+@pytest.mark.parametrize("units,tile,k_split", [
+    (None, None, None),  # the rule's own plan
+    (1, None, None), (1, 4, 1), (2, 4, 2), (3, 8, 32), (4, 4, 8), (5, 4, 16), (7, None, 4),
+    (9, 8, None),  # more units than H: one block
+])
+@pytest.mark.parametrize("mode", ["persistent", "auto"])
+def test_emulated_persistent_plans(emulated_ops, cuda_path, units, tile, k_split, mode):
+    """Plans: units per block (blocks per direction 7, 4, 3, 2, 2, 1), batch tiles (9 rows in
+    tiles of 4 or 8: a partial last tile), lanes per dot product (1 to 32): packed,
+    bidirectional, with state, float64."""
+    cuda_path(mode, units=units, tile=tile, k_split=k_split)
+    _, a = make_case(2, True, True, 0, True, True, input_size=3, hidden_size=7, seq_len=6,
+                     batch=9, dropout=0.5, requires_grad=False)
+    _check_persistent(emulated_ops, a, torch.float64, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("bidirectional,packed,with_state",
+                         [(False, False, True), (True, True, True), (True, False, False)])
+def test_emulated_persistent_low_precision(emulated_ops, cuda_path, bidirectional, packed,
+                                           with_state, dtype):
+    cuda_path("persistent", units=2, k_split=4)
+    _, a = make_case(2, True, bidirectional, 0, packed, with_state, input_size=3, hidden_size=5,
+                     seq_len=5, batch=4, dropout=0.5, requires_grad=False)
+    _check_persistent(emulated_ops, a, dtype, 2)
+
+
+def test_emulated_persistent_long_packed_sequence(emulated_ops, cuda_path):
+    """Many steps, ragged lengths (many batch-size runs), both directions, dropout."""
+    cuda_path("persistent", units=3, tile=4)
+    _, a = make_case(2, True, True, 0, True, with_state=True, input_size=7, hidden_size=8,
+                     seq_len=23, batch=9, dropout=0.3, requires_grad=False)
+    _check_persistent(emulated_ops, a, torch.float64, 2)
+
+
+def test_emulated_persistent_auto_at_a_realistic_size(emulated_ops, cuda_path):
+    """The rule's own choice (auto, emulated H100) at hidden 64, batch 16: persistent, several
+    blocks per direction; float32."""
+    cuda_path("auto")
+    _, a = make_case(1, True, True, 0, False, with_state=True, input_size=8, hidden_size=64,
+                     seq_len=4, batch=16, requires_grad=False)
+    text = emulated_ops.cuda_path_choice(a["input"].float(), None, 64, True, 0)
+    assert text.startswith("forward: path=persistent reason=auto"), text
+    _check_persistent(emulated_ops, a, torch.float32, 1)
+
+
+@pytest.mark.parametrize("case", ["projection", "too_many_batch_size_runs",
+                                  "no_cooperative_launch", "does_not_fit", "occupancy_refused",
+                                  "forced_step"])
+def test_emulated_persistent_falls_back_to_the_step_path(emulated_ops, cuda_path, case):
+    """What the persistent kernels cannot do runs the step path (no persistent launch), with
+    the reason that explain() shows, and the same results."""
+    proj, batch, seq_len = 0, 4, 5
+    cuda_path("persistent")
+    if case == "projection":
+        proj = 2
+    elif case == "too_many_batch_size_runs":
+        batch, seq_len = 130, 130  # lengths 130, 129, ..., 1: 130 distinct batch sizes
+    elif case == "no_cooperative_launch":
+        cuda_path("persistent", device="0,132,233472,232448,1024,2")
+    elif case == "does_not_fit":
+        cuda_path("persistent", device="1,1,4096,2048,1024,2")  # 2 KB of shared memory
+    elif case == "occupancy_refused":
+        cuda_path("persistent", coresident=1)
+    else:
+        cuda_path("step")
+    _, a = make_case(2, True, True, proj, True, True, input_size=2, hidden_size=5,
+                     seq_len=seq_len, batch=batch, requires_grad=False)
+    if case == "too_many_batch_size_runs":
+        lengths = torch.arange(seq_len, 0, -1)
+        x = torch.randn(seq_len, batch, 2, dtype=torch.float64)
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths)
+        a["input"], a["batch_sizes"] = packed.data, packed.batch_sizes
+    text = emulated_ops.cuda_path_choice(a["input"], a["batch_sizes"], 5, True, proj)
+    for line in text.splitlines():
+        assert f"path=step reason={case}" in line, text
+    before = emulated_ops.persistent_launches()
+    if case == "too_many_batch_size_runs":  # long: the forward only
+        expected = torch.ops.fused_lstm.lstm_forward(*_args(a))
+        _assert_same(emulated_ops.lstm_forward(*_args(a)), expected, torch.float64, "forward")
+    else:
+        _check_against_cpu(emulated_ops, a, torch.float64)
+    assert emulated_ops.persistent_launches() == before
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_emulated_persistent_zero_batch(emulated_ops, cuda_path, bidirectional):
+    cuda_path("persistent")
+    _, a = make_case(2, True, bidirectional, 0, False, with_state=True, batch=0,
+                     requires_grad=False)
+    output, hy, cy, reserve = emulated_ops.lstm_forward(*_args(a))
+    assert output.shape == (4, 0, (2 if bidirectional else 1) * 4) and reserve.numel() == 0
+    text = emulated_ops.cuda_path_choice(a["input"], None, 4, bidirectional, 0)
+    assert "reason=empty_batch" in text
+
+
+def test_emulated_path_environment_is_checked(emulated_ops, cuda_path):
+    _, a = make_case(1, True, False, 0, False, True, requires_grad=False)
+    for bad in (dict(mode="fastest"), dict(mode="persistent", units=0),
+                dict(mode="persistent", k_split=3), dict(mode="auto", tile=65)):
+        cuda_path(**bad)
+        with pytest.raises(RuntimeError, match="FUSED_LSTM_CUDA"):
+            emulated_ops.lstm_forward(*_args(a))
+
+
+# ---- the path rule: C++ and its Python copy agree -----------------------------------------------
+
+def _rule_cases():
+    from fused_lstm.explain import H100_SXM, DeviceLimits
+
+    devices = [
+        H100_SXM,
+        DeviceLimits(True, 108, 167936, 166912, 1024, 2),  # A100-like
+        DeviceLimits(True, 4, 65536, 49152, 1024, 8),      # small
+        DeviceLimits(True, 1, 16384, 8192, 0, 1),          # tiny
+        DeviceLimits(False, 132, 233472, 232448, 1024, 2),
+    ]
+    gen = torch.Generator().manual_seed(8)
+    pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=gen))]  # noqa: E731
+    cases = []
+    for _ in range(1500):
+        cases.append(dict(
+            hidden_size=pick([1, 2, 3, 5, 10, 31, 64, 100, 256, 384, 512, 768, 1024, 1500, 2048,
+                              4096]),
+            proj_size=pick([0, 0, 0, 0, 2]),
+            batch=pick([0, 1, 3, 4, 10, 16, 32, 64, 92, 100, 256]),
+            seq_len=pick([1, 4, 100, 1024]),
+            num_directions=pick([1, 2]),
+            num_runs=pick([1, 1, 7, 128, 129]),
+            elem_size=pick([4, 8]),
+            backward=pick([False, True]),
+            limits=pick(devices),
+            mode=pick(["auto", "auto", "persistent", "step"]),
+            units=pick([0, 0, 0, 1, 3, 16]),
+            batch_tile=pick([0, 0, 0, 4, 10, 64]),
+            k_split=pick([0, 0, 0, 1, 8, 32]),
+        ))
+    return cases
+
+
+def test_python_copy_of_the_path_rule_agrees_with_cpp(emulated_ops):
+    """fused_lstm/explain.py's decide_cuda_path is lstm_persistent.h's, on 1500 random sizes,
+    devices and overrides: same path, reason and plan, word for word."""
+    from fused_lstm.explain import decide_cuda_path
+
+    seen = set()
+    for case in _rule_cases():
+        expected = emulated_ops.decide_cuda_path(**{**case, "limits": case["limits"].as_list()})
+        got = decide_cuda_path(**case)
+        assert got == expected, case
+        seen.add(" ".join(expected.split()[:2]))
+    # Every outcome was exercised.
+    for outcome in ("path=persistent reason=auto", "path=persistent reason=forced_persistent",
+                    "path=step reason=forced_step", "path=step reason=projection",
+                    "path=step reason=does_not_fit", "path=step reason=step_path_predicted_faster",
+                    "path=step reason=too_many_batch_size_runs",
+                    "path=step reason=no_cooperative_launch", "path=step reason=empty_batch"):
+        assert outcome in seen, outcome
+
+
+@pytest.mark.parametrize("name,sizes,forward,backward", [
+    # the issue's workloads: (input, hidden, layers, seq, batch), dtype
+    ("seed-tiny", (1, 3, 2, 4, 92, torch.float32), "persistent", "persistent"),
+    ("small", (5, 10, 2, 3, 10, torch.float32), "persistent", "persistent"),
+    ("stream-step", (64, 256, 2, 1, 1, torch.float32), "persistent", "persistent"),
+    ("medium", (128, 256, 2, 100, 32, torch.float32), "persistent", "persistent"),
+    ("fastrnns", (512, 512, 1, 100, 64, torch.float32), "persistent", "step"),
+    ("flashrnn", (768, 768, 1, 1024, 16, torch.bfloat16), "persistent", "persistent"),
+    ("large", (1024, 1024, 1, 100, 64, torch.float32), "step", "step"),
+])
+def test_predicted_paths_of_the_issue_workloads(name, sizes, forward, backward):
+    """What the rule picks on an H100 for benchmarks/compare.py's workloads
+    (benchmarks/NOTES_CUDA.md quotes these plans and the cost model's numbers)."""
+    from fused_lstm.explain import predict_cuda_path
+
+    input_size, hidden, layers, seq_len, batch, dtype = sizes
+    x = torch.empty(seq_len, batch, input_size, dtype=dtype)
+    result = predict_cuda_path(dict(hidden_size=hidden, num_layers=layers), x)
+    assert result["forward"]["path"] == forward, result["summary"]
+    assert result["backward"]["path"] == backward, result["summary"]
+
+
+def test_explain_on_cpu_says_the_cpu_kernels():
+    import fused_lstm
+
+    lstm = fused_lstm.FusedLSTM(3, 5, 2, batch_first=True, bidirectional=True)
+    result = fused_lstm.explain(lstm, torch.randn(4, 6, 3))
+    assert result["path"] == "cpu" and result["device"] == "cpu"
+    assert result["forward"]["path"] == result["backward"]["path"] == "cpu"
+    assert "cpu" in result["summary"]
+    packed = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(6, 4, 3), [6, 5, 2, 1])
+    assert fused_lstm.explain(dict(hidden_size=5), packed)["path"] == "cpu"
+    with pytest.raises(TypeError):
+        fused_lstm.explain(object(), torch.randn(4, 6, 3))
+
+
+def test_explain_parses_the_cpp_answer(emulated_ops, cuda_path):
+    """explain()'s reading of fused_lstm::cuda_path_choice, on the emulated op's text."""
+    from fused_lstm.explain import parse_choice
+
+    cuda_path("auto")
+    x = torch.randn(5, 4, 3)
+    lines = dict(line.split(": ", 1)
+                 for line in emulated_ops.cuda_path_choice(x, None, 8, True, 0).splitlines())
+    assert set(lines) == {"forward", "backward"}
+    forward = parse_choice(lines["forward"])
+    assert forward["path"] == "persistent" and forward["reason"] == "auto"
+    assert forward["units"] == 8 and forward["blocks"] == 1 and forward["smem_bytes"] > 0
+    assert forward["why"].startswith("W_hh fits on chip")
+    step = parse_choice(emulated_ops.cuda_path_choice(x, None, 8, True, 2).splitlines()[0]
+                        .split(": ", 1)[1])
+    assert step == {"path": "step", "reason": "projection",
+                    "why": "proj_size > 0: the persistent kernels do not handle the projection"}

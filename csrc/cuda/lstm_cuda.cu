@@ -21,8 +21,14 @@
 // CPU tensor, so every per-step size is a host value: nothing reads device memory on the host,
 // there is no synchronisation, and a forward or backward can be captured in a CUDA graph.
 // Deterministic: no atomics; the bias gradient is ATen's sum over rows.
+//
+// Where it fits (no projection; W_hh slices in the shared memory of a co-resident grid; see
+// lstm_persistent.h), a layer runs instead as ONE cooperative launch for every step of both
+// directions: gpu::choose_cuda_path decides once per call (FUSED_LSTM_CUDA_PATH=auto|persistent|
+// step overrides), forward and backward separately; both paths fill the same reserve.
 #include "../lstm.h"
 #include "lstm_kernels.h"
+#include "lstm_persistent.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -37,6 +43,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <array>
 #include <vector>
 
 namespace fused_lstm {
@@ -118,7 +125,8 @@ Tensor layer_input(const LSTMShape& s, int64_t layer, const Tensor& input, const
 template <typename T>
 void forward_impl(const LSTMShape& s, const Tensor& input, const Tensor& hx, const Tensor& cx,
                   const std::vector<Tensor>& weights, const Tensor& mask, const Tensor& hy,
-                  const Tensor& cy, const Tensor& reserve, cudaStream_t stream) {
+                  const Tensor& cy, const Tensor& reserve, cudaStream_t stream,
+                  const gpu::PersistentPlan* persistent) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
   const int64_t out_stride = D * out;  // row stride of layer_out
   const bool proj = s.proj_size > 0;
@@ -127,6 +135,11 @@ void forward_impl(const LSTMShape& s, const Tensor& input, const Tensor& hx, con
 
   for (int64_t l = 0; l < s.num_layers; ++l) {
     const Tensor x = layer_input(s, l, input, reserve, mask, dropped);  // [rows, I_l]
+    if (persistent != nullptr) {  // every step of both directions in one launch
+      gpu::persistent_forward_layer<T>(s, l, x, hx, cx, weights, hy, cy, reserve, *persistent,
+                                       stream);
+      continue;
+    }
     const Tensor layer_out = reserve_matrix(reserve, s.layer_out_offset(l), s.rows, out_stride);
     for (int64_t d = 0; d < D; ++d) {
       const DirectionWeights w = direction_weights(s, weights, l, d);
@@ -188,7 +201,8 @@ void backward_impl(const LSTMShape& s, const Tensor& input, const Tensor& hx, co
                    const std::vector<Tensor>& weights, const Tensor& mask, const Tensor& reserve,
                    const Tensor& grad_output, const Tensor& grad_hy, const Tensor& grad_cy,
                    const Tensor& grad_input, const Tensor& grad_hx, const Tensor& grad_cx,
-                   std::vector<Tensor>& grad_weights, cudaStream_t stream) {
+                   std::vector<Tensor>& grad_weights, cudaStream_t stream,
+                   const gpu::PersistentPlan* persistent) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
   const int64_t out_stride = D * out;
   const bool proj = s.proj_size > 0;
@@ -207,12 +221,24 @@ void backward_impl(const LSTMShape& s, const Tensor& input, const Tensor& hx, co
   }
   if (grad_output.defined()) dy.copy_(grad_output);
   else dy.zero_();
+  // The persistent path's scratch per direction: the one above, then the reverse direction's.
+  std::array<Tensor, 2> persistent_dgates{dgates, Tensor()}, persistent_h_prev{h_prev, Tensor()};
 
   for (int64_t l = s.num_layers - 1; l >= 0; --l) {
     const Tensor x = layer_input(s, l, input, reserve, mask, dropped);
     const Tensor layer_out = reserve_matrix(reserve, s.layer_out_offset(l), s.rows, out_stride);
     // Gradient w.r.t. this layer's input: the op's grad_input, or the previous layer's output.
     Tensor dx_l = l == 0 ? grad_input : dx;
+    if (persistent != nullptr) {  // every step of both directions in one launch
+      gpu::persistent_backward_layer<T>(s, l, x, hx, cx, weights, reserve, dy, grad_hy, grad_cy,
+                                        dx_l, grad_hx, grad_cx, grad_weights, persistent_dgates,
+                                        persistent_h_prev, *persistent, stream);
+      if (l > 0) {  // as below
+        if (mask.defined()) at::mul_out(dy, dx, mask.select(0, l - 1));
+        else dy.copy_(dx);
+      }
+      continue;
+    }
     for (int64_t d = 0; d < D; ++d) {
       const DirectionWeights w = direction_weights(s, weights, l, d);
       const Tensor gates = reserve_matrix(reserve, s.gates_offset(l, d), s.rows, G);
@@ -308,8 +334,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(
   const Tensor x = a.input.view({s.rows, s.input_size});
   Tensor mask = a.dropout_mask;
   if (mask.defined()) mask = mask.view({s.num_layers - 1, s.rows, out_stride});
+  const gpu::PathChoice path = gpu::choose_cuda_path(
+      gpu::path_query(s, a.math == at::kDouble, /*backward=*/false), input.get_device());
   AT_DISPATCH_FLOATING_TYPES(a.math, "fused_lstm_forward_cuda", [&] {
-    forward_impl<scalar_t>(s, x, a.hx, a.cx, a.weights, mask, a.hy, a.cy, a.reserve, stream);
+    forward_impl<scalar_t>(s, x, a.hx, a.cx, a.weights, mask, a.hy, a.cy, a.reserve, stream,
+                           path.persistent ? &path.plan : nullptr);
   });
   return finish_forward(a);
 }
@@ -333,10 +362,13 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward_cuda(
   if (mask.defined()) mask = mask.view({s.num_layers - 1, s.rows, out_stride});
   Tensor gy = a.grad_output;
   if (gy.defined()) gy = gy.view({s.rows, out_stride});
+  const gpu::PathChoice path = gpu::choose_cuda_path(
+      gpu::path_query(s, a.math == at::kDouble, /*backward=*/true), input.get_device());
   AT_DISPATCH_FLOATING_TYPES(a.math, "fused_lstm_backward_cuda", [&] {
     backward_impl<scalar_t>(s, x, a.hx, a.cx, a.weights, mask, a.reserve, gy, a.grad_hy,
                             a.grad_cy, a.grad_input.view({s.rows, s.input_size}), a.grad_hx,
-                            a.grad_cx, a.grad_weights, stream);
+                            a.grad_cx, a.grad_weights, stream,
+                            path.persistent ? &path.plan : nullptr);
   });
   return finish_backward(a, weights);
 }

@@ -1,0 +1,646 @@
+// The persistent CUDA path: ONE cooperative launch runs every time step of one layer, both
+// directions at once (blockIdx.y = direction), with each block's rows of W_hh held in shared
+// memory for the whole sequence (Diamos et al. 2016, "Persistent RNNs"; FlashRNN).
+//
+// This header holds what host code needs, with no CUDA syntax, so that lstm_cuda.cu's host code
+// and the CPU emulation in tests/test_cuda_compile.py compile it with a plain C++ compiler:
+//   * the kernels' argument structs (PersistentForward, PersistentBackward) and the per-step
+//     row schedule (StepSchedule), passed by value as kernel arguments;
+//   * THE path decision, persistent or step, as a pure function of sizes and device limits
+//     (decide_cuda_path; fused_lstm/explain.py mirrors it for machines without a GPU, and a test
+//     checks that the two agree), plus the environment overrides (FUSED_LSTM_CUDA_PATH, ...);
+//   * the host glue around a launch (persistent_forward_layer / persistent_backward_layer): the
+//     input-projection GEMM before it, the weight-gradient GEMMs after it, both through ATen
+//     exactly as the step path in lstm_cuda.cu does them, into the same reserve layout (lstm.h).
+// The per-block bodies of the kernels are lstm_persistent.cuh's; the kernels, launchers and the
+// device queries are lstm_persistent.cu's.
+//
+// Work split. Block (x, d) owns hidden units [x*U, min((x+1)*U, H)) of direction d, for every
+// batch row; per step it computes those units' gates for all rows of the step:
+//   forward:  gates[:, g*H + j] += h_{t-1} . W_hh[g*H + j, :]  (W_hh rows of its units, 4U x H),
+//             then lstm_step.cuh's forward_step_element (lstm_cell.h's cell_forward);
+//             one grid barrier per step (h_t of every block must be written before step t+1).
+//   backward: phase A, its units' dgates (lstm_step.cuh's backward_step_element, cell_backward);
+//             grid barrier; phase B, dh_{t-1}[:, its units] = dgates_t . W_hh[:, its units]
+//             (the W_hh column slice, 4H x U, held transposed; a team sums 4 units x 4 rows).
+//             Phase B's outputs are read only by the same block's next phase A: one grid
+//             barrier per step.
+// Limits (the step path runs everything else): no projection (proj_size == 0); at most
+// kPersistentMaxRuns distinct batch sizes in a packed sequence; the W_hh slices of a grid that
+// fits on the device at once (cooperative launch) must fit in shared memory.
+#pragma once
+
+#include "../lstm.h"
+#include "lstm_kernels.h"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/add.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace fused_lstm {
+namespace gpu {
+
+// ---- Constants of the kernels (also in fused_lstm/explain.py: keep in sync) ------------------
+constexpr int kPersistentThreads = 256;       // threads per block
+constexpr int kPersistentRowsPerThread = 4;   // batch rows per dot-product team (register tile)
+constexpr int kPersistentUnitsPerTeam = 4;    // backward: hidden units per team (register tile)
+constexpr int kPersistentMaxRuns = 128;       // distinct batch sizes a packed sequence may have
+constexpr int64_t kPersistentMaxTile = 64;    // batch rows staged in shared memory at once
+// Fewer multiply-adds per block and step than this is latency, not work: rather fewer, fuller
+// blocks (fewer to wait for at each barrier).
+constexpr int64_t kPersistentMinFma = 16384;
+// Auto mode's cost model of one step (one layer, every direction), in nanoseconds. Guesses for an
+// H100 from published rates, never measured (benchmarks/NOTES_CUDA.md); tune them on a GPU.
+//   persistent: kGridSyncNs + bytes staged from L2 by every block / kStagedBytesPerNs
+//               + the busiest SM's multiply-adds * 10 / kSmemFmaPer10Ns (double: twice)
+//               [+ kPhaseANs backward]
+//   step path:  per direction, kStepLaunchNs * 2 (GEMM + pointwise, issued by the host)
+//               + the GEMM's 2*B*4H*H flops / kGemmFlopsPerNs (double: twice)
+constexpr int64_t kGridSyncNs = 1500;      // one grid.sync() of up to ~260 blocks
+constexpr int64_t kStagedBytesPerNs = 5500;  // L2 to the SMs, all together: 5.5 TB/s
+constexpr int64_t kSmemFmaPer10Ns = 1123;  // one SM: 32 shared-memory words per clock, 0.5 loads
+                                           // per multiply-add, 1.755 GHz: 112.3 per ns
+constexpr int64_t kPhaseANs = 300;         // backward's elementwise phase
+constexpr int64_t kStepLaunchNs = 5000;    // one eager ATen call that launches a kernel
+constexpr int64_t kGemmFlopsPerNs = 40000;  // cuBLAS float32 on one step's GEMM: 40 TFLOP/s
+
+// ---- Per-step rows -----------------------------------------------------------------------------
+// A packed batch_sizes is non-increasing: it is a few runs of equal sizes. Steps
+// [first_step, next run's first_step) have `batch` rows each, the first at row first_row.
+struct StepRun {
+  int64_t first_row;
+  int32_t first_step;
+  int32_t batch;
+};
+
+struct StepSchedule {
+  int32_t seq_len;
+  int32_t num_runs;
+  StepRun runs[kPersistentMaxRuns];
+};
+
+struct StepRows {
+  int64_t offset;  // first row
+  int64_t count;   // rows
+};
+
+// Rows of step t.
+C10_HOST_DEVICE inline StepRows step_rows(const StepSchedule& s, int64_t t) {
+  int r = 0;
+  while (r + 1 < s.num_runs && s.runs[r + 1].first_step <= t) ++r;
+  const StepRun& run = s.runs[r];
+  return {run.first_row + (t - run.first_step) * run.batch, run.batch};
+}
+
+// The rows of step t that continue from the step processed just before t in direction d
+// (forward: t-1; reverse: t+1, of which only the first batch_sizes[t+1] rows exist): rows
+// [0, count) of step t, found at rows [offset, offset + count). The others start from h0/c0.
+// lstm_cuda.cu's prev_rows.
+C10_HOST_DEVICE inline StepRows prev_step_rows(const StepSchedule& s, int d, int64_t t) {
+  if (d == 0) {
+    if (t > 0) return {step_rows(s, t - 1).offset, step_rows(s, t).count};
+  } else if (t + 1 < s.seq_len) {
+    return step_rows(s, t + 1);
+  }
+  return {0, 0};
+}
+
+inline int64_t count_runs(const std::vector<int64_t>& batch_sizes) {
+  int64_t runs = 0;
+  for (size_t t = 0; t < batch_sizes.size(); ++t)
+    if (t == 0 || batch_sizes[t] != batch_sizes[t - 1]) ++runs;
+  return runs;
+}
+
+inline StepSchedule step_schedule(const LSTMShape& s) {
+  StepSchedule sc;
+  std::memset(&sc, 0, sizeof(sc));
+  sc.seq_len = static_cast<int32_t>(s.seq_len);
+  int64_t row = 0;
+  for (int64_t t = 0; t < s.seq_len; ++t) {
+    const int64_t bs = s.batch_sizes[t];
+    if (t == 0 || bs != s.batch_sizes[t - 1]) {
+      TORCH_CHECK(sc.num_runs < kPersistentMaxRuns, "fused_lstm: too many batch-size runs");
+      sc.runs[sc.num_runs++] = {row, static_cast<int32_t>(t), static_cast<int32_t>(bs)};
+    }
+    row += bs;
+  }
+  return sc;
+}
+
+// ---- Launch plan -----------------------------------------------------------------------------
+// Shared memory of one block: w_rows x w_stride weights, then batch_tile x x_stride staged
+// activations (h_{t-1} forward, dgates_t backward), all in the math dtype.
+struct PersistentPlan {
+  int32_t units = 0;       // U: hidden units per block
+  int32_t blocks = 0;      // blocks per direction: ceil(H / U)
+  int32_t threads = 0;     // per block
+  int32_t k_split = 1;     // lanes that share one dot product (power of two, <= 32)
+  int32_t batch_tile = 0;  // rows staged at once (multiple of kPersistentRowsPerThread)
+  int32_t w_rows = 0;      // forward 4U (gate-major: g*U + u); backward U rounded up to
+                           // kPersistentUnitsPerTeam (the W_hh column slice, transposed)
+  int32_t w_stride = 0;    // elements per weight row (>= K, padded against bank conflicts)
+  int32_t x_stride = 0;    // elements per staged row (>= K)
+  int64_t smem_bytes = 0;  // dynamic shared memory per block
+};
+
+// ---- Kernel arguments (by value: no host-to-device copy, so capturable in a CUDA graph) --------
+// Per-direction pointers are indexed by d in [0, num_directions). Shapes: rows = sum of batch
+// sizes, G = 4H; every pointer is device memory in the math dtype T, row-major.
+template <typename T>
+struct PersistentForward {
+  int64_t hidden = 0;          // H (no projection: out_size == H)
+  int64_t batch = 0;           // B
+  int64_t num_directions = 0;  // D
+  int64_t out_stride = 0;      // D*H: row stride of layer_out
+  PersistentPlan plan;
+  StepSchedule steps;
+  const T* w_hh[2] = {};       // [4H, H]
+  const T* h0[2] = {};         // [B, H] initial h, read-only; null means zeros
+  T* gates[2] = {};            // [rows, G]  in: x W_ih^T + b_ih + b_hh; out: activated i, f, g, o
+  T* cells[2] = {};            // [rows, H]  out: c_t
+  T* h_state[2] = {};          // [B, H]     out: h_n (each row's last h)
+  T* c_state[2] = {};          // [B, H]     in: c0 (or zeros); out: c_n
+  T* layer_out = nullptr;      // [rows, D*H] out: h_t of direction d in columns [d*H, (d+1)*H)
+};
+
+template <typename T>
+struct PersistentBackward {
+  int64_t hidden = 0;
+  int64_t batch = 0;
+  int64_t num_directions = 0;
+  int64_t out_stride = 0;      // D*H
+  PersistentPlan plan;
+  StepSchedule steps;
+  const T* w_hh[2] = {};       // [4H, H]
+  const T* gates[2] = {};      // [rows, G]  activated gates of the forward
+  const T* cells[2] = {};      // [rows, H]  c_t of the forward
+  const T* c0[2] = {};         // [B, H] or null (zeros)
+  const T* h0[2] = {};         // [B, H] or null (zeros)
+  const T* layer_out = nullptr;  // [rows, D*H] h_t of the forward
+  const T* dy = nullptr;       // [rows, D*H] dL/d(layer output)
+  T* dh_state[2] = {};         // [B, H] in: dL/dh_n; carried; out: dL/dh0
+  T* dc_state[2] = {};         // [B, H] in: dL/dc_n; carried; out: dL/dc0
+  T* dgates[2] = {};           // [rows, G]  out: dL/d(gate pre-activations)
+  T* h_prev[2] = {};           // [rows, H]  out: h_{t-1} of every row, for dW_hh
+};
+
+// Kernel arguments live in the 4 KB parameter space of every CUDA version.
+static_assert(sizeof(PersistentForward<double>) <= 4000, "kernel arguments too large");
+static_assert(sizeof(PersistentBackward<double>) <= 4000, "kernel arguments too large");
+
+// ---- The decision: persistent or step ---------------------------------------------------------
+// What the decision depends on, no more: sizes of the call and the math dtype's width.
+struct PathQuery {
+  int64_t hidden_size = 0;
+  int64_t proj_size = 0;
+  int64_t batch = 0;           // rows of the first (largest) step
+  int64_t seq_len = 0;
+  int64_t num_directions = 1;
+  int64_t num_runs = 1;        // distinct batch sizes (1 when not packed)
+  int64_t elem_size = 4;       // bytes of the math dtype: 4 (float) or 8 (double)
+  bool backward = false;
+};
+
+// What the device offers one persistent kernel.
+struct DeviceLimits {
+  bool cooperative_launch = false;
+  int64_t sm_count = 0;
+  int64_t smem_per_sm = 0;              // cudaDevAttrMaxSharedMemoryPerMultiprocessor
+  int64_t smem_per_block_optin = 0;     // cudaDevAttrMaxSharedMemoryPerBlockOptin
+  int64_t reserved_smem_per_block = 0;  // cudaDevAttrReservedSharedMemoryPerBlock
+  int64_t max_blocks_per_sm = 0;        // the kernel's own limit (threads, registers): occupancy
+                                        // at zero dynamic shared memory
+};
+
+enum class PathMode { kAuto, kPersistent, kStep };
+
+// FUSED_LSTM_CUDA_PATH=auto|persistent|step; the others are for tests and tuning: they fix one
+// parameter of the plan (0 = chosen by the rule).
+struct PathOverrides {
+  PathMode mode = PathMode::kAuto;
+  int64_t units = 0;       // FUSED_LSTM_CUDA_PERSISTENT_UNITS
+  int64_t batch_tile = 0;  // FUSED_LSTM_CUDA_PERSISTENT_TILE
+  int64_t k_split = 0;     // FUSED_LSTM_CUDA_PERSISTENT_KSPLIT
+};
+
+// Why; the words are what explain() shows (fused_lstm/explain.py has a sentence for each).
+enum class PathReason {
+  kForcedStep,          // FUSED_LSTM_CUDA_PATH=step
+  kNoCooperativeLaunch, // the device cannot launch cooperative kernels
+  kEmptyBatch,          // nothing to compute
+  kProjection,          // proj_size > 0
+  kTooManyRuns,         // packed sequence with more than kPersistentMaxRuns distinct batch sizes
+  kDoesNotFit,          // no co-resident grid holds W_hh in shared memory
+  kStepPathFaster,      // auto: the cost model predicts the step path faster
+  kOccupancyRefused,    // the occupancy API allows fewer co-resident blocks than the model
+  kAuto,                // auto: persistent
+  kForcedPersistent,    // FUSED_LSTM_CUDA_PATH=persistent
+};
+
+inline const char* reason_word(PathReason r) {
+  switch (r) {
+    case PathReason::kForcedStep: return "forced_step";
+    case PathReason::kNoCooperativeLaunch: return "no_cooperative_launch";
+    case PathReason::kEmptyBatch: return "empty_batch";
+    case PathReason::kProjection: return "projection";
+    case PathReason::kTooManyRuns: return "too_many_batch_size_runs";
+    case PathReason::kDoesNotFit: return "does_not_fit";
+    case PathReason::kStepPathFaster: return "step_path_predicted_faster";
+    case PathReason::kOccupancyRefused: return "occupancy_refused";
+    case PathReason::kAuto: return "auto";
+    case PathReason::kForcedPersistent: return "forced_persistent";
+  }
+  return "unknown";
+}
+
+struct PathChoice {
+  bool persistent = false;
+  PathReason reason = PathReason::kForcedStep;
+  PersistentPlan plan;                 // when a plan was found (even if not taken)
+  int64_t coresident_blocks = 0;       // of that plan's shared memory, whole device
+  int64_t fma_per_block_step = 0;      // multiply-adds of one block in one step (all rows)
+  int64_t persistent_ns = 0;           // the cost model's step time, persistent
+  int64_t step_path_ns = 0;            // the cost model's step time, step path
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+inline int64_t pow2_floor(int64_t x) {
+  int64_t p = 1;
+  while (p * 2 <= x) p *= 2;
+  return p;
+}
+inline int64_t pow2_ceil(int64_t x) {
+  int64_t p = 1;
+  while (p < x) p *= 2;
+  return p;
+}
+
+// Blocks of `smem_bytes` dynamic shared memory that fit on the whole device at once, by the
+// occupancy calculator's rules (the launch re-checks with the CUDA occupancy API itself).
+inline int64_t modelled_coresident_blocks(const DeviceLimits& lim, int64_t smem_bytes) {
+  if (smem_bytes > lim.smem_per_block_optin) return 0;
+  const int64_t by_smem = lim.smem_per_sm / (smem_bytes + lim.reserved_smem_per_block);
+  return lim.sm_count * std::min(lim.max_blocks_per_sm, by_smem);
+}
+
+// The plan for U units per block; batch_tile == 0 when no tile fits in one block's shared memory.
+inline PersistentPlan make_plan(const PathQuery& q, const DeviceLimits& lim, int64_t units,
+                                const PathOverrides& o) {
+  const int64_t R = kPersistentRowsPerThread;
+  const int64_t H = q.hidden_size;
+  const int64_t K = q.backward ? 4 * H : H;  // length of one dot product
+  PersistentPlan p;
+  p.units = static_cast<int32_t>(units);
+  p.blocks = static_cast<int32_t>(ceil_div(H, units));
+  p.threads = kPersistentThreads;
+  p.w_rows = static_cast<int32_t>(q.backward ? round_up(units, kPersistentUnitsPerTeam)
+                                              : 4 * units);
+  // Teams per row group: one per unit forward (its 4 gates), one per 4 units backward.
+  const int64_t teams_per_group = q.backward ? ceil_div(units, kPersistentUnitsPerTeam) : units;
+  int64_t tile = round_up(std::min<int64_t>(q.batch, o.batch_tile > 0 ? o.batch_tile
+                                                                       : kPersistentMaxTile), R);
+  for (; tile >= R; tile -= R) {
+    const int64_t items = (tile / R) * teams_per_group;  // dot-product teams wanted per tile
+    int64_t k_split = o.k_split > 0
+        ? o.k_split
+        : std::min<int64_t>({32, std::max<int64_t>(1, pow2_floor(kPersistentThreads / items)),
+                             pow2_ceil(K)});
+    // Lanes of one team read consecutive k; a row stride of k_split (mod 32) words puts the
+    // teams of a warp (consecutive units or rows) on distinct banks.
+    const int64_t stride = round_up(K, 32) + (k_split % 32);
+    const int64_t smem = (p.w_rows * stride + tile * stride) * q.elem_size;
+    if (smem <= lim.smem_per_block_optin) {
+      p.k_split = static_cast<int32_t>(k_split);
+      p.batch_tile = static_cast<int32_t>(tile);
+      p.w_stride = p.x_stride = static_cast<int32_t>(stride);
+      p.smem_bytes = smem;
+      return p;
+    }
+  }
+  p.batch_tile = 0;
+  return p;
+}
+
+// THE rule. Hard limits first (what the kernels cannot do), then the smallest U, i.e. the most
+// blocks, whose grid fits on the device at once, but no more blocks than SMs (every block reads
+// all of h_{t-1} each step: more blocks, more of that traffic, for no more arithmetic per SM) and
+// no fewer units than keep a block busy (kPersistentMinFma); then, in auto mode, whether the
+// cost model predicts a step faster than the step path's.
+inline PathChoice decide_cuda_path(const PathQuery& q, const DeviceLimits& lim,
+                                   const PathOverrides& o) {
+  PathChoice c;
+  const auto no = [&](PathReason r) {
+    c.persistent = false;
+    c.reason = r;
+    return c;
+  };
+  if (o.mode == PathMode::kStep) return no(PathReason::kForcedStep);
+  if (!lim.cooperative_launch) return no(PathReason::kNoCooperativeLaunch);
+  if (q.batch <= 0 || q.seq_len <= 0 || q.hidden_size <= 0) return no(PathReason::kEmptyBatch);
+  if (q.proj_size > 0) return no(PathReason::kProjection);
+  if (q.num_runs > kPersistentMaxRuns) return no(PathReason::kTooManyRuns);
+  const int64_t H = q.hidden_size, R = kPersistentRowsPerThread;
+  const int64_t fma_per_unit = 4 * round_up(q.batch, R) * H;  // per block step, per unit
+  const int64_t blocks_per_direction = std::max<int64_t>(1, lim.sm_count / q.num_directions);
+  int64_t first = std::min(H, std::max(ceil_div(kPersistentMinFma, fma_per_unit),
+                                       ceil_div(H, blocks_per_direction)));
+  int64_t last = H;
+  if (o.units > 0) first = last = std::min(o.units, H);
+  bool found = false;
+  for (int64_t u = first; u <= last; ++u) {
+    const PersistentPlan p = make_plan(q, lim, u, o);
+    if (p.batch_tile == 0) {
+      // Not even the smallest tile fits; more units only need more shared memory.
+      const int64_t K = q.backward ? 4 * H : H;
+      if ((p.w_rows + R) * round_up(K, 32) * q.elem_size > lim.smem_per_block_optin) break;
+      continue;
+    }
+    // The grid of u - 1 units did not fit: one with as many blocks and more units cannot.
+    if (u > first && ceil_div(H, u) == ceil_div(H, u - 1)) continue;
+    const int64_t coresident = modelled_coresident_blocks(lim, p.smem_bytes);
+    c.plan = p;
+    c.coresident_blocks = coresident;
+    if (p.blocks * q.num_directions <= coresident) {
+      found = true;
+      break;
+    }
+  }
+  if (!found) return no(PathReason::kDoesNotFit);
+  c.fma_per_block_step = fma_per_unit * c.plan.units;
+  // The cost model (integers: fused_lstm/explain.py computes the same numbers).
+  const int64_t width = q.elem_size / 4;  // double: half the rate
+  const int64_t grid_blocks = int64_t{c.plan.blocks} * q.num_directions;
+  const int64_t staged_bytes = grid_blocks * q.batch * c.plan.x_stride * q.elem_size;
+  const int64_t busiest_sm_fma = ceil_div(grid_blocks, lim.sm_count) * c.fma_per_block_step;
+  c.persistent_ns = kGridSyncNs + staged_bytes / kStagedBytesPerNs +
+                    busiest_sm_fma * width * 10 / kSmemFmaPer10Ns +
+                    (q.backward ? kPhaseANs : 0);
+  c.step_path_ns = q.num_directions *
+                   (2 * kStepLaunchNs + 2 * q.batch * 4 * H * H * width / kGemmFlopsPerNs);
+  if (o.mode == PathMode::kAuto && c.persistent_ns >= c.step_path_ns) {
+    return no(PathReason::kStepPathFaster);
+  }
+  c.persistent = true;
+  c.reason = o.mode == PathMode::kAuto ? PathReason::kAuto : PathReason::kForcedPersistent;
+  return c;
+}
+
+// One line, "key=value" words; fused_lstm/explain.py parses it (and formats its mirror the same).
+inline std::string describe(const PathChoice& c) {
+  std::string s = c.persistent ? "path=persistent" : "path=step";
+  s += std::string(" reason=") + reason_word(c.reason);
+  const PersistentPlan& p = c.plan;
+  if (p.units > 0 && p.batch_tile > 0) {
+    s += " units=" + std::to_string(p.units) + " blocks=" + std::to_string(p.blocks) +
+         " threads=" + std::to_string(p.threads) + " k_split=" + std::to_string(p.k_split) +
+         " batch_tile=" + std::to_string(p.batch_tile) +
+         " smem_bytes=" + std::to_string(p.smem_bytes) +
+         " coresident_blocks=" + std::to_string(c.coresident_blocks) +
+         " fma_per_block_step=" + std::to_string(c.fma_per_block_step) +
+         " persistent_ns=" + std::to_string(c.persistent_ns) +
+         " step_path_ns=" + std::to_string(c.step_path_ns);
+  }
+  return s;
+}
+
+inline int64_t env_int(const char* name, int64_t lo, int64_t hi) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return 0;
+  char* end = nullptr;
+  const long long n = std::strtoll(v, &end, 10);
+  TORCH_CHECK(end != v && *end == '\0' && n >= lo && n <= hi, "fused_lstm: ", name,
+              " must be an integer in [", lo, ", ", hi, "]; got '", v, "'");
+  return n;
+}
+
+inline PathOverrides path_overrides_from_env() {
+  PathOverrides o;
+  const char* v = std::getenv("FUSED_LSTM_CUDA_PATH");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) {
+    o.mode = PathMode::kAuto;
+  } else if (std::strcmp(v, "persistent") == 0) {
+    o.mode = PathMode::kPersistent;
+  } else if (std::strcmp(v, "step") == 0) {
+    o.mode = PathMode::kStep;
+  } else {
+    TORCH_CHECK(false, "fused_lstm: FUSED_LSTM_CUDA_PATH must be auto, persistent or step; got '",
+                v, "'");
+  }
+  o.units = env_int("FUSED_LSTM_CUDA_PERSISTENT_UNITS", 1, int64_t{1} << 20);
+  o.batch_tile = env_int("FUSED_LSTM_CUDA_PERSISTENT_TILE", 1, kPersistentMaxTile);
+  o.k_split = env_int("FUSED_LSTM_CUDA_PERSISTENT_KSPLIT", 1, 32);
+  TORCH_CHECK(o.k_split == 0 || pow2_floor(o.k_split) == o.k_split,
+              "fused_lstm: FUSED_LSTM_CUDA_PERSISTENT_KSPLIT must be a power of two");
+  return o;
+}
+
+inline PathQuery path_query(const LSTMShape& s, bool is_double, bool backward) {
+  PathQuery q;
+  q.hidden_size = s.hidden_size;
+  q.proj_size = s.proj_size;
+  q.batch = s.batch;
+  q.seq_len = s.seq_len;
+  q.num_directions = s.num_directions;
+  q.num_runs = count_runs(s.batch_sizes);
+  q.elem_size = is_double ? 8 : 4;
+  q.backward = backward;
+  return q;
+}
+
+// ---- Device side (lstm_persistent.cu; the CPU emulation defines its own) ------------------------
+// The limits of the current device for one kernel (forward or backward, float or double); cached
+// per device. Sets the kernel's shared-memory attributes on first use.
+DeviceLimits persistent_device_limits(int device, bool backward, bool is_double);
+// Co-resident blocks on the whole device by the CUDA occupancy API, for exactly `smem_bytes` of
+// dynamic shared memory; cached.
+int64_t persistent_coresident_blocks(int device, bool backward, bool is_double,
+                                     int64_t smem_bytes);
+// One cooperative launch: grid (plan.blocks, num_directions), plan.threads threads,
+// plan.smem_bytes of dynamic shared memory, on `stream`; checked, never synchronising.
+template <typename T>
+void persistent_forward(const PersistentForward<T>& p, cudaStream_t stream);
+template <typename T>
+void persistent_backward(const PersistentBackward<T>& p, cudaStream_t stream);
+
+// The decision for one call on `device`: the rule, then the occupancy API's word on its plan.
+inline PathChoice choose_cuda_path(const PathQuery& q, int device) {
+  const PathOverrides o = path_overrides_from_env();
+  if (o.mode == PathMode::kStep) return decide_cuda_path(q, DeviceLimits{}, o);
+  const bool is_double = q.elem_size == 8;
+  PathChoice c = decide_cuda_path(q, persistent_device_limits(device, q.backward, is_double), o);
+  if (c.persistent) {
+    const int64_t exact =
+        persistent_coresident_blocks(device, q.backward, is_double, c.plan.smem_bytes);
+    if (exact < int64_t{c.plan.blocks} * q.num_directions) {
+      c.persistent = false;
+      c.reason = PathReason::kOccupancyRefused;
+      c.coresident_blocks = exact;
+    }
+  }
+  return c;
+}
+
+// What lstm_forward and lstm_backward choose for these sizes on `device` (the current device):
+// "forward: <describe>\nbackward: <describe>". The op fused_lstm::cuda_path_choice.
+//   input: [T, B, I], or packed [rows, I] with batch_sizes ([T], CPU int64)
+inline std::string cuda_path_choice_text(const at::Tensor& input,
+                                         const std::optional<at::Tensor>& batch_sizes,
+                                         int64_t hidden_size, bool bidirectional,
+                                         int64_t proj_size, int device) {
+  PathQuery q;
+  q.hidden_size = hidden_size;
+  q.proj_size = proj_size;
+  q.num_directions = bidirectional ? 2 : 1;
+  q.elem_size = input.scalar_type() == at::kDouble ? 8 : 4;
+  if (batch_sizes.has_value()) {
+    const at::Tensor& bs = *batch_sizes;
+    TORCH_CHECK(bs.dim() == 1 && bs.scalar_type() == at::kLong && bs.device().is_cpu(),
+                "fused_lstm: batch_sizes must be a 1-D int64 CPU tensor");
+    const at::Tensor c = bs.contiguous();
+    const int64_t* v = c.const_data_ptr<int64_t>();
+    const std::vector<int64_t> sizes(v, v + c.numel());
+    q.seq_len = c.numel();
+    q.batch = sizes.empty() ? 0 : sizes[0];
+    q.num_runs = count_runs(sizes);
+  } else {
+    TORCH_CHECK(input.dim() == 3, "fused_lstm: cuda_path_choice expects [T, B, I] input");
+    q.seq_len = input.size(0);
+    q.batch = input.size(1);
+  }
+  q.backward = false;
+  std::string text = "forward: " + describe(choose_cuda_path(q, device));
+  q.backward = true;
+  text += "\nbackward: " + describe(choose_cuda_path(q, device));
+  return text;
+}
+
+// ---- Host glue around one launch (one layer, both directions) ----------------------------------
+
+// x: [rows, I_l] this layer's input; hx, cx: [L*D, B, H] or undefined; weights: nn.LSTM's flat
+// order, contiguous, math dtype; hy, cy: [L*D, B, H] outputs; reserve: [reserve_numel].
+template <typename T>
+void persistent_forward_layer(const LSTMShape& s, int64_t layer, const at::Tensor& x,
+                              const at::Tensor& hx, const at::Tensor& cx,
+                              const std::vector<at::Tensor>& weights, const at::Tensor& hy,
+                              const at::Tensor& cy, const at::Tensor& reserve,
+                              const PersistentPlan& plan, cudaStream_t stream) {
+  const int64_t H = s.hidden_size, G = 4 * H, D = s.num_directions;
+  PersistentForward<T> p;
+  p.hidden = H;
+  p.batch = s.batch;
+  p.num_directions = D;
+  p.out_stride = D * H;
+  p.plan = plan;
+  p.steps = step_schedule(s);
+  for (int64_t d = 0; d < D; ++d) {
+    const int64_t k = s.weight_index(layer, d);
+    const at::Tensor& w_ih = weights[k];
+    at::Tensor gates =
+        reserve.narrow(0, s.gates_offset(layer, d), s.rows * G).view({s.rows, G});
+    // Input projection of every step at once: gates = x W_ih^T + (b_ih + b_hh).
+    if (s.has_biases) {
+      at::addmm_out(gates, at::add(weights[k + 2], weights[k + 3]), x, w_ih.t());
+    } else {
+      at::mm_out(gates, x, w_ih.t());
+    }
+    const int64_t ld = layer * D + d;
+    at::Tensor h_state = hy.select(0, ld);
+    at::Tensor c_state = cy.select(0, ld);
+    if (hx.defined()) h_state.copy_(hx.select(0, ld));
+    else h_state.zero_();
+    if (cx.defined()) c_state.copy_(cx.select(0, ld));
+    else c_state.zero_();
+    p.w_hh[d] = weights[k + 1].const_data_ptr<T>();
+    // h0 from hx itself, not from h_n: h_n is written while other blocks still read h0.
+    p.h0[d] = hx.defined() ? hx.select(0, ld).const_data_ptr<T>() : nullptr;
+    p.gates[d] = gates.mutable_data_ptr<T>();
+    p.cells[d] = reserve.mutable_data_ptr<T>() + s.cells_offset(layer, d);
+    p.h_state[d] = h_state.mutable_data_ptr<T>();
+    p.c_state[d] = c_state.mutable_data_ptr<T>();
+  }
+  p.layer_out = reserve.mutable_data_ptr<T>() + s.layer_out_offset(layer);
+  persistent_forward<T>(p, stream);
+}
+
+// As persistent_forward_layer, plus: dy [rows, D*H] the gradient of this layer's output;
+// grad_hy, grad_cy or undefined (zeros); out: dx_l [rows, I_l] (this layer's input gradient),
+// grad_hx, grad_cx (this layer's slices), grad_weights (this layer's). dgates / h_prev: scratch
+// [rows, 4H] / [rows, H] per direction; [0] is the step path's, [1] is allocated on first use.
+template <typename T>
+void persistent_backward_layer(const LSTMShape& s, int64_t layer, const at::Tensor& x,
+                               const at::Tensor& hx, const at::Tensor& cx,
+                               const std::vector<at::Tensor>& weights, const at::Tensor& reserve,
+                               const at::Tensor& dy, const at::Tensor& grad_hy,
+                               const at::Tensor& grad_cy, at::Tensor dx_l,
+                               const at::Tensor& grad_hx, const at::Tensor& grad_cx,
+                               std::vector<at::Tensor>& grad_weights,
+                               std::array<at::Tensor, 2>& dgates,
+                               std::array<at::Tensor, 2>& h_prev, const PersistentPlan& plan,
+                               cudaStream_t stream) {
+  const int64_t H = s.hidden_size, G = 4 * H, D = s.num_directions;
+  PersistentBackward<T> p;
+  p.hidden = H;
+  p.batch = s.batch;
+  p.num_directions = D;
+  p.out_stride = D * H;
+  p.plan = plan;
+  p.steps = step_schedule(s);
+  p.layer_out = reserve.const_data_ptr<T>() + s.layer_out_offset(layer);
+  p.dy = dy.const_data_ptr<T>();
+  for (int64_t d = 0; d < D; ++d) {
+    if (!dgates[d].defined()) dgates[d] = at::empty({s.rows, G}, x.options());
+    if (!h_prev[d].defined()) h_prev[d] = at::empty({s.rows, H}, x.options());
+    const int64_t ld = layer * D + d;
+    at::Tensor dh_state = grad_hx.select(0, ld);
+    at::Tensor dc_state = grad_cx.select(0, ld);
+    if (grad_hy.defined()) dh_state.copy_(grad_hy.select(0, ld));
+    else dh_state.zero_();
+    if (grad_cy.defined()) dc_state.copy_(grad_cy.select(0, ld));
+    else dc_state.zero_();
+    p.w_hh[d] = weights[s.weight_index(layer, d) + 1].const_data_ptr<T>();
+    p.gates[d] = reserve.const_data_ptr<T>() + s.gates_offset(layer, d);
+    p.cells[d] = reserve.const_data_ptr<T>() + s.cells_offset(layer, d);
+    p.c0[d] = cx.defined() ? cx.select(0, ld).const_data_ptr<T>() : nullptr;
+    p.h0[d] = hx.defined() ? hx.select(0, ld).const_data_ptr<T>() : nullptr;
+    p.dh_state[d] = dh_state.mutable_data_ptr<T>();
+    p.dc_state[d] = dc_state.mutable_data_ptr<T>();
+    p.dgates[d] = dgates[d].mutable_data_ptr<T>();
+    p.h_prev[d] = h_prev[d].mutable_data_ptr<T>();
+  }
+  persistent_backward<T>(p, stream);
+  // The weight gradients and dx as large GEMMs over every step: lstm_cuda.cu's, per direction.
+  for (int64_t d = 0; d < D; ++d) {
+    const int64_t k = s.weight_index(layer, d);
+    const at::Tensor& dg = dgates[d];
+    at::mm_out(grad_weights[k], dg.t(), x);             // dW_ih [4H, I_l]
+    at::mm_out(grad_weights[k + 1], dg.t(), h_prev[d]);  // dW_hh [4H, H]
+    if (s.has_biases) {
+      const int64_t rows_dim[] = {0};
+      at::sum_out(grad_weights[k + 2], dg, at::IntArrayRef(rows_dim));  // db_ih [4H]
+      grad_weights[k + 3].copy_(grad_weights[k + 2]);                   // db_hh
+    }
+    if (d == 0) at::mm_out(dx_l, dg, weights[k]);
+    else dx_l.addmm_(dg, weights[k]);
+  }
+}
+
+}  // namespace gpu
+}  // namespace fused_lstm
