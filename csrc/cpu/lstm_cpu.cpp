@@ -420,7 +420,9 @@ void forward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_t d, 
 }
 
 // Multiply-adds of recurrent work from which the batch is split over threads (each thread runs
-// all steps for its rows: one parallel region instead of two per step; NOTES.md section 6).
+// all steps for its rows: one parallel region instead of two per step), as long as one step's
+// product is below kOneDnnMinWork: larger ones run faster as one GEMM parallel inside
+// (measured, 2 threads: fastrnns infer 159 ms unsplit vs 181 ms split; NOTES.md section 6).
 constexpr int64_t kSplitBatchWork = int64_t{1} << 20;
 
 // body(r0, r1) over slices of [0, batch): one per thread when the recurrence of `steps` steps
@@ -428,8 +430,9 @@ constexpr int64_t kSplitBatchWork = int64_t{1} << 20;
 template <typename F>
 void for_each_batch_slice(const LSTMShape& s, int64_t steps, const F& body) {
   const int64_t threads = at::get_num_threads();
-  const int64_t work = steps * s.batch * 4 * s.hidden_size * (s.out_size + 8);
-  if (threads > 1 && s.batch > 1 && work >= kSplitBatchWork && !at::in_parallel_region()) {
+  const int64_t step_work = s.batch * 4 * s.hidden_size * (s.out_size + 8);
+  if (threads > 1 && s.batch > 1 && steps * step_work >= kSplitBatchWork &&
+      step_work < kOneDnnMinWork && !at::in_parallel_region()) {
     const int64_t slices = std::min(threads, s.batch);
     at::parallel_for(0, s.batch, (s.batch + slices - 1) / slices, body);
   } else {
@@ -460,6 +463,7 @@ struct TinyBuffers {
   T* cT;        // [H][B]   c state
   T* hnew;      // [H][B]   o * tanh(c_t) before the projection (projection only)
   T* cnew;      // [H][B]   c_t of the step
+  T* gstep;     // [4H][bs] one step's gates, compact (a batch slice [r0, r1) at 4H * r0)
 };
 
 template <typename T>
@@ -488,20 +492,28 @@ void tiny_forward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_
     const int64_t bs = std::min(s.batch_sizes[t], r1) - r0;
     if (bs <= 0) continue;
     const int64_t off = s.step_offset[t];
-    T* g = tb.gT + (off - tb.row0) + r0;
+    // The step's gates, compact: [4H][bs].
+    T* g = tb.gstep + G * r0;
+    const T* projected = tb.gT + (off - tb.row0) + r0;
+    for (int64_t r = 0; r < G; ++r) std::memcpy(g + r * bs, projected + r * ld, sizeof(T) * bs);
     T* hT = tb.hT + r0;
     T* cT = tb.cT + r0;
     T* hnew = tb.hnew + r0;
     T* cnew = tb.cnew + r0;
-    tiny_product(true, bs, G, out, w.w_hh, hT, B, g, ld);
-    for (int64_t j = 0; j < H; ++j)
-      cell_forward_block(bs, g + j * ld, g + (H + j) * ld, g + (2 * H + j) * ld,
-                         g + (3 * H + j) * ld, cT + j * B, cnew + j * B,
-                         has_proj ? hnew + j * B : hT + j * B);
+    tiny_product(true, bs, G, out, w.w_hh, hT, B, g, bs);
+    if (bs == B) {  // the whole batch: [H][B] state and [H][bs] gates line up, one long pass
+      cell_forward_block(H * bs, g, g + H * bs, g + 2 * H * bs, g + 3 * H * bs, cT, cnew,
+                         has_proj ? hnew : hT);
+    } else {
+      for (int64_t j = 0; j < H; ++j)
+        cell_forward_block(bs, g + j * bs, g + (H + j) * bs, g + (2 * H + j) * bs,
+                           g + (3 * H + j) * bs, cT + j * B, cnew + j * B,
+                           has_proj ? hnew + j * B : hT + j * B);
+    }
     if (has_proj) tiny_product(false, bs, out, H, w.w_hr, hnew, B, hT, B);
     const int64_t row = off + r0;
     if (gates) {
-      transpose(g, ld, G, bs, gates + row * G, G);
+      transpose(g, bs, G, bs, gates + row * G, G);
       transpose(cnew, B, H, bs, cells + row * H, H);
       if (has_proj) transpose(hnew, B, H, bs, pre_proj + row * H, H);
     }
@@ -513,10 +525,11 @@ void tiny_forward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_
 template <typename T>
 TinyBuffers<T> tiny_buffers(const LSTMShape& s, int64_t g_rows, at::Tensor& holder) {
   const int64_t H = s.hidden_size, B = s.batch;
-  T* p = scratch<T>(holder, 4 * H * g_rows + (s.out_size + 3 * H) * B);
-  return TinyBuffers<T>{p, g_rows, 0, p + 4 * H * g_rows, p + 4 * H * g_rows + s.out_size * B,
-                        p + 4 * H * g_rows + (s.out_size + H) * B,
-                        p + 4 * H * g_rows + (s.out_size + 2 * H) * B};
+  const int64_t state = (s.out_size + 3 * H) * B;
+  T* p = scratch<T>(holder, 4 * H * g_rows + state + 4 * H * B);
+  T* st = p + 4 * H * g_rows;
+  return TinyBuffers<T>{p, g_rows, 0, st, st + s.out_size * B, st + (s.out_size + H) * B,
+                        st + (s.out_size + 2 * H) * B, st + state};
 }
 
 template <typename T>
