@@ -410,3 +410,43 @@ def test_thin_products_split_over_threads(two_threads, bidirectional, packed):
     with torch.no_grad():
         for g, e in zip(call(LSTM_INFERENCE, a), got):
             torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("hidden,batch", [(48, 9), (80, 70)], ids=["one-block", "blocks"])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bidirectional,proj_size,packed",
+                         [(False, 0, False), (True, 0, True), (True, 8, False), (False, 8, True)])
+def test_float32_row_wise_path_matches_nn_lstm(threads, bidirectional, proj_size, packed, hidden,
+                                                batch):
+    """float32 at a hidden size of the row-wise path (>= 16): the recurrent product goes through
+    oneDNN's brgemm micro-kernel where torch has it (csrc/cpu: brgemm_accumulate, in blocks of
+    64 rows and 256 columns: 80 hidden units are 320 gate columns, 70 rows two row blocks on one
+    thread), on one thread or split over two by batch rows. Outputs and gradients against
+    nn.LSTM's kernel."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        lstm, a = make_case(2, True, bidirectional, proj_size, packed, with_state=True,
+                            dtype=torch.float32, input_size=5, hidden_size=hidden, seq_len=12,
+                            batch=batch)
+        a["weights"] = [(w.detach() / 4).requires_grad_() for w in a["weights"]]
+        hx = (a["hx"], a["cx"])
+        if packed:
+            expected = torch._VF.lstm(a["input"], a["batch_sizes"], hx, a["weights"], True, 2,
+                                      0.0, False, bidirectional)
+        else:
+            expected = torch._VF.lstm(a["input"], hx, a["weights"], True, 2, 0.0, False,
+                                      bidirectional, False)
+        got = call(ops.lstm, a)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+        grads = [torch.randn_like(t) for t in got]
+        wrt = differentiable(a)
+        for g, e in zip(torch.autograd.grad(got, wrt, grads),
+                        torch.autograd.grad(expected, wrt, grads)):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            for g, e in zip(call(LSTM_INFERENCE, a), got):
+                torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    finally:
+        torch.set_num_threads(before)

@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <initializer_list>
 #include <limits>
@@ -36,6 +37,15 @@ TORCH_API void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2,
                              const at::Tensor& result, float beta, float alpha)
     __attribute__((weak));
 }
+
+// oneDNN's brgemm micro-kernel as ATen exports it (ATen/native/CPUBlas.h, not shipped):
+// single-threaded C[M, N] = A[M, K] B[K, N] (+ C when add_C), row-major with leading dimensions.
+namespace at::native::cpublas {
+TORCH_API void brgemm(int64_t M, int64_t N, int64_t K, int64_t ld_a, int64_t ld_b, int64_t ld_c,
+                      bool add_C, const float* A, const float* B, float* C, bool is_vnni)
+    __attribute__((weak));
+TORCH_API void brgemm_release(bool is_vnni) __attribute__((weak));
+}  // namespace at::native::cpublas
 
 namespace fused_lstm {
 namespace {
@@ -124,6 +134,52 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
     return;
   at::Tensor cv = at::from_blob(c, {m, n}, {ldc, 1}, opts);
   cv.addmm_(view(a, m, k, lda, trans_a), view(b, k, n, ldb, trans_b), beta, alpha);
+}
+
+// ---- The recurrent product through oneDNN's brgemm micro-kernel (float32) ----
+// A step's product is small (M = batch rows), and called from inside a parallel region (each
+// thread runs its rows); the micro-kernel runs it on the calling thread at close to the machine's
+// peak: 100-110 GFLOP/s per core here for [16..64, 256..512] x [.., 1024..2048], where MKL's
+// sgemm reaches 70-80 and oneDNN's matmul 74 (benchmarks/NOTES.md section 8). It needs the
+// weight as B[K, N] row-major, so W_hh [4H, out] is transposed once per call.
+// FUSED_LSTM_NO_BRGEMM=1 turns it off (BLAS then, as for float64).
+constexpr int64_t kBrgemmBlockM = 64;
+constexpr int64_t kBrgemmBlockN = 256;
+
+bool brgemm_available() {
+  static const bool available = [] {
+    namespace cb = at::native::cpublas;
+    if (cb::brgemm == nullptr || cb::brgemm_release == nullptr) return false;
+    const char* off = std::getenv("FUSED_LSTM_NO_BRGEMM");
+    if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
+    try {  // a CPU the micro-kernel does not serve raises; check once, on a product with a tail
+      float a[3 * 5], b[5 * 7], c[3 * 7];
+      for (int i = 0; i < 15; ++i) a[i] = float(i % 4) - 1.5f;
+      for (int i = 0; i < 35; ++i) b[i] = float(i % 3) + 0.5f;
+      cb::brgemm(3, 7, 5, 5, 7, 7, false, a, b, c, false);
+      cb::brgemm_release(false);
+      for (int m = 0; m < 3; ++m)
+        for (int n = 0; n < 7; ++n) {
+          float expected = 0;
+          for (int k = 0; k < 5; ++k) expected += a[m * 5 + k] * b[k * 7 + n];
+          if (c[m * 7 + n] != expected) return false;  // exact: small integers and halves
+        }
+      return true;
+    } catch (...) {
+      return false;
+    }
+  }();
+  return available;
+}
+
+// C[m, n] += A[m, k] B[k, n] on this thread, in blocks the micro-kernel is built for.
+void brgemm_accumulate(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                       const float* b, int64_t ldb, float* c, int64_t ldc) {
+  for (int64_t m0 = 0; m0 < m; m0 += kBrgemmBlockM)
+    for (int64_t n0 = 0; n0 < n; n0 += kBrgemmBlockN)
+      at::native::cpublas::brgemm(std::min(kBrgemmBlockM, m - m0), std::min(kBrgemmBlockN, n - n0),
+                                  k, lda, ldb, ldc, true, a + m0 * lda, b + n0, c + m0 * ldc + n0,
+                                  false);
 }
 
 // The fused passes are parallel over batch rows once a step has enough work to pay for it.
@@ -285,6 +341,7 @@ struct DirectionWeights {
   const T* b_ih;  // [4H] or null
   const T* b_hh;  // [4H] or null
   const T* w_hr;  // [out, H] or null
+  const T* w_hh_t = nullptr;  // [out, 4H]: W_hh transposed, for brgemm (float32 only), or null
 };
 
 template <typename T>
@@ -377,7 +434,10 @@ void forward_step(const LSTMShape& s, const DirectionWeights<T>& w, int64_t bs, 
                   T* h_state, T* c_state, T* cells_t, T* pre_proj_t, T* layer_out_t) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size;
   const bool has_proj = s.proj_size > 0;
-  gemm<T>(false, true, bs, G, out, T(1), h_state, out, w.w_hh, out, T(1), g_t, G);
+  if constexpr (std::is_same_v<T, float>) {
+    if (w.w_hh_t) brgemm_accumulate(bs, G, out, h_state, out, w.w_hh_t, G, g_t, G);
+  }
+  if (!w.w_hh_t) gemm<T>(false, true, bs, G, out, T(1), h_state, out, w.w_hh, out, T(1), g_t, G);
   // The cell pass; h goes to h_state ([bs, out], out == H) or to pre_proj_t ([bs, H]).
   T* h_out = has_proj ? pre_proj_t : h_state;
   for_each_row(bs, G, [&](int64_t b) {
@@ -427,12 +487,14 @@ constexpr int64_t kSplitBatchWork = int64_t{1} << 20;
 
 // body(r0, r1) over slices of [0, batch): one per thread when the recurrence of `steps` steps
 // is worth a parallel region, else the whole batch on this thread.
+// With brgemm (`single_thread_fast`) a slice's product runs at full speed at any size.
 template <typename F>
-void for_each_batch_slice(const LSTMShape& s, int64_t steps, const F& body) {
+void for_each_batch_slice(const LSTMShape& s, int64_t steps, bool single_thread_fast,
+                          const F& body) {
   const int64_t threads = at::get_num_threads();
   const int64_t step_work = s.batch * 4 * s.hidden_size * (s.out_size + 8);
   if (threads > 1 && s.batch > 1 && steps * step_work >= kSplitBatchWork &&
-      step_work < kOneDnnMinWork && !at::in_parallel_region()) {
+      (single_thread_fast || step_work < kOneDnnMinWork) && !at::in_parallel_region()) {
     const int64_t slices = std::min(threads, s.batch);
     at::parallel_for(0, s.batch, (s.batch + slices - 1) / slices, body);
   } else {
@@ -444,6 +506,26 @@ template <typename T>
 T* scratch(at::Tensor& holder, int64_t numel) {
   holder = at::empty({numel}, c10::CppTypeToScalarType<T>::value);
   return holder.mutable_data_ptr<T>();
+}
+
+// W_hh transposed into `buf` ([out, 4H]) for the brgemm path, when it applies: float32, hidden
+// sizes of the row-wise path, and enough steps to amortise the transpose.
+template <typename T>
+void use_brgemm(const LSTMShape& s, int64_t steps, DirectionWeights<T>& w, T* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (buf == nullptr || steps < 2 || !brgemm_available()) return;
+    const int64_t G = 4 * s.hidden_size, out = s.out_size;
+    transpose(w.w_hh, out, G, out, buf, G);
+    w.w_hh_t = buf;
+  }
+}
+
+template <typename T>
+T* brgemm_buffer(const LSTMShape& s, at::Tensor& holder) {
+  if (!std::is_same_v<T, float> || s.hidden_size < kRowWiseHidden || s.seq_len < 2 ||
+      !brgemm_available())
+    return nullptr;
+  return scratch<T>(holder, 4 * s.hidden_size * s.out_size);
 }
 
 // ---- Small hidden sizes (H < kRowWiseHidden): a batch-fastest working layout ----
@@ -541,13 +623,15 @@ void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
   at::Tensor tiny_buf, dropped_buf;
   const bool tiny = H < kRowWiseHidden;
   const TinyBuffers<T> tb = tiny ? tiny_buffers<T>(s, s.rows, tiny_buf) : TinyBuffers<T>{};
+  at::Tensor w_hh_t_buf;
+  T* w_hh_t = brgemm_buffer<T>(s, w_hh_t_buf);
   T* dropped = (mask && s.num_layers > 1) ? scratch<T>(dropped_buf, s.rows * out_stride) : nullptr;
   for (int64_t l = 0; l < s.num_layers; ++l) {
     const T* x = layer_input(s, l, input, l > 0 ? reserve + s.layer_out_offset(l - 1) : nullptr,
                              mask, dropped);
     T* layer_out = reserve + s.layer_out_offset(l);
     for (int64_t d = 0; d < D; ++d) {
-      const auto w = direction_weights<T>(s, weights, l, d);
+      auto w = direction_weights<T>(s, weights, l, d);
       T* gates = reserve + s.gates_offset(l, d);
       T* cells = reserve + s.cells_offset(l, d);
       T* pre_proj = reserve + s.pre_proj_offset(l, d);  // used only with projection
@@ -561,7 +645,7 @@ void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
         tiny_input_projection(w, x, s.rows, s.layer_input_size(l), G, tb.gT);
         transpose(hx ? hx + ld * s.batch * out : nullptr, out, s.batch, out, tb.hT, s.batch);
         transpose(cx ? cx + ld * s.batch * H : nullptr, H, s.batch, H, tb.cT, s.batch);
-        for_each_batch_slice(s, s.seq_len, [&](int64_t r0, int64_t r1) {
+        for_each_batch_slice(s, s.seq_len, false, [&](int64_t r0, int64_t r1) {
           tiny_forward_steps(s, w, d, 0, s.seq_len - 1, r0, r1, tb, gates, cells, pre_proj,
                              layer_out + d * out);
         });
@@ -570,13 +654,14 @@ void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
         continue;
       }
       input_projection(w, x, s.rows, s.layer_input_size(l), G, gates);  // every step at once
+      use_brgemm(s, s.seq_len, w, w_hh_t);
       auto rows_of = [&](int64_t t) {
         const int64_t off = s.step_offset[t];
         return StepRows<T>{gates + off * G, cells + off * H,
                            s.proj_size > 0 ? pre_proj + off * H : nullptr,
                            layer_out + off * out_stride + d * out};
       };
-      for_each_batch_slice(s, s.seq_len, [&](int64_t r0, int64_t r1) {
+      for_each_batch_slice(s, s.seq_len, w.w_hh_t != nullptr, [&](int64_t r0, int64_t r1) {
         forward_steps(s, w, d, 0, s.seq_len - 1, r0, r1, h_state, c_state, rows_of);
       });
     }
@@ -604,6 +689,8 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
   const int64_t chunk_rows = std::min(chunk_steps, s.seq_len) * s.batch;
   const bool tiny = H < kRowWiseHidden;
   TinyBuffers<T> tb = tiny ? tiny_buffers<T>(s, chunk_rows, chunk_buf) : TinyBuffers<T>{};
+  at::Tensor w_hh_t_buf;
+  T* w_hh_t = brgemm_buffer<T>(s, w_hh_t_buf);
   T* chunk = tiny ? nullptr : scratch<T>(chunk_buf, chunk_rows * G);
   T* cells = tiny ? nullptr : scratch<T>(cells_buf, s.batch * H);
   T* pre_proj = (s.proj_size > 0 && !tiny) ? scratch<T>(pre_proj_buf, s.batch * H) : nullptr;
@@ -616,12 +703,13 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
         : (layer_buf[l % 2].defined() ? layer_buf[l % 2].mutable_data_ptr<T>()
                                       : scratch<T>(layer_buf[l % 2], s.rows * out_stride));
     for (int64_t d = 0; d < D; ++d) {
-      const auto w = direction_weights<T>(s, weights, l, d);
+      auto w = direction_weights<T>(s, weights, l, d);
       const int64_t ld = l * D + d;
       T* h_state = hy + ld * s.batch * out;
       T* c_state = cy + ld * s.batch * H;
       copy_or_zero(hx ? hx + ld * s.batch * out : nullptr, s.batch * out, h_state);
       copy_or_zero(cx ? cx + ld * s.batch * H : nullptr, s.batch * H, c_state);
+      if (!tiny) use_brgemm(s, s.seq_len, w, w_hh_t);
       for (int64_t first = 0; first < s.seq_len; first += chunk_steps) {
         const int64_t last = std::min(first + chunk_steps, s.seq_len) - 1;
         // The chunk's steps are consecutive in time, so their rows are one contiguous block.
@@ -637,7 +725,7 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
           tb.ld_g = rows;
           tb.row0 = row0;
           tiny_input_projection(w, x + row0 * in_size, rows, in_size, G, tb.gT);
-          for_each_batch_slice(s, last - first + 1, [&](int64_t r0, int64_t r1) {
+          for_each_batch_slice(s, last - first + 1, false, [&](int64_t r0, int64_t r1) {
             tiny_forward_steps<T>(s, w, d, first, last, r0, r1, tb, nullptr, nullptr, nullptr,
                                   layer_out + d * out);
           });
@@ -654,7 +742,7 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
           return StepRows<T>{chunk + (off - row0) * G, cells, pre_proj,
                              layer_out + off * out_stride + d * out};
         };
-        for_each_batch_slice(s, last - first + 1, [&](int64_t r0, int64_t r1) {
+        for_each_batch_slice(s, last - first + 1, w.w_hh_t != nullptr, [&](int64_t r0, int64_t r1) {
           forward_steps(s, w, d, first, last, r0, r1, h_state, c_state, rows_of);
         });
       }
