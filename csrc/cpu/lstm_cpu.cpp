@@ -172,13 +172,14 @@ bool brgemm_available() {
   return available;
 }
 
-// C[m, n] += A[m, k] B[k, n] on this thread, in blocks the micro-kernel is built for.
-void brgemm_accumulate(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-                       const float* b, int64_t ldb, float* c, int64_t ldc) {
+// C[m, n] = A[m, k] B[k, n] (+ C when `add`) on this thread, in blocks the micro-kernel is
+// built for.
+void brgemm_product(bool add, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                    const float* b, int64_t ldb, float* c, int64_t ldc) {
   for (int64_t m0 = 0; m0 < m; m0 += kBrgemmBlockM)
     for (int64_t n0 = 0; n0 < n; n0 += kBrgemmBlockN)
       at::native::cpublas::brgemm(std::min(kBrgemmBlockM, m - m0), std::min(kBrgemmBlockN, n - n0),
-                                  k, lda, ldb, ldc, true, a + m0 * lda, b + n0, c + m0 * ldc + n0,
+                                  k, lda, ldb, ldc, add, a + m0 * lda, b + n0, c + m0 * ldc + n0,
                                   false);
 }
 
@@ -365,21 +366,25 @@ inline int64_t time_of(const LSTMShape& s, int64_t direction, int64_t step) {
   return direction == 0 ? step : s.seq_len - 1 - step;
 }
 
-// c_{t-1} of step t's rows as one contiguous [bs, H] block: a run of the reserve's cells when
-// every row continues a sequence, else pieced together in `buf` with c0 for the rows that start
-// here (only the reverse direction of a packed batch has both kinds in one step).
+// c_{t-1} of rows [r0, r0 + n) of step t as one contiguous [n, H] block: a run of the reserve's
+// cells when every row continues a sequence, else pieced together in `buf` (at row r0) with c0
+// for the rows that start here (only the reverse direction of a packed batch has both kinds in
+// one step).
 template <typename T>
-const T* step_c_prev(const LSTMShape& s, int64_t direction, int64_t t, const T* cells,
-                     const T* c0, T* buf) {
-  const int64_t H = s.hidden_size, bs = s.batch_sizes[t];
-  if (direction == 0) return t > 0 ? cells + s.step_offset[t - 1] * H : c0;
-  if (t + 1 == s.seq_len) return c0;
+const T* step_c_prev(const LSTMShape& s, int64_t direction, int64_t t, int64_t r0, int64_t n,
+                     const T* cells, const T* c0, T* buf) {
+  const int64_t H = s.hidden_size;
+  if (direction == 0) return (t > 0 ? cells + s.step_offset[t - 1] * H : c0) + r0 * H;
+  if (t + 1 == s.seq_len) return c0 + r0 * H;
   const int64_t continuing = s.batch_sizes[t + 1];
   const T* prev = cells + s.step_offset[t + 1] * H;
-  if (continuing == bs) return prev;
-  std::memcpy(buf, prev, sizeof(T) * continuing * H);
-  std::memcpy(buf + continuing * H, c0 + continuing * H, sizeof(T) * (bs - continuing) * H);
-  return buf;
+  if (r0 + n <= continuing) return prev + r0 * H;
+  if (r0 >= continuing) return c0 + r0 * H;
+  T* dst = buf + r0 * H;
+  std::memcpy(dst, prev + r0 * H, sizeof(T) * (continuing - r0) * H);
+  std::memcpy(dst + (continuing - r0) * H, c0 + continuing * H,
+              sizeof(T) * (r0 + n - continuing) * H);
+  return dst;
 }
 
 // Runs body(begin, length) over [0, n) in chunks, in parallel when there is enough work.
@@ -435,7 +440,7 @@ void forward_step(const LSTMShape& s, const DirectionWeights<T>& w, int64_t bs, 
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size;
   const bool has_proj = s.proj_size > 0;
   if constexpr (std::is_same_v<T, float>) {
-    if (w.w_hh_t) brgemm_accumulate(bs, G, out, h_state, out, w.w_hh_t, G, g_t, G);
+    if (w.w_hh_t) brgemm_product(true, bs, G, out, h_state, out, w.w_hh_t, G, g_t, G);
   }
   if (!w.w_hh_t) gemm<T>(false, true, bs, G, out, T(1), h_state, out, w.w_hh, out, T(1), g_t, G);
   // The cell pass; h goes to h_state ([bs, out], out == H) or to pre_proj_t ([bs, H]).
@@ -774,6 +779,9 @@ void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
   std::fill_n(zeros_mut, s.batch * std::max(H, out), T(0));
   const T* zeros = zeros_mut;
   T* gate_major = H < kRowWiseHidden ? scratch<T>(gate_major_buf, 8 * s.batch * H) : nullptr;
+  // dL/dh_{t-1} = dgates_t W_hh through brgemm (W_hh is already its B[4H, out]).
+  const bool fast_product =
+      std::is_same_v<T, float> && H >= kRowWiseHidden && brgemm_available();
 
   copy_or_zero(grad_output, s.rows * out_stride, dy);
 
@@ -796,49 +804,57 @@ void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
       copy_or_zero(grad_hy ? grad_hy + ld * s.batch * out : nullptr, s.batch * out, dh_state);
       copy_or_zero(grad_cy ? grad_cy + ld * s.batch * H : nullptr, s.batch * H, dc_state);
 
-      for (int64_t step = s.seq_len - 1; step >= 0; --step) {
-        const int64_t t = time_of(s, d, step);
-        const int64_t bs = s.batch_sizes[t], off = s.step_offset[t];
-        const T* dy_t = dy + off * out_stride + d * out;
-        // dL/dh_t before projection, [bs, H]: carried + from the output (through W_hr).
-        if (has_proj) {
-          T* dh_proj = dh_all + off * out;
+      // The reverse recurrence, for batch rows [r0, r1) (rows are independent sequences).
+      auto steps = [&](int64_t r0, int64_t r1) {
+        for (int64_t step = s.seq_len - 1; step >= 0; --step) {
+          const int64_t t = time_of(s, d, step);
+          const int64_t bs = std::min(s.batch_sizes[t], r1) - r0;
+          if (bs <= 0) continue;
+          const int64_t off = s.step_offset[t] + r0;  // first row of the slice at step t
+          const T* dy_t = dy + off * out_stride + d * out;
+          T* dh_carried = dh_state + r0 * out;
+          T* dc = dc_state + r0 * H;
+          T* dh_t = dh_buf + r0 * H;
+          // dL/dh_t before projection, [bs, H]: carried + from the output (through W_hr).
+          T* dh_sum = has_proj ? dh_all + off * out : dh_t;
           for (int64_t b = 0; b < bs; ++b)
             for (int64_t j = 0; j < out; ++j)
-              dh_proj[b * out + j] = dh_state[b * out + j] + dy_t[b * out_stride + j];
-          gemm<T>(false, false, bs, H, out, T(1), dh_proj, out, w.w_hr, H, T(0), dh_buf, H);
-        } else {
-          for (int64_t b = 0; b < bs; ++b)
-            for (int64_t j = 0; j < out; ++j)
-              dh_buf[b * out + j] = dh_state[b * out + j] + dy_t[b * out_stride + j];
+              dh_sum[b * out + j] = dh_carried[b * out + j] + dy_t[b * out_stride + j];
+          if (has_proj) gemm<T>(false, false, bs, H, out, T(1), dh_sum, out, w.w_hr, H, T(0), dh_t, H);
+          const T* c_prev = step_c_prev(s, d, t, r0, bs, cells, c0, c_prev_buf);
+          const T* c_t = cells + off * H;
+          T* dg_t = dgates + off * G;
+          const T* g_t = gates + off * G;
+          if (H >= kRowWiseHidden) {
+            for_each_row(bs, G, [&](int64_t b) {
+              const T* g = g_t + b * G;
+              T* dg = dg_t + b * G;
+              cell_backward_block(H, g, g + H, g + 2 * H, g + 3 * H, c_t + b * H, c_prev + b * H,
+                                  dh_t + b * H, dc + b * H, dg, dg + H, dg + 2 * H, dg + 3 * H);
+            });
+          } else {
+            const int64_t n = bs * H;
+            T* gm = gate_major + 8 * r0 * H;
+            gather_gates(g_t, bs, H, gm);
+            T* dgm = gm + 4 * n;
+            for_each_chunk(n, [&](int64_t e, int64_t len) {
+              cell_backward_block(len, gm + e, gm + n + e, gm + 2 * n + e, gm + 3 * n + e,
+                                  c_t + e, c_prev + e, dh_t + e, dc + e, dgm + e, dgm + n + e,
+                                  dgm + 2 * n + e, dgm + 3 * n + e);
+            });
+            scatter_gates(dgm, bs, H, dg_t);
+          }
+          // dL/dh_{t-1} for the rows active at t; the others keep what they carry.
+          if constexpr (std::is_same_v<T, float>) {
+            if (fast_product) {
+              brgemm_product(false, bs, out, G, dg_t, G, w.w_hh, out, dh_carried, out);
+              continue;
+            }
+          }
+          gemm<T>(false, false, bs, out, G, T(1), dg_t, G, w.w_hh, out, T(0), dh_carried, out);
         }
-        const T* dh_t = dh_buf;
-        const T* c_prev = step_c_prev(s, d, t, cells, c0, c_prev_buf);
-        const T* c_t = cells + off * H;
-        T* dg_t = dgates + off * G;
-        const T* g_t = gates + off * G;
-        if (H >= kRowWiseHidden) {
-          for_each_row(bs, G, [&](int64_t b) {
-            const T* g = g_t + b * G;
-            T* dg = dg_t + b * G;
-            cell_backward_block(H, g, g + H, g + 2 * H, g + 3 * H, c_t + b * H, c_prev + b * H,
-                                dh_t + b * H, dc_state + b * H, dg, dg + H, dg + 2 * H, dg + 3 * H);
-          });
-        } else {
-          const int64_t n = bs * H;
-          gather_gates(g_t, bs, H, gate_major);
-          T* dgate_major = gate_major + 4 * n;
-          for_each_chunk(n, [&](int64_t e, int64_t len) {
-            cell_backward_block(len, gate_major + e, gate_major + n + e, gate_major + 2 * n + e,
-                                gate_major + 3 * n + e, c_t + e, c_prev + e, dh_t + e,
-                                dc_state + e, dgate_major + e, dgate_major + n + e,
-                                dgate_major + 2 * n + e, dgate_major + 3 * n + e);
-          });
-          scatter_gates(dgate_major, bs, H, dg_t);
-        }
-        // dL/dh_{t-1} for the rows active at t; the others keep what they carry.
-        gemm<T>(false, false, bs, out, G, T(1), dgates + off * G, G, w.w_hh, out, T(0), dh_state, out);
-      }
+      };
+      for_each_batch_slice(s, s.seq_len, fast_product, steps);
 
       // h_{t-1} of every row, for dW_hh as one GEMM: per step, the rows that continue from the
       // previous step (a block of layer_out), then those that start from h0.
