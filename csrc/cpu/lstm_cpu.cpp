@@ -299,8 +299,8 @@ void transpose(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst,
 }
 
 // Gates are stored row-major, [rows, 4H]: gate k of row b is the run g[b*4H + kH, +H). From
-// this hidden size on, each row's runs are long enough to vectorise in place; below it, a
-// step's gates are first gathered gate-major ([4][bs*H]) so one loop covers every row.
+// this hidden size on, each row's runs are long enough to vectorise in place; below it, a layer
+// runs in the batch-fastest layout of tiny_forward_steps / tiny_backward_steps.
 constexpr int64_t kRowWiseHidden = 16;
 
 // Copies a [rows, cols] block between two row strides. Short rows (a small hidden size) are
@@ -321,17 +321,6 @@ template <typename T>
 void copy_or_zero(const T* src, int64_t n, T* dst) {
   if (src) std::memcpy(dst, src, sizeof(T) * n);
   else std::fill_n(dst, n, T(0));
-}
-
-// One step's gates, [bs, 4H] row-major, to and from gate-major [4][bs*H].
-template <typename T>
-void gather_gates(const T* g, int64_t bs, int64_t H, T* gate_major) {
-  for (int64_t k = 0; k < 4; ++k) copy_rows(g + k * H, 4 * H, gate_major + k * bs * H, H, bs, H);
-}
-
-template <typename T>
-void scatter_gates(const T* gate_major, int64_t bs, int64_t H, T* g) {
-  for (int64_t k = 0; k < 4; ++k) copy_rows(gate_major + k * bs * H, H, g + k * H, 4 * H, bs, H);
 }
 
 // Weights of one layer and direction, as raw pointers into contiguous math-dtype tensors.
@@ -385,18 +374,6 @@ const T* step_c_prev(const LSTMShape& s, int64_t direction, int64_t t, int64_t r
   std::memcpy(dst + (continuing - r0) * H, c0 + continuing * H,
               sizeof(T) * (r0 + n - continuing) * H);
   return dst;
-}
-
-// Runs body(begin, length) over [0, n) in chunks, in parallel when there is enough work.
-template <typename F>
-void for_each_chunk(int64_t n, const F& body) {
-  if (n * 4 >= kParallelElements) {
-    at::parallel_for(0, n, kParallelElements / 4, [&](int64_t begin, int64_t end) {
-      body(begin, end - begin);
-    });
-  } else if (n > 0) {
-    body(0, n);
-  }
 }
 
 // x for layer l: the op's input, or the previous layer's output ([rows, D*out]) with dropout
@@ -756,6 +733,72 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
   }
 }
 
+// The reverse recurrence of one layer and direction for small hidden sizes, in the same
+// batch-fastest layout as tiny_forward_steps: carried dL/dh and dL/dc kept as dhT [out, B] and
+// dcT [H, B], the step's gates, cells and c_{t-1} transposed into compact [.., bs] blocks, one
+// cell pass over the step, and dL/dh_{t-1} as an inline product. dgates leaves row-major, as
+// the weight-gradient GEMMs after the loop read it. `buf`: tiny_backward_numel(s) elements.
+template <typename T>
+int64_t tiny_backward_numel(const LSTMShape& s) {
+  const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size;
+  return (2 * out + 5 * H + 2 * G) * s.batch + 2 * G * out + H * out;
+}
+
+template <typename T>
+void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_t d,
+                         const T* gates, const T* cells, const T* c0, const T* dy, T* dh_all,
+                         T* dgates, T* dh_state, T* dc_state, T* c_prev_buf, T* buf) {
+  const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, B = s.batch;
+  const int64_t out_stride = s.num_directions * out;
+  const bool has_proj = s.proj_size > 0;
+  T* dhT = buf;               // [out][B]
+  T* dcT = dhT + out * B;     // [H][B]
+  T* dsum = dcT + H * B;      // [out][bs]
+  T* dhH = dsum + out * B;    // [H][bs]
+  T* ct = dhH + H * B;        // [H][bs]
+  T* cp = ct + H * B;         // [H][bs]
+  T* gm = cp + H * B;         // [4H][bs]
+  T* dg = gm + G * B;         // [4H][bs]
+  T* w_hh_t = dg + G * B;     // [out][4H]
+  T* w_hr_t = w_hh_t + G * out;  // [H][out]
+  transpose(w.w_hh, out, G, out, w_hh_t, G);
+  if (has_proj) transpose(w.w_hr, H, out, H, w_hr_t, out);
+  transpose(dh_state, out, B, out, dhT, B);  // grad_hy (or zeros), as the caller filled it
+  transpose(dc_state, H, B, H, dcT, B);
+  for (int64_t step = s.seq_len - 1; step >= 0; --step) {
+    const int64_t t = time_of(s, d, step);
+    const int64_t bs = s.batch_sizes[t], off = s.step_offset[t];
+    if (bs == 0) continue;
+    const T* dy_t = dy + off * out_stride + d * out;
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t b = 0; b < bs; ++b) dsum[o * bs + b] = dhT[o * B + b] + dy_t[b * out_stride + o];
+    T* dh_t = dsum;
+    if (has_proj) {
+      transpose(dsum, bs, out, bs, dh_all + off * out, out);
+      tiny_product(false, bs, H, out, w_hr_t, dsum, bs, dhH, bs);
+      dh_t = dhH;
+    }
+    transpose(gates + off * G, G, bs, G, gm, bs);
+    transpose(cells + off * H, H, bs, H, ct, bs);
+    transpose(step_c_prev(s, d, t, 0, bs, cells, c0, c_prev_buf), H, bs, H, cp, bs);
+    if (bs == B) {
+      const int64_t n = H * bs;
+      cell_backward_block(n, gm, gm + n, gm + 2 * n, gm + 3 * n, ct, cp, dh_t, dcT, dg, dg + n,
+                          dg + 2 * n, dg + 3 * n);
+    } else {
+      for (int64_t j = 0; j < H; ++j)
+        cell_backward_block(bs, gm + j * bs, gm + (H + j) * bs, gm + (2 * H + j) * bs,
+                            gm + (3 * H + j) * bs, ct + j * bs, cp + j * bs, dh_t + j * bs,
+                            dcT + j * B, dg + j * bs, dg + (H + j) * bs, dg + (2 * H + j) * bs,
+                            dg + (3 * H + j) * bs);
+    }
+    transpose(dg, bs, G, bs, dgates + off * G, G);
+    tiny_product(false, bs, out, G, w_hh_t, dg, bs, dhT, B);  // dL/dh_{t-1}, rows < bs
+  }
+  transpose(dhT, B, out, B, dh_state, out);
+  transpose(dcT, B, H, B, dc_state, H);
+}
+
 template <typename T>
 void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
                    const std::vector<at::Tensor>& weights, const T* mask, const T* reserve,
@@ -766,7 +809,7 @@ void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
   const bool has_proj = s.proj_size > 0;
   // Scratch, allocated once per call.
   at::Tensor dgates_buf, h_prev_buf, dy_buf, dx_buf, dropped_buf, dh_all_buf, dh_buf_t,
-      c_prev_buf_t, zeros_buf, gate_major_buf;
+      c_prev_buf_t, zeros_buf, tiny_buf_t;
   T* dgates = scratch<T>(dgates_buf, s.rows * G);
   T* h_prev = scratch<T>(h_prev_buf, s.rows * out);
   T* dy = scratch<T>(dy_buf, s.rows * out_stride);  // grad of the current layer's output
@@ -778,7 +821,7 @@ void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
   T* zeros_mut = scratch<T>(zeros_buf, s.batch * std::max(H, out));  // h0 / c0 when None
   std::fill_n(zeros_mut, s.batch * std::max(H, out), T(0));
   const T* zeros = zeros_mut;
-  T* gate_major = H < kRowWiseHidden ? scratch<T>(gate_major_buf, 8 * s.batch * H) : nullptr;
+  T* tiny_buf = H < kRowWiseHidden ? scratch<T>(tiny_buf_t, tiny_backward_numel<T>(s)) : nullptr;
   // dL/dh_{t-1} = dgates_t W_hh through brgemm (W_hh is already its B[4H, out]).
   const bool fast_product =
       std::is_same_v<T, float> && H >= kRowWiseHidden && brgemm_available();
@@ -804,6 +847,10 @@ void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
       copy_or_zero(grad_hy ? grad_hy + ld * s.batch * out : nullptr, s.batch * out, dh_state);
       copy_or_zero(grad_cy ? grad_cy + ld * s.batch * H : nullptr, s.batch * H, dc_state);
 
+      if (H < kRowWiseHidden) {
+        tiny_backward_steps(s, w, d, gates, cells, c0, dy, dh_all, dgates, dh_state, dc_state,
+                            c_prev_buf, tiny_buf);
+      } else {
       // The reverse recurrence, for batch rows [r0, r1) (rows are independent sequences).
       auto steps = [&](int64_t r0, int64_t r1) {
         for (int64_t step = s.seq_len - 1; step >= 0; --step) {
@@ -825,25 +872,12 @@ void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
           const T* c_t = cells + off * H;
           T* dg_t = dgates + off * G;
           const T* g_t = gates + off * G;
-          if (H >= kRowWiseHidden) {
-            for_each_row(bs, G, [&](int64_t b) {
-              const T* g = g_t + b * G;
-              T* dg = dg_t + b * G;
-              cell_backward_block(H, g, g + H, g + 2 * H, g + 3 * H, c_t + b * H, c_prev + b * H,
-                                  dh_t + b * H, dc + b * H, dg, dg + H, dg + 2 * H, dg + 3 * H);
-            });
-          } else {
-            const int64_t n = bs * H;
-            T* gm = gate_major + 8 * r0 * H;
-            gather_gates(g_t, bs, H, gm);
-            T* dgm = gm + 4 * n;
-            for_each_chunk(n, [&](int64_t e, int64_t len) {
-              cell_backward_block(len, gm + e, gm + n + e, gm + 2 * n + e, gm + 3 * n + e,
-                                  c_t + e, c_prev + e, dh_t + e, dc + e, dgm + e, dgm + n + e,
-                                  dgm + 2 * n + e, dgm + 3 * n + e);
-            });
-            scatter_gates(dgm, bs, H, dg_t);
-          }
+          for_each_row(bs, G, [&](int64_t b) {
+            const T* g = g_t + b * G;
+            T* dg = dg_t + b * G;
+            cell_backward_block(H, g, g + H, g + 2 * H, g + 3 * H, c_t + b * H, c_prev + b * H,
+                                dh_t + b * H, dc + b * H, dg, dg + H, dg + 2 * H, dg + 3 * H);
+          });
           // dL/dh_{t-1} for the rows active at t; the others keep what they carry.
           if constexpr (std::is_same_v<T, float>) {
             if (fast_product) {
@@ -855,6 +889,7 @@ void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
         }
       };
       for_each_batch_slice(s, s.seq_len, fast_product, steps);
+      }
 
       // h_{t-1} of every row, for dW_hh as one GEMM: per step, the rows that continue from the
       // previous step (a block of layer_out), then those that start from h0.
