@@ -1,6 +1,7 @@
 """The fused ops themselves: float64 gradcheck over every option, gradgradcheck, opcheck,
 parity with nn.LSTM's own kernel and with the reference, dtypes, NaN, bad arguments."""
 
+import contextlib
 import itertools
 
 import pytest
@@ -346,70 +347,66 @@ def test_ops_lstm_uses_inference_only_without_grad():
         assert fused and all(name.startswith(expected) for name in fused), fused
 
 
+@contextlib.contextmanager
+def num_threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    with num_threads(2):
+        yield
+
+
+def assert_matches_nn_lstm(a, weight_scale, tol, inference_tol):
+    """Outputs and every gradient of the op against nn.LSTM's own kernel (torch._VF.lstm) on the
+    same tensors, the weights first scaled by ``weight_scale``; then lstm_inference against
+    lstm_forward. make_case's weights (0.5 * randn) saturate tens of hidden units and grow the
+    gradients to ~1e3 over tens of steps, so larger cases scale them to about nn.LSTM's own
+    initialisation (1/sqrt(hidden))."""
+    a["weights"] = [(w.detach() * weight_scale).requires_grad_() for w in a["weights"]]
+    hx = (a["hx"], a["cx"])
+    flags = (a["has_biases"], a["num_layers"], 0.0, False, a["bidirectional"])
+    if a["batch_sizes"] is not None:
+        expected = torch._VF.lstm(a["input"], a["batch_sizes"], hx, a["weights"], *flags)
+    else:
+        expected = torch._VF.lstm(a["input"], hx, a["weights"], *flags, False)
+    got = call(ops.lstm, a)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=tol, atol=tol)
+    grads = [torch.randn_like(t) for t in got]
+    wrt = differentiable(a)
+    for g, e in zip(torch.autograd.grad(got, wrt, grads), torch.autograd.grad(expected, wrt, grads)):
+        torch.testing.assert_close(g, e, rtol=tol, atol=tol)
+    with torch.no_grad():
+        for g, e in zip(call(LSTM_INFERENCE, a), got):
+            torch.testing.assert_close(g, e, rtol=inference_tol, atol=inference_tol)
 
 
 @pytest.mark.parametrize("bidirectional,proj_size,packed",
                          [(False, 0, False), (True, 0, True), (True, 16, False), (False, 16, True)])
 def test_batch_split_over_threads(two_threads, bidirectional, proj_size, packed):
     """With two threads and enough recurrent work, each thread runs every step for its own slice
-    of the batch (csrc/cpu: for_each_batch_slice); an odd batch makes the slices unequal and
-    packed lengths make a slice run out of rows before the other. Outputs and gradients against
-    nn.LSTM's kernel, and lstm_inference against lstm_forward."""
-    lstm, a = make_case(2, True, bidirectional, proj_size, packed, with_state=True,
-                        input_size=5, hidden_size=64, seq_len=24, batch=9)
-    # make_case's weights (0.5 * randn) saturate 64 hidden units and grow the gradients to ~1e3
-    # over 24 steps; at nn.LSTM's own initialisation scale (1/sqrt(64)) float64 agrees to 1e-10.
-    a["weights"] = [(w.detach() / 8).requires_grad_() for w in a["weights"]]
-    hx = (a["hx"], a["cx"])
-    if packed:
-        expected = torch._VF.lstm(a["input"], a["batch_sizes"], hx, a["weights"], True, 2, 0.0,
-                                  False, bidirectional)
-    else:
-        expected = torch._VF.lstm(a["input"], hx, a["weights"], True, 2, 0.0, False,
-                                  bidirectional, False)
-    got = call(ops.lstm, a)
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
-    grads = [torch.randn_like(t) for t in got]
-    wrt = differentiable(a)
-    for g, e in zip(torch.autograd.grad(got, wrt, grads), torch.autograd.grad(expected, wrt, grads)):
-        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
-    with torch.no_grad():
-        for g, e in zip(call(LSTM_INFERENCE, a), got):
-            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    of the batch (csrc/cpu: for_each_batch_slice), forward and backward; an odd batch makes the
+    slices unequal and packed lengths make a slice run out of rows before the other. float64."""
+    _, a = make_case(2, True, bidirectional, proj_size, packed, with_state=True,
+                     input_size=5, hidden_size=64, seq_len=24, batch=9)
+    assert_matches_nn_lstm(a, 1 / 8, tol=1e-10, inference_tol=1e-12)
 
 
 @pytest.mark.parametrize("bidirectional,packed", [(False, False), (True, True)])
 def test_thin_products_split_over_threads(two_threads, bidirectional, packed):
     """A batch of a few rows with a large hidden size (streaming inference): the products are
-    split by columns over the threads (csrc/cpu gemm, kThinRows). Against nn.LSTM's kernel,
-    outputs and gradients (whose products of a few rows are split too)."""
-    lstm, a = make_case(2, True, bidirectional, 0, packed, with_state=True,
-                        input_size=7, hidden_size=256, seq_len=3, batch=2)
-    a["weights"] = [(w.detach() / 32).requires_grad_() for w in a["weights"]]  # ~1/sqrt(256)
-    hx = (a["hx"], a["cx"])
-    if packed:
-        expected = torch._VF.lstm(a["input"], a["batch_sizes"], hx, a["weights"], True, 2, 0.0,
-                                  False, bidirectional)
-    else:
-        expected = torch._VF.lstm(a["input"], hx, a["weights"], True, 2, 0.0, False,
-                                  bidirectional, False)
-    got = call(ops.lstm, a)
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
-    grads = [torch.randn_like(t) for t in got]
-    wrt = differentiable(a)
-    for g, e in zip(torch.autograd.grad(got, wrt, grads), torch.autograd.grad(expected, wrt, grads)):
-        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
-    with torch.no_grad():
-        for g, e in zip(call(LSTM_INFERENCE, a), got):
-            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    split by columns over the threads (csrc/cpu gemm, kThinRows), the gradients' products of a
+    few rows too. float64."""
+    _, a = make_case(2, True, bidirectional, 0, packed, with_state=True,
+                     input_size=7, hidden_size=256, seq_len=3, batch=2)
+    assert_matches_nn_lstm(a, 1 / 32, tol=1e-10, inference_tol=1e-12)
 
 
 @pytest.mark.parametrize("hidden,batch", [(48, 9), (80, 70)], ids=["one-block", "blocks"])
@@ -418,35 +415,12 @@ def test_thin_products_split_over_threads(two_threads, bidirectional, packed):
                          [(False, 0, False), (True, 0, True), (True, 8, False), (False, 8, True)])
 def test_float32_row_wise_path_matches_nn_lstm(threads, bidirectional, proj_size, packed, hidden,
                                                 batch):
-    """float32 at a hidden size of the row-wise path (>= 16): the recurrent product goes through
-    oneDNN's brgemm micro-kernel where torch has it (csrc/cpu: brgemm_accumulate, in blocks of
-    64 rows and 256 columns: 80 hidden units are 320 gate columns, 70 rows two row blocks on one
-    thread), on one thread or split over two by batch rows. Outputs and gradients against
-    nn.LSTM's kernel."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        lstm, a = make_case(2, True, bidirectional, proj_size, packed, with_state=True,
-                            dtype=torch.float32, input_size=5, hidden_size=hidden, seq_len=12,
-                            batch=batch)
-        a["weights"] = [(w.detach() / 4).requires_grad_() for w in a["weights"]]
-        hx = (a["hx"], a["cx"])
-        if packed:
-            expected = torch._VF.lstm(a["input"], a["batch_sizes"], hx, a["weights"], True, 2,
-                                      0.0, False, bidirectional)
-        else:
-            expected = torch._VF.lstm(a["input"], hx, a["weights"], True, 2, 0.0, False,
-                                      bidirectional, False)
-        got = call(ops.lstm, a)
-        for g, e in zip(got, expected):
-            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
-        grads = [torch.randn_like(t) for t in got]
-        wrt = differentiable(a)
-        for g, e in zip(torch.autograd.grad(got, wrt, grads),
-                        torch.autograd.grad(expected, wrt, grads)):
-            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
-        with torch.no_grad():
-            for g, e in zip(call(LSTM_INFERENCE, a), got):
-                torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
-    finally:
-        torch.set_num_threads(before)
+    """float32 at a hidden size of the row-wise path (>= 16): the recurrent products (forward
+    and backward) go through oneDNN's brgemm micro-kernel where torch has it (csrc/cpu:
+    brgemm_product, in blocks of 64 rows and 256 columns: 80 hidden units are 320 gate columns,
+    70 rows two row blocks on one thread), on one thread or split over two by batch rows."""
+    with num_threads(threads):
+        _, a = make_case(2, True, bidirectional, proj_size, packed, with_state=True,
+                         dtype=torch.float32, input_size=5, hidden_size=hidden, seq_len=12,
+                         batch=batch)
+        assert_matches_nn_lstm(a, 1 / 4, tol=1e-5, inference_tol=1e-6)
