@@ -341,12 +341,10 @@ def test_single_step_batch_one():
 
 # --- streams, graphs, synchronisation, determinism ---------------------------------------------
 
-def test_no_host_synchronisation():
-    """Forward and backward never wait for the GPU (no .item(), no device-to-host copies):
-    torch's sync debug mode raises on any synchronising call."""
-    _, a = make_case(2, True, True, 2, True, with_state=True, dropout=0.5, requires_grad=False,
-                     dtype=torch.float32)
-    a = on(a)
+
+def forward_backward_without_sync(a):
+    """One forward and backward op call under torch's sync debug mode, which raises on any call
+    that waits for the GPU (.item(), device-to-host copies)."""
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -356,6 +354,15 @@ def test_no_host_synchronisation():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+def test_no_host_synchronisation():
+    """Forward and backward never wait for the GPU (no .item(), no device-to-host copies):
+    torch's sync debug mode raises on any synchronising call."""
+    _, a = make_case(2, True, True, 2, True, with_state=True, dropout=0.5, requires_grad=False,
+                     dtype=torch.float32)
+    a = on(a)
+    forward_backward_without_sync(a)
 
 
 def test_runs_on_the_current_stream():
@@ -685,15 +692,7 @@ def test_persistent_no_host_synchronisation(cuda_path):
                      dtype=torch.float32)
     a = on(a)
     assert_path(a, "persistent")
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        output, hy, cy, reserve = LSTM_FORWARD(*args(a))
-        c = args(a)
-        LSTM_BACKWARD(*c[:6], reserve, torch.ones_like(output), torch.ones_like(hy), None, *c[6:])
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
+    forward_backward_without_sync(a)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
