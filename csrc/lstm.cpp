@@ -210,7 +210,9 @@ ForwardArgs prepare_forward(
   const int64_t LD = s.num_layers * s.num_directions;
   a.hy = at::empty({LD, s.batch, s.out_size}, opts);
   a.cy = at::empty({LD, s.batch, s.hidden_size}, opts);
-  if (with_reserve) a.reserve = at::empty({s.reserve_numel()}, opts);
+  if (with_reserve)
+    a.reserve = input.is_cpu() ? cpu_cached_empty(s.reserve_numel(), a.math)
+                               : at::empty({s.reserve_numel()}, opts);
   return a;
 }
 

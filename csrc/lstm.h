@@ -108,6 +108,11 @@ struct BackwardArgs {
   std::vector<at::Tensor> grad_weights;
 };
 
+// A 1-D CPU tensor of `numel` elements whose memory is recycled within the process: large
+// buffers (the reserve, backward scratch) would otherwise be fresh mmap'd pages on every call,
+// each page faulted in and zeroed again (csrc/cpu/buffer_cache.cpp; benchmarks/NOTES.md 11).
+at::Tensor cpu_cached_empty(int64_t numel, at::ScalarType dtype);
+
 ForwardArgs prepare_forward(
     const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
     const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,

@@ -105,6 +105,26 @@ def test_threads_training_bit_identical():
             assert torch.equal(e, g)
 
 
+def test_threads_training_recycled_buffers_bit_identical():
+    """Training calls whose reserve is large enough (here ~1.5-2.3 MB) to come from the CPU
+    buffer cache (csrc/cpu/buffer_cache.cpp), run by four threads at once and with lengths that
+    make a recycled block larger than the request: exactly the serial results, and a second
+    serial pass (all blocks recycled) agrees too."""
+    model = FusedLSTM(8, 64, num_layers=2)
+    params = list(model.parameters())
+    inputs = [randn(30 + (7 * i) % 16, 16, 8, dtype=F32).requires_grad_() for i in range(12)]
+
+    def run(x):
+        output, (h_n, c_n) = model(x)
+        return torch.autograd.grad(output.square().sum() + h_n.sum() + c_n.sum(), [x] + params)
+
+    serial = [run(x) for x in inputs]
+    for results in (run_in_threads(run, inputs, rounds=2), [run(x) for x in inputs]):
+        for expected, got in zip(serial, results):
+            for e, g in zip(expected, got):
+                assert torch.equal(e, g)
+
+
 # --- non-finite values ---------------------------------------------------------------------
 
 

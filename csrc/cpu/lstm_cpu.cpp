@@ -486,7 +486,7 @@ void for_each_batch_slice(const LSTMShape& s, int64_t steps, bool single_thread_
 
 template <typename T>
 T* scratch(at::Tensor& holder, int64_t numel) {
-  holder = at::empty({numel}, c10::CppTypeToScalarType<T>::value);
+  holder = cpu_cached_empty(numel, c10::CppTypeToScalarType<T>::value);
   return holder.mutable_data_ptr<T>();
 }
 

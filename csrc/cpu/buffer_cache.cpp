@@ -1,0 +1,84 @@
+// Large CPU buffers recycled within the process (lstm.h: cpu_cached_empty).
+//
+// glibc serves allocations above its mmap threshold with fresh pages and unmaps them on free,
+// so a 39 MB reserve (medium training) costs ~10,000 page faults, each zeroing 4 KB, on every
+// call (benchmarks/NOTES.md section 3). Buffers from kMinBytes on are kept here when freed
+// and handed out again for a request of at most their size and at least half of it. The cache
+// holds at most kMaxBlocks blocks and kMaxBytes in all; a block that does not fit is freed.
+// Contents are not cleared: callers write every element they read (as with at::empty).
+#include "../lstm.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <c10/core/impl/alloc_cpu.h>
+
+#include <cstddef>
+#include <mutex>
+#include <vector>
+
+namespace fused_lstm {
+namespace {
+
+constexpr size_t kMinBytes = size_t{1} << 20;
+constexpr size_t kMaxBytes = size_t{256} << 20;
+constexpr size_t kMaxBlocks = 16;
+
+struct Block {
+  void* ptr;
+  size_t bytes;
+};
+
+struct BufferCache {
+  std::mutex mutex;
+  std::vector<Block> free_blocks;
+  size_t free_bytes = 0;
+
+  // The smallest free block of [bytes, 2 * bytes], removed from the cache; or none.
+  Block take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex);
+    size_t best = free_blocks.size();
+    for (size_t i = 0; i < free_blocks.size(); ++i) {
+      const size_t size = free_blocks[i].bytes;
+      if (size >= bytes && size / 2 <= bytes &&
+          (best == free_blocks.size() || size < free_blocks[best].bytes))
+        best = i;
+    }
+    if (best == free_blocks.size()) return {nullptr, 0};
+    const Block block = free_blocks[best];
+    free_blocks.erase(free_blocks.begin() + static_cast<std::ptrdiff_t>(best));
+    free_bytes -= block.bytes;
+    return block;
+  }
+
+  void give_back(Block block) {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      if (free_blocks.size() < kMaxBlocks && free_bytes + block.bytes <= kMaxBytes) {
+        free_blocks.push_back(block);
+        free_bytes += block.bytes;
+        return;
+      }
+    }
+    c10::free_cpu(block.ptr);
+  }
+};
+
+// Never destroyed: tensors freed during interpreter shutdown may still give blocks back.
+BufferCache& cache() {
+  static BufferCache* instance = new BufferCache();
+  return *instance;
+}
+
+}  // namespace
+
+at::Tensor cpu_cached_empty(int64_t numel, at::ScalarType dtype) {
+  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
+  if (bytes < kMinBytes) return at::empty({numel}, at::TensorOptions().dtype(dtype));
+  Block block = cache().take(bytes);
+  if (block.ptr == nullptr) block = Block{c10::alloc_cpu(bytes), bytes};
+  return at::from_blob(
+      block.ptr, {numel}, [block](void*) { cache().give_back(block); },
+      at::TensorOptions().dtype(dtype));
+}
+
+}  // namespace fused_lstm
