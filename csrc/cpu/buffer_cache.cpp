@@ -6,10 +6,13 @@
 // and handed out again for a request of at most their size and at least half of it. The cache
 // holds at most kMaxBlocks blocks and kMaxBytes in all; a block that does not fit is freed.
 // Contents are not cleared: callers write every element they read (as with at::empty).
+// A block handed out and given back is reported to PyTorch's memory profiler as an allocation
+// and a free, as the CPU allocator reports its own, so profiled peak memory counts it.
 #include "../lstm.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
+#include <c10/core/Allocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
 #include <cstddef>
@@ -69,6 +72,12 @@ BufferCache& cache() {
   return *instance;
 }
 
+void report_to_profiler(const Block& block, int64_t sign) {
+  if (c10::memoryProfilingEnabled())
+    c10::reportMemoryUsageToProfiler(block.ptr, sign * static_cast<int64_t>(block.bytes), 0, 0,
+                                     c10::Device(c10::kCPU));
+}
+
 }  // namespace
 
 at::Tensor cpu_cached_empty(int64_t numel, at::ScalarType dtype) {
@@ -76,8 +85,13 @@ at::Tensor cpu_cached_empty(int64_t numel, at::ScalarType dtype) {
   if (bytes < kMinBytes) return at::empty({numel}, at::TensorOptions().dtype(dtype));
   Block block = cache().take(bytes);
   if (block.ptr == nullptr) block = Block{c10::alloc_cpu(bytes), bytes};
+  report_to_profiler(block, +1);
   return at::from_blob(
-      block.ptr, {numel}, [block](void*) { cache().give_back(block); },
+      block.ptr, {numel},
+      [block](void*) {
+        report_to_profiler(block, -1);
+        cache().give_back(block);
+      },
       at::TensorOptions().dtype(dtype));
 }
 
