@@ -400,8 +400,8 @@ TORCH_LIBRARY_FRAGMENT(fused_lstm, m) {
 """
 
 # The project files the harness includes, relative to csrc/.
-EMULATED_SOURCES = ("lstm.cpp", "cuda/lstm_cuda.cu", "cuda/lstm_step.cuh",
-                    "cuda/lstm_persistent.cuh")
+EMULATED_SOURCES = ("lstm.cpp", "cpu/buffer_cache.cpp", "cuda/lstm_cuda.cu",
+                    "cuda/lstm_step.cuh", "cuda/lstm_persistent.cuh")
 # What the emulation code below uses beyond the project's own includes.
 EMULATION_SYSTEM_INCLUDES = ("atomic", "cstdio", "cstdlib", "limits", "string", "vector")
 
