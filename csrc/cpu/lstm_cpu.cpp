@@ -490,18 +490,20 @@ T* scratch(at::Tensor& holder, int64_t numel) {
   return holder.mutable_data_ptr<T>();
 }
 
-// W_hh transposed into `buf` ([out, 4H]) for the brgemm path, when it applies: float32, hidden
-// sizes of the row-wise path, and enough steps to amortise the transpose.
+// W_hh transposed into `buf` ([out, 4H]) for the brgemm path; `buf` is null (from
+// brgemm_buffer) where that path does not apply.
 template <typename T>
-void use_brgemm(const LSTMShape& s, int64_t steps, DirectionWeights<T>& w, T* buf) {
+void use_brgemm(const LSTMShape& s, DirectionWeights<T>& w, T* buf) {
   if constexpr (std::is_same_v<T, float>) {
-    if (buf == nullptr || steps < 2 || !brgemm_available()) return;
+    if (buf == nullptr) return;
     const int64_t G = 4 * s.hidden_size, out = s.out_size;
     transpose(w.w_hh, out, G, out, buf, G);
     w.w_hh_t = buf;
   }
 }
 
+// Scratch for use_brgemm, or null where brgemm is not used: other dtypes, small hidden sizes,
+// and a single step (one product does not pay for the transpose).
 template <typename T>
 T* brgemm_buffer(const LSTMShape& s, at::Tensor& holder) {
   if (!std::is_same_v<T, float> || s.hidden_size < kRowWiseHidden || s.seq_len < 2 ||
@@ -636,7 +638,7 @@ void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
         continue;
       }
       input_projection(w, x, s.rows, s.layer_input_size(l), G, gates);  // every step at once
-      use_brgemm(s, s.seq_len, w, w_hh_t);
+      use_brgemm(s, w, w_hh_t);
       auto rows_of = [&](int64_t t) {
         const int64_t off = s.step_offset[t];
         return StepRows<T>{gates + off * G, cells + off * H,
@@ -691,7 +693,7 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
       T* c_state = cy + ld * s.batch * H;
       copy_or_zero(hx ? hx + ld * s.batch * out : nullptr, s.batch * out, h_state);
       copy_or_zero(cx ? cx + ld * s.batch * H : nullptr, s.batch * H, c_state);
-      if (!tiny) use_brgemm(s, s.seq_len, w, w_hh_t);
+      if (!tiny) use_brgemm(s, w, w_hh_t);
       for (int64_t first = 0; first < s.seq_len; first += chunk_steps) {
         const int64_t last = std::min(first + chunk_steps, s.seq_len) - 1;
         // The chunk's steps are consecutive in time, so their rows are one contiguous block.

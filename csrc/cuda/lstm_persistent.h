@@ -536,6 +536,17 @@ inline std::string cuda_path_choice_text(const at::Tensor& input,
 
 // x: [rows, I_l] this layer's input; hx, cx: [L*D, B, H] or undefined; weights: nn.LSTM's flat
 // order, contiguous, math dtype; hy, cy: [L*D, B, H] outputs; reserve: [reserve_numel].
+// The fields the forward and backward launch arguments share.
+template <typename Params>
+void fill_launch_fields(Params& p, const LSTMShape& s, const PersistentPlan& plan) {
+  p.hidden = s.hidden_size;
+  p.batch = s.batch;
+  p.num_directions = s.num_directions;
+  p.out_stride = s.num_directions * s.hidden_size;
+  p.plan = plan;
+  p.steps = step_schedule(s);
+}
+
 template <typename T>
 void persistent_forward_layer(const LSTMShape& s, int64_t layer, const at::Tensor& x,
                               const at::Tensor& hx, const at::Tensor& cx,
@@ -544,12 +555,7 @@ void persistent_forward_layer(const LSTMShape& s, int64_t layer, const at::Tenso
                               const PersistentPlan& plan, cudaStream_t stream) {
   const int64_t H = s.hidden_size, G = 4 * H, D = s.num_directions;
   PersistentForward<T> p;
-  p.hidden = H;
-  p.batch = s.batch;
-  p.num_directions = D;
-  p.out_stride = D * H;
-  p.plan = plan;
-  p.steps = step_schedule(s);
+  fill_launch_fields(p, s, plan);
   for (int64_t d = 0; d < D; ++d) {
     const int64_t k = s.weight_index(layer, d);
     const at::Tensor& w_ih = weights[k];
@@ -597,12 +603,7 @@ void persistent_backward_layer(const LSTMShape& s, int64_t layer, const at::Tens
                                cudaStream_t stream) {
   const int64_t H = s.hidden_size, G = 4 * H, D = s.num_directions;
   PersistentBackward<T> p;
-  p.hidden = H;
-  p.batch = s.batch;
-  p.num_directions = D;
-  p.out_stride = D * H;
-  p.plan = plan;
-  p.steps = step_schedule(s);
+  fill_launch_fields(p, s, plan);
   p.layer_out = reserve.const_data_ptr<T>() + s.layer_out_offset(layer);
   p.dy = dy.const_data_ptr<T>();
   for (int64_t d = 0; d < D; ++d) {
