@@ -171,7 +171,10 @@ at::ScalarType math_type(at::ScalarType st) {
   return st == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Tensors usually arrive in the math dtype and contiguous: return them without a dispatcher
+// call (`to` and `contiguous` cost ~0.2 us each, and a call converts up to a dozen tensors).
 at::Tensor to_math(const at::Tensor& t, at::ScalarType math) {
+  if (t.scalar_type() == math && t.is_contiguous()) return t;
   return t.to(math).contiguous();
 }
 
@@ -225,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_forward(const 
                                        s.rows * s.num_directions * s.out_size)
                           .view(out_shape)
                           .to(a.dtype, /*non_blocking=*/false, /*copy=*/true);
-  return {output, a.hy.to(a.dtype), a.cy.to(a.dtype), a.reserve};
+  return {output, in_dtype(a.hy, a.dtype), in_dtype(a.cy, a.dtype), a.reserve};
 }
 
 BackwardArgs prepare_backward(
@@ -273,7 +276,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> finish_b
   grad_weights.reserve(a.grad_weights.size());
   for (size_t i = 0; i < a.grad_weights.size(); ++i)
     grad_weights.push_back(a.grad_weights[i].to(weights[i].scalar_type()));
-  return {a.grad_input.to(a.dtype), a.grad_hx.to(a.dtype), a.grad_cx.to(a.dtype), grad_weights};
+  return {in_dtype(a.grad_input, a.dtype), in_dtype(a.grad_hx, a.dtype),
+          in_dtype(a.grad_cx, a.dtype), grad_weights};
 }
 
 TORCH_LIBRARY(fused_lstm, m) {

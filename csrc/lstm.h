@@ -119,6 +119,11 @@ ForwardArgs prepare_forward(
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
     bool bidirectional, bool has_biases, int64_t proj_size, bool with_reserve = true);
 
+// t in `dtype`: t itself when it already is (no dispatcher call, ~0.2 us), else a converted copy.
+inline at::Tensor in_dtype(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
+
 // (output, hy, cy, reserve); output is the last layer's rows of the reserve, copied out.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_forward(const ForwardArgs& a);
 

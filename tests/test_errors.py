@@ -93,16 +93,17 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])  # two call paths
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_forward_raises_like_nn_lstm(case):
+def test_forward_raises_like_nn_lstm(case, grad):
     _, extra, make_args, phrase = case
     kwargs = {**BASE, **extra}
     torch_lstm, fused = nn.LSTM(**kwargs), FusedLSTM(**kwargs)
     fused.load_state_dict(torch_lstm.state_dict())
     args = make_args()
-    with pytest.raises(Exception) as theirs:
+    with pytest.raises(Exception) as theirs, torch.set_grad_enabled(grad):
         torch_lstm(*args)
-    with pytest.raises(Exception) as ours:
+    with pytest.raises(Exception) as ours, torch.set_grad_enabled(grad):
         fused(*args)
     assert type(ours.value) is type(theirs.value)
     assert str(ours.value) == str(theirs.value)

@@ -382,6 +382,45 @@ def test_inference_under_no_grad_and_inference_mode():
     assert_close(out, inf_out)
 
 
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time_major", "batch_first"])
+@pytest.mark.parametrize("with_state", [False, True], ids=["no_state", "state"])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "eval_no_grad"])
+def test_no_grad_call_goes_straight_to_the_inference_op(batch_first, with_state, mode,
+                                                         monkeypatch):
+    """Without grad, a plain batched call takes the short path: ONE lstm_inference call and not
+    ops.lstm (the full path), with nn.LSTM's results."""
+    torch_lstm, fused = lstm_pair(input_size=3, hidden_size=4, num_layers=2, dropout=0.3,
+                                  bidirectional=True, batch_first=batch_first)
+    if mode == "eval_no_grad":  # in training mode, dropout needs the full path (its mask)
+        torch_lstm.eval(), fused.eval()
+    else:
+        torch_lstm.dropout = fused.dropout = 0.0
+    calls = []
+    real = fused_module._lstm_inference
+    monkeypatch.setattr(fused_module, "_lstm_op", lambda *a: pytest.fail("full path taken"))
+    monkeypatch.setattr(fused_module, "_lstm_inference", lambda *a: calls.append(a) or real(*a))
+    x = randn(2, 5, 3) if batch_first else randn(5, 2, 3)
+    hx = make_state(fused, 2, F64) if with_state else None
+    context = torch.inference_mode() if mode == "inference_mode" else torch.no_grad()
+    with context:
+        ours, theirs = fused(x, hx), torch_lstm(x, hx)
+    assert len(calls) == 1
+    assert_close(ours, theirs)
+    assert ours[0].shape == theirs[0].shape
+
+
+def test_no_grad_training_dropout_takes_the_full_path(monkeypatch):
+    """Dropout in training mode needs its mask even without grad: that call is not short-cut."""
+    fused = FusedLSTM(3, 4, num_layers=2, dropout=0.5, dtype=F64)
+    monkeypatch.setattr(fused_module, "_lstm_inference", lambda *a: pytest.fail("short path"))
+    masks = []
+    op = fused_module._lstm_op
+    monkeypatch.setattr(fused_module, "_lstm_op", lambda *a: masks.append(a[5]) or op(*a))
+    with torch.no_grad():
+        fused(randn(5, 2, 3))
+    assert len(masks) == 1 and masks[0] is not None
+
+
 def test_retain_graph_gives_the_same_gradients_twice():
     fused = FusedLSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2, dtype=F64)
     x = randn(5, 2, 3, requires_grad=True)

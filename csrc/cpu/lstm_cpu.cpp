@@ -261,24 +261,50 @@ FUSED_LSTM_DEFINE_BLOCKS(float)
 FUSED_LSTM_DEFINE_BLOCKS(double)
 #undef FUSED_LSTM_DEFINE_BLOCKS
 
-// The small-hidden path's products (see tiny_forward_steps), vectorised along the batch:
-//   tiny_recurrence: g[r][b] += sum_i w[r, i] * h[i][b]    r < rows_w, i < cols_w, b < n
-//   tiny_product:    y[r][b]  = sum_i w[r, i] * h[i][b]
-// where X[k][b] is X + k * ld_x + b (w is row-major [rows_w, cols_w]).
+// The small-hidden path's product (see tiny_forward_steps), vectorised along the batch:
+//   tiny_product: y[r][b] (+)= sum_i w[r, i] * h[i][b]    r < rows_w, i < cols_w, b < n
+// where X[k][b] is X + k * ld_x + b (w is row-major [rows_w, cols_w]). The batch is taken in
+// blocks of V columns whose sums stay in registers over i (V a compile-time width, so each block
+// is whole vectors): 16, then 8, 4, 2, 1 for what is left (batch 10 = 8 + 2). Accumulating
+// into y[r][b] across i instead made every step a load and a store (NOTES.md section 12).
+template <typename T, int V>
+__attribute__((always_inline)) inline void tiny_product_block(
+    bool accumulate, int64_t b0, int64_t rows_w, int64_t cols_w, const T* __restrict w,
+    const T* __restrict h, int64_t ld_h, T* __restrict y, int64_t ld_y) {
+  for (int64_t r = 0; r < rows_w; ++r) {
+    T* __restrict yr = y + r * ld_y + b0;
+    const T* __restrict wr = w + r * cols_w;
+    T acc[V];
+    for (int j = 0; j < V; ++j) acc[j] = accumulate ? yr[j] : T(0);
+    for (int64_t i = 0; i < cols_w; ++i) {
+      const T wi = wr[i];
+      const T* __restrict hi = h + i * ld_h + b0;
+      for (int j = 0; j < V; ++j) acc[j] += wi * hi[j];
+    }
+    for (int j = 0; j < V; ++j) yr[j] = acc[j];
+  }
+}
+
 template <typename T>
 __attribute__((always_inline)) inline void tiny_product_loop(
     bool accumulate, int64_t n, int64_t rows_w, int64_t cols_w, const T* __restrict w,
     const T* __restrict h, int64_t ld_h, T* __restrict y, int64_t ld_y) {
-  for (int64_t r = 0; r < rows_w; ++r) {
-    T* __restrict yr = y + r * ld_y;
-    if (!accumulate)
-      for (int64_t b = 0; b < n; ++b) yr[b] = T(0);
-    for (int64_t i = 0; i < cols_w; ++i) {
-      const T wi = w[r * cols_w + i];
-      const T* __restrict hi = h + i * ld_h;
-      for (int64_t b = 0; b < n; ++b) yr[b] += wi * hi[b];
-    }
+  int64_t b0 = 0;
+  for (; b0 + 16 <= n; b0 += 16)
+    tiny_product_block<T, 16>(accumulate, b0, rows_w, cols_w, w, h, ld_h, y, ld_y);
+  if (b0 + 8 <= n) {
+    tiny_product_block<T, 8>(accumulate, b0, rows_w, cols_w, w, h, ld_h, y, ld_y);
+    b0 += 8;
   }
+  if (b0 + 4 <= n) {
+    tiny_product_block<T, 4>(accumulate, b0, rows_w, cols_w, w, h, ld_h, y, ld_y);
+    b0 += 4;
+  }
+  if (b0 + 2 <= n) {
+    tiny_product_block<T, 2>(accumulate, b0, rows_w, cols_w, w, h, ld_h, y, ld_y);
+    b0 += 2;
+  }
+  if (b0 < n) tiny_product_block<T, 1>(accumulate, b0, rows_w, cols_w, w, h, ld_h, y, ld_y);
 }
 
 #define FUSED_LSTM_DEFINE_TINY(T)                                                              \
@@ -530,13 +556,24 @@ struct TinyBuffers {
   T* hnew;      // [H][B]   o * tanh(c_t) before the projection (projection only)
   T* cnew;      // [H][B]   c_t of the step
   T* gstep;     // [4H][bs] one step's gates, compact (a batch slice [r0, r1) at 4H * r0)
+  T* xT;        // [kTinyProjectionInput][ld_g] the layer input, transposed (tiny_input_projection)
 };
 
+// Inputs up to this size are projected by tiny_product (x transposed into TinyBuffers::xT
+// first); larger ones by a GEMM. At tutorial sizes a BLAS call costs more than the arithmetic.
+constexpr int64_t kTinyProjectionInput = 32;
+
+// gT [4H, rows] = W_ih x^T + b, x: [rows, in_size]; xT: room for [kTinyProjectionInput, rows].
 template <typename T>
 void tiny_input_projection(const DirectionWeights<T>& w, const T* x, int64_t rows,
-                           int64_t in_size, int64_t G, T* gT) {
+                           int64_t in_size, int64_t G, T* gT, T* xT) {
   if (w.b_ih)
     for (int64_t r = 0; r < G; ++r) std::fill_n(gT + r * rows, rows, w.b_ih[r] + w.b_hh[r]);
+  if (in_size <= kTinyProjectionInput) {
+    transpose(x, in_size, rows, in_size, xT, rows);
+    tiny_product(w.b_ih != nullptr, rows, G, in_size, w.w_ih, xT, rows, gT, rows);
+    return;
+  }
   gemm<T>(false, true, G, rows, in_size, T(1), w.w_ih, in_size, x, in_size, w.b_ih ? T(1) : T(0),
           gT, rows);
 }
@@ -592,10 +629,10 @@ template <typename T>
 TinyBuffers<T> tiny_buffers(const LSTMShape& s, int64_t g_rows, at::Tensor& holder) {
   const int64_t H = s.hidden_size, B = s.batch;
   const int64_t state = (s.out_size + 3 * H) * B;
-  T* p = scratch<T>(holder, 4 * H * g_rows + state + 4 * H * B);
+  T* p = scratch<T>(holder, 4 * H * g_rows + state + 4 * H * B + kTinyProjectionInput * g_rows);
   T* st = p + 4 * H * g_rows;
   return TinyBuffers<T>{p, g_rows, 0, st, st + s.out_size * B, st + (s.out_size + H) * B,
-                        st + (s.out_size + 2 * H) * B, st + state};
+                        st + (s.out_size + 2 * H) * B, st + state, st + state + 4 * H * B};
 }
 
 template <typename T>
@@ -626,7 +663,7 @@ void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
       copy_or_zero(hx ? hx + ld * s.batch * out : nullptr, s.batch * out, h_state);
       copy_or_zero(cx ? cx + ld * s.batch * H : nullptr, s.batch * H, c_state);
       if (tiny) {
-        tiny_input_projection(w, x, s.rows, s.layer_input_size(l), G, tb.gT);
+        tiny_input_projection(w, x, s.rows, s.layer_input_size(l), G, tb.gT, tb.xT);
         transpose(hx ? hx + ld * s.batch * out : nullptr, out, s.batch, out, tb.hT, s.batch);
         transpose(cx ? cx + ld * s.batch * H : nullptr, H, s.batch, H, tb.cT, s.batch);
         for_each_batch_slice(s, s.seq_len, false, [&](int64_t r0, int64_t r1) {
@@ -708,7 +745,7 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
           }
           tb.ld_g = rows;
           tb.row0 = row0;
-          tiny_input_projection(w, x + row0 * in_size, rows, in_size, G, tb.gT);
+          tiny_input_projection(w, x + row0 * in_size, rows, in_size, G, tb.gT, tb.xT);
           for_each_batch_slice(s, last - first + 1, false, [&](int64_t r0, int64_t r1) {
             tiny_forward_steps<T>(s, w, d, first, last, r0, r1, tb, nullptr, nullptr, nullptr,
                                   layer_out + d * out);
@@ -973,16 +1010,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference_cpu(
   ForwardArgs a = prepare_forward(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
                                   bidirectional, has_biases, proj_size, /*with_reserve=*/false);
   const LSTMShape& s = a.shape;
-  at::Tensor output = at::empty({s.rows, s.num_directions * s.out_size}, a.hy.options());
+  std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
+  out_shape.back() = s.num_directions * s.out_size;
+  at::Tensor output = at::empty(out_shape, a.hy.options());  // [T, B, D*out] == [rows, D*out]
   AT_DISPATCH_FLOATING_TYPES(a.math, "fused_lstm_inference_cpu", [&] {
     inference_impl<scalar_t>(s, a.input.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(a.hx),
                              ptr_or_null<scalar_t>(a.cx), a.weights,
                              ptr_or_null<scalar_t>(a.dropout_mask), a.hy.mutable_data_ptr<scalar_t>(),
                              a.cy.mutable_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>());
   });
-  std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
-  out_shape.back() = s.num_directions * s.out_size;
-  return {output.view(out_shape).to(a.dtype), a.hy.to(a.dtype), a.cy.to(a.dtype)};
+  return {in_dtype(output, a.dtype), in_dtype(a.hy, a.dtype), in_dtype(a.cy, a.dtype)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_backward_cpu(
