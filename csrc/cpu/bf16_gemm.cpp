@@ -7,17 +7,19 @@
 // inline function with AVX-512 code can be shared with (and picked by the linker for) code
 // that runs on other CPUs.
 //
-// The product, for one row panel of A (bf16 rows of even length, K rounded up) and a range of
-// 16-column blocks of packed W:
+// The product, for one row panel of A (bf16 rows of even length, K rounded up; a float32 A is
+// converted kMCBytes at a time into a thread-local buffer with vcvtne2ps2bf16, round to nearest
+// even; a bf16 A of even K is read in place):
 //   for each K chunk (kKC pairs of k)
-//     for each group of kNV column blocks (kNV zmm registers of W per pair of k)
-//       for each group of kMR rows: the micro-kernel, kMR x kNV accumulators (8 x 3 = 24 zmm):
-//         per pair of k, kNV loads of W and kMR broadcasts of an A pair (embedded {1to16}),
-//         kMR * kNV vdpbf16ps; then C (+)= the accumulators, masked at the column edges.
-// The W micro-panel of a group (kKC pairs x 16 kNV columns x 4 bytes) is reused by every row
-// group from L1/L2; the A rows by every column group from L2. A float32 A is converted to bf16
-// rows (vcvtne2ps2bf16, round to nearest even) kMC rows at a time into a thread-local buffer;
-// a bf16 A of even K is read in place.
+//     up to 64 rows: for each group of kNV column blocks, for each group of kMR rows
+//     more rows:     for each block of W columns of about kNCBytes (kept in L2),
+//                      for each group of kMR rows, for each group of kNV column blocks
+//       the micro-kernel, kMR x kNV accumulators (8 x 3 = 24 zmm): per pair of k, kNV loads
+//       of W, kMR broadcasts of an A pair, kMR * kNV vdpbf16ps; then C (+)= the
+//       accumulators, with masked loads/stores at the column edges.
+// Rows left over past a multiple of kMR, when at most kSmallMR, go to kSmallMR x kSmallNV
+// kernels (4 x 6) instead, whose wider column groups keep more accumulators in flight (M = 1,
+// the batch-1 recurrent product, is bound by reading W from L2).
 #include "bf16_gemm.h"
 
 #include <ATen/Parallel.h>
@@ -44,8 +46,17 @@
 #ifndef FUSED_LSTM_BF16_NV
 #define FUSED_LSTM_BF16_NV 3  // 16-column blocks per micro-kernel
 #endif
+#ifndef FUSED_LSTM_BF16_SMALL_MR
+#define FUSED_LSTM_BF16_SMALL_MR 4  // at most this many rows left over: the small kernels
+#endif
+#ifndef FUSED_LSTM_BF16_SMALL_NV
+#define FUSED_LSTM_BF16_SMALL_NV 6  // their 16-column blocks
+#endif
 #ifndef FUSED_LSTM_BF16_KC
 #define FUSED_LSTM_BF16_KC 256  // pairs of k per K chunk
+#endif
+#ifndef FUSED_LSTM_BF16_NC_BYTES
+#define FUSED_LSTM_BF16_NC_BYTES (512 * 1024)  // W columns per block (many-row panels), bytes
 #endif
 #ifndef FUSED_LSTM_BF16_MC_BYTES
 #define FUSED_LSTM_BF16_MC_BYTES (192 * 1024)  // converted A rows per row panel, in bytes
@@ -58,8 +69,14 @@ constexpr int kMR = FUSED_LSTM_BF16_MR;
 constexpr int kNV = FUSED_LSTM_BF16_NV;
 constexpr int64_t kKC = FUSED_LSTM_BF16_KC;
 constexpr int64_t kMCBytes = FUSED_LSTM_BF16_MC_BYTES;
+constexpr int64_t kNCBytes = FUSED_LSTM_BF16_NC_BYTES;
+constexpr int64_t kRowsOuterMinM = 64;  // above this many rows: rows outer (gemm_rows)
+constexpr int kSmallMR = FUSED_LSTM_BF16_SMALL_MR;
+constexpr int kSmallNV = FUSED_LSTM_BF16_SMALL_NV;
 constexpr int64_t kBN = kBf16GemmBlockN;
 static_assert(kMR >= 1 && kNV >= 1 && kMR * kNV + kNV <= 32, "micro-kernel exceeds 32 zmm");
+static_assert(kSmallMR >= 1 && kSmallMR < kMR && kSmallMR * kSmallNV + kSmallNV <= 32,
+              "small micro-kernel exceeds 32 zmm");
 
 bool env_disabled() {
   const char* v = std::getenv("FUSED_LSTM_NO_BF16_GEMM");
@@ -161,51 +178,98 @@ BF16_TARGET void micro_kernel(int64_t kp, const uint16_t* a, int64_t lda, const 
 using KernelFn = void (*)(int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*,
                           int64_t, const __mmask16*, bool);
 
+// fn[mr - 1][nv - 1] = micro_kernel<mr, nv>, for mr <= MR, nv <= NV.
 template <int MR, int NV>
-struct KernelTable {
-  static void fill(KernelFn (&t)[kMR][kNV]) {
-    t[MR - 1][NV - 1] = &micro_kernel<MR, NV>;
-    if constexpr (NV > 1) KernelTable<MR, NV - 1>::fill(t);
-    if constexpr (NV == kNV && MR > 1) KernelTable<MR - 1, kNV>::fill(t);
+struct Kernels {
+  KernelFn fn[MR][NV];
+  Kernels() { fill<MR, NV>(); }
+  template <int R, int V>
+  void fill() {
+    fn[R - 1][V - 1] = &micro_kernel<R, V>;
+    if constexpr (V > 1) fill<R, V - 1>();
+    if constexpr (V == NV && R > 1) fill<R - 1, NV>();
   }
 };
 
-struct Kernels {
-  KernelFn fn[kMR][kNV];
-  Kernels() { KernelTable<kMR, kNV>::fill(fn); }
-};
+using MainKernels = Kernels<kMR, kNV>;
+using SmallKernels = Kernels<kSmallMR, kSmallNV>;
 
-const Kernels& kernels() {
-  static const Kernels k;
+const MainKernels& main_kernels() {
+  static const MainKernels k;
+  return k;
+}
+const SmallKernels& small_kernels() {
+  static const SmallKernels k;
   return k;
 }
 
-// C[M rows, columns n0..n1) (+)= A * W^T; a: bf16 rows with kp pairs readable, stride lda.
+// Write masks of the nv 16-column blocks from block g on, for columns [n0, n1).
+BF16_TARGET inline void group_masks(int64_t g, int nv, int64_t n0, int64_t n1, __mmask16* masks) {
+  for (int j = 0; j < nv; ++j) {
+    const int64_t lo0 = (g + j) * kBN;
+    const int64_t lo = n0 > lo0 ? n0 - lo0 : 0;
+    const int64_t hi = n1 < lo0 + kBN ? n1 - lo0 : kBN;
+    masks[j] = (__mmask16)((((uint32_t)1 << hi) - 1) & ~(((uint32_t)1 << lo) - 1));
+  }
+}
+
+// C[M rows, columns n0..n1) (+)= A * W^T with the MR x NV kernels (any M: the last row group
+// uses a kernel of fewer rows); a: bf16 rows with kp pairs readable, stride lda.
+// Per K chunk: with few rows, column groups outer and rows inner (a group's W micro-panel is
+// reused by all rows from L1/L2); with many rows, W in blocks of about kNCBytes (kept in L2),
+// rows outer inside a block, so each row group's C tile rows are written left to right.
+template <int MR, int NV>
 BF16_TARGET void gemm_rows(int64_t M, int64_t kp, const uint16_t* a, int64_t lda,
                            const uint16_t* w, int64_t n0, int64_t n1, float* c, int64_t ldc,
-                           bool accumulate, const Kernels& ks) {
+                           bool accumulate, const Kernels<MR, NV>& ks) {
   const int64_t bs = kp * 2 * kBN;  // uint16 per packed 16-column block
   const int64_t blk0 = n0 / kBN, blk1 = (n1 + kBN - 1) / kBN;
+  __mmask16 masks[NV];
   for (int64_t k0 = 0; k0 < kp; k0 += kKC) {
     const int64_t kc = kp - k0 < kKC ? kp - k0 : kKC;
     const bool acc = accumulate || k0 > 0;
-    for (int64_t g = blk0; g < blk1; g += kNV) {
-      const int nv = (int)(blk1 - g < kNV ? blk1 - g : kNV);
-      __mmask16 masks[kNV];
-      for (int j = 0; j < nv; ++j) {
-        const int64_t lo0 = (g + j) * kBN;
-        const int64_t lo = n0 > lo0 ? n0 - lo0 : 0;
-        const int64_t hi = n1 < lo0 + kBN ? n1 - lo0 : kBN;
-        masks[j] = (__mmask16)((((uint32_t)1 << hi) - 1) & ~(((uint32_t)1 << lo) - 1));
+    const uint16_t* wk = w + k0 * 2 * kBN;
+    const uint16_t* ak = a + 2 * k0;
+    if (M <= kRowsOuterMinM) {
+      for (int64_t g = blk0; g < blk1; g += NV) {
+        const int nv = (int)(blk1 - g < NV ? blk1 - g : NV);
+        group_masks(g, nv, n0, n1, masks);
+        for (int64_t m0 = 0; m0 < M; m0 += MR) {
+          const int mr = (int)(M - m0 < MR ? M - m0 : MR);
+          ks.fn[mr - 1][nv - 1](kc, ak + m0 * lda, lda, wk + g * bs, bs, c + m0 * ldc + g * kBN,
+                                ldc, masks, acc);
+        }
       }
-      const uint16_t* wg = w + g * bs + k0 * 2 * kBN;
-      for (int64_t m0 = 0; m0 < M; m0 += kMR) {
-        const int mr = (int)(M - m0 < kMR ? M - m0 : kMR);
-        ks.fn[mr - 1][nv - 1](kc, a + m0 * lda + 2 * k0, lda, wg, bs, c + m0 * ldc + g * kBN, ldc,
-                              masks, acc);
+      continue;
+    }
+    int64_t ncb = kNCBytes / (kc * 4 * kBN) / NV * NV;
+    if (ncb < NV) ncb = NV;
+    for (int64_t gb = blk0; gb < blk1; gb += ncb) {
+      const int64_t ge = blk1 - gb < ncb ? blk1 : gb + ncb;
+      for (int64_t m0 = 0; m0 < M; m0 += MR) {
+        const int mr = (int)(M - m0 < MR ? M - m0 : MR);
+        for (int64_t g = gb; g < ge; g += NV) {
+          const int nv = (int)(ge - g < NV ? ge - g : NV);
+          group_masks(g, nv, n0, n1, masks);
+          ks.fn[mr - 1][nv - 1](kc, ak + m0 * lda, lda, wk + g * bs, bs, c + m0 * ldc + g * kBN,
+                                ldc, masks, acc);
+        }
       }
     }
   }
+}
+
+// A row panel: rows in groups of kMR, except a last group of at most kSmallMR rows, which
+// goes to the kSmallMR x kSmallNV kernels (more columns, so more accumulators in flight).
+BF16_TARGET void gemm_panel(int64_t M, int64_t kp, const uint16_t* a, int64_t lda,
+                            const uint16_t* w, int64_t n0, int64_t n1, float* c, int64_t ldc,
+                            bool accumulate) {
+  const int64_t rest = M % kMR <= kSmallMR ? M % kMR : 0;
+  if (M > rest)
+    gemm_rows(M - rest, kp, a, lda, w, n0, n1, c, ldc, accumulate, main_kernels());
+  if (rest > 0)
+    gemm_rows(rest, kp, a + (M - rest) * lda, lda, w, n0, n1, c + (M - rest) * ldc, ldc,
+              accumulate, small_kernels());
 }
 
 // bf16 rows (stride ldo, even length kpad >= K, zero past K) from float32 rows, rounded to
@@ -232,7 +296,6 @@ BF16_TARGET void convert_rows(int64_t M, int64_t K, const float* A, int64_t lda,
   }
 }
 
-#endif  // FUSED_LSTM_BF16_GEMM_X86
 
 std::vector<uint16_t>& scratch() {
   thread_local std::vector<uint16_t> buffer;
@@ -246,6 +309,8 @@ void copy_rows(int64_t M, int64_t K, const c10::BFloat16* A, int64_t lda, uint16
     for (int64_t k = K; k < kpad; ++k) out[m * ldo + k] = 0;
   }
 }
+
+#endif  // FUSED_LSTM_BF16_GEMM_X86
 
 template <typename T>
 void gemm_impl(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const uint16_t* W,
@@ -265,29 +330,37 @@ void gemm_impl(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const u
   }
   TORCH_CHECK(lda >= K || M == 1, "bf16_gemm: lda=", lda, " < K=", K);
 #if FUSED_LSTM_BF16_GEMM_X86
-  const Kernels& ks = kernels();
   const int64_t kp = (K + 1) / 2, kpad = 2 * kp;
   constexpr bool is_bf16 = std::is_same_v<T, c10::BFloat16>;
-  if (is_bf16 && K % 2 == 0) {  // read in place
-    gemm_rows(M, kp, reinterpret_cast<const uint16_t*>(A), lda, W, n0, n1, C, ldc, accumulate, ks);
-    return;
-  }
-  // Converted rows, kMC at a time; the row stride is padded off multiples of 4 KB.
+  const bool in_place = is_bf16 && K % 2 == 0;  // bf16 rows read where they are
+  // Row panels of about kMCBytes of bf16 A, kept in L2 while every column group sweeps them;
+  // converted rows get a row stride off multiples of 4 KB.
   const int64_t ldo = kpad % 2048 == 0 ? kpad + 32 : kpad;
   int64_t mc = kMCBytes / (ldo * 2);
   mc = mc < kMR ? kMR : mc / kMR * kMR;
   if (mc > M) mc = M;
-  std::vector<uint16_t>& buf = scratch();
-  if (buf.size() < (size_t)(mc * ldo)) buf.resize(mc * ldo);
+  uint16_t* buf = nullptr;
+  if (!in_place) {
+    std::vector<uint16_t>& b = scratch();
+    if (b.size() < (size_t)(mc * ldo)) b.resize(mc * ldo);
+    buf = b.data();
+  }
   for (int64_t m0 = 0; m0 < M; m0 += mc) {
     const int64_t rows = M - m0 < mc ? M - m0 : mc;
-    if constexpr (is_bf16) {
-      copy_rows(rows, K, A + m0 * lda, lda, buf.data(), ldo, kpad);
-    } else {
-      convert_rows(rows, K, A + m0 * lda, lda, buf.data(), ldo, kpad);
+    if (in_place) {
+      gemm_panel(rows, kp, reinterpret_cast<const uint16_t*>(A + m0 * lda), lda, W, n0, n1,
+                 C + m0 * ldc, ldc, accumulate);
+      continue;
     }
-    gemm_rows(rows, kp, buf.data(), ldo, W, n0, n1, C + m0 * ldc, ldc, accumulate, ks);
+    if constexpr (is_bf16) {
+      copy_rows(rows, K, A + m0 * lda, lda, buf, ldo, kpad);
+    } else {
+      convert_rows(rows, K, A + m0 * lda, lda, buf, ldo, kpad);
+    }
+    gemm_panel(rows, kp, buf, ldo, W, n0, n1, C + m0 * ldc, ldc, accumulate);
   }
+#else
+  (void)A, (void)W;  // unreachable: bf16_gemm_available() is false
 #endif
 }
 
