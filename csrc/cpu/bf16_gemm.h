@@ -1,0 +1,63 @@
+// bfloat16 GEMM with float32 accumulation on AVX512_BF16 (vdpbf16ps), for the LSTM's bf16 path.
+//
+//   C[M, N] (+)= A[M, K] * W^T,   W row-major [N, K] (an LSTM weight: W_ih [4H, I], W_hh [4H, H])
+//
+// Operands are bfloat16 (a float32 A is rounded to bf16, round-to-nearest-even, as it is read),
+// products are exact and are summed in float32, C is float32: the numerics of oneDNN's bf16 LSTM.
+// vdpbf16ps adds a_{2p} b_{2p} + a_{2p+1} b_{2p+1} into the accumulator; it treats denormal
+// inputs as zero and flushes denormal results to zero (as oneDNN's bf16 kernels do).
+//
+// W is packed once (bf16_pack_weight) into blocks of kBf16GemmBlockN = 16 columns:
+//   packed[((n / 16) * Kp + k / 2) * 32 + (n % 16) * 2 + k % 2] = bf16(W[n, k]),  Kp = ceil(K / 2)
+// i.e. per 16-column block, for each pair of k, 16 columns x 2 consecutive k (one zmm register,
+// one 64-byte line); columns past N and the k past an odd K are zero. A block is Kp * 32 uint16.
+//
+// Only usable where bf16_gemm_available(): the functions below throw (c10::Error) otherwise,
+// except bf16_packed_size and bf16_pack_weight, which are portable C++.
+// The gemm functions are single-threaded and reentrant (each thread keeps its own scratch), so
+// they may be called from inside at::parallel_for, each thread on its own rows of A and C or on
+// its own column range [n0, n1); bf16_gemm_parallel splits one product over at::parallel_for.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace fused_lstm {
+
+constexpr int64_t kBf16GemmBlockN = 16;
+
+// True when this CPU has AVX512F/BW/VL and AVX512_BF16 (and the OS saves the zmm state), and
+// FUSED_LSTM_NO_BF16_GEMM is not set to a non-empty value other than "0". Decided once.
+bool bf16_gemm_available();
+
+// Number of uint16_t elements of the packed form of an [N, K] weight (64-byte aligned storage
+// is best; any alignment works).
+size_t bf16_packed_size(int64_t N, int64_t K);
+
+// Packs W [N, K] (row stride ldw elements) into `out` (bf16_packed_size(N, K) elements).
+// A float32 W is rounded to bf16 to nearest even, NaN kept, as torch's .to(torch.bfloat16).
+void bf16_pack_weight(const uint16_t* W, int64_t N, int64_t K, int64_t ldw, uint16_t* out);
+void bf16_pack_weight(const c10::BFloat16* W, int64_t N, int64_t K, int64_t ldw, uint16_t* out);
+void bf16_pack_weight(const float* W, int64_t N, int64_t K, int64_t ldw, uint16_t* out);
+
+// C[m, n] = (accumulate ? C[m, n] : 0) + sum_k bf16(A[m, k]) * W[n, k], for m < M and
+// n0 <= n < n1 (n1 < 0 means N); other columns of C are neither read nor written. C points at
+// column 0 of row 0 (not at column n0). Row strides lda, ldc in elements. Single-threaded.
+// Column ranges starting at multiples of 16 waste no work.
+void bf16_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+               const uint16_t* packedW, float* C, int64_t ldc, bool accumulate,
+               int64_t n0 = 0, int64_t n1 = -1);
+void bf16_gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
+               const uint16_t* packedW, float* C, int64_t ldc, bool accumulate,
+               int64_t n0 = 0, int64_t n1 = -1);
+
+// The same product over all of C, split over at::parallel_for (rows when M is large, column
+// blocks otherwise). Do not call from inside a parallel region (it would run on one thread).
+void bf16_gemm_parallel(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                        const uint16_t* packedW, float* C, int64_t ldc, bool accumulate);
+void bf16_gemm_parallel(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
+                        const uint16_t* packedW, float* C, int64_t ldc, bool accumulate);
+
+}  // namespace fused_lstm
