@@ -177,6 +177,37 @@ def test_low_precision_error_within_twice_nn_lstm(dtype, bidirectional):
         assert our_error <= 2 * their_error + torch.finfo(dtype).eps, (name, our_error, their_error)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_bf16_training_within_twice_nn_lstm(bidirectional):
+    """bf16 training at a size with hidden >= 16 (where a CPU with AVX512_BF16 computes the
+    products from bf16 operands, as oneDNN does): outputs and every gradient are within twice
+    nn.LSTM's bf16 distance to the float64 result, plus a bf16 epsilon."""
+    kwargs = dict(input_size=24, hidden_size=32, num_layers=2, bidirectional=bidirectional)
+    torch_lstm, fused = lstm_pair(dtype=torch.bfloat16, **kwargs)
+    exact = nn.LSTM(dtype=F64, **kwargs)
+    exact.load_state_dict(torch_lstm.state_dict())
+    x = randn(10, 5, 24, dtype=torch.bfloat16)
+    hx = tuple(t.detach() for t in make_state(fused, 5, torch.bfloat16))
+    upstream = [randn(10, 5, 32 * (2 if bidirectional else 1)), randn(*hx[0].shape),
+                randn(*hx[1].shape)]
+
+    def results(module, dtype):
+        inputs = [x.to(dtype).requires_grad_(), *(t.to(dtype).requires_grad_() for t in hx)]
+        out, (h_n, c_n) = module(inputs[0], (inputs[1], inputs[2]))
+        leaves = inputs + list(module.parameters())
+        grads = torch.autograd.grad((out, h_n, c_n), leaves, [u.to(dtype) for u in upstream])
+        return [out, h_n, c_n, *grads]
+
+    expected, ours, theirs = results(exact, F64), results(fused, torch.bfloat16), \
+        results(torch_lstm, torch.bfloat16)
+    eps = torch.finfo(torch.bfloat16).eps
+    for i, (e, o, t) in enumerate(zip(expected, ours, theirs)):
+        scale = max(1.0, e.abs().max().item())  # gradients can exceed 1: eps relative to them
+        our_error = (o.double() - e).abs().max().item()
+        their_error = (t.double() - e).abs().max().item()
+        assert our_error <= 2 * their_error + eps * scale, (i, our_error, their_error)
+
+
 # --- module contract --------------------------------------------------------------------------
 
 def test_is_an_nn_lstm_with_the_same_repr():

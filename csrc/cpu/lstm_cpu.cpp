@@ -12,6 +12,7 @@
 // double); bfloat16 tensors are converted at the op's boundary.
 #include "../lstm.h"
 #include "../lstm_cell.h"
+#include "bf16_gemm.h"
 #include "fast_math.h"
 
 #include <ATen/Context.h>
@@ -358,6 +359,14 @@ struct DirectionWeights {
   const T* b_hh;  // [4H] or null
   const T* w_hr;  // [out, H] or null
   const T* w_hh_t = nullptr;  // [out, 4H]: W_hh transposed, for brgemm (float32 only), or null
+  // bfloat16 models on AVX512_BF16 machines (float32 math only): W_ih and W_hh packed for
+  // bf16_gemm, which then computes the input projection and the recurrent product from bf16
+  // operands with float32 sums, as oneDNN's bf16 LSTM does; null otherwise.
+  const uint16_t* w_ih_bf16 = nullptr;
+  const uint16_t* w_hh_bf16 = nullptr;
+  // Whether a step's recurrent product runs at full speed on one thread (brgemm or bf16_gemm),
+  // so the batch can be split over threads at any step size (for_each_batch_slice).
+  bool single_thread_product() const { return w_hh_t != nullptr || w_hh_bf16 != nullptr; }
 };
 
 template <typename T>
@@ -427,6 +436,12 @@ void input_projection(const DirectionWeights<T>& w, const T* x, int64_t rows, in
       for (int64_t j = 0; j < G; ++j) g[j] = w.b_ih[j] + w.b_hh[j];
     });
   }
+  if constexpr (std::is_same_v<T, float>) {
+    if (w.w_ih_bf16) {
+      bf16_gemm_parallel(rows, G, in_size, x, in_size, w.w_ih_bf16, gates, G, w.b_ih != nullptr);
+      return;
+    }
+  }
   gemm<T>(false, true, rows, G, in_size, T(1), x, in_size, w.w_ih, in_size, w.b_ih ? T(1) : T(0),
           gates, G);
 }
@@ -443,9 +458,10 @@ void forward_step(const LSTMShape& s, const DirectionWeights<T>& w, int64_t bs, 
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size;
   const bool has_proj = s.proj_size > 0;
   if constexpr (std::is_same_v<T, float>) {
-    if (w.w_hh_t) brgemm_product(true, bs, G, out, h_state, out, w.w_hh_t, G, g_t, G);
+    if (w.w_hh_bf16) bf16_gemm(bs, G, out, h_state, out, w.w_hh_bf16, g_t, G, true);
+    else if (w.w_hh_t) brgemm_product(true, bs, G, out, h_state, out, w.w_hh_t, G, g_t, G);
   }
-  if (!w.w_hh_t) gemm<T>(false, true, bs, G, out, T(1), h_state, out, w.w_hh, out, T(1), g_t, G);
+  if (!w.single_thread_product()) gemm<T>(false, true, bs, G, out, T(1), h_state, out, w.w_hh, out, T(1), g_t, G);
   // The cell pass; h goes to h_state ([bs, out], out == H) or to pre_proj_t ([bs, H]).
   T* h_out = has_proj ? pre_proj_t : h_state;
   for_each_row(bs, G, [&](int64_t b) {
@@ -536,6 +552,36 @@ T* brgemm_buffer(const LSTMShape& s, at::Tensor& holder) {
       !brgemm_available())
     return nullptr;
   return scratch<T>(holder, 4 * s.hidden_size * s.out_size);
+}
+
+// Room for one layer and direction's W_ih and W_hh packed for bf16_gemm (the largest), or null
+// where the bf16 products are not used: models that are not bfloat16, small hidden sizes, a
+// single step (packing costs a pass over the weights), CPUs without AVX512_BF16.
+inline uint16_t* bf16_weight_buffer(const LSTMShape& s, bool bf16_model, at::Tensor& holder) {
+  if (!bf16_model || s.hidden_size < kRowWiseHidden || s.seq_len < 2 || !bf16_gemm_available())
+    return nullptr;
+  const int64_t G = 4 * s.hidden_size;
+  size_t most = 0;
+  for (int64_t l = 0; l < s.num_layers; ++l)
+    most = std::max(most, bf16_packed_size(G, s.layer_input_size(l)));
+  holder = cpu_cached_empty(static_cast<int64_t>(most + bf16_packed_size(G, s.out_size)),
+                            at::kBFloat16);
+  return reinterpret_cast<uint16_t*>(holder.mutable_data_ptr());
+}
+
+// Packs layer `layer`'s W_ih and W_hh into `buf` (from bf16_weight_buffer) for bf16_gemm. The
+// float32 weights are the bf16 model's weights converted, so packing them back is exact.
+template <typename T>
+void use_bf16_gemm(const LSTMShape& s, int64_t layer, DirectionWeights<T>& w, uint16_t* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (buf == nullptr) return;
+    const int64_t G = 4 * s.hidden_size, in = s.layer_input_size(layer), out = s.out_size;
+    uint16_t* hh = buf + bf16_packed_size(G, in);  // a multiple of 32 elements: 64-byte blocks
+    bf16_pack_weight(w.w_ih, G, in, in, buf);
+    bf16_pack_weight(w.w_hh, G, out, out, hh);
+    w.w_ih_bf16 = buf;
+    w.w_hh_bf16 = hh;
+  }
 }
 
 // ---- Small hidden sizes (H < kRowWiseHidden): a batch-fastest working layout ----
@@ -638,14 +684,15 @@ TinyBuffers<T> tiny_buffers(const LSTMShape& s, int64_t g_rows, at::Tensor& hold
 template <typename T>
 void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
                   const std::vector<at::Tensor>& weights, const T* mask, T* hy, T* cy,
-                  T* reserve) {
+                  T* reserve, bool bf16_model) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
   const int64_t out_stride = D * out;  // row stride of layer_out
   at::Tensor tiny_buf, dropped_buf;
   const bool tiny = H < kRowWiseHidden;
   const TinyBuffers<T> tb = tiny ? tiny_buffers<T>(s, s.rows, tiny_buf) : TinyBuffers<T>{};
-  at::Tensor w_hh_t_buf;
-  T* w_hh_t = brgemm_buffer<T>(s, w_hh_t_buf);
+  at::Tensor w_hh_t_buf, bf16_buf;
+  uint16_t* bf16_weights = bf16_weight_buffer(s, bf16_model, bf16_buf);
+  T* w_hh_t = bf16_weights ? nullptr : brgemm_buffer<T>(s, w_hh_t_buf);
   T* dropped = (mask && s.num_layers > 1) ? scratch<T>(dropped_buf, s.rows * out_stride) : nullptr;
   for (int64_t l = 0; l < s.num_layers; ++l) {
     const T* x = layer_input(s, l, input, l > 0 ? reserve + s.layer_out_offset(l - 1) : nullptr,
@@ -674,6 +721,7 @@ void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
         transpose(tb.cT, s.batch, H, s.batch, c_state, H);
         continue;
       }
+      use_bf16_gemm(s, l, w, bf16_weights);
       input_projection(w, x, s.rows, s.layer_input_size(l), G, gates);  // every step at once
       use_brgemm(s, w, w_hh_t);
       auto rows_of = [&](int64_t t) {
@@ -682,7 +730,7 @@ void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
                            s.proj_size > 0 ? pre_proj + off * H : nullptr,
                            layer_out + off * out_stride + d * out};
       };
-      for_each_batch_slice(s, s.seq_len, w.w_hh_t != nullptr, [&](int64_t r0, int64_t r1) {
+      for_each_batch_slice(s, s.seq_len, w.single_thread_product(), [&](int64_t r0, int64_t r1) {
         forward_steps(s, w, d, 0, s.seq_len - 1, r0, r1, h_state, c_state, rows_of);
       });
     }
@@ -701,7 +749,7 @@ constexpr int64_t kChunkElements = 1 << 20;
 template <typename T>
 void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
                     const std::vector<at::Tensor>& weights, const T* mask, T* hy, T* cy,
-                    T* output) {
+                    T* output, bool bf16_model) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
   const int64_t out_stride = D * out;
   const int64_t chunk_steps = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, s.batch * G));
@@ -710,8 +758,9 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
   const int64_t chunk_rows = std::min(chunk_steps, s.seq_len) * s.batch;
   const bool tiny = H < kRowWiseHidden;
   TinyBuffers<T> tb = tiny ? tiny_buffers<T>(s, chunk_rows, chunk_buf) : TinyBuffers<T>{};
-  at::Tensor w_hh_t_buf;
-  T* w_hh_t = brgemm_buffer<T>(s, w_hh_t_buf);
+  at::Tensor w_hh_t_buf, bf16_buf;
+  uint16_t* bf16_weights = bf16_weight_buffer(s, bf16_model, bf16_buf);
+  T* w_hh_t = bf16_weights ? nullptr : brgemm_buffer<T>(s, w_hh_t_buf);
   T* chunk = tiny ? nullptr : scratch<T>(chunk_buf, chunk_rows * G);
   T* cells = tiny ? nullptr : scratch<T>(cells_buf, s.batch * H);
   T* pre_proj = (s.proj_size > 0 && !tiny) ? scratch<T>(pre_proj_buf, s.batch * H) : nullptr;
@@ -730,7 +779,10 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
       T* c_state = cy + ld * s.batch * H;
       copy_or_zero(hx ? hx + ld * s.batch * out : nullptr, s.batch * out, h_state);
       copy_or_zero(cx ? cx + ld * s.batch * H : nullptr, s.batch * H, c_state);
-      if (!tiny) use_brgemm(s, w, w_hh_t);
+      if (!tiny) {
+        use_bf16_gemm(s, l, w, bf16_weights);
+        use_brgemm(s, w, w_hh_t);
+      }
       for (int64_t first = 0; first < s.seq_len; first += chunk_steps) {
         const int64_t last = std::min(first + chunk_steps, s.seq_len) - 1;
         // The chunk's steps are consecutive in time, so their rows are one contiguous block.
@@ -763,7 +815,7 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
           return StepRows<T>{chunk + (off - row0) * G, cells, pre_proj,
                              layer_out + off * out_stride + d * out};
         };
-        for_each_batch_slice(s, last - first + 1, w.w_hh_t != nullptr, [&](int64_t r0, int64_t r1) {
+        for_each_batch_slice(s, last - first + 1, w.single_thread_product(), [&](int64_t r0, int64_t r1) {
           forward_steps(s, w, d, first, last, r0, r1, h_state, c_state, rows_of);
         });
       }
@@ -997,7 +1049,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu(
     forward_impl<scalar_t>(a.shape, a.input.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(a.hx),
                            ptr_or_null<scalar_t>(a.cx), a.weights,
                            ptr_or_null<scalar_t>(a.dropout_mask), a.hy.mutable_data_ptr<scalar_t>(),
-                           a.cy.mutable_data_ptr<scalar_t>(), a.reserve.mutable_data_ptr<scalar_t>());
+                           a.cy.mutable_data_ptr<scalar_t>(), a.reserve.mutable_data_ptr<scalar_t>(),
+                           a.dtype == at::kBFloat16);
   });
   return finish_forward(a);
 }
@@ -1017,7 +1070,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference_cpu(
     inference_impl<scalar_t>(s, a.input.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(a.hx),
                              ptr_or_null<scalar_t>(a.cx), a.weights,
                              ptr_or_null<scalar_t>(a.dropout_mask), a.hy.mutable_data_ptr<scalar_t>(),
-                             a.cy.mutable_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>());
+                             a.cy.mutable_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(),
+                             a.dtype == at::kBFloat16);
   });
   return {in_dtype(output, a.dtype), in_dtype(a.hy, a.dtype), in_dtype(a.cy, a.dtype)};
 }
