@@ -253,16 +253,17 @@ class FusedLSTM(nn.LSTM):
 
         The fast check passes exactly when nn.LSTM's ``_weights_have_changed()`` is False for
         plain Parameters: every weight is found in ``_parameters`` (as ``getattr`` would find
-        it) and is the tensor recorded in ``_flat_weight_refs``. Anything else (parametrized
+        it) and is the tensor held in ``_flat_weights``. Anything else (parametrized
         weights, ``functional_call``, reassigned weights) takes nn.LSTM's own path.
         """
         params = self._parameters
-        for name, ref in zip(self._flat_weights_names, self._flat_weight_refs, strict=True):
+        flat = self._flat_weights  # the tensors _flat_weight_refs refer to, held strongly here
+        for name, current in zip(self._flat_weights_names, flat, strict=True):
             weight = params.get(name)
-            if weight is None or ref is None or ref() is not weight:
+            if weight is None or current is not weight:
                 self._update_flat_weights()
-                break
-        return self._flat_weights
+                return self._flat_weights
+        return flat
 
     def _fused(self, x: Tensor, batch_sizes: Optional[Tensor], h0, c0, weights):
         """The one op call: x is time-major [T, B, I], or packed data with batch_sizes."""
