@@ -424,3 +424,53 @@ def test_float32_row_wise_path_matches_nn_lstm(threads, bidirectional, proj_size
                          dtype=torch.float32, input_size=5, hidden_size=hidden, seq_len=12,
                          batch=batch)
         assert_matches_nn_lstm(a, 1 / 4, tol=1e-5, inference_tol=1e-6)
+
+
+THIN_CASES = [  # hidden, batch, num_layers, bias, bidirectional, with_state
+    (16, 1, 1, True, False, True),
+    (17, 3, 2, False, True, False),
+    (33, 8, 3, True, True, True),
+    (48, 5, 1, True, False, False),
+    (256, 1, 2, True, False, True),
+    (256, 2, 2, False, True, True),
+    (33, 7, 2, True, False, True),
+]
+
+
+@pytest.mark.parametrize("seq_len", [1, 3])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("hidden,batch,num_layers,bias,bidirectional,with_state", THIN_CASES,
+                         ids=[f"H{h}-B{b}-L{l}-{'bias' if bi else 'nobias'}-{'bi' if d else 'uni'}"
+                              f"-{'state' if s else 'nostate'}" for h, b, l, bi, d, s in THIN_CASES])
+def test_thin_inference_matches_nn_lstm(monkeypatch, seq_len, threads, dtype, hidden, batch,
+                                        num_layers, bias, bidirectional, with_state):
+    """Streaming inference (a batch of at most 8 rows, a hidden size from 16 on, no projection):
+    lstm_inference takes the thin kernel (csrc/cpu: thin_inference; each thread owns a range of
+    hidden units, dot products along the weight rows, vector tails when the row lengths (input,
+    hidden) are not multiples of the vector width, units split unevenly over the threads).
+    Against nn.LSTM on the same weights, and against lstm_forward; seq_len 3 runs the kernel
+    step by step (FUSED_LSTM_THIN_MAX_STEPS) and, packed, with rows ending early."""
+    monkeypatch.setenv("FUSED_LSTM_THIN_MAX_STEPS", "4")
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for packed in ([False, True] if seq_len > 1 and batch > 1 else [False]):
+        lstm, a = make_case(num_layers, bias, bidirectional, 0, packed, with_state, dtype=dtype,
+                            input_size=hidden // 2 + 3, hidden_size=hidden, seq_len=seq_len,
+                            batch=batch, requires_grad=False, seed=hidden + batch)
+        a["weights"] = [w / hidden ** 0.5 for w in a["weights"]]
+        hx = None if a["hx"] is None else (a["hx"], a["cx"])
+        flags = (bias, num_layers, 0.0, False, bidirectional)
+        with num_threads(threads):
+            got = call(LSTM_INFERENCE, a)
+            forward = call(LSTM_FORWARD, a)[:3]
+        if hx is None:
+            D = 2 if bidirectional else 1
+            zeros = torch.zeros(num_layers * D, batch, hidden, dtype=dtype)
+            hx = (zeros, zeros)
+        if packed:
+            expected = torch._VF.lstm(a["input"], a["batch_sizes"], hx, a["weights"], *flags)
+        else:
+            expected = torch._VF.lstm(a["input"], hx, a["weights"], *flags, False)
+        for g, e, f in zip(got, expected, forward):
+            torch.testing.assert_close(g, e, rtol=tol, atol=tol)
+            torch.testing.assert_close(g, f, rtol=tol, atol=tol)
