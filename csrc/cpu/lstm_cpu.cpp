@@ -665,7 +665,14 @@ void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
 // and layers are separated by the end of the region (h_{t-1} needs every unit). OpenMP hands
 // chunk i to thread i, so a thread keeps its units, and re-reads the same weight slice, from
 // call to call. No projection; float32 and float64.
-constexpr int64_t kThinMaxSteps = 1;
+// Measured (stream-step op, loaded 2-core box, minimum of interleaved samples): 61 -> 35 us on
+// 2 threads, 96 -> 55 us on 1 (benchmarks/NOTES.md section 7).
+//
+// Each step re-reads W_ih (the row-wise path projects every step's input in one GEMM): still
+// measured faster than that path up to 32 steps (input 64, hidden 256, 2 layers, batch 1..8,
+// 1 and 2 threads; with and without brgemm), so several steps take this kernel up to
+// kThinMaxSteps while the input is not larger than twice the hidden size.
+constexpr int64_t kThinMaxSteps = 32;
 // Units go to threads in blocks of this many.
 constexpr int64_t kThinUnitBlock = 16;
 
@@ -714,37 +721,26 @@ FUSED_LSTM_INLINE T hsum(typename VecOf<T, kBytes>::type v) {
   }
 }
 
-// acc[g][b] (vector part) and tail[g][b] (the last K % lanes elements) += the dot product of
-// row g of w (rows gate_stride apart, K long) with x[b], for the gates g < 4 and rows b < kNB.
-template <typename T, int kBytes, int kNB>
-FUSED_LSTM_INLINE void dots(const T* w, int64_t gate_stride, int64_t K, const T* const* x,
-                            typename VecOf<T, kBytes>::type (&acc)[4][kNB], T (&tail)[4][kNB]) {
+// acc[r][b] (vector part) and tail[r][b] (the last K % lanes elements) += the dot product of
+// row r of w (rows row_stride apart, K long) with x[b], for r < kR and b < kNB.
+template <typename T, int kBytes, int kR, int kNB>
+FUSED_LSTM_INLINE void dots(const T* w, int64_t row_stride, int64_t K, const T* const* x,
+                            typename VecOf<T, kBytes>::type (&acc)[kR][kNB],
+                            T (&tail)[kR][kNB]) {
   using V = typename VecOf<T, kBytes>::type;
   constexpr int64_t kLanes = kBytes / sizeof(T);
-  const T* w0 = w;
-  const T* w1 = w0 + gate_stride;
-  const T* w2 = w1 + gate_stride;
-  const T* w3 = w2 + gate_stride;
   int64_t k = 0;
   for (; k + kLanes <= K; k += kLanes) {
     V xv[kNB];
     for (int b = 0; b < kNB; ++b) xv[b] = load<V>(x[b] + k);
-    const V a0 = load<V>(w0 + k), a1 = load<V>(w1 + k), a2 = load<V>(w2 + k),
-            a3 = load<V>(w3 + k);
-    for (int b = 0; b < kNB; ++b) {
-      acc[0][b] += a0 * xv[b];
-      acc[1][b] += a1 * xv[b];
-      acc[2][b] += a2 * xv[b];
-      acc[3][b] += a3 * xv[b];
+    for (int r = 0; r < kR; ++r) {
+      const V wv = load<V>(w + r * row_stride + k);
+      for (int b = 0; b < kNB; ++b) acc[r][b] += wv * xv[b];
     }
   }
   for (; k < K; ++k)
-    for (int b = 0; b < kNB; ++b) {
-      tail[0][b] += w0[k] * x[b][k];
-      tail[1][b] += w1[k] * x[b][k];
-      tail[2][b] += w2[k] * x[b][k];
-      tail[3][b] += w3[k] * x[b][k];
-    }
+    for (int r = 0; r < kR; ++r)
+      for (int b = 0; b < kNB; ++b) tail[r][b] += w[r * row_stride + k] * x[b][k];
 }
 
 // Pre-activations of hidden unit j of direction d for the rows [b0, b0 + kNB).
@@ -759,8 +755,9 @@ FUSED_LSTM_INLINE void unit_rows(const ThinStep<T>& a, int64_t d, int64_t j, int
       acc[g][b] = V{};
       tail[g][b] = T(0);
     }
-  dots<T, kBytes, kNB>(a.w_ih[d] + j * I, H * I, I, a.x[d] + b0, acc, tail);
-  if (a.h[d][0] != nullptr) dots<T, kBytes, kNB>(a.w_hh[d] + j * H, H * H, H, a.h[d] + b0, acc, tail);
+  dots<T, kBytes, 4, kNB>(a.w_ih[d] + j * I, H * I, I, a.x[d] + b0, acc, tail);
+  if (a.h[d][0] != nullptr)
+    dots<T, kBytes, 4, kNB>(a.w_hh[d] + j * H, H * H, H, a.h[d] + b0, acc, tail);
   for (int g = 0; g < 4; ++g) {
     const T bias = a.b_ih[d] ? a.b_ih[d][g * H + j] + a.b_hh[d][g * H + j] : T(0);
     for (int b = 0; b < kNB; ++b)
@@ -849,17 +846,22 @@ void thin_step_units(const ThinStep<T>& a, int64_t D, int64_t u0, int64_t u1) {
   }
 }
 
-inline int64_t thin_max_steps() {  // DEV
-  const char* v = std::getenv("FUSED_LSTM_THIN_MAX_STEPS");
-  return v ? std::atoll(v) : kThinMaxSteps;
+// Where thin_inference runs: batches of at most kThinRows rows, hidden sizes of the row-wise
+// path, no projection; one step, or up to kThinMaxSteps steps with input_size <= 2 * hidden.
+// FUSED_LSTM_NO_THIN=1 turns it off (read once).
+bool thin_enabled() {
+  static const bool enabled = [] {
+    const char* off = std::getenv("FUSED_LSTM_NO_THIN");
+    return off == nullptr || off[0] == '\0' || off[0] == '0';
+  }();
+  return enabled;
 }
 
-template <typename T>
 bool thin_applies(const LSTMShape& s) {
-  const char* off = std::getenv("FUSED_LSTM_NO_THIN");
-  if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
-  return s.proj_size == 0 && s.hidden_size >= kRowWiseHidden && s.batch >= 1 && s.seq_len >= 1 &&
-      s.batch <= kThinRows && s.seq_len <= thin_max_steps();
+  return s.proj_size == 0 && s.hidden_size >= kRowWiseHidden && s.batch >= 1 &&
+      s.batch <= kThinRows && s.seq_len >= 1 &&
+      (s.seq_len == 1 || (s.seq_len <= kThinMaxSteps && s.input_size <= 2 * s.hidden_size)) &&
+      thin_enabled();
 }
 
 // inference_impl for thin_applies shapes (same arguments).
@@ -942,7 +944,7 @@ template <typename T>
 void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
                     const std::vector<at::Tensor>& weights, const T* mask, T* hy, T* cy,
                     T* output) {
-  if (thin_applies<T>(s)) return thin_inference(s, input, hx, cx, weights, mask, hy, cy, output);
+  if (thin_applies(s)) return thin_inference(s, input, hx, cx, weights, mask, hy, cy, output);
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
   const int64_t out_stride = D * out;
   const int64_t chunk_steps = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, s.batch * G));
