@@ -424,3 +424,57 @@ def test_float32_row_wise_path_matches_nn_lstm(threads, bidirectional, proj_size
                          dtype=torch.float32, input_size=5, hidden_size=hidden, seq_len=12,
                          batch=batch)
         assert_matches_nn_lstm(a, 1 / 4, tol=1e-5, inference_tol=1e-6)
+
+
+THIN_CASES = [  # hidden, input, batch, num_layers, bias, bidirectional, with_state
+    (16, 11, 1, 1, True, False, True),
+    (17, 5, 3, 2, False, True, False),
+    (17, 2000, 2, 1, True, False, True),  # split over 2 threads: 16 units and 1
+    (33, 19, 8, 3, True, True, True),
+    (48, 27, 5, 1, True, False, False),
+    (200, 40, 3, 2, True, True, True),  # 2 threads: the split crosses the directions
+    (256, 64, 1, 2, True, False, True),  # stream-step
+    (256, 64, 2, 2, False, True, True),
+    (33, 19, 7, 2, True, False, True),
+]
+
+
+@pytest.mark.parametrize("seq_len", [1, 3])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("hidden,input_size,batch,num_layers,bias,bidirectional,with_state",
+                         THIN_CASES,
+                         ids=[f"H{h}-I{i}-B{b}-L{l}-{'bias' if bi else 'nobias'}-{'bi' if d else 'uni'}"
+                              f"-{'state' if s else 'nostate'}" for h, i, b, l, bi, d, s in THIN_CASES])
+def test_thin_inference_matches_nn_lstm(seq_len, threads, dtype, hidden, input_size, batch,
+                                        num_layers, bias, bidirectional, with_state):
+    """Streaming inference (a batch of at most 8 rows, a hidden size from 16 on, no projection):
+    lstm_inference takes the thin kernel (csrc/cpu: thin_inference; each thread owns a range of
+    hidden units, dot products along the weight rows in blocks of 1 to 4 batch rows, scalar
+    tails where the row lengths are not multiples of the vector width, units split unevenly
+    over the threads). Against nn.LSTM on the same weights, and against lstm_forward; seq_len 3
+    runs it step by step and, packed, with rows ending early (the reverse direction's rows then
+    start from h0 and c0 at different steps)."""
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for packed in ([False, True] if seq_len > 1 and batch > 1 else [False]):
+        lstm, a = make_case(num_layers, bias, bidirectional, 0, packed, with_state, dtype=dtype,
+                            input_size=input_size, hidden_size=hidden, seq_len=seq_len,
+                            batch=batch, requires_grad=False, seed=hidden + batch)
+        a["weights"] = [w / hidden ** 0.5 for w in a["weights"]]
+        a["input"] = a["input"] * (hidden / input_size) ** 0.5
+        hx = None if a["hx"] is None else (a["hx"], a["cx"])
+        flags = (bias, num_layers, 0.0, False, bidirectional)
+        with num_threads(threads):
+            got = call(LSTM_INFERENCE, a)
+            forward = call(LSTM_FORWARD, a)[:3]
+        if hx is None:
+            D = 2 if bidirectional else 1
+            zeros = torch.zeros(num_layers * D, batch, hidden, dtype=dtype)
+            hx = (zeros, zeros)
+        if packed:
+            expected = torch._VF.lstm(a["input"], a["batch_sizes"], hx, a["weights"], *flags)
+        else:
+            expected = torch._VF.lstm(a["input"], hx, a["weights"], *flags, False)
+        for g, e, f in zip(got, expected, forward):
+            torch.testing.assert_close(g, e, rtol=tol, atol=tol)
+            torch.testing.assert_close(g, f, rtol=tol, atol=tol)
