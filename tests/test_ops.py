@@ -478,3 +478,58 @@ def test_thin_inference_matches_nn_lstm(seq_len, threads, dtype, hidden, input_s
         for g, e, f in zip(got, expected, forward):
             torch.testing.assert_close(g, e, rtol=tol, atol=tol)
             torch.testing.assert_close(g, f, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bias,bidirectional,proj_size,packed,hidden,batch",
+                         [(True, False, 0, False, 80, 70), (False, True, 0, True, 40, 9),
+                          (True, True, 8, True, 40, 70), (True, False, 8, False, 40, 9)])
+def test_float32_fused_input_projection_matches_nn_lstm(threads, bias, bidirectional, proj_size,
+                                                         packed, hidden, batch):
+    """float32, hidden >= 16, seq_len >= 2: each step's gates are b + x_t W_ih^T + h W_hh^T,
+    both products through brgemm on the thread that runs the step (csrc/cpu: forward_step with
+    x_t; W_ih transposed once per call by use_brgemm), training forward, backward and inference.
+    Inputs wider than the hidden size and three layers (the deeper layers' input is the previous
+    layer's D * out), with and without biases; 70 rows are two row blocks on one thread; 40
+    hidden units are 160 gate columns, panels of 64 columns and a tail of 32."""
+    with num_threads(threads):
+        _, a = make_case(3, bias, bidirectional, proj_size, packed, with_state=True,
+                         dtype=torch.float32, input_size=37, hidden_size=hidden, seq_len=9,
+                         batch=batch)
+        assert_matches_nn_lstm(a, 1 / 4, tol=1e-5, inference_tol=1e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bidirectional,packed", [(False, False), (True, True)])
+def test_float32_fused_input_projection_same_as_unfused(monkeypatch, threads, bidirectional,
+                                                        packed):
+    """The fused input projection against the separate one (FUSED_LSTM_UNFUSED_INPUT=1, read per
+    call): same outputs, the same reserve (the activated gates and cells backward reads), the
+    same inference results; with a dropout mask between layers and a projection; gradients
+    against the plain PyTorch reference."""
+    with num_threads(threads):
+        _, a = make_case(3, True, bidirectional, 8, packed, with_state=True, dtype=torch.float32,
+                         input_size=24, hidden_size=36, seq_len=10, batch=11, dropout=0.3)
+        a["weights"] = [(w.detach() / 4).requires_grad_() for w in a["weights"]]
+        with torch.no_grad():
+            fused = call(LSTM_FORWARD, a)
+            fused_inference = call(LSTM_INFERENCE, a)
+            monkeypatch.setenv("FUSED_LSTM_UNFUSED_INPUT", "1")
+            unfused = call(LSTM_FORWARD, a)
+            unfused_inference = call(LSTM_INFERENCE, a)
+            monkeypatch.delenv("FUSED_LSTM_UNFUSED_INPUT")
+        for f, u in zip(fused, unfused):  # output, h_n, c_n, reserve
+            torch.testing.assert_close(f, u, rtol=1e-5, atol=1e-5)
+        for f, u in zip(fused_inference, unfused_inference):
+            torch.testing.assert_close(f, u, rtol=1e-5, atol=1e-5)
+        for f, u in zip(fused_inference, fused[:3]):
+            torch.testing.assert_close(f, u, rtol=1e-6, atol=1e-6)
+        got = call(ops.lstm, a)
+        expected = call(reference.lstm_forward, a)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+        grads = [torch.randn_like(t) for t in got]
+        wrt = differentiable(a)
+        for g, e in zip(torch.autograd.grad(got, wrt, grads),
+                        torch.autograd.grad(expected, wrt, grads)):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)

@@ -184,6 +184,30 @@ void brgemm_product(bool add, int64_t m, int64_t n, int64_t k, const float* a, i
                                   false);
 }
 
+// The forward's weights for brgemm are packed in column panels of kBrgemmPanelN columns, each
+// panel a contiguous row-major block (use_brgemm), rather than as one [K, 4H] matrix: a row
+// stride of 4H floats (a power of two at the usual sizes) maps a column block's rows onto a few
+// cache sets, so the micro-kernel re-read them from L3. Measured (1 thread, CPU time, min of
+// 7-9): fastrnns-sized recurrence unfused 318 -> 283 ms, medium 69 -> 66 ms with W_hh packed
+// alone. Panels of 64, 128 and 256 columns measured alike except 128 at hidden 512 (~15%
+// slower); 64 is the micro-kernel's widest register block.
+constexpr int64_t kBrgemmPanelN = 64;
+
+// C[m, n] = A[m, k] B[k, n] (+ C when `add`) on this thread, B being rows [k0, k0 + k) of the
+// packed weights of `w` (DirectionWeights::w_packed).
+template <typename W>
+void brgemm_packed(bool add, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                   const W& w, int64_t k0, float* c, int64_t ldc) {
+  const int64_t k_total = w.k_ih + w.out;
+  for (int64_t m0 = 0; m0 < m; m0 += kBrgemmBlockM)
+    for (int64_t n0 = 0; n0 < n; n0 += kBrgemmPanelN) {
+      const int64_t nb = std::min(kBrgemmPanelN, n - n0);
+      at::native::cpublas::brgemm(std::min(kBrgemmBlockM, m - m0), nb, k, lda, nb, ldc, add,
+                                  a + m0 * lda, w.w_packed + n0 * k_total + k0 * nb,
+                                  c + m0 * ldc + n0, false);
+    }
+}
+
 // The fused passes are parallel over batch rows once a step has enough work to pay for it.
 constexpr int64_t kParallelElements = 1 << 14;
 
@@ -358,15 +382,21 @@ struct DirectionWeights {
   const T* b_ih;  // [4H] or null
   const T* b_hh;  // [4H] or null
   const T* w_hr;  // [out, H] or null
-  const T* w_hh_t = nullptr;  // [out, 4H]: W_hh transposed, for brgemm (float32 only), or null
+  // The brgemm path (float32 only; see use_brgemm), else null: [W_ih^T; W_hh^T] ([k_ih + out,
+  // 4H]; W_hh^T alone where k_ih = 0) packed in column panels of kBrgemmPanelN columns.
+  const T* w_packed = nullptr;
+  int64_t k_ih = 0;           // the layer's input size where the input projection is fused, else 0
+  int64_t out = 0;            // rows of W_hh^T in the panels
+  const T* bias = nullptr;    // [4H]: b_ih + b_hh where the projection is fused, else null
   // bfloat16 models on AVX512_BF16 machines (float32 math only): W_ih and W_hh packed for
   // bf16_gemm, which then computes the input projection and the recurrent product from bf16
-  // operands with float32 sums, as oneDNN's bf16 LSTM does; null otherwise.
+  // operands with float32 sums, as oneDNN's bf16 LSTM does; null otherwise (and then w_packed
+  // may be set instead).
   const uint16_t* w_ih_bf16 = nullptr;
   const uint16_t* w_hh_bf16 = nullptr;
   // Whether a step's recurrent product runs at full speed on one thread (brgemm or bf16_gemm),
   // so the batch can be split over threads at any step size (for_each_batch_slice).
-  bool single_thread_product() const { return w_hh_t != nullptr || w_hh_bf16 != nullptr; }
+  bool single_thread_product() const { return w_packed != nullptr || w_hh_bf16 != nullptr; }
 };
 
 template <typename T>
@@ -454,14 +484,24 @@ void input_projection(const DirectionWeights<T>& w, const T* x, int64_t rows, in
 // Hidden sizes from kRowWiseHidden on (smaller ones take tiny_forward_steps).
 template <typename T>
 void forward_step(const LSTMShape& s, const DirectionWeights<T>& w, int64_t bs, T* g_t,
-                  T* h_state, T* c_state, T* cells_t, T* pre_proj_t, T* layer_out_t) {
+                  T* h_state, T* c_state, T* cells_t, T* pre_proj_t, T* layer_out_t,
+                  const T* x_t, int64_t in_size) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size;
   const bool has_proj = s.proj_size > 0;
   if constexpr (std::is_same_v<T, float>) {
-    if (w.w_hh_bf16) bf16_gemm(bs, G, out, h_state, out, w.w_hh_bf16, g_t, G, true);
-    else if (w.w_hh_t) brgemm_product(true, bs, G, out, h_state, out, w.w_hh_t, G, g_t, G);
+    if (w.w_hh_bf16) {
+      bf16_gemm(bs, G, out, h_state, out, w.w_hh_bf16, g_t, G, true);
+    } else if (x_t) {  // the input projection, fused: g_t = b + x_t W_ih^T + h_{t-1} W_hh^T
+      if (w.bias)
+        for (int64_t b = 0; b < bs; ++b) std::memcpy(g_t + b * G, w.bias, sizeof(T) * G);
+      brgemm_packed(w.bias != nullptr, bs, G, in_size, x_t, in_size, w, 0, g_t, G);
+      brgemm_packed(true, bs, G, out, h_state, out, w, in_size, g_t, G);
+    } else if (w.w_packed) {
+      brgemm_packed(true, bs, G, out, h_state, out, w, 0, g_t, G);
+    }
   }
-  if (!w.single_thread_product()) gemm<T>(false, true, bs, G, out, T(1), h_state, out, w.w_hh, out, T(1), g_t, G);
+  if (!w.single_thread_product())
+    gemm<T>(false, true, bs, G, out, T(1), h_state, out, w.w_hh, out, T(1), g_t, G);
   // The cell pass; h goes to h_state ([bs, out], out == H) or to pre_proj_t ([bs, H]).
   T* h_out = has_proj ? pre_proj_t : h_state;
   for_each_row(bs, G, [&](int64_t b) {
@@ -481,6 +521,7 @@ struct StepRows {
   T* cells;
   T* pre_proj;  // null without projection
   T* layer_out;
+  const T* x = nullptr;  // the step's layer input [.., in_size] when the projection is fused
 };
 
 // Forward steps [first, last] (processing order) of direction d, for the batch rows [r0, r1)
@@ -489,7 +530,7 @@ struct StepRows {
 template <typename T, typename RowsOf>
 void forward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_t d, int64_t first,
                    int64_t last, int64_t r0, int64_t r1, T* h_state, T* c_state,
-                   const RowsOf& rows_of) {
+                   const RowsOf& rows_of, int64_t in_size = 0) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size;
   const int64_t out_stride = s.num_directions * out;
   for (int64_t step = first; step <= last; ++step) {
@@ -499,7 +540,7 @@ void forward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_t d, 
     const StepRows<T> p = rows_of(t);
     forward_step(s, w, bs, p.gates + r0 * G, h_state + r0 * out, c_state + r0 * H,
                  p.cells + r0 * H, p.pre_proj ? p.pre_proj + r0 * H : nullptr,
-                 p.layer_out + r0 * out_stride);
+                 p.layer_out + r0 * out_stride, p.x ? p.x + r0 * in_size : nullptr, in_size);
   }
 }
 
@@ -512,18 +553,21 @@ constexpr int64_t kSplitBatchWork = int64_t{1} << 20;
 // body(r0, r1) over slices of [0, batch): one per thread when the recurrence of `steps` steps
 // is worth a parallel region, else the whole batch on this thread.
 // With brgemm (`single_thread_fast`) a slice's product runs at full speed at any size.
-template <typename F>
-void for_each_batch_slice(const LSTMShape& s, int64_t steps, bool single_thread_fast,
-                          const F& body) {
+inline int64_t batch_slices(const LSTMShape& s, int64_t steps, bool single_thread_fast) {
   const int64_t threads = at::get_num_threads();
   const int64_t step_work = s.batch * 4 * s.hidden_size * (s.out_size + 8);
   if (threads > 1 && s.batch > 1 && steps * step_work >= kSplitBatchWork &&
-      (single_thread_fast || step_work < kOneDnnMinWork) && !at::in_parallel_region()) {
-    const int64_t slices = std::min(threads, s.batch);
-    at::parallel_for(0, s.batch, (s.batch + slices - 1) / slices, body);
-  } else {
-    body(0, s.batch);
-  }
+      (single_thread_fast || step_work < kOneDnnMinWork) && !at::in_parallel_region())
+    return std::min(threads, s.batch);
+  return 1;
+}
+
+template <typename F>
+void for_each_batch_slice(const LSTMShape& s, int64_t steps, bool single_thread_fast,
+                          const F& body) {
+  const int64_t slices = batch_slices(s, steps, single_thread_fast);
+  if (slices > 1) at::parallel_for(0, s.batch, (s.batch + slices - 1) / slices, body);
+  else body(0, s.batch);
 }
 
 template <typename T>
@@ -532,15 +576,71 @@ T* scratch(at::Tensor& holder, int64_t numel) {
   return holder.mutable_data_ptr<T>();
 }
 
-// W_hh transposed into `buf` ([out, 4H]) for the brgemm path; `buf` is null (from
-// brgemm_buffer) where that path does not apply.
+// The input projection fused into each step's brgemm (g_t = b + x_t W_ih^T + h_{t-1} W_hh^T on
+// the thread that runs the step: all of a layer's arithmetic at the micro-kernel's rate in one
+// parallel region, no projection GEMM, no chunk buffer), instead of one GEMM over every step
+// before them. But each step then streams W_ih as well as W_hh, which a thread's slice of a few
+// rows does not pay for once the weights spill out of its L2: fused only where the slice has a
+// row per kFuseWeightBytesPerRow of packed weights (measured, 1 thread, hidden 512, 100 steps:
+// 16 rows 76 vs 71 ms unfused, 32 rows even, 64 rows 259 vs 271 ms; hidden 256, 2 layers:
+// 2 rows 6.7 vs 5.4 ms, 4 rows even, 8 rows 16.0 vs 17.2 ms).
+// FUSED_LSTM_UNFUSED_INPUT=1 turns it off (read per call, for A/B measurements and tests).
+constexpr int64_t kFuseWeightBytesPerRow = int64_t{1} << 18;
+
+inline bool fuse_input_projection(const LSTMShape& s, int64_t layer) {
+  const char* off = std::getenv("FUSED_LSTM_UNFUSED_INPUT");
+  if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
+  const int64_t slices = batch_slices(s, s.seq_len, true);
+  const int64_t slice_rows = (s.batch + slices - 1) / slices;
+  const int64_t weight_bytes =
+      int64_t{4} * 4 * s.hidden_size * (s.layer_input_size(layer) + s.out_size);
+  return slice_rows * kFuseWeightBytesPerRow >= weight_bytes;
+}
+
+// dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols, in tiles that keep both
+// sides' lines in cache.
 template <typename T>
-void use_brgemm(const LSTMShape& s, DirectionWeights<T>& w, T* buf) {
+void transpose_block(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst,
+                     int64_t ld_dst) {
+  constexpr int64_t kTile = 32;
+  for (int64_t r0 = 0; r0 < rows; r0 += kTile)
+    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+      const int64_t r1 = std::min(rows, r0 + kTile), c1 = std::min(cols, c0 + kTile);
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) dst[c * ld_dst + r] = src[r * ld_src + c];
+    }
+}
+
+// The brgemm path's weights of layer `layer`, packed into `buf` (see kBrgemmPanelN): each panel
+// of columns [n0, n0 + nb) of the gates holds W_ih^T's rows (where the input projection is
+// fused) then W_hh^T's, [k_ih + out, nb] row-major, at buf + n0 * (k_ih + out); then b_ih + b_hh
+// where fused. `buf` is null (from brgemm_buffer) where that path does not apply.
+template <typename T>
+void use_brgemm(const LSTMShape& s, DirectionWeights<T>& w, T* buf, int64_t layer) {
   if constexpr (std::is_same_v<T, float>) {
     if (buf == nullptr) return;
     const int64_t G = 4 * s.hidden_size, out = s.out_size;
-    transpose(w.w_hh, out, G, out, buf, G);
-    w.w_hh_t = buf;
+    const int64_t k_ih = fuse_input_projection(s, layer) ? s.layer_input_size(layer) : 0;
+    const int64_t K = k_ih + out;
+    const int64_t panels = (G + kBrgemmPanelN - 1) / kBrgemmPanelN;
+    auto pack = [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t n0 = p * kBrgemmPanelN, nb = std::min(kBrgemmPanelN, G - n0);
+        T* panel = buf + n0 * K;
+        transpose_block(w.w_ih + n0 * k_ih, k_ih, nb, k_ih, panel, nb);
+        transpose_block(w.w_hh + n0 * out, out, nb, out, panel + k_ih * nb, nb);
+      }
+    };
+    if (panels > 1 && !at::in_parallel_region()) at::parallel_for(0, panels, 1, pack);
+    else pack(0, panels);
+    w.w_packed = buf;
+    w.k_ih = k_ih;
+    w.out = out;
+    if (k_ih > 0 && w.b_ih) {
+      T* bias = buf + G * K;
+      for (int64_t j = 0; j < G; ++j) bias[j] = w.b_ih[j] + w.b_hh[j];
+      w.bias = bias;
+    }
   }
 }
 
@@ -551,7 +651,8 @@ T* brgemm_buffer(const LSTMShape& s, at::Tensor& holder) {
   if (!std::is_same_v<T, float> || s.hidden_size < kRowWiseHidden || s.seq_len < 2 ||
       !brgemm_available())
     return nullptr;
-  return scratch<T>(holder, 4 * s.hidden_size * s.out_size);
+  const int64_t in_max = std::max(s.input_size, s.num_directions * s.out_size);
+  return scratch<T>(holder, 4 * s.hidden_size * (s.out_size + in_max + 1));
 }
 
 // Room for one layer and direction's W_ih and W_hh packed for bf16_gemm (the largest), or null
@@ -690,9 +791,9 @@ void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
   at::Tensor tiny_buf, dropped_buf;
   const bool tiny = H < kRowWiseHidden;
   const TinyBuffers<T> tb = tiny ? tiny_buffers<T>(s, s.rows, tiny_buf) : TinyBuffers<T>{};
-  at::Tensor w_hh_t_buf, bf16_buf;
+  at::Tensor w_packed_buf, bf16_buf;
   uint16_t* bf16_weights = bf16_weight_buffer(s, bf16_model, bf16_buf);
-  T* w_hh_t = bf16_weights ? nullptr : brgemm_buffer<T>(s, w_hh_t_buf);
+  T* w_packed = bf16_weights ? nullptr : brgemm_buffer<T>(s, w_packed_buf);
   T* dropped = (mask && s.num_layers > 1) ? scratch<T>(dropped_buf, s.rows * out_stride) : nullptr;
   for (int64_t l = 0; l < s.num_layers; ++l) {
     const T* x = layer_input(s, l, input, l > 0 ? reserve + s.layer_out_offset(l - 1) : nullptr,
@@ -721,17 +822,20 @@ void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
         transpose(tb.cT, s.batch, H, s.batch, c_state, H);
         continue;
       }
+      const int64_t in_size = s.layer_input_size(l);
       use_bf16_gemm(s, l, w, bf16_weights);
-      input_projection(w, x, s.rows, s.layer_input_size(l), G, gates);  // every step at once
-      use_brgemm(s, w, w_hh_t);
+      use_brgemm(s, w, w_packed, l);
+      const bool fused = w.k_ih > 0;  // else every step's projection at once, here
+      if (!fused) input_projection(w, x, s.rows, in_size, G, gates);
       auto rows_of = [&](int64_t t) {
         const int64_t off = s.step_offset[t];
         return StepRows<T>{gates + off * G, cells + off * H,
                            s.proj_size > 0 ? pre_proj + off * H : nullptr,
-                           layer_out + off * out_stride + d * out};
+                           layer_out + off * out_stride + d * out,
+                           fused ? x + off * in_size : nullptr};
       };
       for_each_batch_slice(s, s.seq_len, w.single_thread_product(), [&](int64_t r0, int64_t r1) {
-        forward_steps(s, w, d, 0, s.seq_len - 1, r0, r1, h_state, c_state, rows_of);
+        forward_steps(s, w, d, 0, s.seq_len - 1, r0, r1, h_state, c_state, rows_of, in_size);
       });
     }
   }
@@ -1038,9 +1142,9 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
   const int64_t chunk_rows = std::min(chunk_steps, s.seq_len) * s.batch;
   const bool tiny = H < kRowWiseHidden;
   TinyBuffers<T> tb = tiny ? tiny_buffers<T>(s, chunk_rows, chunk_buf) : TinyBuffers<T>{};
-  at::Tensor w_hh_t_buf, bf16_buf;
+  at::Tensor w_packed_buf, bf16_buf;
   uint16_t* bf16_weights = bf16_weight_buffer(s, bf16_model, bf16_buf);
-  T* w_hh_t = bf16_weights ? nullptr : brgemm_buffer<T>(s, w_hh_t_buf);
+  T* w_packed = bf16_weights ? nullptr : brgemm_buffer<T>(s, w_packed_buf);
   T* chunk = tiny ? nullptr : scratch<T>(chunk_buf, chunk_rows * G);
   T* cells = tiny ? nullptr : scratch<T>(cells_buf, s.batch * H);
   T* pre_proj = (s.proj_size > 0 && !tiny) ? scratch<T>(pre_proj_buf, s.batch * H) : nullptr;
@@ -1061,7 +1165,18 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
       copy_or_zero(cx ? cx + ld * s.batch * H : nullptr, s.batch * H, c_state);
       if (!tiny) {
         use_bf16_gemm(s, l, w, bf16_weights);
-        use_brgemm(s, w, w_hh_t);
+        use_brgemm(s, w, w_packed, l);
+      }
+      if (w.k_ih > 0) {  // the projection fused into the steps: one pass over every step
+        auto rows_of = [&](int64_t t) {
+          const int64_t off = s.step_offset[t];
+          return StepRows<T>{chunk, cells, pre_proj, layer_out + off * out_stride + d * out,
+                             x + off * in_size};
+        };
+        for_each_batch_slice(s, s.seq_len, true, [&](int64_t r0, int64_t r1) {
+          forward_steps(s, w, d, 0, s.seq_len - 1, r0, r1, h_state, c_state, rows_of, in_size);
+        });
+        continue;
       }
       for (int64_t first = 0; first < s.seq_len; first += chunk_steps) {
         const int64_t last = std::min(first + chunk_steps, s.seq_len) - 1;
