@@ -854,8 +854,8 @@ void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
 // and layers are separated by the end of the region (h_{t-1} needs every unit). OpenMP hands
 // chunk i to thread i, so a thread keeps its units, and re-reads the same weight slice, from
 // call to call. No projection; float32 and float64.
-// Measured (stream-step op, loaded 2-core box, minimum of interleaved samples): 61 -> 35 us on
-// 2 threads, 96 -> 55 us on 1 (benchmarks/NOTES.md section 7).
+// Measured (stream-step op, loaded 2-core box, minimum of many samples): ~61-73 -> ~35-41 us
+// on 2 threads, ~95 -> ~55 us on 1 (benchmarks/NOTES.md section 7).
 //
 // Each step re-reads W_ih (the row-wise path projects every step's input in one GEMM): still
 // measured faster than that path up to 32 steps (input 64, hidden 256, 2 layers, batch 1..8,
