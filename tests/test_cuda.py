@@ -24,7 +24,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 from fused_lstm import FusedLSTM, ops
 
 from conftest import randn
-from test_ops import GRID, GRID_IDS, make_case
+from test_ops import GRID, GRID_IDS, assert_results_and_grads_close, make_case
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
@@ -131,15 +131,7 @@ def test_float32_parity_with_cudnn(num_layers, bias, bidirectional, proj_size, p
     _, a = make_case(num_layers, bias, bidirectional, proj_size, packed, with_state,
                      dtype=torch.float32, input_size=5, hidden_size=6, seq_len=5, batch=4)
     a = on(a)
-    got = ops.lstm(*args(a))
-    expected = aten_lstm(a)
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
-    upstream = [torch.randn_like(t) for t in got]
-    wrt = differentiable(a)
-    for g, e in zip(torch.autograd.grad(got, wrt, upstream),
-                    torch.autograd.grad(expected, wrt, upstream)):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    assert_results_and_grads_close(ops.lstm(*args(a)), aten_lstm(a), differentiable(a), 1e-5)
 
 
 def _relative_error(x, reference):

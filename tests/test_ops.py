@@ -63,6 +63,17 @@ def differentiable(a):
     return [t for t in [a["input"], a["hx"], a["cx"], *a["weights"]] if t is not None]
 
 
+def assert_results_and_grads_close(got, expected, wrt, tol, grad_tol=None):
+    """``got`` equals ``expected`` within ``tol``, and so do their gradients with respect to
+    ``wrt`` for the same random upstream gradients (``grad_tol``, default ``tol``)."""
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=tol, atol=tol)
+    grads = [torch.randn_like(t) for t in got]
+    grad_tol = tol if grad_tol is None else grad_tol
+    for g, e in zip(torch.autograd.grad(got, wrt, grads), torch.autograd.grad(expected, wrt, grads)):
+        torch.testing.assert_close(g, e, rtol=grad_tol, atol=grad_tol)
+
+
 GRID = list(itertools.product([1, 2, 3], [True, False], [False, True], [0, 2], [False, True]))
 GRID_IDS = [f"L{l}-{'bias' if b else 'nobias'}-{'bi' if d else 'uni'}-proj{p}-{'packed' if k else 'padded'}"
             for l, b, d, p, k in GRID]
@@ -141,14 +152,8 @@ def test_dropout_mask_matches_reference(packed, bidirectional):
     """Inter-layer dropout: the op applies the given mask exactly as the reference does."""
     _, a = make_case(3, True, bidirectional, 2, packed, with_state=True, dropout=0.4)
     assert a["dropout_mask"] is not None and (a["dropout_mask"] == 0).any()
-    got = call(ops.lstm, a)
-    expected = call(reference.lstm_forward, a)
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
-    grads = [torch.randn_like(t) for t in got]
-    wrt = differentiable(a)
-    for g, e in zip(torch.autograd.grad(got, wrt, grads), torch.autograd.grad(expected, wrt, grads)):
-        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+    assert_results_and_grads_close(call(ops.lstm, a), call(reference.lstm_forward, a),
+                                   differentiable(a), 1e-10)
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -524,12 +529,5 @@ def test_float32_fused_input_projection_same_as_unfused(monkeypatch, threads, bi
             torch.testing.assert_close(f, u, rtol=1e-5, atol=1e-5)
         for f, u in zip(fused_inference, fused[:3]):
             torch.testing.assert_close(f, u, rtol=1e-6, atol=1e-6)
-        got = call(ops.lstm, a)
-        expected = call(reference.lstm_forward, a)
-        for g, e in zip(got, expected):
-            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
-        grads = [torch.randn_like(t) for t in got]
-        wrt = differentiable(a)
-        for g, e in zip(torch.autograd.grad(got, wrt, grads),
-                        torch.autograd.grad(expected, wrt, grads)):
-            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+        assert_results_and_grads_close(call(ops.lstm, a), call(reference.lstm_forward, a),
+                                       differentiable(a), 1e-5, grad_tol=1e-4)
