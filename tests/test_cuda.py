@@ -134,6 +134,18 @@ def test_float32_parity_with_cudnn(num_layers, bias, bidirectional, proj_size, p
     assert_results_and_grads_close(ops.lstm(*args(a)), aten_lstm(a), differentiable(a), 1e-5)
 
 
+def _results_and_grads(case, exact):
+    """(ours, cuDNN's, float64's) outputs followed by their gradients for the same random
+    upstream gradients: ``case`` on the GPU, ``exact`` its float64 CPU copy."""
+    ours, theirs, expected = ops.lstm(*args(case)), aten_lstm(case), aten_lstm(exact)
+    upstream = [torch.randn_like(t) for t in ours]
+    ours_g = torch.autograd.grad(ours, differentiable(case), upstream)
+    theirs_g = torch.autograd.grad(theirs, differentiable(case), upstream)
+    expected_g = torch.autograd.grad(expected, differentiable(exact),
+                                     [u.double().cpu() for u in upstream])
+    return [*ours, *ours_g], [*theirs, *theirs_g], [*expected, *expected_g]
+
+
 def _relative_error(x, reference):
     return ((x.double() - reference).norm() / reference.norm().clamp_min(1e-30)).item()
 
@@ -164,19 +176,10 @@ def test_low_precision_error_within_twice_cudnn(dtype, packed):
     low = on(a64, dtype=dtype, requires_grad=True)
     # The rounded inputs, held exactly: the errors measured are the computations' alone.
     exact = on(low, dtype=torch.float64, device="cpu", requires_grad=True)
-    ours = ops.lstm(*args(low))
-    theirs = aten_lstm(low)
-    expected = aten_lstm(exact)
-    upstream = [torch.randn_like(t) for t in ours]
-    ours_g = torch.autograd.grad(ours, differentiable(low), upstream)
-    theirs_g = torch.autograd.grad(theirs, differentiable(low), upstream)
-    expected_g = torch.autograd.grad(expected, differentiable(exact),
-                                     [u.double().cpu() for u in upstream])
     eps = torch.finfo(dtype).eps
     names = ["output", "h_n", "c_n", "grad_input", "grad_hx", "grad_cx"] + [
         f"grad_weight{i}" for i in range(len(a64["weights"]))]
-    for name, o, t, e in zip(names, [*ours, *ours_g], [*theirs, *theirs_g],
-                             [*expected, *expected_g]):
+    for name, o, t, e in zip(names, *_results_and_grads(low, exact)):
         assert o.dtype == dtype, name
         e = e.to(CUDA)
         our_error = (o.double() - e).abs().max().item()
@@ -610,13 +613,7 @@ def test_persistent_float32_parity_with_cudnn_across_hidden_sizes(cuda_path, hid
                                            "occupancy_refused"), result
     g = on(a, requires_grad=True)
     exact = on(a, device="cpu", dtype=torch.float64, requires_grad=True)
-    ours, theirs, expected = ops.lstm(*args(g)), aten_lstm(g), aten_lstm(exact)
-    upstream = [torch.randn_like(t) for t in ours]
-    ours_g = torch.autograd.grad(ours, differentiable(g), upstream)
-    theirs_g = torch.autograd.grad(theirs, differentiable(g), upstream)
-    expected_g = torch.autograd.grad(expected, differentiable(exact),
-                                     [u.double().cpu() for u in upstream])
-    for o, t, e in zip([*ours, *ours_g], [*theirs, *theirs_g], [*expected, *expected_g]):
+    for o, t, e in zip(*_results_and_grads(g, exact)):
         e = e.to(CUDA)
         assert _relative_error(o, e) <= max(2 * _relative_error(t, e), 1e-5)
 
@@ -630,14 +627,8 @@ def test_persistent_low_precision_error_within_twice_cudnn(cuda_path, dtype, pac
     low = on(a64, dtype=dtype, requires_grad=True)
     assert_path(low, "persistent")
     exact = on(low, dtype=torch.float64, device="cpu", requires_grad=True)
-    ours, theirs, expected = ops.lstm(*args(low)), aten_lstm(low), aten_lstm(exact)
-    upstream = [torch.randn_like(t) for t in ours]
-    ours_g = torch.autograd.grad(ours, differentiable(low), upstream)
-    theirs_g = torch.autograd.grad(theirs, differentiable(low), upstream)
-    expected_g = torch.autograd.grad(expected, differentiable(exact),
-                                     [u.double().cpu() for u in upstream])
     eps = torch.finfo(dtype).eps
-    for o, t, e in zip([*ours, *ours_g], [*theirs, *theirs_g], [*expected, *expected_g]):
+    for o, t, e in zip(*_results_and_grads(low, exact)):
         assert o.dtype == dtype
         e = e.to(CUDA)
         slack = 4 * eps * max(1.0, e.abs().max().item())
