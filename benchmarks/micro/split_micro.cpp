@@ -1,0 +1,174 @@
+// Microbenchmark for NOTES.md section 15 ("medium inference"): one LSTM step's work on each of
+// `threads` std::threads, as the CPU kernel does it (csrc/cpu/lstm_cpu.cpp forward_step): bias
+// rows, then g = x_t W_ih^T (K_ih rows of the packed weights) and += h W_hh^T (K_hh rows) as
+// oneDNN brgemm calls over 64-column panels, then (optionally) the cell pass over the step's
+// [M, N/4] units, then (optionally) a barrier with the other threads.
+// cell = -1: no bias rows and no cell pass (the x part's brgemm overwrites g).
+//   shared = 1: every thread reads the same packed weights (the batch split: each thread its
+//               own rows, all 4H columns);
+//   shared = 0: each thread its own weights (the hidden split: all rows, a slice of columns).
+// Built by split_micro.py (torch.utils.cpp_extension.load, no torch/extension.h) and called
+// through ctypes. Times: per thread, CPU time (CLOCK_THREAD_CPUTIME_ID) and wall per step,
+// minimum over `trials` runs of `reps` steps.
+#include "lstm_cell.h"
+#include "cpu/fast_math.h"
+
+#include <immintrin.h>
+#include <time.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+namespace at::native::cpublas {
+void brgemm(int64_t M, int64_t N, int64_t K, int64_t ld_a, int64_t ld_b, int64_t ld_c,
+            bool add_C, const float* A, const float* B, float* C, bool is_vnni);
+void brgemm_release(bool is_vnni);
+}  // namespace at::native::cpublas
+
+namespace {
+constexpr int64_t kPanel = 64;
+
+__attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4"))) void cell_block(
+    int64_t n, float* __restrict gi, float* __restrict gf, float* __restrict gg, float* __restrict go,
+    float* __restrict c, float* __restrict h) {
+  for (int64_t e = 0; e < n; ++e) {
+    float c_new, h_new;
+    const auto a = fused_lstm::cell_forward<float, fused_lstm::cpu::FastMath<float>>(
+        gi[e], gf[e], gg[e], go[e], c[e], c_new, h_new);
+    gi[e] = a.i;
+    gf[e] = a.f;
+    gg[e] = a.g;
+    go[e] = a.o;
+    c[e] = c_new;
+    h[e] = h_new;
+  }
+}
+
+double now(clockid_t id) {
+  timespec ts;
+  clock_gettime(id, &ts);
+  return ts.tv_sec * 1e9 + ts.tv_nsec;
+}
+
+// Sense-reversing spin barrier; arrive and wait separately so that work can go between them.
+struct Barrier {
+  std::atomic<int> count{0};
+  std::atomic<int> sense{0};
+  int n = 1;
+  int arrive(int local) {  // returns the sense to wait for
+    const int target = !local;
+    if (count.fetch_add(1, std::memory_order_acq_rel) + 1 == n) {
+      count.store(0, std::memory_order_relaxed);
+      sense.store(target, std::memory_order_release);
+    }
+    return target;
+  }
+  void wait(int target) {
+    while (sense.load(std::memory_order_acquire) != target) _mm_pause();
+  }
+};
+
+void packed_product(bool add, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                    const float* w, int64_t k_total, int64_t k0, float* c, int64_t ldc) {
+  for (int64_t n0 = 0; n0 < n; n0 += kPanel) {
+    const int64_t nb = std::min(kPanel, n - n0);
+    at::native::cpublas::brgemm(m, nb, k, lda, nb, ldc, add, a, w + n0 * k_total + k0 * nb,
+                                c + n0, false);
+  }
+}
+}  // namespace
+
+extern "C" {
+
+// out[2 * t] = thread t's CPU ns per step, out[2 * t + 1] its wall ns per step (minima).
+// barrier: 0 none, 1 after the cell pass, 2 split phase (arrive after the cell pass, the next
+// step's x part, then wait before the h part).
+int sm_run(int threads, int64_t M, int64_t N, int64_t K_ih, int64_t K_hh, int reps, int trials,
+           int shared, int cell, int barrier, double* out) {
+  const int64_t K = K_ih + K_hh;
+  std::vector<std::vector<float>> weights(shared ? 1 : threads);
+  for (auto& w : weights) {
+    w.resize(K * N);
+    for (int64_t i = 0; i < K * N; ++i) w[i] = float((i * 7919) % 13) * 0.01f - 0.06f;
+  }
+  Barrier bar;
+  bar.n = threads;
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] {
+      const float* w = weights[shared ? 0 : t].data();
+      std::vector<float> x(M * K_ih), h(M * K_hh), g(M * N), c(M * (N / 4)), bias(N);
+      for (int64_t i = 0; i < M * K_ih; ++i) x[i] = float(i % 11) * 0.05f - 0.2f;
+      for (int64_t i = 0; i < M * K_hh; ++i) h[i] = float(i % 5) * 0.1f - 0.2f;
+      for (int64_t i = 0; i < N; ++i) bias[i] = 0.01f * float(i % 3);
+      int local = 0, pending = -1;
+      auto sync = [&] { local = bar.arrive(local); bar.wait(local); };
+      auto x_part = [&] {
+        if (cell >= 0)  // cell < 0: no bias rows, the x part overwrites g
+          for (int64_t r = 0; r < M; ++r) std::memcpy(g.data() + r * N, bias.data(), 4 * N);
+        packed_product(cell >= 0, M, N, K_ih, x.data(), K_ih, w, K, 0, g.data(), N);
+      };
+      double best_cpu = 1e30, best_wall = 1e30;
+      for (int trial = 0; trial < trials; ++trial) {
+        if (barrier) sync();
+        const double c0 = now(CLOCK_THREAD_CPUTIME_ID), w0 = now(CLOCK_MONOTONIC);
+        if (barrier == 2) x_part();
+        for (int rep = 0; rep < reps; ++rep) {
+          if (barrier != 2) x_part();
+          if (pending >= 0) bar.wait(pending);  // a real step reads the h the others wrote
+          pending = -1;
+          packed_product(true, M, N, K_hh, h.data(), K_hh, w, K, K_ih, g.data(), N);
+          if (cell > 0) {
+            const int64_t U = N / 4;
+            for (int64_t r = 0; r < M; ++r) {
+              float* gr = g.data() + r * N;
+              cell_block(U, gr, gr + U, gr + 2 * U, gr + 3 * U, c.data() + r * U,
+                         h.data() + r * K_hh + (U * t) % K_hh);
+            }
+          }
+          if (barrier == 1) sync();
+          if (barrier == 2) {  // arrive now, then the next step's x part, then wait
+            pending = local = bar.arrive(local);
+            if (rep + 1 < reps) x_part();
+          }
+        }
+        if (pending >= 0) bar.wait(pending);
+        pending = -1;
+        best_cpu = std::min(best_cpu, (now(CLOCK_THREAD_CPUTIME_ID) - c0) / reps);
+        best_wall = std::min(best_wall, (now(CLOCK_MONOTONIC) - w0) / reps);
+      }
+      out[2 * t] = best_cpu;
+      out[2 * t + 1] = best_wall;
+      at::native::cpublas::brgemm_release(false);
+    });
+  for (auto& p : pool) p.join();
+  return 0;
+}
+}
+
+// The core's float32 FMA peak: 16 independent zmm accumulators, GFLOP/s over `iters` rounds of
+// CPU time (the best of `trials`).
+extern "C" __attribute__((target("avx512f"))) double sm_fma_peak(int64_t iters, int trials) {
+  double best = 0;
+  for (int trial = 0; trial < trials; ++trial) {
+    __m512 acc[16];
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_set1_ps(float(i) * 1e-3f);
+    const __m512 a = _mm512_set1_ps(0.999999f), b = _mm512_set1_ps(1e-7f);
+    const double c0 = now(CLOCK_THREAD_CPUTIME_ID);
+    for (int64_t it = 0; it < iters; ++it) {
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) acc[i] = _mm512_fmadd_ps(acc[i], a, b);
+      asm volatile("" : "+v"(acc[0]), "+v"(acc[1]), "+v"(acc[2]), "+v"(acc[3]));
+    }
+    const double ns = now(CLOCK_THREAD_CPUTIME_ID) - c0;
+    float sink = 0;
+    for (int i = 0; i < 16; ++i) sink += _mm512_reduce_add_ps(acc[i]);
+    if (sink == 12345.f) best = -1;
+    best = std::max(best, 2.0 * 16 * 16 * iters / ns);
+  }
+  return best;
+}
