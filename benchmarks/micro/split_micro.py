@@ -1,27 +1,25 @@
-"""Driver for split_micro.cpp (NOTES.md section 15): builds it, runs the configurations given
-on the command line or a default set, prints per-thread CPU and wall microseconds per step and
-the GFLOP/s of the products (CPU time)."""
+"""Driver for split_micro.cpp (NOTES.md section 15): builds it (into $SPLIT_MICRO_BUILD, default
+/tmp/split_micro_build) and prints, per thread, the CPU microseconds per step of the set of
+configurations in main() and the GFLOP/s of the products (CPU time)."""
 
 import ctypes
 import os
 import pathlib
 
-
-import torch
 from torch.utils import cpp_extension
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def build():
-    build = pathlib.Path(os.environ.get("SPLIT_MICRO_BUILD", "/tmp/split_micro_build"))
-    build.mkdir(parents=True, exist_ok=True)
+    directory = pathlib.Path(os.environ.get("SPLIT_MICRO_BUILD", "/tmp/split_micro_build"))
+    directory.mkdir(parents=True, exist_ok=True)
     path = cpp_extension.load(
         name="split_micro",
         sources=[str(pathlib.Path(__file__).with_name("split_micro.cpp"))],
         extra_cflags=["-O3", "-DNDEBUG", "-fno-trapping-math", "-fno-math-errno"],
         extra_include_paths=[str(ROOT / "csrc")],
-        build_directory=str(build),
+        build_directory=str(directory),
         is_python_module=False,
     )
     so = ctypes.CDLL(path)
