@@ -1,7 +1,9 @@
 """Loads the compiled fused_lstm library, so that ``torch.ops.fused_lstm.*`` exist.
 
-The library registers its ops when it is loaded (``TORCH_LIBRARY`` static initialisers); it has
-no Python module init, so it is loaded with ``torch.ops.load_library``. Two ways to get it:
+The library registers its ops when it is loaded (``TORCH_LIBRARY`` static initialisers), so it is
+loaded with ``torch.ops.load_library``; it is also a Python extension module whose one function
+(``inference``, csrc/python_entry.cpp) is FusedLSTM's no-grad call without ``torch.ops``' boxing,
+imported from the same file afterwards (:func:`python_entry`). Two ways to get it:
 
 * ``"aot"``: compiled ahead of time by setup.py when torch was importable while building
   (``pip install --no-build-isolation .``, ``python setup.py build_ext --inplace``), found next
@@ -24,6 +26,7 @@ import ast
 import glob
 import hashlib
 import importlib.machinery
+import importlib.util
 import os
 import re
 import sys
@@ -37,6 +40,7 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _LOCK = threading.Lock()
 _load_mode: Optional[str] = None
 _library_path: Optional[str] = None
+_python_entry = None
 _sources_dir: Optional[str] = None
 
 JIT_NAME = "fused_lstm_jit"
@@ -64,10 +68,37 @@ def load_library() -> str:
             _warn_if_stale(aot_path)
             _load_so(aot_path)
             _library_path, _load_mode = aot_path, "aot"
+            _import_python_entry("fused_lstm._C", aot_path)
         else:
             _library_path = _load_jit()
             _load_mode = "jit"
+            _import_python_entry(JIT_NAME, _library_path)
         return _load_mode
+
+
+def python_entry():
+    """The loaded library as a Python module (its ``inference`` function), or None when it could
+    not be imported as one (FusedLSTM then makes every call through ``torch.ops``)."""
+    return _python_entry
+
+
+def _import_python_entry(name: str, path: str) -> None:
+    """Imports the already loaded library as the extension module ``name`` (its init function is
+    ``PyInit_<last part of name>``, the name the build gave it)."""
+    global _python_entry
+    loader = importlib.machinery.ExtensionFileLoader(name, path)
+    spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+    try:
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+    except ImportError as error:  # e.g. built without TORCH_EXTENSION_NAME: no module init
+        warnings.warn(
+            f"fused_lstm: {path} has no Python entry point ({error}); FusedLSTM calls the op "
+            "through torch.ops instead (slower at small sizes).",
+            stacklevel=3,
+        )
+        return
+    _python_entry = module
 
 
 def load_mode() -> Optional[str]:

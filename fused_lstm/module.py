@@ -31,11 +31,16 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
 from . import ops
+from ._loader import python_entry
 
 __all__ = ["FusedLSTM", "FusedLSTMFallbackWarning", "convert", "revert"]
 
 _lstm_op = ops.lstm
 _lstm_inference = torch.ops.fused_lstm.lstm_inference.default
+# FusedLSTM's no-grad call in C++ (csrc/python_entry.cpp): the result, or None when the call is
+# not a plain one; None itself when the library could not be imported as a Python module.
+_entry = python_entry()
+_fast_inference = _entry.inference if _entry is not None else None
 _is_autocast_enabled = torch._C._is_any_autocast_enabled
 _is_grad_enabled = torch.is_grad_enabled
 _is_compiling = torch.compiler.is_compiling
@@ -78,12 +83,19 @@ class FusedLSTM(nn.LSTM):
     """
 
     def forward(self, input, hx=None):  # noqa: A002 (nn.LSTM's argument name)
+        # The common inference call, all in C++: the checks below and the op call without
+        # torch.ops' boxing (NOTES.md section 15). None: not a plain call, the paths below decide.
+        if _fast_inference is not None and not _is_compiling():
+            result = _fast_inference(self, input, hx)
+            if result is not None:
+                return result
         weights = self._current_flat_weights()
-        # The common inference call, with nothing to decide: a batched tensor, hx absent or a
-        # pair, grad mode off, no autocast, no dropout mask. Straight to lstm_inference, whose
-        # own checks reject whatever is wrong with the arguments (dtypes, devices, shapes); a
-        # rejected call takes the full path below, which raises nn.LSTM's exception for it.
-        # At tutorial sizes this path's Python is a third of the call (NOTES.md section 12).
+        # The same call in Python, for what the C++ entry leaves here (weights that changed since
+        # the last call, a torch function or dispatch mode, another device...): a batched
+        # tensor, hx absent or a pair, grad mode off, no autocast, no dropout mask. Straight to
+        # lstm_inference, whose own checks reject whatever is wrong with the arguments (dtypes,
+        # devices, shapes); a rejected call takes the full path below, which raises nn.LSTM's
+        # exception for it (NOTES.md section 12).
         if (
             not _is_grad_enabled()
             and type(input) is Tensor

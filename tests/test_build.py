@@ -24,6 +24,8 @@ def test_library_is_loaded_once_and_registers_the_ops():
     assert mode in ("aot", "jit")
     assert _loader.load_library() == mode == _loader.load_mode()
     assert os.path.isfile(_loader.library_path())
+    # The same file is FusedLSTM's Python entry point (csrc/python_entry.cpp).
+    assert callable(getattr(_loader.python_entry(), "inference", None))
     for op in ("lstm_forward", "lstm_backward"):
         assert hasattr(torch.ops.fused_lstm, op)
         assert _has_cpu_kernel(op), f"no CPU kernel registered for fused_lstm::{op}"
@@ -157,7 +159,8 @@ _JIT_SCRIPT = textwrap.dedent(
     torch.testing.assert_close(hy, expected_h)
     torch.testing.assert_close(cy, expected_c)
     print(json.dumps({"mode": _loader.load_mode(), "library": _loader.library_path(),
-                      "sources": _loader.sources_dir()}))
+                      "sources": _loader.sources_dir(),
+                      "entry": callable(getattr(_loader.python_entry(), "inference", None))}))
     """
 )
 
@@ -183,7 +186,7 @@ def test_jit_compiles_the_shipped_sources_once_and_caches_them(tmp_path):
         return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
 
     first, stderr = run()
-    assert first["mode"] == "jit"
+    assert first["mode"] == "jit" and first["entry"]
     assert first["library"].startswith(str(tmp_path / "extensions"))
     assert os.path.realpath(first["sources"]) == os.path.realpath(_loader.find_sources())
     compiling = [line for line in stderr.splitlines() if "fused_lstm: compiling" in line]

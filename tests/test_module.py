@@ -416,10 +416,12 @@ def test_inference_under_no_grad_and_inference_mode():
 @pytest.mark.parametrize("batch_first", [False, True], ids=["time_major", "batch_first"])
 @pytest.mark.parametrize("with_state", [False, True], ids=["no_state", "state"])
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "eval_no_grad"])
-def test_no_grad_call_goes_straight_to_the_inference_op(batch_first, with_state, mode,
+@pytest.mark.parametrize("entry", ["cpp", "python"])
+def test_no_grad_call_goes_straight_to_the_inference_op(batch_first, with_state, mode, entry,
                                                          monkeypatch):
-    """Without grad, a plain batched call takes the short path: ONE lstm_inference call and not
-    ops.lstm (the full path), with nn.LSTM's results."""
+    """Without grad, a plain batched call takes a short path with nn.LSTM's results and not
+    ops.lstm (the full path): the C++ entry (csrc/python_entry.cpp), which calls the op itself,
+    or without it, ONE lstm_inference call from Python."""
     torch_lstm, fused = lstm_pair(input_size=3, hidden_size=4, num_layers=2, dropout=0.3,
                                   bidirectional=True, batch_first=batch_first)
     if mode == "eval_no_grad":  # in training mode, dropout needs the full path (its mask)
@@ -429,15 +431,107 @@ def test_no_grad_call_goes_straight_to_the_inference_op(batch_first, with_state,
     calls = []
     real = fused_module._lstm_inference
     monkeypatch.setattr(fused_module, "_lstm_op", lambda *a: pytest.fail("full path taken"))
-    monkeypatch.setattr(fused_module, "_lstm_inference", lambda *a: calls.append(a) or real(*a))
+    if entry == "cpp":
+        assert fused_module._fast_inference is not None
+        monkeypatch.setattr(fused_module, "_lstm_inference",
+                            lambda *a: pytest.fail("Python short path taken"))
+    else:
+        monkeypatch.setattr(fused_module, "_fast_inference", None)
+        monkeypatch.setattr(fused_module, "_lstm_inference",
+                            lambda *a: calls.append(a) or real(*a))
     x = randn(2, 5, 3) if batch_first else randn(5, 2, 3)
     hx = make_state(fused, 2, F64) if with_state else None
     context = torch.inference_mode() if mode == "inference_mode" else torch.no_grad()
     with context:
         ours, theirs = fused(x, hx), torch_lstm(x, hx)
-    assert len(calls) == 1
+    assert len(calls) == (1 if entry == "python" else 0)
     assert_close(ours, theirs)
     assert ours[0].shape == theirs[0].shape
+    assert type(ours) is tuple and type(ours[1]) is tuple
+
+
+class _NoteCalls(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+class _Double(nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+def test_cpp_entry_declines_every_call_that_is_not_plain():
+    """The C++ entry answers None (and leaves the call to the Python paths, which decide and
+    raise nn.LSTM's exceptions) for anything but a plain no-grad call; it never raises for the
+    arguments and never computes such a call itself."""
+    entry = fused_module._fast_inference
+    fused = FusedLSTM(3, 4, num_layers=2, dtype=F64).eval()
+    x = randn(5, 2, 3)
+    with torch.no_grad():
+        assert type(entry(fused, x, None)) is tuple  # the plain call, for contrast
+        cases = {
+            "2-D input": (fused, randn(5, 3), None),
+            "input subclass": (fused, x.as_subclass(_Subclass), None),
+            "not a tensor": (fused, x.tolist(), None),
+            "hx a list": (fused, x, list(make_state(fused, 2, F64))),
+            "hx of three": (fused, x, (*make_state(fused, 2, F64), randn(1))),
+            "hx not tensors": (fused, x, (1, 2)),
+            "wrong input size": (fused, randn(5, 2, 4), None),
+            "wrong dtype": (fused, randn(5, 2, 3).float(), None),
+            "wrong hx shape": (fused, x, (randn(2, 3, 4), randn(2, 3, 4))),
+            "empty sequence": (fused, randn(0, 2, 3), None),
+            "not a module": (object(), x, None),
+        }
+        for name, args in cases.items():
+            assert entry(*args) is None, name
+        with _NoteCalls():
+            assert entry(fused, x, None) is None, "torch function mode"
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert entry(fused, x, None) is None, "autocast"
+        dropping = FusedLSTM(3, 4, num_layers=2, dropout=0.5, dtype=F64)  # training mode
+        assert entry(dropping, x, None) is None, "dropout mask to draw"
+        dropping.eval()
+        assert type(entry(dropping, x, None)) is tuple
+        # A Parameter put into _parameters directly (nn.LSTM's __setattr__ not called): not
+        # the one in _flat_weights, which the Python path then updates.
+        replaced = nn.Parameter(randn(16, 4))
+        fused._parameters["weight_hh_l1"] = replaced
+        assert entry(fused, x, None) is None, "weight replaced in _parameters"
+        fused(x)
+        assert fused._flat_weights[fused._flat_weights_names.index("weight_hh_l1")] is replaced
+        assert type(entry(fused, x, None)) is tuple
+        # A parametrized weight is not the Parameter in _flat_weights: the Python path
+        # recomputes it on every call.
+        parametrize.register_parametrization(fused, "weight_hh_l1", _Double())
+        assert entry(fused, x, None) is None, "parametrized weight"
+    assert entry(fused, x, None) is None, "grad mode"
+    with pytest.raises(TypeError):
+        entry(fused, x)
+
+
+def test_cpp_entry_sees_reassigned_and_updated_weights():
+    """The entry reads the module's weights on every call: a reassigned Parameter (nn.LSTM's
+    __setattr__ puts it into _flat_weights) and an in-place update are both used at once."""
+    torch_lstm, fused = lstm_pair(input_size=3, hidden_size=4, num_layers=2)
+    fused.eval(), torch_lstm.eval()
+    x = randn(5, 2, 3)
+    entry = fused_module._fast_inference
+    with torch.no_grad():
+        first = entry(fused, x, None)
+        assert_close(first, torch_lstm(x))
+        new = randn(16, 4)
+        fused.weight_hh_l1 = nn.Parameter(new.clone())
+        torch_lstm.weight_hh_l1 = nn.Parameter(new.clone())
+        second = entry(fused, x, None)
+        assert_close(second, torch_lstm(x))
+        fused.bias_ih_l0.add_(1.0), torch_lstm.bias_ih_l0.add_(1.0)
+        third = entry(fused, x, None)
+        assert_close(third, torch_lstm(x))
+    assert not torch.allclose(first[0], second[0]) and not torch.allclose(second[0], third[0])
 
 
 def test_no_grad_training_dropout_takes_the_full_path(monkeypatch):
