@@ -26,9 +26,10 @@ Two ceilings on the speedup are measured in the same run, next to the timings:
 
 - the framework floor: ``floor (empty op)``, a module with FusedLSTM's call structure (one
   Python ``torch.autograd.Function`` taking x, h0, c0 and the flat weights) that does no
-  arithmetic, timed with the others. ``nn.LSTM / floor`` is the largest speedup any
-  implementation called through PyTorch's autograd this way can show. It is not checked and
-  plays no part in the exit status;
+  arithmetic, timed with the others (in inference, without grad, only the module call and
+  the three outputs' allocation: no autograd Function is needed there). ``nn.LSTM / floor`` is
+  the largest speedup any implementation called through PyTorch's autograd this way can show.
+  It is not checked and plays no part in the exit status;
 - the GEMM rate: the machine's best GEMM rate in the dtype (the best of ``torch.mm`` and, on
   CPU, oneDNN's inner product through ``torch.ops.mkldnn._linear_pointwise``, over a few large
   shapes and each workload's input projection), measured once per run before the workloads.
@@ -261,8 +262,13 @@ class FloorLSTM(nn.Module):
         self.weight_names = list(lstm._flat_weights_names)
 
     def forward(self, x, hx):
-        """nn.LSTM's call: ``x [T, B, I]``, ``hx = (h0, c0)`` each ``[layers, B, H]``."""
+        """nn.LSTM's call: ``x [T, B, I]``, ``hx = (h0, c0)`` each ``[layers, B, H]``. Without
+        grad, only the three outputs' allocation: an implementation need not go through an
+        autograd Function there (FusedLSTM's does not), so Function.apply is no floor for it."""
         h0, c0 = hx
+        if not torch.is_grad_enabled():
+            return x.new_empty((*x.shape[:-1], h0.size(-1))), (torch.empty_like(h0),
+                                                                 torch.empty_like(c0))
         params = self._parameters
         output, h_n, c_n = EmptyLSTMFunction.apply(x, h0, c0,
                                                    *[params[n] for n in self.weight_names])
@@ -1224,7 +1230,9 @@ def legend_lines(workloads: list[Workload], devices: set[str]) -> list[str]:
         "and returns torch.empty outputs (forward) and gradients (backward). Train: its time "
         "is the autograd engine's graph task, the Function's node, the AccumulateGrad of "
         "every leaf (x, h0, c0 and the weights all require grad), the Python module call and "
-        "the allocations; infer: the module call and Function.apply under no_grad",
+        "the allocations; infer: the module call and the three outputs' allocation (no "
+        "autograd Function: none is needed without grad, and FusedLSTM's no-grad call goes "
+        "through none)",
         "GEMM peak: the best GEMM rate in the run's dtype (float32 unless --dtype), "
         "2 M N K / the best timed block's time per call, over the shapes "
         + ", ".join("x".join(map(str, s)) for s in PEAK_SHAPES)

@@ -287,6 +287,11 @@ def test_floor_module_shapes(monkeypatch):
     torch.autograd.backward((output, h_n, c_n), case.upstream)
     for leaf in (case.x, case.h0, case.c0, *floor.parameters()):
         assert leaf.grad is not None and leaf.grad.shape == leaf.shape
+    with torch.no_grad():  # inference: the outputs only
+        output, (h_n, c_n) = floor(case.x, (case.h0, case.c0))
+    assert output.shape == (small.seq_len, small.batch, small.hidden_size)
+    assert h_n.shape == case.h0.shape and c_n.shape == case.c0.shape
+    assert output.grad_fn is None
 
 
 def test_target_verdicts(monkeypatch):
