@@ -332,15 +332,74 @@ __attribute__((always_inline)) inline void tiny_product_loop(
   if (b0 < n) tiny_product_block<T, 1>(accumulate, b0, rows_w, cols_w, w, h, ld_h, y, ld_y);
 }
 
+// The same product for narrow batches, vectorised along w's rows instead: a batch of 3 fills
+// no vector along the batch, so the blocks above ran 2 + 1 columns at a time, scalar (NOTES.md
+// section 16). Reads w transposed, wT [cols_w][rows_w]; per batch column b, rows in blocks of V
+// whose sums stay in registers over i.
+template <typename T, int V>
+__attribute__((always_inline)) inline void tiny_rows_block(
+    bool accumulate, int64_t r0, int64_t n, int64_t rows_w, int64_t cols_w,
+    const T* __restrict wT, const T* __restrict h, int64_t ld_h, T* __restrict y,
+    int64_t ld_y) {
+  for (int64_t b = 0; b < n; ++b) {
+    T acc[V];
+    for (int j = 0; j < V; ++j) acc[j] = accumulate ? y[(r0 + j) * ld_y + b] : T(0);
+    for (int64_t i = 0; i < cols_w; ++i) {
+      const T hb = h[i * ld_h + b];
+      const T* __restrict wi = wT + i * rows_w + r0;
+      for (int j = 0; j < V; ++j) acc[j] += wi[j] * hb;
+    }
+    for (int j = 0; j < V; ++j) y[(r0 + j) * ld_y + b] = acc[j];
+  }
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void tiny_rows_loop(
+    bool accumulate, int64_t n, int64_t rows_w, int64_t cols_w, const T* __restrict wT,
+    const T* __restrict h, int64_t ld_h, T* __restrict y, int64_t ld_y) {
+  int64_t r0 = 0;
+  for (; r0 + 16 <= rows_w; r0 += 16)
+    tiny_rows_block<T, 16>(accumulate, r0, n, rows_w, cols_w, wT, h, ld_h, y, ld_y);
+  if (r0 + 8 <= rows_w) {
+    tiny_rows_block<T, 8>(accumulate, r0, n, rows_w, cols_w, wT, h, ld_h, y, ld_y);
+    r0 += 8;
+  }
+  if (r0 + 4 <= rows_w) {
+    tiny_rows_block<T, 4>(accumulate, r0, n, rows_w, cols_w, wT, h, ld_h, y, ld_y);
+    r0 += 4;
+  }
+  for (; r0 < rows_w; ++r0)
+    tiny_rows_block<T, 1>(accumulate, r0, n, rows_w, cols_w, wT, h, ld_h, y, ld_y);
+}
+
 #define FUSED_LSTM_DEFINE_TINY(T)                                                              \
   FUSED_LSTM_SIMD_CLONES void tiny_product(bool accumulate, int64_t n, int64_t rows_w,         \
                                            int64_t cols_w, const T* w, const T* h,              \
                                            int64_t ld_h, T* y, int64_t ld_y) {                  \
     tiny_product_loop<T>(accumulate, n, rows_w, cols_w, w, h, ld_h, y, ld_y);                   \
+  }                                                                                            \
+  FUSED_LSTM_SIMD_CLONES void tiny_product_rows(bool accumulate, int64_t n, int64_t rows_w,    \
+                                                int64_t cols_w, const T* wT, const T* h,        \
+                                                int64_t ld_h, T* y, int64_t ld_y) {             \
+    tiny_rows_loop<T>(accumulate, n, rows_w, cols_w, wT, h, ld_h, y, ld_y);                     \
   }
 FUSED_LSTM_DEFINE_TINY(float)
 FUSED_LSTM_DEFINE_TINY(double)
 #undef FUSED_LSTM_DEFINE_TINY
+
+// Batches narrower than this take tiny_product_rows where the caller has w transposed.
+constexpr int64_t kTinyNarrowBatch = 8;
+
+// tiny_product, w also given transposed (wT [cols_w][rows_w], or null): the narrow-batch
+// kernel where it pays.
+template <typename T>
+inline void tiny_product(bool accumulate, int64_t n, int64_t rows_w, int64_t cols_w, const T* w,
+                         const T* wT, const T* h, int64_t ld_h, T* y, int64_t ld_y) {
+  if (wT != nullptr && n < kTinyNarrowBatch)
+    tiny_product_rows(accumulate, n, rows_w, cols_w, wT, h, ld_h, y, ld_y);
+  else
+    tiny_product(accumulate, n, rows_w, cols_w, w, h, ld_h, y, ld_y);
+}
 
 // dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols; src null: zeros.
 template <typename T>
@@ -737,6 +796,18 @@ void tiny_forward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_
   const int64_t out_stride = s.num_directions * out;
   const bool has_proj = s.proj_size > 0;
   const int64_t ld = tb.ld_g;
+  // A narrow slice's products read W_hh (and W_hr) transposed: this thread's copy, on its stack.
+  T w_t[4 * kRowWiseHidden * kRowWiseHidden + kRowWiseHidden * kRowWiseHidden];
+  const T* w_hh_t = nullptr;
+  const T* w_hr_t = nullptr;
+  if (r1 - r0 < kTinyNarrowBatch) {
+    transpose(w.w_hh, out, G, out, w_t, G);
+    w_hh_t = w_t;
+    if (has_proj) {
+      transpose(w.w_hr, H, out, H, w_t + G * out, out);
+      w_hr_t = w_t + G * out;
+    }
+  }
   for (int64_t step = first; step <= last; ++step) {
     const int64_t t = time_of(s, d, step);
     const int64_t bs = std::min(s.batch_sizes[t], r1) - r0;
@@ -750,7 +821,7 @@ void tiny_forward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_
     T* cT = tb.cT + r0;
     T* hnew = tb.hnew + r0;
     T* cnew = tb.cnew + r0;
-    tiny_product(true, bs, G, out, w.w_hh, hT, B, g, bs);
+    tiny_product(true, bs, G, out, w.w_hh, w_hh_t, hT, B, g, bs);
     if (bs == B) {  // the whole batch: [H][B] state and [H][bs] gates line up, one long pass
       cell_forward_block(H * bs, g, g + H * bs, g + 2 * H * bs, g + 3 * H * bs, cT, cnew,
                          has_proj ? hnew : hT);
@@ -760,7 +831,7 @@ void tiny_forward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_
                            g + (3 * H + j) * bs, cT + j * B, cnew + j * B,
                            has_proj ? hnew + j * B : hT + j * B);
     }
-    if (has_proj) tiny_product(false, bs, out, H, w.w_hr, hnew, B, hT, B);
+    if (has_proj) tiny_product(false, bs, out, H, w.w_hr, w_hr_t, hnew, B, hT, B);
     const int64_t row = off + r0;
     if (gates) {
       transpose(g, bs, G, bs, gates + row * G, G);
@@ -1261,7 +1332,7 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
     T* dh_t = dsum;
     if (has_proj) {
       transpose(dsum, bs, out, bs, dh_all + off * out, out);
-      tiny_product(false, bs, H, out, w_hr_t, dsum, bs, dhH, bs);
+      tiny_product(false, bs, H, out, w_hr_t, w.w_hr, dsum, bs, dhH, bs);
       dh_t = dhH;
     }
     transpose(gates + off * G, G, bs, G, gm, bs);
@@ -1279,7 +1350,7 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
                             dg + (3 * H + j) * bs);
     }
     transpose(dg, bs, G, bs, dgates + off * G, G);
-    tiny_product(false, bs, out, G, w_hh_t, dg, bs, dhT, B);  // dL/dh_{t-1}, rows < bs
+    tiny_product(false, bs, out, G, w_hh_t, w.w_hh, dg, bs, dhT, B);  // dL/dh_{t-1}, rows < bs
   }
   transpose(dhT, B, out, B, dh_state, out);
   transpose(dcT, B, H, B, dc_state, H);
