@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <initializer_list>
 #include <limits>
 #include <type_traits>
@@ -1268,20 +1269,40 @@ inline Bf16Backward bf16_backward_buffers(const LSTMShape& s, bool bf16_model,
   return b;
 }
 
-// f(i0, i1) over [0, n) in pieces of whole multiples of `unit`, over the threads.
-template <typename F>
-void parallel_units(int64_t n, int64_t unit, const F& f) {
-  const int64_t units = (n + unit - 1) / unit;
-  auto body = [&](int64_t u0, int64_t u1) { f(u0 * unit, std::min(n, u1 * unit)); };
-  if (units > 1 && !at::in_parallel_region()) at::parallel_for(0, units, 1, body);
-  else body(0, units);
+// Part of the work of a parallel region: f(i0, i1) over pieces of [0, n) cut at multiples of
+// kBf16GemmBlockN.
+struct Piecewise {
+  int64_t n;
+  std::function<void(int64_t, int64_t)> f;
+};
+
+// Every job split evenly over the threads, in ONE parallel region (each thread runs its piece of
+// each job): a region per job adds a barrier each, and on a loaded machine a barrier can cost a
+// time slice.
+inline void split_over_threads(std::initializer_list<Piecewise> jobs) {
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  auto piece = [&](int64_t t) {
+    for (const Piecewise& j : jobs) {
+      const int64_t units = (j.n + kBf16GemmBlockN - 1) / kBf16GemmBlockN;
+      const int64_t i0 = units * t / threads * kBf16GemmBlockN;
+      const int64_t i1 = std::min(j.n, units * (t + 1) / threads * kBf16GemmBlockN);
+      if (i0 < i1) j.f(i0, i1);
+    }
+  };
+  if (threads > 1) {
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) piece(t);
+    });
+  } else {
+    piece(0);
+  }
 }
 
-// bf16_pack_weight_t over the threads: 16-column blocks are packed independently.
-inline void pack_t_parallel(const float* Wt, int64_t N, int64_t K, int64_t ldw, uint16_t* out) {
-  parallel_units(N, kBf16GemmBlockN, [&](int64_t n0, int64_t n1) {
-    bf16_pack_weight_t(Wt + n0, n1 - n0, K, ldw, out + bf16_packed_size(n0, K));
-  });
+// bf16_pack_weight_t as a Piecewise job: 16-column blocks are packed independently.
+inline Piecewise pack_t_job(const float* Wt, int64_t N, int64_t K, int64_t ldw, uint16_t* out) {
+  return {N, [=](int64_t n0, int64_t n1) {
+            bf16_pack_weight_t(Wt + n0, n1 - n0, K, ldw, out + bf16_packed_size(n0, K));
+          }};
 }
 
 // dL/dh_{t-1} [bs, out] = dg_t [bs, G] W_hh, on this thread: bf16_gemm where `bb` is set, else
@@ -1312,14 +1333,23 @@ void backward_products(const LSTMShape& s, const Bf16Backward& bb, const T* dgat
   const int64_t G = 4 * s.hidden_size, out = s.out_size, rows = s.rows;
   if constexpr (std::is_same_v<T, float>) {
     if (bb.w_hh_t) {
-      pack_t_parallel(x, in_size, rows, in_size, bb.x);
-      pack_t_parallel(h_prev, out, rows, out, bb.h_prev);
-      parallel_units(G, kBf16GemmBlockN, [&](int64_t m0, int64_t m1) {
-        bf16_transpose_rows(dgates + m0, rows, m1 - m0, G, bb.dgates_t + m0 * bb.ld, bb.ld);
-      });
-      bf16_gemm_parallel(G, in_size, rows, bb.dgates_t, bb.ld, bb.x, gw_ih, in_size, false);
-      bf16_gemm_parallel(G, out, rows, bb.dgates_t, bb.ld, bb.h_prev, gw_hh, out, false);
-      bf16_gemm_parallel(rows, in_size, G, dgates, G, bb.w_ih_t, dx, in_size, add_dx);
+      const int64_t ld = bb.ld;
+      split_over_threads({pack_t_job(x, in_size, rows, in_size, bb.x),
+                          pack_t_job(h_prev, out, rows, out, bb.h_prev),
+                          {G, [&](int64_t m0, int64_t m1) {
+                             bf16_transpose_rows(dgates + m0, rows, m1 - m0, G,
+                                                 bb.dgates_t + m0 * ld, ld);
+                           }}});
+      split_over_threads(
+          {{G, [&](int64_t m0, int64_t m1) {  // rows of dW_ih and dW_hh
+              const c10::BFloat16* a = bb.dgates_t + m0 * ld;
+              bf16_gemm(m1 - m0, in_size, rows, a, ld, bb.x, gw_ih + m0 * in_size, in_size, false);
+              bf16_gemm(m1 - m0, out, rows, a, ld, bb.h_prev, gw_hh + m0 * out, out, false);
+            }},
+           {rows, [&](int64_t r0, int64_t r1) {  // rows of dL/dx
+              bf16_gemm(r1 - r0, in_size, G, dgates + r0 * G, G, bb.w_ih_t, dx + r0 * in_size,
+                        in_size, add_dx);
+            }}});
       return;
     }
   }
@@ -1445,8 +1475,8 @@ void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
       copy_or_zero(grad_cy ? grad_cy + ld * s.batch * H : nullptr, s.batch * H, dc_state);
       if constexpr (std::is_same_v<T, float>) {
         if (bb.w_hh_t) {
-          pack_t_parallel(w.w_hh, out, G, out, bb.w_hh_t);
-          pack_t_parallel(w.w_ih, in_size, G, in_size, bb.w_ih_t);
+          split_over_threads({pack_t_job(w.w_hh, out, G, out, bb.w_hh_t),
+                              pack_t_job(w.w_ih, in_size, G, in_size, bb.w_ih_t)});
         }
       }
 
