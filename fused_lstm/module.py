@@ -84,7 +84,7 @@ class FusedLSTM(nn.LSTM):
 
     def forward(self, input, hx=None):  # noqa: A002 (nn.LSTM's argument name)
         # The common inference call, all in C++: the checks below and the op call without
-        # torch.ops' boxing (NOTES.md section 15). None: not a plain call, the paths below decide.
+        # torch.ops' boxing (NOTES.md section 17). None: not a plain call, the paths below decide.
         if _fast_inference is not None and not _is_compiling():
             result = _fast_inference(self, input, hx)
             if result is not None:

@@ -44,6 +44,25 @@ int fl_bf16_pack(int dtype, const void* W, int64_t N, int64_t K, int64_t ldw, ui
   });
 }
 
+// dtype: 0 float32, 1 bfloat16; W given transposed ([K, N], row stride ldw)
+int fl_bf16_pack_t(int dtype, const void* Wt, int64_t N, int64_t K, int64_t ldw, uint16_t* out) {
+  return guarded([&] {
+    if (dtype == 0)
+      fused_lstm::bf16_pack_weight_t(static_cast<const float*>(Wt), N, K, ldw, out);
+    else
+      fused_lstm::bf16_pack_weight_t(static_cast<const c10::BFloat16*>(Wt), N, K, ldw, out);
+  });
+}
+
+int64_t fl_bf16_row_stride(int64_t K) { return fused_lstm::bf16_row_stride(K); }
+
+int fl_bf16_transpose_rows(const float* At, int64_t K, int64_t M, int64_t ldat, uint16_t* out,
+                           int64_t ldo) {
+  return guarded([&] {
+    fused_lstm::bf16_transpose_rows(At, K, M, ldat, reinterpret_cast<c10::BFloat16*>(out), ldo);
+  });
+}
+
 // parallel: 0 bf16_gemm (columns [n0, n1)), 1 bf16_gemm_parallel (all columns)
 int fl_bf16_gemm(int dtype, int64_t M, int64_t N, int64_t K, const void* A, int64_t lda,
                  const uint16_t* W, float* C, int64_t ldc, int accumulate, int64_t n0, int64_t n1,

@@ -49,6 +49,10 @@ def lib(tmp_path_factory):
     so.fl_bf16_packed_size.restype = i64
     so.fl_bf16_packed_size.argtypes = [i64, i64]
     so.fl_bf16_pack.argtypes = [ctypes.c_int, vp, i64, i64, i64, vp]
+    so.fl_bf16_pack_t.argtypes = [ctypes.c_int, vp, i64, i64, i64, vp]
+    so.fl_bf16_row_stride.restype = i64
+    so.fl_bf16_row_stride.argtypes = [i64]
+    so.fl_bf16_transpose_rows.argtypes = [vp, i64, i64, i64, vp, i64]
     so.fl_bf16_gemm.argtypes = [ctypes.c_int, i64, i64, i64, vp, i64, vp, vp, i64, ctypes.c_int,
                                 i64, i64, ctypes.c_int]
     so.path = path
@@ -76,6 +80,27 @@ def pack(lib, W):
     dtype = F32 if W.dtype == torch.float32 else BF16
     check(lib, lib.fl_bf16_pack(dtype, W.data_ptr(), N, K, W.stride(0), out.data_ptr()))
     return out
+
+
+def pack_t(lib, Wt):
+    """bf16_pack_weight_t of a [K, N] view with unit column stride: the packed form of Wt^T."""
+    K, N = Wt.shape
+    assert Wt.stride(1) == 1
+    out = torch.full((lib.fl_bf16_packed_size(N, K),), -1, dtype=torch.int16)
+    dtype = F32 if Wt.dtype == torch.float32 else BF16
+    check(lib, lib.fl_bf16_pack_t(dtype, Wt.data_ptr(), N, K, Wt.stride(0), out.data_ptr()))
+    return out
+
+
+def transpose_rows(lib, At, ldo=None, fill=-1):
+    """bf16_transpose_rows of a float32 [K, M] view: ([M, ldo] int16 storage, its bf16 [M, K] view).
+    ldo defaults to bf16_row_stride(K); storage past what is written keeps `fill`."""
+    K, M = At.shape
+    assert At.stride(1) == 1 and At.dtype == torch.float32
+    ldo = lib.fl_bf16_row_stride(K) if ldo is None else ldo
+    out = torch.full((M, ldo), fill, dtype=torch.int16)
+    check(lib, lib.fl_bf16_transpose_rows(At.data_ptr(), K, M, At.stride(0), out.data_ptr(), ldo))
+    return out, out[:, :K].view(torch.bfloat16)
 
 
 def gemm(lib, A, packed, C, N, accumulate, n0=0, n1=-1, parallel=False):
@@ -142,6 +167,81 @@ def test_pack_float_rounds_like_torch(lib):
     assert nan.sum() == 1 and torch.isnan(got.view(torch.bfloat16)[nan]).all()
     assert torch.equal(got[~nan], want[~nan])
     assert torch.equal(got[~nan], layout_reference(W)[~nan])
+
+
+@pytest.mark.parametrize("N,K", [(1, 1), (1, 2), (16, 2), (17, 3), (33, 64), (48, 31), (5, 129),
+                                 (256, 1024), (100, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pack_t_layout(lib, N, K, dtype):
+    """bf16_pack_weight_t of Wt [K, N] is bf16_pack_weight of Wt^T: the same documented layout."""
+    _, Wt = padded(K, N, 3, dtype, float("nan"))  # row padding must not be read
+    Wt.copy_(torch.randn(K, N))
+    assert torch.equal(pack_t(lib, Wt), layout_reference(Wt.T))
+
+
+def test_pack_t_rounds_like_torch(lib):
+    """Ties, near-ties, inf, NaN, -0, denormals: the bits of torch's .to(torch.bfloat16)."""
+    base = torch.randn(40, 35)
+    bits = base.view(torch.int32)
+    tie = (bits & ~0xFFFF) | 0x8000
+    Wt = torch.cat([base, tie.view(torch.float32), (tie + 1).view(torch.float32),
+                    (tie - 1).view(torch.float32)])
+    Wt[0, :7] = torch.tensor([float("inf"), -float("inf"), float("nan"), 3.4e38, -0.0, 1e-40,
+                              -3e-39])
+    got = pack_t(lib, Wt)
+    want = layout_reference(Wt.T)
+    nan = torch.isnan(want.view(torch.bfloat16))
+    assert nan.sum() == 1 and torch.isnan(got.view(torch.bfloat16)[nan]).all()
+    assert torch.equal(got[~nan], want[~nan])
+
+
+TRANSPOSE_K = (1, 2, 3, 31, 32, 33, 34, 63, 64, 65, 100)
+TRANSPOSE_M = tuple(range(1, 21)) + (31, 32, 33, 64, 100)
+
+
+def test_transpose_rows_layout(lib):
+    """out[m, k] = bf16(At[k, m]) for k < K, 0 at k = K for odd K, nothing written past that;
+    At's row padding (NaN) not read; every K and M around the 16 x 32 tiles."""
+    for K, M in itertools.product(TRANSPOSE_K, TRANSPOSE_M):
+        _, At = padded(K, M, 5, torch.float32, float("nan"))
+        At.copy_(torch.randn(K, M))
+        ldo = K + (K & 1) + 3  # any stride from K rounded up to even
+        out, rows = transpose_rows(lib, At, ldo=ldo, fill=-7)
+        assert torch.equal(rows.view(torch.int16), At.T.to(torch.bfloat16).view(torch.int16)), (K, M)
+        if K & 1:
+            assert (out[:, K] == 0).all(), (K, M)
+        assert (out[:, K + (K & 1):] == -7).all(), (K, M)
+
+
+def test_transpose_rows_rounds_like_torch(lib):
+    base = torch.randn(45, 19) * 100
+    bits = base.view(torch.int32)
+    tie = (bits & ~0xFFFF) | 0x8000
+    At = torch.cat([base, tie.view(torch.float32), (tie + 1).view(torch.float32),
+                    (tie - 1).view(torch.float32)])
+    At[3, :6] = torch.tensor([float("inf"), -float("inf"), 3.39e38, -0.0, 1e-40, -3e-39])
+    _, rows = transpose_rows(lib, At)
+    assert torch.equal(rows.view(torch.int16), At.T.to(torch.bfloat16).view(torch.int16))
+    At[5, 2] = float("nan")
+    _, rows = transpose_rows(lib, At)
+    assert torch.isnan(rows[2, 5]) and torch.isnan(rows).sum() == 1
+
+
+def test_row_stride(lib):
+    for K in (1, 2, 3, 100, 2047, 2048, 2049, 4096, 3200):
+        ld = lib.fl_bf16_row_stride(K)
+        assert ld >= K and ld % 2 == 0 and ld % 2048 != 0 and ld <= K + 33, K
+
+
+def test_portable_packing(lib):
+    """The packing and transposing tests again with FUSED_LSTM_NO_BF16_GEMM=1: the portable
+    code (what CPUs without AVX512_BF16 run) gives the same bits as the vectorised code."""
+    env = dict(os.environ, FUSED_LSTM_NO_BF16_GEMM="1")
+    out = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
+                          "-k", "layout or rounds_like_torch or row_stride"],
+                         env=env, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "skipped" not in out.stdout.splitlines()[-1], out.stdout[-500:]
 
 
 # ---- products (AVX512_BF16) ----------------------------------------------------------------
@@ -217,6 +317,52 @@ def test_parallel(gemm_lib, dtype, M, N, K):
             C = C0.clone()
             gemm(gemm_lib, A, pack(gemm_lib, W), C, N, accumulate, parallel=True)
             assert torch.equal(C.double(), reference(A, W, C0 if accumulate else None))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_exact_weight_given_transposed(gemm_lib, dtype, accumulate):
+    """C = A B with B stored [K, N] (packed by bf16_pack_weight_t): the backward's
+    dL/dh = dgates_t W_hh and dL/dx = dgates W_ih. M of 1..20 (a batch slice's rows), N and K
+    around the blocks, odd K; NaN in B's padding, a sentinel in C's."""
+    for M, N, K in itertools.product(range(1, 21), (1, 15, 16, 17, 48, 49, 100),
+                                     (1, 2, 3, 32, 33, 65)):
+        A = small_ints(M, K).to(dtype)
+        _, B = padded(K, N, 3, dtype, float("nan"))
+        B.copy_(small_ints(K, N))
+        c_storage, C = padded(M, N, 7, torch.float32, SENTINEL)
+        C0 = small_ints(M, N)
+        C.copy_(C0 if accumulate else torch.full((M, N), float("nan")))
+        gemm(gemm_lib, A, pack_t(gemm_lib, B), C, N, accumulate)
+        assert torch.equal(C.double(), reference(A, B.T, C0 if accumulate else None)), (M, N, K)
+        assert (c_storage[:, N:] == SENTINEL).all(), (M, N, K)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_exact_both_transposed(gemm_lib, parallel):
+    """C = At^T B with At [K, M] (bf16_transpose_rows, read in place as a bf16 A) and B [K, N]
+    (bf16_pack_weight_t): the weight gradients dW = dgates^T x, K being the rows of a batch."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        shapes = list(itertools.product((1, 7, 8, 9, 16, 17, 20, 64, 70, 130), (1, 16, 17, 49, 128),
+                                        (1, 2, 3, 31, 64, 513)))
+        shapes += [(1024, 128, 3200), (68, 256, 3201), (200, 33, 1100)]
+        for M, N, K in shapes:
+            _, At = padded(K, M, 5, torch.float32, float("nan"))
+            At.copy_(small_ints(K, M))
+            _, B = padded(K, N, 3, torch.float32, float("nan"))
+            B.copy_(small_ints(K, N))
+            out, _ = transpose_rows(gemm_lib, At)
+            A = out.view(torch.bfloat16)[:, :K]  # row stride bf16_row_stride(K)
+            C0 = small_ints(M, N)
+            for accumulate in (False, True):
+                C = C0.clone()
+                gemm(gemm_lib, A, pack_t(gemm_lib, B), C, N, accumulate, parallel=parallel)
+                expected = reference(At.T, B.T, C0 if accumulate else None)
+                assert torch.equal(C.double(), expected), (M, N, K, accumulate)
     finally:
         torch.set_num_threads(threads)
 

@@ -177,23 +177,46 @@ def test_low_precision_error_within_twice_nn_lstm(dtype, bidirectional):
         assert our_error <= 2 * their_error + torch.finfo(dtype).eps, (name, our_error, their_error)
 
 
-@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
-def test_bf16_training_within_twice_nn_lstm(bidirectional):
-    """bf16 training at a size with hidden >= 16 (where a CPU with AVX512_BF16 computes the
-    products from bf16 operands, as oneDNN does): outputs and every gradient are within twice
-    nn.LSTM's bf16 distance to the float64 result, plus a bf16 epsilon."""
-    kwargs = dict(input_size=24, hidden_size=32, num_layers=2, bidirectional=bidirectional)
+# (module options, seq_len, batch, packed). Where the CPU has AVX512_BF16, every product of
+# these (hidden >= 16) takes bf16 operands, forward and backward: packed batches give steps of
+# every size from `batch` rows down to 1, so the per-step dL/dh_{t-1} product sees batch slices
+# of 1 to 11 rows (2 threads) and the weight gradients an odd number of rows; hidden 20 gives
+# column counts off the 16-column blocks (out 20, 4H 80) and input 17 an odd one.
+BF16_TRAINING = {
+    "uni": (dict(input_size=24, hidden_size=32, num_layers=2), 10, 5, False),
+    "bi": (dict(input_size=24, hidden_size=32, num_layers=2, bidirectional=True), 10, 5, False),
+    "packed-uni": (dict(input_size=24, hidden_size=32, num_layers=2), 12, 21, True),
+    "packed-bi-3layers": (dict(input_size=17, hidden_size=20, num_layers=3, bidirectional=True),
+                          9, 13, True),
+    "proj-bi": (dict(input_size=24, hidden_size=32, num_layers=2, bidirectional=True,
+                     proj_size=12), 8, 7, False),
+}
+
+
+@pytest.mark.parametrize("case", BF16_TRAINING)
+def test_bf16_training_within_twice_nn_lstm(case):
+    """bf16 training at sizes with hidden >= 16 (where a CPU with AVX512_BF16 computes the
+    products from bf16 operands, as oneDNN does), initial state given: outputs and every
+    gradient are within twice nn.LSTM's bf16 distance to the float64 result, plus a bf16
+    epsilon."""
+    kwargs, seq_len, batch, packed = BF16_TRAINING[case]
     torch_lstm, fused = lstm_pair(dtype=torch.bfloat16, **kwargs)
     exact = nn.LSTM(dtype=F64, **kwargs)
     exact.load_state_dict(torch_lstm.state_dict())
-    x = randn(10, 5, 24, dtype=torch.bfloat16)
-    hx = tuple(t.detach() for t in make_state(fused, 5, torch.bfloat16))
-    upstream = [randn(10, 5, 32 * (2 if bidirectional else 1)), randn(*hx[0].shape),
-                randn(*hx[1].shape)]
+    x = randn(seq_len, batch, kwargs["input_size"], dtype=torch.bfloat16)
+    hx = tuple(t.detach() for t in make_state(fused, batch, torch.bfloat16))
+    lengths = sorted((seq_len - i * seq_len // batch for i in range(batch)), reverse=True)
+    if packed:
+        assert sum(lengths) % 2 == 1 and lengths[-1] == 1
+    out_rows = sum(lengths) if packed else seq_len * batch
+    width = (2 if fused.bidirectional else 1) * (fused.proj_size or fused.hidden_size)
+    upstream = [randn(out_rows, width), randn(*hx[0].shape), randn(*hx[1].shape)]
 
     def results(module, dtype):
         inputs = [x.to(dtype).requires_grad_(), *(t.to(dtype).requires_grad_() for t in hx)]
-        out, (h_n, c_n) = module(inputs[0], (inputs[1], inputs[2]))
+        inp = pack_padded_sequence(inputs[0], lengths) if packed else inputs[0]
+        out, (h_n, c_n) = module(inp, (inputs[1], inputs[2]))
+        out = out.data if packed else out.reshape(out_rows, width)
         leaves = inputs + list(module.parameters())
         grads = torch.autograd.grad((out, h_n, c_n), leaves, [u.to(dtype) for u in upstream])
         return [out, h_n, c_n, *grads]

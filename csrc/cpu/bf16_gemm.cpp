@@ -20,6 +20,11 @@
 // Rows left over past a multiple of kMR, when at most kSmallMR, go to kSmallMR x kSmallNV
 // kernels (4 x 6) instead, whose wider column groups keep more accumulators in flight (M = 1,
 // the batch-1 recurrent product, is bound by reading W from L2).
+//
+// bf16_pack_weight_t and bf16_transpose_rows build each 64-byte line from two source rows: 16
+// dwords (row k, row k + 1) of 16 columns, rounded with integer arithmetic as c10::BFloat16 is
+// (vcvtne2ps2bf16 would flush denormals). The packed weight is a sequence of such lines; the
+// transpose turns 16 of them into 16 rows of 16 pairs in registers.
 #include "bf16_gemm.h"
 
 #include <ATen/Parallel.h>
@@ -105,27 +110,23 @@ bool detect_cpu() {
 
 inline uint16_t to_bf16_bits(float f) { return c10::BFloat16(f).x; }  // round to nearest even
 inline uint16_t to_bf16_bits(uint16_t b) { return b; }
-inline uint16_t to_bf16_bits(c10::BFloat16 b) { return b.x; }
 
+// The packed layout from W [N, K] with element (n, k) at W[n * sn + k * sk]: sn = ldw, sk = 1
+// for a row-major W, sn = 1, sk = ldw for its transpose. Portable; out is written in order.
 template <typename T>
-void pack_weight_impl(const T* W, int64_t N, int64_t K, int64_t ldw, uint16_t* out) {
-  TORCH_CHECK(N >= 0 && K >= 0 && (N == 0 || K == 0 || ldw >= K),
-              "bf16_pack_weight: bad sizes N=", N, " K=", K, " ldw=", ldw);
+void pack_strided(const T* W, int64_t N, int64_t K, int64_t sn, int64_t sk, uint16_t* out) {
   const int64_t kp = (K + 1) / 2;
   const int64_t blocks = (N + kBN - 1) / kBN;
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    uint16_t* o = out + blk * kp * 2 * kBN;
-    for (int64_t c = 0; c < kBN; ++c) {
-      const int64_t n = blk * kBN + c;
-      if (n < N) {
-        const T* w = W + n * ldw;
-        for (int64_t k = 0; k < K; ++k) o[(k / 2) * 2 * kBN + c * 2 + (k & 1)] = to_bf16_bits(w[k]);
-        if (K & 1) o[(kp - 1) * 2 * kBN + c * 2 + 1] = 0;
-      } else {
-        for (int64_t p = 0; p < kp; ++p) o[p * 2 * kBN + c * 2] = o[p * 2 * kBN + c * 2 + 1] = 0;
+  for (int64_t blk = 0; blk < blocks; ++blk)
+    for (int64_t p = 0; p < kp; ++p) {
+      uint16_t* o = out + (blk * kp + p) * 2 * kBN;
+      for (int64_t c = 0; c < kBN; ++c) {
+        const int64_t n = blk * kBN + c;
+        const T* w = W + n * sn + 2 * p * sk;
+        o[2 * c] = n < N ? to_bf16_bits(w[0]) : 0;
+        o[2 * c + 1] = n < N && 2 * p + 1 < K ? to_bf16_bits(w[sk]) : 0;
       }
     }
-  }
 }
 
 #if FUSED_LSTM_BF16_GEMM_X86
@@ -296,6 +297,113 @@ BF16_TARGET void convert_rows(int64_t M, int64_t K, const float* A, int64_t lda,
   }
 }
 
+// bf16 bits of 16 floats in the low halves of 16 dwords, rounded as c10::BFloat16 (to nearest
+// even, NaN to 0x7FC0, denormals kept), not as vcvtne2ps2bf16 (which flushes denormals): the
+// packers give torch's bits on every CPU.
+BF16_TARGET inline __m512i bf16_bits(__m512 x) {
+  const __m512i b = _mm512_castps_si512(x);
+  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(b, 16),
+                                                         _mm512_set1_epi32(1)),
+                                        _mm512_set1_epi32(0x7FFF));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, bias), 16);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q),
+                               _mm512_set1_epi32(0x7FC0));
+}
+
+// The first n (<= 16) elements of a row from p, as bf16 bits in the low halves of 16 dwords
+// (zero past n).
+BF16_TARGET inline __m512i row_bits(const float* p, __mmask16 n) {
+  return bf16_bits(_mm512_maskz_loadu_ps(n, p));
+}
+BF16_TARGET inline __m512i row_bits(const uint16_t* p, __mmask16 n) {
+  return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(n, p));
+}
+
+// Dword j = (row k [j], row k + 1 [j]) as bf16 bits: a line of the packed layout; `second`
+// false for a missing row k + 1 (odd K).
+template <typename T>
+BF16_TARGET inline __m512i pair_line(const T* row, int64_t ld, __mmask16 n, bool second) {
+  const __m512i lo = row_bits(row, n);
+  return second ? _mm512_or_si512(lo, _mm512_slli_epi32(row_bits(row + ld, n), 16)) : lo;
+}
+
+BF16_TARGET inline __mmask16 first_n(int64_t n) {
+  return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+}
+
+// bf16_pack_weight_t: per 16-column block, one pair_line per pair of k.
+template <typename T>
+BF16_TARGET void pack_t_avx512(const T* Wt, int64_t N, int64_t K, int64_t ldw, uint16_t* out) {
+  const int64_t kp = (K + 1) / 2;
+  for (int64_t n0 = 0; n0 < N; n0 += kBN) {
+    const __mmask16 n = first_n(N - n0);
+    uint16_t* o = out + n0 * 2 * kp;
+    for (int64_t p = 0; p < kp; ++p)
+      _mm512_storeu_si512(o + p * 2 * kBN, pair_line(Wt + 2 * p * ldw + n0, ldw, n, 2 * p + 1 < K));
+  }
+}
+
+// In-register transpose of a 16 x 16 dword matrix (r[i] is row i).
+BF16_TARGET inline void transpose16(__m512i r[16]) {
+  __m512i a[16], b[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; i += 2) {
+    a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  // b[4i + c]: per 128-bit lane L, rows 4i..4i+3 of column 4L + col[c]
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; i += 4)
+#pragma GCC unroll 2
+    for (int j = 0; j < 2; ++j) {
+      b[i + j] = _mm512_unpacklo_epi64(a[i + j], a[i + 2 + j]);
+      b[i + 2 + j] = _mm512_unpackhi_epi64(a[i + j], a[i + 2 + j]);
+    }
+  const int col[4] = {0, 2, 1, 3};
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {  // 4 x 4 transpose of 128-bit lanes of b[c], b[4 + c], ...
+    const __m512i s0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44);
+    const __m512i s1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE);
+    const __m512i s2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44);
+    const __m512i s3 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
+    r[col[c]] = _mm512_shuffle_i32x4(s0, s2, 0x88);
+    r[4 + col[c]] = _mm512_shuffle_i32x4(s0, s2, 0xDD);
+    r[8 + col[c]] = _mm512_shuffle_i32x4(s1, s3, 0x88);
+    r[12 + col[c]] = _mm512_shuffle_i32x4(s1, s3, 0xDD);
+  }
+}
+
+// bf16_transpose_rows in tiles of 16 columns of At x 16 pairs of its rows: 16 pair_lines (line
+// i: pair i of 16 columns) transposed are 16 output rows of 16 pairs (32 bf16, one store each).
+// Tiles go down strips of kTransposeStrip columns: strips of 16 columns (64 bytes of each row
+// of At, rows 4 KB apart at 1024 columns: a new page per row) ran 2.1x slower (3200 x 1024,
+// 1 thread, minimum of 7: 3.6 ms against 1.7; strips of 512 as 128).
+constexpr int64_t kTransposeStrip = 128;
+
+BF16_TARGET void transpose_rows_avx512(const float* At, int64_t K, int64_t M, int64_t ldat,
+                                       uint16_t* out, int64_t ldo) {
+  const int64_t kp = (K + 1) / 2;
+  for (int64_t s0 = 0; s0 < M; s0 += kTransposeStrip) {
+    const int64_t s1 = M - s0 < kTransposeStrip ? M : s0 + kTransposeStrip;
+    for (int64_t p0 = 0; p0 < kp; p0 += 16) {
+      const int64_t np = kp - p0 < 16 ? kp - p0 : 16;
+      const __mmask32 keep = np == 16 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (2 * np)) - 1);
+      for (int64_t m0 = s0; m0 < s1; m0 += kBN) {
+        const __mmask16 n = first_n(s1 - m0);
+        __m512i r[16];
+#pragma GCC unroll 16
+        for (int64_t i = 0; i < 16; ++i) {
+          const int64_t k = 2 * (p0 + i);
+          r[i] = i < np ? pair_line(At + k * ldat + m0, ldat, n, k + 1 < K) : _mm512_setzero_si512();
+        }
+        transpose16(r);
+        const int64_t rows = s1 - m0 < kBN ? s1 - m0 : kBN;
+        for (int64_t j = 0; j < rows; ++j)
+          _mm512_mask_storeu_epi16(out + (m0 + j) * ldo + 2 * p0, keep, r[j]);
+      }
+    }
+  }
+}
 
 std::vector<uint16_t>& scratch() {
   thread_local std::vector<uint16_t> buffer;
@@ -335,7 +443,7 @@ void gemm_impl(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const u
   const bool in_place = is_bf16 && K % 2 == 0;  // bf16 rows read where they are
   // Row panels of about kMCBytes of bf16 A, kept in L2 while every column group sweeps them;
   // converted rows get a row stride off multiples of 4 KB.
-  const int64_t ldo = kpad % 2048 == 0 ? kpad + 32 : kpad;
+  const int64_t ldo = bf16_row_stride(K);
   int64_t mc = kMCBytes / (ldo * 2);
   mc = mc < kMR ? kMR : mc / kMR * kMR;
   if (mc > M) mc = M;
@@ -386,6 +494,26 @@ void gemm_parallel_impl(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda
   }
 }
 
+template <typename T>
+void pack_weight_impl(const T* W, int64_t N, int64_t K, int64_t ldw, uint16_t* out) {
+  TORCH_CHECK(N >= 0 && K >= 0 && (N == 0 || K == 0 || ldw >= K),
+              "bf16_pack_weight: bad sizes N=", N, " K=", K, " ldw=", ldw);
+  pack_strided(W, N, K, ldw, 1, out);
+}
+
+template <typename T>
+void pack_weight_t_impl(const T* Wt, int64_t N, int64_t K, int64_t ldw, uint16_t* out) {
+  TORCH_CHECK(N >= 0 && K >= 0 && (N == 0 || K == 0 || ldw >= N),
+              "bf16_pack_weight_t: bad sizes N=", N, " K=", K, " ldw=", ldw);
+#if FUSED_LSTM_BF16_GEMM_X86
+  if (bf16_gemm_available()) {
+    pack_t_avx512(Wt, N, K, ldw, out);
+    return;
+  }
+#endif
+  pack_strided(Wt, N, K, 1, ldw, out);
+}
+
 }  // namespace
 
 bool bf16_gemm_available() {
@@ -401,10 +529,43 @@ void bf16_pack_weight(const uint16_t* W, int64_t N, int64_t K, int64_t ldw, uint
   pack_weight_impl(W, N, K, ldw, out);
 }
 void bf16_pack_weight(const c10::BFloat16* W, int64_t N, int64_t K, int64_t ldw, uint16_t* out) {
-  pack_weight_impl(W, N, K, ldw, out);
+  pack_weight_impl(reinterpret_cast<const uint16_t*>(W), N, K, ldw, out);
 }
 void bf16_pack_weight(const float* W, int64_t N, int64_t K, int64_t ldw, uint16_t* out) {
   pack_weight_impl(W, N, K, ldw, out);
+}
+
+void bf16_pack_weight_t(const uint16_t* Wt, int64_t N, int64_t K, int64_t ldw, uint16_t* out) {
+  pack_weight_t_impl(Wt, N, K, ldw, out);
+}
+void bf16_pack_weight_t(const c10::BFloat16* Wt, int64_t N, int64_t K, int64_t ldw,
+                        uint16_t* out) {
+  pack_weight_t_impl(reinterpret_cast<const uint16_t*>(Wt), N, K, ldw, out);
+}
+void bf16_pack_weight_t(const float* Wt, int64_t N, int64_t K, int64_t ldw, uint16_t* out) {
+  pack_weight_t_impl(Wt, N, K, ldw, out);
+}
+
+int64_t bf16_row_stride(int64_t K) {
+  const int64_t even = K + (K & 1);
+  return even % 2048 == 0 ? even + 32 : even;
+}
+
+void bf16_transpose_rows(const float* At, int64_t K, int64_t M, int64_t ldat, c10::BFloat16* out,
+                         int64_t ldo) {
+  TORCH_CHECK(K >= 0 && M >= 0 && (K == 0 || M == 0 || (ldat >= M && ldo >= K + (K & 1))),
+              "bf16_transpose_rows: bad sizes K=", K, " M=", M, " ldat=", ldat, " ldo=", ldo);
+  uint16_t* o = reinterpret_cast<uint16_t*>(out);
+#if FUSED_LSTM_BF16_GEMM_X86
+  if (bf16_gemm_available()) {
+    transpose_rows_avx512(At, K, M, ldat, o, ldo);
+    return;
+  }
+#endif
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < K; ++k) o[m * ldo + k] = to_bf16_bits(At[k * ldat + m]);
+    if (K & 1) o[m * ldo + K] = 0;
+  }
 }
 
 void bf16_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const uint16_t* W,

@@ -13,7 +13,8 @@
 // one 64-byte line); columns past N and the k past an odd K are zero. A block is Kp * 32 uint16.
 //
 // Only usable where bf16_gemm_available(): the functions below throw (c10::Error) otherwise,
-// except bf16_packed_size and bf16_pack_weight, which are portable C++.
+// except the size, packing and conversion functions, which are portable C++ (vectorised where
+// bf16_gemm_available(), with the same results).
 // The gemm functions are single-threaded and reentrant (each thread keeps its own scratch), so
 // they may be called from inside at::parallel_for, each thread on its own rows of A and C or on
 // its own column range [n0, n1); bf16_gemm_parallel splits one product over at::parallel_for.
@@ -41,6 +42,29 @@ size_t bf16_packed_size(int64_t N, int64_t K);
 void bf16_pack_weight(const uint16_t* W, int64_t N, int64_t K, int64_t ldw, uint16_t* out);
 void bf16_pack_weight(const c10::BFloat16* W, int64_t N, int64_t K, int64_t ldw, uint16_t* out);
 void bf16_pack_weight(const float* W, int64_t N, int64_t K, int64_t ldw, uint16_t* out);
+
+// The same packed form of W [N, K], given as its transpose Wt = W^T: [K, N] row-major, row
+// stride ldw >= N. For operands stored with k along rows: the LSTM backward's W_hh and W_ih in
+// dL/dh = dgates W_hh and dL/dx = dgates W_ih, and x or h in the weight gradients
+// dW = dgates^T x. The layout's natural direction (a packed line is 16 consecutive n of two
+// consecutive k rows). Rounded as bf16_pack_weight.
+void bf16_pack_weight_t(const uint16_t* Wt, int64_t N, int64_t K, int64_t ldw, uint16_t* out);
+void bf16_pack_weight_t(const c10::BFloat16* Wt, int64_t N, int64_t K, int64_t ldw,
+                        uint16_t* out);
+void bf16_pack_weight_t(const float* Wt, int64_t N, int64_t K, int64_t ldw, uint16_t* out);
+
+// A row stride (elements) for bf16 rows of K elements: even, at least K, and not a multiple of
+// 4 KB (rows a power of two apart share cache sets).
+int64_t bf16_row_stride(int64_t K);
+
+// bf16 rows of A = At^T [M, K] from At [K, M] row-major (row stride ldat >= M), as the bfloat16
+// A of bf16_gemm: out[m * ldo + k] = bf16(At[k, m]) for k < K, and 0 at k = K when K is odd
+// (ldo >= K rounded up to even; bf16_row_stride(K) is a good one). For products whose A is
+// stored transposed: the weight gradients dW = dgates^T x with dgates [rows, 4H] (converted
+// once for dW_ih and dW_hh, then read in place). Rounded as bf16_pack_weight. Single-threaded
+// (split M over threads: the rows of out are independent).
+void bf16_transpose_rows(const float* At, int64_t K, int64_t M, int64_t ldat, c10::BFloat16* out,
+                         int64_t ldo);
 
 // C[m, n] = (accumulate ? C[m, n] : 0) + sum_k bf16(A[m, k]) * W[n, k], for m < M and
 // n0 <= n < n1 (n1 < 0 means N); other columns of C are neither read nor written. C points at

@@ -9,7 +9,9 @@
 //             then dW_ih, dW_hh, dW_hr, db, dx as a few large GEMMs over every step.
 // Nothing is allocated per time step: buffers are allocated once per call and BLAS is called
 // on raw pointers. Everything runs in the math dtype (float for float/bfloat16, double for
-// double); bfloat16 tensors are converted at the op's boundary.
+// double); bfloat16 tensors are converted at the op's boundary, and on CPUs with AVX512_BF16 a
+// bfloat16 model's products take bf16 operands with float32 sums (bf16_gemm.h), forward and
+// backward.
 #include "../lstm.h"
 #include "../lstm_cell.h"
 #include "bf16_gemm.h"
@@ -26,6 +28,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <initializer_list>
 #include <limits>
 #include <type_traits>
@@ -334,7 +337,7 @@ __attribute__((always_inline)) inline void tiny_product_loop(
 
 // The same product for narrow batches, vectorised along w's rows instead: a batch of 3 fills
 // no vector along the batch, so the blocks above ran 2 + 1 columns at a time, scalar (NOTES.md
-// section 16). Reads w transposed, wT [cols_w][rows_w]; per batch column b, rows in blocks of V
+// section 17). Reads w transposed, wT [cols_w][rows_w]; per batch column b, rows in blocks of V
 // whose sums stay in registers over i.
 template <typename T, int V>
 __attribute__((always_inline)) inline void tiny_rows_block(
@@ -714,12 +717,17 @@ T* brgemm_buffer(const LSTMShape& s, at::Tensor& holder) {
   return scratch<T>(holder, 4 * s.hidden_size * (s.out_size + in_max + 1));
 }
 
+// Whether a call's products go through bf16_gemm (forward and backward): bfloat16 models on
+// CPUs with AVX512_BF16, not small hidden sizes, not a single step (packing costs a pass over
+// the weights).
+inline bool use_bf16_products(const LSTMShape& s, bool bf16_model) {
+  return bf16_model && s.hidden_size >= kRowWiseHidden && s.seq_len >= 2 && bf16_gemm_available();
+}
+
 // Room for one layer and direction's W_ih and W_hh packed for bf16_gemm (the largest), or null
-// where the bf16 products are not used: models that are not bfloat16, small hidden sizes, a
-// single step (packing costs a pass over the weights), CPUs without AVX512_BF16.
+// where the bf16 products are not used.
 inline uint16_t* bf16_weight_buffer(const LSTMShape& s, bool bf16_model, at::Tensor& holder) {
-  if (!bf16_model || s.hidden_size < kRowWiseHidden || s.seq_len < 2 || !bf16_gemm_available())
-    return nullptr;
+  if (!use_bf16_products(s, bf16_model)) return nullptr;
   const int64_t G = 4 * s.hidden_size;
   size_t most = 0;
   for (int64_t l = 0; l < s.num_layers; ++l)
@@ -1290,6 +1298,138 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
   }
 }
 
+// ---- The backward's products of bfloat16 models through bf16_gemm ----
+// As in the forward (and in oneDNN's bf16 LSTM): bf16 operands, float32 sums. Per layer and
+// direction, with G = 4H:
+//   per step   dL/dh_{t-1} = dgates_t W_hh    A = dgates_t, W' = W_hh^T (packed from W_hh)
+//   then       dL/dx       = dgates W_ih      A = dgates,   W' = W_ih^T (packed from W_ih)
+//              dW_ih       = dgates^T x       A = dgates^T, W' = x^T    (packed from x)
+//              dW_hh       = dgates^T h_prev  A = dgates^T, W' = h_prev^T
+// Every W' is packed from the matrix as it is stored, [K, N] (bf16_pack_weight_t). The weight
+// gradients need A = dgates^T, stored the other way round: it is converted once into bf16 rows
+// (bf16_transpose_rows) that both products read in place; the alternative, dW^T = x^T dgates,
+// would pack dgates (as large) and transpose x, h_prev and both results. dW_hr stays float32.
+struct Bf16Backward {
+  uint16_t* w_hh_t = nullptr;  // W_hh^T [out, G] packed; null where the bf16 products are off
+  uint16_t* w_ih_t = nullptr;  // W_ih^T [in, G]
+  uint16_t* x = nullptr;       // x^T [in, rows]
+  uint16_t* h_prev = nullptr;  // h_prev^T [out, rows]
+  c10::BFloat16* dgates_t = nullptr;  // dgates^T as bf16 rows, [G, ld]
+  int64_t ld = 0;
+};
+
+inline Bf16Backward bf16_backward_buffers(const LSTMShape& s, bool bf16_model,
+                                          at::Tensor& holder) {
+  Bf16Backward b;
+  if (!use_bf16_products(s, bf16_model)) return b;
+  const int64_t G = 4 * s.hidden_size, out = s.out_size, rows = s.rows;
+  const int64_t in_max = std::max(s.input_size, s.num_directions * out);
+  // Packed sizes are multiples of 32 elements: each part starts on a 64-byte boundary.
+  const size_t sizes[] = {bf16_packed_size(out, G), bf16_packed_size(in_max, G),
+                          bf16_packed_size(in_max, rows), bf16_packed_size(out, rows)};
+  b.ld = bf16_row_stride(rows);
+  holder = cpu_cached_empty(static_cast<int64_t>(sizes[0] + sizes[1] + sizes[2] + sizes[3]) +
+                                G * b.ld,
+                            at::kBFloat16);
+  uint16_t* p = reinterpret_cast<uint16_t*>(holder.mutable_data_ptr());
+  b.w_hh_t = p;
+  b.w_ih_t = b.w_hh_t + sizes[0];
+  b.x = b.w_ih_t + sizes[1];
+  b.h_prev = b.x + sizes[2];
+  b.dgates_t = reinterpret_cast<c10::BFloat16*>(b.h_prev + sizes[3]);
+  return b;
+}
+
+// Part of the work of a parallel region: f(i0, i1) over pieces of [0, n) cut at multiples of
+// kBf16GemmBlockN.
+struct Piecewise {
+  int64_t n;
+  std::function<void(int64_t, int64_t)> f;
+};
+
+// Every job split evenly over the threads, in ONE parallel region (each thread runs its piece of
+// each job): a region per job adds a barrier each, and on a loaded machine a barrier can cost a
+// time slice.
+inline void split_over_threads(std::initializer_list<Piecewise> jobs) {
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  auto piece = [&](int64_t t) {
+    for (const Piecewise& j : jobs) {
+      const int64_t units = (j.n + kBf16GemmBlockN - 1) / kBf16GemmBlockN;
+      const int64_t i0 = units * t / threads * kBf16GemmBlockN;
+      const int64_t i1 = std::min(j.n, units * (t + 1) / threads * kBf16GemmBlockN);
+      if (i0 < i1) j.f(i0, i1);
+    }
+  };
+  if (threads > 1) {
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) piece(t);
+    });
+  } else {
+    piece(0);
+  }
+}
+
+// bf16_pack_weight_t as a Piecewise job: 16-column blocks are packed independently.
+inline Piecewise pack_t_job(const float* Wt, int64_t N, int64_t K, int64_t ldw, uint16_t* out) {
+  return {N, [=](int64_t n0, int64_t n1) {
+            bf16_pack_weight_t(Wt + n0, n1 - n0, K, ldw, out + bf16_packed_size(n0, K));
+          }};
+}
+
+// dL/dh_{t-1} [bs, out] = dg_t [bs, G] W_hh, on this thread: bf16_gemm where `bb` is set, else
+// brgemm (`brgemm`: float32 with the micro-kernel), else BLAS.
+template <typename T>
+void step_dh_product(const Bf16Backward& bb, bool brgemm, int64_t bs, int64_t out, int64_t G,
+                     const T* dg_t, const T* w_hh, T* dh) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (bb.w_hh_t) {
+      bf16_gemm(bs, out, G, dg_t, G, bb.w_hh_t, dh, out, false);
+      return;
+    }
+    if (brgemm) {
+      brgemm_product(false, bs, out, G, dg_t, G, w_hh, out, dh, out);
+      return;
+    }
+  }
+  gemm<T>(false, false, bs, out, G, T(1), dg_t, G, w_hh, out, T(0), dh, out);
+}
+
+// A layer and direction's products after its recurrence: dW_ih = dgates^T x,
+// dW_hh = dgates^T h_prev, and dL/dx = dgates W_ih (added to dx when `add_dx`: the other
+// direction's). bf16 operands where `bb` is set (its W_ih^T packed already).
+template <typename T>
+void backward_products(const LSTMShape& s, const Bf16Backward& bb, const T* dgates, const T* x,
+                       int64_t in_size, const T* h_prev, const T* w_ih, T* gw_ih, T* gw_hh, T* dx,
+                       bool add_dx) {
+  const int64_t G = 4 * s.hidden_size, out = s.out_size, rows = s.rows;
+  if constexpr (std::is_same_v<T, float>) {
+    if (bb.w_hh_t) {
+      const int64_t ld = bb.ld;
+      split_over_threads({pack_t_job(x, in_size, rows, in_size, bb.x),
+                          pack_t_job(h_prev, out, rows, out, bb.h_prev),
+                          {G, [&](int64_t m0, int64_t m1) {
+                             bf16_transpose_rows(dgates + m0, rows, m1 - m0, G,
+                                                 bb.dgates_t + m0 * ld, ld);
+                           }}});
+      split_over_threads(
+          {{G, [&](int64_t m0, int64_t m1) {  // rows of dW_ih and dW_hh
+              const c10::BFloat16* a = bb.dgates_t + m0 * ld;
+              bf16_gemm(m1 - m0, in_size, rows, a, ld, bb.x, gw_ih + m0 * in_size, in_size, false);
+              bf16_gemm(m1 - m0, out, rows, a, ld, bb.h_prev, gw_hh + m0 * out, out, false);
+            }},
+           {rows, [&](int64_t r0, int64_t r1) {  // rows of dL/dx
+              bf16_gemm(r1 - r0, in_size, G, dgates + r0 * G, G, bb.w_ih_t, dx + r0 * in_size,
+                        in_size, add_dx);
+            }}});
+      return;
+    }
+  }
+  gemm<T>(true, false, G, in_size, rows, T(1), dgates, G, x, in_size, T(0), gw_ih, in_size);
+  gemm<T>(true, false, G, out, rows, T(1), dgates, G, h_prev, out, T(0), gw_hh, out);
+  gemm<T>(false, false, rows, in_size, G, T(1), dgates, G, w_ih, in_size, add_dx ? T(1) : T(0),
+          dx, in_size);
+}
+
 // The reverse recurrence of one layer and direction for small hidden sizes, in the same
 // batch-fastest layout as tiny_forward_steps: carried dL/dh and dL/dc kept as dhT [out, B] and
 // dcT [H, B], the step's gates, cells and c_{t-1} transposed into compact [.., bs] blocks, one
@@ -1360,13 +1500,14 @@ template <typename T>
 void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
                    const std::vector<at::Tensor>& weights, const T* mask, const T* reserve,
                    const T* grad_output, const T* grad_hy, const T* grad_cy, T* grad_input,
-                   T* grad_hx, T* grad_cx, std::vector<at::Tensor>& grad_weights) {
+                   T* grad_hx, T* grad_cx, std::vector<at::Tensor>& grad_weights,
+                   bool bf16_model) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
   const int64_t out_stride = D * out;
   const bool has_proj = s.proj_size > 0;
   // Scratch, allocated once per call.
   at::Tensor dgates_buf, h_prev_buf, dy_buf, dx_buf, dropped_buf, dh_all_buf, dh_buf_t,
-      c_prev_buf_t, zeros_buf, tiny_buf_t;
+      c_prev_buf_t, zeros_buf, tiny_buf_t, bf16_buf;
   T* dgates = scratch<T>(dgates_buf, s.rows * G);
   T* h_prev = scratch<T>(h_prev_buf, s.rows * out);
   T* dy = scratch<T>(dy_buf, s.rows * out_stride);  // grad of the current layer's output
@@ -1379,9 +1520,9 @@ void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
   std::fill_n(zeros_mut, s.batch * std::max(H, out), T(0));
   const T* zeros = zeros_mut;
   T* tiny_buf = H < kRowWiseHidden ? scratch<T>(tiny_buf_t, tiny_backward_numel<T>(s)) : nullptr;
+  const Bf16Backward bb = bf16_backward_buffers(s, bf16_model, bf16_buf);
   // dL/dh_{t-1} = dgates_t W_hh through brgemm (W_hh is already its B[4H, out]).
-  const bool fast_product =
-      std::is_same_v<T, float> && H >= kRowWiseHidden && brgemm_available();
+  const bool brgemm = std::is_same_v<T, float> && H >= kRowWiseHidden && brgemm_available();
 
   copy_or_zero(grad_output, s.rows * out_stride, dy);
 
@@ -1403,6 +1544,12 @@ void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
       T* dc_state = grad_cx + ld * s.batch * H;
       copy_or_zero(grad_hy ? grad_hy + ld * s.batch * out : nullptr, s.batch * out, dh_state);
       copy_or_zero(grad_cy ? grad_cy + ld * s.batch * H : nullptr, s.batch * H, dc_state);
+      if constexpr (std::is_same_v<T, float>) {
+        if (bb.w_hh_t) {
+          split_over_threads({pack_t_job(w.w_hh, out, G, out, bb.w_hh_t),
+                              pack_t_job(w.w_ih, in_size, G, in_size, bb.w_ih_t)});
+        }
+      }
 
       if (H < kRowWiseHidden) {
         tiny_backward_steps(s, w, d, gates, cells, c0, dy, dh_all, dgates, dh_state, dc_state,
@@ -1436,16 +1583,10 @@ void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
                                 dh_t + b * H, dc + b * H, dg, dg + H, dg + 2 * H, dg + 3 * H);
           });
           // dL/dh_{t-1} for the rows active at t; the others keep what they carry.
-          if constexpr (std::is_same_v<T, float>) {
-            if (fast_product) {
-              brgemm_product(false, bs, out, G, dg_t, G, w.w_hh, out, dh_carried, out);
-              continue;
-            }
-          }
-          gemm<T>(false, false, bs, out, G, T(1), dg_t, G, w.w_hh, out, T(0), dh_carried, out);
+          step_dh_product(bb, brgemm, bs, out, G, dg_t, w.w_hh, dh_carried);
         }
       };
-      for_each_batch_slice(s, s.seq_len, fast_product, steps);
+      for_each_batch_slice(s, s.seq_len, brgemm || bb.w_hh_t, steps);
       }
 
       // h_{t-1} of every row, for dW_hh as one GEMM: per step, the rows that continue from the
@@ -1466,8 +1607,8 @@ void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
       const int64_t k = s.weight_index(l, d);
       T* gw_ih = grad_weights[k].mutable_data_ptr<T>();
       T* gw_hh = grad_weights[k + 1].mutable_data_ptr<T>();
-      gemm<T>(true, false, G, in_size, s.rows, T(1), dgates, G, x, in_size, T(0), gw_ih, in_size);
-      gemm<T>(true, false, G, out, s.rows, T(1), dgates, G, h_prev, out, T(0), gw_hh, out);
+      // dL/dx of this layer is summed over directions.
+      backward_products(s, bb, dgates, x, in_size, h_prev, w.w_ih, gw_ih, gw_hh, dx_l, d > 0);
       int64_t next = k + 2;
       if (s.has_biases) {
         T* gb_ih = grad_weights[next].mutable_data_ptr<T>();
@@ -1482,9 +1623,6 @@ void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
         T* gw_hr = grad_weights[next].mutable_data_ptr<T>();
         gemm<T>(true, false, out, H, s.rows, T(1), dh_all, out, pre_proj, H, T(0), gw_hr, H);
       }
-      // dL/dx of this layer, summed over directions.
-      gemm<T>(false, false, s.rows, in_size, G, T(1), dgates, G, w.w_ih, in_size, d == 0 ? T(0) : T(1),
-              dx_l, in_size);
     }
     if (l > 0) {
       // Through the dropout mask into the previous layer's output gradient.
@@ -1559,7 +1697,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_bac
         a.reserve.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(a.grad_output),
         ptr_or_null<scalar_t>(a.grad_hy), ptr_or_null<scalar_t>(a.grad_cy),
         a.grad_input.mutable_data_ptr<scalar_t>(), a.grad_hx.mutable_data_ptr<scalar_t>(),
-        a.grad_cx.mutable_data_ptr<scalar_t>(), a.grad_weights);
+        a.grad_cx.mutable_data_ptr<scalar_t>(), a.grad_weights, a.dtype == at::kBFloat16);
   });
   return finish_backward(a, weights);
 }
