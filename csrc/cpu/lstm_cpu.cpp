@@ -290,49 +290,50 @@ FUSED_LSTM_DEFINE_BLOCKS(double)
 #undef FUSED_LSTM_DEFINE_BLOCKS
 
 // The small-hidden path's product (see tiny_forward_steps), vectorised along the batch:
-//   tiny_product: y[r][b] (+)= sum_i w[r, i] * h[i][b]    r < rows_w, i < cols_w, b < n
-// where X[k][b] is X + k * ld_x + b (w is row-major [rows_w, cols_w]). The batch is taken in
+//   tiny_product: y[r][b] = y_in[r][b] + sum_i w[r, i] * h[i][b]    r < rows_w, i < cols_w, b < n
+// where X[k][b] is X + k * ld_x + b (w is row-major [rows_w, cols_w]); y_in null means zeros,
+// and may be y itself (or another buffer: a step adds its product to the input projection and
+// writes the sum where its cell pass reads it, with no copy in between). The batch is taken in
 // blocks of V columns whose sums stay in registers over i (V a compile-time width, so each block
 // is whole vectors): 16, then 8, 4, 2, 1 for what is left (batch 10 = 8 + 2). Accumulating
 // into y[r][b] across i instead made every step a load and a store (NOTES.md section 12).
 template <typename T, int V>
 __attribute__((always_inline)) inline void tiny_product_block(
-    bool accumulate, int64_t b0, int64_t rows_w, int64_t cols_w, const T* __restrict w,
-    const T* __restrict h, int64_t ld_h, T* __restrict y, int64_t ld_y) {
+    int64_t b0, int64_t rows_w, int64_t cols_w, const T* __restrict w, const T* __restrict h,
+    int64_t ld_h, const T* y_in, int64_t ld_in, T* y, int64_t ld_y) {
   for (int64_t r = 0; r < rows_w; ++r) {
-    T* __restrict yr = y + r * ld_y + b0;
-    const T* __restrict wr = w + r * cols_w;
     T acc[V];
-    for (int j = 0; j < V; ++j) acc[j] = accumulate ? yr[j] : T(0);
+    for (int j = 0; j < V; ++j) acc[j] = y_in ? y_in[r * ld_in + b0 + j] : T(0);
+    const T* __restrict wr = w + r * cols_w;
     for (int64_t i = 0; i < cols_w; ++i) {
       const T wi = wr[i];
       const T* __restrict hi = h + i * ld_h + b0;
       for (int j = 0; j < V; ++j) acc[j] += wi * hi[j];
     }
-    for (int j = 0; j < V; ++j) yr[j] = acc[j];
+    for (int j = 0; j < V; ++j) y[r * ld_y + b0 + j] = acc[j];
   }
 }
 
 template <typename T>
 __attribute__((always_inline)) inline void tiny_product_loop(
-    bool accumulate, int64_t n, int64_t rows_w, int64_t cols_w, const T* __restrict w,
-    const T* __restrict h, int64_t ld_h, T* __restrict y, int64_t ld_y) {
+    int64_t n, int64_t rows_w, int64_t cols_w, const T* __restrict w, const T* __restrict h,
+    int64_t ld_h, const T* y_in, int64_t ld_in, T* y, int64_t ld_y) {
   int64_t b0 = 0;
   for (; b0 + 16 <= n; b0 += 16)
-    tiny_product_block<T, 16>(accumulate, b0, rows_w, cols_w, w, h, ld_h, y, ld_y);
+    tiny_product_block<T, 16>(b0, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
   if (b0 + 8 <= n) {
-    tiny_product_block<T, 8>(accumulate, b0, rows_w, cols_w, w, h, ld_h, y, ld_y);
+    tiny_product_block<T, 8>(b0, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
     b0 += 8;
   }
   if (b0 + 4 <= n) {
-    tiny_product_block<T, 4>(accumulate, b0, rows_w, cols_w, w, h, ld_h, y, ld_y);
+    tiny_product_block<T, 4>(b0, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
     b0 += 4;
   }
   if (b0 + 2 <= n) {
-    tiny_product_block<T, 2>(accumulate, b0, rows_w, cols_w, w, h, ld_h, y, ld_y);
+    tiny_product_block<T, 2>(b0, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
     b0 += 2;
   }
-  if (b0 < n) tiny_product_block<T, 1>(accumulate, b0, rows_w, cols_w, w, h, ld_h, y, ld_y);
+  if (b0 < n) tiny_product_block<T, 1>(b0, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
 }
 
 // The same product for narrow batches, vectorised along w's rows instead: a batch of 3 fills
@@ -341,12 +342,11 @@ __attribute__((always_inline)) inline void tiny_product_loop(
 // whose sums stay in registers over i.
 template <typename T, int V>
 __attribute__((always_inline)) inline void tiny_rows_block(
-    bool accumulate, int64_t r0, int64_t n, int64_t rows_w, int64_t cols_w,
-    const T* __restrict wT, const T* __restrict h, int64_t ld_h, T* __restrict y,
-    int64_t ld_y) {
+    int64_t r0, int64_t n, int64_t rows_w, int64_t cols_w, const T* __restrict wT,
+    const T* __restrict h, int64_t ld_h, const T* y_in, int64_t ld_in, T* y, int64_t ld_y) {
   for (int64_t b = 0; b < n; ++b) {
     T acc[V];
-    for (int j = 0; j < V; ++j) acc[j] = accumulate ? y[(r0 + j) * ld_y + b] : T(0);
+    for (int j = 0; j < V; ++j) acc[j] = y_in ? y_in[(r0 + j) * ld_in + b] : T(0);
     for (int64_t i = 0; i < cols_w; ++i) {
       const T hb = h[i * ld_h + b];
       const T* __restrict wi = wT + i * rows_w + r0;
@@ -358,33 +358,35 @@ __attribute__((always_inline)) inline void tiny_rows_block(
 
 template <typename T>
 __attribute__((always_inline)) inline void tiny_rows_loop(
-    bool accumulate, int64_t n, int64_t rows_w, int64_t cols_w, const T* __restrict wT,
-    const T* __restrict h, int64_t ld_h, T* __restrict y, int64_t ld_y) {
+    int64_t n, int64_t rows_w, int64_t cols_w, const T* __restrict wT, const T* __restrict h,
+    int64_t ld_h, const T* y_in, int64_t ld_in, T* y, int64_t ld_y) {
   int64_t r0 = 0;
   for (; r0 + 16 <= rows_w; r0 += 16)
-    tiny_rows_block<T, 16>(accumulate, r0, n, rows_w, cols_w, wT, h, ld_h, y, ld_y);
+    tiny_rows_block<T, 16>(r0, n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);
   if (r0 + 8 <= rows_w) {
-    tiny_rows_block<T, 8>(accumulate, r0, n, rows_w, cols_w, wT, h, ld_h, y, ld_y);
+    tiny_rows_block<T, 8>(r0, n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);
     r0 += 8;
   }
   if (r0 + 4 <= rows_w) {
-    tiny_rows_block<T, 4>(accumulate, r0, n, rows_w, cols_w, wT, h, ld_h, y, ld_y);
+    tiny_rows_block<T, 4>(r0, n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);
     r0 += 4;
   }
   for (; r0 < rows_w; ++r0)
-    tiny_rows_block<T, 1>(accumulate, r0, n, rows_w, cols_w, wT, h, ld_h, y, ld_y);
+    tiny_rows_block<T, 1>(r0, n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);
 }
 
 #define FUSED_LSTM_DEFINE_TINY(T)                                                              \
-  FUSED_LSTM_SIMD_CLONES void tiny_product(bool accumulate, int64_t n, int64_t rows_w,         \
-                                           int64_t cols_w, const T* w, const T* h,              \
-                                           int64_t ld_h, T* y, int64_t ld_y) {                  \
-    tiny_product_loop<T>(accumulate, n, rows_w, cols_w, w, h, ld_h, y, ld_y);                   \
+  FUSED_LSTM_SIMD_CLONES void tiny_product_cols(int64_t n, int64_t rows_w, int64_t cols_w,     \
+                                                const T* w, const T* h, int64_t ld_h,           \
+                                                const T* y_in, int64_t ld_in, T* y,             \
+                                                int64_t ld_y) {                                 \
+    tiny_product_loop<T>(n, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);                  \
   }                                                                                            \
-  FUSED_LSTM_SIMD_CLONES void tiny_product_rows(bool accumulate, int64_t n, int64_t rows_w,    \
-                                                int64_t cols_w, const T* wT, const T* h,        \
-                                                int64_t ld_h, T* y, int64_t ld_y) {             \
-    tiny_rows_loop<T>(accumulate, n, rows_w, cols_w, wT, h, ld_h, y, ld_y);                     \
+  FUSED_LSTM_SIMD_CLONES void tiny_product_rows(int64_t n, int64_t rows_w, int64_t cols_w,     \
+                                                const T* wT, const T* h, int64_t ld_h,          \
+                                                const T* y_in, int64_t ld_in, T* y,             \
+                                                int64_t ld_y) {                                 \
+    tiny_rows_loop<T>(n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);                    \
   }
 FUSED_LSTM_DEFINE_TINY(float)
 FUSED_LSTM_DEFINE_TINY(double)
@@ -393,15 +395,16 @@ FUSED_LSTM_DEFINE_TINY(double)
 // Batches narrower than this take tiny_product_rows where the caller has w transposed.
 constexpr int64_t kTinyNarrowBatch = 8;
 
-// tiny_product, w also given transposed (wT [cols_w][rows_w], or null): the narrow-batch
-// kernel where it pays.
+// y = y_in + w h (see tiny_product_block), w also given transposed (wT [cols_w][rows_w], or
+// null): the narrow-batch kernel where it pays.
 template <typename T>
-inline void tiny_product(bool accumulate, int64_t n, int64_t rows_w, int64_t cols_w, const T* w,
-                         const T* wT, const T* h, int64_t ld_h, T* y, int64_t ld_y) {
+inline void tiny_product(int64_t n, int64_t rows_w, int64_t cols_w, const T* w, const T* wT,
+                         const T* h, int64_t ld_h, const T* y_in, int64_t ld_in, T* y,
+                         int64_t ld_y) {
   if (wT != nullptr && n < kTinyNarrowBatch)
-    tiny_product_rows(accumulate, n, rows_w, cols_w, wT, h, ld_h, y, ld_y);
+    tiny_product_rows(n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);
   else
-    tiny_product(accumulate, n, rows_w, cols_w, w, h, ld_h, y, ld_y);
+    tiny_product_cols(n, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
 }
 
 // dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols; src null: zeros.
@@ -785,7 +788,8 @@ void tiny_input_projection(const DirectionWeights<T>& w, const T* x, int64_t row
     for (int64_t r = 0; r < G; ++r) std::fill_n(gT + r * rows, rows, w.b_ih[r] + w.b_hh[r]);
   if (in_size <= kTinyProjectionInput) {
     transpose(x, in_size, rows, in_size, xT, rows);
-    tiny_product(w.b_ih != nullptr, rows, G, in_size, w.w_ih, xT, rows, gT, rows);
+    tiny_product<T>(rows, G, in_size, w.w_ih, nullptr, xT, rows, w.b_ih ? gT : nullptr, rows, gT,
+                    rows);
     return;
   }
   gemm<T>(false, true, G, rows, in_size, T(1), w.w_ih, in_size, x, in_size, w.b_ih ? T(1) : T(0),
@@ -821,15 +825,14 @@ void tiny_forward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_
     const int64_t bs = std::min(s.batch_sizes[t], r1) - r0;
     if (bs <= 0) continue;
     const int64_t off = s.step_offset[t];
-    // The step's gates, compact: [4H][bs].
+    // The step's gates, compact [4H][bs]: its input projection plus the recurrent product.
     T* g = tb.gstep + G * r0;
     const T* projected = tb.gT + (off - tb.row0) + r0;
-    for (int64_t r = 0; r < G; ++r) std::memcpy(g + r * bs, projected + r * ld, sizeof(T) * bs);
     T* hT = tb.hT + r0;
     T* cT = tb.cT + r0;
     T* hnew = tb.hnew + r0;
     T* cnew = tb.cnew + r0;
-    tiny_product(true, bs, G, out, w.w_hh, w_hh_t, hT, B, g, bs);
+    tiny_product(bs, G, out, w.w_hh, w_hh_t, hT, B, projected, ld, g, bs);
     if (bs == B) {  // the whole batch: [H][B] state and [H][bs] gates line up, one long pass
       cell_forward_block(H * bs, g, g + H * bs, g + 2 * H * bs, g + 3 * H * bs, cT, cnew,
                          has_proj ? hnew : hT);
@@ -839,7 +842,7 @@ void tiny_forward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_
                            g + (3 * H + j) * bs, cT + j * B, cnew + j * B,
                            has_proj ? hnew + j * B : hT + j * B);
     }
-    if (has_proj) tiny_product(false, bs, out, H, w.w_hr, w_hr_t, hnew, B, hT, B);
+    if (has_proj) tiny_product<T>(bs, out, H, w.w_hr, w_hr_t, hnew, B, nullptr, 0, hT, B);
     const int64_t row = off + r0;
     if (gates) {
       transpose(g, bs, G, bs, gates + row * G, G);
@@ -1472,7 +1475,7 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
     T* dh_t = dsum;
     if (has_proj) {
       transpose(dsum, bs, out, bs, dh_all + off * out, out);
-      tiny_product(false, bs, H, out, w_hr_t, w.w_hr, dsum, bs, dhH, bs);
+      tiny_product<T>(bs, H, out, w_hr_t, w.w_hr, dsum, bs, nullptr, 0, dhH, bs);
       dh_t = dhH;
     }
     transpose(gates + off * G, G, bs, G, gm, bs);
@@ -1490,7 +1493,7 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
                             dg + (3 * H + j) * bs);
     }
     transpose(dg, bs, G, bs, dgates + off * G, G);
-    tiny_product(false, bs, out, G, w_hh_t, w.w_hh, dg, bs, dhT, B);  // dL/dh_{t-1}, rows < bs
+    tiny_product<T>(bs, out, G, w_hh_t, w.w_hh, dg, bs, nullptr, 0, dhT, B);  // dL/dh_{t-1}, rows < bs
   }
   transpose(dhT, B, out, B, dh_state, out);
   transpose(dcT, B, H, B, dc_state, H);
