@@ -1,15 +1,17 @@
-// FusedLSTM.forward's no-grad call in C++: the library's only Python binding.
+// FusedLSTM.forward's plain call in C++: the library's only Python binding.
 //
 // At tutorial sizes the kernel is a few microseconds and the call around it was most of the
 // time: the module's Python checks, the weights' currency check, and `torch.ops`' boxing of ten
 // arguments (a schema parse of each into an IValue, then an unboxing wrapper) cost ~7 us of a
 // ~20 us call (benchmarks/NOTES.md sections 12 and 17). Here one METH_FASTCALL function takes
 // the module, input and hx, decides in C++ whether the call is a plain one, and calls the op
-// through its typed dispatcher handle (so devices, profiler and tracing see the same op).
+// through its typed dispatcher handle (so devices, profiler, tracing and autograd see the same
+// op): lstm_forward when a gradient can flow (its autograd kernel records the graph, exactly as
+// for ops.lstm's call), else lstm_inference.
 //
 // It returns None whenever anything is not plain, and FusedLSTM.forward then takes its Python
 // paths, which decide everything (and raise nn.LSTM's exceptions); so it never raises for the
-// arguments. Plain means: grad mode off, no autocast, no torch function or dispatch mode, input
+// arguments. Plain means: no autocast, no torch function or dispatch mode, input
 // and hx (absent, or a tuple of two) exactly Tensors on the CPU or a CUDA device, a 3-D input,
 // no dropout mask to draw, weights that are the module's current Parameters (as nn.LSTM's
 // _weights_have_changed() checks them), and an op that accepts the arguments.
@@ -41,6 +43,25 @@ using OptTensor = std::optional<at::Tensor>;
 using InferenceSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, at::TensorList,
     const OptTensor&, int64_t, bool, bool, int64_t);
+using ForwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, at::TensorList,
+    const OptTensor&, int64_t, bool, bool, int64_t);
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// ops.lstm's rule: lstm_forward (which saves for backward) when a gradient can flow.
+bool needs_grad(const at::Tensor& input, const OptTensor& h0, const OptTensor& c0,
+                const std::vector<at::Tensor>& weights) {
+  if (!c10::GradMode::is_enabled()) return false;
+  if (input.requires_grad() || (h0 && h0->requires_grad()) || (c0 && c0->requires_grad()))
+    return true;
+  for (const auto& w : weights)
+    if (w.requires_grad()) return true;
+  return false;
+}
 
 // Interned attribute names of nn.LSTM (filled at module init).
 struct Names {
@@ -145,16 +166,16 @@ bool current_weights(PyObject* self, std::vector<at::Tensor>& out) {
 
 PyObject* wrap(at::Tensor t) { return THPVariable_Wrap(std::move(t)); }
 
-// inference(module, input, hx) -> (output, (h_n, c_n)), or None (see the top of the file).
-PyObject* inference(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+// forward(module, input, hx) -> (output, (h_n, c_n)), or None (see the top of the file).
+PyObject* forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 3) {
-    PyErr_SetString(PyExc_TypeError, "fused_lstm inference entry: expected (module, input, hx)");
+    PyErr_SetString(PyExc_TypeError, "fused_lstm forward entry: expected (module, input, hx)");
     return nullptr;
   }
   PyObject* self = args[0];
   PyObject* input_obj = args[1];
   PyObject* hx_obj = args[2];
-  if (c10::GradMode::is_enabled() || any_autocast() || at::impl::torch_function_mode_enabled() ||
+  if (any_autocast() || at::impl::torch_function_mode_enabled() ||
       c10::impl::dispatch_mode_enabled() || !plain_tensor(input_obj))
     Py_RETURN_NONE;
   try {
@@ -195,15 +216,21 @@ PyObject* inference(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       PyErr_Clear();
       Py_RETURN_NONE;
     }
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("fused_lstm::lstm_inference", "")
-                               .typed<InferenceSig>();
+    static const auto inference_op = find_op<InferenceSig>("fused_lstm::lstm_inference");
+    static const auto forward_op = find_op<ForwardSig>("fused_lstm::lstm_forward");
     at::Tensor output, h_n, c_n;
     {
       WithoutGil no_gil;
       const at::Tensor x = batch_first ? input.transpose(0, 1) : input;
-      std::tie(output, h_n, c_n) = op.call(x, std::nullopt, h0, c0, weights, std::nullopt,
-                                           num_layers, bidirectional, bias, proj_size);
+      if (needs_grad(input, h0, c0, weights)) {
+        std::tie(output, h_n, c_n, std::ignore) =
+            forward_op.call(x, std::nullopt, h0, c0, weights, std::nullopt, num_layers,
+                            bidirectional, bias, proj_size);
+      } else {
+        std::tie(output, h_n, c_n) = inference_op.call(x, std::nullopt, h0, c0, weights,
+                                                       std::nullopt, num_layers, bidirectional,
+                                                       bias, proj_size);
+      }
       if (batch_first) output = output.transpose(0, 1);
     }
     Ref out(wrap(std::move(output)));
@@ -222,9 +249,9 @@ PyObject* inference(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 }
 
 PyMethodDef methods[] = {
-    {"inference", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&inference)),
+    {"forward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&forward)),
      METH_FASTCALL,
-     "inference(module, input, hx): FusedLSTM's no-grad call, or None when it is not a plain one."},
+     "forward(module, input, hx): FusedLSTM's call, or None when it is not a plain one."},
     {nullptr, nullptr, 0, nullptr}};
 
 #define FUSED_LSTM_STR2(x) #x

@@ -2,7 +2,7 @@
 
 The library registers its ops when it is loaded (``TORCH_LIBRARY`` static initialisers), so it is
 loaded with ``torch.ops.load_library``; it is also a Python extension module whose one function
-(``inference``, csrc/python_entry.cpp) is FusedLSTM's no-grad call without ``torch.ops``' boxing,
+(``forward``, csrc/python_entry.cpp) is FusedLSTM's plain call without ``torch.ops``' boxing,
 imported from the same file afterwards (:func:`python_entry`). Two ways to get it:
 
 * ``"aot"``: compiled ahead of time by setup.py when torch was importable while building
@@ -77,7 +77,7 @@ def load_library() -> str:
 
 
 def python_entry():
-    """The loaded library as a Python module (its ``inference`` function), or None when it could
+    """The loaded library as a Python module (its ``forward`` function), or None when it could
     not be imported as one (FusedLSTM then makes every call through ``torch.ops``)."""
     return _python_entry
 

@@ -37,10 +37,11 @@ __all__ = ["FusedLSTM", "FusedLSTMFallbackWarning", "convert", "revert"]
 
 _lstm_op = ops.lstm
 _lstm_inference = torch.ops.fused_lstm.lstm_inference.default
-# FusedLSTM's no-grad call in C++ (csrc/python_entry.cpp): the result, or None when the call is
-# not a plain one; None itself when the library could not be imported as a Python module.
+# FusedLSTM's plain call in C++ (csrc/python_entry.cpp), with or without grad: the result, or
+# None when the call is not a plain one; None itself when the library could not be imported as
+# a Python module.
 _entry = python_entry()
-_fast_inference = _entry.inference if _entry is not None else None
+_fast_forward = _entry.forward if _entry is not None else None
 _is_autocast_enabled = torch._C._is_any_autocast_enabled
 _is_grad_enabled = torch.is_grad_enabled
 _is_compiling = torch.compiler.is_compiling
@@ -83,10 +84,10 @@ class FusedLSTM(nn.LSTM):
     """
 
     def forward(self, input, hx=None):  # noqa: A002 (nn.LSTM's argument name)
-        # The common inference call, all in C++: the checks below and the op call without
-        # torch.ops' boxing (NOTES.md section 17). None: not a plain call, the paths below decide.
-        if _fast_inference is not None and not _is_compiling():
-            result = _fast_inference(self, input, hx)
+        # The common call, all in C++: the checks below and the op call without torch.ops'
+        # boxing (NOTES.md section 17). None: not a plain call, the paths below decide.
+        if _fast_forward is not None and not _is_compiling():
+            result = _fast_forward(self, input, hx)
             if result is not None:
                 return result
         weights = self._current_flat_weights()

@@ -25,7 +25,7 @@ def test_library_is_loaded_once_and_registers_the_ops():
     assert _loader.load_library() == mode == _loader.load_mode()
     assert os.path.isfile(_loader.library_path())
     # The same file is FusedLSTM's Python entry point (csrc/python_entry.cpp).
-    assert callable(getattr(_loader.python_entry(), "inference", None))
+    assert callable(getattr(_loader.python_entry(), "forward", None))
     for op in ("lstm_forward", "lstm_backward"):
         assert hasattr(torch.ops.fused_lstm, op)
         assert _has_cpu_kernel(op), f"no CPU kernel registered for fused_lstm::{op}"
@@ -160,7 +160,7 @@ _JIT_SCRIPT = textwrap.dedent(
     torch.testing.assert_close(cy, expected_c)
     print(json.dumps({"mode": _loader.load_mode(), "library": _loader.library_path(),
                       "sources": _loader.sources_dir(),
-                      "entry": callable(getattr(_loader.python_entry(), "inference", None))}))
+                      "entry": callable(getattr(_loader.python_entry(), "forward", None))}))
     """
 )
 

@@ -455,11 +455,11 @@ def test_no_grad_call_goes_straight_to_the_inference_op(batch_first, with_state,
     real = fused_module._lstm_inference
     monkeypatch.setattr(fused_module, "_lstm_op", lambda *a: pytest.fail("full path taken"))
     if entry == "cpp":
-        assert fused_module._fast_inference is not None
+        assert fused_module._fast_forward is not None
         monkeypatch.setattr(fused_module, "_lstm_inference",
                             lambda *a: pytest.fail("Python short path taken"))
     else:
-        monkeypatch.setattr(fused_module, "_fast_inference", None)
+        monkeypatch.setattr(fused_module, "_fast_forward", None)
         monkeypatch.setattr(fused_module, "_lstm_inference",
                             lambda *a: calls.append(a) or real(*a))
     x = randn(2, 5, 3) if batch_first else randn(5, 2, 3)
@@ -489,9 +489,9 @@ class _Double(nn.Module):
 
 def test_cpp_entry_declines_every_call_that_is_not_plain():
     """The C++ entry answers None (and leaves the call to the Python paths, which decide and
-    raise nn.LSTM's exceptions) for anything but a plain no-grad call; it never raises for the
+    raise nn.LSTM's exceptions) for anything but a plain call; it never raises for the
     arguments and never computes such a call itself."""
-    entry = fused_module._fast_inference
+    entry = fused_module._fast_forward
     fused = FusedLSTM(3, 4, num_layers=2, dtype=F64).eval()
     x = randn(5, 2, 3)
     with torch.no_grad():
@@ -531,9 +531,42 @@ def test_cpp_entry_declines_every_call_that_is_not_plain():
         # recomputes it on every call.
         parametrize.register_parametrization(fused, "weight_hh_l1", _Double())
         assert entry(fused, x, None) is None, "parametrized weight"
-    assert entry(fused, x, None) is None, "grad mode"
     with pytest.raises(TypeError):
         entry(fused, x)
+
+
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time_major", "batch_first"])
+@pytest.mark.parametrize("grads", ["all", "weights_only", "input_only"])
+def test_training_call_goes_through_the_cpp_entry(batch_first, grads, monkeypatch):
+    """With grad, a plain call is also the C++ entry's (not the Python full path): lstm_forward
+    through the dispatcher, whose autograd kernel records the graph; nn.LSTM's results and
+    gradients, whichever leaves require grad."""
+    torch_lstm, fused = lstm_pair(input_size=3, hidden_size=4, num_layers=2,
+                                  bidirectional=True, batch_first=batch_first)
+    monkeypatch.setattr(fused_module, "_lstm_op", lambda *a: pytest.fail("full path taken"))
+    monkeypatch.setattr(fused_module, "_lstm_inference", lambda *a: pytest.fail("short path"))
+    if grads == "input_only":
+        for module in (torch_lstm, fused):
+            module.requires_grad_(False)
+    x = randn(2, 5, 3) if batch_first else randn(5, 2, 3)
+    hx = make_state(fused, 2, F64)
+    leaves = [t.requires_grad_(grads != "weights_only") for t in (x, *hx)]
+    ours, theirs = fused(x, hx), torch_lstm(x, hx)
+    assert_close(ours, theirs)
+    wrt = [t for t in (*leaves, *fused.parameters()) if t.requires_grad]
+    wrt_theirs = [t for t in (*leaves, *torch_lstm.parameters()) if t.requires_grad]
+    loss = lambda out: out[0].pow(2).sum() + out[1][0].sum() + out[1][1].pow(2).sum()  # noqa: E731
+    assert_close(torch.autograd.grad(loss(ours), wrt), torch.autograd.grad(loss(theirs), wrt_theirs))
+
+
+def test_cpp_entry_without_anything_requiring_grad_stores_nothing():
+    """Grad mode on but no leaf requiring grad: lstm_inference (ops.lstm's rule), no graph."""
+    fused = FusedLSTM(3, 4, num_layers=2, dtype=F64).requires_grad_(False)
+    with torch.profiler.profile() as prof:
+        out, (h_n, c_n) = fused(randn(5, 2, 3))
+    names = [e.name for e in prof.events()]
+    assert "fused_lstm::lstm_inference" in names and "fused_lstm::lstm_forward" not in names
+    assert out.grad_fn is None and h_n.grad_fn is None
 
 
 def test_cpp_entry_sees_reassigned_and_updated_weights():
@@ -542,7 +575,7 @@ def test_cpp_entry_sees_reassigned_and_updated_weights():
     torch_lstm, fused = lstm_pair(input_size=3, hidden_size=4, num_layers=2)
     fused.eval(), torch_lstm.eval()
     x = randn(5, 2, 3)
-    entry = fused_module._fast_inference
+    entry = fused_module._fast_forward
     with torch.no_grad():
         first = entry(fused, x, None)
         assert_close(first, torch_lstm(x))
@@ -671,13 +704,21 @@ def test_one_op_call_per_forward(layout, monkeypatch):
     monkeypatch.setattr(fused_module, "_lstm_op", counting_op)
     fused = FusedLSTM(3, 4, num_layers=3, bidirectional=True, dropout=0.2, dtype=F64)
     inp, _ = make_input(fused, layout, seq_len=SEQ_LEN, batch=BATCH, dtype=F64)
-    output = fused(inp)
+    with torch.profiler.profile() as prof:
+        output = fused(inp)
     assert len(calls) == 1
     mask = calls[0][5]
     assert mask.shape == (2, *calls[0][0].shape[:-1], 8)
-    fused.eval()
-    fused(inp)
-    assert len(calls) == 2 and calls[1][5] is None
+    fused.eval()  # no mask: the C++ entry's call (padded input), else the Python path's
+    with torch.profiler.profile() as eval_prof:
+        fused(inp)
+    for profile in (prof, eval_prof):
+        names = [e.name for e in profile.events()]
+        assert names.count("fused_lstm::lstm_forward") == 1 and "aten::lstm" not in names
+    if layout == "padded":
+        assert len(calls) == 1
+    else:
+        assert len(calls) == 2 and calls[1][5] is None
     assert output is not None
 
 
@@ -912,6 +953,9 @@ def test_deepcopy_and_pickle_of_the_module():
 
 @pytest.mark.filterwarnings("default::fused_lstm.FusedLSTMFallbackWarning")
 def test_device_without_kernel_falls_back_with_one_warning(monkeypatch):
+    # Pretends the CPU has no kernel, which the C++ entry would not believe: for a device
+    # really without one, the op raises there, the entry answers None and this path follows.
+    monkeypatch.setattr(fused_module, "_fast_forward", None)
     monkeypatch.setitem(fused_module._has_kernel, "cpu", False)
     monkeypatch.setattr(fused_module, "_warned_devices", set())
     torch_lstm, fused = lstm_pair(input_size=3, hidden_size=4, num_layers=2)
