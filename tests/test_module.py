@@ -536,7 +536,7 @@ def test_cpp_entry_declines_every_call_that_is_not_plain():
 
 
 @pytest.mark.parametrize("batch_first", [False, True], ids=["time_major", "batch_first"])
-@pytest.mark.parametrize("grads", ["all", "weights_only", "input_only"])
+@pytest.mark.parametrize("grads", ["all", "weights_only", "input_only", "h0_only", "c0_only"])
 def test_training_call_goes_through_the_cpp_entry(batch_first, grads, monkeypatch):
     """With grad, a plain call is also the C++ entry's (not the Python full path): lstm_forward
     through the dispatcher, whose autograd kernel records the graph; nn.LSTM's results and
@@ -545,12 +545,14 @@ def test_training_call_goes_through_the_cpp_entry(batch_first, grads, monkeypatc
                                   bidirectional=True, batch_first=batch_first)
     monkeypatch.setattr(fused_module, "_lstm_op", lambda *a: pytest.fail("full path taken"))
     monkeypatch.setattr(fused_module, "_lstm_inference", lambda *a: pytest.fail("short path"))
-    if grads == "input_only":
+    if grads not in ("all", "weights_only"):
         for module in (torch_lstm, fused):
             module.requires_grad_(False)
     x = randn(2, 5, 3) if batch_first else randn(5, 2, 3)
     hx = make_state(fused, 2, F64)
-    leaves = [t.requires_grad_(grads != "weights_only") for t in (x, *hx)]
+    wanted = {"all": "x h0 c0", "weights_only": "", "input_only": "x", "h0_only": "h0",
+              "c0_only": "c0"}[grads].split()
+    leaves = [t.requires_grad_(name in wanted) for name, t in zip(("x", "h0", "c0"), (x, *hx))]
     ours, theirs = fused(x, hx), torch_lstm(x, hx)
     assert_close(ours, theirs)
     wrt = [t for t in (*leaves, *fused.parameters()) if t.requires_grad]
