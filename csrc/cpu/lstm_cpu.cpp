@@ -314,26 +314,35 @@ __attribute__((always_inline)) inline void tiny_product_block(
   }
 }
 
+// body(std::integral_constant<int, V>, i0) over [0, n) in blocks of V = 16, then 8, 4, 2, 1:
+// whole vectors for what fits, narrower ones for what is left (10 = 8 + 2).
+template <typename Body>
+__attribute__((always_inline)) inline void for_width_blocks(int64_t n, const Body& body) {
+  int64_t i0 = 0;
+  for (; i0 + 16 <= n; i0 += 16) body(std::integral_constant<int, 16>{}, i0);
+  if (i0 + 8 <= n) {
+    body(std::integral_constant<int, 8>{}, i0);
+    i0 += 8;
+  }
+  if (i0 + 4 <= n) {
+    body(std::integral_constant<int, 4>{}, i0);
+    i0 += 4;
+  }
+  if (i0 + 2 <= n) {
+    body(std::integral_constant<int, 2>{}, i0);
+    i0 += 2;
+  }
+  if (i0 < n) body(std::integral_constant<int, 1>{}, i0);
+}
+
 template <typename T>
 __attribute__((always_inline)) inline void tiny_product_loop(
     int64_t n, int64_t rows_w, int64_t cols_w, const T* __restrict w, const T* __restrict h,
     int64_t ld_h, const T* y_in, int64_t ld_in, T* y, int64_t ld_y) {
-  int64_t b0 = 0;
-  for (; b0 + 16 <= n; b0 += 16)
-    tiny_product_block<T, 16>(b0, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
-  if (b0 + 8 <= n) {
-    tiny_product_block<T, 8>(b0, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
-    b0 += 8;
-  }
-  if (b0 + 4 <= n) {
-    tiny_product_block<T, 4>(b0, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
-    b0 += 4;
-  }
-  if (b0 + 2 <= n) {
-    tiny_product_block<T, 2>(b0, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
-    b0 += 2;
-  }
-  if (b0 < n) tiny_product_block<T, 1>(b0, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
+  for_width_blocks(n, [&](auto width, int64_t b0) __attribute__((always_inline)) {
+    tiny_product_block<T, decltype(width)::value>(b0, rows_w, cols_w, w, h, ld_h, y_in, ld_in,
+                                                  y, ld_y);
+  });
 }
 
 // The same product for narrow batches, vectorised along w's rows instead: a batch of 3 fills
@@ -360,19 +369,10 @@ template <typename T>
 __attribute__((always_inline)) inline void tiny_rows_loop(
     int64_t n, int64_t rows_w, int64_t cols_w, const T* __restrict wT, const T* __restrict h,
     int64_t ld_h, const T* y_in, int64_t ld_in, T* y, int64_t ld_y) {
-  int64_t r0 = 0;
-  for (; r0 + 16 <= rows_w; r0 += 16)
-    tiny_rows_block<T, 16>(r0, n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);
-  if (r0 + 8 <= rows_w) {
-    tiny_rows_block<T, 8>(r0, n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);
-    r0 += 8;
-  }
-  if (r0 + 4 <= rows_w) {
-    tiny_rows_block<T, 4>(r0, n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);
-    r0 += 4;
-  }
-  for (; r0 < rows_w; ++r0)
-    tiny_rows_block<T, 1>(r0, n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);
+  for_width_blocks(rows_w, [&](auto width, int64_t r0) __attribute__((always_inline)) {
+    tiny_rows_block<T, decltype(width)::value>(r0, n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in,
+                                               y, ld_y);
+  });
 }
 
 #define FUSED_LSTM_DEFINE_TINY(T)                                                              \
