@@ -72,24 +72,26 @@ def check(lib, rc):
         raise RuntimeError(lib.fl_bf16_last_error().decode())
 
 
+def _packed(lib, packer, M, N, K):
+    """The int16 tensor `packer` (fl_bf16_pack or fl_bf16_pack_t) fills from the float32 or
+    bfloat16 view M (unit column stride) for an [N, K] weight."""
+    assert M.stride(1) == 1
+    out = torch.full((lib.fl_bf16_packed_size(N, K),), -1, dtype=torch.int16)
+    dtype = F32 if M.dtype == torch.float32 else BF16
+    check(lib, packer(dtype, M.data_ptr(), N, K, M.stride(0), out.data_ptr()))
+    return out
+
+
 def pack(lib, W):
     """Packed weight (int16 tensor) of a [N, K] float32/bfloat16 view with unit column stride."""
     N, K = W.shape
-    assert W.stride(1) == 1
-    out = torch.full((lib.fl_bf16_packed_size(N, K),), -1, dtype=torch.int16)
-    dtype = F32 if W.dtype == torch.float32 else BF16
-    check(lib, lib.fl_bf16_pack(dtype, W.data_ptr(), N, K, W.stride(0), out.data_ptr()))
-    return out
+    return _packed(lib, lib.fl_bf16_pack, W, N, K)
 
 
 def pack_t(lib, Wt):
     """bf16_pack_weight_t of a [K, N] view with unit column stride: the packed form of Wt^T."""
     K, N = Wt.shape
-    assert Wt.stride(1) == 1
-    out = torch.full((lib.fl_bf16_packed_size(N, K),), -1, dtype=torch.int16)
-    dtype = F32 if Wt.dtype == torch.float32 else BF16
-    check(lib, lib.fl_bf16_pack_t(dtype, Wt.data_ptr(), N, K, Wt.stride(0), out.data_ptr()))
-    return out
+    return _packed(lib, lib.fl_bf16_pack_t, Wt, N, K)
 
 
 def transpose_rows(lib, At, ldo=None, fill=-1):
