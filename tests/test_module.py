@@ -190,6 +190,9 @@ BF16_TRAINING = {
                           9, 13, True),
     "proj-bi": (dict(input_size=24, hidden_size=32, num_layers=2, bidirectional=True,
                      proj_size=12), 8, 7, False),
+    # 2250 rows: the weight gradients sum over 1024 + 1024 + 202 (kBf16GradRows chunks)
+    "chunked-bi": (dict(input_size=8, hidden_size=16, num_layers=2, bidirectional=True), 45, 50,
+                   False),
 }
 
 

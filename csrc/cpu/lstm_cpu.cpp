@@ -1312,12 +1312,17 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
 // gradients need A = dgates^T, stored the other way round: it is converted once into bf16 rows
 // (bf16_transpose_rows) that both products read in place; the alternative, dW^T = x^T dgates,
 // would pack dgates (as large) and transpose x, h_prev and both results. dW_hr stays float32.
+// The weight gradients sum over kBf16GradRows rows at a time (float32 sums carried in dW), so
+// that the bf16 copies of dgates^T, x and h_prev are those rows' only: whole, they put bf16
+// training's peak memory above nn.LSTM's (medium: 89.3 vs 88.2 MB; NOTES.md section 16).
+constexpr int64_t kBf16GradRows = 1024;
+
 struct Bf16Backward {
   uint16_t* w_hh_t = nullptr;  // W_hh^T [out, G] packed; null where the bf16 products are off
   uint16_t* w_ih_t = nullptr;  // W_ih^T [in, G]
-  uint16_t* x = nullptr;       // x^T [in, rows]
-  uint16_t* h_prev = nullptr;  // h_prev^T [out, rows]
-  c10::BFloat16* dgates_t = nullptr;  // dgates^T as bf16 rows, [G, ld]
+  uint16_t* x = nullptr;       // x^T [in, chunk] for a chunk of at most kBf16GradRows rows
+  uint16_t* h_prev = nullptr;  // h_prev^T [out, chunk]
+  c10::BFloat16* dgates_t = nullptr;  // dgates^T [G, chunk] as bf16 rows, row stride ld
   int64_t ld = 0;
 };
 
@@ -1325,7 +1330,8 @@ inline Bf16Backward bf16_backward_buffers(const LSTMShape& s, bool bf16_model,
                                           at::Tensor& holder) {
   Bf16Backward b;
   if (!use_bf16_products(s, bf16_model)) return b;
-  const int64_t G = 4 * s.hidden_size, out = s.out_size, rows = s.rows;
+  const int64_t G = 4 * s.hidden_size, out = s.out_size;
+  const int64_t rows = std::min(s.rows, kBf16GradRows);
   const int64_t in_max = std::max(s.input_size, s.num_directions * out);
   // Packed sizes are multiples of 32 elements: each part starts on a 64-byte boundary.
   const size_t sizes[] = {bf16_packed_size(out, G), bf16_packed_size(in_max, G),
@@ -1408,22 +1414,28 @@ void backward_products(const LSTMShape& s, const Bf16Backward& bb, const T* dgat
   if constexpr (std::is_same_v<T, float>) {
     if (bb.w_hh_t) {
       const int64_t ld = bb.ld;
-      split_over_threads({pack_t_job(x, in_size, rows, in_size, bb.x),
-                          pack_t_job(h_prev, out, rows, out, bb.h_prev),
-                          {G, [&](int64_t m0, int64_t m1) {
-                             bf16_transpose_rows(dgates + m0, rows, m1 - m0, G,
-                                                 bb.dgates_t + m0 * ld, ld);
-                           }}});
-      split_over_threads(
-          {{G, [&](int64_t m0, int64_t m1) {  // rows of dW_ih and dW_hh
-              const c10::BFloat16* a = bb.dgates_t + m0 * ld;
-              bf16_gemm(m1 - m0, in_size, rows, a, ld, bb.x, gw_ih + m0 * in_size, in_size, false);
-              bf16_gemm(m1 - m0, out, rows, a, ld, bb.h_prev, gw_hh + m0 * out, out, false);
-            }},
-           {rows, [&](int64_t r0, int64_t r1) {  // rows of dL/dx
-              bf16_gemm(r1 - r0, in_size, G, dgates + r0 * G, G, bb.w_ih_t, dx + r0 * in_size,
-                        in_size, add_dx);
-            }}});
+      int64_t k0 = 0;
+      do {  // the rows summed over, a chunk at a time (once, with none, for an empty batch)
+        const int64_t kn = std::min(kBf16GradRows, rows - k0);
+        const bool last = k0 + kn == rows;
+        split_over_threads({pack_t_job(x + k0 * in_size, in_size, kn, in_size, bb.x),
+                            pack_t_job(h_prev + k0 * out, out, kn, out, bb.h_prev),
+                            {G, [&](int64_t m0, int64_t m1) {
+                               bf16_transpose_rows(dgates + k0 * G + m0, kn, m1 - m0, G,
+                                                   bb.dgates_t + m0 * ld, ld);
+                             }}});
+        const Piecewise weight_grads{G, [&](int64_t m0, int64_t m1) {  // rows of dW_ih, dW_hh
+          const c10::BFloat16* a = bb.dgates_t + m0 * ld;
+          bf16_gemm(m1 - m0, in_size, kn, a, ld, bb.x, gw_ih + m0 * in_size, in_size, k0 > 0);
+          bf16_gemm(m1 - m0, out, kn, a, ld, bb.h_prev, gw_hh + m0 * out, out, k0 > 0);
+        }};
+        const Piecewise data_grads{last ? rows : 0, [&](int64_t r0, int64_t r1) {  // of dL/dx
+          bf16_gemm(r1 - r0, in_size, G, dgates + r0 * G, G, bb.w_ih_t, dx + r0 * in_size,
+                    in_size, add_dx);
+        }};
+        split_over_threads({weight_grads, data_grads});
+        k0 += kn;
+      } while (k0 < rows);
       return;
     }
   }
