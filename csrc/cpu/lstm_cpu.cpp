@@ -32,6 +32,7 @@
 #include <initializer_list>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 // oneDNN's matmul, exported by libtorch_cpu (ATen/native/mkldnn/Matmul.h is not shipped):
 // result = beta * result + alpha * mat1 @ mat2, float32 (and bf16/fp16), any strides. Weak, so
@@ -796,6 +797,20 @@ void tiny_input_projection(const DirectionWeights<T>& w, const T* x, int64_t row
           gT, rows);
 }
 
+// W_hh^T [out][4H] and, with a projection, W_hr^T [H][out], into `dst` (room for
+// (4H + H) * out): the other layout of the small-hidden products' weights (tiny_product's w
+// and wT), used by the forward's narrow batches and by the backward. Returns W_hh^T, W_hr^T
+// (null without a projection).
+template <typename T>
+std::pair<const T*, const T*> transpose_recurrent_weights(const LSTMShape& s,
+                                                          const DirectionWeights<T>& w, T* dst) {
+  const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size;
+  transpose(w.w_hh, out, G, out, dst, G);
+  if (s.proj_size == 0) return {dst, nullptr};
+  transpose(w.w_hr, H, out, H, dst + G * out, out);
+  return {dst, dst + G * out};
+}
+
 // Forward steps [first, last] (processing order) of direction d for batch rows [r0, r1).
 // gates/cells/pre_proj: the reserve's (null for inference); layer_out: this direction's first
 // column of the layer output, row stride D*out.
@@ -809,17 +824,10 @@ void tiny_forward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_
   const bool has_proj = s.proj_size > 0;
   const int64_t ld = tb.ld_g;
   // A narrow slice's products read W_hh (and W_hr) transposed: this thread's copy, on its stack.
-  T w_t[4 * kRowWiseHidden * kRowWiseHidden + kRowWiseHidden * kRowWiseHidden];
-  const T* w_hh_t = nullptr;
-  const T* w_hr_t = nullptr;
-  if (r1 - r0 < kTinyNarrowBatch) {
-    transpose(w.w_hh, out, G, out, w_t, G);
-    w_hh_t = w_t;
-    if (has_proj) {
-      transpose(w.w_hr, H, out, H, w_t + G * out, out);
-      w_hr_t = w_t + G * out;
-    }
-  }
+  T w_t[5 * kRowWiseHidden * kRowWiseHidden];
+  const auto [w_hh_t, w_hr_t] = r1 - r0 < kTinyNarrowBatch
+      ? transpose_recurrent_weights(s, w, w_t)
+      : std::pair<const T*, const T*>{nullptr, nullptr};
   for (int64_t step = first; step <= last; ++step) {
     const int64_t t = time_of(s, d, step);
     const int64_t bs = std::min(s.batch_sizes[t], r1) - r0;
@@ -1471,10 +1479,7 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
   T* cp = ct + H * B;         // [H][bs]
   T* gm = cp + H * B;         // [4H][bs]
   T* dg = gm + G * B;         // [4H][bs]
-  T* w_hh_t = dg + G * B;     // [out][4H]
-  T* w_hr_t = w_hh_t + G * out;  // [H][out]
-  transpose(w.w_hh, out, G, out, w_hh_t, G);
-  if (has_proj) transpose(w.w_hr, H, out, H, w_hr_t, out);
+  const auto [w_hh_t, w_hr_t] = transpose_recurrent_weights(s, w, dg + G * B);
   transpose(dh_state, out, B, out, dhT, B);  // grad_hy (or zeros), as the caller filled it
   transpose(dc_state, H, B, H, dcT, B);
   for (int64_t step = s.seq_len - 1; step >= 0; --step) {
