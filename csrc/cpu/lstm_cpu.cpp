@@ -25,6 +25,10 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -237,21 +241,31 @@ void for_each_row(int64_t rows, int64_t row_elements, const F& body) {
 #define FUSED_LSTM_SIMD_CLONES
 #endif
 
-// gate_{i,f,g,o}: [n] pre-activations in, activated gates out
-// c: [n] c_{t-1} in, c_t out;  cells: [n] c_t (reserve copy);  h: [n] h_t before projection
-template <typename T>
+// gate_{i,f,g,o}: [n] pre-activations in; with kKeep, the activated gates out (the reserve)
+// bias (kBias): b_ih + b_hh, gate k's at bias_k, added to the pre-activations here (where the
+//   input projection is fused into the steps' products, so the gate rows start without it)
+// c: [n] c_{t-1} in, c_t out;  cells (kKeep): [n] c_t (reserve copy);  h: [n] h_t before
+// projection. Without kKeep (inference) only c and h are written: 2 stores per element, not 7.
+template <typename T, bool kBias, bool kKeep>
 __attribute__((always_inline)) inline void cell_forward_loop(
     int64_t n, T* __restrict gi, T* __restrict gf, T* __restrict gg, T* __restrict go,
-    T* __restrict c, T* __restrict cells, T* __restrict h) {
+    const T* __restrict bias_i, const T* __restrict bias_f, const T* __restrict bias_g,
+    const T* __restrict bias_o, T* __restrict c, T* __restrict cells, T* __restrict h) {
   for (int64_t e = 0; e < n; ++e) {
     T c_new, h_new;
-    const Gates<T> a = cell_forward<T, cpu::FastMath<T>>(gi[e], gf[e], gg[e], go[e], c[e], c_new, h_new);
-    gi[e] = a.i;
-    gf[e] = a.f;
-    gg[e] = a.g;
-    go[e] = a.o;
+    const Gates<T> a = kBias
+        ? cell_forward<T, cpu::FastMath<T>>(gi[e] + bias_i[e], gf[e] + bias_f[e],
+                                            gg[e] + bias_g[e], go[e] + bias_o[e], c[e], c_new,
+                                            h_new)
+        : cell_forward<T, cpu::FastMath<T>>(gi[e], gf[e], gg[e], go[e], c[e], c_new, h_new);
+    if (kKeep) {
+      gi[e] = a.i;
+      gf[e] = a.f;
+      gg[e] = a.g;
+      go[e] = a.o;
+      cells[e] = c_new;
+    }
     c[e] = c_new;
-    cells[e] = c_new;
     h[e] = h_new;
   }
 }
@@ -277,9 +291,21 @@ __attribute__((always_inline)) inline void cell_backward_loop(
 }
 
 #define FUSED_LSTM_DEFINE_BLOCKS(T)                                                            \
-  FUSED_LSTM_SIMD_CLONES void cell_forward_block(int64_t n, T* gi, T* gf, T* gg, T* go, T* c, \
+  /* cells null: inference (only c and h written); bias null: none to add (see the loop) */  \
+  FUSED_LSTM_SIMD_CLONES void cell_forward_block(int64_t n, T* gi, T* gf, T* gg, T* go,       \
+                                                 const T* bias, int64_t bias_stride, T* c,     \
                                                  T* cells, T* h) {                             \
-    cell_forward_loop<T>(n, gi, gf, gg, go, c, cells, h);                                      \
+    const T* bf = bias ? bias + bias_stride : nullptr;                                         \
+    const T* bg = bias ? bias + 2 * bias_stride : nullptr;                                     \
+    const T* bo = bias ? bias + 3 * bias_stride : nullptr;                                     \
+    if (bias != nullptr && cells != nullptr)                                                   \
+      cell_forward_loop<T, true, true>(n, gi, gf, gg, go, bias, bf, bg, bo, c, cells, h);      \
+    else if (bias != nullptr)                                                                  \
+      cell_forward_loop<T, true, false>(n, gi, gf, gg, go, bias, bf, bg, bo, c, cells, h);     \
+    else if (cells != nullptr)                                                                 \
+      cell_forward_loop<T, false, true>(n, gi, gf, gg, go, bias, bf, bg, bo, c, cells, h);     \
+    else                                                                                       \
+      cell_forward_loop<T, false, false>(n, gi, gf, gg, go, bias, bf, bg, bo, c, cells, h);    \
   }                                                                                            \
   FUSED_LSTM_SIMD_CLONES void cell_backward_block(                                             \
       int64_t n, const T* ai, const T* af, const T* ag, const T* ao, const T* c,               \
@@ -543,9 +569,11 @@ void input_projection(const DirectionWeights<T>& w, const T* x, int64_t rows, in
 }
 
 // One time step of one layer and direction, for the bs rows active at it.
-//   g_t:         [bs, 4H] the input projection on entry, the activated gates on exit
+//   g_t:         [bs, 4H] the input projection on entry (without the bias where x_t is
+//                given: then the step adds x_t W_ih^T itself and the cell pass the bias),
+//                the activated gates on exit (left as pre-activations without cells_t)
 //   h_state:     [B, out] h_{t-1} in, h_t out;  c_state: [B, H] c_{t-1} in, c_t out
-//   cells_t:     [bs, H] receives c_t;  pre_proj_t: [bs, H] receives o * tanh(c_t) (proj only)
+//   cells_t:     [bs, H] receives c_t, or null (inference: nothing kept);  pre_proj_t: [bs, H] receives o * tanh(c_t) (proj only)
 //   layer_out_t: [bs, out] with row stride D*out, receives h_t
 // Hidden sizes from kRowWiseHidden on (smaller ones take tiny_forward_steps).
 template <typename T>
@@ -558,9 +586,7 @@ void forward_step(const LSTMShape& s, const DirectionWeights<T>& w, int64_t bs, 
     if (w.w_hh_bf16) {
       bf16_gemm(bs, G, out, h_state, out, w.w_hh_bf16, g_t, G, true);
     } else if (x_t) {  // the input projection, fused: g_t = b + x_t W_ih^T + h_{t-1} W_hh^T
-      if (w.bias)
-        for (int64_t b = 0; b < bs; ++b) std::memcpy(g_t + b * G, w.bias, sizeof(T) * G);
-      brgemm_packed(w.bias != nullptr, bs, G, in_size, x_t, in_size, w, 0, g_t, G);
+      brgemm_packed(false, bs, G, in_size, x_t, in_size, w, 0, g_t, G);  // bias: the cell pass
       brgemm_packed(true, bs, G, out, h_state, out, w, in_size, g_t, G);
     } else if (w.w_packed) {
       brgemm_packed(true, bs, G, out, h_state, out, w, 0, g_t, G);
@@ -572,8 +598,8 @@ void forward_step(const LSTMShape& s, const DirectionWeights<T>& w, int64_t bs, 
   T* h_out = has_proj ? pre_proj_t : h_state;
   for_each_row(bs, G, [&](int64_t b) {
     T* g = g_t + b * G;
-    cell_forward_block(H, g, g + H, g + 2 * H, g + 3 * H, c_state + b * H, cells_t + b * H,
-                       h_out + b * H);
+    cell_forward_block(H, g, g + H, g + 2 * H, g + 3 * H, x_t ? w.bias : nullptr, H,
+                       c_state + b * H, cells_t ? cells_t + b * H : nullptr, h_out + b * H);
   });
   if (has_proj) gemm<T>(false, true, bs, out, H, T(1), pre_proj_t, H, w.w_hr, H, T(0), h_state, out);
   copy_rows(h_state, out, layer_out_t, s.num_directions * out, bs, out);
@@ -584,7 +610,7 @@ void forward_step(const LSTMShape& s, const DirectionWeights<T>& w, int64_t bs, 
 template <typename T>
 struct StepRows {
   T* gates;
-  T* cells;
+  T* cells;     // null in inference (no reserve: the cell pass writes only c_t and h_t)
   T* pre_proj;  // null without projection
   T* layer_out;
   const T* x = nullptr;  // the step's layer input [.., in_size] when the projection is fused
@@ -605,7 +631,7 @@ void forward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_t d, 
     if (bs <= 0) continue;
     const StepRows<T> p = rows_of(t);
     forward_step(s, w, bs, p.gates + r0 * G, h_state + r0 * out, c_state + r0 * H,
-                 p.cells + r0 * H, p.pre_proj ? p.pre_proj + r0 * H : nullptr,
+                 p.cells ? p.cells + r0 * H : nullptr, p.pre_proj ? p.pre_proj + r0 * H : nullptr,
                  p.layer_out + r0 * out_stride, p.x ? p.x + r0 * in_size : nullptr, in_size);
   }
 }
@@ -666,7 +692,7 @@ inline bool fuse_input_projection(const LSTMShape& s, int64_t layer) {
 // dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols, in tiles that keep both
 // sides' lines in cache.
 template <typename T>
-void transpose_block(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst,
+void transpose_tiles(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst,
                      int64_t ld_dst) {
   constexpr int64_t kTile = 32;
   for (int64_t r0 = 0; r0 < rows; r0 += kTile)
@@ -675,6 +701,56 @@ void transpose_block(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T
       for (int64_t c = c0; c < c1; ++c)
         for (int64_t r = r0; r < r1; ++r) dst[c * ld_dst + r] = src[r * ld_src + c];
     }
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define FUSED_LSTM_AVX2_TRANSPOSE 1
+// The same for float in 8 x 8 blocks transposed in AVX2 registers, the edges by transpose_tiles.
+// The scalar tiles took ~1.1 ns per float at the fastrnns shape (their 32 source rows, 2 KB
+// apart, fall into two L1 sets), these ~0.2 (NOTES.md section 18).
+__attribute__((target("avx2"))) void transpose_avx2(const float* src, int64_t ld_src,
+                                                    int64_t rows, int64_t cols, float* dst,
+                                                    int64_t ld_dst) {
+  const int64_t r8 = rows / 8 * 8, c8 = cols / 8 * 8;
+  for (int64_t r0 = 0; r0 < r8; r0 += 8)
+    for (int64_t c0 = 0; c0 < c8; c0 += 8) {
+      const float* s = src + r0 * ld_src + c0;
+      float* d = dst + c0 * ld_dst + r0;
+      __m256 r[8], t[8], u[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(s + i * ld_src);
+      for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);  // rows i, i+1 interleaved, low halves
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+      }
+      for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+      }
+      for (int i = 0; i < 4; ++i) {
+        _mm256_storeu_ps(d + i * ld_dst, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+        _mm256_storeu_ps(d + (i + 4) * ld_dst, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+      }
+    }
+  transpose_tiles(src + r8 * ld_src, ld_src, rows - r8, cols, dst + r8, ld_dst);
+  transpose_tiles(src + c8, ld_src, r8, cols - c8, dst + c8 * ld_dst, ld_dst);
+}
+#endif
+
+template <typename T>
+void transpose_block(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst,
+                     int64_t ld_dst) {
+#ifdef FUSED_LSTM_AVX2_TRANSPOSE
+  if constexpr (std::is_same_v<T, float>) {
+    static const bool avx2 = [] {
+      __builtin_cpu_init();
+      return __builtin_cpu_supports("avx2") != 0;
+    }();
+    if (avx2) return transpose_avx2(src, ld_src, rows, cols, dst, ld_dst);
+  }
+#endif
+  transpose_tiles(src, ld_src, rows, cols, dst, ld_dst);
 }
 
 // The brgemm path's weights of layer `layer`, packed into `buf` (see kBrgemmPanelN): each panel
@@ -842,13 +918,13 @@ void tiny_forward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_
     T* cnew = tb.cnew + r0;
     tiny_product(bs, G, out, w.w_hh, w_hh_t, hT, B, projected, ld, g, bs);
     if (bs == B) {  // the whole batch: [H][B] state and [H][bs] gates line up, one long pass
-      cell_forward_block(H * bs, g, g + H * bs, g + 2 * H * bs, g + 3 * H * bs, cT, cnew,
-                         has_proj ? hnew : hT);
+      cell_forward_block(H * bs, g, g + H * bs, g + 2 * H * bs, g + 3 * H * bs, nullptr, 0, cT,
+                         gates ? cnew : nullptr, has_proj ? hnew : hT);
     } else {
       for (int64_t j = 0; j < H; ++j)
         cell_forward_block(bs, g + j * bs, g + (H + j) * bs, g + (2 * H + j) * bs,
-                           g + (3 * H + j) * bs, cT + j * B, cnew + j * B,
-                           has_proj ? hnew + j * B : hT + j * B);
+                           g + (3 * H + j) * bs, nullptr, 0, cT + j * B,
+                           gates ? cnew + j * B : nullptr, has_proj ? hnew + j * B : hT + j * B);
     }
     if (has_proj) tiny_product<T>(bs, out, H, w.w_hr, w_hr_t, hnew, B, nullptr, 0, hT, B);
     const int64_t row = off + r0;
@@ -970,7 +1046,6 @@ struct ThinStep {
   T* h_state[2] = {};                      // [B, H] receive h_t (h_n)
   T* c_state[2] = {};                      // [B, H] c_{t-1} in, c_t out
   T* gates = nullptr;                      // scratch [2][kThinRows][4H]: pre-activations
-  T* cells = nullptr;                      // scratch [2][kThinRows][H]: c_t copies (unused)
 };
 
 namespace thin {
@@ -1118,8 +1193,8 @@ void thin_step_units(const ThinStep<T>& a, int64_t D, int64_t u0, int64_t u1) {
     for (int64_t b = 0; b < a.bs[d]; ++b) {
       T* g = a.gates + (d * kThinRows + b) * G + j0;
       T* h = a.h_out[d][b] + j0;
-      cell_forward_block(n, g, g + H, g + 2 * H, g + 3 * H, a.c_state[d] + b * H + j0,
-                         a.cells + (d * kThinRows + b) * H + j0, h);
+      cell_forward_block(n, g, g + H, g + 2 * H, g + 3 * H, nullptr, 0, a.c_state[d] + b * H + j0,
+                         nullptr, h);
       std::memcpy(a.h_state[d] + b * H + j0, h, sizeof(T) * n);
     }
   }
@@ -1151,10 +1226,9 @@ void thin_inference(const LSTMShape& s, const T* input, const T* hx, const T* cx
   const int64_t H = s.hidden_size, D = s.num_directions, B = s.batch;
   const int64_t out_stride = D * H, layer_numel = s.rows * out_stride;
   at::Tensor buf_t, dropped_buf;
-  const int64_t gates_numel = 2 * kThinRows * 4 * H, cells_numel = 2 * kThinRows * H;
-  T* buf = scratch<T>(buf_t, gates_numel + cells_numel + H +
-                                 (s.num_layers > 1 ? 2 * layer_numel : 0));
-  T* zeros = buf + gates_numel + cells_numel;  // h_{t-1} of rows that start without hx
+  const int64_t gates_numel = 2 * kThinRows * 4 * H;
+  T* buf = scratch<T>(buf_t, gates_numel + H + (s.num_layers > 1 ? 2 * layer_numel : 0));
+  T* zeros = buf + gates_numel;  // h_{t-1} of rows that start without hx
   std::fill_n(zeros, H, T(0));
   T* layer_buf = zeros + H;
   T* dropped = (mask && s.num_layers > 1) ? scratch<T>(dropped_buf, layer_numel) : nullptr;
@@ -1169,7 +1243,6 @@ void thin_inference(const LSTMShape& s, const T* input, const T* hx, const T* cx
     a.H = H;
     a.in_size = in_size;
     a.gates = buf;
-    a.cells = buf + gates_numel;
     for (int64_t d = 0; d < D; ++d) {
       const auto w = direction_weights<T>(s, weights, l, d);
       a.w_ih[d] = w.w_ih;
@@ -1211,7 +1284,8 @@ void thin_inference(const LSTMShape& s, const T* input, const T* hx, const T* cx
 }
 
 // Forward without storing anything for backward (no grad needed): the input projection runs
-// over chunks of steps into one reused buffer, each step's c_t / pre-projection go to scratch,
+// over chunks of steps into one reused buffer (or is fused into the steps), the cell pass keeps
+// no gates and no c_t copies, each step's pre-projection goes to scratch,
 // and layer outputs alternate between two buffers (the last layer writes `output`). Besides
 // the work, this saves the first-touch page faults of a fresh reserve on every call
 // (benchmarks/NOTES.md section 3).
@@ -1227,7 +1301,7 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
   const int64_t out_stride = D * out;
   const int64_t chunk_steps = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, s.batch * G));
-  at::Tensor dropped_buf, chunk_buf, cells_buf, pre_proj_buf, layer_buf[2];
+  at::Tensor dropped_buf, chunk_buf, pre_proj_buf, layer_buf[2];
   T* dropped = (mask && s.num_layers > 1) ? scratch<T>(dropped_buf, s.rows * out_stride) : nullptr;
   const int64_t chunk_rows = std::min(chunk_steps, s.seq_len) * s.batch;
   const bool tiny = H < kRowWiseHidden;
@@ -1236,7 +1310,6 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
   uint16_t* bf16_weights = bf16_weight_buffer(s, bf16_model, bf16_buf);
   T* w_packed = bf16_weights ? nullptr : brgemm_buffer<T>(s, w_packed_buf);
   T* chunk = tiny ? nullptr : scratch<T>(chunk_buf, chunk_rows * G);
-  T* cells = tiny ? nullptr : scratch<T>(cells_buf, s.batch * H);
   T* pre_proj = (s.proj_size > 0 && !tiny) ? scratch<T>(pre_proj_buf, s.batch * H) : nullptr;
   const T* prev = nullptr;
   for (int64_t l = 0; l < s.num_layers; ++l) {
@@ -1260,7 +1333,7 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
       if (w.k_ih > 0) {  // the projection fused into the steps: one pass over every step
         auto rows_of = [&](int64_t t) {
           const int64_t off = s.step_offset[t];
-          return StepRows<T>{chunk, cells, pre_proj, layer_out + off * out_stride + d * out,
+          return StepRows<T>{chunk, nullptr, pre_proj, layer_out + off * out_stride + d * out,
                              x + off * in_size};
         };
         for_each_batch_slice(s, s.seq_len, true, [&](int64_t r0, int64_t r1) {
@@ -1294,10 +1367,10 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
           continue;
         }
         input_projection(w, x + row0 * in_size, rows, in_size, G, chunk);
-        // c_t and the pre-projection go to per-row scratch ([B, H]) that each step overwrites.
+        // The pre-projection goes to per-row scratch ([B, H]) that each step overwrites.
         auto rows_of = [&](int64_t t) {
           const int64_t off = s.step_offset[t];
-          return StepRows<T>{chunk + (off - row0) * G, cells, pre_proj,
+          return StepRows<T>{chunk + (off - row0) * G, nullptr, pre_proj,
                              layer_out + off * out_stride + d * out};
         };
         for_each_batch_slice(s, last - first + 1, w.single_thread_product(), [&](int64_t r0, int64_t r1) {
