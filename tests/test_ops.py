@@ -414,6 +414,33 @@ def test_thin_products_split_over_threads(two_threads, bidirectional, packed):
     assert_matches_nn_lstm(a, 1 / 32, tol=1e-10, inference_tol=1e-12)
 
 
+SMALL_HIDDEN_CASES = [  # hidden, proj_size, batch, bidirectional, packed
+    (3, 0, 1, False, False),
+    (3, 0, 7, True, True),  # narrow: batch columns 4 + 2 + 1
+    (3, 2, 6, False, True),  # narrow: 4 + 2, projection
+    (5, 3, 10, False, False),  # batch blocks 8 + 2; rows of W_hr (3) and W_hh^T not in 4s
+    (3, 0, 29, True, False),  # batch blocks 16 + 8 + 4 + 1
+    (7, 5, 13, True, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("hidden,proj_size,batch,bidirectional,packed", SMALL_HIDDEN_CASES,
+                         ids=[f"H{h}-P{p}-B{b}-{'bi' if d else 'uni'}-{'packed' if k else 'padded'}"
+                              for h, p, b, d, k in SMALL_HIDDEN_CASES])
+def test_small_hidden_products_match_nn_lstm(dtype, hidden, proj_size, batch, bidirectional,
+                                             packed):
+    """Hidden sizes below 16 run in the batch-fastest layout (csrc/cpu: tiny_product): batches
+    of 8 and more in blocks of 16, 8, 4, 2, 1 columns, weight rows 4 at a time and the rest one
+    by one (W_hr's proj_size rows, W_hh^T's out rows in the backward); narrower batches along the
+    weight rows, 4 batch columns at a time, then 2, then 1. Forward, every gradient and
+    inference against nn.LSTM on the same tensors."""
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    _, a = make_case(2, True, bidirectional, proj_size, packed, with_state=True, dtype=dtype,
+                     input_size=4, hidden_size=hidden, seq_len=5, batch=batch)
+    assert_matches_nn_lstm(a, 1 / 2, tol=tol, inference_tol=tol / 10)
+
+
 @pytest.mark.parametrize("hidden,batch", [(48, 9), (80, 70)], ids=["one-block", "blocks"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("bidirectional,proj_size,packed",

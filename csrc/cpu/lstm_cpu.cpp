@@ -29,6 +29,11 @@
 #include <immintrin.h>
 #endif
 
+// Vectors (GCC's vector_size) go by value only between always-inline functions here.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -324,21 +329,54 @@ FUSED_LSTM_DEFINE_BLOCKS(double)
 // blocks of V columns whose sums stay in registers over i (V a compile-time width, so each block
 // is whole vectors): 16, then 8, 4, 2, 1 for what is left (batch 10 = 8 + 2). Accumulating
 // into y[r][b] across i instead made every step a load and a store (NOTES.md section 12).
+// Rows go kTinyRowGroup at a time, each h vector loaded once for all of them: one row's sums are
+// a single chain of dependent multiply-adds, which ran at the FMA latency (NOTES.md section 18).
+
+// GCC's vectors of V elements (whole registers, or parts of them, on every target the clones
+// are built for); passed by value only between always-inline functions (-Wpsabi, off at the top
+// of this file, warns about an ABI that no call here goes through).
+template <typename T, int V>
+using Vec [[gnu::vector_size(V * sizeof(T))]] = T;
+
+template <typename T, int V>
+__attribute__((always_inline)) inline Vec<T, V> vec_load(const T* p) {
+  Vec<T, V> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T, int V>
+__attribute__((always_inline)) inline void vec_store(T* p, const Vec<T, V>& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+constexpr int kTinyRowGroup = 4;
+
+// Rows [r, r + R) of the product for batch columns [b0, b0 + V).
+template <typename T, int V, int R>
+__attribute__((always_inline)) inline void tiny_product_rows_of(
+    int64_t r, int64_t b0, int64_t cols_w, const T* __restrict w, const T* __restrict h,
+    int64_t ld_h, const T* y_in, int64_t ld_in, T* y, int64_t ld_y) {
+  Vec<T, V> acc[R];
+  for (int k = 0; k < R; ++k)
+    acc[k] = y_in ? vec_load<T, V>(y_in + (r + k) * ld_in + b0) : Vec<T, V>{};
+  const T* __restrict wr = w + r * cols_w;
+  for (int64_t i = 0; i < cols_w; ++i) {
+    const Vec<T, V> hi = vec_load<T, V>(h + i * ld_h + b0);
+    for (int k = 0; k < R; ++k) acc[k] += wr[k * cols_w + i] * hi;
+  }
+  for (int k = 0; k < R; ++k) vec_store<T, V>(y + (r + k) * ld_y + b0, acc[k]);
+}
+
 template <typename T, int V>
 __attribute__((always_inline)) inline void tiny_product_block(
     int64_t b0, int64_t rows_w, int64_t cols_w, const T* __restrict w, const T* __restrict h,
     int64_t ld_h, const T* y_in, int64_t ld_in, T* y, int64_t ld_y) {
-  for (int64_t r = 0; r < rows_w; ++r) {
-    T acc[V];
-    for (int j = 0; j < V; ++j) acc[j] = y_in ? y_in[r * ld_in + b0 + j] : T(0);
-    const T* __restrict wr = w + r * cols_w;
-    for (int64_t i = 0; i < cols_w; ++i) {
-      const T wi = wr[i];
-      const T* __restrict hi = h + i * ld_h + b0;
-      for (int j = 0; j < V; ++j) acc[j] += wi * hi[j];
-    }
-    for (int j = 0; j < V; ++j) y[r * ld_y + b0 + j] = acc[j];
-  }
+  int64_t r = 0;
+  for (; r + kTinyRowGroup <= rows_w; r += kTinyRowGroup)
+    tiny_product_rows_of<T, V, kTinyRowGroup>(r, b0, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
+  for (; r < rows_w; ++r)
+    tiny_product_rows_of<T, V, 1>(r, b0, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
 }
 
 // body(std::integral_constant<int, V>, i0) over [0, n) in blocks of V = 16, then 8, 4, 2, 1:
@@ -374,24 +412,37 @@ __attribute__((always_inline)) inline void tiny_product_loop(
 
 // The same product for narrow batches, vectorised along w's rows instead: a batch of 3 fills
 // no vector along the batch, so the blocks above ran 2 + 1 columns at a time, scalar (NOTES.md
-// section 17). Reads w transposed, wT [cols_w][rows_w]; per batch column b, rows in blocks of V
-// whose sums stay in registers over i.
+// section 17). Reads w transposed, wT [cols_w][rows_w]; rows in blocks of V whose sums stay in
+// registers over i, for 4 batch columns at a time (then 2, 1).
+// Batch columns [b, b + R) for rows [r0, r0 + V): each wT vector loaded once for all R.
+template <typename T, int V, int R>
+__attribute__((always_inline)) inline void tiny_rows_cols_of(
+    int64_t b, int64_t r0, int64_t rows_w, int64_t cols_w, const T* __restrict wT,
+    const T* __restrict h, int64_t ld_h, const T* y_in, int64_t ld_in, T* y, int64_t ld_y) {
+  Vec<T, V> acc[R];
+  for (int k = 0; k < R; ++k)
+    for (int j = 0; j < V; ++j) acc[k][j] = y_in ? y_in[(r0 + j) * ld_in + b + k] : T(0);
+  for (int64_t i = 0; i < cols_w; ++i) {
+    const Vec<T, V> wi = vec_load<T, V>(wT + i * rows_w + r0);
+    for (int k = 0; k < R; ++k) acc[k] += wi * h[i * ld_h + b + k];
+  }
+  for (int k = 0; k < R; ++k)
+    for (int j = 0; j < V; ++j) y[(r0 + j) * ld_y + b + k] = acc[k][j];
+}
+
 template <typename T, int V>
 __attribute__((always_inline)) inline void tiny_rows_block(
     int64_t r0, int64_t n, int64_t rows_w, int64_t cols_w, const T* __restrict wT,
     const T* __restrict h, int64_t ld_h, const T* y_in, int64_t ld_in, T* y, int64_t ld_y) {
-  for (int64_t b = 0; b < n; ++b) {
-    T acc[V];
-    for (int j = 0; j < V; ++j) acc[j] = y_in ? y_in[(r0 + j) * ld_in + b] : T(0);
-    for (int64_t i = 0; i < cols_w; ++i) {
-      const T hb = h[i * ld_h + b];
-      const T* __restrict wi = wT + i * rows_w + r0;
-      for (int j = 0; j < V; ++j) acc[j] += wi[j] * hb;
-    }
-    for (int j = 0; j < V; ++j) y[(r0 + j) * ld_y + b] = acc[j];
+  int64_t b = 0;
+  for (; b + kTinyRowGroup <= n; b += kTinyRowGroup)
+    tiny_rows_cols_of<T, V, kTinyRowGroup>(b, r0, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);
+  if (b + 2 <= n) {
+    tiny_rows_cols_of<T, V, 2>(b, r0, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);
+    b += 2;
   }
+  if (b < n) tiny_rows_cols_of<T, V, 1>(b, r0, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);
 }
-
 template <typename T>
 __attribute__((always_inline)) inline void tiny_rows_loop(
     int64_t n, int64_t rows_w, int64_t cols_w, const T* __restrict wT, const T* __restrict h,
@@ -1051,23 +1102,14 @@ struct ThinStep {
 namespace thin {
 
 template <typename T, int kBytes>
-struct VecOf {
-  typedef T type __attribute__((vector_size(kBytes)));
-};
-
-template <typename V, typename T>
-FUSED_LSTM_INLINE V load(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
+using VecOf = Vec<T, int(kBytes / sizeof(T))>;
 
 template <typename T, int kBytes>
-FUSED_LSTM_INLINE T hsum(typename VecOf<T, kBytes>::type v) {
+FUSED_LSTM_INLINE T hsum(VecOf<T, kBytes> v) {
   if constexpr (kBytes == 2 * sizeof(T)) {
     return v[0] + v[1];
   } else {
-    using Half = typename VecOf<T, kBytes / 2>::type;
+    using Half = VecOf<T, kBytes / 2>;
     Half lo, hi;
     std::memcpy(&lo, &v, sizeof(Half));
     std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
@@ -1079,16 +1121,16 @@ FUSED_LSTM_INLINE T hsum(typename VecOf<T, kBytes>::type v) {
 // row r of w (rows row_stride apart, K long) with x[b], for r < kR and b < kNB.
 template <typename T, int kBytes, int kR, int kNB>
 FUSED_LSTM_INLINE void dots(const T* w, int64_t row_stride, int64_t K, const T* const* x,
-                            typename VecOf<T, kBytes>::type (&acc)[kR][kNB],
+                            VecOf<T, kBytes> (&acc)[kR][kNB],
                             T (&tail)[kR][kNB]) {
-  using V = typename VecOf<T, kBytes>::type;
+  using V = VecOf<T, kBytes>;
   constexpr int64_t kLanes = kBytes / sizeof(T);
   int64_t k = 0;
   for (; k + kLanes <= K; k += kLanes) {
     V xv[kNB];
-    for (int b = 0; b < kNB; ++b) xv[b] = load<V>(x[b] + k);
+    for (int b = 0; b < kNB; ++b) xv[b] = vec_load<T, kLanes>(x[b] + k);
     for (int r = 0; r < kR; ++r) {
-      const V wv = load<V>(w + r * row_stride + k);
+      const V wv = vec_load<T, kLanes>(w + r * row_stride + k);
       for (int b = 0; b < kNB; ++b) acc[r][b] += wv * xv[b];
     }
   }
@@ -1100,7 +1142,7 @@ FUSED_LSTM_INLINE void dots(const T* w, int64_t row_stride, int64_t K, const T* 
 // Pre-activations of hidden unit j of direction d for the rows [b0, b0 + kNB).
 template <typename T, int kBytes, int kNB>
 FUSED_LSTM_INLINE void unit_rows(const ThinStep<T>& a, int64_t d, int64_t j, int64_t b0) {
-  using V = typename VecOf<T, kBytes>::type;
+  using V = VecOf<T, kBytes>;
   const int64_t H = a.H, I = a.in_size;
   V acc[4][kNB];
   T tail[4][kNB];
