@@ -45,16 +45,31 @@ struct Gates {
 //   pre_*:  gate pre-activations (x W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)
 //   c_prev: c_{t-1}
 // Returns the activated gates; writes c_t and h_t (h_t before any projection).
+// It is two halves, also usable apart (the CPU's cell pass runs them as two loops):
+// the activations of the four gates, and the new state from them.
 template <typename acc_t, typename Math = CellMath<acc_t>>
-C10_HOST_DEVICE FUSED_LSTM_INLINE Gates<acc_t> cell_forward(
-    acc_t pre_i, acc_t pre_f, acc_t pre_g, acc_t pre_o, acc_t c_prev, acc_t& c, acc_t& h) {
+C10_HOST_DEVICE FUSED_LSTM_INLINE Gates<acc_t> cell_activations(acc_t pre_i, acc_t pre_f,
+                                                               acc_t pre_g, acc_t pre_o) {
   Gates<acc_t> a;
   a.i = sigmoid<acc_t, Math>(pre_i);
   a.f = sigmoid<acc_t, Math>(pre_f);
   a.g = Math::tanh(pre_g);
   a.o = sigmoid<acc_t, Math>(pre_o);
+  return a;
+}
+
+template <typename acc_t, typename Math = CellMath<acc_t>>
+C10_HOST_DEVICE FUSED_LSTM_INLINE void cell_state(const Gates<acc_t>& a, acc_t c_prev, acc_t& c,
+                                                  acc_t& h) {
   c = a.f * c_prev + a.i * a.g;
   h = a.o * Math::tanh(c);
+}
+
+template <typename acc_t, typename Math = CellMath<acc_t>>
+C10_HOST_DEVICE FUSED_LSTM_INLINE Gates<acc_t> cell_forward(
+    acc_t pre_i, acc_t pre_f, acc_t pre_g, acc_t pre_o, acc_t c_prev, acc_t& c, acc_t& h) {
+  const Gates<acc_t> a = cell_activations<acc_t, Math>(pre_i, pre_f, pre_g, pre_o);
+  cell_state<acc_t, Math>(a, c_prev, c, h);
   return a;
 }
 
