@@ -642,37 +642,40 @@ void input_projection(const DirectionWeights<T>& w, const T* x, int64_t rows, in
 //   g_t:         [bs, 4H] the input projection on entry (without the bias where x_t is
 //                given: then the step adds x_t W_ih^T itself and the cell pass the bias),
 //                the activated gates on exit (left as pre-activations without cells_t)
-//   h_state:     [B, out] h_{t-1} in, h_t out;  c_state: [B, H] c_{t-1} in, c_t out
+//   h_prev:      h_{t-1}, rows ld_prev apart, or null where it is zero (the first step without
+//                hx: no product then)
+//   h_next:      receives h_t, rows ld_next apart (may be h_prev: the product has read it)
+//   c_state:     [B, H] c_{t-1} in, c_t out
 //   cells_t:     [bs, H] receives c_t, or null (inference: nothing kept);  pre_proj_t: [bs, H] receives o * tanh(c_t) (proj only)
-//   layer_out_t: [bs, out] with row stride D*out, receives h_t
 // Hidden sizes from kRowWiseHidden on (smaller ones take tiny_forward_steps).
 template <typename T>
 void forward_step(const LSTMShape& s, const DirectionWeights<T>& w, int64_t bs, T* g_t,
-                  T* h_state, T* c_state, T* cells_t, T* pre_proj_t, T* layer_out_t,
-                  const T* x_t, int64_t in_size) {
+                  const T* h_prev, int64_t ld_prev, T* h_next, int64_t ld_next, T* c_state,
+                  T* cells_t, T* pre_proj_t, const T* x_t, int64_t in_size) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size;
   const bool has_proj = s.proj_size > 0;
   if constexpr (std::is_same_v<T, float>) {
     if (w.w_hh_bf16) {
-      bf16_gemm(bs, G, out, h_state, out, w.w_hh_bf16, g_t, G, true);
+      if (h_prev) bf16_gemm(bs, G, out, h_prev, ld_prev, w.w_hh_bf16, g_t, G, true);
     } else if (x_t) {  // the input projection, fused: g_t = b + x_t W_ih^T + h_{t-1} W_hh^T
       brgemm_packed(false, bs, G, in_size, x_t, in_size, w, 0, g_t, G);  // bias: the cell pass
-      brgemm_packed(true, bs, G, out, h_state, out, w, in_size, g_t, G);
+      if (h_prev) brgemm_packed(true, bs, G, out, h_prev, ld_prev, w, in_size, g_t, G);
     } else if (w.w_packed) {
-      brgemm_packed(true, bs, G, out, h_state, out, w, 0, g_t, G);
+      if (h_prev) brgemm_packed(true, bs, G, out, h_prev, ld_prev, w, 0, g_t, G);
     }
   }
-  if (!w.single_thread_product())
-    gemm<T>(false, true, bs, G, out, T(1), h_state, out, w.w_hh, out, T(1), g_t, G);
-  // The cell pass; h goes to h_state ([bs, out], out == H) or to pre_proj_t ([bs, H]).
-  T* h_out = has_proj ? pre_proj_t : h_state;
+  if (!w.single_thread_product() && h_prev)
+    gemm<T>(false, true, bs, G, out, T(1), h_prev, ld_prev, w.w_hh, out, T(1), g_t, G);
+  // The cell pass; h goes to h_next (out == H) or to pre_proj_t ([bs, H]).
+  T* h_out = has_proj ? pre_proj_t : h_next;
+  const int64_t ld_out = has_proj ? H : ld_next;
   for_each_row(bs, G, [&](int64_t b) {
     T* g = g_t + b * G;
     cell_forward_block(H, g, g + H, g + 2 * H, g + 3 * H, x_t ? w.bias : nullptr, H,
-                       c_state + b * H, cells_t ? cells_t + b * H : nullptr, h_out + b * H);
+                       c_state + b * H, cells_t ? cells_t + b * H : nullptr, h_out + b * ld_out);
   });
-  if (has_proj) gemm<T>(false, true, bs, out, H, T(1), pre_proj_t, H, w.w_hr, H, T(0), h_state, out);
-  copy_rows(h_state, out, layer_out_t, s.num_directions * out, bs, out);
+  if (has_proj)
+    gemm<T>(false, true, bs, out, H, T(1), pre_proj_t, H, w.w_hr, H, T(0), h_next, ld_next);
 }
 
 // One step's buffers at its first row (row r of the step is `rows` further on; strides: gates
@@ -688,22 +691,38 @@ struct StepRows {
 
 // Forward steps [first, last] (processing order) of direction d, for the batch rows [r0, r1)
 // only. The rows of a batch are independent sequences, so a slice of them runs every step
-// without waiting for the others. rows_of(t): step t's StepRows.
+// without waiting for the others. rows_of(t): step t's StepRows. h_zero: h_state is zero at
+// step `first` (no hx, first == 0), so its product is skipped.
+// Where every step has every row (no packed lengths), h_t is written once, into the layer
+// output, and the next step reads it from there; h_state receives the last step's at the end.
+// Otherwise (rows end or start at different steps) h_t goes to h_state, which every step reads,
+// and is copied into the layer output.
 template <typename T, typename RowsOf>
 void forward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_t d, int64_t first,
                    int64_t last, int64_t r0, int64_t r1, T* h_state, T* c_state,
-                   const RowsOf& rows_of, int64_t in_size = 0) {
+                   const RowsOf& rows_of, int64_t in_size, bool h_zero) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size;
   const int64_t out_stride = s.num_directions * out;
+  const bool in_output = s.batch_sizes[0] == s.batch_sizes[s.seq_len - 1];
+  const int64_t ld_h = in_output ? out_stride : out;
+  const T* h_prev = h_zero ? nullptr : h_state + r0 * out;
+  int64_t ld_prev = out, last_bs = 0;
   for (int64_t step = first; step <= last; ++step) {
     const int64_t t = time_of(s, d, step);
     const int64_t bs = std::min(s.batch_sizes[t], r1) - r0;
     if (bs <= 0) continue;
     const StepRows<T> p = rows_of(t);
-    forward_step(s, w, bs, p.gates + r0 * G, h_state + r0 * out, c_state + r0 * H,
+    T* out_t = p.layer_out + r0 * out_stride;
+    T* h_next = in_output ? out_t : h_state + r0 * out;
+    forward_step(s, w, bs, p.gates + r0 * G, h_prev, ld_prev, h_next, ld_h, c_state + r0 * H,
                  p.cells ? p.cells + r0 * H : nullptr, p.pre_proj ? p.pre_proj + r0 * H : nullptr,
-                 p.layer_out + r0 * out_stride, p.x ? p.x + r0 * in_size : nullptr, in_size);
+                 p.x ? p.x + r0 * in_size : nullptr, in_size);
+    if (!in_output) copy_rows(h_next, out, out_t, out_stride, bs, out);
+    h_prev = h_next;
+    ld_prev = ld_h;
+    last_bs = bs;
   }
+  if (in_output && last_bs > 0) copy_rows(h_prev, out_stride, h_state + r0 * out, out, last_bs, out);
 }
 
 // Multiply-adds of recurrent work from which the batch is split over threads (each thread runs
@@ -959,12 +978,12 @@ std::pair<const T*, const T*> transpose_recurrent_weights(const LSTMShape& s,
 
 // Forward steps [first, last] (processing order) of direction d for batch rows [r0, r1).
 // gates/cells/pre_proj: the reserve's (null for inference); layer_out: this direction's first
-// column of the layer output, row stride D*out.
+// column of the layer output, row stride D*out. h_zero: hT is zero at step `first` (no hx).
 template <typename T>
 void tiny_forward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_t d,
                         int64_t first, int64_t last, int64_t r0, int64_t r1,
                         const TinyBuffers<T>& tb, T* gates, T* cells, T* pre_proj,
-                        T* layer_out) {
+                        T* layer_out, bool h_zero) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, B = s.batch;
   const int64_t out_stride = s.num_directions * out;
   const bool has_proj = s.proj_size > 0;
@@ -986,7 +1005,10 @@ void tiny_forward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_
     T* cT = tb.cT + r0;
     T* hnew = tb.hnew + r0;
     T* cnew = tb.cnew + r0;
-    tiny_product(bs, G, out, w.w_hh, w_hh_t, hT, B, projected, ld, g, bs);
+    if (h_zero && step == first)  // h_{t-1} = 0 (no hx): the gates are the projection
+      copy_rows(projected, ld, g, bs, G, bs);
+    else
+      tiny_product(bs, G, out, w.w_hh, w_hh_t, hT, B, projected, ld, g, bs);
     if (bs == B) {  // the whole batch: [H][B] state and [H][bs] gates line up, one long pass
       cell_forward_block(H * bs, g, g + H * bs, g + 2 * H * bs, g + 3 * H * bs, nullptr, 0, cT,
                          gates ? cnew : nullptr, has_proj ? hnew : hT);
@@ -1052,7 +1074,7 @@ void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
         transpose(cx ? cx + ld * s.batch * H : nullptr, H, s.batch, H, tb.cT, s.batch);
         for_each_batch_slice(s, s.seq_len, false, [&](int64_t r0, int64_t r1) {
           tiny_forward_steps(s, w, d, 0, s.seq_len - 1, r0, r1, tb, gates, cells, pre_proj,
-                             layer_out + d * out);
+                             layer_out + d * out, hx == nullptr);
         });
         transpose(tb.hT, s.batch, out, s.batch, h_state, out);
         transpose(tb.cT, s.batch, H, s.batch, c_state, H);
@@ -1071,7 +1093,8 @@ void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
                            fused ? x + off * in_size : nullptr};
       };
       for_each_batch_slice(s, s.seq_len, w.single_thread_product(), [&](int64_t r0, int64_t r1) {
-        forward_steps(s, w, d, 0, s.seq_len - 1, r0, r1, h_state, c_state, rows_of, in_size);
+        forward_steps(s, w, d, 0, s.seq_len - 1, r0, r1, h_state, c_state, rows_of, in_size,
+                      hx == nullptr);
       });
     }
   }
@@ -1398,7 +1421,8 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
                              x + off * in_size};
         };
         for_each_batch_slice(s, s.seq_len, true, [&](int64_t r0, int64_t r1) {
-          forward_steps(s, w, d, 0, s.seq_len - 1, r0, r1, h_state, c_state, rows_of, in_size);
+          forward_steps(s, w, d, 0, s.seq_len - 1, r0, r1, h_state, c_state, rows_of, in_size,
+                        hx == nullptr);
         });
         continue;
       }
@@ -1419,7 +1443,7 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
           tiny_input_projection(w, x + row0 * in_size, rows, in_size, G, tb.gT, tb.xT);
           for_each_batch_slice(s, last - first + 1, false, [&](int64_t r0, int64_t r1) {
             tiny_forward_steps<T>(s, w, d, first, last, r0, r1, tb, nullptr, nullptr, nullptr,
-                                  layer_out + d * out);
+                                  layer_out + d * out, hx == nullptr && first == 0);
           });
           if (last + 1 == s.seq_len) {
             transpose(tb.hT, s.batch, out, s.batch, h_state, out);
@@ -1435,7 +1459,8 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
                              layer_out + off * out_stride + d * out};
         };
         for_each_batch_slice(s, last - first + 1, w.single_thread_product(), [&](int64_t r0, int64_t r1) {
-          forward_steps(s, w, d, first, last, r0, r1, h_state, c_state, rows_of);
+          forward_steps(s, w, d, first, last, r0, r1, h_state, c_state, rows_of, 0,
+                        hx == nullptr && first == 0);
         });
       }
     }
