@@ -21,19 +21,25 @@
 
 namespace fused_lstm {
 
-// The elementwise functions the cell needs. Every function below takes them as a policy
-// (`Math`), so a backend can substitute its own implementations (the CPU kernels pass
-// vectorisable ones, csrc/cpu/fast_math.h) while the gate math stays written once, here.
+// sigmoid from a policy's exp (see CellMath).
+template <typename acc_t, typename Math>
+C10_HOST_DEVICE FUSED_LSTM_INLINE acc_t sigmoid(acc_t x) {
+  return acc_t(1) / (acc_t(1) + Math::exp(acc_t(0) - x));
+}
+
+// The elementwise functions the cell needs: sigmoid and tanh (and exp, sigmoid's). Every
+// function below takes them as a policy (`Math`), so a backend can substitute its own
+// implementations (the CPU kernels pass vectorisable ones, csrc/cpu/fast_math.h, including a
+// policy whose acc_t is an AVX-512 register of 16 floats) while the gate math stays written
+// once, here.
 template <typename acc_t>
 struct CellMath {
   C10_HOST_DEVICE FUSED_LSTM_INLINE static acc_t exp(acc_t x) { return std::exp(x); }
   C10_HOST_DEVICE FUSED_LSTM_INLINE static acc_t tanh(acc_t x) { return std::tanh(x); }
+  C10_HOST_DEVICE FUSED_LSTM_INLINE static acc_t sigmoid(acc_t x) {
+    return fused_lstm::sigmoid<acc_t, CellMath>(x);
+  }
 };
-
-template <typename acc_t, typename Math = CellMath<acc_t>>
-C10_HOST_DEVICE FUSED_LSTM_INLINE acc_t sigmoid(acc_t x) {
-  return acc_t(1) / (acc_t(1) + Math::exp(acc_t(0) - x));
-}
 
 // Activated gates of one (batch row, hidden unit) at one time step.
 template <typename acc_t>
@@ -51,10 +57,10 @@ template <typename acc_t, typename Math = CellMath<acc_t>>
 C10_HOST_DEVICE FUSED_LSTM_INLINE Gates<acc_t> cell_activations(acc_t pre_i, acc_t pre_f,
                                                                acc_t pre_g, acc_t pre_o) {
   Gates<acc_t> a;
-  a.i = sigmoid<acc_t, Math>(pre_i);
-  a.f = sigmoid<acc_t, Math>(pre_f);
+  a.i = Math::sigmoid(pre_i);
+  a.f = Math::sigmoid(pre_f);
   a.g = Math::tanh(pre_g);
-  a.o = sigmoid<acc_t, Math>(pre_o);
+  a.o = Math::sigmoid(pre_o);
   return a;
 }
 

@@ -558,3 +558,107 @@ def test_float32_fused_input_projection_same_as_unfused(monkeypatch, threads, bi
             torch.testing.assert_close(f, u, rtol=1e-6, atol=1e-6)
         assert_results_and_grads_close(call(ops.lstm, a), call(reference.lstm_forward, a),
                                        differentiable(a), 1e-5, grad_tol=1e-4)
+
+
+# ---- The float32 cell pass's activations (csrc/cpu/fast_math.h) ------------------------------
+
+def cell_pass_case(hidden, batch, seed):
+    """One layer whose gate pre-activations are its input: W_ih = I (input 4H), W_hh = 0, b_hh = 0,
+    b_ih small, so every product is exact and the cell pass alone rounds. Inputs spread over
+    [-20, 20] (every regime of sigmoid and tanh), two steps from h0 = 0 and a random c0."""
+    _, a = make_case(1, True, False, 0, False, with_state=True, dtype=torch.float32,
+                     input_size=4 * hidden, hidden_size=hidden, seq_len=2, batch=batch, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    a["input"] = (torch.rand(2, batch, 4 * hidden, generator=gen) * 40 - 20).requires_grad_()
+    a["hx"] = torch.zeros(1, batch, hidden, requires_grad=True)
+    a["cx"] = (torch.randn(1, batch, hidden, generator=gen) * 3).requires_grad_()
+    bias = torch.rand(4 * hidden, generator=gen) * 2 - 1
+    a["weights"] = [w.requires_grad_() for w in (torch.eye(4 * hidden), torch.zeros(4 * hidden, hidden),
+                                                 bias, torch.zeros(4 * hidden))]
+    return a
+
+
+def cell_pass_errors(a, got):
+    """The largest errors of (output, h_n, c_n) = got against float64, in units of 2^-24 times the
+    magnitude of what was rounded: c_t = f c_{t-1} + i g by |f c_{t-1}| + |i g|, h_t = o tanh(c_t)
+    by |h_t| + |o| (1 - tanh^2 c_t) times c_t's scale (where c_t's error reaches h_t)."""
+    pre = (a["input"].detach() + a["weights"][2].detach()).double()  # x + b, rounded as the op does
+    c = a["cx"].detach()[0].double()
+    c_scale = torch.zeros_like(c)
+    unit = 2.0 ** -24
+    out, h_n, c_n = got
+    h_err = 0.0
+    for t in range(pre.shape[0]):
+        pi, pf, pg, po = pre[t].chunk(4, dim=1)
+        i, f, g, o = torch.sigmoid(pi), torch.sigmoid(pf), torch.tanh(pg), torch.sigmoid(po)
+        fc, ig = f * c, i * g
+        c_scale = fc.abs() + ig.abs() + f * c_scale
+        c = fc + ig
+        h = o * torch.tanh(c)
+        h_scale = h.abs() + o * (1 - torch.tanh(c) ** 2) * c_scale
+        h_err = max(h_err, ((out[t].double() - h).abs() / (unit * h_scale + 1e-45)).max().item())
+    h_err = max(h_err, ((h_n[0].double() - h).abs() / (unit * h_scale + 1e-45)).max().item())
+    c_err = ((c_n[0].double() - c).abs() / (unit * c_scale + 1e-45)).max().item()
+    return h_err, c_err
+
+
+CELL_PASS_CASES = [(40, 9), (7, 12), (256, 4)]  # hidden, batch: a partial vector, the tiny path, 16s
+
+
+def check_cell_pass(hidden, batch, seed=0):
+    """Training (the pass that keeps the gates) and inference: within the activations' measured
+    errors (sigmoid <= 3.8 ulp, tanh <= 5.3 ulp, NOTES.md section 19) plus the cell's own
+    roundings, with room: 12 units for c, 16 for h (1 ulp is 1 to 2 units; 2 to 5 measured).
+    Returns the outputs."""
+    a = cell_pass_case(hidden, batch, seed)
+    trained = call(ops.lstm, a)
+    with torch.no_grad():
+        inferred = call(LSTM_INFERENCE, a)
+    for got in (trained, inferred):
+        h_err, c_err = cell_pass_errors(a, [t.detach() for t in got])
+        assert c_err <= 12 and h_err <= 16, (hidden, batch, h_err, c_err)
+    return [t.detach() for t in (*trained, *inferred)]
+
+
+@pytest.mark.parametrize("hidden,batch", CELL_PASS_CASES, ids=[f"H{h}-B{b}" for h, b in CELL_PASS_CASES])
+def test_float32_cell_pass_accuracy(hidden, batch):
+    """The float32 cell pass this CPU runs (on AVX-512: 16 elements at a time, exp through a
+    table, csrc/cpu: cell_forward_vec16; else the vectorised scalar functions) against float64,
+    over pre-activations spread across [-20, 20]."""
+    check_cell_pass(hidden, batch)
+
+
+def test_float32_generic_cell_pass(tmp_path):
+    """The generic float32 cell pass (what CPUs without AVX-512 run), forced with
+    FUSED_LSTM_NO_VEC16_CELL=1 in a fresh process: the same accuracy bounds, parity with nn.LSTM
+    through the row-wise and tiny paths, training and inference; and on an AVX-512 CPU, results
+    that are not bitwise this process's (the variable did switch the pass) yet agree closely."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    tests = pathlib.Path(__file__).resolve().parent
+    code = f"""
+import sys, torch
+sys.path.insert(0, {str(tests)!r})
+import test_ops as t
+outs = [t.check_cell_pass(h, b) for h, b in t.CELL_PASS_CASES]
+for hidden, batch, proj, packed in [(40, 9, 0, False), (24, 5, 8, True), (7, 12, 0, True)]:
+    _, a = t.make_case(2, True, True, proj, packed, with_state=True, dtype=torch.float32,
+                       input_size=6, hidden_size=hidden, seq_len=7, batch=batch)
+    t.assert_matches_nn_lstm(a, 1 / 4, tol=1e-5, inference_tol=1e-6)
+torch.save(outs, {str(tmp_path / 'generic.pt')!r})
+"""
+    env = dict(os.environ, FUSED_LSTM_NO_VEC16_CELL="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    generic = torch.load(tmp_path / "generic.pt")
+    here = [check_cell_pass(h, b) for h, b in CELL_PASS_CASES]
+    differ = False
+    for g_case, h_case in zip(generic, here):
+        for g, h in zip(g_case, h_case):
+            torch.testing.assert_close(g, h, rtol=2e-6, atol=2e-6)
+            differ = differ or not torch.equal(g, h)
+    if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX"):
+        assert differ

@@ -19,9 +19,12 @@
 // -ffast-math / -fassociative-math (which would fold (t + C) - C away).
 #pragma once
 
+#include "../lstm_cell.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+
 
 namespace fused_lstm {
 namespace cpu {
@@ -72,33 +75,122 @@ __attribute__((always_inline)) inline float exp_core(float x) {
 
 __attribute__((always_inline)) inline float exp_fast(float x) { return detail::exp_core<true>(x); }
 
+namespace detail {
+// tanh(x) = x P(x^2) / Q(x^2) on [-9, 9] (clamped outside: tanh(9) is within an ulp of 1),
+// P and Q of degree 4 with P(0) = Q(0) = 1: fitted here (minimax relative error, Loeb's
+// linearisation with Lawson's weights, benchmarks/NOTES.md section 19), 2.1e-8 before float
+// rounding. Coefficients from degree 1 up.
+constexpr float kTanhP[4] = {1.338397413e-01f, 3.498988692e-03f, 2.066113848e-05f,
+                             1.341964584e-08f};
+constexpr float kTanhQ[4] = {4.671729505e-01f, 2.589017898e-02f, 3.291026223e-04f,
+                             7.804658253e-07f};
+constexpr float kTanhClamp = 9.0f;
+}  // namespace detail
+
+// tanh as a rational function: no exp, no branch, one division. Odd and exact at 0 (x * 1 / 1);
+// NaN in gives NaN out (both clamps' comparisons are false).
 __attribute__((always_inline)) inline float tanh_fast(float x) {
-  const float ax = std::fabs(x);
-  // Small |x|: odd polynomial (no cancellation); otherwise 1 - 2 / (exp(2|x|) + 1), where exp's
-  // inf for |x| >= 44.2 gives exactly 1.
-  const float z = x * x;
-  float p = -5.70498872745e-3f;
-  p = p * z + 2.06390887954e-2f;
-  p = p * z - 5.37397155531e-2f;
-  p = p * z + 1.33314422036e-1f;
-  p = p * z - 3.33332819422e-1f;
-  const float small = p * z * x + x;
-  const float large = 1.0f - 2.0f / (detail::exp_core<false>(ax + ax) + 1.0f);
-  return ax < 0.625f ? small : std::copysign(large, x);  // NaN: comparison false -> NaN
+  using namespace detail;
+  float xc = x > kTanhClamp ? kTanhClamp : x;
+  xc = xc < -kTanhClamp ? -kTanhClamp : xc;
+  const float z = xc * xc;
+  float p = kTanhP[3], q = kTanhQ[3];
+  p = p * z + kTanhP[2];
+  q = q * z + kTanhQ[2];
+  p = p * z + kTanhP[1];
+  q = q * z + kTanhQ[1];
+  p = p * z + kTanhP[0];
+  q = q * z + kTanhQ[0];
+  p = p * z + 1.0f;
+  q = q * z + 1.0f;
+  return xc * p / q;
 }
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FUSED_LSTM_VEC16_MATH 1
+// The same activations on 16 floats at a time, in GCC's generic vectors (acc_t = Vec16, whose
+// + - * / and ?: GCC provides), for the forward cell pass of AVX-512 CPUs (lstm_cpu.cpp's
+// cell_forward_vec16, compiled for AVX-512 only). GCC vectorises the scalar functions above
+// well but cannot look up a table: here exp reduces by ln 2 / 16 and takes 2^(j/16) from a
+// 16-entry table in one register permute (__builtin_shuffle), leaving a degree-3 polynomial;
+// sigmoid is 1 / (1 + exp(-x)) on it; tanh is tanh_fast's rational function, the same
+// operations. No intrinsics and no target attributes, so lstm_cell.h's templates inline them.
+// Measured errors and speed: NOTES.md section 19.
+namespace vec16 {
+using Vec16 = float __attribute__((vector_size(64)));
+using Int16 = int32_t __attribute__((vector_size(64)));
+#define FUSED_LSTM_VEC16_FN __attribute__((always_inline)) inline
+
+// exp(x) = 2^n 2^(j/16) exp(r), k = 16 n + j = round(16 x / ln 2), |r| <= ln 2 / 32. Limits as
+// exp_fast's: x clamped to [-88, 88.8] (kLowerClamp false: x known >= 0), 2^n built from n's
+// bits is +inf for n = 128 and +0 for n = -127; a NaN fails the clamps' comparisons and flows
+// through.
+template <bool kLowerClamp>
+FUSED_LSTM_VEC16_FN Vec16 exp(Vec16 x) {
+  constexpr Vec16 k2j = {1.0f,        1.04427378f, 1.09050773f, 1.13878863f,
+                         1.18920712f, 1.24185781f, 1.29683955f, 1.35425555f,
+                         1.41421356f, 1.47682615f, 1.54221083f, 1.61049033f,
+                         1.68179283f, 1.75625216f, 1.83400809f, 1.91520656f};  // 2^(j/16)
+  Vec16 xc = x > 88.8f ? 88.8f : x;
+  if (kLowerClamp) xc = xc < -88.0f ? -88.0f : xc;
+  // Adding 1.5 * 2^23 rounds 16 x / ln 2 to the integer k, left in t's low mantissa bits.
+  const Vec16 t = xc * 23.0831206542234f + 12582912.0f;
+  const Vec16 fk = t - 12582912.0f;
+  // r = x - k ln 2 / 16, ln 2 / 16 in two parts (k * 0.0433349609375 is exact).
+  const Vec16 r = xc - fk * 0.0433349609375f + fk * 1.326215250e-05f;
+  // exp(r) ~ 1 + r + r^2 / 2 + r^3 / 6: 9.2e-9 relative at |r| = ln 2 / 32.
+  const Vec16 p = ((r * (1.0f / 6.0f) + 0.5f) * r + 1.0f) * r + 1.0f;
+  const Int16 ti = reinterpret_cast<const Int16&>(t);
+  const Vec16 tj = __builtin_shuffle(k2j, ti & 15);  // j = k mod 16
+  const Int16 n = (ti << 10) >> 14;                   // k >> 4, k = t's low 22 bits, signed
+  const Int16 scale_bits = (n + 127) << 23;
+  return tj * p * reinterpret_cast<const Vec16&>(scale_bits);
+}
+
+FUSED_LSTM_VEC16_FN Vec16 sigmoid(Vec16 x) { return 1.0f / (1.0f + exp<true>(-x)); }
+
+FUSED_LSTM_VEC16_FN Vec16 tanh(Vec16 x) {
+  using namespace detail;
+  Vec16 xc = x > kTanhClamp ? kTanhClamp : x;
+  xc = xc < -kTanhClamp ? -kTanhClamp : xc;
+  const Vec16 z = xc * xc;
+  Vec16 p = kTanhP[3] * z + kTanhP[2], q = kTanhQ[3] * z + kTanhQ[2];
+  p = p * z + kTanhP[1];
+  q = q * z + kTanhQ[1];
+  p = p * z + kTanhP[0];
+  q = q * z + kTanhQ[0];
+  p = p * z + 1.0f;
+  q = q * z + 1.0f;
+  return xc * p / q;
+}
+
+// lstm_cell.h's policy on 16 floats.
+struct Math {
+  FUSED_LSTM_VEC16_FN static Vec16 sigmoid(Vec16 x) { return vec16::sigmoid(x); }
+  FUSED_LSTM_VEC16_FN static Vec16 tanh(Vec16 x) { return vec16::tanh(x); }
+};
+
+#undef FUSED_LSTM_VEC16_FN
+}  // namespace vec16
+#endif
 
 // The math policy handed to lstm_cell.h's templates by the CPU kernels.
 template <typename acc_t>
 struct FastMath {
   static acc_t exp(acc_t x) { return std::exp(x); }
   static acc_t tanh(acc_t x) { return std::tanh(x); }
+  static acc_t sigmoid(acc_t x) { return fused_lstm::sigmoid<acc_t, FastMath>(x); }
 };
 
 template <>
 struct FastMath<float> {
   __attribute__((always_inline)) static float exp(float x) { return exp_fast(x); }
   __attribute__((always_inline)) static float tanh(float x) { return tanh_fast(x); }
+  __attribute__((always_inline)) static float sigmoid(float x) {
+    return fused_lstm::sigmoid<float, FastMath>(x);
+  }
 };
+
 
 }  // namespace cpu
 }  // namespace fused_lstm
