@@ -560,6 +560,37 @@ def test_float32_fused_input_projection_same_as_unfused(monkeypatch, threads, bi
                                        differentiable(a), 1e-5, grad_tol=1e-4)
 
 
+THREE_LAYER_CASES = [(False, 0, False, False), (True, 0, True, True), (True, 8, False, True),
+                    (False, 8, True, False)]  # bidirectional, proj_size, packed, with_state
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bidirectional,proj_size,packed,with_state", THREE_LAYER_CASES,
+                         ids=[f"{'bi' if d else 'uni'}-P{p}-{'packed' if k else 'padded'}-"
+                              f"{'state' if w else 'nostate'}" for d, p, k, w in THREE_LAYER_CASES])
+def test_float32_fused_inference_three_layers(threads, bidirectional, proj_size, packed,
+                                              with_state):
+    """float32 inference with every layer's input projection fused into its steps (csrc/cpu:
+    inference_impl, use_brgemm), three layers whose outputs alternate between two buffers.
+    Against nn.LSTM and lstm_forward; h_t kept in the layer output between steps (padded) or in
+    h_n (packed lengths); without hx, the first step's product is skipped."""
+    with num_threads(threads):
+        _, a = make_case(3, True, bidirectional, proj_size, packed, with_state=with_state,
+                         dtype=torch.float32, input_size=20, hidden_size=24, seq_len=9, batch=7,
+                         requires_grad=False)
+        a["weights"] = [w / 4 for w in a["weights"]]
+        hx = (a["hx"], a["cx"]) if with_state else _zeros_state(a)
+        flags = (True, 3, 0.0, False, bidirectional)
+        if packed:
+            expected = torch._VF.lstm(a["input"], a["batch_sizes"], hx, a["weights"], *flags)
+        else:
+            expected = torch._VF.lstm(a["input"], hx, a["weights"], *flags, False)
+        got = call(LSTM_INFERENCE, a)
+        for g, e, f in zip(got, expected, call(LSTM_FORWARD, a)):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(g, f, rtol=1e-6, atol=1e-6)
+
+
 # ---- The float32 cell pass's activations (csrc/cpu/fast_math.h) ------------------------------
 
 def cell_pass_case(hidden, batch, seed):
