@@ -90,15 +90,15 @@ constexpr float kTanhClamp = 9.0f;
 }  // namespace detail
 
 // tanh as a rational function: no exp, no branch, one division. Odd and exact at 0 (x * 1 / 1);
-// NaN in gives NaN out (both clamps' comparisons are false).
-__attribute__((always_inline)) inline float tanh_fast(float x) {
+// NaN in gives NaN out (both clamps' comparisons are false). V: float, or a GCC vector of floats
+// (vec16::tanh below): the same operations.
+template <typename V>
+__attribute__((always_inline)) inline V tanh_rational(V x) {
   using namespace detail;
-  float xc = x > kTanhClamp ? kTanhClamp : x;
+  V xc = x > kTanhClamp ? kTanhClamp : x;
   xc = xc < -kTanhClamp ? -kTanhClamp : xc;
-  const float z = xc * xc;
-  float p = kTanhP[3], q = kTanhQ[3];
-  p = p * z + kTanhP[2];
-  q = q * z + kTanhQ[2];
+  const V z = xc * xc;
+  V p = kTanhP[3] * z + kTanhP[2], q = kTanhQ[3] * z + kTanhQ[2];
   p = p * z + kTanhP[1];
   q = q * z + kTanhQ[1];
   p = p * z + kTanhP[0];
@@ -107,6 +107,8 @@ __attribute__((always_inline)) inline float tanh_fast(float x) {
   q = q * z + 1.0f;
   return xc * p / q;
 }
+
+__attribute__((always_inline)) inline float tanh_fast(float x) { return tanh_rational(x); }
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define FUSED_LSTM_VEC16_MATH 1
@@ -151,20 +153,7 @@ FUSED_LSTM_VEC16_FN Vec16 exp(Vec16 x) {
 
 FUSED_LSTM_VEC16_FN Vec16 sigmoid(Vec16 x) { return 1.0f / (1.0f + exp<true>(-x)); }
 
-FUSED_LSTM_VEC16_FN Vec16 tanh(Vec16 x) {
-  using namespace detail;
-  Vec16 xc = x > kTanhClamp ? kTanhClamp : x;
-  xc = xc < -kTanhClamp ? -kTanhClamp : xc;
-  const Vec16 z = xc * xc;
-  Vec16 p = kTanhP[3] * z + kTanhP[2], q = kTanhQ[3] * z + kTanhQ[2];
-  p = p * z + kTanhP[1];
-  q = q * z + kTanhQ[1];
-  p = p * z + kTanhP[0];
-  q = q * z + kTanhQ[0];
-  p = p * z + 1.0f;
-  q = q * z + 1.0f;
-  return xc * p / q;
-}
+FUSED_LSTM_VEC16_FN Vec16 tanh(Vec16 x) { return tanh_rational(x); }
 
 // lstm_cell.h's policy on 16 floats.
 struct Math {
