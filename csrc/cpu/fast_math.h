@@ -27,7 +27,6 @@
 #include <cstdint>
 #include <cstring>
 
-
 namespace fused_lstm {
 namespace cpu {
 
@@ -181,7 +180,6 @@ struct FastMath<float> {
     return fused_lstm::sigmoid<float, FastMath>(x);
   }
 };
-
 
 }  // namespace cpu
 }  // namespace fused_lstm

@@ -298,7 +298,7 @@ __attribute__((always_inline)) inline void cell_forward_loop(
 // The same pass for float on CPUs with AVX-512: lstm_cell.h's functions on 16 elements at a
 // time (acc_t = Vec16) with fast_math.h's vec16::Math (exp through a 16-entry table, which GCC's
 // vectoriser cannot do). Measured on medium's pass: 1.89 -> 1.35 ns per element (NOTES.md
-// section 19). A block's last partial vector goes through zero-padded copies.
+// section 19). A block's last partial vector goes through masked loads and stores.
 using cpu::vec16::Vec16;
 
 // The first k (<= 16) floats at p, zeros after them; and the first k lanes of v stored at p
