@@ -3,6 +3,10 @@ parity with nn.LSTM's own kernel and with the reference, dtypes, NaN, bad argume
 
 import contextlib
 import itertools
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -664,11 +668,6 @@ def test_float32_generic_cell_pass(tmp_path):
     FUSED_LSTM_NO_VEC16_CELL=1 in a fresh process: the same accuracy bounds, parity with nn.LSTM
     through the row-wise and tiny paths, training and inference; and on an AVX-512 CPU, results
     that are not bitwise this process's (the variable did switch the pass) yet agree closely."""
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
     tests = pathlib.Path(__file__).resolve().parent
     code = f"""
 import sys, torch

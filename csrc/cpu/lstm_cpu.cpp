@@ -312,11 +312,13 @@ __attribute__((target("avx512f"), always_inline)) inline void store16(float* p, 
   _mm512_mask_storeu_ps(p, __mmask16((1u << k) - 1), __m512(v));
 }
 
-template <bool kBias, bool kKeep>
+// The bias is added where bias_i is given, the activations and c_t kept where cells is (as
+// cell_forward_loop's kBias and kKeep; here branches once per 16 elements, not template copies).
 __attribute__((target("avx512f,fma"))) void cell_forward_vec16(
     int64_t n, float* gi, float* gf, float* gg, float* go, const float* bias_i,
     const float* bias_f, const float* bias_g, const float* bias_o, float* c, float* cells,
     float* h) {
+  const bool kBias = bias_i != nullptr, kKeep = cells != nullptr;
   using Math = cpu::vec16::Math;
   for (int64_t e0 = 0; e0 < n; e0 += kCellBlock) {
     const int64_t m = std::min(kCellBlock, n - e0);
@@ -396,14 +398,7 @@ inline bool cell_forward_fast(int64_t n, T* gi, T* gf, T* gg, T* go, const T* bi
 #ifdef FUSED_LSTM_VEC16_MATH
   if constexpr (std::is_same_v<T, float>) {
     if (!use_vec16_cell()) return false;
-    if (bi != nullptr && cells != nullptr)
-      cell_forward_vec16<true, true>(n, gi, gf, gg, go, bi, bf, bg, bo, c, cells, h);
-    else if (bi != nullptr)
-      cell_forward_vec16<true, false>(n, gi, gf, gg, go, bi, bf, bg, bo, c, cells, h);
-    else if (cells != nullptr)
-      cell_forward_vec16<false, true>(n, gi, gf, gg, go, bi, bf, bg, bo, c, cells, h);
-    else
-      cell_forward_vec16<false, false>(n, gi, gf, gg, go, bi, bf, bg, bo, c, cells, h);
+    cell_forward_vec16(n, gi, gf, gg, go, bi, bf, bg, bo, c, cells, h);
     return true;
   }
 #endif
