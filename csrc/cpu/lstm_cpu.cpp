@@ -1,9 +1,9 @@
 // CPU kernels of fused_lstm::lstm_forward / lstm_backward.
 //
 // Per layer and direction (Appleyard et al. 2016):
-//   forward:  gates[rows, 4H] = x W_ih^T + b_ih + b_hh      (one GEMM over every step)
+//   forward:  gates[rows, 4H] = x W_ih^T                    (one GEMM over every step)
 //             per step t: gates_t += h_{t-1} W_hh^T          (BLAS, straight into the reserve)
-//                         one fused pass: activations, c_t, h_t (lstm_cell.h)
+//                         one fused pass: + b_ih + b_hh, activations, c_t, h_t (lstm_cell.h)
 //                         [proj] h_t = (o * tanh c_t) W_hr^T  (BLAS)
 //   backward: per step, in reverse: one fused pass -> d(gates)_t, dh_{t-1} = d(gates)_t W_hh
 //             then dW_ih, dW_hh, dW_hr, db, dx as a few large GEMMs over every step.
@@ -643,7 +643,7 @@ struct DirectionWeights {
   const T* w_packed = nullptr;
   int64_t k_ih = 0;           // the layer's input size where the input projection is fused, else 0
   int64_t out = 0;            // rows of W_hh^T in the panels
-  const T* bias = nullptr;    // [4H]: b_ih + b_hh where the projection is fused, else null
+  const T* bias = nullptr;    // [4H]: b_ih + b_hh, added by the cell pass (use_bias), or null
   // bfloat16 models on AVX512_BF16 machines (float32 math only): W_ih and W_hh packed for
   // bf16_gemm, which then computes the input projection and the recurrent product from bf16
   // operands with float32 sums, as oneDNN's bf16 LSTM does; null otherwise (and then w_packed
@@ -712,30 +712,32 @@ const T* layer_input(const LSTMShape& s, int64_t layer, const T* input, const T*
   return dropped;
 }
 
-// gates[rows, 4H] = x W_ih^T + (b_ih + b_hh), x: [rows, in_size].
+// gates[rows, 4H] = x W_ih^T, x: [rows, in_size] (the bias is the cell pass's: use_bias).
 template <typename T>
 void input_projection(const DirectionWeights<T>& w, const T* x, int64_t rows, int64_t in_size,
                       int64_t G, T* gates) {
-  if (w.b_ih) {
-    for_each_row(rows, G, [&](int64_t r) {
-      T* g = gates + r * G;
-      for (int64_t j = 0; j < G; ++j) g[j] = w.b_ih[j] + w.b_hh[j];
-    });
-  }
   if constexpr (std::is_same_v<T, float>) {
     if (w.w_ih_bf16) {
-      bf16_gemm_parallel(rows, G, in_size, x, in_size, w.w_ih_bf16, gates, G, w.b_ih != nullptr);
+      bf16_gemm_parallel(rows, G, in_size, x, in_size, w.w_ih_bf16, gates, G, false);
       return;
     }
   }
-  gemm<T>(false, true, rows, G, in_size, T(1), x, in_size, w.w_ih, in_size, w.b_ih ? T(1) : T(0),
-          gates, G);
+  gemm<T>(false, true, rows, G, in_size, T(1), x, in_size, w.w_ih, in_size, T(0), gates, G);
+}
+
+// w.bias = b_ih + b_hh in buf ([4H]) where the layer has biases. The cell pass adds it, so the
+// products write the gates without first filling them with it (NOTES.md section 21).
+template <typename T>
+void use_bias(DirectionWeights<T>& w, int64_t G, T* buf) {
+  if (w.b_ih == nullptr) return;
+  for (int64_t j = 0; j < G; ++j) buf[j] = w.b_ih[j] + w.b_hh[j];
+  w.bias = buf;
 }
 
 // One time step of one layer and direction, for the bs rows active at it.
-//   g_t:         [bs, 4H] the input projection on entry (without the bias where x_t is
-//                given: then the step adds x_t W_ih^T itself and the cell pass the bias),
-//                the activated gates on exit (left as pre-activations without cells_t)
+//   g_t:         [bs, 4H] the input projection on entry, without the bias (the cell pass
+//                adds w.bias), or anything where x_t is given (then the step adds x_t W_ih^T
+//                itself); the activated gates on exit (left as pre-activations without cells_t)
 //   h_prev:      h_{t-1}, rows ld_prev apart, or null where it is zero (the first step without
 //                hx: no product then)
 //   h_next:      receives h_t, rows ld_next apart (may be h_prev: the product has read it)
@@ -765,7 +767,7 @@ void forward_step(const LSTMShape& s, const DirectionWeights<T>& w, int64_t bs, 
   const int64_t ld_out = has_proj ? H : ld_next;
   for_each_row(bs, G, [&](int64_t b) {
     T* g = g_t + b * G;
-    cell_forward_block(H, g, g + H, g + 2 * H, g + 3 * H, x_t ? w.bias : nullptr, H,
+    cell_forward_block(H, g, g + H, g + 2 * H, g + 3 * H, w.bias, H,
                        c_state + b * H, cells_t ? cells_t + b * H : nullptr, h_out + b * ld_out);
   });
   if (has_proj)
@@ -938,8 +940,8 @@ void transpose_block(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T
 
 // The brgemm path's weights of layer `layer`, packed into `buf` (see kBrgemmPanelN): each panel
 // of columns [n0, n0 + nb) of the gates holds W_ih^T's rows (where the input projection is
-// fused) then W_hh^T's, [k_ih + out, nb] row-major, at buf + n0 * (k_ih + out); then b_ih + b_hh
-// where fused. `buf` is null (from brgemm_buffer) where that path does not apply.
+// fused) then W_hh^T's, [k_ih + out, nb] row-major, at buf + n0 * (k_ih + out). `buf` is null
+// (from brgemm_buffer) where that path does not apply.
 template <typename T>
 void use_brgemm(const LSTMShape& s, DirectionWeights<T>& w, T* buf, int64_t layer) {
   if constexpr (std::is_same_v<T, float>) {
@@ -961,11 +963,6 @@ void use_brgemm(const LSTMShape& s, DirectionWeights<T>& w, T* buf, int64_t laye
     w.w_packed = buf;
     w.k_ih = k_ih;
     w.out = out;
-    if (k_ih > 0 && w.b_ih) {
-      T* bias = buf + G * K;
-      for (int64_t j = 0; j < G; ++j) bias[j] = w.b_ih[j] + w.b_hh[j];
-      w.bias = bias;
-    }
   }
 }
 
@@ -977,7 +974,7 @@ T* brgemm_buffer(const LSTMShape& s, at::Tensor& holder) {
       !brgemm_available())
     return nullptr;
   const int64_t in_max = std::max(s.input_size, s.num_directions * s.out_size);
-  return scratch<T>(holder, 4 * s.hidden_size * (s.out_size + in_max + 1));
+  return scratch<T>(holder, 4 * s.hidden_size * (s.out_size + in_max));
 }
 
 // Whether a call's products go through bf16_gemm (forward and backward): bfloat16 models on
@@ -1143,9 +1140,10 @@ void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
   at::Tensor tiny_buf, dropped_buf;
   const bool tiny = H < kRowWiseHidden;
   const TinyBuffers<T> tb = tiny ? tiny_buffers<T>(s, s.rows, tiny_buf) : TinyBuffers<T>{};
-  at::Tensor w_packed_buf, bf16_buf;
+  at::Tensor w_packed_buf, bf16_buf, bias_buf;
   uint16_t* bf16_weights = bf16_weight_buffer(s, bf16_model, bf16_buf);
   T* w_packed = bf16_weights ? nullptr : brgemm_buffer<T>(s, w_packed_buf);
+  T* bias = (s.has_biases && !tiny) ? scratch<T>(bias_buf, G) : nullptr;
   T* dropped = (mask && s.num_layers > 1) ? scratch<T>(dropped_buf, s.rows * out_stride) : nullptr;
   for (int64_t l = 0; l < s.num_layers; ++l) {
     const T* x = layer_input(s, l, input, l > 0 ? reserve + s.layer_out_offset(l - 1) : nullptr,
@@ -1177,6 +1175,7 @@ void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
       const int64_t in_size = s.layer_input_size(l);
       use_bf16_gemm(s, l, w, bf16_weights);
       use_brgemm(s, w, w_packed, l);
+      use_bias(w, G, bias);
       const bool fused = w.k_ih > 0;  // else every step's projection at once, here
       if (!fused) input_projection(w, x, s.rows, in_size, G, gates);
       auto rows_of = [&](int64_t t) {
@@ -1484,9 +1483,10 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
   const int64_t chunk_rows = std::min(chunk_steps, s.seq_len) * s.batch;
   const bool tiny = H < kRowWiseHidden;
   TinyBuffers<T> tb = tiny ? tiny_buffers<T>(s, chunk_rows, chunk_buf) : TinyBuffers<T>{};
-  at::Tensor w_packed_buf, bf16_buf;
+  at::Tensor w_packed_buf, bf16_buf, bias_buf;
   uint16_t* bf16_weights = bf16_weight_buffer(s, bf16_model, bf16_buf);
   T* w_packed = bf16_weights ? nullptr : brgemm_buffer<T>(s, w_packed_buf);
+  T* bias = (s.has_biases && !tiny) ? scratch<T>(bias_buf, G) : nullptr;
   T* chunk = tiny ? nullptr : scratch<T>(chunk_buf, chunk_rows * G);
   T* pre_proj = (s.proj_size > 0 && !tiny) ? scratch<T>(pre_proj_buf, s.batch * H) : nullptr;
   const T* prev = nullptr;
@@ -1507,6 +1507,7 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
       if (!tiny) {
         use_bf16_gemm(s, l, w, bf16_weights);
         use_brgemm(s, w, w_packed, l);
+        use_bias(w, G, bias);
       }
       if (w.k_ih > 0) {  // the projection fused into the steps: one pass over every step
         auto rows_of = [&](int64_t t) {
