@@ -234,6 +234,40 @@ def test_bf16_training_within_twice_nn_lstm(case):
         assert our_error <= 2 * their_error + eps * scale, (i, our_error, their_error)
 
 
+@pytest.mark.parametrize("case", ["bi", "packed-bi-3layers", "proj-bi"])
+def test_bf16_fused_input_projection_same_as_unfused(monkeypatch, case):
+    """bf16 models: the input projection computed by each step for its rows (bf16_gemm, as the
+    float32 brgemm path does) against one projection over every step (FUSED_LSTM_UNFUSED_INPUT=1,
+    read per call): the same outputs in training and inference, and the same gradients. Both
+    sum the same bf16 products in float32; only where a step adds h_{t-1} W_hh^T differs."""
+    kwargs, seq_len, batch, packed = BF16_TRAINING[case]
+    _, fused = lstm_pair(dtype=torch.bfloat16, **kwargs)
+    x = randn(seq_len, batch, kwargs["input_size"], dtype=torch.bfloat16)
+    hx = tuple(t.detach() for t in make_state(fused, batch, torch.bfloat16))
+    lengths = sorted((seq_len - i * seq_len // batch for i in range(batch)), reverse=True)
+
+    def run():
+        inputs = [x.clone().requires_grad_(), *(t.clone().requires_grad_() for t in hx)]
+        inp = pack_padded_sequence(inputs[0], lengths) if packed else inputs[0]
+        out, (h_n, c_n) = fused(inp, (inputs[1], inputs[2]))
+        out = out.data if packed else out
+        loss = out.float().square().sum() + h_n.float().sum() + c_n.float().sum()
+        grads = torch.autograd.grad(loss, inputs + list(fused.parameters()))
+        with torch.no_grad():
+            inf_out, (inf_h, inf_c) = fused(inp, (inputs[1], inputs[2]))
+        return [out, h_n, c_n, inf_out.data if packed else inf_out, inf_h, inf_c, *grads]
+
+    joined = run()
+    monkeypatch.setenv("FUSED_LSTM_UNFUSED_INPUT", "1")
+    apart = run()
+    monkeypatch.delenv("FUSED_LSTM_UNFUSED_INPUT")
+    eps = torch.finfo(torch.bfloat16).eps
+    for i, (j, a) in enumerate(zip(joined, apart)):
+        scale = max(1.0, a.abs().max().item())
+        assert (j.double() - a.double()).abs().max().item() <= eps * scale, i
+        assert not torch.isnan(j).any(), i
+
+
 # --- module contract --------------------------------------------------------------------------
 
 def test_is_an_nn_lstm_with_the_same_repr():

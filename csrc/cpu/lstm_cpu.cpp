@@ -641,7 +641,8 @@ struct DirectionWeights {
   // The brgemm path (float32 only; see use_brgemm), else null: [W_ih^T; W_hh^T] ([k_ih + out,
   // 4H]; W_hh^T alone where k_ih = 0) packed in column panels of kBrgemmPanelN columns.
   const T* w_packed = nullptr;
-  int64_t k_ih = 0;           // the layer's input size where the input projection is fused, else 0
+  int64_t k_ih = 0;  // the layer's input size where the input projection is fused (brgemm or
+                     // bf16_gemm: each step computes x_t W_ih^T for its rows), else 0
   int64_t out = 0;            // rows of W_hh^T in the panels
   const T* bias = nullptr;    // [4H]: b_ih + b_hh, added by the cell pass (use_bias), or null
   // bfloat16 models on AVX512_BF16 machines (float32 math only): W_ih and W_hh packed for
@@ -751,7 +752,8 @@ void forward_step(const LSTMShape& s, const DirectionWeights<T>& w, int64_t bs, 
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size;
   const bool has_proj = s.proj_size > 0;
   if constexpr (std::is_same_v<T, float>) {
-    if (w.w_hh_bf16) {
+    if (w.w_hh_bf16) {  // g_t: the projection unless x_t is given (then computed here)
+      if (x_t) bf16_gemm(bs, G, in_size, x_t, in_size, w.w_ih_bf16, g_t, G, false);
       if (h_prev) bf16_gemm(bs, G, out, h_prev, ld_prev, w.w_hh_bf16, g_t, G, true);
     } else if (x_t) {  // the input projection, fused: g_t = b + x_t W_ih^T + h_{t-1} W_hh^T
       brgemm_packed(false, bs, G, in_size, x_t, in_size, w, 0, g_t, G);  // bias: the cell pass
@@ -861,16 +863,17 @@ T* scratch(at::Tensor& holder, int64_t numel) {
 // row per kFuseWeightBytesPerRow of packed weights (measured, 1 thread, hidden 512, 100 steps:
 // 16 rows 76 vs 71 ms unfused, 32 rows even, 64 rows 259 vs 271 ms; hidden 256, 2 layers:
 // 2 rows 6.7 vs 5.4 ms, 4 rows even, 8 rows 16.0 vs 17.2 ms).
+// The same for bf16_gemm's bf16 weights (weight_size 2 bytes, against brgemm's 4).
 // FUSED_LSTM_UNFUSED_INPUT=1 turns it off (read per call, for A/B measurements and tests).
 constexpr int64_t kFuseWeightBytesPerRow = int64_t{1} << 18;
 
-inline bool fuse_input_projection(const LSTMShape& s, int64_t layer) {
+inline bool fuse_input_projection(const LSTMShape& s, int64_t layer, int64_t weight_size) {
   const char* off = std::getenv("FUSED_LSTM_UNFUSED_INPUT");
   if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
   const int64_t slices = batch_slices(s, s.seq_len, true);
   const int64_t slice_rows = (s.batch + slices - 1) / slices;
   const int64_t weight_bytes =
-      int64_t{4} * 4 * s.hidden_size * (s.layer_input_size(layer) + s.out_size);
+      weight_size * 4 * s.hidden_size * (s.layer_input_size(layer) + s.out_size);
   return slice_rows * kFuseWeightBytesPerRow >= weight_bytes;
 }
 
@@ -947,7 +950,7 @@ void use_brgemm(const LSTMShape& s, DirectionWeights<T>& w, T* buf, int64_t laye
   if constexpr (std::is_same_v<T, float>) {
     if (buf == nullptr) return;
     const int64_t G = 4 * s.hidden_size, out = s.out_size;
-    const int64_t k_ih = fuse_input_projection(s, layer) ? s.layer_input_size(layer) : 0;
+    const int64_t k_ih = fuse_input_projection(s, layer, 4) ? s.layer_input_size(layer) : 0;
     const int64_t K = k_ih + out;
     const int64_t panels = (G + kBrgemmPanelN - 1) / kBrgemmPanelN;
     auto pack = [&](int64_t p0, int64_t p1) {
@@ -1009,6 +1012,7 @@ void use_bf16_gemm(const LSTMShape& s, int64_t layer, DirectionWeights<T>& w, ui
     bf16_pack_weight(w.w_hh, G, out, out, hh);
     w.w_ih_bf16 = buf;
     w.w_hh_bf16 = hh;
+    if (fuse_input_projection(s, layer, 2)) w.k_ih = in;
   }
 }
 
