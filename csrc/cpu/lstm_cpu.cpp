@@ -755,8 +755,8 @@ void forward_step(const LSTMShape& s, const DirectionWeights<T>& w, int64_t bs, 
     if (w.w_hh_bf16) {  // g_t: the projection unless x_t is given (then computed here)
       if (x_t) bf16_gemm(bs, G, in_size, x_t, in_size, w.w_ih_bf16, g_t, G, false);
       if (h_prev) bf16_gemm(bs, G, out, h_prev, ld_prev, w.w_hh_bf16, g_t, G, true);
-    } else if (x_t) {  // the input projection, fused: g_t = b + x_t W_ih^T + h_{t-1} W_hh^T
-      brgemm_packed(false, bs, G, in_size, x_t, in_size, w, 0, g_t, G);  // bias: the cell pass
+    } else if (x_t) {  // the input projection, fused: g_t = x_t W_ih^T + h_{t-1} W_hh^T
+      brgemm_packed(false, bs, G, in_size, x_t, in_size, w, 0, g_t, G);
       if (h_prev) brgemm_packed(true, bs, G, out, h_prev, ld_prev, w, in_size, g_t, G);
     } else if (w.w_packed) {
       if (h_prev) brgemm_packed(true, bs, G, out, h_prev, ld_prev, w, 0, g_t, G);
