@@ -1482,7 +1482,7 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
   const int64_t out_stride = D * out;
   const int64_t chunk_steps = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, s.batch * G));
-  at::Tensor dropped_buf, chunk_buf, pre_proj_buf, layer_buf[2];
+  at::Tensor dropped_buf, chunk_buf, gates_buf, pre_proj_buf, layer_buf[2];
   T* dropped = (mask && s.num_layers > 1) ? scratch<T>(dropped_buf, s.rows * out_stride) : nullptr;
   const int64_t chunk_rows = std::min(chunk_steps, s.seq_len) * s.batch;
   const bool tiny = H < kRowWiseHidden;
@@ -1491,7 +1491,12 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
   uint16_t* bf16_weights = bf16_weight_buffer(s, bf16_model, bf16_buf);
   T* w_packed = bf16_weights ? nullptr : brgemm_buffer<T>(s, w_packed_buf);
   T* bias = (s.has_biases && !tiny) ? scratch<T>(bias_buf, G) : nullptr;
-  T* chunk = tiny ? nullptr : scratch<T>(chunk_buf, chunk_rows * G);
+  // The gates of `rows` rows: one step's where the projection is fused into the steps (every
+  // layer at medium and fastrnns), a chunk's otherwise; allocated at the first need.
+  auto gates_for = [&](int64_t rows) {
+    if (!gates_buf.defined() || gates_buf.numel() < rows * G) scratch<T>(gates_buf, rows * G);
+    return gates_buf.mutable_data_ptr<T>();
+  };
   T* pre_proj = (s.proj_size > 0 && !tiny) ? scratch<T>(pre_proj_buf, s.batch * H) : nullptr;
   const T* prev = nullptr;
   for (int64_t l = 0; l < s.num_layers; ++l) {
@@ -1514,10 +1519,11 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
         use_bias(w, G, bias);
       }
       if (w.k_ih > 0) {  // the projection fused into the steps: one pass over every step
+        T* step_gates = gates_for(s.batch);
         auto rows_of = [&](int64_t t) {
           const int64_t off = s.step_offset[t];
-          return StepRows<T>{chunk, nullptr, pre_proj, layer_out + off * out_stride + d * out,
-                             x + off * in_size};
+          return StepRows<T>{step_gates, nullptr, pre_proj,
+                             layer_out + off * out_stride + d * out, x + off * in_size};
         };
         for_each_batch_slice(s, s.seq_len, true, [&](int64_t r0, int64_t r1) {
           forward_steps(s, w, d, 0, s.seq_len - 1, r0, r1, h_state, c_state, rows_of, in_size,
@@ -1550,6 +1556,7 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
           }
           continue;
         }
+        T* chunk = gates_for(chunk_rows);
         input_projection(w, x + row0 * in_size, rows, in_size, G, chunk);
         // The pre-projection goes to per-row scratch ([B, H]) that each step overwrites.
         auto rows_of = [&](int64_t t) {
