@@ -302,9 +302,9 @@ __attribute__((always_inline)) inline void cell_forward_loop(
 using cpu::vec16::Vec16;
 
 // The first k (<= 16) floats at p, zeros after them; and the first k lanes of v stored at p
-// (AVX-512 masked moves).
+// (AVX-512 masked moves; plain ones for whole vectors).
 __attribute__((target("avx512f"), always_inline)) inline Vec16 load16(const float* p, int64_t k) {
-  if (k == 16) return Vec16(_mm512_loadu_ps(p));  // whole vectors unmasked: ~5% faster pass
+  if (k == 16) return Vec16(_mm512_loadu_ps(p));  // ~5% faster pass (NOTES.md section 20)
   return Vec16(_mm512_maskz_loadu_ps(__mmask16((1u << k) - 1), p));
 }
 
@@ -726,11 +726,14 @@ void input_projection(const DirectionWeights<T>& w, const T* x, int64_t rows, in
   gemm<T>(false, true, rows, G, in_size, T(1), x, in_size, w.w_ih, in_size, T(0), gates, G);
 }
 
-// w.bias = b_ih + b_hh in buf ([4H]) where the layer has biases. The cell pass adds it, so the
-// products write the gates without first filling them with it (NOTES.md section 21).
+// w.bias = b_ih + b_hh ([4H], in `holder`, allocated at the first call) where the layer has
+// biases. The cell pass adds it, so the products write the gates without first filling them
+// with it (NOTES.md section 21).
 template <typename T>
-void use_bias(DirectionWeights<T>& w, int64_t G, T* buf) {
+void use_bias(DirectionWeights<T>& w, int64_t G, at::Tensor& holder) {
   if (w.b_ih == nullptr) return;
+  if (!holder.defined()) holder = cpu_cached_empty(G, c10::CppTypeToScalarType<T>::value);
+  T* buf = holder.mutable_data_ptr<T>();
   for (int64_t j = 0; j < G; ++j) buf[j] = w.b_ih[j] + w.b_hh[j];
   w.bias = buf;
 }
@@ -863,7 +866,8 @@ T* scratch(at::Tensor& holder, int64_t numel) {
 // row per kFuseWeightBytesPerRow of packed weights (measured, 1 thread, hidden 512, 100 steps:
 // 16 rows 76 vs 71 ms unfused, 32 rows even, 64 rows 259 vs 271 ms; hidden 256, 2 layers:
 // 2 rows 6.7 vs 5.4 ms, 4 rows even, 8 rows 16.0 vs 17.2 ms).
-// The same for bf16_gemm's bf16 weights (weight_size 2 bytes, against brgemm's 4).
+// The same for bf16_gemm's bf16 weights (weight_size: bytes per packed weight, 2 against
+// brgemm's 4).
 // FUSED_LSTM_UNFUSED_INPUT=1 turns it off (read per call, for A/B measurements and tests).
 constexpr int64_t kFuseWeightBytesPerRow = int64_t{1} << 18;
 
@@ -950,7 +954,7 @@ void use_brgemm(const LSTMShape& s, DirectionWeights<T>& w, T* buf, int64_t laye
   if constexpr (std::is_same_v<T, float>) {
     if (buf == nullptr) return;
     const int64_t G = 4 * s.hidden_size, out = s.out_size;
-    const int64_t k_ih = fuse_input_projection(s, layer, 4) ? s.layer_input_size(layer) : 0;
+    const int64_t k_ih = fuse_input_projection(s, layer, sizeof(float)) ? s.layer_input_size(layer) : 0;
     const int64_t K = k_ih + out;
     const int64_t panels = (G + kBrgemmPanelN - 1) / kBrgemmPanelN;
     auto pack = [&](int64_t p0, int64_t p1) {
@@ -1012,7 +1016,7 @@ void use_bf16_gemm(const LSTMShape& s, int64_t layer, DirectionWeights<T>& w, ui
     bf16_pack_weight(w.w_hh, G, out, out, hh);
     w.w_ih_bf16 = buf;
     w.w_hh_bf16 = hh;
-    if (fuse_input_projection(s, layer, 2)) w.k_ih = in;
+    if (fuse_input_projection(s, layer, sizeof(uint16_t))) w.k_ih = in;
   }
 }
 
@@ -1147,7 +1151,6 @@ void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
   at::Tensor w_packed_buf, bf16_buf, bias_buf;
   uint16_t* bf16_weights = bf16_weight_buffer(s, bf16_model, bf16_buf);
   T* w_packed = bf16_weights ? nullptr : brgemm_buffer<T>(s, w_packed_buf);
-  T* bias = (s.has_biases && !tiny) ? scratch<T>(bias_buf, G) : nullptr;
   T* dropped = (mask && s.num_layers > 1) ? scratch<T>(dropped_buf, s.rows * out_stride) : nullptr;
   for (int64_t l = 0; l < s.num_layers; ++l) {
     const T* x = layer_input(s, l, input, l > 0 ? reserve + s.layer_out_offset(l - 1) : nullptr,
@@ -1179,7 +1182,7 @@ void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
       const int64_t in_size = s.layer_input_size(l);
       use_bf16_gemm(s, l, w, bf16_weights);
       use_brgemm(s, w, w_packed, l);
-      use_bias(w, G, bias);
+      use_bias(w, G, bias_buf);
       const bool fused = w.k_ih > 0;  // else every step's projection at once, here
       if (!fused) input_projection(w, x, s.rows, in_size, G, gates);
       auto rows_of = [&](int64_t t) {
@@ -1490,7 +1493,6 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
   at::Tensor w_packed_buf, bf16_buf, bias_buf;
   uint16_t* bf16_weights = bf16_weight_buffer(s, bf16_model, bf16_buf);
   T* w_packed = bf16_weights ? nullptr : brgemm_buffer<T>(s, w_packed_buf);
-  T* bias = (s.has_biases && !tiny) ? scratch<T>(bias_buf, G) : nullptr;
   // The gates of `rows` rows: one step's where the projection is fused into the steps (every
   // layer at medium and fastrnns), a chunk's otherwise; allocated at the first need.
   auto gates_for = [&](int64_t rows) {
@@ -1516,7 +1518,7 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
       if (!tiny) {
         use_bf16_gemm(s, l, w, bf16_weights);
         use_brgemm(s, w, w_packed, l);
-        use_bias(w, G, bias);
+        use_bias(w, G, bias_buf);
       }
       if (w.k_ih > 0) {  // the projection fused into the steps: one pass over every step
         T* step_gates = gates_for(s.batch);
