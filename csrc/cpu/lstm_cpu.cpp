@@ -1793,12 +1793,24 @@ void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
   const int64_t out_stride = D * out;
   const bool has_proj = s.proj_size > 0;
   // Scratch, allocated once per call.
-  at::Tensor dgates_buf, h_prev_buf, dy_buf, dx_buf, dropped_buf, dh_all_buf, dh_buf_t,
+  at::Tensor dgates_buf, h_prev_buf, dy_buf, dx_buf, dx2_buf, dropped_buf, dh_all_buf, dh_buf_t,
       c_prev_buf_t, zeros_buf, tiny_buf_t, bf16_buf;
   T* dgates = scratch<T>(dgates_buf, s.rows * G);
   T* h_prev = scratch<T>(h_prev_buf, s.rows * out);
-  T* dy = scratch<T>(dy_buf, s.rows * out_stride);  // grad of the current layer's output
-  T* dx = s.num_layers > 1 ? scratch<T>(dx_buf, s.rows * out_stride) : nullptr;
+  // dy: the gradient of the current layer's output, read only. The top layer's is grad_output
+  // itself (zeros when it is None); a lower layer's is the dL/dx of the layer above, written
+  // into one of two buffers used in turn (layer l writes dx_bufs[l % 2], which the layer below
+  // reads as its dy; a second buffer only from three layers on) and masked in place.
+  const int64_t dy_numel = s.rows * out_stride;
+  const T* dy = grad_output;
+  if (!dy) {
+    T* zero = scratch<T>(dy_buf, dy_numel);
+    std::fill_n(zero, dy_numel, T(0));
+    dy = zero;
+  }
+  T* dx_bufs[2] = {nullptr, nullptr};
+  if (s.num_layers > 1) dx_bufs[(s.num_layers - 1) % 2] = scratch<T>(dx_buf, dy_numel);
+  if (s.num_layers > 2) dx_bufs[s.num_layers % 2] = scratch<T>(dx2_buf, dy_numel);
   T* dropped = (mask && s.num_layers > 1) ? scratch<T>(dropped_buf, s.rows * out_stride) : nullptr;
   T* dh_all = has_proj ? scratch<T>(dh_all_buf, s.rows * out) : nullptr;
   T* dh_buf = scratch<T>(dh_buf_t, s.batch * H);           // dL/dh_t, [bs, H]
@@ -1811,15 +1823,13 @@ void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
   // dL/dh_{t-1} = dgates_t W_hh through brgemm (W_hh is already its B[4H, out]).
   const bool brgemm = std::is_same_v<T, float> && H >= kRowWiseHidden && brgemm_available();
 
-  copy_or_zero(grad_output, s.rows * out_stride, dy);
-
   for (int64_t l = s.num_layers - 1; l >= 0; --l) {
     const int64_t in_size = s.layer_input_size(l);
     const T* x = layer_input(s, l, input, l > 0 ? reserve + s.layer_out_offset(l - 1) : nullptr,
                              mask, dropped);
     const T* layer_out = reserve + s.layer_out_offset(l);
     // Gradient w.r.t. this layer's input: the op's grad_input, or the previous layer's output.
-    T* dx_l = l == 0 ? grad_input : dx;
+    T* dx_l = l == 0 ? grad_input : dx_bufs[l % 2];
     for (int64_t d = 0; d < D; ++d) {
       const auto w = direction_weights<T>(s, weights, l, d);
       const T* gates = reserve + s.gates_offset(l, d);
@@ -1912,12 +1922,14 @@ void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
       }
     }
     if (l > 0) {
-      // Through the dropout mask into the previous layer's output gradient.
-      const int64_t n = s.rows * out_stride;
-      const T* m = mask ? mask + (l - 1) * n : nullptr;
-      at::parallel_for(0, n, kParallelElements, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) dy[i] = m ? dx[i] * m[i] : dx[i];
-      });
+      // Through the dropout mask into the previous layer's output gradient, in place.
+      if (mask) {
+        const T* m = mask + (l - 1) * dy_numel;
+        at::parallel_for(0, dy_numel, kParallelElements, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) dx_l[i] *= m[i];
+        });
+      }
+      dy = dx_l;
     }
   }
 }
