@@ -790,6 +790,11 @@ struct StepRows {
   const T* x = nullptr;  // the step's layer input [.., in_size] when the projection is fused
 };
 
+// Whether every step has every row (no packed lengths): batch sizes never increase.
+inline bool every_step_full(const LSTMShape& s) {
+  return s.batch_sizes[0] == s.batch_sizes[s.seq_len - 1];
+}
+
 // Forward steps [first, last] (processing order) of direction d, for the batch rows [r0, r1)
 // only. The rows of a batch are independent sequences, so a slice of them runs every step
 // without waiting for the others. rows_of(t): step t's StepRows. h_zero: h_state is zero at
@@ -804,7 +809,7 @@ void forward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_t d, 
                    const RowsOf& rows_of, int64_t in_size, bool h_zero) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size;
   const int64_t out_stride = s.num_directions * out;
-  const bool in_output = s.batch_sizes[0] == s.batch_sizes[s.seq_len - 1];
+  const bool in_output = every_step_full(s);
   const int64_t ld_h = in_output ? out_stride : out;
   const T* h_prev = h_zero ? nullptr : h_state + r0 * out;
   int64_t ld_prev = out, last_bs = 0;
@@ -1678,44 +1683,106 @@ void step_dh_product(const Bf16Backward& bb, bool brgemm, int64_t bs, int64_t ou
   gemm<T>(false, false, bs, out, G, T(1), dg_t, G, w_hh, out, T(0), dh, out);
 }
 
+// h_{t-1} of rows [r0, r1) of a layer and direction (the rows of dgates): row r0's at h, the
+// next rows `ld` elements apart. dW_hh = dgates^T h_prev sums over one or two such segments.
+template <typename T>
+struct HPrevSegment {
+  const T* h;
+  int64_t ld, r0, r1;
+};
+
+template <typename T>
+struct HPrev {
+  HPrevSegment<T> seg[2];
+  int n = 0;
+};
+
+// h_{t-1} of every row of direction d. Where every step has every row, read in place: the
+// layer output shifted by one step (its direction's columns), and h0 for the first step
+// processed (time 0 forward, time T-1 backward). Otherwise gathered into `buf` [rows, out]:
+// per step, the rows that continue from the previous step, then those that start from h0.
+template <typename T>
+HPrev<T> h_prev_rows(const LSTMShape& s, int64_t d, const T* layer_out, const T* h0, T* buf) {
+  const int64_t out = s.out_size, out_stride = s.num_directions * out, B = s.batch;
+  const int64_t rows = s.rows;
+  HPrev<T> hp;
+  if (every_step_full(s)) {
+    const T* shifted = layer_out + d * out;  // row r of layer_out: h at row r's step
+    if (d == 0) {
+      hp.seg[0] = {h0, out, 0, B};
+      hp.seg[1] = {shifted, out_stride, B, rows};
+    } else {
+      hp.seg[0] = {shifted + B * out_stride, out_stride, 0, rows - B};
+      hp.seg[1] = {h0, out, rows - B, rows};
+    }
+    hp.n = 2;
+    return hp;
+  }
+  for (int64_t t = 0; t < s.seq_len; ++t) {
+    const int64_t bs = s.batch_sizes[t], off = s.step_offset[t];
+    const int64_t prev_t = d == 0 ? t - 1 : t + 1;
+    const int64_t continuing =
+        (prev_t >= 0 && prev_t < s.seq_len) ? std::min(bs, s.batch_sizes[prev_t]) : 0;
+    T* dst = buf + off * out;
+    if (continuing > 0)
+      copy_rows(layer_out + s.step_offset[prev_t] * out_stride + d * out, out_stride, dst, out,
+                continuing, out);
+    copy_rows(h0 + continuing * out, out, dst + continuing * out, out, bs - continuing, out);
+  }
+  hp.seg[0] = {buf, out, 0, rows};
+  hp.n = 1;
+  return hp;
+}
+
 // A layer and direction's products after its recurrence: dW_ih = dgates^T x,
 // dW_hh = dgates^T h_prev, and dL/dx = dgates W_ih (added to dx when `add_dx`: the other
 // direction's). bf16 operands where `bb` is set (its W_ih^T packed already).
 template <typename T>
 void backward_products(const LSTMShape& s, const Bf16Backward& bb, const T* dgates, const T* x,
-                       int64_t in_size, const T* h_prev, const T* w_ih, T* gw_ih, T* gw_hh, T* dx,
-                       bool add_dx) {
+                       int64_t in_size, const HPrev<T>& h_prev, const T* w_ih, T* gw_ih,
+                       T* gw_hh, T* dx, bool add_dx) {
   const int64_t G = 4 * s.hidden_size, out = s.out_size, rows = s.rows;
   if constexpr (std::is_same_v<T, float>) {
     if (bb.w_hh_t) {
       const int64_t ld = bb.ld;
+      // The rows summed over, a chunk at a time, no chunk across two segments of h_prev
+      // (once, with none, for an empty batch).
       int64_t k0 = 0;
-      do {  // the rows summed over, a chunk at a time (once, with none, for an empty batch)
-        const int64_t kn = std::min(kBf16GradRows, rows - k0);
-        const bool last = k0 + kn == rows;
-        split_over_threads({pack_t_job(x + k0 * in_size, in_size, kn, in_size, bb.x),
-                            pack_t_job(h_prev + k0 * out, out, kn, out, bb.h_prev),
-                            {G, [&](int64_t m0, int64_t m1) {
-                               bf16_transpose_rows(dgates + k0 * G + m0, kn, m1 - m0, G,
-                                                   bb.dgates_t + m0 * ld, ld);
-                             }}});
-        const Piecewise weight_grads{G, [&](int64_t m0, int64_t m1) {  // rows of dW_ih, dW_hh
-          const c10::BFloat16* a = bb.dgates_t + m0 * ld;
-          bf16_gemm(m1 - m0, in_size, kn, a, ld, bb.x, gw_ih + m0 * in_size, in_size, k0 > 0);
-          bf16_gemm(m1 - m0, out, kn, a, ld, bb.h_prev, gw_hh + m0 * out, out, k0 > 0);
-        }};
-        const Piecewise data_grads{last ? rows : 0, [&](int64_t r0, int64_t r1) {  // of dL/dx
-          bf16_gemm(r1 - r0, in_size, G, dgates + r0 * G, G, bb.w_ih_t, dx + r0 * in_size,
-                    in_size, add_dx);
-        }};
-        split_over_threads({weight_grads, data_grads});
-        k0 += kn;
-      } while (k0 < rows);
+      for (int i = 0; i < h_prev.n; ++i) {
+        const HPrevSegment<float>& seg = h_prev.seg[i];
+        while (k0 < seg.r1 || (rows == 0 && k0 == 0 && i == 0)) {
+          const int64_t kn = std::min(kBf16GradRows, seg.r1 - k0);
+          const bool first = k0 == 0, last = k0 + kn == rows;
+          split_over_threads({pack_t_job(x + k0 * in_size, in_size, kn, in_size, bb.x),
+                              pack_t_job(seg.h + (k0 - seg.r0) * seg.ld, out, kn, seg.ld,
+                                         bb.h_prev),
+                              {G, [&](int64_t m0, int64_t m1) {
+                                 bf16_transpose_rows(dgates + k0 * G + m0, kn, m1 - m0, G,
+                                                     bb.dgates_t + m0 * ld, ld);
+                               }}});
+          const Piecewise weight_grads{G, [&](int64_t m0, int64_t m1) {  // rows of dW_ih, dW_hh
+            const c10::BFloat16* a = bb.dgates_t + m0 * ld;
+            bf16_gemm(m1 - m0, in_size, kn, a, ld, bb.x, gw_ih + m0 * in_size, in_size, !first);
+            bf16_gemm(m1 - m0, out, kn, a, ld, bb.h_prev, gw_hh + m0 * out, out, !first);
+          }};
+          const Piecewise data_grads{last ? rows : 0, [&](int64_t r0, int64_t r1) {  // of dL/dx
+            bf16_gemm(r1 - r0, in_size, G, dgates + r0 * G, G, bb.w_ih_t, dx + r0 * in_size,
+                      in_size, add_dx);
+          }};
+          split_over_threads({weight_grads, data_grads});
+          if (kn == 0) break;
+          k0 += kn;
+        }
+      }
       return;
     }
   }
   gemm<T>(true, false, G, in_size, rows, T(1), dgates, G, x, in_size, T(0), gw_ih, in_size);
-  gemm<T>(true, false, G, out, rows, T(1), dgates, G, h_prev, out, T(0), gw_hh, out);
+  for (int i = 0; i < h_prev.n; ++i) {  // also for an empty batch: gemm zero-fills when k == 0
+    const HPrevSegment<T>& seg = h_prev.seg[i];
+    gemm<T>(true, false, G, out, seg.r1 - seg.r0, T(1), dgates + seg.r0 * G, G, seg.h, seg.ld,
+            i == 0 ? T(0) : T(1), gw_hh, out);
+  }
   gemm<T>(false, false, rows, in_size, G, T(1), dgates, G, w_ih, in_size, add_dx ? T(1) : T(0),
           dx, in_size);
 }
@@ -1796,7 +1863,8 @@ void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
   at::Tensor dgates_buf, h_prev_buf, dy_buf, dx_buf, dx2_buf, dropped_buf, dh_all_buf, dh_buf_t,
       c_prev_buf_t, zeros_buf, tiny_buf_t, bf16_buf;
   T* dgates = scratch<T>(dgates_buf, s.rows * G);
-  T* h_prev = scratch<T>(h_prev_buf, s.rows * out);
+  // h_{t-1} of every row gathered, only where steps have different rows (h_prev_rows).
+  T* h_prev_buf_ptr = every_step_full(s) ? nullptr : scratch<T>(h_prev_buf, s.rows * out);
   // dy: the gradient of the current layer's output, read only. The top layer's is grad_output
   // itself (zeros when it is None); a lower layer's is the dL/dx of the layer above, written
   // into one of two buffers used in turn (layer l writes dx_bufs[l % 2], which the layer below
@@ -1886,20 +1954,8 @@ void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
       for_each_batch_slice(s, s.seq_len, brgemm || bb.w_hh_t, steps);
       }
 
-      // h_{t-1} of every row, for dW_hh as one GEMM: per step, the rows that continue from the
-      // previous step (a block of layer_out), then those that start from h0.
       const T* h0 = hx ? hx + ld * s.batch * out : zeros;
-      for (int64_t t = 0; t < s.seq_len; ++t) {
-        const int64_t bs = s.batch_sizes[t], off = s.step_offset[t];
-        const int64_t prev_t = d == 0 ? t - 1 : t + 1;
-        const int64_t continuing =
-            (prev_t >= 0 && prev_t < s.seq_len) ? std::min(bs, s.batch_sizes[prev_t]) : 0;
-        T* dst = h_prev + off * out;
-        if (continuing > 0)
-          copy_rows(layer_out + s.step_offset[prev_t] * out_stride + d * out, out_stride, dst, out,
-                    continuing, out);
-        copy_rows(h0 + continuing * out, out, dst + continuing * out, out, bs - continuing, out);
-      }
+      const HPrev<T> h_prev = h_prev_rows(s, d, layer_out, h0, h_prev_buf_ptr);
 
       const int64_t k = s.weight_index(l, d);
       T* gw_ih = grad_weights[k].mutable_data_ptr<T>();
