@@ -182,6 +182,21 @@ at::Tensor opt_to_math(const std::optional<at::Tensor>& t, at::ScalarType math) 
   return t.has_value() ? to_math(*t, math) : at::Tensor();
 }
 
+// The input and W_ih / W_hh as the kernels read them: kept as given (contiguous) for a
+// bfloat16 call whose backend asks for it (lstm.h, KeepBf16), else in the math dtype.
+void convert_input_and_weights(const LSTMShape& s, const at::Tensor& input,
+                               at::TensorList weights, at::ScalarType math, KeepBf16 keep_bf16,
+                               at::Tensor& input_out, std::vector<at::Tensor>& weights_out) {
+  const bool keep = input.scalar_type() == at::kBFloat16 && keep_bf16 != nullptr && keep_bf16(s);
+  input_out = keep ? input.contiguous() : to_math(input, math);
+  weights_out.reserve(weights.size());
+  const int64_t per_direction = s.weights_per_direction();
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const bool w_ih_or_hh = static_cast<int64_t>(i) % per_direction < 2;
+    weights_out.push_back(keep && w_ih_or_hh ? weights[i].contiguous() : to_math(weights[i], math));
+  }
+}
+
 void check_supported_dtype(const at::Tensor& input) {
   const auto st = input.scalar_type();
   TORCH_CHECK_VALUE(
@@ -195,7 +210,8 @@ ForwardArgs prepare_forward(
     const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
     const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
-    bool bidirectional, bool has_biases, int64_t proj_size, bool with_reserve) {
+    bool bidirectional, bool has_biases, int64_t proj_size, bool with_reserve,
+    KeepBf16 keep_bf16) {
   ForwardArgs a;
   a.shape = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
                             bidirectional, has_biases, proj_size);
@@ -203,12 +219,10 @@ ForwardArgs prepare_forward(
   const LSTMShape& s = a.shape;
   a.dtype = input.scalar_type();
   a.math = math_type(a.dtype);
-  a.input = to_math(input, a.math);
+  convert_input_and_weights(s, input, weights, a.math, keep_bf16, a.input, a.weights);
   a.hx = opt_to_math(hx, a.math);
   a.cx = opt_to_math(cx, a.math);
   a.dropout_mask = opt_to_math(dropout_mask, a.math);
-  a.weights.reserve(weights.size());
-  for (const auto& w : weights) a.weights.push_back(to_math(w, a.math));
   const auto opts = input.options().dtype(a.math);
   const int64_t LD = s.num_layers * s.num_directions;
   a.hy = at::empty({LD, s.batch, s.out_size}, opts);
@@ -237,7 +251,8 @@ BackwardArgs prepare_backward(
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask,
     const at::Tensor& reserve, const std::optional<at::Tensor>& grad_output,
     const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
-    int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size) {
+    int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
+    KeepBf16 keep_bf16) {
   BackwardArgs a;
   a.shape = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
                             bidirectional, has_biases, proj_size);
@@ -248,7 +263,7 @@ BackwardArgs prepare_backward(
   a.math = math_type(a.dtype);
   TORCH_CHECK(reserve.scalar_type() == a.math, "fused_lstm: reserve has dtype ",
               reserve.scalar_type(), ", expected ", a.math);
-  a.input = to_math(input, a.math);
+  convert_input_and_weights(s, input, weights, a.math, keep_bf16, a.input, a.weights);
   a.hx = opt_to_math(hx, a.math);
   a.cx = opt_to_math(cx, a.math);
   a.dropout_mask = opt_to_math(dropout_mask, a.math);
@@ -257,12 +272,8 @@ BackwardArgs prepare_backward(
   a.grad_hy = opt_to_math(grad_hy, a.math);
   a.grad_cy = opt_to_math(grad_cy, a.math);
   const auto opts = input.options().dtype(a.math);
-  a.weights.reserve(weights.size());
   a.grad_weights.reserve(weights.size());
-  for (const auto& w : weights) {
-    a.weights.push_back(to_math(w, a.math));
-    a.grad_weights.push_back(at::empty(w.sizes(), opts));
-  }
+  for (const auto& w : weights) a.grad_weights.push_back(at::empty(w.sizes(), opts));
   const int64_t LD = s.num_layers * s.num_directions;
   a.grad_input = at::empty(input.sizes(), opts);
   a.grad_hx = at::empty({LD, s.batch, s.out_size}, opts);

@@ -86,13 +86,17 @@ LSTMShape check_lstm_args(
 // prepare_* checks the arguments, converts every tensor to the math dtype (contiguous) and
 // allocates the results; the kernels fill them; finish_* converts them back to the caller's
 // dtypes. Absent optional tensors stay undefined.
+// Except: for a bfloat16 call where `keep_bf16(shape)` holds (a backend whose products read
+// bf16 operands as they are), the input, every W_ih and every W_hh stay bfloat16 (contiguous),
+// so no float copy of them is made; the biases, W_hr and everything else are converted.
+using KeepBf16 = bool (*)(const LSTMShape&);
 
 struct ForwardArgs {
   LSTMShape shape;
   at::ScalarType dtype;  // the caller's
   at::ScalarType math;
-  at::Tensor input, hx, cx, dropout_mask;  // as given, in the math dtype
-  std::vector<at::Tensor> weights;
+  at::Tensor input, hx, cx, dropout_mask;  // as given, in the math dtype (or kept bf16)
+  std::vector<at::Tensor> weights;         // in the math dtype (W_ih and W_hh maybe kept bf16)
   at::Tensor hy, cy, reserve;  // results: [L*D, B, out], [L*D, B, H], [reserve_numel()]
                                // (reserve undefined when prepared without one)
 };
@@ -117,7 +121,8 @@ ForwardArgs prepare_forward(
     const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
     const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
-    bool bidirectional, bool has_biases, int64_t proj_size, bool with_reserve = true);
+    bool bidirectional, bool has_biases, int64_t proj_size, bool with_reserve = true,
+    KeepBf16 keep_bf16 = nullptr);
 
 // t in `dtype`: t itself when it already is (no dispatcher call, ~0.2 us), else a converted copy.
 inline at::Tensor in_dtype(const at::Tensor& t, at::ScalarType dtype) {
@@ -133,7 +138,8 @@ BackwardArgs prepare_backward(
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask,
     const at::Tensor& reserve, const std::optional<at::Tensor>& grad_output,
     const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
-    int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size);
+    int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
+    KeepBf16 keep_bf16 = nullptr);
 
 // (grad_input, grad_hx, grad_cx, grad_weights), each in its argument's dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> finish_backward(

@@ -151,6 +151,70 @@ def test_recycled_buffers_count_in_profiled_memory():
     del output
 
 
+def _allocation_sizes(fn):
+    """Sizes in bytes of the CPU allocations that fn() makes (torch.profiler memory events)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, pending = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        event = pending.pop()
+        events.append(event)
+        pending.extend(event.children)
+    return [e.extra_fields.alloc_size for e in events
+            if e.tag == _EventType.Allocation and e.extra_fields.alloc_size > 0]
+
+
+def _cpu_has_avx512_bf16():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags and os.environ.get("FUSED_LSTM_NO_BF16_GEMM", "") in ("", "0")
+
+
+def test_backward_makes_no_copy_of_grad_output_or_h_prev():
+    """A one-layer backward reads grad_output in place and h_{t-1} from the layer output (every
+    step has every row): nothing of grad_output's size, [rows, hidden] float32, is allocated
+    (the input size differs, so grad_input does not count; NOTES.md section 22)."""
+    T, B, I, H = 30, 16, 24, 40
+    model = FusedLSTM(I, H)
+    x = randn(T, B, I, dtype=F32).requires_grad_()
+    up = randn(T, B, H, dtype=F32)
+    model(x)[0].backward(up)  # warm: buffers cached, x.grad allocated
+    output, _ = model(x)
+    sizes = _allocation_sizes(lambda: output.backward(up))
+    grad_output_bytes = T * B * H * 4
+    assert sizes and max(sizes) >= T * B * 4 * H * 4  # the profiler saw the backward's dgates
+    assert grad_output_bytes not in sizes, sorted(sizes)
+
+
+@pytest.mark.skipif(not _cpu_has_avx512_bf16(), reason="the bf16 products need AVX512_BF16")
+def test_bf16_model_makes_no_float_copies_of_input_and_weights():
+    """Where a bfloat16 model's products read bf16 operands (AVX512_BF16), the op reads the
+    bf16 input, W_ih and W_hh as given: the forward and inference allocate nothing of their
+    float32 sizes, and the backward only its float32 grad_input, dW_ih and dW_hh (one each)."""
+    T, B, I, H = 30, 16, 24, 40
+    model = FusedLSTM(I, H).to(torch.bfloat16)
+    x = randn(T, B, I, dtype=torch.bfloat16).requires_grad_()
+    up = randn(T, B, H, dtype=torch.bfloat16)
+    model(x)[0].backward(up)  # warm: buffers cached, grads allocated
+    copies = {"input": T * B * I * 4, "W_ih": 4 * H * I * 4, "W_hh": 4 * H * H * 4}
+    assert len(set(copies.values())) == 3
+    outputs = []
+    forward = _allocation_sizes(lambda: outputs.append(model(x)[0]))
+    with torch.no_grad():
+        inference = _allocation_sizes(lambda: model(x))
+    backward = _allocation_sizes(lambda: outputs[0].backward(up))
+    for name, size in copies.items():
+        assert size not in forward, (name, sorted(forward))
+        assert size not in inference, (name, sorted(inference))
+        assert backward.count(size) == 1, (name, sorted(backward))
+
+
 # --- non-finite values ---------------------------------------------------------------------
 
 

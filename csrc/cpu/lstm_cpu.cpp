@@ -630,11 +630,39 @@ void copy_or_zero(const T* src, int64_t n, T* dst) {
   else std::fill_n(dst, n, T(0));
 }
 
+// A matrix that the bf16 products may read: rows in the math dtype, or (for a bfloat16 model,
+// where the op keeps them as the caller gave them: lstm.h KeepBf16) bf16 rows, which only
+// bf16_gemm and the bf16 packing read. bf16_gemm rounds a float operand to bf16 as it reads it,
+// so both give the same products. At most one pointer is set.
+template <typename T>
+struct Operand {
+  const T* f = nullptr;
+  const c10::BFloat16* b = nullptr;
+  Operand at(int64_t offset) const {
+    return {f ? f + offset : nullptr, b ? b + offset : nullptr};
+  }
+  explicit operator bool() const { return f != nullptr || b != nullptr; }
+};
+
+template <typename T>
+Operand<T> operand(const at::Tensor& t) {
+  if (!t.defined()) return {};
+  if (t.scalar_type() == at::kBFloat16) return {nullptr, t.const_data_ptr<c10::BFloat16>()};
+  return {t.const_data_ptr<T>(), nullptr};
+}
+
+// fn(p) with the pointer that is set (for the bf16 products' overloads).
+template <typename T, typename F>
+void visit(const Operand<T>& o, F&& fn) {
+  if (o.b) fn(o.b);
+  else fn(o.f);
+}
+
 // Weights of one layer and direction, as raw pointers into contiguous math-dtype tensors.
 template <typename T>
 struct DirectionWeights {
-  const T* w_ih;  // [4H, I_l]
-  const T* w_hh;  // [4H, out]
+  const T* w_ih;  // [4H, I_l]; null where W_ih is bf16 (ih)
+  const T* w_hh;  // [4H, out]; null where W_hh is bf16 (hh)
   const T* b_ih;  // [4H] or null
   const T* b_hh;  // [4H] or null
   const T* w_hr;  // [out, H] or null
@@ -651,6 +679,8 @@ struct DirectionWeights {
   // may be set instead).
   const uint16_t* w_ih_bf16 = nullptr;
   const uint16_t* w_hh_bf16 = nullptr;
+  // W_ih and W_hh as given, in the math dtype or kept bf16 (then w_ih, w_hh are null).
+  Operand<T> ih, hh;
   // Whether a step's recurrent product runs at full speed on one thread (brgemm or bf16_gemm),
   // so the batch can be split over threads at any step size (for_each_batch_slice).
   bool single_thread_product() const { return w_packed != nullptr || w_hh_bf16 != nullptr; }
@@ -660,8 +690,10 @@ template <typename T>
 DirectionWeights<T> direction_weights(const LSTMShape& s, const std::vector<at::Tensor>& w,
                                       int64_t layer, int64_t direction) {
   const int64_t k = s.weight_index(layer, direction);
-  DirectionWeights<T> dw{w[k].const_data_ptr<T>(), w[k + 1].const_data_ptr<T>(), nullptr, nullptr,
-                         nullptr};
+  const Operand<T> ih = operand<T>(w[k]), hh = operand<T>(w[k + 1]);
+  DirectionWeights<T> dw{ih.f, hh.f, nullptr, nullptr, nullptr};
+  dw.ih = ih;
+  dw.hh = hh;
   int64_t next = k + 2;
   if (s.has_biases) {
     dw.b_ih = w[next].const_data_ptr<T>();
@@ -701,29 +733,31 @@ const T* step_c_prev(const LSTMShape& s, int64_t direction, int64_t t, int64_t r
 // x for layer l: the op's input, or the previous layer's output ([rows, D*out]) with dropout
 // applied into `dropped` (a scratch buffer of the same size).
 template <typename T>
-const T* layer_input(const LSTMShape& s, int64_t layer, const T* input, const T* prev_layer_out,
-                     const T* mask, T* dropped) {
+Operand<T> layer_input(const LSTMShape& s, int64_t layer, Operand<T> input,
+                       const T* prev_layer_out, const T* mask, T* dropped) {
   if (layer == 0) return input;
-  if (mask == nullptr) return prev_layer_out;
+  if (mask == nullptr) return {prev_layer_out};
   const int64_t n = s.rows * s.num_directions * s.out_size;
   const T* m = mask + (layer - 1) * n;
   at::parallel_for(0, n, kParallelElements, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) dropped[i] = prev_layer_out[i] * m[i];
   });
-  return dropped;
+  return {dropped};
 }
 
 // gates[rows, 4H] = x W_ih^T, x: [rows, in_size] (the bias is the cell pass's: use_bias).
 template <typename T>
-void input_projection(const DirectionWeights<T>& w, const T* x, int64_t rows, int64_t in_size,
+void input_projection(const DirectionWeights<T>& w, Operand<T> x, int64_t rows, int64_t in_size,
                       int64_t G, T* gates) {
   if constexpr (std::is_same_v<T, float>) {
     if (w.w_ih_bf16) {
-      bf16_gemm_parallel(rows, G, in_size, x, in_size, w.w_ih_bf16, gates, G, false);
+      visit(x, [&](auto a) {
+        bf16_gemm_parallel(rows, G, in_size, a, in_size, w.w_ih_bf16, gates, G, false);
+      });
       return;
     }
   }
-  gemm<T>(false, true, rows, G, in_size, T(1), x, in_size, w.w_ih, in_size, T(0), gates, G);
+  gemm<T>(false, true, rows, G, in_size, T(1), x.f, in_size, w.w_ih, in_size, T(0), gates, G);
 }
 
 // w.bias = b_ih + b_hh ([4H], in `holder`, allocated at the first call) where the layer has
@@ -751,15 +785,16 @@ void use_bias(DirectionWeights<T>& w, int64_t G, at::Tensor& holder) {
 template <typename T>
 void forward_step(const LSTMShape& s, const DirectionWeights<T>& w, int64_t bs, T* g_t,
                   const T* h_prev, int64_t ld_prev, T* h_next, int64_t ld_next, T* c_state,
-                  T* cells_t, T* pre_proj_t, const T* x_t, int64_t in_size) {
+                  T* cells_t, T* pre_proj_t, Operand<T> x_t, int64_t in_size) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size;
   const bool has_proj = s.proj_size > 0;
   if constexpr (std::is_same_v<T, float>) {
     if (w.w_hh_bf16) {  // g_t: the projection unless x_t is given (then computed here)
-      if (x_t) bf16_gemm(bs, G, in_size, x_t, in_size, w.w_ih_bf16, g_t, G, false);
+      if (x_t)
+        visit(x_t, [&](auto a) { bf16_gemm(bs, G, in_size, a, in_size, w.w_ih_bf16, g_t, G, false); });
       if (h_prev) bf16_gemm(bs, G, out, h_prev, ld_prev, w.w_hh_bf16, g_t, G, true);
     } else if (x_t) {  // the input projection, fused: g_t = x_t W_ih^T + h_{t-1} W_hh^T
-      brgemm_packed(false, bs, G, in_size, x_t, in_size, w, 0, g_t, G);
+      brgemm_packed(false, bs, G, in_size, x_t.f, in_size, w, 0, g_t, G);
       if (h_prev) brgemm_packed(true, bs, G, out, h_prev, ld_prev, w, in_size, g_t, G);
     } else if (w.w_packed) {
       if (h_prev) brgemm_packed(true, bs, G, out, h_prev, ld_prev, w, 0, g_t, G);
@@ -787,7 +822,7 @@ struct StepRows {
   T* cells;     // null in inference (no reserve: the cell pass writes only c_t and h_t)
   T* pre_proj;  // null without projection
   T* layer_out;
-  const T* x = nullptr;  // the step's layer input [.., in_size] when the projection is fused
+  Operand<T> x = {};  // the step's layer input [.., in_size] when the projection is fused
 };
 
 // Whether every step has every row (no packed lengths): batch sizes never increase.
@@ -822,7 +857,7 @@ void forward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_t d, 
     T* h_next = in_output ? out_t : h_state + r0 * out;
     forward_step(s, w, bs, p.gates + r0 * G, h_prev, ld_prev, h_next, ld_h, c_state + r0 * H,
                  p.cells ? p.cells + r0 * H : nullptr, p.pre_proj ? p.pre_proj + r0 * H : nullptr,
-                 p.x ? p.x + r0 * in_size : nullptr, in_size);
+                 p.x.at(r0 * in_size), in_size);
     if (!in_output) copy_rows(h_next, out, out_t, out_stride, bs, out);
     h_prev = h_next;
     ld_prev = ld_h;
@@ -1017,8 +1052,8 @@ void use_bf16_gemm(const LSTMShape& s, int64_t layer, DirectionWeights<T>& w, ui
     if (buf == nullptr) return;
     const int64_t G = 4 * s.hidden_size, in = s.layer_input_size(layer), out = s.out_size;
     uint16_t* hh = buf + bf16_packed_size(G, in);  // a multiple of 32 elements: 64-byte blocks
-    bf16_pack_weight(w.w_ih, G, in, in, buf);
-    bf16_pack_weight(w.w_hh, G, out, out, hh);
+    visit(w.ih, [&](auto W) { bf16_pack_weight(W, G, in, in, buf); });
+    visit(w.hh, [&](auto W) { bf16_pack_weight(W, G, out, out, hh); });
     w.w_ih_bf16 = buf;
     w.w_hh_bf16 = hh;
     if (fuse_input_projection(s, layer, sizeof(uint16_t))) w.k_ih = in;
@@ -1145,7 +1180,7 @@ TinyBuffers<T> tiny_buffers(const LSTMShape& s, int64_t g_rows, at::Tensor& hold
 }
 
 template <typename T>
-void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
+void forward_impl(const LSTMShape& s, Operand<T> input, const T* hx, const T* cx,
                   const std::vector<at::Tensor>& weights, const T* mask, T* hy, T* cy,
                   T* reserve, bool bf16_model) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
@@ -1158,8 +1193,8 @@ void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
   T* w_packed = bf16_weights ? nullptr : brgemm_buffer<T>(s, w_packed_buf);
   T* dropped = (mask && s.num_layers > 1) ? scratch<T>(dropped_buf, s.rows * out_stride) : nullptr;
   for (int64_t l = 0; l < s.num_layers; ++l) {
-    const T* x = layer_input(s, l, input, l > 0 ? reserve + s.layer_out_offset(l - 1) : nullptr,
-                             mask, dropped);
+    const Operand<T> x = layer_input(
+        s, l, input, l > 0 ? reserve + s.layer_out_offset(l - 1) : nullptr, mask, dropped);
     T* layer_out = reserve + s.layer_out_offset(l);
     for (int64_t d = 0; d < D; ++d) {
       auto w = direction_weights<T>(s, weights, l, d);
@@ -1173,7 +1208,7 @@ void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
       copy_or_zero(hx ? hx + ld * s.batch * out : nullptr, s.batch * out, h_state);
       copy_or_zero(cx ? cx + ld * s.batch * H : nullptr, s.batch * H, c_state);
       if (tiny) {
-        tiny_input_projection(w, x, s.rows, s.layer_input_size(l), G, tb.gT, tb.xT);
+        tiny_input_projection(w, x.f, s.rows, s.layer_input_size(l), G, tb.gT, tb.xT);
         transpose(hx ? hx + ld * s.batch * out : nullptr, out, s.batch, out, tb.hT, s.batch);
         transpose(cx ? cx + ld * s.batch * H : nullptr, H, s.batch, H, tb.cT, s.batch);
         for_each_batch_slice(s, s.seq_len, false, [&](int64_t r0, int64_t r1) {
@@ -1195,7 +1230,7 @@ void forward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
         return StepRows<T>{gates + off * G, cells + off * H,
                            s.proj_size > 0 ? pre_proj + off * H : nullptr,
                            layer_out + off * out_stride + d * out,
-                           fused ? x + off * in_size : nullptr};
+                           fused ? x.at(off * in_size) : Operand<T>{}};
       };
       for_each_batch_slice(s, s.seq_len, w.single_thread_product(), [&](int64_t r0, int64_t r1) {
         forward_steps(s, w, d, 0, s.seq_len - 1, r0, r1, h_state, c_state, rows_of, in_size,
@@ -1426,7 +1461,7 @@ void thin_inference(const LSTMShape& s, const T* input, const T* hx, const T* cx
   const T* prev = nullptr;
   for (int64_t l = 0; l < s.num_layers; ++l) {
     const int64_t in_size = s.layer_input_size(l);
-    const T* x = layer_input(s, l, input, prev, mask, dropped);
+    const T* x = layer_input(s, l, Operand<T>{input}, prev, mask, dropped).f;
     T* layer_out = l + 1 == s.num_layers ? output : layer_buf + (l % 2) * layer_numel;
     ThinStep<T> a;
     a.H = H;
@@ -1483,10 +1518,10 @@ void thin_inference(const LSTMShape& s, const T* input, const T* hx, const T* cx
 constexpr int64_t kChunkElements = 1 << 20;
 
 template <typename T>
-void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
+void inference_impl(const LSTMShape& s, Operand<T> input, const T* hx, const T* cx,
                     const std::vector<at::Tensor>& weights, const T* mask, T* hy, T* cy,
                     T* output, bool bf16_model) {
-  if (thin_applies(s)) return thin_inference(s, input, hx, cx, weights, mask, hy, cy, output);
+  if (thin_applies(s)) return thin_inference(s, input.f, hx, cx, weights, mask, hy, cy, output);
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
   const int64_t out_stride = D * out;
   const int64_t chunk_steps = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, s.batch * G));
@@ -1508,7 +1543,7 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
   const T* prev = nullptr;
   for (int64_t l = 0; l < s.num_layers; ++l) {
     const int64_t in_size = s.layer_input_size(l);
-    const T* x = layer_input(s, l, input, prev, mask, dropped);
+    const Operand<T> x = layer_input(s, l, input, prev, mask, dropped);
     T* layer_out = l + 1 == s.num_layers
         ? output
         : (layer_buf[l % 2].defined() ? layer_buf[l % 2].mutable_data_ptr<T>()
@@ -1530,7 +1565,7 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
         auto rows_of = [&](int64_t t) {
           const int64_t off = s.step_offset[t];
           return StepRows<T>{step_gates, nullptr, pre_proj,
-                             layer_out + off * out_stride + d * out, x + off * in_size};
+                             layer_out + off * out_stride + d * out, x.at(off * in_size)};
         };
         for_each_batch_slice(s, s.seq_len, true, [&](int64_t r0, int64_t r1) {
           forward_steps(s, w, d, 0, s.seq_len - 1, r0, r1, h_state, c_state, rows_of, in_size,
@@ -1552,7 +1587,7 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
           }
           tb.ld_g = rows;
           tb.row0 = row0;
-          tiny_input_projection(w, x + row0 * in_size, rows, in_size, G, tb.gT, tb.xT);
+          tiny_input_projection(w, x.f + row0 * in_size, rows, in_size, G, tb.gT, tb.xT);
           for_each_batch_slice(s, last - first + 1, false, [&](int64_t r0, int64_t r1) {
             tiny_forward_steps<T>(s, w, d, first, last, r0, r1, tb, nullptr, nullptr, nullptr,
                                   layer_out + d * out, hx == nullptr && first == 0);
@@ -1564,7 +1599,7 @@ void inference_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx
           continue;
         }
         T* chunk = gates_for(chunk_rows);
-        input_projection(w, x + row0 * in_size, rows, in_size, G, chunk);
+        input_projection(w, x.at(row0 * in_size), rows, in_size, G, chunk);
         // The pre-projection goes to per-row scratch ([B, H]) that each step overwrites.
         auto rows_of = [&](int64_t t) {
           const int64_t off = s.step_offset[t];
@@ -1659,9 +1694,12 @@ inline void split_over_threads(std::initializer_list<Piecewise> jobs) {
 }
 
 // bf16_pack_weight_t as a Piecewise job: 16-column blocks are packed independently.
-inline Piecewise pack_t_job(const float* Wt, int64_t N, int64_t K, int64_t ldw, uint16_t* out) {
+inline Piecewise pack_t_job(Operand<float> Wt, int64_t N, int64_t K, int64_t ldw,
+                            uint16_t* out) {
   return {N, [=](int64_t n0, int64_t n1) {
-            bf16_pack_weight_t(Wt + n0, n1 - n0, K, ldw, out + bf16_packed_size(n0, K));
+            visit(Wt.at(n0), [&](auto W) {
+              bf16_pack_weight_t(W, n1 - n0, K, ldw, out + bf16_packed_size(n0, K));
+            });
           }};
 }
 
@@ -1738,7 +1776,7 @@ HPrev<T> h_prev_rows(const LSTMShape& s, int64_t d, const T* layer_out, const T*
 // dW_hh = dgates^T h_prev, and dL/dx = dgates W_ih (added to dx when `add_dx`: the other
 // direction's). bf16 operands where `bb` is set (its W_ih^T packed already).
 template <typename T>
-void backward_products(const LSTMShape& s, const Bf16Backward& bb, const T* dgates, const T* x,
+void backward_products(const LSTMShape& s, const Bf16Backward& bb, const T* dgates, Operand<T> x,
                        int64_t in_size, const HPrev<T>& h_prev, const T* w_ih, T* gw_ih,
                        T* gw_hh, T* dx, bool add_dx) {
   const int64_t G = 4 * s.hidden_size, out = s.out_size, rows = s.rows;
@@ -1753,8 +1791,8 @@ void backward_products(const LSTMShape& s, const Bf16Backward& bb, const T* dgat
         while (k0 < seg.r1 || (rows == 0 && k0 == 0 && i == 0)) {
           const int64_t kn = std::min(kBf16GradRows, seg.r1 - k0);
           const bool first = k0 == 0, last = k0 + kn == rows;
-          split_over_threads({pack_t_job(x + k0 * in_size, in_size, kn, in_size, bb.x),
-                              pack_t_job(seg.h + (k0 - seg.r0) * seg.ld, out, kn, seg.ld,
+          split_over_threads({pack_t_job(x.at(k0 * in_size), in_size, kn, in_size, bb.x),
+                              pack_t_job({seg.h + (k0 - seg.r0) * seg.ld}, out, kn, seg.ld,
                                          bb.h_prev),
                               {G, [&](int64_t m0, int64_t m1) {
                                  bf16_transpose_rows(dgates + k0 * G + m0, kn, m1 - m0, G,
@@ -1777,7 +1815,7 @@ void backward_products(const LSTMShape& s, const Bf16Backward& bb, const T* dgat
       return;
     }
   }
-  gemm<T>(true, false, G, in_size, rows, T(1), dgates, G, x, in_size, T(0), gw_ih, in_size);
+  gemm<T>(true, false, G, in_size, rows, T(1), dgates, G, x.f, in_size, T(0), gw_ih, in_size);
   for (int i = 0; i < h_prev.n; ++i) {  // also for an empty batch: gemm zero-fills when k == 0
     const HPrevSegment<T>& seg = h_prev.seg[i];
     gemm<T>(true, false, G, out, seg.r1 - seg.r0, T(1), dgates + seg.r0 * G, G, seg.h, seg.ld,
@@ -1851,7 +1889,7 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
 }
 
 template <typename T>
-void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
+void backward_impl(const LSTMShape& s, Operand<T> input, const T* hx, const T* cx,
                    const std::vector<at::Tensor>& weights, const T* mask, const T* reserve,
                    const T* grad_output, const T* grad_hy, const T* grad_cy, T* grad_input,
                    T* grad_hx, T* grad_cx, std::vector<at::Tensor>& grad_weights,
@@ -1893,8 +1931,8 @@ void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
 
   for (int64_t l = s.num_layers - 1; l >= 0; --l) {
     const int64_t in_size = s.layer_input_size(l);
-    const T* x = layer_input(s, l, input, l > 0 ? reserve + s.layer_out_offset(l - 1) : nullptr,
-                             mask, dropped);
+    const Operand<T> x = layer_input(
+        s, l, input, l > 0 ? reserve + s.layer_out_offset(l - 1) : nullptr, mask, dropped);
     const T* layer_out = reserve + s.layer_out_offset(l);
     // Gradient w.r.t. this layer's input: the op's grad_input, or the previous layer's output.
     T* dx_l = l == 0 ? grad_input : dx_bufs[l % 2];
@@ -1911,8 +1949,8 @@ void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
       copy_or_zero(grad_cy ? grad_cy + ld * s.batch * H : nullptr, s.batch * H, dc_state);
       if constexpr (std::is_same_v<T, float>) {
         if (bb.w_hh_t) {
-          split_over_threads({pack_t_job(w.w_hh, out, G, out, bb.w_hh_t),
-                              pack_t_job(w.w_ih, in_size, G, in_size, bb.w_ih_t)});
+          split_over_threads({pack_t_job(w.hh, out, G, out, bb.w_hh_t),
+                              pack_t_job(w.ih, in_size, G, in_size, bb.w_ih_t)});
         }
       }
 
@@ -1992,6 +2030,11 @@ void backward_impl(const LSTMShape& s, const T* input, const T* hx, const T* cx,
 
 // ---- Op entry points: the shared boundary (lstm.h) around the kernels above. ----
 
+// A bfloat16 call's input, W_ih and W_hh stay bf16 (no float copies: lstm.h, KeepBf16) where
+// every product that reads them is a bf16 one: the bf16 products, and not the thin kernel
+// (float32 dot products; inference only, but the forward and backward ops decide alike).
+bool keep_bf16_cpu(const LSTMShape& s) { return use_bf16_products(s, true) && !thin_applies(s); }
+
 template <typename T>
 const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
@@ -2003,9 +2046,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu(
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
     bool bidirectional, bool has_biases, int64_t proj_size) {
   ForwardArgs a = prepare_forward(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
-                                  bidirectional, has_biases, proj_size);
+                                  bidirectional, has_biases, proj_size, /*with_reserve=*/true,
+                                  keep_bf16_cpu);
   AT_DISPATCH_FLOATING_TYPES(a.math, "fused_lstm_forward_cpu", [&] {
-    forward_impl<scalar_t>(a.shape, a.input.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(a.hx),
+    forward_impl<scalar_t>(a.shape, operand<scalar_t>(a.input), ptr_or_null<scalar_t>(a.hx),
                            ptr_or_null<scalar_t>(a.cx), a.weights,
                            ptr_or_null<scalar_t>(a.dropout_mask), a.hy.mutable_data_ptr<scalar_t>(),
                            a.cy.mutable_data_ptr<scalar_t>(), a.reserve.mutable_data_ptr<scalar_t>(),
@@ -2020,13 +2064,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference_cpu(
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
     bool bidirectional, bool has_biases, int64_t proj_size) {
   ForwardArgs a = prepare_forward(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
-                                  bidirectional, has_biases, proj_size, /*with_reserve=*/false);
+                                  bidirectional, has_biases, proj_size, /*with_reserve=*/false,
+                                  keep_bf16_cpu);
   const LSTMShape& s = a.shape;
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
   out_shape.back() = s.num_directions * s.out_size;
   at::Tensor output = at::empty(out_shape, a.hy.options());  // [T, B, D*out] == [rows, D*out]
   AT_DISPATCH_FLOATING_TYPES(a.math, "fused_lstm_inference_cpu", [&] {
-    inference_impl<scalar_t>(s, a.input.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(a.hx),
+    inference_impl<scalar_t>(s, operand<scalar_t>(a.input), ptr_or_null<scalar_t>(a.hx),
                              ptr_or_null<scalar_t>(a.cx), a.weights,
                              ptr_or_null<scalar_t>(a.dropout_mask), a.hy.mutable_data_ptr<scalar_t>(),
                              a.cy.mutable_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(),
@@ -2044,10 +2089,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_bac
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size) {
   BackwardArgs a = prepare_backward(input, batch_sizes, hx, cx, weights, dropout_mask, reserve,
                                     grad_output, grad_hy, grad_cy, num_layers, bidirectional,
-                                    has_biases, proj_size);
+                                    has_biases, proj_size, keep_bf16_cpu);
   AT_DISPATCH_FLOATING_TYPES(a.math, "fused_lstm_backward_cpu", [&] {
     backward_impl<scalar_t>(
-        a.shape, a.input.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(a.hx),
+        a.shape, operand<scalar_t>(a.input), ptr_or_null<scalar_t>(a.hx),
         ptr_or_null<scalar_t>(a.cx), a.weights, ptr_or_null<scalar_t>(a.dropout_mask),
         a.reserve.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(a.grad_output),
         ptr_or_null<scalar_t>(a.grad_hy), ptr_or_null<scalar_t>(a.grad_cy),
