@@ -182,12 +182,16 @@ at::Tensor opt_to_math(const std::optional<at::Tensor>& t, at::ScalarType math) 
   return t.has_value() ? to_math(*t, math) : at::Tensor();
 }
 
-// The input and W_ih / W_hh as the kernels read them: kept as given (contiguous) for a
-// bfloat16 call whose backend asks for it (lstm.h, KeepBf16), else in the math dtype.
+// Whether a call keeps its bf16 tensors as given (lstm.h, KeepBf16).
+bool keeps_bf16(const LSTMShape& s, const at::Tensor& input, KeepBf16 keep_bf16) {
+  return input.scalar_type() == at::kBFloat16 && keep_bf16 != nullptr && keep_bf16(s);
+}
+
+// The input and W_ih / W_hh as the kernels read them: kept as given (contiguous) where `keep`,
+// else in the math dtype.
 void convert_input_and_weights(const LSTMShape& s, const at::Tensor& input,
-                               at::TensorList weights, at::ScalarType math, KeepBf16 keep_bf16,
+                               at::TensorList weights, at::ScalarType math, bool keep,
                                at::Tensor& input_out, std::vector<at::Tensor>& weights_out) {
-  const bool keep = input.scalar_type() == at::kBFloat16 && keep_bf16 != nullptr && keep_bf16(s);
   input_out = keep ? input.contiguous() : to_math(input, math);
   weights_out.reserve(weights.size());
   const int64_t per_direction = s.weights_per_direction();
@@ -219,7 +223,8 @@ ForwardArgs prepare_forward(
   const LSTMShape& s = a.shape;
   a.dtype = input.scalar_type();
   a.math = math_type(a.dtype);
-  convert_input_and_weights(s, input, weights, a.math, keep_bf16, a.input, a.weights);
+  convert_input_and_weights(s, input, weights, a.math, keeps_bf16(s, input, keep_bf16), a.input,
+                            a.weights);
   a.hx = opt_to_math(hx, a.math);
   a.cx = opt_to_math(cx, a.math);
   a.dropout_mask = opt_to_math(dropout_mask, a.math);
@@ -263,12 +268,14 @@ BackwardArgs prepare_backward(
   a.math = math_type(a.dtype);
   TORCH_CHECK(reserve.scalar_type() == a.math, "fused_lstm: reserve has dtype ",
               reserve.scalar_type(), ", expected ", a.math);
-  convert_input_and_weights(s, input, weights, a.math, keep_bf16, a.input, a.weights);
+  const bool keep = keeps_bf16(s, input, keep_bf16);
+  convert_input_and_weights(s, input, weights, a.math, keep, a.input, a.weights);
   a.hx = opt_to_math(hx, a.math);
   a.cx = opt_to_math(cx, a.math);
   a.dropout_mask = opt_to_math(dropout_mask, a.math);
   a.reserve = reserve.contiguous();
-  a.grad_output = opt_to_math(grad_output, a.math);
+  if (keep && grad_output.has_value()) a.grad_output = grad_output->contiguous();
+  else a.grad_output = opt_to_math(grad_output, a.math);
   a.grad_hy = opt_to_math(grad_hy, a.math);
   a.grad_cy = opt_to_math(grad_cy, a.math);
   const auto opts = input.options().dtype(a.math);

@@ -87,8 +87,9 @@ LSTMShape check_lstm_args(
 // allocates the results; the kernels fill them; finish_* converts them back to the caller's
 // dtypes. Absent optional tensors stay undefined.
 // Except: for a bfloat16 call where `keep_bf16(shape)` holds (a backend whose products read
-// bf16 operands as they are), the input, every W_ih and every W_hh stay bfloat16 (contiguous),
-// so no float copy of them is made; the biases, W_hr and everything else are converted.
+// bf16 operands as they are), the input, every W_ih and every W_hh, and the backward's
+// grad_output, stay bfloat16 (contiguous), so no float copy of them is made; the biases, W_hr
+// and everything else are converted.
 using KeepBf16 = bool (*)(const LSTMShape&);
 
 struct ForwardArgs {
@@ -105,6 +106,7 @@ struct BackwardArgs {
   LSTMShape shape;
   at::ScalarType dtype;
   at::ScalarType math;
+  // In the math dtype, as ForwardArgs' (input, W_ih, W_hh and grad_output maybe kept bf16).
   at::Tensor input, hx, cx, dropout_mask, reserve, grad_output, grad_hy, grad_cy;
   std::vector<at::Tensor> weights;
   // results, in the math dtype: shaped like input, [L*D, B, out], [L*D, B, H], like weights

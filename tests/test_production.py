@@ -196,7 +196,8 @@ def test_backward_makes_no_copy_of_grad_output_or_h_prev():
 def test_bf16_model_makes_no_float_copies_of_input_and_weights():
     """Where a bfloat16 model's products read bf16 operands (AVX512_BF16), the op reads the
     bf16 input, W_ih and W_hh as given: the forward and inference allocate nothing of their
-    float32 sizes, and the backward only its float32 grad_input, dW_ih and dW_hh (one each)."""
+    float32 sizes, and the backward only its float32 grad_input, dW_ih and dW_hh (one each);
+    the backward reads the bf16 grad_output as given too (nothing of its float32 size)."""
     T, B, I, H = 30, 16, 24, 40
     model = FusedLSTM(I, H).to(torch.bfloat16)
     x = randn(T, B, I, dtype=torch.bfloat16).requires_grad_()
@@ -213,6 +214,7 @@ def test_bf16_model_makes_no_float_copies_of_input_and_weights():
         assert size not in forward, (name, sorted(forward))
         assert size not in inference, (name, sorted(inference))
         assert backward.count(size) == 1, (name, sorted(backward))
+    assert T * B * H * 4 not in backward, sorted(backward)
 
 
 # --- non-finite values ---------------------------------------------------------------------

@@ -1891,7 +1891,7 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
 template <typename T>
 void backward_impl(const LSTMShape& s, Operand<T> input, const T* hx, const T* cx,
                    const std::vector<at::Tensor>& weights, const T* mask, const T* reserve,
-                   const T* grad_output, const T* grad_hy, const T* grad_cy, T* grad_input,
+                   Operand<T> grad_output, const T* grad_hy, const T* grad_cy, T* grad_input,
                    T* grad_hx, T* grad_cx, std::vector<at::Tensor>& grad_weights,
                    bool bf16_model) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
@@ -1904,15 +1904,16 @@ void backward_impl(const LSTMShape& s, Operand<T> input, const T* hx, const T* c
   // h_{t-1} of every row gathered, only where steps have different rows (h_prev_rows).
   T* h_prev_buf_ptr = every_step_full(s) ? nullptr : scratch<T>(h_prev_buf, s.rows * out);
   // dy: the gradient of the current layer's output, read only. The top layer's is grad_output
-  // itself (zeros when it is None); a lower layer's is the dL/dx of the layer above, written
-  // into one of two buffers used in turn (layer l writes dx_bufs[l % 2], which the layer below
-  // reads as its dy; a second buffer only from three layers on) and masked in place.
+  // itself (zeros when it is None; bf16 as the caller gave it where the op keeps it: lstm.h
+  // KeepBf16); a lower layer's is the dL/dx of the layer above, written into one of two
+  // buffers used in turn (layer l writes dx_bufs[l % 2], which the layer below reads as its
+  // dy; a second buffer only from three layers on) and masked in place.
   const int64_t dy_numel = s.rows * out_stride;
-  const T* dy = grad_output;
+  Operand<T> dy = grad_output;
   if (!dy) {
     T* zero = scratch<T>(dy_buf, dy_numel);
     std::fill_n(zero, dy_numel, T(0));
-    dy = zero;
+    dy = {zero};
   }
   T* dx_bufs[2] = {nullptr, nullptr};
   if (s.num_layers > 1) dx_bufs[(s.num_layers - 1) % 2] = scratch<T>(dx_buf, dy_numel);
@@ -1955,7 +1956,7 @@ void backward_impl(const LSTMShape& s, Operand<T> input, const T* hx, const T* c
       }
 
       if (H < kRowWiseHidden) {
-        tiny_backward_steps(s, w, d, gates, cells, c0, dy, dh_all, dgates, dh_state, dc_state,
+        tiny_backward_steps(s, w, d, gates, cells, c0, dy.f, dh_all, dgates, dh_state, dc_state,
                             c_prev_buf, tiny_buf);
       } else {
       // The reverse recurrence, for batch rows [r0, r1) (rows are independent sequences).
@@ -1965,15 +1966,17 @@ void backward_impl(const LSTMShape& s, Operand<T> input, const T* hx, const T* c
           const int64_t bs = std::min(s.batch_sizes[t], r1) - r0;
           if (bs <= 0) continue;
           const int64_t off = s.step_offset[t] + r0;  // first row of the slice at step t
-          const T* dy_t = dy + off * out_stride + d * out;
+          const Operand<T> dy_t = dy.at(off * out_stride + d * out);
           T* dh_carried = dh_state + r0 * out;
           T* dc = dc_state + r0 * H;
           T* dh_t = dh_buf + r0 * H;
           // dL/dh_t before projection, [bs, H]: carried + from the output (through W_hr).
           T* dh_sum = has_proj ? dh_all + off * out : dh_t;
-          for (int64_t b = 0; b < bs; ++b)
-            for (int64_t j = 0; j < out; ++j)
-              dh_sum[b * out + j] = dh_carried[b * out + j] + dy_t[b * out_stride + j];
+          visit(dy_t, [&](auto y) {
+            for (int64_t b = 0; b < bs; ++b)
+              for (int64_t j = 0; j < out; ++j)
+                dh_sum[b * out + j] = dh_carried[b * out + j] + static_cast<T>(y[b * out_stride + j]);
+          });
           if (has_proj) gemm<T>(false, false, bs, H, out, T(1), dh_sum, out, w.w_hr, H, T(0), dh_t, H);
           const T* c_prev = step_c_prev(s, d, t, r0, bs, cells, c0, c_prev_buf);
           const T* c_t = cells + off * H;
@@ -2023,7 +2026,7 @@ void backward_impl(const LSTMShape& s, Operand<T> input, const T* hx, const T* c
           for (int64_t i = begin; i < end; ++i) dx_l[i] *= m[i];
         });
       }
-      dy = dx_l;
+      dy = {dx_l};
     }
   }
 }
@@ -2094,7 +2097,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_bac
     backward_impl<scalar_t>(
         a.shape, operand<scalar_t>(a.input), ptr_or_null<scalar_t>(a.hx),
         ptr_or_null<scalar_t>(a.cx), a.weights, ptr_or_null<scalar_t>(a.dropout_mask),
-        a.reserve.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(a.grad_output),
+        a.reserve.const_data_ptr<scalar_t>(), operand<scalar_t>(a.grad_output),
         ptr_or_null<scalar_t>(a.grad_hy), ptr_or_null<scalar_t>(a.grad_cy),
         a.grad_input.mutable_data_ptr<scalar_t>(), a.grad_hx.mutable_data_ptr<scalar_t>(),
         a.grad_cx.mutable_data_ptr<scalar_t>(), a.grad_weights, a.dtype == at::kBFloat16);
