@@ -775,6 +775,24 @@ def test_zero_batch(batch_first):
         assert grad.shape == x.shape
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_zero_batch_weight_gradients_are_zero(dtype):
+    """An empty batch at a size that takes the row-wise kernels (and the bf16 products for
+    bf16): every weight gradient is zero, as nn.LSTM's, whatever the recycled buffers held."""
+    torch_lstm, fused = lstm_pair(input_size=24, hidden_size=32, num_layers=2,
+                                  bidirectional=True, dtype=dtype)
+    warm = randn(5, 7, 24, dtype=dtype)
+    fused(warm)[0].sum().backward()  # leaves non-zero data in the cached buffers
+    x = randn(5, 0, 24, dtype=dtype).requires_grad_()
+    for module in (fused, torch_lstm):
+        output = module(x)[0]
+        grads = torch.autograd.grad(output.sum(), [x, *module.parameters()])
+        assert grads[0].shape == x.shape
+        for g, p in zip(grads[1:], module.parameters()):
+            assert g.shape == p.shape and g.dtype == p.dtype
+            assert torch.equal(g, torch.zeros_like(p))
+
+
 def test_single_step_and_single_sequence():
     torch_lstm, fused = lstm_pair(input_size=3, hidden_size=4, num_layers=2, bidirectional=True)
     for shape in ((1, 1, 3), (1, 3), (1, 5, 3)):

@@ -1783,12 +1783,16 @@ void backward_products(const LSTMShape& s, const Bf16Backward& bb, const T* dgat
   if constexpr (std::is_same_v<T, float>) {
     if (bb.w_hh_t) {
       const int64_t ld = bb.ld;
-      // The rows summed over, a chunk at a time, no chunk across two segments of h_prev
-      // (once, with none, for an empty batch).
+      if (rows == 0) {  // an empty batch: zero weight gradients, no dL/dx
+        std::fill_n(gw_ih, G * in_size, 0.0f);
+        std::fill_n(gw_hh, G * out, 0.0f);
+        return;
+      }
+      // The rows summed over, a chunk at a time, no chunk across two segments of h_prev.
       int64_t k0 = 0;
       for (int i = 0; i < h_prev.n; ++i) {
         const HPrevSegment<float>& seg = h_prev.seg[i];
-        while (k0 < seg.r1 || (rows == 0 && k0 == 0 && i == 0)) {
+        while (k0 < seg.r1) {
           const int64_t kn = std::min(kBf16GradRows, seg.r1 - k0);
           const bool first = k0 == 0, last = k0 + kn == rows;
           split_over_threads({pack_t_job(x.at(k0 * in_size), in_size, kn, in_size, bb.x),
@@ -1808,7 +1812,6 @@ void backward_products(const LSTMShape& s, const Bf16Backward& bb, const T* dgat
                       in_size, add_dx);
           }};
           split_over_threads({weight_grads, data_grads});
-          if (kn == 0) break;
           k0 += kn;
         }
       }
