@@ -658,7 +658,8 @@ void visit(const Operand<T>& o, F&& fn) {
   else fn(o.f);
 }
 
-// Weights of one layer and direction, as raw pointers into contiguous math-dtype tensors.
+// Weights of one layer and direction, as raw pointers into contiguous tensors: math dtype,
+// except W_ih and W_hh where the op kept them bf16 (ih, hh).
 template <typename T>
 struct DirectionWeights {
   const T* w_ih;  // [4H, I_l]; null where W_ih is bf16 (ih)
@@ -1044,8 +1045,8 @@ inline uint16_t* bf16_weight_buffer(const LSTMShape& s, bool bf16_model, at::Ten
   return reinterpret_cast<uint16_t*>(holder.mutable_data_ptr());
 }
 
-// Packs layer `layer`'s W_ih and W_hh into `buf` (from bf16_weight_buffer) for bf16_gemm. The
-// float32 weights are the bf16 model's weights converted, so packing them back is exact.
+// Packs layer `layer`'s W_ih and W_hh into `buf` (from bf16_weight_buffer) for bf16_gemm: the
+// bf16 model's weights as given (kept bf16) or converted to float32, which packs back exactly.
 template <typename T>
 void use_bf16_gemm(const LSTMShape& s, int64_t layer, DirectionWeights<T>& w, uint16_t* buf) {
   if constexpr (std::is_same_v<T, float>) {
