@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
+import pathlib
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -232,6 +236,43 @@ def test_bf16_training_within_twice_nn_lstm(case):
         our_error = (o.double() - e).abs().max().item()
         their_error = (t.double() - e).abs().max().item()
         assert our_error <= 2 * their_error + eps * scale, (i, our_error, their_error)
+
+
+def test_bf16_training_without_bf16_products(tmp_path):
+    """bf16 models on CPUs without AVX512_BF16 (forced with FUSED_LSTM_NO_BF16_GEMM=1 in a fresh
+    process): the op converts the bf16 tensors and computes in float32, and every case of
+    test_bf16_training_within_twice_nn_lstm holds there too. Where this CPU has AVX512_BF16,
+    the forced results differ in bits from this process's (the variable did switch the path)."""
+    tests = pathlib.Path(__file__).resolve().parent
+    probe = f"""
+torch.manual_seed(5)
+m = FusedLSTM(24, 32, 2, bidirectional=True).to(torch.bfloat16)
+x = torch.randn(10, 5, 24, dtype=torch.bfloat16, requires_grad=True)
+y = m(x)[0]
+y.backward(torch.ones_like(y))
+out = [y.detach(), x.grad]
+"""
+    code = f"""
+import sys, torch
+sys.path.insert(0, {str(tests)!r})
+import test_module as t
+from fused_lstm import FusedLSTM
+for case in t.BF16_TRAINING:
+    t.test_bf16_training_within_twice_nn_lstm(case)
+{probe}
+torch.save(out, {str(tmp_path / 'forced.pt')!r})
+"""
+    env = dict(os.environ, FUSED_LSTM_NO_BF16_GEMM="1")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    forced = torch.load(tmp_path / "forced.pt")
+    scope = {"torch": torch, "FusedLSTM": FusedLSTM}
+    exec(probe, scope)
+    for f, h in zip(forced, scope["out"]):
+        torch.testing.assert_close(f, h, rtol=0.05, atol=0.05)
+    if "avx512_bf16" in pathlib.Path("/proc/cpuinfo").read_text(errors="ignore") \
+            and os.environ.get("FUSED_LSTM_NO_BF16_GEMM", "") in ("", "0"):
+        assert any(not torch.equal(f, h) for f, h in zip(forced, scope["out"]))
 
 
 @pytest.mark.parametrize("case", ["bi", "packed-bi-3layers", "proj-bi"])
