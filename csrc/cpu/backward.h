@@ -1,0 +1,281 @@
+// The backward driver (backward_impl): the reverse recurrence per layer and direction, then
+// the weight and input gradients as a few large products.
+// Part of the one translation unit lstm_cpu.cpp.
+#pragma once
+
+#include "bf16_products.h"
+#include "small_hidden.h"
+
+namespace fused_lstm {
+namespace {
+
+// dL/dh_{t-1} [bs, out] = dg_t [bs, G] W_hh, on this thread: bf16_gemm where `bb` is set, else
+// brgemm (`brgemm`: float32 with the micro-kernel), else BLAS.
+template <typename T>
+void step_dh_product(const Bf16Backward& bb, bool brgemm, int64_t bs, int64_t out, int64_t G,
+                     const T* dg_t, const T* w_hh, T* dh) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (bb.w_hh_t) {
+      bf16_gemm(bs, out, G, dg_t, G, bb.w_hh_t, dh, out, false);
+      return;
+    }
+    if (brgemm) {
+      brgemm_product(false, bs, out, G, dg_t, G, w_hh, out, dh, out);
+      return;
+    }
+  }
+  gemm<T>(false, false, bs, out, G, T(1), dg_t, G, w_hh, out, T(0), dh, out);
+}
+
+// h_{t-1} of rows [r0, r1) of a layer and direction (the rows of dgates): row r0's at h, the
+// next rows `ld` elements apart. dW_hh = dgates^T h_prev sums over one or two such segments.
+template <typename T>
+struct HPrevSegment {
+  const T* h;
+  int64_t ld, r0, r1;
+};
+
+template <typename T>
+struct HPrev {
+  HPrevSegment<T> seg[2];
+  int n = 0;
+};
+
+// h_{t-1} of every row of direction d. Where every step has every row, read in place: the
+// layer output shifted by one step (its direction's columns), and h0 for the first step
+// processed (time 0 forward, time T-1 backward). Otherwise gathered into `buf` [rows, out]:
+// per step, the rows that continue from the previous step, then those that start from h0.
+template <typename T>
+HPrev<T> h_prev_rows(const LSTMShape& s, int64_t d, const T* layer_out, const T* h0, T* buf) {
+  const int64_t out = s.out_size, out_stride = s.num_directions * out, B = s.batch;
+  const int64_t rows = s.rows;
+  HPrev<T> hp;
+  if (every_step_full(s)) {
+    const T* shifted = layer_out + d * out;  // row r of layer_out: h at row r's step
+    if (d == 0) {
+      hp.seg[0] = {h0, out, 0, B};
+      hp.seg[1] = {shifted, out_stride, B, rows};
+    } else {
+      hp.seg[0] = {shifted + B * out_stride, out_stride, 0, rows - B};
+      hp.seg[1] = {h0, out, rows - B, rows};
+    }
+    hp.n = 2;
+    return hp;
+  }
+  for (int64_t t = 0; t < s.seq_len; ++t) {
+    const int64_t bs = s.batch_sizes[t], off = s.step_offset[t];
+    const int64_t prev_t = d == 0 ? t - 1 : t + 1;
+    const int64_t continuing =
+        (prev_t >= 0 && prev_t < s.seq_len) ? std::min(bs, s.batch_sizes[prev_t]) : 0;
+    T* dst = buf + off * out;
+    if (continuing > 0)
+      copy_rows(layer_out + s.step_offset[prev_t] * out_stride + d * out, out_stride, dst, out,
+                continuing, out);
+    copy_rows(h0 + continuing * out, out, dst + continuing * out, out, bs - continuing, out);
+  }
+  hp.seg[0] = {buf, out, 0, rows};
+  hp.n = 1;
+  return hp;
+}
+
+// A layer and direction's products after its recurrence: dW_ih = dgates^T x,
+// dW_hh = dgates^T h_prev, and dL/dx = dgates W_ih (added to dx when `add_dx`: the other
+// direction's). bf16 operands where `bb` is set (its W_ih^T packed already).
+template <typename T>
+void backward_products(const LSTMShape& s, const Bf16Backward& bb, const T* dgates, Operand<T> x,
+                       int64_t in_size, const HPrev<T>& h_prev, const T* w_ih, T* gw_ih,
+                       T* gw_hh, T* dx, bool add_dx) {
+  const int64_t G = 4 * s.hidden_size, out = s.out_size, rows = s.rows;
+  if constexpr (std::is_same_v<T, float>) {
+    if (bb.w_hh_t) {
+      const int64_t ld = bb.ld;
+      if (rows == 0) {  // an empty batch: zero weight gradients, no dL/dx
+        std::fill_n(gw_ih, G * in_size, 0.0f);
+        std::fill_n(gw_hh, G * out, 0.0f);
+        return;
+      }
+      // The rows summed over, a chunk at a time, no chunk across two segments of h_prev.
+      int64_t k0 = 0;
+      for (int i = 0; i < h_prev.n; ++i) {
+        const HPrevSegment<float>& seg = h_prev.seg[i];
+        while (k0 < seg.r1) {
+          const int64_t kn = std::min(kBf16GradRows, seg.r1 - k0);
+          const bool first = k0 == 0, last = k0 + kn == rows;
+          split_over_threads({pack_t_job(x.at(k0 * in_size), in_size, kn, in_size, bb.x),
+                              pack_t_job({seg.h + (k0 - seg.r0) * seg.ld}, out, kn, seg.ld,
+                                         bb.h_prev),
+                              {G, [&](int64_t m0, int64_t m1) {
+                                 bf16_transpose_rows(dgates + k0 * G + m0, kn, m1 - m0, G,
+                                                     bb.dgates_t + m0 * ld, ld);
+                               }}});
+          const Piecewise weight_grads{G, [&](int64_t m0, int64_t m1) {  // rows of dW_ih, dW_hh
+            const c10::BFloat16* a = bb.dgates_t + m0 * ld;
+            bf16_gemm(m1 - m0, in_size, kn, a, ld, bb.x, gw_ih + m0 * in_size, in_size, !first);
+            bf16_gemm(m1 - m0, out, kn, a, ld, bb.h_prev, gw_hh + m0 * out, out, !first);
+          }};
+          const Piecewise data_grads{last ? rows : 0, [&](int64_t r0, int64_t r1) {  // of dL/dx
+            bf16_gemm(r1 - r0, in_size, G, dgates + r0 * G, G, bb.w_ih_t, dx + r0 * in_size,
+                      in_size, add_dx);
+          }};
+          split_over_threads({weight_grads, data_grads});
+          k0 += kn;
+        }
+      }
+      return;
+    }
+  }
+  gemm<T>(true, false, G, in_size, rows, T(1), dgates, G, x.f, in_size, T(0), gw_ih, in_size);
+  for (int i = 0; i < h_prev.n; ++i) {  // also for an empty batch: gemm zero-fills when k == 0
+    const HPrevSegment<T>& seg = h_prev.seg[i];
+    gemm<T>(true, false, G, out, seg.r1 - seg.r0, T(1), dgates + seg.r0 * G, G, seg.h, seg.ld,
+            i == 0 ? T(0) : T(1), gw_hh, out);
+  }
+  gemm<T>(false, false, rows, in_size, G, T(1), dgates, G, w_ih, in_size, add_dx ? T(1) : T(0),
+          dx, in_size);
+}
+
+template <typename T>
+void backward_impl(const LSTMShape& s, Operand<T> input, const T* hx, const T* cx,
+                   const std::vector<at::Tensor>& weights, const T* mask, const T* reserve,
+                   Operand<T> grad_output, const T* grad_hy, const T* grad_cy, T* grad_input,
+                   T* grad_hx, T* grad_cx, std::vector<at::Tensor>& grad_weights,
+                   bool bf16_model) {
+  const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
+  const int64_t out_stride = D * out;
+  const bool has_proj = s.proj_size > 0;
+  // Scratch, allocated once per call.
+  at::Tensor dgates_buf, h_prev_buf, dy_buf, dx_buf, dx2_buf, dropped_buf, dh_all_buf, dh_buf_t,
+      c_prev_buf_t, zeros_buf, tiny_buf_t, bf16_buf;
+  T* dgates = scratch<T>(dgates_buf, s.rows * G);
+  // h_{t-1} of every row gathered, only where steps have different rows (h_prev_rows).
+  T* h_prev_buf_ptr = every_step_full(s) ? nullptr : scratch<T>(h_prev_buf, s.rows * out);
+  // dy: the gradient of the current layer's output, read only. The top layer's is grad_output
+  // itself (zeros when it is None; bf16 as the caller gave it where the op keeps it: lstm.h
+  // KeepBf16); a lower layer's is the dL/dx of the layer above, written into one of two
+  // buffers used in turn (layer l writes dx_bufs[l % 2], which the layer below reads as its
+  // dy; a second buffer only from three layers on) and masked in place.
+  const int64_t dy_numel = s.rows * out_stride;
+  Operand<T> dy = grad_output;
+  if (!dy) {
+    T* zero = scratch<T>(dy_buf, dy_numel);
+    std::fill_n(zero, dy_numel, T(0));
+    dy = {zero};
+  }
+  T* dx_bufs[2] = {nullptr, nullptr};
+  if (s.num_layers > 1) dx_bufs[(s.num_layers - 1) % 2] = scratch<T>(dx_buf, dy_numel);
+  if (s.num_layers > 2) dx_bufs[s.num_layers % 2] = scratch<T>(dx2_buf, dy_numel);
+  T* dropped = (mask && s.num_layers > 1) ? scratch<T>(dropped_buf, s.rows * out_stride) : nullptr;
+  T* dh_all = has_proj ? scratch<T>(dh_all_buf, s.rows * out) : nullptr;
+  T* dh_buf = scratch<T>(dh_buf_t, s.batch * H);           // dL/dh_t, [bs, H]
+  T* c_prev_buf = scratch<T>(c_prev_buf_t, s.batch * H);   // c_{t-1} when pieced together
+  T* zeros_mut = scratch<T>(zeros_buf, s.batch * std::max(H, out));  // h0 / c0 when None
+  std::fill_n(zeros_mut, s.batch * std::max(H, out), T(0));
+  const T* zeros = zeros_mut;
+  T* tiny_buf = H < kRowWiseHidden ? scratch<T>(tiny_buf_t, tiny_backward_numel<T>(s)) : nullptr;
+  const Bf16Backward bb = bf16_backward_buffers(s, bf16_model, bf16_buf);
+  // dL/dh_{t-1} = dgates_t W_hh through brgemm (W_hh is already its B[4H, out]).
+  const bool brgemm = std::is_same_v<T, float> && H >= kRowWiseHidden && brgemm_available();
+
+  for (int64_t l = s.num_layers - 1; l >= 0; --l) {
+    const int64_t in_size = s.layer_input_size(l);
+    const Operand<T> x = layer_input(
+        s, l, input, l > 0 ? reserve + s.layer_out_offset(l - 1) : nullptr, mask, dropped);
+    const T* layer_out = reserve + s.layer_out_offset(l);
+    // Gradient w.r.t. this layer's input: the op's grad_input, or the previous layer's output.
+    T* dx_l = l == 0 ? grad_input : dx_bufs[l % 2];
+    for (int64_t d = 0; d < D; ++d) {
+      const auto w = direction_weights<T>(s, weights, l, d);
+      const T* gates = reserve + s.gates_offset(l, d);
+      const T* cells = reserve + s.cells_offset(l, d);
+      const T* pre_proj = reserve + s.pre_proj_offset(l, d);  // used only when has_proj
+      const int64_t ld = l * D + d;
+      const T* c0 = cx ? cx + ld * s.batch * H : zeros;
+      T* dh_state = grad_hx + ld * s.batch * out;
+      T* dc_state = grad_cx + ld * s.batch * H;
+      copy_or_zero(grad_hy ? grad_hy + ld * s.batch * out : nullptr, s.batch * out, dh_state);
+      copy_or_zero(grad_cy ? grad_cy + ld * s.batch * H : nullptr, s.batch * H, dc_state);
+      if constexpr (std::is_same_v<T, float>) {
+        if (bb.w_hh_t) {
+          split_over_threads({pack_t_job(w.hh, out, G, out, bb.w_hh_t),
+                              pack_t_job(w.ih, in_size, G, in_size, bb.w_ih_t)});
+        }
+      }
+
+      if (H < kRowWiseHidden) {
+        tiny_backward_steps(s, w, d, gates, cells, c0, dy.f, dh_all, dgates, dh_state, dc_state,
+                            c_prev_buf, tiny_buf);
+      } else {
+      // The reverse recurrence, for batch rows [r0, r1) (rows are independent sequences).
+      auto steps = [&](int64_t r0, int64_t r1) {
+        for (int64_t step = s.seq_len - 1; step >= 0; --step) {
+          const int64_t t = time_of(s, d, step);
+          const int64_t bs = std::min(s.batch_sizes[t], r1) - r0;
+          if (bs <= 0) continue;
+          const int64_t off = s.step_offset[t] + r0;  // first row of the slice at step t
+          const Operand<T> dy_t = dy.at(off * out_stride + d * out);
+          T* dh_carried = dh_state + r0 * out;
+          T* dc = dc_state + r0 * H;
+          T* dh_t = dh_buf + r0 * H;
+          // dL/dh_t before projection, [bs, H]: carried + from the output (through W_hr).
+          T* dh_sum = has_proj ? dh_all + off * out : dh_t;
+          visit(dy_t, [&](auto y) {
+            for (int64_t b = 0; b < bs; ++b)
+              for (int64_t j = 0; j < out; ++j)
+                dh_sum[b * out + j] = dh_carried[b * out + j] + static_cast<T>(y[b * out_stride + j]);
+          });
+          if (has_proj) gemm<T>(false, false, bs, H, out, T(1), dh_sum, out, w.w_hr, H, T(0), dh_t, H);
+          const T* c_prev = step_c_prev(s, d, t, r0, bs, cells, c0, c_prev_buf);
+          const T* c_t = cells + off * H;
+          T* dg_t = dgates + off * G;
+          const T* g_t = gates + off * G;
+          for_each_row(bs, G, [&](int64_t b) {
+            const T* g = g_t + b * G;
+            T* dg = dg_t + b * G;
+            cell_backward_block(H, g, g + H, g + 2 * H, g + 3 * H, c_t + b * H, c_prev + b * H,
+                                dh_t + b * H, dc + b * H, dg, dg + H, dg + 2 * H, dg + 3 * H);
+          });
+          // dL/dh_{t-1} for the rows active at t; the others keep what they carry.
+          step_dh_product(bb, brgemm, bs, out, G, dg_t, w.w_hh, dh_carried);
+        }
+      };
+      for_each_batch_slice(s, s.seq_len, brgemm || bb.w_hh_t, steps);
+      }
+
+      const T* h0 = hx ? hx + ld * s.batch * out : zeros;
+      const HPrev<T> h_prev = h_prev_rows(s, d, layer_out, h0, h_prev_buf_ptr);
+
+      const int64_t k = s.weight_index(l, d);
+      T* gw_ih = grad_weights[k].mutable_data_ptr<T>();
+      T* gw_hh = grad_weights[k + 1].mutable_data_ptr<T>();
+      // dL/dx of this layer is summed over directions.
+      backward_products(s, bb, dgates, x, in_size, h_prev, w.w_ih, gw_ih, gw_hh, dx_l, d > 0);
+      int64_t next = k + 2;
+      if (s.has_biases) {
+        T* gb_ih = grad_weights[next].mutable_data_ptr<T>();
+        T* gb_hh = grad_weights[next + 1].mutable_data_ptr<T>();
+        std::fill_n(gb_ih, G, T(0));
+        for (int64_t r = 0; r < s.rows; ++r)
+          for (int64_t j = 0; j < G; ++j) gb_ih[j] += dgates[r * G + j];
+        std::memcpy(gb_hh, gb_ih, sizeof(T) * G);
+        next += 2;
+      }
+      if (has_proj) {  // also for an empty batch: gemm zero-fills when k == 0
+        T* gw_hr = grad_weights[next].mutable_data_ptr<T>();
+        gemm<T>(true, false, out, H, s.rows, T(1), dh_all, out, pre_proj, H, T(0), gw_hr, H);
+      }
+    }
+    if (l > 0) {
+      // Through the dropout mask into the previous layer's output gradient, in place.
+      if (mask) {
+        const T* m = mask + (l - 1) * dy_numel;
+        at::parallel_for(0, dy_numel, kParallelElements, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) dx_l[i] *= m[i];
+        });
+      }
+      dy = {dx_l};
+    }
+  }
+}
+
+}  // namespace
+}  // namespace fused_lstm

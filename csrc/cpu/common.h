@@ -1,0 +1,165 @@
+// Small helpers every CPU kernel uses: scratch buffers, row copies and transposes, the
+// parallel row loop, GCC vectors, and Operand (a matrix in the math dtype or kept bf16).
+// Part of the one translation unit lstm_cpu.cpp (see the top of that file).
+#pragma once
+
+#include "../lstm.h"
+
+#include <ATen/Parallel.h>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+// Vectors (GCC's vector_size) go by value only between always-inline functions here.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+#include <algorithm>
+#include <cstring>
+#include <functional>
+#include <initializer_list>
+#include <limits>
+#include <type_traits>
+#include <utility>
+
+namespace fused_lstm {
+namespace {
+
+// The fused passes are parallel over batch rows once a step has enough work to pay for it.
+constexpr int64_t kParallelElements = 1 << 14;
+
+template <typename F>
+void for_each_row(int64_t rows, int64_t row_elements, const F& body) {
+  if (rows * row_elements >= kParallelElements && rows > 1) {
+    const int64_t grain = std::max<int64_t>(1, kParallelElements / std::max<int64_t>(1, row_elements));
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) body(b);
+    });
+  } else {
+    for (int64_t b = 0; b < rows; ++b) body(b);
+  }
+}
+
+// target_clones: compiled for baseline x86-64 and, chosen at run time, AVX2+FMA and AVX-512.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FUSED_LSTM_SIMD_CLONES \
+  __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define FUSED_LSTM_SIMD_CLONES
+#endif
+
+// GCC's vectors of V elements (whole registers, or parts of them, on every target the clones
+// are built for); passed by value only between always-inline functions (-Wpsabi, off at the top
+// of this file, warns about an ABI that no call here goes through).
+template <typename T, int V>
+using Vec [[gnu::vector_size(V * sizeof(T))]] = T;
+
+template <typename T, int V>
+__attribute__((always_inline)) inline Vec<T, V> vec_load(const T* p) {
+  Vec<T, V> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T, int V>
+__attribute__((always_inline)) inline void vec_store(T* p, const Vec<T, V>& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols; src null: zeros.
+template <typename T>
+void transpose(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst, int64_t ld_dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src ? src[r * ld_src + c] : T(0);
+}
+
+// Copies a [rows, cols] block between two row strides. Short rows (a small hidden size) are
+// copied column by column: one memcpy call per row would cost more than the copy itself.
+template <typename T>
+void copy_rows(const T* src, int64_t src_stride, T* dst, int64_t dst_stride, int64_t rows,
+               int64_t cols) {
+  if (cols >= 16) {
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * dst_stride, src + r * src_stride, sizeof(T) * cols);
+    return;
+  }
+  for (int64_t j = 0; j < cols; ++j)
+    for (int64_t r = 0; r < rows; ++r) dst[r * dst_stride + j] = src[r * src_stride + j];
+}
+
+// dst = src, or zeros where an optional tensor (initial state, upstream gradient) is absent.
+template <typename T>
+void copy_or_zero(const T* src, int64_t n, T* dst) {
+  if (src) std::memcpy(dst, src, sizeof(T) * n);
+  else std::fill_n(dst, n, T(0));
+}
+
+// A matrix that the bf16 products may read: rows in the math dtype, or (for a bfloat16 model,
+// where the op keeps them as the caller gave them: lstm.h KeepBf16) bf16 rows, which only
+// bf16_gemm and the bf16 packing read. bf16_gemm rounds a float operand to bf16 as it reads it,
+// so both give the same products. At most one pointer is set.
+template <typename T>
+struct Operand {
+  const T* f = nullptr;
+  const c10::BFloat16* b = nullptr;
+  Operand at(int64_t offset) const {
+    return {f ? f + offset : nullptr, b ? b + offset : nullptr};
+  }
+  explicit operator bool() const { return f != nullptr || b != nullptr; }
+};
+
+template <typename T>
+Operand<T> operand(const at::Tensor& t) {
+  if (!t.defined()) return {};
+  if (t.scalar_type() == at::kBFloat16) return {nullptr, t.const_data_ptr<c10::BFloat16>()};
+  return {t.const_data_ptr<T>(), nullptr};
+}
+
+// fn(p) with the pointer that is set (for the bf16 products' overloads).
+template <typename T, typename F>
+void visit(const Operand<T>& o, F&& fn) {
+  if (o.b) fn(o.b);
+  else fn(o.f);
+}
+
+// Step t in processing order `step` of direction d.
+inline int64_t time_of(const LSTMShape& s, int64_t direction, int64_t step) {
+  return direction == 0 ? step : s.seq_len - 1 - step;
+}
+
+
+// c_{t-1} of rows [r0, r0 + n) of step t as one contiguous [n, H] block: a run of the reserve's
+// cells when every row continues a sequence, else pieced together in `buf` (at row r0) with c0
+// for the rows that start here (only the reverse direction of a packed batch has both kinds in
+// one step).
+template <typename T>
+const T* step_c_prev(const LSTMShape& s, int64_t direction, int64_t t, int64_t r0, int64_t n,
+                     const T* cells, const T* c0, T* buf) {
+  const int64_t H = s.hidden_size;
+  if (direction == 0) return (t > 0 ? cells + s.step_offset[t - 1] * H : c0) + r0 * H;
+  if (t + 1 == s.seq_len) return c0 + r0 * H;
+  const int64_t continuing = s.batch_sizes[t + 1];
+  const T* prev = cells + s.step_offset[t + 1] * H;
+  if (r0 + n <= continuing) return prev + r0 * H;
+  if (r0 >= continuing) return c0 + r0 * H;
+  T* dst = buf + r0 * H;
+  std::memcpy(dst, prev + r0 * H, sizeof(T) * (continuing - r0) * H);
+  std::memcpy(dst + (continuing - r0) * H, c0 + continuing * H,
+              sizeof(T) * (r0 + n - continuing) * H);
+  return dst;
+}
+
+// Whether every step has every row (no packed lengths): batch sizes never increase.
+inline bool every_step_full(const LSTMShape& s) {
+  return s.batch_sizes[0] == s.batch_sizes[s.seq_len - 1];
+}
+
+template <typename T>
+T* scratch(at::Tensor& holder, int64_t numel) {
+  holder = cpu_cached_empty(numel, c10::CppTypeToScalarType<T>::value);
+  return holder.mutable_data_ptr<T>();
+}
+
+}  // namespace
+}  // namespace fused_lstm

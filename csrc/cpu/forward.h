@@ -1,0 +1,185 @@
+// The forward drivers: training (forward_impl, which fills the reserve) and inference
+// (inference_impl, which keeps nothing), layer by layer and direction by direction, each
+// running the kernel variant plan.h chose.
+// Part of the one translation unit lstm_cpu.cpp.
+#pragma once
+
+#include "bf16_products.h"
+#include "small_hidden.h"
+#include "thin.h"
+
+namespace fused_lstm {
+namespace {
+
+template <typename T>
+void forward_impl(const LSTMShape& s, Operand<T> input, const T* hx, const T* cx,
+                  const std::vector<at::Tensor>& weights, const T* mask, T* hy, T* cy,
+                  T* reserve, bool bf16_model) {
+  const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
+  const int64_t out_stride = D * out;  // row stride of layer_out
+  at::Tensor tiny_buf, dropped_buf;
+  const bool tiny = H < kRowWiseHidden;
+  const TinyBuffers<T> tb = tiny ? tiny_buffers<T>(s, s.rows, tiny_buf) : TinyBuffers<T>{};
+  at::Tensor w_packed_buf, bf16_buf, bias_buf;
+  uint16_t* bf16_weights = bf16_weight_buffer(s, bf16_model, bf16_buf);
+  T* w_packed = bf16_weights ? nullptr : brgemm_buffer<T>(s, w_packed_buf);
+  T* dropped = (mask && s.num_layers > 1) ? scratch<T>(dropped_buf, s.rows * out_stride) : nullptr;
+  for (int64_t l = 0; l < s.num_layers; ++l) {
+    const Operand<T> x = layer_input(
+        s, l, input, l > 0 ? reserve + s.layer_out_offset(l - 1) : nullptr, mask, dropped);
+    T* layer_out = reserve + s.layer_out_offset(l);
+    for (int64_t d = 0; d < D; ++d) {
+      auto w = direction_weights<T>(s, weights, l, d);
+      T* gates = reserve + s.gates_offset(l, d);
+      T* cells = reserve + s.cells_offset(l, d);
+      T* pre_proj = reserve + s.pre_proj_offset(l, d);  // used only with projection
+      // State lives directly in the h_n / c_n outputs.
+      const int64_t ld = l * D + d;
+      T* h_state = hy + ld * s.batch * out;
+      T* c_state = cy + ld * s.batch * H;
+      copy_or_zero(hx ? hx + ld * s.batch * out : nullptr, s.batch * out, h_state);
+      copy_or_zero(cx ? cx + ld * s.batch * H : nullptr, s.batch * H, c_state);
+      if (tiny) {
+        tiny_input_projection(w, x.f, s.rows, s.layer_input_size(l), G, tb.gT, tb.xT);
+        transpose(hx ? hx + ld * s.batch * out : nullptr, out, s.batch, out, tb.hT, s.batch);
+        transpose(cx ? cx + ld * s.batch * H : nullptr, H, s.batch, H, tb.cT, s.batch);
+        for_each_batch_slice(s, s.seq_len, false, [&](int64_t r0, int64_t r1) {
+          tiny_forward_steps(s, w, d, 0, s.seq_len - 1, r0, r1, tb, gates, cells, pre_proj,
+                             layer_out + d * out, hx == nullptr);
+        });
+        transpose(tb.hT, s.batch, out, s.batch, h_state, out);
+        transpose(tb.cT, s.batch, H, s.batch, c_state, H);
+        continue;
+      }
+      const int64_t in_size = s.layer_input_size(l);
+      use_bf16_gemm(s, l, w, bf16_weights);
+      use_brgemm(s, w, w_packed, l);
+      use_bias(w, G, bias_buf);
+      const bool fused = w.k_ih > 0;  // else every step's projection at once, here
+      if (!fused) input_projection(w, x, s.rows, in_size, G, gates);
+      auto rows_of = [&](int64_t t) {
+        const int64_t off = s.step_offset[t];
+        return StepRows<T>{gates + off * G, cells + off * H,
+                           s.proj_size > 0 ? pre_proj + off * H : nullptr,
+                           layer_out + off * out_stride + d * out,
+                           fused ? x.at(off * in_size) : Operand<T>{}};
+      };
+      for_each_batch_slice(s, s.seq_len, w.single_thread_product(), [&](int64_t r0, int64_t r1) {
+        forward_steps(s, w, d, 0, s.seq_len - 1, r0, r1, h_state, c_state, rows_of, in_size,
+                      hx == nullptr);
+      });
+    }
+  }
+}
+
+// Forward without storing anything for backward (no grad needed): the input projection runs
+// over chunks of steps into one reused buffer (or is fused into the steps), the cell pass keeps
+// no gates and no c_t copies, each step's pre-projection goes to scratch,
+// and layer outputs alternate between two buffers (the last layer writes `output`). Besides
+// the work, this saves the first-touch page faults of a fresh reserve on every call
+// (benchmarks/NOTES.md section 3).
+// Gate elements per input-projection chunk (4 MB in float32). Measured: 2^18 cost fastrnns a
+// quarter of its speed in small GEMMs; 2^22 was slower again than 2^20 (NOTES.md).
+constexpr int64_t kChunkElements = 1 << 20;
+
+template <typename T>
+void inference_impl(const LSTMShape& s, Operand<T> input, const T* hx, const T* cx,
+                    const std::vector<at::Tensor>& weights, const T* mask, T* hy, T* cy,
+                    T* output, bool bf16_model) {
+  if (thin_applies(s)) return thin_inference(s, input.f, hx, cx, weights, mask, hy, cy, output);
+  const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
+  const int64_t out_stride = D * out;
+  const int64_t chunk_steps = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, s.batch * G));
+  at::Tensor dropped_buf, chunk_buf, gates_buf, pre_proj_buf, layer_buf[2];
+  T* dropped = (mask && s.num_layers > 1) ? scratch<T>(dropped_buf, s.rows * out_stride) : nullptr;
+  const int64_t chunk_rows = std::min(chunk_steps, s.seq_len) * s.batch;
+  const bool tiny = H < kRowWiseHidden;
+  TinyBuffers<T> tb = tiny ? tiny_buffers<T>(s, chunk_rows, chunk_buf) : TinyBuffers<T>{};
+  at::Tensor w_packed_buf, bf16_buf, bias_buf;
+  uint16_t* bf16_weights = bf16_weight_buffer(s, bf16_model, bf16_buf);
+  T* w_packed = bf16_weights ? nullptr : brgemm_buffer<T>(s, w_packed_buf);
+  // The gates of `rows` rows: one step's where the projection is fused into the steps (every
+  // layer at medium and fastrnns), a chunk's otherwise; allocated at the first need.
+  auto gates_for = [&](int64_t rows) {
+    if (!gates_buf.defined() || gates_buf.numel() < rows * G) scratch<T>(gates_buf, rows * G);
+    return gates_buf.mutable_data_ptr<T>();
+  };
+  T* pre_proj = (s.proj_size > 0 && !tiny) ? scratch<T>(pre_proj_buf, s.batch * H) : nullptr;
+  const T* prev = nullptr;
+  for (int64_t l = 0; l < s.num_layers; ++l) {
+    const int64_t in_size = s.layer_input_size(l);
+    const Operand<T> x = layer_input(s, l, input, prev, mask, dropped);
+    T* layer_out = l + 1 == s.num_layers
+        ? output
+        : (layer_buf[l % 2].defined() ? layer_buf[l % 2].mutable_data_ptr<T>()
+                                      : scratch<T>(layer_buf[l % 2], s.rows * out_stride));
+    for (int64_t d = 0; d < D; ++d) {
+      auto w = direction_weights<T>(s, weights, l, d);
+      const int64_t ld = l * D + d;
+      T* h_state = hy + ld * s.batch * out;
+      T* c_state = cy + ld * s.batch * H;
+      copy_or_zero(hx ? hx + ld * s.batch * out : nullptr, s.batch * out, h_state);
+      copy_or_zero(cx ? cx + ld * s.batch * H : nullptr, s.batch * H, c_state);
+      if (!tiny) {
+        use_bf16_gemm(s, l, w, bf16_weights);
+        use_brgemm(s, w, w_packed, l);
+        use_bias(w, G, bias_buf);
+      }
+      if (w.k_ih > 0) {  // the projection fused into the steps: one pass over every step
+        T* step_gates = gates_for(s.batch);
+        auto rows_of = [&](int64_t t) {
+          const int64_t off = s.step_offset[t];
+          return StepRows<T>{step_gates, nullptr, pre_proj,
+                             layer_out + off * out_stride + d * out, x.at(off * in_size)};
+        };
+        for_each_batch_slice(s, s.seq_len, true, [&](int64_t r0, int64_t r1) {
+          forward_steps(s, w, d, 0, s.seq_len - 1, r0, r1, h_state, c_state, rows_of, in_size,
+                        hx == nullptr);
+        });
+        continue;
+      }
+      for (int64_t first = 0; first < s.seq_len; first += chunk_steps) {
+        const int64_t last = std::min(first + chunk_steps, s.seq_len) - 1;
+        // The chunk's steps are consecutive in time, so their rows are one contiguous block.
+        const int64_t t_lo = std::min(time_of(s, d, first), time_of(s, d, last));
+        const int64_t t_hi = std::max(time_of(s, d, first), time_of(s, d, last));
+        const int64_t row0 = s.step_offset[t_lo];
+        const int64_t rows = s.step_offset[t_hi] + s.batch_sizes[t_hi] - row0;
+        if (tiny) {
+          if (first == 0) {
+            transpose(hx ? hx + ld * s.batch * out : nullptr, out, s.batch, out, tb.hT, s.batch);
+            transpose(cx ? cx + ld * s.batch * H : nullptr, H, s.batch, H, tb.cT, s.batch);
+          }
+          tb.ld_g = rows;
+          tb.row0 = row0;
+          tiny_input_projection(w, x.f + row0 * in_size, rows, in_size, G, tb.gT, tb.xT);
+          for_each_batch_slice(s, last - first + 1, false, [&](int64_t r0, int64_t r1) {
+            tiny_forward_steps<T>(s, w, d, first, last, r0, r1, tb, nullptr, nullptr, nullptr,
+                                  layer_out + d * out, hx == nullptr && first == 0);
+          });
+          if (last + 1 == s.seq_len) {
+            transpose(tb.hT, s.batch, out, s.batch, h_state, out);
+            transpose(tb.cT, s.batch, H, s.batch, c_state, H);
+          }
+          continue;
+        }
+        T* chunk = gates_for(chunk_rows);
+        input_projection(w, x.at(row0 * in_size), rows, in_size, G, chunk);
+        // The pre-projection goes to per-row scratch ([B, H]) that each step overwrites.
+        auto rows_of = [&](int64_t t) {
+          const int64_t off = s.step_offset[t];
+          return StepRows<T>{chunk + (off - row0) * G, nullptr, pre_proj,
+                             layer_out + off * out_stride + d * out};
+        };
+        for_each_batch_slice(s, last - first + 1, w.single_thread_product(), [&](int64_t r0, int64_t r1) {
+          forward_steps(s, w, d, first, last, r0, r1, h_state, c_state, rows_of, 0,
+                        hx == nullptr && first == 0);
+        });
+      }
+    }
+    prev = layer_out;
+  }
+}
+
+}  // namespace
+}  // namespace fused_lstm

@@ -1,0 +1,341 @@
+// Small hidden sizes (H < kRowWiseHidden): the batch-fastest layout, forward and backward.
+// Part of the one translation unit lstm_cpu.cpp.
+#pragma once
+
+#include "cell.h"
+#include "weights.h"
+
+namespace fused_lstm {
+namespace {
+
+// The small-hidden path's product (see tiny_forward_steps), vectorised along the batch:
+//   tiny_product: y[r][b] = y_in[r][b] + sum_i w[r, i] * h[i][b]    r < rows_w, i < cols_w, b < n
+// where X[k][b] is X + k * ld_x + b (w is row-major [rows_w, cols_w]); y_in null means zeros,
+// and may be y itself (or another buffer: a step adds its product to the input projection and
+// writes the sum where its cell pass reads it, with no copy in between). The batch is taken in
+// blocks of V columns whose sums stay in registers over i (V a compile-time width, so each block
+// is whole vectors): 16, then 8, 4, 2, 1 for what is left (batch 10 = 8 + 2). Accumulating
+// into y[r][b] across i instead made every step a load and a store (NOTES.md section 12).
+// Rows go kTinyRowGroup at a time, each h vector loaded once for all of them: one row's sums are
+// a single chain of dependent multiply-adds, which ran at the FMA latency (NOTES.md section 18).
+
+
+constexpr int kTinyRowGroup = 4;
+
+// Rows [r, r + R) of the product for batch columns [b0, b0 + V).
+template <typename T, int V, int R>
+__attribute__((always_inline)) inline void tiny_product_rows_of(
+    int64_t r, int64_t b0, int64_t cols_w, const T* __restrict w, const T* __restrict h,
+    int64_t ld_h, const T* y_in, int64_t ld_in, T* y, int64_t ld_y) {
+  Vec<T, V> acc[R];
+  for (int k = 0; k < R; ++k)
+    acc[k] = y_in ? vec_load<T, V>(y_in + (r + k) * ld_in + b0) : Vec<T, V>{};
+  const T* __restrict wr = w + r * cols_w;
+  for (int64_t i = 0; i < cols_w; ++i) {
+    const Vec<T, V> hi = vec_load<T, V>(h + i * ld_h + b0);
+    for (int k = 0; k < R; ++k) acc[k] += wr[k * cols_w + i] * hi;
+  }
+  for (int k = 0; k < R; ++k) vec_store<T, V>(y + (r + k) * ld_y + b0, acc[k]);
+}
+
+template <typename T, int V>
+__attribute__((always_inline)) inline void tiny_product_block(
+    int64_t b0, int64_t rows_w, int64_t cols_w, const T* __restrict w, const T* __restrict h,
+    int64_t ld_h, const T* y_in, int64_t ld_in, T* y, int64_t ld_y) {
+  int64_t r = 0;
+  for (; r + kTinyRowGroup <= rows_w; r += kTinyRowGroup)
+    tiny_product_rows_of<T, V, kTinyRowGroup>(r, b0, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
+  for (; r < rows_w; ++r)
+    tiny_product_rows_of<T, V, 1>(r, b0, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
+}
+
+// body(std::integral_constant<int, V>, i0) over [0, n) in blocks of V = 16, then 8, 4, 2, 1:
+// whole vectors for what fits, narrower ones for what is left (10 = 8 + 2).
+template <typename Body>
+__attribute__((always_inline)) inline void for_width_blocks(int64_t n, const Body& body) {
+  int64_t i0 = 0;
+  for (; i0 + 16 <= n; i0 += 16) body(std::integral_constant<int, 16>{}, i0);
+  if (i0 + 8 <= n) {
+    body(std::integral_constant<int, 8>{}, i0);
+    i0 += 8;
+  }
+  if (i0 + 4 <= n) {
+    body(std::integral_constant<int, 4>{}, i0);
+    i0 += 4;
+  }
+  if (i0 + 2 <= n) {
+    body(std::integral_constant<int, 2>{}, i0);
+    i0 += 2;
+  }
+  if (i0 < n) body(std::integral_constant<int, 1>{}, i0);
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void tiny_product_loop(
+    int64_t n, int64_t rows_w, int64_t cols_w, const T* __restrict w, const T* __restrict h,
+    int64_t ld_h, const T* y_in, int64_t ld_in, T* y, int64_t ld_y) {
+  for_width_blocks(n, [&](auto width, int64_t b0) __attribute__((always_inline)) {
+    tiny_product_block<T, decltype(width)::value>(b0, rows_w, cols_w, w, h, ld_h, y_in, ld_in,
+                                                  y, ld_y);
+  });
+}
+
+// The same product for narrow batches, vectorised along w's rows instead: a batch of 3 fills
+// no vector along the batch, so the blocks above ran 2 + 1 columns at a time, scalar (NOTES.md
+// section 17). Reads w transposed, wT [cols_w][rows_w]; rows in blocks of V whose sums stay in
+// registers over i, for 4 batch columns at a time (then 2, 1).
+// Batch columns [b, b + R) for rows [r0, r0 + V): each wT vector loaded once for all R.
+template <typename T, int V, int R>
+__attribute__((always_inline)) inline void tiny_rows_cols_of(
+    int64_t b, int64_t r0, int64_t rows_w, int64_t cols_w, const T* __restrict wT,
+    const T* __restrict h, int64_t ld_h, const T* y_in, int64_t ld_in, T* y, int64_t ld_y) {
+  Vec<T, V> acc[R];
+  for (int k = 0; k < R; ++k)
+    for (int j = 0; j < V; ++j) acc[k][j] = y_in ? y_in[(r0 + j) * ld_in + b + k] : T(0);
+  for (int64_t i = 0; i < cols_w; ++i) {
+    const Vec<T, V> wi = vec_load<T, V>(wT + i * rows_w + r0);
+    for (int k = 0; k < R; ++k) acc[k] += wi * h[i * ld_h + b + k];
+  }
+  for (int k = 0; k < R; ++k)
+    for (int j = 0; j < V; ++j) y[(r0 + j) * ld_y + b + k] = acc[k][j];
+}
+
+template <typename T, int V>
+__attribute__((always_inline)) inline void tiny_rows_block(
+    int64_t r0, int64_t n, int64_t rows_w, int64_t cols_w, const T* __restrict wT,
+    const T* __restrict h, int64_t ld_h, const T* y_in, int64_t ld_in, T* y, int64_t ld_y) {
+  int64_t b = 0;
+  for (; b + kTinyRowGroup <= n; b += kTinyRowGroup)
+    tiny_rows_cols_of<T, V, kTinyRowGroup>(b, r0, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);
+  if (b + 2 <= n) {
+    tiny_rows_cols_of<T, V, 2>(b, r0, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);
+    b += 2;
+  }
+  if (b < n) tiny_rows_cols_of<T, V, 1>(b, r0, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);
+}
+template <typename T>
+__attribute__((always_inline)) inline void tiny_rows_loop(
+    int64_t n, int64_t rows_w, int64_t cols_w, const T* __restrict wT, const T* __restrict h,
+    int64_t ld_h, const T* y_in, int64_t ld_in, T* y, int64_t ld_y) {
+  for_width_blocks(rows_w, [&](auto width, int64_t r0) __attribute__((always_inline)) {
+    tiny_rows_block<T, decltype(width)::value>(r0, n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in,
+                                               y, ld_y);
+  });
+}
+
+#define FUSED_LSTM_DEFINE_TINY(T)                                                              \
+  FUSED_LSTM_SIMD_CLONES void tiny_product_cols(int64_t n, int64_t rows_w, int64_t cols_w,     \
+                                                const T* w, const T* h, int64_t ld_h,           \
+                                                const T* y_in, int64_t ld_in, T* y,             \
+                                                int64_t ld_y) {                                 \
+    tiny_product_loop<T>(n, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);                  \
+  }                                                                                            \
+  FUSED_LSTM_SIMD_CLONES void tiny_product_rows(int64_t n, int64_t rows_w, int64_t cols_w,     \
+                                                const T* wT, const T* h, int64_t ld_h,          \
+                                                const T* y_in, int64_t ld_in, T* y,             \
+                                                int64_t ld_y) {                                 \
+    tiny_rows_loop<T>(n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);                    \
+  }
+FUSED_LSTM_DEFINE_TINY(float)
+FUSED_LSTM_DEFINE_TINY(double)
+#undef FUSED_LSTM_DEFINE_TINY
+
+// Batches narrower than this take tiny_product_rows where the caller has w transposed.
+constexpr int64_t kTinyNarrowBatch = 8;
+
+// y = y_in + w h (see tiny_product_block), w also given transposed (wT [cols_w][rows_w], or
+// null): the narrow-batch kernel where it pays.
+template <typename T>
+inline void tiny_product(int64_t n, int64_t rows_w, int64_t cols_w, const T* w, const T* wT,
+                         const T* h, int64_t ld_h, const T* y_in, int64_t ld_in, T* y,
+                         int64_t ld_y) {
+  if (wT != nullptr && n < kTinyNarrowBatch)
+    tiny_product_rows(n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);
+  else
+    tiny_product_cols(n, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
+}
+
+// ---- Small hidden sizes (H < kRowWiseHidden): a batch-fastest working layout ----
+// Rows of 3 or 10 floats are too short to vectorise, and a BLAS call costs more than a whole
+// step's arithmetic. So below kRowWiseHidden a layer and direction runs with every per-step
+// quantity laid out [feature][batch] ("T" below): the input projection is computed transposed
+// (gT [4H, rows] = W_ih x^T + b), the state is kept as hT [out, B] and cT [H, B], the recurrent
+// product is an inline loop vectorised along the batch, and the cell pass runs per hidden unit
+// over the step's rows. Only what leaves the loop is written row-major: the reserve's gates,
+// cells and pre_proj (training) and the layer output. The reserve layout is the common one.
+template <typename T>
+struct TinyBuffers {
+  T* gT;        // [4H][ld_g]: the input projection of rows [row0, row0 + ld_g), then gates
+  int64_t ld_g;
+  int64_t row0;
+  T* hT;        // [out][B] h state
+  T* cT;        // [H][B]   c state
+  T* hnew;      // [H][B]   o * tanh(c_t) before the projection (projection only)
+  T* cnew;      // [H][B]   c_t of the step
+  T* gstep;     // [4H][bs] one step's gates, compact (a batch slice [r0, r1) at 4H * r0)
+  T* xT;        // [kTinyProjectionInput][ld_g] the layer input, transposed (tiny_input_projection)
+};
+
+// Inputs up to this size are projected by tiny_product (x transposed into TinyBuffers::xT
+// first); larger ones by a GEMM. At tutorial sizes a BLAS call costs more than the arithmetic.
+constexpr int64_t kTinyProjectionInput = 32;
+
+// gT [4H, rows] = W_ih x^T + b, x: [rows, in_size]; xT: room for [kTinyProjectionInput, rows].
+template <typename T>
+void tiny_input_projection(const DirectionWeights<T>& w, const T* x, int64_t rows,
+                           int64_t in_size, int64_t G, T* gT, T* xT) {
+  if (w.b_ih)
+    for (int64_t r = 0; r < G; ++r) std::fill_n(gT + r * rows, rows, w.b_ih[r] + w.b_hh[r]);
+  if (in_size <= kTinyProjectionInput) {
+    transpose(x, in_size, rows, in_size, xT, rows);
+    tiny_product<T>(rows, G, in_size, w.w_ih, nullptr, xT, rows, w.b_ih ? gT : nullptr, rows, gT,
+                    rows);
+    return;
+  }
+  gemm<T>(false, true, G, rows, in_size, T(1), w.w_ih, in_size, x, in_size, w.b_ih ? T(1) : T(0),
+          gT, rows);
+}
+
+// W_hh^T [out][4H] and, with a projection, W_hr^T [H][out], into `dst` (room for
+// (4H + H) * out): the other layout of the small-hidden products' weights (tiny_product's w
+// and wT), used by the forward's narrow batches and by the backward. Returns W_hh^T, W_hr^T
+// (null without a projection).
+template <typename T>
+std::pair<const T*, const T*> transpose_recurrent_weights(const LSTMShape& s,
+                                                          const DirectionWeights<T>& w, T* dst) {
+  const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size;
+  transpose(w.w_hh, out, G, out, dst, G);
+  if (s.proj_size == 0) return {dst, nullptr};
+  transpose(w.w_hr, H, out, H, dst + G * out, out);
+  return {dst, dst + G * out};
+}
+
+// Forward steps [first, last] (processing order) of direction d for batch rows [r0, r1).
+// gates/cells/pre_proj: the reserve's (null for inference); layer_out: this direction's first
+// column of the layer output, row stride D*out. h_zero: hT is zero at step `first` (no hx).
+template <typename T>
+void tiny_forward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_t d,
+                        int64_t first, int64_t last, int64_t r0, int64_t r1,
+                        const TinyBuffers<T>& tb, T* gates, T* cells, T* pre_proj,
+                        T* layer_out, bool h_zero) {
+  const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, B = s.batch;
+  const int64_t out_stride = s.num_directions * out;
+  const bool has_proj = s.proj_size > 0;
+  const int64_t ld = tb.ld_g;
+  // A narrow slice's products read W_hh (and W_hr) transposed: this thread's copy, on its stack.
+  T w_t[5 * kRowWiseHidden * kRowWiseHidden];
+  const auto [w_hh_t, w_hr_t] = r1 - r0 < kTinyNarrowBatch
+      ? transpose_recurrent_weights(s, w, w_t)
+      : std::pair<const T*, const T*>{nullptr, nullptr};
+  for (int64_t step = first; step <= last; ++step) {
+    const int64_t t = time_of(s, d, step);
+    const int64_t bs = std::min(s.batch_sizes[t], r1) - r0;
+    if (bs <= 0) continue;
+    const int64_t off = s.step_offset[t];
+    // The step's gates, compact [4H][bs]: its input projection plus the recurrent product.
+    T* g = tb.gstep + G * r0;
+    const T* projected = tb.gT + (off - tb.row0) + r0;
+    T* hT = tb.hT + r0;
+    T* cT = tb.cT + r0;
+    T* hnew = tb.hnew + r0;
+    T* cnew = tb.cnew + r0;
+    if (h_zero && step == first)  // h_{t-1} = 0 (no hx): the gates are the projection
+      copy_rows(projected, ld, g, bs, G, bs);
+    else
+      tiny_product(bs, G, out, w.w_hh, w_hh_t, hT, B, projected, ld, g, bs);
+    if (bs == B) {  // the whole batch: [H][B] state and [H][bs] gates line up, one long pass
+      cell_forward_block(H * bs, g, g + H * bs, g + 2 * H * bs, g + 3 * H * bs, nullptr, 0, cT,
+                         gates ? cnew : nullptr, has_proj ? hnew : hT);
+    } else {
+      for (int64_t j = 0; j < H; ++j)
+        cell_forward_block(bs, g + j * bs, g + (H + j) * bs, g + (2 * H + j) * bs,
+                           g + (3 * H + j) * bs, nullptr, 0, cT + j * B,
+                           gates ? cnew + j * B : nullptr, has_proj ? hnew + j * B : hT + j * B);
+    }
+    if (has_proj) tiny_product<T>(bs, out, H, w.w_hr, w_hr_t, hnew, B, nullptr, 0, hT, B);
+    const int64_t row = off + r0;
+    if (gates) {
+      transpose(g, bs, G, bs, gates + row * G, G);
+      transpose(cnew, B, H, bs, cells + row * H, H);
+      if (has_proj) transpose(hnew, B, H, bs, pre_proj + row * H, H);
+    }
+    transpose(hT, B, out, bs, layer_out + row * out_stride, out_stride);
+  }
+}
+
+// Allocates the small-hidden path's buffers (gT for `g_rows` rows) in `holder`.
+template <typename T>
+TinyBuffers<T> tiny_buffers(const LSTMShape& s, int64_t g_rows, at::Tensor& holder) {
+  const int64_t H = s.hidden_size, B = s.batch;
+  const int64_t state = (s.out_size + 3 * H) * B;
+  T* p = scratch<T>(holder, 4 * H * g_rows + state + 4 * H * B + kTinyProjectionInput * g_rows);
+  T* st = p + 4 * H * g_rows;
+  return TinyBuffers<T>{p, g_rows, 0, st, st + s.out_size * B, st + (s.out_size + H) * B,
+                        st + (s.out_size + 2 * H) * B, st + state, st + state + 4 * H * B};
+}
+
+// The reverse recurrence of one layer and direction for small hidden sizes, in the same
+// batch-fastest layout as tiny_forward_steps: carried dL/dh and dL/dc kept as dhT [out, B] and
+// dcT [H, B], the step's gates, cells and c_{t-1} transposed into compact [.., bs] blocks, one
+// cell pass over the step, and dL/dh_{t-1} as an inline product. dgates leaves row-major, as
+// the weight-gradient GEMMs after the loop read it. `buf`: tiny_backward_numel(s) elements.
+template <typename T>
+int64_t tiny_backward_numel(const LSTMShape& s) {
+  const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size;
+  return (2 * out + 5 * H + 2 * G) * s.batch + 2 * G * out + H * out;
+}
+
+template <typename T>
+void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_t d,
+                         const T* gates, const T* cells, const T* c0, const T* dy, T* dh_all,
+                         T* dgates, T* dh_state, T* dc_state, T* c_prev_buf, T* buf) {
+  const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, B = s.batch;
+  const int64_t out_stride = s.num_directions * out;
+  const bool has_proj = s.proj_size > 0;
+  T* dhT = buf;               // [out][B]
+  T* dcT = dhT + out * B;     // [H][B]
+  T* dsum = dcT + H * B;      // [out][bs]
+  T* dhH = dsum + out * B;    // [H][bs]
+  T* ct = dhH + H * B;        // [H][bs]
+  T* cp = ct + H * B;         // [H][bs]
+  T* gm = cp + H * B;         // [4H][bs]
+  T* dg = gm + G * B;         // [4H][bs]
+  const auto [w_hh_t, w_hr_t] = transpose_recurrent_weights(s, w, dg + G * B);
+  transpose(dh_state, out, B, out, dhT, B);  // grad_hy (or zeros), as the caller filled it
+  transpose(dc_state, H, B, H, dcT, B);
+  for (int64_t step = s.seq_len - 1; step >= 0; --step) {
+    const int64_t t = time_of(s, d, step);
+    const int64_t bs = s.batch_sizes[t], off = s.step_offset[t];
+    if (bs == 0) continue;
+    const T* dy_t = dy + off * out_stride + d * out;
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t b = 0; b < bs; ++b) dsum[o * bs + b] = dhT[o * B + b] + dy_t[b * out_stride + o];
+    T* dh_t = dsum;
+    if (has_proj) {
+      transpose(dsum, bs, out, bs, dh_all + off * out, out);
+      tiny_product<T>(bs, H, out, w_hr_t, w.w_hr, dsum, bs, nullptr, 0, dhH, bs);
+      dh_t = dhH;
+    }
+    transpose(gates + off * G, G, bs, G, gm, bs);
+    transpose(cells + off * H, H, bs, H, ct, bs);
+    transpose(step_c_prev(s, d, t, 0, bs, cells, c0, c_prev_buf), H, bs, H, cp, bs);
+    if (bs == B) {
+      const int64_t n = H * bs;
+      cell_backward_block(n, gm, gm + n, gm + 2 * n, gm + 3 * n, ct, cp, dh_t, dcT, dg, dg + n,
+                          dg + 2 * n, dg + 3 * n);
+    } else {
+      for (int64_t j = 0; j < H; ++j)
+        cell_backward_block(bs, gm + j * bs, gm + (H + j) * bs, gm + (2 * H + j) * bs,
+                            gm + (3 * H + j) * bs, ct + j * bs, cp + j * bs, dh_t + j * bs,
+                            dcT + j * B, dg + j * bs, dg + (H + j) * bs, dg + (2 * H + j) * bs,
+                            dg + (3 * H + j) * bs);
+    }
+    transpose(dg, bs, G, bs, dgates + off * G, G);
+    tiny_product<T>(bs, out, G, w_hh_t, w.w_hh, dg, bs, nullptr, 0, dhT, B);  // dL/dh_{t-1}, rows < bs
+  }
+  transpose(dhT, B, out, B, dh_state, out);
+  transpose(dcT, B, H, B, dc_state, H);
+}
+
+}  // namespace
+}  // namespace fused_lstm

@@ -1,0 +1,258 @@
+// Thin batches (streaming inference): one parallel region per layer and step.
+// Part of the one translation unit lstm_cpu.cpp.
+#pragma once
+
+#include "cell.h"
+#include "row_wise.h"
+
+namespace fused_lstm {
+namespace {
+
+// ---- Thin batches (streaming inference): one parallel region per layer and step ----
+// A step of a few rows (one sequence, one step per call) does little besides reading every
+// weight once: it is bound by reading W_ih and W_hh (3.4 MB at stream-step, in L3 between
+// calls). The row-wise path spends two parallel regions per layer on it (the input projection
+// and the recurrent product, each split by columns, gemm) plus a cell pass on one thread.
+// Here, each thread owns a contiguous range of hidden units (of every direction of the layer),
+// hence their four gate rows of W_ih and W_hh: it computes their pre-activations as dot
+// products vectorised along the weight rows (the four gates of a unit and up to four batch rows
+// at a time, one set of accumulators for both products), runs the cell for its units
+// (cell_forward_block) and writes h_t and c_t, with no synchronisation inside the layer. Steps
+// and layers are separated by the end of the region (h_{t-1} needs every unit). OpenMP hands
+// chunk i to thread i, so a thread keeps its units, and re-reads the same weight slice, from
+// call to call. No projection; float32 and float64.
+// Measured (stream-step op, loaded 2-core box, minimum of many samples): ~61-73 -> ~35-41 us
+// on 2 threads, ~95 -> ~55 us on 1 (benchmarks/NOTES.md section 7).
+//
+// Each step re-reads W_ih (the row-wise path projects every step's input in one GEMM): still
+// measured faster than that path up to 32 steps (input 64, hidden 256, 2 layers, batch 1..8,
+
+
+// One step of one layer (every direction), as the threads read it. Per direction d:
+template <typename T>
+struct ThinStep {
+  int64_t H = 0, in_size = 0;
+  int64_t bs[2] = {0, 0};                  // rows active at the step
+  const T* w_ih[2] = {};                   // [4H, in_size]
+  const T* w_hh[2] = {};                   // [4H, H]
+  const T* b_ih[2] = {};                   // [4H] or null
+  const T* b_hh[2] = {};
+  const T* x[2][kThinRows] = {};           // x_t of each row
+  const T* h[2][kThinRows] = {};           // h_{t-1} of each row; null: zero for every row
+  T* h_out[2][kThinRows] = {};             // receive h_t (the layer output's rows)
+  T* h_state[2] = {};                      // [B, H] receive h_t (h_n)
+  T* c_state[2] = {};                      // [B, H] c_{t-1} in, c_t out
+  T* gates = nullptr;                      // scratch [2][kThinRows][4H]: pre-activations
+};
+
+namespace thin {
+
+template <typename T, int kBytes>
+using VecOf = Vec<T, int(kBytes / sizeof(T))>;
+
+template <typename T, int kBytes>
+FUSED_LSTM_INLINE T hsum(VecOf<T, kBytes> v) {
+  if constexpr (kBytes == 2 * sizeof(T)) {
+    return v[0] + v[1];
+  } else {
+    using Half = VecOf<T, kBytes / 2>;
+    Half lo, hi;
+    std::memcpy(&lo, &v, sizeof(Half));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
+    return hsum<T, kBytes / 2>(lo + hi);
+  }
+}
+
+// acc[r][b] (vector part) and tail[r][b] (the last K % lanes elements) += the dot product of
+// row r of w (rows row_stride apart, K long) with x[b], for r < kR and b < kNB.
+template <typename T, int kBytes, int kR, int kNB>
+FUSED_LSTM_INLINE void dots(const T* w, int64_t row_stride, int64_t K, const T* const* x,
+                            VecOf<T, kBytes> (&acc)[kR][kNB],
+                            T (&tail)[kR][kNB]) {
+  using V = VecOf<T, kBytes>;
+  constexpr int64_t kLanes = kBytes / sizeof(T);
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes) {
+    V xv[kNB];
+    for (int b = 0; b < kNB; ++b) xv[b] = vec_load<T, kLanes>(x[b] + k);
+    for (int r = 0; r < kR; ++r) {
+      const V wv = vec_load<T, kLanes>(w + r * row_stride + k);
+      for (int b = 0; b < kNB; ++b) acc[r][b] += wv * xv[b];
+    }
+  }
+  for (; k < K; ++k)
+    for (int r = 0; r < kR; ++r)
+      for (int b = 0; b < kNB; ++b) tail[r][b] += w[r * row_stride + k] * x[b][k];
+}
+
+// Pre-activations of hidden unit j of direction d for the rows [b0, b0 + kNB).
+template <typename T, int kBytes, int kNB>
+FUSED_LSTM_INLINE void unit_rows(const ThinStep<T>& a, int64_t d, int64_t j, int64_t b0) {
+  using V = VecOf<T, kBytes>;
+  const int64_t H = a.H, I = a.in_size;
+  V acc[4][kNB];
+  T tail[4][kNB];
+  for (int g = 0; g < 4; ++g)
+    for (int b = 0; b < kNB; ++b) {
+      acc[g][b] = V{};
+      tail[g][b] = T(0);
+    }
+  dots<T, kBytes, 4, kNB>(a.w_ih[d] + j * I, H * I, I, a.x[d] + b0, acc, tail);
+  if (a.h[d][0] != nullptr)
+    dots<T, kBytes, 4, kNB>(a.w_hh[d] + j * H, H * H, H, a.h[d] + b0, acc, tail);
+  for (int g = 0; g < 4; ++g) {
+    const T bias = a.b_ih[d] ? a.b_ih[d][g * H + j] + a.b_hh[d][g * H + j] : T(0);
+    for (int b = 0; b < kNB; ++b)
+      a.gates[(d * kThinRows + b0 + b) * 4 * H + g * H + j] =
+          (hsum<T, kBytes>(acc[g][b]) + tail[g][b]) + bias;
+  }
+}
+
+// Pre-activations of the units [j0, j1) of direction d, every row of the step; kBytes: the
+// vector width, kMaxNB: rows at a time (accumulators: 4 * kMaxNB vectors).
+template <typename T, int kBytes, int kMaxNB>
+FUSED_LSTM_INLINE void units_pre(const ThinStep<T>& a, int64_t d, int64_t j0, int64_t j1) {
+  const int64_t bs = a.bs[d];
+  for (int64_t j = j0; j < j1; ++j) {
+    int64_t b0 = 0;
+    for (; b0 + kMaxNB <= bs; b0 += kMaxNB) unit_rows<T, kBytes, kMaxNB>(a, d, j, b0);
+    const int64_t rest = bs - b0;
+    if (rest >= 3) unit_rows<T, kBytes, 3>(a, d, j, b0);
+    else if (rest == 2) unit_rows<T, kBytes, 2>(a, d, j, b0);
+    else if (rest == 1) unit_rows<T, kBytes, 1>(a, d, j, b0);
+  }
+}
+
+// One version per instruction set (vector width and accumulator count differ, so not
+// target_clones of one body), chosen at run time by pre_fn.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FUSED_LSTM_THIN_ISAS 1
+#define FUSED_LSTM_DEFINE_THIN(T)                                                         \
+  __attribute__((target("arch=x86-64-v4"))) void pre_v4(const ThinStep<T>& a, int64_t d,  \
+                                                        int64_t j0, int64_t j1) {         \
+    units_pre<T, 64, 4>(a, d, j0, j1);                                                    \
+  }                                                                                       \
+  __attribute__((target("arch=x86-64-v3"))) void pre_v3(const ThinStep<T>& a, int64_t d,  \
+                                                        int64_t j0, int64_t j1) {         \
+    units_pre<T, 32, 2>(a, d, j0, j1);                                                    \
+  }                                                                                       \
+  void pre_base(const ThinStep<T>& a, int64_t d, int64_t j0, int64_t j1) {                \
+    units_pre<T, 16, 2>(a, d, j0, j1);                                                    \
+  }
+#else
+#define FUSED_LSTM_DEFINE_THIN(T)                                                         \
+  void pre_base(const ThinStep<T>& a, int64_t d, int64_t j0, int64_t j1) {                \
+    units_pre<T, 16, 2>(a, d, j0, j1);                                                    \
+  }
+#endif
+FUSED_LSTM_DEFINE_THIN(float)
+FUSED_LSTM_DEFINE_THIN(double)
+#undef FUSED_LSTM_DEFINE_THIN
+
+template <typename T>
+using PreFn = void (*)(const ThinStep<T>&, int64_t, int64_t, int64_t);
+
+template <typename T>
+PreFn<T> pre_fn() {
+  static const PreFn<T> fn = [] {
+    PreFn<T> f = pre_base;
+#ifdef FUSED_LSTM_THIN_ISAS
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4")) f = pre_v4;
+    else if (__builtin_cpu_supports("x86-64-v3")) f = pre_v3;
+#endif
+    return f;
+  }();
+  return fn;
+}
+
+}  // namespace thin
+
+// A thread's share of a step: the units [u0, u1) of the layer's D * H (direction-major).
+template <typename T>
+void thin_step_units(const ThinStep<T>& a, int64_t D, int64_t u0, int64_t u1) {
+  const int64_t H = a.H, G = 4 * H;
+  const thin::PreFn<T> pre = thin::pre_fn<T>();
+  for (int64_t d = 0; d < D; ++d) {
+    const int64_t j0 = std::max<int64_t>(u0 - d * H, 0), j1 = std::min<int64_t>(u1 - d * H, H);
+    if (j0 >= j1) continue;
+    pre(a, d, j0, j1);
+    const int64_t n = j1 - j0;
+    for (int64_t b = 0; b < a.bs[d]; ++b) {
+      T* g = a.gates + (d * kThinRows + b) * G + j0;
+      T* h = a.h_out[d][b] + j0;
+      cell_forward_block(n, g, g + H, g + 2 * H, g + 3 * H, nullptr, 0, a.c_state[d] + b * H + j0,
+                         nullptr, h);
+      std::memcpy(a.h_state[d] + b * H + j0, h, sizeof(T) * n);
+    }
+  }
+}
+
+
+// inference_impl for thin_applies shapes (same arguments).
+template <typename T>
+void thin_inference(const LSTMShape& s, const T* input, const T* hx, const T* cx,
+                    const std::vector<at::Tensor>& weights, const T* mask, T* hy, T* cy,
+                    T* output) {
+  const int64_t H = s.hidden_size, D = s.num_directions, B = s.batch;
+  const int64_t out_stride = D * H, layer_numel = s.rows * out_stride;
+  at::Tensor buf_t, dropped_buf;
+  const int64_t gates_numel = 2 * kThinRows * 4 * H;
+  T* buf = scratch<T>(buf_t, gates_numel + H + (s.num_layers > 1 ? 2 * layer_numel : 0));
+  T* zeros = buf + gates_numel;  // h_{t-1} of rows that start without hx
+  std::fill_n(zeros, H, T(0));
+  T* layer_buf = zeros + H;
+  T* dropped = (mask && s.num_layers > 1) ? scratch<T>(dropped_buf, layer_numel) : nullptr;
+  const bool split = at::get_num_threads() > 1 && !at::in_parallel_region();
+  const int64_t units = D * H, blocks = (units + kThinUnitBlock - 1) / kThinUnitBlock;
+  const T* prev = nullptr;
+  for (int64_t l = 0; l < s.num_layers; ++l) {
+    const int64_t in_size = s.layer_input_size(l);
+    const T* x = layer_input(s, l, Operand<T>{input}, prev, mask, dropped).f;
+    T* layer_out = l + 1 == s.num_layers ? output : layer_buf + (l % 2) * layer_numel;
+    ThinStep<T> a;
+    a.H = H;
+    a.in_size = in_size;
+    a.gates = buf;
+    for (int64_t d = 0; d < D; ++d) {
+      const auto w = direction_weights<T>(s, weights, l, d);
+      a.w_ih[d] = w.w_ih;
+      a.w_hh[d] = w.w_hh;
+      a.b_ih[d] = w.b_ih;
+      a.b_hh[d] = w.b_hh;
+      const int64_t ld = l * D + d;
+      a.h_state[d] = hy + ld * B * H;
+      a.c_state[d] = cy + ld * B * H;
+      copy_or_zero(cx ? cx + ld * B * H : nullptr, B * H, a.c_state[d]);
+    }
+    const bool parallel = split && blocks > 1 && D * 4 * H * (in_size + H) >= kThinSplitWork;
+    for (int64_t step = 0; step < s.seq_len; ++step) {
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t t = time_of(s, d, step);
+        const int64_t bs = s.batch_sizes[t], off = s.step_offset[t];
+        const int64_t prev_t = d == 0 ? t - 1 : t + 1;
+        // Rows that continue from the previous step read its output; the others h0.
+        const int64_t continuing = step == 0 ? 0 : s.batch_sizes[prev_t];
+        const T* h0 = hx ? hx + (l * D + d) * B * H : nullptr;
+        a.bs[d] = bs;
+        for (int64_t b = 0; b < bs; ++b) {
+          a.x[d][b] = x + (off + b) * in_size;
+          a.h_out[d][b] = layer_out + (off + b) * out_stride + d * H;
+          a.h[d][b] = b < continuing ? layer_out + (s.step_offset[prev_t] + b) * out_stride + d * H
+                                     : (h0 ? h0 + b * H : (step == 0 ? nullptr : zeros));
+        }
+      }
+      if (parallel) {
+        at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+          thin_step_units(a, D, b0 * kThinUnitBlock, std::min(b1 * kThinUnitBlock, units));
+        });
+      } else {
+        thin_step_units(a, D, 0, units);
+      }
+    }
+    prev = layer_out;
+  }
+}
+
+}  // namespace
+}  // namespace fused_lstm
