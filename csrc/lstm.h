@@ -6,6 +6,7 @@
 #include <c10/util/Optional.h>
 
 #include <tuple>
+#include <functional>
 #include <vector>
 
 namespace fused_lstm {
@@ -90,7 +91,7 @@ LSTMShape check_lstm_args(
 // bf16 operands as they are), the input, every W_ih and every W_hh, and the backward's
 // grad_output, stay bfloat16 (contiguous), so no float copy of them is made; the biases, W_hr
 // and everything else are converted.
-using KeepBf16 = bool (*)(const LSTMShape&);
+using KeepBf16 = std::function<bool(const LSTMShape&)>;
 
 struct ForwardArgs {
   LSTMShape shape;

@@ -4,7 +4,7 @@ Importing the package loads the compiled library (``fused_lstm.ops``), which reg
 ``torch.ops.fused_lstm`` ops. ``fused_lstm.reference`` (plain PyTorch) depends on torch only.
 """
 
-from . import ops
+from . import backends, ops
 from .explain import explain
 from .module import FusedLSTM, FusedLSTMFallbackWarning, convert, revert
 from . import _dynamo
@@ -13,5 +13,6 @@ _dynamo.install(FusedLSTM)  # torch.compile traces FusedLSTM without allow_rnn (
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedLSTM", "FusedLSTMFallbackWarning", "convert", "explain", "revert", "ops",
+__all__ = ["FusedLSTM", "FusedLSTMFallbackWarning", "backends", "convert", "explain", "revert",
+           "ops",
            "__version__"]

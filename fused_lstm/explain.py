@@ -207,7 +207,7 @@ def parse_choice(text: str) -> dict[str, Any]:
 
 # --- sizes of a call ------------------------------------------------------------------------------
 
-_SIZE_KEYS = ("hidden_size", "num_layers", "bidirectional", "proj_size", "batch_first")
+_SIZE_KEYS = ("hidden_size", "num_layers", "bidirectional", "proj_size", "batch_first", "bias")
 
 
 def _sizes_of(module_or_sizes) -> dict[str, Any]:
@@ -216,7 +216,8 @@ def _sizes_of(module_or_sizes) -> dict[str, Any]:
     if isinstance(module_or_sizes, Mapping):
         if "hidden_size" not in module_or_sizes:
             raise ValueError("explain: sizes need at least 'hidden_size'")
-        sizes = dict(num_layers=1, bidirectional=False, proj_size=0, batch_first=False)
+        sizes = dict(num_layers=1, bidirectional=False, proj_size=0, batch_first=False,
+                     bias=True)
         sizes.update({k: module_or_sizes[k] for k in _SIZE_KEYS if k in module_or_sizes})
         return sizes
     raise TypeError("explain: expected an nn.LSTM / FusedLSTM module or a mapping of sizes "
@@ -261,6 +262,34 @@ def _same_both(device, path, why):
     return _result(device, choice, dict(choice))
 
 
+def _cpu_plan(sizes, data, batch_sizes, inference: bool) -> dict[str, Any]:
+    """The CPU plan (csrc/cpu/plan.h) of the call, as the op fused_lstm::cpu_plan describes it:
+    ``variant``, ``why``, and where each product goes."""
+    steps = ([int(b) for b in batch_sizes] if batch_sizes is not None
+             else [data.shape[1]] * data.shape[0])
+    text = torch.ops.fused_lstm.cpu_plan(
+        data.shape[-1], sizes["hidden_size"], sizes["proj_size"], sizes["num_layers"],
+        bool(sizes["bidirectional"]), bool(sizes["bias"]), steps, data.dtype, inference)
+    plan: dict[str, Any] = dict(line.split("=", 1) for line in text.splitlines())
+    plan["path"] = plan["reason"] = plan["variant"]
+    plan["inference"] = inference
+    return plan
+
+
+def _cpu_result(module_or_sizes, sizes, data, batch_sizes) -> dict[str, Any]:
+    device = data.device
+    if data.shape[0] == 0 or (batch_sizes is not None and len(batch_sizes) == 0):
+        return _same_both(device, "nn.LSTM", "an empty sequence: nn.LSTM raises its error")
+    if isinstance(module_or_sizes, nn.Module):
+        weights_grad = any(p.requires_grad for p in module_or_sizes.parameters())
+    else:
+        weights_grad = bool(module_or_sizes.get("requires_grad", True))
+    grad = torch.is_grad_enabled() and (weights_grad or data.requires_grad)
+    forward = _cpu_plan(sizes, data, batch_sizes, inference=not grad)
+    backward = _cpu_plan(sizes, data, batch_sizes, inference=False)
+    return _result(device, forward, backward)
+
+
 def explain(module_or_sizes: nn.LSTM | Mapping[str, Any], input) -> dict[str, Any]:
     """Which implementation ``FusedLSTM(...)(input)`` runs, forward and backward, and why.
 
@@ -270,10 +299,16 @@ def explain(module_or_sizes: nn.LSTM | Mapping[str, Any], input) -> dict[str, An
     device, dtype and shape are used; nothing is computed).
 
     Returns a dict: ``device``; ``path`` (the forward's: ``"persistent"`` or ``"step"`` on
-    CUDA, ``"cpu"``, or ``"nn.LSTM"`` where FusedLSTM falls back); ``forward`` and ``backward``,
-    each a dict with ``path``, ``reason`` (a word), ``why`` (a sentence) and, for the CUDA paths,
-    the persistent plan (``units`` per block, ``blocks`` per direction, ``k_split``,
-    ``batch_tile``, ``smem_bytes``, ...); ``summary``, one line.
+    CUDA; the CPU kernel variant, ``"row_wise"``, ``"small_hidden"`` or ``"thin"``; or
+    ``"nn.LSTM"`` where FusedLSTM falls back); ``forward`` and ``backward``, each a dict with
+    ``path``, ``reason`` (a word), ``why`` (a sentence) and, for the CUDA paths, the persistent
+    plan (``units`` per block, ``blocks`` per direction, ``k_split``, ``batch_tile``,
+    ``smem_bytes``, ...); on the CPU, ``variant``, ``inference`` (whether the call stores
+    nothing for backward: no gradient can flow) and where each product goes
+    (``input_projection.<layer>``, ``recurrent_product``, ``projection``,
+    ``backward_dh_product``, ``backward_weight_products``: brgemm, bf16_gemm, onednn_matmul,
+    blas, ...), with the ``cell_pass``, ``batch_slices``, ``settings`` and ``cpu`` features
+    the choice read; ``summary``, one line.
     """
     from .module import _fused_kernel_available, _is_autocast_enabled
 
@@ -287,7 +322,7 @@ def explain(module_or_sizes: nn.LSTM | Mapping[str, Any], input) -> dict[str, An
         return _same_both(device, "nn.LSTM", f"no fused kernel for {device.type} in this build: "
                           "FusedLSTM runs nn.LSTM's implementation (FusedLSTMFallbackWarning)")
     if device.type == "cpu":
-        return _same_both(device, "cpu", "the CPU kernels (csrc/cpu): one op call for the stack")
+        return _cpu_result(module_or_sizes, sizes, data, batch_sizes)
     if device.type == "cuda":
         text = torch.ops.fused_lstm.cuda_path_choice(
             data, batch_sizes, sizes["hidden_size"], bool(sizes["bidirectional"]),

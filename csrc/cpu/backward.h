@@ -135,11 +135,11 @@ void backward_products(const LSTMShape& s, const Bf16Backward& bb, const T* dgat
 }
 
 template <typename T>
-void backward_impl(const LSTMShape& s, Operand<T> input, const T* hx, const T* cx,
-                   const std::vector<at::Tensor>& weights, const T* mask, const T* reserve,
-                   Operand<T> grad_output, const T* grad_hy, const T* grad_cy, T* grad_input,
-                   T* grad_hx, T* grad_cx, std::vector<at::Tensor>& grad_weights,
-                   bool bf16_model) {
+void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, const T* hx,
+                   const T* cx, const std::vector<at::Tensor>& weights, const T* mask,
+                   const T* reserve, Operand<T> grad_output, const T* grad_hy, const T* grad_cy,
+                   T* grad_input, T* grad_hx, T* grad_cx,
+                   std::vector<at::Tensor>& grad_weights) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
   const int64_t out_stride = D * out;
   const bool has_proj = s.proj_size > 0;
@@ -171,10 +171,11 @@ void backward_impl(const LSTMShape& s, Operand<T> input, const T* hx, const T* c
   T* zeros_mut = scratch<T>(zeros_buf, s.batch * std::max(H, out));  // h0 / c0 when None
   std::fill_n(zeros_mut, s.batch * std::max(H, out), T(0));
   const T* zeros = zeros_mut;
-  T* tiny_buf = H < kRowWiseHidden ? scratch<T>(tiny_buf_t, tiny_backward_numel<T>(s)) : nullptr;
-  const Bf16Backward bb = bf16_backward_buffers(s, bf16_model, bf16_buf);
+  const bool tiny = plan.variant == Variant::kSmallHidden;
+  T* tiny_buf = tiny ? scratch<T>(tiny_buf_t, tiny_backward_numel<T>(s)) : nullptr;
+  const Bf16Backward bb = bf16_backward_buffers(plan, s, bf16_buf);
   // dL/dh_{t-1} = dgates_t W_hh through brgemm (W_hh is already its B[4H, out]).
-  const bool brgemm = std::is_same_v<T, float> && H >= kRowWiseHidden && brgemm_available();
+  const bool brgemm = plan.brgemm_dh;
 
   for (int64_t l = s.num_layers - 1; l >= 0; --l) {
     const int64_t in_size = s.layer_input_size(l);
@@ -201,7 +202,7 @@ void backward_impl(const LSTMShape& s, Operand<T> input, const T* hx, const T* c
         }
       }
 
-      if (H < kRowWiseHidden) {
+      if (tiny) {
         tiny_backward_steps(s, w, d, gates, cells, c0, dy.f, dh_all, dgates, dh_state, dc_state,
                             c_prev_buf, tiny_buf);
       } else {

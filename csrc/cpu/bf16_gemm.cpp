@@ -30,6 +30,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -83,10 +84,7 @@ static_assert(kMR >= 1 && kNV >= 1 && kMR * kNV + kNV <= 32, "micro-kernel excee
 static_assert(kSmallMR >= 1 && kSmallMR < kMR && kSmallMR * kSmallNV + kSmallNV <= 32,
               "small micro-kernel exceeds 32 zmm");
 
-bool env_disabled() {
-  const char* v = std::getenv("FUSED_LSTM_NO_BF16_GEMM");
-  return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
-}
+std::atomic<bool> portable{false};  // bf16_gemm_force_portable
 
 bool detect_cpu() {
 #if FUSED_LSTM_BF16_GEMM_X86
@@ -424,7 +422,7 @@ template <typename T>
 void gemm_impl(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const uint16_t* W,
                float* C, int64_t ldc, bool accumulate, int64_t n0, int64_t n1) {
   TORCH_CHECK(bf16_gemm_available(),
-              "bf16_gemm: this CPU lacks AVX512_BF16 (or FUSED_LSTM_NO_BF16_GEMM is set); check "
+              "bf16_gemm: this CPU lacks AVX512_BF16 (or bf16_gemm_force_portable is on); check "
               "bf16_gemm_available() first");
   if (n1 < 0) n1 = N;
   TORCH_CHECK(M >= 0 && N >= 0 && K >= 0 && 0 <= n0 && n0 <= n1 && n1 <= N,
@@ -517,9 +515,11 @@ void pack_weight_t_impl(const T* Wt, int64_t N, int64_t K, int64_t ldw, uint16_t
 }  // namespace
 
 bool bf16_gemm_available() {
-  static const bool available = detect_cpu() && !env_disabled();
-  return available;
+  static const bool cpu = detect_cpu();
+  return cpu && !portable.load(std::memory_order_relaxed);
 }
+
+void bf16_gemm_force_portable(bool on) { portable.store(on, std::memory_order_relaxed); }
 
 size_t bf16_packed_size(int64_t N, int64_t K) {
   return (size_t)((N + kBN - 1) / kBN) * (size_t)((K + 1) / 2) * 2 * kBN;

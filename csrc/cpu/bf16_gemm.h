@@ -29,9 +29,14 @@ namespace fused_lstm {
 
 constexpr int64_t kBf16GemmBlockN = 16;
 
-// True when this CPU has AVX512F/BW/VL and AVX512_BF16 (and the OS saves the zmm state), and
-// FUSED_LSTM_NO_BF16_GEMM is not set to a non-empty value other than "0". Decided once.
+// True when this CPU has AVX512F/BW/VL and AVX512_BF16 (and the OS saves the zmm state; probed
+// once), unless bf16_gemm_force_portable(true) is in effect. Whether an LSTM uses these products
+// is the CPU plan's decision (cpu/plan.h, the setting allow_bf16_products).
 bool bf16_gemm_available();
+
+// For tests: true makes bf16_gemm_available() false, so the packing functions take their
+// portable code (what CPUs without AVX512_BF16 run) and bf16_gemm refuses; false undoes it.
+void bf16_gemm_force_portable(bool on);
 
 // Number of uint16_t elements of the packed form of an [N, K] weight (64-byte aligned storage
 // is best; any alignment works).

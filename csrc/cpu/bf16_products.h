@@ -13,8 +13,8 @@ namespace {
 
 // Room for one layer and direction's W_ih and W_hh packed for bf16_gemm (the largest), or null
 // where the bf16 products are not used.
-inline uint16_t* bf16_weight_buffer(const LSTMShape& s, bool bf16_model, at::Tensor& holder) {
-  if (!use_bf16_products(s, bf16_model)) return nullptr;
+inline uint16_t* bf16_weight_buffer(const CpuPlan& plan, const LSTMShape& s, at::Tensor& holder) {
+  if (!plan.bf16_products) return nullptr;
   const int64_t G = 4 * s.hidden_size;
   size_t most = 0;
   for (int64_t l = 0; l < s.num_layers; ++l)
@@ -27,7 +27,8 @@ inline uint16_t* bf16_weight_buffer(const LSTMShape& s, bool bf16_model, at::Ten
 // Packs layer `layer`'s W_ih and W_hh into `buf` (from bf16_weight_buffer) for bf16_gemm: the
 // bf16 model's weights as given (kept bf16) or converted to float32, which packs back exactly.
 template <typename T>
-void use_bf16_gemm(const LSTMShape& s, int64_t layer, DirectionWeights<T>& w, uint16_t* buf) {
+void use_bf16_gemm(const CpuPlan& plan, const LSTMShape& s, int64_t layer, DirectionWeights<T>& w,
+                   uint16_t* buf) {
   if constexpr (std::is_same_v<T, float>) {
     if (buf == nullptr) return;
     const int64_t G = 4 * s.hidden_size, in = s.layer_input_size(layer), out = s.out_size;
@@ -36,7 +37,7 @@ void use_bf16_gemm(const LSTMShape& s, int64_t layer, DirectionWeights<T>& w, ui
     visit(w.hh, [&](auto W) { bf16_pack_weight(W, G, out, out, hh); });
     w.w_ih_bf16 = buf;
     w.w_hh_bf16 = hh;
-    if (fuse_input_projection(s, layer, sizeof(uint16_t))) w.k_ih = in;
+    if (fuse_input_projection(plan, s, layer, sizeof(uint16_t))) w.k_ih = in;
   }
 }
 
@@ -65,10 +66,10 @@ struct Bf16Backward {
   int64_t ld = 0;
 };
 
-inline Bf16Backward bf16_backward_buffers(const LSTMShape& s, bool bf16_model,
+inline Bf16Backward bf16_backward_buffers(const CpuPlan& plan, const LSTMShape& s,
                                           at::Tensor& holder) {
   Bf16Backward b;
-  if (!use_bf16_products(s, bf16_model)) return b;
+  if (!plan.bf16_products) return b;
   const int64_t G = 4 * s.hidden_size, out = s.out_size;
   const int64_t rows = std::min(s.rows, kBf16GradRows);
   const int64_t in_max = std::max(s.input_size, s.num_directions * out);

@@ -63,15 +63,19 @@ bool fortran_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, T alpha, co
   return true;
 }
 
-// From this many multiply-adds on, float32 GEMMs go to oneDNN instead of the BLAS: on the AMD
-// EPYC dev box MKL takes its AVX2 kernels while oneDNN's are AVX-512, 1.3x faster from about
-// this size on (1 and 2 threads), and its fixed cost per call (~5 us) is lost below it
-// (benchmarks/NOTES.md section 5).
-constexpr int64_t kOneDnnMinWork = int64_t{1} << 22;
-// Products of at most kThinRows rows whose matrix has kThinSplitWork elements or more are split
-// by columns over the threads (NOTES.md section 7).
-constexpr int64_t kThinRows = 8;
-constexpr int64_t kThinSplitWork = int64_t{1} << 17;
+// Where a product goes (plan.h decides, by its sizes: gemm_library).
+enum class GemmLibrary { kBlas, kOneDnn, kColumnSplit };
+// in_region: called inside a parallel region (a batch slice's thread).
+GemmLibrary gemm_library(int64_t m, int64_t n, int64_t k, bool is_float,
+                         bool in_region = at::in_parallel_region());
+
+inline const char* library_name(GemmLibrary l) {
+  switch (l) {
+    case GemmLibrary::kOneDnn: return "onednn_matmul";
+    case GemmLibrary::kColumnSplit: return "blas_column_split";
+    default: return "blas";
+  }
+}
 
 // Row-major C[m, n] = alpha * op(A)[m, k] op(B)[k, n] + beta * C, with op(X) = X or X^T as
 // stored (trans_a: A is stored [k, m]). Row-major C is column-major C^T = op(B)^T op(A)^T.
@@ -90,19 +94,16 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
                                  {ld, 1}, opts);
     return trans ? t.t() : t;
   };
+  const GemmLibrary library = gemm_library(m, n, k, std::is_same_v<T, float>);
   if constexpr (std::is_same_v<T, float>) {
-    static const bool onednn = at::native::mkldnn_matmul != nullptr && at::hasMKLDNN();
-    if (onednn && m * n * k >= kOneDnnMinWork) {
+    if (library == GemmLibrary::kOneDnn) {
       at::native::mkldnn_matmul(view(a, m, k, lda, trans_a), view(b, k, n, ldb, trans_b),
                                 at::from_blob(c, {m, n}, {ldc, 1}, opts), beta, alpha);
       return;
     }
   }
-  // A product of a few rows (streaming inference: one sequence, one step) is bound by reading
-  // the matrix, and BLAS runs it on one thread: split its columns over the threads instead.
-  const int64_t threads = at::get_num_threads();
-  if (m <= kThinRows && n * k >= kThinSplitWork && n >= 32 * threads && threads > 1 &&
-      !at::in_parallel_region()) {
+  if (library == GemmLibrary::kColumnSplit) {  // columns over the threads, each a BLAS call
+    const int64_t threads = at::get_num_threads();
     const int64_t grain = ((n + threads - 1) / threads + 15) / 16 * 16;
     at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
       gemm<T>(trans_a, trans_b, m, n1 - n0, k, alpha, a, lda, trans_b ? b + n0 * ldb : b + n0,
@@ -123,16 +124,16 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
 // peak: 100-110 GFLOP/s per core here for [16..64, 256..512] x [.., 1024..2048], where MKL's
 // sgemm reaches 70-80 and oneDNN's matmul 74 (benchmarks/NOTES.md section 8). It needs the
 // weight as B[K, N] row-major, so W_hh [4H, out] is transposed once per call.
-// FUSED_LSTM_NO_BRGEMM=1 turns it off (BLAS then, as for float64).
+// The setting allow_brgemm = False turns it off (BLAS then, as for float64).
 constexpr int64_t kBrgemmBlockM = 64;
 constexpr int64_t kBrgemmBlockN = 256;
 
-bool brgemm_available() {
+// Whether the micro-kernel is exported and serves this CPU (probed once; plan.h's
+// cpu_features() asks).
+bool brgemm_works() {
   static const bool available = [] {
     namespace cb = at::native::cpublas;
     if (cb::brgemm == nullptr || cb::brgemm_release == nullptr) return false;
-    const char* off = std::getenv("FUSED_LSTM_NO_BRGEMM");
-    if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
     try {  // a CPU the micro-kernel does not serve raises; check once, on a product with a tail
       float a[3 * 5], b[5 * 7], c[3 * 7];
       for (int i = 0; i < 15; ++i) a[i] = float(i % 4) - 1.5f;

@@ -151,10 +151,10 @@ __attribute__((always_inline)) inline void cell_backward_loop(
 // false: the generic loops run.
 template <typename T>
 inline bool cell_forward_fast(int64_t n, T* gi, T* gf, T* gg, T* go, const T* bi, const T* bf,
-                              const T* bg, const T* bo, T* c, T* cells, T* h) {
+                              const T* bg, const T* bo, T* c, T* cells, T* h, bool vec16) {
 #ifdef FUSED_LSTM_VEC16_MATH
   if constexpr (std::is_same_v<T, float>) {
-    if (!use_vec16_cell()) return false;
+    if (!vec16) return false;
     cell_forward_vec16(n, gi, gf, gg, go, bi, bf, bg, bo, c, cells, h);
     return true;
   }
@@ -163,14 +163,15 @@ inline bool cell_forward_fast(int64_t n, T* gi, T* gf, T* gg, T* go, const T* bi
 }
 
 #define FUSED_LSTM_DEFINE_BLOCKS(T)                                                            \
-  /* cells null: inference (only c and h written); bias null: none to add (see the loop) */  \
+  /* cells null: inference (only c and h written); bias null: none to add (see the loop); */\
+  /* vec16: the 16-lane pass where it applies (the plan's vec16_cell) */                     \
   FUSED_LSTM_SIMD_CLONES void cell_forward_block(int64_t n, T* gi, T* gf, T* gg, T* go,       \
                                                  const T* bias, int64_t bias_stride, T* c,     \
-                                                 T* cells, T* h) {                             \
+                                                 T* cells, T* h, bool vec16) {                 \
     const T* bf = bias ? bias + bias_stride : nullptr;                                         \
     const T* bg = bias ? bias + 2 * bias_stride : nullptr;                                     \
     const T* bo = bias ? bias + 3 * bias_stride : nullptr;                                     \
-    if (cell_forward_fast(n, gi, gf, gg, go, bias, bf, bg, bo, c, cells, h)) return;           \
+    if (cell_forward_fast(n, gi, gf, gg, go, bias, bf, bg, bo, c, cells, h, vec16)) return;    \
     if (bias != nullptr && cells != nullptr)                                                   \
       cell_forward_loop<T, true, true>(n, gi, gf, gg, go, bias, bf, bg, bo, c, cells, h);      \
     else if (bias != nullptr)                                                                  \

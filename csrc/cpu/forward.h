@@ -12,17 +12,17 @@ namespace fused_lstm {
 namespace {
 
 template <typename T>
-void forward_impl(const LSTMShape& s, Operand<T> input, const T* hx, const T* cx,
-                  const std::vector<at::Tensor>& weights, const T* mask, T* hy, T* cy,
-                  T* reserve, bool bf16_model) {
+void forward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, const T* hx,
+                  const T* cx, const std::vector<at::Tensor>& weights, const T* mask, T* hy,
+                  T* cy, T* reserve) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
   const int64_t out_stride = D * out;  // row stride of layer_out
   at::Tensor tiny_buf, dropped_buf;
-  const bool tiny = H < kRowWiseHidden;
+  const bool tiny = plan.variant == Variant::kSmallHidden;
   const TinyBuffers<T> tb = tiny ? tiny_buffers<T>(s, s.rows, tiny_buf) : TinyBuffers<T>{};
   at::Tensor w_packed_buf, bf16_buf, bias_buf;
-  uint16_t* bf16_weights = bf16_weight_buffer(s, bf16_model, bf16_buf);
-  T* w_packed = bf16_weights ? nullptr : brgemm_buffer<T>(s, w_packed_buf);
+  uint16_t* bf16_weights = bf16_weight_buffer(plan, s, bf16_buf);
+  T* w_packed = bf16_weights ? nullptr : brgemm_buffer<T>(plan, s, w_packed_buf);
   T* dropped = (mask && s.num_layers > 1) ? scratch<T>(dropped_buf, s.rows * out_stride) : nullptr;
   for (int64_t l = 0; l < s.num_layers; ++l) {
     const Operand<T> x = layer_input(
@@ -44,7 +44,7 @@ void forward_impl(const LSTMShape& s, Operand<T> input, const T* hx, const T* cx
         transpose(hx ? hx + ld * s.batch * out : nullptr, out, s.batch, out, tb.hT, s.batch);
         transpose(cx ? cx + ld * s.batch * H : nullptr, H, s.batch, H, tb.cT, s.batch);
         for_each_batch_slice(s, s.seq_len, false, [&](int64_t r0, int64_t r1) {
-          tiny_forward_steps(s, w, d, 0, s.seq_len - 1, r0, r1, tb, gates, cells, pre_proj,
+          tiny_forward_steps(plan, s, w, d, 0, s.seq_len - 1, r0, r1, tb, gates, cells, pre_proj,
                              layer_out + d * out, hx == nullptr);
         });
         transpose(tb.hT, s.batch, out, s.batch, h_state, out);
@@ -52,8 +52,8 @@ void forward_impl(const LSTMShape& s, Operand<T> input, const T* hx, const T* cx
         continue;
       }
       const int64_t in_size = s.layer_input_size(l);
-      use_bf16_gemm(s, l, w, bf16_weights);
-      use_brgemm(s, w, w_packed, l);
+      use_bf16_gemm(plan, s, l, w, bf16_weights);
+      use_brgemm(plan, s, w, w_packed, l);
       use_bias(w, G, bias_buf);
       const bool fused = w.k_ih > 0;  // else every step's projection at once, here
       if (!fused) input_projection(w, x, s.rows, in_size, G, gates);
@@ -65,7 +65,7 @@ void forward_impl(const LSTMShape& s, Operand<T> input, const T* hx, const T* cx
                            fused ? x.at(off * in_size) : Operand<T>{}};
       };
       for_each_batch_slice(s, s.seq_len, w.single_thread_product(), [&](int64_t r0, int64_t r1) {
-        forward_steps(s, w, d, 0, s.seq_len - 1, r0, r1, h_state, c_state, rows_of, in_size,
+        forward_steps(plan, s, w, d, 0, s.seq_len - 1, r0, r1, h_state, c_state, rows_of, in_size,
                       hx == nullptr);
       });
     }
@@ -83,21 +83,22 @@ void forward_impl(const LSTMShape& s, Operand<T> input, const T* hx, const T* cx
 constexpr int64_t kChunkElements = 1 << 20;
 
 template <typename T>
-void inference_impl(const LSTMShape& s, Operand<T> input, const T* hx, const T* cx,
-                    const std::vector<at::Tensor>& weights, const T* mask, T* hy, T* cy,
-                    T* output, bool bf16_model) {
-  if (thin_applies(s)) return thin_inference(s, input.f, hx, cx, weights, mask, hy, cy, output);
+void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, const T* hx,
+                    const T* cx, const std::vector<at::Tensor>& weights, const T* mask, T* hy,
+                    T* cy, T* output) {
+  if (plan.variant == Variant::kThin)
+    return thin_inference(plan, s, input.f, hx, cx, weights, mask, hy, cy, output);
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
   const int64_t out_stride = D * out;
   const int64_t chunk_steps = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, s.batch * G));
   at::Tensor dropped_buf, chunk_buf, gates_buf, pre_proj_buf, layer_buf[2];
   T* dropped = (mask && s.num_layers > 1) ? scratch<T>(dropped_buf, s.rows * out_stride) : nullptr;
   const int64_t chunk_rows = std::min(chunk_steps, s.seq_len) * s.batch;
-  const bool tiny = H < kRowWiseHidden;
+  const bool tiny = plan.variant == Variant::kSmallHidden;
   TinyBuffers<T> tb = tiny ? tiny_buffers<T>(s, chunk_rows, chunk_buf) : TinyBuffers<T>{};
   at::Tensor w_packed_buf, bf16_buf, bias_buf;
-  uint16_t* bf16_weights = bf16_weight_buffer(s, bf16_model, bf16_buf);
-  T* w_packed = bf16_weights ? nullptr : brgemm_buffer<T>(s, w_packed_buf);
+  uint16_t* bf16_weights = bf16_weight_buffer(plan, s, bf16_buf);
+  T* w_packed = bf16_weights ? nullptr : brgemm_buffer<T>(plan, s, w_packed_buf);
   // The gates of `rows` rows: one step's where the projection is fused into the steps (every
   // layer at medium and fastrnns), a chunk's otherwise; allocated at the first need.
   auto gates_for = [&](int64_t rows) {
@@ -121,8 +122,8 @@ void inference_impl(const LSTMShape& s, Operand<T> input, const T* hx, const T* 
       copy_or_zero(hx ? hx + ld * s.batch * out : nullptr, s.batch * out, h_state);
       copy_or_zero(cx ? cx + ld * s.batch * H : nullptr, s.batch * H, c_state);
       if (!tiny) {
-        use_bf16_gemm(s, l, w, bf16_weights);
-        use_brgemm(s, w, w_packed, l);
+        use_bf16_gemm(plan, s, l, w, bf16_weights);
+        use_brgemm(plan, s, w, w_packed, l);
         use_bias(w, G, bias_buf);
       }
       if (w.k_ih > 0) {  // the projection fused into the steps: one pass over every step
@@ -133,7 +134,7 @@ void inference_impl(const LSTMShape& s, Operand<T> input, const T* hx, const T* 
                              layer_out + off * out_stride + d * out, x.at(off * in_size)};
         };
         for_each_batch_slice(s, s.seq_len, true, [&](int64_t r0, int64_t r1) {
-          forward_steps(s, w, d, 0, s.seq_len - 1, r0, r1, h_state, c_state, rows_of, in_size,
+          forward_steps(plan, s, w, d, 0, s.seq_len - 1, r0, r1, h_state, c_state, rows_of, in_size,
                         hx == nullptr);
         });
         continue;
@@ -154,7 +155,7 @@ void inference_impl(const LSTMShape& s, Operand<T> input, const T* hx, const T* 
           tb.row0 = row0;
           tiny_input_projection(w, x.f + row0 * in_size, rows, in_size, G, tb.gT, tb.xT);
           for_each_batch_slice(s, last - first + 1, false, [&](int64_t r0, int64_t r1) {
-            tiny_forward_steps<T>(s, w, d, first, last, r0, r1, tb, nullptr, nullptr, nullptr,
+            tiny_forward_steps<T>(plan, s, w, d, first, last, r0, r1, tb, nullptr, nullptr, nullptr,
                                   layer_out + d * out, hx == nullptr && first == 0);
           });
           if (last + 1 == s.seq_len) {
@@ -172,7 +173,7 @@ void inference_impl(const LSTMShape& s, Operand<T> input, const T* hx, const T* 
                              layer_out + off * out_stride + d * out};
         };
         for_each_batch_slice(s, last - first + 1, w.single_thread_product(), [&](int64_t r0, int64_t r1) {
-          forward_steps(s, w, d, first, last, r0, r1, h_state, c_state, rows_of, 0,
+          forward_steps(plan, s, w, d, first, last, r0, r1, h_state, c_state, rows_of, 0,
                         hx == nullptr && first == 0);
         });
       }

@@ -29,6 +29,7 @@
 // float/bfloat16/half, double for double); a bfloat16 model's products take bf16 operands with
 // float32 sums on CPUs with AVX512_BF16 (bf16_gemm.h), forward and backward.
 #include "backward.h"
+#include "describe.h"
 #include "forward.h"
 
 #include <ATen/Dispatch.h>
@@ -43,20 +44,36 @@ const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
+// The plan of one op call: the settings are read once, when the call starts; the op boundary
+// asks whether a bfloat16 call keeps its tensors bf16 (lstm.h KeepBf16) before the kernels
+// run, and both answers come from the same plan_cpu.
+struct CallPlan {
+  CpuSettings settings = cpu_settings();
+  bool inference = false;
+
+  CpuPlan of(const LSTMShape& s, at::ScalarType dtype) const {
+    return plan_cpu(s, settings, dtype != at::kDouble, dtype == at::kBFloat16, inference);
+  }
+  KeepBf16 keep_bf16() const {
+    return [this](const LSTMShape& s) { return of(s, at::kBFloat16).keep_bf16; };
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
     const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
     bool bidirectional, bool has_biases, int64_t proj_size) {
+  const CallPlan call{cpu_settings(), /*inference=*/false};
   ForwardArgs a = prepare_forward(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
                                   bidirectional, has_biases, proj_size, /*with_reserve=*/true,
-                                  keep_bf16_cpu);
+                                  call.keep_bf16());
+  const CpuPlan plan = call.of(a.shape, a.dtype);
   AT_DISPATCH_FLOATING_TYPES(a.math, "fused_lstm_forward_cpu", [&] {
-    forward_impl<scalar_t>(a.shape, operand<scalar_t>(a.input), ptr_or_null<scalar_t>(a.hx),
+    forward_impl<scalar_t>(plan, a.shape, operand<scalar_t>(a.input), ptr_or_null<scalar_t>(a.hx),
                            ptr_or_null<scalar_t>(a.cx), a.weights,
                            ptr_or_null<scalar_t>(a.dropout_mask), a.hy.mutable_data_ptr<scalar_t>(),
-                           a.cy.mutable_data_ptr<scalar_t>(), a.reserve.mutable_data_ptr<scalar_t>(),
-                           a.dtype == at::kBFloat16);
+                           a.cy.mutable_data_ptr<scalar_t>(), a.reserve.mutable_data_ptr<scalar_t>());
   });
   return finish_forward(a);
 }
@@ -66,19 +83,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference_cpu(
     const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
     bool bidirectional, bool has_biases, int64_t proj_size) {
+  const CallPlan call{cpu_settings(), /*inference=*/true};
   ForwardArgs a = prepare_forward(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
                                   bidirectional, has_biases, proj_size, /*with_reserve=*/false,
-                                  keep_bf16_cpu);
+                                  call.keep_bf16());
   const LSTMShape& s = a.shape;
+  const CpuPlan plan = call.of(s, a.dtype);
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
   out_shape.back() = s.num_directions * s.out_size;
   at::Tensor output = at::empty(out_shape, a.hy.options());  // [T, B, D*out] == [rows, D*out]
   AT_DISPATCH_FLOATING_TYPES(a.math, "fused_lstm_inference_cpu", [&] {
-    inference_impl<scalar_t>(s, operand<scalar_t>(a.input), ptr_or_null<scalar_t>(a.hx),
+    inference_impl<scalar_t>(plan, s, operand<scalar_t>(a.input), ptr_or_null<scalar_t>(a.hx),
                              ptr_or_null<scalar_t>(a.cx), a.weights,
                              ptr_or_null<scalar_t>(a.dropout_mask), a.hy.mutable_data_ptr<scalar_t>(),
-                             a.cy.mutable_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(),
-                             a.dtype == at::kBFloat16);
+                             a.cy.mutable_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>());
   });
   return {in_dtype(output, a.dtype), in_dtype(a.hy, a.dtype), in_dtype(a.cy, a.dtype)};
 }
@@ -90,22 +108,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_bac
     const at::Tensor& reserve, const std::optional<at::Tensor>& grad_output,
     const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size) {
+  const CallPlan call{cpu_settings(), /*inference=*/false};
   BackwardArgs a = prepare_backward(input, batch_sizes, hx, cx, weights, dropout_mask, reserve,
                                     grad_output, grad_hy, grad_cy, num_layers, bidirectional,
-                                    has_biases, proj_size, keep_bf16_cpu);
+                                    has_biases, proj_size, call.keep_bf16());
+  const CpuPlan plan = call.of(a.shape, a.dtype);
   AT_DISPATCH_FLOATING_TYPES(a.math, "fused_lstm_backward_cpu", [&] {
     backward_impl<scalar_t>(
-        a.shape, operand<scalar_t>(a.input), ptr_or_null<scalar_t>(a.hx),
+        plan, a.shape, operand<scalar_t>(a.input), ptr_or_null<scalar_t>(a.hx),
         ptr_or_null<scalar_t>(a.cx), a.weights, ptr_or_null<scalar_t>(a.dropout_mask),
         a.reserve.const_data_ptr<scalar_t>(), operand<scalar_t>(a.grad_output),
         ptr_or_null<scalar_t>(a.grad_hy), ptr_or_null<scalar_t>(a.grad_cy),
         a.grad_input.mutable_data_ptr<scalar_t>(), a.grad_hx.mutable_data_ptr<scalar_t>(),
-        a.grad_cx.mutable_data_ptr<scalar_t>(), a.grad_weights, a.dtype == at::kBFloat16);
+        a.grad_cx.mutable_data_ptr<scalar_t>(), a.grad_weights);
   });
   return finish_backward(a, weights);
 }
 
+// fused_lstm::cpu_plan: the plan of a call of these sizes, as describe() writes it
+// (fused_lstm.explain reads it). batch_sizes: one per step (every step's batch, or a packed
+// sequence's batch sizes).
+std::string cpu_plan_op(int64_t input_size, int64_t hidden_size, int64_t proj_size,
+                        int64_t num_layers, bool bidirectional, bool has_biases,
+                        std::vector<int64_t> batch_sizes, at::ScalarType dtype, bool inference) {
+  TORCH_CHECK_VALUE(input_size >= 1 && hidden_size >= 1 && proj_size >= 0 &&
+                        proj_size < hidden_size + (proj_size == 0) && num_layers >= 1 &&
+                        !batch_sizes.empty(),
+                    "fused_lstm::cpu_plan: bad sizes");
+  LSTMShape s;
+  s.num_layers = num_layers;
+  s.num_directions = bidirectional ? 2 : 1;
+  s.input_size = input_size;
+  s.hidden_size = hidden_size;
+  s.proj_size = proj_size;
+  s.out_size = proj_size > 0 ? proj_size : hidden_size;
+  s.seq_len = static_cast<int64_t>(batch_sizes.size());
+  s.batch = batch_sizes[0];
+  s.has_biases = has_biases;
+  for (const int64_t b : batch_sizes) {
+    s.step_offset.push_back(s.rows);
+    s.rows += b;
+  }
+  s.packed = batch_sizes.front() != batch_sizes.back();
+  s.batch_sizes = std::move(batch_sizes);
+  const CallPlan call{cpu_settings(), inference};
+  return describe(call.of(s, dtype), s);
+}
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fused_lstm, m) {
+  m.def("cpu_plan(int input_size, int hidden_size, int proj_size, int num_layers, "
+        "bool bidirectional, bool has_biases, int[] batch_sizes, ScalarType dtype, "
+        "bool inference) -> str",
+        &cpu_plan_op);
+}
 
 TORCH_LIBRARY_IMPL(fused_lstm, CPU, m) {
   m.impl("lstm_forward", &lstm_forward_cpu);

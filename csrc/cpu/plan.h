@@ -1,28 +1,151 @@
-// The kernel choice of a CPU call, in one place: which variant runs it and why.
+// The kernel choice of a CPU call, in one place: plan_cpu() returns which variant runs the call
+// and why, from the sizes, the dtype, the CPU's features and the settings (settings.h), and
+// nothing else. The kernels read the plan; they decide nothing themselves. describe() spells it
+// out for fused_lstm.explain (the op fused_lstm::cpu_plan, lstm_cpu.cpp), including which
+// library each product goes to (gemm_library).
+//
+// The variants (one file each):
+//   small_hidden  H < kRowWiseHidden: the batch-fastest layout (small_hidden.h)
+//   thin          inference of a few rows and steps: threads own hidden units (thin.h)
+//   row_wise      everything else: gates row-major, one step at a time (row_wise.h), whose
+//                 products go to brgemm (float32), bf16_gemm (bfloat16 models on AVX512_BF16,
+//                 bf16_products.h) or the BLAS / oneDNN matmul (gemm_library)
 // Part of the one translation unit lstm_cpu.cpp.
 #pragma once
 
+#include "../settings.h"
 #include "bf16_gemm.h"
 #include "blas.h"
 #include "fast_math.h"
 
+#include <string>
+
 namespace fused_lstm {
 namespace {
 
+// ---- What the CPU offers (probed once per process) ----
+struct CpuFeatures {
+  bool avx512 = false;         // AVX-512F and FMA: the 16-lane cell pass
+  bool avx512_bf16 = false;    // bf16_gemm's micro-kernel
+  bool brgemm = false;         // oneDNN's brgemm micro-kernel, as ATen exports it, works here
+  bool onednn_matmul = false;  // oneDNN's matmul, as ATen exports it
+};
+
+inline const CpuFeatures& cpu_features() {
+  static const CpuFeatures f = [] {
+    CpuFeatures c;
+#if defined(__GNUC__) && defined(__x86_64__)
+    __builtin_cpu_init();
+    c.avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+#endif
+    c.avx512_bf16 = bf16_gemm_available();
+    c.brgemm = brgemm_works();
+    c.onednn_matmul = at::native::mkldnn_matmul != nullptr && at::hasMKLDNN();
+    return c;
+  }();
+  return f;
+}
+
+// ---- The variant ----
 // Gates are stored row-major, [rows, 4H]: gate k of row b is the run g[b*4H + kH, +H). From
 // this hidden size on, each row's runs are long enough to vectorise in place; below it, a layer
 // runs in the batch-fastest layout of tiny_forward_steps / tiny_backward_steps.
 constexpr int64_t kRowWiseHidden = 16;
 
+// The thin kernel (thin.h) serves batches of at most kThinMaxBatch rows, one step or up to
+// kThinMaxSteps steps while the input is not larger than twice the hidden size: each step
+// re-reads W_ih (the row-wise path projects every step's input in one GEMM), still measured
+// faster than that path up to 32 steps (input 64, hidden 256, 2 layers, batch 1..8, 1 and 2
+// threads; with and without brgemm).
+constexpr int64_t kThinMaxBatch = 8;
+constexpr int64_t kThinMaxSteps = 32;
+
+enum class Variant { kSmallHidden, kThin, kRowWise };
+
+inline const char* variant_name(Variant v) {
+  switch (v) {
+    case Variant::kSmallHidden: return "small_hidden";
+    case Variant::kThin: return "thin";
+    default: return "row_wise";
+  }
+}
+
+// Whether the sizes are the thin kernel's (whatever the call: the forward and backward ops
+// decide the bf16 boundary alike, see keep_bf16).
+inline bool thin_sizes(const LSTMShape& s) {
+  return s.proj_size == 0 && s.hidden_size >= kRowWiseHidden && s.batch >= 1 &&
+      s.batch <= kThinMaxBatch && s.seq_len >= 1 &&
+      (s.seq_len == 1 || (s.seq_len <= kThinMaxSteps && s.input_size <= 2 * s.hidden_size));
+}
+
+struct CpuPlan {
+  CpuSettings settings;
+  Variant variant = Variant::kRowWise;
+  const char* why = "";
+  bool is_float = false;      // math dtype float32 (else float64)
+  bool brgemm_steps = false;  // the forward's step products through brgemm (W packed in panels)
+  bool brgemm_dh = false;     // the backward's dL/dh_{t-1} products through brgemm
+  bool bf16_products = false; // a bfloat16 model's products through bf16_gemm (bf16_products.h)
+  bool keep_bf16 = false;     // the op keeps the bf16 input, W_ih, W_hh as given (lstm.h)
+  bool vec16_cell = false;    // float32 cell pass on 16 lanes (cell_forward_vec16)
+  bool inference = false;     // lstm_inference: nothing kept for backward
+};
+
+// is_float: the math dtype is float32; bf16_model: the caller's dtype is bfloat16;
+// inference: lstm_inference (nothing kept for backward).
+inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, bool is_float,
+                        bool bf16_model, bool inference) {
+  const CpuFeatures& cpu = cpu_features();
+  CpuPlan p;
+  p.settings = settings;
+  p.is_float = is_float;
+  p.inference = inference;
+  const bool row_sizes = s.hidden_size >= kRowWiseHidden;
+  const bool thin = thin_sizes(s) && settings.thin;
+  if (!row_sizes) {
+    p.variant = Variant::kSmallHidden;
+    p.why = "hidden_size < 16: gate rows too short to vectorise, so the batch-fastest layout";
+  } else if (inference && thin) {
+    p.variant = Variant::kThin;
+    p.why = "inference of at most 8 rows, no projection, 1 step (or up to 32 with input_size "
+            "<= 2 * hidden_size): bound by reading the weights, which threads split by units";
+  } else {
+    p.variant = Variant::kRowWise;
+    p.why = !inference && thin_sizes(s) ? "hidden_size >= 16; the thin kernel serves inference only"
+          : thin_sizes(s)               ? "hidden_size >= 16; the thin kernel is off (allow_thin)"
+                                        : "hidden_size >= 16 and not thin-batch sizes";
+  }
+  // A single step does not pay for packing the weights.
+  const bool packs = row_sizes && s.seq_len >= 2;
+  p.bf16_products = bf16_model && packs && cpu.avx512_bf16 && settings.bf16_products;
+  p.keep_bf16 = p.bf16_products && !thin;
+  p.brgemm_steps = is_float && packs && cpu.brgemm && settings.brgemm && !p.bf16_products;
+  p.brgemm_dh = is_float && row_sizes && cpu.brgemm && settings.brgemm;
+  p.vec16_cell = is_float && cpu.avx512 && settings.vec16_cell;
+  return p;
+}
+
+// ---- The library of a product (blas.h's gemm asks) ----
+// From this many multiply-adds on, float32 GEMMs go to oneDNN instead of the BLAS: on the AMD
+// EPYC dev box MKL takes its AVX2 kernels while oneDNN's are AVX-512, 1.3x faster from about
+// this size on (1 and 2 threads), and its fixed cost per call (~5 us) is lost below it
+// (benchmarks/NOTES.md section 5).
+constexpr int64_t kOneDnnMinWork = int64_t{1} << 22;
+// Products of at most kColumnSplitMaxRows rows whose matrix has kColumnSplitMinWork elements or
+// more are split by columns over the threads (NOTES.md section 7).
+constexpr int64_t kColumnSplitMaxRows = 8;
+constexpr int64_t kColumnSplitMinWork = int64_t{1} << 17;
+
+// ---- Threads ----
 // Multiply-adds of recurrent work from which the batch is split over threads (each thread runs
 // all steps for its rows: one parallel region instead of two per step), as long as one step's
 // product is below kOneDnnMinWork: larger ones run faster as one GEMM parallel inside
 // (measured, 2 threads: fastrnns infer 159 ms unsplit vs 181 ms split; NOTES.md section 6).
 constexpr int64_t kSplitBatchWork = int64_t{1} << 20;
 
-// body(r0, r1) over slices of [0, batch): one per thread when the recurrence of `steps` steps
-// is worth a parallel region, else the whole batch on this thread.
-// With brgemm (`single_thread_fast`) a slice's product runs at full speed at any size.
+// How many slices of the batch the recurrence of `steps` steps runs in: one per thread when it
+// is worth a parallel region, else 1. With brgemm or bf16_gemm (`single_thread_fast`) a
+// slice's product runs at full speed at any size.
 inline int64_t batch_slices(const LSTMShape& s, int64_t steps, bool single_thread_fast) {
   const int64_t threads = at::get_num_threads();
   const int64_t step_work = s.batch * 4 * s.hidden_size * (s.out_size + 8);
@@ -32,6 +155,7 @@ inline int64_t batch_slices(const LSTMShape& s, int64_t steps, bool single_threa
   return 1;
 }
 
+// body(r0, r1) over the slices of [0, batch) (batch_slices).
 template <typename F>
 void for_each_batch_slice(const LSTMShape& s, int64_t steps, bool single_thread_fast,
                           const F& body) {
@@ -40,6 +164,7 @@ void for_each_batch_slice(const LSTMShape& s, int64_t steps, bool single_thread_
   else body(0, s.batch);
 }
 
+// ---- The input projection: fused into the steps, or one GEMM before them ----
 // The input projection fused into each step's brgemm (g_t = b + x_t W_ih^T + h_{t-1} W_hh^T on
 // the thread that runs the step: all of a layer's arithmetic at the micro-kernel's rate in one
 // parallel region, no projection GEMM, no chunk buffer), instead of one GEMM over every step
@@ -49,13 +174,12 @@ void for_each_batch_slice(const LSTMShape& s, int64_t steps, bool single_thread_
 // 16 rows 76 vs 71 ms unfused, 32 rows even, 64 rows 259 vs 271 ms; hidden 256, 2 layers:
 // 2 rows 6.7 vs 5.4 ms, 4 rows even, 8 rows 16.0 vs 17.2 ms).
 // The same for bf16_gemm's bf16 weights (weight_size: bytes per packed weight, 2 against
-// brgemm's 4).
-// FUSED_LSTM_UNFUSED_INPUT=1 turns it off (read per call, for A/B measurements and tests).
+// brgemm's 4). The setting allow_fused_input_projection = False turns it off.
 constexpr int64_t kFuseWeightBytesPerRow = int64_t{1} << 18;
 
-inline bool fuse_input_projection(const LSTMShape& s, int64_t layer, int64_t weight_size) {
-  const char* off = std::getenv("FUSED_LSTM_UNFUSED_INPUT");
-  if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
+inline bool fuse_input_projection(const CpuPlan& p, const LSTMShape& s, int64_t layer,
+                                  int64_t weight_size) {
+  if (!p.settings.fused_input_projection) return false;
   const int64_t slices = batch_slices(s, s.seq_len, true);
   const int64_t slice_rows = (s.batch + slices - 1) / slices;
   const int64_t weight_bytes =
@@ -63,66 +187,18 @@ inline bool fuse_input_projection(const LSTMShape& s, int64_t layer, int64_t wei
   return slice_rows * kFuseWeightBytesPerRow >= weight_bytes;
 }
 
-// Scratch for use_brgemm, or null where brgemm is not used: other dtypes, small hidden sizes,
-// and a single step (one product does not pay for the transpose).
-template <typename T>
-T* brgemm_buffer(const LSTMShape& s, at::Tensor& holder) {
-  if (!std::is_same_v<T, float> || s.hidden_size < kRowWiseHidden || s.seq_len < 2 ||
-      !brgemm_available())
-    return nullptr;
-  const int64_t in_max = std::max(s.input_size, s.num_directions * s.out_size);
-  return scratch<T>(holder, 4 * s.hidden_size * (s.out_size + in_max));
+// The library of a product (blas.h's gemm asks).
+GemmLibrary gemm_library(int64_t m, int64_t n, int64_t k, bool is_float, bool in_region) {
+  if (is_float && cpu_features().onednn_matmul && m * n * k >= kOneDnnMinWork)
+    return GemmLibrary::kOneDnn;
+  // A product of a few rows (streaming inference: one sequence, one step) is bound by reading
+  // the matrix, and BLAS runs it on one thread: split its columns over the threads instead.
+  const int64_t threads = at::get_num_threads();
+  if (m <= kColumnSplitMaxRows && n * k >= kColumnSplitMinWork && n >= 32 * threads &&
+      threads > 1 && !in_region)
+    return GemmLibrary::kColumnSplit;
+  return GemmLibrary::kBlas;
 }
-
-// Whether a call's products go through bf16_gemm (forward and backward): bfloat16 models on
-// CPUs with AVX512_BF16, not small hidden sizes, not a single step (packing costs a pass over
-// the weights).
-inline bool use_bf16_products(const LSTMShape& s, bool bf16_model) {
-  return bf16_model && s.hidden_size >= kRowWiseHidden && s.seq_len >= 2 && bf16_gemm_available();
-}
-
-// 1 and 2 threads; with and without brgemm), so several steps take this kernel up to
-// kThinMaxSteps while the input is not larger than twice the hidden size.
-constexpr int64_t kThinMaxSteps = 32;
-// Units go to threads in blocks of this many.
-constexpr int64_t kThinUnitBlock = 16;
-
-// Where thin_inference runs: batches of at most kThinRows rows, hidden sizes of the row-wise
-// path, no projection; one step, or up to kThinMaxSteps steps with input_size <= 2 * hidden.
-// FUSED_LSTM_NO_THIN=1 turns it off (read once).
-bool thin_enabled() {
-  static const bool enabled = [] {
-    const char* off = std::getenv("FUSED_LSTM_NO_THIN");
-    return off == nullptr || off[0] == '\0' || off[0] == '0';
-  }();
-  return enabled;
-}
-
-bool thin_applies(const LSTMShape& s) {
-  return s.proj_size == 0 && s.hidden_size >= kRowWiseHidden && s.batch >= 1 &&
-      s.batch <= kThinRows && s.seq_len >= 1 &&
-      (s.seq_len == 1 || (s.seq_len <= kThinMaxSteps && s.input_size <= 2 * s.hidden_size)) &&
-      thin_enabled();
-}
-
-#ifdef FUSED_LSTM_VEC16_MATH
-// Whether this CPU takes cell_forward_vec16 (checked once; FUSED_LSTM_NO_VEC16_CELL=1 turns it
-// off, read at the first call: tests run the generic pass in a process started with it).
-inline bool use_vec16_cell() {
-  static const bool use = [] {
-    const char* off = std::getenv("FUSED_LSTM_NO_VEC16_CELL");
-    if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
-  }();
-  return use;
-}
-#endif
-
-// A bfloat16 call's input, W_ih and W_hh stay bf16 (no float copies: lstm.h, KeepBf16) where
-// every product that reads them is a bf16 one: the bf16 products, and not the thin kernel
-// (float32 dot products; inference only, but the forward and backward ops decide alike).
-bool keep_bf16_cpu(const LSTMShape& s) { return use_bf16_products(s, true) && !thin_applies(s); }
 
 }  // namespace
 }  // namespace fused_lstm

@@ -50,9 +50,10 @@ void input_projection(const DirectionWeights<T>& w, Operand<T> x, int64_t rows, 
 //   cells_t:     [bs, H] receives c_t, or null (inference: nothing kept);  pre_proj_t: [bs, H] receives o * tanh(c_t) (proj only)
 // Hidden sizes from kRowWiseHidden on (smaller ones take tiny_forward_steps).
 template <typename T>
-void forward_step(const LSTMShape& s, const DirectionWeights<T>& w, int64_t bs, T* g_t,
-                  const T* h_prev, int64_t ld_prev, T* h_next, int64_t ld_next, T* c_state,
-                  T* cells_t, T* pre_proj_t, Operand<T> x_t, int64_t in_size) {
+void forward_step(const CpuPlan& plan, const LSTMShape& s, const DirectionWeights<T>& w,
+                  int64_t bs, T* g_t, const T* h_prev, int64_t ld_prev, T* h_next,
+                  int64_t ld_next, T* c_state, T* cells_t, T* pre_proj_t, Operand<T> x_t,
+                  int64_t in_size) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size;
   const bool has_proj = s.proj_size > 0;
   if constexpr (std::is_same_v<T, float>) {
@@ -75,7 +76,8 @@ void forward_step(const LSTMShape& s, const DirectionWeights<T>& w, int64_t bs, 
   for_each_row(bs, G, [&](int64_t b) {
     T* g = g_t + b * G;
     cell_forward_block(H, g, g + H, g + 2 * H, g + 3 * H, w.bias, H,
-                       c_state + b * H, cells_t ? cells_t + b * H : nullptr, h_out + b * ld_out);
+                       c_state + b * H, cells_t ? cells_t + b * H : nullptr, h_out + b * ld_out,
+                       plan.vec16_cell);
   });
   if (has_proj)
     gemm<T>(false, true, bs, out, H, T(1), pre_proj_t, H, w.w_hr, H, T(0), h_next, ld_next);
@@ -103,8 +105,8 @@ struct StepRows {
 // Otherwise (rows end or start at different steps) h_t goes to h_state, which every step reads,
 // and is copied into the layer output.
 template <typename T, typename RowsOf>
-void forward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_t d, int64_t first,
-                   int64_t last, int64_t r0, int64_t r1, T* h_state, T* c_state,
+void forward_steps(const CpuPlan& plan, const LSTMShape& s, const DirectionWeights<T>& w,
+                   int64_t d, int64_t first, int64_t last, int64_t r0, int64_t r1, T* h_state, T* c_state,
                    const RowsOf& rows_of, int64_t in_size, bool h_zero) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size;
   const int64_t out_stride = s.num_directions * out;
@@ -119,7 +121,7 @@ void forward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_t d, 
     const StepRows<T> p = rows_of(t);
     T* out_t = p.layer_out + r0 * out_stride;
     T* h_next = in_output ? out_t : h_state + r0 * out;
-    forward_step(s, w, bs, p.gates + r0 * G, h_prev, ld_prev, h_next, ld_h, c_state + r0 * H,
+    forward_step(plan, s, w, bs, p.gates + r0 * G, h_prev, ld_prev, h_next, ld_h, c_state + r0 * H,
                  p.cells ? p.cells + r0 * H : nullptr, p.pre_proj ? p.pre_proj + r0 * H : nullptr,
                  p.x.at(r0 * in_size), in_size);
     if (!in_output) copy_rows(h_next, out, out_t, out_stride, bs, out);

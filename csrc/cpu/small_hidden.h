@@ -214,8 +214,8 @@ std::pair<const T*, const T*> transpose_recurrent_weights(const LSTMShape& s,
 // gates/cells/pre_proj: the reserve's (null for inference); layer_out: this direction's first
 // column of the layer output, row stride D*out. h_zero: hT is zero at step `first` (no hx).
 template <typename T>
-void tiny_forward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_t d,
-                        int64_t first, int64_t last, int64_t r0, int64_t r1,
+void tiny_forward_steps(const CpuPlan& plan, const LSTMShape& s, const DirectionWeights<T>& w,
+                        int64_t d, int64_t first, int64_t last, int64_t r0, int64_t r1,
                         const TinyBuffers<T>& tb, T* gates, T* cells, T* pre_proj,
                         T* layer_out, bool h_zero) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, B = s.batch;
@@ -245,12 +245,13 @@ void tiny_forward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_
       tiny_product(bs, G, out, w.w_hh, w_hh_t, hT, B, projected, ld, g, bs);
     if (bs == B) {  // the whole batch: [H][B] state and [H][bs] gates line up, one long pass
       cell_forward_block(H * bs, g, g + H * bs, g + 2 * H * bs, g + 3 * H * bs, nullptr, 0, cT,
-                         gates ? cnew : nullptr, has_proj ? hnew : hT);
+                         gates ? cnew : nullptr, has_proj ? hnew : hT, plan.vec16_cell);
     } else {
       for (int64_t j = 0; j < H; ++j)
         cell_forward_block(bs, g + j * bs, g + (H + j) * bs, g + (2 * H + j) * bs,
                            g + (3 * H + j) * bs, nullptr, 0, cT + j * B,
-                           gates ? cnew + j * B : nullptr, has_proj ? hnew + j * B : hT + j * B);
+                           gates ? cnew + j * B : nullptr, has_proj ? hnew + j * B : hT + j * B,
+                           plan.vec16_cell);
     }
     if (has_proj) tiny_product<T>(bs, out, H, w.w_hr, w_hr_t, hnew, B, nullptr, 0, hT, B);
     const int64_t row = off + r0;

@@ -23,10 +23,12 @@ namespace {
 // call to call. No projection; float32 and float64.
 // Measured (stream-step op, loaded 2-core box, minimum of many samples): ~61-73 -> ~35-41 us
 // on 2 threads, ~95 -> ~55 us on 1 (benchmarks/NOTES.md section 7).
-//
-// Each step re-reads W_ih (the row-wise path projects every step's input in one GEMM): still
-// measured faster than that path up to 32 steps (input 64, hidden 256, 2 layers, batch 1..8,
+// Which calls take it: plan.h (thin_sizes, kThinMaxBatch, kThinMaxSteps).
 
+// Units go to threads in blocks of this many.
+constexpr int64_t kThinUnitBlock = 16;
+// A layer's step is split over the threads from this many weights (W_ih and W_hh) on.
+constexpr int64_t kThinParallelWork = int64_t{1} << 17;
 
 // One step of one layer (every direction), as the threads read it. Per direction d:
 template <typename T>
@@ -37,12 +39,13 @@ struct ThinStep {
   const T* w_hh[2] = {};                   // [4H, H]
   const T* b_ih[2] = {};                   // [4H] or null
   const T* b_hh[2] = {};
-  const T* x[2][kThinRows] = {};           // x_t of each row
-  const T* h[2][kThinRows] = {};           // h_{t-1} of each row; null: zero for every row
-  T* h_out[2][kThinRows] = {};             // receive h_t (the layer output's rows)
+  const T* x[2][kThinMaxBatch] = {};           // x_t of each row
+  const T* h[2][kThinMaxBatch] = {};           // h_{t-1} of each row; null: zero for every row
+  T* h_out[2][kThinMaxBatch] = {};             // receive h_t (the layer output's rows)
   T* h_state[2] = {};                      // [B, H] receive h_t (h_n)
   T* c_state[2] = {};                      // [B, H] c_{t-1} in, c_t out
-  T* gates = nullptr;                      // scratch [2][kThinRows][4H]: pre-activations
+  T* gates = nullptr;                      // scratch [2][kThinMaxBatch][4H]: pre-activations
+  bool vec16_cell = false;                 // the plan's
 };
 
 namespace thin {
@@ -103,7 +106,7 @@ FUSED_LSTM_INLINE void unit_rows(const ThinStep<T>& a, int64_t d, int64_t j, int
   for (int g = 0; g < 4; ++g) {
     const T bias = a.b_ih[d] ? a.b_ih[d][g * H + j] + a.b_hh[d][g * H + j] : T(0);
     for (int b = 0; b < kNB; ++b)
-      a.gates[(d * kThinRows + b0 + b) * 4 * H + g * H + j] =
+      a.gates[(d * kThinMaxBatch + b0 + b) * 4 * H + g * H + j] =
           (hsum<T, kBytes>(acc[g][b]) + tail[g][b]) + bias;
   }
 }
@@ -179,25 +182,25 @@ void thin_step_units(const ThinStep<T>& a, int64_t D, int64_t u0, int64_t u1) {
     pre(a, d, j0, j1);
     const int64_t n = j1 - j0;
     for (int64_t b = 0; b < a.bs[d]; ++b) {
-      T* g = a.gates + (d * kThinRows + b) * G + j0;
+      T* g = a.gates + (d * kThinMaxBatch + b) * G + j0;
       T* h = a.h_out[d][b] + j0;
       cell_forward_block(n, g, g + H, g + 2 * H, g + 3 * H, nullptr, 0, a.c_state[d] + b * H + j0,
-                         nullptr, h);
+                         nullptr, h, a.vec16_cell);
       std::memcpy(a.h_state[d] + b * H + j0, h, sizeof(T) * n);
     }
   }
 }
 
 
-// inference_impl for thin_applies shapes (same arguments).
+// inference_impl for the plan's thin variant (same arguments).
 template <typename T>
-void thin_inference(const LSTMShape& s, const T* input, const T* hx, const T* cx,
+void thin_inference(const CpuPlan& plan, const LSTMShape& s, const T* input, const T* hx, const T* cx,
                     const std::vector<at::Tensor>& weights, const T* mask, T* hy, T* cy,
                     T* output) {
   const int64_t H = s.hidden_size, D = s.num_directions, B = s.batch;
   const int64_t out_stride = D * H, layer_numel = s.rows * out_stride;
   at::Tensor buf_t, dropped_buf;
-  const int64_t gates_numel = 2 * kThinRows * 4 * H;
+  const int64_t gates_numel = 2 * kThinMaxBatch * 4 * H;
   T* buf = scratch<T>(buf_t, gates_numel + H + (s.num_layers > 1 ? 2 * layer_numel : 0));
   T* zeros = buf + gates_numel;  // h_{t-1} of rows that start without hx
   std::fill_n(zeros, H, T(0));
@@ -214,6 +217,7 @@ void thin_inference(const LSTMShape& s, const T* input, const T* hx, const T* cx
     a.H = H;
     a.in_size = in_size;
     a.gates = buf;
+    a.vec16_cell = plan.vec16_cell;
     for (int64_t d = 0; d < D; ++d) {
       const auto w = direction_weights<T>(s, weights, l, d);
       a.w_ih[d] = w.w_ih;
@@ -225,7 +229,7 @@ void thin_inference(const LSTMShape& s, const T* input, const T* hx, const T* cx
       a.c_state[d] = cy + ld * B * H;
       copy_or_zero(cx ? cx + ld * B * H : nullptr, B * H, a.c_state[d]);
     }
-    const bool parallel = split && blocks > 1 && D * 4 * H * (in_size + H) >= kThinSplitWork;
+    const bool parallel = split && blocks > 1 && D * 4 * H * (in_size + H) >= kThinParallelWork;
     for (int64_t step = 0; step < s.seq_len; ++step) {
       for (int64_t d = 0; d < D; ++d) {
         const int64_t t = time_of(s, d, step);

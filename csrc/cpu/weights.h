@@ -136,11 +136,13 @@ void transpose_block(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T
 // fused) then W_hh^T's, [k_ih + out, nb] row-major, at buf + n0 * (k_ih + out). `buf` is null
 // (from brgemm_buffer) where that path does not apply.
 template <typename T>
-void use_brgemm(const LSTMShape& s, DirectionWeights<T>& w, T* buf, int64_t layer) {
+void use_brgemm(const CpuPlan& plan, const LSTMShape& s, DirectionWeights<T>& w, T* buf,
+                int64_t layer) {
   if constexpr (std::is_same_v<T, float>) {
     if (buf == nullptr) return;
     const int64_t G = 4 * s.hidden_size, out = s.out_size;
-    const int64_t k_ih = fuse_input_projection(s, layer, sizeof(float)) ? s.layer_input_size(layer) : 0;
+    const int64_t k_ih =
+        fuse_input_projection(plan, s, layer, sizeof(float)) ? s.layer_input_size(layer) : 0;
     const int64_t K = k_ih + out;
     const int64_t panels = (G + kBrgemmPanelN - 1) / kBrgemmPanelN;
     auto pack = [&](int64_t p0, int64_t p1) {
@@ -157,6 +159,14 @@ void use_brgemm(const LSTMShape& s, DirectionWeights<T>& w, T* buf, int64_t laye
     w.k_ih = k_ih;
     w.out = out;
   }
+}
+
+// Scratch for use_brgemm, or null where the plan's steps do not use brgemm.
+template <typename T>
+T* brgemm_buffer(const CpuPlan& plan, const LSTMShape& s, at::Tensor& holder) {
+  if (!std::is_same_v<T, float> || !plan.brgemm_steps) return nullptr;
+  const int64_t in_max = std::max(s.input_size, s.num_directions * s.out_size);
+  return scratch<T>(holder, 4 * s.hidden_size * (s.out_size + in_max));
 }
 
 }  // namespace

@@ -1,0 +1,86 @@
+// describe(): a CPU plan in words, for fused_lstm.explain (the op fused_lstm::cpu_plan): one
+// "key=value" line per fact, the variant and why, then where each product of the call goes.
+// Part of the one translation unit lstm_cpu.cpp.
+#pragma once
+
+#include "forward.h"
+
+#include <sstream>
+#include <string>
+
+namespace fused_lstm {
+namespace {
+
+// Where layer `layer`'s input projection goes.
+inline std::string input_projection_of(const CpuPlan& p, const LSTMShape& s, int64_t layer,
+                                       int64_t rows) {
+  const int64_t G = 4 * s.hidden_size, in = s.layer_input_size(layer);
+  if (p.variant == Variant::kThin) return "thin kernel (dot products, every step)";
+  if (p.variant == Variant::kSmallHidden)
+    return in <= kTinyProjectionInput ? "small-hidden product (inline)"
+                                      : library_name(gemm_library(G, rows, in, p.is_float));
+  if (p.bf16_products)
+    return fuse_input_projection(p, s, layer, 2) ? "bf16_gemm, fused into the steps" : "bf16_gemm";
+  if (p.brgemm_steps && fuse_input_projection(p, s, layer, 4))
+    return "brgemm, fused into the steps";
+  return library_name(gemm_library(rows, G, in, p.is_float));
+}
+
+inline std::string describe(const CpuPlan& p, const LSTMShape& s) {
+  const int64_t G = 4 * s.hidden_size, H = s.hidden_size, out = s.out_size;
+  const bool single_thread = p.brgemm_steps || p.bf16_products;
+  const int64_t slices = batch_slices(s, s.seq_len, single_thread);
+  const int64_t slice_rows = (s.batch + slices - 1) / slices;
+  // The rows the input projection GEMM takes at once: every step's in training, a chunk's in
+  // inference (inference_impl's kChunkElements).
+  const int64_t chunk_steps = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, s.batch * G));
+  const int64_t proj_rows = p.inference ? std::min(chunk_steps, s.seq_len) * s.batch : s.rows;
+  auto library = [&](int64_t m, int64_t n, int64_t k) {
+    return std::string(library_name(gemm_library(m, n, k, p.is_float, slices > 1)));
+  };
+  std::ostringstream o;
+  o << "variant=" << variant_name(p.variant) << "\n";
+  o << "why=" << p.why << "\n";
+  o << "threads=" << at::get_num_threads() << "\n";
+  o << "batch_slices=" << slices << "\n";
+  o << "cell_pass=" << (p.vec16_cell ? "avx512 (16 lanes)" : "vectorised loops (target_clones)")
+    << "\n";
+  for (int64_t l = 0; l < s.num_layers; ++l)
+    o << "input_projection." << l << "=" << input_projection_of(p, s, l, proj_rows) << "\n";
+  std::string recurrent;
+  if (p.variant == Variant::kThin) recurrent = "thin kernel (dot products)";
+  else if (p.variant == Variant::kSmallHidden) recurrent = "small-hidden product (inline)";
+  else if (p.bf16_products) recurrent = "bf16_gemm";
+  else if (p.brgemm_steps) recurrent = "brgemm";
+  else recurrent = library(slice_rows, G, out);
+  o << "recurrent_product=" << recurrent << "\n";
+  if (s.proj_size > 0)
+    o << "projection=" << (p.variant == Variant::kSmallHidden ? "small-hidden product (inline)"
+                                                               : library(slice_rows, out, H))
+      << "\n";
+  o << "keep_bf16=" << (p.keep_bf16 ? "true" : "false") << "\n";
+  if (!p.inference) {
+    std::string dh;
+    if (p.variant == Variant::kSmallHidden) dh = "small-hidden product (inline)";
+    else if (p.bf16_products) dh = "bf16_gemm";
+    else if (p.brgemm_dh) dh = "brgemm";
+    else dh = library(slice_rows, out, G);
+    o << "backward_dh_product=" << dh << "\n";
+    o << "backward_weight_products="
+      << (p.bf16_products ? std::string("bf16_gemm")
+                          : library(G, s.layer_input_size(0), s.rows))
+      << "\n";
+  }
+  o << "settings=allow_brgemm:" << p.settings.brgemm
+    << " allow_vec16_cell:" << p.settings.vec16_cell
+    << " allow_fused_input_projection:" << p.settings.fused_input_projection
+    << " allow_thin:" << p.settings.thin << " allow_bf16_products:" << p.settings.bf16_products
+    << "\n";
+  const CpuFeatures& f = cpu_features();
+  o << "cpu=avx512:" << f.avx512 << " avx512_bf16:" << f.avx512_bf16 << " brgemm:" << f.brgemm
+    << " onednn_matmul:" << f.onednn_matmul;
+  return o.str();
+}
+
+}  // namespace
+}  // namespace fused_lstm

@@ -1,0 +1,179 @@
+"""Run-time settings of fused_lstm's kernels, in the spirit of ``torch.backends``.
+
+    import fused_lstm
+
+    fused_lstm.backends.cpu.allow_thin = False             # from the next call on
+    with fused_lstm.backends.cpu.flags(allow_brgemm=False):
+        model(x)                                            # restored on leaving the block
+    fused_lstm.backends.cuda.path = "step"
+
+Every setting has a default that lets the kernel choice (``fused_lstm.explain``) pick the fastest
+variant; turning one off is for comparisons, tests and working around a problem. They are
+process-wide (every thread), kept in C++ (``csrc/settings.h``) and read once per op call, so a
+change applies from the next call.
+
+``cpu``:
+
+* ``allow_brgemm``: float32 recurrent products through oneDNN's brgemm micro-kernel (else BLAS);
+* ``allow_vec16_cell``: the float32 cell pass on 16 AVX-512 lanes (else the generic
+  vectorised loops);
+* ``allow_fused_input_projection``: the input projection fused into each step's product where
+  it pays (else one GEMM over every step);
+* ``allow_thin``: the thin-batch inference kernel for a few rows and steps;
+* ``allow_bf16_products``: bfloat16 models' products with bf16 operands and float32 sums on
+  AVX512_BF16 CPUs (else computed in float32: results then differ by bf16 rounding).
+
+``cuda`` (the CUDA kernels have not yet run on a GPU):
+
+* ``path``: ``"auto"``, ``"persistent"`` or ``"step"``;
+* ``persistent_units``, ``persistent_tile``, ``persistent_k_split``: fix one parameter of the
+  persistent kernel's launch plan, or ``None`` to let the plan choose.
+
+Defaults come from the environment, read once when fused_lstm is imported:
+``FUSED_LSTM_NO_BRGEMM``, ``FUSED_LSTM_NO_VEC16_CELL``, ``FUSED_LSTM_UNFUSED_INPUT``,
+``FUSED_LSTM_NO_THIN``, ``FUSED_LSTM_NO_BF16_GEMM`` (``1`` turns the matching CPU setting off),
+``FUSED_LSTM_CUDA_PATH`` and ``FUSED_LSTM_CUDA_PERSISTENT_UNITS`` / ``_TILE`` / ``_KSPLIT``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Callable, Dict, Iterator, Tuple
+
+import torch
+
+from . import ops  # noqa: F401  (loads the library that defines the settings' ops)
+
+__all__ = ["cpu", "cuda"]
+
+_get = torch.ops.fused_lstm._get_setting
+_set = torch.ops.fused_lstm._set_setting
+
+_CUDA_PATHS = ("auto", "persistent", "step")
+
+
+def _flag(name: str, value: Any) -> int:
+    if not isinstance(value, bool):
+        raise TypeError(f"fused_lstm.backends.{name} takes a bool; got {value!r}")
+    return int(value)
+
+
+def _cuda_path(name: str, value: Any) -> int:
+    if value not in _CUDA_PATHS:
+        raise ValueError(f"fused_lstm.backends.{name} must be 'auto', 'persistent' or 'step'; "
+                         f"got {value!r}")
+    return _CUDA_PATHS.index(value)
+
+
+def _plan_int(limit: int, power_of_two: bool = False) -> Callable[[str, Any], int]:
+    def convert(name: str, value: Any) -> int:
+        if value is None:
+            return 0
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            raise ValueError(f"fused_lstm.backends.{name} must be None or an integer in "
+                             f"[1, {limit}]; got {value!r}")
+        if power_of_two and value & (value - 1):
+            raise ValueError(f"fused_lstm.backends.{name} must be a power of two; got {value}")
+        return value
+    return convert
+
+
+# Python name -> (converter to the stored int, converter back, environment variable and how its
+# text becomes the Python value). The C++ name is "<backend>.<python name>" (csrc/settings.h).
+_Setting = Tuple[Callable[[str, Any], int], Callable[[int], Any], str, Callable[[str], Any]]
+
+
+def _off_if_set(text: str) -> bool:
+    return text in ("", "0")  # FUSED_LSTM_NO_X=1 turns X off
+
+
+def _env_int(text: str):
+    try:
+        return int(text) if text else None
+    except ValueError:
+        return text  # the converter rejects it with the setting's message
+
+
+_CPU: Dict[str, _Setting] = {
+    "allow_brgemm": (_flag, bool, "FUSED_LSTM_NO_BRGEMM", _off_if_set),
+    "allow_vec16_cell": (_flag, bool, "FUSED_LSTM_NO_VEC16_CELL", _off_if_set),
+    "allow_fused_input_projection": (_flag, bool, "FUSED_LSTM_UNFUSED_INPUT", _off_if_set),
+    "allow_thin": (_flag, bool, "FUSED_LSTM_NO_THIN", _off_if_set),
+    "allow_bf16_products": (_flag, bool, "FUSED_LSTM_NO_BF16_GEMM", _off_if_set),
+}
+_CUDA: Dict[str, _Setting] = {
+    "path": (_cuda_path, lambda i: _CUDA_PATHS[i], "FUSED_LSTM_CUDA_PATH",
+             lambda text: text or "auto"),
+    "persistent_units": (_plan_int(1 << 20), lambda i: i or None,
+                         "FUSED_LSTM_CUDA_PERSISTENT_UNITS", _env_int),
+    "persistent_tile": (_plan_int(64), lambda i: i or None, "FUSED_LSTM_CUDA_PERSISTENT_TILE",
+                        _env_int),
+    "persistent_k_split": (_plan_int(32, power_of_two=True), lambda i: i or None,
+                           "FUSED_LSTM_CUDA_PERSISTENT_KSPLIT", _env_int),
+}
+
+
+class _Backend:
+    """The settings of one backend: attributes read and written through to C++, and
+    :meth:`flags`, a context manager that sets some and restores them all on exit."""
+
+    def __init__(self, prefix: str, settings: Dict[str, _Setting]):
+        object.__setattr__(self, "_prefix", prefix)
+        object.__setattr__(self, "_settings", settings)
+
+    def _spec(self, name: str) -> _Setting:
+        spec = self._settings.get(name)
+        if spec is None:
+            raise AttributeError(f"fused_lstm.backends.{self._prefix} has no setting {name!r}; "
+                                 f"it has {', '.join(self._settings)}")
+        return spec
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self._spec(name)[1](_get(f"{self._prefix}.{name}"))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        stored = self._spec(name)[0](f"{self._prefix}.{name}", value)
+        _set(f"{self._prefix}.{name}", stored)
+
+    def __dir__(self):
+        return [*self._settings, "flags", "as_dict"]
+
+    def as_dict(self) -> Dict[str, Any]:
+        """Every setting and its current value."""
+        return {name: getattr(self, name) for name in self._settings}
+
+    @contextlib.contextmanager
+    def flags(self, **values: Any) -> Iterator[None]:
+        """Sets the given settings for the block, and restores every setting on exit."""
+        saved = self.as_dict()
+        for name in values:
+            self._spec(name)
+        try:
+            for name, value in values.items():
+                setattr(self, name, value)
+            yield
+        finally:
+            for name, value in saved.items():
+                setattr(self, name, value)
+
+    def __repr__(self) -> str:
+        return f"fused_lstm.backends.{self._prefix}({self.as_dict()})"
+
+    def _load_environment(self) -> None:
+        for name, (_, _, variable, parse) in self._settings.items():
+            text = os.environ.get(variable)
+            if text is not None:
+                try:
+                    setattr(self, name, parse(text))
+                except (TypeError, ValueError) as error:
+                    raise ValueError(f"fused_lstm: the environment variable {variable}={text!r} "
+                                     f"is not a valid default: {error}") from None
+
+
+cpu = _Backend("cpu", _CPU)
+cuda = _Backend("cuda", _CUDA)
+cpu._load_environment()
+cuda._load_environment()
