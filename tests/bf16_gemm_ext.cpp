@@ -30,6 +30,8 @@ const char* fl_bf16_last_error() { return last_error.c_str(); }
 
 int fl_bf16_available() { return fused_lstm::bf16_gemm_available() ? 1 : 0; }
 
+void fl_bf16_force_portable(int on) { fused_lstm::bf16_gemm_force_portable(on != 0); }
+
 int64_t fl_bf16_packed_size(int64_t N, int64_t K) {
   return (int64_t)fused_lstm::bf16_packed_size(N, K);
 }

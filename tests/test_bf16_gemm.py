@@ -15,7 +15,6 @@ import ctypes
 import itertools
 import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
@@ -46,6 +45,7 @@ def lib(tmp_path_factory):
     i64, vp = ctypes.c_int64, ctypes.c_void_p
     so.fl_bf16_last_error.restype = ctypes.c_char_p
     so.fl_bf16_available.restype = ctypes.c_int
+    so.fl_bf16_force_portable.argtypes = [ctypes.c_int]
     so.fl_bf16_packed_size.restype = i64
     so.fl_bf16_packed_size.argtypes = [i64, i64]
     so.fl_bf16_pack.argtypes = [ctypes.c_int, vp, i64, i64, i64, vp]
@@ -62,9 +62,21 @@ def lib(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gemm_lib(lib):
     if not lib.fl_bf16_available():
-        pytest.skip("this CPU lacks AVX512_BF16 (or FUSED_LSTM_NO_BF16_GEMM is set): "
-                    "bf16_gemm is not usable here")
+        pytest.skip("this CPU lacks AVX512_BF16: bf16_gemm is not usable here")
     return lib
+
+
+@pytest.fixture(params=["vectorised", "portable"])
+def packer(lib, request):
+    """The library with its packing code as this CPU runs it, and as CPUs without AVX512_BF16
+    run it (bf16_gemm_force_portable): each packing test checks both give the expected bits."""
+    if request.param == "vectorised" and not lib.fl_bf16_available():
+        pytest.skip("this CPU lacks AVX512_BF16: the packing runs its portable code only")
+    lib.fl_bf16_force_portable(int(request.param == "portable"))
+    try:
+        yield lib
+    finally:
+        lib.fl_bf16_force_portable(0)
 
 
 def check(lib, rc):
@@ -148,14 +160,14 @@ def layout_reference(W):
 
 @pytest.mark.parametrize("N,K", [(1, 1), (1, 2), (16, 2), (17, 3), (33, 64), (48, 31), (5, 129)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_pack_layout(lib, N, K, dtype):
-    assert lib.fl_bf16_packed_size(N, K) == ((N + 15) // 16) * 16 * ((K + 1) // 2) * 2
+def test_pack_layout(packer, N, K, dtype):
+    assert packer.fl_bf16_packed_size(N, K) == ((N + 15) // 16) * 16 * ((K + 1) // 2) * 2
     storage, W = padded(N, K, 3, dtype, float("nan"))  # row padding must not be read
     W.copy_(torch.randn(N, K))
-    assert torch.equal(pack(lib, W), layout_reference(W))
+    assert torch.equal(pack(packer, W), layout_reference(W))
 
 
-def test_pack_float_rounds_like_torch(lib):
+def test_pack_float_rounds_like_torch(packer):
     """A float32 W is rounded as torch's .to(torch.bfloat16): to nearest, ties to even."""
     base = torch.randn(64, 40)
     bits = base.view(torch.int32)
@@ -163,8 +175,8 @@ def test_pack_float_rounds_like_torch(lib):
     W = torch.cat([base, tie.view(torch.float32), (tie + 1).view(torch.float32),
                    (tie - 1).view(torch.float32)])
     W[0, :6] = torch.tensor([float("inf"), -float("inf"), float("nan"), 3.4e38, -0.0, 1e-40])
-    got = pack(lib, W)
-    want = pack(lib, W.to(torch.bfloat16))
+    got = pack(packer, W)
+    want = pack(packer, W.to(torch.bfloat16))
     nan = torch.isnan(want.view(torch.bfloat16))  # any NaN will do (torch's bits vary)
     assert nan.sum() == 1 and torch.isnan(got.view(torch.bfloat16)[nan]).all()
     assert torch.equal(got[~nan], want[~nan])
@@ -174,14 +186,14 @@ def test_pack_float_rounds_like_torch(lib):
 @pytest.mark.parametrize("N,K", [(1, 1), (1, 2), (16, 2), (17, 3), (33, 64), (48, 31), (5, 129),
                                  (256, 1024), (100, 7)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_pack_t_layout(lib, N, K, dtype):
+def test_pack_t_layout(packer, N, K, dtype):
     """bf16_pack_weight_t of Wt [K, N] is bf16_pack_weight of Wt^T: the same documented layout."""
     _, Wt = padded(K, N, 3, dtype, float("nan"))  # row padding must not be read
     Wt.copy_(torch.randn(K, N))
-    assert torch.equal(pack_t(lib, Wt), layout_reference(Wt.T))
+    assert torch.equal(pack_t(packer, Wt), layout_reference(Wt.T))
 
 
-def test_pack_t_rounds_like_torch(lib):
+def test_pack_t_rounds_like_torch(packer):
     """Ties, near-ties, inf, NaN, -0, denormals: the bits of torch's .to(torch.bfloat16)."""
     base = torch.randn(40, 35)
     bits = base.view(torch.int32)
@@ -190,7 +202,7 @@ def test_pack_t_rounds_like_torch(lib):
                     (tie - 1).view(torch.float32)])
     Wt[0, :7] = torch.tensor([float("inf"), -float("inf"), float("nan"), 3.4e38, -0.0, 1e-40,
                               -3e-39])
-    got = pack_t(lib, Wt)
+    got = pack_t(packer, Wt)
     want = layout_reference(Wt.T)
     nan = torch.isnan(want.view(torch.bfloat16))
     assert nan.sum() == 1 and torch.isnan(got.view(torch.bfloat16)[nan]).all()
@@ -201,31 +213,31 @@ TRANSPOSE_K = (1, 2, 3, 31, 32, 33, 34, 63, 64, 65, 100)
 TRANSPOSE_M = tuple(range(1, 21)) + (31, 32, 33, 64, 100)
 
 
-def test_transpose_rows_layout(lib):
+def test_transpose_rows_layout(packer):
     """out[m, k] = bf16(At[k, m]) for k < K, 0 at k = K for odd K, nothing written past that;
     At's row padding (NaN) not read; every K and M around the 16 x 32 tiles."""
     for K, M in itertools.product(TRANSPOSE_K, TRANSPOSE_M):
         _, At = padded(K, M, 5, torch.float32, float("nan"))
         At.copy_(torch.randn(K, M))
         ldo = K + (K & 1) + 3  # any stride from K rounded up to even
-        out, rows = transpose_rows(lib, At, ldo=ldo, fill=-7)
+        out, rows = transpose_rows(packer, At, ldo=ldo, fill=-7)
         assert torch.equal(rows.view(torch.int16), At.T.to(torch.bfloat16).view(torch.int16)), (K, M)
         if K & 1:
             assert (out[:, K] == 0).all(), (K, M)
         assert (out[:, K + (K & 1):] == -7).all(), (K, M)
 
 
-def test_transpose_rows_rounds_like_torch(lib):
+def test_transpose_rows_rounds_like_torch(packer):
     base = torch.randn(45, 19) * 100
     bits = base.view(torch.int32)
     tie = (bits & ~0xFFFF) | 0x8000
     At = torch.cat([base, tie.view(torch.float32), (tie + 1).view(torch.float32),
                     (tie - 1).view(torch.float32)])
     At[3, :6] = torch.tensor([float("inf"), -float("inf"), 3.39e38, -0.0, 1e-40, -3e-39])
-    _, rows = transpose_rows(lib, At)
+    _, rows = transpose_rows(packer, At)
     assert torch.equal(rows.view(torch.int16), At.T.to(torch.bfloat16).view(torch.int16))
     At[5, 2] = float("nan")
-    _, rows = transpose_rows(lib, At)
+    _, rows = transpose_rows(packer, At)
     assert torch.isnan(rows[2, 5]) and torch.isnan(rows).sum() == 1
 
 
@@ -233,17 +245,6 @@ def test_row_stride(lib):
     for K in (1, 2, 3, 100, 2047, 2048, 2049, 4096, 3200):
         ld = lib.fl_bf16_row_stride(K)
         assert ld >= K and ld % 2 == 0 and ld % 2048 != 0 and ld <= K + 33, K
-
-
-def test_portable_packing(lib):
-    """The packing and transposing tests again with FUSED_LSTM_NO_BF16_GEMM=1: the portable
-    code (what CPUs without AVX512_BF16 run) gives the same bits as the vectorised code."""
-    env = dict(os.environ, FUSED_LSTM_NO_BF16_GEMM="1")
-    out = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
-                          "-k", "layout or rounds_like_torch or row_stride"],
-                         env=env, capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "skipped" not in out.stdout.splitlines()[-1], out.stdout[-500:]
 
 
 # ---- products (AVX512_BF16) ----------------------------------------------------------------
@@ -442,17 +443,17 @@ def test_bad_arguments(gemm_lib):
         gemm(gemm_lib, small_ints(3, 5), packed, torch.empty(3, 20), 20, False, 9, 8)
 
 
-def test_env_disables(lib):
-    """FUSED_LSTM_NO_BF16_GEMM=1 makes bf16_gemm_available() false (and the gemm refuse)."""
-    code = (
-        "import sys, ctypes, torch; lib = ctypes.CDLL(sys.argv[1]); "
-        "print(lib.fl_bf16_available())"
-    )
-    env = dict(os.environ, FUSED_LSTM_NO_BF16_GEMM="1")
-    out = subprocess.run([sys.executable, "-c", code, lib.path], env=env, capture_output=True,
-                         text=True, check=True)
-    assert out.stdout.strip() == "0"
-    env["FUSED_LSTM_NO_BF16_GEMM"] = "0"
-    out = subprocess.run([sys.executable, "-c", code, lib.path], env=env, capture_output=True,
-                         text=True, check=True)
-    assert out.stdout.strip() == str(lib.fl_bf16_available())
+def test_force_portable_disables(lib):
+    """bf16_gemm_force_portable(true) makes bf16_gemm_available() false and the gemm refuse;
+    false restores what the CPU offers."""
+    native = lib.fl_bf16_available()
+    lib.fl_bf16_force_portable(1)
+    try:
+        assert lib.fl_bf16_available() == 0
+        packed = torch.zeros(lib.fl_bf16_packed_size(4, 3), dtype=torch.int16)
+        with pytest.raises(RuntimeError, match="lacks AVX512_BF16"):
+            gemm(lib, torch.ones(2, 3), packed, torch.empty(2, 4), 4, False, 0, -1)
+    finally:
+        lib.fl_bf16_force_portable(0)
+    assert lib.fl_bf16_available() == native
+
