@@ -37,9 +37,11 @@ Two ceilings on the speedup are measured in the same run, next to the timings:
   implementation can reach on this machine.
 
 It prints one table per device and dtype, and one of the ceilings; ``--out DIR`` writes
-``results.json``, ``results.md`` and ``speedup.png`` (``--targets`` adds the table of the
-issues' speedup targets to ``results.md``). The exit status is 1 when a FusedLSTM row failed
-its check or raised, 0 otherwise.
+``results.json``, ``results.md`` and ``speedup.png``. The exit status is 1 when a FusedLSTM row
+failed its check or raised, 0 otherwise.
+
+The code is in the package next to this script, ``benchmarks/lstm_bench/`` (its ``__init__``
+lists what each module holds); this script is the command line.
 """
 
 from __future__ import annotations
@@ -61,7 +63,6 @@ from lstm_bench.grid import Progress, grid_steps, measure_grid, plan  # noqa: E4
 from lstm_bench.implementations import implementations  # noqa: E402
 from lstm_bench.machine import import_fused_lstm, machine_info, read_junit  # noqa: E402
 from lstm_bench.report import machine_lines, print_results, write_results  # noqa: E402
-from lstm_bench.targets import evaluate_targets  # noqa: E402
 from lstm_bench.timing import MIN_RUN_TIME, QUICK_MIN_RUN_TIME, QUICK_ROUNDS, ROUNDS  # noqa: E402
 from lstm_bench.workloads import DTYPES, WORKLOADS  # noqa: E402
 
@@ -85,14 +86,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=DTYPES,
                         help="default: float32, and bfloat16 for flashrnn")
     parser.add_argument("--out", type=pathlib.Path, metavar="DIR",
-                        help="write results.json, results.md and speedup.png there")
+                        help="write results.json, results.md and speedup.png there (runs kept "
+                             "in the repository: benchmarks/results/<device>-<cpu or gpu "
+                             "model>-<date>, e.g. cpu-xeon-spr-2026-12-05)")
     parser.add_argument("--min-run-time", type=float, metavar="SECONDS",
                         help="seconds of timing per implementation, workload and mode "
                              "(overrides the --quick default)")
-    parser.add_argument("--targets", action="store_true",
-                        help="also list the issues' targets (issue 5: CPU float32, issue 8: "
-                             "CUDA) with FusedLSTM's measured speedup, the smaller ceiling and "
-                             "a verdict (printed, and in results.md)")
     parser.add_argument("--tests-junit", metavar="FILE",
                         help="JUnit XML of a test run (pytest --junitxml=FILE) to report "
                              "alongside the timings")
@@ -130,12 +129,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     progress = Progress(total=grid_steps(grid))
     peaks, rows = measure_grid(grid, min_run_time, rounds, peak_run_time, progress)
     cells = ceilings(rows, peaks, workloads)
-    targets = evaluate_targets(rows, cells, peaks)
 
-    print_results(rows, cells, peaks, workloads, devices, targets, targets_table=args.targets)
+    print_results(rows, cells, peaks, workloads, devices)
     if args.out is not None:
-        written, plot_note = write_results(args.out, machine, rows, tests, workloads, peaks,
-                                           cells, targets, targets_table=args.targets)
+        written, plot_note = write_results(args.out, machine, rows, tests, workloads, peaks, cells)
         print(("" if plot_note is None else f"\n{plot_note}")
               + "\nwrote " + ", ".join(str(path) for path in written))
     print(f"measured in {progress.elapsed()}")

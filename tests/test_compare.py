@@ -24,7 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 SCRIPT = BENCH / "compare.py"
 BENCH_MODULES = ("workloads", "implementations", "floor", "check", "gemm_peak", "ceilings", "grid",
-                 "report", "targets")
+                 "report")
 WORKLOADS = ("seed-tiny", "small")
 FLOOR = "floor (empty op)"
 IMPLS = ("nn.LSTM", "FusedLSTM", FLOOR)
@@ -54,7 +54,7 @@ def run(tmp_path_factory):
     out = tmp / "results"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--min-run-time", "0.01",
-         "--workloads", *WORKLOADS, "--tests-junit", str(junit), "--targets", "--out", str(out)],
+         "--workloads", *WORKLOADS, "--tests-junit", str(junit), "--out", str(out)],
         capture_output=True, text=True, timeout=600, cwd=tmp,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -64,7 +64,7 @@ def run(tmp_path_factory):
 def test_json_schema(run):
     out, _ = run
     report = json.loads((out / "results.json").read_text())
-    assert set(report) == {"machine", "gemm_peaks", "rows", "ceilings", "targets", "tests"}
+    assert set(report) == {"machine", "gemm_peaks", "rows", "ceilings", "tests"}
     machine = report["machine"]
     for key in ("device", "cpu", "torch", "commit", "date"):
         assert isinstance(machine[key], str) and machine[key], key
@@ -149,23 +149,6 @@ def test_json_ceilings(run, monkeypatch):
             assert _close(row["gflops"], gflop / row["median_ms"] * 1e3)
 
 
-def test_json_targets(run):
-    out, _ = run
-    report = json.loads((out / "results.json").read_text())
-    cells = {(c["workload"], c["mode"]): c for c in report["ceilings"]}
-    targets = report["targets"]
-    # Issue 5's targets for these two workloads: >= 10x in both modes.
-    assert {(t["workload"], t["mode"]) for t in targets} == set(cells)
-    for t in targets:
-        cell = cells[t["workload"], t["mode"]]
-        assert (t["issue"], t["kind"], t["value"]) == (5, "speedup", 10.0)
-        assert t["measured"] == cell["fused_speedup"]
-        assert t["ceiling"] == cell["ceiling"] and t["ceiling_from"] in ("floor", "GEMM")
-        expected = ("met" if t["measured"] >= t["value"] else
-                    "above ceiling" if t["value"] > t["ceiling"] else "not met")
-        assert t["verdict"] == expected
-
-
 def test_markdown_has_the_table(run):
     out, _ = run
     text = (out / "results.md").read_text()
@@ -184,9 +167,7 @@ def test_markdown_has_the_table(run):
     assert len([line for line in lines[ceilings + 2:] if line.startswith("| ")][:4]) == 4
     assert any(line.startswith("- GEMM peak (cpu, float32, ") and "GFLOP/s by " in line
                for line in lines)
-    assert "Targets of issue 5 above the ceiling" in text or "No issue 5 target" in text
-    targets = lines.index("| issue | workload | mode | target | FusedLSTM | ceiling | verdict |")
-    assert all(line.startswith("| 5 | ") for line in lines[targets + 2:targets + 6])
+    assert "issue" not in text.lower()  # no old issues' targets in the results
     measured = text[text.index("## How it was measured"):]
     for note in (f"- {FLOOR}: the framework floor", "AccumulateGrad", "- GEMM peak: ",
                  "- GFLOP/s: ", "- ceilings: "):
@@ -208,7 +189,7 @@ def test_terminal_output(run):
     assert "workload   mode   impl" in proc.stdout  # the aligned table's header
     assert "GEMM peak (cpu, float32" in proc.stdout
     assert "floor ceiling" in proc.stdout  # the ceilings table
-    assert "targets, cpu, float32" in proc.stdout
+    assert "issue" not in proc.stdout.lower()
     assert "[7/7" in proc.stderr  # progress: GEMM peak; check, train, infer for each workload
 
 
@@ -298,37 +279,3 @@ def test_floor_module_shapes(monkeypatch):
     assert h_n.shape == case.h0.shape and c_n.shape == case.c0.shape
     assert output.grad_fn is None
 
-
-def test_target_verdicts(monkeypatch):
-    bench = load_bench(monkeypatch)
-
-    def row(workload, mode, speedup, gflops=1.0, status="ok"):
-        return bench.grid.Row("cpu", workload, mode, "float32", "FusedLSTM", status,
-                           speedup=speedup, gflops=gflops)
-
-    def cell(workload, mode, floor_ceiling, gemm_ceiling, gemm_bound_ms=1.0, floor_ms=1.0):
-        return bench.ceilings.Ceiling("cpu", workload, mode, "float32", gflop=1.0,
-                               floor_ceiling=floor_ceiling, gemm_ceiling=gemm_ceiling,
-                               gemm_bound_ms=gemm_bound_ms, floor_ms=floor_ms)
-
-    rows = [row("seed-tiny", "train", 12.0), row("seed-tiny", "infer", 4.0),
-            row("small", "train", 4.0), row("medium", "infer", 0.9),
-            row("fastrnns", "infer", 0.7, gflops=85.0), row("fastrnns", "train", None, None,
-                                                             "mismatch")]
-    cells = [cell("seed-tiny", "train", 20.0, 500.0), cell("seed-tiny", "infer", 8.0, 90.0),
-             cell("small", "train", 30.0, 600.0), cell("medium", "infer", 50.0, 1.1),
-             cell("fastrnns", "infer", 200.0, 1.2, gemm_bound_ms=100.0, floor_ms=0.1),
-             cell("fastrnns", "train", 200.0, 1.2)]
-    peaks = [bench.gemm_peak.GemmPeak("cpu", "float32", 2, gflops=100.0)]
-    verdicts = {(t["workload"], t["mode"], t["kind"]): (t["verdict"], t["ceiling"],
-                                                        t["ceiling_from"])
-                for t in bench.targets.evaluate_targets(rows, cells, peaks)}
-    assert verdicts == {
-        ("seed-tiny", "train", "speedup"): ("met", 20.0, "floor"),
-        ("seed-tiny", "infer", "speedup"): ("above ceiling", 8.0, "floor"),
-        ("small", "train", "speedup"): ("not met", 30.0, "floor"),
-        ("medium", "infer", "speedup"): ("above ceiling", 1.1, "GEMM"),
-        ("fastrnns", "infer", "speedup"): ("not met", 1.2, "GEMM"),
-        ("fastrnns", "infer", "peak share"): ("met", 1.0, "GEMM peak"),  # 85% >= 80%
-        ("fastrnns", "train", "speedup"): ("not measured (mismatch)", 1.2, "GEMM"),
-    }

@@ -55,8 +55,7 @@ COLUMNS = ("workload", "mode", "impl", "median", "IQR", "peak mem", "speedup", "
            "status")
 CEILING_COLUMNS = ("workload", "mode", "GFLOP/call", "nn.LSTM", "floor", "floor ceiling",
                    "GEMM bound", "GEMM ceiling", "ceiling", "FusedLSTM")
-TARGET_COLUMNS = ("issue", "workload", "mode", "target", "FusedLSTM", "ceiling", "verdict")
-LEFT = {"workload", "mode", "impl", "status", "verdict"}
+LEFT = {"workload", "mode", "impl", "status"}
 
 
 def table_cells(rows: list[Row]) -> list[tuple[str, ...]]:
@@ -74,35 +73,11 @@ def ceiling_cells(cells: list[Ceiling]) -> list[tuple[str, ...]]:
              format_speedup(c.ceiling), format_speedup(c.fused_speedup)) for c in cells]
 
 
-def format_target(value: Optional[float], kind: str) -> str:
-    """``10.0x`` for a speedup, ``80%`` for a peak share; ``-`` for None."""
-    if value is None:
-        return "-"
-    return format_speedup(value) if kind == "speedup" else f"{value:.0%}"
-
-
-def target_cells(targets: list[dict]) -> list[tuple[str, ...]]:
-    """The targets table's cells, in TARGET_COLUMNS order."""
-    cells = []
-    for t in targets:
-        kind = t["kind"]
-        goal = f">= {format_target(t['value'], kind)}"
-        if kind != "speedup":
-            goal += " of peak GEMM rate"
-        ceiling = format_target(t["ceiling"], kind)
-        if t["ceiling_from"]:
-            ceiling += f" ({t['ceiling_from']})"
-        cells.append((str(t["issue"]), t["workload"], t["mode"], goal,
-                      format_target(t["measured"], kind), ceiling, t["verdict"]))
-    return cells
-
-
 def tables(rows: list) -> dict[tuple[str, str], list]:
-    """Rows (or ceilings, or targets) grouped by (device, dtype), in order of appearance."""
+    """Rows (or ceilings) grouped by (device, dtype), in order of appearance."""
     grouped: dict[tuple[str, str], list] = {}
     for row in rows:
-        key = (row["device"], row["dtype"]) if isinstance(row, dict) else (row.device, row.dtype)
-        grouped.setdefault(key, []).append(row)
+        grouped.setdefault((row.device, row.dtype), []).append(row)
     return grouped
 
 
@@ -173,24 +148,6 @@ def peak_lines(peaks: list[GemmPeak]) -> list[str]:
     return lines
 
 
-def ceiling_paragraph(targets: list[dict]) -> str:
-    """Which issue targets exceed the ceiling measured in this run."""
-    if not targets:
-        return "No issue target applies to the workloads, devices and dtypes measured."
-    above = [t for t in targets if t["verdict"] == "above ceiling"]
-    issues = " and ".join(f"issue {i}" for i in sorted({t["issue"] for t in targets}))
-    if not above:
-        return (f"No {issues} target measured here exceeds its ceiling in this run: each is "
-                "reachable in principle on this machine.")
-    items = [f"{t['workload']} {t['mode']} (>= {format_target(t['value'], t['kind'])}"
-             + (" of peak" if t["kind"] != "speedup" else "")
-             + f", ceiling {format_target(t['ceiling'], t['kind'])} from the "
-             f"{t['ceiling_from']}, {t['device']} {t['dtype']})" for t in above]
-    return (f"Targets of {issues} above the ceiling measured in this run (the largest speedup "
-            "this machine allows, see the ceilings table): " + "; ".join(items)
-            + ". Every other target measured here is below its ceiling.")
-
-
 def legend_lines(workloads: list[Workload], devices: set[str]) -> list[str]:
     """What the workloads are and how each column is measured."""
     return [
@@ -224,7 +181,7 @@ def legend_lines(workloads: list[Workload], devices: set[str]) -> list[str]:
         "any implementation called through PyTorch's autograd this way can show; GEMM bound = "
         "GEMM FLOPs / the peak rate; GEMM ceiling = nn.LSTM's median / the GEMM bound, the "
         "largest speedup a GEMM-bound implementation can reach on this machine (the peak is "
-        "the best block, nn.LSTM's time a median: both err in the target's favour); ceiling: "
+        "the best block, nn.LSTM's time a median: both err towards a higher ceiling); ceiling: "
         "the smaller of the two",
     ]
 
@@ -235,8 +192,7 @@ def wrapped(lines: list[str]) -> str:
 
 
 def print_results(rows: list[Row], cells: list[Ceiling], peaks: list[GemmPeak],
-                  workloads: list[Workload], devices: set[str], targets: list[dict],
-                  targets_table: bool = False) -> None:
+                  workloads: list[Workload], devices: set[str]) -> None:
     """Prints the GEMM peaks, one table per device and dtype with its ceilings, the rows not
     timed and the legend."""
     print("\n" + wrapped(peak_lines(peaks)))
@@ -245,11 +201,6 @@ def print_results(rows: list[Row], cells: list[Ceiling], peaks: list[GemmPeak],
         print(f"\n{key[0]}, {key[1]}\n{text_table(group)}")
         if ceilings_by.get(key):
             print(f"\nceilings\n{text_table([], CEILING_COLUMNS, ceiling_cells(ceilings_by[key]))}")
-    print("\n" + wrapped([ceiling_paragraph(targets)]))
-    if targets_table:
-        for (device, dtype), group in tables(targets).items():
-            print(f"\ntargets, {device}, {dtype}\n"
-                  f"{text_table([], TARGET_COLUMNS, target_cells(group))}")
     if failures(rows):
         print("\nNot timed:\n" + "\n".join(failures(rows)))
     print("\n" + wrapped(legend_lines(workloads, devices)))
@@ -310,14 +261,12 @@ def write_plot(rows: list[Row], path: pathlib.Path,
 
 def write_results(out: pathlib.Path, machine: dict, rows: list[Row], tests: Optional[dict],
                   workloads: list[Workload], peaks: list[GemmPeak], cells: list[Ceiling],
-                  targets: list[dict], targets_table: bool = False,
                   ) -> tuple[list[pathlib.Path], Optional[str]]:
     """Writes results.json, results.md and speedup.png under ``out``; returns the paths
     written, and why the plot was not, if it was not."""
     out.mkdir(parents=True, exist_ok=True)
     report = {"machine": machine, "gemm_peaks": [asdict(p) for p in peaks],
-              "rows": [asdict(row) for row in rows], "ceilings": [asdict(c) for c in cells],
-              "targets": targets}
+              "rows": [asdict(row) for row in rows], "ceilings": [asdict(c) for c in cells]}
     if tests is not None:
         report["tests"] = tests
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -333,15 +282,6 @@ def write_results(out: pathlib.Path, machine: dict, rows: list[Row], tests: Opti
         if ceilings_by.get(key):
             md += ["", "Ceilings (how far any implementation could go; see below):", "",
                    markdown_table([], CEILING_COLUMNS, ceiling_cells(ceilings_by[key]))]
-    md += ["", ceiling_paragraph(targets)]
-    if targets_table and targets:
-        md += ["", "## Targets", "", "Issue 5 (CPU, float32) and issue 8 (CUDA): FusedLSTM's "
-               "speedup over nn.LSTM against the target and the smaller of the two ceilings "
-               "(for fastrnns infer also its GEMM rate as a share of the peak GEMM rate).", ""]
-        for (device, dtype), group in tables(targets).items():
-            md += [f"{device}, {dtype}:", "",
-                   markdown_table([], TARGET_COLUMNS, target_cells(group)), ""]
-        md.pop()
     if failures(rows):
         md += ["", "Not timed:", ""] + [f"- {line}" for line in failures(rows)]
     if plot_note is None:
