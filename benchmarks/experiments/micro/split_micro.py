@@ -8,7 +8,7 @@ import pathlib
 
 from torch.utils import cpp_extension
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[3]  # the repository root
 
 
 def build():

@@ -5,7 +5,7 @@ also the forward alone (with autograd, so it writes the reserve). The machine ma
 each configuration is timed in interleaved rounds and reported as the minimum and median wall
 time per call and the median CPU time per call (time.process_time: all threads of the process).
 
-    python benchmarks/bf16_train.py [--threads 2] [--rounds 15] [--calls 3]
+    python benchmarks/experiments/bf16_train.py [--threads 2] [--rounds 15] [--calls 3]
 """
 
 import argparse
