@@ -75,6 +75,16 @@ def time_interleaved(steps: dict[str, Callable[[], None]], min_run_time: float,
             for name, measurements in blocks.items()}
 
 
+def profiled_events(prof: profile) -> list:
+    """Every event ``prof`` recorded, nested ones included (kineto's event tree, flattened)."""
+    events, pending = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        event = pending.pop()
+        events.append(event)
+        pending.extend(event.children)
+    return events
+
+
 def peak_memory_bytes(new_step: Callable[[], Callable[[], None]], device: torch.device) -> int:
     """The peak memory of one call of a fresh step, above the memory held when it starts
     (see MEMORY_NOTE). The step is made inside the measurement so that nothing the call frees
@@ -93,11 +103,7 @@ def peak_memory_bytes(new_step: Callable[[], Callable[[], None]], device: torch.
         step = new_step()
         with record_function(window_name):
             step()
-    events, pending = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while pending:
-        event = pending.pop()
-        events.append(event)
-        pending.extend(event.children)
+    events = profiled_events(prof)
     window = next(e for e in events if e.name == window_name)
     allocations = sorted((e for e in events if e.tag == _EventType.Allocation),
                          key=lambda e: e.start_time_ns)
