@@ -1,7 +1,7 @@
 """Soak test: many forward+backward iterations of a small FusedLSTM; resident memory must not grow.
 
-    python benchmarks/soak.py                     # 10,000 iterations (about a minute on 2 cores)
-    python benchmarks/soak.py --iterations 500 --every 50
+    python benchmarks/experiments/soak.py         # 10,000 iterations (about a minute on 2 cores)
+    python benchmarks/experiments/soak.py --iterations 500 --every 50
 
 Prints the resident set size (RSS, from /proc/self/statm; ru_maxrss where /proc is missing)
 every ``--every`` iterations. Growth is measured from the end of a warm-up (the first third of
@@ -26,7 +26,7 @@ import torch
 try:
     import fused_lstm  # noqa: F401
 except ImportError:  # a source checkout without an install
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 from fused_lstm import FusedLSTM  # noqa: E402
 
 
