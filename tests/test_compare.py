@@ -1,7 +1,8 @@
 """benchmarks/compare.py runs end to end and writes well-formed results.
 
 One run of the script (a subprocess, as a user runs it) on the two smallest workloads with
-almost no timing; the tests read what it wrote. No assertion is made about the times: a
+almost no timing; the tests read what it wrote. The other tests call the package behind the
+script, benchmarks/lstm_bench, directly. No assertion is made about the times: a
 benchmark's numbers belong in its results, not in CI's verdict.
 """
 
@@ -13,13 +14,17 @@ import json
 import pathlib
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 from torch import nn
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "compare.py"
+BENCH = ROOT / "benchmarks"
+SCRIPT = BENCH / "compare.py"
+BENCH_MODULES = ("workloads", "implementations", "floor", "check", "gemm_peak", "ceilings", "grid",
+                 "report")
 WORKLOADS = ("seed-tiny", "small")
 FLOOR = "floor (empty op)"
 IMPLS = ("nn.LSTM", "FusedLSTM", FLOOR)
@@ -32,14 +37,12 @@ JUNIT = """<?xml version="1.0" encoding="utf-8"?>
 """
 
 
-def load_compare(monkeypatch):
-    """benchmarks/compare.py as a module (it is a script, not part of the package), registered
-    in sys.modules for the duration of the test (its dataclasses need that)."""
-    spec = importlib.util.spec_from_file_location("benchmarks_compare", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
-    return module
+def load_bench(monkeypatch):
+    """The package behind benchmarks/compare.py (benchmarks/lstm_bench), imported as the script
+    imports it (benchmarks/ on sys.path for the duration of the test): one attribute per module."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    return types.SimpleNamespace(**{name: importlib.import_module(f"lstm_bench.{name}")
+                                    for name in BENCH_MODULES})
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +54,7 @@ def run(tmp_path_factory):
     out = tmp / "results"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--min-run-time", "0.01",
-         "--workloads", *WORKLOADS, "--tests-junit", str(junit), "--targets", "--out", str(out)],
+         "--workloads", *WORKLOADS, "--tests-junit", str(junit), "--out", str(out)],
         capture_output=True, text=True, timeout=600, cwd=tmp,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -61,7 +64,7 @@ def run(tmp_path_factory):
 def test_json_schema(run):
     out, _ = run
     report = json.loads((out / "results.json").read_text())
-    assert set(report) == {"machine", "gemm_peaks", "rows", "ceilings", "targets", "tests"}
+    assert set(report) == {"machine", "gemm_peaks", "rows", "ceilings", "tests"}
     machine = report["machine"]
     for key in ("device", "cpu", "torch", "commit", "date"):
         assert isinstance(machine[key], str) and machine[key], key
@@ -121,17 +124,17 @@ def test_json_gemm_peak(run):
 
 def test_json_ceilings(run, monkeypatch):
     out, _ = run
-    compare = load_compare(monkeypatch)
+    bench = load_bench(monkeypatch)
     report = json.loads((out / "results.json").read_text())
     peak = report["gemm_peaks"][0]["gflops"]
     rows = {(r["workload"], r["mode"], r["impl"]): r for r in report["rows"]}
-    workloads = {w.name: w for w in compare.WORKLOADS}
+    workloads = {w.name: w for w in bench.workloads.WORKLOADS}
     cells = {(c["workload"], c["mode"]): c for c in report["ceilings"]}
     assert set(cells) == {(w, m) for w in WORKLOADS for m in ("train", "infer")}
     for (workload, mode), cell in cells.items():
         baseline = rows[workload, mode, "nn.LSTM"]["median_ms"]
         floor = rows[workload, mode, FLOOR]["median_ms"]
-        gflop = compare.lstm_gemm_flops(workloads[workload], mode) / 1e9
+        gflop = bench.workloads.lstm_gemm_flops(workloads[workload], mode) / 1e9
         assert (cell["device"], cell["dtype"]) == ("cpu", "float32")
         assert _close(cell["gflop"], gflop)
         assert cell["baseline_ms"] == baseline and cell["floor_ms"] == floor
@@ -144,23 +147,6 @@ def test_json_ceilings(run, monkeypatch):
         for impl in ("nn.LSTM", "FusedLSTM"):  # GFLOP/s consistent with the medians
             row = rows[workload, mode, impl]
             assert _close(row["gflops"], gflop / row["median_ms"] * 1e3)
-
-
-def test_json_targets(run):
-    out, _ = run
-    report = json.loads((out / "results.json").read_text())
-    cells = {(c["workload"], c["mode"]): c for c in report["ceilings"]}
-    targets = report["targets"]
-    # Issue 5's targets for these two workloads: >= 10x in both modes.
-    assert {(t["workload"], t["mode"]) for t in targets} == set(cells)
-    for t in targets:
-        cell = cells[t["workload"], t["mode"]]
-        assert (t["issue"], t["kind"], t["value"]) == (5, "speedup", 10.0)
-        assert t["measured"] == cell["fused_speedup"]
-        assert t["ceiling"] == cell["ceiling"] and t["ceiling_from"] in ("floor", "GEMM")
-        expected = ("met" if t["measured"] >= t["value"] else
-                    "above ceiling" if t["value"] > t["ceiling"] else "not met")
-        assert t["verdict"] == expected
 
 
 def test_markdown_has_the_table(run):
@@ -181,9 +167,7 @@ def test_markdown_has_the_table(run):
     assert len([line for line in lines[ceilings + 2:] if line.startswith("| ")][:4]) == 4
     assert any(line.startswith("- GEMM peak (cpu, float32, ") and "GFLOP/s by " in line
                for line in lines)
-    assert "Targets of issue 5 above the ceiling" in text or "No issue 5 target" in text
-    targets = lines.index("| issue | workload | mode | target | FusedLSTM | ceiling | verdict |")
-    assert all(line.startswith("| 5 | ") for line in lines[targets + 2:targets + 6])
+    assert "issue" not in text.lower()  # no old issues' targets in the results
     measured = text[text.index("## How it was measured"):]
     for note in (f"- {FLOOR}: the framework floor", "AccumulateGrad", "- GEMM peak: ",
                  "- GFLOP/s: ", "- ceilings: "):
@@ -205,16 +189,16 @@ def test_terminal_output(run):
     assert "workload   mode   impl" in proc.stdout  # the aligned table's header
     assert "GEMM peak (cpu, float32" in proc.stdout
     assert "floor ceiling" in proc.stdout  # the ceilings table
-    assert "targets, cpu, float32" in proc.stdout
+    assert "issue" not in proc.stdout.lower()
     assert "[7/7" in proc.stderr  # progress: GEMM peak; check, train, infer for each workload
 
 
 def test_plot_skipped_without_matplotlib(monkeypatch, tmp_path):
-    compare = load_compare(monkeypatch)
+    bench = load_bench(monkeypatch)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    row = compare.Row("cpu", "small", "train", "float32", "FusedLSTM", "ok", 1.0, 0.1, 0.5, 2.0)
-    note = compare.write_plot([row], tmp_path / "speedup.png")
+    row = bench.grid.Row("cpu", "small", "train", "float32", "FusedLSTM", "ok", 1.0, 0.1, 0.5, 2.0)
+    note = bench.report.write_plot([row], tmp_path / "speedup.png")
     assert note.startswith("matplotlib is not installed")
     assert not (tmp_path / "speedup.png").exists()
 
@@ -234,21 +218,21 @@ class _Shifted(nn.Module):
 def test_check_tells_ok_mismatch_and_fallback(monkeypatch):
     from fused_lstm import FusedLSTM, FusedLSTMFallbackWarning
 
-    compare = load_compare(monkeypatch)
-    small = next(w for w in compare.WORKLOADS if w.name == "small")
-    case = compare.make_case(small, torch.device("cpu"), torch.float32)
-    fused = compare.fused_lstm_copy(FusedLSTM, case.lstm)
+    bench = load_bench(monkeypatch)
+    small = next(w for w in bench.workloads.WORKLOADS if w.name == "small")
+    case = bench.workloads.make_case(small, torch.device("cpu"), torch.float32)
+    fused = bench.implementations.fused_lstm_copy(FusedLSTM, case.lstm)
     impls = {
-        "nn.LSTM": compare.Impl("nn.LSTM", lambda lstm: lstm),
-        "FusedLSTM": compare.Impl("FusedLSTM", None, kernel_prefix="fused_lstm::",
+        "nn.LSTM": bench.implementations.Impl("nn.LSTM", lambda lstm: lstm),
+        "FusedLSTM": bench.implementations.Impl("FusedLSTM", None, kernel_prefix="fused_lstm::",
                                   fallback_warning=FusedLSTMFallbackWarning),
-        "not fused": compare.Impl("not fused", None, kernel_prefix="fused_lstm::"),
-        "wrong": compare.Impl("wrong", None),
-        "close": compare.Impl("close", None),
+        "not fused": bench.implementations.Impl("not fused", None, kernel_prefix="fused_lstm::"),
+        "wrong": bench.implementations.Impl("wrong", None),
+        "close": bench.implementations.Impl("close", None),
     }
     modules = {"nn.LSTM": case.lstm, "FusedLSTM": fused, "not fused": copy.deepcopy(case.lstm),
                "wrong": _Shifted(case.lstm, 1e-3), "close": _Shifted(case.lstm, 1e-7)}
-    verdicts = compare.check(case, modules, impls, torch.float32)
+    verdicts = bench.check.check(case, modules, impls, torch.float32)
     statuses = {name: {mode: v[0] for mode, v in by_mode.items()}
                 for name, by_mode in verdicts.items()}
     assert statuses == {
@@ -262,24 +246,26 @@ def test_check_tells_ok_mismatch_and_fallback(monkeypatch):
 
 
 def test_gemm_flops(monkeypatch):
-    compare = load_compare(monkeypatch)
-    workloads = {w.name: w for w in compare.WORKLOADS}
+    bench = load_bench(monkeypatch)
+    workloads = {w.name: w for w in bench.workloads.WORKLOADS}
     # medium (128, 256, 2 layers, T 100, B 32): 2 * 3200 * 1024 * ((128 + 256) + (256 + 256)),
     # the 5.87 GFLOP of benchmarks/NOTES.md, section 3.
-    assert compare.lstm_gemm_flops(workloads["medium"], "infer") == 5_872_025_600
-    assert compare.lstm_gemm_flops(workloads["medium"], "train") == 3 * 5_872_025_600
+    assert bench.workloads.lstm_gemm_flops(workloads["medium"], "infer") == 5_872_025_600
+    assert bench.workloads.lstm_gemm_flops(workloads["medium"], "train") == 3 * 5_872_025_600
     # fastrnns (512, 512, 1 layer, T 100, B 64)
-    assert compare.lstm_gemm_flops(workloads["fastrnns"], "infer") == 2 * 6400 * 2048 * 1024
+    assert bench.workloads.lstm_gemm_flops(workloads["fastrnns"], "infer") == 2 * 6400 * 2048 * 1024
     # A projection adds 2 * rows * H * P per layer, and P replaces H as the recurrent width.
-    one = compare.Workload("p", 4, 8, 1, 2, 3)
-    assert compare.lstm_gemm_flops(one, "infer", proj_size=5) == 2 * 6 * 32 * (4 + 5) + 2 * 6 * 8 * 5
+    one = bench.workloads.Workload("p", 4, 8, 1, 2, 3)
+    assert (bench.workloads.lstm_gemm_flops(one, "infer", proj_size=5)
+            == 2 * 6 * 32 * (4 + 5) + 2 * 6 * 8 * 5)
 
 
 def test_floor_module_shapes(monkeypatch):
-    compare = load_compare(monkeypatch)
-    small = next(w for w in compare.WORKLOADS if w.name == "small")
-    case = compare.floor_case(compare.make_case(small, torch.device("cpu"), torch.float32))
-    floor = compare.FloorLSTM(case.lstm)
+    bench = load_bench(monkeypatch)
+    small = next(w for w in bench.workloads.WORKLOADS if w.name == "small")
+    case = bench.floor.floor_case(bench.workloads.make_case(small, torch.device("cpu"),
+                                                            torch.float32))
+    floor = bench.floor.FloorLSTM(case.lstm)
     assert [n for n, _ in floor.named_parameters()] == [n for n, _ in case.lstm.named_parameters()]
     output, (h_n, c_n) = floor(case.x, (case.h0, case.c0))
     assert output.shape == (small.seq_len, small.batch, small.hidden_size)
@@ -293,37 +279,3 @@ def test_floor_module_shapes(monkeypatch):
     assert h_n.shape == case.h0.shape and c_n.shape == case.c0.shape
     assert output.grad_fn is None
 
-
-def test_target_verdicts(monkeypatch):
-    compare = load_compare(monkeypatch)
-
-    def row(workload, mode, speedup, gflops=1.0, status="ok"):
-        return compare.Row("cpu", workload, mode, "float32", "FusedLSTM", status,
-                           speedup=speedup, gflops=gflops)
-
-    def cell(workload, mode, floor_ceiling, gemm_ceiling, gemm_bound_ms=1.0, floor_ms=1.0):
-        return compare.Ceiling("cpu", workload, mode, "float32", gflop=1.0,
-                               floor_ceiling=floor_ceiling, gemm_ceiling=gemm_ceiling,
-                               gemm_bound_ms=gemm_bound_ms, floor_ms=floor_ms)
-
-    rows = [row("seed-tiny", "train", 12.0), row("seed-tiny", "infer", 4.0),
-            row("small", "train", 4.0), row("medium", "infer", 0.9),
-            row("fastrnns", "infer", 0.7, gflops=85.0), row("fastrnns", "train", None, None,
-                                                             "mismatch")]
-    cells = [cell("seed-tiny", "train", 20.0, 500.0), cell("seed-tiny", "infer", 8.0, 90.0),
-             cell("small", "train", 30.0, 600.0), cell("medium", "infer", 50.0, 1.1),
-             cell("fastrnns", "infer", 200.0, 1.2, gemm_bound_ms=100.0, floor_ms=0.1),
-             cell("fastrnns", "train", 200.0, 1.2)]
-    peaks = [compare.GemmPeak("cpu", "float32", 2, gflops=100.0)]
-    verdicts = {(t["workload"], t["mode"], t["kind"]): (t["verdict"], t["ceiling"],
-                                                        t["ceiling_from"])
-                for t in compare.evaluate_targets(rows, cells, peaks)}
-    assert verdicts == {
-        ("seed-tiny", "train", "speedup"): ("met", 20.0, "floor"),
-        ("seed-tiny", "infer", "speedup"): ("above ceiling", 8.0, "floor"),
-        ("small", "train", "speedup"): ("not met", 30.0, "floor"),
-        ("medium", "infer", "speedup"): ("above ceiling", 1.1, "GEMM"),
-        ("fastrnns", "infer", "speedup"): ("not met", 1.2, "GEMM"),
-        ("fastrnns", "infer", "peak share"): ("met", 1.0, "GEMM peak"),  # 85% >= 80%
-        ("fastrnns", "train", "speedup"): ("not measured (mismatch)", 1.2, "GEMM"),
-    }

@@ -726,7 +726,8 @@ def test_ddp_two_processes_match_one(tmp_path):
 
 
 def _load_soak():
-    spec = importlib.util.spec_from_file_location("fused_lstm_soak", ROOT / "benchmarks" / "soak.py")
+    spec = importlib.util.spec_from_file_location(
+        "fused_lstm_soak", ROOT / "benchmarks" / "experiments" / "soak.py")
     soak = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(soak)
     return soak
@@ -738,8 +739,8 @@ def test_soak_short_no_rss_growth():
     """500 forward+backward iterations (padded, packed, with and without state, dropout):
     resident memory after the first third (warm-up: allocator pools and caches filling) grows
     by at most 1% + 2 MB to the end. A leak of a few hundred bytes per iteration stays under
-    this in 500 iterations; ``python benchmarks/soak.py`` (10,000 iterations) is the real
-    soak. No timing is asserted."""
+    this in 500 iterations; ``python benchmarks/experiments/soak.py`` (10,000 iterations) is the
+    real soak. No timing is asserted."""
     soak = _load_soak()
     samples = soak.soak(500, every=50, verbose=False)
     warm, final = soak.growth(samples)

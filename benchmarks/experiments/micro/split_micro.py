@@ -1,0 +1,88 @@
+"""Driver for split_micro.cpp (NOTES.md section 15): builds it (into $SPLIT_MICRO_BUILD, default
+/tmp/split_micro_build) and prints, per thread, the CPU microseconds per step of the set of
+configurations in main() and the GFLOP/s of the products (CPU time)."""
+
+import ctypes
+import os
+import pathlib
+
+from torch.utils import cpp_extension
+
+ROOT = pathlib.Path(__file__).resolve().parents[3]  # the repository root
+
+
+def build():
+    directory = pathlib.Path(os.environ.get("SPLIT_MICRO_BUILD", "/tmp/split_micro_build"))
+    directory.mkdir(parents=True, exist_ok=True)
+    path = cpp_extension.load(
+        name="split_micro",
+        sources=[str(pathlib.Path(__file__).with_name("split_micro.cpp"))],
+        extra_cflags=["-O3", "-DNDEBUG", "-fno-trapping-math", "-fno-math-errno"],
+        extra_include_paths=[str(ROOT / "csrc")],
+        build_directory=str(directory),
+        is_python_module=False,
+    )
+    so = ctypes.CDLL(path)
+    i64 = ctypes.c_int64
+    so.sm_run.argtypes = [ctypes.c_int, i64, i64, i64, i64] + [ctypes.c_int] * 5 + [
+        ctypes.c_void_p]
+    return so
+
+
+def run(so, threads, M, N, K_ih, K_hh, reps=200, trials=15, shared=1, cell=0, barrier=0):
+    out = (ctypes.c_double * (2 * threads))()
+    so.sm_run(threads, M, N, K_ih, K_hh, reps, trials, shared, cell, barrier, out)
+    cpu = [out[2 * t] / 1e3 for t in range(threads)]
+    wall = [out[2 * t + 1] / 1e3 for t in range(threads)]
+    return cpu, wall
+
+
+
+
+def fma_peak(so, iters=20_000_000, trials=5):
+    so.sm_fma_peak.restype = ctypes.c_double
+    so.sm_fma_peak.argtypes = [ctypes.c_int64, ctypes.c_int]
+    return so.sm_fma_peak(iters, trials)
+
+
+def main(rounds=4):
+    """The measurements of NOTES.md section 15 at `medium` (input 128, hidden 256): per layer,
+    the batch split's step (16 rows x all 1024 gate columns, weights shared) against the hidden
+    split's (32 rows x 512 columns, each thread its own weights), 1 and 2 threads, without and
+    with the cell pass, and the hidden split with a barrier per step (1: after the cell pass;
+    2: split phase, the next step's x part between arriving and waiting). Minima over
+    `rounds` rounds, each itself a minimum over 15 runs of 200 steps."""
+    so = build()
+    best = {}
+
+    def rec(key, vals):
+        best[key] = [min(a, b) for a, b in zip(best.get(key, [1e30] * len(vals)), vals)]
+
+    peak = max(fma_peak(so) for _ in range(3))
+    for _ in range(rounds):
+        for layer, k_ih in ((0, 128), (1, 256)):
+            for threads in (1, 2):
+                for cell in (0, 1):
+                    rec((layer, threads, "batch", cell, 0),
+                        run(so, threads, 16, 1024, k_ih, 256, cell=cell)[0])
+                    rec((layer, threads, "hidden", cell, 0),
+                        run(so, threads, 32, 512, k_ih, 256, shared=0, cell=cell)[0])
+            for barrier in (1, 2):
+                rec((layer, 2, "hidden", 1, barrier),
+                    run(so, 2, 32, 512, k_ih, 256, shared=0, cell=1, barrier=barrier)[0])
+        rec("barrier round trip", run(so, 2, 1, 64, 1, 1, reps=2000, barrier=1, shared=0)[1])
+        rec("no barrier", run(so, 2, 1, 64, 1, 1, reps=2000, barrier=0, shared=0)[1])
+    print(f"FMA peak {peak:.1f} GFLOP/s per core")
+    for key, v in best.items():
+        if isinstance(key, str):
+            print(f"{key}: " + " ".join(f"{c:.2f}" for c in v) + " us wall per step")
+            continue
+        layer, threads, split, cell, barrier = key
+        flop = 2 * 16 * 1024 * ((128 if layer == 0 else 256) + 256)
+        print(f"layer {layer} {threads} thr {split:6s} cell={cell} barrier={barrier}: "
+              + " ".join(f"{c:6.1f}" for c in v) + " us/step CPU; "
+              + " ".join(f"{flop / c / 1e3:5.1f}" for c in v) + " GFLOP/s")
+
+
+if __name__ == "__main__":
+    main()

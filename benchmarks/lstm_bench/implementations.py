@@ -1,0 +1,132 @@
+"""The LSTM implementations compared: nn.LSTM (the baseline), FusedLSTM, the framework floor
+and, where importable, haste and FlashRNN."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .floor import FLOOR, FloorLSTM
+from .workloads import dtype_name
+
+
+BASELINE = "nn.LSTM"
+
+
+@dataclass(frozen=True)
+class Impl:
+    """An LSTM implementation. ``build(lstm)`` returns a module called like nn.LSTM,
+    ``module(x, (h0, c0)) -> (output, (h_n, c_n))``, holding ``lstm``'s weights.
+
+    How the check tells that the implementation computed a result with its own kernels, not
+    by falling back to nn.LSTM: an operator whose name starts with ``kernel_prefix`` ran, and
+    no ``fallback_warning`` was raised. ``floor``: not an LSTM but the framework floor (no
+    check, status ``floor``, no speedup, not in the exit status)."""
+
+    name: str
+    build: Callable[[nn.LSTM], nn.Module]
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    kernel_prefix: Optional[str] = None
+    fallback_warning: Optional[type[Warning]] = None
+    floor: bool = False
+
+
+class HasteLSTM(nn.Module):
+    """haste_pytorch.LSTM layers stacked to ``lstm.num_layers``, with ``lstm``'s weights.
+
+    haste keeps its own weight layout, so only the outputs and the input, h0 and c0 gradients
+    are checked, not the weight gradients."""
+
+    def __init__(self, haste, lstm: nn.LSTM):
+        super().__init__()
+        self.layers = nn.ModuleList()
+        for k in range(lstm.num_layers):
+            layer = haste.LSTM(lstm.input_size if k == 0 else lstm.hidden_size, lstm.hidden_size)
+            with torch.no_grad():
+                layer.from_native_weights(*(getattr(lstm, f"{name}_l{k}") for name in
+                                            ("weight_ih", "weight_hh", "bias_ih", "bias_hh")))
+            self.layers.append(layer)
+
+    def forward(self, x, hx):
+        """nn.LSTM's call: ``x [T, B, I]``, ``hx = (h0, c0)`` each ``[layers, B, H]``."""
+        h0, c0 = hx
+        h_n, c_n = [], []
+        for k, layer in enumerate(self.layers):
+            x, (h, c) = layer(x, (h0[k:k + 1], c0[k:k + 1]))
+            h_n.append(h)
+            c_n.append(c)
+        return x, (torch.cat(h_n), torch.cat(c_n))
+
+
+class FlashRNNLSTM(nn.Module):
+    """FlashRNN's fused LSTM kernel (``backend="cuda_fused"``) layer by layer, with nn.LSTM's
+    parameters (same names and layout, so their gradients are checked too). The input
+    projection ``x W_ih^T``, which FlashRNN expects done, is part of every call."""
+
+    def __init__(self, flashrnn, lstm: nn.LSTM):
+        super().__init__()
+        self.flashrnn = flashrnn
+        self.num_layers, self.hidden_size = lstm.num_layers, lstm.hidden_size
+        for name, param in lstm.named_parameters():
+            self.register_parameter(name, nn.Parameter(param.detach().clone()))
+
+    def forward(self, x, hx):
+        """nn.LSTM's call: ``x [T, B, I]``, ``hx = (h0, c0)`` each ``[layers, B, H]``."""
+        h0, c0 = hx
+        seq_len, batch, hidden = x.size(0), x.size(1), self.hidden_size
+        h_n, c_n = [], []
+        for k in range(self.num_layers):
+            # FlashRNN's layouts: Wx [B, T, gates, heads, H], R [gates, heads, H_out, H_in],
+            # b [gates, heads, H], states [(h, c), B, 1, heads, H]; gate order i, f, g, o.
+            wx = F.linear(x, getattr(self, f"weight_ih_l{k}")).transpose(0, 1)
+            bias = getattr(self, f"bias_ih_l{k}") + getattr(self, f"bias_hh_l{k}")
+            states, last = self.flashrnn(
+                wx.reshape(batch, seq_len, 4, 1, hidden),
+                getattr(self, f"weight_hh_l{k}").view(4, 1, hidden, hidden),
+                bias.view(4, 1, hidden),
+                states=torch.stack((h0[k], c0[k])).view(2, batch, 1, 1, hidden),
+                function="lstm", backend="cuda_fused", dtype=dtype_name(x.dtype),
+            )
+            x = states[0].reshape(batch, seq_len, hidden).transpose(0, 1)
+            h_n.append(last[0].reshape(1, batch, hidden))
+            c_n.append(last[1].reshape(1, batch, hidden))
+        return x, (torch.cat(h_n), torch.cat(c_n))
+
+
+def fused_lstm_copy(fused_lstm_class: type, lstm: nn.LSTM) -> nn.Module:
+    """A FusedLSTM configured like ``lstm``, loaded with its state_dict."""
+    param = lstm.weight_ih_l0
+    fused = fused_lstm_class(lstm.input_size, lstm.hidden_size, lstm.num_layers,
+                             device=param.device, dtype=param.dtype)
+    fused.load_state_dict(lstm.state_dict())
+    return fused
+
+
+def implementations(fused_lstm) -> tuple[list[Impl], list[str]]:
+    """The implementations to measure, and one line for each third-party one that is not
+    importable."""
+    impls = [
+        Impl(BASELINE, lambda lstm: lstm),
+        Impl("FusedLSTM", lambda lstm: fused_lstm_copy(fused_lstm.FusedLSTM, lstm),
+             kernel_prefix="fused_lstm::",
+             fallback_warning=fused_lstm.FusedLSTMFallbackWarning),
+        Impl(FLOOR, FloorLSTM, floor=True),
+    ]
+    skipped = []
+    try:
+        haste = importlib.import_module("haste_pytorch")
+        impls.append(Impl("haste", lambda lstm: HasteLSTM(haste, lstm), devices=("cuda",)))
+    except (ImportError, OSError) as error:
+        skipped.append(f"haste: skipped, haste_pytorch is not importable ({error})")
+    try:
+        flashrnn = importlib.import_module("flashrnn.flashrnn").flashrnn
+        impls.append(Impl("FlashRNN", lambda lstm: FlashRNNLSTM(flashrnn, lstm),
+                          devices=("cuda",)))
+    except (ImportError, OSError, AttributeError) as error:
+        skipped.append(f"FlashRNN: skipped, flashrnn is not importable ({error})")
+    return impls, skipped
