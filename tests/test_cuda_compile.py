@@ -33,7 +33,6 @@ Two checks keep csrc/cuda honest without a GPU:
 from __future__ import annotations
 
 import concurrent.futures
-import itertools
 import os
 import pathlib
 import re
@@ -46,9 +45,18 @@ import pytest
 import torch
 
 from fused_lstm import _loader
-from test_ops import make_case
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import (
+    GRID,
+    GRID_IDS,
+    PATH_ENV,
+    PERSISTENT_GRID,
+    PERSISTENT_GRID_IDS,
+    ROOT,
+    make_case,
+    op_args,
+)
+
 CSRC = ROOT / "csrc"
 CUDA_DIR = CSRC / "cuda"
 CU_SOURCES = sorted(CUDA_DIR.glob("*.cu"))
@@ -465,11 +473,6 @@ def emulated_ops(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
-def _args(a):
-    return (a["input"], a["batch_sizes"], a["hx"], a["cx"], a["weights"], a["dropout_mask"],
-            a["num_layers"], a["bidirectional"], a["has_biases"], a["proj_size"])
-
-
 def _cast(a, dtype):
     b = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
          for k, v in a.items()}
@@ -484,11 +487,6 @@ TOLERANCE = {
     torch.float16: dict(rtol=2e-3, atol=1e-5),
 }
 
-GRID = list(itertools.product([1, 2, 3], [True, False], [False, True], [0, 2], [False, True]))
-GRID_IDS = [f"L{l}-{'bias' if b else 'nobias'}-{'bi' if d else 'uni'}-proj{p}-"
-            f"{'packed' if k else 'padded'}" for l, b, d, p, k in GRID]
-
-
 def _assert_same(got, expected, dtype, what):
     assert len(got) == len(expected), what
     for i, (g, e) in enumerate(zip(got, expected)):
@@ -501,14 +499,14 @@ def _check_against_cpu(emulated_ops, a, dtype):
     each subset of upstream gradients) of the emulated CUDA path equal the CPU kernels'."""
     a = _cast(a, dtype)
     cpu = torch.ops.fused_lstm
-    expected = cpu.lstm_forward(*_args(a))
-    got = emulated_ops.lstm_forward(*_args(a))
+    expected = cpu.lstm_forward(*op_args(a))
+    got = emulated_ops.lstm_forward(*op_args(a))
     _assert_same(got, expected, dtype, "forward")
     upstream = [torch.randn_like(t) for t in expected[:3]]
     for keep in [(True, True, True), (True, False, False), (False, True, False),
                  (False, False, True)]:
         grads = [g if k else None for g, k in zip(upstream, keep)]
-        b = _args(a)
+        b = op_args(a)
         e = cpu.lstm_backward(*b[:6], expected[3], *grads, *b[6:])
         g = emulated_ops.lstm_backward(*b[:6], got[3], *grads, *b[6:])
         _assert_same(list(g[:3]) + list(g[3]), list(e[:3]) + list(e[3]), dtype, f"backward {keep}")
@@ -547,12 +545,12 @@ def test_emulated_cuda_path_zero_batch(emulated_ops, bidirectional, proj_size):
     uninitialised)."""
     _, a = make_case(2, True, bidirectional, proj_size, False, with_state=True, batch=0,
                      requires_grad=False)
-    output, hy, cy, reserve = emulated_ops.lstm_forward(*_args(a))
+    output, hy, cy, reserve = emulated_ops.lstm_forward(*op_args(a))
     d = 2 if bidirectional else 1
     out = proj_size or 4
     assert output.shape == (4, 0, d * out) and hy.shape == (2 * d, 0, out)
     assert cy.shape == (2 * d, 0, 4) and reserve.numel() == 0
-    b = _args(a)
+    b = op_args(a)
     grads = emulated_ops.lstm_backward(*b[:6], reserve, torch.randn_like(output),
                                        torch.randn_like(hy), torch.randn_like(cy), *b[6:])
     assert grads[0].shape == a["input"].shape
@@ -570,11 +568,6 @@ def test_emulated_cuda_path_long_packed_sequence(emulated_ops):
 
 # ---- the persistent kernels, emulated on the CPU ----------------------------------------------
 
-PATH_ENV = ("FUSED_LSTM_CUDA_PATH", "FUSED_LSTM_CUDA_PERSISTENT_UNITS",
-            "FUSED_LSTM_CUDA_PERSISTENT_TILE", "FUSED_LSTM_CUDA_PERSISTENT_KSPLIT",
-            "FUSED_LSTM_EMULATED_DEVICE", "FUSED_LSTM_EMULATED_CORESIDENT")
-
-
 @pytest.fixture(autouse=True)
 def _step_path_unless_told(monkeypatch):
     """The tests above check the step path, as before the persistent kernels existed; the
@@ -584,31 +577,12 @@ def _step_path_unless_told(monkeypatch):
     monkeypatch.setenv("FUSED_LSTM_CUDA_PATH", "step")
 
 
-@pytest.fixture
-def cuda_path(monkeypatch):
-    """cuda_path(mode, units=None, tile=None, k_split=None, device=None, coresident=None) sets
-    the environment that the (emulated) CUDA ops read on every call."""
-    def set_path(mode, units=None, tile=None, k_split=None, device=None, coresident=None):
-        monkeypatch.setenv("FUSED_LSTM_CUDA_PATH", mode)
-        for name, value in zip(PATH_ENV[1:], (units, tile, k_split, device, coresident)):
-            if value is None:
-                monkeypatch.delenv(name, raising=False)
-            else:
-                monkeypatch.setenv(name, str(value))
-    return set_path
-
-
 def _check_persistent(emulated_ops, a, dtype, launches_per_call):
     """_check_against_cpu, and the persistent kernels ran: one launch per layer per call."""
     before = emulated_ops.persistent_launches()
     _check_against_cpu(emulated_ops, a, dtype)
     calls = 5  # one forward, four backwards
     assert emulated_ops.persistent_launches() - before == launches_per_call * calls
-
-
-PERSISTENT_GRID = [(l, b, d, k) for l, b, d, p, k in GRID if p == 0]
-PERSISTENT_GRID_IDS = [f"L{l}-{'bias' if b else 'nobias'}-{'bi' if d else 'uni'}-"
-                       f"{'packed' if k else 'padded'}" for l, b, d, k in PERSISTENT_GRID]
 
 
 @pytest.mark.parametrize("with_state", [True, False], ids=["state", "nostate"])
@@ -705,8 +679,8 @@ def test_emulated_persistent_falls_back_to_the_step_path(emulated_ops, cuda_path
         assert f"path=step reason={case}" in line, text
     before = emulated_ops.persistent_launches()
     if case == "too_many_batch_size_runs":  # long: the forward only
-        expected = torch.ops.fused_lstm.lstm_forward(*_args(a))
-        _assert_same(emulated_ops.lstm_forward(*_args(a)), expected, torch.float64, "forward")
+        expected = torch.ops.fused_lstm.lstm_forward(*op_args(a))
+        _assert_same(emulated_ops.lstm_forward(*op_args(a)), expected, torch.float64, "forward")
     else:
         _check_against_cpu(emulated_ops, a, torch.float64)
     assert emulated_ops.persistent_launches() == before
@@ -717,7 +691,7 @@ def test_emulated_persistent_zero_batch(emulated_ops, cuda_path, bidirectional):
     cuda_path("persistent")
     _, a = make_case(2, True, bidirectional, 0, False, with_state=True, batch=0,
                      requires_grad=False)
-    output, hy, cy, reserve = emulated_ops.lstm_forward(*_args(a))
+    output, hy, cy, reserve = emulated_ops.lstm_forward(*op_args(a))
     assert output.shape == (4, 0, (2 if bidirectional else 1) * 4) and reserve.numel() == 0
     text = emulated_ops.cuda_path_choice(a["input"], None, 4, bidirectional, 0)
     assert "reason=empty_batch" in text
@@ -729,7 +703,7 @@ def test_emulated_path_environment_is_checked(emulated_ops, cuda_path):
                 dict(mode="persistent", k_split=3), dict(mode="auto", tile=65)):
         cuda_path(**bad)
         with pytest.raises(RuntimeError, match="FUSED_LSTM_CUDA"):
-            emulated_ops.lstm_forward(*_args(a))
+            emulated_ops.lstm_forward(*op_args(a))
 
 
 # ---- the path rule: C++ and its Python copy agree -----------------------------------------------
