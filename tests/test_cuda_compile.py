@@ -14,9 +14,10 @@ Two checks keep csrc/cuda honest without a GPU:
   per-step sizes and offsets, the packed and reverse-direction bookkeeping) and the per-element
   bodies of the step kernels (``lstm_step.cuh``) are compiled with the C++ compiler against the
   running torch, with each kernel launch replaced by a plain loop over the same element function
-  and CUDA's device guard and stream stubbed out. Built so, they are registered as the ops
-  ``fused_lstm_emulated::lstm_forward`` / ``lstm_backward`` for CPU tensors and compared with the
-  CPU kernels, reserve included. This checks the CUDA path's index arithmetic and semantics, not
+  and CUDA's device guard and stream stubbed out (tests/cuda_emulation/lstm_cuda_emulated.cpp,
+  with the stand-in headers in tests/cuda_emulation/include). Built so, they are registered as
+  the ops ``fused_lstm_emulated::lstm_forward`` / ``lstm_backward`` for CPU tensors and compared
+  with the CPU kernels, reserve included. This checks the CUDA path's index arithmetic and semantics, not
   the GPU execution itself (tests/test_cuda.py does that where a GPU is present).
 * ``test_emulated_persistent_*``: the same for the persistent kernels (csrc/cuda/
   lstm_persistent.*). Their per-block bodies (``lstm_persistent.cuh``) run on the CPU with the
@@ -39,7 +40,6 @@ import re
 import shutil
 import subprocess
 import sysconfig
-import textwrap
 
 import pytest
 import torch
@@ -205,218 +205,19 @@ def test_generated_header_is_only_what_torch_lacks(tmp_path):
 
 # ---- the CUDA host code, emulated on the CPU ----------------------------------------------
 
-# Stand-ins for the CUDA runtime and c10's CUDA guard and stream: the host code only names them.
-FAKE_HEADERS = {
-    "cuda_runtime_api.h": """
-        #pragma once
-        typedef struct CUstream_st* cudaStream_t;
-    """,
-    "c10/cuda/CUDAGuard.h": """
-        #pragma once
-        #include <c10/core/Device.h>
-        namespace c10::cuda {
-        struct CUDAGuard {
-          explicit CUDAGuard(c10::Device) {}
-        };
-        }  // namespace c10::cuda
-    """,
-    "c10/cuda/CUDAStream.h": """
-        #pragma once
-        #include <cuda_runtime_api.h>
-        #include <c10/core/Device.h>
-        namespace c10::cuda {
-        struct CUDAStream {
-          operator cudaStream_t() const { return nullptr; }
-        };
-        inline CUDAStream getCurrentCUDAStream(c10::DeviceIndex = -1) { return {}; }
-        }  // namespace c10::cuda
-    """,
-}
-
-# Each kernel launch becomes a loop over the kernel's own per-element function.
-EMULATED_KERNELS = """
-namespace fused_lstm::gpu {
-template <typename T>
-void lstm_forward_step(int64_t batch, int64_t hidden, T* gates, T* c_state, T* cells, T* h_out,
-                       int64_t ld_h_out, T* h_state, cudaStream_t) {
-  for (int64_t idx = 0; idx < batch * hidden; ++idx)
-    forward_step_element<T>(idx, hidden, gates, c_state, cells, h_out, ld_h_out, h_state);
-}
-template <typename T>
-void lstm_backward_step(const BackwardStep<T>& step, cudaStream_t) {
-  for (int64_t idx = 0; idx < step.batch * step.hidden; ++idx) backward_step_element<T>(step, idx);
-}
-template void lstm_forward_step<float>(int64_t, int64_t, float*, float*, float*, float*, int64_t,
-                                       float*, cudaStream_t);
-template void lstm_forward_step<double>(int64_t, int64_t, double*, double*, double*, double*,
-                                        int64_t, double*, cudaStream_t);
-template void lstm_backward_step<float>(const BackwardStep<float>&, cudaStream_t);
-template void lstm_backward_step<double>(const BackwardStep<double>&, cudaStream_t);
-}  // namespace fused_lstm::gpu
-"""
-
-# The persistent kernels' launches become loops over their per-block bodies
-# (lstm_persistent.cuh): the grid barrier is the boundary between two loops over every block.
-EMULATED_PERSISTENT = """
-namespace fused_lstm::gpu {
-
-// The emulated device: FUSED_LSTM_EMULATED_DEVICE = "cooperative,sm_count,smem_per_sm,
-// smem_per_block_optin,reserved_smem_per_block,max_blocks_per_sm" (default: an H100 SXM's);
-// FUSED_LSTM_EMULATED_CORESIDENT: what the occupancy API answers (default: the model's).
-DeviceLimits emulated_limits() {
-  DeviceLimits lim{true, 132, 233472, 232448, 1024, 2};
-  if (const char* v = std::getenv("FUSED_LSTM_EMULATED_DEVICE")) {
-    long long f[6];
-    TORCH_CHECK(std::sscanf(v, "%lld,%lld,%lld,%lld,%lld,%lld", &f[0], &f[1], &f[2], &f[3],
-                            &f[4], &f[5]) == 6, "bad FUSED_LSTM_EMULATED_DEVICE: ", v);
-    lim = DeviceLimits{f[0] != 0, f[1], f[2], f[3], f[4], f[5]};
-  }
-  return lim;
-}
-
-DeviceLimits persistent_device_limits(int, bool, bool) { return emulated_limits(); }
-
-int64_t persistent_coresident_blocks(int, bool, bool, int64_t smem_bytes) {
-  if (const char* v = std::getenv("FUSED_LSTM_EMULATED_CORESIDENT")) return std::atoll(v);
-  return modelled_coresident_blocks(emulated_limits(), smem_bytes);
-}
-
-std::atomic<int64_t> persistent_launch_count{0};
-
-// The threads of one block, one after the other (in reverse order).
-struct HostBlock {
-  int nthreads;
-  void sync() const {}
-  template <typename F>
-  void for_each_thread(F&& f) const {
-    for (int tid = nthreads - 1; tid >= 0; --tid) f(tid);
-  }
-  template <typename AccT, typename Partial, typename Finish>
-  void for_each_team(int k_split, int64_t items, Partial&& partial, Finish&& finish) const {
-    TORCH_CHECK(k_split >= 1 && k_split <= 32 && (k_split & (k_split - 1)) == 0 &&
-                nthreads % 32 == 0, "k_split");
-    constexpr int n = sizeof(AccT::v) / sizeof(AccT::v[0]);
-    const int teams = nthreads / k_split;
-    for (int64_t first = 0; first < items; first += teams) {
-      for (int team = teams - 1; team >= 0; --team) {
-        const int64_t item = first + team;
-        std::vector<AccT> lanes(k_split, AccT{});
-        if (item < items)
-          for (int lane = 0; lane < k_split; ++lane) partial(item, lane, lanes[lane]);
-        // __shfl_xor_sync's butterfly: lane l adds lane l ^ offset's value to its own.
-        for (int offset = 1; offset < k_split; offset <<= 1) {
-          std::vector<AccT> next = lanes;
-          for (int lane = 0; lane < k_split; ++lane)
-            for (int i = 0; i < n; ++i) next[lane].v[i] = lanes[lane].v[i] + lanes[lane ^ offset].v[i];
-          lanes = next;
-        }
-        if (item < items)
-          for (int lane = k_split - 1; lane >= 0; --lane)
-            finish(item, lane, static_cast<const AccT&>(lanes[lane]));
-      }
-    }
-  }
-};
-
-template <typename T>
-std::vector<std::vector<T>> emulated_grid_smem(const PersistentPlan& plan, int64_t directions,
-                                               bool backward) {
-  const int64_t n = int64_t{plan.blocks} * directions;
-  // What cudaLaunchCooperativeKernel and the dynamic shared memory limit refuse.
-  TORCH_CHECK(n <= persistent_coresident_blocks(-1, backward, sizeof(T) == 8, plan.smem_bytes),
-              "emulated launch: grid of ", n, " blocks is not co-resident");
-  TORCH_CHECK(plan.smem_bytes <= emulated_limits().smem_per_block_optin, "emulated: smem");
-  TORCH_CHECK(plan.smem_bytes % sizeof(T) == 0 && plan.threads == kPersistentThreads, "plan");
-  // Shared memory starts as NaN: reading what was never staged shows in the results.
-  return std::vector<std::vector<T>>(
-      n, std::vector<T>(plan.smem_bytes / sizeof(T), std::numeric_limits<T>::quiet_NaN()));
-}
-
-template <typename T>
-void persistent_forward(const PersistentForward<T>& p, cudaStream_t) {
-  ++persistent_launch_count;
-  const int nb = p.plan.blocks, n = nb * static_cast<int>(p.num_directions);
-  auto smem = emulated_grid_smem<T>(p.plan, p.num_directions, false);
-  const HostBlock blk{p.plan.threads};
-  for (int i = n - 1; i >= 0; --i) forward_stage_weights(p, i / nb, i % nb, smem[i].data(), blk);
-  for (int64_t step = 0; step < p.steps.seq_len; ++step) {
-    // grid.sync()
-    for (int i = n - 1; i >= 0; --i)
-      forward_block_step(p, i / nb, i % nb, step, smem[i].data(), blk);
-  }
-}
-
-template <typename T>
-void persistent_backward(const PersistentBackward<T>& p, cudaStream_t) {
-  ++persistent_launch_count;
-  const int nb = p.plan.blocks, n = nb * static_cast<int>(p.num_directions);
-  auto smem = emulated_grid_smem<T>(p.plan, p.num_directions, true);
-  const HostBlock blk{p.plan.threads};
-  for (int i = n - 1; i >= 0; --i) backward_stage_weights(p, i / nb, i % nb, smem[i].data(), blk);
-  for (int64_t step = 0; step < p.steps.seq_len; ++step) {
-    for (int i = n - 1; i >= 0; --i) backward_block_phase_a(p, i / nb, i % nb, step, blk);
-    // grid.sync()
-    for (int i = n - 1; i >= 0; --i)
-      backward_block_phase_b(p, i / nb, i % nb, step, smem[i].data(), blk);
-  }
-}
-
-template void persistent_forward<float>(const PersistentForward<float>&, cudaStream_t);
-template void persistent_forward<double>(const PersistentForward<double>&, cudaStream_t);
-template void persistent_backward<float>(const PersistentBackward<float>&, cudaStream_t);
-template void persistent_backward<double>(const PersistentBackward<double>&, cudaStream_t);
-
-namespace {
-
-std::string decide_for_test(int64_t hidden_size, int64_t proj_size, int64_t batch,
-                            int64_t seq_len, int64_t num_directions, int64_t num_runs,
-                            int64_t elem_size, bool backward, std::vector<int64_t> limits,
-                            std::string mode, int64_t units, int64_t batch_tile,
-                            int64_t k_split) {
-  TORCH_CHECK(limits.size() == 6, "limits");
-  const PathQuery q{hidden_size, proj_size, batch, seq_len, num_directions, num_runs,
-                    elem_size, backward};
-  const DeviceLimits lim{limits[0] != 0, limits[1], limits[2], limits[3], limits[4], limits[5]};
-  PathOverrides o;
-  o.mode = mode == "step" ? PathMode::kStep
-                          : mode == "persistent" ? PathMode::kPersistent : PathMode::kAuto;
-  o.units = units;
-  o.batch_tile = batch_tile;
-  o.k_split = k_split;
-  return describe(decide_cuda_path(q, lim, o));
-}
-
-int64_t persistent_launches() { return persistent_launch_count.load(); }
-
-std::string cuda_path_choice(const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
-                             int64_t hidden_size, bool bidirectional, int64_t proj_size) {
-  return cuda_path_choice_text(input, batch_sizes, hidden_size, bidirectional, proj_size, -1);
-}
-
-}  // namespace
-}  // namespace fused_lstm::gpu
-
-TORCH_LIBRARY_FRAGMENT(fused_lstm, m) {
-  m.def("decide_cuda_path(int hidden_size, int proj_size, int batch, int seq_len, "
-        "int num_directions, int num_runs, int elem_size, bool backward, int[] limits, "
-        "str mode, int units, int batch_tile, int k_split) -> str",
-        &fused_lstm::gpu::decide_for_test);
-  m.def("persistent_launches() -> int", &fused_lstm::gpu::persistent_launches);
-  m.def("cuda_path_choice(Tensor input, Tensor? batch_sizes, int hidden_size, "
-        "bool bidirectional, int proj_size) -> str", &fused_lstm::gpu::cuda_path_choice);
-}
-"""
-
-# The project files the harness includes, relative to csrc/.
-EMULATED_SOURCES = ("lstm.cpp", "cpu/buffer_cache.cpp", "cuda/lstm_cuda.cu",
-                    "cuda/lstm_step.cuh", "cuda/lstm_persistent.cuh")
-# What the emulation code below uses beyond the project's own includes.
-EMULATION_SYSTEM_INCLUDES = ("atomic", "cstdio", "cstdlib", "limits", "string", "vector")
+# The emulation's translation unit and its stand-ins for the CUDA headers (tests/cuda_emulation/:
+# lstm_cuda_emulated.cpp says how it is put together).
+EMULATION_DIR = pathlib.Path(__file__).resolve().parent / "cuda_emulation"
+EMULATION_SOURCE = EMULATION_DIR / "lstm_cuda_emulated.cpp"
+EMULATION_FAKE_INCLUDE = EMULATION_DIR / "include"
+# Written by emulated_ops into the build directory, included first by EMULATION_SOURCE.
+EMULATION_PRELUDE = "emulation_system_includes.h"
 
 
-def system_includes_of(files):
-    """Every <...> include reached from ``files`` through the project's own "..." includes."""
-    seen, found, todo = set(), [], [CSRC / f for f in files]
+def system_includes_of(source: pathlib.Path):
+    """Every <...> include reached from ``source`` through "..." includes (found beside the file
+    that includes them, else in csrc/), in order of first appearance; the prelude excepted."""
+    seen, found, todo = set(), [], [source]
     while todo:
         path = todo.pop().resolve()
         if path in seen:
@@ -426,21 +227,17 @@ def system_includes_of(files):
             if kind == "<":
                 if name not in found:
                     found.append(name)
-            else:
-                todo.append(path.parent / name)
+            elif name != EMULATION_PRELUDE:
+                local = path.parent / name
+                todo.append(local if local.is_file() else CSRC / name)
     return found
 
 
-def emulation_source():
-    # Every system header is included first, while `fused_lstm` and `CUDA` are still plain
-    # words; then the project's sources with the namespace renamed (so the ops are
-    # fused_lstm_emulated::*, beside the real ones) and the CUDA dispatch key replaced by CPU.
-    names = system_includes_of(EMULATED_SOURCES)
-    names += [n for n in EMULATION_SYSTEM_INCLUDES if n not in names]
-    lines = [f"#include <{name}>" for name in names]
-    lines += ["#define fused_lstm fused_lstm_emulated", "#define CUDA CPU"]
-    lines += [f'#include "{name}"' for name in EMULATED_SOURCES]
-    return "\n".join(lines) + "\n" + EMULATED_KERNELS + EMULATED_PERSISTENT
+def emulation_prelude():
+    """The text of EMULATION_PRELUDE: every system header the emulation reaches, so that all are
+    included while `fused_lstm` and `CUDA` are still plain words (before EMULATION_SOURCE's
+    #defines)."""
+    return "".join(f"#include <{name}>\n" for name in system_includes_of(EMULATION_SOURCE))
 
 
 @pytest.fixture(scope="module")
@@ -448,22 +245,16 @@ def emulated_ops(tmp_path_factory):
     from torch.utils import cpp_extension
 
     build = tmp_path_factory.mktemp("cuda_emulation")
-    fake = build / "fake_include"
-    for relative, text in FAKE_HEADERS.items():
-        path = fake / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text).lstrip())
-    source = build / "lstm_cuda_emulated.cpp"
-    source.write_text(emulation_source())
+    (build / EMULATION_PRELUDE).write_text(emulation_prelude())
     # The cases are tiny: one thread each, so that a busy machine's oversubscribed OpenMP pool
     # cannot stretch milliseconds into seconds.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     cpp_extension.load(
         name="fused_lstm_cuda_emulated",
-        sources=[str(source)],
+        sources=[str(EMULATION_SOURCE)],
         extra_cflags=["-O1"],
-        extra_include_paths=[str(fake), str(CSRC)],
+        extra_include_paths=[str(build), str(EMULATION_FAKE_INCLUDE), str(CSRC)],
         build_directory=str(build),
         with_cuda=False,
         is_python_module=False,
