@@ -1,6 +1,6 @@
 """The CUDA backend where no GPU is present (CI has none, and a CPU-only torch).
 
-Two checks keep csrc/cuda honest without a GPU:
+These checks keep csrc/cuda honest without a GPU:
 
 * ``test_nvcc_compiles_cuda_source``: every ``csrc/cuda/*.cu`` compiles with nvcc (``-c``) for
   sm_80 and sm_90, with the flags torch.utils.cpp_extension and setup.py pass (torch's include
@@ -26,9 +26,12 @@ Two checks keep csrc/cuda honest without a GPU:
   another block writes in the same phase gives a wrong result; shared memory starts as NaN, so
   reading what was never staged does too. The dot products are split over the same lanes and
   summed in the same butterfly order as the warp shuffles. The emulated device has an H100's
-  limits unless ``FUSED_LSTM_EMULATED_DEVICE`` says otherwise. Also checked: the Python copy of
-  the path rule (fused_lstm/explain.py) gives the C++ rule's answer on many sizes and devices.
-  Not checked: the barriers themselves, warp shuffles, memory ordering, occupancy and timing.
+  limits unless ``FUSED_LSTM_EMULATED_DEVICE`` says otherwise. Not checked: the barriers
+  themselves, warp shuffles, memory ordering, occupancy and timing.
+* ``test_path_rule_*``: the path rule (csrc/cuda/lstm_path_rule.h), which every build registers
+  as ``fused_lstm::cuda_path_predict`` for fused_lstm.explain: known sizes give known decisions,
+  many random ones consistent decisions; and explain's prediction is what the (emulated) CUDA op
+  decides.
 """
 
 from __future__ import annotations
@@ -497,17 +500,64 @@ def test_emulated_path_environment_is_checked(emulated_ops, cuda_path):
             emulated_ops.lstm_forward(*op_args(a))
 
 
-# ---- the path rule: C++ and its Python copy agree -----------------------------------------------
+# ---- the path rule (csrc/cuda/lstm_path_rule.h), as every build registers it ------------------
+# fused_lstm::cuda_path_predict runs the one rule the CUDA build decides with; explain's
+# decide_cuda_path / predict_cuda_path call it. Known sizes give known decisions (every outcome,
+# the plan and the cost model's numbers), and many random sizes give consistent ones.
+
+A100_LIKE = (True, 108, 167936, 166912, 1024, 2)
+TINY_DEVICE = (True, 1, 16384, 8192, 0, 1)
+NO_COOPERATIVE = (False, 132, 233472, 232448, 1024, 2)
+
+DEVICES = {
+    "A100_LIKE": A100_LIKE, "TINY_DEVICE": TINY_DEVICE, "NO_COOPERATIVE": NO_COOPERATIVE,
+}
+KNOWN_DECISIONS_FILE = pathlib.Path(__file__).resolve().parent / "cuda_path_rule_decisions.txt"
+
+
+def known_decisions():
+    """{name: (decide_cuda_path's arguments, the describe() line)} from KNOWN_DECISIONS_FILE."""
+    from fused_lstm.explain import H100_SXM, DeviceLimits
+
+    lines = [line.strip() for line in KNOWN_DECISIONS_FILE.read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert len(lines) % 2 == 0, f"{KNOWN_DECISIONS_FILE}: a case is two lines"
+    cases = {}
+    for header, expected in zip(lines[::2], lines[1::2]):
+        name, _, fields = header.partition(": ")
+        *sizes, backward, device, mode, units, batch_tile, k_split = fields.split()
+        limits = H100_SXM if device == "H100_SXM" else DeviceLimits(*DEVICES[device])
+        args = (*map(int, sizes), backward == "1", limits, mode, int(units), int(batch_tile),
+                int(k_split))
+        assert name not in cases, f"{KNOWN_DECISIONS_FILE}: {name} twice"
+        cases[name] = (args, expected)
+    return cases
+
+
+KNOWN_DECISIONS = known_decisions()
+
+
+@pytest.mark.parametrize("name", list(KNOWN_DECISIONS))
+def test_path_rule_known_decisions(name):
+    """Known sizes, devices and overrides give known decisions, word for word
+    (tests/cuda_path_rule_decisions.txt): every outcome the rule can give without a GPU, the
+    plan and the cost model's numbers."""
+    from fused_lstm.explain import decide_cuda_path
+
+    args, expected = KNOWN_DECISIONS[name]
+    assert len(args) == 13 and expected.startswith("path="), name
+    assert decide_cuda_path(*args) == expected
+
 
 def _rule_cases():
     from fused_lstm.explain import H100_SXM, DeviceLimits
 
     devices = [
         H100_SXM,
-        DeviceLimits(True, 108, 167936, 166912, 1024, 2),  # A100-like
+        DeviceLimits(*A100_LIKE),
         DeviceLimits(True, 4, 65536, 49152, 1024, 8),      # small
-        DeviceLimits(True, 1, 16384, 8192, 0, 1),          # tiny
-        DeviceLimits(False, 132, 233472, 232448, 1024, 2),
+        DeviceLimits(*TINY_DEVICE),
+        DeviceLimits(*NO_COOPERATIVE),
     ]
     gen = torch.Generator().manual_seed(8)
     pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=gen))]  # noqa: E731
@@ -532,17 +582,57 @@ def _rule_cases():
     return cases
 
 
-def test_python_copy_of_the_path_rule_agrees_with_cpp(emulated_ops):
-    """fused_lstm/explain.py's decide_cuda_path is lstm_persistent.h's, on 1500 random sizes,
-    devices and overrides: same path, reason and plan, word for word."""
-    from fused_lstm.explain import decide_cuda_path
+def _check_decision(case, choice):
+    """What holds for every answer of the rule, whatever its constants."""
+    from fused_lstm.explain import REASONS
+
+    c, lim = case, case["limits"]
+    path, reason = choice["path"], choice["reason"]
+    assert reason in REASONS and reason != "occupancy_refused"  # the occupancy API's, on a GPU
+    assert (path == "persistent") == (reason in ("auto", "forced_persistent"))
+    assert (reason == "forced_step") == (c["mode"] == "step")
+    assert reason not in ("auto", "step_path_predicted_faster") or c["mode"] == "auto"
+    assert reason != "forced_persistent" or c["mode"] == "persistent"
+    early = ("forced_step", "no_cooperative_launch", "empty_batch", "projection",
+             "too_many_batch_size_runs")
+    if reason in early:
+        assert "units" not in choice
+        return
+    # Past the hard limits: a cooperative device, rows to compute, no projection.
+    assert lim.cooperative_launch and c["proj_size"] == 0
+    assert min(c["batch"], c["seq_len"], c["hidden_size"]) > 0
+    if "units" not in choice:  # no tile fits in one block's shared memory
+        assert reason == "does_not_fit"
+        return
+    H, units = c["hidden_size"], choice["units"]
+    assert 1 <= units <= H and choice["blocks"] == -(-H // units)
+    if c["units"]:
+        assert units == min(c["units"], H)
+    if c["k_split"]:
+        assert choice["k_split"] == c["k_split"]
+    assert choice["k_split"] in (1, 2, 4, 8, 16, 32)
+    assert 0 < choice["batch_tile"] and 0 < choice["smem_bytes"] <= lim.smem_per_block_optin
+    if c["batch_tile"]:
+        assert choice["batch_tile"] < c["batch_tile"] + 4  # rounded up to whole register tiles
+    fits = choice["blocks"] * c["num_directions"] <= choice["coresident_blocks"]
+    assert fits == (reason != "does_not_fit")
+    if reason == "auto":
+        assert choice["persistent_ns"] < choice["step_path_ns"]
+    if reason == "step_path_predicted_faster":
+        assert choice["persistent_ns"] >= choice["step_path_ns"]
+
+
+def test_path_rule_on_many_sizes():
+    """The rule on 1500 random sizes, devices and overrides: every answer is consistent (with
+    the hard limits, the overrides, the device's shared memory and co-residency, the cost
+    model's verdict), and every outcome is reached."""
+    from fused_lstm.explain import decide_cuda_path, parse_choice
 
     seen = set()
     for case in _rule_cases():
-        expected = emulated_ops.decide_cuda_path(**{**case, "limits": case["limits"].as_list()})
-        got = decide_cuda_path(**case)
-        assert got == expected, case
-        seen.add(" ".join(expected.split()[:2]))
+        text = decide_cuda_path(**case)
+        _check_decision(case, parse_choice(text))
+        seen.add(" ".join(text.split()[:2]))
     # Every outcome was exercised.
     for outcome in ("path=persistent reason=auto", "path=persistent reason=forced_persistent",
                     "path=step reason=forced_step", "path=step reason=projection",
@@ -550,6 +640,49 @@ def test_python_copy_of_the_path_rule_agrees_with_cpp(emulated_ops):
                     "path=step reason=too_many_batch_size_runs",
                     "path=step reason=no_cooperative_launch", "path=step reason=empty_batch"):
         assert outcome in seen, outcome
+
+
+def test_path_rule_arguments_are_checked():
+    from fused_lstm.explain import H100_SXM, decide_cuda_path
+
+    sizes = (64, 0, 16, 4, 2, 1, 4, False, H100_SXM)
+    for bad in (dict(mode="fastest"), dict(units=-1), dict(batch_tile=65), dict(k_split=3),
+                dict(k_split=64)):
+        with pytest.raises(RuntimeError, match="cuda_path_predict"):
+            decide_cuda_path(*sizes, **bad)
+    with pytest.raises(RuntimeError, match="device_limits"):
+        torch.ops.fused_lstm.cuda_path_predict(*sizes[:8], [1, 132, 233472])
+    with pytest.raises(RuntimeError, match="elem_size"):
+        decide_cuda_path(64, 0, 16, 4, 2, 1, 2, False, H100_SXM)
+
+
+@pytest.mark.parametrize("packed,dtype,proj_size", [
+    (False, torch.float32, 0), (True, torch.float64, 0), (True, torch.float32, 0),
+    (False, torch.float64, 2)])
+def test_explain_predicts_what_the_cuda_op_decides(emulated_ops, cuda_path, packed, dtype,
+                                                   proj_size):
+    """predict_cuda_path (explain's reading of a call's sizes, then the rule) says what
+    fused_lstm::cuda_path_choice (the CUDA op's own reading, the rule, the occupancy check)
+    decides on the emulated H100, word for word."""
+    from fused_lstm.explain import H100_SXM, predict_cuda_path
+
+    cuda_path("auto")
+    hidden, bidirectional = 24, True
+    if packed:
+        lengths = [9, 9, 7, 4, 4, 1]
+        x = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(9, 6, 5, dtype=dtype), lengths)
+        data, batch_sizes = x.data, x.batch_sizes
+    else:
+        x = data = torch.randn(9, 6, 5, dtype=dtype)
+        batch_sizes = None
+    text = emulated_ops.cuda_path_choice(data, batch_sizes, hidden, bidirectional, proj_size)
+    lines = dict(line.split(": ", 1) for line in text.splitlines())
+    sizes = dict(hidden_size=hidden, bidirectional=bidirectional, proj_size=proj_size)
+    result = predict_cuda_path(sizes, x, H100_SXM)
+    for direction in ("forward", "backward"):
+        words = dict(w.partition("=")[::2] for w in lines[direction].split())
+        predicted = {k: str(v) for k, v in result[direction].items() if k != "why"}
+        assert predicted == words, (direction, lines[direction])
 
 
 @pytest.mark.parametrize("name,sizes,forward,backward", [
