@@ -31,6 +31,8 @@
 #include "cuda/lstm_persistent.cuh"
 
 // ---- The step path: each kernel launch becomes a loop over the kernel's per-element function --
+// (Defined in this translation unit, after their uses: the templates are instantiated here for
+// every type lstm_cuda.cu uses, as are the persistent launchers below.)
 namespace fused_lstm::gpu {
 template <typename T>
 void lstm_forward_step(int64_t batch, int64_t hidden, T* gates, T* c_state, T* cells, T* h_out,
@@ -42,12 +44,6 @@ template <typename T>
 void lstm_backward_step(const BackwardStep<T>& step, cudaStream_t) {
   for (int64_t idx = 0; idx < step.batch * step.hidden; ++idx) backward_step_element<T>(step, idx);
 }
-template void lstm_forward_step<float>(int64_t, int64_t, float*, float*, float*, float*, int64_t,
-                                       float*, cudaStream_t);
-template void lstm_forward_step<double>(int64_t, int64_t, double*, double*, double*, double*,
-                                        int64_t, double*, cudaStream_t);
-template void lstm_backward_step<float>(const BackwardStep<float>&, cudaStream_t);
-template void lstm_backward_step<double>(const BackwardStep<double>&, cudaStream_t);
 }  // namespace fused_lstm::gpu
 
 // ---- The persistent kernels: each launch becomes loops over their per-block bodies -----------
@@ -126,59 +122,55 @@ std::vector<std::vector<T>> emulated_grid_smem(const PersistentPlan& plan, int64
       n, std::vector<T>(plan.smem_bytes / sizeof(T), std::numeric_limits<T>::quiet_NaN()));
 }
 
+// One cooperative launch: its grid's shared memory (one buffer per block) and its blocks, run one
+// after the other in reverse order, so that a block reading what another block writes in the
+// same phase gives a wrong result.
+template <typename T>
+struct EmulatedGrid {
+  int blocks;                         // per direction
+  std::vector<std::vector<T>> smem;  // per block: direction * blocks + block
+  HostBlock blk;
+
+  EmulatedGrid(const PersistentPlan& plan, int64_t directions, bool backward)
+      : blocks(plan.blocks),
+        smem(emulated_grid_smem<T>(plan, directions, backward)),
+        blk{plan.threads} {}
+
+  // f(direction, block, its shared memory) for every block of the grid.
+  template <typename F>
+  void for_each_block(F&& f) {
+    for (int i = static_cast<int>(smem.size()) - 1; i >= 0; --i)
+      f(i / blocks, i % blocks, smem[i].data());
+  }
+};
+
 template <typename T>
 void persistent_forward(const PersistentForward<T>& p, cudaStream_t) {
   ++persistent_launch_count;
-  const int nb = p.plan.blocks, n = nb * static_cast<int>(p.num_directions);
-  auto smem = emulated_grid_smem<T>(p.plan, p.num_directions, false);
-  const HostBlock blk{p.plan.threads};
-  for (int i = n - 1; i >= 0; --i) forward_stage_weights(p, i / nb, i % nb, smem[i].data(), blk);
+  EmulatedGrid<T> grid(p.plan, p.num_directions, false);
+  grid.for_each_block([&](int d, int x, T* smem) { forward_stage_weights(p, d, x, smem, grid.blk); });
   for (int64_t step = 0; step < p.steps.seq_len; ++step) {
     // grid.sync()
-    for (int i = n - 1; i >= 0; --i)
-      forward_block_step(p, i / nb, i % nb, step, smem[i].data(), blk);
+    grid.for_each_block(
+        [&](int d, int x, T* smem) { forward_block_step(p, d, x, step, smem, grid.blk); });
   }
 }
 
 template <typename T>
 void persistent_backward(const PersistentBackward<T>& p, cudaStream_t) {
   ++persistent_launch_count;
-  const int nb = p.plan.blocks, n = nb * static_cast<int>(p.num_directions);
-  auto smem = emulated_grid_smem<T>(p.plan, p.num_directions, true);
-  const HostBlock blk{p.plan.threads};
-  for (int i = n - 1; i >= 0; --i) backward_stage_weights(p, i / nb, i % nb, smem[i].data(), blk);
+  EmulatedGrid<T> grid(p.plan, p.num_directions, true);
+  grid.for_each_block(
+      [&](int d, int x, T* smem) { backward_stage_weights(p, d, x, smem, grid.blk); });
   for (int64_t step = 0; step < p.steps.seq_len; ++step) {
-    for (int i = n - 1; i >= 0; --i) backward_block_phase_a(p, i / nb, i % nb, step, blk);
+    grid.for_each_block([&](int d, int x, T*) { backward_block_phase_a(p, d, x, step, grid.blk); });
     // grid.sync()
-    for (int i = n - 1; i >= 0; --i)
-      backward_block_phase_b(p, i / nb, i % nb, step, smem[i].data(), blk);
+    grid.for_each_block(
+        [&](int d, int x, T* smem) { backward_block_phase_b(p, d, x, step, smem, grid.blk); });
   }
 }
 
-template void persistent_forward<float>(const PersistentForward<float>&, cudaStream_t);
-template void persistent_forward<double>(const PersistentForward<double>&, cudaStream_t);
-template void persistent_backward<float>(const PersistentBackward<float>&, cudaStream_t);
-template void persistent_backward<double>(const PersistentBackward<double>&, cudaStream_t);
-
 namespace {
-
-std::string decide_for_test(int64_t hidden_size, int64_t proj_size, int64_t batch,
-                            int64_t seq_len, int64_t num_directions, int64_t num_runs,
-                            int64_t elem_size, bool backward, std::vector<int64_t> limits,
-                            std::string mode, int64_t units, int64_t batch_tile,
-                            int64_t k_split) {
-  TORCH_CHECK(limits.size() == 6, "limits");
-  const PathQuery q{hidden_size, proj_size, batch, seq_len, num_directions, num_runs,
-                    elem_size, backward};
-  const DeviceLimits lim{limits[0] != 0, limits[1], limits[2], limits[3], limits[4], limits[5]};
-  PathOverrides o;
-  o.mode = mode == "step" ? PathMode::kStep
-                          : mode == "persistent" ? PathMode::kPersistent : PathMode::kAuto;
-  o.units = units;
-  o.batch_tile = batch_tile;
-  o.k_split = k_split;
-  return describe(decide_cuda_path(q, lim, o));
-}
 
 int64_t persistent_launches() { return persistent_launch_count.load(); }
 
@@ -191,10 +183,6 @@ std::string cuda_path_choice(const at::Tensor& input, const std::optional<at::Te
 }  // namespace fused_lstm::gpu
 
 TORCH_LIBRARY_FRAGMENT(fused_lstm, m) {
-  m.def("decide_cuda_path(int hidden_size, int proj_size, int batch, int seq_len, "
-        "int num_directions, int num_runs, int elem_size, bool backward, int[] limits, "
-        "str mode, int units, int batch_tile, int k_split) -> str",
-        &fused_lstm::gpu::decide_for_test);
   m.def("persistent_launches() -> int", &fused_lstm::gpu::persistent_launches);
   m.def("cuda_path_choice(Tensor input, Tensor? batch_sizes, int hidden_size, "
         "bool bidirectional, int proj_size) -> str", &fused_lstm::gpu::cuda_path_choice);
