@@ -333,6 +333,19 @@ TORCH_LIBRARY(fused_lstm, m) {
       "Tensor[] weights, Tensor? dropout_mask, Tensor? grad_output, Tensor? grad_hy, "
       "Tensor? grad_cy, int num_layers, bool bidirectional, bool has_biases, int proj_size) "
       "-> (Tensor, Tensor, Tensor, Tensor[])");
+  // The CUDA path rule (cuda/lstm_path_rule.h) for an assumed device, in every build: which
+  // path, persistent or step, lstm_forward (backward=False) / lstm_backward take on CUDA for
+  // these sizes, as one line "path=... reason=... [plan]" (fused_lstm/explain.py reads it).
+  //   batch: rows of the first step; num_runs: distinct batch sizes (1 unless packed);
+  //   elem_size: 4 or 8 (the math dtype); device_limits: [cooperative_launch, sm_count,
+  //   smem_per_sm, smem_per_block_optin, reserved_smem_per_block, max_blocks_per_sm];
+  //   mode: auto|persistent|step; units, batch_tile, k_split: 0 = the rule's choice.
+  // Implemented in cuda_path_rule.cpp. Without the occupancy API's final word (on a GPU,
+  // cuda_path_choice has it).
+  m.def(
+      "cuda_path_predict(int hidden_size, int proj_size, int batch, int seq_len, "
+      "int num_directions, int num_runs, int elem_size, bool backward, int[] device_limits, "
+      "str mode=\"auto\", int units=0, int batch_tile=0, int k_split=0) -> str");
 }
 
 namespace {

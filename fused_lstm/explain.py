@@ -6,10 +6,9 @@ cooperative launch per layer, every step, both directions) or the step path (a G
 kernel per step), forward and backward separately, with the launch plan. On the CPU it says the
 CPU kernels; where FusedLSTM has no kernel it says nn.LSTM.
 
-The rule's size arithmetic is also written here (:func:`decide_cuda_path`), for machines without
-a GPU: :func:`predict_cuda_path` answers for an assumed device (``H100_SXM`` by default), and
-tests/test_cuda_compile.py checks that this copy and the C++ one agree (constants, loops and
-text) on many sizes. Keep the two in sync.
+Without a GPU, :func:`predict_cuda_path` answers for an assumed device (``H100_SXM`` by default)
+with the same C++ rule (csrc/cuda/lstm_path_rule.h), which every build, the CPU-only one
+included, registers as the op ``fused_lstm::cuda_path_predict`` (:func:`decide_cuda_path`).
 """
 
 from __future__ import annotations
@@ -25,26 +24,13 @@ from torch.nn.utils.rnn import PackedSequence
 __all__ = ["H100_SXM", "H200", "REASONS", "DeviceLimits", "decide_cuda_path", "explain",
            "predict_cuda_path"]
 
-# csrc/cuda/lstm_persistent.h's constants.
-THREADS = 256
-ROWS_PER_THREAD = 4
-UNITS_PER_TEAM = 4
-MAX_RUNS = 128
-MAX_TILE = 64
-MIN_FMA = 16384
-GRID_SYNC_NS = 1500
-STAGED_BYTES_PER_NS = 5500
-SMEM_FMA_PER_10NS = 1123
-PHASE_A_NS = 300
-STEP_LAUNCH_NS = 5000
-GEMM_FLOPS_PER_NS = 40000
-
 REASONS = {
     "forced_step": "FUSED_LSTM_CUDA_PATH=step",
     "no_cooperative_launch": "the device cannot launch cooperative kernels",
     "empty_batch": "nothing to compute",
     "projection": "proj_size > 0: the persistent kernels do not handle the projection",
-    "too_many_batch_size_runs": f"a packed sequence with more than {MAX_RUNS} distinct batch sizes",
+    # 128: lstm_path_rule.h's kPersistentMaxRuns (tests/test_cuda_compile.py checks the bound).
+    "too_many_batch_size_runs": "a packed sequence with more than 128 distinct batch sizes",
     "does_not_fit": "W_hh does not fit in the shared memory of a grid the device holds at once",
     "step_path_predicted_faster": "the cost model predicts the step path faster at these "
                                   "sizes (persistent_ns vs step_path_ns per step)",
@@ -77,121 +63,16 @@ H100_SXM = DeviceLimits(True, 132, 233472, 232448, 1024, 2)
 H200 = DeviceLimits(True, 132, 233472, 232448, 1024, 2)
 
 
-def _ceil_div(a, b):
-    return -(-a // b)
-
-
-def _round_up(a, b):
-    return _ceil_div(a, b) * b
-
-
-def _pow2_floor(x):
-    p = 1
-    while p * 2 <= x:
-        p *= 2
-    return p
-
-
-def _pow2_ceil(x):
-    p = 1
-    while p < x:
-        p *= 2
-    return p
-
-
-def _make_plan(hidden, batch, elem_size, backward, limits, units, batch_tile, k_split):
-    R = ROWS_PER_THREAD
-    K = 4 * hidden if backward else hidden
-    plan = dict(units=units, blocks=_ceil_div(hidden, units), threads=THREADS, k_split=1,
-                batch_tile=0, smem_bytes=0,
-                w_rows=_round_up(units, UNITS_PER_TEAM) if backward else 4 * units)
-    teams_per_group = _ceil_div(units, UNITS_PER_TEAM) if backward else units
-    tile = _round_up(min(batch, batch_tile if batch_tile > 0 else MAX_TILE), R)
-    while tile >= R:
-        items = (tile // R) * teams_per_group
-        ks = k_split if k_split > 0 else min(32, max(1, _pow2_floor(THREADS // items)),
-                                             _pow2_ceil(K))
-        stride = _round_up(K, 32) + ks % 32
-        smem = (plan["w_rows"] * stride + tile * stride) * elem_size
-        if smem <= limits.smem_per_block_optin:
-            plan.update(k_split=ks, batch_tile=tile, smem_bytes=smem, x_stride=stride)
-            return plan
-        tile -= R
-    return plan
-
-
-def _coresident(limits, smem_bytes):
-    if smem_bytes > limits.smem_per_block_optin:
-        return 0
-    by_smem = limits.smem_per_sm // (smem_bytes + limits.reserved_smem_per_block)
-    return limits.sm_count * min(limits.max_blocks_per_sm, by_smem)
-
-
-def _describe(persistent, reason, plan, coresident, fma, persistent_ns=0, step_path_ns=0):
-    text = f"path={'persistent' if persistent else 'step'} reason={reason}"
-    if plan is not None and plan["units"] > 0 and plan["batch_tile"] > 0:
-        text += (f" units={plan['units']} blocks={plan['blocks']} threads={plan['threads']}"
-                 f" k_split={plan['k_split']} batch_tile={plan['batch_tile']}"
-                 f" smem_bytes={plan['smem_bytes']} coresident_blocks={coresident}"
-                 f" fma_per_block_step={fma} persistent_ns={persistent_ns}"
-                 f" step_path_ns={step_path_ns}")
-    return text
-
-
 def decide_cuda_path(hidden_size: int, proj_size: int, batch: int, seq_len: int,
                      num_directions: int, num_runs: int, elem_size: int, backward: bool,
                      limits: DeviceLimits, mode: str = "auto", units: int = 0,
                      batch_tile: int = 0, k_split: int = 0) -> str:
-    """lstm_persistent.h's decide_cuda_path, line for line; returns its ``describe`` text."""
-    if mode == "step":
-        return _describe(False, "forced_step", None, 0, 0)
-    if not limits.cooperative_launch:
-        return _describe(False, "no_cooperative_launch", None, 0, 0)
-    if batch <= 0 or seq_len <= 0 or hidden_size <= 0:
-        return _describe(False, "empty_batch", None, 0, 0)
-    if proj_size > 0:
-        return _describe(False, "projection", None, 0, 0)
-    if num_runs > MAX_RUNS:
-        return _describe(False, "too_many_batch_size_runs", None, 0, 0)
-    H, R = hidden_size, ROWS_PER_THREAD
-    fma_per_unit = 4 * _round_up(batch, R) * H
-    blocks_per_direction = max(1, limits.sm_count // num_directions)
-    first = min(H, max(_ceil_div(MIN_FMA, fma_per_unit), _ceil_div(H, blocks_per_direction)))
-    last = H
-    if units > 0:
-        first = last = min(units, H)
-    plan, coresident, found = None, 0, False
-    for u in range(first, last + 1):
-        p = _make_plan(H, batch, elem_size, backward, limits, u, batch_tile, k_split)
-        if p["batch_tile"] == 0:
-            K = 4 * H if backward else H
-            if (p["w_rows"] + R) * _round_up(K, 32) * elem_size > limits.smem_per_block_optin:
-                break
-            continue
-        if u > first and _ceil_div(H, u) == _ceil_div(H, u - 1):
-            continue
-        plan, coresident = p, _coresident(limits, p["smem_bytes"])
-        if p["blocks"] * num_directions <= coresident:
-            found = True
-            break
-    if not found:
-        return _describe(False, "does_not_fit", plan, coresident, 0)
-    fma = fma_per_unit * plan["units"]
-    # The cost model, in integers as in C++ (// is C++'s / on these non-negative values).
-    width = elem_size // 4
-    grid_blocks = plan["blocks"] * num_directions
-    staged_bytes = grid_blocks * batch * plan["x_stride"] * elem_size
-    busiest_sm_fma = _ceil_div(grid_blocks, limits.sm_count) * fma
-    persistent_ns = (GRID_SYNC_NS + staged_bytes // STAGED_BYTES_PER_NS
-                     + busiest_sm_fma * width * 10 // SMEM_FMA_PER_10NS
-                     + (PHASE_A_NS if backward else 0))
-    step_path_ns = num_directions * (2 * STEP_LAUNCH_NS
-                                     + 2 * batch * 4 * H * H * width // GEMM_FLOPS_PER_NS)
-    times = (persistent_ns, step_path_ns)
-    if mode == "auto" and persistent_ns >= step_path_ns:
-        return _describe(False, "step_path_predicted_faster", plan, coresident, fma, *times)
-    return _describe(True, "auto" if mode == "auto" else "forced_persistent", plan, coresident,
-                     fma, *times)
+    """The CUDA path rule (csrc/cuda/lstm_path_rule.h's decide_cuda_path, through the op
+    ``fused_lstm::cuda_path_predict``) for these sizes on a device with ``limits``; returns its
+    ``describe`` text (:func:`parse_choice` reads it)."""
+    return torch.ops.fused_lstm.cuda_path_predict(
+        hidden_size, proj_size, batch, seq_len, num_directions, num_runs, elem_size, backward,
+        limits.as_list(), mode, units, batch_tile, k_split)
 
 
 def parse_choice(text: str) -> dict[str, Any]:
@@ -335,8 +216,9 @@ def explain(module_or_sizes: nn.LSTM | Mapping[str, Any], input) -> dict[str, An
 def predict_cuda_path(module_or_sizes: nn.LSTM | Mapping[str, Any], input,
                       limits: DeviceLimits = H100_SXM, mode: str = "auto",
                       device: str | None = None) -> dict[str, Any]:
-    """What the CUDA rule would choose on a device with ``limits`` (no GPU needed; Python's
-    copy of the rule, without the occupancy API's final word), in :func:`explain`'s form."""
+    """What the CUDA rule would choose on a device with ``limits`` (no GPU needed: the compiled
+    rule, :func:`decide_cuda_path`, without the occupancy API's final word), in
+    :func:`explain`'s form."""
     sizes = _sizes_of(module_or_sizes)
     data, batch_sizes = _time_major(input, sizes["batch_first"])
     q = _query(sizes, data, batch_sizes)

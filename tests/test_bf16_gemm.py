@@ -14,13 +14,13 @@ of padding and writes outside the requested columns.
 import ctypes
 import itertools
 import os
-import pathlib
 import sys
 
 import pytest
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 BLOCK_N = 16  # kBf16GemmBlockN
 F32, BF16 = 0, 1
 SENTINEL = 12345.0

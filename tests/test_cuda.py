@@ -23,8 +23,18 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from fused_lstm import FusedLSTM, ops
 
-from conftest import randn
-from test_ops import GRID, GRID_IDS, assert_results_and_grads_close, make_case
+from helpers import (
+    GRID,
+    GRID_IDS,
+    PERSISTENT_GRID,
+    PERSISTENT_GRID_IDS,
+    assert_results_and_grads_close,
+    differentiable,
+    make_case,
+    op_args,
+    randn,
+    zeros_state,
+)
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
@@ -67,26 +77,6 @@ def on(a, device=CUDA, dtype=None, requires_grad=None):
     return b
 
 
-def args(a):
-    return (a["input"], a["batch_sizes"], a["hx"], a["cx"], a["weights"], a["dropout_mask"],
-            a["num_layers"], a["bidirectional"], a["has_biases"], a["proj_size"])
-
-
-def differentiable(a):
-    return [t for t in [a["input"], a["hx"], a["cx"], *a["weights"]] if t is not None]
-
-
-def zeros_state(a):
-    d = 2 if a["bidirectional"] else 1
-    hidden = a["weights"][0].shape[0] // 4
-    out = a["proj_size"] or hidden
-    x = a["input"]
-    batch = int(a["batch_sizes"][0]) if a["batch_sizes"] is not None else x.shape[1]
-    ld = a["num_layers"] * d
-    return (torch.zeros(ld, batch, out, dtype=x.dtype, device=x.device),
-            torch.zeros(ld, batch, hidden, dtype=x.dtype, device=x.device))
-
-
 def aten_lstm(a):
     """nn.LSTM's own kernel (cuDNN on a CUDA device) on the same tensors: (output, h_n, c_n)."""
     hx = (a["hx"], a["cx"]) if a["hx"] is not None else zeros_state(a)
@@ -116,7 +106,7 @@ def test_gradcheck_cuda(num_layers, bias, bidirectional, proj_size, packed):
 
     def f(*tensors):
         b = dict(a, input=tensors[0], hx=tensors[1], cx=tensors[2], weights=list(tensors[3:]))
-        return ops.lstm(*args(b))
+        return ops.lstm(*op_args(b))
 
     assert torch.autograd.gradcheck(f, inputs)
 
@@ -131,13 +121,13 @@ def test_float32_parity_with_cudnn(num_layers, bias, bidirectional, proj_size, p
     _, a = make_case(num_layers, bias, bidirectional, proj_size, packed, with_state,
                      dtype=torch.float32, input_size=5, hidden_size=6, seq_len=5, batch=4)
     a = on(a)
-    assert_results_and_grads_close(ops.lstm(*args(a)), aten_lstm(a), differentiable(a), 1e-5)
+    assert_results_and_grads_close(ops.lstm(*op_args(a)), aten_lstm(a), differentiable(a), 1e-5)
 
 
 def _results_and_grads(case, exact):
     """(ours, cuDNN's, float64's) outputs followed by their gradients for the same random
     upstream gradients: ``case`` on the GPU, ``exact`` its float64 CPU copy."""
-    ours, theirs, expected = ops.lstm(*args(case)), aten_lstm(case), aten_lstm(exact)
+    ours, theirs, expected = ops.lstm(*op_args(case)), aten_lstm(case), aten_lstm(exact)
     upstream = [torch.randn_like(t) for t in ours]
     ours_g = torch.autograd.grad(ours, differentiable(case), upstream)
     theirs_g = torch.autograd.grad(theirs, differentiable(case), upstream)
@@ -159,7 +149,7 @@ def test_float32_accuracy_at_a_realistic_size():
         w.mul_(0.2)  # make_case's scale would saturate every gate at this width
     exact = aten_lstm(on(a, device="cpu", dtype=torch.float64))
     g = on(a)
-    ours, theirs = ops.lstm(*args(g)), aten_lstm(g)
+    ours, theirs = ops.lstm(*op_args(g)), aten_lstm(g)
     for o, t, e in zip(ours, theirs, exact):
         e = e.to(CUDA)
         assert _relative_error(o, e) <= max(2 * _relative_error(t, e), 1e-5)
@@ -199,13 +189,13 @@ def test_cuda_matches_cpu_kernels(num_layers, bias, bidirectional, proj_size, pa
                      input_size=3, hidden_size=5, seq_len=6, batch=4, dropout=0.4,
                      requires_grad=False)
     g = on(a)
-    expected = LSTM_FORWARD(*args(a))
-    got = LSTM_FORWARD(*args(g))
+    expected = LSTM_FORWARD(*op_args(a))
+    got = LSTM_FORWARD(*op_args(g))
     for x, y in zip(got, expected):
         assert x.device.type == CUDA and x.dtype == y.dtype and x.shape == y.shape
         torch.testing.assert_close(x.cpu(), y, rtol=1e-10, atol=1e-10)
     upstream = [torch.randn_like(t) for t in expected[:3]]
-    b, c = args(a), args(g)
+    b, c = op_args(a), op_args(g)
     e = LSTM_BACKWARD(*b[:6], expected[3], *upstream, *b[6:])
     r = LSTM_BACKWARD(*c[:6], got[3], *[u.to(CUDA) for u in upstream], *c[6:])
     for x, y in zip([*r[:3], *r[3]], [*e[:3], *e[3]]):
@@ -218,8 +208,8 @@ def test_cuda_matches_cpu_kernels_low_precision(dtype):
     _, a = make_case(2, True, True, 2, True, with_state=True, input_size=4, hidden_size=6,
                      seq_len=7, batch=5, dropout=0.3, requires_grad=False)
     cpu = on(a, device="cpu", dtype=dtype)
-    got = LSTM_FORWARD(*args(on(cpu)))
-    expected = LSTM_FORWARD(*args(cpu))
+    got = LSTM_FORWARD(*op_args(on(cpu)))
+    expected = LSTM_FORWARD(*op_args(cpu))
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
     for x, y in zip(got, expected):
         assert x.dtype == y.dtype
@@ -232,7 +222,7 @@ def test_dropout_mask_parity_with_cpu(packed):
     _, a = make_case(3, True, True, 2, packed, with_state=True, dropout=0.5, seq_len=6, batch=5)
     assert (a["dropout_mask"] == 0).any()
     g = on(a)
-    got, expected = ops.lstm(*args(g)), ops.lstm(*args(a))
+    got, expected = ops.lstm(*op_args(g)), ops.lstm(*op_args(a))
     upstream = [torch.randn_like(t) for t in expected]
     got_g = torch.autograd.grad(got, differentiable(g), [u.to(CUDA) for u in upstream])
     expected_g = torch.autograd.grad(expected, differentiable(a), upstream)
@@ -319,7 +309,7 @@ def test_autocast_behaves_like_nn_lstm():
 def test_zero_batch(proj_size):
     _, a = make_case(2, True, True, proj_size, False, with_state=True, batch=0)
     a = on(a)
-    output, hy, cy = ops.lstm(*args(a))
+    output, hy, cy = ops.lstm(*op_args(a))
     out = proj_size or 4
     assert output.shape == (4, 0, 2 * out) and hy.shape == (4, 0, out) and cy.shape == (4, 0, 4)
     grads = torch.autograd.grad(output.sum() + hy.sum(), differentiable(a))
@@ -330,7 +320,7 @@ def test_single_step_batch_one():
     _, a = make_case(2, True, True, 0, False, with_state=False, seq_len=1, batch=1,
                      dtype=torch.float32)
     a = on(a)
-    for g, e in zip(ops.lstm(*args(a)), aten_lstm(a)):
+    for g, e in zip(ops.lstm(*op_args(a)), aten_lstm(a)):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
@@ -343,8 +333,8 @@ def forward_backward_without_sync(a):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        output, hy, cy, reserve = LSTM_FORWARD(*args(a))
-        c = args(a)
+        output, hy, cy, reserve = LSTM_FORWARD(*op_args(a))
+        c = op_args(a)
         LSTM_BACKWARD(*c[:6], reserve, torch.ones_like(output), torch.ones_like(hy), None, *c[6:])
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -364,12 +354,12 @@ def test_runs_on_the_current_stream():
     _, a = make_case(2, True, True, 2, True, with_state=True, dtype=torch.float32,
                      requires_grad=False, hidden_size=64, input_size=32, seq_len=30, batch=16)
     a = on(a)
-    expected = LSTM_FORWARD(*args(a))
+    expected = LSTM_FORWARD(*op_args(a))
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        got = LSTM_FORWARD(*args(a))
+        got = LSTM_FORWARD(*op_args(a))
     stream.synchronize()
     for x, y in zip(got, expected):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
@@ -389,12 +379,12 @@ def test_cuda_graph_capture_of_forward_and_backward(packed, dtype):
     upstream = None
 
     def step():
-        output, hy, cy, reserve = LSTM_FORWARD(*args(static))
-        c = args(static)
+        output, hy, cy, reserve = LSTM_FORWARD(*op_args(static))
+        c = op_args(static)
         grads = LSTM_BACKWARD(*c[:6], reserve, upstream[0], upstream[1], upstream[2], *c[6:])
         return [output, hy, cy, reserve, grads[0], grads[1], grads[2], *grads[3]]
 
-    probe = LSTM_FORWARD(*args(static))
+    probe = LSTM_FORWARD(*op_args(static))
     upstream = [torch.randn_like(t) for t in probe[:3]]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -419,10 +409,10 @@ def test_deterministic_run_to_run():
     _, a = make_case(2, True, True, 2, True, with_state=True, input_size=32, hidden_size=64,
                      seq_len=10, batch=16, dtype=torch.float32)
     a = on(a)
-    first = ops.lstm(*args(a))
+    first = ops.lstm(*op_args(a))
     upstream = [torch.randn_like(t) for t in first]
     g1 = torch.autograd.grad(first, differentiable(a), upstream)
-    second = ops.lstm(*args(a))
+    second = ops.lstm(*op_args(a))
     g2 = torch.autograd.grad(second, differentiable(a), upstream)
     for x, y in zip([*first, *g1], [*second, *g2]):
         assert torch.equal(x, y)
@@ -432,9 +422,9 @@ def test_deterministic_run_to_run():
 def test_runs_on_the_inputs_device_not_the_current_one():
     _, a = make_case(2, True, True, 2, True, with_state=True, dtype=torch.float32,
                      requires_grad=False)
-    expected = LSTM_FORWARD(*args(on(a, device="cuda:0")))
+    expected = LSTM_FORWARD(*op_args(on(a, device="cuda:0")))
     with torch.cuda.device(0):
-        got = LSTM_FORWARD(*args(on(a, device="cuda:1")))
+        got = LSTM_FORWARD(*op_args(on(a, device="cuda:1")))
     for x, y in zip(got, expected):
         assert x.device == torch.device("cuda:1")
         assert torch.equal(x.cpu(), y.cpu())
@@ -445,7 +435,7 @@ def test_mixed_devices_are_rejected():
     b = on(a)
     b["hx"] = a["hx"]  # left on the CPU
     with pytest.raises(RuntimeError, match="hx"):
-        LSTM_FORWARD(*args(b))
+        LSTM_FORWARD(*op_args(b))
 
 
 # --- torch.library -------------------------------------------------------------------------------
@@ -461,10 +451,10 @@ def test_opcheck_on_cuda(case):
     _, a = make_case(2, True, case["bidirectional"], case["proj_size"], case["packed"],
                      case["with_state"], dropout=case["dropout"])
     a = on(a)
-    torch.library.opcheck(LSTM_FORWARD, args(a))
+    torch.library.opcheck(LSTM_FORWARD, op_args(a))
     with torch.no_grad():
-        output, hy, cy, reserve = LSTM_FORWARD(*args(a))
-    c = [t.detach() if isinstance(t, torch.Tensor) else t for t in args(a)]
+        output, hy, cy, reserve = LSTM_FORWARD(*op_args(a))
+    c = [t.detach() if isinstance(t, torch.Tensor) else t for t in op_args(a)]
     c[4] = [w.detach() for w in a["weights"]]
     torch.library.opcheck(LSTM_BACKWARD, (*c[:6], reserve, torch.randn_like(output),
                                           torch.randn_like(hy), None, *c[6:]))
@@ -476,26 +466,6 @@ def test_opcheck_on_cuda(case):
 # chip); each test asserts with fused_lstm.explain that they did. The tests above run whatever
 # the automatic rule picks (the persistent kernels at most of their sizes; benchmarks/
 # gpu_check.sh runs this file again with FUSED_LSTM_CUDA_PATH=persistent and =step).
-
-PATH_ENV = ("FUSED_LSTM_CUDA_PATH", "FUSED_LSTM_CUDA_PERSISTENT_UNITS",
-            "FUSED_LSTM_CUDA_PERSISTENT_TILE", "FUSED_LSTM_CUDA_PERSISTENT_KSPLIT")
-
-
-@pytest.fixture
-def cuda_path(monkeypatch):
-    """cuda_path(mode, units=None, tile=None, k_split=None): the environment the CUDA ops read
-    on every call."""
-    def set_path(mode, units=None, tile=None, k_split=None):
-        monkeypatch.setenv("FUSED_LSTM_CUDA_PATH", mode)
-        for name, value in zip(PATH_ENV[1:], (units, tile, k_split)):
-            if value is None:
-                monkeypatch.delenv(name, raising=False)
-            else:
-                monkeypatch.setenv(name, str(value))
-    for name in PATH_ENV:
-        monkeypatch.delenv(name, raising=False)
-    return set_path
-
 
 def explain_case(a):
     """fused_lstm.explain for an op call's arguments."""
@@ -518,10 +488,6 @@ def assert_path(a, path, backward=True):
     return result
 
 
-PERSISTENT_GRID = [(l, b, d, k) for l, b, d, p, k in GRID if p == 0]
-PERSISTENT_GRID_IDS = [f"L{l}-{'bias' if b else 'nobias'}-{'bi' if d else 'uni'}-"
-                       f"{'packed' if k else 'padded'}" for l, b, d, k in PERSISTENT_GRID]
-
 
 @pytest.mark.parametrize("num_layers,bias,bidirectional,packed", PERSISTENT_GRID,
                          ids=PERSISTENT_GRID_IDS)
@@ -535,14 +501,14 @@ def test_persistent_gradcheck(cuda_path, num_layers, bias, bidirectional, packed
 
     def f(*tensors):
         b = dict(a, input=tensors[0], hx=tensors[1], cx=tensors[2], weights=list(tensors[3:]))
-        return ops.lstm(*args(b))
+        return ops.lstm(*op_args(b))
 
     assert torch.autograd.gradcheck(f, inputs)
 
 
 def _forward_backward(a, upstream):
-    output, hy, cy, reserve = LSTM_FORWARD(*args(a))
-    c = args(a)
+    output, hy, cy, reserve = LSTM_FORWARD(*op_args(a))
+    c = op_args(a)
     grads = LSTM_BACKWARD(*c[:6], reserve, *upstream, *c[6:])
     return [output, hy, cy, reserve, grads[0], grads[1], grads[2], *grads[3]]
 
@@ -557,7 +523,7 @@ def test_persistent_matches_cpu_kernels_and_step_path(cuda_path, num_layers, bia
     _, a = make_case(num_layers, bias, bidirectional, 0, packed, with_state, input_size=3,
                      hidden_size=5, seq_len=6, batch=4, dropout=0.4, requires_grad=False)
     g = on(a)
-    upstream = [torch.randn_like(t) for t in LSTM_FORWARD(*args(a))[:3]]
+    upstream = [torch.randn_like(t) for t in LSTM_FORWARD(*op_args(a))[:3]]
     expected = _forward_backward(a, upstream)
     cuda_path("step")
     assert_path(g, "step")
@@ -583,7 +549,7 @@ def test_persistent_plans_match_cpu_kernels(cuda_path, units, tile, k_split):
                      batch=9, dropout=0.5, requires_grad=False)
     g = on(a)
     assert_path(g, "persistent")
-    upstream = [torch.randn_like(t) for t in LSTM_FORWARD(*args(a))[:3]]
+    upstream = [torch.randn_like(t) for t in LSTM_FORWARD(*op_args(a))[:3]]
     expected = _forward_backward(a, upstream)
     got = _forward_backward(g, [u.to(CUDA) for u in upstream])
     for x, y in zip(got, expected):
@@ -648,7 +614,7 @@ def test_persistent_at_the_fastrnns_size(cuda_path):
     result = assert_path(g, "persistent", backward=False)
     assert result["forward"]["reason"] == "auto"
     exact = aten_lstm(on(a, device="cpu", dtype=torch.float64))
-    ours, theirs = ops.lstm(*args(g)), aten_lstm(g)
+    ours, theirs = ops.lstm(*op_args(g)), aten_lstm(g)
     for o, t, e in zip(ours, theirs, exact):
         e = e.to(CUDA)
         assert _relative_error(o, e) <= max(2 * _relative_error(t, e), 1e-5)
@@ -666,7 +632,7 @@ def test_persistent_falls_back_where_it_cannot_run(cuda_path):
     assert explain_case(on(a))["forward"]["reason"] == "forced_step"
     cuda_path("fastest")
     with pytest.raises(RuntimeError, match="FUSED_LSTM_CUDA_PATH"):
-        LSTM_FORWARD(*args(on(a)))
+        LSTM_FORWARD(*op_args(on(a)))
 
 
 def test_persistent_no_host_synchronisation(cuda_path):
@@ -687,7 +653,7 @@ def test_persistent_cuda_graph_capture(cuda_path, packed):
                      input_size=8, hidden_size=16, seq_len=7, batch=5)
     static = on(a, dtype=torch.float32, requires_grad=False)
     assert_path(static, "persistent")
-    probe = LSTM_FORWARD(*args(static))
+    probe = LSTM_FORWARD(*op_args(static))
     upstream = [torch.randn_like(t) for t in probe[:3]]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -713,7 +679,7 @@ def test_persistent_deterministic_and_on_the_current_stream(cuda_path):
                      seq_len=10, batch=16, dtype=torch.float32, requires_grad=False)
     a = on(a)
     assert_path(a, "persistent")
-    upstream = [torch.randn_like(t) for t in LSTM_FORWARD(*args(a))[:3]]
+    upstream = [torch.randn_like(t) for t in LSTM_FORWARD(*op_args(a))[:3]]
     first = _forward_backward(a, upstream)
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()

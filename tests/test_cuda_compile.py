@@ -1,6 +1,6 @@
 """The CUDA backend where no GPU is present (CI has none, and a CPU-only torch).
 
-Two checks keep csrc/cuda honest without a GPU:
+These checks keep csrc/cuda honest without a GPU:
 
 * ``test_nvcc_compiles_cuda_source``: every ``csrc/cuda/*.cu`` compiles with nvcc (``-c``) for
   sm_80 and sm_90, with the flags torch.utils.cpp_extension and setup.py pass (torch's include
@@ -14,9 +14,10 @@ Two checks keep csrc/cuda honest without a GPU:
   per-step sizes and offsets, the packed and reverse-direction bookkeeping) and the per-element
   bodies of the step kernels (``lstm_step.cuh``) are compiled with the C++ compiler against the
   running torch, with each kernel launch replaced by a plain loop over the same element function
-  and CUDA's device guard and stream stubbed out. Built so, they are registered as the ops
-  ``fused_lstm_emulated::lstm_forward`` / ``lstm_backward`` for CPU tensors and compared with the
-  CPU kernels, reserve included. This checks the CUDA path's index arithmetic and semantics, not
+  and CUDA's device guard and stream stubbed out (tests/cuda_emulation/lstm_cuda_emulated.cpp,
+  with the stand-in headers in tests/cuda_emulation/include). Built so, they are registered as
+  the ops ``fused_lstm_emulated::lstm_forward`` / ``lstm_backward`` for CPU tensors and compared
+  with the CPU kernels, reserve included. This checks the CUDA path's index arithmetic and semantics, not
   the GPU execution itself (tests/test_cuda.py does that where a GPU is present).
 * ``test_emulated_persistent_*``: the same for the persistent kernels (csrc/cuda/
   lstm_persistent.*). Their per-block bodies (``lstm_persistent.cuh``) run on the CPU with the
@@ -25,30 +26,40 @@ Two checks keep csrc/cuda honest without a GPU:
   another block writes in the same phase gives a wrong result; shared memory starts as NaN, so
   reading what was never staged does too. The dot products are split over the same lanes and
   summed in the same butterfly order as the warp shuffles. The emulated device has an H100's
-  limits unless ``FUSED_LSTM_EMULATED_DEVICE`` says otherwise. Also checked: the Python copy of
-  the path rule (fused_lstm/explain.py) gives the C++ rule's answer on many sizes and devices.
-  Not checked: the barriers themselves, warp shuffles, memory ordering, occupancy and timing.
+  limits unless ``FUSED_LSTM_EMULATED_DEVICE`` says otherwise. Not checked: the barriers
+  themselves, warp shuffles, memory ordering, occupancy and timing.
+* ``test_path_rule_*``: the path rule (csrc/cuda/lstm_path_rule.h), which every build registers
+  as ``fused_lstm::cuda_path_predict`` for fused_lstm.explain: known sizes give known decisions,
+  many random ones consistent decisions; and explain's prediction is what the (emulated) CUDA op
+  decides.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import itertools
 import os
 import pathlib
 import re
 import shutil
 import subprocess
 import sysconfig
-import textwrap
 
 import pytest
 import torch
 
 from fused_lstm import _loader
-from test_ops import make_case
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import (
+    GRID,
+    GRID_IDS,
+    PATH_ENV,
+    PERSISTENT_GRID,
+    PERSISTENT_GRID_IDS,
+    ROOT,
+    make_case,
+    op_args,
+)
+
 CSRC = ROOT / "csrc"
 CUDA_DIR = CSRC / "cuda"
 CU_SOURCES = sorted(CUDA_DIR.glob("*.cu"))
@@ -197,218 +208,19 @@ def test_generated_header_is_only_what_torch_lacks(tmp_path):
 
 # ---- the CUDA host code, emulated on the CPU ----------------------------------------------
 
-# Stand-ins for the CUDA runtime and c10's CUDA guard and stream: the host code only names them.
-FAKE_HEADERS = {
-    "cuda_runtime_api.h": """
-        #pragma once
-        typedef struct CUstream_st* cudaStream_t;
-    """,
-    "c10/cuda/CUDAGuard.h": """
-        #pragma once
-        #include <c10/core/Device.h>
-        namespace c10::cuda {
-        struct CUDAGuard {
-          explicit CUDAGuard(c10::Device) {}
-        };
-        }  // namespace c10::cuda
-    """,
-    "c10/cuda/CUDAStream.h": """
-        #pragma once
-        #include <cuda_runtime_api.h>
-        #include <c10/core/Device.h>
-        namespace c10::cuda {
-        struct CUDAStream {
-          operator cudaStream_t() const { return nullptr; }
-        };
-        inline CUDAStream getCurrentCUDAStream(c10::DeviceIndex = -1) { return {}; }
-        }  // namespace c10::cuda
-    """,
-}
-
-# Each kernel launch becomes a loop over the kernel's own per-element function.
-EMULATED_KERNELS = """
-namespace fused_lstm::gpu {
-template <typename T>
-void lstm_forward_step(int64_t batch, int64_t hidden, T* gates, T* c_state, T* cells, T* h_out,
-                       int64_t ld_h_out, T* h_state, cudaStream_t) {
-  for (int64_t idx = 0; idx < batch * hidden; ++idx)
-    forward_step_element<T>(idx, hidden, gates, c_state, cells, h_out, ld_h_out, h_state);
-}
-template <typename T>
-void lstm_backward_step(const BackwardStep<T>& step, cudaStream_t) {
-  for (int64_t idx = 0; idx < step.batch * step.hidden; ++idx) backward_step_element<T>(step, idx);
-}
-template void lstm_forward_step<float>(int64_t, int64_t, float*, float*, float*, float*, int64_t,
-                                       float*, cudaStream_t);
-template void lstm_forward_step<double>(int64_t, int64_t, double*, double*, double*, double*,
-                                        int64_t, double*, cudaStream_t);
-template void lstm_backward_step<float>(const BackwardStep<float>&, cudaStream_t);
-template void lstm_backward_step<double>(const BackwardStep<double>&, cudaStream_t);
-}  // namespace fused_lstm::gpu
-"""
-
-# The persistent kernels' launches become loops over their per-block bodies
-# (lstm_persistent.cuh): the grid barrier is the boundary between two loops over every block.
-EMULATED_PERSISTENT = """
-namespace fused_lstm::gpu {
-
-// The emulated device: FUSED_LSTM_EMULATED_DEVICE = "cooperative,sm_count,smem_per_sm,
-// smem_per_block_optin,reserved_smem_per_block,max_blocks_per_sm" (default: an H100 SXM's);
-// FUSED_LSTM_EMULATED_CORESIDENT: what the occupancy API answers (default: the model's).
-DeviceLimits emulated_limits() {
-  DeviceLimits lim{true, 132, 233472, 232448, 1024, 2};
-  if (const char* v = std::getenv("FUSED_LSTM_EMULATED_DEVICE")) {
-    long long f[6];
-    TORCH_CHECK(std::sscanf(v, "%lld,%lld,%lld,%lld,%lld,%lld", &f[0], &f[1], &f[2], &f[3],
-                            &f[4], &f[5]) == 6, "bad FUSED_LSTM_EMULATED_DEVICE: ", v);
-    lim = DeviceLimits{f[0] != 0, f[1], f[2], f[3], f[4], f[5]};
-  }
-  return lim;
-}
-
-DeviceLimits persistent_device_limits(int, bool, bool) { return emulated_limits(); }
-
-int64_t persistent_coresident_blocks(int, bool, bool, int64_t smem_bytes) {
-  if (const char* v = std::getenv("FUSED_LSTM_EMULATED_CORESIDENT")) return std::atoll(v);
-  return modelled_coresident_blocks(emulated_limits(), smem_bytes);
-}
-
-std::atomic<int64_t> persistent_launch_count{0};
-
-// The threads of one block, one after the other (in reverse order).
-struct HostBlock {
-  int nthreads;
-  void sync() const {}
-  template <typename F>
-  void for_each_thread(F&& f) const {
-    for (int tid = nthreads - 1; tid >= 0; --tid) f(tid);
-  }
-  template <typename AccT, typename Partial, typename Finish>
-  void for_each_team(int k_split, int64_t items, Partial&& partial, Finish&& finish) const {
-    TORCH_CHECK(k_split >= 1 && k_split <= 32 && (k_split & (k_split - 1)) == 0 &&
-                nthreads % 32 == 0, "k_split");
-    constexpr int n = sizeof(AccT::v) / sizeof(AccT::v[0]);
-    const int teams = nthreads / k_split;
-    for (int64_t first = 0; first < items; first += teams) {
-      for (int team = teams - 1; team >= 0; --team) {
-        const int64_t item = first + team;
-        std::vector<AccT> lanes(k_split, AccT{});
-        if (item < items)
-          for (int lane = 0; lane < k_split; ++lane) partial(item, lane, lanes[lane]);
-        // __shfl_xor_sync's butterfly: lane l adds lane l ^ offset's value to its own.
-        for (int offset = 1; offset < k_split; offset <<= 1) {
-          std::vector<AccT> next = lanes;
-          for (int lane = 0; lane < k_split; ++lane)
-            for (int i = 0; i < n; ++i) next[lane].v[i] = lanes[lane].v[i] + lanes[lane ^ offset].v[i];
-          lanes = next;
-        }
-        if (item < items)
-          for (int lane = k_split - 1; lane >= 0; --lane)
-            finish(item, lane, static_cast<const AccT&>(lanes[lane]));
-      }
-    }
-  }
-};
-
-template <typename T>
-std::vector<std::vector<T>> emulated_grid_smem(const PersistentPlan& plan, int64_t directions,
-                                               bool backward) {
-  const int64_t n = int64_t{plan.blocks} * directions;
-  // What cudaLaunchCooperativeKernel and the dynamic shared memory limit refuse.
-  TORCH_CHECK(n <= persistent_coresident_blocks(-1, backward, sizeof(T) == 8, plan.smem_bytes),
-              "emulated launch: grid of ", n, " blocks is not co-resident");
-  TORCH_CHECK(plan.smem_bytes <= emulated_limits().smem_per_block_optin, "emulated: smem");
-  TORCH_CHECK(plan.smem_bytes % sizeof(T) == 0 && plan.threads == kPersistentThreads, "plan");
-  // Shared memory starts as NaN: reading what was never staged shows in the results.
-  return std::vector<std::vector<T>>(
-      n, std::vector<T>(plan.smem_bytes / sizeof(T), std::numeric_limits<T>::quiet_NaN()));
-}
-
-template <typename T>
-void persistent_forward(const PersistentForward<T>& p, cudaStream_t) {
-  ++persistent_launch_count;
-  const int nb = p.plan.blocks, n = nb * static_cast<int>(p.num_directions);
-  auto smem = emulated_grid_smem<T>(p.plan, p.num_directions, false);
-  const HostBlock blk{p.plan.threads};
-  for (int i = n - 1; i >= 0; --i) forward_stage_weights(p, i / nb, i % nb, smem[i].data(), blk);
-  for (int64_t step = 0; step < p.steps.seq_len; ++step) {
-    // grid.sync()
-    for (int i = n - 1; i >= 0; --i)
-      forward_block_step(p, i / nb, i % nb, step, smem[i].data(), blk);
-  }
-}
-
-template <typename T>
-void persistent_backward(const PersistentBackward<T>& p, cudaStream_t) {
-  ++persistent_launch_count;
-  const int nb = p.plan.blocks, n = nb * static_cast<int>(p.num_directions);
-  auto smem = emulated_grid_smem<T>(p.plan, p.num_directions, true);
-  const HostBlock blk{p.plan.threads};
-  for (int i = n - 1; i >= 0; --i) backward_stage_weights(p, i / nb, i % nb, smem[i].data(), blk);
-  for (int64_t step = 0; step < p.steps.seq_len; ++step) {
-    for (int i = n - 1; i >= 0; --i) backward_block_phase_a(p, i / nb, i % nb, step, blk);
-    // grid.sync()
-    for (int i = n - 1; i >= 0; --i)
-      backward_block_phase_b(p, i / nb, i % nb, step, smem[i].data(), blk);
-  }
-}
-
-template void persistent_forward<float>(const PersistentForward<float>&, cudaStream_t);
-template void persistent_forward<double>(const PersistentForward<double>&, cudaStream_t);
-template void persistent_backward<float>(const PersistentBackward<float>&, cudaStream_t);
-template void persistent_backward<double>(const PersistentBackward<double>&, cudaStream_t);
-
-namespace {
-
-std::string decide_for_test(int64_t hidden_size, int64_t proj_size, int64_t batch,
-                            int64_t seq_len, int64_t num_directions, int64_t num_runs,
-                            int64_t elem_size, bool backward, std::vector<int64_t> limits,
-                            std::string mode, int64_t units, int64_t batch_tile,
-                            int64_t k_split) {
-  TORCH_CHECK(limits.size() == 6, "limits");
-  const PathQuery q{hidden_size, proj_size, batch, seq_len, num_directions, num_runs,
-                    elem_size, backward};
-  const DeviceLimits lim{limits[0] != 0, limits[1], limits[2], limits[3], limits[4], limits[5]};
-  PathOverrides o;
-  o.mode = mode == "step" ? PathMode::kStep
-                          : mode == "persistent" ? PathMode::kPersistent : PathMode::kAuto;
-  o.units = units;
-  o.batch_tile = batch_tile;
-  o.k_split = k_split;
-  return describe(decide_cuda_path(q, lim, o));
-}
-
-int64_t persistent_launches() { return persistent_launch_count.load(); }
-
-std::string cuda_path_choice(const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
-                             int64_t hidden_size, bool bidirectional, int64_t proj_size) {
-  return cuda_path_choice_text(input, batch_sizes, hidden_size, bidirectional, proj_size, -1);
-}
-
-}  // namespace
-}  // namespace fused_lstm::gpu
-
-TORCH_LIBRARY_FRAGMENT(fused_lstm, m) {
-  m.def("decide_cuda_path(int hidden_size, int proj_size, int batch, int seq_len, "
-        "int num_directions, int num_runs, int elem_size, bool backward, int[] limits, "
-        "str mode, int units, int batch_tile, int k_split) -> str",
-        &fused_lstm::gpu::decide_for_test);
-  m.def("persistent_launches() -> int", &fused_lstm::gpu::persistent_launches);
-  m.def("cuda_path_choice(Tensor input, Tensor? batch_sizes, int hidden_size, "
-        "bool bidirectional, int proj_size) -> str", &fused_lstm::gpu::cuda_path_choice);
-}
-"""
-
-# The project files the harness includes, relative to csrc/.
-EMULATED_SOURCES = ("lstm.cpp", "cpu/buffer_cache.cpp", "cuda/lstm_cuda.cu",
-                    "cuda/lstm_step.cuh", "cuda/lstm_persistent.cuh")
-# What the emulation code below uses beyond the project's own includes.
-EMULATION_SYSTEM_INCLUDES = ("atomic", "cstdio", "cstdlib", "limits", "string", "vector")
+# The emulation's translation unit and its stand-ins for the CUDA headers (tests/cuda_emulation/:
+# lstm_cuda_emulated.cpp says how it is put together).
+EMULATION_DIR = pathlib.Path(__file__).resolve().parent / "cuda_emulation"
+EMULATION_SOURCE = EMULATION_DIR / "lstm_cuda_emulated.cpp"
+EMULATION_FAKE_INCLUDE = EMULATION_DIR / "include"
+# Written by emulated_ops into the build directory, included first by EMULATION_SOURCE.
+EMULATION_PRELUDE = "emulation_system_includes.h"
 
 
-def system_includes_of(files):
-    """Every <...> include reached from ``files`` through the project's own "..." includes."""
-    seen, found, todo = set(), [], [CSRC / f for f in files]
+def system_includes_of(source: pathlib.Path):
+    """Every <...> include reached from ``source`` through "..." includes (found beside the file
+    that includes them, else in csrc/), in order of first appearance; the prelude excepted."""
+    seen, found, todo = set(), [], [source]
     while todo:
         path = todo.pop().resolve()
         if path in seen:
@@ -418,21 +230,17 @@ def system_includes_of(files):
             if kind == "<":
                 if name not in found:
                     found.append(name)
-            else:
-                todo.append(path.parent / name)
+            elif name != EMULATION_PRELUDE:
+                local = path.parent / name
+                todo.append(local if local.is_file() else CSRC / name)
     return found
 
 
-def emulation_source():
-    # Every system header is included first, while `fused_lstm` and `CUDA` are still plain
-    # words; then the project's sources with the namespace renamed (so the ops are
-    # fused_lstm_emulated::*, beside the real ones) and the CUDA dispatch key replaced by CPU.
-    names = system_includes_of(EMULATED_SOURCES)
-    names += [n for n in EMULATION_SYSTEM_INCLUDES if n not in names]
-    lines = [f"#include <{name}>" for name in names]
-    lines += ["#define fused_lstm fused_lstm_emulated", "#define CUDA CPU"]
-    lines += [f'#include "{name}"' for name in EMULATED_SOURCES]
-    return "\n".join(lines) + "\n" + EMULATED_KERNELS + EMULATED_PERSISTENT
+def emulation_prelude():
+    """The text of EMULATION_PRELUDE: every system header the emulation reaches, so that all are
+    included while `fused_lstm` and `CUDA` are still plain words (before EMULATION_SOURCE's
+    #defines)."""
+    return "".join(f"#include <{name}>\n" for name in system_includes_of(EMULATION_SOURCE))
 
 
 @pytest.fixture(scope="module")
@@ -440,22 +248,16 @@ def emulated_ops(tmp_path_factory):
     from torch.utils import cpp_extension
 
     build = tmp_path_factory.mktemp("cuda_emulation")
-    fake = build / "fake_include"
-    for relative, text in FAKE_HEADERS.items():
-        path = fake / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text).lstrip())
-    source = build / "lstm_cuda_emulated.cpp"
-    source.write_text(emulation_source())
+    (build / EMULATION_PRELUDE).write_text(emulation_prelude())
     # The cases are tiny: one thread each, so that a busy machine's oversubscribed OpenMP pool
     # cannot stretch milliseconds into seconds.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     cpp_extension.load(
         name="fused_lstm_cuda_emulated",
-        sources=[str(source)],
+        sources=[str(EMULATION_SOURCE)],
         extra_cflags=["-O1"],
-        extra_include_paths=[str(fake), str(CSRC)],
+        extra_include_paths=[str(build), str(EMULATION_FAKE_INCLUDE), str(CSRC)],
         build_directory=str(build),
         with_cuda=False,
         is_python_module=False,
@@ -463,11 +265,6 @@ def emulated_ops(tmp_path_factory):
     )
     yield torch.ops.fused_lstm_emulated
     torch.set_num_threads(threads)
-
-
-def _args(a):
-    return (a["input"], a["batch_sizes"], a["hx"], a["cx"], a["weights"], a["dropout_mask"],
-            a["num_layers"], a["bidirectional"], a["has_biases"], a["proj_size"])
 
 
 def _cast(a, dtype):
@@ -484,11 +281,6 @@ TOLERANCE = {
     torch.float16: dict(rtol=2e-3, atol=1e-5),
 }
 
-GRID = list(itertools.product([1, 2, 3], [True, False], [False, True], [0, 2], [False, True]))
-GRID_IDS = [f"L{l}-{'bias' if b else 'nobias'}-{'bi' if d else 'uni'}-proj{p}-"
-            f"{'packed' if k else 'padded'}" for l, b, d, p, k in GRID]
-
-
 def _assert_same(got, expected, dtype, what):
     assert len(got) == len(expected), what
     for i, (g, e) in enumerate(zip(got, expected)):
@@ -501,14 +293,14 @@ def _check_against_cpu(emulated_ops, a, dtype):
     each subset of upstream gradients) of the emulated CUDA path equal the CPU kernels'."""
     a = _cast(a, dtype)
     cpu = torch.ops.fused_lstm
-    expected = cpu.lstm_forward(*_args(a))
-    got = emulated_ops.lstm_forward(*_args(a))
+    expected = cpu.lstm_forward(*op_args(a))
+    got = emulated_ops.lstm_forward(*op_args(a))
     _assert_same(got, expected, dtype, "forward")
     upstream = [torch.randn_like(t) for t in expected[:3]]
     for keep in [(True, True, True), (True, False, False), (False, True, False),
                  (False, False, True)]:
         grads = [g if k else None for g, k in zip(upstream, keep)]
-        b = _args(a)
+        b = op_args(a)
         e = cpu.lstm_backward(*b[:6], expected[3], *grads, *b[6:])
         g = emulated_ops.lstm_backward(*b[:6], got[3], *grads, *b[6:])
         _assert_same(list(g[:3]) + list(g[3]), list(e[:3]) + list(e[3]), dtype, f"backward {keep}")
@@ -547,12 +339,12 @@ def test_emulated_cuda_path_zero_batch(emulated_ops, bidirectional, proj_size):
     uninitialised)."""
     _, a = make_case(2, True, bidirectional, proj_size, False, with_state=True, batch=0,
                      requires_grad=False)
-    output, hy, cy, reserve = emulated_ops.lstm_forward(*_args(a))
+    output, hy, cy, reserve = emulated_ops.lstm_forward(*op_args(a))
     d = 2 if bidirectional else 1
     out = proj_size or 4
     assert output.shape == (4, 0, d * out) and hy.shape == (2 * d, 0, out)
     assert cy.shape == (2 * d, 0, 4) and reserve.numel() == 0
-    b = _args(a)
+    b = op_args(a)
     grads = emulated_ops.lstm_backward(*b[:6], reserve, torch.randn_like(output),
                                        torch.randn_like(hy), torch.randn_like(cy), *b[6:])
     assert grads[0].shape == a["input"].shape
@@ -570,11 +362,6 @@ def test_emulated_cuda_path_long_packed_sequence(emulated_ops):
 
 # ---- the persistent kernels, emulated on the CPU ----------------------------------------------
 
-PATH_ENV = ("FUSED_LSTM_CUDA_PATH", "FUSED_LSTM_CUDA_PERSISTENT_UNITS",
-            "FUSED_LSTM_CUDA_PERSISTENT_TILE", "FUSED_LSTM_CUDA_PERSISTENT_KSPLIT",
-            "FUSED_LSTM_EMULATED_DEVICE", "FUSED_LSTM_EMULATED_CORESIDENT")
-
-
 @pytest.fixture(autouse=True)
 def _step_path_unless_told(monkeypatch):
     """The tests above check the step path, as before the persistent kernels existed; the
@@ -584,31 +371,12 @@ def _step_path_unless_told(monkeypatch):
     monkeypatch.setenv("FUSED_LSTM_CUDA_PATH", "step")
 
 
-@pytest.fixture
-def cuda_path(monkeypatch):
-    """cuda_path(mode, units=None, tile=None, k_split=None, device=None, coresident=None) sets
-    the environment that the (emulated) CUDA ops read on every call."""
-    def set_path(mode, units=None, tile=None, k_split=None, device=None, coresident=None):
-        monkeypatch.setenv("FUSED_LSTM_CUDA_PATH", mode)
-        for name, value in zip(PATH_ENV[1:], (units, tile, k_split, device, coresident)):
-            if value is None:
-                monkeypatch.delenv(name, raising=False)
-            else:
-                monkeypatch.setenv(name, str(value))
-    return set_path
-
-
 def _check_persistent(emulated_ops, a, dtype, launches_per_call):
     """_check_against_cpu, and the persistent kernels ran: one launch per layer per call."""
     before = emulated_ops.persistent_launches()
     _check_against_cpu(emulated_ops, a, dtype)
     calls = 5  # one forward, four backwards
     assert emulated_ops.persistent_launches() - before == launches_per_call * calls
-
-
-PERSISTENT_GRID = [(l, b, d, k) for l, b, d, p, k in GRID if p == 0]
-PERSISTENT_GRID_IDS = [f"L{l}-{'bias' if b else 'nobias'}-{'bi' if d else 'uni'}-"
-                       f"{'packed' if k else 'padded'}" for l, b, d, k in PERSISTENT_GRID]
 
 
 @pytest.mark.parametrize("with_state", [True, False], ids=["state", "nostate"])
@@ -705,8 +473,8 @@ def test_emulated_persistent_falls_back_to_the_step_path(emulated_ops, cuda_path
         assert f"path=step reason={case}" in line, text
     before = emulated_ops.persistent_launches()
     if case == "too_many_batch_size_runs":  # long: the forward only
-        expected = torch.ops.fused_lstm.lstm_forward(*_args(a))
-        _assert_same(emulated_ops.lstm_forward(*_args(a)), expected, torch.float64, "forward")
+        expected = torch.ops.fused_lstm.lstm_forward(*op_args(a))
+        _assert_same(emulated_ops.lstm_forward(*op_args(a)), expected, torch.float64, "forward")
     else:
         _check_against_cpu(emulated_ops, a, torch.float64)
     assert emulated_ops.persistent_launches() == before
@@ -717,7 +485,7 @@ def test_emulated_persistent_zero_batch(emulated_ops, cuda_path, bidirectional):
     cuda_path("persistent")
     _, a = make_case(2, True, bidirectional, 0, False, with_state=True, batch=0,
                      requires_grad=False)
-    output, hy, cy, reserve = emulated_ops.lstm_forward(*_args(a))
+    output, hy, cy, reserve = emulated_ops.lstm_forward(*op_args(a))
     assert output.shape == (4, 0, (2 if bidirectional else 1) * 4) and reserve.numel() == 0
     text = emulated_ops.cuda_path_choice(a["input"], None, 4, bidirectional, 0)
     assert "reason=empty_batch" in text
@@ -729,20 +497,67 @@ def test_emulated_path_environment_is_checked(emulated_ops, cuda_path):
                 dict(mode="persistent", k_split=3), dict(mode="auto", tile=65)):
         cuda_path(**bad)
         with pytest.raises(RuntimeError, match="FUSED_LSTM_CUDA"):
-            emulated_ops.lstm_forward(*_args(a))
+            emulated_ops.lstm_forward(*op_args(a))
 
 
-# ---- the path rule: C++ and its Python copy agree -----------------------------------------------
+# ---- the path rule (csrc/cuda/lstm_path_rule.h), as every build registers it ------------------
+# fused_lstm::cuda_path_predict runs the one rule the CUDA build decides with; explain's
+# decide_cuda_path / predict_cuda_path call it. Known sizes give known decisions (every outcome,
+# the plan and the cost model's numbers), and many random sizes give consistent ones.
+
+A100_LIKE = (True, 108, 167936, 166912, 1024, 2)
+TINY_DEVICE = (True, 1, 16384, 8192, 0, 1)
+NO_COOPERATIVE = (False, 132, 233472, 232448, 1024, 2)
+
+DEVICES = {
+    "A100_LIKE": A100_LIKE, "TINY_DEVICE": TINY_DEVICE, "NO_COOPERATIVE": NO_COOPERATIVE,
+}
+KNOWN_DECISIONS_FILE = pathlib.Path(__file__).resolve().parent / "cuda_path_rule_decisions.txt"
+
+
+def known_decisions():
+    """{name: (decide_cuda_path's arguments, the describe() line)} from KNOWN_DECISIONS_FILE."""
+    from fused_lstm.explain import H100_SXM, DeviceLimits
+
+    lines = [line.strip() for line in KNOWN_DECISIONS_FILE.read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert len(lines) % 2 == 0, f"{KNOWN_DECISIONS_FILE}: a case is two lines"
+    cases = {}
+    for header, expected in zip(lines[::2], lines[1::2]):
+        name, _, fields = header.partition(": ")
+        *sizes, backward, device, mode, units, batch_tile, k_split = fields.split()
+        limits = H100_SXM if device == "H100_SXM" else DeviceLimits(*DEVICES[device])
+        args = (*map(int, sizes), backward == "1", limits, mode, int(units), int(batch_tile),
+                int(k_split))
+        assert name not in cases, f"{KNOWN_DECISIONS_FILE}: {name} twice"
+        cases[name] = (args, expected)
+    return cases
+
+
+KNOWN_DECISIONS = known_decisions()
+
+
+@pytest.mark.parametrize("name", list(KNOWN_DECISIONS))
+def test_path_rule_known_decisions(name):
+    """Known sizes, devices and overrides give known decisions, word for word
+    (tests/cuda_path_rule_decisions.txt): every outcome the rule can give without a GPU, the
+    plan and the cost model's numbers."""
+    from fused_lstm.explain import decide_cuda_path
+
+    args, expected = KNOWN_DECISIONS[name]
+    assert len(args) == 13 and expected.startswith("path="), name
+    assert decide_cuda_path(*args) == expected
+
 
 def _rule_cases():
     from fused_lstm.explain import H100_SXM, DeviceLimits
 
     devices = [
         H100_SXM,
-        DeviceLimits(True, 108, 167936, 166912, 1024, 2),  # A100-like
+        DeviceLimits(*A100_LIKE),
         DeviceLimits(True, 4, 65536, 49152, 1024, 8),      # small
-        DeviceLimits(True, 1, 16384, 8192, 0, 1),          # tiny
-        DeviceLimits(False, 132, 233472, 232448, 1024, 2),
+        DeviceLimits(*TINY_DEVICE),
+        DeviceLimits(*NO_COOPERATIVE),
     ]
     gen = torch.Generator().manual_seed(8)
     pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=gen))]  # noqa: E731
@@ -767,17 +582,57 @@ def _rule_cases():
     return cases
 
 
-def test_python_copy_of_the_path_rule_agrees_with_cpp(emulated_ops):
-    """fused_lstm/explain.py's decide_cuda_path is lstm_persistent.h's, on 1500 random sizes,
-    devices and overrides: same path, reason and plan, word for word."""
-    from fused_lstm.explain import decide_cuda_path
+def _check_decision(case, choice):
+    """What holds for every answer of the rule, whatever its constants."""
+    from fused_lstm.explain import REASONS
+
+    c, lim = case, case["limits"]
+    path, reason = choice["path"], choice["reason"]
+    assert reason in REASONS and reason != "occupancy_refused"  # the occupancy API's, on a GPU
+    assert (path == "persistent") == (reason in ("auto", "forced_persistent"))
+    assert (reason == "forced_step") == (c["mode"] == "step")
+    assert reason not in ("auto", "step_path_predicted_faster") or c["mode"] == "auto"
+    assert reason != "forced_persistent" or c["mode"] == "persistent"
+    early = ("forced_step", "no_cooperative_launch", "empty_batch", "projection",
+             "too_many_batch_size_runs")
+    if reason in early:
+        assert "units" not in choice
+        return
+    # Past the hard limits: a cooperative device, rows to compute, no projection.
+    assert lim.cooperative_launch and c["proj_size"] == 0
+    assert min(c["batch"], c["seq_len"], c["hidden_size"]) > 0
+    if "units" not in choice:  # no tile fits in one block's shared memory
+        assert reason == "does_not_fit"
+        return
+    H, units = c["hidden_size"], choice["units"]
+    assert 1 <= units <= H and choice["blocks"] == -(-H // units)
+    if c["units"]:
+        assert units == min(c["units"], H)
+    if c["k_split"]:
+        assert choice["k_split"] == c["k_split"]
+    assert choice["k_split"] in (1, 2, 4, 8, 16, 32)
+    assert 0 < choice["batch_tile"] and 0 < choice["smem_bytes"] <= lim.smem_per_block_optin
+    if c["batch_tile"]:
+        assert choice["batch_tile"] < c["batch_tile"] + 4  # rounded up to whole register tiles
+    fits = choice["blocks"] * c["num_directions"] <= choice["coresident_blocks"]
+    assert fits == (reason != "does_not_fit")
+    if reason == "auto":
+        assert choice["persistent_ns"] < choice["step_path_ns"]
+    if reason == "step_path_predicted_faster":
+        assert choice["persistent_ns"] >= choice["step_path_ns"]
+
+
+def test_path_rule_on_many_sizes():
+    """The rule on 1500 random sizes, devices and overrides: every answer is consistent (with
+    the hard limits, the overrides, the device's shared memory and co-residency, the cost
+    model's verdict), and every outcome is reached."""
+    from fused_lstm.explain import decide_cuda_path, parse_choice
 
     seen = set()
     for case in _rule_cases():
-        expected = emulated_ops.decide_cuda_path(**{**case, "limits": case["limits"].as_list()})
-        got = decide_cuda_path(**case)
-        assert got == expected, case
-        seen.add(" ".join(expected.split()[:2]))
+        text = decide_cuda_path(**case)
+        _check_decision(case, parse_choice(text))
+        seen.add(" ".join(text.split()[:2]))
     # Every outcome was exercised.
     for outcome in ("path=persistent reason=auto", "path=persistent reason=forced_persistent",
                     "path=step reason=forced_step", "path=step reason=projection",
@@ -785,6 +640,49 @@ def test_python_copy_of_the_path_rule_agrees_with_cpp(emulated_ops):
                     "path=step reason=too_many_batch_size_runs",
                     "path=step reason=no_cooperative_launch", "path=step reason=empty_batch"):
         assert outcome in seen, outcome
+
+
+def test_path_rule_arguments_are_checked():
+    from fused_lstm.explain import H100_SXM, decide_cuda_path
+
+    sizes = (64, 0, 16, 4, 2, 1, 4, False, H100_SXM)
+    for bad in (dict(mode="fastest"), dict(units=-1), dict(batch_tile=65), dict(k_split=3),
+                dict(k_split=64)):
+        with pytest.raises(RuntimeError, match="cuda_path_predict"):
+            decide_cuda_path(*sizes, **bad)
+    with pytest.raises(RuntimeError, match="device_limits"):
+        torch.ops.fused_lstm.cuda_path_predict(*sizes[:8], [1, 132, 233472])
+    with pytest.raises(RuntimeError, match="elem_size"):
+        decide_cuda_path(64, 0, 16, 4, 2, 1, 2, False, H100_SXM)
+
+
+@pytest.mark.parametrize("packed,dtype,proj_size", [
+    (False, torch.float32, 0), (True, torch.float64, 0), (True, torch.float32, 0),
+    (False, torch.float64, 2)])
+def test_explain_predicts_what_the_cuda_op_decides(emulated_ops, cuda_path, packed, dtype,
+                                                   proj_size):
+    """predict_cuda_path (explain's reading of a call's sizes, then the rule) says what
+    fused_lstm::cuda_path_choice (the CUDA op's own reading, the rule, the occupancy check)
+    decides on the emulated H100, word for word."""
+    from fused_lstm.explain import H100_SXM, predict_cuda_path
+
+    cuda_path("auto")
+    hidden, bidirectional = 24, True
+    if packed:
+        lengths = [9, 9, 7, 4, 4, 1]
+        x = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(9, 6, 5, dtype=dtype), lengths)
+        data, batch_sizes = x.data, x.batch_sizes
+    else:
+        x = data = torch.randn(9, 6, 5, dtype=dtype)
+        batch_sizes = None
+    text = emulated_ops.cuda_path_choice(data, batch_sizes, hidden, bidirectional, proj_size)
+    lines = dict(line.split(": ", 1) for line in text.splitlines())
+    sizes = dict(hidden_size=hidden, bidirectional=bidirectional, proj_size=proj_size)
+    result = predict_cuda_path(sizes, x, H100_SXM)
+    for direction in ("forward", "backward"):
+        words = dict(w.partition("=")[::2] for w in lines[direction].split())
+        predicted = {k: str(v) for k, v in result[direction].items() if k != "why"}
+        assert predicted == words, (direction, lines[direction])
 
 
 @pytest.mark.parametrize("name,sizes,forward,backward", [

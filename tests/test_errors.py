@@ -11,7 +11,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from fused_lstm import FusedLSTM
 
-from conftest import randn
+from helpers import randn
 
 # The op rejecting a call that nn.LSTM accepts would show up as this warning: make it fail.
 pytestmark = pytest.mark.filterwarnings("error::fused_lstm.FusedLSTMFallbackWarning")

@@ -21,7 +21,7 @@ import fused_lstm
 from fused_lstm import FusedLSTM, FusedLSTMFallbackWarning
 from fused_lstm import module as fused_module
 
-from conftest import (
+from helpers import (
     load_reference,
     lstm_pair,
     make_input,

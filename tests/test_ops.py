@@ -2,7 +2,6 @@
 parity with nn.LSTM's own kernel and with the reference, dtypes, NaN, bad arguments."""
 
 import contextlib
-import itertools
 import os
 import pathlib
 import subprocess
@@ -10,77 +9,21 @@ import sys
 
 import pytest
 import torch
-from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
 
 from fused_lstm import ops, reference
 
+from helpers import (
+    GRID,
+    GRID_IDS,
+    assert_results_and_grads_close,
+    call,
+    differentiable,
+    make_case,
+    zeros_state,
+)
+
 LSTM_FORWARD = torch.ops.fused_lstm.lstm_forward.default
 LSTM_BACKWARD = torch.ops.fused_lstm.lstm_backward.default
-
-
-def make_case(num_layers, bias, bidirectional, proj_size, packed, with_state, *, dtype=torch.float64,
-              input_size=3, hidden_size=4, seq_len=4, batch=3, dropout=0.0, requires_grad=True,
-              seed=0):
-    """Random weights and inputs (never zeros) for one op call, plus the nn.LSTM they came from.
-
-    Returns (lstm, kwargs) where kwargs are lstm_forward's arguments by name."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_(requires_grad)
-
-    lstm = nn.LSTM(input_size, hidden_size, num_layers, bias=bias, bidirectional=bidirectional,
-                   proj_size=proj_size, dtype=dtype)
-    with torch.no_grad():
-        for w in lstm.parameters():
-            w.copy_(torch.randn(w.shape, generator=gen, dtype=dtype) * 0.5)
-    weights = [w.detach().clone().requires_grad_(requires_grad) for w in lstm._flat_weights]
-    num_directions = 2 if bidirectional else 1
-    out_size = proj_size or hidden_size
-    x = rand(seq_len, batch, input_size)
-    batch_sizes = None
-    if packed:
-        lengths = torch.randint(1, seq_len + 1, (batch,), generator=gen).sort(descending=True).values
-        lengths[0] = seq_len
-        packed_seq = pack_padded_sequence(x.detach(), lengths)
-        x = packed_seq.data.clone().requires_grad_(requires_grad)
-        batch_sizes = packed_seq.batch_sizes
-    hx = rand(num_layers * num_directions, batch, out_size) if with_state else None
-    cx = rand(num_layers * num_directions, batch, hidden_size) if with_state else None
-    mask = None
-    if dropout > 0 and num_layers > 1:
-        shape = (num_layers - 1, *x.shape[:-1], num_directions * out_size)
-        mask = torch.empty(shape, dtype=dtype).bernoulli_(1 - dropout, generator=gen) / (1 - dropout)
-    args = dict(input=x, batch_sizes=batch_sizes, hx=hx, cx=cx, weights=weights, dropout_mask=mask,
-                num_layers=num_layers, bidirectional=bidirectional, has_biases=bias,
-                proj_size=proj_size)
-    return lstm, args
-
-
-def call(fn, a):
-    return fn(a["input"], a["batch_sizes"], a["hx"], a["cx"], a["weights"], a["dropout_mask"],
-              a["num_layers"], a["bidirectional"], a["has_biases"], a["proj_size"])
-
-
-def differentiable(a):
-    return [t for t in [a["input"], a["hx"], a["cx"], *a["weights"]] if t is not None]
-
-
-def assert_results_and_grads_close(got, expected, wrt, tol, grad_tol=None):
-    """``got`` equals ``expected`` within ``tol``, and so do their gradients with respect to
-    ``wrt`` for the same random upstream gradients (``grad_tol``, default ``tol``)."""
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, rtol=tol, atol=tol)
-    grads = [torch.randn_like(t) for t in got]
-    grad_tol = tol if grad_tol is None else grad_tol
-    for g, e in zip(torch.autograd.grad(got, wrt, grads), torch.autograd.grad(expected, wrt, grads)):
-        torch.testing.assert_close(g, e, rtol=grad_tol, atol=grad_tol)
-
-
-GRID = list(itertools.product([1, 2, 3], [True, False], [False, True], [0, 2], [False, True]))
-GRID_IDS = [f"L{l}-{'bias' if b else 'nobias'}-{'bi' if d else 'uni'}-proj{p}-{'packed' if k else 'padded'}"
-            for l, b, d, p, k in GRID]
 
 
 @pytest.mark.parametrize("num_layers,bias,bidirectional,proj_size,packed", GRID, ids=GRID_IDS)
@@ -121,10 +64,10 @@ def test_parity_with_nn_lstm(num_layers, bias, bidirectional, proj_size, packed,
     # nn.LSTM on the same tensors (its parameters replaced by our leaf tensors).
     hx = (a["hx"], a["cx"]) if with_state else None
     if packed:
-        expected = torch._VF.lstm(a["input"], a["batch_sizes"], hx or _zeros_state(a),
+        expected = torch._VF.lstm(a["input"], a["batch_sizes"], hx or zeros_state(a),
                                   a["weights"], bias, num_layers, 0.0, False, bidirectional)
     else:
-        expected = torch._VF.lstm(a["input"], hx or _zeros_state(a), a["weights"], bias,
+        expected = torch._VF.lstm(a["input"], hx or zeros_state(a), a["weights"], bias,
                                   num_layers, 0.0, False, bidirectional, False)
     got = call(ops.lstm, a)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
@@ -136,18 +79,6 @@ def test_parity_with_nn_lstm(num_layers, bias, bidirectional, proj_size, packed,
     expected_grads = torch.autograd.grad(expected, wrt, grads)
     for g, e in zip(got_grads, expected_grads):
         torch.testing.assert_close(g, e, **tol)
-
-
-def _zeros_state(a):
-    num_directions = 2 if a["bidirectional"] else 1
-    hidden = a["weights"][0].shape[0] // 4
-    out = a["proj_size"] or hidden
-    batch = a["hx"].shape[1] if a["hx"] is not None else (
-        int(a["batch_sizes"][0]) if a["batch_sizes"] is not None else a["input"].shape[1])
-    layers_dirs = a["num_layers"] * num_directions
-    dtype = a["input"].dtype
-    return (torch.zeros(layers_dirs, batch, out, dtype=dtype),
-            torch.zeros(layers_dirs, batch, hidden, dtype=dtype))
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -583,7 +514,7 @@ def test_float32_fused_inference_three_layers(threads, bidirectional, proj_size,
                          dtype=torch.float32, input_size=20, hidden_size=24, seq_len=9, batch=7,
                          requires_grad=False)
         a["weights"] = [w / 4 for w in a["weights"]]
-        hx = (a["hx"], a["cx"]) if with_state else _zeros_state(a)
+        hx = (a["hx"], a["cx"]) if with_state else zeros_state(a)
         flags = (True, 3, 0.0, False, bidirectional)
         if packed:
             expected = torch._VF.lstm(a["input"], a["batch_sizes"], hx, a["weights"], *flags)

@@ -22,7 +22,7 @@ from torch.testing import assert_close
 import fused_lstm
 from fused_lstm import FusedLSTM
 
-from conftest import ROOT, lstm_pair, randn
+from helpers import ROOT, lstm_pair, randn
 
 # The op rejecting a call that nn.LSTM accepts would show up as this warning: make it fail.
 pytestmark = pytest.mark.filterwarnings("error::fused_lstm.FusedLSTMFallbackWarning")

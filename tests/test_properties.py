@@ -26,7 +26,7 @@ from torch import nn
 
 from fused_lstm import FusedLSTMFallbackWarning
 
-from conftest import lstm_pair, make_input, make_state, randn, run_and_grad
+from helpers import lstm_pair, make_input, make_state, randn, run_and_grad
 
 # The op rejecting a call that nn.LSTM accepts would show up as this warning: make it fail.
 pytestmark = pytest.mark.filterwarnings("error::fused_lstm.FusedLSTMFallbackWarning")

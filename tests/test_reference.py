@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 from torch.testing import assert_close
 
-from conftest import load_reference, num_directions, out_size, randn, random_lengths
+from helpers import load_reference, num_directions, out_size, randn, random_lengths
 
 reference = load_reference()
 
