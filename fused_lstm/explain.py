@@ -25,7 +25,7 @@ __all__ = ["H100_SXM", "H200", "REASONS", "DeviceLimits", "decide_cuda_path", "e
            "predict_cuda_path"]
 
 REASONS = {
-    "forced_step": "FUSED_LSTM_CUDA_PATH=step",
+    "forced_step": "fused_lstm.backends.cuda.path is 'step'",
     "no_cooperative_launch": "the device cannot launch cooperative kernels",
     "empty_batch": "nothing to compute",
     "projection": "proj_size > 0: the persistent kernels do not handle the projection",
@@ -36,7 +36,7 @@ REASONS = {
                                   "sizes (persistent_ns vs step_path_ns per step)",
     "occupancy_refused": "the CUDA occupancy API holds fewer blocks at once than the plan needs",
     "auto": "W_hh fits on chip and the steps are small: one launch per layer runs every step",
-    "forced_persistent": "FUSED_LSTM_CUDA_PATH=persistent",
+    "forced_persistent": "fused_lstm.backends.cuda.path is 'persistent'",
 }
 
 

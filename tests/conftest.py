@@ -3,8 +3,8 @@
 * Every test runs with its own seed (derived from its node id), so inputs are fresh random values
   per test yet a failure reproduces exactly.
 * Without an installed fused_lstm, the tests import the source tree's.
-* ``cuda_path``: sets the environment that the CUDA ops read on every call (tests/test_cuda.py
-  on a GPU, tests/test_cuda_compile.py on the CPU emulation).
+* ``cuda_path``: sets the CUDA path settings that the CUDA ops read on every call
+  (tests/test_cuda.py on a GPU, tests/test_cuda_compile.py on the CPU emulation).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import zlib
 import pytest
 import torch
 
-from helpers import PATH_ENV, ROOT
+from helpers import EMULATION_ENV, ROOT
 
 if importlib.util.find_spec("fused_lstm") is None:  # not installed: test the source tree
     sys.path.insert(0, str(ROOT))
@@ -28,19 +28,44 @@ def _seed_per_test(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
+def _set_cuda_settings(values):
+    """fused_lstm.backends.cuda's settings, and the same in the CPU emulation's own copy of the
+    settings where tests/test_cuda_compile.py has loaded it (ops fused_lstm_emulated::*)."""
+    import fused_lstm
+
+    cuda = fused_lstm.backends.cuda
+    for name, value in values.items():
+        setattr(cuda, name, value)
+        try:
+            emulated_set = torch.ops.fused_lstm_emulated._set_setting
+        except (AttributeError, RuntimeError):
+            continue
+        emulated_set(f"cuda.{name}", torch.ops.fused_lstm._get_setting(f"cuda.{name}"))
+
+
 @pytest.fixture
 def cuda_path(monkeypatch):
     """cuda_path(mode, units=None, tile=None, k_split=None, device=None, coresident=None) sets
-    the environment that the CUDA ops read on every call: FUSED_LSTM_CUDA_PATH=mode and the
-    plan's overrides; device and coresident are the CPU emulation's (tests/test_cuda_compile.py)
-    device limits and occupancy answer. None leaves a variable unset; every one starts unset."""
+    what the CUDA ops read on every call: the settings fused_lstm.backends.cuda.path = mode and
+    the plan's overrides (None: the plan chooses); device and coresident are the CPU emulation's
+    (tests/test_cuda_compile.py) device limits and occupancy answer, from its environment
+    variables (None leaves one unset). Every one starts at its default; the settings in force
+    before the test (the environment's defaults) are restored after it."""
+    import fused_lstm
+
     def set_path(mode, units=None, tile=None, k_split=None, device=None, coresident=None):
-        monkeypatch.setenv("FUSED_LSTM_CUDA_PATH", mode)
-        for name, value in zip(PATH_ENV[1:], (units, tile, k_split, device, coresident)):
+        _set_cuda_settings(dict(path=mode, persistent_units=units, persistent_tile=tile,
+                                persistent_k_split=k_split))
+        for name, value in zip(EMULATION_ENV, (device, coresident)):
             if value is None:
                 monkeypatch.delenv(name, raising=False)
             else:
                 monkeypatch.setenv(name, str(value))
-    for name in PATH_ENV:
+
+    saved = fused_lstm.backends.cuda.as_dict()
+    for name in EMULATION_ENV:
         monkeypatch.delenv(name, raising=False)
-    return set_path
+    _set_cuda_settings(dict(path="auto", persistent_units=None, persistent_tile=None,
+                            persistent_k_split=None))
+    yield set_path
+    _set_cuda_settings(saved)

@@ -7,7 +7,7 @@
 * Op-level: one ``fused_lstm::lstm_forward`` call's arguments (``make_case``) and what is done
   with them (``op_args``, ``call``, ``differentiable``, ``zeros_state``,
   ``assert_results_and_grads_close``), over the option grid (``GRID``, ``PERSISTENT_GRID``).
-* The CUDA path's environment (``PATH_ENV``), read by the CUDA ops on every call.
+* The CUDA emulation's device environment (``EMULATION_ENV``), read on every call.
 """
 
 from __future__ import annotations
@@ -215,10 +215,8 @@ PERSISTENT_GRID_IDS = [f"L{l}-{'bias' if b else 'nobias'}-{'bi' if d else 'uni'}
                        f"{'packed' if k else 'padded'}" for l, b, d, k in PERSISTENT_GRID]
 
 
-# ---- the CUDA path's environment -----------------------------------------------------------------
+# ---- the CUDA emulation's device ------------------------------------------------------------------
 
-# What the CUDA ops (and their CPU emulation, tests/test_cuda_compile.py) read on every call:
-# the path and the plan's overrides, then the emulated device's limits and occupancy answer.
-PATH_ENV = ("FUSED_LSTM_CUDA_PATH", "FUSED_LSTM_CUDA_PERSISTENT_UNITS",
-            "FUSED_LSTM_CUDA_PERSISTENT_TILE", "FUSED_LSTM_CUDA_PERSISTENT_KSPLIT",
-            "FUSED_LSTM_EMULATED_DEVICE", "FUSED_LSTM_EMULATED_CORESIDENT")
+# What the CPU emulation of the CUDA ops (tests/test_cuda_compile.py) reads on every call: the
+# emulated device's limits and the occupancy API's answer.
+EMULATION_ENV = ("FUSED_LSTM_EMULATED_DEVICE", "FUSED_LSTM_EMULATED_CORESIDENT")

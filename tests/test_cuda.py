@@ -630,9 +630,8 @@ def test_persistent_falls_back_where_it_cannot_run(cuda_path):
     assert big["forward"]["reason"] == big["backward"]["reason"] == "does_not_fit"
     cuda_path("step")
     assert explain_case(on(a))["forward"]["reason"] == "forced_step"
-    cuda_path("fastest")
-    with pytest.raises(RuntimeError, match="FUSED_LSTM_CUDA_PATH"):
-        LSTM_FORWARD(*op_args(on(a)))
+    with pytest.raises(ValueError, match="'auto', 'persistent' or 'step'"):
+        cuda_path("fastest")
 
 
 def test_persistent_no_host_synchronisation(cuda_path):

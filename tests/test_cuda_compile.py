@@ -52,7 +52,6 @@ from fused_lstm import _loader
 from helpers import (
     GRID,
     GRID_IDS,
-    PATH_ENV,
     PERSISTENT_GRID,
     PERSISTENT_GRID_IDS,
     ROOT,
@@ -363,12 +362,10 @@ def test_emulated_cuda_path_long_packed_sequence(emulated_ops):
 # ---- the persistent kernels, emulated on the CPU ----------------------------------------------
 
 @pytest.fixture(autouse=True)
-def _step_path_unless_told(monkeypatch):
+def _step_path_unless_told(cuda_path):
     """The tests above check the step path, as before the persistent kernels existed; the
     persistent tests below choose their path (and plan) themselves."""
-    for name in PATH_ENV:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("FUSED_LSTM_CUDA_PATH", "step")
+    cuda_path("step")
 
 
 def _check_persistent(emulated_ops, a, dtype, launches_per_call):
@@ -491,13 +488,23 @@ def test_emulated_persistent_zero_batch(emulated_ops, cuda_path, bidirectional):
     assert "reason=empty_batch" in text
 
 
-def test_emulated_path_environment_is_checked(emulated_ops, cuda_path):
+def test_emulated_path_settings_are_checked(emulated_ops, cuda_path):
+    """Bad CUDA path settings are refused when set (fused_lstm.backends.cuda); what reaches the
+    C++ settings without Python's checks is refused there (its range) or by the call (k_split
+    must be a power of two)."""
     _, a = make_case(1, True, False, 0, False, True, requires_grad=False)
     for bad in (dict(mode="fastest"), dict(mode="persistent", units=0),
                 dict(mode="persistent", k_split=3), dict(mode="auto", tile=65)):
-        cuda_path(**bad)
-        with pytest.raises(RuntimeError, match="FUSED_LSTM_CUDA"):
+        with pytest.raises(ValueError, match="fused_lstm.backends.cuda"):
+            cuda_path(**bad)
+    with pytest.raises(ValueError, match="takes a value in"):
+        emulated_ops._set_setting("cuda.persistent_tile", 65)
+    emulated_ops._set_setting("cuda.persistent_k_split", 3)
+    try:
+        with pytest.raises(RuntimeError, match="power of two"):
             emulated_ops.lstm_forward(*op_args(a))
+    finally:
+        emulated_ops._set_setting("cuda.persistent_k_split", 0)
 
 
 # ---- the path rule (csrc/cuda/lstm_path_rule.h), as every build registers it ------------------
@@ -712,11 +719,12 @@ def test_explain_on_cpu_says_the_cpu_kernels():
 
     lstm = fused_lstm.FusedLSTM(3, 5, 2, batch_first=True, bidirectional=True)
     result = fused_lstm.explain(lstm, torch.randn(4, 6, 3))
-    assert result["path"] == "cpu" and result["device"] == "cpu"
-    assert result["forward"]["path"] == result["backward"]["path"] == "cpu"
-    assert "cpu" in result["summary"]
+    assert result["path"] == "small_hidden" and result["device"] == "cpu"
+    assert result["forward"]["path"] == result["backward"]["path"] == "small_hidden"
+    assert result["summary"].startswith("cpu: forward small_hidden")
     packed = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(6, 4, 3), [6, 5, 2, 1])
-    assert fused_lstm.explain(dict(hidden_size=5), packed)["path"] == "cpu"
+    assert fused_lstm.explain(dict(hidden_size=5), packed)["path"] == "small_hidden"
+    assert fused_lstm.explain(dict(hidden_size=40), packed)["path"] == "row_wise"
     with pytest.raises(TypeError):
         fused_lstm.explain(object(), torch.randn(4, 6, 3))
 

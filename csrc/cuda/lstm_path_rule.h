@@ -84,18 +84,18 @@ struct DeviceLimits {
 
 enum class PathMode { kAuto, kPersistent, kStep };
 
-// FUSED_LSTM_CUDA_PATH=auto|persistent|step; the others are for tests and tuning: they fix one
-// parameter of the plan (0 = chosen by the rule).
+// The settings fused_lstm.backends.cuda.path = auto|persistent|step; the others are for tests and
+// tuning: they fix one parameter of the plan (0 = chosen by the rule).
 struct PathOverrides {
   PathMode mode = PathMode::kAuto;
-  int64_t units = 0;       // FUSED_LSTM_CUDA_PERSISTENT_UNITS
-  int64_t batch_tile = 0;  // FUSED_LSTM_CUDA_PERSISTENT_TILE
-  int64_t k_split = 0;     // FUSED_LSTM_CUDA_PERSISTENT_KSPLIT
+  int64_t units = 0;       // cuda.persistent_units
+  int64_t batch_tile = 0;  // cuda.persistent_tile
+  int64_t k_split = 0;     // cuda.persistent_k_split
 };
 
 // Why; the words are what explain() shows (fused_lstm/explain.py has a sentence for each).
 enum class PathReason {
-  kForcedStep,          // FUSED_LSTM_CUDA_PATH=step
+  kForcedStep,          // cuda.path = "step"
   kNoCooperativeLaunch, // the device cannot launch cooperative kernels
   kEmptyBatch,          // nothing to compute
   kProjection,          // proj_size > 0
@@ -104,7 +104,7 @@ enum class PathReason {
   kStepPathFaster,      // auto: the cost model predicts the step path faster
   kOccupancyRefused,    // the occupancy API allows fewer co-resident blocks than the model
   kAuto,                // auto: persistent
-  kForcedPersistent,    // FUSED_LSTM_CUDA_PATH=persistent
+  kForcedPersistent,    // cuda.path = "persistent"
 };
 
 inline const char* reason_word(PathReason r) {

@@ -8,7 +8,7 @@
 //     row schedule (StepSchedule), passed by value as kernel arguments;
 //   * the path decision for a call on a device: THE rule (lstm_path_rule.h: persistent or step,
 //     the plan, a pure function of sizes and device limits, also compiled into the CPU build for
-//     fused_lstm/explain.py) with the environment overrides (FUSED_LSTM_CUDA_PATH, ...), the
+//     fused_lstm/explain.py) with the settings' overrides (fused_lstm.backends.cuda), the
 //     device's limits and the occupancy API's word (choose_cuda_path);
 //   * the host glue around a launch (persistent_forward_layer / persistent_backward_layer): the
 //     input-projection GEMM before it, the weight-gradient GEMMs after it, both through ATen
@@ -32,6 +32,7 @@
 #pragma once
 
 #include "../lstm.h"
+#include "../settings.h"
 #include "lstm_kernels.h"
 #include "lstm_path_rule.h"
 
@@ -167,34 +168,16 @@ struct PersistentBackward {
 static_assert(sizeof(PersistentForward<double>) <= 4000, "kernel arguments too large");
 static_assert(sizeof(PersistentBackward<double>) <= 4000, "kernel arguments too large");
 
-inline int64_t env_int(const char* name, int64_t lo, int64_t hi) {
-  const char* v = std::getenv(name);
-  if (v == nullptr || *v == '\0') return 0;
-  char* end = nullptr;
-  const long long n = std::strtoll(v, &end, 10);
-  TORCH_CHECK(end != v && *end == '\0' && n >= lo && n <= hi, "fused_lstm: ", name,
-              " must be an integer in [", lo, ", ", hi, "]; got '", v, "'");
-  return n;
-}
-
-inline PathOverrides path_overrides_from_env() {
+// The settings' overrides (fused_lstm.backends.cuda, csrc/settings.h), read once per call.
+inline PathOverrides path_overrides() {
+  const CudaSettings c = cuda_settings();
   PathOverrides o;
-  const char* v = std::getenv("FUSED_LSTM_CUDA_PATH");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) {
-    o.mode = PathMode::kAuto;
-  } else if (std::strcmp(v, "persistent") == 0) {
-    o.mode = PathMode::kPersistent;
-  } else if (std::strcmp(v, "step") == 0) {
-    o.mode = PathMode::kStep;
-  } else {
-    TORCH_CHECK(false, "fused_lstm: FUSED_LSTM_CUDA_PATH must be auto, persistent or step; got '",
-                v, "'");
-  }
-  o.units = env_int("FUSED_LSTM_CUDA_PERSISTENT_UNITS", 1, int64_t{1} << 20);
-  o.batch_tile = env_int("FUSED_LSTM_CUDA_PERSISTENT_TILE", 1, kPersistentMaxTile);
-  o.k_split = env_int("FUSED_LSTM_CUDA_PERSISTENT_KSPLIT", 1, 32);
+  o.mode = c.path == 1 ? PathMode::kPersistent : c.path == 2 ? PathMode::kStep : PathMode::kAuto;
+  o.units = c.persistent_units;
+  o.batch_tile = std::min<int64_t>(c.persistent_tile, kPersistentMaxTile);
+  o.k_split = c.persistent_k_split;
   TORCH_CHECK(o.k_split == 0 || pow2_floor(o.k_split) == o.k_split,
-              "fused_lstm: FUSED_LSTM_CUDA_PERSISTENT_KSPLIT must be a power of two");
+              "fused_lstm: cuda.persistent_k_split must be a power of two");
   return o;
 }
 
@@ -228,7 +211,7 @@ void persistent_backward(const PersistentBackward<T>& p, cudaStream_t stream);
 
 // The decision for one call on `device`: the rule, then the occupancy API's word on its plan.
 inline PathChoice choose_cuda_path(const PathQuery& q, int device) {
-  const PathOverrides o = path_overrides_from_env();
+  const PathOverrides o = path_overrides();
   if (o.mode == PathMode::kStep) return decide_cuda_path(q, DeviceLimits{}, o);
   const bool is_double = q.elem_size == 8;
   PathChoice c = decide_cuda_path(q, persistent_device_limits(device, q.backward, is_double), o);
