@@ -16,6 +16,9 @@
 // no dropout mask to draw, weights that are the module's current Parameters (as nn.LSTM's
 // _weights_have_changed() checks them), and an op that accepts the arguments.
 //
+// current_weights(module) is the same weights check for the Python path: self._flat_weights
+// when they are current, else None (nn.LSTM's _update_flat_weights() then refreshes them).
+//
 // The module is built by torch's extension machinery, which defines TORCH_EXTENSION_NAME (the
 // AOT `_C` and the JIT `fused_lstm_jit` both); fused_lstm/_loader.py imports it after loading
 // the library. Without the macro (a build of the sources by other means) there is no binding
@@ -36,16 +39,12 @@
 #include <tuple>
 #include <vector>
 
+#include "lstm.h"
+
 namespace fused_lstm {
 namespace {
 
 using OptTensor = std::optional<at::Tensor>;
-using InferenceSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, at::TensorList,
-    const OptTensor&, int64_t, bool, bool, int64_t);
-using ForwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, at::TensorList,
-    const OptTensor&, int64_t, bool, bool, int64_t);
 
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> find_op(const char* name) {
@@ -143,22 +142,41 @@ int bool_attr(PyObject* self, PyObject* name) {
   return value.p == nullptr ? -1 : PyObject_IsTrue(value.p);
 }
 
-// self._flat_weights as tensors, or false when they are not the module's current Parameters
-// (FusedLSTM._current_flat_weights then updates them, in Python).
-bool current_weights(PyObject* self, std::vector<at::Tensor>& out) {
+// self._flat_weights (a new reference) when they are the module's current Parameters, else
+// nullptr with no error set. Exactly when nn.LSTM's _weights_have_changed() is False for
+// plain Parameters: every weight is found in _parameters (as getattr would find it) and is
+// the object held in _flat_weights. Anything else (parametrized weights, functional_call,
+// weights reassigned behind nn.LSTM's back) is left to nn.LSTM's _update_flat_weights().
+PyObject* current_flat_weights(PyObject* self) {
   Ref flat(PyObject_GetAttr(self, names.flat_weights));
   Ref flat_names(PyObject_GetAttr(self, names.flat_weights_names));
   Ref params(PyObject_GetAttr(self, names.parameters));
-  if (flat.p == nullptr || flat_names.p == nullptr || params.p == nullptr ||
-      !PyList_CheckExact(flat.p) || !PyList_CheckExact(flat_names.p) || !PyDict_Check(params.p))
-    return false;
+  bool current = flat.p != nullptr && flat_names.p != nullptr && params.p != nullptr &&
+      PyList_CheckExact(flat.p) && PyList_CheckExact(flat_names.p) && PyDict_Check(params.p) &&
+      PyList_GET_SIZE(flat_names.p) == PyList_GET_SIZE(flat.p);
+  for (Py_ssize_t i = 0; current && i < PyList_GET_SIZE(flat.p); ++i) {
+    PyObject* name = PyList_GET_ITEM(flat_names.p, i);
+    current = PyDict_GetItemWithError(params.p, name) == PyList_GET_ITEM(flat.p, i);
+  }
+  if (!current) {
+    PyErr_Clear();
+    return nullptr;
+  }
+  PyObject* result = flat.p;
+  flat.p = nullptr;
+  return result;
+}
+
+// current_flat_weights as tensors, or false when they are not current or not all exactly
+// Tensors (Parameters).
+bool current_weights(PyObject* self, std::vector<at::Tensor>& out) {
+  Ref flat(current_flat_weights(self));
+  if (flat.p == nullptr) return false;
   const Py_ssize_t n = PyList_GET_SIZE(flat.p);
-  if (PyList_GET_SIZE(flat_names.p) != n) return false;
   out.reserve(n);
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* weight = PyList_GET_ITEM(flat.p, i);
-    PyObject* current = PyDict_GetItemWithError(params.p, PyList_GET_ITEM(flat_names.p, i));
-    if (current == nullptr || current != weight || !plain_tensor(weight)) return false;
+    if (!plain_tensor(weight)) return false;
     out.push_back(THPVariable_Unpack(weight));
   }
   return true;
@@ -248,10 +266,19 @@ PyObject* forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   }
 }
 
+// current_weights(module) -> module._flat_weights when current, else None (see the top).
+PyObject* current_weights_entry(PyObject*, PyObject* module) {
+  PyObject* flat = current_flat_weights(module);
+  if (flat == nullptr) Py_RETURN_NONE;
+  return flat;
+}
+
 PyMethodDef methods[] = {
     {"forward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&forward)),
      METH_FASTCALL,
      "forward(module, input, hx): FusedLSTM's call, or None when it is not a plain one."},
+    {"current_weights", &current_weights_entry, METH_O,
+     "current_weights(module): module._flat_weights when they are current, else None."},
     {nullptr, nullptr, 0, nullptr}};
 
 #define FUSED_LSTM_STR2(x) #x

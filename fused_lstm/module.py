@@ -38,10 +38,12 @@ __all__ = ["FusedLSTM", "FusedLSTMFallbackWarning", "convert", "revert"]
 _lstm_op = ops.lstm
 _lstm_inference = torch.ops.fused_lstm.lstm_inference.default
 # FusedLSTM's plain call in C++ (csrc/python_entry.cpp), with or without grad: the result, or
-# None when the call is not a plain one; None itself when the library could not be imported as
-# a Python module.
+# None when the call is not a plain one; and the same file's check of the weights
+# (module._flat_weights when current, else None). Both None when the library could not be
+# imported as a Python module.
 _entry = python_entry()
 _fast_forward = _entry.forward if _entry is not None else None
+_current_weights = _entry.current_weights if _entry is not None else None
 _is_autocast_enabled = torch._C._is_any_autocast_enabled
 _is_grad_enabled = torch.is_grad_enabled
 _is_compiling = torch.compiler.is_compiling
@@ -262,28 +264,22 @@ class FusedLSTM(nn.LSTM):
 
     def _current_flat_weights(self):
         """``self._flat_weights`` after ``nn.LSTM._update_flat_weights()``, without its cost
-        (about 10 us: two ``Module.__getattr__`` calls per weight) when no weight changed.
-
-        The fast check passes exactly when nn.LSTM's ``_weights_have_changed()`` is False for
-        plain Parameters: every weight is found in ``_parameters`` (as ``getattr`` would find
-        it) and is the tensor held in ``_flat_weights``. Anything else (parametrized
-        weights, ``functional_call``, reassigned weights) takes nn.LSTM's own path.
-        """
-        params = self._parameters
-        flat = self._flat_weights  # the tensors _flat_weight_refs refer to, held strongly here
-        for name, current in zip(self._flat_weights_names, flat, strict=True):
-            weight = params.get(name)
-            if weight is None or current is not weight:
-                self._update_flat_weights()
-                return self._flat_weights
-        return flat
+        (about 10 us: two ``Module.__getattr__`` calls per weight) when no weight changed: the
+        C++ entry's check (``current_weights``, csrc/python_entry.cpp) says when. Compiled code
+        traces nn.LSTM's own method."""
+        if _current_weights is not None and not _is_compiling():
+            weights = _current_weights(self)
+            if weights is not None:
+                return weights
+        self._update_flat_weights()
+        return self._flat_weights
 
     def _fused(self, x: Tensor, batch_sizes: Optional[Tensor], h0, c0, weights):
         """The one op call: x is time-major [T, B, I], or packed data with batch_sizes."""
-        return _lstm_op(
+        return _lstm_op(*ops.LSTMArgs(
             x, batch_sizes, h0, c0, weights, self._dropout_mask(x), self.num_layers,
             self.bidirectional, self.bias, self.proj_size,
-        )
+        ))
 
     def _dropout_mask(self, x: Tensor) -> Optional[Tensor]:
         """Inter-layer dropout as a mask ``[L-1, *x.shape[:-1], D*out_size]`` of 0 and 1/(1-p),

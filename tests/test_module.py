@@ -1105,3 +1105,31 @@ def test_torch_compile_default_gives_nn_lstm_results():
     torch._dynamo.reset()
     compiled = torch.compile(nn.Sequential(fused, ), backend="aot_eager")
     assert_close(compiled(x), torch_lstm(x))
+
+
+@pytest.mark.parametrize("check", ["cpp", "nn_lstm"])
+def test_python_path_sees_reassigned_and_parametrized_weights(check, monkeypatch):
+    """The Python path's weights: the C++ entry's currency check (current_weights), or
+    without the binding nn.LSTM's _update_flat_weights(); reassigned, replaced and
+    parametrized weights are used at once either way."""
+    torch_lstm, fused = lstm_pair(input_size=3, hidden_size=4, num_layers=2)
+    monkeypatch.setattr(fused_module, "_fast_forward", None)
+    if check == "nn_lstm":
+        monkeypatch.setattr(fused_module, "_current_weights", None)
+    else:
+        assert fused_module._current_weights(fused) is fused._flat_weights
+    x = randn(5, 2, 3)
+    assert_close(fused(x), torch_lstm(x))
+    new = randn(16, 4)
+    fused.weight_hh_l1 = nn.Parameter(new.clone())
+    torch_lstm.weight_hh_l1 = nn.Parameter(new.clone())
+    assert_close(fused(x), torch_lstm(x))
+    replaced = randn(16, 3)
+    fused._parameters["weight_ih_l0"] = nn.Parameter(replaced.clone())  # behind nn.LSTM's back
+    torch_lstm._parameters["weight_ih_l0"] = nn.Parameter(replaced.clone())
+    if check == "cpp":
+        assert fused_module._current_weights(fused) is None
+    assert_close(fused(x), torch_lstm(x))
+    for module in (fused, torch_lstm):
+        parametrize.register_parametrization(module, "weight_hh_l0", _Double())
+    assert_close(fused(x), torch_lstm(x))
