@@ -10,11 +10,12 @@
 // for ops.lstm's call), else lstm_inference.
 //
 // It returns None whenever anything is not plain, and FusedLSTM.forward then takes its Python
-// paths, which decide everything (and raise nn.LSTM's exceptions); so it never raises for the
-// arguments. Plain means: no autocast, no torch function or dispatch mode, input
-// and hx (absent, or a tuple of two) exactly Tensors on the CPU or a CUDA device, a 3-D input,
-// no dropout mask to draw, weights that are the module's current Parameters (as nn.LSTM's
-// _weights_have_changed() checks them), and an op that accepts the arguments.
+// path, which decides everything (and raises nn.LSTM's exceptions). Plain means: no autocast,
+// no torch function or dispatch mode, input and hx (absent, or a tuple of two) exactly Tensors
+// on the CPU or a CUDA device, a 3-D input, no dropout mask to draw, and weights that are the
+// module's current Parameters (as nn.LSTM's _weights_have_changed() checks them). When the op
+// rejects a plain call, the op's own exception is raised (as torch.ops would raise it): the
+// Python path then takes it as the op's answer for the call and does not ask the op again.
 //
 // current_weights(module) is the same weights check for the Python path: self._flat_weights
 // when they are current, else None (nn.LSTM's _update_flat_weights() then refreshes them).
@@ -32,6 +33,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <array>
@@ -258,11 +260,11 @@ PyObject* forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     Ref state(PyTuple_Pack(2, hy.p, cy.p));
     if (state.p == nullptr) return nullptr;
     return PyTuple_Pack(2, out.p, state.p);
-  } catch (const std::exception&) {
-    // The op rejected the arguments (or a Python error surfaced as python_error): the Python
-    // path decides what to raise.
-    PyErr_Clear();
-    Py_RETURN_NONE;
+  } catch (...) {
+    // The op rejected the arguments: its exception, as torch.ops raises it. FusedLSTM.forward
+    // hands it to the Python path, which decides what to raise (nn.LSTM's exception).
+    torch::translate_exception_to_python(std::current_exception());
+    return nullptr;
   }
 }
 
