@@ -242,14 +242,14 @@ PyObject* forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     {
       WithoutGil no_gil;
       const at::Tensor x = batch_first ? input.transpose(0, 1) : input;
+      const auto call = [&](const auto& op) {
+        return op.call(x, std::nullopt, h0, c0, weights, std::nullopt, num_layers, bidirectional,
+                       bias, proj_size);
+      };
       if (needs_grad(input, h0, c0, weights)) {
-        std::tie(output, h_n, c_n, std::ignore) =
-            forward_op.call(x, std::nullopt, h0, c0, weights, std::nullopt, num_layers,
-                            bidirectional, bias, proj_size);
+        std::tie(output, h_n, c_n, std::ignore) = call(forward_op);
       } else {
-        std::tie(output, h_n, c_n) = inference_op.call(x, std::nullopt, h0, c0, weights,
-                                                       std::nullopt, num_layers, bidirectional,
-                                                       bias, proj_size);
+        std::tie(output, h_n, c_n) = call(inference_op);
       }
       if (batch_first) output = output.transpose(0, 1);
     }
