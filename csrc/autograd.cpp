@@ -13,6 +13,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "lstm.h"
+
 namespace fused_lstm {
 namespace {
 
@@ -20,9 +22,6 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<at::Tensor>;
 
-using ForwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, at::TensorList,
-    const OptTensor&, int64_t, bool, bool, int64_t);
 using BackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>(
     const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, at::TensorList,
     const OptTensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,

@@ -346,6 +346,11 @@ TORCH_LIBRARY(fused_lstm, m) {
       "cuda_path_predict(int hidden_size, int proj_size, int batch, int seq_len, "
       "int num_directions, int num_runs, int elem_size, bool backward, int[] device_limits, "
       "str mode=\"auto\", int units=0, int batch_tile=0, int k_split=0) -> str");
+  // Elements of lstm_forward's reserve (lstm.h): the fake kernels (fused_lstm/ops.py) ask for
+  // the size here, so it has one formula; SymInt, as they ask it with symbolic sizes.
+  m.def(
+      "reserve_numel(SymInt rows, int num_layers, int num_directions, SymInt hidden_size, "
+      "int proj_size) -> SymInt");
 }
 
 namespace {
@@ -355,22 +360,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference_default(
     const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
     bool bidirectional, bool has_biases, int64_t proj_size) {
-  static const auto forward =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fused_lstm::lstm_forward", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-              const at::Tensor&, const std::optional<at::Tensor>&,
-              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-              at::TensorList, const std::optional<at::Tensor>&, int64_t, bool, bool, int64_t)>();
+  static const auto forward = c10::Dispatcher::singleton()
+                                  .findSchemaOrThrow("fused_lstm::lstm_forward", "")
+                                  .typed<ForwardSig>();
   auto [output, hy, cy, reserve] = forward.call(input, batch_sizes, hx, cx, weights, dropout_mask,
                                                num_layers, bidirectional, has_biases, proj_size);
   return {output, hy, cy};
+}
+
+c10::SymInt reserve_numel_op(c10::SymInt rows, int64_t num_layers, int64_t num_directions,
+                             c10::SymInt hidden_size, int64_t proj_size) {
+  return reserve_numel_of(rows, num_layers, num_directions, hidden_size, proj_size);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_lstm, CompositeExplicitAutograd, m) {
   m.impl("lstm_inference", &lstm_inference_default);
+}
+
+// No tensor arguments: the dispatcher runs this kernel for every call (fake mode included).
+TORCH_LIBRARY_IMPL(fused_lstm, CompositeImplicitAutograd, m) {
+  m.impl("reserve_numel", &reserve_numel_op);
 }
 
 }  // namespace fused_lstm

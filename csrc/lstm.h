@@ -23,7 +23,26 @@ namespace fused_lstm {
 //     gates    [rows, 4 * hidden]           activated i, f, g, o
 //     cells    [rows, hidden]               c_t
 //     pre_proj [rows, hidden]               o * tanh(c_t), only when proj_size > 0
-// fused_lstm/ops.py computes the same size for its fake kernel (reserve_numel); keep in sync.
+// The sizes come from reserve_direction_numel / reserve_layer_numel / reserve_numel_of below,
+// the one formula: the kernels use it through LSTMShape (int64_t), the fake kernels
+// (fused_lstm/ops.py) through the fused_lstm::reserve_numel op (c10::SymInt).
+template <typename Int>
+Int reserve_direction_numel(const Int& rows, const Int& hidden_size, int64_t proj_size) {
+  return rows * (hidden_size * 5 + (proj_size > 0 ? hidden_size : Int(0)));
+}
+template <typename Int>
+Int reserve_layer_numel(const Int& rows, int64_t num_directions, const Int& hidden_size,
+                        int64_t proj_size) {
+  const Int out_size = proj_size > 0 ? Int(proj_size) : hidden_size;
+  return rows * num_directions * out_size +
+      reserve_direction_numel(rows, hidden_size, proj_size) * num_directions;
+}
+template <typename Int>
+Int reserve_numel_of(const Int& rows, int64_t num_layers, int64_t num_directions,
+                     const Int& hidden_size, int64_t proj_size) {
+  return reserve_layer_numel(rows, num_directions, hidden_size, proj_size) * num_layers;
+}
+
 struct LSTMShape {
   int64_t num_layers = 0;
   int64_t num_directions = 0;
@@ -49,12 +68,14 @@ struct LSTMShape {
     return layer == 0 ? input_size : num_directions * out_size;
   }
   int64_t direction_numel() const {
-    return rows * (5 * hidden_size + (proj_size > 0 ? hidden_size : 0));
+    return reserve_direction_numel(rows, hidden_size, proj_size);
   }
   int64_t layer_numel() const {
-    return rows * num_directions * out_size + num_directions * direction_numel();
+    return reserve_layer_numel(rows, num_directions, hidden_size, proj_size);
   }
-  int64_t reserve_numel() const { return num_layers * layer_numel(); }
+  int64_t reserve_numel() const {
+    return reserve_numel_of(rows, num_layers, num_directions, hidden_size, proj_size);
+  }
   int64_t layer_out_offset(int64_t layer) const { return layer * layer_numel(); }
   int64_t gates_offset(int64_t layer, int64_t direction) const {
     return layer * layer_numel() + rows * num_directions * out_size +
@@ -67,6 +88,16 @@ struct LSTMShape {
     return cells_offset(layer, direction) + rows * hidden_size;
   }
 };
+
+// The C++ signature of lstm_forward / lstm_inference (their schema is in lstm.cpp), for typed
+// dispatcher handles.
+template <typename Result>
+using LSTMOpSignature = Result(
+    const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, at::TensorList, const std::optional<at::Tensor>&, int64_t,
+    bool, bool, int64_t);
+using ForwardSig = LSTMOpSignature<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>>;
+using InferenceSig = LSTMOpSignature<std::tuple<at::Tensor, at::Tensor, at::Tensor>>;
 
 // Validates every argument of the forward op (shapes, dtypes, devices, batch_sizes) and returns
 // the sizes. Raises c10 errors (RuntimeError / ValueError in Python), never crashes.

@@ -10,11 +10,15 @@
 // for ops.lstm's call), else lstm_inference.
 //
 // It returns None whenever anything is not plain, and FusedLSTM.forward then takes its Python
-// paths, which decide everything (and raise nn.LSTM's exceptions); so it never raises for the
-// arguments. Plain means: no autocast, no torch function or dispatch mode, input
-// and hx (absent, or a tuple of two) exactly Tensors on the CPU or a CUDA device, a 3-D input,
-// no dropout mask to draw, weights that are the module's current Parameters (as nn.LSTM's
-// _weights_have_changed() checks them), and an op that accepts the arguments.
+// path, which decides everything (and raises nn.LSTM's exceptions). Plain means: no autocast,
+// no torch function or dispatch mode, input and hx (absent, or a tuple of two) exactly Tensors
+// on the CPU or a CUDA device, a 3-D input, no dropout mask to draw, and weights that are the
+// module's current Parameters (as nn.LSTM's _weights_have_changed() checks them). When the op
+// rejects a plain call, the op's own exception is raised (as torch.ops would raise it): the
+// Python path then takes it as the op's answer for the call and does not ask the op again.
+//
+// current_weights(module) is the same weights check for the Python path: self._flat_weights
+// when they are current, else None (nn.LSTM's _update_flat_weights() then refreshes them).
 //
 // The module is built by torch's extension machinery, which defines TORCH_EXTENSION_NAME (the
 // AOT `_C` and the JIT `fused_lstm_jit` both); fused_lstm/_loader.py imports it after loading
@@ -29,6 +33,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <array>
@@ -36,16 +41,12 @@
 #include <tuple>
 #include <vector>
 
+#include "lstm.h"
+
 namespace fused_lstm {
 namespace {
 
 using OptTensor = std::optional<at::Tensor>;
-using InferenceSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, at::TensorList,
-    const OptTensor&, int64_t, bool, bool, int64_t);
-using ForwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, at::TensorList,
-    const OptTensor&, int64_t, bool, bool, int64_t);
 
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> find_op(const char* name) {
@@ -143,22 +144,41 @@ int bool_attr(PyObject* self, PyObject* name) {
   return value.p == nullptr ? -1 : PyObject_IsTrue(value.p);
 }
 
-// self._flat_weights as tensors, or false when they are not the module's current Parameters
-// (FusedLSTM._current_flat_weights then updates them, in Python).
-bool current_weights(PyObject* self, std::vector<at::Tensor>& out) {
+// self._flat_weights (a new reference) when they are the module's current Parameters, else
+// nullptr with no error set. Exactly when nn.LSTM's _weights_have_changed() is False for
+// plain Parameters: every weight is found in _parameters (as getattr would find it) and is
+// the object held in _flat_weights. Anything else (parametrized weights, functional_call,
+// weights reassigned behind nn.LSTM's back) is left to nn.LSTM's _update_flat_weights().
+PyObject* current_flat_weights(PyObject* self) {
   Ref flat(PyObject_GetAttr(self, names.flat_weights));
   Ref flat_names(PyObject_GetAttr(self, names.flat_weights_names));
   Ref params(PyObject_GetAttr(self, names.parameters));
-  if (flat.p == nullptr || flat_names.p == nullptr || params.p == nullptr ||
-      !PyList_CheckExact(flat.p) || !PyList_CheckExact(flat_names.p) || !PyDict_Check(params.p))
-    return false;
+  bool current = flat.p != nullptr && flat_names.p != nullptr && params.p != nullptr &&
+      PyList_CheckExact(flat.p) && PyList_CheckExact(flat_names.p) && PyDict_Check(params.p) &&
+      PyList_GET_SIZE(flat_names.p) == PyList_GET_SIZE(flat.p);
+  for (Py_ssize_t i = 0; current && i < PyList_GET_SIZE(flat.p); ++i) {
+    PyObject* name = PyList_GET_ITEM(flat_names.p, i);
+    current = PyDict_GetItemWithError(params.p, name) == PyList_GET_ITEM(flat.p, i);
+  }
+  if (!current) {
+    PyErr_Clear();
+    return nullptr;
+  }
+  PyObject* result = flat.p;
+  flat.p = nullptr;
+  return result;
+}
+
+// current_flat_weights as tensors, or false when they are not current or not all exactly
+// Tensors (Parameters).
+bool current_weights(PyObject* self, std::vector<at::Tensor>& out) {
+  Ref flat(current_flat_weights(self));
+  if (flat.p == nullptr) return false;
   const Py_ssize_t n = PyList_GET_SIZE(flat.p);
-  if (PyList_GET_SIZE(flat_names.p) != n) return false;
   out.reserve(n);
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* weight = PyList_GET_ITEM(flat.p, i);
-    PyObject* current = PyDict_GetItemWithError(params.p, PyList_GET_ITEM(flat_names.p, i));
-    if (current == nullptr || current != weight || !plain_tensor(weight)) return false;
+    if (!plain_tensor(weight)) return false;
     out.push_back(THPVariable_Unpack(weight));
   }
   return true;
@@ -222,14 +242,14 @@ PyObject* forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     {
       WithoutGil no_gil;
       const at::Tensor x = batch_first ? input.transpose(0, 1) : input;
+      const auto call = [&](const auto& op) {
+        return op.call(x, std::nullopt, h0, c0, weights, std::nullopt, num_layers, bidirectional,
+                       bias, proj_size);
+      };
       if (needs_grad(input, h0, c0, weights)) {
-        std::tie(output, h_n, c_n, std::ignore) =
-            forward_op.call(x, std::nullopt, h0, c0, weights, std::nullopt, num_layers,
-                            bidirectional, bias, proj_size);
+        std::tie(output, h_n, c_n, std::ignore) = call(forward_op);
       } else {
-        std::tie(output, h_n, c_n) = inference_op.call(x, std::nullopt, h0, c0, weights,
-                                                       std::nullopt, num_layers, bidirectional,
-                                                       bias, proj_size);
+        std::tie(output, h_n, c_n) = call(inference_op);
       }
       if (batch_first) output = output.transpose(0, 1);
     }
@@ -240,18 +260,27 @@ PyObject* forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     Ref state(PyTuple_Pack(2, hy.p, cy.p));
     if (state.p == nullptr) return nullptr;
     return PyTuple_Pack(2, out.p, state.p);
-  } catch (const std::exception&) {
-    // The op rejected the arguments (or a Python error surfaced as python_error): the Python
-    // path decides what to raise.
-    PyErr_Clear();
-    Py_RETURN_NONE;
+  } catch (...) {
+    // The op rejected the arguments: its exception, as torch.ops raises it. FusedLSTM.forward
+    // hands it to the Python path, which decides what to raise (nn.LSTM's exception).
+    torch::translate_exception_to_python(std::current_exception());
+    return nullptr;
   }
+}
+
+// current_weights(module) -> module._flat_weights when current, else None (see the top).
+PyObject* current_weights_entry(PyObject*, PyObject* module) {
+  PyObject* flat = current_flat_weights(module);
+  if (flat == nullptr) Py_RETURN_NONE;
+  return flat;
 }
 
 PyMethodDef methods[] = {
     {"forward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&forward)),
      METH_FASTCALL,
      "forward(module, input, hx): FusedLSTM's call, or None when it is not a plain one."},
+    {"current_weights", &current_weights_entry, METH_O,
+     "current_weights(module): module._flat_weights when they are current, else None."},
     {nullptr, nullptr, 0, nullptr}};
 
 #define FUSED_LSTM_STR2(x) #x

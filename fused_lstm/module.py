@@ -36,14 +36,14 @@ from ._loader import python_entry
 __all__ = ["FusedLSTM", "FusedLSTMFallbackWarning", "convert", "revert"]
 
 _lstm_op = ops.lstm
-_lstm_inference = torch.ops.fused_lstm.lstm_inference.default
-# FusedLSTM's plain call in C++ (csrc/python_entry.cpp), with or without grad: the result, or
-# None when the call is not a plain one; None itself when the library could not be imported as
-# a Python module.
+# FusedLSTM's plain call in C++ (csrc/python_entry.cpp), with or without grad: the result,
+# None when the call is not a plain one, or the op's exception when the op rejects it; and
+# the same file's check of the weights (module._flat_weights when current, else None). Both
+# None when the library could not be imported as a Python module.
 _entry = python_entry()
 _fast_forward = _entry.forward if _entry is not None else None
+_current_weights = _entry.current_weights if _entry is not None else None
 _is_autocast_enabled = torch._C._is_any_autocast_enabled
-_is_grad_enabled = torch.is_grad_enabled
 _is_compiling = torch.compiler.is_compiling
 
 
@@ -84,41 +84,27 @@ class FusedLSTM(nn.LSTM):
     """
 
     def forward(self, input, hx=None):  # noqa: A002 (nn.LSTM's argument name)
-        # The common call, all in C++: the checks below and the op call without torch.ops'
-        # boxing (NOTES.md section 17). None: not a plain call, the paths below decide.
+        # The plain call, all in C++: the checks of the path below and the op call without
+        # torch.ops' boxing (NOTES.md section 17). None: not a plain call. An exception: the op
+        # rejected the call, which the path below then does not put to the op again.
+        op_error = None
         if _fast_forward is not None and not _is_compiling():
-            result = _fast_forward(self, input, hx)
-            if result is not None:
-                return result
-        weights = self._current_flat_weights()
-        # The same call in Python, for what the C++ entry leaves here (weights that changed since
-        # the last call, a torch function or dispatch mode, another device...): a batched
-        # tensor, hx absent or a pair, grad mode off, no autocast, no dropout mask. Straight to
-        # lstm_inference, whose own checks reject whatever is wrong with the arguments (dtypes,
-        # devices, shapes); a rejected call takes the full path below, which raises nn.LSTM's
-        # exception for it (NOTES.md section 12).
-        if (
-            not _is_grad_enabled()
-            and type(input) is Tensor
-            and input.dim() == 3
-            and (hx is None or (type(hx) is tuple and len(hx) == 2))
-            and not _is_autocast_enabled()
-            and not (self.training and self.dropout > 0 and self.num_layers > 1)
-            and not _is_compiling()  # compiled code traces the full path (one op, no try)
-        ):
-            x = input.transpose(0, 1) if self.batch_first else input
-            h0, c0 = (None, None) if hx is None else hx
             try:
-                output, h_n, c_n = _lstm_inference(
-                    x, None, h0, c0, weights, None, self.num_layers, self.bidirectional,
-                    self.bias, self.proj_size,
-                )
-            except Exception:  # noqa: BLE001 (the full path below decides what to raise)
-                pass
+                result = _fast_forward(self, input, hx)
+            except Exception as error:  # noqa: BLE001 (the path below decides what to raise)
+                op_error = error
             else:
-                if self.batch_first:
-                    output = output.transpose(0, 1)
-                return output, (h_n, c_n)
+                if result is not None:
+                    return result
+        return self._forward(input, hx, op_error)
+
+    def _forward(self, input, hx, op_error: Optional[Exception]):  # noqa: A002
+        """Every call the C++ entry does not compute (packed or unbatched input, a torch
+        function or dispatch mode, weights to refresh, dropout, autocast, compiled code...),
+        and the calls the op rejected there (``op_error``: its exception, for a padded call
+        with no dropout mask, whose arguments this path gives the op exactly as the entry did).
+        At most one op call; nn.LSTM raises its own exception for whatever the op rejects."""
+        weights = self._current_flat_weights()
         if _is_autocast_enabled():
             return _nn_lstm_forward(self, input, hx)
         num_layers = self.num_layers
@@ -227,6 +213,8 @@ class FusedLSTM(nn.LSTM):
             return self._forward_by_nn_lstm(input, hx)
 
         try:
+            if op_error is not None:  # the op's answer, from the C++ entry: not asked again
+                raise op_error
             output, h_n, c_n = self._fused(x, None, h0, c0, weights)
         except Exception as op_error:  # nn.LSTM decides: its own exception, or its result
             return self._forward_by_nn_lstm(input, hx, op_error)
@@ -262,28 +250,22 @@ class FusedLSTM(nn.LSTM):
 
     def _current_flat_weights(self):
         """``self._flat_weights`` after ``nn.LSTM._update_flat_weights()``, without its cost
-        (about 10 us: two ``Module.__getattr__`` calls per weight) when no weight changed.
-
-        The fast check passes exactly when nn.LSTM's ``_weights_have_changed()`` is False for
-        plain Parameters: every weight is found in ``_parameters`` (as ``getattr`` would find
-        it) and is the tensor held in ``_flat_weights``. Anything else (parametrized
-        weights, ``functional_call``, reassigned weights) takes nn.LSTM's own path.
-        """
-        params = self._parameters
-        flat = self._flat_weights  # the tensors _flat_weight_refs refer to, held strongly here
-        for name, current in zip(self._flat_weights_names, flat, strict=True):
-            weight = params.get(name)
-            if weight is None or current is not weight:
-                self._update_flat_weights()
-                return self._flat_weights
-        return flat
+        (about 10 us: two ``Module.__getattr__`` calls per weight) when no weight changed: the
+        C++ entry's check (``current_weights``, csrc/python_entry.cpp) says when. Compiled code
+        traces nn.LSTM's own method."""
+        if _current_weights is not None and not _is_compiling():
+            weights = _current_weights(self)
+            if weights is not None:
+                return weights
+        self._update_flat_weights()
+        return self._flat_weights
 
     def _fused(self, x: Tensor, batch_sizes: Optional[Tensor], h0, c0, weights):
         """The one op call: x is time-major [T, B, I], or packed data with batch_sizes."""
-        return _lstm_op(
+        return _lstm_op(*ops.LSTMArgs(
             x, batch_sizes, h0, c0, weights, self._dropout_mask(x), self.num_layers,
             self.bidirectional, self.bias, self.proj_size,
-        )
+        ))
 
     def _dropout_mask(self, x: Tensor) -> Optional[Tensor]:
         """Inter-layer dropout as a mask ``[L-1, *x.shape[:-1], D*out_size]`` of 0 and 1/(1-p),
@@ -306,7 +288,7 @@ class FusedLSTM(nn.LSTM):
                 "has none, or it was not compiled for it); FusedLSTM runs torch.nn.LSTM's "
                 "implementation there instead. Results are nn.LSTM's, without the speed-up.",
                 FusedLSTMFallbackWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         return _nn_lstm_forward(self, input, hx)
 
@@ -329,7 +311,7 @@ class FusedLSTM(nn.LSTM):
             + "; this call ran nn.LSTM's implementation instead. Please report it with the "
             "input shapes, dtypes and devices.",
             FusedLSTMFallbackWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         return result
 

@@ -15,7 +15,8 @@ Autograd itself is registered in C++ (``csrc/autograd.cpp``), not with
 kernel's fixed cost is about half of ``register_autograd``'s (``benchmarks/NOTES.md``). Its
 backward is ONE call of ``lstm_backward`` for the whole stack.
 
-Argument conventions (shared with the C++ schema):
+Argument conventions (shared with the C++ schema; :class:`LSTMArgs` is the argument list of
+``lstm_forward``, ``lstm_inference`` and :func:`lstm`, in the schema's order):
 
 * ``input``: time-major ``[T, B, I]``, or packed data ``[rows, I]`` with ``batch_sizes``
   (CPU int64 ``[T]``, non-increasing) as in ``PackedSequence``;
@@ -27,7 +28,8 @@ Argument conventions (shared with the C++ schema):
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import inspect
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -39,6 +41,24 @@ load_library()
 _ops = torch.ops.fused_lstm
 _lstm_forward = _ops.lstm_forward.default
 _lstm_inference = _ops.lstm_inference.default
+_reserve_numel = _ops.reserve_numel.default
+
+
+class LSTMArgs(NamedTuple):
+    """The arguments of ``lstm_forward``, ``lstm_inference`` and :func:`lstm`, in the schema's
+    order (csrc/lstm.cpp): the one place the Python side spells them out. ``op(*args)`` calls
+    an op with them; the backward ops take them with their gradient arguments in between."""
+
+    input: Tensor
+    batch_sizes: Optional[Tensor]
+    hx: Optional[Tensor]
+    cx: Optional[Tensor]
+    weights: Sequence[Tensor]
+    dropout_mask: Optional[Tensor]
+    num_layers: int
+    bidirectional: bool
+    has_biases: bool
+    proj_size: int
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -47,101 +67,83 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def reserve_numel(rows, num_layers, num_directions, hidden_size, proj_size):
-    """Elements of the reserve buffer; must match ``LSTMShape::reserve_numel`` in csrc/lstm.h."""
-    out_size = proj_size if proj_size > 0 else hidden_size
-    per_direction = rows * (5 * hidden_size + (hidden_size if proj_size > 0 else 0))
-    return num_layers * (rows * num_directions * out_size + num_directions * per_direction)
+    """Elements of the reserve buffer, from the C++ formula (``reserve_numel_of`` in
+    csrc/lstm.h, through the ``fused_lstm::reserve_numel`` op); ``rows`` and ``hidden_size``
+    may be SymInts."""
+    return _reserve_numel(rows, num_layers, num_directions, hidden_size, proj_size)
+
+
+def _state_shapes(a: LSTMArgs):
+    """``(hidden_size, out_size, hy's shape)`` of a call; cy's shape ends in hidden_size."""
+    hidden_size = a.weights[0].shape[0] // 4
+    out_size = a.proj_size if a.proj_size > 0 else hidden_size
+    if a.batch_sizes is None:
+        batch = a.input.shape[1]
+    elif a.hx is not None:
+        batch = a.hx.shape[1]
+    elif a.cx is not None:
+        batch = a.cx.shape[1]
+    else:  # batch_sizes[0]: a value only known at run time
+        batch = torch.library.get_ctx().new_dynamic_size()
+    return hidden_size, out_size, (a.num_layers * (2 if a.bidirectional else 1), batch, out_size)
 
 
 @torch.library.register_fake("fused_lstm::lstm_forward")
-def _lstm_forward_fake(
-    input, batch_sizes, hx, cx, weights, dropout_mask, num_layers, bidirectional, has_biases,
-    proj_size,
-):
-    hidden_size = weights[0].shape[0] // 4
-    num_directions = 2 if bidirectional else 1
-    out_size = proj_size if proj_size > 0 else hidden_size
-    if batch_sizes is None:
-        batch = input.shape[1]
-        rows = input.shape[0] * input.shape[1]
-    else:
-        rows = input.shape[0]
-        if hx is not None:
-            batch = hx.shape[1]
-        elif cx is not None:
-            batch = cx.shape[1]
-        else:  # batch_sizes[0]: a value only known at run time
-            batch = torch.library.get_ctx().new_dynamic_size()
+def _lstm_forward_fake(*args):
+    a = LSTMArgs(*args)
+    hidden_size, out_size, hy_shape = _state_shapes(a)
+    num_directions = 2 if a.bidirectional else 1
+    input = a.input  # noqa: A001
+    rows = input.shape[0] if a.batch_sizes is not None else input.shape[0] * input.shape[1]
     output = input.new_empty((*input.shape[:-1], num_directions * out_size))
-    hy = input.new_empty((num_layers * num_directions, batch, out_size))
-    cy = input.new_empty((num_layers * num_directions, batch, hidden_size))
+    hy = input.new_empty(hy_shape)
+    cy = input.new_empty((*hy_shape[:2], hidden_size))
     reserve = input.new_empty(
-        (reserve_numel(rows, num_layers, num_directions, hidden_size, proj_size),),
+        (reserve_numel(rows, a.num_layers, num_directions, hidden_size, a.proj_size),),
         dtype=math_dtype(input.dtype),
     )
     return output, hy, cy, reserve
 
 
 @torch.library.register_fake("fused_lstm::lstm_inference")
-def _lstm_inference_fake(
-    input, batch_sizes, hx, cx, weights, dropout_mask, num_layers, bidirectional, has_biases,
-    proj_size,
-):
-    output, hy, cy, _ = _lstm_forward_fake(
-        input, batch_sizes, hx, cx, weights, dropout_mask, num_layers, bidirectional, has_biases,
-        proj_size,
-    )
-    return output, hy, cy
+def _lstm_inference_fake(*args):
+    return _lstm_forward_fake(*args)[:3]
 
 
 @torch.library.register_fake("fused_lstm::lstm_backward")
-def _lstm_backward_fake(
-    input, batch_sizes, hx, cx, weights, dropout_mask, reserve, grad_output, grad_hy, grad_cy,
-    num_layers, bidirectional, has_biases, proj_size,
-):
-    hidden_size = weights[0].shape[0] // 4
-    num_directions = 2 if bidirectional else 1
-    out_size = proj_size if proj_size > 0 else hidden_size
-    if batch_sizes is None:
-        batch = input.shape[1]
-    elif hx is not None:
-        batch = hx.shape[1]
-    elif cx is not None:
-        batch = cx.shape[1]
-    else:
-        batch = torch.library.get_ctx().new_dynamic_size()
-    layers_dirs = num_layers * num_directions
+def _lstm_backward_fake(*args):
+    # (the forward's arguments, with reserve, grad_output, grad_hy, grad_cy after dropout_mask)
+    a = LSTMArgs(*args[:6], *args[10:])
+    hidden_size, _, hy_shape = _state_shapes(a)
     # Contiguous, as the kernels allocate them (at::empty(sizes)): empty_like would copy the
     # strides of a non-contiguous input (batch_first input reaches the op transposed), and
     # compiled code checks the real strides against these.
     return (
-        input.new_empty(input.shape),
-        input.new_empty((layers_dirs, batch, out_size)),
-        input.new_empty((layers_dirs, batch, hidden_size)),
-        [w.new_empty(w.shape) for w in weights],
+        a.input.new_empty(a.input.shape),
+        a.input.new_empty(hy_shape),
+        a.input.new_empty((*hy_shape[:2], hidden_size)),
+        [w.new_empty(w.shape) for w in a.weights],
     )
 
 
 @torch.library.impl("fused_lstm::lstm_backward_composite", "CompositeImplicitAutograd")
-def _lstm_backward_composite(
-    input, batch_sizes, hx, cx, weights, dropout_mask, grad_output, grad_hy, grad_cy,
-    num_layers, bidirectional, has_biases, proj_size,
-):
+def _lstm_backward_composite(*args):
     """lstm_backward's gradients, differentiable again: the forward is recomputed through the
     reference from the saved tensors themselves, so the gradient's graph reaches them (and the
     upstream gradients). Called by the C++ autograd kernel when backward runs with
     create_graph=True; tensors that do not require grad get zero gradients."""
     from . import reference
 
-    outputs = reference.lstm_forward(
-        input, batch_sizes, hx, cx, weights, dropout_mask, num_layers, bidirectional, has_biases,
-        proj_size,
-    )
+    # (the forward's arguments, with grad_output, grad_hy, grad_cy after dropout_mask)
+    a = LSTMArgs(*args[:6], *args[9:])
+    grad_output, grad_hy, grad_cy = args[6:9]
+    outputs = reference.lstm_forward(*a)
+    hx, cx = a.hx, a.cx
     if hx is None:
         hx = outputs[1].new_zeros(outputs[1].shape)
     if cx is None:
         cx = outputs[2].new_zeros(outputs[2].shape)
-    wrt = [input, hx, cx, *weights]
+    wrt = [a.input, hx, cx, *a.weights]
     pairs = [(o, g) for o, g in zip(outputs, (grad_output, grad_hy, grad_cy)) if g is not None]
     differentiable = [t.requires_grad for t in wrt]
     targets = [t for t, d in zip(wrt, differentiable) if d]
@@ -153,34 +155,32 @@ def _lstm_backward_composite(
     return full[0], full[1], full[2], full[3:]
 
 
-def lstm(
-    input: Tensor,
-    batch_sizes: Optional[Tensor],
-    hx: Optional[Tensor],
-    cx: Optional[Tensor],
-    weights: Sequence[Tensor],
-    dropout_mask: Optional[Tensor],
-    num_layers: int,
-    bidirectional: bool,
-    has_biases: bool,
-    proj_size: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The stacked LSTM in one op call; returns ``(output, h_n, c_n)`` (see module docstring).
+def needs_grad(a: LSTMArgs) -> bool:
+    """Whether a gradient can flow from the call: grad mode on and an argument requiring grad.
+    The Python path's (and compiled code's) rule; the C++ entry's (csrc/python_entry.cpp,
+    ``needs_grad``) is the same rule in C++, and a test holds the two together."""
+    return torch.is_grad_enabled() and (
+        a.input.requires_grad
+        or any(w.requires_grad for w in a.weights)
+        or (a.hx is not None and a.hx.requires_grad)
+        or (a.cx is not None and a.cx.requires_grad)
+    )
+
+
+def lstm(*args, **kwargs) -> tuple[Tensor, Tensor, Tensor]:
+    """The stacked LSTM in one op call: ``lstm(input, batch_sizes, hx, cx, weights,
+    dropout_mask, num_layers, bidirectional, has_biases, proj_size)`` (:class:`LSTMArgs`, see
+    the module docstring); returns ``(output, h_n, c_n)``.
 
     When no gradient can flow (grad mode off, or no argument requires grad), the call goes to
     ``lstm_inference``, which stores nothing for backward."""
-    if torch.is_grad_enabled() and (
-        input.requires_grad
-        or any(w.requires_grad for w in weights)
-        or (hx is not None and hx.requires_grad)
-        or (cx is not None and cx.requires_grad)
-    ):
-        output, hy, cy, _reserve = _lstm_forward(
-            input, batch_sizes, hx, cx, list(weights), dropout_mask, num_layers, bidirectional,
-            has_biases, proj_size,
-        )
+    a = LSTMArgs(*args, **kwargs)
+    if type(a.weights) is not list:  # the ops take a list
+        a = a._replace(weights=list(a.weights))
+    if needs_grad(a):
+        output, hy, cy, _reserve = _lstm_forward(*a)
         return output, hy, cy
-    return _lstm_inference(
-        input, batch_sizes, hx, cx, list(weights), dropout_mask, num_layers, bidirectional,
-        has_biases, proj_size,
-    )
+    return _lstm_inference(*a)
+
+
+lstm.__signature__ = inspect.signature(LSTMArgs)  # type: ignore[attr-defined]

@@ -520,9 +520,9 @@ def test_inference_under_no_grad_and_inference_mode():
 @pytest.mark.parametrize("entry", ["cpp", "python"])
 def test_no_grad_call_goes_straight_to_the_inference_op(batch_first, with_state, mode, entry,
                                                          monkeypatch):
-    """Without grad, a plain batched call takes a short path with nn.LSTM's results and not
-    ops.lstm (the full path): the C++ entry (csrc/python_entry.cpp), which calls the op itself,
-    or without it, ONE lstm_inference call from Python."""
+    """Without grad, a plain batched call is ONE lstm_inference call, with nn.LSTM's results:
+    the C++ entry's (csrc/python_entry.cpp), which calls the op itself and not ops.lstm, or
+    without the entry, the Python path's one ops.lstm call."""
     torch_lstm, fused = lstm_pair(input_size=3, hidden_size=4, num_layers=2, dropout=0.3,
                                   bidirectional=True, batch_first=batch_first)
     if mode == "eval_no_grad":  # in training mode, dropout needs the full path (its mask)
@@ -530,22 +530,23 @@ def test_no_grad_call_goes_straight_to_the_inference_op(batch_first, with_state,
     else:
         torch_lstm.dropout = fused.dropout = 0.0
     calls = []
-    real = fused_module._lstm_inference
-    monkeypatch.setattr(fused_module, "_lstm_op", lambda *a: pytest.fail("full path taken"))
+    real = fused_module._lstm_op
     if entry == "cpp":
         assert fused_module._fast_forward is not None
-        monkeypatch.setattr(fused_module, "_lstm_inference",
-                            lambda *a: pytest.fail("Python short path taken"))
+        monkeypatch.setattr(fused_module, "_lstm_op", lambda *a: pytest.fail("Python path taken"))
     else:
         monkeypatch.setattr(fused_module, "_fast_forward", None)
-        monkeypatch.setattr(fused_module, "_lstm_inference",
-                            lambda *a: calls.append(a) or real(*a))
+        monkeypatch.setattr(fused_module, "_lstm_op", lambda *a: calls.append(a) or real(*a))
     x = randn(2, 5, 3) if batch_first else randn(5, 2, 3)
     hx = make_state(fused, 2, F64) if with_state else None
     context = torch.inference_mode() if mode == "inference_mode" else torch.no_grad()
     with context:
-        ours, theirs = fused(x, hx), torch_lstm(x, hx)
+        with torch.profiler.profile() as prof:
+            ours = fused(x, hx)
+        theirs = torch_lstm(x, hx)
     assert len(calls) == (1 if entry == "python" else 0)
+    names = [e.name for e in prof.events() if e.name.startswith("fused_lstm::")]
+    assert names == ["fused_lstm::lstm_inference"]
     assert_close(ours, theirs)
     assert ours[0].shape == theirs[0].shape
     assert type(ours) is tuple and type(ours[1]) is tuple
@@ -566,9 +567,10 @@ class _Double(nn.Module):
 
 
 def test_cpp_entry_declines_every_call_that_is_not_plain():
-    """The C++ entry answers None (and leaves the call to the Python paths, which decide and
-    raise nn.LSTM's exceptions) for anything but a plain call; it never raises for the
-    arguments and never computes such a call itself."""
+    """The C++ entry answers None (and leaves the call to the Python path, which decides and
+    raises nn.LSTM's exceptions) for anything but a plain call, and never computes such a call
+    itself. A plain call the op rejects raises the op's own exception (which FusedLSTM hands
+    to the Python path as the op's answer)."""
     entry = fused_module._fast_forward
     fused = FusedLSTM(3, 4, num_layers=2, dtype=F64).eval()
     x = randn(5, 2, 3)
@@ -581,14 +583,19 @@ def test_cpp_entry_declines_every_call_that_is_not_plain():
             "hx a list": (fused, x, list(make_state(fused, 2, F64))),
             "hx of three": (fused, x, (*make_state(fused, 2, F64), randn(1))),
             "hx not tensors": (fused, x, (1, 2)),
-            "wrong input size": (fused, randn(5, 2, 4), None),
-            "wrong dtype": (fused, randn(5, 2, 3).float(), None),
-            "wrong hx shape": (fused, x, (randn(2, 3, 4), randn(2, 3, 4))),
-            "empty sequence": (fused, randn(0, 2, 3), None),
             "not a module": (object(), x, None),
         }
         for name, args in cases.items():
             assert entry(*args) is None, name
+        rejected = {
+            "wrong input size": (fused, randn(5, 2, 4), None),
+            "wrong dtype": (fused, randn(5, 2, 3).float(), None),
+            "wrong hx shape": (fused, x, (randn(2, 3, 4), randn(2, 3, 4))),
+            "empty sequence": (fused, randn(0, 2, 3), None),
+        }
+        for name, args in rejected.items():
+            with pytest.raises((RuntimeError, ValueError), match="^fused_lstm: "):
+                entry(*args)
         with _NoteCalls():
             assert entry(fused, x, None) is None, "torch function mode"
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -622,7 +629,6 @@ def test_training_call_goes_through_the_cpp_entry(batch_first, grads, monkeypatc
     torch_lstm, fused = lstm_pair(input_size=3, hidden_size=4, num_layers=2,
                                   bidirectional=True, batch_first=batch_first)
     monkeypatch.setattr(fused_module, "_lstm_op", lambda *a: pytest.fail("full path taken"))
-    monkeypatch.setattr(fused_module, "_lstm_inference", lambda *a: pytest.fail("short path"))
     if grads not in ("all", "weights_only"):
         for module in (torch_lstm, fused):
             module.requires_grad_(False)
@@ -673,7 +679,6 @@ def test_cpp_entry_sees_reassigned_and_updated_weights():
 def test_no_grad_training_dropout_takes_the_full_path(monkeypatch):
     """Dropout in training mode needs its mask even without grad: that call is not short-cut."""
     fused = FusedLSTM(3, 4, num_layers=2, dropout=0.5, dtype=F64)
-    monkeypatch.setattr(fused_module, "_lstm_inference", lambda *a: pytest.fail("short path"))
     masks = []
     op = fused_module._lstm_op
     monkeypatch.setattr(fused_module, "_lstm_op", lambda *a: masks.append(a[5]) or op(*a))
@@ -1105,3 +1110,90 @@ def test_torch_compile_default_gives_nn_lstm_results():
     torch._dynamo.reset()
     compiled = torch.compile(nn.Sequential(fused, ), backend="aot_eager")
     assert_close(compiled(x), torch_lstm(x))
+
+
+# --- one forward path: the op is asked once -------------------------------------------------
+
+
+def _fused_op_calls(prof):
+    return [e.name for e in prof.events() if e.name.startswith("fused_lstm::")]
+
+
+@pytest.mark.parametrize("entry", ["cpp", "python"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("case", ["hx_dtype", "input_dtype", "input_size", "empty"])
+def test_rejected_call_reaches_the_op_at_most_once(case, grad, entry, monkeypatch):
+    """A call the op rejects reaches the op at most once on its way to nn.LSTM's exception
+    (same class and message): a rejection by the C++ entry's op call is the Python path's
+    answer, not asked again. hx of another dtype passes every Python check: only the op and
+    nn.LSTM's C++ see it, so that call reaches the op exactly once."""
+    torch_lstm, fused = lstm_pair(input_size=3, hidden_size=4, num_layers=2)
+    if entry == "python":
+        monkeypatch.setattr(fused_module, "_fast_forward", None)
+    x = {"input_dtype": randn(5, 2, 3, dtype=F32), "input_size": randn(5, 2, 4),
+         "empty": randn(0, 2, 3)}.get(case, randn(5, 2, 3)).requires_grad_(grad)
+    hx = tuple(t.detach().to(F32 if case == "hx_dtype" else F64)
+               for t in make_state(fused, 2, F64))
+    with torch.set_grad_enabled(grad):
+        with pytest.raises(Exception) as expected:
+            torch_lstm(x, hx)
+        with torch.profiler.profile() as prof, pytest.raises(type(expected.value)) as got:
+            fused(x, hx)
+    assert str(got.value) == str(expected.value)
+    calls = _fused_op_calls(prof)
+    assert len(calls) <= 1, calls
+    if case == "hx_dtype":
+        assert calls == ["fused_lstm::lstm_forward" if grad else "fused_lstm::lstm_inference"]
+
+
+@pytest.mark.parametrize("grad_mode", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("requiring", ["nothing", "input", "h0", "c0", "weights"])
+def test_entry_and_python_path_choose_the_same_op(grad_mode, requiring, monkeypatch):
+    """needs_grad is C++ in the entry (it cannot call Python) and Python in ops.needs_grad
+    (compiled code traces it): for every case both paths call the op ops.needs_grad names."""
+    from fused_lstm import ops
+
+    fused = FusedLSTM(3, 4, num_layers=2, dtype=F64).requires_grad_(requiring == "weights")
+    x = randn(5, 2, 3)
+    h0, c0 = (t.detach() for t in make_state(fused, 2, F64))
+    for name, t in (("input", x), ("h0", h0), ("c0", c0)):
+        t.requires_grad_(name == requiring)
+    expected = grad_mode and requiring != "nothing"
+    op = "fused_lstm::lstm_forward" if expected else "fused_lstm::lstm_inference"
+    with torch.set_grad_enabled(grad_mode):
+        args = ops.LSTMArgs(x, None, h0, c0, fused._flat_weights, None, 2, False, True, 0)
+        assert ops.needs_grad(args) is expected
+        for entry in (fused_module._fast_forward, None):
+            monkeypatch.setattr(fused_module, "_fast_forward", entry)
+            with torch.profiler.profile() as prof:
+                out = fused(x, (h0, c0))
+            assert _fused_op_calls(prof) == [op]
+            assert (out[0].grad_fn is not None) is expected
+
+
+@pytest.mark.parametrize("check", ["cpp", "nn_lstm"])
+def test_python_path_sees_reassigned_and_parametrized_weights(check, monkeypatch):
+    """The Python path's weights: the C++ entry's currency check (current_weights), or
+    without the binding nn.LSTM's _update_flat_weights(); reassigned, replaced and
+    parametrized weights are used at once either way."""
+    torch_lstm, fused = lstm_pair(input_size=3, hidden_size=4, num_layers=2)
+    monkeypatch.setattr(fused_module, "_fast_forward", None)
+    if check == "nn_lstm":
+        monkeypatch.setattr(fused_module, "_current_weights", None)
+    else:
+        assert fused_module._current_weights(fused) is fused._flat_weights
+    x = randn(5, 2, 3)
+    assert_close(fused(x), torch_lstm(x))
+    new = randn(16, 4)
+    fused.weight_hh_l1 = nn.Parameter(new.clone())
+    torch_lstm.weight_hh_l1 = nn.Parameter(new.clone())
+    assert_close(fused(x), torch_lstm(x))
+    replaced = randn(16, 3)
+    fused._parameters["weight_ih_l0"] = nn.Parameter(replaced.clone())  # behind nn.LSTM's back
+    torch_lstm._parameters["weight_ih_l0"] = nn.Parameter(replaced.clone())
+    if check == "cpp":
+        assert fused_module._current_weights(fused) is None
+    assert_close(fused(x), torch_lstm(x))
+    for module in (fused, torch_lstm):
+        parametrize.register_parametrization(module, "weight_hh_l0", _Double())
+    assert_close(fused(x), torch_lstm(x))

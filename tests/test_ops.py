@@ -623,3 +623,22 @@ torch.save(outs, {str(tmp_path / 'generic.pt')!r})
             differ = differ or not torch.equal(g, h)
     if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX"):
         assert differ
+
+
+def test_reserve_size_is_the_kernels_formula_also_with_symbolic_sizes():
+    """The fake kernel takes the reserve size from the C++ formula (fused_lstm::reserve_numel),
+    with symbolic sizes too: the expression it builds evaluates to the kernel's reserve size."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    for packed in (False, True):
+        _, a = make_case(3, True, True, 2, packed, with_state=True, requires_grad=False)
+        reserve = call(LSTM_FORWARD, a)[3]
+        mode = FakeTensorMode(shape_env=ShapeEnv())
+        fake = {k: mode.from_tensor(v, static_shapes=k not in ("input", "hx", "cx"))
+                if isinstance(v, torch.Tensor) else
+                [mode.from_tensor(w) for w in v] if k == "weights" else v for k, v in a.items()}
+        with mode:
+            numel = call(LSTM_FORWARD, fake)[3].numel()
+        assert isinstance(numel, torch.SymInt)
+        assert numel.node.hint == reserve.numel()
