@@ -220,3 +220,14 @@ PERSISTENT_GRID_IDS = [f"L{l}-{'bias' if b else 'nobias'}-{'bi' if d else 'uni'}
 # What the CPU emulation of the CUDA ops (tests/test_cuda_compile.py) reads on every call: the
 # emulated device's limits and the occupancy API's answer.
 EMULATION_ENV = ("FUSED_LSTM_EMULATED_DEVICE", "FUSED_LSTM_EMULATED_CORESIDENT")
+
+
+# ---- the CPU ---------------------------------------------------------------------------------------
+
+def cpu_features() -> dict[str, bool]:
+    """What the CPU kernel choice sees of this CPU (fused_lstm.explain's "cpu" entry): avx512,
+    avx512_bf16, brgemm, onednn_matmul."""
+    import fused_lstm
+
+    plan = fused_lstm.explain(dict(hidden_size=32), torch.empty(2, 2, 4))["forward"]
+    return {k: v == "1" for k, v in (w.split(":") for w in plan["cpu"].split())}

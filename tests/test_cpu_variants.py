@@ -11,6 +11,7 @@ the thin kernel would run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -21,8 +22,19 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_lstm
-from fused_lstm import FusedLSTM
-from helpers import randn, random_lengths
+from fused_lstm import FusedLSTM, ops, reference
+from helpers import (
+    assert_results_and_grads_close,
+    call,
+    cpu_features,
+    differentiable,
+    lstm_pair,
+    make_case,
+    make_state,
+    randn,
+    random_lengths,
+    zeros_state,
+)
 
 pytestmark = pytest.mark.filterwarnings(  # nn.LSTM's own, for the projection cases
     "ignore:LSTM with projections is not supported with oneDNN:UserWarning")
@@ -31,12 +43,9 @@ CPU = fused_lstm.backends.cpu
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 
 
-def _features() -> dict[str, bool]:
-    plan = fused_lstm.explain(dict(hidden_size=32), torch.empty(2, 2, 4))["forward"]
-    return {k: v == "1" for k, v in (w.split(":") for w in plan["cpu"].split())}
-
-
-FEATURES = _features()
+FEATURES = cpu_features()
+LSTM_FORWARD = torch.ops.fused_lstm.lstm_forward.default
+LSTM_INFERENCE = torch.ops.fused_lstm.lstm_inference.default
 needs = {
     "brgemm": pytest.mark.skipif(not FEATURES["brgemm"],
                                  reason="this torch's brgemm micro-kernel does not run here"),
@@ -295,3 +304,467 @@ def test_environment_gives_the_defaults_at_import(tmp_path):
     run = subprocess.run([sys.executable, "-c", "import fused_lstm"], env=env,
                          capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode != 0 and "FUSED_LSTM_CUDA_PATH='fastest'" in run.stderr
+
+
+# The tests below were written in tests/test_ops.py and tests/test_module.py: each keeps the seed
+# it had there (conftest.py seeds a test from its node id), so it runs on the inputs it was
+# written and checked against.
+SEEDED_AS = {
+    "test_batch_split_over_threads": "tests/test_ops.py",
+    "test_thin_products_split_over_threads": "tests/test_ops.py",
+    "test_small_hidden_products_match_nn_lstm": "tests/test_ops.py",
+    "test_float32_row_wise_path_matches_nn_lstm": "tests/test_ops.py",
+    "test_thin_inference_matches_nn_lstm": "tests/test_ops.py",
+    "test_float32_fused_input_projection_matches_nn_lstm": "tests/test_ops.py",
+    "test_float32_fused_input_projection_same_as_unfused": "tests/test_ops.py",
+    "test_float32_fused_inference_three_layers": "tests/test_ops.py",
+    "test_float32_cell_pass_accuracy": "tests/test_ops.py",
+    "test_float32_generic_cell_pass": "tests/test_ops.py",
+    "test_bf16_training_within_twice_nn_lstm": "tests/test_module.py",
+    "test_bf16_training_without_bf16_products": "tests/test_module.py",
+    "test_bf16_fused_input_projection_same_as_unfused": "tests/test_module.py",
+}
+
+
+# ---- Each variant against nn.LSTM's own kernel, over its edges (op level) -----------------------
+
+@contextlib.contextmanager
+def num_threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def two_threads():
+    with num_threads(2):
+        yield
+
+
+def assert_matches_nn_lstm(a, weight_scale, tol, inference_tol):
+    """Outputs and every gradient of the op against nn.LSTM's own kernel (torch._VF.lstm) on the
+    same tensors, the weights first scaled by ``weight_scale``; then lstm_inference against
+    lstm_forward. make_case's weights (0.5 * randn) saturate tens of hidden units and grow the
+    gradients to ~1e3 over tens of steps, so larger cases scale them to about nn.LSTM's own
+    initialisation (1/sqrt(hidden))."""
+    a["weights"] = [(w.detach() * weight_scale).requires_grad_() for w in a["weights"]]
+    hx = (a["hx"], a["cx"])
+    flags = (a["has_biases"], a["num_layers"], 0.0, False, a["bidirectional"])
+    if a["batch_sizes"] is not None:
+        expected = torch._VF.lstm(a["input"], a["batch_sizes"], hx, a["weights"], *flags)
+    else:
+        expected = torch._VF.lstm(a["input"], hx, a["weights"], *flags, False)
+    got = call(ops.lstm, a)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=tol, atol=tol)
+    grads = [torch.randn_like(t) for t in got]
+    wrt = differentiable(a)
+    for g, e in zip(torch.autograd.grad(got, wrt, grads), torch.autograd.grad(expected, wrt, grads)):
+        torch.testing.assert_close(g, e, rtol=tol, atol=tol)
+    with torch.no_grad():
+        for g, e in zip(call(LSTM_INFERENCE, a), got):
+            torch.testing.assert_close(g, e, rtol=inference_tol, atol=inference_tol)
+
+
+@pytest.mark.parametrize("bidirectional,proj_size,packed",
+                         [(False, 0, False), (True, 0, True), (True, 16, False), (False, 16, True)])
+def test_batch_split_over_threads(two_threads, bidirectional, proj_size, packed):
+    """With two threads and enough recurrent work, each thread runs every step for its own slice
+    of the batch (csrc/cpu: for_each_batch_slice), forward and backward; an odd batch makes the
+    slices unequal and packed lengths make a slice run out of rows before the other. float64."""
+    _, a = make_case(2, True, bidirectional, proj_size, packed, with_state=True,
+                     input_size=5, hidden_size=64, seq_len=24, batch=9)
+    assert_matches_nn_lstm(a, 1 / 8, tol=1e-10, inference_tol=1e-12)
+
+
+@pytest.mark.parametrize("bidirectional,packed", [(False, False), (True, True)])
+def test_thin_products_split_over_threads(two_threads, bidirectional, packed):
+    """A batch of a few rows with a large hidden size (streaming inference): the products are
+    split by columns over the threads (csrc/cpu gemm, kThinRows), the gradients' products of a
+    few rows too. float64."""
+    _, a = make_case(2, True, bidirectional, 0, packed, with_state=True,
+                     input_size=7, hidden_size=256, seq_len=3, batch=2)
+    assert_matches_nn_lstm(a, 1 / 32, tol=1e-10, inference_tol=1e-12)
+
+
+SMALL_HIDDEN_CASES = [  # hidden, proj_size, batch, bidirectional, packed
+    (3, 0, 1, False, False),
+    (3, 0, 7, True, True),  # narrow: batch columns 4 + 2 + 1
+    (3, 2, 6, False, True),  # narrow: 4 + 2, projection
+    (5, 3, 10, False, False),  # batch blocks 8 + 2; rows of W_hr (3) and W_hh^T not in 4s
+    (3, 0, 29, True, False),  # batch blocks 16 + 8 + 4 + 1
+    (7, 5, 13, True, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("hidden,proj_size,batch,bidirectional,packed", SMALL_HIDDEN_CASES,
+                         ids=[f"H{h}-P{p}-B{b}-{'bi' if d else 'uni'}-{'packed' if k else 'padded'}"
+                              for h, p, b, d, k in SMALL_HIDDEN_CASES])
+def test_small_hidden_products_match_nn_lstm(dtype, hidden, proj_size, batch, bidirectional,
+                                             packed):
+    """Hidden sizes below 16 run in the batch-fastest layout (csrc/cpu: tiny_product): batches
+    of 8 and more in blocks of 16, 8, 4, 2, 1 columns, weight rows 4 at a time and the rest one
+    by one (W_hr's proj_size rows, W_hh^T's out rows in the backward); narrower batches along the
+    weight rows, 4 batch columns at a time, then 2, then 1. Forward, every gradient and
+    inference against nn.LSTM on the same tensors."""
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    _, a = make_case(2, True, bidirectional, proj_size, packed, with_state=True, dtype=dtype,
+                     input_size=4, hidden_size=hidden, seq_len=5, batch=batch)
+    assert_matches_nn_lstm(a, 1 / 2, tol=tol, inference_tol=tol / 10)
+
+
+@pytest.mark.parametrize("hidden,batch", [(48, 9), (80, 70)], ids=["one-block", "blocks"])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bidirectional,proj_size,packed",
+                         [(False, 0, False), (True, 0, True), (True, 8, False), (False, 8, True)])
+def test_float32_row_wise_path_matches_nn_lstm(threads, bidirectional, proj_size, packed, hidden,
+                                                batch):
+    """float32 at a hidden size of the row-wise path (>= 16): the recurrent products (forward
+    and backward) go through oneDNN's brgemm micro-kernel where torch has it (csrc/cpu:
+    brgemm_product, in blocks of 64 rows and 256 columns: 80 hidden units are 320 gate columns,
+    70 rows two row blocks on one thread), on one thread or split over two by batch rows."""
+    with num_threads(threads):
+        _, a = make_case(2, True, bidirectional, proj_size, packed, with_state=True,
+                         dtype=torch.float32, input_size=5, hidden_size=hidden, seq_len=12,
+                         batch=batch)
+        assert_matches_nn_lstm(a, 1 / 4, tol=1e-5, inference_tol=1e-6)
+
+
+THIN_CASES = [  # hidden, input, batch, num_layers, bias, bidirectional, with_state
+    (16, 11, 1, 1, True, False, True),
+    (17, 5, 3, 2, False, True, False),
+    (17, 2000, 2, 1, True, False, True),  # split over 2 threads: 16 units and 1
+    (33, 19, 8, 3, True, True, True),
+    (48, 27, 5, 1, True, False, False),
+    (200, 40, 3, 2, True, True, True),  # 2 threads: the split crosses the directions
+    (256, 64, 1, 2, True, False, True),  # stream-step
+    (256, 64, 2, 2, False, True, True),
+    (33, 19, 7, 2, True, False, True),
+]
+
+
+@pytest.mark.parametrize("seq_len", [1, 3])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("hidden,input_size,batch,num_layers,bias,bidirectional,with_state",
+                         THIN_CASES,
+                         ids=[f"H{h}-I{i}-B{b}-L{l}-{'bias' if bi else 'nobias'}-{'bi' if d else 'uni'}"
+                              f"-{'state' if s else 'nostate'}" for h, i, b, l, bi, d, s in THIN_CASES])
+def test_thin_inference_matches_nn_lstm(seq_len, threads, dtype, hidden, input_size, batch,
+                                        num_layers, bias, bidirectional, with_state):
+    """Streaming inference (a batch of at most 8 rows, a hidden size from 16 on, no projection):
+    lstm_inference takes the thin kernel (csrc/cpu: thin_inference; each thread owns a range of
+    hidden units, dot products along the weight rows in blocks of 1 to 4 batch rows, scalar
+    tails where the row lengths are not multiples of the vector width, units split unevenly
+    over the threads). Against nn.LSTM on the same weights, and against lstm_forward; seq_len 3
+    runs it step by step and, packed, with rows ending early (the reverse direction's rows then
+    start from h0 and c0 at different steps)."""
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for packed in ([False, True] if seq_len > 1 and batch > 1 else [False]):
+        lstm, a = make_case(num_layers, bias, bidirectional, 0, packed, with_state, dtype=dtype,
+                            input_size=input_size, hidden_size=hidden, seq_len=seq_len,
+                            batch=batch, requires_grad=False, seed=hidden + batch)
+        a["weights"] = [w / hidden ** 0.5 for w in a["weights"]]
+        a["input"] = a["input"] * (hidden / input_size) ** 0.5
+        hx = None if a["hx"] is None else (a["hx"], a["cx"])
+        flags = (bias, num_layers, 0.0, False, bidirectional)
+        with num_threads(threads):
+            got = call(LSTM_INFERENCE, a)
+            forward = call(LSTM_FORWARD, a)[:3]
+        if hx is None:
+            D = 2 if bidirectional else 1
+            zeros = torch.zeros(num_layers * D, batch, hidden, dtype=dtype)
+            hx = (zeros, zeros)
+        if packed:
+            expected = torch._VF.lstm(a["input"], a["batch_sizes"], hx, a["weights"], *flags)
+        else:
+            expected = torch._VF.lstm(a["input"], hx, a["weights"], *flags, False)
+        for g, e, f in zip(got, expected, forward):
+            torch.testing.assert_close(g, e, rtol=tol, atol=tol)
+            torch.testing.assert_close(g, f, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bias,bidirectional,proj_size,packed,hidden,batch",
+                         [(True, False, 0, False, 80, 70), (False, True, 0, True, 40, 9),
+                          (True, True, 8, True, 40, 70), (True, False, 8, False, 40, 9)])
+def test_float32_fused_input_projection_matches_nn_lstm(threads, bias, bidirectional, proj_size,
+                                                         packed, hidden, batch):
+    """float32, hidden >= 16, seq_len >= 2: each step's gates are b + x_t W_ih^T + h W_hh^T,
+    both products through brgemm on the thread that runs the step (csrc/cpu: forward_step with
+    x_t; W_ih transposed once per call by use_brgemm), training forward, backward and inference.
+    Inputs wider than the hidden size and three layers (the deeper layers' input is the previous
+    layer's D * out), with and without biases; 70 rows are two row blocks on one thread; 40
+    hidden units are 160 gate columns, panels of 64 columns and a tail of 32."""
+    with num_threads(threads):
+        _, a = make_case(3, bias, bidirectional, proj_size, packed, with_state=True,
+                         dtype=torch.float32, input_size=37, hidden_size=hidden, seq_len=9,
+                         batch=batch)
+        assert_matches_nn_lstm(a, 1 / 4, tol=1e-5, inference_tol=1e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bidirectional,packed", [(False, False), (True, True)])
+def test_float32_fused_input_projection_same_as_unfused(threads, bidirectional, packed):
+    """The fused input projection against the separate one (allow_fused_input_projection =
+    False): same outputs, the same reserve (the activated gates and cells backward reads), the
+    same inference results; with a dropout mask between layers and a projection; gradients
+    against the plain PyTorch reference."""
+    with num_threads(threads):
+        _, a = make_case(3, True, bidirectional, 8, packed, with_state=True, dtype=torch.float32,
+                         input_size=24, hidden_size=36, seq_len=10, batch=11, dropout=0.3)
+        a["weights"] = [(w.detach() / 4).requires_grad_() for w in a["weights"]]
+        with torch.no_grad():
+            fused = call(LSTM_FORWARD, a)
+            fused_inference = call(LSTM_INFERENCE, a)
+            with CPU.flags(allow_fused_input_projection=False):
+                unfused = call(LSTM_FORWARD, a)
+                unfused_inference = call(LSTM_INFERENCE, a)
+        for f, u in zip(fused, unfused):  # output, h_n, c_n, reserve
+            torch.testing.assert_close(f, u, rtol=1e-5, atol=1e-5)
+        for f, u in zip(fused_inference, unfused_inference):
+            torch.testing.assert_close(f, u, rtol=1e-5, atol=1e-5)
+        for f, u in zip(fused_inference, fused[:3]):
+            torch.testing.assert_close(f, u, rtol=1e-6, atol=1e-6)
+        assert_results_and_grads_close(call(ops.lstm, a), call(reference.lstm_forward, a),
+                                       differentiable(a), 1e-5, grad_tol=1e-4)
+
+
+THREE_LAYER_CASES = [(False, 0, False, False), (True, 0, True, True), (True, 8, False, True),
+                    (False, 8, True, False)]  # bidirectional, proj_size, packed, with_state
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bidirectional,proj_size,packed,with_state", THREE_LAYER_CASES,
+                         ids=[f"{'bi' if d else 'uni'}-P{p}-{'packed' if k else 'padded'}-"
+                              f"{'state' if w else 'nostate'}" for d, p, k, w in THREE_LAYER_CASES])
+def test_float32_fused_inference_three_layers(threads, bidirectional, proj_size, packed,
+                                              with_state):
+    """float32 inference with every layer's input projection fused into its steps (csrc/cpu:
+    inference_impl, use_brgemm), three layers whose outputs alternate between two buffers.
+    Against nn.LSTM and lstm_forward; h_t kept in the layer output between steps (padded) or in
+    h_n (packed lengths); without hx, the first step's product is skipped."""
+    with num_threads(threads):
+        _, a = make_case(3, True, bidirectional, proj_size, packed, with_state=with_state,
+                         dtype=torch.float32, input_size=20, hidden_size=24, seq_len=9, batch=7,
+                         requires_grad=False)
+        a["weights"] = [w / 4 for w in a["weights"]]
+        hx = (a["hx"], a["cx"]) if with_state else zeros_state(a)
+        flags = (True, 3, 0.0, False, bidirectional)
+        if packed:
+            expected = torch._VF.lstm(a["input"], a["batch_sizes"], hx, a["weights"], *flags)
+        else:
+            expected = torch._VF.lstm(a["input"], hx, a["weights"], *flags, False)
+        got = call(LSTM_INFERENCE, a)
+        for g, e, f in zip(got, expected, call(LSTM_FORWARD, a)):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(g, f, rtol=1e-6, atol=1e-6)
+
+
+# ---- The float32 cell pass's activations (csrc/cpu/fast_math.h) ------------------------------
+
+def cell_pass_case(hidden, batch, seed):
+    """One layer whose gate pre-activations are its input: W_ih = I (input 4H), W_hh = 0, b_hh = 0,
+    b_ih small, so every product is exact and the cell pass alone rounds. Inputs spread over
+    [-20, 20] (every regime of sigmoid and tanh), two steps from h0 = 0 and a random c0."""
+    _, a = make_case(1, True, False, 0, False, with_state=True, dtype=torch.float32,
+                     input_size=4 * hidden, hidden_size=hidden, seq_len=2, batch=batch, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    a["input"] = (torch.rand(2, batch, 4 * hidden, generator=gen) * 40 - 20).requires_grad_()
+    a["hx"] = torch.zeros(1, batch, hidden, requires_grad=True)
+    a["cx"] = (torch.randn(1, batch, hidden, generator=gen) * 3).requires_grad_()
+    bias = torch.rand(4 * hidden, generator=gen) * 2 - 1
+    a["weights"] = [w.requires_grad_() for w in (torch.eye(4 * hidden), torch.zeros(4 * hidden, hidden),
+                                                 bias, torch.zeros(4 * hidden))]
+    return a
+
+
+def cell_pass_errors(a, got):
+    """The largest errors of (output, h_n, c_n) = got against float64, in units of 2^-24 times the
+    magnitude of what was rounded: c_t = f c_{t-1} + i g by |f c_{t-1}| + |i g|, h_t = o tanh(c_t)
+    by |h_t| + |o| (1 - tanh^2 c_t) times c_t's scale (where c_t's error reaches h_t)."""
+    pre = (a["input"].detach() + a["weights"][2].detach()).double()  # x + b, rounded as the op does
+    c = a["cx"].detach()[0].double()
+    c_scale = torch.zeros_like(c)
+    unit = 2.0 ** -24
+    out, h_n, c_n = got
+    h_err = 0.0
+    for t in range(pre.shape[0]):
+        pi, pf, pg, po = pre[t].chunk(4, dim=1)
+        i, f, g, o = torch.sigmoid(pi), torch.sigmoid(pf), torch.tanh(pg), torch.sigmoid(po)
+        fc, ig = f * c, i * g
+        c_scale = fc.abs() + ig.abs() + f * c_scale
+        c = fc + ig
+        h = o * torch.tanh(c)
+        h_scale = h.abs() + o * (1 - torch.tanh(c) ** 2) * c_scale
+        h_err = max(h_err, ((out[t].double() - h).abs() / (unit * h_scale + 1e-45)).max().item())
+    h_err = max(h_err, ((h_n[0].double() - h).abs() / (unit * h_scale + 1e-45)).max().item())
+    c_err = ((c_n[0].double() - c).abs() / (unit * c_scale + 1e-45)).max().item()
+    return h_err, c_err
+
+
+CELL_PASS_CASES = [(40, 9), (7, 12), (256, 4)]  # hidden, batch: a partial vector, the tiny path, 16s
+
+
+def check_cell_pass(hidden, batch, seed=0):
+    """Training (the pass that keeps the gates) and inference: within the activations' measured
+    errors (sigmoid <= 3.8 ulp, tanh <= 5.3 ulp, NOTES.md section 19) plus the cell's own
+    roundings, with room: 12 units for c, 16 for h (1 ulp is 1 to 2 units; 2 to 5 measured).
+    Returns the outputs."""
+    a = cell_pass_case(hidden, batch, seed)
+    trained = call(ops.lstm, a)
+    with torch.no_grad():
+        inferred = call(LSTM_INFERENCE, a)
+    for got in (trained, inferred):
+        h_err, c_err = cell_pass_errors(a, [t.detach() for t in got])
+        assert c_err <= 12 and h_err <= 16, (hidden, batch, h_err, c_err)
+    return [t.detach() for t in (*trained, *inferred)]
+
+
+@pytest.mark.parametrize("hidden,batch", CELL_PASS_CASES, ids=[f"H{h}-B{b}" for h, b in CELL_PASS_CASES])
+def test_float32_cell_pass_accuracy(hidden, batch):
+    """The float32 cell pass this CPU runs (on AVX-512: 16 elements at a time, exp through a
+    table, csrc/cpu: cell_forward_vec16; else the vectorised scalar functions) against float64,
+    over pre-activations spread across [-20, 20]."""
+    check_cell_pass(hidden, batch)
+
+
+def test_float32_generic_cell_pass():
+    """The generic float32 cell pass (what CPUs without AVX-512 run), with allow_vec16_cell =
+    False: the same accuracy bounds, parity with nn.LSTM through the row-wise and small-hidden
+    paths, training and inference; and on an AVX-512 CPU, results that are not bitwise the
+    16-lane pass's (the setting did switch the pass) yet agree closely."""
+    here = [check_cell_pass(h, b) for h, b in CELL_PASS_CASES]
+    with CPU.flags(allow_vec16_cell=False):
+        generic = [check_cell_pass(h, b) for h, b in CELL_PASS_CASES]
+        for hidden, batch, proj, packed in [(40, 9, 0, False), (24, 5, 8, True), (7, 12, 0, True)]:
+            _, a = make_case(2, True, True, proj, packed, with_state=True, dtype=torch.float32,
+                             input_size=6, hidden_size=hidden, seq_len=7, batch=batch)
+            assert_matches_nn_lstm(a, 1 / 4, tol=1e-5, inference_tol=1e-6)
+    differ = False
+    for g_case, h_case in zip(generic, here):
+        for g, h in zip(g_case, h_case):
+            torch.testing.assert_close(g, h, rtol=2e-6, atol=2e-6)
+            differ = differ or not torch.equal(g, h)
+    if FEATURES["avx512"]:
+        assert differ
+
+
+# ---- bfloat16 models: bf16 products (AVX512_BF16) or float32 ------------------------------------
+
+# (module options, seq_len, batch, packed). Where the CPU has AVX512_BF16, every product of
+# these (hidden >= 16) takes bf16 operands, forward and backward: packed batches give steps of
+# every size from `batch` rows down to 1, so the per-step dL/dh_{t-1} product sees batch slices
+# of 1 to 11 rows (2 threads) and the weight gradients an odd number of rows; hidden 20 gives
+# column counts off the 16-column blocks (out 20, 4H 80) and input 17 an odd one.
+BF16_TRAINING = {
+    "uni": (dict(input_size=24, hidden_size=32, num_layers=2), 10, 5, False),
+    "bi": (dict(input_size=24, hidden_size=32, num_layers=2, bidirectional=True), 10, 5, False),
+    "packed-uni": (dict(input_size=24, hidden_size=32, num_layers=2), 12, 21, True),
+    "packed-bi-3layers": (dict(input_size=17, hidden_size=20, num_layers=3, bidirectional=True),
+                          9, 13, True),
+    "proj-bi": (dict(input_size=24, hidden_size=32, num_layers=2, bidirectional=True,
+                     proj_size=12), 8, 7, False),
+    # 2250 rows: the weight gradients sum over 1024 + 1024 + 202 (kBf16GradRows chunks)
+    "chunked-bi": (dict(input_size=8, hidden_size=16, num_layers=2, bidirectional=True), 45, 50,
+                   False),
+}
+
+
+@pytest.mark.parametrize("case", BF16_TRAINING)
+def test_bf16_training_within_twice_nn_lstm(case):
+    """bf16 training at sizes with hidden >= 16 (where a CPU with AVX512_BF16 computes the
+    products from bf16 operands, as oneDNN does), initial state given: outputs and every
+    gradient are within twice nn.LSTM's bf16 distance to the float64 result, plus a bf16
+    epsilon."""
+    kwargs, seq_len, batch, packed = BF16_TRAINING[case]
+    torch_lstm, fused = lstm_pair(dtype=torch.bfloat16, **kwargs)
+    exact = nn.LSTM(dtype=F64, **kwargs)
+    exact.load_state_dict(torch_lstm.state_dict())
+    x = randn(seq_len, batch, kwargs["input_size"], dtype=torch.bfloat16)
+    hx = tuple(t.detach() for t in make_state(fused, batch, torch.bfloat16))
+    lengths = sorted((seq_len - i * seq_len // batch for i in range(batch)), reverse=True)
+    if packed:
+        assert sum(lengths) % 2 == 1 and lengths[-1] == 1
+    out_rows = sum(lengths) if packed else seq_len * batch
+    width = (2 if fused.bidirectional else 1) * (fused.proj_size or fused.hidden_size)
+    upstream = [randn(out_rows, width), randn(*hx[0].shape), randn(*hx[1].shape)]
+
+    def results(module, dtype):
+        inputs = [x.to(dtype).requires_grad_(), *(t.to(dtype).requires_grad_() for t in hx)]
+        inp = pack_padded_sequence(inputs[0], lengths) if packed else inputs[0]
+        out, (h_n, c_n) = module(inp, (inputs[1], inputs[2]))
+        out = out.data if packed else out.reshape(out_rows, width)
+        leaves = inputs + list(module.parameters())
+        grads = torch.autograd.grad((out, h_n, c_n), leaves, [u.to(dtype) for u in upstream])
+        return [out, h_n, c_n, *grads]
+
+    expected, ours, theirs = results(exact, F64), results(fused, torch.bfloat16), \
+        results(torch_lstm, torch.bfloat16)
+    eps = torch.finfo(torch.bfloat16).eps
+    for i, (e, o, t) in enumerate(zip(expected, ours, theirs)):
+        scale = max(1.0, e.abs().max().item())  # gradients can exceed 1: eps relative to them
+        our_error = (o.double() - e).abs().max().item()
+        their_error = (t.double() - e).abs().max().item()
+        assert our_error <= 2 * their_error + eps * scale, (i, our_error, their_error)
+
+
+def test_bf16_training_without_bf16_products():
+    """bf16 models on CPUs without AVX512_BF16 (allow_bf16_products = False): the op converts
+    the bf16 tensors and computes in float32, and every case of
+    test_bf16_training_within_twice_nn_lstm holds there too. Where this CPU has AVX512_BF16,
+    the results differ in bits from the bf16 products' (the setting did switch the path)."""
+    def probe():
+        torch.manual_seed(5)
+        m = FusedLSTM(24, 32, 2, bidirectional=True).to(torch.bfloat16)
+        x = torch.randn(10, 5, 24, dtype=torch.bfloat16, requires_grad=True)
+        y = m(x)[0]
+        y.backward(torch.ones_like(y))
+        return [y.detach(), x.grad]
+
+    here = probe()
+    with CPU.flags(allow_bf16_products=False):
+        for case in BF16_TRAINING:
+            test_bf16_training_within_twice_nn_lstm(case)
+        forced = probe()
+    for f, h in zip(forced, here):
+        torch.testing.assert_close(f, h, rtol=0.05, atol=0.05)
+    if FEATURES["avx512_bf16"]:
+        assert any(not torch.equal(f, h) for f, h in zip(forced, here))
+
+
+@pytest.mark.parametrize("case", ["bi", "packed-bi-3layers", "proj-bi"])
+def test_bf16_fused_input_projection_same_as_unfused(case):
+    """bf16 models: the input projection computed by each step for its rows (bf16_gemm, as the
+    float32 brgemm path does) against one projection over every step
+    (allow_fused_input_projection = False): the same outputs in training and inference, and the same gradients. Both
+    sum the same bf16 products in float32; only where a step adds h_{t-1} W_hh^T differs."""
+    kwargs, seq_len, batch, packed = BF16_TRAINING[case]
+    _, fused = lstm_pair(dtype=torch.bfloat16, **kwargs)
+    x = randn(seq_len, batch, kwargs["input_size"], dtype=torch.bfloat16)
+    hx = tuple(t.detach() for t in make_state(fused, batch, torch.bfloat16))
+    lengths = sorted((seq_len - i * seq_len // batch for i in range(batch)), reverse=True)
+
+    def run():
+        inputs = [x.clone().requires_grad_(), *(t.clone().requires_grad_() for t in hx)]
+        inp = pack_padded_sequence(inputs[0], lengths) if packed else inputs[0]
+        out, (h_n, c_n) = fused(inp, (inputs[1], inputs[2]))
+        out = out.data if packed else out
+        loss = out.float().square().sum() + h_n.float().sum() + c_n.float().sum()
+        grads = torch.autograd.grad(loss, inputs + list(fused.parameters()))
+        with torch.no_grad():
+            inf_out, (inf_h, inf_c) = fused(inp, (inputs[1], inputs[2]))
+        return [out, h_n, c_n, inf_out.data if packed else inf_out, inf_h, inf_c, *grads]
+
+    joined = run()
+    with CPU.flags(allow_fused_input_projection=False):
+        apart = run()
+    eps = torch.finfo(torch.bfloat16).eps
+    for i, (j, a) in enumerate(zip(joined, apart)):
+        scale = max(1.0, a.abs().max().item())
+        assert (j.double() - a.double()).abs().max().item() <= eps * scale, i
+        assert not torch.isnan(j).any(), i

@@ -22,7 +22,7 @@ from torch.testing import assert_close
 import fused_lstm
 from fused_lstm import FusedLSTM
 
-from helpers import ROOT, lstm_pair, randn
+from helpers import ROOT, cpu_features, lstm_pair, randn
 
 # The op rejecting a call that nn.LSTM accepts would show up as this warning: make it fail.
 pytestmark = pytest.mark.filterwarnings("error::fused_lstm.FusedLSTMFallbackWarning")
@@ -158,12 +158,7 @@ def test_recycled_buffers_count_in_profiled_memory():
 
 
 def _cpu_has_avx512_bf16():
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags and os.environ.get("FUSED_LSTM_NO_BF16_GEMM", "") in ("", "0")
+    return cpu_features()["avx512_bf16"]
 
 
 def test_backward_makes_no_copy_of_grad_output_or_h_prev():
