@@ -4,7 +4,8 @@
 //
 // Why C++ and not torch.library.register_autograd: at tutorial sizes the wrapper IS the cost.
 // Measured on the 2-core dev machine (empty stand-ins, forward + backward of 3 outputs and 9
-// inputs): register_autograd about 2.1x the time of this kernel (benchmarks/NOTES.md).
+// inputs): register_autograd about 2.1x the time of this kernel
+// (benchmarks/notes/python-overhead.md, "Autograd wiring: a C++ autograd kernel").
 //
 // Double backward (create_graph=True): the gradient must itself be differentiable, so backward
 // then calls fused_lstm::lstm_backward_composite, implemented in Python (fused_lstm/ops.py) by

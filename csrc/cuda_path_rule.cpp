@@ -17,9 +17,9 @@ namespace fused_lstm {
 namespace {
 
 // device_limits: lstm_path_rule.h's DeviceLimits in field order (fused_lstm.explain's
-// DeviceLimits.as_list()); mode: auto, persistent or step (FUSED_LSTM_CUDA_PATH's words);
-// units, batch_tile, k_split: 0 = the rule's choice, else what FUSED_LSTM_CUDA_PERSISTENT_*
-// would fix, within the same bounds. Returns describe()'s line.
+// DeviceLimits.as_list()); mode: auto, persistent or step (fused_lstm.backends.cuda.path's
+// words); units, batch_tile, k_split: 0 = the rule's choice, else what the settings
+// cuda.persistent_* would fix, within the same bounds. Returns describe()'s line.
 std::string cuda_path_predict(int64_t hidden_size, int64_t proj_size, int64_t batch,
                               int64_t seq_len, int64_t num_directions, int64_t num_runs,
                               int64_t elem_size, bool backward, c10::IntArrayRef device_limits,

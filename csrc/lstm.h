@@ -148,7 +148,8 @@ struct BackwardArgs {
 
 // A 1-D CPU tensor of `numel` elements whose memory is recycled within the process: large
 // buffers (the reserve, backward scratch) would otherwise be fresh mmap'd pages on every call,
-// each page faulted in and zeroed again (csrc/cpu/buffer_cache.cpp; benchmarks/NOTES.md 11).
+// each page faulted in and zeroed again (csrc/cpu/buffer_cache.cpp; benchmarks/notes/memory.md,
+// "Recycling the large CPU buffers").
 at::Tensor cpu_cached_empty(int64_t numel, at::ScalarType dtype);
 
 ForwardArgs prepare_forward(

@@ -3,7 +3,8 @@
 // At tutorial sizes the kernel is a few microseconds and the call around it was most of the
 // time: the module's Python checks, the weights' currency check, and `torch.ops`' boxing of ten
 // arguments (a schema parse of each into an IValue, then an unboxing wrapper) cost ~7 us of a
-// ~20 us call (benchmarks/NOTES.md sections 12 and 17). Here one METH_FASTCALL function takes
+// ~20 us call (benchmarks/notes/python-overhead.md, "Less per call around the kernel" and "A C++
+// entry for the module call"). Here one METH_FASTCALL function takes
 // the module, input and hx, decides in C++ whether the call is a plain one, and calls the op
 // through its typed dispatcher handle (so devices, profiler, tracing and autograd see the same
 // op): lstm_forward when a gradient can flow (its autograd kernel records the graph, exactly as

@@ -85,7 +85,8 @@ class FusedLSTM(nn.LSTM):
 
     def forward(self, input, hx=None):  # noqa: A002 (nn.LSTM's argument name)
         # The plain call, all in C++: the checks of the path below and the op call without
-        # torch.ops' boxing (NOTES.md section 17). None: not a plain call. An exception: the op
+        # torch.ops' boxing (benchmarks/notes/python-overhead.md, "A C++ entry for the module
+        # call"). None: not a plain call. An exception: the op
         # rejected the call, which the path below then does not put to the op again.
         op_error = None
         if _fast_forward is not None and not _is_compiling():

@@ -12,7 +12,8 @@ registers what PyTorch needs in Python:
 
 Autograd itself is registered in C++ (``csrc/autograd.cpp``), not with
 ``torch.library.register_autograd``: at tutorial sizes the wrapper is the cost, and the C++
-kernel's fixed cost is about half of ``register_autograd``'s (``benchmarks/NOTES.md``). Its
+kernel's fixed cost is about half of ``register_autograd``'s
+(``benchmarks/notes/python-overhead.md``, "Autograd wiring: a C++ autograd kernel"). Its
 backward is ONE call of ``lstm_backward`` for the whole stack.
 
 Argument conventions (shared with the C++ schema; :class:`LSTMArgs` is the argument list of

@@ -249,7 +249,8 @@ def test_gemm_flops(monkeypatch):
     bench = load_bench(monkeypatch)
     workloads = {w.name: w for w in bench.workloads.WORKLOADS}
     # medium (128, 256, 2 layers, T 100, B 32): 2 * 3200 * 1024 * ((128 + 256) + (256 + 256)),
-    # the 5.87 GFLOP of benchmarks/NOTES.md, section 3.
+    # the 5.87 GFLOP of benchmarks/notes/float32-bound.md, "The work, and where the time went
+    # first".
     assert bench.workloads.lstm_gemm_flops(workloads["medium"], "infer") == 5_872_025_600
     assert bench.workloads.lstm_gemm_flops(workloads["medium"], "train") == 3 * 5_872_025_600
     # fastrnns (512, 512, 1 layer, T 100, B 64)

@@ -612,7 +612,8 @@ CELL_PASS_CASES = [(40, 9), (7, 12), (256, 4)]  # hidden, batch: a partial vecto
 
 def check_cell_pass(hidden, batch, seed=0):
     """Training (the pass that keeps the gates) and inference: within the activations' measured
-    errors (sigmoid <= 3.8 ulp, tanh <= 5.3 ulp, NOTES.md section 19) plus the cell's own
+    errors (sigmoid <= 3.8 ulp, tanh <= 5.3 ulp, benchmarks/notes/cell-pass.md, "A table exp and
+    a rational tanh") plus the cell's own
     roundings, with room: 12 units for c, 16 for h (1 ulp is 1 to 2 units; 2 to 5 measured).
     Returns the outputs."""
     a = cell_pass_case(hidden, batch, seed)

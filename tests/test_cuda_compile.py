@@ -704,7 +704,8 @@ def test_explain_predicts_what_the_cuda_op_decides(emulated_ops, cuda_path, pack
 ])
 def test_predicted_paths_of_the_issue_workloads(name, sizes, forward, backward):
     """What the rule picks on an H100 for benchmarks/compare.py's workloads
-    (benchmarks/NOTES_CUDA.md quotes these plans and the cost model's numbers)."""
+    (benchmarks/notes/cuda.md, "The plan and the cost model (what `explain` will say on an H100,
+    predicted)", quotes these plans and the cost model's numbers)."""
     from fused_lstm.explain import predict_cuda_path
 
     input_size, hidden, layers, seq_len, batch, dtype = sizes

@@ -164,7 +164,8 @@ def _cpu_has_avx512_bf16():
 def test_backward_makes_no_copy_of_grad_output_or_h_prev():
     """A one-layer backward reads grad_output in place and h_{t-1} from the layer output (every
     step has every row): nothing of grad_output's size, [rows, hidden] float32, is allocated
-    (the input size differs, so grad_input does not count; NOTES.md section 22)."""
+    (the input size differs, so grad_input does not count; benchmarks/notes/memory.md,
+    "Training memory: the backward's copies")."""
     T, B, I, H = 30, 16, 24, 40
     model = FusedLSTM(I, H)
     x = randn(T, B, I, dtype=F32).requires_grad_()

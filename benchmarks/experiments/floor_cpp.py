@@ -7,7 +7,8 @@ grad: x, h0, c0 and the 8 weights; outputs and gradients torch::empty) next to n
 two tutorial sizes, 2 threads, median of 15 blocks of 200 calls, and prints nn.LSTM's time over
 it: the largest training speedup any implementation behind PyTorch's autograd can show.
 Usage: python benchmarks/experiments/floor_cpp.py (compiles a small extension first, ~40 s).
-Session 3's run (benchmarks/NOTES.md, session 3 run): 85-86 us, ceilings 8.9x and 7.8x."""
+The run at df3fb04 (benchmarks/notes/runs.md, "Runs at df3fb04 (2026-11-21)"): 85-86 us,
+ceilings 8.9x and 7.8x."""
 import sys, timeit, torch
 from torch import nn
 from torch.utils.cpp_extension import load_inline

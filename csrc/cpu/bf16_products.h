@@ -54,7 +54,8 @@ void use_bf16_gemm(const CpuPlan& plan, const LSTMShape& s, int64_t layer, Direc
 // would pack dgates (as large) and transpose x, h_prev and both results. dW_hr stays float32.
 // The weight gradients sum over kBf16GradRows rows at a time (float32 sums carried in dW), so
 // that the bf16 copies of dgates^T, x and h_prev are those rows' only: whole, they put bf16
-// training's peak memory above nn.LSTM's (medium: 89.3 vs 88.2 MB; NOTES.md section 16).
+// training's peak memory above nn.LSTM's (medium: 89.3 vs 88.2 MB; benchmarks/notes/memory.md,
+// "bf16 weight gradients in chunks of rows").
 constexpr int64_t kBf16GradRows = 1024;
 
 struct Bf16Backward {

@@ -122,7 +122,8 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
 // A step's product is small (M = batch rows), and called from inside a parallel region (each
 // thread runs its rows); the micro-kernel runs it on the calling thread at close to the machine's
 // peak: 100-110 GFLOP/s per core here for [16..64, 256..512] x [.., 1024..2048], where MKL's
-// sgemm reaches 70-80 and oneDNN's matmul 74 (benchmarks/NOTES.md section 8). It needs the
+// sgemm reaches 70-80 and oneDNN's matmul 74 (benchmarks/notes/cpu-kernels.md, "The recurrent
+// product through brgemm"). It needs the
 // weight as B[K, N] row-major, so W_hh [4H, out] is transposed once per call.
 // The setting allow_brgemm = False turns it off (BLAS then, as for float64).
 constexpr int64_t kBrgemmBlockM = 64;

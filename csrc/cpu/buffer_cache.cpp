@@ -2,7 +2,8 @@
 //
 // glibc serves allocations above its mmap threshold with fresh pages and unmaps them on free,
 // so a 39 MB reserve (medium training) costs ~10,000 page faults, each zeroing 4 KB, on every
-// call (benchmarks/NOTES.md section 3). Buffers from kMinBytes on are kept here when freed
+// call (benchmarks/notes/memory.md, "Recycling the large CPU buffers"). Buffers from kMinBytes on
+// are kept here when freed
 // and handed out again for a request of at most their size and at least half of it. The cache
 // holds at most kMaxBlocks blocks and kMaxBytes in all; a block that does not fit is freed.
 // Contents are not cleared: callers write every element they read (as with at::empty).

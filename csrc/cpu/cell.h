@@ -19,7 +19,8 @@ namespace {
 //
 // In two loops per block of kCellBlock elements: the four activations (independent of each
 // other and of c), then c_t and h_t. One loop did both, and each element's chain through
-// tanh(c_t) kept the FMA units waiting (NOTES.md section 18: ~10% faster in two).
+// tanh(c_t) kept the FMA units waiting (benchmarks/notes/cell-pass.md, "Two loops: activations,
+// then c and h": ~10% faster in two).
 constexpr int64_t kCellBlock = 128;
 
 template <typename T, bool kBias, bool kKeep>
@@ -62,14 +63,17 @@ __attribute__((always_inline)) inline void cell_forward_loop(
 #ifdef FUSED_LSTM_VEC16_MATH
 // The same pass for float on CPUs with AVX-512: lstm_cell.h's functions on 16 elements at a
 // time (acc_t = Vec16) with fast_math.h's vec16::Math (exp through a 16-entry table, which GCC's
-// vectoriser cannot do). Measured on medium's pass: 1.89 -> 1.35 ns per element (NOTES.md
-// section 19). A block's last partial vector goes through masked loads and stores.
+// vectoriser cannot do). Measured on medium's pass: 1.89 -> 1.35 ns per element
+// (benchmarks/notes/cell-pass.md,
+// "A table exp and a rational tanh"). A block's last partial vector goes through masked loads and stores.
 using cpu::vec16::Vec16;
 
 // The first k (<= 16) floats at p, zeros after them; and the first k lanes of v stored at p
 // (AVX-512 masked moves; plain ones for whole vectors).
 __attribute__((target("avx512f"), always_inline)) inline Vec16 load16(const float* p, int64_t k) {
-  if (k == 16) return Vec16(_mm512_loadu_ps(p));  // ~5% faster pass (NOTES.md section 20)
+  // Plain loads for whole vectors: a ~5% faster pass (benchmarks/notes/cell-pass.md, "Plain
+  // moves for whole vectors").
+  if (k == 16) return Vec16(_mm512_loadu_ps(p));
   return Vec16(_mm512_maskz_loadu_ps(__mmask16((1u << k) - 1), p));
 }
 

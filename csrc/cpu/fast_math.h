@@ -1,15 +1,18 @@
 // exp and tanh for the CPU cell passes, written so that GCC vectorises the loops that call
 // them: inline, branch-free (selects instead of branches), no libm call. glibc's scalar expf /
-// tanhf were 58% of the instructions of a tiny forward (benchmarks/NOTES.md).
+// tanhf were 58% of the instructions of a tiny forward (benchmarks/notes/cell-pass.md, "Vectorised
+// transcendentals").
 //
-// float (errors against double precision over every float in [-20, 20]; benchmarks/NOTES.md,
-// section 2):
+// float (errors against double precision over every float in [-20, 20];
+// benchmarks/notes/cell-pass.md,
+// "A cheaper exp"):
 //   exp_fast: round-to-nearest range reduction and a degree-6 minimax polynomial; <= 0.91 ulp in
 //     the FMA clones (x86-64-v3, -v4), <= 1.17 ulp without FMA (every 101st float of
 //     [-87.3, 88.3]: the same). Outside that range: +inf from x >= 88.38 (expf overflows only
 //     at 88.72), 0 for x <= -87.68 (the true value is subnormal there), subnormals between.
 //   tanh_fast: a rational function (degree 9 over 8) on [-9, 9]; <= 5.21 ulp in the FMA
-//     clones, <= 5.76 without FMA (every 7th float; 0.13% of them above 2 ulp; section 19).
+// clones, <= 5.76 without FMA (every 7th float; 0.13% of them above 2 ulp;
+// benchmarks/notes/cell-pass.md, "A table exp and a rational tanh").
 //   NaN in gives NaN out; +-inf give the limits (exp: inf, 0; tanh: +-1; lstm_cell.h's
 //   sigmoid: 1, 0). That sigmoid, 1 / (1 + exp(-x)), rounds twice more itself: <= 2.49 ulp;
 //   a correctly rounded exp gives the same maximum (every 13th float). The AVX-512 versions
@@ -79,7 +82,8 @@ __attribute__((always_inline)) inline float exp_fast(float x) { return detail::e
 namespace detail {
 // tanh(x) = x P(x^2) / Q(x^2) on [-9, 9] (clamped outside: tanh(9) is within an ulp of 1),
 // P and Q of degree 4 with P(0) = Q(0) = 1: fitted here (minimax relative error, Loeb's
-// linearisation with Lawson's weights, benchmarks/NOTES.md section 19), 2.1e-8 before float
+// linearisation with Lawson's weights, benchmarks/notes/cell-pass.md, "A table exp and a rational
+// tanh"), 2.1e-8 before float
 // rounding. Coefficients from degree 1 up.
 constexpr float kTanhP[4] = {1.338397413e-01f, 3.498988692e-03f, 2.066113848e-05f,
                              1.341964584e-08f};
@@ -118,7 +122,7 @@ __attribute__((always_inline)) inline float tanh_fast(float x) { return tanh_rat
 // 16-entry table in one register permute (__builtin_shuffle), leaving a degree-3 polynomial;
 // sigmoid is 1 / (1 + exp(-x)) on it; tanh is tanh_fast's rational function, the same
 // operations. No intrinsics and no target attributes, so lstm_cell.h's templates inline them.
-// Measured errors and speed: NOTES.md section 19.
+// Measured errors and speed: benchmarks/notes/cell-pass.md, "A table exp and a rational tanh".
 namespace vec16 {
 using Vec16 = float __attribute__((vector_size(64)));
 using Int16 = int32_t __attribute__((vector_size(64)));

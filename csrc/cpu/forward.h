@@ -77,9 +77,10 @@ void forward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, con
 // no gates and no c_t copies, each step's pre-projection goes to scratch,
 // and layer outputs alternate between two buffers (the last layer writes `output`). Besides
 // the work, this saves the first-touch page faults of a fresh reserve on every call
-// (benchmarks/NOTES.md section 3).
+// (benchmarks/notes/memory.md, "Page faults of a fresh reserve; inference without one").
 // Gate elements per input-projection chunk (4 MB in float32). Measured: 2^18 cost fastrnns a
-// quarter of its speed in small GEMMs; 2^22 was slower again than 2^20 (NOTES.md).
+// quarter of its speed in small GEMMs; 2^22 was slower again than 2^20 (benchmarks/notes/memory.md,
+// "Page faults of a fresh reserve; inference without one").
 constexpr int64_t kChunkElements = 1 << 20;
 
 template <typename T>

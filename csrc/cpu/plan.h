@@ -129,10 +129,11 @@ inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, bool is
 // From this many multiply-adds on, float32 GEMMs go to oneDNN instead of the BLAS: on the AMD
 // EPYC dev box MKL takes its AVX2 kernels while oneDNN's are AVX-512, 1.3x faster from about
 // this size on (1 and 2 threads), and its fixed cost per call (~5 us) is lost below it
-// (benchmarks/NOTES.md section 5).
+// (benchmarks/notes/cpu-kernels.md, "GEMM library: oneDNN's matmul for the large products").
 constexpr int64_t kOneDnnMinWork = int64_t{1} << 22;
 // Products of at most kColumnSplitMaxRows rows whose matrix has kColumnSplitMinWork elements or
-// more are split by columns over the threads (NOTES.md section 7).
+// more are split by columns over the threads (benchmarks/notes/thin-batch.md, "Products of a few
+// rows split by columns").
 constexpr int64_t kColumnSplitMaxRows = 8;
 constexpr int64_t kColumnSplitMinWork = int64_t{1} << 17;
 
@@ -140,7 +141,8 @@ constexpr int64_t kColumnSplitMinWork = int64_t{1} << 17;
 // Multiply-adds of recurrent work from which the batch is split over threads (each thread runs
 // all steps for its rows: one parallel region instead of two per step), as long as one step's
 // product is below kOneDnnMinWork: larger ones run faster as one GEMM parallel inside
-// (measured, 2 threads: fastrnns infer 159 ms unsplit vs 181 ms split; NOTES.md section 6).
+// (measured, 2 threads: fastrnns infer 159 ms unsplit vs 181 ms split;
+// benchmarks/notes/cpu-kernels.md, "Splitting the batch over threads").
 constexpr int64_t kSplitBatchWork = int64_t{1} << 20;
 
 // How many slices of the batch the recurrence of `steps` steps runs in: one per thread when it

@@ -15,9 +15,11 @@ namespace {
 // writes the sum where its cell pass reads it, with no copy in between). The batch is taken in
 // blocks of V columns whose sums stay in registers over i (V a compile-time width, so each block
 // is whole vectors): 16, then 8, 4, 2, 1 for what is left (batch 10 = 8 + 2). Accumulating
-// into y[r][b] across i instead made every step a load and a store (NOTES.md section 12).
+// into y[r][b] across i instead made every step a load and a store
+// (benchmarks/notes/small-hidden.md, "Register accumulators and the tiny input projection").
 // Rows go kTinyRowGroup at a time, each h vector loaded once for all of them: one row's sums are
-// a single chain of dependent multiply-adds, which ran at the FMA latency (NOTES.md section 18).
+// a single chain of dependent multiply-adds, which ran at the FMA latency
+// (benchmarks/notes/small-hidden.md, "Dependency chains in the tiny products").
 
 
 constexpr int kTinyRowGroup = 4;
@@ -81,8 +83,9 @@ __attribute__((always_inline)) inline void tiny_product_loop(
 }
 
 // The same product for narrow batches, vectorised along w's rows instead: a batch of 3 fills
-// no vector along the batch, so the blocks above ran 2 + 1 columns at a time, scalar (NOTES.md
-// section 17). Reads w transposed, wT [cols_w][rows_w]; rows in blocks of V whose sums stay in
+// no vector along the batch, so the blocks above ran 2 + 1 columns at a time, scalar
+// (benchmarks/notes/small-hidden.md,
+// "Narrow batches: products along the weight's rows"). Reads w transposed, wT [cols_w][rows_w]; rows in blocks of V whose sums stay in
 // registers over i, for 4 batch columns at a time (then 2, 1).
 // Batch columns [b, b + R) for rows [r0, r0 + V): each wT vector loaded once for all R.
 template <typename T, int V, int R>

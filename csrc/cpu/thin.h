@@ -22,7 +22,8 @@ namespace {
 // chunk i to thread i, so a thread keeps its units, and re-reads the same weight slice, from
 // call to call. No projection; float32 and float64.
 // Measured (stream-step op, loaded 2-core box, minimum of many samples): ~61-73 -> ~35-41 us
-// on 2 threads, ~95 -> ~55 us on 1 (benchmarks/NOTES.md section 7).
+// on 2 threads, ~95 -> ~55 us on 1 (benchmarks/notes/thin-batch.md, "The thin-batch inference
+// kernel").
 // Which calls take it: plan.h (thin_sizes, kThinMaxBatch, kThinMaxSteps).
 
 // Units go to threads in blocks of this many.

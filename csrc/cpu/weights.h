@@ -57,7 +57,7 @@ DirectionWeights<T> direction_weights(const LSTMShape& s, const std::vector<at::
 
 // w.bias = b_ih + b_hh ([4H], in `holder`, allocated at the first call) where the layer has
 // biases. The cell pass adds it, so the products write the gates without first filling them
-// with it (NOTES.md section 21).
+// with it (benchmarks/notes/bf16.md, "The bias left to the cell pass").
 template <typename T>
 void use_bias(DirectionWeights<T>& w, int64_t G, at::Tensor& holder) {
   if (w.b_ih == nullptr) return;
@@ -85,7 +85,7 @@ void transpose_tiles(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T
 #define FUSED_LSTM_AVX2_TRANSPOSE 1
 // The same for float in 8 x 8 blocks transposed in AVX2 registers, the edges by transpose_tiles.
 // The scalar tiles took ~1.1 ns per float at the fastrnns shape (their 32 source rows, 2 KB
-// apart, fall into two L1 sets), these ~0.2 (NOTES.md section 18).
+// apart, fall into two L1 sets), these ~0.2 (benchmarks/notes/cpu-kernels.md, "Weight packing").
 __attribute__((target("avx2"))) void transpose_avx2(const float* src, int64_t ld_src,
                                                     int64_t rows, int64_t cols, float* dst,
                                                     int64_t ld_dst) {

@@ -24,8 +24,9 @@
 //
 // Where it fits (no projection; W_hh slices in the shared memory of a co-resident grid; see
 // lstm_persistent.h), a layer runs instead as ONE cooperative launch for every step of both
-// directions: gpu::choose_cuda_path decides once per call (FUSED_LSTM_CUDA_PATH=auto|persistent|
-// step overrides), forward and backward separately; both paths fill the same reserve.
+// directions: gpu::choose_cuda_path decides once per call (the setting
+// fused_lstm.backends.cuda.path overrides it), forward and backward separately; both paths fill
+// the same reserve.
 #include "../lstm.h"
 #include "lstm_kernels.h"
 #include "lstm_persistent.h"

@@ -28,7 +28,9 @@ constexpr int64_t kPersistentMaxTile = 64;    // batch rows staged in shared mem
 // blocks (fewer to wait for at each barrier).
 constexpr int64_t kPersistentMinFma = 16384;
 // Auto mode's cost model of one step (one layer, every direction), in nanoseconds. Guesses for an
-// H100 from published rates, never measured (benchmarks/NOTES_CUDA.md); tune them on a GPU.
+// H100 from published rates, never measured (benchmarks/notes/cuda.md, "The plan and the cost model
+// (what `explain` will say on an H100,
+// predicted)"); tune them on a GPU.
 //   persistent: kGridSyncNs + bytes staged from L2 by every block / kStagedBytesPerNs
 //               + the busiest SM's multiply-adds * 10 / kSmemFmaPer10Ns (double: twice)
 //               [+ kPhaseANs backward]

@@ -1,4 +1,5 @@
-// Microbenchmark for NOTES.md section 15 ("medium inference"): one LSTM step's work on each of
+// Microbenchmark for benchmarks/notes/float32-bound.md, "The hidden split, measured before building
+// (not built)" ("medium inference"): one LSTM step's work on each of
 // `threads` std::threads, as the CPU kernel does it (csrc/cpu/lstm_cpu.cpp forward_step): bias
 // rows, then g = x_t W_ih^T (K_ih rows of the packed weights) and += h W_hh^T (K_hh rows) as
 // oneDNN brgemm calls over 64-column panels, then (optionally) the cell pass over the step's

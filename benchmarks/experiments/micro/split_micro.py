@@ -1,4 +1,5 @@
-"""Driver for split_micro.cpp (NOTES.md section 15): builds it (into $SPLIT_MICRO_BUILD, default
+"""Driver for split_micro.cpp (benchmarks/notes/float32-bound.md, "The hidden split, measured
+before building (not built)"): builds it (into $SPLIT_MICRO_BUILD, default
 /tmp/split_micro_build) and prints, per thread, the CPU microseconds per step of the set of
 configurations in main() and the GFLOP/s of the products (CPU time)."""
 
@@ -46,7 +47,8 @@ def fma_peak(so, iters=20_000_000, trials=5):
 
 
 def main(rounds=4):
-    """The measurements of NOTES.md section 15 at `medium` (input 128, hidden 256): per layer,
+    """The measurements of benchmarks/notes/float32-bound.md, "The hidden split, measured before
+    building (not built)" at `medium` (input 128, hidden 256): per layer,
     the batch split's step (16 rows x all 1024 gate columns, weights shared) against the hidden
     split's (32 rows x 512 columns, each thread its own weights), 1 and 2 threads, without and
     with the cell pass, and the hidden split with a barrier per step (1: after the cell pass;
