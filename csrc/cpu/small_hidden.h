@@ -1,13 +1,6 @@
 // Small hidden sizes (H < kRowWiseHidden): the batch-fastest layout, forward and backward.
 // Part of the one translation unit lstm_cpu.cpp.
-#pragma once
-
-#include "cell.h"
-#include "weights.h"
-
-namespace fused_lstm {
-namespace {
-
+//
 // The small-hidden path's product (see tiny_forward_steps), vectorised along the batch:
 //   tiny_product: y[r][b] = y_in[r][b] + sum_i w[r, i] * h[i][b]    r < rows_w, i < cols_w, b < n
 // where X[k][b] is X + k * ld_x + b (w is row-major [rows_w, cols_w]); y_in null means zeros,
@@ -20,8 +13,36 @@ namespace {
 // Rows go kTinyRowGroup at a time, each h vector loaded once for all of them: one row's sums are
 // a single chain of dependent multiply-adds, which ran at the FMA latency
 // (benchmarks/notes/small-hidden.md, "Dependency chains in the tiny products").
+#pragma once
 
+#include "cell.h"
+#include "weights.h"
 
+namespace fused_lstm {
+namespace {
+
+// body(std::integral_constant<int, V>, i0) over [0, n) in blocks of V = 16, then 8, 4, 2, 1:
+// whole vectors for what fits, narrower ones for what is left (10 = 8 + 2).
+template <typename Body>
+__attribute__((always_inline)) inline void for_width_blocks(int64_t n, const Body& body) {
+  int64_t i0 = 0;
+  for (; i0 + 16 <= n; i0 += 16) body(std::integral_constant<int, 16>{}, i0);
+  if (i0 + 8 <= n) {
+    body(std::integral_constant<int, 8>{}, i0);
+    i0 += 8;
+  }
+  if (i0 + 4 <= n) {
+    body(std::integral_constant<int, 4>{}, i0);
+    i0 += 4;
+  }
+  if (i0 + 2 <= n) {
+    body(std::integral_constant<int, 2>{}, i0);
+    i0 += 2;
+  }
+  if (i0 < n) body(std::integral_constant<int, 1>{}, i0);
+}
+
+// Rows of the product at a time (see the top of the file).
 constexpr int kTinyRowGroup = 4;
 
 // Rows [r, r + R) of the product for batch columns [b0, b0 + V).
@@ -49,27 +70,6 @@ __attribute__((always_inline)) inline void tiny_product_block(
     tiny_product_rows_of<T, V, kTinyRowGroup>(r, b0, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
   for (; r < rows_w; ++r)
     tiny_product_rows_of<T, V, 1>(r, b0, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
-}
-
-// body(std::integral_constant<int, V>, i0) over [0, n) in blocks of V = 16, then 8, 4, 2, 1:
-// whole vectors for what fits, narrower ones for what is left (10 = 8 + 2).
-template <typename Body>
-__attribute__((always_inline)) inline void for_width_blocks(int64_t n, const Body& body) {
-  int64_t i0 = 0;
-  for (; i0 + 16 <= n; i0 += 16) body(std::integral_constant<int, 16>{}, i0);
-  if (i0 + 8 <= n) {
-    body(std::integral_constant<int, 8>{}, i0);
-    i0 += 8;
-  }
-  if (i0 + 4 <= n) {
-    body(std::integral_constant<int, 4>{}, i0);
-    i0 += 4;
-  }
-  if (i0 + 2 <= n) {
-    body(std::integral_constant<int, 2>{}, i0);
-    i0 += 2;
-  }
-  if (i0 < n) body(std::integral_constant<int, 1>{}, i0);
 }
 
 template <typename T>
