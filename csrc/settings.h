@@ -18,7 +18,8 @@ namespace fused_lstm {
   X(vec16_cell, "cpu.allow_vec16_cell", 1, 0, 1)                            \
   X(fused_input_projection, "cpu.allow_fused_input_projection", 1, 0, 1)    \
   X(thin, "cpu.allow_thin", 1, 0, 1)                                        \
-  X(bf16_products, "cpu.allow_bf16_products", 1, 0, 1)
+  X(bf16_products, "cpu.allow_bf16_products", 1, 0, 1)                      \
+  X(amx, "cpu.allow_amx", 1, 0, 1)
 // path: 0 auto, 1 persistent, 2 step; 0 for units, tile and k_split: the plan chooses.
 #define FUSED_LSTM_CUDA_SETTINGS(X)                                         \
   X(path, "cuda.path", 0, 0, 2)                                             \

@@ -21,7 +21,10 @@ change applies from the next call.
   it pays (else one GEMM over every step);
 * ``allow_thin``: the thin-batch inference kernel for a few rows and steps;
 * ``allow_bf16_products``: bfloat16 models' products with bf16 operands and float32 sums on
-  AVX512_BF16 CPUs (else computed in float32: results then differ by bf16 rounding).
+  AVX512_BF16 CPUs (else computed in float32: results then differ by bf16 rounding);
+* ``allow_amx``: on CPUs with AMX-BF16, those products' forward on AMX tiles (oneDNN's brgemm
+  micro-kernel) instead of bf16_gemm's AVX512_BF16 dot products (both: bf16 operands, float32
+  sums, in another order).
 
 ``cuda`` (the CUDA kernels have not yet run on a GPU):
 
@@ -31,7 +34,8 @@ change applies from the next call.
 
 Defaults come from the environment, read once when fused_lstm is imported:
 ``FUSED_LSTM_NO_BRGEMM``, ``FUSED_LSTM_NO_VEC16_CELL``, ``FUSED_LSTM_UNFUSED_INPUT``,
-``FUSED_LSTM_NO_THIN``, ``FUSED_LSTM_NO_BF16_GEMM`` (``1`` turns the matching CPU setting off),
+``FUSED_LSTM_NO_THIN``, ``FUSED_LSTM_NO_BF16_GEMM``, ``FUSED_LSTM_NO_AMX`` (``1`` turns the
+matching CPU setting off),
 ``FUSED_LSTM_CUDA_PATH`` and ``FUSED_LSTM_CUDA_PERSISTENT_UNITS`` / ``_TILE`` / ``_KSPLIT``.
 """
 
@@ -101,6 +105,7 @@ _CPU: Dict[str, _Setting] = {
     "allow_fused_input_projection": (_flag, bool, "FUSED_LSTM_UNFUSED_INPUT", _off_if_set),
     "allow_thin": (_flag, bool, "FUSED_LSTM_NO_THIN", _off_if_set),
     "allow_bf16_products": (_flag, bool, "FUSED_LSTM_NO_BF16_GEMM", _off_if_set),
+    "allow_amx": (_flag, bool, "FUSED_LSTM_NO_AMX", _off_if_set),
 }
 _CUDA: Dict[str, _Setting] = {
     "path": (_cuda_path, lambda i: _CUDA_PATHS[i], "FUSED_LSTM_CUDA_PATH",

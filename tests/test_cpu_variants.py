@@ -53,6 +53,8 @@ needs = {
                                       reason="the bf16 products need AVX512_BF16"),
     "avx512": pytest.mark.skipif(not FEATURES["avx512"], reason="the 16-lane cell pass needs "
                                  "AVX-512"),
+    "amx_bf16": pytest.mark.skipif(not FEATURES["amx_bf16"], reason="the bf16 products on AMX "
+                                   "tiles need AMX-BF16 (and oneDNN's brgemm for it)"),
 }
 
 # id: (settings, module kwargs, seq_len, batch, dtype, train, the plan's entries, CPU need)
@@ -99,12 +101,27 @@ CASES = {
         {}, dict(input_size=12, hidden_size=40, num_layers=2), 9, 9, F32, True,
         {"variant": "row_wise", "cell_pass": "avx512 (16 lanes)"}, "avx512"),
     "row_wise-bf16_gemm": (
-        {}, dict(input_size=24, hidden_size=32, num_layers=2, bidirectional=True), 10, 12, BF16,
+        {"allow_amx": False},
+        dict(input_size=24, hidden_size=32, num_layers=2, bidirectional=True), 10, 12, BF16,
         True, {"variant": "row_wise", "recurrent_product": "bf16_gemm", "keep_bf16": "true",
                "backward_dh_product": "bf16_gemm", "backward_weight_products": "bf16_gemm"},
         "avx512_bf16"),
-    "row_wise-bf16_gemm-unfused": (
+    "row_wise-bf16_gemm-odd-input": (
+        {}, dict(input_size=17, hidden_size=32, num_layers=2), 10, 12, BF16, True,
+        {"variant": "row_wise", "recurrent_product": "bf16_gemm",
+         "input_projection.0": "bf16_gemm, fused into the steps"}, "avx512_bf16"),
+    "row_wise-amx": (
+        {}, dict(input_size=24, hidden_size=32, num_layers=2, bidirectional=True), 10, 12, BF16,
+        True, {"variant": "row_wise", "recurrent_product": "amx_brgemm", "keep_bf16": "true",
+               "input_projection.0": "amx_brgemm, fused into the steps",
+               "backward_dh_product": "bf16_gemm"}, "amx_bf16"),
+    "row_wise-amx-unfused-inference": (
         {"allow_fused_input_projection": False},
+        dict(input_size=24, hidden_size=48, num_layers=2, proj_size=20), 10, 12, BF16, False,
+        {"variant": "row_wise", "input_projection.0": "amx_brgemm",
+         "recurrent_product": "amx_brgemm"}, "amx_bf16"),
+    "row_wise-bf16_gemm-unfused": (
+        {"allow_fused_input_projection": False, "allow_amx": False},
         dict(input_size=24, hidden_size=32, num_layers=2, proj_size=12), 10, 12, BF16, True,
         {"variant": "row_wise", "input_projection.0": "bf16_gemm",
          "recurrent_product": "bf16_gemm"}, "avx512_bf16"),
@@ -216,12 +233,14 @@ def test_variant(name, packed):
     ("allow_vec16_cell", "row_wise-vec16-cell", "cell_pass", True),
     ("allow_thin", "thin-one-step", "variant", True),
     ("allow_bf16_products", "row_wise-bf16_gemm", "recurrent_product", True),
+    ("allow_amx", "row_wise-amx", "recurrent_product", False),
 ])
 def test_setting_switches_the_kernel(setting, case, key, bits_differ):
     """Turning a setting off changes the plan the kernels read (explain), and both plans agree
     with each other closely. Where the two compute differently on every CPU (another exp, other
     summation orders, bf16 rounding), the results also differ in bits: the switch did reach the
-    kernel. (brgemm and MKL's sgemm, fused or not, sum in the same order on some CPUs.)"""
+    kernel. (brgemm and MKL's sgemm, fused or not, sum in the same order on some CPUs; so do
+    AMX tiles and AVX512_BF16's dot products: pairs of bf16 products added in K's order.)"""
     need = CASES[case][-1]
     if need and not FEATURES[need]:
         pytest.skip(f"this CPU lacks {need}")

@@ -11,32 +11,48 @@
 namespace fused_lstm {
 namespace {
 
-// Room for one layer and direction's W_ih and W_hh packed for bf16_gemm (the largest), or null
-// where the bf16 products are not used.
+// Packed size of an [N, K] weight for the forward's bf16 products: bf16_gemm's or, on AMX, the
+// micro-kernel's (amx.h).
+inline int64_t forward_packed_size(const CpuPlan& plan, int64_t N, int64_t K) {
+  return plan.amx_products ? amx_packed_size(N, K) : static_cast<int64_t>(bf16_packed_size(N, K));
+}
+
+// Room for one layer and direction's W_ih and W_hh packed for the forward's bf16 products (the
+// largest), or null where the bf16 products are not used.
 inline uint16_t* bf16_weight_buffer(const CpuPlan& plan, const LSTMShape& s, at::Tensor& holder) {
   if (!plan.bf16_products) return nullptr;
   const int64_t G = 4 * s.hidden_size;
-  size_t most = 0;
+  int64_t most = 0;
   for (int64_t l = 0; l < s.num_layers; ++l)
-    most = std::max(most, bf16_packed_size(G, s.layer_input_size(l)));
-  holder = cpu_cached_empty(static_cast<int64_t>(most + bf16_packed_size(G, s.out_size)),
-                            at::kBFloat16);
+    most = std::max(most, forward_packed_size(plan, G, s.layer_input_size(l)));
+  holder = cpu_cached_empty(most + forward_packed_size(plan, G, s.out_size), at::kBFloat16);
   return reinterpret_cast<uint16_t*>(holder.mutable_data_ptr());
 }
 
-// Packs layer `layer`'s W_ih and W_hh into `buf` (from bf16_weight_buffer) for bf16_gemm: the
-// bf16 model's weights as given (kept bf16) or converted to float32, which packs back exactly.
+// Packs layer `layer`'s W_ih and W_hh into `buf` (from bf16_weight_buffer) for bf16_gemm, or
+// for the micro-kernel on AMX tiles where the plan says so: the bf16 model's weights as given
+// (kept bf16) or converted to float32, which packs back exactly.
 template <typename T>
 void use_bf16_gemm(const CpuPlan& plan, const LSTMShape& s, int64_t layer, DirectionWeights<T>& w,
                    uint16_t* buf) {
   if constexpr (std::is_same_v<T, float>) {
     if (buf == nullptr) return;
     const int64_t G = 4 * s.hidden_size, in = s.layer_input_size(layer), out = s.out_size;
-    uint16_t* hh = buf + bf16_packed_size(G, in);  // a multiple of 32 elements: 64-byte blocks
-    visit(w.ih, [&](auto W) { bf16_pack_weight(W, G, in, in, buf); });
-    visit(w.hh, [&](auto W) { bf16_pack_weight(W, G, out, out, hh); });
-    w.w_ih_bf16 = buf;
-    w.w_hh_bf16 = hh;
+    // bf16_gemm's packed sizes are multiples of 32 elements: 64-byte blocks.
+    uint16_t* hh = buf + forward_packed_size(plan, G, in);
+    if (plan.amx_products) {
+      auto* ih_amx = reinterpret_cast<c10::BFloat16*>(buf);
+      auto* hh_amx = reinterpret_cast<c10::BFloat16*>(hh);
+      visit(w.ih, [&](auto W) { amx_pack_weight_t(W, G, in, in, ih_amx); });
+      visit(w.hh, [&](auto W) { amx_pack_weight_t(W, G, out, out, hh_amx); });
+      w.amx_ih = ih_amx;
+      w.amx_hh = hh_amx;
+    } else {
+      visit(w.ih, [&](auto W) { bf16_pack_weight(W, G, in, in, buf); });
+      visit(w.hh, [&](auto W) { bf16_pack_weight(W, G, out, out, hh); });
+      w.w_ih_bf16 = buf;
+      w.w_hh_bf16 = hh;
+    }
     if (fuse_input_projection(plan, s, layer, sizeof(uint16_t))) w.k_ih = in;
   }
 }

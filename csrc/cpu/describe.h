@@ -19,8 +19,10 @@ inline std::string input_projection_of(const CpuPlan& p, const LSTMShape& s, int
   if (p.variant == Variant::kSmallHidden)
     return in <= kTinyProjectionInput ? "small-hidden product (inline)"
                                       : library_name(gemm_library(G, rows, in, p.is_float));
-  if (p.bf16_products)
-    return fuse_input_projection(p, s, layer, 2) ? "bf16_gemm, fused into the steps" : "bf16_gemm";
+  if (p.bf16_products) {
+    const std::string library = p.amx_products ? "amx_brgemm" : "bf16_gemm";
+    return fuse_input_projection(p, s, layer, 2) ? library + ", fused into the steps" : library;
+  }
   if (p.brgemm_steps && fuse_input_projection(p, s, layer, 4))
     return "brgemm, fused into the steps";
   return library_name(gemm_library(rows, G, in, p.is_float));
@@ -50,6 +52,7 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s) {
   std::string recurrent;
   if (p.variant == Variant::kThin) recurrent = "thin kernel (dot products)";
   else if (p.variant == Variant::kSmallHidden) recurrent = "small-hidden product (inline)";
+  else if (p.amx_products) recurrent = "amx_brgemm";
   else if (p.bf16_products) recurrent = "bf16_gemm";
   else if (p.brgemm_steps) recurrent = "brgemm";
   else recurrent = library(slice_rows, G, out);
@@ -75,10 +78,10 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s) {
     << " allow_vec16_cell:" << p.settings.vec16_cell
     << " allow_fused_input_projection:" << p.settings.fused_input_projection
     << " allow_thin:" << p.settings.thin << " allow_bf16_products:" << p.settings.bf16_products
-    << "\n";
+    << " allow_amx:" << p.settings.amx << "\n";
   const CpuFeatures& f = cpu_features();
   o << "cpu=avx512:" << f.avx512 << " avx512_bf16:" << f.avx512_bf16 << " brgemm:" << f.brgemm
-    << " onednn_matmul:" << f.onednn_matmul;
+    << " onednn_matmul:" << f.onednn_matmul << " amx_bf16:" << amx_bf16_available();
   return o.str();
 }
 

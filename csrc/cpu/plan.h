@@ -9,12 +9,15 @@
 //   thin          inference of a few rows and steps: threads own hidden units (thin.h)
 //   row_wise      everything else: gates row-major, one step at a time (row_wise.h), whose
 //                 products go to brgemm (float32), bf16_gemm (bfloat16 models on AVX512_BF16,
-//                 bf16_products.h) or the BLAS / oneDNN matmul (gemm_library)
+//                 bf16_products.h), oneDNN's brgemm on AMX tiles (the forward's, for bfloat16
+//                 models where the CPU has AMX-BF16, amx.h) or the BLAS / oneDNN matmul
+//                 (gemm_library)
 // Part of the one translation unit lstm_cpu.cpp.
 #pragma once
 
 #include "../settings.h"
 #include "bf16_gemm.h"
+#include "amx.h"
 #include "blas.h"
 #include "fast_math.h"
 
@@ -86,6 +89,7 @@ struct CpuPlan {
   bool brgemm_steps = false;  // the forward's step products through brgemm (W packed in panels)
   bool brgemm_dh = false;     // the backward's dL/dh_{t-1} products through brgemm
   bool bf16_products = false; // a bfloat16 model's products through bf16_gemm (bf16_products.h)
+  bool amx_products = false;  // of those, the forward's on AMX tiles (amx.h)
   bool keep_bf16 = false;     // the op keeps the bf16 input, W_ih, W_hh as given (lstm.h)
   bool vec16_cell = false;    // float32 cell pass on 16 lanes (cell_forward_vec16)
   bool inference = false;     // lstm_inference: nothing kept for backward
@@ -118,6 +122,7 @@ inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, bool is
   // A single step does not pay for packing the weights.
   const bool packs = row_sizes && s.seq_len >= 2;
   p.bf16_products = bf16_model && packs && cpu.avx512_bf16 && settings.bf16_products;
+  p.amx_products = p.bf16_products && settings.amx && amx_sizes(s) && amx_bf16_available();
   p.keep_bf16 = p.bf16_products && !thin;
   p.brgemm_steps = is_float && packs && cpu.brgemm && settings.brgemm && !p.bf16_products;
   p.brgemm_dh = is_float && row_sizes && cpu.brgemm && settings.brgemm;

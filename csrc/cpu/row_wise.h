@@ -29,6 +29,16 @@ template <typename T>
 void input_projection(const DirectionWeights<T>& w, Operand<T> x, int64_t rows, int64_t in_size,
                       int64_t G, T* gates) {
   if constexpr (std::is_same_v<T, float>) {
+    if (w.amx_ih) {  // blocks of rows over the threads, each on its thread's tiles
+      at::parallel_for(0, (rows + kAmxBlockM - 1) / kAmxBlockM, 1, [&](int64_t b0, int64_t b1) {
+        const int64_t r0 = b0 * kAmxBlockM, r1 = std::min(rows, b1 * kAmxBlockM);
+        visit(x.at(r0 * in_size), [&](auto a) {
+          amx_product(false, r1 - r0, G, in_size, a, in_size, w.amx_ih, gates + r0 * G, G);
+        });
+        amx_release();
+      });
+      return;
+    }
     if (w.w_ih_bf16) {
       visit(x, [&](auto a) {
         bf16_gemm_parallel(rows, G, in_size, a, in_size, w.w_ih_bf16, gates, G, false);
@@ -57,7 +67,11 @@ void forward_step(const CpuPlan& plan, const LSTMShape& s, const DirectionWeight
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size;
   const bool has_proj = s.proj_size > 0;
   if constexpr (std::is_same_v<T, float>) {
-    if (w.w_hh_bf16) {  // g_t: the projection unless x_t is given (then computed here)
+    if (w.amx_hh) {  // as bf16_gemm below, on this thread's AMX tiles
+      if (x_t)
+        visit(x_t, [&](auto a) { amx_product(false, bs, G, in_size, a, in_size, w.amx_ih, g_t, G); });
+      if (h_prev) amx_product(true, bs, G, out, h_prev, ld_prev, w.amx_hh, g_t, G);
+    } else if (w.w_hh_bf16) {  // g_t: the projection unless x_t is given (then computed here)
       if (x_t)
         visit(x_t, [&](auto a) { bf16_gemm(bs, G, in_size, a, in_size, w.w_ih_bf16, g_t, G, false); });
       if (h_prev) bf16_gemm(bs, G, out, h_prev, ld_prev, w.w_hh_bf16, g_t, G, true);
@@ -130,6 +144,7 @@ void forward_steps(const CpuPlan& plan, const LSTMShape& s, const DirectionWeigh
     last_bs = bs;
   }
   if (in_output && last_bs > 0) copy_rows(h_prev, out_stride, h_state + r0 * out, out, last_bs, out);
+  if (w.amx_hh) amx_release();  // this thread's last product of the direction
 }
 
 }  // namespace

@@ -32,9 +32,14 @@ struct DirectionWeights {
   const uint16_t* w_hh_bf16 = nullptr;
   // W_ih and W_hh as given, in the math dtype or kept bf16 (then w_ih, w_hh are null).
   Operand<T> ih, hh;
-  // Whether a step's recurrent product runs at full speed on one thread (brgemm or bf16_gemm),
-  // so the batch can be split over threads at any step size (for_each_batch_slice).
-  bool single_thread_product() const { return w_packed != nullptr || w_hh_bf16 != nullptr; }
+  // The same on AMX tiles (amx.h: W^T packed by panels), instead of w_ih_bf16 / w_hh_bf16.
+  const c10::BFloat16* amx_ih = nullptr;
+  const c10::BFloat16* amx_hh = nullptr;
+  // Whether a step's recurrent product runs at full speed on one thread (brgemm, bf16_gemm or
+  // AMX), so the batch can be split over threads at any step size (for_each_batch_slice).
+  bool single_thread_product() const {
+    return w_packed != nullptr || w_hh_bf16 != nullptr || amx_hh != nullptr;
+  }
 };
 
 template <typename T>

@@ -1,0 +1,139 @@
+// Library glue: bf16 products on AMX tiles through oneDNN's brgemm micro-kernel as ATen exports
+// it (at::native::cpublas: brgemm on bf16 operands with float32 sums, B packed by `pack` into
+// oneDNN's VNNI layout; `could_pack(kBFloat16)` is true where the CPU has AMX-BF16 and oneDNN is
+// enabled). One thread's step product runs at 175-830 GFLOP/s on an Intel Xeon against
+// bf16_gemm's ~115 (benchmarks/notes/bf16.md, "bf16 products on AMX tiles: the rates, measured
+// before building"). Whether a call uses it is plan.h's decision (CpuPlan::amx_products).
+// Part of the one translation unit lstm_cpu.cpp.
+#pragma once
+
+#include "blas.h"
+
+#include <c10/util/BFloat16.h>
+
+#include <vector>
+
+namespace at::native::cpublas {
+TORCH_API void brgemm(int64_t M, int64_t N, int64_t K, int64_t ld_a, int64_t ld_b, int64_t ld_c,
+                      bool add_C, const c10::BFloat16* A, const c10::BFloat16* B, float* C,
+                      bool is_vnni) __attribute__((weak));
+TORCH_API void pack(int64_t K, int64_t N, int64_t ld_in, int64_t ld_out, c10::ScalarType dt_in,
+                    c10::ScalarType dt_out, const void* in, void* out) __attribute__((weak));
+TORCH_API bool could_pack(c10::ScalarType dt_in) __attribute__((weak));
+}  // namespace at::native::cpublas
+
+namespace fused_lstm {
+namespace {
+
+// Columns per packed panel, and rows of A per micro-kernel call.
+constexpr int64_t kAmxPanelN = 64;
+constexpr int64_t kAmxBlockM = 64;
+
+using BrgemmBf16 = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool,
+                            const c10::BFloat16*, const c10::BFloat16*, float*, bool);
+
+// Whether the exported micro-kernel runs bf16 on this CPU's tiles: the symbols exist and a small
+// product with a tail comes out exact (probed once); then, per call, whether oneDNN is enabled
+// and still packs bf16 (torch.backends.mkldnn can be turned off at run time).
+inline bool amx_bf16_available() {
+  namespace cb = at::native::cpublas;
+  static const bool works = [] {
+    const BrgemmBf16 product = &cb::brgemm;
+    if (product == nullptr || cb::pack == nullptr || cb::could_pack == nullptr ||
+        cb::brgemm_release == nullptr || !cb::could_pack(at::kBFloat16))
+      return false;
+    try {  // exact: small integers and halves
+      constexpr int64_t M = 3, N = 7, K = 6, LDB = 16;
+      c10::BFloat16 a[M * K], b[K * N], packed[K * LDB];
+      float c[M * N];
+      for (int i = 0; i < M * K; ++i) a[i] = c10::BFloat16(float(i % 4) - 1.5f);
+      for (int i = 0; i < K * N; ++i) b[i] = c10::BFloat16(float(i % 3) + 0.5f);
+      cb::pack(K, N, N, LDB, at::kBFloat16, at::kBFloat16, b, packed);
+      product(M, N, K, K, LDB, N, false, a, packed, c, true);
+      cb::brgemm_release(true);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) {
+          float expected = 0;
+          for (int64_t k = 0; k < K; ++k) expected += float(a[m * K + k]) * float(b[k * N + n]);
+          if (c[m * N + n] != expected) return false;
+        }
+      return true;
+    } catch (...) {
+      return false;
+    }
+  }();
+  return works && cb::could_pack(at::kBFloat16);
+}
+
+// Rows of K rounded up to pairs: the VNNI layout interleaves two rows of B. (An odd K is not
+// used: packing one crashed the process with an illegal instruction in torch 2.13's oneDNN, so
+// the plan takes these products only where every K is even: amx_sizes.)
+inline int64_t amx_k_even(int64_t K) { return (K + 1) / 2 * 2; }
+
+// Whether every product of the forward has an even K: each layer's input size and out_size.
+inline bool amx_sizes(const LSTMShape& s) {
+  if (s.out_size % 2 != 0) return false;
+  for (int64_t l = 0; l < s.num_layers; ++l)
+    if (s.layer_input_size(l) % 2 != 0) return false;
+  return true;
+}
+
+// Elements of W^T [K, N] packed in panels of kAmxPanelN columns, each as wide as a whole panel
+// (the micro-kernel's B has a row stride of 16, 32, 48 or 64; a last, narrower panel is padded):
+// panel n0 at n0 * amx_k_even(K).
+inline int64_t amx_packed_size(int64_t N, int64_t K) {
+  return amx_k_even(K) * ((N + kAmxPanelN - 1) / kAmxPanelN * kAmxPanelN);
+}
+
+// W [N, K] (rows ldw apart, float or bf16) as W^T [K, N] bf16, packed into `out` by panels.
+template <typename W>
+void amx_pack_weight_t(const W* w, int64_t N, int64_t K, int64_t ldw, c10::BFloat16* out) {
+  const int64_t k_even = amx_k_even(K);
+  const int64_t panels = (N + kAmxPanelN - 1) / kAmxPanelN;
+  auto pack = [&](int64_t p0, int64_t p1) {
+    std::vector<c10::BFloat16> t(K * kAmxPanelN);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * kAmxPanelN, nb = std::min(kAmxPanelN, N - n0);
+      for (int64_t n = 0; n < nb; ++n)
+        for (int64_t k = 0; k < K; ++k) t[k * nb + n] = c10::BFloat16(float(w[(n0 + n) * ldw + k]));
+      at::native::cpublas::pack(K, nb, nb, kAmxPanelN, at::kBFloat16, at::kBFloat16, t.data(),
+                                out + n0 * k_even);
+    }
+  };
+  if (panels > 1 && !at::in_parallel_region()) at::parallel_for(0, panels, 1, pack);
+  else pack(0, panels);
+}
+
+// This thread's rows of bf16 for an A operand given as float (rounded as bf16_gemm rounds).
+inline c10::BFloat16* amx_rows(const float* a, int64_t lda, int64_t m, int64_t k) {
+  static thread_local std::vector<c10::BFloat16> buf;
+  if (static_cast<int64_t>(buf.size()) < m * k) buf.resize(m * k);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t j = 0; j < k; ++j) buf[r * k + j] = c10::BFloat16(a[r * lda + j]);
+  return buf.data();
+}
+
+// C[m, n] = A[m, k] B[k, n] (+ C when `add`) on this thread, B packed by amx_pack_weight_t.
+inline void amx_product(bool add, int64_t m, int64_t n, int64_t k, const c10::BFloat16* a,
+                        int64_t lda, const c10::BFloat16* packed, float* c, int64_t ldc) {
+  const BrgemmBf16 product = &at::native::cpublas::brgemm;
+  const int64_t k_even = amx_k_even(k);
+  for (int64_t m0 = 0; m0 < m; m0 += kAmxBlockM)
+    for (int64_t n0 = 0; n0 < n; n0 += kAmxPanelN) {
+      const int64_t nb = std::min(kAmxPanelN, n - n0);
+      product(std::min(kAmxBlockM, m - m0), nb, k, lda, kAmxPanelN, ldc, add, a + m0 * lda,
+              packed + n0 * k_even, c + m0 * ldc + n0, true);
+    }
+}
+
+// The same with A as float rows (converted to bf16 on this thread first).
+inline void amx_product(bool add, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                        const c10::BFloat16* packed, float* c, int64_t ldc) {
+  amx_product(add, m, n, k, amx_rows(a, lda, m, k), k, packed, c, ldc);
+}
+
+// Hands this thread's tiles back (after a thread's last product of a call).
+inline void amx_release() { at::native::cpublas::brgemm_release(true); }
+
+}  // namespace
+}  // namespace fused_lstm
