@@ -85,9 +85,11 @@ inline int64_t amx_packed_size(int64_t N, int64_t K) {
   return amx_k_even(K) * ((N + kAmxPanelN - 1) / kAmxPanelN * kAmxPanelN);
 }
 
-// W [N, K] (rows ldw apart, float or bf16) as W^T [K, N] bf16, packed into `out` by panels.
+// B [K, N] with element (k, n) at w[n * stride_n + k * stride_k] (float or bf16), as bf16
+// packed into `out` by panels.
 template <typename W>
-void amx_pack_weight_t(const W* w, int64_t N, int64_t K, int64_t ldw, c10::BFloat16* out) {
+void amx_pack(const W* w, int64_t N, int64_t K, int64_t stride_n, int64_t stride_k,
+              c10::BFloat16* out) {
   const int64_t k_even = amx_k_even(K);
   const int64_t panels = (N + kAmxPanelN - 1) / kAmxPanelN;
   auto pack = [&](int64_t p0, int64_t p1) {
@@ -95,13 +97,20 @@ void amx_pack_weight_t(const W* w, int64_t N, int64_t K, int64_t ldw, c10::BFloa
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * kAmxPanelN, nb = std::min(kAmxPanelN, N - n0);
       for (int64_t n = 0; n < nb; ++n)
-        for (int64_t k = 0; k < K; ++k) t[k * nb + n] = c10::BFloat16(float(w[(n0 + n) * ldw + k]));
+        for (int64_t k = 0; k < K; ++k)
+          t[k * nb + n] = c10::BFloat16(float(w[(n0 + n) * stride_n + k * stride_k]));
       at::native::cpublas::pack(K, nb, nb, kAmxPanelN, at::kBFloat16, at::kBFloat16, t.data(),
                                 out + n0 * k_even);
     }
   };
   if (panels > 1 && !at::in_parallel_region()) at::parallel_for(0, panels, 1, pack);
   else pack(0, panels);
+}
+
+// W [N, K] (rows ldw apart) as B = W^T [K, N]: the forward's weights.
+template <typename W>
+void amx_pack_weight_t(const W* w, int64_t N, int64_t K, int64_t ldw, c10::BFloat16* out) {
+  amx_pack(w, N, K, ldw, 1, out);
 }
 
 // This thread's rows of bf16 for an A operand given as float (rounded as bf16_gemm rounds).

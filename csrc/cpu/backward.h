@@ -15,6 +15,10 @@ template <typename T>
 void step_dh_product(const Bf16Backward& bb, bool brgemm, int64_t bs, int64_t out, int64_t G,
                      const T* dg_t, const T* w_hh, T* dh) {
   if constexpr (std::is_same_v<T, float>) {
+    if (bb.amx_w_hh) {
+      amx_product(false, bs, out, G, dg_t, G, bb.amx_w_hh, dh, out);
+      return;
+    }
     if (bb.w_hh_t) {
       bf16_gemm(bs, out, G, dg_t, G, bb.w_hh_t, dh, out, false);
       return;
@@ -145,7 +149,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   const bool has_proj = s.proj_size > 0;
   // Scratch, allocated once per call.
   at::Tensor dgates_buf, h_prev_buf, dy_buf, dx_buf, dx2_buf, dropped_buf, dh_all_buf, dh_buf_t,
-      c_prev_buf_t, zeros_buf, tiny_buf_t, bf16_buf;
+      c_prev_buf_t, zeros_buf, tiny_buf_t, bf16_buf, amx_buf;
   T* dgates = scratch<T>(dgates_buf, s.rows * G);
   // h_{t-1} of every row gathered, only where steps have different rows (h_prev_rows).
   T* h_prev_buf_ptr = every_step_full(s) ? nullptr : scratch<T>(h_prev_buf, s.rows * out);
@@ -173,7 +177,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   const T* zeros = zeros_mut;
   const bool tiny = plan.variant == Variant::kSmallHidden;
   T* tiny_buf = tiny ? scratch<T>(tiny_buf_t, tiny_backward_numel<T>(s)) : nullptr;
-  const Bf16Backward bb = bf16_backward_buffers(plan, s, bf16_buf);
+  const Bf16Backward bb = bf16_backward_buffers(plan, s, bf16_buf, amx_buf);
   // dL/dh_{t-1} = dgates_t W_hh through brgemm (W_hh is already its B[4H, out]).
   const bool brgemm = plan.brgemm_dh;
 
@@ -196,7 +200,10 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
       copy_or_zero(grad_hy ? grad_hy + ld * s.batch * out : nullptr, s.batch * out, dh_state);
       copy_or_zero(grad_cy ? grad_cy + ld * s.batch * H : nullptr, s.batch * H, dc_state);
       if constexpr (std::is_same_v<T, float>) {
-        if (bb.w_hh_t) {
+        if (bb.amx_w_hh) {  // W_hh for the tiles (as stored: B [G, out]), W_ih^T for dL/dx
+          split_over_threads({pack_t_job(w.ih, in_size, G, in_size, bb.w_ih_t)});
+          visit(w.hh, [&](auto W) { amx_pack(W, out, G, 1, out, bb.amx_w_hh); });
+        } else if (bb.w_hh_t) {
           split_over_threads({pack_t_job(w.hh, out, G, out, bb.w_hh_t),
                               pack_t_job(w.ih, in_size, G, in_size, bb.w_ih_t)});
         }
@@ -238,6 +245,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
           // dL/dh_{t-1} for the rows active at t; the others keep what they carry.
           step_dh_product(bb, brgemm, bs, out, G, dg_t, w.w_hh, dh_carried);
         }
+        if (bb.amx_w_hh) amx_release();  // this thread's last product of the direction
       };
       for_each_batch_slice(s, s.seq_len, brgemm || bb.w_hh_t, steps);
       }

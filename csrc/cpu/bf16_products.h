@@ -81,10 +81,13 @@ struct Bf16Backward {
   uint16_t* h_prev = nullptr;  // h_prev^T [out, chunk]
   c10::BFloat16* dgates_t = nullptr;  // dgates^T [G, chunk] as bf16 rows, row stride ld
   int64_t ld = 0;
+  // On AMX (the plan's amx_products): W_hh as B [G, out] packed for the per-step dL/dh_{t-1}
+  // product on the tiles (amx.h), which then replaces w_hh_t's.
+  c10::BFloat16* amx_w_hh = nullptr;
 };
 
 inline Bf16Backward bf16_backward_buffers(const CpuPlan& plan, const LSTMShape& s,
-                                          at::Tensor& holder) {
+                                          at::Tensor& holder, at::Tensor& amx_holder) {
   Bf16Backward b;
   if (!plan.bf16_products) return b;
   const int64_t G = 4 * s.hidden_size, out = s.out_size;
@@ -103,6 +106,10 @@ inline Bf16Backward bf16_backward_buffers(const CpuPlan& plan, const LSTMShape& 
   b.x = b.w_ih_t + sizes[1];
   b.h_prev = b.x + sizes[2];
   b.dgates_t = reinterpret_cast<c10::BFloat16*>(b.h_prev + sizes[3]);
+  if (plan.amx_products) {
+    amx_holder = cpu_cached_empty(amx_packed_size(out, G), at::kBFloat16);
+    b.amx_w_hh = amx_holder.mutable_data_ptr<c10::BFloat16>();
+  }
   return b;
 }
 

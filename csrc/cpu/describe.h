@@ -65,6 +65,7 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s) {
   if (!p.inference) {
     std::string dh;
     if (p.variant == Variant::kSmallHidden) dh = "small-hidden product (inline)";
+    else if (p.amx_products) dh = "amx_brgemm";
     else if (p.bf16_products) dh = "bf16_gemm";
     else if (p.brgemm_dh) dh = "brgemm";
     else dh = library(slice_rows, out, G);
