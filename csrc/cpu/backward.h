@@ -118,6 +118,12 @@ void backward_products(const LSTMShape& s, const Bf16Backward& bb, const T* dgat
             bf16_gemm(m1 - m0, out, kn, a, ld, bb.h_prev, gw_hh + m0 * out, out, !first);
           }};
           const Piecewise data_grads{last ? rows : 0, [&](int64_t r0, int64_t r1) {  // of dL/dx
+            if (bb.amx_w_ih) {
+              amx_product(add_dx, r1 - r0, in_size, G, dgates + r0 * G, G, bb.amx_w_ih,
+                          dx + r0 * in_size, in_size);
+              amx_release();
+              return;
+            }
             bf16_gemm(r1 - r0, in_size, G, dgates + r0 * G, G, bb.w_ih_t, dx + r0 * in_size,
                       in_size, add_dx);
           }};
@@ -200,9 +206,9 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
       copy_or_zero(grad_hy ? grad_hy + ld * s.batch * out : nullptr, s.batch * out, dh_state);
       copy_or_zero(grad_cy ? grad_cy + ld * s.batch * H : nullptr, s.batch * H, dc_state);
       if constexpr (std::is_same_v<T, float>) {
-        if (bb.amx_w_hh) {  // W_hh for the tiles (as stored: B [G, out]), W_ih^T for dL/dx
-          split_over_threads({pack_t_job(w.ih, in_size, G, in_size, bb.w_ih_t)});
+        if (bb.amx_w_hh) {  // W_hh and W_ih for the tiles, as stored: B [G, out], B [G, in]
           visit(w.hh, [&](auto W) { amx_pack(W, out, G, 1, out, bb.amx_w_hh); });
+          visit(w.ih, [&](auto W) { amx_pack(W, in_size, G, 1, in_size, bb.amx_w_ih); });
         } else if (bb.w_hh_t) {
           split_over_threads({pack_t_job(w.hh, out, G, out, bb.w_hh_t),
                               pack_t_job(w.ih, in_size, G, in_size, bb.w_ih_t)});

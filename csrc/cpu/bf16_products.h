@@ -82,8 +82,10 @@ struct Bf16Backward {
   c10::BFloat16* dgates_t = nullptr;  // dgates^T [G, chunk] as bf16 rows, row stride ld
   int64_t ld = 0;
   // On AMX (the plan's amx_products): W_hh as B [G, out] packed for the per-step dL/dh_{t-1}
-  // product on the tiles (amx.h), which then replaces w_hh_t's.
+  // product on the tiles (amx.h), and W_ih as B [G, in] for dL/dx, which then replace w_hh_t
+  // and w_ih_t.
   c10::BFloat16* amx_w_hh = nullptr;
+  c10::BFloat16* amx_w_ih = nullptr;
 };
 
 inline Bf16Backward bf16_backward_buffers(const CpuPlan& plan, const LSTMShape& s,
@@ -107,8 +109,10 @@ inline Bf16Backward bf16_backward_buffers(const CpuPlan& plan, const LSTMShape& 
   b.h_prev = b.x + sizes[2];
   b.dgates_t = reinterpret_cast<c10::BFloat16*>(b.h_prev + sizes[3]);
   if (plan.amx_products) {
-    amx_holder = cpu_cached_empty(amx_packed_size(out, G), at::kBFloat16);
+    const int64_t hh = amx_packed_size(out, G);
+    amx_holder = cpu_cached_empty(hh + amx_packed_size(in_max, G), at::kBFloat16);
     b.amx_w_hh = amx_holder.mutable_data_ptr<c10::BFloat16>();
+    b.amx_w_ih = b.amx_w_hh + hh;
   }
   return b;
 }
