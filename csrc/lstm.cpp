@@ -373,30 +373,11 @@ bool needs_grad(const at::Tensor& input, const std::optional<at::Tensor>& hx,
   return false;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm(
-    const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
-    const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
-    at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
-    bool bidirectional, bool has_biases, int64_t proj_size) {
-  static const auto forward_op = c10::Dispatcher::singleton()
-                                     .findSchemaOrThrow("fused_lstm::lstm_forward", "")
-                                     .typed<ForwardSig>();
-  static const auto inference_op = c10::Dispatcher::singleton()
-                                       .findSchemaOrThrow("fused_lstm::lstm_inference", "")
-                                       .typed<InferenceSig>();
-  if (needs_grad(input, hx, cx, weights)) {
-    auto [output, hy, cy, reserve] = forward_op.call(input, batch_sizes, hx, cx, weights,
-                                                     dropout_mask, num_layers, bidirectional,
-                                                     has_biases, proj_size);
-    return {output, hy, cy};
-  }
-  return inference_op.call(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
-                           bidirectional, has_biases, proj_size);
-}
-
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference_default(
+// lstm_forward with its reserve dropped: lstm_inference's default kernel (a backend without an
+// inference kernel of its own), and lstm's choice when a gradient can flow.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_without_reserve(
     const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
     const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
@@ -409,6 +390,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference_default(
   return {output, hy, cy};
 }
 
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm(
+    const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
+    const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
+    at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
+    bool bidirectional, bool has_biases, int64_t proj_size) {
+  if (needs_grad(input, hx, cx, weights))
+    return forward_without_reserve(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
+                                   bidirectional, has_biases, proj_size);
+  static const auto inference = c10::Dispatcher::singleton()
+                                    .findSchemaOrThrow("fused_lstm::lstm_inference", "")
+                                    .typed<InferenceSig>();
+  return inference.call(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
+                        bidirectional, has_biases, proj_size);
+}
+
+namespace {
+
 c10::SymInt reserve_numel_op(c10::SymInt rows, int64_t num_layers, int64_t num_directions,
                              c10::SymInt hidden_size, int64_t proj_size) {
   return reserve_numel_of(rows, num_layers, num_directions, hidden_size, proj_size);
@@ -417,7 +417,7 @@ c10::SymInt reserve_numel_op(c10::SymInt rows, int64_t num_layers, int64_t num_d
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_lstm, CompositeExplicitAutograd, m) {
-  m.impl("lstm_inference", &lstm_inference_default);
+  m.impl("lstm_inference", &forward_without_reserve);
 }
 
 // reserve_numel has no tensor arguments: the dispatcher runs its kernel for every call (fake
