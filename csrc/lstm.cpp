@@ -4,6 +4,7 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
+#include <c10/core/GradMode.h>
 #include <torch/library.h>
 
 namespace fused_lstm {
@@ -311,10 +312,19 @@ TORCH_LIBRARY(fused_lstm, m) {
       "lstm_forward(Tensor input, Tensor? batch_sizes, Tensor? hx, Tensor? cx, Tensor[] weights, "
       "Tensor? dropout_mask, int num_layers, bool bidirectional, bool has_biases, int proj_size) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
-  // lstm_forward without the reserve, for calls that need no gradient (ops.lstm chooses): a
+  // lstm_forward without the reserve, for calls that need no gradient (lstm chooses): a
   // backend may skip storing what backward needs. Default: lstm_forward, reserve dropped.
   m.def(
       "lstm_inference(Tensor input, Tensor? batch_sizes, Tensor? hx, Tensor? cx, Tensor[] weights, "
+      "Tensor? dropout_mask, int num_layers, bool bidirectional, bool has_biases, int proj_size) "
+      "-> (Tensor, Tensor, Tensor)");
+  // The op FusedLSTM calls: decides between the two above (lstm() in this file, registered as
+  // CompositeImplicitAutograd): lstm_forward, reserve dropped, when a gradient can flow (grad
+  // mode on and an argument requiring grad), else lstm_inference. Recorded as itself by
+  // torch.jit.trace and Dynamo, so a traced graph decides when it runs; autograd, AOTAutograd
+  // and export see the op it chose.
+  m.def(
+      "lstm(Tensor input, Tensor? batch_sizes, Tensor? hx, Tensor? cx, Tensor[] weights, "
       "Tensor? dropout_mask, int num_layers, bool bidirectional, bool has_biases, int proj_size) "
       "-> (Tensor, Tensor, Tensor)");
   // Gradients of lstm_forward for the whole stack in one call. Missing grads mean zeros.
@@ -353,9 +363,21 @@ TORCH_LIBRARY(fused_lstm, m) {
       "int proj_size) -> SymInt");
 }
 
+bool needs_grad(const at::Tensor& input, const std::optional<at::Tensor>& hx,
+                const std::optional<at::Tensor>& cx, at::TensorList weights) {
+  if (!c10::GradMode::is_enabled()) return false;
+  if (input.requires_grad() || (hx && hx->requires_grad()) || (cx && cx->requires_grad()))
+    return true;
+  for (const auto& w : weights)
+    if (w.requires_grad()) return true;
+  return false;
+}
+
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference_default(
+// lstm_forward with its reserve dropped: lstm_inference's default kernel (a backend without an
+// inference kernel of its own), and lstm's choice when a gradient can flow.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_without_reserve(
     const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
     const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
@@ -368,6 +390,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference_default(
   return {output, hy, cy};
 }
 
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm(
+    const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
+    const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
+    at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
+    bool bidirectional, bool has_biases, int64_t proj_size) {
+  if (needs_grad(input, hx, cx, weights))
+    return forward_without_reserve(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
+                                   bidirectional, has_biases, proj_size);
+  static const auto inference = c10::Dispatcher::singleton()
+                                    .findSchemaOrThrow("fused_lstm::lstm_inference", "")
+                                    .typed<InferenceSig>();
+  return inference.call(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
+                        bidirectional, has_biases, proj_size);
+}
+
+namespace {
+
 c10::SymInt reserve_numel_op(c10::SymInt rows, int64_t num_layers, int64_t num_directions,
                              c10::SymInt hidden_size, int64_t proj_size) {
   return reserve_numel_of(rows, num_layers, num_directions, hidden_size, proj_size);
@@ -376,12 +417,14 @@ c10::SymInt reserve_numel_op(c10::SymInt rows, int64_t num_layers, int64_t num_d
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_lstm, CompositeExplicitAutograd, m) {
-  m.impl("lstm_inference", &lstm_inference_default);
+  m.impl("lstm_inference", &forward_without_reserve);
 }
 
-// No tensor arguments: the dispatcher runs this kernel for every call (fake mode included).
+// reserve_numel has no tensor arguments: the dispatcher runs its kernel for every call (fake
+// mode included). lstm decomposes into the op it chooses.
 TORCH_LIBRARY_IMPL(fused_lstm, CompositeImplicitAutograd, m) {
   m.impl("reserve_numel", &reserve_numel_op);
+  m.impl("lstm", &lstm);
 }
 
 }  // namespace fused_lstm

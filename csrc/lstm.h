@@ -89,8 +89,8 @@ struct LSTMShape {
   }
 };
 
-// The C++ signature of lstm_forward / lstm_inference (their schema is in lstm.cpp), for typed
-// dispatcher handles.
+// The C++ signature of lstm_forward / lstm_inference / lstm (their schema is in lstm.cpp), for
+// typed dispatcher handles.
 template <typename Result>
 using LSTMOpSignature = Result(
     const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
@@ -98,6 +98,20 @@ using LSTMOpSignature = Result(
     bool, bool, int64_t);
 using ForwardSig = LSTMOpSignature<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>>;
 using InferenceSig = LSTMOpSignature<std::tuple<at::Tensor, at::Tensor, at::Tensor>>;
+
+// Whether a gradient can flow from a call: grad mode on and an argument requiring grad. The one
+// place this rule is written: fused_lstm::lstm (below) applies it, and FusedLSTM's C++ entry
+// (python_entry.cpp) calls that same function.
+bool needs_grad(const at::Tensor& input, const std::optional<at::Tensor>& hx,
+                const std::optional<at::Tensor>& cx, at::TensorList weights);
+
+// The kernel of fused_lstm::lstm (CompositeImplicitAutograd, schema in lstm.cpp): lstm_forward,
+// its reserve dropped, when needs_grad(), else lstm_inference, each through the dispatcher.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm(
+    const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
+    const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
+    at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
+    bool bidirectional, bool has_biases, int64_t proj_size);
 
 // Validates every argument of the forward op (shapes, dtypes, devices, batch_sizes) and returns
 // the sizes. Raises c10 errors (RuntimeError / ValueError in Python), never crashes.

@@ -5,10 +5,12 @@
 // arguments (a schema parse of each into an IValue, then an unboxing wrapper) cost ~7 us of a
 // ~20 us call (benchmarks/notes/python-overhead.md, "Less per call around the kernel" and "A C++
 // entry for the module call"). Here one METH_FASTCALL function takes
-// the module, input and hx, decides in C++ whether the call is a plain one, and calls the op
-// through its typed dispatcher handle (so devices, profiler, tracing and autograd see the same
-// op): lstm_forward when a gradient can flow (its autograd kernel records the graph, exactly as
-// for ops.lstm's call), else lstm_inference.
+// the module, input and hx, decides in C++ whether the call is a plain one, and calls
+// fused_lstm::lstm's kernel (lstm.cpp) directly, without that op's own dispatcher call: it
+// chooses lstm_forward when a gradient can flow (its autograd kernel records the graph), else
+// lstm_inference, and calls that op through the dispatcher (so devices, profiler and autograd
+// see the same op as for the Python path's torch.ops.fused_lstm.lstm call). Under
+// torch.jit.trace it calls fused_lstm::lstm through the dispatcher, so the trace records it.
 //
 // It returns None whenever anything is not plain, and FusedLSTM.forward then takes its Python
 // path, which decides everything (and raises nn.LSTM's exceptions). Plain means: no autocast,
@@ -30,9 +32,10 @@
 #include <Python.h>
 
 #include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/TracerMode.h>
+#include <ATen/record_function.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/GradMode.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -52,17 +55,6 @@ using OptTensor = std::optional<at::Tensor>;
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
-// ops.lstm's rule: lstm_forward (which saves for backward) when a gradient can flow.
-bool needs_grad(const at::Tensor& input, const OptTensor& h0, const OptTensor& c0,
-                const std::vector<at::Tensor>& weights) {
-  if (!c10::GradMode::is_enabled()) return false;
-  if (input.requires_grad() || (h0 && h0->requires_grad()) || (c0 && c0->requires_grad()))
-    return true;
-  for (const auto& w : weights)
-    if (w.requires_grad()) return true;
-  return false;
 }
 
 // Interned attribute names of nn.LSTM (filled at module init).
@@ -237,20 +229,23 @@ PyObject* forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       PyErr_Clear();
       Py_RETURN_NONE;
     }
-    static const auto inference_op = find_op<InferenceSig>("fused_lstm::lstm_inference");
-    static const auto forward_op = find_op<ForwardSig>("fused_lstm::lstm_forward");
     at::Tensor output, h_n, c_n;
     {
       WithoutGil no_gil;
       const at::Tensor x = batch_first ? input.transpose(0, 1) : input;
-      const auto call = [&](const auto& op) {
-        return op.call(x, std::nullopt, h0, c0, weights, std::nullopt, num_layers, bidirectional,
-                       bias, proj_size);
-      };
-      if (needs_grad(input, h0, c0, weights)) {
-        std::tie(output, h_n, c_n, std::ignore) = call(forward_op);
+      if (at::tracer::impl::is_dispatch_enabled()) {
+        // torch.jit.trace: through the dispatcher, so that the trace records fused_lstm::lstm
+        // (which decides when the traced graph runs), not the op chosen now.
+        static const auto lstm_op = find_op<InferenceSig>("fused_lstm::lstm");
+        std::tie(output, h_n, c_n) = lstm_op.call(x, std::nullopt, h0, c0, weights,
+                                                  std::nullopt, num_layers, bidirectional, bias,
+                                                  proj_size);
       } else {
-        std::tie(output, h_n, c_n) = call(inference_op);
+        // The op's kernel itself, without its dispatcher call; the profiler sees the same
+        // fused_lstm::lstm event as for a call through torch.ops.
+        RECORD_FUNCTION("fused_lstm::lstm", c10::ArrayRef<const c10::IValue>{});
+        std::tie(output, h_n, c_n) = lstm(x, std::nullopt, h0, c0, weights, std::nullopt,
+                                          num_layers, bidirectional, bias, proj_size);
       }
       if (batch_first) output = output.transpose(0, 1);
     }

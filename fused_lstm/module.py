@@ -54,6 +54,14 @@ def _nn_lstm_forward(module: nn.LSTM, input, hx):  # noqa: A002
     return nn.LSTM.forward(module, input, hx)
 
 
+def _fx_tracer(input, hx):  # noqa: A002
+    """The torch.fx tracer whose Proxy is the input or part of hx, else None."""
+    for value in (input, *(hx if isinstance(hx, (tuple, list)) else (hx,))):
+        if isinstance(value, torch.fx.Proxy):
+            return value.tracer
+    return None
+
+
 class FusedLSTMFallbackWarning(UserWarning):
     """A FusedLSTM call was computed by torch.nn.LSTM instead of the fused op."""
 
@@ -105,6 +113,12 @@ class FusedLSTM(nn.LSTM):
         and the calls the op rejected there (``op_error``: its exception, for a padded call
         with no dropout mask, whose arguments this path gives the op exactly as the entry did).
         At most one op call; nn.LSTM raises its own exception for whatever the op rejects."""
+        tracer = _fx_tracer(input, hx)
+        if tracer is not None and tracer.root is not self:
+            # torch.fx symbolic tracing: one call_module node, as a leaf nn.LSTM gives (FX's
+            # Tracer.is_leaf_module takes only modules defined under torch.nn as leaves).
+            args = (input,) if hx is None else (input, hx)
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), args, {})
         weights = self._current_flat_weights()
         if _is_autocast_enabled():
             return _nn_lstm_forward(self, input, hx)

@@ -17,7 +17,7 @@ kernel's fixed cost is about half of ``register_autograd``'s
 backward is ONE call of ``lstm_backward`` for the whole stack.
 
 Argument conventions (shared with the C++ schema; :class:`LSTMArgs` is the argument list of
-``lstm_forward``, ``lstm_inference`` and :func:`lstm`, in the schema's order):
+``lstm_forward``, ``lstm_inference``, ``lstm`` and :func:`lstm`, in the schema's order):
 
 * ``input``: time-major ``[T, B, I]``, or packed data ``[rows, I]`` with ``batch_sizes``
   (CPU int64 ``[T]``, non-increasing) as in ``PackedSequence``;
@@ -40,8 +40,7 @@ from ._loader import load_library
 load_library()
 
 _ops = torch.ops.fused_lstm
-_lstm_forward = _ops.lstm_forward.default
-_lstm_inference = _ops.lstm_inference.default
+_lstm = _ops.lstm.default
 _reserve_numel = _ops.reserve_numel.default
 
 
@@ -156,32 +155,19 @@ def _lstm_backward_composite(*args):
     return full[0], full[1], full[2], full[3:]
 
 
-def needs_grad(a: LSTMArgs) -> bool:
-    """Whether a gradient can flow from the call: grad mode on and an argument requiring grad.
-    The Python path's (and compiled code's) rule; the C++ entry's (csrc/python_entry.cpp,
-    ``needs_grad``) is the same rule in C++, and a test holds the two together."""
-    return torch.is_grad_enabled() and (
-        a.input.requires_grad
-        or any(w.requires_grad for w in a.weights)
-        or (a.hx is not None and a.hx.requires_grad)
-        or (a.cx is not None and a.cx.requires_grad)
-    )
-
-
 def lstm(*args, **kwargs) -> tuple[Tensor, Tensor, Tensor]:
     """The stacked LSTM in one op call: ``lstm(input, batch_sizes, hx, cx, weights,
     dropout_mask, num_layers, bidirectional, has_biases, proj_size)`` (:class:`LSTMArgs`, see
     the module docstring); returns ``(output, h_n, c_n)``.
 
-    When no gradient can flow (grad mode off, or no argument requires grad), the call goes to
-    ``lstm_inference``, which stores nothing for backward."""
+    Calls ``fused_lstm::lstm``, whose C++ kernel (csrc/lstm.cpp) decides: when a gradient can
+    flow (grad mode on and an argument requiring grad), ``lstm_forward``, else
+    ``lstm_inference``, which stores nothing for backward. FusedLSTM's C++ entry
+    (csrc/python_entry.cpp) calls the same kernel, so the rule is written once."""
     a = LSTMArgs(*args, **kwargs)
     if type(a.weights) is not list:  # the ops take a list
         a = a._replace(weights=list(a.weights))
-    if needs_grad(a):
-        output, hy, cy, _reserve = _lstm_forward(*a)
-        return output, hy, cy
-    return _lstm_inference(*a)
+    return _lstm(*a)
 
 
 lstm.__signature__ = inspect.signature(LSTMArgs)  # type: ignore[attr-defined]

@@ -386,9 +386,10 @@ def test_inference_under_no_grad_and_inference_mode():
 @pytest.mark.parametrize("entry", ["cpp", "python"])
 def test_no_grad_call_goes_straight_to_the_inference_op(batch_first, with_state, mode, entry,
                                                          monkeypatch):
-    """Without grad, a plain batched call is ONE lstm_inference call, with nn.LSTM's results:
-    the C++ entry's (csrc/python_entry.cpp), which calls the op itself and not ops.lstm, or
-    without the entry, the Python path's one ops.lstm call."""
+    """Without grad, a plain batched call is ONE fused_lstm::lstm call that chose
+    lstm_inference, with nn.LSTM's results: the C++ entry's (csrc/python_entry.cpp), which
+    calls the op's kernel itself and not ops.lstm, or without the entry, the Python path's one
+    ops.lstm call. The profiler sees the same events either way."""
     torch_lstm, fused = lstm_pair(input_size=3, hidden_size=4, num_layers=2, dropout=0.3,
                                   bidirectional=True, batch_first=batch_first)
     if mode == "eval_no_grad":  # in training mode, dropout needs the full path (its mask)
@@ -412,7 +413,7 @@ def test_no_grad_call_goes_straight_to_the_inference_op(batch_first, with_state,
         theirs = torch_lstm(x, hx)
     assert len(calls) == (1 if entry == "python" else 0)
     names = [e.name for e in prof.events() if e.name.startswith("fused_lstm::")]
-    assert names == ["fused_lstm::lstm_inference"]
+    assert names == ["fused_lstm::lstm", "fused_lstm::lstm_inference"]
     assert_close(ours, theirs)
     assert ours[0].shape == theirs[0].shape
     assert type(ours) is tuple and type(ours[1]) is tuple
@@ -512,7 +513,8 @@ def test_training_call_goes_through_the_cpp_entry(batch_first, grads, monkeypatc
 
 
 def test_cpp_entry_without_anything_requiring_grad_stores_nothing():
-    """Grad mode on but no leaf requiring grad: lstm_inference (ops.lstm's rule), no graph."""
+    """Grad mode on but no leaf requiring grad: lstm_inference (fused_lstm::lstm's rule), no
+    graph."""
     fused = FusedLSTM(3, 4, num_layers=2, dtype=F64).requires_grad_(False)
     with torch.profiler.profile() as prof:
         out, (h_n, c_n) = fused(randn(5, 2, 3))
@@ -1006,8 +1008,9 @@ def test_rejected_call_reaches_the_op_at_most_once(case, grad, entry, monkeypatc
         with torch.profiler.profile() as prof, pytest.raises(type(expected.value)) as got:
             fused(x, hx)
     assert str(got.value) == str(expected.value)
-    calls = _fused_op_calls(prof)
-    assert len(calls) <= 1, calls
+    deciding = [c for c in _fused_op_calls(prof) if c == "fused_lstm::lstm"]
+    calls = [c for c in _fused_op_calls(prof) if c != "fused_lstm::lstm"]  # the op it chose
+    assert len(calls) <= 1 and len(deciding) == len(calls), _fused_op_calls(prof)
     if case == "hx_dtype":
         assert calls == ["fused_lstm::lstm_forward" if grad else "fused_lstm::lstm_inference"]
 
@@ -1015,10 +1018,10 @@ def test_rejected_call_reaches_the_op_at_most_once(case, grad, entry, monkeypatc
 @pytest.mark.parametrize("grad_mode", [False, True], ids=["no_grad", "grad"])
 @pytest.mark.parametrize("requiring", ["nothing", "input", "h0", "c0", "weights"])
 def test_entry_and_python_path_choose_the_same_op(grad_mode, requiring, monkeypatch):
-    """needs_grad is C++ in the entry (it cannot call Python) and Python in ops.needs_grad
-    (compiled code traces it): for every case both paths call the op ops.needs_grad names."""
-    from fused_lstm import ops
-
+    """The choice between lstm_forward and lstm_inference is fused_lstm::lstm's (needs_grad,
+    csrc/lstm.cpp, written once): the C++ entry calls that kernel directly, the Python path
+    through torch.ops; for every case both record the same fused_lstm::lstm call and the op
+    it chose (lstm_forward exactly when grad mode is on and an argument requires grad)."""
     fused = FusedLSTM(3, 4, num_layers=2, dtype=F64).requires_grad_(requiring == "weights")
     x = randn(5, 2, 3)
     h0, c0 = (t.detach() for t in make_state(fused, 2, F64))
@@ -1027,13 +1030,11 @@ def test_entry_and_python_path_choose_the_same_op(grad_mode, requiring, monkeypa
     expected = grad_mode and requiring != "nothing"
     op = "fused_lstm::lstm_forward" if expected else "fused_lstm::lstm_inference"
     with torch.set_grad_enabled(grad_mode):
-        args = ops.LSTMArgs(x, None, h0, c0, fused._flat_weights, None, 2, False, True, 0)
-        assert ops.needs_grad(args) is expected
         for entry in (fused_module._fast_forward, None):
             monkeypatch.setattr(fused_module, "_fast_forward", entry)
             with torch.profiler.profile() as prof:
                 out = fused(x, (h0, c0))
-            assert _fused_op_calls(prof) == [op]
+            assert _fused_op_calls(prof) == ["fused_lstm::lstm", op]
             assert (out[0].grad_fn is not None) is expected
 
 

@@ -399,6 +399,50 @@ def _counter(backend):
     return CompileCounterWithBackend(backend)  # counts frames and keeps Dynamo's graphs
 
 
+# Dynamo's graphs hold fused_lstm::lstm (it decides at run time, by grad mode and requires_grad,
+# between lstm_forward and lstm_inference); AOTAutograd's graphs hold the op it chose, and the
+# backward's lstm_backward. Both are checked: one fused op per FusedLSTM in Dynamo's graph, and
+# in the compiled graphs inference without a reserve (lstm_inference), training with one.
+LSTM = torch.ops.fused_lstm.lstm.default
+LSTM_FORWARD = torch.ops.fused_lstm.lstm_forward.default
+LSTM_INFERENCE = torch.ops.fused_lstm.lstm_inference.default
+LSTM_BACKWARD = torch.ops.fused_lstm.lstm_backward.default
+
+
+def _aot_capturing():
+    """An aot_eager-like backend that keeps AOTAutograd's forward and backward graphs."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {"forward": [], "backward": []}
+
+    def keep(kind):
+        def compiler(graph_module, example_inputs):
+            graphs[kind].append(graph_module)
+            return make_boxed_func(graph_module.forward)
+        return compiler
+
+    return aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward")), graphs
+
+
+def _inductor_post_grad_capture():
+    """A custom post-grad pass for Inductor that keeps each graph's fused ops, in order."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class Capture(CustomGraphPass):
+        def __init__(self):
+            self.ops = []
+
+        def __call__(self, graph):
+            self.ops.append([n.target for n in graph.nodes if n.op == "call_function"
+                             and str(n.target).startswith("fused_lstm.")])
+
+        def uuid(self):
+            return None  # not cacheable; fresh_dynamo turns the caches off anyway
+
+    return Capture()
+
+
 @pytest.fixture
 def fresh_dynamo():
     """A clean Dynamo state, and no compiled code from the on-disk caches: their keys do not
@@ -423,26 +467,31 @@ def test_compile_fullgraph_inference_and_training(fresh_dynamo):
     model = Tagger(dtype=F32)
     x = randn(4, 7, 3, dtype=F32)
     counter = _counter("inductor")
+    capture = _inductor_post_grad_capture()
     compiled = torch.compile(model, fullgraph=True, backend=counter)
-    with torch.no_grad():
+    with torch.no_grad(), torch._inductor.config.patch(post_grad_custom_pre_pass=capture):
         expected, got = model.eval()(x), compiled(x)
     for e, g in zip(expected, got):
         assert_close(g, e, rtol=1e-5, atol=1e-6)
     assert counter.frame_count == 1
-    assert _fused_ops(counter.graphs[0]) == [torch.ops.fused_lstm.lstm_inference.default]
+    assert _fused_ops(counter.graphs[0]) == [LSTM]
+    assert capture.ops == [[LSTM_INFERENCE]]  # the compiled inference graph keeps no reserve
 
     model.train()
     params = list(model.parameters())
     leaf = x.clone().requires_grad_()
     upstream = [randn(*t.shape, dtype=F32) for t in expected]
     grads = []
-    for module in (model, compiled):
-        outs = module(leaf)
-        grads.append(torch.autograd.grad(outs, [leaf] + params, upstream))
+    with torch._inductor.config.patch(post_grad_custom_pre_pass=capture):
+        for module in (model, compiled):
+            outs = module(leaf)
+            grads.append(torch.autograd.grad(outs, [leaf] + params, upstream))
     for e, g in zip(*grads):
         assert_close(g, e, rtol=1e-5, atol=1e-6)
     assert counter.frame_count == 2  # the recompile for training mode and grad
-    assert _fused_ops(counter.graphs[1]) == [torch.ops.fused_lstm.lstm_forward.default]
+    assert _fused_ops(counter.graphs[1]) == [LSTM]
+    # forward with the reserve, then the backward graph's one backward op
+    assert capture.ops[1:] == [[LSTM_FORWARD], [LSTM_BACKWARD]]
 
 
 class TwoLSTMs(nn.Module):
@@ -461,13 +510,16 @@ class TwoLSTMs(nn.Module):
 def test_compile_two_fused_lstms_one_graph(fresh_dynamo):
     model = TwoLSTMs(FusedLSTM)
     x = randn(2, 5, 3, dtype=F32, requires_grad=True)
-    counter = _counter("aot_eager")
+    backend, aot_graphs = _aot_capturing()
+    counter = _counter(backend)
     got = torch.compile(model, fullgraph=True, backend=counter)(x)
     expected = model(x)
     assert_close(got, expected)
     assert_close(torch.autograd.grad(got.sum(), x), torch.autograd.grad(expected.sum(), x))
     assert counter.frame_count == 1
-    assert _fused_ops(counter.graphs[0]) == [torch.ops.fused_lstm.lstm_forward.default] * 2
+    assert _fused_ops(counter.graphs[0]) == [LSTM] * 2
+    assert [_fused_ops(g) for g in aot_graphs["forward"]] == [[LSTM_FORWARD] * 2]
+    assert [_fused_ops(g) for g in aot_graphs["backward"]] == [[LSTM_BACKWARD] * 2]
 
 
 @pytest.mark.parametrize("model_class", ["nn.LSTM", "nn.LSTM next to FusedLSTM"])
@@ -483,7 +535,8 @@ def test_compile_still_refuses_plain_nn_lstm(fresh_dynamo, model_class):
         torch.compile(model, fullgraph=True, backend="eager")(x)
     assert not torch._dynamo.config.allow_rnn
     torch._dynamo.reset()
-    counter = _counter("aot_eager")
+    backend, aot_graphs = _aot_capturing()
+    counter = _counter(backend)
     with torch.no_grad():
         got = torch.compile(model, backend=counter)(x)
         expected = model(x)
@@ -491,8 +544,10 @@ def test_compile_still_refuses_plain_nn_lstm(fresh_dynamo, model_class):
                     got if isinstance(got, tuple) else [got]):
         assert_close(g, e)
     ops = [op for graph in counter.graphs for op in _fused_ops(graph)]
-    fused_op = torch.ops.fused_lstm.lstm_inference.default
-    assert ops == ([] if model_class == "nn.LSTM" else [fused_op])  # nn.LSTM: eager, not compiled
+    compiled_ops = [op for graph in aot_graphs["forward"] for op in _fused_ops(graph)]
+    fused = model_class != "nn.LSTM"  # nn.LSTM: eager, not compiled
+    assert ops == ([LSTM] if fused else [])
+    assert compiled_ops == ([LSTM_INFERENCE] if fused else [])
 
 
 def test_dynamo_hook_is_narrow_and_idempotent():
@@ -592,8 +647,12 @@ def test_export_contains_one_fused_op():
         # nn.LSTM's own export warns the same: _update_flat_weights assigns _flat_weights.
         warnings.filterwarnings("ignore", message="The tensor attributes self._flat_weights")
         exported = torch.export.export(model, (x,))
+    # The exported program holds the deciding op once (it chooses when the program runs);
+    # decomposed to the inference IR, the op it chose there: lstm_inference, no reserve.
     targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]
-    assert targets.count(torch.ops.fused_lstm.lstm_forward.default) == 1
+    assert [t for t in targets if str(t).startswith("fused_lstm.")] == [LSTM]
+    decomposed = exported.run_decompositions()
+    assert _fused_ops(decomposed.graph_module) == [LSTM_INFERENCE]
     params = {s.target for s in exported.graph_signature.input_specs if s.kind.name == "PARAMETER"}
     assert {f"lstm.{name}" for name, _ in model.lstm.named_parameters()} <= params
     other = randn(2, 5, 3, dtype=F32)
