@@ -12,7 +12,9 @@
 #   bash benchmarks/gpu_check.sh --list                # the steps and their budgets
 #   bash benchmarks/gpu_check.sh --dry-run             # stub commands, no GPU: the plumbing only
 #
-# Options: --total S (the whole budget; default the table's sum), --reinstall.
+# Options: --total S (the whole budget; default the table's sum; a shorter follow-up call
+# passes less), --reinstall. The script ends within the total plus a few seconds: give the
+# command a limit of at least the total + 60 s.
 # Environment: OUT (default ./gpu_check_out), PYTHON (default python3), GPU_CHECK_DRY_RUN=1
 # (as --dry-run), GPU_CHECK_PYTEST_ARGS (more pytest arguments for the test steps, e.g.
 # "-k gradcheck"), GPU_CHECK_SANITIZER_FILTER (default kns=fused_lstm, every kernel of ours,
@@ -25,16 +27,16 @@
 # (tests/test_gpu_check.py checks it).
 STEPS='
 # step                          budget_s  what it produces
-probes                                15  machine.json: GPU, driver, torch, nvcc, compute-sanitizer, kernel (uname -r), build tools
-install                              120  logs/install.log: pip install --no-build-isolation . with the CUDA kernels for this GPU
-tests_auto                            85  junit_tests_auto.xml: tests/test_cuda.py + tests/test_build.py (not slow), automatic path
-sanitizer_memcheck_persistent         35  logs/sanitizer_memcheck_persistent.log: memcheck on the persistent path
-sanitizer_racecheck_persistent        35  logs/sanitizer_racecheck_persistent.log: racecheck (shared memory), persistent path
-sanitizer_synccheck_persistent        25  logs/sanitizer_synccheck_persistent.log: synccheck (barriers), persistent path
-sanitizer_memcheck_step               25  logs/sanitizer_memcheck_step.log: memcheck on the step path
-tests_persistent                      40  junit_tests_persistent.xml: tests/test_cuda.py forced onto the persistent path
-tests_step                            40  junit_tests_step.xml: tests/test_cuda.py forced onto the step path
-bench                                 50  $OUT/bench/: compare.py --device cuda --quick (results.json, results.md, speedup.png)
+probes                                20  machine.json: GPU, driver, torch, nvcc, sanitizer, kernel
+install                              120  logs/install.log: pip install --no-build-isolation, CUDA
+tests_auto                            85  junit_tests_auto.xml: test_cuda.py, test_build.py, auto
+sanitizer_memcheck_persistent         35  logs/<step>.log: memcheck, persistent path
+sanitizer_racecheck_persistent        35  logs/<step>.log: racecheck (shared memory), persistent
+sanitizer_synccheck_persistent        25  logs/<step>.log: synccheck (barriers), persistent path
+sanitizer_memcheck_step               25  logs/<step>.log: memcheck, step path
+tests_persistent                      40  junit_tests_persistent.xml: test_cuda.py forced persistent
+tests_step                            40  junit_tests_step.xml: test_cuda.py forced onto step
+bench                                 45  $OUT/bench/: compare.py --device cuda --quick
 '
 FINISH_S=10  # the last summary and archive
 # The forced runs leave out the tests that set the path themselves (they repeat tests_auto).
@@ -42,7 +44,7 @@ FORCED_SELECT="not persistent and not explain_reports_the_cuda_path"
 # $OUT (at most 8 files, 2 folders deep, 16 MiB each): gpu_check.tar.gz (every log, JUnit XML,
 # machine.json, steps.tsv, results), results.json, summary.txt, bench/{results.json,results.md,
 # speedup.png}; each written under a temporary name and renamed.
-ARCHIVE_LIMIT_BYTES=$((15 * 1024 * 1024))
+ARCHIVE_LIMIT_BYTES=${GPU_CHECK_ARCHIVE_LIMIT_BYTES:-$((15 * 1024 * 1024))}
 
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -134,19 +136,20 @@ shrink_logs() {
 publish() {
     GPU_CHECK_ELAPSED=$(elapsed) "$PY" "$HERE/check.py" summarize "$WORK" "$WORK" \
         2>>"$WORK/logs/publish.log"
-    tar -czf "$OUT/gpu_check.tar.gz.partial" -C "$WORK" . 2>>"$WORK/logs/publish.log"
-    if (($(stat -c %s "$OUT/gpu_check.tar.gz.partial" 2>/dev/null || echo 0) \
-            > ARCHIVE_LIMIT_BYTES)); then
-        shrink_logs
-        tar -czf "$OUT/gpu_check.tar.gz.partial" -C "$WORK" . 2>>"$WORK/logs/publish.log"
+    local archive=$OUT/gpu_check.tar.gz
+    if tar -czf "$archive.partial" -C "$WORK" . 2>>"$WORK/logs/publish.log"; then
+        if (($(stat -c %s "$archive.partial") > ARCHIVE_LIMIT_BYTES)); then
+            shrink_logs
+            tar -czf "$archive.partial" -C "$WORK" . 2>>"$WORK/logs/publish.log"
+        fi && mv -f "$archive.partial" "$archive"
     fi
-    mv -f "$OUT/gpu_check.tar.gz.partial" "$OUT/gpu_check.tar.gz"
     local file
     for file in results.json summary.txt; do
         [[ -f $WORK/$file ]] && put "$WORK/$file" "$OUT/$file"
     done
     for file in results.json results.md speedup.png; do
-        [[ -f $WORK/bench/$file ]] && mkdir -p "$OUT/bench" && put "$WORK/bench/$file" "$OUT/bench/$file"
+        [[ -f $WORK/bench/$file ]] || continue
+        mkdir -p "$OUT/bench" && put "$WORK/bench/$file" "$OUT/bench/$file"
     done
 }
 
@@ -239,7 +242,9 @@ trap on_signal TERM INT HUP
 skip() { record "$1" "${3:-skipped}" - 0 0 "$2"; publish; }
 
 # ---- the steps ---------------------------------------------------------------------------------
-PROBED_CUDA_HOME= PROBED_SANITIZER= PROBED_HAS_GPU=0 PROBED_CAPABILITY= PROBED_MISSING_BUILD_TOOLS=
+# (until the probes say otherwise: a probe cut short must not skip the steps that need a GPU)
+PROBED_CUDA_HOME= PROBED_SANITIZER=unprobed PROBED_HAS_GPU=unknown PROBED_CAPABILITY=
+PROBED_MISSING_BUILD_TOOLS=
 INSTALLED=
 SANITIZER_UNAVAILABLE=
 
@@ -295,7 +300,7 @@ pytest_step() {
     run_step "$name" env FUSED_LSTM_EXPECT_AOT=1 FUSED_LSTM_CUDA_PATH="$path" \
         PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" GPU_CHECK_ROUND_ROBIN=1 \
         GPU_CHECK_PYTEST_STATE="$WORK/pytest_$name.json" \
-        "$PY" -P -m pytest "$@" -m "not slow" "${select[@]}" -q -rfEs --maxfail 25 \
+        "$PY" -P -m pytest "$@" -m "not slow" "${select[@]}" -v -rfEs --maxfail 25 \
         -p pytest_deadline -p no:cacheprovider --durations 10 \
         --junitxml="$WORK/junit_$name.xml" -o junit_family=xunit2 ${GPU_CHECK_PYTEST_ARGS:-}
 }
@@ -304,6 +309,7 @@ pytest_step() {
 sanitizer_step() {
     local name=$1 tool path
     IFS=_ read -r _ tool path <<<"$name"
+    [[ $PROBED_SANITIZER == unprobed ]] && PROBED_SANITIZER=$(command -v compute-sanitizer)
     if [[ -z $PROBED_SANITIZER ]]; then
         skip "$name" "compute-sanitizer not found" unavailable
         return
@@ -335,7 +341,7 @@ for name in "${SELECTED[@]}"; do
         skip "$name" "nothing installed"
         continue
     fi
-    if [[ $name != probes && $name != install && $PROBED_HAS_GPU != 1 ]]; then
+    if [[ $name != probes && $name != install && $PROBED_HAS_GPU == 0 ]]; then
         skip "$name" "torch sees no GPU"
         continue
     fi
@@ -343,7 +349,8 @@ for name in "${SELECTED[@]}"; do
         probes) step_probes ;;
         install) step_install ;;
         tests_auto) pytest_step tests_auto auto "" tests/test_cuda.py tests/test_build.py ;;
-        tests_persistent) pytest_step tests_persistent persistent "$FORCED_SELECT" tests/test_cuda.py ;;
+        tests_persistent)
+            pytest_step tests_persistent persistent "$FORCED_SELECT" tests/test_cuda.py ;;
         tests_step) pytest_step tests_step step "$FORCED_SELECT" tests/test_cuda.py ;;
         sanitizer_*) sanitizer_step "$name" ;;
         bench) step_bench ;;

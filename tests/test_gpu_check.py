@@ -163,6 +163,27 @@ def test_failures_and_an_unusable_sanitizer_are_told_apart(tmp_path):
     assert results["tests"]["tests_step"]["failures"] == ["tests.test_cuda::test_stub_fails"]
 
 
+def test_probes_cut_short_skip_nothing(tmp_path):
+    # Only a probe that answers "no GPU" skips the GPU steps; one that said nothing does not.
+    done, out = dry_run(tmp_path, "--only", "tests_step", env={"GPU_CHECK_DRY_RUN_FAIL": "probes"})
+    _, _, steps = read_out(out)
+    assert [(s[0], s[1]) for s in steps] == [("probes", "failed"), ("install", "passed"),
+                                             ("tests_step", "passed")], done.stdout
+
+
+def test_long_logs_are_cut_to_fit_out(tmp_path):
+    # 3 MiB of incompressible output per step against a 4 MiB limit on the archive: each log is
+    # cut to its first 512 KiB and last 1.5 MiB, and the archive still comes back.
+    done, out = dry_run(tmp_path, "--only", "tests_step",
+                        env={"GPU_CHECK_DRY_RUN_LOG_BYTES": str(3 * 2**20),
+                             "GPU_CHECK_ARCHIVE_LIMIT_BYTES": str(4 * 2**20)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    _, members, _ = read_out(out)
+    for name in ("probes", "install", "tests_step"):
+        log = members[f"logs/{name}.log"]
+        assert 2 * 2**20 < len(log) < 2 * 2**20 + 100 and b"[... cut by gpu_check.sh ...]" in log
+
+
 def test_only_reruns_the_named_steps(tmp_path):
     done, out = dry_run(tmp_path, "--only", "tests_step", "sanitizer_memcheck_persistent")
     assert done.returncode == 0, done.stdout + done.stderr

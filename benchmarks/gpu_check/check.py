@@ -117,16 +117,17 @@ def gpu_model(name: str | None) -> str:
 
 
 def probe(work: str) -> int:
+    """Written twice: without torch's facts first (importing torch and starting CUDA is the
+    slow part), so that a probe cut short still leaves the rest."""
     cuda_home = find_cuda_home()
     sanitizer = find_sanitizer(cuda_home)
-    torch_info = torch_facts()
     nvcc = shutil.which("nvcc") or (cuda_home and os.path.join(cuda_home, "bin", "nvcc"))
     facts = {
         "gpus": run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
                      "--format=csv,noheader"]).splitlines(),
         "kernel": platform.release(),
         "python": sys.version.split()[0],
-        "torch": torch_info,
+        "torch": {"error": "not probed (the probe was cut short?)"},
         "nvcc": (re.findall(r"release [\d.]+, V[\d.]+", run([nvcc, "--version"])) or [None])[0]
         if nvcc else None,
         "cuda_home": cuda_home,
@@ -140,6 +141,9 @@ def probe(work: str) -> int:
         "disk_free_gib": round(shutil.disk_usage(work).free / 2**30, 1),
         "date": datetime.date.today().isoformat(),
     }
+    write_machine(work, facts)
+    facts["torch"] = torch_facts()
+    print(json.dumps(facts, indent=2))
     return write_machine(work, facts)
 
 
@@ -151,14 +155,15 @@ def write_machine(work: str, facts: dict) -> int:
     shell = {
         "PROBED_CUDA_HOME": facts["cuda_home"] or "",
         "PROBED_SANITIZER": facts["compute_sanitizer"] or "",
-        "PROBED_HAS_GPU": "1" if torch_info.get("gpu_available") else "0",
+        # unknown where torch was not probed: only a "no" skips the steps that need a GPU
+        "PROBED_HAS_GPU": {True: "1", False: "0"}.get(torch_info.get("gpu_available"),
+                                                     "unknown"),
         "PROBED_CAPABILITY": torch_info.get("capability", ""),
         "PROBED_MISSING_BUILD_TOOLS": " ".join(missing_tools),
     }
     write_atomically(os.path.join(work, "machine.json"), json.dumps(facts, indent=2) + "\n")
     write_atomically(os.path.join(work, "machine.env"),
                      "".join(f"{k}={shlex.quote(v)}\n" for k, v in shell.items()))
-    print(json.dumps(facts, indent=2))
     return 0
 
 
@@ -279,6 +284,8 @@ def summarize(work: str, out: str) -> int:
         lines.append(f"{name}: {c['passed']} passed, {c['failed']} failed, {c['errors']} errors,"
                      f" {c['skipped']} skipped; collected {c.get('collected', '?')}"
                      + (", STOPPED AT THE DEADLINE" if c.get("stopped_at_deadline") else ""))
+        if steps[name]["status"] in ("timeout", "killed") and c.get("last_started"):
+            lines.append(f"  killed while running {c['last_started']}")
         lines += [f"  FAILED {f}" for f in c["failures"][:20]]
         lines += [f"  skipped {n}: {r}" for r, n in list(c["skip_reasons"].items())[:5]]
     for name, s in sanitizers.items():
@@ -299,10 +306,13 @@ def stub(step: str, work: str) -> int:
 
     ``GPU_CHECK_DRY_RUN_SLEEP``: seconds each stub takes (default 0.2);
     ``GPU_CHECK_DRY_RUN_FAIL``: names of steps whose stub fails (a test step with one failed
-    test); ``GPU_CHECK_DRY_RUN_NO_SANITIZER=1``: compute-sanitizer refuses the device.
+    test); ``GPU_CHECK_DRY_RUN_NO_SANITIZER=1``: compute-sanitizer refuses the device;
+    ``GPU_CHECK_DRY_RUN_LOG_BYTES``: that many bytes of output (random: they do not compress).
     """
     failing = step in os.environ.get("GPU_CHECK_DRY_RUN_FAIL", "").split()
     print(f"[dry run] {step}: stub command")
+    if step == "probes" and failing:  # as if cut short before it wrote anything
+        return 1
     if step == "probes":
         write_machine(work, {
             "gpus": ["DRY-RUN GPU, 0 MiB, 0.0"], "kernel": platform.release(),
@@ -336,6 +346,7 @@ def stub(step: str, work: str) -> int:
         os.makedirs(bench, exist_ok=True)
         write_atomically(os.path.join(bench, "results.json"), "{}\n")
         write_atomically(os.path.join(bench, "results.md"), "| dry run |\n")
+    print(os.urandom(int(os.environ.get("GPU_CHECK_DRY_RUN_LOG_BYTES", "0")) // 2).hex())
     sys.stdout.flush()
     time.sleep(float(os.environ.get("GPU_CHECK_DRY_RUN_SLEEP", "0.2")))
     return int(failing)

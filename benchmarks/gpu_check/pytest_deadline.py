@@ -6,7 +6,8 @@
 A test step killed at its time limit would write no JUnit XML and lose every count; with this
 plugin pytest stops starting tests once the deadline has passed (the test running then
 finishes), reports as usual and writes its JUnit XML, and ``GPU_CHECK_PYTEST_STATE`` records how
-many tests were collected, how many ran and whether the deadline stopped the session.
+many tests were collected, how many started, the last one started (the one that hung, if the
+step was killed) and whether the deadline stopped the session.
 
 With ``GPU_CHECK_ROUND_ROBIN=1`` the tests run round robin over the test functions (each
 function's first parametrization, then each one's second, ...; the file order kept within a
@@ -20,7 +21,8 @@ import json
 import os
 import time
 
-_STATE = {"collected": 0, "started": 0, "stopped_at_deadline": False}
+# last_started: the test running when the step was killed, if it was (a hung kernel, say).
+_STATE = {"collected": 0, "started": 0, "stopped_at_deadline": False, "last_started": None}
 
 
 def _deadline() -> float:
@@ -63,6 +65,8 @@ def pytest_runtest_protocol(item, nextitem):
         _write_state()
         return True  # this test is not run; the session stops after it
     _STATE["started"] += 1
+    _STATE["last_started"] = item.nodeid
+    _write_state()
     return None
 
 
