@@ -19,9 +19,13 @@ Environment knobs:
 
 * ``FUSED_LSTM_FORCE_CUDA``: ``1`` requires the CUDA kernels (error if they cannot be built),
   ``0`` never builds them. Unset: built when the torch in use was built with CUDA
-  (``torch.version.cuda``) and nvcc is found (``CUDA_HOME``). Whether a GPU is present is never
-  asked: a build box often has none.
-* ``TORCH_CUDA_ARCH_LIST``: CUDA architectures, default ``8.0;9.0+PTX``.
+  (``torch.version.cuda``) and ``CUDA_HOME`` (torch's, from the environment or the nvcc on PATH)
+  is a CUDA toolkit, with ``include/cuda_runtime_api.h``; otherwise the CPU kernels only, with a
+  note saying what was missing. Whether a GPU is present is never asked: a build box often has
+  none.
+* ``TORCH_CUDA_ARCH_LIST``: CUDA architectures, default ``8.0;9.0+PTX``
+  (``_loader.DEFAULT_CUDA_ARCH_LIST``, which the compile on first import also uses when no GPU
+  is visible).
 * ``MAX_JOBS``: parallel compile jobs (read by torch's ``BuildExtension``).
 """
 
@@ -36,7 +40,6 @@ from setuptools.command.build_py import build_py
 
 PACKAGE = "fused_lstm"
 CSRC = "csrc"
-DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 # The package's name for the shipped sources, inside the installed package.
 PACKAGED_CSRC = "_csrc"
 SOURCE_SUFFIXES = (".h", ".cuh", ".cpp", ".cu")
@@ -130,16 +133,15 @@ class BuildPy(build_py):
 def _aot_setup_kwargs():
     loader = _load_loader()
     with_cuda = loader.want_cuda_kernels(CSRC, error=RuntimeError)
-    if torch.version.cuda is not None and cpp_extension.CUDA_HOME is None:
-        _note(
-            f"torch {torch.__version__} was built with CUDA but nvcc was not found (set "
-            "CUDA_HOME): building the CPU kernels only"
-        )
+    cpu_only = None if with_cuda else loader.cpu_only_note(CSRC)
+    if cpu_only is not None:
+        _note(f"torch {torch.__version__} was built with CUDA, but {cpu_only}: building the CPU "
+              "kernels only")
     flags = loader.compile_flags(with_cuda)
     cuda_arch_list = None
     sources = _cpp_sources()
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", loader.DEFAULT_CUDA_ARCH_LIST)
         cuda_arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
         sources += _cuda_sources()
         extension_type = cpp_extension.CUDAExtension

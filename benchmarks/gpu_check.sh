@@ -1,299 +1,363 @@
 #!/usr/bin/env bash
-# The whole GPU check in ONE command on a GPU machine (H100/H200 with a CUDA build of torch and
-# nvcc; no network needed): build, test suite, compute-sanitizer, benchmark, in about 6 minutes.
+# The GPU check in ONE command of about 8 minutes on a GPU machine (an H100 or H200 with a CUDA
+# build of torch, nvcc and compute-sanitizer; no network needed): build, the GPU tests,
+# compute-sanitizer on our kernels, the CUDA benchmark. $OUT holds the results after EVERY step,
+# so a run cut short still brings back what it did.
 #
-#   bash benchmarks/gpu_check.sh                 # from the repository root; results in $OUT
-#   FUSED_LSTM_GIT_COMMIT=<sha> bash benchmarks/gpu_check.sh   # when the copy has no .git
+#   bash benchmarks/gpu_check.sh --commit SHA          # every step; pass the commit: the copied
+#                                                      # tree may have no .git
+#   bash benchmarks/gpu_check.sh --commit SHA --only tests_step sanitizer_memcheck_persistent
+#                                                      # a follow-up: probes, install (skipped if
+#                                                      # this machine has this commit) and those
+#   bash benchmarks/gpu_check.sh --list                # the steps and their budgets
+#   bash benchmarks/gpu_check.sh --dry-run             # stub commands, no GPU: the plumbing only
 #
-# Steps, each time-boxed (`timeout`) inside a total budget (GPU_CHECK_BUDGET_S, default 540 s,
-# under the device machine's 10 minutes per command) so that the results are always written:
-#   1. install: pip install --no-build-isolation . (MAX_JOBS=16, TORCH_CUDA_ARCH_LIST=9.0,
-#      FUSED_LSTM_FORCE_CUDA=1 so a build that drops the CUDA kernels fails here, and
-#      --no-deps --no-index: everything needed is installed already and there is no network);
-#   2. the whole test suite against the installed build (FUSED_LSTM_EXPECT_AOT=1, as CI),
-#      CUDA tests included, with JUnit XML (pytest-xdist when present); the CUDA path is the
-#      automatic choice (persistent kernels where they fit, csrc/cuda/lstm_persistent.h).
-#      Then tests/test_cuda.py again with FUSED_LSTM_CUDA_PATH=persistent (the persistent
-#      kernels wherever they can run) and with FUSED_LSTM_CUDA_PATH=step (the step path
-#      everywhere);
-#   3. compute-sanitizer memcheck and racecheck over a small forward and backward (padded and
-#      packed, bidirectional, projection, dropout mask, float32 and bfloat16; PyTorch's caching
-#      allocator off so that every tensor is its own allocation and out-of-bounds accesses
-#      are caught at the tensor's edge); then memcheck, racecheck and synccheck with
-#      FUSED_LSTM_CUDA_PATH=persistent (the same case, plus multi-block, multi-tile plans and
-#      float64);
-#   4. the CUDA benchmark: python benchmarks/compare.py --device cuda --out $OUT/bench
-#      (--quick when little time is left).
-# $OUT receives: results.json (device, torch, commit, per-step status, test counts, sanitizer
-# errors), summary.txt, junit.xml, logs.tar.gz (every log) and bench/ (compare.py's files).
-# Exit status: 0 when every step passed.
-set -uo pipefail
+# Options: --total S (the whole budget; default the table's sum; a shorter follow-up call
+# passes less), --reinstall. The script ends within the total plus a few seconds: give the
+# command a limit of at least the total + 60 s.
+# Environment: OUT (default ./gpu_check_out), PYTHON (default python3), GPU_CHECK_DRY_RUN=1
+# (as --dry-run), GPU_CHECK_PYTEST_ARGS (more pytest arguments for the test steps, e.g.
+# "-k gradcheck"), GPU_CHECK_SANITIZER_FILTER (default kns=fused_lstm, every kernel of ours,
+# which all live in namespace fused_lstm::gpu; empty: every kernel, cuBLAS's and ATen's too).
+#
+# The steps, in the order they run, each time-boxed. A step's limit is what is left of the
+# total once the budgets of the selected steps after it and FINISH_S are set aside: time a step
+# leaves unused goes to the steps after it, and one that overruns is stopped at its limit, so
+# every later step still gets its budget. The budgets add up to the total
+# (tests/test_gpu_check.py checks it).
+STEPS='
+# step                          budget_s  what it produces
+probes                                20  machine.json: GPU, driver, torch, nvcc, sanitizer, kernel
+install                              120  logs/install.log: pip install --no-build-isolation, CUDA
+tests_auto                            85  junit_tests_auto.xml: test_cuda.py, test_build.py, auto
+sanitizer_memcheck_persistent         35  logs/<step>.log: memcheck, persistent path
+sanitizer_racecheck_persistent        35  logs/<step>.log: racecheck (shared memory), persistent
+sanitizer_synccheck_persistent        25  logs/<step>.log: synccheck (barriers), persistent path
+sanitizer_memcheck_step               25  logs/<step>.log: memcheck, step path
+tests_persistent                      40  junit_tests_persistent.xml: test_cuda.py forced persistent
+tests_step                            40  junit_tests_step.xml: test_cuda.py forced onto step
+bench                                 45  $OUT/bench/: compare.py --device cuda --quick
+'
+FINISH_S=10  # the last summary and archive
+# The forced runs leave out the tests that set the path themselves (they repeat tests_auto).
+FORCED_SELECT="not persistent and not explain_reports_the_cuda_path"
+# $OUT (at most 8 files, 2 folders deep, 16 MiB each): gpu_check.tar.gz (every log, JUnit XML,
+# machine.json, steps.tsv, results), results.json, summary.txt, bench/{results.json,results.md,
+# speedup.png}; each written under a temporary name and renamed.
+ARCHIVE_LIMIT_BYTES=${GPU_CHECK_ARCHIVE_LIMIT_BYTES:-$((15 * 1024 * 1024))}
 
-START=$SECONDS
-BUDGET=${GPU_CHECK_BUDGET_S:-540}
-OUT=${OUT:-$PWD/gpu_check_out}
-WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
-PY=${PYTHON:-python3}
-mkdir -p "$OUT"
+set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
+ROOT=$PWD
+HERE=$ROOT/benchmarks/gpu_check
+PY=${PYTHON:-python3}
+OUT=${OUT:-$ROOT/gpu_check_out}
+DRY_RUN=${GPU_CHECK_DRY_RUN:-}
+[[ $DRY_RUN == 0 ]] && DRY_RUN=
+SANITIZER_FILTER=${GPU_CHECK_SANITIZER_FILTER-kns=fused_lstm}
+STAMP=${GPU_CHECK_STATE_DIR:-/tmp}/gpu_check_installed_commit
 export PYTHONUNBUFFERED=1
 
-remaining() { echo $((BUDGET - (SECONDS - START))); }
+# ---- the table and the command line -----------------------------------------------------------
+ORDER=()
+declare -A BUDGET
+while read -r name budget _; do
+    [[ -z $name || $name == \#* ]] && continue
+    ORDER+=("$name")
+    BUDGET[$name]=$budget
+done <<<"$STEPS"
+TABLE_TOTAL=$FINISH_S
+for name in "${ORDER[@]}"; do TABLE_TOTAL=$((TABLE_TOTAL + BUDGET[$name])); done
 
-# run_step NAME CAP_SECONDS RESERVE_SECONDS COMMAND...: runs COMMAND with a timeout of
-# min(CAP, remaining budget - RESERVE), its output in $WORK/NAME.log; records rc and duration.
-declare -A RC DURATION
-run_step() {
-    local name=$1 cap=$2 reserve=$3
-    shift 3
-    local limit
-    limit=$(( $(remaining) - reserve ))
-    (( limit > cap )) && limit=$cap
-    if (( limit < 10 )); then
-        echo "[gpu_check] $name: skipped, out of time" | tee "$WORK/$name.log"
-        RC[$name]=skipped
-        DURATION[$name]=0
-        return
+usage() { sed -n '2,/^# The steps/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+COMMIT=${GPU_CHECK_COMMIT:-${FUSED_LSTM_GIT_COMMIT:-}}
+TOTAL=$TABLE_TOTAL
+REINSTALL=
+ONLY=()
+while (($#)); do
+    case $1 in
+        --commit) COMMIT=${2:?--commit needs a value}; shift 2 ;;
+        --total) TOTAL=${2:?--total needs seconds}; shift 2 ;;
+        --reinstall) REINSTALL=1; shift ;;
+        --dry-run) DRY_RUN=1; shift ;;
+        --list) printf '%s\n' "$STEPS" | sed '/^$/d'; echo "finish $FINISH_S; total $TABLE_TOTAL s"
+                exit 0 ;;
+        --only) shift
+                while (($#)) && [[ $1 != --* ]]; do ONLY+=("$1"); shift; done ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+for name in "${ONLY[@]}"; do
+    if [[ -z ${BUDGET[$name]:-} ]]; then
+        echo "gpu_check.sh: no step $name; the steps: ${ORDER[*]}" >&2
+        exit 2
     fi
-    echo "[gpu_check] $name (at most ${limit}s): $*"
-    local t0=$SECONDS
-    timeout --kill-after=10 "$limit" "$@" >"$WORK/$name.log" 2>&1
-    RC[$name]=$?
-    DURATION[$name]=$((SECONDS - t0))
-    echo "[gpu_check] $name: exit ${RC[$name]} after ${DURATION[$name]}s"
-    tail -n 15 "$WORK/$name.log"
+done
+SELECTED=()
+for name in "${ORDER[@]}"; do
+    if ((${#ONLY[@]} == 0)) || [[ $name == probes || $name == install ]] \
+            || [[ " ${ONLY[*]} " == *" $name "* ]]; then
+        SELECTED+=("$name")
+    fi
+done
+if [[ -z $COMMIT ]]; then
+    COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+fi
+export GPU_CHECK_COMMIT=$COMMIT GPU_CHECK_DRY_RUN=${DRY_RUN:-0} GPU_CHECK_SELECTED="${SELECTED[*]}"
+
+# ---- bookkeeping: steps.tsv, and $OUT after every step ----------------------------------------
+START=$(date +%s)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+mkdir -p "$WORK/logs" "$OUT" || exit 1
+: >"$WORK/steps.tsv"
+elapsed() { echo $(($(date +%s) - START)); }
+
+# record NAME STATUS EXIT SECONDS LIMIT NOTE
+record() {
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$WORK/steps.tsv"
+    echo "[gpu_check] $1: $2 (exit $3, $4 s of $5 s)${6:+: $6}"
 }
 
-# ---- 0. the machine ----------------------------------------------------------------------------
-{
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
-    nvcc --version 2>&1 | tail -n 2
-    "$PY" -c "import torch, sys; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
-} >"$WORK/machine.log" 2>&1
-cat "$WORK/machine.log"
-GIT_COMMIT=${FUSED_LSTM_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
-GIT_DIRTY=$( (git status --porcelain 2>/dev/null || true) | wc -l)
+# put FILE DEST: DEST replaced whole, never half-written.
+put() { cp "$1" "$2.partial" && mv -f "$2.partial" "$2"; }
 
-# ---- 1. install ----------------------------------------------------------------------------------
-run_step install 240 300 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 FUSED_LSTM_FORCE_CUDA=1 \
-    "$PY" -m pip install --no-build-isolation --no-deps --no-index -v .
+# Logs over 2 MiB keep their first 512 KiB and last 1.5 MiB, so that the archive fits $OUT.
+shrink_logs() {
+    local log
+    for log in "$WORK"/logs/*.log; do
+        if (($(stat -c %s "$log") > 2 * 1024 * 1024)); then
+            { head -c 524288 "$log"; printf '\n[... cut by gpu_check.sh ...]\n'
+              tail -c 1572864 "$log"; } >"$log.cut" && mv -f "$log.cut" "$log"
+        fi
+    done
+}
 
-# ---- 2. the test suite ----------------------------------------------------------------------------
-XDIST=()
-if "$PY" -c "import xdist" 2>/dev/null; then
-    XDIST=(-n 8 --dist load)
-fi
-# -P: the checkout's fused_lstm/ must not shadow the installed package (CI runs `pytest tests`).
-run_step tests 300 150 env FUSED_LSTM_EXPECT_AOT=1 "$PY" -P -m pytest tests -q -rfEs \
-    "${XDIST[@]}" --junitxml="$WORK/junit.xml" -o junit_family=xunit2 --durations=15
-# The CUDA tests on each path alone (the tests that pick a path themselves still do).
-for path in persistent step; do
-    run_step "tests_$path" 120 150 env FUSED_LSTM_EXPECT_AOT=1 FUSED_LSTM_CUDA_PATH=$path \
-        "$PY" -P -m pytest tests/test_cuda.py -q -rfEs "${XDIST[@]}" \
-        --junitxml="$WORK/junit_$path.xml" -o junit_family=xunit2
-done
-
-# ---- 3. compute-sanitizer -----------------------------------------------------------------------
-cat >"$WORK/sanitize_case.py" <<'EOF'
-"""A small forward and backward of every CUDA code path, for compute-sanitizer."""
-import os
-
-import torch
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
-
-import fused_lstm
-
-torch.manual_seed(0)
-ops = torch.ops.fused_lstm
-assert torch._C._dispatch_has_kernel_for_dispatch_key("fused_lstm::lstm_forward", "CUDA")
-PERSISTENT = os.environ.get("FUSED_LSTM_CUDA_PATH") == "persistent"
-L, D, I, H, P, T, B = 2, 2, 5, 8, 3, 6, 4
-for dtype in (torch.float32, torch.bfloat16):
-    for packed in (False, True):
-        lstm = torch.nn.LSTM(I, H, L, bidirectional=True, proj_size=P).to("cuda", dtype)
-        weights = [w.detach() for w in lstm._flat_weights]
-        x = torch.randn(T, B, I, device="cuda", dtype=dtype)
-        batch_sizes = None
-        if packed:
-            seq = pack_padded_sequence(x, torch.tensor([6, 5, 3, 1]))
-            x, batch_sizes = seq.data, seq.batch_sizes
-        hx = torch.randn(L * D, B, P, device="cuda", dtype=dtype)
-        cx = torch.randn(L * D, B, H, device="cuda", dtype=dtype)
-        mask = (torch.rand(L - 1, *x.shape[:-1], D * P, device="cuda") > 0.5).to(dtype) * 2
-        out, hy, cy, reserve = ops.lstm_forward(x, batch_sizes, hx, cx, weights, mask, L, True,
-                                                True, P)
-        grads = ops.lstm_backward(x, batch_sizes, hx, cx, weights, mask, reserve,
-                                  torch.randn_like(out), torch.randn_like(hy),
-                                  torch.randn_like(cy), L, True, True, P)
-        # no initial state, no upstream h_n/c_n gradients, no projection
-        lstm2 = torch.nn.LSTM(I, H, L, bidirectional=True).to("cuda", dtype)
-        w2 = [w.detach() for w in lstm2._flat_weights]
-        out2, hy2, cy2, reserve2 = ops.lstm_forward(x, batch_sizes, None, None, w2, None, L,
-                                                    True, True, 0)
-        ops.lstm_backward(x, batch_sizes, None, None, w2, None, reserve2, torch.randn_like(out2),
-                          None, None, L, True, True, 0)
-if PERSISTENT:
-    # The persistent kernels on several plans: blocks per direction (units 3 of hidden 8: 3
-    # blocks, the last one ragged), batch tiles (9 rows in tiles of 4), lanes per dot product;
-    # packed and padded, float32 and float64.
-    B9 = 9
-    plans = [{}, {"FUSED_LSTM_CUDA_PERSISTENT_UNITS": "3", "FUSED_LSTM_CUDA_PERSISTENT_TILE": "4",
-                  "FUSED_LSTM_CUDA_PERSISTENT_KSPLIT": "2"},
-             {"FUSED_LSTM_CUDA_PERSISTENT_UNITS": "1", "FUSED_LSTM_CUDA_PERSISTENT_KSPLIT": "32"}]
-    for plan in plans:
-        os.environ.update(plan)
-        for dtype in (torch.float32, torch.float64):
-            for packed in (False, True):
-                lstm3 = torch.nn.LSTM(I, H, L, bidirectional=True).to("cuda", dtype)
-                w3 = [w.detach() for w in lstm3._flat_weights]
-                x = torch.randn(T, B9, I, device="cuda", dtype=dtype)
-                batch_sizes = None
-                if packed:
-                    seq = pack_padded_sequence(x, torch.tensor([6, 6, 5, 5, 4, 3, 3, 2, 1]))
-                    x, batch_sizes = seq.data, seq.batch_sizes
-                shown = PackedSequence(x, batch_sizes) if packed else x
-                choice = fused_lstm.explain(dict(hidden_size=H, bidirectional=True), shown)
-                assert choice["path"] == "persistent", choice["summary"]
-                assert choice["backward"]["path"] == "persistent", choice["summary"]
-                hx = torch.randn(L * D, B9, H, device="cuda", dtype=dtype)
-                cx = torch.randn(L * D, B9, H, device="cuda", dtype=dtype)
-                out3, hy3, cy3, reserve3 = ops.lstm_forward(x, batch_sizes, hx, cx, w3, None, L,
-                                                            True, True, 0)
-                ops.lstm_backward(x, batch_sizes, hx, cx, w3, None, reserve3,
-                                  torch.randn_like(out3), torch.randn_like(hy3),
-                                  torch.randn_like(cy3), L, True, True, 0)
-        for name in plan:
-            del os.environ[name]
-# through the module and autograd, training mode with dropout
-model = fused_lstm.FusedLSTM(I, H, L, dropout=0.5).cuda().train()
-y, (h, c) = model(torch.randn(T, B, I, device="cuda", requires_grad=True))
-(y.sum() + h.sum() + c.sum()).backward()
-torch.cuda.synchronize()
-print("sanitize_case: ok")
-EOF
-SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
-# name:tool:FUSED_LSTM_CUDA_PATH
-SANITIZER_RUNS=(memcheck:memcheck:auto racecheck:racecheck:auto
-                memcheck_persistent:memcheck:persistent racecheck_persistent:racecheck:persistent
-                synccheck_persistent:synccheck:persistent)
-for run in "${SANITIZER_RUNS[@]}"; do
-    IFS=: read -r name tool path <<<"$run"
-    if [[ -n "$SANITIZER" ]]; then
-        run_step "sanitizer_$name" 120 200 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-            FUSED_LSTM_CUDA_PATH="$path" \
-            "$SANITIZER" --tool "$tool" --error-exitcode 99 --print-limit 50 \
-            "$PY" -P "$WORK/sanitize_case.py"
-    else
-        echo "compute-sanitizer not found" >"$WORK/sanitizer_$name.log"
-        RC[sanitizer_$name]=missing
-        DURATION[sanitizer_$name]=0
+publish() {
+    GPU_CHECK_ELAPSED=$(elapsed) "$PY" "$HERE/check.py" summarize "$WORK" "$WORK" \
+        2>>"$WORK/logs/publish.log"
+    local archive=$OUT/gpu_check.tar.gz
+    if tar -czf "$archive.partial" -C "$WORK" . 2>>"$WORK/logs/publish.log"; then
+        if (($(stat -c %s "$archive.partial") > ARCHIVE_LIMIT_BYTES)); then
+            shrink_logs
+            tar -czf "$archive.partial" -C "$WORK" . 2>>"$WORK/logs/publish.log"
+        fi && mv -f "$archive.partial" "$archive"
     fi
+    local file
+    for file in results.json summary.txt; do
+        [[ -f $WORK/$file ]] && put "$WORK/$file" "$OUT/$file"
+    done
+    for file in results.json results.md speedup.png; do
+        [[ -f $WORK/bench/$file ]] || continue
+        mkdir -p "$OUT/bench" && put "$WORK/bench/$file" "$OUT/bench/$file"
+    done
+}
+
+# ---- running a step ---------------------------------------------------------------------------
+STEP_PID=
+CURRENT=
+STEP_T0=0
+LIMIT=0
+
+later_budget() {  # the budgets of the selected steps after $1
+    local name sum=0 after=
+    for name in "${SELECTED[@]}"; do
+        [[ -n $after ]] && sum=$((sum + BUDGET[$name]))
+        [[ $name == "$1" ]] && after=1
+    done
+    echo "$sum"
+}
+
+# The outcome of a finished step from its exit code and files: passed, failed, timeout,
+# stopped (a test step that reached its deadline with no test failed) or unavailable.
+classify() {
+    local name=$1 code=$2 log=$WORK/logs/$1.log
+    case $name in
+        tests_*)
+            if ((code == 0)); then echo passed
+            elif grep -q '"stopped_at_deadline": true' "$WORK/pytest_$name.json" 2>/dev/null \
+                    && ! grep -qE '<(failure|error)[ >]' "$WORK/junit_$name.xml" 2>/dev/null; then
+                echo stopped
+            elif ((code == 124 || code == 137)); then echo timeout
+            else echo failed; fi ;;
+        sanitizer_*)
+            if grep -q 'sanitize_case: ok' "$log" && ((code == 0)); then echo passed
+            elif grep -qE 'Device not supported|error 999|CUDA_ERROR_UNKNOWN' "$log" \
+                    && ! grep -q 'sanitize_case: ok' "$log"; then echo unavailable
+            elif ((code == 124 || code == 137)); then echo timeout
+            else echo failed; fi ;;
+        *)
+            if ((code == 0)); then echo passed
+            elif ((code == 124 || code == 137)); then echo timeout
+            else echo failed; fi ;;
+    esac
+}
+
+# run_step NAME COMMAND...: COMMAND (a stub under --dry-run) under `timeout`, its output in
+# logs/NAME.log; then the record and $OUT brought up to date. Returns 0 when it passed.
+run_step() {
+    local name=$1
+    shift
+    LIMIT=$((TOTAL - FINISH_S - $(elapsed) - $(later_budget "$name")))
+    if ((LIMIT < 5)); then
+        record "$name" skipped - 0 "$LIMIT" "out of time"
+        publish
+        return 1
+    fi
+    [[ -n $DRY_RUN ]] && set -- "$PY" "$HERE/check.py" stub "$name" "$WORK"
+    # pytest_deadline.py stops a test session this long before the hard limit.
+    local margin=$((LIMIT / 6 < 3 ? 3 : (LIMIT / 6 > 20 ? 20 : LIMIT / 6)))
+    export GPU_CHECK_DEADLINE=$(($(date +%s) + LIMIT - margin))
+    echo "[gpu_check] $name: at most $LIMIT s ($(elapsed) s so far): $*"
+    CURRENT=$name
+    STEP_T0=$(date +%s)
+    timeout --kill-after=5 "$LIMIT" "$@" </dev/null >"$WORK/logs/$name.log" 2>&1 &
+    STEP_PID=$!
+    wait "$STEP_PID"
+    local code=$?
+    STEP_PID=
+    CURRENT=
+    local status
+    status=$(classify "$name" "$code")
+    record "$name" "$status" "$code" $(($(date +%s) - STEP_T0)) "$LIMIT" ""
+    [[ $status != passed ]] && tail -n 8 "$WORK/logs/$name.log" | sed 's/^/    /'
+    publish
+    [[ $status == passed ]]
+}
+
+on_signal() {
+    trap '' TERM INT HUP
+    if [[ -n $STEP_PID ]]; then
+        kill -TERM "$STEP_PID" 2>/dev/null
+        wait "$STEP_PID" 2>/dev/null
+        record "$CURRENT" killed - $(($(date +%s) - STEP_T0)) "$LIMIT" "gpu_check.sh was stopped"
+    fi
+    publish
+    echo "[gpu_check] stopped by a signal after $(elapsed) s; $OUT holds the steps done"
+    exit 143
+}
+trap on_signal TERM INT HUP
+
+# skip NAME REASON: recorded without running (the budget goes to the steps after it).
+skip() { record "$1" "${3:-skipped}" - 0 0 "$2"; publish; }
+
+# ---- the steps ---------------------------------------------------------------------------------
+# (until the probes say otherwise: a probe cut short must not skip the steps that need a GPU)
+PROBED_CUDA_HOME= PROBED_SANITIZER=unprobed PROBED_HAS_GPU=unknown PROBED_CAPABILITY=
+PROBED_MISSING_BUILD_TOOLS=
+INSTALLED=
+SANITIZER_UNAVAILABLE=
+
+step_probes() {
+    run_step probes "$PY" "$HERE/check.py" probe "$WORK"
+    # shellcheck source=/dev/null
+    [[ -f $WORK/machine.env ]] && source "$WORK/machine.env"
+}
+
+installed_here() {  # this commit installed by an earlier call on this machine
+    [[ -z $DRY_RUN && -z $REINSTALL && $COMMIT != unknown && -f $STAMP ]] \
+        && [[ $(cat "$STAMP") == "$COMMIT" ]] \
+        && (cd / && "$PY" -P -c "import fused_lstm" >/dev/null 2>&1)
+}
+
+step_install() {
+    if installed_here; then
+        skip install "commit $COMMIT was installed by an earlier call"
+        INSTALLED=1
+        return
+    fi
+    if [[ -n $PROBED_MISSING_BUILD_TOOLS ]]; then
+        skip install "missing Python packages: $PROBED_MISSING_BUILD_TOOLS" failed
+        return
+    fi
+    # torch infers CUDA_HOME from the nvcc on PATH, which may be a wrapper outside the toolkit.
+    [[ -n $PROBED_CUDA_HOME && -z $DRY_RUN ]] && export CUDA_HOME=$PROBED_CUDA_HOME
+    # The installed build must be the one tested: from / so that no checkout shadows it.
+    # shellcheck disable=SC2016
+    if run_step install env MAX_JOBS="$(nproc)" TORCH_CUDA_ARCH_LIST="${PROBED_CAPABILITY:-9.0}" \
+            FUSED_LSTM_FORCE_CUDA=1 bash -c '
+                set -ex
+                "$0" -m pip install --no-build-isolation --no-deps --no-index -v "$1"
+                cd /
+                "$0" -P -c "import torch, fused_lstm
+assert torch._C._dispatch_has_kernel_for_dispatch_key(\"fused_lstm::lstm_forward\", \"CUDA\")
+print(\"installed:\", fused_lstm.__file__)"' "$PY" "$ROOT"; then
+        INSTALLED=1
+        [[ -z $DRY_RUN && $COMMIT != unknown ]] && echo "$COMMIT" >"$STAMP"
+    fi
+}
+
+# pytest_step NAME PATH SELECTION FILES...: the tests under FUSED_LSTM_CUDA_PATH=PATH, against
+# the installed build; pytest_deadline.py ends the session before the limit (its JUnit XML is
+# then written) and runs the tests round robin over the test functions, so that a run cut
+# short has tried every function.
+pytest_step() {
+    local name=$1 path=$2 selection=$3
+    shift 3
+    local select=()
+    [[ -n $selection ]] && select=(-k "$selection")
+    # shellcheck disable=SC2086
+    run_step "$name" env FUSED_LSTM_EXPECT_AOT=1 FUSED_LSTM_CUDA_PATH="$path" \
+        PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" GPU_CHECK_ROUND_ROBIN=1 \
+        GPU_CHECK_PYTEST_STATE="$WORK/pytest_$name.json" \
+        "$PY" -P -m pytest "$@" -m "not slow" "${select[@]}" -v -rfEs --maxfail 25 \
+        -p pytest_deadline -p no:cacheprovider --durations 10 \
+        --junitxml="$WORK/junit_$name.xml" -o junit_family=xunit2 ${GPU_CHECK_PYTEST_ARGS:-}
+}
+
+# sanitizer_step NAME: NAME is sanitizer_<tool>_<path>; the small case of sanitize_case.py.
+sanitizer_step() {
+    local name=$1 tool path
+    IFS=_ read -r _ tool path <<<"$name"
+    [[ $PROBED_SANITIZER == unprobed ]] && PROBED_SANITIZER=$(command -v compute-sanitizer)
+    if [[ -z $PROBED_SANITIZER ]]; then
+        skip "$name" "compute-sanitizer not found" unavailable
+        return
+    fi
+    if [[ -n $SANITIZER_UNAVAILABLE ]]; then
+        skip "$name" "$SANITIZER_UNAVAILABLE" unavailable
+        return
+    fi
+    local filter=()
+    [[ -n $SANITIZER_FILTER ]] && filter=(--kernel-name "$SANITIZER_FILTER")
+    # No caching allocator: every tensor its own allocation, so an access past one is caught.
+    run_step "$name" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 FUSED_LSTM_CUDA_PATH="$path" \
+        "$PROBED_SANITIZER" --tool "$tool" --error-exitcode 99 --print-limit 50 "${filter[@]}" \
+        "$PY" -P "$HERE/sanitize_case.py"
+    if [[ $(tail -n 1 "$WORK/steps.tsv" | cut -f2) == unavailable ]]; then
+        SANITIZER_UNAVAILABLE="compute-sanitizer refused the device in $name (kernel $(uname -r))"
+    fi
+}
+
+step_bench() {
+    local args=(--device cuda --quick --min-run-time 0.3 --out "$WORK/bench")
+    [[ -f $WORK/junit_tests_auto.xml ]] && args+=(--tests-junit "$WORK/junit_tests_auto.xml")
+    run_step bench "$PY" -P "$ROOT/benchmarks/compare.py" "${args[@]}"
+}
+
+echo "[gpu_check] commit $COMMIT; steps: ${SELECTED[*]}; total $TOTAL s${DRY_RUN:+ (dry run)}"
+for name in "${SELECTED[@]}"; do
+    if [[ $name != probes && $name != install && -z $INSTALLED ]]; then
+        skip "$name" "nothing installed"
+        continue
+    fi
+    if [[ $name != probes && $name != install && $PROBED_HAS_GPU == 0 ]]; then
+        skip "$name" "torch sees no GPU"
+        continue
+    fi
+    case $name in
+        probes) step_probes ;;
+        install) step_install ;;
+        tests_auto) pytest_step tests_auto auto "" tests/test_cuda.py tests/test_build.py ;;
+        tests_persistent)
+            pytest_step tests_persistent persistent "$FORCED_SELECT" tests/test_cuda.py ;;
+        tests_step) pytest_step tests_step step "$FORCED_SELECT" tests/test_cuda.py ;;
+        sanitizer_*) sanitizer_step "$name" ;;
+        bench) step_bench ;;
+    esac
 done
 
-# ---- 4. the benchmark ------------------------------------------------------------------------------
-BENCH_ARGS=(--device cuda --out "$OUT/bench")
-[[ -f "$WORK/junit.xml" ]] && BENCH_ARGS+=(--tests-junit "$WORK/junit.xml")
-if (( $(remaining) < 240 )); then
-    BENCH_ARGS+=(--quick)
-fi
-run_step bench 400 15 "$PY" -P benchmarks/compare.py "${BENCH_ARGS[@]}"
-
-# ---- results -------------------------------------------------------------------------------------
-for name in install tests tests_persistent tests_step sanitizer_memcheck sanitizer_racecheck \
-        sanitizer_memcheck_persistent sanitizer_racecheck_persistent \
-        sanitizer_synccheck_persistent bench; do
-    echo "$name ${RC[$name]:-notrun} ${DURATION[$name]:-0}"
-done >"$WORK/steps.txt"
-GIT_COMMIT=$GIT_COMMIT GIT_DIRTY=$GIT_DIRTY WORK=$WORK OUT=$OUT TOTAL=$((SECONDS - START)) \
-    "$PY" - <<'EOF' >"$WORK/results.log" 2>&1
-import json, os, re, subprocess, sys
-import xml.etree.ElementTree as ET
-
-work, out = os.environ["WORK"], os.environ["OUT"]
-steps = {}
-for line in open(os.path.join(work, "steps.txt")):
-    name, rc, seconds = line.split()
-    steps[name] = {"exit": int(rc) if rc.lstrip("-").isdigit() else rc, "seconds": int(seconds)}
-
-def read(name):
-    try:
-        return open(os.path.join(work, name), errors="replace").read()
-    except OSError:
-        return ""
-
-result = {"git_commit": os.environ["GIT_COMMIT"],
-          "uncommitted_files": int(os.environ["GIT_DIRTY"] or 0),
-          "total_seconds": int(os.environ["TOTAL"]), "steps": steps}
-try:
-    import torch
-    result["torch"] = torch.__version__
-    result["torch_cuda"] = torch.version.cuda
-    result["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-except Exception as error:  # noqa: BLE001 -- the report must be written anyway
-    result["torch_error"] = repr(error)
-nvcc = re.search(r"release [\d.]+, V[\d.]+", read("machine.log"))
-result["nvcc"] = nvcc.group(0) if nvcc else None
-
-tests = {"total": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0, "failures": [],
-         "per_file": {}}
-try:
-    for case in ET.parse(os.path.join(work, "junit.xml")).iter("testcase"):
-        outcome = "passed"
-        for child in case:
-            if child.tag in ("failure", "error", "skipped"):
-                outcome = {"failure": "failed", "error": "errors", "skipped": "skipped"}[child.tag]
-        tests["total"] += 1
-        tests[outcome] += 1
-        module = case.get("classname", "").split(".")[-1] or "?"
-        per = tests["per_file"].setdefault(module, {"passed": 0, "failed": 0, "errors": 0,
-                                                   "skipped": 0})
-        per[outcome] += 1
-        if outcome in ("failed", "errors"):
-            tests["failures"].append(f"{case.get('classname')}::{case.get('name')}")
-except (OSError, ET.ParseError) as error:
-    tests["junit_error"] = repr(error)
-result["tests"] = tests
-
-sanitizer = {}
-for tool in ("memcheck", "racecheck", "memcheck_persistent", "racecheck_persistent",
-             "synccheck_persistent"):
-    log = read(f"sanitizer_{tool}.log")
-    # memcheck ends with "ERROR SUMMARY: N errors"; racecheck with "RACECHECK SUMMARY: N hazards
-    # displayed (E errors, W warnings)" (and maybe an ERROR SUMMARY too).
-    summary = (re.search(r"ERROR SUMMARY: (\d+) error", log)
-               or re.search(r"RACECHECK SUMMARY: \d+ hazards? displayed \((\d+) error", log))
-    hazards = re.search(r"RACECHECK SUMMARY: (\d+) hazard", log)
-    exit_status = steps.get(f"sanitizer_{tool}", {}).get("exit")
-    case_ran = "sanitize_case: ok" in log
-    errors = int(summary.group(1)) if summary else (0 if exit_status == 0 and case_ran else None)
-    sanitizer[tool] = {"exit": exit_status, "errors": errors,
-                       "hazards": int(hazards.group(1)) if hazards else None, "case_ran": case_ran}
-result["sanitizer"] = sanitizer
-result["ok"] = (
-    all(s.get("exit") == 0 for s in steps.values())
-    and tests["total"] > 0 and tests["failed"] == 0 and tests["errors"] == 0
-    # on a GPU machine the CUDA tests must have run, not been skipped
-    and tests["per_file"].get("test_cuda", {}).get("passed", 0) > 0
-    and all(s["errors"] == 0 and s["case_ran"] for s in sanitizer.values())
-)
-json.dump(result, open(os.path.join(out, "results.json"), "w"), indent=2)
-lines = [f"ok: {result['ok']}",
-         f"device: {result.get('device')}  torch {result.get('torch')}  nvcc {result['nvcc']}",
-         f"commit: {result['git_commit']} ({result['uncommitted_files']} uncommitted files)",
-         "steps: " + ", ".join(f"{k} exit {v['exit']} in {v['seconds']}s" for k, v in steps.items()),
-         "tests: " + ", ".join(f"{k} {tests[k]}" for k in ("total", "passed", "failed", "errors",
-                                                          "skipped")),
-         *[f"  {name}: {counts}" for name, counts in sorted(tests["per_file"].items())],
-         *[f"  FAILED {name}" for name in tests["failures"][:40]],
-         "sanitizer: " + ", ".join(f"{k} errors {v['errors']} (exit {v['exit']})"
-                                  for k, v in sanitizer.items())]
-open(os.path.join(out, "summary.txt"), "w").write("\n".join(lines) + "\n")
-print("\n".join(lines))
-sys.exit(0 if result["ok"] else 1)
-EOF
-FINAL=$?
-cat "$WORK/results.log"
-[[ -f "$WORK/junit.xml" ]] && cp "$WORK/junit.xml" "$OUT/junit.xml"
-tar -czf "$OUT/logs.tar.gz" -C "$WORK" . 2>/dev/null
-echo "[gpu_check] done in $((SECONDS - START))s; results in $OUT"
-exit $FINAL
+publish
+cat "$WORK/summary.txt"
+echo "[gpu_check] done in $(elapsed) s; $OUT: $(cd "$OUT" && find . -type f | sort | tr '\n' ' ')"
+grep -q '"ok": true' "$WORK/results.json"

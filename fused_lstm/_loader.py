@@ -28,11 +28,13 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import os
+import contextlib
 import re
+import shutil
 import sys
 import threading
 import warnings
-from typing import Optional
+from typing import Iterator, List, Optional
 
 import torch
 
@@ -44,6 +46,9 @@ _python_entry = None
 _sources_dir: Optional[str] = None
 
 JIT_NAME = "fused_lstm_jit"
+# The CUDA architectures compiled for when nothing says otherwise: by setup.py always, and by the
+# JIT build when no GPU is visible (torch would otherwise pick the visible GPUs' own).
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
 REBUILD_HINT = (
     "Rebuild it for the torch you run: from the fused_lstm source directory, "
@@ -233,37 +238,134 @@ def _jit_sources(src: str, with_cuda: bool) -> list:
     return sources
 
 
+def cuda_toolkit_problem(cuda_home: Optional[str]) -> Optional[str]:
+    """Why ``cuda_home`` (torch's ``CUDA_HOME``) cannot compile the CUDA kernels, or None.
+
+    torch takes ``CUDA_HOME`` from the environment, else from the ``nvcc`` on PATH (its parent
+    directory's parent), else ``/usr/local/cuda``, and checks nothing: an ``nvcc`` that is a
+    wrapper script outside the toolkit (``/usr/local/bin/nvcc``) gives ``/usr/local``, and the
+    build then fails at the link (``cannot find -lcudart``). The toolkit's runtime header is
+    what the compile and the link both need.
+    """
+    advice = "set CUDA_HOME to the CUDA toolkit's directory, e.g. /usr/local/cuda"
+    if cuda_home is None:
+        return f"nvcc and the CUDA toolkit ({advice})"
+    header = os.path.join(cuda_home, "include", "cuda_runtime_api.h")
+    if os.path.isfile(header):
+        return None
+    origin = ""
+    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
+        nvcc = shutil.which("nvcc")
+        if nvcc is not None:
+            origin = f"; torch took it from the nvcc on PATH, {nvcc}, which is not in a toolkit"
+    return (f"a CUDA toolkit at CUDA_HOME={cuda_home} (it has no include/cuda_runtime_api.h"
+            f"{origin}; {advice})")
+
+
+def cuda_kernels_missing(src: str) -> List[str]:
+    """What the CUDA kernels in ``src`` need and is missing here (empty: they can be compiled).
+
+    Decided by the torch build (``torch.version.cuda``) and the CUDA toolkit (``CUDA_HOME``,
+    :func:`cuda_toolkit_problem`), never by whether a GPU is present: a build box often has none.
+    """
+    from torch.utils import cpp_extension
+
+    missing = []
+    if torch.version.cuda is None:
+        missing.append(f"a torch built with CUDA (this is {torch.__version__})")
+    else:  # (torch looks for nvcc only when it was built with CUDA)
+        problem = cuda_toolkit_problem(cpp_extension.CUDA_HOME)
+        if problem is not None:
+            missing.append(problem)
+    if not glob.glob(os.path.join(src, "cuda", "*.cu")):
+        missing.append(f"CUDA sources in {os.path.join(src, 'cuda')}")
+    return missing
+
+
 def want_cuda_kernels(src: str, error: type = ImportError) -> bool:
     """Whether to compile the CUDA sources in ``src``; setup.py asks the same question.
 
-    Decided by the torch build (``torch.version.cuda``) and nvcc (``CUDA_HOME``), never by
-    whether a GPU is present: a build box often has none. ``FUSED_LSTM_FORCE_CUDA=1`` makes a
-    missing piece an ``error``, ``=0`` never compiles them.
+    Yes when nothing is missing (:func:`cuda_kernels_missing`). ``FUSED_LSTM_FORCE_CUDA=1``
+    makes a missing piece an ``error``, ``=0`` never compiles them.
     """
     force = os.environ.get("FUSED_LSTM_FORCE_CUDA")
     if force == "0":
         return False
-    from torch.utils import cpp_extension
-
-    missing = [
-        what
-        for what, ok in (
-            (f"a torch built with CUDA (this is {torch.__version__})",
-             torch.version.cuda is not None),
-            # (torch looks for nvcc only when it was built with CUDA)
-            ("nvcc (set CUDA_HOME)",
-             torch.version.cuda is None or cpp_extension.CUDA_HOME is not None),
-            (f"CUDA sources in {os.path.join(src, 'cuda')}",
-             bool(glob.glob(os.path.join(src, "cuda", "*.cu")))),
-        )
-        if not ok
-    ]
+    missing = cuda_kernels_missing(src)
     if force == "1" and missing:
         raise error(
             "fused_lstm: FUSED_LSTM_FORCE_CUDA=1 but the CUDA kernels cannot be compiled; "
             "missing: " + "; ".join(missing)
         )
     return not missing
+
+
+def cpu_only_note(src: str) -> Optional[str]:
+    """Why a torch built with CUDA gets the CPU kernels only, or None where that is no news (a
+    CPU torch, or ``FUSED_LSTM_FORCE_CUDA=0``)."""
+    if torch.version.cuda is None or os.environ.get("FUSED_LSTM_FORCE_CUDA") == "0":
+        return None
+    missing = cuda_kernels_missing(src)
+    return "the CUDA kernels need " + "; ".join(missing) if missing else None
+
+
+def jit_cuda_arch_list(with_cuda: bool) -> Optional[str]:
+    """The CUDA architectures the JIT build must name itself, or None to leave them to torch.
+
+    Unless ``TORCH_CUDA_ARCH_LIST`` names them, torch compiles for the visible GPUs; with none
+    visible (a build box with nvcc and no GPU) its detection fails (an ``IndexError`` in
+    ``torch.utils.cpp_extension``, torch 2.11 to 2.15). Then the ahead-of-time build's list,
+    :data:`DEFAULT_CUDA_ARCH_LIST`.
+    """
+    if not with_cuda:
+        return None
+    named = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    if named and named != "native":
+        return None
+    if torch.cuda.device_count() > 0:
+        return None
+    return DEFAULT_CUDA_ARCH_LIST
+
+
+@contextlib.contextmanager
+def _environment_variable(name: str, value: Optional[str]) -> Iterator[None]:
+    """``name=value`` in the environment for the block (nothing changed when value is None)."""
+    if value is None:
+        yield
+        return
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
+def jit_failure_message(error: BaseException, src: str, build_directory: str,
+                        with_cuda: bool) -> str:
+    """What to tell the user when ``torch.utils.cpp_extension.load`` raised ``error``: which
+    piece failed, as far as can be told, and the error itself."""
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX", "c++")
+    if not cpp_extension.is_ninja_available():
+        cause = "the 'ninja' build tool is missing ('pip install ninja')"
+    elif shutil.which(compiler) is None:
+        cause = f"no C++ compiler: '{compiler}' is not on PATH (set CXX to one)"
+    elif "Error building extension" in str(error):
+        cause = (f"the compiler reported errors (its output is above; the build files are in "
+                 f"{build_directory})")
+    else:
+        cause = "torch.utils.cpp_extension.load failed outside the compiler"
+    if with_cuda:
+        cause += (". The CUDA kernels were being compiled too: FUSED_LSTM_FORCE_CUDA=0 compiles "
+                  "the C++ kernels only, and TORCH_CUDA_ARCH_LIST (e.g. '9.0') names the GPU "
+                  "architectures")
+    return (f"fused_lstm: compiling the C++ sources in {src} failed: {cause}. "
+            f"{type(error).__name__}: {error}")
 
 
 def compile_flags(with_cuda: bool) -> dict:
@@ -343,13 +445,16 @@ def _load_jit() -> str:
     build_directory = jit_build_directory(src, with_cuda)
     os.makedirs(build_directory, exist_ok=True)
     library = os.path.join(build_directory, JIT_NAME + ".so")
+    arch_list = jit_cuda_arch_list(with_cuda)
     if _needs_compile(library, sources, src):
         if with_cuda:
             kernels = "C++ and CUDA kernels"
-        elif torch.version.cuda is not None and cpp_extension.CUDA_HOME is None:
-            kernels = "C++ kernels (no CUDA kernels: needs nvcc, set CUDA_HOME)"
+            if arch_list is not None:
+                kernels += (f" (no GPU visible: for the CUDA architectures {arch_list}; set "
+                            "TORCH_CUDA_ARCH_LIST to choose)")
         else:
-            kernels = "C++ kernels"
+            note = cpu_only_note(src)
+            kernels = f"C++ kernels only ({note})" if note else "C++ kernels"
         print(
             f"fused_lstm: compiling the {kernels} for torch {torch.__version__} (first import "
             f"only, up to a minute) into {build_directory}",
@@ -358,27 +463,25 @@ def _load_jit() -> str:
         )
     flags = compile_flags(with_cuda)
     try:
-        path = cpp_extension.load(
-            name=JIT_NAME,
-            sources=sources,
-            extra_cflags=flags["cxx"],
-            extra_cuda_cflags=flags["nvcc"],
-            extra_ldflags=flags["ld"],
-            extra_include_paths=[src],
-            build_directory=build_directory,
-            with_cuda=with_cuda,
-            is_python_module=False,
-            verbose=False,
-        )
+        with _environment_variable("TORCH_CUDA_ARCH_LIST", arch_list):
+            path = cpp_extension.load(
+                name=JIT_NAME,
+                sources=sources,
+                extra_cflags=flags["cxx"],
+                extra_cuda_cflags=flags["nvcc"],
+                extra_ldflags=flags["ld"],
+                extra_include_paths=[src],
+                build_directory=build_directory,
+                with_cuda=with_cuda,
+                is_python_module=False,
+                verbose=False,
+            )
     except OSError as error:  # the dlopen in torch.ops.load_library
         raise ImportError(
             f"fused_lstm: could not load the library compiled in {build_directory}: {error}. "
             f"Delete that directory to recompile."
         ) from error
-    except Exception as error:  # compiler missing, compile error, ninja missing, ...
-        raise ImportError(
-            f"fused_lstm: compiling the C++ sources in {src} failed (needs a C++ compiler and "
-            f"the 'ninja' package): {error}"
-        ) from error
+    except Exception as error:  # compiler or ninja missing, compile error, torch's own checks
+        raise ImportError(jit_failure_message(error, src, build_directory, with_cuda)) from error
     _sources_dir = src
     return path

@@ -129,6 +129,126 @@ def test_cuda_kernels_follow_the_torch_build_not_the_machine(monkeypatch):
         _loader.want_cuda_kernels(_loader.find_sources())
 
 
+def _cuda_torch(monkeypatch, cuda_home, gpus=0):
+    """Makes the running (CPU) torch look like a CUDA build with ``CUDA_HOME=cuda_home`` and
+    ``gpus`` visible GPUs, for the build decisions."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None if cuda_home is None else str(cuda_home))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.delenv("FUSED_LSTM_FORCE_CUDA", raising=False)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+
+
+def test_cuda_home_must_be_a_toolkit_not_a_wrapper_location(monkeypatch, tmp_path):
+    # A wrapper nvcc on PATH (/usr/local/bin/nvcc) makes torch infer CUDA_HOME=/usr/local: the
+    # build would fail at the link. Without the toolkit's runtime header: the CPU kernels only,
+    # saying why; with FUSED_LSTM_FORCE_CUDA=1 an error saying the same.
+    src = _loader.find_sources()
+    _cuda_torch(monkeypatch, tmp_path)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    assert not _loader.want_cuda_kernels(src)
+    note = _loader.cpu_only_note(src)
+    assert note is not None and f"CUDA_HOME={tmp_path}" in note
+    assert "include/cuda_runtime_api.h" in note and "set CUDA_HOME" in note
+    monkeypatch.setenv("FUSED_LSTM_FORCE_CUDA", "1")
+    with pytest.raises(ImportError, match="cuda_runtime_api.h"):
+        _loader.want_cuda_kernels(src)
+    monkeypatch.setenv("FUSED_LSTM_FORCE_CUDA", "0")
+    assert _loader.cpu_only_note(src) is None  # asked for: no news
+
+    monkeypatch.delenv("FUSED_LSTM_FORCE_CUDA")
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "cuda_runtime_api.h").write_text("")
+    assert _loader.want_cuda_kernels(src)
+    assert _loader.cpu_only_note(src) is None
+
+    _cuda_torch(monkeypatch, None)  # no nvcc at all
+    assert "set CUDA_HOME" in _loader.cpu_only_note(src)
+
+
+def test_jit_cuda_architectures_default_to_the_ahead_of_time_list_without_a_gpu(monkeypatch):
+    _cuda_torch(monkeypatch, "/usr/local/cuda", gpus=0)
+    assert _loader.jit_cuda_arch_list(with_cuda=True) == _loader.DEFAULT_CUDA_ARCH_LIST
+    assert _loader.jit_cuda_arch_list(with_cuda=False) is None
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "native")  # detection again: no GPU to detect
+    assert _loader.jit_cuda_arch_list(with_cuda=True) == _loader.DEFAULT_CUDA_ARCH_LIST
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.5")  # the user's choice stands
+    assert _loader.jit_cuda_arch_list(with_cuda=True) is None
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # torch compiles for the GPU
+    assert _loader.jit_cuda_arch_list(with_cuda=True) is None
+
+
+def test_the_default_list_gets_past_torchs_architecture_detection(monkeypatch):
+    # With no GPU visible and no TORCH_CUDA_ARCH_LIST, torch's detection fails (torch 2.11 to
+    # 2.15: IndexError at arch_list[-1] += '+PTX'); with the default list it gives the flags.
+    from torch.utils import cpp_extension
+
+    arch_flags = getattr(cpp_extension, "_get_cuda_arch_flags", None)
+    if arch_flags is None:
+        pytest.skip("this torch has no cpp_extension._get_cuda_arch_flags")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", _loader.DEFAULT_CUDA_ARCH_LIST)
+    flags = " ".join(arch_flags())
+    assert "code=sm_80" in flags and "code=sm_90" in flags and "code=compute_90" in flags
+
+
+def _jit_load_with(monkeypatch, tmp_path, fake_load, gpus=0):
+    """_loader._load_jit with torch's cpp_extension.load replaced by ``fake_load``, for a torch
+    that looks like a CUDA build with a toolkit and ``gpus`` GPUs; returns (result, stderr)."""
+    from torch.utils import cpp_extension
+
+    home = tmp_path / "cuda"
+    (home / "include").mkdir(parents=True, exist_ok=True)
+    (home / "include" / "cuda_runtime_api.h").write_text("")
+    _cuda_torch(monkeypatch, home, gpus)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    monkeypatch.setattr(_loader, "_sources_dir", _loader.sources_dir())
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    return _loader._load_jit()
+
+
+def test_jit_build_without_a_gpu_names_the_architectures(monkeypatch, tmp_path, capfd):
+    seen = {}
+
+    def fake_load(**kwargs):
+        seen["arch"] = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        seen["with_cuda"] = kwargs["with_cuda"]
+        return "/built/fused_lstm_jit.so"
+
+    assert _jit_load_with(monkeypatch, tmp_path, fake_load) == "/built/fused_lstm_jit.so"
+    assert seen == {"arch": _loader.DEFAULT_CUDA_ARCH_LIST, "with_cuda": True}
+    assert "TORCH_CUDA_ARCH_LIST" not in os.environ  # set for the build only
+    assert f"no GPU visible: for the CUDA architectures {_loader.DEFAULT_CUDA_ARCH_LIST}" in (
+        capfd.readouterr().err)
+    _jit_load_with(monkeypatch, tmp_path, fake_load, gpus=1)
+    assert seen["arch"] is None  # torch compiles for the visible GPU
+
+
+@pytest.mark.parametrize("raised, ninja, says", [
+    (IndexError("list index out of range"), True, "failed outside the compiler"),
+    (RuntimeError("Error building extension 'fused_lstm_jit'"), True, "compiler reported errors"),
+    (RuntimeError("Ninja is required to load C++ extensions"), False, "'ninja' build tool"),
+], ids=["torch-internal", "compile-error", "no-ninja"])
+def test_jit_failure_says_what_failed(monkeypatch, tmp_path, raised, ninja, says):
+    from torch.utils import cpp_extension
+
+    def fake_load(**kwargs):
+        raise raised
+
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: ninja)
+    with pytest.raises(ImportError) as caught:
+        _jit_load_with(monkeypatch, tmp_path, fake_load, gpus=1)
+    message = str(caught.value)
+    assert says in message
+    assert f"{type(raised).__name__}: {raised}" in message
+    assert "FUSED_LSTM_FORCE_CUDA=0" in message  # the CUDA kernels were part of it
+    assert caught.value.__cause__ is raised
+
+
 def test_the_cxx_sources_are_shipped():
     src = _loader.find_sources()
     assert src is not None
