@@ -115,7 +115,7 @@ CASES = {
         True, {"variant": "row_wise", "recurrent_product": "amx_brgemm", "keep_bf16": "true",
                "input_projection.0": "amx_brgemm, fused into the steps",
                "backward_dh_product": "amx_brgemm",
-               "backward_weight_products": "bf16_gemm"}, "amx_bf16"),
+               "backward_weight_products": "amx_brgemm"}, "amx_bf16"),
     "row_wise-amx-unfused-inference": (
         {"allow_fused_input_projection": False},
         dict(input_size=24, hidden_size=48, num_layers=2, proj_size=20), 10, 12, BF16, False,

@@ -86,21 +86,23 @@ inline int64_t amx_packed_size(int64_t N, int64_t K) {
 }
 
 // B [K, N] with element (k, n) at w[n * stride_n + k * stride_k] (float or bf16), as bf16
-// packed into `out` by panels.
+// packed into `out` by panels; an odd K gets a row of zeros (a product then takes
+// amx_k_even(K) and an A whose column K is zero).
 template <typename W>
 void amx_pack(const W* w, int64_t N, int64_t K, int64_t stride_n, int64_t stride_k,
               c10::BFloat16* out) {
   const int64_t k_even = amx_k_even(K);
   const int64_t panels = (N + kAmxPanelN - 1) / kAmxPanelN;
   auto pack = [&](int64_t p0, int64_t p1) {
-    std::vector<c10::BFloat16> t(K * kAmxPanelN);
+    std::vector<c10::BFloat16> t(k_even * kAmxPanelN, c10::BFloat16(0.0f));
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * kAmxPanelN, nb = std::min(kAmxPanelN, N - n0);
       for (int64_t n = 0; n < nb; ++n)
         for (int64_t k = 0; k < K; ++k)
           t[k * nb + n] = c10::BFloat16(float(w[(n0 + n) * stride_n + k * stride_k]));
-      at::native::cpublas::pack(K, nb, nb, kAmxPanelN, at::kBFloat16, at::kBFloat16, t.data(),
-                                out + n0 * k_even);
+      if (k_even > K) std::fill_n(t.begin() + K * nb, nb, c10::BFloat16(0.0f));
+      at::native::cpublas::pack(k_even, nb, nb, kAmxPanelN, at::kBFloat16, at::kBFloat16,
+                                t.data(), out + n0 * k_even);
     }
   };
   if (panels > 1 && !at::in_parallel_region()) at::parallel_for(0, panels, 1, pack);

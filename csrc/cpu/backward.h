@@ -105,15 +105,29 @@ void backward_products(const LSTMShape& s, const Bf16Backward& bb, const T* dgat
         while (k0 < seg.r1) {
           const int64_t kn = std::min(kBf16GradRows, seg.r1 - k0);
           const bool first = k0 == 0, last = k0 + kn == rows;
-          split_over_threads({pack_t_job(x.at(k0 * in_size), in_size, kn, in_size, bb.x),
-                              pack_t_job({seg.h + (k0 - seg.r0) * seg.ld}, out, kn, seg.ld,
-                                         bb.h_prev),
-                              {G, [&](int64_t m0, int64_t m1) {
-                                 bf16_transpose_rows(dgates + k0 * G + m0, kn, m1 - m0, G,
-                                                     bb.dgates_t + m0 * ld, ld);
-                               }}});
+          const Piecewise dgates_t{G, [&](int64_t m0, int64_t m1) {  // bf16 rows, zero-padded
+            bf16_transpose_rows(dgates + k0 * G + m0, kn, m1 - m0, G, bb.dgates_t + m0 * ld, ld);
+          }};
+          const float* h_rows = seg.h + (k0 - seg.r0) * seg.ld;
+          if (bb.amx_x) {  // x and h_prev as B [kn, in] and [kn, out] for the tiles
+            split_over_threads({dgates_t});
+            visit(x.at(k0 * in_size), [&](auto X) { amx_pack(X, in_size, kn, 1, in_size, bb.amx_x); });
+            amx_pack(h_rows, out, kn, 1, seg.ld, bb.amx_h_prev);
+          } else {
+            split_over_threads({pack_t_job(x.at(k0 * in_size), in_size, kn, in_size, bb.x),
+                                pack_t_job({h_rows}, out, kn, seg.ld, bb.h_prev), dgates_t});
+          }
           const Piecewise weight_grads{G, [&](int64_t m0, int64_t m1) {  // rows of dW_ih, dW_hh
             const c10::BFloat16* a = bb.dgates_t + m0 * ld;
+            if (bb.amx_x) {  // K rounded up to pairs: the zero column of A meets a zero row of B
+              const int64_t k_even = amx_k_even(kn);
+              amx_product(!first, m1 - m0, in_size, k_even, a, ld, bb.amx_x, gw_ih + m0 * in_size,
+                          in_size);
+              amx_product(!first, m1 - m0, out, k_even, a, ld, bb.amx_h_prev, gw_hh + m0 * out,
+                          out);
+              amx_release();
+              return;
+            }
             bf16_gemm(m1 - m0, in_size, kn, a, ld, bb.x, gw_ih + m0 * in_size, in_size, !first);
             bf16_gemm(m1 - m0, out, kn, a, ld, bb.h_prev, gw_hh + m0 * out, out, !first);
           }};

@@ -86,6 +86,9 @@ struct Bf16Backward {
   // and w_ih_t.
   c10::BFloat16* amx_w_hh = nullptr;
   c10::BFloat16* amx_w_ih = nullptr;
+  // And the weight gradients' B operands for a chunk of rows: x [chunk, in], h_prev [chunk, out].
+  c10::BFloat16* amx_x = nullptr;
+  c10::BFloat16* amx_h_prev = nullptr;
 };
 
 inline Bf16Backward bf16_backward_buffers(const CpuPlan& plan, const LSTMShape& s,
@@ -109,10 +112,13 @@ inline Bf16Backward bf16_backward_buffers(const CpuPlan& plan, const LSTMShape& 
   b.h_prev = b.x + sizes[2];
   b.dgates_t = reinterpret_cast<c10::BFloat16*>(b.h_prev + sizes[3]);
   if (plan.amx_products) {
-    const int64_t hh = amx_packed_size(out, G);
-    amx_holder = cpu_cached_empty(hh + amx_packed_size(in_max, G), at::kBFloat16);
+    const int64_t hh = amx_packed_size(out, G), ih = amx_packed_size(in_max, G);
+    const int64_t xs = amx_packed_size(in_max, rows);
+    amx_holder = cpu_cached_empty(hh + ih + xs + amx_packed_size(out, rows), at::kBFloat16);
     b.amx_w_hh = amx_holder.mutable_data_ptr<c10::BFloat16>();
     b.amx_w_ih = b.amx_w_hh + hh;
+    b.amx_x = b.amx_w_ih + ih;
+    b.amx_h_prev = b.amx_x + xs;
   }
   return b;
 }

@@ -71,8 +71,9 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s) {
     else dh = library(slice_rows, out, G);
     o << "backward_dh_product=" << dh << "\n";
     o << "backward_weight_products="
-      << (p.bf16_products ? std::string("bf16_gemm")
-                          : library(G, s.layer_input_size(0), s.rows))
+      << (p.amx_products    ? std::string("amx_brgemm")
+          : p.bf16_products ? std::string("bf16_gemm")
+                            : library(G, s.layer_input_size(0), s.rows))
       << "\n";
   }
   o << "settings=allow_brgemm:" << p.settings.brgemm
