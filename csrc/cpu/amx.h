@@ -65,9 +65,11 @@ inline bool amx_bf16_available() {
   return works && cb::could_pack(at::kBFloat16);
 }
 
-// Rows of K rounded up to pairs: the VNNI layout interleaves two rows of B. (An odd K is not
-// used: packing one crashed the process with an illegal instruction in torch 2.13's oneDNN, so
-// the plan takes these products only where every K is even: amx_sizes.)
+// Rows of K rounded up to pairs: the VNNI layout interleaves two rows of B. oneDNN is never
+// given an odd K (packing one stopped the process with an illegal instruction in torch 2.13):
+// amx_pack pads B with a row of zeros, which a product may use only where A has a zero column
+// there too (dgates^T's bf16 rows have one); the forward's A operands do not, so the plan takes
+// the tiles only where every K of the forward is even (amx_sizes).
 inline int64_t amx_k_even(int64_t K) { return (K + 1) / 2 * 2; }
 
 // Whether every product of the forward has an even K: each layer's input size and out_size.
@@ -124,7 +126,8 @@ inline c10::BFloat16* amx_rows(const float* a, int64_t lda, int64_t m, int64_t k
   return buf.data();
 }
 
-// C[m, n] = A[m, k] B[k, n] (+ C when `add`) on this thread, B packed by amx_pack_weight_t.
+// C[m, n] = A[m, k] B[k, n] (+ C when `add`) on this thread, B packed by amx_pack (k even, or
+// B's and A's padding zero).
 inline void amx_product(bool add, int64_t m, int64_t n, int64_t k, const c10::BFloat16* a,
                         int64_t lda, const c10::BFloat16* packed, float* c, int64_t ldc) {
   const BrgemmBf16 product = &at::native::cpublas::brgemm;

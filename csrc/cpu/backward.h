@@ -91,7 +91,7 @@ void backward_products(const LSTMShape& s, const Bf16Backward& bb, const T* dgat
                        T* gw_hh, T* dx, bool add_dx) {
   const int64_t G = 4 * s.hidden_size, out = s.out_size, rows = s.rows;
   if constexpr (std::is_same_v<T, float>) {
-    if (bb.w_hh_t) {
+    if (bb.on) {
       const int64_t ld = bb.ld;
       if (rows == 0) {  // an empty batch: zero weight gradients, no dL/dx
         std::fill_n(gw_ih, G * in_size, 0.0f);
@@ -169,7 +169,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   const bool has_proj = s.proj_size > 0;
   // Scratch, allocated once per call.
   at::Tensor dgates_buf, h_prev_buf, dy_buf, dx_buf, dx2_buf, dropped_buf, dh_all_buf, dh_buf_t,
-      c_prev_buf_t, zeros_buf, tiny_buf_t, bf16_buf, amx_buf;
+      c_prev_buf_t, zeros_buf, tiny_buf_t, bf16_buf;
   T* dgates = scratch<T>(dgates_buf, s.rows * G);
   // h_{t-1} of every row gathered, only where steps have different rows (h_prev_rows).
   T* h_prev_buf_ptr = every_step_full(s) ? nullptr : scratch<T>(h_prev_buf, s.rows * out);
@@ -197,7 +197,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   const T* zeros = zeros_mut;
   const bool tiny = plan.variant == Variant::kSmallHidden;
   T* tiny_buf = tiny ? scratch<T>(tiny_buf_t, tiny_backward_numel<T>(s)) : nullptr;
-  const Bf16Backward bb = bf16_backward_buffers(plan, s, bf16_buf, amx_buf);
+  const Bf16Backward bb = bf16_backward_buffers(plan, s, bf16_buf);
   // dL/dh_{t-1} = dgates_t W_hh through brgemm (W_hh is already its B[4H, out]).
   const bool brgemm = plan.brgemm_dh;
 
@@ -267,7 +267,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
         }
         if (bb.amx_w_hh) amx_release();  // this thread's last product of the direction
       };
-      for_each_batch_slice(s, s.seq_len, brgemm || bb.w_hh_t, steps);
+      for_each_batch_slice(s, s.seq_len, brgemm || bb.on, steps);
       }
 
       const T* h0 = hx ? hx + ld * s.batch * out : zeros;

@@ -75,6 +75,8 @@ void use_bf16_gemm(const CpuPlan& plan, const LSTMShape& s, int64_t layer, Direc
 constexpr int64_t kBf16GradRows = 1024;
 
 struct Bf16Backward {
+  bool on = false;             // the backward's products are bf16 ones (the plan's bf16_products)
+  // bf16_gemm's operands, where the products are not on AMX tiles (else null):
   uint16_t* w_hh_t = nullptr;  // W_hh^T [out, G] packed; null where the bf16 products are off
   uint16_t* w_ih_t = nullptr;  // W_ih^T [in, G]
   uint16_t* x = nullptr;       // x^T [in, chunk] for a chunk of at most kBf16GradRows rows
@@ -92,33 +94,38 @@ struct Bf16Backward {
 };
 
 inline Bf16Backward bf16_backward_buffers(const CpuPlan& plan, const LSTMShape& s,
-                                          at::Tensor& holder, at::Tensor& amx_holder) {
+                                          at::Tensor& holder) {
   Bf16Backward b;
   if (!plan.bf16_products) return b;
   const int64_t G = 4 * s.hidden_size, out = s.out_size;
   const int64_t rows = std::min(s.rows, kBf16GradRows);
   const int64_t in_max = std::max(s.input_size, s.num_directions * out);
-  // Packed sizes are multiples of 32 elements: each part starts on a 64-byte boundary.
-  const size_t sizes[] = {bf16_packed_size(out, G), bf16_packed_size(in_max, G),
-                          bf16_packed_size(in_max, rows), bf16_packed_size(out, rows)};
+  b.on = true;
   b.ld = bf16_row_stride(rows);
-  holder = cpu_cached_empty(static_cast<int64_t>(sizes[0] + sizes[1] + sizes[2] + sizes[3]) +
-                                G * b.ld,
-                            at::kBFloat16);
-  uint16_t* p = reinterpret_cast<uint16_t*>(holder.mutable_data_ptr());
-  b.w_hh_t = p;
-  b.w_ih_t = b.w_hh_t + sizes[0];
-  b.x = b.w_ih_t + sizes[1];
-  b.h_prev = b.x + sizes[2];
-  b.dgates_t = reinterpret_cast<c10::BFloat16*>(b.h_prev + sizes[3]);
-  if (plan.amx_products) {
-    const int64_t hh = amx_packed_size(out, G), ih = amx_packed_size(in_max, G);
-    const int64_t xs = amx_packed_size(in_max, rows);
-    amx_holder = cpu_cached_empty(hh + ih + xs + amx_packed_size(out, rows), at::kBFloat16);
-    b.amx_w_hh = amx_holder.mutable_data_ptr<c10::BFloat16>();
-    b.amx_w_ih = b.amx_w_hh + hh;
-    b.amx_x = b.amx_w_ih + ih;
-    b.amx_h_prev = b.amx_x + xs;
+  // The four B operands, packed for the tiles or for bf16_gemm (whose packed sizes are
+  // multiples of 32 elements: each part starts on a 64-byte boundary); then dgates^T's rows.
+  const bool amx = plan.amx_products;
+  auto packed = [&](int64_t N, int64_t K) {
+    return amx ? amx_packed_size(N, K) : static_cast<int64_t>(bf16_packed_size(N, K));
+  };
+  const int64_t sizes[] = {packed(out, G), packed(in_max, G), packed(in_max, rows),
+                           packed(out, rows)};
+  holder = cpu_cached_empty(sizes[0] + sizes[1] + sizes[2] + sizes[3] + G * b.ld, at::kBFloat16);
+  uint16_t* part[5];
+  part[0] = reinterpret_cast<uint16_t*>(holder.mutable_data_ptr());
+  for (int i = 0; i < 4; ++i) part[i + 1] = part[i] + sizes[i];
+  b.dgates_t = reinterpret_cast<c10::BFloat16*>(part[4]);
+  if (amx) {
+    auto bf16 = [](uint16_t* p) { return reinterpret_cast<c10::BFloat16*>(p); };
+    b.amx_w_hh = bf16(part[0]);
+    b.amx_w_ih = bf16(part[1]);
+    b.amx_x = bf16(part[2]);
+    b.amx_h_prev = bf16(part[3]);
+  } else {
+    b.w_hh_t = part[0];
+    b.w_ih_t = part[1];
+    b.x = part[2];
+    b.h_prev = part[3];
   }
   return b;
 }

@@ -34,9 +34,9 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s) {
   const int64_t slices = batch_slices(s, s.seq_len, single_thread);
   const int64_t slice_rows = (s.batch + slices - 1) / slices;
   // The rows the input projection GEMM takes at once: every step's in training, a chunk's in
-  // inference (inference_impl's kChunkElements).
-  const int64_t chunk_steps = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, s.batch * G));
-  const int64_t proj_rows = p.inference ? std::min(chunk_steps, s.seq_len) * s.batch : s.rows;
+  // inference.
+  const int64_t proj_rows =
+      p.inference ? std::min(inference_chunk_steps(s), s.seq_len) * s.batch : s.rows;
   auto library = [&](int64_t m, int64_t n, int64_t k) {
     return std::string(library_name(gemm_library(m, n, k, p.is_float, slices > 1)));
   };

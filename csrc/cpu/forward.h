@@ -83,6 +83,11 @@ void forward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, con
 // "Page faults of a fresh reserve; inference without one").
 constexpr int64_t kChunkElements = 1 << 20;
 
+// Steps whose input projection inference_impl computes at once (unfused).
+inline int64_t inference_chunk_steps(const LSTMShape& s) {
+  return std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, s.batch * 4 * s.hidden_size));
+}
+
 template <typename T>
 void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, const T* hx,
                     const T* cx, const std::vector<at::Tensor>& weights, const T* mask, T* hy,
@@ -91,7 +96,7 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
     return thin_inference(plan, s, input.f, hx, cx, weights, mask, hy, cy, output);
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
   const int64_t out_stride = D * out;
-  const int64_t chunk_steps = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, s.batch * G));
+  const int64_t chunk_steps = inference_chunk_steps(s);
   at::Tensor dropped_buf, chunk_buf, gates_buf, pre_proj_buf, layer_buf[2];
   T* dropped = (mask && s.num_layers > 1) ? scratch<T>(dropped_buf, s.rows * out_stride) : nullptr;
   const int64_t chunk_rows = std::min(chunk_steps, s.seq_len) * s.batch;

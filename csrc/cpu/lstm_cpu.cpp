@@ -36,6 +36,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <optional>
+
 namespace fused_lstm {
 namespace {
 
@@ -46,13 +48,16 @@ const T* ptr_or_null(const at::Tensor& t) {
 
 // The plan of one op call: the settings are read once, when the call starts; the op boundary
 // asks whether a bfloat16 call keeps its tensors bf16 (lstm.h KeepBf16) before the kernels
-// run, and both answers come from the same plan_cpu.
+// run; the plan is made once, at the first of the two questions (the same shape and dtype).
 struct CallPlan {
   CpuSettings settings = cpu_settings();
   bool inference = false;
+  mutable std::optional<CpuPlan> planned;  // made when the op boundary asked (bf16 calls)
 
   CpuPlan of(const LSTMShape& s, at::ScalarType dtype) const {
-    return plan_cpu(s, settings, dtype != at::kDouble, dtype == at::kBFloat16, inference);
+    if (!planned)
+      planned = plan_cpu(s, settings, dtype != at::kDouble, dtype == at::kBFloat16, inference);
+    return *planned;
   }
   KeepBf16 keep_bf16() const {
     return [this](const LSTMShape& s) { return of(s, at::kBFloat16).keep_bf16; };
