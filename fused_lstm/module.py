@@ -62,6 +62,23 @@ def _fx_tracer(input, hx):  # noqa: A002
     return None
 
 
+# --- ONNX export and TorchScript: nn.LSTM's computation --------------------------------------
+try:  # the flags torch.onnx.is_in_onnx_export() reads, without its two imports per call
+    from torch.onnx._internal.exporter import _flags as _onnx_flags
+    from torch.onnx._internal.torchscript_exporter._globals import GLOBALS as _onnx_globals
+
+    def _in_onnx_export() -> bool:
+        return _onnx_globals.in_onnx_export or _onnx_flags._is_onnx_exporting
+except ImportError:  # another torch layout
+    _in_onnx_export = torch.onnx.is_in_onnx_export
+
+
+def _nn_lstm_sharing_parameters(module: "FusedLSTM") -> nn.LSTM:
+    """An nn.LSTM that shares the module's Parameters, buffers and hooks (what ``revert`` gives)."""
+    return _retyped(module, nn.LSTM)
+# ---------------------------------------------------------------------------------------------
+
+
 class FusedLSTMFallbackWarning(UserWarning):
     """A FusedLSTM call was computed by torch.nn.LSTM instead of the fused op."""
 
@@ -119,6 +136,11 @@ class FusedLSTM(nn.LSTM):
             # Tracer.is_leaf_module takes only modules defined under torch.nn as leaves).
             args = (input,) if hx is None else (input, hx)
             return tracer.create_proxy("call_module", tracer.path_of_module(self), args, {})
+        if _in_onnx_export():
+            # ONNX export, either exporter (the C++ entry leaves traced calls to this path):
+            # nn.LSTM's computation, which the exporters write as ONNX's LSTM op. torch.export
+            # alone keeps the fused op.
+            return nn.LSTM.forward(self, input, hx)
         weights = self._current_flat_weights()
         if _is_autocast_enabled():
             return _nn_lstm_forward(self, input, hx)
@@ -238,6 +260,13 @@ class FusedLSTM(nn.LSTM):
         if batch_first:
             output = output.transpose(0, 1)
         return output, (h_n, c_n)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """torch.jit.script compiles nn.LSTM's forward in place of this module's (which
+        TorchScript cannot compile): the nn.LSTM shares this module's Parameters, so training
+        the scripted model trains them. torch.jit.script also puts it in the scripted model's
+        Python module in place of this one (use ``convert`` to get a FusedLSTM back)."""
+        return _nn_lstm_sharing_parameters(self)
 
     def _check_packed_hidden(self, h0, c0, batch_sizes, op_error: Exception) -> None:
         """Raises a RuntimeError for packed input whose sequences all have the same length and
