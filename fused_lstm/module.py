@@ -11,6 +11,8 @@ Where the fused op cannot run the call, ``nn.LSTM.forward`` does (never a wrong 
 
 * no fused kernel for the input's device: a one-time ``FusedLSTMFallbackWarning`` per device type;
 * autocast is enabled: nn.LSTM has its own autocast rules (dtype casts, skipped dtype check);
+* ONNX export (either exporter): ONNX has no fused op, and nn.LSTM's call becomes ONNX's LSTM op
+  (and ``torch.jit.script`` compiles an nn.LSTM sharing the Parameters: ``__prepare_scriptable__``);
 * arguments nn.LSTM rejects only inside its C++ implementation (hx of the wrong dtype or device,
   an hx that is not a pair, empty sequences, bad packed-sequence shapes...): nn.LSTM raises its
   own exception, so the exception class and message are exactly nn.LSTM's. Should nn.LSTM accept
@@ -68,6 +70,8 @@ try:  # the flags torch.onnx.is_in_onnx_export() reads, without its two imports 
     from torch.onnx._internal.torchscript_exporter._globals import GLOBALS as _onnx_globals
 
     def _in_onnx_export() -> bool:
+        if torch.compiler.is_dynamo_compiling():  # Dynamo skips the flags' files; this one it
+            return torch.onnx.is_in_onnx_export()  # knows (a constant)
         return _onnx_globals.in_onnx_export or _onnx_flags._is_onnx_exporting
 except ImportError:  # another torch layout
     _in_onnx_export = torch.onnx.is_in_onnx_export
@@ -424,6 +428,5 @@ def convert(model: nn.Module) -> nn.Module:
 
 def revert(model: nn.Module) -> nn.Module:
     """The inverse of :func:`convert`: every FusedLSTM becomes a ``torch.nn.LSTM`` sharing its
-    Parameters (for instance before ONNX export). Returns ``model``, or a new nn.LSTM when
-    ``model`` itself is a FusedLSTM."""
+    Parameters. Returns ``model``, or a new nn.LSTM when ``model`` itself is a FusedLSTM."""
     return _swap(model, FusedLSTM, nn.LSTM)
