@@ -74,6 +74,10 @@ def test_jit_script_compiles_saves_loads_and_trains_like_nn_lstm(tmp_path):
     assert set(fused_warnings) == set(plain_warnings)  # (the number of repeats varies)
     # The scripted model's Parameters are the FusedLSTM's own objects.
     assert all(a is b for a, b in zip(scripted_fused.parameters(), fused_params))
+    # torch.jit.script put the nn.LSTM into the Python model (README); convert restores it.
+    assert type(fused.lstm) is nn.LSTM
+    assert type(fused_lstm.convert(fused).lstm) is FusedLSTM
+    assert all(a is b for a, b in zip(fused.parameters(), fused_params))
 
     x = randn(4, 6, 3)
     expected, got = scripted_plain(x), scripted_fused(x)
