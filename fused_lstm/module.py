@@ -11,8 +11,7 @@ Where the fused op cannot run the call, ``nn.LSTM.forward`` does (never a wrong 
 
 * no fused kernel for the input's device: a one-time ``FusedLSTMFallbackWarning`` per device type;
 * autocast is enabled: nn.LSTM has its own autocast rules (dtype casts, skipped dtype check);
-* ONNX export (either exporter): ONNX has no fused op, and nn.LSTM's call becomes ONNX's LSTM op
-  (and ``torch.jit.script`` compiles an nn.LSTM sharing the Parameters: ``__prepare_scriptable__``);
+* ONNX export (either exporter): ONNX has no fused op, and nn.LSTM's call becomes ONNX's LSTM op;
 * arguments nn.LSTM rejects only inside its C++ implementation (hx of the wrong dtype or device,
   an hx that is not a pair, empty sequences, bad packed-sequence shapes...): nn.LSTM raises its
   own exception, so the exception class and message are exactly nn.LSTM's. Should nn.LSTM accept
@@ -77,9 +76,6 @@ except ImportError:  # another torch layout
     _in_onnx_export = torch.onnx.is_in_onnx_export
 
 
-def _nn_lstm_sharing_parameters(module: "FusedLSTM") -> nn.LSTM:
-    """An nn.LSTM that shares the module's Parameters, buffers and hooks (what ``revert`` gives)."""
-    return _retyped(module, nn.LSTM)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -266,11 +262,12 @@ class FusedLSTM(nn.LSTM):
         return output, (h_n, c_n)
 
     def __prepare_scriptable__(self) -> nn.Module:
-        """torch.jit.script compiles nn.LSTM's forward in place of this module's (which
-        TorchScript cannot compile): the nn.LSTM shares this module's Parameters, so training
-        the scripted model trains them. torch.jit.script also puts it in the scripted model's
-        Python module in place of this one (use ``convert`` to get a FusedLSTM back)."""
-        return _nn_lstm_sharing_parameters(self)
+        """torch.jit.script compiles a ScriptableFusedLSTM in place of this module: the same
+        module (shared Parameters and attributes) with a forward TorchScript compiles, which
+        calls the fused op (fused_lstm/_script.py)."""
+        from ._script import scriptable
+
+        return scriptable(self)
 
     def _check_packed_hidden(self, h0, c0, batch_sizes, op_error: Exception) -> None:
         """Raises a RuntimeError for packed input whose sequences all have the same length and
@@ -429,4 +426,6 @@ def convert(model: nn.Module) -> nn.Module:
 def revert(model: nn.Module) -> nn.Module:
     """The inverse of :func:`convert`: every FusedLSTM becomes a ``torch.nn.LSTM`` sharing its
     Parameters. Returns ``model``, or a new nn.LSTM when ``model`` itself is a FusedLSTM."""
-    return _swap(model, FusedLSTM, nn.LSTM)
+    from ._script import ScriptableFusedLSTM  # what torch.jit.script put into a model
+
+    return _swap(_swap(model, ScriptableFusedLSTM, nn.LSTM), FusedLSTM, nn.LSTM)

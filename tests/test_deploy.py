@@ -63,20 +63,38 @@ def caught(fn, *args, **kwargs):
 # --- torch.jit.script -----------------------------------------------------------------------
 
 
+def _scripted_ops(scripted):
+    """The fused_lstm::lstm and aten::lstm calls in a scripted model's inlined graph."""
+    found = []
+
+    def walk(nodes):
+        for node in nodes:
+            if node.kind() in ("fused_lstm::lstm", "aten::lstm"):
+                found.append(node.kind())
+            for block in node.blocks():
+                walk(block.nodes())
+
+    walk(scripted.inlined_graph.nodes())
+    return found
+
+
 def test_jit_script_compiles_saves_loads_and_trains_like_nn_lstm(tmp_path):
-    """torch.jit.script of a model holding a FusedLSTM compiles nn.LSTM's forward on the same
-    Parameters: the same warnings, outputs, gradients and training step as the nn.LSTM model,
-    and the saved module loads in a process that never imports fused_lstm."""
+    """torch.jit.script of a model holding a FusedLSTM: the scripted graph calls the fused op
+    (nn.LSTM's model: aten::lstm); the same warnings, outputs, gradients and training step as
+    the nn.LSTM model, on the FusedLSTM's own Parameters; the saved module loads where
+    fused_lstm is imported, and not where it is not (the op is unknown there)."""
     plain, fused = pair()
     fused_params = list(fused.parameters())
     scripted_plain, plain_warnings = caught(torch.jit.script, plain)
     scripted_fused, fused_warnings = caught(torch.jit.script, fused)
     assert set(fused_warnings) == set(plain_warnings)  # (the number of repeats varies)
+    assert _scripted_ops(scripted_plain) == ["aten::lstm"]
+    assert _scripted_ops(scripted_fused) == ["fused_lstm::lstm"]
     # The scripted model's Parameters are the FusedLSTM's own objects.
     assert all(a is b for a, b in zip(scripted_fused.parameters(), fused_params))
-    # torch.jit.script put the nn.LSTM into the Python model (README); convert restores it.
-    assert type(fused.lstm) is nn.LSTM
-    assert type(fused_lstm.convert(fused).lstm) is FusedLSTM
+    # torch.jit.script put the scriptable FusedLSTM into the Python model (README): still a
+    # FusedLSTM on the same Parameters, and revert still gives an nn.LSTM.
+    assert isinstance(fused.lstm, FusedLSTM)
     assert all(a is b for a, b in zip(fused.parameters(), fused_params))
 
     x = randn(4, 6, 3)
@@ -88,9 +106,12 @@ def test_jit_script_compiles_saves_loads_and_trains_like_nn_lstm(tmp_path):
     for p, q in zip(plain.parameters(), fused_params):
         assert q.grad is not None
         assert_close(q.grad, p.grad)
+    with torch.no_grad():
+        for e, g in zip(fused(x), plain(x)):  # the Python model, after scripting
+            assert_close(g, e)
 
     # One SGD step through each scripted model trains the Parameters alike.
-    for model, params in ((scripted_plain, list(plain.parameters())), (scripted_fused, fused_params)):
+    for params in (list(plain.parameters()), fused_params):
         torch.optim.SGD(params, lr=0.1).step()
     for p, q in zip(plain.parameters(), fused_params):
         assert_close(q, p)
@@ -104,19 +125,44 @@ def test_jit_script_compiles_saves_loads_and_trains_like_nn_lstm(tmp_path):
         for e, g in zip(expected, loaded(y)):
             assert_close(g, e)
     torch.save({"y": y, "expected": expected}, str(tmp_path / "io.pt"))
-    code = (
-        "import sys, torch\n"
-        f"m = torch.jit.load({str(path)!r})\n"
-        f"d = torch.load({str(tmp_path / 'io.pt')!r})\n"
-        "assert 'fused_lstm' not in sys.modules\n"
-        "with torch.no_grad():\n"
-        "    for e, g in zip(d['expected'], m(d['y'])):\n"
-        "        torch.testing.assert_close(g, e)\n"
-        "print('ok')\n"
-    )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=str(tmp_path), timeout=120)
-    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+    for imported in (True, False):
+        code = (
+            "import sys, torch\n"
+            + ("import fused_lstm\n" if imported else "")
+            + f"m = torch.jit.load({str(path)!r})\n"
+            f"d = torch.load({str(tmp_path / 'io.pt')!r})\n"
+            "with torch.no_grad():\n"
+            "    for e, g in zip(d['expected'], m(d['y'])):\n"
+            "        torch.testing.assert_close(g, e)\n"
+            "print('ok')\n"
+        )
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             cwd=str(ROOT), timeout=300)
+        if imported:
+            assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+        else:
+            assert run.returncode != 0 and "fused_lstm::lstm" in run.stderr, run.stderr
+
+    assert type(fused_lstm.revert(fused).lstm) is nn.LSTM
+
+
+def test_jit_script_dropout_training_matches_eager():
+    """Scripted, a FusedLSTM with dropout in training mode draws the mask as the eager
+    FusedLSTM does: under the same seed, the same outputs and gradients."""
+    torch.manual_seed(0)
+    lstm = FusedLSTM(3, 4, num_layers=3, dropout=0.4, batch_first=True, dtype=F64)
+    eager = copy.deepcopy(lstm)
+    scripted = torch.jit.script(WithState(lstm))
+    x, h, c = randn(5, 7, 3), randn(3, 5, 4), randn(3, 5, 4)
+    results = []
+    for run in (lambda: WithState(eager)(x, h, c), lambda: scripted(x, h, c)):
+        torch.manual_seed(1)
+        outs = run()
+        module = eager if len(results) == 0 else lstm
+        grads = torch.autograd.grad(loss_of(outs), list(module.parameters()))
+        results.append([o.detach() for o in outs] + list(grads))
+    for e, g in zip(*results):
+        assert_close(g, e)
 
 
 class WithState(nn.Module):
@@ -138,20 +184,25 @@ class Packed(WithState):
         return output.data, h_n, c_n
 
 
-@pytest.mark.parametrize("wrapper", [WithState, Packed], ids=["padded", "packed"])
-def test_jit_script_bidirectional_with_state(wrapper):
-    """Scripted, a bidirectional FusedLSTM called with a state, on padded or packed input,
-    gives what the scripted nn.LSTM gives, on the same weights."""
+@pytest.mark.parametrize("layout", ["padded", "unbatched", "packed"])
+def test_jit_script_bidirectional_with_state(layout):
+    """Scripted, a bidirectional FusedLSTM called with a state, on padded, unbatched or packed
+    input, gives what the scripted nn.LSTM gives, on the same weights (both overloads of
+    nn.LSTM's forward)."""
+    wrapper = Packed if layout == "packed" else WithState
     torch.manual_seed(0)
     plain = nn.LSTM(3, 5, num_layers=2, bidirectional=True, dtype=F64)
     fused = FusedLSTM(3, 5, num_layers=2, bidirectional=True, dtype=F64)
     fused.load_state_dict(plain.state_dict())
     scripted_plain = torch.jit.script(wrapper(plain))
     scripted_fused = torch.jit.script(wrapper(fused))
+    assert _scripted_ops(scripted_fused) == ["fused_lstm::lstm"]
     x = randn(6, 3, 3)
-    if wrapper is Packed:
-        x = pack_padded_sequence(x, torch.tensor([6, 4, 2]), enforce_sorted=False)
     h, c = randn(4, 3, 5), randn(4, 3, 5)
+    if layout == "packed":
+        x = pack_padded_sequence(x, torch.tensor([6, 4, 2]), enforce_sorted=False)
+    elif layout == "unbatched":
+        x, h, c = x[:, 0], h[:, 0], c[:, 0]
     for e, g in zip(scripted_plain(x, h, c), scripted_fused(x, h, c)):
         assert_close(g, e)
 
