@@ -207,6 +207,22 @@ def test_jit_script_bidirectional_with_state(layout):
         assert_close(g, e)
 
 
+def test_quantize_dynamic_after_jit_script():
+    """torch.jit.script leaves a ScriptableFusedLSTM in the Python model; quantize_dynamic
+    still quantizes it as it quantizes nn.LSTM (same module type, same outputs)."""
+    plain, fused = pair(F32)
+    torch.jit.script(fused)
+    assert type(fused.lstm) is not FusedLSTM and isinstance(fused.lstm, FusedLSTM)
+    expected_model = torch.ao.quantization.quantize_dynamic(copy.deepcopy(plain), {nn.LSTM})
+    got_model = torch.ao.quantization.quantize_dynamic(fused, {nn.LSTM})
+    assert type(got_model.lstm) is type(expected_model.lstm)
+    assert type(got_model.lstm) is not nn.LSTM
+    x = randn(2, 5, 3, dtype=F32)
+    with torch.no_grad():
+        for e, g in zip(expected_model(x), got_model(x)):
+            assert_close(g, e)
+
+
 # --- ONNX export ----------------------------------------------------------------------------
 # onnx, onnxscript and onnxruntime are in the `test` extra (pyproject.toml); without them
 # these tests skip.
