@@ -63,7 +63,7 @@ def _fx_tracer(input, hx):  # noqa: A002
     return None
 
 
-# --- ONNX export and TorchScript: nn.LSTM's computation --------------------------------------
+# ONNX export: FusedLSTM computes nn.LSTM's call, which the exporters write as ONNX's LSTM op.
 try:  # the flags torch.onnx.is_in_onnx_export() reads, without its two imports per call
     from torch.onnx._internal.exporter import _flags as _onnx_flags
     from torch.onnx._internal.torchscript_exporter._globals import GLOBALS as _onnx_globals
@@ -74,9 +74,6 @@ try:  # the flags torch.onnx.is_in_onnx_export() reads, without its two imports 
         return _onnx_globals.in_onnx_export or _onnx_flags._is_onnx_exporting
 except ImportError:  # another torch layout
     _in_onnx_export = torch.onnx.is_in_onnx_export
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 class FusedLSTMFallbackWarning(UserWarning):
