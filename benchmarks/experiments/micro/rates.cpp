@@ -32,11 +32,16 @@ double now() {
 }  // namespace
 
 // Row-major C[m, n] = op(A)[m, k] op(B)[k, n]; lib 0: MKL sgemm_, 1: oneDNN matmul,
-// 2: brgemm on the calling thread (no transposes; B in 64-column panels), 3: brgemm, each of
+// 2: brgemm on the calling thread (no transposes; B in 64-column panels), 5: the same with B
+// row-major as stored (blocks of 256 columns, as the backward's dL/dh product), 3: brgemm, each of
 // the threads its share of the rows (the kernels' batch split), 4: brgemm, each thread its
 // share of the 64-column panels (a hidden split, no barrier); 3 and 4 run all `reps` products
 // in one parallel region, as the kernels run their steps. Returns the minimum seconds of one
 // product over `trials` trials of `reps` products.
+// 3 and 4 need at::parallel_for compiled with OpenMP; built with -fopenmp this file links the
+// system's libgomp beside torch's and both spin on the same cores (all rates collapsed to
+// 3-35 GFLOP/s), built without it they run on one thread. rates.py measures 0-2 only; the
+// threads' rates come from split_micro.py (std::threads).
 extern "C" double rt_product(int lib, int ta, int tb, int64_t m, int64_t n, int64_t k,
                              int reps, int trials) {
   auto opts = at::TensorOptions().dtype(at::kFloat);
@@ -44,7 +49,7 @@ extern "C" double rt_product(int lib, int ta, int tb, int64_t m, int64_t n, int6
   at::Tensor B = tb ? at::randn({n, k}, opts) : at::randn({k, n}, opts);
   at::Tensor C = at::zeros({m, n}, opts);
   at::Tensor Bp = at::empty({k * n}, opts);  // 64-column panels of B [k, n]
-  if (lib >= 2) {
+  if (lib >= 2 && lib != 5) {
     const float* b = B.data_ptr<float>();
     float* p = Bp.data_ptr<float>();
     for (int64_t n0 = 0; n0 < n; n0 += 64) {
@@ -76,7 +81,14 @@ extern "C" double rt_product(int lib, int ta, int tb, int64_t m, int64_t n, int6
           }
       };
       const int64_t t = at::get_num_threads();
-      if (lib == 2) block(0, m, 0, n);
+      if (lib == 5) {  // brgemm on this thread, B [k, n] row-major as stored (not in panels)
+        for (int64_t m0 = 0; m0 < m; m0 += 64)
+          for (int64_t n0 = 0; n0 < n; n0 += 256)
+            at::native::cpublas::brgemm(std::min<int64_t>(64, m - m0), std::min<int64_t>(256, n - n0),
+                                        k, k, n, n, false, A.data_ptr<float>() + m0 * k,
+                                        B.data_ptr<float>() + n0, C.data_ptr<float>() + m0 * n + n0,
+                                        false);
+      } else if (lib == 2) block(0, m, 0, n);
       else if (lib == 3)
         at::parallel_for(0, m, (m + t - 1) / t, [&](int64_t r0, int64_t r1) {
           for (int r = 0; r < reps; ++r) block(r0, r1, 0, n);
@@ -93,7 +105,7 @@ extern "C" double rt_product(int lib, int ta, int tb, int64_t m, int64_t n, int6
   double best = 1e30;
   for (int t = 0; t < trials; ++t) {
     const double t0 = now();
-    if (lib >= 3) once();  // the repetitions inside the parallel region
+    if (lib == 3 || lib == 4) once();  // the repetitions inside the parallel region
     else
       for (int r = 0; r < reps; ++r) once();
     best = std::min(best, (now() - t0) / reps);
@@ -101,27 +113,3 @@ extern "C" double rt_product(int lib, int ta, int tb, int64_t m, int64_t n, int6
   return best;
 }
 
-#include <sched.h>
-#include <time.h>
-// Diagnostic: lib 3's product (the batch split) with each thread's CPU id, CPU time and wall
-// time of its share (out: per thread [cpu id, cpu seconds, wall seconds]).
-extern "C" void rt_split_diag(int64_t m, int64_t n, int64_t k, int reps, double* out) {
-  auto opts = at::TensorOptions().dtype(at::kFloat);
-  at::Tensor A = at::randn({m, k}, opts), Bp = at::randn({k * n}, opts), C = at::zeros({m, n}, opts);
-  const int64_t t = at::get_num_threads();
-  at::parallel_for(0, m, (m + t - 1) / t, [&](int64_t r0, int64_t r1) {
-    timespec c0, c1;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
-    const double w0 = now();
-    for (int r = 0; r < reps; ++r)
-      for (int64_t n0 = 0; n0 < n; n0 += 64)
-        at::native::cpublas::brgemm(r1 - r0, 64, k, k, 64, n, false,
-                                    A.data_ptr<float>() + r0 * k, Bp.data_ptr<float>() + n0 * k,
-                                    C.data_ptr<float>() + r0 * n + n0, false);
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c1);
-    const int64_t i = r0 / ((m + t - 1) / t);
-    out[3 * i] = sched_getcpu();
-    out[3 * i + 1] = (c1.tv_sec - c0.tv_sec) + 1e-9 * (c1.tv_nsec - c0.tv_nsec);
-    out[3 * i + 2] = now() - w0;
-  });
-}

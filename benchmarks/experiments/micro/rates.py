@@ -2,7 +2,7 @@
 "Intel Xeon: where the time goes"): each product of the call through MKL's sgemm, oneDNN's
 matmul and brgemm (one thread, or the batch split over the threads), GFLOP/s. Rounds
 interleave every (product, library) pair; the figure is the median over rounds of each round's
-minimum. Builds rates.cpp into $RATES_BUILD (default /tmp/rates_micro_build).
+minimum. MKL and oneDNN run with the process's threads (--threads), brgemm on one thread. Builds rates.cpp into $RATES_BUILD (default /tmp/rates_micro_build).
 
     python benchmarks/experiments/micro/rates.py [--threads 2] [--rounds 5]
 """
@@ -22,20 +22,25 @@ from torch.utils import cpp_extension
 # dL/dx = dgates W_ih.
 PRODUCTS = {
     "fastrnns input projection [6400,512]x[512,2048]": (0, 1, 6400, 2048, 512, (0, 1)),
-    "fastrnns step [64,512]x[512,2048]": (0, 0, 64, 2048, 512, (0, 1, 3, 4)),
-    "fastrnns fused step [64,1024]x[1024,2048]": (0, 0, 64, 2048, 1024, (0, 3, 4)),
+    "fastrnns step [64,512]x[512,2048]": (0, 0, 64, 2048, 512, (0, 1)),
+    "fastrnns fused step, one slice [32,1024]x[1024,2048] 1 thread": (0, 0, 32, 2048, 1024,
+                                                                       (2,)),
     "fastrnns step, one slice [32,512]x[512,2048] 1 thread": (0, 0, 32, 2048, 512, (2,)),
+    "fastrnns backward dh, one slice [32,2048]x[2048,512] 1 thread": (0, 0, 32, 512, 2048,
+                                                                      (2, 5)),
     "fastrnns dW [2048,6400]x[6400,512]": (1, 0, 2048, 512, 6400, (0, 1)),
     "fastrnns dx [6400,2048]x[2048,512]": (0, 0, 6400, 512, 2048, (0, 1)),
     "medium input projection l0 [3200,128]x[128,1024]": (0, 1, 3200, 1024, 128, (0, 1)),
     "medium input projection l1 [3200,256]x[256,1024]": (0, 1, 3200, 1024, 256, (0, 1)),
-    "medium step [32,256]x[256,1024]": (0, 0, 32, 1024, 256, (0, 1, 3, 4)),
+    "medium step [32,256]x[256,1024]": (0, 0, 32, 1024, 256, (0, 1)),
     "medium step, one slice [16,256]x[256,1024] 1 thread": (0, 0, 16, 1024, 256, (2,)),
+    "medium backward dh, one slice [16,1024]x[1024,256] 1 thread": (0, 0, 16, 256, 1024, (2, 5)),
     "medium dW_ih l0 [1024,3200]x[3200,128]": (1, 0, 1024, 128, 3200, (0, 1)),
     "medium dW [1024,3200]x[3200,256]": (1, 0, 1024, 256, 3200, (0, 1)),
     "medium dx l1 [3200,1024]x[1024,256]": (0, 0, 3200, 256, 1024, (0, 1)),
 }
-LIBS = {0: "mkl", 1: "onednn", 2: "brgemm(1t)", 3: "brgemm rows", 4: "brgemm cols"}
+LIBS = {0: "mkl", 1: "onednn", 2: "brgemm(1t)", 3: "brgemm rows", 4: "brgemm cols",
+        5: "brgemm(1t) B as stored"}
 
 
 def build():
