@@ -318,9 +318,9 @@ def test_measured_rates_choose_library_and_fusion():
     """By default (gemm_library "auto", fuse_by_measured_rates) the plan follows the rates this
     process measured, as explain reports them: a large float32 product goes to oneDNN's matmul
     exactly where its measured rate for that class of product beats the BLAS's, and the input
-    projection is fused into the steps exactly where the fused step measured no slower than
-    the recurrent step alone plus the projection at the GEMM rate. Whatever this machine picks,
-    the call matches nn.LSTM (test_variant forces each choice by name)."""
+    projection is fused into the steps exactly where the fused step measured at most 5% slower
+    than the recurrent step alone plus the projection at the GEMM rate. Whatever this machine
+    picks, the call matches nn.LSTM (test_variant forces each choice by name)."""
     kwargs = dict(input_size=128, hidden_size=256, num_layers=2)
     module = FusedLSTM(dtype=F32, **kwargs)
     x, _, _ = _inputs(module, 20, 32, False, F32)
@@ -345,7 +345,9 @@ def test_measured_rates_choose_library_and_fusion():
                     r"fused ([0-9.e+]+) us, unfused ([0-9.e+]+) us",
                     plan[f"fused_step_rates.{layer}"])[0])
                 fused = plan[f"input_projection.{layer}"] == "brgemm, fused into the steps"
-                assert fused == (fused_us <= unfused_us), plan
+                bound = 1.05 * unfused_us  # plan.h's kUnfusedMustWinBy
+                if abs(fused_us - bound) > 1e-3 * bound:  # printed to 6 digits
+                    assert fused == (fused_us <= bound), plan
                 if not fused and abs(rates["A*B^T"][0] - rates["A*B^T"][1]) > 1:
                     assert plan[f"input_projection.{layer}"] == expected("A*B^T")
             with CPU.flags(fuse_by_measured_rates=False):  # by the weights' size alone

@@ -204,12 +204,19 @@ constexpr int64_t kFuseWeightBytesPerRow = int64_t{1} << 18;
 // For float32 (brgemm) also where this machine's measured rates say so (the setting
 // fuse_by_measured_rates, on by default): the fused step, which streams W_ih with W_hh, must
 // take no longer than the recurrent step alone plus the slice's share of the projection at the
-// faster library's rate (FusedStepRates). On the AMD EPYC the micro-kernel ran at ~95% of the
+// faster library's rate (FusedStepRates), give or take kUnfusedMustWinBy. On the AMD EPYC the micro-kernel ran at ~95% of the
 // FMA peak whatever the weights' size, so the fused step always paid; on the Intel Xeon
 // (twice the FMA width per core, 2 MB of L2) streaming 8 MB of weights per step ran at ~150
 // GFLOP/s per core against ~200 from L2, and one projection GEMM plus the recurrent step alone
 // were faster at medium and fastrnns (benchmarks/notes/float32-bound.md, "Intel Xeon: where
 // the time goes").
+// The fused step is kept unless the unfused pair measures more than this much faster: the
+// unfused projection also writes every step's gates and the step reads them back, which the
+// two rates leave out, and on the AMD EPYC, where the two measure within a few percent of each
+// other, the fused step measured 10% faster in the call (cpu-kernels.md, "The input projection
+// fused into each step; packed weight panels").
+constexpr double kUnfusedMustWinBy = 1.05;
+
 struct FusedStepRates {
   bool measured = false;
   double fused_us = 0;     // one thread's fused step: [rows, in + out] x [in + out, 4H]
@@ -244,7 +251,7 @@ inline bool fuse_input_projection(const CpuPlan& p, const LSTMShape& s, int64_t 
   if (slice_rows * kFuseWeightBytesPerRow < weight_bytes) return false;
   if (weight_size == int64_t(sizeof(float)) && p.settings.fuse_by_rates) {
     const FusedStepRates f = fused_step_rates(s, layer, slice_rows);
-    if (f.measured && f.fused_us > f.unfused_us) return false;
+    if (f.measured && f.fused_us > kUnfusedMustWinBy * f.unfused_us) return false;
   }
   return true;
 }
