@@ -24,7 +24,17 @@ change applies from the next call.
   AVX512_BF16 CPUs (else computed in float32: results then differ by bf16 rounding);
 * ``allow_amx``: on CPUs with AMX-BF16, those products' forward on AMX tiles (oneDNN's brgemm
   micro-kernel) instead of bf16_gemm's AVX512_BF16 dot products (both: bf16 operands, float32
-  sums, in another order).
+  sums, in another order);
+* ``gemm_library``: where the products that go to a library run: ``"auto"`` (float32 products
+  large enough go to oneDNN's matmul where this machine's measured rates say its kernel is the
+  faster for that class of product, measured once per process at the first need, a few ms;
+  the rest to the BLAS), ``"blas"`` (the BLAS, MKL on x86) or ``"onednn_matmul"`` (oneDNN's
+  matmul for every float32 product; float64 stays on the BLAS). The choice is reported per
+  product by ``fused_lstm.explain``; the libraries sum in different orders, so results differ
+  in the last bits between them;
+* ``fuse_by_measured_rates``: fuse the float32 input projection into the steps only where this
+  machine's measured rates say the fused step is not slower than the projection GEMM plus the
+  recurrent step alone (else by the weights' size per row alone).
 
 ``cuda`` (the CUDA kernels have not yet run on a GPU):
 
@@ -34,8 +44,9 @@ change applies from the next call.
 
 Defaults come from the environment, read once when fused_lstm is imported:
 ``FUSED_LSTM_NO_BRGEMM``, ``FUSED_LSTM_NO_VEC16_CELL``, ``FUSED_LSTM_UNFUSED_INPUT``,
-``FUSED_LSTM_NO_THIN``, ``FUSED_LSTM_NO_BF16_GEMM``, ``FUSED_LSTM_NO_AMX`` (``1`` turns the
-matching CPU setting off),
+``FUSED_LSTM_NO_THIN``, ``FUSED_LSTM_NO_BF16_GEMM``, ``FUSED_LSTM_NO_AMX``,
+``FUSED_LSTM_NO_MEASURED_FUSION`` (``1`` turns the matching CPU setting off),
+``FUSED_LSTM_GEMM_LIBRARY`` (``auto``, ``blas`` or ``onednn_matmul``),
 ``FUSED_LSTM_CUDA_PATH`` and ``FUSED_LSTM_CUDA_PERSISTENT_UNITS`` / ``_TILE`` / ``_KSPLIT``.
 """
 
@@ -55,6 +66,7 @@ _get = torch.ops.fused_lstm._get_setting
 _set = torch.ops.fused_lstm._set_setting
 
 _CUDA_PATHS = ("auto", "persistent", "step")
+_GEMM_LIBRARIES = ("auto", "blas", "onednn_matmul")
 
 
 def _flag(name: str, value: Any) -> int:
@@ -68,6 +80,13 @@ def _cuda_path(name: str, value: Any) -> int:
         raise ValueError(f"fused_lstm.backends.{name} must be 'auto', 'persistent' or 'step'; "
                          f"got {value!r}")
     return _CUDA_PATHS.index(value)
+
+
+def _gemm_library(name: str, value: Any) -> int:
+    if value not in _GEMM_LIBRARIES:
+        raise ValueError(f"fused_lstm.backends.{name} must be 'auto', 'blas' or 'onednn_matmul'; "
+                         f"got {value!r}")
+    return _GEMM_LIBRARIES.index(value)
 
 
 def _plan_int(limit: int, power_of_two: bool = False) -> Callable[[str, Any], int]:
@@ -106,6 +125,9 @@ _CPU: Dict[str, _Setting] = {
     "allow_thin": (_flag, bool, "FUSED_LSTM_NO_THIN", _off_if_set),
     "allow_bf16_products": (_flag, bool, "FUSED_LSTM_NO_BF16_GEMM", _off_if_set),
     "allow_amx": (_flag, bool, "FUSED_LSTM_NO_AMX", _off_if_set),
+    "gemm_library": (_gemm_library, lambda i: _GEMM_LIBRARIES[i], "FUSED_LSTM_GEMM_LIBRARY",
+                     lambda text: text or "auto"),
+    "fuse_by_measured_rates": (_flag, bool, "FUSED_LSTM_NO_MEASURED_FUSION", _off_if_set),
 }
 _CUDA: Dict[str, _Setting] = {
     "path": (_cuda_path, lambda i: _CUDA_PATHS[i], "FUSED_LSTM_CUDA_PATH",

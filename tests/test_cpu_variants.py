@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 
@@ -55,6 +56,8 @@ needs = {
                                  "AVX-512"),
     "amx_bf16": pytest.mark.skipif(not FEATURES["amx_bf16"], reason="the bf16 products on AMX "
                                    "tiles need AMX-BF16 (and oneDNN's brgemm for it)"),
+    "onednn_matmul": pytest.mark.skipif(not FEATURES["onednn_matmul"],
+                                        reason="this torch does not export oneDNN's matmul"),
 }
 
 # id: (settings, module kwargs, seq_len, batch, dtype, train, the plan's entries, CPU need)
@@ -72,8 +75,9 @@ CASES = {
     "small_hidden-inference": (
         {}, dict(input_size=6, hidden_size=12, num_layers=3), 11, 5, F32, False,
         {"variant": "small_hidden", "inference": True}, None),
-    "row_wise-brgemm-fused": (
-        {}, dict(input_size=16, hidden_size=64, num_layers=2), 12, 16, F32, True,
+    "row_wise-brgemm-fused": (  # fused by the weights' size alone (not by measured rates)
+        {"fuse_by_measured_rates": False}, dict(input_size=16, hidden_size=64, num_layers=2), 12,
+        16, F32, True,
         {"variant": "row_wise", "input_projection.0": "brgemm, fused into the steps",
          "recurrent_product": "brgemm", "backward_dh_product": "brgemm"}, "brgemm"),
     "row_wise-brgemm-unfused": (
@@ -88,6 +92,40 @@ CASES = {
         {"allow_brgemm": False}, dict(input_size=16, hidden_size=64, num_layers=2), 12, 16, F32,
         True, {"variant": "row_wise", "input_projection.0": "blas", "recurrent_product": "blas",
                "backward_dh_product": "blas"}, None),
+    # Each product's library forced by name (gemm_library), whatever this machine's measured
+    # rates would pick: every class of product (A B^T: input projection, recurrent product,
+    # projection by W_hr; A^T B: weight gradients; A B: dL/dh, dL/dx) in each library.
+    "row_wise-gemm-blas": (
+        {"allow_brgemm": False, "gemm_library": "blas"},
+        dict(input_size=16, hidden_size=64, num_layers=2, proj_size=24), 12, 16, F32, True,
+        {"variant": "row_wise", "input_projection.0": "blas", "input_projection.1": "blas",
+         "recurrent_product": "blas", "projection": "blas", "backward_dh_product": "blas",
+         "backward_weight_products": "blas", "backward_data_product": "blas"}, None),
+    "row_wise-gemm-onednn": (
+        {"allow_brgemm": False, "gemm_library": "onednn_matmul"},
+        dict(input_size=16, hidden_size=64, num_layers=2, proj_size=24), 12, 16, F32, True,
+        {"variant": "row_wise", "input_projection.0": "onednn_matmul",
+         "input_projection.1": "onednn_matmul", "recurrent_product": "onednn_matmul",
+         "projection": "onednn_matmul", "backward_dh_product": "onednn_matmul",
+         "backward_weight_products": "onednn_matmul", "backward_data_product": "onednn_matmul"},
+        "onednn_matmul"),
+    "row_wise-brgemm-gemm-onednn": (
+        {"gemm_library": "onednn_matmul", "allow_fused_input_projection": False},
+        dict(input_size=16, hidden_size=64, num_layers=2, bidirectional=True), 12, 16, F32, True,
+        {"variant": "row_wise", "input_projection.0": "onednn_matmul",
+         "recurrent_product": "brgemm", "backward_dh_product": "brgemm",
+         "backward_weight_products": "onednn_matmul", "backward_data_product": "onednn_matmul"},
+        "brgemm"),
+    "row_wise-brgemm-gemm-blas": (
+        {"gemm_library": "blas", "allow_fused_input_projection": False},
+        dict(input_size=16, hidden_size=64, num_layers=2, bidirectional=True), 12, 16, F32, True,
+        {"variant": "row_wise", "input_projection.0": "blas", "recurrent_product": "brgemm",
+         "backward_weight_products": "blas", "backward_data_product": "blas"}, "brgemm"),
+    "row_wise-float64-gemm-onednn": (  # oneDNN's matmul serves float32 only
+        {"gemm_library": "onednn_matmul"}, dict(input_size=10, hidden_size=20, num_layers=2),
+        7, 5, F64, True, {"variant": "row_wise", "input_projection.0": "blas",
+                          "recurrent_product": "blas", "backward_weight_products": "blas"},
+        None),
     "row_wise-float64": (
         {}, dict(input_size=10, hidden_size=20, num_layers=2, bidirectional=True,
                  proj_size=6), 7, 5, F64, True,
@@ -245,13 +283,14 @@ def test_setting_switches_the_kernel(setting, case, key, bits_differ):
     need = CASES[case][-1]
     if need and not FEATURES[need]:
         pytest.skip(f"this CPU lacks {need}")
-    _, kwargs, seq_len, batch, dtype, train, _, _ = CASES[case]
+    settings, kwargs, seq_len, batch, dtype, train, _, _ = CASES[case]
     module = FusedLSTM(dtype=dtype, **kwargs)
     x, hx, lengths = _inputs(module, seq_len, batch, False, dtype)
     upstream = [randn(*t.shape) for t in (module(x, hx)[0], *hx)]
-    default = _run(module, x, hx, lengths, upstream, train)
-    default_plan = plan_of(module, x, lengths, train)
-    with CPU.flags(**{setting: False}):
+    with CPU.flags(**settings):
+        default = _run(module, x, hx, lengths, upstream, train)
+        default_plan = plan_of(module, x, lengths, train)
+    with CPU.flags(**{**settings, setting: False}):
         switched = _run(module, x, hx, lengths, upstream, train)
         switched_plan = plan_of(module, x, lengths, train)
     assert switched_plan[key] != default_plan[key], (key, default_plan[key])
@@ -260,7 +299,62 @@ def test_setting_switches_the_kernel(setting, case, key, bits_differ):
     tol = 0.05 if dtype == BF16 else 1e-5
     for a, b in zip(default, switched):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
-    assert all(a.equal(b) for a, b in zip(default, _run(module, x, hx, lengths, upstream, train)))
+    with CPU.flags(**settings):
+        again = _run(module, x, hx, lengths, upstream, train)
+    assert all(a.equal(b) for a, b in zip(default, again))
+
+
+def _library_rates(plan):
+    """explain's library_rates: {class: (blas, onednn_matmul)} in GFLOP/s."""
+    text = plan["library_rates"].split(" (")[0]
+    rates = {}
+    for part in text.split("; "):
+        cls, _, blas, _, onednn = part.split()
+        rates[cls] = (int(blas), int(onednn))
+    return rates
+
+
+def test_measured_rates_choose_library_and_fusion():
+    """By default (gemm_library "auto", fuse_by_measured_rates) the plan follows the rates this
+    process measured, as explain reports them: a large float32 product goes to oneDNN's matmul
+    exactly where its measured rate for that class of product beats the BLAS's, and the input
+    projection is fused into the steps exactly where the fused step measured at most 5% slower
+    than the recurrent step alone plus the projection at the GEMM rate. Whatever this machine
+    picks, the call matches nn.LSTM (test_variant forces each choice by name)."""
+    kwargs = dict(input_size=128, hidden_size=256, num_layers=2)
+    module = FusedLSTM(dtype=F32, **kwargs)
+    x, _, _ = _inputs(module, 20, 32, False, F32)
+    with num_threads(1):
+        plan = plan_of(module, x, None, True)
+        rates = _library_rates(plan)
+        assert set(rates) == {"A*B^T", "A^T*B", "A*B"}
+        assert all(blas > 0 for blas, _ in rates.values())
+
+        def expected(cls):
+            blas, onednn = rates[cls]
+            return "onednn_matmul" if FEATURES["onednn_matmul"] and onednn > blas else "blas"
+        # [rows, in] x [in, 4H], [4H, rows] x [rows, in], [rows, 4H] x [4H, in]: all >= 2^22
+        # multiply-adds. (Rates are reported rounded: a near tie is not checked.)
+        if abs(rates["A^T*B"][0] - rates["A^T*B"][1]) > 1:
+            assert plan["backward_weight_products"] == expected("A^T*B")
+        if abs(rates["A*B"][0] - rates["A*B"][1]) > 1:
+            assert plan["backward_data_product"] == expected("A*B")
+        if FEATURES["brgemm"]:
+            for layer in range(2):
+                fused_us, unfused_us = (float(w) for w in re.findall(
+                    r"fused ([0-9.e+]+) us, unfused ([0-9.e+]+) us",
+                    plan[f"fused_step_rates.{layer}"])[0])
+                fused = plan[f"input_projection.{layer}"] == "brgemm, fused into the steps"
+                bound = 1.05 * unfused_us  # plan.h's kUnfusedMustWinBy
+                if abs(fused_us - bound) > 1e-3 * bound:  # printed to 6 digits
+                    assert fused == (fused_us <= bound), plan
+                if not fused and abs(rates["A*B^T"][0] - rates["A*B^T"][1]) > 1:
+                    assert plan[f"input_projection.{layer}"] == expected("A*B^T")
+            with CPU.flags(fuse_by_measured_rates=False):  # by the weights' size alone
+                by_size = plan_of(module, x, None, True)
+            assert "fused_step_rates.0" not in by_size
+            assert by_size["input_projection.0"] == "brgemm, fused into the steps"
+        check_against_nn_lstm(kwargs, 20, 32, F32, True, False)
 
 
 def test_flags_restore_every_setting_even_after_an_error():
@@ -280,6 +374,12 @@ def test_settings_reject_unknown_names_and_bad_values():
             pass
     with pytest.raises(TypeError, match="takes a bool"):
         CPU.allow_thin = 0
+    with pytest.raises(ValueError, match="'auto', 'blas' or 'onednn_matmul'; got 'mkl'"):
+        CPU.gemm_library = "mkl"
+    assert CPU.gemm_library == "auto"
+    with CPU.flags(gemm_library="onednn_matmul"):
+        assert CPU.gemm_library == "onednn_matmul"
+    assert CPU.gemm_library == "auto"
     cuda = fused_lstm.backends.cuda
     with pytest.raises(ValueError, match="'auto', 'persistent' or 'step'"):
         cuda.path = "fast"
@@ -311,15 +411,17 @@ def test_environment_gives_the_defaults_at_import(tmp_path):
     process is what this test is about); an invalid value is refused with its name."""
     env = dict(os.environ, FUSED_LSTM_NO_THIN="1", FUSED_LSTM_NO_BRGEMM="0",
                FUSED_LSTM_UNFUSED_INPUT="1", FUSED_LSTM_CUDA_PATH="step",
-               FUSED_LSTM_CUDA_PERSISTENT_TILE="8")
+               FUSED_LSTM_CUDA_PERSISTENT_TILE="8", FUSED_LSTM_GEMM_LIBRARY="blas",
+               FUSED_LSTM_NO_MEASURED_FUSION="1")
     code = ("import fused_lstm, os; b = fused_lstm.backends; "
             "os.environ['FUSED_LSTM_NO_BRGEMM'] = '1'; "  # read at import only
             "print(b.cpu.allow_thin, b.cpu.allow_brgemm, b.cpu.allow_fused_input_projection, "
-            "b.cuda.path, b.cuda.persistent_tile)")
+            "b.cuda.path, b.cuda.persistent_tile, b.cpu.gemm_library, "
+            "b.cpu.fuse_by_measured_rates)")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.split() == ["False", "True", "False", "step", "8"]
+    assert run.stdout.split() == ["False", "True", "False", "step", "8", "blas", "False"]
     env["FUSED_LSTM_CUDA_PATH"] = "fastest"
     run = subprocess.run([sys.executable, "-c", "import fused_lstm"], env=env,
                          capture_output=True, text=True, cwd=tmp_path)
@@ -520,7 +622,7 @@ def test_float32_fused_input_projection_matches_nn_lstm(threads, bias, bidirecti
     Inputs wider than the hidden size and three layers (the deeper layers' input is the previous
     layer's D * out), with and without biases; 70 rows are two row blocks on one thread; 40
     hidden units are 160 gate columns, panels of 64 columns and a tail of 32."""
-    with num_threads(threads):
+    with num_threads(threads), CPU.flags(fuse_by_measured_rates=False):
         _, a = make_case(3, bias, bidirectional, proj_size, packed, with_state=True,
                          dtype=torch.float32, input_size=37, hidden_size=hidden, seq_len=9,
                          batch=batch)
@@ -534,7 +636,7 @@ def test_float32_fused_input_projection_same_as_unfused(threads, bidirectional, 
     False): same outputs, the same reserve (the activated gates and cells backward reads), the
     same inference results; with a dropout mask between layers and a projection; gradients
     against the plain PyTorch reference."""
-    with num_threads(threads):
+    with num_threads(threads), CPU.flags(fuse_by_measured_rates=False):
         _, a = make_case(3, True, bidirectional, 8, packed, with_state=True, dtype=torch.float32,
                          input_size=24, hidden_size=36, seq_len=10, batch=11, dropout=0.3)
         a["weights"] = [(w.detach() / 4).requires_grad_() for w in a["weights"]]
@@ -568,7 +670,7 @@ def test_float32_fused_inference_three_layers(threads, bidirectional, proj_size,
     inference_impl, use_brgemm), three layers whose outputs alternate between two buffers.
     Against nn.LSTM and lstm_forward; h_t kept in the layer output between steps (padded) or in
     h_n (packed lengths); without hx, the first step's product is skipped."""
-    with num_threads(threads):
+    with num_threads(threads), CPU.flags(fuse_by_measured_rates=False):
         _, a = make_case(3, True, bidirectional, proj_size, packed, with_state=with_state,
                          dtype=torch.float32, input_size=20, hidden_size=24, seq_len=9, batch=7,
                          requires_grad=False)

@@ -9,11 +9,32 @@
 namespace fused_lstm {
 namespace {
 
+// W_hh [G, out] as the backward's brgemm reads it: in column panels of kBrgemmPanelN columns,
+// each panel a contiguous row-major [G, nb] block at buf + n0 * G. Read as stored, W_hh's rows
+// are `out` floats apart (2 KB at hidden 512, a power of two), which maps a column block's rows
+// onto a few cache sets, as the forward's packing found for W^T (blas.h, kBrgemmPanelN):
+// measured one thread, [32, 2048] x [2048, 512] (fastrnns' dL/dh step), 70.6 GFLOP/s as stored
+// against 155.8 in panels; at medium's [16, 1024] x [1024, 256], 186.6 against 191.7
+// (Intel Xeon; benchmarks/notes/float32-bound.md, "Intel Xeon: where the time goes").
+template <typename T>
+void pack_w_hh_panels(const T* w_hh, int64_t G, int64_t out, T* buf) {
+  const int64_t panels = (out + kBrgemmPanelN - 1) / kBrgemmPanelN;
+  auto pack = [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * kBrgemmPanelN, nb = std::min(kBrgemmPanelN, out - n0);
+      copy_rows(w_hh + n0, out, buf + n0 * G, nb, G, nb);
+    }
+  };
+  if (panels > 1 && !at::in_parallel_region()) at::parallel_for(0, panels, 1, pack);
+  else pack(0, panels);
+}
+
 // dL/dh_{t-1} [bs, out] = dg_t [bs, G] W_hh, on this thread: bf16_gemm where `bb` is set, else
-// brgemm (`brgemm`: float32 with the micro-kernel), else BLAS.
+// brgemm (`brgemm`: float32 with the micro-kernel; W_hh in panels where `w_hh_panels` is set,
+// pack_w_hh_panels), else BLAS.
 template <typename T>
 void step_dh_product(const Bf16Backward& bb, bool brgemm, int64_t bs, int64_t out, int64_t G,
-                     const T* dg_t, const T* w_hh, T* dh) {
+                     const T* dg_t, const T* w_hh, const T* w_hh_panels, T* dh) {
   if constexpr (std::is_same_v<T, float>) {
     if (bb.amx_w_hh) {
       amx_product(false, bs, out, G, dg_t, G, bb.amx_w_hh, dh, out);
@@ -21,6 +42,16 @@ void step_dh_product(const Bf16Backward& bb, bool brgemm, int64_t bs, int64_t ou
     }
     if (bb.w_hh_t) {
       bf16_gemm(bs, out, G, dg_t, G, bb.w_hh_t, dh, out, false);
+      return;
+    }
+    if (brgemm && w_hh_panels) {
+      for (int64_t m0 = 0; m0 < bs; m0 += kBrgemmBlockM)
+        for (int64_t n0 = 0; n0 < out; n0 += kBrgemmPanelN) {
+          const int64_t nb = std::min(kBrgemmPanelN, out - n0);
+          at::native::cpublas::brgemm(std::min(kBrgemmBlockM, bs - m0), nb, G, G, nb, out, false,
+                                      dg_t + m0 * G, w_hh_panels + n0 * G, dh + m0 * out + n0,
+                                      false);
+        }
       return;
     }
     if (brgemm) {
@@ -200,6 +231,11 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   const Bf16Backward bb = bf16_backward_buffers(plan, s, bf16_buf);
   // dL/dh_{t-1} = dgates_t W_hh through brgemm (W_hh is already its B[4H, out]).
   const bool brgemm = plan.brgemm_dh;
+  at::Tensor w_hh_panels_buf;
+  T* w_hh_panels = nullptr;
+  if constexpr (std::is_same_v<T, float>) {
+    if (brgemm && !bb.on && !tiny) w_hh_panels = scratch<T>(w_hh_panels_buf, G * out);
+  }
 
   for (int64_t l = s.num_layers - 1; l >= 0; --l) {
     const int64_t in_size = s.layer_input_size(l);
@@ -229,6 +265,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
         }
       }
 
+      if (w_hh_panels) pack_w_hh_panels(w.w_hh, G, out, w_hh_panels);
       if (tiny) {
         tiny_backward_steps(s, w, d, gates, cells, c0, dy.f, dh_all, dgates, dh_state, dc_state,
                             c_prev_buf, tiny_buf);
@@ -263,7 +300,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
                                 dh_t + b * H, dc + b * H, dg, dg + H, dg + 2 * H, dg + 3 * H);
           });
           // dL/dh_{t-1} for the rows active at t; the others keep what they carry.
-          step_dh_product(bb, brgemm, bs, out, G, dg_t, w.w_hh, dh_carried);
+          step_dh_product(bb, brgemm, bs, out, G, dg_t, w.w_hh, w_hh_panels, dh_carried);
         }
         if (bb.amx_w_hh) amx_release();  // this thread's last product of the direction
       };

@@ -63,11 +63,14 @@ bool fortran_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, T alpha, co
   return true;
 }
 
-// Where a product goes (plan.h decides, by its sizes: gemm_library).
+// Where a product goes (plan.h decides, by its sizes, its transposes and the measured rates of
+// the libraries: gemm_library).
 enum class GemmLibrary { kBlas, kOneDnn, kColumnSplit };
-// in_region: called inside a parallel region (a batch slice's thread).
-GemmLibrary gemm_library(int64_t m, int64_t n, int64_t k, bool is_float,
-                         bool in_region = at::in_parallel_region());
+// in_region: called inside a parallel region (a batch slice's thread). library_setting: the
+// setting cpu.gemm_library (0 auto, 1 blas, 2 onednn_matmul); -1: its current value.
+GemmLibrary gemm_library(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
+                         bool is_float, bool in_region = at::in_parallel_region(),
+                         int64_t library_setting = -1);
 
 inline const char* library_name(GemmLibrary l) {
   switch (l) {
@@ -94,7 +97,7 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
                                  {ld, 1}, opts);
     return trans ? t.t() : t;
   };
-  const GemmLibrary library = gemm_library(m, n, k, std::is_same_v<T, float>);
+  const GemmLibrary library = gemm_library(trans_a, trans_b, m, n, k, std::is_same_v<T, float>);
   if constexpr (std::is_same_v<T, float>) {
     if (library == GemmLibrary::kOneDnn) {
       at::native::mkldnn_matmul(view(a, m, k, lda, trans_a), view(b, k, n, ldb, trans_b),

@@ -17,15 +17,18 @@ inline std::string input_projection_of(const CpuPlan& p, const LSTMShape& s, int
   const int64_t G = 4 * s.hidden_size, in = s.layer_input_size(layer);
   if (p.variant == Variant::kThin) return "thin kernel (dot products, every step)";
   if (p.variant == Variant::kSmallHidden)
-    return in <= kTinyProjectionInput ? "small-hidden product (inline)"
-                                      : library_name(gemm_library(G, rows, in, p.is_float));
+    return in <= kTinyProjectionInput
+        ? "small-hidden product (inline)"
+        : library_name(gemm_library(false, true, G, rows, in, p.is_float, false,
+                                    p.settings.gemm_library));
   if (p.bf16_products) {
     const std::string library = p.amx_products ? "amx_brgemm" : "bf16_gemm";
     return fuse_input_projection(p, s, layer, 2) ? library + ", fused into the steps" : library;
   }
   if (p.brgemm_steps && fuse_input_projection(p, s, layer, 4))
     return "brgemm, fused into the steps";
-  return library_name(gemm_library(rows, G, in, p.is_float));
+  return library_name(
+      gemm_library(false, true, rows, G, in, p.is_float, false, p.settings.gemm_library));
 }
 
 inline std::string describe(const CpuPlan& p, const LSTMShape& s) {
@@ -37,8 +40,9 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s) {
   // inference.
   const int64_t proj_rows =
       p.inference ? std::min(inference_chunk_steps(s), s.seq_len) * s.batch : s.rows;
-  auto library = [&](int64_t m, int64_t n, int64_t k) {
-    return std::string(library_name(gemm_library(m, n, k, p.is_float, slices > 1)));
+  auto library = [&](bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k) {
+    return std::string(library_name(gemm_library(trans_a, trans_b, m, n, k, p.is_float,
+                                                 slices > 1, p.settings.gemm_library)));
   };
   std::ostringstream o;
   o << "variant=" << variant_name(p.variant) << "\n";
@@ -55,11 +59,11 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s) {
   else if (p.amx_products) recurrent = "amx_brgemm";
   else if (p.bf16_products) recurrent = "bf16_gemm";
   else if (p.brgemm_steps) recurrent = "brgemm";
-  else recurrent = library(slice_rows, G, out);
+  else recurrent = library(false, true, slice_rows, G, out);
   o << "recurrent_product=" << recurrent << "\n";
   if (s.proj_size > 0)
     o << "projection=" << (p.variant == Variant::kSmallHidden ? "small-hidden product (inline)"
-                                                               : library(slice_rows, out, H))
+                                                               : library(false, true, slice_rows, out, H))
       << "\n";
   o << "keep_bf16=" << (p.keep_bf16 ? "true" : "false") << "\n";
   if (!p.inference) {
@@ -68,19 +72,45 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s) {
     else if (p.amx_products) dh = "amx_brgemm";
     else if (p.bf16_products) dh = "bf16_gemm";
     else if (p.brgemm_dh) dh = "brgemm";
-    else dh = library(slice_rows, out, G);
+    else dh = library(false, false, slice_rows, out, G);
     o << "backward_dh_product=" << dh << "\n";
     o << "backward_weight_products="
       << (p.amx_products    ? std::string("amx_brgemm")
           : p.bf16_products ? std::string("bf16_gemm")
-                            : library(G, s.layer_input_size(0), s.rows))
+                            : library(true, false, G, s.layer_input_size(0), s.rows))
       << "\n";
+    if (!p.bf16_products)
+      o << "backward_data_product=" << library(false, false, s.rows, s.layer_input_size(0), G)
+        << "\n";
   }
   o << "settings=allow_brgemm:" << p.settings.brgemm
     << " allow_vec16_cell:" << p.settings.vec16_cell
     << " allow_fused_input_projection:" << p.settings.fused_input_projection
     << " allow_thin:" << p.settings.thin << " allow_bf16_products:" << p.settings.bf16_products
-    << " allow_amx:" << p.settings.amx << "\n";
+    << " allow_amx:" << p.settings.amx << " gemm_library:"
+    << (p.settings.gemm_library == 1   ? "blas"
+        : p.settings.gemm_library == 2 ? "onednn_matmul"
+                                       : "auto")
+    << " fuse_by_measured_rates:" << p.settings.fuse_by_rates << "\n";
+  // The measured rates behind the choices (rates.h), where they were measured for this call.
+  if (p.is_float && p.variant == Variant::kRowWise) {
+    const LibraryRates& r = library_rates();
+    if (r.measured) {
+      o << "library_rates=";
+      for (int c = 0; c < kGemmClasses; ++c)
+        o << (c ? "; " : "") << gemm_class_name(GemmClass(c)) << " blas "
+          << int(r.blas[c] + 0.5) << " onednn_matmul " << int(r.onednn[c] + 0.5);
+      o << " (GFLOP/s, one thread; measured in " << int(r.probe_ms + 0.5) << " ms)\n";
+    }
+    if (p.brgemm_steps && p.settings.fuse_by_rates && p.settings.fused_input_projection) {
+      for (int64_t l = 0; l < s.num_layers; ++l) {
+        const FusedStepRates f = fused_step_rates(s, l, fused_slice_rows(s));
+        if (f.measured)
+          o << "fused_step_rates." << l << "=fused " << f.fused_us << " us, unfused "
+            << f.unfused_us << " us (one thread's step)\n";
+      }
+    }
+  }
   const CpuFeatures& f = cpu_features();
   o << "cpu=avx512:" << f.avx512 << " avx512_bf16:" << f.avx512_bf16 << " brgemm:" << f.brgemm
     << " onednn_matmul:" << f.onednn_matmul << " amx_bf16:" << amx_bf16_available();

@@ -20,6 +20,7 @@
 #include "amx.h"
 #include "blas.h"
 #include "fast_math.h"
+#include "rates.h"
 
 #include <string>
 
@@ -131,11 +132,26 @@ inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, bool is
 }
 
 // ---- The library of a product (blas.h's gemm asks) ----
-// From this many multiply-adds on, float32 GEMMs go to oneDNN instead of the BLAS: on the AMD
-// EPYC dev box MKL takes its AVX2 kernels while oneDNN's are AVX-512, 1.3x faster from about
-// this size on (1 and 2 threads), and its fixed cost per call (~5 us) is lost below it
-// (benchmarks/notes/cpu-kernels.md, "GEMM library: oneDNN's matmul for the large products").
+// From this many multiply-adds on, a float32 GEMM may go to oneDNN instead of the BLAS, where
+// this machine's measured rates (rates.h) say oneDNN's kernel for its class of product is the
+// faster: on the AMD EPYC dev box MKL takes its AVX2 kernels while oneDNN's are AVX-512, 1.3x
+// faster from about this size on (1 and 2 threads); on the Intel Xeon (Sapphire Rapids class)
+// MKL's are as fast or faster. Below this size oneDNN's fixed cost per call (~5 us) is lost
+// (benchmarks/notes/cpu-kernels.md, "GEMM library: oneDNN's matmul for the large products";
+// benchmarks/notes/float32-bound.md, "Intel Xeon: where the time goes").
 constexpr int64_t kOneDnnMinWork = int64_t{1} << 22;
+
+// The rates of the libraries on this machine, measured once per process at the first need.
+inline const LibraryRates& library_rates() {
+  static const LibraryRates r = measure_library_rates(cpu_features().onednn_matmul);
+  return r;
+}
+
+// Whether the measured rates send a large product of class `c` to oneDNN's matmul.
+inline bool onednn_measured_faster(GemmClass c) {
+  const LibraryRates& r = library_rates();
+  return r.measured && r.onednn[int(c)] > r.blas[int(c)];
+}
 // Products of at most kColumnSplitMaxRows rows whose matrix has kColumnSplitMinWork elements or
 // more are split by columns over the threads (benchmarks/notes/thin-batch.md, "Products of a few
 // rows split by columns").
@@ -184,19 +200,72 @@ void for_each_batch_slice(const LSTMShape& s, int64_t steps, bool single_thread_
 // brgemm's 4). The setting allow_fused_input_projection = False turns it off.
 constexpr int64_t kFuseWeightBytesPerRow = int64_t{1} << 18;
 
+//
+// For float32 (brgemm) also where this machine's measured rates say so (the setting
+// fuse_by_measured_rates, on by default): the fused step, which streams W_ih with W_hh, must
+// take no longer than the recurrent step alone plus the slice's share of the projection at the
+// faster library's rate (FusedStepRates), give or take kUnfusedMustWinBy. On the AMD EPYC the micro-kernel ran at ~95% of the
+// FMA peak whatever the weights' size, so the fused step always paid; on the Intel Xeon
+// (twice the FMA width per core, 2 MB of L2) streaming 8 MB of weights per step ran at ~150
+// GFLOP/s per core against ~200 from L2, and one projection GEMM plus the recurrent step alone
+// were faster at medium and fastrnns (benchmarks/notes/float32-bound.md, "Intel Xeon: where
+// the time goes").
+// The fused step is kept unless the unfused pair measures more than this much faster: the
+// unfused projection also writes every step's gates and the step reads them back, which the
+// two rates leave out, and on the AMD EPYC, where the two measure within a few percent of each
+// other, the fused step measured 10% faster in the call (cpu-kernels.md, "The input projection
+// fused into each step; packed weight panels").
+constexpr double kUnfusedMustWinBy = 1.05;
+
+struct FusedStepRates {
+  bool measured = false;
+  double fused_us = 0;     // one thread's fused step: [rows, in + out] x [in + out, 4H]
+  double unfused_us = 0;   // the recurrent step alone plus the rows' projection at the GEMM rate
+};
+
+inline FusedStepRates fused_step_rates(const LSTMShape& s, int64_t layer, int64_t slice_rows) {
+  FusedStepRates f;
+  const LibraryRates& r = library_rates();
+  if (!r.measured || !cpu_features().brgemm) return f;
+  const int64_t G = 4 * s.hidden_size, in = s.layer_input_size(layer), out = s.out_size;
+  const int c = int(GemmClass::kNT);
+  const double gemm_rate = std::max(r.blas[c], r.onednn[c]) * 1e9;  // flop per second
+  f.fused_us = brgemm_step_seconds(slice_rows, in + out, G) * 1e6;
+  f.unfused_us = (brgemm_step_seconds(slice_rows, out, G) +
+                  2.0 * double(slice_rows) * double(G) * double(in) / gemm_rate) * 1e6;
+  f.measured = true;
+  return f;
+}
+
+inline int64_t fused_slice_rows(const LSTMShape& s) {
+  const int64_t slices = batch_slices(s, s.seq_len, true);
+  return (s.batch + slices - 1) / slices;
+}
+
 inline bool fuse_input_projection(const CpuPlan& p, const LSTMShape& s, int64_t layer,
                                   int64_t weight_size) {
   if (!p.settings.fused_input_projection) return false;
-  const int64_t slices = batch_slices(s, s.seq_len, true);
-  const int64_t slice_rows = (s.batch + slices - 1) / slices;
+  const int64_t slice_rows = fused_slice_rows(s);
   const int64_t weight_bytes =
       weight_size * 4 * s.hidden_size * (s.layer_input_size(layer) + s.out_size);
-  return slice_rows * kFuseWeightBytesPerRow >= weight_bytes;
+  if (slice_rows * kFuseWeightBytesPerRow < weight_bytes) return false;
+  if (weight_size == int64_t(sizeof(float)) && p.settings.fuse_by_rates) {
+    const FusedStepRates f = fused_step_rates(s, layer, slice_rows);
+    if (f.measured && f.fused_us > kUnfusedMustWinBy * f.unfused_us) return false;
+  }
+  return true;
 }
 
-// The library of a product (blas.h's gemm asks).
-GemmLibrary gemm_library(int64_t m, int64_t n, int64_t k, bool is_float, bool in_region) {
-  if (is_float && cpu_features().onednn_matmul && m * n * k >= kOneDnnMinWork)
+// The library of a product (blas.h's gemm asks): the setting cpu.gemm_library where it names
+// one (oneDNN's matmul serves float32 only), else oneDNN's matmul for a large product of a
+// class whose measured rate is higher there, else the BLAS (split by columns for a few rows).
+GemmLibrary gemm_library(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
+                         bool is_float, bool in_region, int64_t library_setting) {
+  if (library_setting < 0) library_setting = cpu_settings().gemm_library;
+  const bool onednn = is_float && cpu_features().onednn_matmul;
+  if (onednn && library_setting == 2) return GemmLibrary::kOneDnn;
+  if (onednn && library_setting == 0 && m * n * k >= kOneDnnMinWork &&
+      onednn_measured_faster(gemm_class(trans_a, trans_b)))
     return GemmLibrary::kOneDnn;
   // A product of a few rows (streaming inference: one sequence, one step) is bound by reading
   // the matrix, and BLAS runs it on one thread: split its columns over the threads instead.

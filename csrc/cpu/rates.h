@@ -1,0 +1,190 @@
+// Measured rates: how fast this machine runs the float32 products the plan chooses between,
+// measured in this process on first need and kept (plan.h reads them: gemm_library for the
+// library of a product, fuse_input_projection for the fused step). Which library is faster
+// differs by machine (on an AMD EPYC (Zen 4) MKL takes AVX2 kernels and oneDNN's matmul is
+// 1.3x faster; on an Intel Xeon (Sapphire Rapids class) MKL's sgemm is as fast or faster), and
+// so does whether a step can stream W_ih with W_hh at the GEMM's rate (a core with twice the
+// FMA width needs twice the bandwidth): benchmarks/notes/float32-bound.md, "Intel Xeon: where
+// the time goes".
+//
+// Every rate is one thread's, timed by that thread's CPU time (CLOCK_THREAD_CPUTIME_ID), the
+// minimum of a few runs: a shared machine delays a thread, which wall time would count, but
+// does not make its instructions slower. The libraries run single-threaded inside a parallel
+// region (MKL and oneDNN then do not start threads of their own), so what is compared is their
+// kernels.
+// Part of the one translation unit lstm_cpu.cpp.
+#pragma once
+
+#include "blas.h"
+
+#include <time.h>
+
+#include <chrono>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+namespace fused_lstm {
+namespace {
+
+// The classes of products (blas.h's gemm, by its transposes): kNT A B^T (the input projection,
+// the BLAS path's recurrent product, the projection by W_hr), kTN A^T B (the weight gradients),
+// kNN A B (dL/dx, the BLAS path's dL/dh).
+enum class GemmClass { kNT = 0, kTN = 1, kNN = 2 };
+constexpr int kGemmClasses = 3;
+
+inline GemmClass gemm_class(bool trans_a, bool trans_b) {
+  if (trans_b && !trans_a) return GemmClass::kNT;
+  if (trans_a && !trans_b) return GemmClass::kTN;
+  return GemmClass::kNN;
+}
+
+inline const char* gemm_class_name(GemmClass c) {
+  switch (c) {
+    case GemmClass::kNT: return "A*B^T";
+    case GemmClass::kTN: return "A^T*B";
+    default: return "A*B";
+  }
+}
+
+inline double thread_cpu_seconds() {
+  timespec t;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+  return double(t.tv_sec) + 1e-9 * double(t.tv_nsec);
+}
+
+// The CPU seconds of one run of f() on this thread.
+template <typename F>
+double cpu_seconds(const F& f) {
+  const double t0 = thread_cpu_seconds();
+  f();
+  return thread_cpu_seconds() - t0;
+}
+
+// The least CPU seconds of `runs` runs of f() on this thread, after one run not counted (it
+// creates the library's kernel for the shape and brings the operands into the caches).
+template <typename F>
+double best_cpu_seconds(int runs, const F& f) {
+  f();
+  double best = 1e30;
+  for (int r = 0; r < runs; ++r) {
+    const double t0 = thread_cpu_seconds();
+    f();
+    best = std::min(best, thread_cpu_seconds() - t0);
+  }
+  return best;
+}
+
+// f() on one thread inside a parallel region where the process has several threads (the other
+// threads return at once and wait at the region's end), else here.
+template <typename F>
+void on_one_thread_in_region(const F& f) {
+  const int64_t threads = at::get_num_threads();
+  if (threads <= 1 || at::in_parallel_region()) {
+    f();
+    return;
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t) {
+    if (t0 == 0) f();
+  });
+}
+
+// ---- The libraries: one thread's GFLOP/s per class of product ----
+// Measured on a product of kRateProbeM x kRateProbeN x kRateProbeK multiply-adds (2^24: above
+// the size from which oneDNN is considered, plan.h's kOneDnnMinWork, and ~0.1-0.2 ms at the
+// rates of current cores), each library once to create its kernel and twice timed per class,
+// interleaved: measured 25 ms in all on the Intel Xeon (2 threads, other work on the machine),
+// once per process, at the first float32 call that asks.
+constexpr int64_t kRateProbeM = 256, kRateProbeN = 256, kRateProbeK = 256;
+
+struct LibraryRates {
+  bool measured = false;  // false where the BLAS is not there (no sgemm_ exported)
+  double blas[kGemmClasses] = {0, 0, 0};
+  double onednn[kGemmClasses] = {0, 0, 0};
+  double probe_ms = 0;  // what measuring took (wall)
+};
+
+inline LibraryRates measure_library_rates(bool onednn_available) {
+  LibraryRates r;
+  if (sgemm_ == nullptr) return r;
+  const int64_t M = kRateProbeM, N = kRateProbeN, K = kRateProbeK;
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  // Operands of small integers: exact in any summation order, no denormals.
+  std::vector<float> a(M * K), b(K * N), cbuf(M * N);
+  for (int64_t i = 0; i < M * K; ++i) a[i] = float(i % 7) - 3.0f;
+  for (int64_t i = 0; i < K * N; ++i) b[i] = float(i % 5) - 2.0f;
+  const float* A = a.data();
+  const float* B = b.data();
+  float* C = cbuf.data();
+  const at::Tensor c = at::from_blob(C, {M, N}, opts);
+  const double flop = 2.0 * M * N * K;
+  const auto t0 = std::chrono::steady_clock::now();
+  on_one_thread_in_region([&] {
+    for (int cls = 0; cls < kGemmClasses; ++cls) {
+      const bool ta = cls == int(GemmClass::kTN), tb = cls == int(GemmClass::kNT);
+      auto blas = [&] {
+        fortran_gemm<float>(tb ? 'T' : 'N', ta ? 'T' : 'N', N, M, K, 1.0f, B, tb ? K : N, A,
+                            ta ? M : K, 0.0f, C, N);
+      };
+      auto view = [&](const float* p, int64_t rows, int64_t cols, bool trans) {
+        at::Tensor t = at::from_blob(const_cast<float*>(p), {trans ? cols : rows,
+                                     trans ? rows : cols}, opts);
+        return trans ? t.t() : t;
+      };
+      const at::Tensor av = view(A, M, K, ta), bv = view(B, K, N, tb);
+      auto onednn = [&] { at::native::mkldnn_matmul(av, bv, c, 0.0f, 1.0f); };
+      blas();  // not counted: the libraries' first call of a shape creates their kernel
+      if (onednn_available) onednn();
+      double t_blas = 1e30, t_onednn = 1e30;
+      for (int round = 0; round < 2; ++round) {  // interleaved, so a slow moment hits both
+        t_blas = std::min(t_blas, cpu_seconds(blas));
+        if (onednn_available) t_onednn = std::min(t_onednn, cpu_seconds(onednn));
+      }
+      r.blas[cls] = flop / t_blas * 1e-9;
+      r.onednn[cls] = onednn_available ? flop / t_onednn * 1e-9 : 0.0;
+    }
+  });
+  r.probe_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  r.measured = true;
+  return r;
+}
+
+// ---- brgemm's step: one thread's seconds for C[rows, n] = A[rows, k] B[k, n], B packed ----
+// The step of the row-wise path as the kernels run it (brgemm_packed: 64-column panels), on a
+// B of the step's size: whether its panels stay in this core's caches from one step to the
+// next or stream from further out is what the rate measures. Kept per shape; ~1-3 ms for each
+// new shape of a layer (two shapes per layer: the fused step and the recurrent step alone).
+inline double brgemm_step_seconds(int64_t rows, int64_t k, int64_t n) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int64_t, int64_t, int64_t>, double> cache;
+  const auto key = std::make_tuple(rows, k, n);
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    const auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  // Written, not zero pages: B must occupy its own lines, as the packed weights do.
+  std::vector<float> a(rows * k, 0.5f), b(k * n, 0.25f), cbuf(rows * n);
+  const float* A = a.data();
+  const float* B = b.data();
+  float* C = cbuf.data();
+  double seconds = 0;
+  on_one_thread_in_region([&] {
+    seconds = best_cpu_seconds(2, [&] {
+      for (int64_t m0 = 0; m0 < rows; m0 += kBrgemmBlockM)
+        for (int64_t n0 = 0; n0 < n; n0 += kBrgemmPanelN) {
+          const int64_t nb = std::min(kBrgemmPanelN, n - n0);
+          at::native::cpublas::brgemm(std::min(kBrgemmBlockM, rows - m0), nb, k, k, nb, n, false,
+                                      A + m0 * k, B + n0 * k, C + m0 * n + n0, false);
+        }
+    });
+  });
+  std::lock_guard<std::mutex> lock(mutex);
+  cache.emplace(key, seconds);
+  return seconds;
+}
+
+}  // namespace
+}  // namespace fused_lstm
