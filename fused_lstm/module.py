@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
-from . import ops
+from . import _functorch, ops
 from ._loader import python_entry
 
 __all__ = ["FusedLSTM", "FusedLSTMFallbackWarning", "convert", "revert"]
@@ -121,6 +121,9 @@ class FusedLSTM(nn.LSTM):
             return tracer.create_proxy("call_module", tracer.path_of_module(self), args, {})
         weights = self._current_flat_weights()
         if _is_autocast_enabled():
+            return _nn_lstm_forward(self, input, hx)
+        # Forward-mode AD and ExpandedWeights: nn.LSTM's implementation (fused_lstm/_functorch.py)
+        if not _is_compiling() and _functorch.hands_to_nn_lstm(input, hx, weights):
             return _nn_lstm_forward(self, input, hx)
         num_layers = self.num_layers
         bidirectional = self.bidirectional
@@ -276,8 +279,10 @@ class FusedLSTM(nn.LSTM):
         return self._flat_weights
 
     def _fused(self, x: Tensor, batch_sizes: Optional[Tensor], h0, c0, weights):
-        """The one op call: x is time-major [T, B, I], or packed data with batch_sizes."""
-        return _lstm_op(*ops.LSTMArgs(
+        """The one op call: x is time-major [T, B, I], or packed data with batch_sizes. Under a
+        functorch transform, through a Python autograd.Function (fused_lstm/_functorch.py)."""
+        op = _functorch.lstm if _functorch.active() else _lstm_op
+        return op(*ops.LSTMArgs(
             x, batch_sizes, h0, c0, weights, self._dropout_mask(x), self.num_layers,
             self.bidirectional, self.bias, self.proj_size,
         ))
