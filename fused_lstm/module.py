@@ -281,7 +281,7 @@ class FusedLSTM(nn.LSTM):
     def _fused(self, x: Tensor, batch_sizes: Optional[Tensor], h0, c0, weights):
         """The one op call: x is time-major [T, B, I], or packed data with batch_sizes. Under a
         functorch transform, through a Python autograd.Function (fused_lstm/_functorch.py)."""
-        op = _functorch.lstm if _functorch.active() else _lstm_op
+        op = _functorch.lstm if not _is_compiling() and _functorch.active() else _lstm_op
         return op(*ops.LSTMArgs(
             x, batch_sizes, h0, c0, weights, self._dropout_mask(x), self.num_layers,
             self.bidirectional, self.bias, self.proj_size,
