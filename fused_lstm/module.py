@@ -11,6 +11,9 @@ Where the fused op cannot run the call, ``nn.LSTM.forward`` does (never a wrong 
 
 * no fused kernel for the input's device: a one-time ``FusedLSTMFallbackWarning`` per device type;
 * autocast is enabled: nn.LSTM has its own autocast rules (dtype casts, skipped dtype check);
+* forward-mode AD (dual tensors, torch.func.jvp/jacfwd) and ExpandedWeights: nn.LSTM has rules
+  for them, the fused op does not (fused_lstm/_functorch.py, which also runs the fused op under
+  the other torch.func transforms and vmap);
 * arguments nn.LSTM rejects only inside its C++ implementation (hx of the wrong dtype or device,
   an hx that is not a pair, empty sequences, bad packed-sequence shapes...): nn.LSTM raises its
   own exception, so the exception class and message are exactly nn.LSTM's. Should nn.LSTM accept
