@@ -27,8 +27,11 @@ forward and backward are vmapped through those rules. The scheme:
 These rules also serve the regular autograd graph's backward under vmap
 (``autograd.grad(..., is_grads_batched=True)``, ``jacobian(vectorize=True)``,
 ``gradcheck(check_batched_grad=True)``): the C++ kernel's backward calls ``lstm_backward`` with
-batched gradients. ``lstm_backward_composite`` (the differentiable backward, plain PyTorch) is
-vmapped by decomposition.
+batched gradients. That vmap is torch's legacy one (``torch._vmap_internals``, the Batched key),
+whose rule for ``lstm_backward`` is in C++ (csrc/legacy_vmap.cpp). With create_graph=True
+(``hessian(vectorize=True)``) the C++ kernel's differentiable backward records plain PyTorch ops,
+which that vmap then differentiates op by op. ``lstm_backward_composite`` has a per-element rule
+here for functorch's vmap.
 
 Handed to nn.LSTM's implementation (quietly, results are nn.LSTM's; :func:`hands_to_nn_lstm`):
 
