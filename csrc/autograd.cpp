@@ -111,12 +111,26 @@ struct LSTMFunction : public torch::autograd::Function<LSTMFunction> {
   }
 };
 
+// The input as backward must read it: the values it had in the forward, as nn.LSTM's backward
+// reads them. A non-contiguous input (batch_first input reaches the op transposed) is copied
+// here, through autograd (so double backward still reaches the caller's tensor), instead of
+// inside the op (prepare_forward's to_math would copy it anyway, and prepare_backward again):
+// the same one copy, now saved, as nn.LSTM's CPU paths save a contiguous copy of a transposed
+// input. So, as with nn.LSTM, an in-place edit of the caller's tensor between forward and
+// backward changes nothing, and an input made under torch.inference_mode trains (the copy is
+// a normal tensor). A contiguous input is saved as it is: then an in-place edit makes
+// backward raise autograd's error, and an inference tensor cannot be saved (the op's error;
+// FusedLSTM then lets nn.LSTM raise its own), both as nn.LSTM does.
+at::Tensor saveable_input(const at::Tensor& input) {
+  return input.is_contiguous() ? input : input.contiguous();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_autograd(
     const at::Tensor& input, const OptTensor& batch_sizes, const OptTensor& hx,
     const OptTensor& cx, at::TensorList weights, const OptTensor& dropout_mask,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size) {
-  auto out = LSTMFunction::apply(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
-                                 bidirectional, has_biases, proj_size);
+  auto out = LSTMFunction::apply(saveable_input(input), batch_sizes, hx, cx, weights,
+                                 dropout_mask, num_layers, bidirectional, has_biases, proj_size);
   return {out[0], out[1], out[2], out[3]};
 }
 

@@ -10,7 +10,8 @@
 // chooses lstm_forward when a gradient can flow (its autograd kernel records the graph), else
 // lstm_inference, and calls that op through the dispatcher (so devices, profiler and autograd
 // see the same op as for the Python path's torch.ops.fused_lstm.lstm call). Under
-// torch.jit.trace it calls fused_lstm::lstm through the dispatcher, so the trace records it.
+// torch.jit.trace it returns None: the Python path calls fused_lstm::lstm through torch.ops, so
+// the trace records it (or, in ONNX export, nn.LSTM's call).
 //
 // It returns None whenever anything is not plain, and FusedLSTM.forward then takes its Python
 // path, which decides everything (and raises nn.LSTM's exceptions). Plain means: no autocast,
@@ -38,7 +39,6 @@
 #include <ATen/TracerMode.h>
 #include <ATen/record_function.h>
 #include <ATen/autocast_mode.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/Exceptions.h>
@@ -56,11 +56,6 @@ namespace fused_lstm {
 namespace {
 
 using OptTensor = std::optional<at::Tensor>;
-
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
 
 // Interned attribute names of nn.LSTM (filled at module init).
 struct Names {
@@ -207,9 +202,11 @@ PyObject* forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   PyObject* self = args[0];
   PyObject* input_obj = args[1];
   PyObject* hx_obj = args[2];
+  // Under torch.jit.trace (also the legacy ONNX exporter's trace) the Python path decides:
+  // it records fused_lstm::lstm through torch.ops, or nn.LSTM's call when exporting to ONNX.
   if (any_autocast() || at::impl::torch_function_mode_enabled() ||
-      c10::impl::dispatch_mode_enabled() || !plain_tensor(input_obj) ||
-      functorch_active())
+      c10::impl::dispatch_mode_enabled() || at::tracer::impl::is_dispatch_enabled() ||
+      !plain_tensor(input_obj) || functorch_active())
     Py_RETURN_NONE;
   try {
     const at::Tensor& input = THPVariable_Unpack(input_obj);
@@ -255,20 +252,11 @@ PyObject* forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     {
       WithoutGil no_gil;
       const at::Tensor x = batch_first ? input.transpose(0, 1) : input;
-      if (at::tracer::impl::is_dispatch_enabled()) {
-        // torch.jit.trace: through the dispatcher, so that the trace records fused_lstm::lstm
-        // (which decides when the traced graph runs), not the op chosen now.
-        static const auto lstm_op = find_op<InferenceSig>("fused_lstm::lstm");
-        std::tie(output, h_n, c_n) = lstm_op.call(x, std::nullopt, h0, c0, weights,
-                                                  std::nullopt, num_layers, bidirectional, bias,
-                                                  proj_size);
-      } else {
-        // The op's kernel itself, without its dispatcher call; the profiler sees the same
-        // fused_lstm::lstm event as for a call through torch.ops.
-        RECORD_FUNCTION("fused_lstm::lstm", c10::ArrayRef<const c10::IValue>{});
-        std::tie(output, h_n, c_n) = lstm(x, std::nullopt, h0, c0, weights, std::nullopt,
-                                          num_layers, bidirectional, bias, proj_size);
-      }
+      // The op's kernel itself, without its dispatcher call; the profiler sees the same
+      // fused_lstm::lstm event as for a call through torch.ops.
+      RECORD_FUNCTION("fused_lstm::lstm", c10::ArrayRef<const c10::IValue>{});
+      std::tie(output, h_n, c_n) = lstm(x, std::nullopt, h0, c0, weights, std::nullopt,
+                                        num_layers, bidirectional, bias, proj_size);
       if (batch_first) output = output.transpose(0, 1);
     }
     Ref out(wrap(std::move(output)));

@@ -40,6 +40,10 @@ class _DynamicQuantizedLSTM:
         return LSTM.from_float(revert(mod), use_precomputed_fake_quant=use_precomputed_fake_quant)
 
 
+# The classes install() registered (FusedLSTM; the ScriptableFusedLSTM torch.jit.script leaves).
+_classes: list = []
+
+
 def install(fused_class: type) -> None:
     """Registers ``fused_class`` with eager-mode quantization (see the module docstring).
     Idempotent; never raises."""
@@ -47,14 +51,16 @@ def install(fused_class: type) -> None:
 
     quantization_mappings.get_default_dynamic_quant_module_mappings().setdefault(
         fused_class, _DynamicQuantizedLSTM)
+    if fused_class not in _classes:
+        _classes.append(fused_class)
     quantize = sys.modules.get("torch.ao.quantization.quantize")
     original = getattr(quantize, "_propagate_qconfig_helper", None)
     if original is None or getattr(original, _MARK, False):
         return
 
     def _propagate_qconfig_helper(module, qconfig_dict, *args, **kwargs):
-        if nn.LSTM in qconfig_dict and fused_class not in qconfig_dict:
-            qconfig_dict = {**qconfig_dict, fused_class: qconfig_dict[nn.LSTM]}
+        if nn.LSTM in qconfig_dict and any(c not in qconfig_dict for c in _classes):
+            qconfig_dict = {**{c: qconfig_dict[nn.LSTM] for c in _classes}, **qconfig_dict}
         return original(module, qconfig_dict, *args, **kwargs)
 
     _propagate_qconfig_helper.__wrapped__ = original

@@ -11,6 +11,7 @@ Where the fused op cannot run the call, ``nn.LSTM.forward`` does (never a wrong 
 
 * no fused kernel for the input's device: a one-time ``FusedLSTMFallbackWarning`` per device type;
 * autocast is enabled: nn.LSTM has its own autocast rules (dtype casts, skipped dtype check);
+* ONNX export (either exporter): ONNX has no fused op, and nn.LSTM's call becomes ONNX's LSTM op;
 * forward-mode AD (dual tensors, torch.func.jvp/jacfwd) and ExpandedWeights: nn.LSTM has rules
   for them, the fused op does not (fused_lstm/_functorch.py, which also runs the fused op under
   the other torch.func transforms and vmap);
@@ -63,6 +64,19 @@ def _fx_tracer(input, hx):  # noqa: A002
         if isinstance(value, torch.fx.Proxy):
             return value.tracer
     return None
+
+
+# ONNX export: FusedLSTM computes nn.LSTM's call, which the exporters write as ONNX's LSTM op.
+try:  # the flags torch.onnx.is_in_onnx_export() reads, without its two imports per call
+    from torch.onnx._internal.exporter import _flags as _onnx_flags
+    from torch.onnx._internal.torchscript_exporter._globals import GLOBALS as _onnx_globals
+
+    def _in_onnx_export() -> bool:
+        if torch.compiler.is_dynamo_compiling():  # Dynamo skips the flags' files; this one it
+            return torch.onnx.is_in_onnx_export()  # knows (a constant)
+        return _onnx_globals.in_onnx_export or _onnx_flags._is_onnx_exporting
+except ImportError:  # another torch layout
+    _in_onnx_export = torch.onnx.is_in_onnx_export
 
 
 class FusedLSTMFallbackWarning(UserWarning):
@@ -122,6 +136,11 @@ class FusedLSTM(nn.LSTM):
             # Tracer.is_leaf_module takes only modules defined under torch.nn as leaves).
             args = (input,) if hx is None else (input, hx)
             return tracer.create_proxy("call_module", tracer.path_of_module(self), args, {})
+        if _in_onnx_export():
+            # ONNX export, either exporter (the C++ entry leaves traced calls to this path):
+            # nn.LSTM's computation, which the exporters write as ONNX's LSTM op. torch.export
+            # alone keeps the fused op.
+            return nn.LSTM.forward(self, input, hx)
         weights = self._current_flat_weights()
         if _is_autocast_enabled():
             return _nn_lstm_forward(self, input, hx)
@@ -244,6 +263,14 @@ class FusedLSTM(nn.LSTM):
         if batch_first:
             output = output.transpose(0, 1)
         return output, (h_n, c_n)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """torch.jit.script compiles a ScriptableFusedLSTM in place of this module: the same
+        module (shared Parameters and attributes) with a forward TorchScript compiles, which
+        calls the fused op (fused_lstm/_script.py)."""
+        from ._script import scriptable
+
+        return scriptable(self)
 
     def _check_packed_hidden(self, h0, c0, batch_sizes, op_error: Exception) -> None:
         """Raises a RuntimeError for packed input whose sequences all have the same length and
@@ -403,6 +430,7 @@ def convert(model: nn.Module) -> nn.Module:
 
 def revert(model: nn.Module) -> nn.Module:
     """The inverse of :func:`convert`: every FusedLSTM becomes a ``torch.nn.LSTM`` sharing its
-    Parameters (for instance before ONNX export). Returns ``model``, or a new nn.LSTM when
-    ``model`` itself is a FusedLSTM."""
-    return _swap(model, FusedLSTM, nn.LSTM)
+    Parameters. Returns ``model``, or a new nn.LSTM when ``model`` itself is a FusedLSTM."""
+    from ._script import ScriptableFusedLSTM  # what torch.jit.script put into a model
+
+    return _swap(_swap(model, ScriptableFusedLSTM, nn.LSTM), FusedLSTM, nn.LSTM)

@@ -1,0 +1,379 @@
+"""FusedLSTM where a model is deployed: torch.jit.script, ONNX export (both exporters), an input
+made under torch.inference_mode and a batch_first input edited in place between forward and
+backward. Each test runs the same model with nn.LSTM and with FusedLSTM (identical weights):
+values, gradients, exceptions and warnings must be nn.LSTM's."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import io
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+from torch.testing import assert_close
+
+import fused_lstm
+from fused_lstm import FusedLSTM
+
+from helpers import ROOT, randn
+
+F32, F64 = torch.float32, torch.float64
+
+
+class Model(nn.Module):
+    """An LSTM (2 layers, batch_first) with a linear head: what a user deploys."""
+
+    def __init__(self, dtype=F64, batch_first=True):
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4, num_layers=2, batch_first=batch_first, dtype=dtype)
+        self.head = nn.Linear(4, 2, dtype=dtype)
+
+    def forward(self, x):
+        output, (h_n, c_n) = self.lstm(x)
+        return self.head(output), h_n, c_n
+
+
+def pair(dtype=F64, batch_first=True):
+    """(the nn.LSTM model, the same model converted), sharing no Parameters."""
+    plain = Model(dtype, batch_first)
+    fused = fused_lstm.convert(copy.deepcopy(plain))
+    assert type(fused.lstm) is FusedLSTM
+    return plain, fused
+
+
+def loss_of(outs):
+    return sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view(o.shape)).sum()
+               for o in outs)
+
+
+def caught(fn, *args, **kwargs):
+    """fn's result and the warnings it gave, as (category, message) pairs."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        result = fn(*args, **kwargs)
+    return result, [(w.category, str(w.message)) for w in record]
+
+
+# --- torch.jit.script -----------------------------------------------------------------------
+
+
+def _scripted_ops(scripted):
+    """The fused_lstm::lstm and aten::lstm calls in a scripted model's inlined graph."""
+    found = []
+
+    def walk(nodes):
+        for node in nodes:
+            if node.kind() in ("fused_lstm::lstm", "aten::lstm"):
+                found.append(node.kind())
+            for block in node.blocks():
+                walk(block.nodes())
+
+    walk(scripted.inlined_graph.nodes())
+    return found
+
+
+def test_jit_script_compiles_saves_loads_and_trains_like_nn_lstm(tmp_path):
+    """torch.jit.script of a model holding a FusedLSTM: the scripted graph calls the fused op
+    (nn.LSTM's model: aten::lstm); the same warnings, outputs, gradients and training step as
+    the nn.LSTM model, on the FusedLSTM's own Parameters; the saved module loads where
+    fused_lstm is imported, and not where it is not (the op is unknown there)."""
+    plain, fused = pair()
+    fused_params = list(fused.parameters())
+    scripted_plain, plain_warnings = caught(torch.jit.script, plain)
+    scripted_fused, fused_warnings = caught(torch.jit.script, fused)
+    assert set(fused_warnings) == set(plain_warnings)  # (the number of repeats varies)
+    assert _scripted_ops(scripted_plain) == ["aten::lstm"]
+    assert _scripted_ops(scripted_fused) == ["fused_lstm::lstm"]
+    # The scripted model's Parameters are the FusedLSTM's own objects.
+    assert all(a is b for a, b in zip(scripted_fused.parameters(), fused_params))
+    # torch.jit.script put the scriptable FusedLSTM into the Python model (README): still a
+    # FusedLSTM on the same Parameters, and revert still gives an nn.LSTM.
+    assert isinstance(fused.lstm, FusedLSTM)
+    assert all(a is b for a, b in zip(fused.parameters(), fused_params))
+
+    x = randn(4, 6, 3)
+    expected, got = scripted_plain(x), scripted_fused(x)
+    for e, g in zip(expected, got):
+        assert_close(g, e)
+    loss_of(expected).backward()
+    loss_of(got).backward()
+    for p, q in zip(plain.parameters(), fused_params):
+        assert q.grad is not None
+        assert_close(q.grad, p.grad)
+    with torch.no_grad():
+        for e, g in zip(fused(x), plain(x)):  # the Python model, after scripting
+            assert_close(g, e)
+
+    # One SGD step through each scripted model trains the Parameters alike.
+    for params in (list(plain.parameters()), fused_params):
+        torch.optim.SGD(params, lr=0.1).step()
+    for p, q in zip(plain.parameters(), fused_params):
+        assert_close(q, p)
+
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(scripted_fused, str(path))
+    y = randn(2, 5, 3)
+    loaded = torch.jit.load(str(path))
+    with torch.no_grad():
+        expected = [t for t in scripted_plain(y)]
+        for e, g in zip(expected, loaded(y)):
+            assert_close(g, e)
+    torch.save({"y": y, "expected": expected}, str(tmp_path / "io.pt"))
+    for imported in (True, False):
+        code = (
+            "import sys, torch\n"
+            + ("import fused_lstm\n" if imported else "")
+            + f"m = torch.jit.load({str(path)!r})\n"
+            f"d = torch.load({str(tmp_path / 'io.pt')!r})\n"
+            "with torch.no_grad():\n"
+            "    for e, g in zip(d['expected'], m(d['y'])):\n"
+            "        torch.testing.assert_close(g, e)\n"
+            "print('ok')\n"
+        )
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             cwd=str(ROOT), timeout=300)
+        if imported:
+            assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+        else:
+            assert run.returncode != 0 and "fused_lstm::lstm" in run.stderr, run.stderr
+
+    assert type(fused_lstm.revert(fused).lstm) is nn.LSTM
+
+
+def test_jit_script_dropout_training_matches_eager():
+    """Scripted, a FusedLSTM with dropout in training mode draws the mask as the eager
+    FusedLSTM does: under the same seed, the same outputs and gradients."""
+    torch.manual_seed(0)
+    lstm = FusedLSTM(3, 4, num_layers=3, dropout=0.4, batch_first=True, dtype=F64)
+    eager = copy.deepcopy(lstm)
+    scripted = torch.jit.script(WithState(lstm))
+    x, h, c = randn(5, 7, 3), randn(3, 5, 4), randn(3, 5, 4)
+    results = []
+    for run in (lambda: WithState(eager)(x, h, c), lambda: scripted(x, h, c)):
+        torch.manual_seed(1)
+        outs = run()
+        module = eager if len(results) == 0 else lstm
+        grads = torch.autograd.grad(loss_of(outs), list(module.parameters()))
+        results.append([o.detach() for o in outs] + list(grads))
+    for e, g in zip(*results):
+        assert_close(g, e)
+
+
+class WithState(nn.Module):
+    """An LSTM called with a given state, on padded or packed input (TorchScript compiles
+    each of nn.LSTM's two forward overloads where it is called)."""
+
+    def __init__(self, lstm):
+        super().__init__()
+        self.lstm = lstm
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
+        output, (h_n, c_n) = self.lstm(x, (h, c))
+        return output, h_n, c_n
+
+
+class Packed(WithState):
+    def forward(self, x: PackedSequence, h: torch.Tensor, c: torch.Tensor):
+        output, (h_n, c_n) = self.lstm(x, (h, c))
+        return output.data, h_n, c_n
+
+
+@pytest.mark.parametrize("layout", ["padded", "unbatched", "packed"])
+def test_jit_script_bidirectional_with_state(layout):
+    """Scripted, a bidirectional FusedLSTM called with a state, on padded, unbatched or packed
+    input, gives what the scripted nn.LSTM gives, on the same weights (both overloads of
+    nn.LSTM's forward)."""
+    wrapper = Packed if layout == "packed" else WithState
+    torch.manual_seed(0)
+    plain = nn.LSTM(3, 5, num_layers=2, bidirectional=True, dtype=F64)
+    fused = FusedLSTM(3, 5, num_layers=2, bidirectional=True, dtype=F64)
+    fused.load_state_dict(plain.state_dict())
+    scripted_plain = torch.jit.script(wrapper(plain))
+    scripted_fused = torch.jit.script(wrapper(fused))
+    assert _scripted_ops(scripted_fused) == ["fused_lstm::lstm"]
+    x = randn(6, 3, 3)
+    h, c = randn(4, 3, 5), randn(4, 3, 5)
+    if layout == "packed":
+        x = pack_padded_sequence(x, torch.tensor([6, 4, 2]), enforce_sorted=False)
+    elif layout == "unbatched":
+        x, h, c = x[:, 0], h[:, 0], c[:, 0]
+    for e, g in zip(scripted_plain(x, h, c), scripted_fused(x, h, c)):
+        assert_close(g, e)
+
+
+def test_quantize_dynamic_after_jit_script():
+    """torch.jit.script leaves a ScriptableFusedLSTM in the Python model; quantize_dynamic
+    still quantizes it as it quantizes nn.LSTM (same module type, same outputs)."""
+    plain, fused = pair(F32)
+    torch.jit.script(fused)
+    assert type(fused.lstm) is not FusedLSTM and isinstance(fused.lstm, FusedLSTM)
+    expected_model = torch.ao.quantization.quantize_dynamic(copy.deepcopy(plain), {nn.LSTM})
+    got_model = torch.ao.quantization.quantize_dynamic(fused, {nn.LSTM})
+    assert type(got_model.lstm) is type(expected_model.lstm)
+    assert type(got_model.lstm) is not nn.LSTM
+    x = randn(2, 5, 3, dtype=F32)
+    with torch.no_grad():
+        for e, g in zip(expected_model(x), got_model(x)):
+            assert_close(g, e)
+
+
+# --- ONNX export ----------------------------------------------------------------------------
+# onnx, onnxscript and onnxruntime are in the `test` extra (pyproject.toml); without them
+# these tests skip.
+
+
+def _onnx_export(model, x, dynamo):
+    import onnx
+
+    if dynamo:
+        return torch.onnx.export(model, (x,), dynamo=True, verbose=False).model_proto
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (x,), buffer, dynamo=False)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript_exporter", "dynamo_exporter"])
+def test_onnx_export_gives_the_standard_lstm_op(dynamo):
+    """torch.onnx.export of a FusedLSTM model, without revert: the graph nn.LSTM's model gives
+    (ONNX's LSTM op, one per layer), the same warnings, and onnxruntime's outputs match eager;
+    torch.export outside ONNX export still records the fused op."""
+    pytest.importorskip("onnx")
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    plain, fused = pair(F32)
+    plain.eval()
+    fused.eval()
+    x = randn(2, 5, 3, dtype=F32)
+    plain_graph, plain_warnings = caught(_onnx_export, plain, x, dynamo)
+    fused_graph, fused_warnings = caught(_onnx_export, fused, x, dynamo)
+    assert type(fused.lstm) is FusedLSTM  # export leaves the model as it was
+    assert fused_warnings == plain_warnings
+    ops = [n.op_type for n in fused_graph.graph.node]
+    assert ops == [n.op_type for n in plain_graph.graph.node]
+    assert ops.count("LSTM") == 2
+
+    session = ort.InferenceSession(fused_graph.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    y = randn(2, 5, 3, dtype=F32)  # fresh values, the exported shape
+    got = session.run(None, {session.get_inputs()[0].name: y.numpy()})
+    with torch.no_grad():
+        expected = fused(y)
+        assert_close(expected, plain(y), rtol=1e-5, atol=1e-6)
+    assert len(got) == len(expected)
+    for e, g in zip(expected, got):
+        assert_close(torch.from_numpy(g), e, rtol=1e-5, atol=1e-6)
+
+    exported = torch.export.export(fused, (x,))
+    targets = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
+    assert "fused_lstm.lstm.default" in targets
+
+
+# --- inference-mode input, in-place edited input --------------------------------------------
+
+
+def _train_step(model, x, hx):
+    """Outputs and weight gradients of a training forward and backward, or the exception."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a fallback to nn.LSTM would warn
+            output, (h_n, c_n) = model.lstm(x, hx)
+            outs = (model.head(output), h_n, c_n)
+            grads = torch.autograd.grad(loss_of(outs), list(model.parameters()))
+    except Exception as error:  # noqa: BLE001 (compared with nn.LSTM's)
+        return error
+    return [o.detach() for o in outs] + list(grads)
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["no_state", "state"])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_inference_mode_input_trains_like_nn_lstm(batch_first, with_state):
+    """An input (and state) made under torch.inference_mode, then a training forward and
+    backward outside it. nn.LSTM trains on a batch_first input without a state (it saves a
+    contiguous copy of the transposed input) and so does FusedLSTM, with nn.LSTM's outputs
+    and weight gradients and no warning; where nn.LSTM saves an inference tensor (time-major
+    input, a given state) it raises, and FusedLSTM raises the same exception."""
+    plain, fused = pair(F64, batch_first)
+    shape = (4, 6, 3) if batch_first else (6, 4, 3)
+    values = randn(*shape)
+    states = (randn(2, 4, 4), randn(2, 4, 4))
+    with torch.inference_mode():
+        x = values.clone()
+        hx = tuple(s.clone() for s in states) if with_state else None
+    assert x.is_inference()
+    expected = _train_step(plain, x, hx)
+    got = _train_step(fused, x, hx)
+    if batch_first and not with_state:
+        assert not isinstance(expected, Exception), expected
+    if isinstance(expected, Exception):
+        assert type(got) is type(expected)
+        assert str(got).startswith(str(expected))  # (FusedLSTM may add the op's note)
+        return
+    assert not isinstance(got, Exception), got
+    for e, g in zip(expected, got):
+        assert_close(g, e)
+
+
+@pytest.mark.parametrize("input_requires_grad", [False, True], ids=["data", "differentiable"])
+def test_batch_first_input_edited_in_place_after_forward(input_requires_grad):
+    """A batch_first input edited in place between forward and backward: nn.LSTM's gradients
+    are those of the values at forward time, and so are FusedLSTM's (no error)."""
+    plain, fused = pair(F64, batch_first=True)
+    values = randn(4, 6, 3)
+    results = []
+    for model in (plain, fused):
+        leaf = values.clone().requires_grad_(input_requires_grad)
+        x = leaf * 1.0 if input_requires_grad else leaf  # a non-leaf may be edited in place
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            outs = model(x)
+            x.add_(randn(*x.shape))
+            wrt = [leaf, *model.parameters()] if input_requires_grad else list(model.parameters())
+            grads = torch.autograd.grad(loss_of(outs), wrt)
+        results.append(([o.detach() for o in outs], grads))
+    # The gradients at the forward-time values, without any edit.
+    x = values.clone().requires_grad_(input_requires_grad)
+    outs = plain(x)
+    wrt = [x, *plain.parameters()] if input_requires_grad else list(plain.parameters())
+    unedited = torch.autograd.grad(loss_of(outs), wrt)
+    (expected, expected_grads), (got, got_grads) = results
+    for e, u in zip(expected_grads, unedited):
+        assert_close(e, u)  # nn.LSTM: the forward-time values
+    for e, g in zip(expected + list(expected_grads), got + list(got_grads)):
+        assert_close(g, e)
+
+
+@pytest.mark.parametrize("layout", ["time_major", "unbatched"])
+def test_contiguous_input_edited_in_place_raises_as_nn_lstm(layout):
+    """A time-major (or unbatched) input is saved as it is, by nn.LSTM too: an in-place edit
+    before backward raises autograd's RuntimeError for both."""
+    for lstm_class in (nn.LSTM, FusedLSTM):
+        torch.manual_seed(0)
+        lstm = lstm_class(3, 4, num_layers=2, dtype=F64)
+        leaf = randn(6, 4, 3) if layout == "time_major" else randn(6, 3)
+        leaf.requires_grad_()
+        x = leaf * 1.0
+        output, _ = lstm(x)
+        x.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            output.sum().backward()
+
+
+def test_batch_first_double_backward_reaches_the_input():
+    """The saved copy of a batch_first input is made through autograd: double backward
+    (create_graph=True) still reaches the caller's tensor (gradgradcheck, float64)."""
+    torch.manual_seed(0)
+    lstm = FusedLSTM(2, 3, num_layers=2, batch_first=True, dtype=F64)
+    x = randn(2, 3, 2).requires_grad_()
+
+    def fn(x):
+        output, (h_n, c_n) = lstm(x)
+        return output, h_n, c_n
+
+    assert torch.autograd.gradgradcheck(fn, (x,))
