@@ -15,9 +15,12 @@
 //
 // It returns None whenever anything is not plain, and FusedLSTM.forward then takes its Python
 // path, which decides everything (and raises nn.LSTM's exceptions). Plain means: no autocast,
-// no torch function or dispatch mode, input and hx (absent, or a tuple of two) exactly Tensors
-// on the CPU or a CUDA device, a 3-D input, no dropout mask to draw, and weights that are the
-// module's current Parameters (as nn.LSTM's _weights_have_changed() checks them). When the op
+// no torch function or dispatch mode, no functorch transform (torch.func, vmap: the C++
+// autograd kernel is refused there, fused_lstm/_functorch.py takes those calls), input and hx
+// (absent, or a tuple of two) exactly Tensors on the CPU or a CUDA device without forward-AD
+// tangents (dual tensors: nn.LSTM takes those), a 3-D input, no dropout mask to draw, and
+// weights that are the module's current Parameters (as nn.LSTM's _weights_have_changed()
+// checks them), without tangents either. When the op
 // rejects a plain call, the op's own exception is raised (as torch.ops would raise it): the
 // Python path then takes it as the op's answer for the call and does not ask the op again.
 //
@@ -36,9 +39,11 @@
 #include <ATen/TracerMode.h>
 #include <ATen/record_function.h>
 #include <ATen/autocast_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <array>
 #include <optional>
@@ -118,6 +123,19 @@ bool plain_tensor(PyObject* obj) {  // Tensor or Parameter, not a subclass
   return THPVariable_CheckExact(obj);
 }
 
+// Whether a functorch transform is active: functorch includes its front and back mode keys in
+// the thread's dispatch keys while its layer stack is not empty.
+bool functorch_active() {
+  return c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
+}
+
+// Whether the tensor carries a forward-AD tangent (a dual tensor of torch.autograd.forward_ad):
+// one pointer test for a tensor that never had one.
+bool has_tangent(const at::Tensor& t) {
+  const auto* meta = torch::autograd::impl::get_autograd_meta(t);
+  return meta != nullptr && meta->fw_grad_ && !meta->fw_grad_->empty();
+}
+
 // The value of an attribute read as an int (-1 on failure, with the error cleared).
 int64_t int_attr(PyObject* self, PyObject* name) {
   Ref value(PyObject_GetAttr(self, name));
@@ -168,6 +186,7 @@ bool current_weights(PyObject* self, std::vector<at::Tensor>& out) {
     PyObject* weight = PyList_GET_ITEM(flat.p, i);
     if (!plain_tensor(weight)) return false;
     out.push_back(THPVariable_Unpack(weight));
+    if (has_tangent(out.back())) return false;
   }
   return true;
 }
@@ -187,12 +206,13 @@ PyObject* forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   // it records fused_lstm::lstm through torch.ops, or nn.LSTM's call when exporting to ONNX.
   if (any_autocast() || at::impl::torch_function_mode_enabled() ||
       c10::impl::dispatch_mode_enabled() || at::tracer::impl::is_dispatch_enabled() ||
-      !plain_tensor(input_obj))
+      !plain_tensor(input_obj) || functorch_active())
     Py_RETURN_NONE;
   try {
     const at::Tensor& input = THPVariable_Unpack(input_obj);
     const auto device_type = input.device().type();
-    if (input.dim() != 3 || (device_type != at::kCPU && device_type != at::kCUDA))
+    if (input.dim() != 3 || (device_type != at::kCPU && device_type != at::kCUDA) ||
+        has_tangent(input))
       Py_RETURN_NONE;
     OptTensor h0, c0;
     if (hx_obj != Py_None) {
@@ -202,6 +222,7 @@ PyObject* forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       if (!plain_tensor(h) || !plain_tensor(c)) Py_RETURN_NONE;
       h0 = THPVariable_Unpack(h);
       c0 = THPVariable_Unpack(c);
+      if (has_tangent(*h0) || has_tangent(*c0)) Py_RETURN_NONE;
     }
     const int64_t num_layers = int_attr(self, names.num_layers);
     const int64_t proj_size = int_attr(self, names.proj_size);

@@ -12,6 +12,9 @@ Where the fused op cannot run the call, ``nn.LSTM.forward`` does (never a wrong 
 * no fused kernel for the input's device: a one-time ``FusedLSTMFallbackWarning`` per device type;
 * autocast is enabled: nn.LSTM has its own autocast rules (dtype casts, skipped dtype check);
 * ONNX export (either exporter): ONNX has no fused op, and nn.LSTM's call becomes ONNX's LSTM op;
+* forward-mode AD (dual tensors, torch.func.jvp/jacfwd) and ExpandedWeights: nn.LSTM has rules
+  for them, the fused op does not (fused_lstm/_functorch.py, which also runs the fused op under
+  the other torch.func transforms and vmap);
 * arguments nn.LSTM rejects only inside its C++ implementation (hx of the wrong dtype or device,
   an hx that is not a pair, empty sequences, bad packed-sequence shapes...): nn.LSTM raises its
   own exception, so the exception class and message are exactly nn.LSTM's. Should nn.LSTM accept
@@ -31,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
-from . import ops
+from . import _functorch, ops
 from ._loader import python_entry
 
 __all__ = ["FusedLSTM", "FusedLSTMFallbackWarning", "convert", "revert"]
@@ -140,6 +143,9 @@ class FusedLSTM(nn.LSTM):
             return nn.LSTM.forward(self, input, hx)
         weights = self._current_flat_weights()
         if _is_autocast_enabled():
+            return _nn_lstm_forward(self, input, hx)
+        # Forward-mode AD and ExpandedWeights: nn.LSTM's implementation (fused_lstm/_functorch.py)
+        if not _is_compiling() and _functorch.hands_to_nn_lstm(input, hx, weights):
             return _nn_lstm_forward(self, input, hx)
         num_layers = self.num_layers
         bidirectional = self.bidirectional
@@ -303,8 +309,10 @@ class FusedLSTM(nn.LSTM):
         return self._flat_weights
 
     def _fused(self, x: Tensor, batch_sizes: Optional[Tensor], h0, c0, weights):
-        """The one op call: x is time-major [T, B, I], or packed data with batch_sizes."""
-        return _lstm_op(*ops.LSTMArgs(
+        """The one op call: x is time-major [T, B, I], or packed data with batch_sizes. Under a
+        functorch transform, through a Python autograd.Function (fused_lstm/_functorch.py)."""
+        op = _functorch.lstm if not _is_compiling() and _functorch.active() else _lstm_op
+        return op(*ops.LSTMArgs(
             x, batch_sizes, h0, c0, weights, self._dropout_mask(x), self.num_layers,
             self.bidirectional, self.bias, self.proj_size,
         ))
