@@ -579,3 +579,26 @@ def test_ort_absent(monkeypatch):
     assert ORT not in [impl.name for impl in impls]
     assert any(note.startswith(f"{ORT}: skipped") for note in notes)
     assert bench.ort.onnxruntime_version() is None
+
+
+def test_plan_dtypes_and_quick_forms(monkeypatch):
+    # A peer runs only in its dtypes (ONNX Runtime: float32), with a note elsewhere; --quick
+    # runs the packed workloads' quick forms, the others as they are.
+    import argparse
+
+    bench = load_bench(monkeypatch)
+    Impl = bench.implementations.Impl
+    impls = [Impl("nn.LSTM", None),
+             Impl(ORT, None, devices=("cpu",), modes=("infer",), dtypes=(torch.float32,))]
+    args = argparse.Namespace(device="cpu", workloads=["small", "packed-long"],
+                              dtype="bfloat16", quick=True)
+    grid, notes = bench.grid.plan(args, impls)
+    assert [[impl.name for impl in here] for *_, here in grid] == [["nn.LSTM"], ["nn.LSTM"]]
+    assert f"{ORT}: float32 only, not run in bfloat16" in notes
+    assert [(w.name, w.seq_len) for _, w, _, _ in grid] == [("small", 3), ("packed-long", 50)]
+    args = argparse.Namespace(device="cpu", workloads=["small", "packed-long"], dtype=None,
+                              quick=False)
+    grid, notes = bench.grid.plan(args, impls)
+    assert [[impl.name for impl in here] for *_, here in grid] == [["nn.LSTM", ORT]] * 2
+    assert [(w.name, w.seq_len) for _, w, _, _ in grid] == [("small", 3), ("packed-long", 1000)]
+    assert not notes

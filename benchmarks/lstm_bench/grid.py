@@ -138,12 +138,18 @@ def plan(args: argparse.Namespace, impls: list[Impl]) -> tuple[list, list[str]]:
             if args.quick:
                 workload = workload.quick()
             dtype = DTYPES[args.dtype] if args.dtype else workload.dtype
-            here = [impl for impl in impls if device_type in impl.devices
-                    and (impl.dtypes is None or dtype in impl.dtypes)]
+            here = [impl for impl in impls if device_type in impl.devices]
+            for impl in here:
+                if impl.dtypes is not None and dtype not in impl.dtypes:
+                    notes.append(f"{impl.name}: " + ", ".join(map(dtype_name, impl.dtypes))
+                                 + f" only, not run in {dtype_name(dtype)}")
+            here = [impl for impl in here if impl.dtypes is None or dtype in impl.dtypes]
             grid.append((torch.device(device_type), workload, dtype, here))
         for impl in impls:
             if device_type not in impl.devices:
-                notes.append(f"{impl.name}: CUDA-only kernels, not run on {device_type}")
+                only = "CUDA-only kernels" if impl.devices == ("cuda",) else \
+                    f"runs on {', '.join(impl.devices)} only"
+                notes.append(f"{impl.name}: {only}, not run on {device_type}")
     return grid, notes
 
 
