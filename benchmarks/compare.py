@@ -94,7 +94,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                              "in benchmarks/results/<device>-<cpu or gpu model>-<date>"
                              "[-<dtype>], named after this machine (e.g. "
                              "cpu-xeon-amx-2026-12-05, cpu-epyc-zen4-2026-11-22-bf16), the "
-                             "folders of the runs kept in the repository")
+                             "folders of the runs kept in the repository; never overwritten")
     parser.add_argument("--min-run-time", type=float, metavar="SECONDS",
                         help="seconds of timing per implementation, workload and mode "
                              "(overrides the --quick default)")
@@ -120,6 +120,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     devices = {device.type for device, *_ in grid}
     machine = machine_info(devices, fused_lstm)
     workloads = list(dict.fromkeys(workload for _, workload, _, _ in grid))
+    out = None
+    if args.out == "auto":  # named now, so that a clash stops the run before it starts
+        out = RESULTS / results_folder_name(machine, args.dtype, machine["date"][:10])
+        if out.exists():
+            sys.exit(f"compare.py: --out auto: {out} exists (a kept run); move it away or "
+                     "give --out DIR")
+    elif args.out is not None:
+        out = pathlib.Path(args.out)
 
     print("FusedLSTM vs torch.nn.LSTM")
     print("\n".join(f"  {line}" for line in machine_lines(machine, tests)))
@@ -137,9 +145,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     cells = ceilings(rows, peaks, workloads)
 
     print_results(rows, cells, peaks, workloads, devices)
-    if args.out is not None:
-        out = (RESULTS / results_folder_name(machine, args.dtype, machine["date"][:10])
-               if args.out == "auto" else pathlib.Path(args.out))
+    if out is not None:
         written, plot_note = write_results(out, machine, rows, tests, workloads, peaks, cells)
         print(("" if plot_note is None else f"\n{plot_note}")
               + "\nwrote " + ", ".join(str(path) for path in written))

@@ -399,8 +399,8 @@ def test_results_folder_name(monkeypatch):
              "isa": ["AVX2"]}
     assert name(milan, None, "2026-11-22") == "cpu-epyc-zen3-2026-11-22"
     h100 = {**xeon, "device": "NVIDIA H100 80GB HBM3", "gpu": "NVIDIA H100 80GB HBM3"}
-    assert name(h100, None, "2026-12-06") == "cuda-h100-80gb-hbm3-2026-12-06"
-    assert name(h100, "bfloat16", "2026-12-06") == "cuda-h100-80gb-hbm3-2026-12-06-bf16"
+    assert name(h100, None, "2026-12-06") == "gpu-h100-2026-12-06"
+    assert name(h100, "bfloat16", "2026-12-06") == "gpu-h100-2026-12-06-bf16"
 
 
 def test_packed_case(monkeypatch):
@@ -602,3 +602,21 @@ def test_plan_dtypes_and_quick_forms(monkeypatch):
     assert [[impl.name for impl in here] for *_, here in grid] == [["nn.LSTM", ORT]] * 2
     assert [(w.name, w.seq_len) for _, w, _, _ in grid] == [("small", 3), ("packed-long", 1000)]
     assert not notes
+
+
+def test_out_auto_names_the_folder_and_never_overwrites(monkeypatch, tmp_path):
+    # --out auto names the folder after this machine, and stops before measuring anything
+    # when that folder exists (a kept run).
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("compare_script", SCRIPT)
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    machine = compare.machine_info({"cpu"}, compare.import_fused_lstm())
+    name = compare.results_folder_name(machine, None, machine["date"][:10])
+    assert name.startswith("cpu-") and name.endswith(machine["date"][:10])
+    (tmp_path / name).mkdir()
+    monkeypatch.setattr(compare, "RESULTS", tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(["--device", "cpu", "--workloads", "small", "--out", "auto"])
+    assert f"{tmp_path / name} exists" in str(exit_info.value)
+    assert not any((tmp_path / name).iterdir())

@@ -139,14 +139,14 @@ def cpu_slug(machine: dict) -> str:
 
 def results_folder_name(machine: dict, dtype: Optional[str], date: str) -> str:
     """``<device>-<cpu or gpu model>-<date>[-<dtype>]``: ``cpu-xeon-amx-2026-12-05``,
-    ``cpu-epyc-zen4-2026-11-22-bf16``, ``cuda-h100-80gb-hbm3-2026-12-06``. ``machine`` as
+    ``cpu-epyc-zen4-2026-11-22-bf16``, ``gpu-h100-2026-12-06``. ``machine`` as
     machine_info gives it (a run with a GPU is named after the GPU), ``dtype`` the run's
     (None or float32: no suffix), ``date`` ``YYYY-MM-DD``."""
     if machine["device"] == "cpu":
         head = f"cpu-{cpu_slug(machine)}"
-    else:
-        head = "cuda-" + "-".join(w for w in slug(machine["device"]).split("-")
-                                  if w != "nvidia")
+    else:  # the GPU's model number, as benchmarks/gpu_check/check.py names its folder
+        match = re.search(r"\b([A-Z]+\d+[A-Za-z]*)\b", machine["device"])
+        head = "gpu-" + (match.group(1).lower() if match else slug(machine["device"]))
     suffix = DTYPE_SUFFIX.get(dtype or "float32", "" if dtype == "float32" else dtype)
     return f"{head}-{date}" + (f"-{suffix}" if suffix else "")
 
