@@ -113,7 +113,7 @@ def measure_workload(workload: Workload, device: torch.device, dtype: torch.dtyp
                         row.speedup = baseline.median / measurement.median
                 new_step = functools.partial(make_step, modules[impl.name], cases[impl.name],
                                              mode, workload.streaming)
-                if not impl.foreign_memory:
+                if not impl.foreign_memory and workload.profile_memory:
                     row.peak_mem_mb = peak_memory_bytes(new_step, device) / 1e6
             rows.append(row)
     return rows

@@ -244,6 +244,12 @@ def legend_lines(workloads: list[Workload], devices: set[str],
             "pack_padded_sequence(..., enforce_sorted=False) and every LSTM called with that "
             "PackedSequence; train backpropagates from the output's data, h_n and c_n; "
             "GFLOP/s counts the sum of the lengths as rows")
+    if any(not w.profile_memory for w in workloads):
+        lines.append(
+            "peak mem not measured (-) on " + ", ".join(w.name for w in workloads
+                                                        if not w.profile_memory)
+            + ": torch.profiler's memory profiling of nn.LSTM's packed backward over 1000 "
+            "steps took over 10 GB on a 2-core box")
     if impls and ORT in impls:
         lines.append(
             f"{ORT}: inference only, float32, CPU: the nn.LSTM exported with "
