@@ -7,8 +7,9 @@
 For every device present (or the one asked for), every workload that fits it and both modes
 (``train``: forward, then ``torch.autograd.backward([output, h_n, c_n], upstream_grads)`` with
 random upstream gradients made once, as PyTorch's fastrnns benchmark does; ``infer``: forward
-under ``no_grad``), nn.LSTM, FusedLSTM and, where importable, haste and FlashRNN run on the same
-weights and inputs:
+under ``no_grad``), nn.LSTM, FusedLSTM and, where importable, ONNX Runtime (CPU, float32,
+inference: the nn.LSTM exported to ONNX), haste and FlashRNN run on the same weights and inputs (for
+the packed workloads, one PackedSequence of variable-length sequences):
 
 1. check: outputs and gradients are compared with a float64 nn.LSTM on the same (rounded)
    weights and inputs. An implementation passes when it is at most twice as far from the float64
@@ -37,7 +38,8 @@ Two ceilings on the speedup are measured in the same run, next to the timings:
   implementation can reach on this machine.
 
 It prints one table per device and dtype, and one of the ceilings; ``--out DIR`` writes
-``results.json``, ``results.md`` and ``speedup.png``. The exit status is 1 when a FusedLSTM row
+``results.json``, ``results.md`` and ``speedup.png`` (``--out auto``: in
+``benchmarks/results/<device>-<cpu or gpu model>-<date>[-<dtype>]``, named after this machine). The exit status is 1 when a FusedLSTM row
 failed its check or raised, 0 otherwise.
 
 The code is in the package next to this script, ``benchmarks/lstm_bench/`` (its ``__init__``
@@ -61,7 +63,8 @@ from lstm_bench.ceilings import ceilings  # noqa: E402
 from lstm_bench.gemm_peak import PEAK_MIN_RUN_TIME, QUICK_PEAK_MIN_RUN_TIME  # noqa: E402
 from lstm_bench.grid import Progress, grid_steps, measure_grid, plan  # noqa: E402
 from lstm_bench.implementations import implementations  # noqa: E402
-from lstm_bench.machine import import_fused_lstm, machine_info, read_junit  # noqa: E402
+from lstm_bench.machine import (RESULTS, import_fused_lstm, machine_info, read_junit,  # noqa: E402
+                                results_folder_name)
 from lstm_bench.report import machine_lines, print_results, write_results  # noqa: E402
 from lstm_bench.timing import MIN_RUN_TIME, QUICK_MIN_RUN_TIME, QUICK_ROUNDS, ROUNDS  # noqa: E402
 from lstm_bench.workloads import DTYPES, WORKLOADS  # noqa: E402
@@ -77,7 +80,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="default: every device present")
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK_MIN_RUN_TIME:g} s of timing per row instead of "
-                             f"{MIN_RUN_TIME:g} (under 2 minutes on a 2-core CPU)")
+                             f"{MIN_RUN_TIME:g}, and the packed workloads' sequences 10-20 "
+                             "times shorter")
     parser.add_argument("--workloads", nargs="+", metavar="NAME",
                         choices=[w.name for w in WORKLOADS],
                         help="default: all that fit the device: "
@@ -85,10 +89,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                              + " (input, hidden, layers, seq, batch); flashrnn runs on GPU only")
     parser.add_argument("--dtype", choices=DTYPES,
                         help="default: float32, and bfloat16 for flashrnn")
-    parser.add_argument("--out", type=pathlib.Path, metavar="DIR",
-                        help="write results.json, results.md and speedup.png there (runs kept "
-                             "in the repository: benchmarks/results/<device>-<cpu or gpu "
-                             "model>-<date>, e.g. cpu-xeon-spr-2026-12-05)")
+    parser.add_argument("--out", metavar="DIR",
+                        help="write results.json, results.md and speedup.png there; 'auto': "
+                             "in benchmarks/results/<device>-<cpu or gpu model>-<date>"
+                             "[-<dtype>], named after this machine (e.g. "
+                             "cpu-xeon-amx-2026-12-05, cpu-epyc-zen4-2026-11-22-bf16), the "
+                             "folders of the runs kept in the repository; never overwritten")
     parser.add_argument("--min-run-time", type=float, metavar="SECONDS",
                         help="seconds of timing per implementation, workload and mode "
                              "(overrides the --quick default)")
@@ -114,6 +120,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     devices = {device.type for device, *_ in grid}
     machine = machine_info(devices, fused_lstm)
     workloads = list(dict.fromkeys(workload for _, workload, _, _ in grid))
+    out = None
+    if args.out == "auto":  # named now, so that a clash stops the run before it starts
+        out = RESULTS / results_folder_name(machine, args.dtype, machine["date"][:10])
+        if out.exists():
+            sys.exit(f"compare.py: --out auto: {out} exists (a kept run); move it away or "
+                     "give --out DIR")
+    elif args.out is not None:
+        out = pathlib.Path(args.out)
 
     print("FusedLSTM vs torch.nn.LSTM")
     print("\n".join(f"  {line}" for line in machine_lines(machine, tests)))
@@ -131,8 +145,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     cells = ceilings(rows, peaks, workloads)
 
     print_results(rows, cells, peaks, workloads, devices)
-    if args.out is not None:
-        written, plot_note = write_results(args.out, machine, rows, tests, workloads, peaks, cells)
+    if out is not None:
+        written, plot_note = write_results(out, machine, rows, tests, workloads, peaks, cells)
         print(("" if plot_note is None else f"\n{plot_note}")
               + "\nwrote " + ", ".join(str(path) for path in written))
     print(f"measured in {progress.elapsed()}")

@@ -12,7 +12,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from .implementations import BASELINE, Impl
-from .workloads import MODES, Case, dtype_name
+from .workloads import MODES, Case, dtype_name, output_data
 
 
 # The check's floor, relative to the tensor's magnitude: torch.testing's default tolerance for
@@ -27,21 +27,29 @@ CHECK_NOTE = ("outputs and gradients (input, h0, c0, weights) vs a float64 nn.LS
               + ", ".join(f"{tol:g} ({dtype_name(dtype)})" for dtype, tol in TOLERANCE.items()))
 
 
-def run_for_check(module: nn.Module, case: Case) -> dict[str, dict[str, torch.Tensor]]:
-    """Per mode, the tensors to compare: train: output, h_n, c_n and the gradients of x, h0,
-    c0 and of every parameter named as in nn.LSTM; infer (eval mode, no_grad): output, h_n,
-    c_n."""
-    module.train()
-    output, (h_n, c_n) = module(case.x, (case.h0, case.c0))
-    lstm_names = dict(case.lstm.named_parameters())
-    params = {f"grad {name}": p for name, p in module.named_parameters() if name in lstm_names}
-    wrt = {"grad input": case.x, "grad h0": case.h0, "grad c0": case.c0, **params}
-    grads = torch.autograd.grad((output, h_n, c_n), list(wrt.values()), case.upstream)
-    train = {"output": output, "h_n": h_n, "c_n": c_n, **dict(zip(wrt, grads, strict=True))}
-    module.eval()
-    with torch.no_grad():
-        output, (h_n, c_n) = module(case.x, (case.h0, case.c0))
-    return {"train": train, "infer": {"output": output, "h_n": h_n, "c_n": c_n}}
+def run_for_check(module: nn.Module, case: Case,
+                  modes: tuple[str, ...] = MODES) -> dict[str, dict[str, torch.Tensor]]:
+    """Per mode (of ``modes``), the tensors to compare: train: output, h_n, c_n and the
+    gradients of x, h0, c0 and of every parameter named as in nn.LSTM; infer (eval mode,
+    no_grad): output, h_n, c_n. A packed output is compared by its data."""
+    result = {}
+    if "train" in modes:
+        module.train()
+        output, (h_n, c_n) = module(case.inputs(), (case.h0, case.c0))
+        output = output_data(output)
+        lstm_names = dict(case.lstm.named_parameters())
+        params = {f"grad {name}": p for name, p in module.named_parameters()
+                  if name in lstm_names}
+        wrt = {"grad input": case.x, "grad h0": case.h0, "grad c0": case.c0, **params}
+        grads = torch.autograd.grad((output, h_n, c_n), list(wrt.values()), case.upstream)
+        result["train"] = {"output": output, "h_n": h_n, "c_n": c_n,
+                           **dict(zip(wrt, grads, strict=True))}
+    if "infer" in modes:
+        module.eval()
+        with torch.no_grad():
+            output, (h_n, c_n) = module(case.inputs(), (case.h0, case.c0))
+        result["infer"] = {"output": output_data(output), "h_n": h_n, "c_n": c_n}
+    return result
 
 
 def as_float64(case: Case) -> Case:
@@ -51,7 +59,7 @@ def as_float64(case: Case) -> Case:
         return t.detach().double().requires_grad_(t.requires_grad)
 
     return Case(copy.deepcopy(case.lstm).double(), leaf(case.x), leaf(case.h0), leaf(case.c0),
-                tuple(t.double() for t in case.upstream))
+                tuple(t.double() for t in case.upstream), case.packing, case.lengths)
 
 
 def first_mismatch(result: dict[str, torch.Tensor], baseline: dict[str, torch.Tensor],
@@ -83,13 +91,14 @@ def check(case: Case, modules: dict[str, nn.Module], impls: dict[str, Impl],
         impl = impls[name]
         if name == BASELINE or impl.floor:
             continue
+        modes = impl.modes
         try:
             with warnings.catch_warnings(record=True) as caught, \
                     profile(activities=[ProfilerActivity.CPU]) as prof:
                 warnings.simplefilter("always")
-                result = run_for_check(module, case)
+                result = run_for_check(module, case, modes)
         except Exception as error:  # reported in the row, and in the exit status
-            verdicts[name] = {mode: ("error", describe(error)) for mode in MODES}
+            verdicts[name] = {mode: ("error", describe(error)) for mode in modes}
             continue
         fallbacks = [str(w.message) for w in caught
                      if impl.fallback_warning and issubclass(w.category, impl.fallback_warning)]
@@ -98,10 +107,10 @@ def check(case: Case, modules: dict[str, nn.Module], impls: dict[str, Impl],
             fallbacks.append(f"no {impl.kernel_prefix}* operator ran")
         if fallbacks:
             detail = f"{name} ran nn.LSTM's implementation: {fallbacks[0]}"
-            verdicts[name] = {mode: ("fallback", detail) for mode in MODES}
+            verdicts[name] = {mode: ("fallback", detail) for mode in modes}
             continue
         verdicts[name] = {}
-        for mode in MODES:
+        for mode in modes:
             why = first_mismatch(result[mode], baseline[mode], reference[mode], dtype)
             verdicts[name][mode] = ("mismatch", why) if why else ("ok", "")
     return verdicts

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 from .workloads import Case
 
@@ -50,13 +51,17 @@ class FloorLSTM(nn.Module):
         grad, only the three outputs' allocation: an implementation need not go through an
         autograd Function there (FusedLSTM's does not), so Function.apply is no floor for it."""
         h0, c0 = hx
+        packing = None
+        if isinstance(x, PackedSequence):  # the op takes the packed data, as FusedLSTM's does
+            x, packing = x.data, x[1:]
         if not torch.is_grad_enabled():
-            return x.new_empty((*x.shape[:-1], h0.size(-1))), (torch.empty_like(h0),
-                                                                 torch.empty_like(c0))
-        params = self._parameters
-        output, h_n, c_n = EmptyLSTMFunction.apply(x, h0, c0,
-                                                   *[params[n] for n in self.weight_names])
-        return output, (h_n, c_n)
+            output, h_n, c_n = (x.new_empty((*x.shape[:-1], h0.size(-1))),
+                                torch.empty_like(h0), torch.empty_like(c0))
+        else:
+            params = self._parameters
+            output, h_n, c_n = EmptyLSTMFunction.apply(x, h0, c0,
+                                                       *[params[n] for n in self.weight_names])
+        return (output if packing is None else PackedSequence(output, *packing)), (h_n, c_n)
 
 
 def floor_case(case: Case) -> Case:
@@ -65,4 +70,5 @@ def floor_case(case: Case) -> Case:
     def leaf(t):
         return t.detach().clone().requires_grad_(t.requires_grad)
 
-    return Case(case.lstm, leaf(case.x), leaf(case.h0), leaf(case.c0), case.upstream)
+    return Case(case.lstm, leaf(case.x), leaf(case.h0), leaf(case.c0), case.upstream,
+                case.packing, case.lengths)

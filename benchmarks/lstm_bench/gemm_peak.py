@@ -16,7 +16,7 @@ import torch
 from torch.utils import benchmark
 
 from .check import describe
-from .workloads import Workload, dtype_name
+from .workloads import Workload, dtype_name, rows_per_call
 
 
 # The GEMM peak: shapes (M, K, N) of [M, K] x [K, N] measured besides each workload's input
@@ -137,9 +137,10 @@ def what_ran(call: Callable[[], object]) -> str:
 
 
 def gemm_shapes(workloads: list[Workload]) -> list[tuple[int, int, int]]:
-    """PEAK_SHAPES and each workload's input projection [T*B, I] x [I, 4H], as (M, K, N)."""
+    """PEAK_SHAPES and each workload's input projection [T*B, I] x [I, 4H], as (M, K, N)
+    (packed: the sum of the lengths for T*B)."""
     shapes = list(PEAK_SHAPES)
-    shapes += [(w.seq_len * w.batch, w.input_size, 4 * w.hidden_size) for w in workloads]
+    shapes += [(rows_per_call(w), w.input_size, 4 * w.hidden_size) for w in workloads]
     return list(dict.fromkeys(shapes))
 
 

@@ -82,7 +82,7 @@ def measure_workload(workload: Workload, device: torch.device, dtype: torch.dtyp
         try:
             modules[impl.name] = impl.build(case.lstm)
         except Exception as error:  # reported in the row, and in the exit status
-            verdicts[impl.name] = {mode: ("error", describe(error)) for mode in MODES}
+            verdicts[impl.name] = {mode: ("error", describe(error)) for mode in impl.modes}
             continue
         if impl.floor:
             verdicts[impl.name] = {mode: ("floor", "") for mode in MODES}
@@ -94,12 +94,13 @@ def measure_workload(workload: Workload, device: torch.device, dtype: torch.dtyp
         flops = lstm_gemm_flops(workload, mode)
         for module in modules.values():
             module.train(mode == "train")
-        timed = [impl.name for impl in impls if verdicts[impl.name][mode][0] in ("ok", "floor")]
+        here = [impl for impl in impls if mode in impl.modes]
+        timed = [impl.name for impl in here if verdicts[impl.name][mode][0] in ("ok", "floor")]
         steps = {name: make_step(modules[name], cases[name], mode, workload.streaming)
                  for name in timed}
         measurements = time_interleaved(steps, min_run_time, rounds)
         baseline = measurements.get(BASELINE)
-        for impl in impls:
+        for impl in here:
             status, detail = verdicts[impl.name][mode]
             row = Row(device.type, workload.name, mode, dtype_name(dtype), impl.name, status,
                       detail=detail)
@@ -112,7 +113,8 @@ def measure_workload(workload: Workload, device: torch.device, dtype: torch.dtyp
                         row.speedup = baseline.median / measurement.median
                 new_step = functools.partial(make_step, modules[impl.name], cases[impl.name],
                                              mode, workload.streaming)
-                row.peak_mem_mb = peak_memory_bytes(new_step, device) / 1e6
+                if not impl.foreign_memory and workload.profile_memory:
+                    row.peak_mem_mb = peak_memory_bytes(new_step, device) / 1e6
             rows.append(row)
     return rows
 
@@ -133,12 +135,21 @@ def plan(args: argparse.Namespace, impls: list[Impl]) -> tuple[list, list[str]]:
             if workload.gpu_only and device_type != "cuda":
                 notes.append(f"{workload.name}: GPU-only workload, not run on {device_type}")
                 continue
+            if args.quick:
+                workload = workload.quick()
+            dtype = DTYPES[args.dtype] if args.dtype else workload.dtype
             here = [impl for impl in impls if device_type in impl.devices]
-            grid.append((torch.device(device_type), workload,
-                         DTYPES[args.dtype] if args.dtype else workload.dtype, here))
+            for impl in here:
+                if impl.dtypes is not None and dtype not in impl.dtypes:
+                    notes.append(f"{impl.name}: " + ", ".join(map(dtype_name, impl.dtypes))
+                                 + f" only, not run in {dtype_name(dtype)}")
+            here = [impl for impl in here if impl.dtypes is None or dtype in impl.dtypes]
+            grid.append((torch.device(device_type), workload, dtype, here))
         for impl in impls:
             if device_type not in impl.devices:
-                notes.append(f"{impl.name}: CUDA-only kernels, not run on {device_type}")
+                only = "CUDA-only kernels" if impl.devices == ("cuda",) else \
+                    f"runs on {', '.join(impl.devices)} only"
+                notes.append(f"{impl.name}: {only}, not run on {device_type}")
     return grid, notes
 
 
@@ -170,6 +181,6 @@ def measure_grid(grid: list, min_run_time: float, rounds: int, peak_run_time: fl
         except Exception as error:  # e.g. out of memory: the other workloads still run
             rows += [Row(device.type, workload.name, mode, dtype_name(dtype), impl.name,
                          "error", detail=describe(error))
-                     for mode in MODES for impl in here]
+                     for mode in MODES for impl in here if mode in impl.modes]
     progress.close()
     return peaks, rows

@@ -1,5 +1,5 @@
 """The LSTM implementations compared: nn.LSTM (the baseline), FusedLSTM, the framework floor
-and, where importable, haste and FlashRNN."""
+and, where importable, ONNX Runtime (CPU inference), haste and FlashRNN."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .floor import FLOOR, FloorLSTM
-from .workloads import dtype_name
+from .ort import ORT, OrtLSTM, import_onnxruntime
+from .workloads import MODES, dtype_name
 
 
 BASELINE = "nn.LSTM"
@@ -26,7 +27,9 @@ class Impl:
     How the check tells that the implementation computed a result with its own kernels, not
     by falling back to nn.LSTM: an operator whose name starts with ``kernel_prefix`` ran, and
     no ``fallback_warning`` was raised. ``floor``: not an LSTM but the framework floor (no
-    check, status ``floor``, no speedup, not in the exit status)."""
+    check, status ``floor``, no speedup, not in the exit status). ``modes`` and ``dtypes``:
+    what it runs (``dtypes`` None: every dtype); it has no rows elsewhere. ``foreign_memory``:
+    it allocates outside PyTorch's allocators, so its peak memory is not measured."""
 
     name: str
     build: Callable[[nn.LSTM], nn.Module]
@@ -34,6 +37,9 @@ class Impl:
     kernel_prefix: Optional[str] = None
     fallback_warning: Optional[type[Warning]] = None
     floor: bool = False
+    modes: tuple[str, ...] = MODES
+    dtypes: Optional[tuple[torch.dtype, ...]] = None
+    foreign_memory: bool = False  # its memory is not PyTorch's: no peak memory measured
 
 
 class HasteLSTM(nn.Module):
@@ -118,6 +124,13 @@ def implementations(fused_lstm) -> tuple[list[Impl], list[str]]:
         Impl(FLOOR, FloorLSTM, floor=True),
     ]
     skipped = []
+    try:
+        ort, onnx = import_onnxruntime()
+        impls.append(Impl(ORT, lambda lstm: OrtLSTM(ort, onnx, lstm), devices=("cpu",),
+                          modes=("infer",), dtypes=(torch.float32,), foreign_memory=True))
+    except (ImportError, OSError) as error:
+        skipped.append(f"{ORT}: skipped, onnxruntime and onnx are not both importable "
+                       f"({error})")
     try:
         haste = importlib.import_module("haste_pytorch")
         impls.append(Impl("haste", lambda lstm: HasteLSTM(haste, lstm), devices=("cuda",)))

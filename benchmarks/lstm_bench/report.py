@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import pathlib
 import textwrap
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 from .ceilings import Ceiling
@@ -14,6 +14,8 @@ from .floor import FLOOR
 from .gemm_peak import PEAK_SHAPES, GemmPeak
 from .grid import Row
 from .implementations import BASELINE
+from .machine import ISA_FLAGS
+from .ort import ORT
 from .timing import MEMORY_NOTE
 from .workloads import FLOPS_NOTE, Workload
 
@@ -55,7 +57,62 @@ COLUMNS = ("workload", "mode", "impl", "median", "IQR", "peak mem", "speedup", "
            "status")
 CEILING_COLUMNS = ("workload", "mode", "GFLOP/call", "nn.LSTM", "floor", "floor ceiling",
                    "GEMM bound", "GEMM ceiling", "ceiling", "FusedLSTM")
-LEFT = {"workload", "mode", "impl", "status"}
+LEFT = {"workload", "mode", "impl", "status", "fastest other"}
+
+
+PEER_COLUMNS = ("workload", "mode", "fastest other", "its median", "FusedLSTM", "speedup")
+FUSED = "FusedLSTM"
+
+
+@dataclass
+class PeerCell:
+    """FusedLSTM against the fastest other implementation timed (status ok) on one workload,
+    mode, device and dtype: nn.LSTM, ONNX Runtime, haste, FlashRNN (never the floor).
+    ``speedup``: the peer's median / FusedLSTM's."""
+
+    device: str
+    workload: str
+    mode: str
+    dtype: str
+    peer: str
+    peer_ms: float
+    fused_ms: float
+    speedup: float
+
+
+def fastest_peers(rows: list[Row]) -> list[PeerCell]:
+    """One PeerCell per (device, dtype, workload, mode) where FusedLSTM and another
+    implementation were timed."""
+    groups: dict[tuple, list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.device, row.workload, row.mode, row.dtype), []).append(row)
+    cells = []
+    for key, group in groups.items():
+        timed = [r for r in group if r.status == "ok" and r.median_ms is not None]
+        fused = next((r for r in timed if r.impl == FUSED), None)
+        peers = [r for r in timed if r.impl != FUSED]
+        if fused is None or not peers:
+            continue
+        best = min(peers, key=lambda r: r.median_ms)
+        cells.append(PeerCell(*key, best.impl, best.median_ms, fused.median_ms,
+                              best.median_ms / fused.median_ms))
+    return cells
+
+
+def peer_table_wanted(rows: list[Row]) -> bool:
+    """Whether the fastest-peer table says more than the speedup column: an implementation
+    other than nn.LSTM, FusedLSTM and the floor has rows."""
+    return any(r.impl not in (BASELINE, FUSED, FLOOR) for r in rows)
+
+
+def peer_cells(cells: list[PeerCell]) -> list[tuple[str, ...]]:
+    """The fastest-peer table's cells, in PEER_COLUMNS order."""
+    return [(c.workload, c.mode, c.peer, format_time(c.peer_ms), format_time(c.fused_ms),
+             format_speedup(c.speedup)) for c in cells]
+
+
+PEER_TITLE = ("FusedLSTM vs the fastest other implementation (speedup: its median / "
+              "FusedLSTM's)")
 
 
 def table_cells(rows: list[Row]) -> list[tuple[str, ...]]:
@@ -108,13 +165,35 @@ def failures(rows: list[Row]) -> list[str]:
             for r in rows if r.status not in ("ok", "floor")]
 
 
+def cpu_line(machine: dict) -> str:
+    """``Intel(R) Xeon(R) Processor (GenuineIntel, family 6, model 143, stepping 8)``: the model
+    name, then what /proc/cpuinfo gave of the vendor and CPUID numbers."""
+    ids = [machine.get("cpu_vendor")] + [
+        f"{key} {machine[f'cpu_{key}']}" for key in ("family", "model", "stepping")
+        if machine.get(f"cpu_{key}") is not None]
+    ids = [part for part in ids if part]
+    return machine["cpu"] + (f" ({', '.join(ids)})" if ids else "")
+
+
+def isa_line(machine: dict) -> str:
+    """The ISA features of ISA_FLAGS the CPU has, then those it lacks."""
+    have = machine.get("isa", [])
+    lacks = [name for name, _ in ISA_FLAGS if name not in have]
+    return (", ".join(have) or "none of " + ", ".join(name for name, _ in ISA_FLAGS)) + (
+        f"; not {', '.join(lacks)}" if lacks and have else "")
+
+
 def machine_lines(machine: dict, tests: Optional[dict]) -> list[str]:
     """The machine and versions, as ``key: value`` lines."""
     lines = [
-        f"cpu: {machine['cpu']}, {machine['cores']} cores, {machine['threads']} torch threads",
+        f"cpu: {cpu_line(machine)}, {machine['cores']} cores, {machine['threads']} torch "
+        "threads",
+        f"isa: {isa_line(machine)}",
+        f"blas: {machine.get('blas', 'unknown')}",
         f"gpu: {machine['gpu'] or 'none'}",
         f"torch: {machine['torch']}, CUDA {machine['cuda'] or 'none'}, "
         f"Python {machine['python']}",
+        f"onnxruntime: {machine.get('onnxruntime') or 'not installed'}",
         f"fused_lstm: {machine['fused_lstm']}",
         f"commit: {machine['commit']}",
         f"date: {machine['date']}",
@@ -148,13 +227,39 @@ def peak_lines(peaks: list[GemmPeak]) -> list[str]:
     return lines
 
 
-def legend_lines(workloads: list[Workload], devices: set[str]) -> list[str]:
-    """What the workloads are and how each column is measured."""
-    return [
+def legend_lines(workloads: list[Workload], devices: set[str],
+                 impls: Optional[set[str]] = None) -> list[str]:
+    """What the workloads are and how each column is measured; ``impls``: the implementations
+    in the results (their notes; None: none beyond nn.LSTM, FusedLSTM and the floor)."""
+    lines = [
         "workloads (input, hidden, layers, seq, batch): "
         + ", ".join(w.shape() for w in workloads),
         "median, IQR: time of one call; train: forward + backward of output, h_n and c_n; "
         "infer: forward under no_grad, eval mode",
+    ]
+    if any(w.packed for w in workloads):
+        lines.append(
+            "packed workloads: sequence lengths drawn uniformly in [seq/2, seq] (a fixed seed: "
+            "the same lengths for every implementation and run), the input packed once with "
+            "pack_padded_sequence(..., enforce_sorted=False) and every LSTM called with that "
+            "PackedSequence; train backpropagates from the output's data, h_n and c_n; "
+            "GFLOP/s counts the sum of the lengths as rows")
+    if any(not w.profile_memory for w in workloads):
+        lines.append(
+            "peak mem not measured (-) on " + ", ".join(w.name for w in workloads
+                                                        if not w.profile_memory)
+            + ": torch.profiler's memory profiling of nn.LSTM's packed backward over 1000 "
+            "steps took over 10 GB on a 2-core box")
+    if impls and ORT in impls:
+        lines.append(
+            f"{ORT}: inference only, float32, CPU: the nn.LSTM exported with "
+            "torch.onnx.export(dynamo=False) (one standard ONNX LSTM node per layer; packed "
+            "workloads: the padded input and a sequence_lens input given to every LSTM node), "
+            "an InferenceSession with intra_op_num_threads = torch's thread count and "
+            "inter_op_num_threads = 1; the timed call is session.run on numpy inputs made once "
+            "(streaming: h_n, c_n carried into the next call). Checked like the others on its "
+            "outputs; peak mem not measured (its allocator is not PyTorch's)")
+    return lines + [
         "speedup: nn.LSTM's median / this row's median",
         f"check: {CHECK_NOTE}",
         *(f"peak mem ({device}): {MEMORY_NOTE[device]}" for device in sorted(devices)),
@@ -197,13 +302,17 @@ def print_results(rows: list[Row], cells: list[Ceiling], peaks: list[GemmPeak],
     timed and the legend."""
     print("\n" + wrapped(peak_lines(peaks)))
     ceilings_by = tables(cells)
+    peers_by = tables(fastest_peers(rows))
     for key, group in tables(rows).items():
         print(f"\n{key[0]}, {key[1]}\n{text_table(group)}")
         if ceilings_by.get(key):
             print(f"\nceilings\n{text_table([], CEILING_COLUMNS, ceiling_cells(ceilings_by[key]))}")
+        if peer_table_wanted(group) and peers_by.get(key):
+            print(f"\n{PEER_TITLE}\n"
+                  f"{text_table([], PEER_COLUMNS, peer_cells(peers_by[key]))}")
     if failures(rows):
         print("\nNot timed:\n" + "\n".join(failures(rows)))
-    print("\n" + wrapped(legend_lines(workloads, devices)))
+    print("\n" + wrapped(legend_lines(workloads, devices, {r.impl for r in rows})))
 
 
 def write_plot(rows: list[Row], path: pathlib.Path,
@@ -265,8 +374,10 @@ def write_results(out: pathlib.Path, machine: dict, rows: list[Row], tests: Opti
     """Writes results.json, results.md and speedup.png under ``out``; returns the paths
     written, and why the plot was not, if it was not."""
     out.mkdir(parents=True, exist_ok=True)
+    peers = fastest_peers(rows)
     report = {"machine": machine, "gemm_peaks": [asdict(p) for p in peaks],
-              "rows": [asdict(row) for row in rows], "ceilings": [asdict(c) for c in cells]}
+              "rows": [asdict(row) for row in rows], "ceilings": [asdict(c) for c in cells],
+              "fastest_peers": [asdict(c) for c in peers]}
     if tests is not None:
         report["tests"] = tests
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -276,17 +387,21 @@ def write_results(out: pathlib.Path, machine: dict, rows: list[Row], tests: Opti
         written.append(out / "speedup.png")
     md = ["# FusedLSTM vs torch.nn.LSTM", ""]
     md += [f"- {line}" for line in machine_lines(machine, tests) + peak_lines(peaks)]
-    ceilings_by = tables(cells)
+    ceilings_by, peers_by = tables(cells), tables(peers)
     for key, group in tables(rows).items():
         md += ["", f"## {key[0]}, {key[1]}", "", markdown_table(group)]
         if ceilings_by.get(key):
             md += ["", "Ceilings (how far any implementation could go; see below):", "",
                    markdown_table([], CEILING_COLUMNS, ceiling_cells(ceilings_by[key]))]
+        if peer_table_wanted(group) and peers_by.get(key):
+            md += ["", PEER_TITLE + ":", "",
+                   markdown_table([], PEER_COLUMNS, peer_cells(peers_by[key]))]
     if failures(rows):
         md += ["", "Not timed:", ""] + [f"- {line}" for line in failures(rows)]
     if plot_note is None:
         md += ["", "![speedup over nn.LSTM](speedup.png)"]
     md += ["", "## How it was measured", ""]
-    md += [f"- {line}" for line in legend_lines(workloads, {row.device for row in rows})]
+    md += [f"- {line}" for line in legend_lines(workloads, {row.device for row in rows},
+                                                {row.impl for row in rows})]
     (out / "results.md").write_text("\n".join(md) + "\n")
     return written, plot_note

@@ -11,7 +11,7 @@ from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils import benchmark
 
-from .workloads import Case
+from .workloads import Case, output_data
 
 
 # Seconds of timing per implementation, workload and mode (three implementations on CPU: with
@@ -31,13 +31,17 @@ MEMORY_NOTE = {
 
 def make_step(module: nn.Module, case: Case, mode: str, streaming: bool) -> Callable[[], None]:
     """One timed call. Streaming workloads carry (h, c) from one call to the next (detached in
-    train mode: one step forward and backward)."""
-    x, hx, upstream = case.x, (case.h0, case.c0), case.upstream
+    train mode: one step forward and backward). Packed workloads call with the PackedSequence
+    (made once) and backward from its output's data. A module with a ``make_step`` method (an
+    implementation outside PyTorch) makes its own."""
+    if hasattr(module, "make_step"):
+        return module.make_step(case, mode, streaming)
+    x, hx, upstream = case.inputs(), (case.h0, case.c0), case.upstream
     if not streaming:
         if mode == "train":
             def step():
                 output, (h_n, c_n) = module(x, hx)
-                torch.autograd.backward((output, h_n, c_n), upstream)
+                torch.autograd.backward((output_data(output), h_n, c_n), upstream)
         else:
             def step():
                 with torch.no_grad():
