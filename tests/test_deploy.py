@@ -235,6 +235,192 @@ def test_quantize_dynamic_after_jit_script():
             assert_close(g, e)
 
 
+# --- torch.jit.script: argument errors, and the calls nn.LSTM's implementation computes ----------
+
+
+class NoState(WithState):
+    def forward(self, x: torch.Tensor):
+        output, (h_n, c_n) = self.lstm(x)
+        return output, h_n, c_n
+
+
+class PackedNoState(WithState):
+    def forward(self, x: PackedSequence):
+        output, (h_n, c_n) = self.lstm(x)
+        return output.data, h_n, c_n
+
+
+def _scripted_pair(wrapper, **kwargs):
+    """(scripted nn.LSTM, scripted FusedLSTM) in ``wrapper``, on identical weights."""
+    torch.manual_seed(0)
+    plain = nn.LSTM(**kwargs)
+    fused = FusedLSTM(**kwargs)
+    fused.load_state_dict(plain.state_dict())
+    return torch.jit.script(wrapper(plain)), torch.jit.script(wrapper(fused))
+
+
+def _script_error(error):
+    """A TorchScript exception as (class, message): the message without the TorchScript
+    traceback (which names each model's own source lines)."""
+    text = str(error)
+    lines = text.split("\n")
+    if lines[0].startswith("The following operation failed in the TorchScript interpreter"):
+        start = next(i for i, line in enumerate(lines)
+                     if i > 1 and line and not line.startswith(" "))
+        text = "\n".join(lines[start:])
+    return type(error), text
+
+
+def _outcome(fn, *args):
+    """fn's outputs, or its exception as (class, message), and which LSTM ops ran."""
+    try:
+        result, ran = _ran_ops(fn, *args)
+    except Exception as error:  # noqa: BLE001 (compared with nn.LSTM's)
+        return _script_error(error), None
+    return [t.detach() for t in result], ran
+
+
+def _script_case_args(args):
+    """A test_errors case's arguments as a scripted wrapper takes them, or None where
+    TorchScript's types reject the call before it runs (hx not a pair, input not a tensor)."""
+    x = args[0]
+    if not isinstance(x, (torch.Tensor, PackedSequence)):
+        return None
+    if len(args) == 1:
+        return (PackedNoState if isinstance(x, PackedSequence) else NoState), (x,)
+    hx = args[1]
+    if not (isinstance(hx, tuple) and len(hx) == 2
+            and all(isinstance(t, torch.Tensor) for t in hx)):
+        return None
+    return (Packed if isinstance(x, PackedSequence) else WithState), (x, *hx)
+
+
+def _script_error_cases():
+    from test_errors import BASE, CASES
+
+    cases = []
+    for name, extra, make_args, _ in CASES:
+        torch.manual_seed(0)
+        if _script_case_args(make_args()) is not None:
+            cases.append(pytest.param({**BASE, **extra}, make_args, id=name))
+    return cases
+
+
+@pytest.mark.parametrize("kwargs, make_args", _script_error_cases())
+def test_jit_script_raises_like_scripted_nn_lstm(kwargs, make_args):
+    """The argument errors test_errors.py checks in eager mode, scripted: wrong input
+    dimensions, sizes and dtypes, empty sequences, hidden states of the wrong shape, number of
+    dimensions or dtype, packed input: the scripted FusedLSTM raises what the scripted nn.LSTM
+    raises (class and message; compiled, nn.LSTM leaves the input's dtype to its C++ code)."""
+    wrapper, args = _script_case_args(make_args())
+    scripted_plain, scripted_fused = _scripted_pair(wrapper, **kwargs)
+    expected, _ = _outcome(scripted_plain, *args)
+    got, _ = _outcome(scripted_fused, *args)
+    assert isinstance(expected, tuple), "nn.LSTM accepted the call"
+    assert got == expected
+
+
+LAYOUTS = ["batch_first", "time_major", "unbatched", "packed"]
+
+
+def _layout_args(layout, dtype=F64, state_dtype=None, seq_len=5):
+    """Arguments for a scripted wrapper of an LSTM(3, 4, num_layers=2, bidirectional,
+    batch_first for "batch_first" and "unbatched") in the given layout, with a state."""
+    state_dtype = state_dtype or dtype
+    batch = 3
+    h, c = randn(4, batch, 4, dtype=state_dtype), randn(4, batch, 4, dtype=state_dtype)
+    if layout == "batch_first":
+        return randn(batch, seq_len, 3, dtype=dtype), h, c
+    if layout == "time_major":
+        return randn(seq_len, batch, 3, dtype=dtype), h, c
+    if layout == "unbatched":
+        return randn(seq_len, 3, dtype=dtype), h[:, 0], c[:, 0]
+    x = pack_padded_sequence(randn(seq_len, batch, 3, dtype=dtype),
+                             torch.tensor([seq_len, 2, 1]), enforce_sorted=False)
+    return x, h, c
+
+
+def _layout_pair(layout, dtype=F64):
+    return _scripted_pair(Packed if layout == "packed" else WithState, input_size=3,
+                          hidden_size=4, num_layers=2, bidirectional=True, dtype=dtype,
+                          batch_first=layout in ("batch_first", "unbatched"))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_jit_script_autocast_runs_nn_lstm(layout):
+    """Under autocast, the scripted FusedLSTM hands the call to nn.LSTM's implementation, as
+    the eager FusedLSTM does: autocast's dtype and nn.LSTM's values, as the scripted
+    nn.LSTM gives them; outside autocast the fused op runs again."""
+    scripted_plain, scripted_fused = _layout_pair(layout, F32)
+    args = _layout_args(layout, F32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, expected_ran = _outcome(scripted_plain, *args)
+        got, ran = _outcome(scripted_fused, *args)
+    assert expected_ran == ["aten::lstm"] and ran == ["aten::lstm"]
+    if layout != "packed":  # (autocast casts nn.LSTM's padded call only)
+        assert expected[0].dtype == torch.bfloat16
+    for e, g in zip(expected, got):
+        assert g.dtype == e.dtype
+        assert_close(g, e)
+    got, ran = _outcome(scripted_fused, *args)
+    assert ran == ["fused_lstm::lstm"] and got[0].dtype == F32
+
+
+# (id, the arguments' changes: input dtype, state dtype, sequence length)
+FALLBACK_CASES = [
+    ("input-float32-weights-float64", dict(dtype=F32, state_dtype=F64)),
+    ("input-and-state-float32", dict(dtype=F32)),
+    ("state-float32", dict(state_dtype=F32)),
+    ("input-int64", dict(dtype=torch.int64)),
+    ("empty-sequence", dict(seq_len=0)),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("change", [c[1] for c in FALLBACK_CASES],
+                         ids=[c[0] for c in FALLBACK_CASES])
+def test_jit_script_calls_the_op_rejects_go_to_nn_lstm(layout, change):
+    """Calls the fused op does not take but nn.LSTM's C++ implementation judges (an input or
+    state whose dtype is not the weights', an empty sequence): the scripted FusedLSTM gives
+    what the scripted nn.LSTM gives, its result or its exception (class and message), never
+    the op's."""
+    if layout == "packed" and change.get("seq_len") == 0:
+        pytest.skip("pack_padded_sequence takes no empty sequence")
+    if layout == "packed" and change.get("dtype") == torch.int64:
+        pytest.skip("pack_padded_sequence takes no integer input")
+    scripted_plain, scripted_fused = _layout_pair(layout, F64)
+    if change.get("dtype") == torch.int64:
+        args = list(_layout_args(layout, F64))
+        args[0] = torch.randint(-3, 3, args[0].shape)
+    else:
+        args = _layout_args(layout, **change)
+    expected, expected_ran = _outcome(scripted_plain, *args)
+    got, ran = _outcome(scripted_fused, *args)
+    if isinstance(expected, tuple):  # nn.LSTM raised
+        assert got == expected
+        return
+    assert ran == expected_ran == ["aten::lstm"]
+    for e, g in zip(expected, got):
+        assert g.dtype == e.dtype
+        assert_close(g, e)
+
+
+def test_runs_fused_op():
+    """fused_lstm::runs_fused, which the scripted forward asks: a kernel for the device type
+    (as the eager FusedLSTM's check says) and no autocast."""
+    from fused_lstm import module as fused_module
+
+    runs_fused = torch.ops.fused_lstm.runs_fused
+    assert runs_fused(torch.device("cpu"))
+    for device_type in ("cuda", "meta"):
+        assert runs_fused(torch.device(device_type)) == \
+            fused_module._fused_kernel_available(device_type)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not runs_fused(torch.device("cpu"))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+        assert runs_fused(torch.device("cpu"))
+
+
 # --- ONNX export ----------------------------------------------------------------------------
 # onnx, onnxscript and onnxruntime are in the `test` extra (pyproject.toml); without them
 # these tests skip.
