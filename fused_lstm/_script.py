@@ -3,14 +3,17 @@
 TorchScript cannot compile ``FusedLSTM.forward`` (try blocks, the C++ entry, Python-only
 checks). ``FusedLSTM.__prepare_scriptable__`` hands ``torch.jit.script`` a ``ScriptableFusedLSTM``
 instead: the same module (it shares the Parameters, buffers, hooks and every other attribute,
-as ``convert`` does) whose class has a forward TorchScript compiles. Compiled, that forward is
-nn.LSTM's own forward (the same argument checks and messages, the same state handling for
-padded, unbatched and packed input) with nn.LSTM's ``_VF.lstm`` call replaced by one
-``fused_lstm::lstm`` call, so the scripted model runs the fused kernels, trains the same
-Parameters, and needs the fused_lstm library loaded wherever it runs (``import fused_lstm``, or
-``torch.ops.load_library`` of its library). In eager Python it is a FusedLSTM: torch.jit.script
-puts what ``__prepare_scriptable__`` returns into the model it scripts, so the model keeps
-running FusedLSTM's forward afterwards.
+as ``convert`` does) whose class has a forward TorchScript compiles. Compiled, that forward
+follows ``FusedLSTM._forward``: the same layout handling, nn.LSTM's checks and messages (through
+nn.LSTM's own check methods, which compiled leave the input's dtype to nn.LSTM's C++ code, as in
+the scripted nn.LSTM), then one ``fused_lstm::lstm`` call. What the eager forward hands to
+nn.LSTM (autocast, a device without a fused kernel, arguments the op rejects) goes to nn.LSTM's
+implementation, ``torch._VF.lstm``, as the scripted nn.LSTM calls it; TorchScript has no
+try/except, so ``_script_op_takes`` decides before the call. The scripted model runs the fused
+kernels, trains the same Parameters, and needs the fused_lstm library loaded wherever it runs
+(``import fused_lstm``, or ``torch.ops.load_library`` of its library). In eager Python it is a
+FusedLSTM: torch.jit.script puts what ``__prepare_scriptable__`` returns into the model it
+scripts, so the model keeps running FusedLSTM's forward afterwards.
 """
 
 from typing import List, Optional, Tuple, overload

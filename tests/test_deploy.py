@@ -473,6 +473,27 @@ def test_onnx_export_gives_the_standard_lstm_op(dynamo):
     assert "fused_lstm.lstm.default" in targets
 
 
+def test_onnx_export_of_a_scripted_model_is_not_supported():
+    """ONNX export (TorchScript exporter) of an already scripted model: the scripted nn.LSTM
+    model exports to ONNX's LSTM op; the scripted FusedLSTM model fails with the exporter's
+    UnsupportedOperatorError on a fused_lstm op (README: not supported), and exporting the
+    scripted reverted model gives the nn.LSTM model's graph."""
+    pytest.importorskip("onnx")
+    plain, fused = pair(F32)
+    plain.eval()
+    fused.eval()
+    x = randn(2, 5, 3, dtype=F32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's own warnings
+        expected = [n.op_type for n in _onnx_export(torch.jit.script(plain), x, False).graph.node]
+        assert expected.count("LSTM") == 2
+        with pytest.raises(torch.onnx.errors.UnsupportedOperatorError, match="fused_lstm::"):
+            _onnx_export(torch.jit.script(fused), x, False)
+        reverted = fused_lstm.revert(copy.deepcopy(fused))
+        got = [n.op_type for n in _onnx_export(torch.jit.script(reverted), x, False).graph.node]
+    assert got == expected
+
+
 # --- inference-mode input, in-place edited input --------------------------------------------
 
 
