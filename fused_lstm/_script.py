@@ -95,7 +95,8 @@ class ScriptableFusedLSTM(FusedLSTM):
             else:
                 # Each hidden state row belongs to the sequence the caller put there.
                 h0, c0 = self.permute_hidden(hx, sorted_indices)
-            if self._script_op_takes(data, batch_sizes, h0, c0):
+            if torch.ops.fused_lstm.runs_fused(data.device) and \
+                    self._script_op_takes(data, batch_sizes, h0, c0):
                 output, h_n, c_n = torch.ops.fused_lstm.lstm(
                     data, batch_sizes, h0, c0, weights, self._script_dropout_mask(data),
                     num_layers, self.bidirectional, self.bias, self.proj_size)
@@ -146,7 +147,8 @@ class ScriptableFusedLSTM(FusedLSTM):
             h0 = h
             c0 = c
 
-        if not self._script_op_takes(x, None, h0, c0):
+        if not (torch.ops.fused_lstm.runs_fused(x.device)
+                and self._script_op_takes(x, None, h0, c0)):
             if h0 is None or c0 is None:
                 batch = x.size(1)
                 h0 = torch.zeros(layers_dirs, batch, out_size, dtype=x.dtype, device=x.device)
@@ -178,8 +180,6 @@ class ScriptableFusedLSTM(FusedLSTM):
         differ, an empty sequence, packed data or states of the wrong shape), for which
         nn.LSTM's implementation gives its own result or exception. ``x`` is time-major
         [T, B, I], or packed data with ``batch_sizes``; the padded call's shapes are checked."""
-        if not torch.ops.fused_lstm.runs_fused(x.device):
-            return False
         dtype = x.dtype
         if not (dtype == torch.float32 or dtype == torch.float64 or dtype == torch.bfloat16
                 or dtype == torch.float16):
@@ -222,6 +222,18 @@ class ScriptableFusedLSTM(FusedLSTM):
                                "Expected hidden[0] size {}, got {}")
         self.check_hidden_size(c0, (layers_dirs, batch, self.hidden_size),
                                "Expected hidden[1] size {}, got {}")
+
+
+def _runs_fused_in_onnx(g, device):
+    """``fused_lstm::runs_fused`` for ONNX export of a scripted model (the TorchScript-based
+    exporter): constant False, as ONNX has no fused op. The exporter then folds the scripted
+    forward's choice away and writes only nn.LSTM's implementation, as ONNX's LSTM op: the graph
+    it writes for the scripted nn.LSTM model (the eager FusedLSTM runs nn.LSTM's forward during
+    export for the same reason)."""
+    return g.op("Constant", value_t=torch.tensor(False))
+
+
+torch.onnx.register_custom_op_symbolic("fused_lstm::runs_fused", _runs_fused_in_onnx, 9)
 
 
 def scriptable(module: FusedLSTM) -> ScriptableFusedLSTM:

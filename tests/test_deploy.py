@@ -473,25 +473,61 @@ def test_onnx_export_gives_the_standard_lstm_op(dynamo):
     assert "fused_lstm.lstm.default" in targets
 
 
-def test_onnx_export_of_a_scripted_model_is_not_supported():
-    """ONNX export (TorchScript exporter) of an already scripted model: the scripted nn.LSTM
-    model exports to ONNX's LSTM op; the scripted FusedLSTM model fails with the exporter's
-    UnsupportedOperatorError on a fused_lstm op (README: not supported), and exporting the
-    scripted reverted model gives the nn.LSTM model's graph."""
+class ScriptedWithState(nn.Module):
+    """A time-major bidirectional LSTM called with a given state, and a linear head."""
+
+    def __init__(self, lstm):
+        super().__init__()
+        self.lstm = lstm
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
+        output, (h_n, c_n) = self.lstm(x, (h, c))
+        return self.head(output), h_n, c_n
+
+
+@pytest.mark.parametrize("model_kind", ["batch_first", "with_state"])
+def test_onnx_export_of_a_scripted_model_gives_nn_lstm_graph(model_kind):
+    """ONNX export (TorchScript exporter) of an already scripted model: the scripted FusedLSTM
+    model gives the scripted nn.LSTM model's graph (ONNX's LSTM op, one per layer), and
+    onnxruntime's outputs match eager on fresh inputs; the scripted model still runs the fused
+    op afterwards."""
     pytest.importorskip("onnx")
-    plain, fused = pair(F32)
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+
+    if model_kind == "batch_first":
+        plain, fused = pair(F32)
+        args = (randn(2, 5, 3, dtype=F32),)
+    else:
+        plain = ScriptedWithState(nn.LSTM(3, 4, num_layers=2, bidirectional=True))
+        fused = fused_lstm.convert(copy.deepcopy(plain))
+        args = (randn(5, 2, 3, dtype=F32), randn(4, 2, 4, dtype=F32), randn(4, 2, 4, dtype=F32))
     plain.eval()
     fused.eval()
-    x = randn(2, 5, 3, dtype=F32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's own warnings
-        expected = [n.op_type for n in _onnx_export(torch.jit.script(plain), x, False).graph.node]
-        assert expected.count("LSTM") == 2
-        with pytest.raises(torch.onnx.errors.UnsupportedOperatorError, match="fused_lstm::"):
-            _onnx_export(torch.jit.script(fused), x, False)
-        reverted = fused_lstm.revert(copy.deepcopy(fused))
-        got = [n.op_type for n in _onnx_export(torch.jit.script(reverted), x, False).graph.node]
+    scripted_plain, scripted_fused = torch.jit.script(plain), torch.jit.script(fused)
+    graphs, warned = [], []
+    for scripted in (scripted_plain, scripted_fused):
+        buffer = io.BytesIO()
+        _, record = caught(torch.onnx.export, scripted, args, buffer, dynamo=False)
+        graphs.append(buffer.getvalue())
+        warned.append(set(record))
+    assert warned[1] == warned[0]  # the exporter's own warnings (the number of repeats varies)
+    expected, got = ([n.op_type for n in onnx.load_from_string(g).graph.node] for g in graphs)
     assert got == expected
+    assert got.count("LSTM") == 2
+
+    session = ort.InferenceSession(graphs[1], providers=["CPUExecutionProvider"])
+    fresh = tuple(randn(*a.shape, dtype=F32) for a in args)
+    outputs = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), fresh)})
+    with torch.no_grad():
+        eager = plain(*fresh)
+        scripted_outputs, ran = _ran_ops(scripted_fused, *fresh)
+    assert ran == ["fused_lstm::lstm"]
+    assert len(outputs) == len(eager)
+    for e, s, o in zip(eager, scripted_outputs, outputs):
+        assert_close(s, e, rtol=1e-5, atol=1e-6)
+        assert_close(torch.from_numpy(o), e, rtol=1e-5, atol=1e-6)
 
 
 # --- inference-mode input, in-place edited input --------------------------------------------
