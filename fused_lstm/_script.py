@@ -174,12 +174,14 @@ class ScriptableFusedLSTM(FusedLSTM):
 
     def _script_op_takes(self, x: Tensor, batch_sizes: Optional[Tensor], h0: Optional[Tensor],
                          c0: Optional[Tensor]) -> bool:
-        """Whether the fused op computes this call (its checks, asked up front: TorchScript has
-        no try/except). False for what the eager forward hands to nn.LSTM: autocast, a device
-        without a fused kernel, and arguments the op would reject (dtypes or devices that
-        differ, an empty sequence, packed data or states of the wrong shape), for which
-        nn.LSTM's implementation gives its own result or exception. ``x`` is time-major
-        [T, B, I], or packed data with ``batch_sizes``; the padded call's shapes are checked."""
+        """Whether the fused op takes this call (its checks, asked up front: TorchScript has no
+        try/except). False for the arguments the op would reject and the eager forward hands to
+        nn.LSTM (dtypes or devices that differ, an empty sequence, packed data or states of the
+        wrong shape), for which nn.LSTM's implementation gives its own result or exception.
+        ``x`` is time-major [T, B, I], or packed data with ``batch_sizes``; the padded call's
+        shapes are already checked. The forward asks ``fused_lstm::runs_fused`` (a kernel for
+        the device, autocast off) first, on its own: ONNX export folds that constant (see
+        ``_runs_fused_in_onnx``), which it cannot do through this method's loops."""
         dtype = x.dtype
         if not (dtype == torch.float32 or dtype == torch.float64 or dtype == torch.bfloat16
                 or dtype == torch.float16):
