@@ -267,7 +267,7 @@ def _script_error(error):
     if lines[0].startswith("The following operation failed in the TorchScript interpreter"):
         start = next(i for i, line in enumerate(lines)
                      if i > 1 and line and not line.startswith(" "))
-        text = "\n".join(lines[start:])
+        text = "\n".join(lines[start:]).rstrip("\n")
     return type(error), text
 
 
@@ -403,6 +403,27 @@ def test_jit_script_calls_the_op_rejects_go_to_nn_lstm(layout, change):
     for e, g in zip(expected, got):
         assert g.dtype == e.dtype
         assert_close(g, e)
+
+
+@pytest.mark.parametrize("wrong", ["h0-batch", "c0-hidden"])
+def test_jit_script_packed_equal_lengths_wrong_state_raises_as_eager(wrong):
+    """Packed sequences of equal length with a hidden state of the wrong shape, float32: nn.LSTM
+    skips its shape check for packed input and its oneDNN kernel then reads and writes past
+    the state (no exception to compare with). The scripted FusedLSTM raises the eager
+    FusedLSTM's RuntimeError instead of handing the call to it."""
+    torch.manual_seed(0)
+    lstm = FusedLSTM(3, 5, num_layers=2, dtype=F32)
+    scripted = torch.jit.script(Packed(lstm))
+    x = pack_padded_sequence(randn(4, 2, 3, dtype=F32), torch.tensor([4, 4]))
+    h, c = randn(2, 2, 5, dtype=F32), randn(2, 2, 5, dtype=F32)
+    if wrong == "h0-batch":
+        h = randn(2, 3, 5, dtype=F32)
+    else:
+        c = randn(2, 2, 6, dtype=F32)
+    with pytest.raises(RuntimeError) as eager:
+        lstm(x, (h, c))
+    got, _ = _outcome(scripted, x, h, c)
+    assert got == (torch.jit.Error, f"builtins.RuntimeError: {eager.value}")
 
 
 def test_runs_fused_op():
