@@ -3,14 +3,17 @@
 TorchScript cannot compile ``FusedLSTM.forward`` (try blocks, the C++ entry, Python-only
 checks). ``FusedLSTM.__prepare_scriptable__`` hands ``torch.jit.script`` a ``ScriptableFusedLSTM``
 instead: the same module (it shares the Parameters, buffers, hooks and every other attribute,
-as ``convert`` does) whose class has a forward TorchScript compiles. Compiled, that forward is
-nn.LSTM's own forward (the same argument checks and messages, the same state handling for
-padded, unbatched and packed input) with nn.LSTM's ``_VF.lstm`` call replaced by one
-``fused_lstm::lstm`` call, so the scripted model runs the fused kernels, trains the same
-Parameters, and needs the fused_lstm library loaded wherever it runs (``import fused_lstm``, or
-``torch.ops.load_library`` of its library). In eager Python it is a FusedLSTM: torch.jit.script
-puts what ``__prepare_scriptable__`` returns into the model it scripts, so the model keeps
-running FusedLSTM's forward afterwards.
+as ``convert`` does) whose class has a forward TorchScript compiles. Compiled, that forward
+follows ``FusedLSTM._forward``: the same layout handling, nn.LSTM's checks and messages (through
+nn.LSTM's own check methods, which compiled leave the input's dtype to nn.LSTM's C++ code, as in
+the scripted nn.LSTM), then one ``fused_lstm::lstm`` call. What the eager forward hands to
+nn.LSTM (autocast, a device without a fused kernel, arguments the op rejects) goes to nn.LSTM's
+implementation, ``torch._VF.lstm``, as the scripted nn.LSTM calls it; TorchScript has no
+try/except, so ``_script_op_takes`` decides before the call. The scripted model runs the fused
+kernels, trains the same Parameters, and needs the fused_lstm library loaded wherever it runs
+(``import fused_lstm``, or ``torch.ops.load_library`` of its library). In eager Python it is a
+FusedLSTM: torch.jit.script puts what ``__prepare_scriptable__`` returns into the model it
+scripts, so the model keeps running FusedLSTM's forward afterwards.
 """
 
 from typing import List, Optional, Tuple, overload
@@ -72,83 +75,167 @@ class ScriptableFusedLSTM(FusedLSTM):
         pass
 
     def _scripted_forward(self, input, hx=None):  # noqa: A002, F811
-        # nn.LSTM.forward (torch 2.13), with its _VF.lstm calls replaced by fused_lstm::lstm.
+        # FusedLSTM._forward (module.py) in TorchScript: the same layout handling and checks, in
+        # the same order, with nn.LSTM's own check methods (compiled, check_input leaves out the
+        # dtype check, as in nn.LSTM's scripted forward). _script_op_takes decides up front
+        # whether the fused op computes the call; if not, nn.LSTM's implementation does.
         self._update_flat_weights()
+        weights = self._flat_weights
+        num_layers = self.num_layers
+        layers_dirs = num_layers * (2 if self.bidirectional else 1)
+        out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
 
-        orig_input = input
-        batch_sizes = None
-        num_directions = 2 if self.bidirectional else 1
-        real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
-        if isinstance(orig_input, PackedSequence):
-            input, batch_sizes, sorted_indices, unsorted_indices = input
-            max_batch_size = batch_sizes[0]
+        if isinstance(input, PackedSequence):
+            data, batch_sizes, sorted_indices, unsorted_indices = input
             if hx is None:
-                h_zeros = torch.zeros(self.num_layers * num_directions, max_batch_size,
-                                      real_hidden_size, dtype=input.dtype, device=input.device)
-                c_zeros = torch.zeros(self.num_layers * num_directions, max_batch_size,
-                                      self.hidden_size, dtype=input.dtype, device=input.device)
-                hx = (h_zeros, c_zeros)
+                batch = int(batch_sizes[0])
+                h0 = torch.zeros(layers_dirs, batch, out_size, dtype=data.dtype, device=data.device)
+                c0 = torch.zeros(layers_dirs, batch, self.hidden_size, dtype=data.dtype,
+                                 device=data.device)
             else:
-                hx = self.permute_hidden(hx, sorted_indices)
+                # Each hidden state row belongs to the sequence the caller put there.
+                h0, c0 = self.permute_hidden(hx, sorted_indices)
+            if torch.ops.fused_lstm.runs_fused(data.device) and \
+                    self._script_op_takes(data, batch_sizes, h0, c0):
+                output, h_n, c_n = torch.ops.fused_lstm.lstm(
+                    data, batch_sizes, h0, c0, weights, self._script_dropout_mask(data),
+                    num_layers, self.bidirectional, self.bias, self.proj_size)
+            else:
+                if hx is not None:
+                    self._script_check_packed_hidden(h0, c0, batch_sizes)
+                output, h_n, c_n = torch._VF.lstm(
+                    data, batch_sizes, (h0, c0), weights, self.bias, num_layers,
+                    float(self.dropout), self.training, self.bidirectional)
+            return (PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
+                    self.permute_hidden((h_n, c_n), unsorted_indices))
+
+        dim = input.dim()
+        if dim != 3 and dim != 2:
+            raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {dim}D instead")
+        is_batched = dim == 3
+        batch_first = self.batch_first
+        # Time-major view for the op (unbatched input is a batch of one), and the batched input
+        # in nn.LSTM's layout for its checks and its implementation.
+        if not is_batched:
+            x = input.unsqueeze(1)
+            batched = input.unsqueeze(0) if batch_first else x
         else:
-            if input.dim() not in (2, 3):
-                raise ValueError(
-                    f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead"
-                )
-            is_batched = input.dim() == 3
-            batch_dim = 0 if self.batch_first else 1
-            if not is_batched:
-                input = input.unsqueeze(batch_dim)
-            max_batch_size = input.size(0) if self.batch_first else input.size(1)
-            sorted_indices = None
-            unsorted_indices = None
-            if hx is None:
-                h_zeros = torch.zeros(self.num_layers * num_directions, max_batch_size,
-                                      real_hidden_size, dtype=input.dtype, device=input.device)
-                c_zeros = torch.zeros(self.num_layers * num_directions, max_batch_size,
-                                      self.hidden_size, dtype=input.dtype, device=input.device)
-                hx = (h_zeros, c_zeros)
-                self.check_forward_args(input, hx, batch_sizes)
-            else:
-                if is_batched:
-                    if hx[0].dim() != 3 or hx[1].dim() != 3:
-                        msg = (
-                            "For batched 3-D input, hx and cx should "
-                            f"also be 3-D but got ({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
-                        )
-                        raise RuntimeError(msg)
-                else:
-                    if hx[0].dim() != 2 or hx[1].dim() != 2:
-                        msg = (
-                            "For unbatched 2-D input, hx and cx should "
-                            f"also be 2-D but got ({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
-                        )
-                        raise RuntimeError(msg)
-                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
-                self.check_forward_args(input, hx, batch_sizes)
-                hx = self.permute_hidden(hx, sorted_indices)
+            x = input.transpose(0, 1) if batch_first else input
+            batched = input
 
-        if batch_sizes is None:
-            x = input.transpose(0, 1) if self.batch_first else input
+        h0: Optional[Tensor] = None
+        c0: Optional[Tensor] = None
+        if hx is None:
+            self.check_input(batched, None)
+        else:
+            h, c = hx
+            if is_batched:
+                if h.dim() != 3 or c.dim() != 3:
+                    raise RuntimeError(
+                        "For batched 3-D input, hx and cx should "
+                        f"also be 3-D but got ({h.dim()}-D, {c.dim()}-D) tensors"
+                    )
+            else:
+                if h.dim() != 2 or c.dim() != 2:
+                    raise RuntimeError(
+                        "For unbatched 2-D input, hx and cx should "
+                        f"also be 2-D but got ({h.dim()}-D, {c.dim()}-D) tensors"
+                    )
+                h = h.unsqueeze(1)
+                c = c.unsqueeze(1)
+            self.check_forward_args(batched, (h, c), None)
+            h0 = h
+            c0 = c
+
+        if not (torch.ops.fused_lstm.runs_fused(x.device)
+                and self._script_op_takes(x, None, h0, c0)):
+            if h0 is None or c0 is None:
+                batch = x.size(1)
+                h0 = torch.zeros(layers_dirs, batch, out_size, dtype=x.dtype, device=x.device)
+                c0 = torch.zeros(layers_dirs, batch, self.hidden_size, dtype=x.dtype,
+                                 device=x.device)
+            output, h_n, c_n = torch._VF.lstm(
+                batched, (h0, c0), weights, self.bias, num_layers, float(self.dropout),
+                self.training, self.bidirectional, batch_first)
+            if not is_batched:
+                output = output.squeeze(0 if batch_first else 1)
+        else:
             output, h_n, c_n = torch.ops.fused_lstm.lstm(
-                x, None, hx[0], hx[1], self._flat_weights, self._script_dropout_mask(x),
-                self.num_layers, self.bidirectional, self.bias, self.proj_size)
-            if self.batch_first:
+                x, None, h0, c0, weights, self._script_dropout_mask(x), num_layers,
+                self.bidirectional, self.bias, self.proj_size)
+            if not is_batched:
+                output = output.squeeze(1)
+            elif batch_first:
                 output = output.transpose(0, 1)
-        else:
-            output, h_n, c_n = torch.ops.fused_lstm.lstm(
-                input, batch_sizes, hx[0], hx[1], self._flat_weights,
-                self._script_dropout_mask(input), self.num_layers, self.bidirectional,
-                self.bias, self.proj_size)
-        hidden = (h_n, c_n)
-        if isinstance(orig_input, PackedSequence):
-            output_packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
-            return output_packed, self.permute_hidden(hidden, unsorted_indices)
-        else:
-            if not is_batched:
-                output = output.squeeze(batch_dim)
-                hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1))
-            return output, self.permute_hidden(hidden, unsorted_indices)
+        if not is_batched:
+            h_n = h_n.squeeze(1)
+            c_n = c_n.squeeze(1)
+        return output, (h_n, c_n)
+
+    def _script_op_takes(self, x: Tensor, batch_sizes: Optional[Tensor], h0: Optional[Tensor],
+                         c0: Optional[Tensor]) -> bool:
+        """Whether the fused op takes this call (its checks, asked up front: TorchScript has no
+        try/except). False for the arguments the op would reject and the eager forward hands to
+        nn.LSTM (dtypes or devices that differ, an empty sequence, packed data or states of the
+        wrong shape), for which nn.LSTM's implementation gives its own result or exception.
+        ``x`` is time-major [T, B, I], or packed data with ``batch_sizes``; the padded call's
+        shapes are already checked. The forward asks ``fused_lstm::runs_fused`` (a kernel for
+        the device, autocast off) first, on its own: ONNX export folds that constant (see
+        ``_runs_fused_in_onnx``), which it cannot do through this method's loops."""
+        dtype = x.dtype
+        if not (dtype == torch.float32 or dtype == torch.float64 or dtype == torch.bfloat16
+                or dtype == torch.float16):
+            return False
+        for w in self._flat_weights:
+            if w.dtype != dtype or w.device != x.device:
+                return False
+        for state in (h0, c0):
+            if state is not None and (state.dtype != dtype or state.device != x.device):
+                return False
+        if batch_sizes is None:
+            return x.size(0) > 0
+        if x.dim() != 2 or x.size(1) != self.input_size or batch_sizes.dim() != 1:
+            return False
+        if batch_sizes.numel() == 0 or batch_sizes.dtype != torch.int64:
+            return False
+        if not bool((batch_sizes > 0).all()) or int(batch_sizes.sum()) != x.size(0):
+            return False
+        if batch_sizes.numel() > 1 and bool((batch_sizes[1:] > batch_sizes[:-1]).any()):
+            return False
+        batch = int(batch_sizes[0])
+        layers_dirs = self.num_layers * (2 if self.bidirectional else 1)
+        out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        if h0 is not None and h0.size() != [layers_dirs, batch, out_size]:
+            return False
+        if c0 is not None and c0.size() != [layers_dirs, batch, self.hidden_size]:
+            return False
+        return True
+
+    def _script_check_packed_hidden(self, h0: Tensor, c0: Tensor, batch_sizes: Tensor) -> None:
+        """FusedLSTM._check_packed_hidden, in TorchScript: a RuntimeError where nn.LSTM's
+        oneDNN kernel would read or write past a hidden state of the wrong shape (packed
+        sequences of equal length)."""
+        if batch_sizes.numel() == 0 or bool((batch_sizes != batch_sizes[0]).any()):
+            return
+        layers_dirs = self.num_layers * (2 if self.bidirectional else 1)
+        batch = int(batch_sizes[0])
+        out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        self.check_hidden_size(h0, (layers_dirs, batch, out_size),
+                               "Expected hidden[0] size {}, got {}")
+        self.check_hidden_size(c0, (layers_dirs, batch, self.hidden_size),
+                               "Expected hidden[1] size {}, got {}")
+
+
+def _runs_fused_in_onnx(g, device):
+    """``fused_lstm::runs_fused`` for ONNX export of a scripted model (the TorchScript-based
+    exporter): constant False, as ONNX has no fused op. The exporter then folds the scripted
+    forward's choice away and writes only nn.LSTM's implementation, as ONNX's LSTM op: the graph
+    it writes for the scripted nn.LSTM model (the eager FusedLSTM runs nn.LSTM's forward during
+    export for the same reason)."""
+    return g.op("Constant", value_t=torch.tensor(False))
+
+
+torch.onnx.register_custom_op_symbolic("fused_lstm::runs_fused", _runs_fused_in_onnx, 9)
 
 
 def scriptable(module: FusedLSTM) -> ScriptableFusedLSTM:
