@@ -179,3 +179,101 @@ def test_quantize_dynamic_quantizes_fused_lstm_as_nn_lstm(spec):
     with torch.no_grad():
         for e, g in zip(expected_model(x), got_model(x)):
             assert torch.equal(g, e)
+
+
+def _fx_quantized(model, qconfig_mapping, x, qat=False):
+    """``model`` (copied) through FX graph-mode quantization: prepare_fx (prepare_qat_fx),
+    one calibration call, convert_fx; with the warnings it gave (messages)."""
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
+
+    model = copy.deepcopy(model).train(qat)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepared = (prepare_qat_fx if qat else prepare_fx)(model, qconfig_mapping, (x,))
+        prepared(x)
+        quantized = convert_fx(prepared).eval()
+    return quantized, {str(w.message) for w in caught}
+
+
+@pytest.mark.parametrize("lstm_class", ["FusedLSTM", "ScriptableFusedLSTM"])
+@pytest.mark.parametrize("qconfig", ["qint8-global", "qint8-nn.LSTM", "float16-global",
+                                     "float16-nn.LSTM", "qint8-nn.LSTM-qat"])
+def test_fx_dynamic_quantization_quantizes_fused_lstm_as_nn_lstm(qconfig, lstm_class):
+    """FX graph-mode dynamic quantization (prepare_fx / convert_fx with a dynamic qconfig:
+    qint8 and float16, global and set_object_type(nn.LSTM, ...), and prepare_qat_fx) turns a
+    converted model's FusedLSTM (or the ScriptableFusedLSTM torch.jit.script leaves) into
+    PyTorch's dynamic quantized LSTM, as it turns nn.LSTM (left float32 before the fix): the
+    same module types, graph and values, bit for bit, and no warning beyond nn.LSTM's."""
+    from torch.ao.nn.quantized.dynamic import LSTM as DynamicQuantizedLSTM
+    from torch.ao.quantization import (QConfigMapping, default_dynamic_qconfig,
+                                       float16_dynamic_qconfig)
+
+    from fused_lstm._script import ScriptableFusedLSTM, scriptable
+
+    dtype, scope, *qat = qconfig.split("-")
+    dynamic_qconfig = {"qint8": default_dynamic_qconfig,
+                       "float16": float16_dynamic_qconfig}[dtype]
+    mapping = QConfigMapping()
+    if scope == "global":
+        mapping.set_global(dynamic_qconfig)
+    else:
+        mapping.set_object_type(nn.LSTM, dynamic_qconfig)
+    plain, fused = pair(F32)
+    if lstm_class == "ScriptableFusedLSTM":
+        fused.lstm = scriptable(fused.lstm)  # what torch.jit.script(fused) leaves
+        assert type(fused.lstm) is ScriptableFusedLSTM
+    x = randn(2, 5, 3, dtype=F32)
+    expected_model, expected_warnings = _fx_quantized(plain, mapping, x, qat=bool(qat))
+    got_model, got_warnings = _fx_quantized(fused, mapping, x, qat=bool(qat))
+    assert type(expected_model.lstm) is DynamicQuantizedLSTM
+    assert type(got_model.lstm) is DynamicQuantizedLSTM  # left float32 before the fix
+    assert type(got_model.head) is type(expected_model.head)
+    assert str(got_model.graph) == str(expected_model.graph)
+    assert got_warnings <= expected_warnings, got_warnings - expected_warnings
+    assert type(fused.lstm).__name__ == lstm_class  # the original model is unchanged
+    x = randn(4, 7, 3, dtype=F32)
+    with torch.no_grad():
+        expected, got = expected_model(x), got_model(x)
+    for e, g in zip(expected, got):
+        assert torch.equal(g, e)
+
+
+def test_fx_quantization_fused_lstm_qconfig_of_its_own_wins():
+    """A QConfigMapping entry for FusedLSTM itself wins over the global dynamic qconfig (and
+    over an nn.LSTM entry): set_object_type(FusedLSTM, None) keeps it float32."""
+    from torch.ao.quantization import QConfigMapping, default_dynamic_qconfig
+
+    plain, fused = pair(F32)
+    x = randn(2, 5, 3, dtype=F32)
+    mapping = (QConfigMapping().set_global(default_dynamic_qconfig)
+               .set_object_type(nn.LSTM, default_dynamic_qconfig)
+               .set_object_type(FusedLSTM, None))
+    got_model, _ = _fx_quantized(fused, mapping, x)
+    assert type(got_model.lstm) is FusedLSTM
+    with torch.no_grad():
+        for e, g in zip(fused(x)[1:], got_model(x)[1:]):  # h_n, c_n: the LSTM's, float32
+            assert torch.equal(g, e)
+
+
+@pytest.mark.parametrize("backend", ["native", "fbgemm", "qnnpack", "x86", "onednn"])
+def test_fx_quantization_backend_configs_configure_fused_lstm_as_nn_lstm(backend):
+    """Each BackendConfig torch builds with its RNN pattern configs (the default of
+    prepare_fx / convert_fx is native) configures FusedLSTM and ScriptableFusedLSTM as it
+    configures nn.LSTM: same observation type, dtype configs and reference quantized module,
+    the class as its root module. Fails loudly if torch's internals moved (then FX graph-mode
+    quantization would leave FusedLSTM float32 again)."""
+    import importlib
+
+    from fused_lstm._script import ScriptableFusedLSTM
+
+    module = importlib.import_module(f"torch.ao.quantization.backend_config.{backend}")
+    config = getattr(module, f"get_{backend}_backend_config")()
+    by_pattern = {c.pattern: c for c in config.configs}
+    lstm = by_pattern[nn.LSTM]
+    for fused_class in (FusedLSTM, ScriptableFusedLSTM):
+        got = by_pattern[fused_class]
+        assert got.root_module is fused_class
+        assert got.reference_quantized_module is lstm.reference_quantized_module is not None
+        assert got.observation_type == lstm.observation_type
+        assert ([d.to_dict() for d in got.dtype_configs]
+                == [d.to_dict() for d in lstm.dtype_configs] != [])
