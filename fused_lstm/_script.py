@@ -16,12 +16,13 @@ FusedLSTM: torch.jit.script puts what ``__prepare_scriptable__`` returns into th
 scripts, so the model keeps running FusedLSTM's forward afterwards.
 """
 
-from typing import List, Optional, Tuple, overload
+from typing import Optional, Tuple, overload
 
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
+from ._checks import dropout_mask, state_for_op
 from .module import FusedLSTM, _retyped
 
 
@@ -51,15 +52,9 @@ class ScriptableFusedLSTM(FusedLSTM):
 
     def _script_dropout_mask(self, x: Tensor) -> Optional[Tensor]:
         """FusedLSTM._dropout_mask, in TorchScript."""
-        p = self.dropout
-        if not (p > 0 and self.training and self.num_layers > 1):
-            return None
         layer_out = (2 if self.bidirectional else 1) * (
             self.proj_size if self.proj_size > 0 else self.hidden_size)
-        shape: List[int] = [self.num_layers - 1] + x.shape[:-1] + [layer_out]
-        if p >= 1:
-            return torch.zeros(shape, dtype=x.dtype, device=x.device)
-        return torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1 - p).div_(1 - p)
+        return dropout_mask(x, self.dropout, self.training, self.num_layers, layer_out)
 
     @overload
     @torch._jit_internal._overload_method
@@ -128,21 +123,7 @@ class ScriptableFusedLSTM(FusedLSTM):
         if hx is None:
             self.check_input(batched, None)
         else:
-            h, c = hx
-            if is_batched:
-                if h.dim() != 3 or c.dim() != 3:
-                    raise RuntimeError(
-                        "For batched 3-D input, hx and cx should "
-                        f"also be 3-D but got ({h.dim()}-D, {c.dim()}-D) tensors"
-                    )
-            else:
-                if h.dim() != 2 or c.dim() != 2:
-                    raise RuntimeError(
-                        "For unbatched 2-D input, hx and cx should "
-                        f"also be 2-D but got ({h.dim()}-D, {c.dim()}-D) tensors"
-                    )
-                h = h.unsqueeze(1)
-                c = c.unsqueeze(1)
+            h, c = state_for_op(hx[0], hx[1], is_batched)
             self.check_forward_args(batched, (h, c), None)
             h0 = h
             c0 = c

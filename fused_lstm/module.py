@@ -35,6 +35,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
 from . import _functorch, ops
+from ._checks import dropout_mask, state_for_op
 from ._loader import python_entry
 
 __all__ = ["FusedLSTM", "FusedLSTMFallbackWarning", "convert", "revert"]
@@ -204,21 +205,7 @@ class FusedLSTM(nn.LSTM):
         if hx is None:
             h0 = c0 = None
         else:
-            h0, c0 = hx[0], hx[1]
-            if is_batched:
-                if h0.dim() != 3 or c0.dim() != 3:
-                    raise RuntimeError(
-                        "For batched 3-D input, hx and cx should "
-                        f"also be 3-D but got ({h0.dim()}-D, {c0.dim()}-D) tensors"
-                    )
-            else:
-                if h0.dim() != 2 or c0.dim() != 2:
-                    raise RuntimeError(
-                        "For unbatched 2-D input, hx and cx should "
-                        f"also be 2-D but got ({h0.dim()}-D, {c0.dim()}-D) tensors"
-                    )
-                h0 = h0.unsqueeze(1)
-                c0 = c0.unsqueeze(1)
+            h0, c0 = state_for_op(hx[0], hx[1], is_batched)
 
         # nn.LSTM.check_forward_args, in its order (autocast never reaches this point).
         weight_dtype = weights[0].dtype
@@ -320,15 +307,8 @@ class FusedLSTM(nn.LSTM):
     def _dropout_mask(self, x: Tensor) -> Optional[Tensor]:
         """Inter-layer dropout as a mask ``[L-1, *x.shape[:-1], D*out_size]`` of 0 and 1/(1-p),
         or None when there is no dropout (eval mode, p == 0, or a single layer)."""
-        p = self.dropout
-        num_layers = self.num_layers
-        if not (p > 0 and self.training and num_layers > 1):
-            return None
         layer_out = (2 if self.bidirectional else 1) * (self.proj_size or self.hidden_size)
-        shape = (num_layers - 1, *x.shape[:-1], layer_out)
-        if p >= 1:
-            return torch.zeros(shape, dtype=x.dtype, device=x.device)
-        return torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1 - p).div_(1 - p)
+        return dropout_mask(x, self.dropout, self.training, self.num_layers, layer_out)
 
     def _forward_without_kernel(self, input, hx, device_type: str):
         if device_type not in _warned_devices:
