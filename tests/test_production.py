@@ -157,6 +157,37 @@ def test_recycled_buffers_count_in_profiled_memory():
     assert max(sizes) >= reserve_bytes, (max(sizes), reserve_bytes)
 
 
+def test_recycled_blocks_are_sized_to_the_request():
+    """A packed training call after a larger model's training (every buffer 1.6x its size, so
+    the larger blocks are in the CPU buffer cache) gets blocks of at most 9/8 of what it asks
+    for (csrc/cpu/buffer_cache.cpp; a handed-out block counts in profiled peak memory at its
+    size): the forward's largest allocation is its reserve, the backward's its dgates [rows, 4H],
+    each within 9/8 of the size the formula gives for the packed rows."""
+    from fused_lstm import ops
+
+    I, H, L, B = 8, 64, 2, 16
+    lengths = torch.tensor([120 - 4 * i for i in range(B)])
+    rows = int(lengths.sum())
+    big = FusedLSTM(I, H, num_layers=L)  # padded, 1.6x the rows of the packed call
+    xb = randn(rows * 8 // (5 * B), B, I, dtype=F32).requires_grad_()
+    assert xb.shape[0] * B == rows * 8 // 5
+    big(xb)[0].sum().backward()
+    model = FusedLSTM(I, H, num_layers=L)
+    packed = pack_padded_sequence(randn(int(lengths[0]), B, I, dtype=F32), lengths,
+                                  enforce_sorted=False)
+    packed = packed._replace(data=packed.data.requires_grad_())
+    up = randn(rows, H, dtype=F32)
+    model(packed)[0].data.backward(up)  # warm: this call's own blocks are cached too
+    reserve_bytes = 4 * ops.reserve_numel(rows, L, 1, H, 0)
+    dgates_bytes = 4 * rows * 4 * H
+    assert dgates_bytes >= 1 << 20  # both large enough to be recycled
+    outputs = []
+    forward = _allocation_sizes(lambda: outputs.append(model(packed)[0].data))
+    backward = _allocation_sizes(lambda: outputs[0].backward(up))
+    assert reserve_bytes <= max(forward) <= reserve_bytes * 9 // 8, (max(forward), reserve_bytes)
+    assert dgates_bytes <= max(backward) <= dgates_bytes * 9 // 8, (max(backward), dgates_bytes)
+
+
 def _cpu_has_avx512_bf16():
     return cpu_features()["avx512_bf16"]
 

@@ -4,8 +4,14 @@
 // so a 39 MB reserve (medium training) costs ~10,000 page faults, each zeroing 4 KB, on every
 // call (benchmarks/notes/memory.md, "Recycling the large CPU buffers"). Buffers from kMinBytes on
 // are kept here when freed
-// and handed out again for a request of at most their size and at least half of it. The cache
-// holds at most kMaxBlocks blocks and kMaxBytes in all; a block that does not fit is freed.
+// and handed out again for a request of at most their size and at least kMinFill of it. The
+// cache holds at most kMaxBlocks blocks and kMaxBytes in all; a block given back to a full cache
+// makes room by freeing the least recently given back ones, so the cache follows the sizes in
+// use now (a block larger than the cache is freed).
+// The fit is tight because a block handed out is memory in use, counted by the profiler at its
+// full size: with a fit of 1-2x, blocks left by a larger model served the smaller one's reserve
+// and backward scratch, and a packed training call measured 141 MB where it needs 103 MB
+// (benchmarks/notes/memory.md, "Recycled blocks sized to the request").
 // Contents are not cleared: callers write every element they read (as with at::empty).
 // A block handed out and given back is reported to PyTorch's memory profiler as an allocation
 // and a free, as the CPU allocator reports its own, so profiled peak memory counts it.
@@ -26,6 +32,8 @@ namespace {
 constexpr size_t kMinBytes = size_t{1} << 20;
 constexpr size_t kMaxBytes = size_t{256} << 20;
 constexpr size_t kMaxBlocks = 16;
+// A block serves requests of at least kMinFill of its size (at most 1/8 of it unused).
+constexpr size_t kMinFillNum = 7, kMinFillDen = 8;
 
 struct Block {
   void* ptr;
@@ -37,13 +45,13 @@ struct BufferCache {
   std::vector<Block> free_blocks;
   size_t free_bytes = 0;
 
-  // The smallest free block of [bytes, 2 * bytes], removed from the cache; or none.
+  // The smallest free block of [bytes, bytes / kMinFill], removed from the cache; or none.
   Block take(size_t bytes) {
     std::lock_guard<std::mutex> lock(mutex);
     size_t best = free_blocks.size();
     for (size_t i = 0; i < free_blocks.size(); ++i) {
       const size_t size = free_blocks[i].bytes;
-      if (size >= bytes && size / 2 <= bytes &&
+      if (size >= bytes && size / kMinFillDen * kMinFillNum <= bytes &&
           (best == free_blocks.size() || size < free_blocks[best].bytes))
         best = i;
     }
@@ -54,16 +62,29 @@ struct BufferCache {
     return block;
   }
 
+  // Keeps `block` (free_blocks is in the order blocks were given back, oldest first), freeing
+  // the oldest blocks as needed to stay within the caps; a block over kMaxBytes is freed.
   void give_back(Block block) {
+    if (block.bytes > kMaxBytes) {
+      c10::free_cpu(block.ptr);
+      return;
+    }
+    std::vector<Block> evicted;
     {
       std::lock_guard<std::mutex> lock(mutex);
-      if (free_blocks.size() < kMaxBlocks && free_bytes + block.bytes <= kMaxBytes) {
-        free_blocks.push_back(block);
-        free_bytes += block.bytes;
-        return;
+      size_t drop = 0;
+      size_t bytes = free_bytes;
+      while (drop < free_blocks.size() &&
+             (free_blocks.size() - drop + 1 > kMaxBlocks || bytes + block.bytes > kMaxBytes)) {
+        bytes -= free_blocks[drop].bytes;
+        ++drop;
       }
+      evicted.assign(free_blocks.begin(), free_blocks.begin() + static_cast<std::ptrdiff_t>(drop));
+      free_blocks.erase(free_blocks.begin(), free_blocks.begin() + static_cast<std::ptrdiff_t>(drop));
+      free_blocks.push_back(block);
+      free_bytes = bytes + block.bytes;
     }
-    c10::free_cpu(block.ptr);
+    for (const Block& old : evicted) c10::free_cpu(old.ptr);  // outside the lock
   }
 };
 
