@@ -172,6 +172,13 @@ CASES = {
     "thin-one-step": (
         {}, dict(input_size=64, hidden_size=48, num_layers=2, bidirectional=True), 1, 3, F32,
         False, {"variant": "thin", "recurrent_product": "thin kernel (dot products)"}, None),
+    "thin-bf16-one-step": (
+        {}, dict(input_size=64, hidden_size=48, num_layers=2, bidirectional=True), 1, 3, BF16,
+        False, {"variant": "thin", "keep_bf16": "true", "recurrent_product":
+                "thin kernel (dot products, bf16 weights widened to float32)"}, None),
+    "thin-bf16-steps": (
+        {}, dict(input_size=40, hidden_size=33, num_layers=2), 3, 4, BF16, False,
+        {"variant": "thin", "keep_bf16": "true"}, None),
     "thin-steps": (
         {}, dict(input_size=40, hidden_size=32, num_layers=3), 20, 8, F64, False,
         {"variant": "thin"}, None),
@@ -891,3 +898,91 @@ def test_bf16_fused_input_projection_same_as_unfused(case):
         scale = max(1.0, a.abs().max().item())
         assert (j.double() - a.double()).abs().max().item() <= eps * scale, i
         assert not torch.isnan(j).any(), i
+
+
+# (hidden, input_size, batch, num_layers, bias, bidirectional, with_state, seq_len, packed): the
+# thin kernel on a bfloat16 model, which reads the bf16 W_ih and W_hh as they are. Hidden 16 is
+# one unit block, 17 and 33 a block and a tail, 40 and 48 several blocks split unevenly over 2
+# threads; input sizes and hidden sizes off the 16-, 8- and 4-lane vectors give scalar tails;
+# input 2000 splits a one-unit-block layer over 2 threads (16 units and 1); hidden 256 with
+# input 64 is stream-step.
+THIN_BF16_CASES = [
+    (16, 11, 1, 1, True, False, True, 1, False),
+    (17, 5, 3, 2, False, True, False, 2, False),
+    (17, 2000, 1, 1, True, False, True, 1, False),
+    (33, 19, 4, 2, True, True, True, 3, True),
+    (40, 24, 4, 2, True, True, True, 1, False),
+    (48, 64, 2, 1, False, False, True, 3, False),
+    (256, 64, 1, 2, True, False, True, 1, False),
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "hidden,input_size,batch,num_layers,bias,bidirectional,with_state,seq_len,packed",
+    THIN_BF16_CASES,
+    ids=[f"H{h}-I{i}-B{b}-L{l}-{'bias' if bi else 'nobias'}-{'bi' if d else 'uni'}"
+         f"-{'state' if s else 'nostate'}-T{t}{'-packed' if p else ''}"
+         for h, i, b, l, bi, d, s, t, p in THIN_BF16_CASES])
+def test_bf16_thin_inference(threads, hidden, input_size, batch, num_layers, bias, bidirectional,
+                             with_state, seq_len, packed):
+    """bf16 streaming inference runs the thin kernel on the bf16 weights as the model holds them
+    (explain: variant thin, keep_bf16 true): outputs, h_n and c_n within twice nn.LSTM's bf16
+    distance to nn.LSTM in float64 on the same bf16 weights and inputs, plus a bf16 epsilon; and
+    bit for bit those of the float32 model on the same weights, rounded to bf16 (the kernel
+    widens each bf16 weight exactly and sums as the float32 kernel does)."""
+    kwargs = dict(input_size=input_size, hidden_size=hidden, num_layers=num_layers, bias=bias,
+                  bidirectional=bidirectional)
+    torch_lstm, fused = lstm_pair(dtype=BF16, **kwargs)
+    exact = nn.LSTM(dtype=F64, **kwargs)
+    exact.load_state_dict({k: v.double() for k, v in torch_lstm.state_dict().items()})
+    as_f32 = FusedLSTM(dtype=F32, **kwargs)
+    as_f32.load_state_dict({k: v.float() for k, v in torch_lstm.state_dict().items()})
+    x = randn(seq_len, batch, input_size).to(BF16)
+    hx = tuple(t.detach() for t in make_state(fused, batch, BF16)) if with_state else None
+    lengths = sorted((seq_len - i * seq_len // batch for i in range(batch)), reverse=True)
+    if packed:
+        assert lengths[-1] < seq_len
+
+    def run(module, dtype):
+        inp = x.to(dtype)
+        inp = pack_padded_sequence(inp, lengths) if packed else inp
+        state = None if hx is None else tuple(t.to(dtype) for t in hx)
+        with torch.no_grad():
+            out, (h_n, c_n) = module(inp, state)
+        return [out.data if packed else out, h_n, c_n]
+
+    with num_threads(threads):
+        plan = plan_of(fused, x, lengths if packed else None, train=False)
+        assert plan["variant"] == "thin" and plan["keep_bf16"] == "true", plan
+        ours = run(fused, BF16)
+        widened = run(as_f32, F32)
+    expected, theirs = run(exact, F64), run(torch_lstm, BF16)
+    eps = torch.finfo(BF16).eps
+    for i, (o, e, t, w) in enumerate(zip(ours, expected, theirs, widened)):
+        assert o.dtype == BF16 and o.shape == e.shape, i
+        scale = max(1.0, e.abs().max().item())
+        our_error = (o.double() - e).abs().max().item()
+        their_error = (t.double() - e).abs().max().item()
+        assert our_error <= 2 * their_error + eps * scale, (i, our_error, their_error)
+        assert torch.equal(o, w.to(BF16)), i
+
+
+def test_bf16_thin_inference_makes_no_float_copy_of_the_weights():
+    """bf16 streaming inference (stream-step: input 64, hidden 256, 2 layers, one row, one step)
+    allocates far less than the model's bf16 weights during a call (the profiler's record of
+    every allocation): no float32 copy of W_ih or W_hh (2x their bf16 bytes) is made."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fused = FusedLSTM(64, 256, 2, dtype=BF16)
+    x = randn(1, 1, 64).to(BF16)
+    state = tuple(t.detach() for t in make_state(fused, 1, BF16))
+    weight_bytes = sum(p.numel() * p.element_size() for p in fused.parameters())
+    with torch.no_grad():
+        assert plan_of(fused, x, None, train=False)["variant"] == "thin"
+        fused(x, state)  # scratch buffers are recycled from the first call on
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fused(x, state)
+    allocated = sum(e.self_cpu_memory_usage for e in prof.events()
+                    if e.self_cpu_memory_usage > 0)
+    assert 0 < allocated < weight_bytes / 8, (allocated, weight_bytes)

@@ -54,7 +54,9 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s) {
   for (int64_t l = 0; l < s.num_layers; ++l)
     o << "input_projection." << l << "=" << input_projection_of(p, s, l, proj_rows) << "\n";
   std::string recurrent;
-  if (p.variant == Variant::kThin) recurrent = "thin kernel (dot products)";
+  if (p.variant == Variant::kThin)
+    recurrent = p.keep_bf16 ? "thin kernel (dot products, bf16 weights widened to float32)"
+                            : "thin kernel (dot products)";
   else if (p.variant == Variant::kSmallHidden) recurrent = "small-hidden product (inline)";
   else if (p.amx_products) recurrent = "amx_brgemm";
   else if (p.bf16_products) recurrent = "bf16_gemm";

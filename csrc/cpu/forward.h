@@ -93,7 +93,7 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
                     const T* cx, const std::vector<at::Tensor>& weights, const T* mask, T* hy,
                     T* cy, T* output) {
   if (plan.variant == Variant::kThin)
-    return thin_inference(plan, s, input.f, hx, cx, weights, mask, hy, cy, output);
+    return thin_inference(plan, s, input, hx, cx, weights, mask, hy, cy, output);
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
   const int64_t out_stride = D * out;
   const int64_t chunk_steps = inference_chunk_steps(s);

@@ -124,7 +124,8 @@ inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, bool is
   const bool packs = row_sizes && s.seq_len >= 2;
   p.bf16_products = bf16_model && packs && cpu.avx512_bf16 && settings.bf16_products;
   p.amx_products = p.bf16_products && settings.amx && amx_sizes(s) && amx_bf16_available();
-  p.keep_bf16 = p.bf16_products && !thin;
+  // The thin kernel reads a bfloat16 model's W_ih and W_hh as they are (thin.h), on any CPU.
+  p.keep_bf16 = (p.bf16_products && !thin) || (bf16_model && p.variant == Variant::kThin);
   p.brgemm_steps = is_float && packs && cpu.brgemm && settings.brgemm && !p.bf16_products;
   p.brgemm_dh = is_float && row_sizes && cpu.brgemm && settings.brgemm;
   p.vec16_cell = is_float && cpu.avx512 && settings.vec16_cell;

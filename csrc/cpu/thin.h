@@ -20,7 +20,11 @@ namespace {
 // (cell_forward_block) and writes h_t and c_t, with no synchronisation inside the layer. Steps
 // and layers are separated by the end of the region (h_{t-1} needs every unit). OpenMP hands
 // chunk i to thread i, so a thread keeps its units, and re-reads the same weight slice, from
-// call to call. No projection; float32 and float64.
+// call to call. No projection; float32 and float64, and bfloat16 models in float32 arithmetic
+// on the weights as the model holds them: each dot product loads bf16 weights and widens them
+// to float32 (exact: a bf16 is the upper half of a float32), so no float32 copy of the weights
+// is made and half the bytes are read. The results are those of the float32 kernel on the
+// weights converted to float32 (the same products, sums and order).
 // Measured (stream-step op, loaded 2-core box, minimum of many samples): ~61-73 -> ~35-41 us
 // on 2 threads, ~95 -> ~55 us on 1 (benchmarks/notes/thin-batch.md, "The thin-batch inference
 // kernel").
@@ -31,13 +35,14 @@ constexpr int64_t kThinUnitBlock = 16;
 // A layer's step is split over the threads from this many weights (W_ih and W_hh) on.
 constexpr int64_t kThinParallelWork = int64_t{1} << 17;
 
-// One step of one layer (every direction), as the threads read it. Per direction d:
-template <typename T>
+// One step of one layer (every direction), as the threads read it. W: the weights' storage
+// type (T, or bf16 where T is float). Per direction d:
+template <typename T, typename W = T>
 struct ThinStep {
   int64_t H = 0, in_size = 0;
   int64_t bs[2] = {0, 0};                  // rows active at the step
-  const T* w_ih[2] = {};                   // [4H, in_size]
-  const T* w_hh[2] = {};                   // [4H, H]
+  const W* w_ih[2] = {};                   // [4H, in_size]
+  const W* w_hh[2] = {};                   // [4H, H]
   const T* b_ih[2] = {};                   // [4H] or null
   const T* b_hh[2] = {};
   const T* x[2][kThinMaxBatch] = {};           // x_t of each row
@@ -67,10 +72,26 @@ FUSED_LSTM_INLINE T hsum(VecOf<T, kBytes> v) {
   }
 }
 
+// kLanes weights from p, as T: a plain load, or bf16 widened to float32 (the bf16 bits as the
+// upper half of the float's).
+template <typename T, int kLanes, typename W>
+FUSED_LSTM_INLINE Vec<T, kLanes> load_weights(const W* p) {
+  if constexpr (std::is_same_v<T, W>) {
+    return vec_load<T, kLanes>(p);
+  } else {
+    static_assert(std::is_same_v<T, float> && std::is_same_v<W, c10::BFloat16>);
+    const Vec<uint16_t, kLanes> u = vec_load<uint16_t, kLanes>(reinterpret_cast<const uint16_t*>(p));
+    const Vec<uint32_t, kLanes> bits = __builtin_convertvector(u, Vec<uint32_t, kLanes>) << 16;
+    Vec<float, kLanes> f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
+  }
+}
+
 // acc[r][b] (vector part) and tail[r][b] (the last K % lanes elements) += the dot product of
 // row r of w (rows row_stride apart, K long) with x[b], for r < kR and b < kNB.
-template <typename T, int kBytes, int kR, int kNB>
-FUSED_LSTM_INLINE void dots(const T* w, int64_t row_stride, int64_t K, const T* const* x,
+template <typename T, int kBytes, int kR, int kNB, typename W>
+FUSED_LSTM_INLINE void dots(const W* w, int64_t row_stride, int64_t K, const T* const* x,
                             VecOf<T, kBytes> (&acc)[kR][kNB],
                             T (&tail)[kR][kNB]) {
   using V = VecOf<T, kBytes>;
@@ -80,18 +101,18 @@ FUSED_LSTM_INLINE void dots(const T* w, int64_t row_stride, int64_t K, const T* 
     V xv[kNB];
     for (int b = 0; b < kNB; ++b) xv[b] = vec_load<T, kLanes>(x[b] + k);
     for (int r = 0; r < kR; ++r) {
-      const V wv = vec_load<T, kLanes>(w + r * row_stride + k);
+      const V wv = load_weights<T, kLanes>(w + r * row_stride + k);
       for (int b = 0; b < kNB; ++b) acc[r][b] += wv * xv[b];
     }
   }
   for (; k < K; ++k)
     for (int r = 0; r < kR; ++r)
-      for (int b = 0; b < kNB; ++b) tail[r][b] += w[r * row_stride + k] * x[b][k];
+      for (int b = 0; b < kNB; ++b) tail[r][b] += static_cast<T>(w[r * row_stride + k]) * x[b][k];
 }
 
 // Pre-activations of hidden unit j of direction d for the rows [b0, b0 + kNB).
-template <typename T, int kBytes, int kNB>
-FUSED_LSTM_INLINE void unit_rows(const ThinStep<T>& a, int64_t d, int64_t j, int64_t b0) {
+template <typename T, int kBytes, int kNB, typename W>
+FUSED_LSTM_INLINE void unit_rows(const ThinStep<T, W>& a, int64_t d, int64_t j, int64_t b0) {
   using V = VecOf<T, kBytes>;
   const int64_t H = a.H, I = a.in_size;
   V acc[4][kNB];
@@ -101,9 +122,9 @@ FUSED_LSTM_INLINE void unit_rows(const ThinStep<T>& a, int64_t d, int64_t j, int
       acc[g][b] = V{};
       tail[g][b] = T(0);
     }
-  dots<T, kBytes, 4, kNB>(a.w_ih[d] + j * I, H * I, I, a.x[d] + b0, acc, tail);
+  dots<T, kBytes, 4, kNB, W>(a.w_ih[d] + j * I, H * I, I, a.x[d] + b0, acc, tail);
   if (a.h[d][0] != nullptr)
-    dots<T, kBytes, 4, kNB>(a.w_hh[d] + j * H, H * H, H, a.h[d] + b0, acc, tail);
+    dots<T, kBytes, 4, kNB, W>(a.w_hh[d] + j * H, H * H, H, a.h[d] + b0, acc, tail);
   for (int g = 0; g < 4; ++g) {
     const T bias = a.b_ih[d] ? a.b_ih[d][g * H + j] + a.b_hh[d][g * H + j] : T(0);
     for (int b = 0; b < kNB; ++b)
@@ -114,16 +135,16 @@ FUSED_LSTM_INLINE void unit_rows(const ThinStep<T>& a, int64_t d, int64_t j, int
 
 // Pre-activations of the units [j0, j1) of direction d, every row of the step; kBytes: the
 // vector width, kMaxNB: rows at a time (accumulators: 4 * kMaxNB vectors).
-template <typename T, int kBytes, int kMaxNB>
-FUSED_LSTM_INLINE void units_pre(const ThinStep<T>& a, int64_t d, int64_t j0, int64_t j1) {
+template <typename T, int kBytes, int kMaxNB, typename W>
+FUSED_LSTM_INLINE void units_pre(const ThinStep<T, W>& a, int64_t d, int64_t j0, int64_t j1) {
   const int64_t bs = a.bs[d];
   for (int64_t j = j0; j < j1; ++j) {
     int64_t b0 = 0;
-    for (; b0 + kMaxNB <= bs; b0 += kMaxNB) unit_rows<T, kBytes, kMaxNB>(a, d, j, b0);
+    for (; b0 + kMaxNB <= bs; b0 += kMaxNB) unit_rows<T, kBytes, kMaxNB, W>(a, d, j, b0);
     const int64_t rest = bs - b0;
-    if (rest >= 3) unit_rows<T, kBytes, 3>(a, d, j, b0);
-    else if (rest == 2) unit_rows<T, kBytes, 2>(a, d, j, b0);
-    else if (rest == 1) unit_rows<T, kBytes, 1>(a, d, j, b0);
+    if (rest >= 3) unit_rows<T, kBytes, 3, W>(a, d, j, b0);
+    else if (rest == 2) unit_rows<T, kBytes, 2, W>(a, d, j, b0);
+    else if (rest == 1) unit_rows<T, kBytes, 1, W>(a, d, j, b0);
   }
 }
 
@@ -131,35 +152,36 @@ FUSED_LSTM_INLINE void units_pre(const ThinStep<T>& a, int64_t d, int64_t j0, in
 // target_clones of one body), chosen at run time by pre_fn.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define FUSED_LSTM_THIN_ISAS 1
-#define FUSED_LSTM_DEFINE_THIN(T)                                                         \
-  __attribute__((target("arch=x86-64-v4"))) void pre_v4(const ThinStep<T>& a, int64_t d,  \
+#define FUSED_LSTM_DEFINE_THIN(T, W)                                                         \
+  __attribute__((target("arch=x86-64-v4"))) void pre_v4(const ThinStep<T, W>& a, int64_t d,  \
                                                         int64_t j0, int64_t j1) {         \
-    units_pre<T, 64, 4>(a, d, j0, j1);                                                    \
+    units_pre<T, 64, 4, W>(a, d, j0, j1);                                                    \
   }                                                                                       \
-  __attribute__((target("arch=x86-64-v3"))) void pre_v3(const ThinStep<T>& a, int64_t d,  \
+  __attribute__((target("arch=x86-64-v3"))) void pre_v3(const ThinStep<T, W>& a, int64_t d,  \
                                                         int64_t j0, int64_t j1) {         \
-    units_pre<T, 32, 2>(a, d, j0, j1);                                                    \
+    units_pre<T, 32, 2, W>(a, d, j0, j1);                                                    \
   }                                                                                       \
-  void pre_base(const ThinStep<T>& a, int64_t d, int64_t j0, int64_t j1) {                \
-    units_pre<T, 16, 2>(a, d, j0, j1);                                                    \
+  void pre_base(const ThinStep<T, W>& a, int64_t d, int64_t j0, int64_t j1) {                \
+    units_pre<T, 16, 2, W>(a, d, j0, j1);                                                    \
   }
 #else
-#define FUSED_LSTM_DEFINE_THIN(T)                                                         \
-  void pre_base(const ThinStep<T>& a, int64_t d, int64_t j0, int64_t j1) {                \
-    units_pre<T, 16, 2>(a, d, j0, j1);                                                    \
+#define FUSED_LSTM_DEFINE_THIN(T, W)                                                         \
+  void pre_base(const ThinStep<T, W>& a, int64_t d, int64_t j0, int64_t j1) {                \
+    units_pre<T, 16, 2, W>(a, d, j0, j1);                                                    \
   }
 #endif
-FUSED_LSTM_DEFINE_THIN(float)
-FUSED_LSTM_DEFINE_THIN(double)
+FUSED_LSTM_DEFINE_THIN(float, float)
+FUSED_LSTM_DEFINE_THIN(double, double)
+FUSED_LSTM_DEFINE_THIN(float, c10::BFloat16)
 #undef FUSED_LSTM_DEFINE_THIN
 
-template <typename T>
-using PreFn = void (*)(const ThinStep<T>&, int64_t, int64_t, int64_t);
+template <typename T, typename W>
+using PreFn = void (*)(const ThinStep<T, W>&, int64_t, int64_t, int64_t);
 
-template <typename T>
-PreFn<T> pre_fn() {
-  static const PreFn<T> fn = [] {
-    PreFn<T> f = pre_base;
+template <typename T, typename W>
+PreFn<T, W> pre_fn() {
+  static const PreFn<T, W> fn = [] {
+    PreFn<T, W> f = pre_base;
 #ifdef FUSED_LSTM_THIN_ISAS
     __builtin_cpu_init();
     if (__builtin_cpu_supports("x86-64-v4")) f = pre_v4;
@@ -173,10 +195,10 @@ PreFn<T> pre_fn() {
 }  // namespace thin
 
 // A thread's share of a step: the units [u0, u1) of the layer's D * H (direction-major).
-template <typename T>
-void thin_step_units(const ThinStep<T>& a, int64_t D, int64_t u0, int64_t u1) {
+template <typename T, typename W>
+void thin_step_units(const ThinStep<T, W>& a, int64_t D, int64_t u0, int64_t u1) {
   const int64_t H = a.H, G = 4 * H;
-  const thin::PreFn<T> pre = thin::pre_fn<T>();
+  const thin::PreFn<T, W> pre = thin::pre_fn<T, W>();
   for (int64_t d = 0; d < D; ++d) {
     const int64_t j0 = std::max<int64_t>(u0 - d * H, 0), j1 = std::min<int64_t>(u1 - d * H, H);
     if (j0 >= j1) continue;
@@ -193,36 +215,51 @@ void thin_step_units(const ThinStep<T>& a, int64_t D, int64_t u0, int64_t u1) {
 }
 
 
-// inference_impl for the plan's thin variant (same arguments).
-template <typename T>
-void thin_inference(const CpuPlan& plan, const LSTMShape& s, const T* input, const T* hx, const T* cx,
-                    const std::vector<at::Tensor>& weights, const T* mask, T* hy, T* cy,
-                    T* output) {
+// inference_impl for the plan's thin variant (same arguments); W: the storage type of W_ih and
+// W_hh (thin_inference below). A bf16 input (kept as given with the weights) is widened to
+// float32 into scratch first: [rows, input_size], a few hundred elements at most steps.
+template <typename T, typename W>
+void thin_inference_of(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, const T* hx,
+                       const T* cx, const std::vector<at::Tensor>& weights, const T* mask, T* hy,
+                       T* cy, T* output) {
   const int64_t H = s.hidden_size, D = s.num_directions, B = s.batch;
   const int64_t out_stride = D * H, layer_numel = s.rows * out_stride;
   at::Tensor buf_t, dropped_buf;
   const int64_t gates_numel = 2 * kThinMaxBatch * 4 * H;
-  T* buf = scratch<T>(buf_t, gates_numel + H + (s.num_layers > 1 ? 2 * layer_numel : 0));
+  const int64_t input_numel = input.b ? s.rows * s.input_size : 0;
+  T* buf = scratch<T>(buf_t, gates_numel + H + input_numel +
+                                 (s.num_layers > 1 ? 2 * layer_numel : 0));
   T* zeros = buf + gates_numel;  // h_{t-1} of rows that start without hx
   std::fill_n(zeros, H, T(0));
-  T* layer_buf = zeros + H;
+  if (input.b) {
+    T* widened = zeros + H;
+    for (int64_t i = 0; i < input_numel; ++i) widened[i] = static_cast<T>(input.b[i]);
+    input = Operand<T>{widened};
+  }
+  T* layer_buf = zeros + H + input_numel;
   T* dropped = (mask && s.num_layers > 1) ? scratch<T>(dropped_buf, layer_numel) : nullptr;
   const bool split = at::get_num_threads() > 1 && !at::in_parallel_region();
   const int64_t units = D * H, blocks = (units + kThinUnitBlock - 1) / kThinUnitBlock;
   const T* prev = nullptr;
   for (int64_t l = 0; l < s.num_layers; ++l) {
     const int64_t in_size = s.layer_input_size(l);
-    const T* x = layer_input(s, l, Operand<T>{input}, prev, mask, dropped).f;
+    const T* x = layer_input(s, l, input, prev, mask, dropped).f;
     T* layer_out = l + 1 == s.num_layers ? output : layer_buf + (l % 2) * layer_numel;
-    ThinStep<T> a;
+    ThinStep<T, W> a;
     a.H = H;
     a.in_size = in_size;
     a.gates = buf;
     a.vec16_cell = plan.vec16_cell;
     for (int64_t d = 0; d < D; ++d) {
       const auto w = direction_weights<T>(s, weights, l, d);
-      a.w_ih[d] = w.w_ih;
-      a.w_hh[d] = w.w_hh;
+      if constexpr (std::is_same_v<T, W>) {
+        a.w_ih[d] = w.w_ih;
+        a.w_hh[d] = w.w_hh;
+      } else {
+        a.w_ih[d] = w.ih.b;
+        a.w_hh[d] = w.hh.b;
+      }
+      TORCH_INTERNAL_ASSERT(a.w_ih[d] != nullptr && a.w_hh[d] != nullptr);
       a.b_ih[d] = w.b_ih;
       a.b_hh[d] = w.b_hh;
       const int64_t ld = l * D + d;
@@ -257,6 +294,21 @@ void thin_inference(const CpuPlan& plan, const LSTMShape& s, const T* input, con
     }
     prev = layer_out;
   }
+}
+
+// inference_impl for the plan's thin variant (same arguments): W_ih and W_hh in the math dtype,
+// or, for a bfloat16 model (float32 math), kept bf16 as the model holds them (plan.keep_bf16),
+// which the dot products widen as they read them.
+template <typename T>
+void thin_inference(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, const T* hx,
+                    const T* cx, const std::vector<at::Tensor>& weights, const T* mask, T* hy,
+                    T* cy, T* output) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (plan.keep_bf16)
+      return thin_inference_of<T, c10::BFloat16>(plan, s, input, hx, cx, weights, mask, hy, cy,
+                                                 output);
+  }
+  thin_inference_of<T, T>(plan, s, input, hx, cx, weights, mask, hy, cy, output);
 }
 
 }  // namespace
