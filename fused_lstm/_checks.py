@@ -7,6 +7,15 @@ import torch
 from torch import Tensor
 
 
+def is_batched_input(input: Tensor) -> bool:  # noqa: A002 (nn.LSTM's argument name)
+    """Whether a padded input is batched (3-D) or unbatched (2-D); nn.LSTM's ValueError for
+    any other number of dimensions."""
+    dim = input.dim()
+    if dim != 3 and dim != 2:
+        raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {dim}D instead")
+    return dim == 3
+
+
 def state_for_op(h: Tensor, c: Tensor, is_batched: bool) -> Tuple[Tensor, Tensor]:
     """The given (h_0, c_0) as the op takes them, ``[L*D, B, size]``: nn.LSTM's dimension check
     (its RuntimeError and message), and a batch of one for unbatched input."""

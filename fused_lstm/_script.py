@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
-from ._checks import dropout_mask, state_for_op
+from ._checks import dropout_mask, is_batched_input, state_for_op
 from .module import FusedLSTM, _retyped
 
 
@@ -104,10 +104,7 @@ class ScriptableFusedLSTM(FusedLSTM):
             return (PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
                     self.permute_hidden((h_n, c_n), unsorted_indices))
 
-        dim = input.dim()
-        if dim != 3 and dim != 2:
-            raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {dim}D instead")
-        is_batched = dim == 3
+        is_batched = is_batched_input(input)
         batch_first = self.batch_first
         # Time-major view for the op (unbatched input is a batch of one), and the batched input
         # in nn.LSTM's layout for its checks and its implementation.

@@ -35,7 +35,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
 from . import _functorch, ops
-from ._checks import dropout_mask, state_for_op
+from ._checks import dropout_mask, is_batched_input, state_for_op
 from ._loader import python_entry
 
 __all__ = ["FusedLSTM", "FusedLSTMFallbackWarning", "convert", "revert"]
@@ -187,10 +187,7 @@ class FusedLSTM(nn.LSTM):
                 c_n = c_n.index_select(1, unsorted_indices)
             return output, (h_n, c_n)
 
-        dim = input.dim()
-        if dim != 3 and dim != 2:
-            raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {dim}D instead")
-        is_batched = dim == 3
+        is_batched = is_batched_input(input)
         batch_first = self.batch_first
         # Time-major view for the op: unbatched input is a batch of one.
         if not is_batched:
