@@ -205,6 +205,9 @@ class LSTMFunction(torch.autograd.Function):
 
 
 def _needs_grad(a: ops.LSTMArgs) -> bool:
+    """csrc/lstm.cpp's needs_grad, asked here of functorch's wrapped tensors: below the
+    transform's level (where the C++ kernel would ask it) their requires_grad is not the one
+    the transform sees, so the choice is made before LSTMFunction.apply."""
     if not torch.is_grad_enabled():
         return False
     return any(t is not None and t.requires_grad for t in (a.input, a.hx, a.cx, *a.weights))
