@@ -188,17 +188,19 @@ bool keeps_bf16(const LSTMShape& s, const at::Tensor& input, KeepBf16 keep_bf16)
   return input.scalar_type() == at::kBFloat16 && keep_bf16 != nullptr && keep_bf16(s);
 }
 
-// The input and W_ih / W_hh as the kernels read them: kept as given (contiguous) where `keep`,
-// else in the math dtype.
+// The input and W_ih / W_hh as the kernels read them: kept as given (contiguous) where `keep`
+// (W_ih / W_hh also where `keep_weights`), else in the math dtype.
 void convert_input_and_weights(const LSTMShape& s, const at::Tensor& input,
                                at::TensorList weights, at::ScalarType math, bool keep,
-                               at::Tensor& input_out, std::vector<at::Tensor>& weights_out) {
+                               bool keep_weights, at::Tensor& input_out,
+                               std::vector<at::Tensor>& weights_out) {
   input_out = keep ? input.contiguous() : to_math(input, math);
   weights_out.reserve(weights.size());
   const int64_t per_direction = s.weights_per_direction();
   for (size_t i = 0; i < weights.size(); ++i) {
     const bool w_ih_or_hh = static_cast<int64_t>(i) % per_direction < 2;
-    weights_out.push_back(keep && w_ih_or_hh ? weights[i].contiguous() : to_math(weights[i], math));
+    weights_out.push_back((keep || keep_weights) && w_ih_or_hh ? weights[i].contiguous()
+                                                                : to_math(weights[i], math));
   }
 }
 
@@ -224,8 +226,8 @@ ForwardArgs prepare_forward(
   const LSTMShape& s = a.shape;
   a.dtype = input.scalar_type();
   a.math = math_type(a.dtype);
-  convert_input_and_weights(s, input, weights, a.math, keeps_bf16(s, input, keep_bf16), a.input,
-                            a.weights);
+  convert_input_and_weights(s, input, weights, a.math, keeps_bf16(s, input, keep_bf16),
+                            /*keep_weights=*/false, a.input, a.weights);
   a.hx = opt_to_math(hx, a.math);
   a.cx = opt_to_math(cx, a.math);
   a.dropout_mask = opt_to_math(dropout_mask, a.math);
@@ -258,7 +260,7 @@ BackwardArgs prepare_backward(
     const at::Tensor& reserve, const std::optional<at::Tensor>& grad_output,
     const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
-    KeepBf16 keep_bf16) {
+    KeepBf16 keep_bf16, KeepBf16 keep_bf16_weights) {
   BackwardArgs a;
   a.shape = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
                             bidirectional, has_biases, proj_size);
@@ -270,7 +272,8 @@ BackwardArgs prepare_backward(
   TORCH_CHECK(reserve.scalar_type() == a.math, "fused_lstm: reserve has dtype ",
               reserve.scalar_type(), ", expected ", a.math);
   const bool keep = keeps_bf16(s, input, keep_bf16);
-  convert_input_and_weights(s, input, weights, a.math, keep, a.input, a.weights);
+  convert_input_and_weights(s, input, weights, a.math, keep,
+                            keeps_bf16(s, input, keep_bf16_weights), a.input, a.weights);
   a.hx = opt_to_math(hx, a.math);
   a.cx = opt_to_math(cx, a.math);
   a.dropout_mask = opt_to_math(dropout_mask, a.math);
@@ -290,11 +293,20 @@ BackwardArgs prepare_backward(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> finish_backward(
-    const BackwardArgs& a, at::TensorList weights) {
+    BackwardArgs& a, at::TensorList weights) {
+  // The converted inputs are done with; each math-dtype weight gradient is released as soon as
+  // it is converted, so that the conversions never hold every gradient twice (a bfloat16
+  // model's float32 gradients and their bf16 copies: benchmarks/notes/memory.md, "bf16
+  // training at the small sizes").
+  a.input = a.hx = a.cx = a.dropout_mask = a.reserve = a.grad_output = a.grad_hy = a.grad_cy =
+      at::Tensor();
+  a.weights.clear();
   std::vector<at::Tensor> grad_weights;
   grad_weights.reserve(a.grad_weights.size());
-  for (size_t i = 0; i < a.grad_weights.size(); ++i)
-    grad_weights.push_back(a.grad_weights[i].to(weights[i].scalar_type()));
+  for (size_t i = 0; i < a.grad_weights.size(); ++i) {
+    grad_weights.push_back(in_dtype(a.grad_weights[i], weights[i].scalar_type()));
+    a.grad_weights[i] = at::Tensor();
+  }
   return {in_dtype(a.grad_input, a.dtype), in_dtype(a.grad_hx, a.dtype),
           in_dtype(a.grad_cx, a.dtype), grad_weights};
 }

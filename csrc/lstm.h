@@ -135,7 +135,8 @@ LSTMShape check_lstm_args(
 // Except: for a bfloat16 call where `keep_bf16(shape)` holds (a backend whose products read
 // bf16 operands as they are), the input, every W_ih and every W_hh, and the backward's
 // grad_output, stay bfloat16 (contiguous), so no float copy of them is made; the biases, W_hr
-// and everything else are converted.
+// and everything else are converted. prepare_backward's `keep_bf16_weights(shape)` keeps only
+// W_ih and W_hh so (a backend that widens them to float a layer at a time).
 using KeepBf16 = std::function<bool(const LSTMShape&)>;
 
 struct ForwardArgs {
@@ -188,11 +189,12 @@ BackwardArgs prepare_backward(
     const at::Tensor& reserve, const std::optional<at::Tensor>& grad_output,
     const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
-    KeepBf16 keep_bf16 = nullptr);
+    KeepBf16 keep_bf16 = nullptr, KeepBf16 keep_bf16_weights = nullptr);
 
-// (grad_input, grad_hx, grad_cx, grad_weights), each in its argument's dtype.
+// (grad_input, grad_hx, grad_cx, grad_weights), each in its argument's dtype. Releases what `a`
+// holds as it goes (the math-dtype gradients once converted).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> finish_backward(
-    const BackwardArgs& a, at::TensorList weights);
+    BackwardArgs& a, at::TensorList weights);
 
 // Additional checks of the backward op: reserve size and gradient shapes.
 void check_lstm_backward_args(

@@ -234,6 +234,71 @@ def test_bf16_model_makes_no_float_copies_of_input_and_weights():
     assert T * B * H * 4 not in backward, sorted(backward)
 
 
+
+def _peak_bytes(fn):
+    """The most bytes fn() holds at once in CPU allocations it makes (torch.profiler memory
+    events in order, frees included)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, pending = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        event = pending.pop()
+        events.append(event)
+        pending.extend(event.children)
+    held = peak = 0
+    for e in sorted((e for e in events if e.tag == _EventType.Allocation),
+                    key=lambda e: e.start_time_ns):
+        held += e.extra_fields.alloc_size
+        peak = max(peak, held)
+    return peak
+
+
+@pytest.mark.parametrize("brgemm", [True, False], ids=["brgemm", "no-brgemm"])
+def test_bf16_float32_product_backward_widens_one_layer_at_a_time(brgemm):
+    """A bfloat16 model whose backward computes its products in float32 (a single step: no
+    bf16 products) reads W_ih and W_hh as given and widens one layer's at a time into one
+    float32 buffer (csrc/cpu/backward.h; benchmarks/notes/memory.md, "bf16 training at the
+    small sizes"): the backward makes no float32 copy of layer 0's W_ih (its float32 size is
+    allocated once, for its gradient), and holds at most the float32 gradients, that buffer and
+    a few rows' scratch, with the gradients converted to bf16 one at a time. The gradients are
+    those of the same call computed in float32 from the bf16 values (the widening is exact)."""
+    I, H, L, B = 24, 40, 2, 3
+    model = FusedLSTM(I, H, num_layers=L).to(torch.bfloat16)
+    x = randn(1, B, I, dtype=torch.bfloat16).requires_grad_()
+    hx = tuple(randn(L, B, H, dtype=torch.bfloat16).requires_grad_() for _ in range(2))
+    up = randn(1, B, H, dtype=torch.bfloat16)
+    with fused_lstm.backends.cpu.flags(allow_brgemm=brgemm):
+        assert fused_lstm.explain(model, x)["backward"]["backward_widens_bf16"] == "true"
+        model(x, hx)[0].backward(up)  # warm: buffers cached, grads allocated
+        outputs = []
+        model.zero_grad(set_to_none=True)
+        outputs.append(model(x, hx)[0])
+        sizes = _allocation_sizes(lambda: outputs[0].backward(up))
+        outputs.append(model(x, hx)[0])
+        peak = _peak_bytes(lambda: outputs[1].backward(up))
+    assert sizes.count(4 * 4 * H * I) == 1, sorted(sizes)
+    G = 4 * H
+    float_grads = 4 * sum(p.numel() for p in model.parameters())
+    widened = 4 * G * max(I, H)
+    rows_scratch = 4 * 64 * G  # dgates, the states and their gradients: a few rows each
+    assert peak <= float_grads + widened + rows_scratch, (peak, float_grads, widened)
+
+    reference = FusedLSTM(I, H, num_layers=L)
+    reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    x32, h32, c32 = (t.detach().float().requires_grad_() for t in (x, *hx))
+    reference(x32, (h32, c32))[0].backward(up.float())
+    model.zero_grad(set_to_none=True)
+    x.grad = None
+    with fused_lstm.backends.cpu.flags(allow_brgemm=brgemm):
+        model(x, hx)[0].backward(up)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad.to(torch.bfloat16), rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, x32.grad.to(torch.bfloat16), rtol=0, atol=0)
+
+
 # --- non-finite values ---------------------------------------------------------------------
 
 

@@ -16,17 +16,35 @@ namespace {
 // measured one thread, [32, 2048] x [2048, 512] (fastrnns' dL/dh step), 70.6 GFLOP/s as stored
 // against 155.8 in panels; at medium's [16, 1024] x [1024, 256], 186.6 against 191.7
 // (Intel Xeon; benchmarks/notes/float32-bound.md, "Intel Xeon: where the time goes").
-template <typename T>
-void pack_w_hh_panels(const T* w_hh, int64_t G, int64_t out, T* buf) {
+// A bf16 W_hh (a bfloat16 model whose backward widens its weights, CpuPlan::
+// backward_widens_bf16) is widened to float as it is packed: the same panels as from its float
+// copy, bit for bit.
+template <typename S, typename T>
+void pack_w_hh_panels(const S* w_hh, int64_t G, int64_t out, T* buf) {
   const int64_t panels = (out + kBrgemmPanelN - 1) / kBrgemmPanelN;
   auto pack = [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * kBrgemmPanelN, nb = std::min(kBrgemmPanelN, out - n0);
-      copy_rows(w_hh + n0, out, buf + n0 * G, nb, G, nb);
+      if constexpr (std::is_same_v<S, T>) {
+        copy_rows(w_hh + n0, out, buf + n0 * G, nb, G, nb);
+      } else {
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t j = 0; j < nb; ++j)
+            buf[n0 * G + g * nb + j] = static_cast<T>(w_hh[g * out + n0 + j]);
+      }
     }
   };
   if (panels > 1 && !at::in_parallel_region()) at::parallel_for(0, panels, 1, pack);
   else pack(0, panels);
+}
+
+// A [rows, cols] weight given bf16, widened into `buf` (float, exact).
+template <typename T>
+const T* widened(const c10::BFloat16* w, int64_t n, T* buf) {
+  at::parallel_for(0, n, kParallelElements, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) buf[i] = static_cast<T>(w[i]);
+  });
+  return buf;
 }
 
 // dL/dh_{t-1} [bs, out] = dg_t [bs, G] W_hh, on this thread: bf16_gemm where `bb` is set, else
@@ -233,8 +251,20 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   const bool brgemm = plan.brgemm_dh;
   at::Tensor w_hh_panels_buf;
   T* w_hh_panels = nullptr;
+  // A bfloat16 model's W_ih and W_hh as given (plan.backward_widens_bf16): one layer and
+  // direction's at a time in float, in one buffer: W_hh (in panels, or as stored) during the
+  // recurrence, then W_ih for dL/dx.
+  const bool widens = plan.backward_widens_bf16 && !bb.on && !tiny;
+  at::Tensor widened_buf;
+  T* widened_w = nullptr;
   if constexpr (std::is_same_v<T, float>) {
-    if (brgemm && !bb.on && !tiny) w_hh_panels = scratch<T>(w_hh_panels_buf, G * out);
+    if (widens) {
+      const int64_t in_max = std::max(s.input_size, s.num_directions * s.out_size);
+      widened_w = scratch<T>(widened_buf, G * std::max(in_max, out));
+      if (brgemm) w_hh_panels = widened_w;
+    } else if (brgemm && !bb.on && !tiny) {
+      w_hh_panels = scratch<T>(w_hh_panels_buf, G * out);
+    }
   }
 
   for (int64_t l = s.num_layers - 1; l >= 0; --l) {
@@ -265,7 +295,14 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
         }
       }
 
-      if (w_hh_panels) pack_w_hh_panels(w.w_hh, G, out, w_hh_panels);
+      const T* w_hh = w.w_hh;
+      if (widens) {
+        TORCH_INTERNAL_ASSERT(w.hh.b != nullptr && w.ih.b != nullptr);
+        if (w_hh_panels) pack_w_hh_panels(w.hh.b, G, out, w_hh_panels);
+        else w_hh = widened(w.hh.b, G * out, widened_w);
+      } else if (w_hh_panels) {
+        pack_w_hh_panels(w.w_hh, G, out, w_hh_panels);
+      }
       if (tiny) {
         tiny_backward_steps(s, w, d, gates, cells, c0, dy.f, dh_all, dgates, dh_state, dc_state,
                             c_prev_buf, tiny_buf);
@@ -300,7 +337,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
                                 dh_t + b * H, dc + b * H, dg, dg + H, dg + 2 * H, dg + 3 * H);
           });
           // dL/dh_{t-1} for the rows active at t; the others keep what they carry.
-          step_dh_product(bb, brgemm, bs, out, G, dg_t, w.w_hh, w_hh_panels, dh_carried);
+          step_dh_product(bb, brgemm, bs, out, G, dg_t, w_hh, w_hh_panels, dh_carried);
         }
         if (bb.amx_w_hh) amx_release();  // this thread's last product of the direction
       };
@@ -314,7 +351,9 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
       T* gw_ih = grad_weights[k].mutable_data_ptr<T>();
       T* gw_hh = grad_weights[k + 1].mutable_data_ptr<T>();
       // dL/dx of this layer is summed over directions.
-      backward_products(s, bb, dgates, x, in_size, h_prev, w.w_ih, gw_ih, gw_hh, dx_l, d > 0);
+      // The recurrence is done with W_hh: W_ih widened into the same buffer.
+      const T* w_ih = widens ? widened(w.ih.b, G * in_size, widened_w) : w.w_ih;
+      backward_products(s, bb, dgates, x, in_size, h_prev, w_ih, gw_ih, gw_hh, dx_l, d > 0);
       int64_t next = k + 2;
       if (s.has_biases) {
         T* gb_ih = grad_weights[next].mutable_data_ptr<T>();

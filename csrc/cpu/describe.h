@@ -69,6 +69,7 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s) {
       << "\n";
   o << "keep_bf16=" << (p.keep_bf16 ? "true" : "false") << "\n";
   if (!p.inference) {
+    o << "backward_widens_bf16=" << (p.backward_widens_bf16 ? "true" : "false") << "\n";
     std::string dh;
     if (p.variant == Variant::kSmallHidden) dh = "small-hidden product (inline)";
     else if (p.amx_products) dh = "amx_brgemm";

@@ -62,6 +62,9 @@ struct CallPlan {
   KeepBf16 keep_bf16() const {
     return [this](const LSTMShape& s) { return of(s, at::kBFloat16).keep_bf16; };
   }
+  KeepBf16 backward_widens_bf16() const {
+    return [this](const LSTMShape& s) { return of(s, at::kBFloat16).backward_widens_bf16; };
+  }
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu(
@@ -116,7 +119,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_bac
   const CallPlan call{cpu_settings(), /*inference=*/false};
   BackwardArgs a = prepare_backward(input, batch_sizes, hx, cx, weights, dropout_mask, reserve,
                                     grad_output, grad_hy, grad_cy, num_layers, bidirectional,
-                                    has_biases, proj_size, call.keep_bf16());
+                                    has_biases, proj_size, call.keep_bf16(),
+                                    call.backward_widens_bf16());
   const CpuPlan plan = call.of(a.shape, a.dtype);
   AT_DISPATCH_FLOATING_TYPES(a.math, "fused_lstm_backward_cpu", [&] {
     backward_impl<scalar_t>(

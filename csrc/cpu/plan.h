@@ -92,6 +92,11 @@ struct CpuPlan {
   bool bf16_products = false; // a bfloat16 model's products through bf16_gemm (bf16_products.h)
   bool amx_products = false;  // of those, the forward's on AMX tiles (amx.h)
   bool keep_bf16 = false;     // the op keeps the bf16 input, W_ih, W_hh as given (lstm.h)
+  // The backward of a bfloat16 model whose products are float32 (row-wise steps without the
+  // bf16 products: a single step, a CPU without AVX512_BF16, or the setting off) reads W_ih
+  // and W_hh as given and widens one layer and direction's at a time into a float32 scratch
+  // (backward.h), instead of a float32 copy of every weight for the whole call.
+  bool backward_widens_bf16 = false;
   bool vec16_cell = false;    // float32 cell pass on 16 lanes (cell_forward_vec16)
   bool inference = false;     // lstm_inference: nothing kept for backward
 };
@@ -126,6 +131,8 @@ inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, bool is
   p.amx_products = p.bf16_products && settings.amx && amx_sizes(s) && amx_bf16_available();
   // The thin kernel reads a bfloat16 model's W_ih and W_hh as they are (thin.h), on any CPU.
   p.keep_bf16 = (p.bf16_products && !thin) || (bf16_model && p.variant == Variant::kThin);
+  p.backward_widens_bf16 = bf16_model && is_float && !inference && !p.bf16_products &&
+                           p.variant == Variant::kRowWise;
   p.brgemm_steps = is_float && packs && cpu.brgemm && settings.brgemm && !p.bf16_products;
   p.brgemm_dh = is_float && row_sizes && cpu.brgemm && settings.brgemm;
   p.vec16_cell = is_float && cpu.avx512 && settings.vec16_cell;

@@ -21,6 +21,21 @@
 namespace fused_lstm {
 namespace {
 
+// transpose() for the batch-fastest layout's per-step copies (gates, cells, states, dgates: a
+// few hundred to a few thousand floats, many times per call): float blocks through
+// transpose_block's 8 x 8 register transposes (weights.h), not one element at a time. A pure
+// copy, so the same bits. Measured at seed-tiny (callgrind, one thread, AVX2 clone): the
+// element-wise copies were ~260k of a training call's ~1.0M instructions
+// (benchmarks/notes/python-overhead.md, "Training at the tutorial sizes: where the time goes").
+template <typename T>
+void tiny_transpose(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst,
+                    int64_t ld_dst) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (src != nullptr) return transpose_block(src, ld_src, rows, cols, dst, ld_dst);
+  }
+  transpose(src, ld_src, rows, cols, dst, ld_dst);
+}
+
 // body(std::integral_constant<int, V>, i0) over [0, n) in blocks of V = 16, then 8, 4, 2, 1:
 // whole vectors for what fits, narrower ones for what is left (10 = 8 + 2).
 template <typename Body>
@@ -190,7 +205,7 @@ void tiny_input_projection(const DirectionWeights<T>& w, const T* x, int64_t row
   if (w.b_ih)
     for (int64_t r = 0; r < G; ++r) std::fill_n(gT + r * rows, rows, w.b_ih[r] + w.b_hh[r]);
   if (in_size <= kTinyProjectionInput) {
-    transpose(x, in_size, rows, in_size, xT, rows);
+    tiny_transpose(x, in_size, rows, in_size, xT, rows);
     tiny_product<T>(rows, G, in_size, w.w_ih, nullptr, xT, rows, w.b_ih ? gT : nullptr, rows, gT,
                     rows);
     return;
@@ -207,9 +222,9 @@ template <typename T>
 std::pair<const T*, const T*> transpose_recurrent_weights(const LSTMShape& s,
                                                           const DirectionWeights<T>& w, T* dst) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size;
-  transpose(w.w_hh, out, G, out, dst, G);
+  tiny_transpose(w.w_hh, out, G, out, dst, G);
   if (s.proj_size == 0) return {dst, nullptr};
-  transpose(w.w_hr, H, out, H, dst + G * out, out);
+  tiny_transpose(w.w_hr, H, out, H, dst + G * out, out);
   return {dst, dst + G * out};
 }
 
@@ -259,11 +274,11 @@ void tiny_forward_steps(const CpuPlan& plan, const LSTMShape& s, const Direction
     if (has_proj) tiny_product<T>(bs, out, H, w.w_hr, w_hr_t, hnew, B, nullptr, 0, hT, B);
     const int64_t row = off + r0;
     if (gates) {
-      transpose(g, bs, G, bs, gates + row * G, G);
-      transpose(cnew, B, H, bs, cells + row * H, H);
-      if (has_proj) transpose(hnew, B, H, bs, pre_proj + row * H, H);
+      tiny_transpose(g, bs, G, bs, gates + row * G, G);
+      tiny_transpose(cnew, B, H, bs, cells + row * H, H);
+      if (has_proj) tiny_transpose(hnew, B, H, bs, pre_proj + row * H, H);
     }
-    transpose(hT, B, out, bs, layer_out + row * out_stride, out_stride);
+    tiny_transpose(hT, B, out, bs, layer_out + row * out_stride, out_stride);
   }
 }
 
@@ -305,8 +320,8 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
   T* gm = cp + H * B;         // [4H][bs]
   T* dg = gm + G * B;         // [4H][bs]
   const auto [w_hh_t, w_hr_t] = transpose_recurrent_weights(s, w, dg + G * B);
-  transpose(dh_state, out, B, out, dhT, B);  // grad_hy (or zeros), as the caller filled it
-  transpose(dc_state, H, B, H, dcT, B);
+  tiny_transpose(dh_state, out, B, out, dhT, B);  // grad_hy (or zeros), as the caller filled it
+  tiny_transpose(dc_state, H, B, H, dcT, B);
   for (int64_t step = s.seq_len - 1; step >= 0; --step) {
     const int64_t t = time_of(s, d, step);
     const int64_t bs = s.batch_sizes[t], off = s.step_offset[t];
@@ -316,13 +331,13 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
       for (int64_t b = 0; b < bs; ++b) dsum[o * bs + b] = dhT[o * B + b] + dy_t[b * out_stride + o];
     T* dh_t = dsum;
     if (has_proj) {
-      transpose(dsum, bs, out, bs, dh_all + off * out, out);
+      tiny_transpose(dsum, bs, out, bs, dh_all + off * out, out);
       tiny_product<T>(bs, H, out, w_hr_t, w.w_hr, dsum, bs, nullptr, 0, dhH, bs);
       dh_t = dhH;
     }
-    transpose(gates + off * G, G, bs, G, gm, bs);
-    transpose(cells + off * H, H, bs, H, ct, bs);
-    transpose(step_c_prev(s, d, t, 0, bs, cells, c0, c_prev_buf), H, bs, H, cp, bs);
+    tiny_transpose(gates + off * G, G, bs, G, gm, bs);
+    tiny_transpose(cells + off * H, H, bs, H, ct, bs);
+    tiny_transpose(step_c_prev(s, d, t, 0, bs, cells, c0, c_prev_buf), H, bs, H, cp, bs);
     if (bs == B) {
       const int64_t n = H * bs;
       cell_backward_block(n, gm, gm + n, gm + 2 * n, gm + 3 * n, ct, cp, dh_t, dcT, dg, dg + n,
@@ -334,11 +349,11 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
                             dcT + j * B, dg + j * bs, dg + (H + j) * bs, dg + (2 * H + j) * bs,
                             dg + (3 * H + j) * bs);
     }
-    transpose(dg, bs, G, bs, dgates + off * G, G);
+    tiny_transpose(dg, bs, G, bs, dgates + off * G, G);
     tiny_product<T>(bs, out, G, w_hh_t, w.w_hh, dg, bs, nullptr, 0, dhT, B);  // dL/dh_{t-1}, rows < bs
   }
-  transpose(dhT, B, out, B, dh_state, out);
-  transpose(dcT, B, H, B, dc_state, H);
+  tiny_transpose(dhT, B, out, B, dh_state, out);
+  tiny_transpose(dcT, B, H, B, dc_state, H);
 }
 
 }  // namespace
