@@ -2,12 +2,76 @@
 // checks every backend shares.
 #include "lstm.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/GradMode.h>
 #include <torch/library.h>
 
 namespace fused_lstm {
+
+// ---- bfloat16 <-> float32 on the CPU (lstm.h) ----
+namespace {
+
+// target_clones: baseline x86-64, AVX2 and AVX-512 versions of the loops, chosen at run time.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FUSED_LSTM_CONVERT_CLONES \
+  __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define FUSED_LSTM_CONVERT_CLONES
+#endif
+
+FUSED_LSTM_CONVERT_CLONES void widen_bf16_run(const uint16_t* __restrict src, int64_t n,
+                                              uint32_t* __restrict dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = uint32_t{src[i]} << 16;
+}
+
+// As torch 2.13's CPU conversion (cvtfp32_bf16 in ATen's vectorised bf16): add 0x7FFF plus
+// the lowest kept bit, keep the upper half; a NaN of either sign becomes 0xFFFF.
+FUSED_LSTM_CONVERT_CLONES void round_bf16_run(const uint32_t* __restrict src, int64_t n,
+                                              uint16_t* __restrict dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = src[i];
+    const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    dst[i] = (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t{0xFFFF} : rounded;
+  }
+}
+
+// Elements per thread from which round_bf16 splits over threads (ATen's copy grain).
+constexpr int64_t kConvertGrain = int64_t{1} << 15;
+
+}  // namespace
+
+void widen_bf16(const at::Tensor& src, float* dst) {
+  TORCH_INTERNAL_ASSERT(src.scalar_type() == at::kBFloat16 && src.is_cpu());
+  const auto* p = reinterpret_cast<const uint16_t*>(src.const_data_ptr<c10::BFloat16>());
+  auto* out = reinterpret_cast<uint32_t*>(dst);
+  const int64_t n = src.numel();
+  if (src.is_contiguous()) return widen_bf16_run(p, n, out);
+  // Strided (a batch_first input seen time-major): element by element in index order.
+  const int64_t dim = src.dim();
+  const at::IntArrayRef sizes = src.sizes(), strides = src.strides();
+  std::vector<int64_t> index(dim, 0);
+  int64_t offset = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = uint32_t{p[offset]} << 16;
+    for (int64_t d = dim - 1; d >= 0; --d) {
+      offset += strides[d];
+      if (++index[d] < sizes[d]) break;
+      offset -= strides[d] * sizes[d];
+      index[d] = 0;
+    }
+  }
+}
+
+void round_bf16(const float* src, int64_t n, c10::BFloat16* dst) {
+  const auto* in = reinterpret_cast<const uint32_t*>(src);
+  auto* out = reinterpret_cast<uint16_t*>(dst);
+  if (n < 2 * kConvertGrain) return round_bf16_run(in, n, out);
+  at::parallel_for(0, n, kConvertGrain, [&](int64_t begin, int64_t end) {
+    round_bf16_run(in + begin, end - begin, out + begin);
+  });
+}
 
 namespace {
 
@@ -179,9 +243,76 @@ at::Tensor to_math(const at::Tensor& t, at::ScalarType math) {
   return t.to(math).contiguous();
 }
 
-at::Tensor opt_to_math(const std::optional<at::Tensor>& t, at::ScalarType math) {
-  return t.has_value() ? to_math(*t, math) : at::Tensor();
+// A contiguous float tensor of `sizes` viewing buf (float) from element `offset`, made without
+// a dispatcher call (it shares buf's storage; internal to one op call, never returned).
+at::Tensor float_view(const at::Tensor& buf, int64_t offset, at::IntArrayRef sizes) {
+  auto impl = c10::make_intrusive<c10::TensorImpl>(
+      c10::Storage(buf.storage()), c10::DispatchKeySet(c10::DispatchKey::CPU), buf.dtype());
+  impl->set_sizes_contiguous(sizes);
+  impl->set_storage_offset(buf.storage_offset() + offset);
+  return at::Tensor(std::move(impl));
 }
+
+// A call's tensors in the math dtype (contiguous), as to_math gives them, except that CPU
+// bfloat16 tensors bound for float32 are not converted one ATen op each (~1 us per tensor, a
+// dozen per call: at the small sizes more than the kernels): they are queued, and finish()
+// widens all of them by one loop into one scratch buffer that their results view. The same
+// values as to_math's (widening is exact).
+class ToMath {
+ public:
+  explicit ToMath(at::ScalarType math) : math_(math) {}
+
+  // out = t in the math dtype, now or at finish(); `t` and `out` must outlive finish().
+  void operator()(const at::Tensor& t, at::Tensor& out) {
+    if (t.scalar_type() == at::kBFloat16 && math_ == at::kFloat && t.is_cpu()) {
+      pending_.emplace_back(&t, &out);
+      numel_ += t.numel();
+      return;
+    }
+    out = to_math(t, math_);
+  }
+  void operator()(const std::optional<at::Tensor>& t, at::Tensor& out) {
+    if (t.has_value()) (*this)(*t, out);
+  }
+
+  // Whether finish() makes a scratch buffer (there are CPU bfloat16 tensors to widen).
+  bool widens() const { return !pending_.empty(); }
+
+  // Where widens(): out = uninitialised floats of `sizes` in finish()'s scratch buffer too. For
+  // the results that the kernels fill in float32 and the op returns rounded to bf16 (a copy,
+  // in_dtype), so they cost no allocation of their own.
+  void scratch_result(at::Tensor& out, std::vector<int64_t> sizes) {
+    TORCH_INTERNAL_ASSERT(widens());
+    int64_t numel = 1;
+    for (const int64_t n : sizes) numel *= n;
+    results_.emplace_back(&out, std::move(sizes));
+    numel_ += numel;
+  }
+
+  void finish() {
+    if (pending_.empty()) return;
+    const at::Tensor buf = cpu_cached_empty(numel_, at::kFloat);
+    float* p = buf.mutable_data_ptr<float>();
+    int64_t offset = 0;
+    for (const auto& [src, out] : pending_) {
+      widen_bf16(*src, p + offset);
+      *out = float_view(buf, offset, src->sizes());
+      offset += src->numel();
+    }
+    for (const auto& [out, sizes] : results_) {
+      *out = float_view(buf, offset, sizes);
+      offset += out->numel();
+    }
+    pending_.clear();
+    results_.clear();
+  }
+
+ private:
+  at::ScalarType math_;
+  std::vector<std::pair<const at::Tensor*, at::Tensor*>> pending_;
+  std::vector<std::pair<at::Tensor*, std::vector<int64_t>>> results_;
+  int64_t numel_ = 0;
+};
 
 // Whether a call keeps its bf16 tensors as given (lstm.h, KeepBf16).
 bool keeps_bf16(const LSTMShape& s, const at::Tensor& input, KeepBf16 keep_bf16) {
@@ -189,16 +320,19 @@ bool keeps_bf16(const LSTMShape& s, const at::Tensor& input, KeepBf16 keep_bf16)
 }
 
 // The input and W_ih / W_hh as the kernels read them: kept as given (contiguous) where `keep`,
-// else in the math dtype.
+// else in the math dtype (through `convert`).
 void convert_input_and_weights(const LSTMShape& s, const at::Tensor& input,
-                               at::TensorList weights, at::ScalarType math, bool keep,
+                               at::TensorList weights, ToMath& convert, bool keep,
                                at::Tensor& input_out, std::vector<at::Tensor>& weights_out) {
-  input_out = keep ? input.contiguous() : to_math(input, math);
-  weights_out.reserve(weights.size());
+  if (keep) input_out = input.contiguous();
+  else convert(input, input_out);
+  // Sized first: `convert` may fill an element at its finish().
+  weights_out.resize(weights.size());
   const int64_t per_direction = s.weights_per_direction();
   for (size_t i = 0; i < weights.size(); ++i) {
     const bool w_ih_or_hh = static_cast<int64_t>(i) % per_direction < 2;
-    weights_out.push_back(keep && w_ih_or_hh ? weights[i].contiguous() : to_math(weights[i], math));
+    if (keep && w_ih_or_hh) weights_out[i] = weights[i].contiguous();
+    else convert(weights[i], weights_out[i]);
   }
 }
 
@@ -224,15 +358,27 @@ ForwardArgs prepare_forward(
   const LSTMShape& s = a.shape;
   a.dtype = input.scalar_type();
   a.math = math_type(a.dtype);
-  convert_input_and_weights(s, input, weights, a.math, keeps_bf16(s, input, keep_bf16), a.input,
+  ToMath convert(a.math);
+  convert_input_and_weights(s, input, weights, convert, keeps_bf16(s, input, keep_bf16), a.input,
                             a.weights);
-  a.hx = opt_to_math(hx, a.math);
-  a.cx = opt_to_math(cx, a.math);
-  a.dropout_mask = opt_to_math(dropout_mask, a.math);
-  const auto opts = input.options().dtype(a.math);
+  convert(hx, a.hx);
+  convert(cx, a.cx);
+  convert(dropout_mask, a.dropout_mask);
   const int64_t LD = s.num_layers * s.num_directions;
-  a.hy = at::empty({LD, s.batch, s.out_size}, opts);
-  a.cy = at::empty({LD, s.batch, s.hidden_size}, opts);
+  if (convert.widens()) {  // a CPU bfloat16 call: its float32 results returned rounded
+    TORCH_INTERNAL_ASSERT(a.dtype == at::kBFloat16);
+    convert.scratch_result(a.hy, {LD, s.batch, s.out_size});
+    convert.scratch_result(a.cy, {LD, s.batch, s.hidden_size});
+    if (!with_reserve) {
+      std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
+      out_shape.back() = s.num_directions * s.out_size;
+      convert.scratch_result(a.output, std::move(out_shape));
+    }
+  }
+  convert.finish();
+  const auto opts = input.options().dtype(a.math);
+  if (!a.hy.defined()) a.hy = at::empty({LD, s.batch, s.out_size}, opts);
+  if (!a.cy.defined()) a.cy = at::empty({LD, s.batch, s.hidden_size}, opts);
   if (with_reserve)
     a.reserve = input.is_cpu() ? cpu_cached_empty(s.reserve_numel(), a.math)
                                : at::empty({s.reserve_numel()}, opts);
@@ -243,11 +389,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_forward(const 
   const LSTMShape& s = a.shape;
   std::vector<int64_t> out_shape(a.input.sizes().begin(), a.input.sizes().end());
   out_shape.back() = s.num_directions * s.out_size;
+  const int64_t offset = s.layer_out_offset(s.num_layers - 1);
+  const int64_t numel = s.rows * s.num_directions * s.out_size;
   // A copy even in the math dtype: an output must not alias the reserve.
-  at::Tensor output = a.reserve.narrow(0, s.layer_out_offset(s.num_layers - 1),
-                                       s.rows * s.num_directions * s.out_size)
-                          .view(out_shape)
-                          .to(a.dtype, /*non_blocking=*/false, /*copy=*/true);
+  at::Tensor output;
+  if (a.dtype == at::kBFloat16 && a.math == at::kFloat && a.reserve.is_cpu()) {
+    output = at::empty(out_shape, a.reserve.options().dtype(a.dtype));
+    round_bf16(a.reserve.const_data_ptr<float>() + offset, numel,
+               output.mutable_data_ptr<c10::BFloat16>());
+  } else {
+    output = a.reserve.narrow(0, offset, numel)
+                 .view(out_shape)
+                 .to(a.dtype, /*non_blocking=*/false, /*copy=*/true);
+  }
   return {output, in_dtype(a.hy, a.dtype), in_dtype(a.cy, a.dtype), a.reserve};
 }
 
@@ -270,15 +424,17 @@ BackwardArgs prepare_backward(
   TORCH_CHECK(reserve.scalar_type() == a.math, "fused_lstm: reserve has dtype ",
               reserve.scalar_type(), ", expected ", a.math);
   const bool keep = keeps_bf16(s, input, keep_bf16);
-  convert_input_and_weights(s, input, weights, a.math, keep, a.input, a.weights);
-  a.hx = opt_to_math(hx, a.math);
-  a.cx = opt_to_math(cx, a.math);
-  a.dropout_mask = opt_to_math(dropout_mask, a.math);
+  ToMath convert(a.math);
+  convert_input_and_weights(s, input, weights, convert, keep, a.input, a.weights);
+  convert(hx, a.hx);
+  convert(cx, a.cx);
+  convert(dropout_mask, a.dropout_mask);
   a.reserve = reserve.contiguous();
   if (keep && grad_output.has_value()) a.grad_output = grad_output->contiguous();
-  else a.grad_output = opt_to_math(grad_output, a.math);
-  a.grad_hy = opt_to_math(grad_hy, a.math);
-  a.grad_cy = opt_to_math(grad_cy, a.math);
+  else convert(grad_output, a.grad_output);
+  convert(grad_hy, a.grad_hy);
+  convert(grad_cy, a.grad_cy);
+  convert.finish();
   const auto opts = input.options().dtype(a.math);
   a.grad_weights.reserve(weights.size());
   for (const auto& w : weights) a.grad_weights.push_back(at::empty(w.sizes(), opts));
@@ -294,7 +450,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> finish_b
   std::vector<at::Tensor> grad_weights;
   grad_weights.reserve(a.grad_weights.size());
   for (size_t i = 0; i < a.grad_weights.size(); ++i)
-    grad_weights.push_back(a.grad_weights[i].to(weights[i].scalar_type()));
+    grad_weights.push_back(in_dtype(a.grad_weights[i], weights[i].scalar_type()));
   return {in_dtype(a.grad_input, a.dtype), in_dtype(a.grad_hx, a.dtype),
           in_dtype(a.grad_cx, a.dtype), grad_weights};
 }
