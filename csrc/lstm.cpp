@@ -37,7 +37,8 @@ FUSED_LSTM_CONVERT_CLONES void round_bf16_run(const uint32_t* __restrict src, in
   }
 }
 
-// Elements per thread from which round_bf16 splits over threads (ATen's copy grain).
+// Elements per thread from which widen_bf16 and round_bf16 split over threads (ATen's copy
+// grain).
 constexpr int64_t kConvertGrain = int64_t{1} << 15;
 
 }  // namespace
@@ -47,21 +48,36 @@ void widen_bf16(const at::Tensor& src, float* dst) {
   const auto* p = reinterpret_cast<const uint16_t*>(src.const_data_ptr<c10::BFloat16>());
   auto* out = reinterpret_cast<uint32_t*>(dst);
   const int64_t n = src.numel();
-  if (src.is_contiguous()) return widen_bf16_run(p, n, out);
-  // Strided (a batch_first input seen time-major): element by element in index order.
+  if (n == 0) return;
+  if (src.is_contiguous()) {
+    if (n < 2 * kConvertGrain) return widen_bf16_run(p, n, out);
+    at::parallel_for(0, n, kConvertGrain, [&](int64_t begin, int64_t end) {
+      widen_bf16_run(p + begin, end - begin, out + begin);
+    });
+    return;
+  }
+  // Strided (a batch_first input seen time-major): row by row of the last dimension.
   const int64_t dim = src.dim();
   const at::IntArrayRef sizes = src.sizes(), strides = src.strides();
-  std::vector<int64_t> index(dim, 0);
-  int64_t offset = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    out[i] = uint32_t{p[offset]} << 16;
-    for (int64_t d = dim - 1; d >= 0; --d) {
-      offset += strides[d];
-      if (++index[d] < sizes[d]) break;
-      offset -= strides[d] * sizes[d];
-      index[d] = 0;
+  const int64_t inner = sizes[dim - 1], inner_stride = strides[dim - 1];
+  auto rows = [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t offset = 0;
+      for (int64_t d = dim - 2, rest = r; d >= 0; --d) {
+        offset += (rest % sizes[d]) * strides[d];
+        rest /= sizes[d];
+      }
+      if (inner_stride == 1) {
+        widen_bf16_run(p + offset, inner, out + r * inner);
+      } else {
+        for (int64_t i = 0; i < inner; ++i)
+          out[r * inner + i] = uint32_t{p[offset + i * inner_stride]} << 16;
+      }
     }
-  }
+  };
+  const int64_t row_count = n / inner;
+  if (n < 2 * kConvertGrain) return rows(0, row_count);
+  at::parallel_for(0, row_count, std::max<int64_t>(1, kConvertGrain / inner), rows);
 }
 
 void round_bf16(const float* src, int64_t n, c10::BFloat16* dst) {
@@ -320,11 +336,13 @@ bool keeps_bf16(const LSTMShape& s, const at::Tensor& input, KeepBf16 keep_bf16)
 }
 
 // The input and W_ih / W_hh as the kernels read them: kept as given (contiguous) where `keep`,
-// else in the math dtype (through `convert`).
+// else in the math dtype (through `convert`). A kept input that is not contiguous (batch_first)
+// is widened with the rest rather than copied by an ATen op: the kernels that read bf16
+// operands read float32 ones too (Operand), with the same products (widening is exact).
 void convert_input_and_weights(const LSTMShape& s, const at::Tensor& input,
                                at::TensorList weights, ToMath& convert, bool keep,
                                at::Tensor& input_out, std::vector<at::Tensor>& weights_out) {
-  if (keep) input_out = input.contiguous();
+  if (keep && input.is_contiguous()) input_out = input;
   else convert(input, input_out);
   // Sized first: `convert` may fill an element at its finish().
   weights_out.resize(weights.size());
@@ -430,18 +448,27 @@ BackwardArgs prepare_backward(
   convert(cx, a.cx);
   convert(dropout_mask, a.dropout_mask);
   a.reserve = reserve.contiguous();
-  if (keep && grad_output.has_value()) a.grad_output = grad_output->contiguous();
+  if (keep && grad_output.has_value() && grad_output->is_contiguous()) a.grad_output = *grad_output;
   else convert(grad_output, a.grad_output);
   convert(grad_hy, a.grad_hy);
   convert(grad_cy, a.grad_cy);
+  const int64_t LD = s.num_layers * s.num_directions;
+  a.grad_weights.resize(weights.size());
+  if (convert.widens()) {  // a CPU bfloat16 call: its float32 results returned rounded
+    TORCH_INTERNAL_ASSERT(a.dtype == at::kBFloat16);
+    for (size_t i = 0; i < weights.size(); ++i)
+      convert.scratch_result(a.grad_weights[i], weights[i].sizes().vec());
+    convert.scratch_result(a.grad_input, input.sizes().vec());
+    convert.scratch_result(a.grad_hx, {LD, s.batch, s.out_size});
+    convert.scratch_result(a.grad_cx, {LD, s.batch, s.hidden_size});
+  }
   convert.finish();
   const auto opts = input.options().dtype(a.math);
-  a.grad_weights.reserve(weights.size());
-  for (const auto& w : weights) a.grad_weights.push_back(at::empty(w.sizes(), opts));
-  const int64_t LD = s.num_layers * s.num_directions;
-  a.grad_input = at::empty(input.sizes(), opts);
-  a.grad_hx = at::empty({LD, s.batch, s.out_size}, opts);
-  a.grad_cx = at::empty({LD, s.batch, s.hidden_size}, opts);
+  for (size_t i = 0; i < weights.size(); ++i)
+    if (!a.grad_weights[i].defined()) a.grad_weights[i] = at::empty(weights[i].sizes(), opts);
+  if (!a.grad_input.defined()) a.grad_input = at::empty(input.sizes(), opts);
+  if (!a.grad_hx.defined()) a.grad_hx = at::empty({LD, s.batch, s.out_size}, opts);
+  if (!a.grad_cx.defined()) a.grad_cx = at::empty({LD, s.batch, s.hidden_size}, opts);
   return a;
 }
 

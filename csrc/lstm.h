@@ -138,8 +138,9 @@ LSTMShape check_lstm_args(
 // view, and results are rounded back by round_bf16 (in_dtype): no ATen conversion per tensor.
 // Except: for a bfloat16 call where `keep_bf16(shape)` holds (a backend whose products read
 // bf16 operands as they are), the input, every W_ih and every W_hh, and the backward's
-// grad_output, stay bfloat16 (contiguous), so no float copy of them is made; the biases, W_hr
-// and everything else are converted.
+// grad_output, stay bfloat16 (made contiguous; an input or grad_output that is not contiguous
+// is widened with the rest instead), so no float copy of them is made; the biases, W_hr and
+// everything else are converted.
 using KeepBf16 = std::function<bool(const LSTMShape&)>;
 
 struct ForwardArgs {
