@@ -2,12 +2,92 @@
 // checks every backend shares.
 #include "lstm.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/GradMode.h>
 #include <torch/library.h>
 
 namespace fused_lstm {
+
+// ---- bfloat16 <-> float32 on the CPU (lstm.h) ----
+namespace {
+
+// target_clones: baseline x86-64, AVX2 and AVX-512 versions of the loops, chosen at run time.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FUSED_LSTM_CONVERT_CLONES \
+  __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define FUSED_LSTM_CONVERT_CLONES
+#endif
+
+FUSED_LSTM_CONVERT_CLONES void widen_bf16_run(const uint16_t* __restrict src, int64_t n,
+                                              uint32_t* __restrict dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = uint32_t{src[i]} << 16;
+}
+
+// As torch 2.13's CPU conversion (cvtfp32_bf16 in ATen's vectorised bf16): add 0x7FFF plus
+// the lowest kept bit, keep the upper half; a NaN of either sign becomes 0xFFFF.
+FUSED_LSTM_CONVERT_CLONES void round_bf16_run(const uint32_t* __restrict src, int64_t n,
+                                              uint16_t* __restrict dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = src[i];
+    const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    dst[i] = (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t{0xFFFF} : rounded;
+  }
+}
+
+// Elements per thread from which widen_bf16 and round_bf16 split over threads (ATen's copy
+// grain).
+constexpr int64_t kConvertGrain = int64_t{1} << 15;
+
+}  // namespace
+
+void widen_bf16(const at::Tensor& src, float* dst) {
+  TORCH_INTERNAL_ASSERT(src.scalar_type() == at::kBFloat16 && src.is_cpu());
+  const auto* p = reinterpret_cast<const uint16_t*>(src.const_data_ptr<c10::BFloat16>());
+  auto* out = reinterpret_cast<uint32_t*>(dst);
+  const int64_t n = src.numel();
+  if (n == 0) return;
+  if (src.is_contiguous()) {
+    if (n < 2 * kConvertGrain) return widen_bf16_run(p, n, out);
+    at::parallel_for(0, n, kConvertGrain, [&](int64_t begin, int64_t end) {
+      widen_bf16_run(p + begin, end - begin, out + begin);
+    });
+    return;
+  }
+  // Strided (a batch_first input seen time-major): row by row of the last dimension.
+  const int64_t dim = src.dim();
+  const at::IntArrayRef sizes = src.sizes(), strides = src.strides();
+  const int64_t inner = sizes[dim - 1], inner_stride = strides[dim - 1];
+  auto rows = [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t offset = 0;
+      for (int64_t d = dim - 2, rest = r; d >= 0; --d) {
+        offset += (rest % sizes[d]) * strides[d];
+        rest /= sizes[d];
+      }
+      if (inner_stride == 1) {
+        widen_bf16_run(p + offset, inner, out + r * inner);
+      } else {
+        for (int64_t i = 0; i < inner; ++i)
+          out[r * inner + i] = uint32_t{p[offset + i * inner_stride]} << 16;
+      }
+    }
+  };
+  const int64_t row_count = n / inner;
+  if (n < 2 * kConvertGrain) return rows(0, row_count);
+  at::parallel_for(0, row_count, std::max<int64_t>(1, kConvertGrain / inner), rows);
+}
+
+void round_bf16(const float* src, int64_t n, c10::BFloat16* dst) {
+  const auto* in = reinterpret_cast<const uint32_t*>(src);
+  auto* out = reinterpret_cast<uint16_t*>(dst);
+  if (n < 2 * kConvertGrain) return round_bf16_run(in, n, out);
+  at::parallel_for(0, n, kConvertGrain, [&](int64_t begin, int64_t end) {
+    round_bf16_run(in + begin, end - begin, out + begin);
+  });
+}
 
 namespace {
 
@@ -179,9 +259,76 @@ at::Tensor to_math(const at::Tensor& t, at::ScalarType math) {
   return t.to(math).contiguous();
 }
 
-at::Tensor opt_to_math(const std::optional<at::Tensor>& t, at::ScalarType math) {
-  return t.has_value() ? to_math(*t, math) : at::Tensor();
+// A contiguous float tensor of `sizes` viewing buf (float) from element `offset`, made without
+// a dispatcher call (it shares buf's storage; internal to one op call, never returned).
+at::Tensor float_view(const at::Tensor& buf, int64_t offset, at::IntArrayRef sizes) {
+  auto impl = c10::make_intrusive<c10::TensorImpl>(
+      c10::Storage(buf.storage()), c10::DispatchKeySet(c10::DispatchKey::CPU), buf.dtype());
+  impl->set_sizes_contiguous(sizes);
+  impl->set_storage_offset(buf.storage_offset() + offset);
+  return at::Tensor(std::move(impl));
 }
+
+// A call's tensors in the math dtype (contiguous), as to_math gives them, except that CPU
+// bfloat16 tensors bound for float32 are not converted one ATen op each (~1 us per tensor, a
+// dozen per call: at the small sizes more than the kernels): they are queued, and finish()
+// widens all of them by one loop into one scratch buffer that their results view. The same
+// values as to_math's (widening is exact).
+class ToMath {
+ public:
+  explicit ToMath(at::ScalarType math) : math_(math) {}
+
+  // out = t in the math dtype, now or at finish(); `t` and `out` must outlive finish().
+  void operator()(const at::Tensor& t, at::Tensor& out) {
+    if (t.scalar_type() == at::kBFloat16 && math_ == at::kFloat && t.is_cpu()) {
+      pending_.emplace_back(&t, &out);
+      numel_ += t.numel();
+      return;
+    }
+    out = to_math(t, math_);
+  }
+  void operator()(const std::optional<at::Tensor>& t, at::Tensor& out) {
+    if (t.has_value()) (*this)(*t, out);
+  }
+
+  // Whether finish() makes a scratch buffer (there are CPU bfloat16 tensors to widen).
+  bool widens() const { return !pending_.empty(); }
+
+  // Where widens(): out = uninitialised floats of `sizes` in finish()'s scratch buffer too. For
+  // the results that the kernels fill in float32 and the op returns rounded to bf16 (a copy,
+  // in_dtype), so they cost no allocation of their own.
+  void scratch_result(at::Tensor& out, std::vector<int64_t> sizes) {
+    TORCH_INTERNAL_ASSERT(widens());
+    int64_t numel = 1;
+    for (const int64_t n : sizes) numel *= n;
+    results_.emplace_back(&out, std::move(sizes));
+    numel_ += numel;
+  }
+
+  void finish() {
+    if (pending_.empty()) return;
+    const at::Tensor buf = cpu_cached_empty(numel_, at::kFloat);
+    float* p = buf.mutable_data_ptr<float>();
+    int64_t offset = 0;
+    for (const auto& [src, out] : pending_) {
+      widen_bf16(*src, p + offset);
+      *out = float_view(buf, offset, src->sizes());
+      offset += src->numel();
+    }
+    for (const auto& [out, sizes] : results_) {
+      *out = float_view(buf, offset, sizes);
+      offset += out->numel();
+    }
+    pending_.clear();
+    results_.clear();
+  }
+
+ private:
+  at::ScalarType math_;
+  std::vector<std::pair<const at::Tensor*, at::Tensor*>> pending_;
+  std::vector<std::pair<at::Tensor*, std::vector<int64_t>>> results_;
+  int64_t numel_ = 0;
+};
 
 // Whether a call keeps its bf16 tensors as given (lstm.h, KeepBf16).
 bool keeps_bf16(const LSTMShape& s, const at::Tensor& input, KeepBf16 keep_bf16) {
@@ -189,18 +336,23 @@ bool keeps_bf16(const LSTMShape& s, const at::Tensor& input, KeepBf16 keep_bf16)
 }
 
 // The input and W_ih / W_hh as the kernels read them: kept as given (contiguous) where `keep`
-// (W_ih / W_hh also where `keep_weights`), else in the math dtype.
+// (W_ih / W_hh also where `keep_weights`), else in the math dtype (through `convert`). A kept
+// input that is not contiguous (batch_first) is widened with the rest rather than copied by an
+// ATen op: the kernels that read bf16 operands read float32 ones too (Operand), with the same
+// products (widening is exact).
 void convert_input_and_weights(const LSTMShape& s, const at::Tensor& input,
-                               at::TensorList weights, at::ScalarType math, bool keep,
+                               at::TensorList weights, ToMath& convert, bool keep,
                                bool keep_weights, at::Tensor& input_out,
                                std::vector<at::Tensor>& weights_out) {
-  input_out = keep ? input.contiguous() : to_math(input, math);
-  weights_out.reserve(weights.size());
+  if (keep && input.is_contiguous()) input_out = input;
+  else convert(input, input_out);
+  // Sized first: `convert` may fill an element at its finish().
+  weights_out.resize(weights.size());
   const int64_t per_direction = s.weights_per_direction();
   for (size_t i = 0; i < weights.size(); ++i) {
     const bool w_ih_or_hh = static_cast<int64_t>(i) % per_direction < 2;
-    weights_out.push_back((keep || keep_weights) && w_ih_or_hh ? weights[i].contiguous()
-                                                                : to_math(weights[i], math));
+    if ((keep || keep_weights) && w_ih_or_hh) weights_out[i] = weights[i].contiguous();
+    else convert(weights[i], weights_out[i]);
   }
 }
 
@@ -226,15 +378,27 @@ ForwardArgs prepare_forward(
   const LSTMShape& s = a.shape;
   a.dtype = input.scalar_type();
   a.math = math_type(a.dtype);
-  convert_input_and_weights(s, input, weights, a.math, keeps_bf16(s, input, keep_bf16),
+  ToMath convert(a.math);
+  convert_input_and_weights(s, input, weights, convert, keeps_bf16(s, input, keep_bf16),
                             /*keep_weights=*/false, a.input, a.weights);
-  a.hx = opt_to_math(hx, a.math);
-  a.cx = opt_to_math(cx, a.math);
-  a.dropout_mask = opt_to_math(dropout_mask, a.math);
-  const auto opts = input.options().dtype(a.math);
+  convert(hx, a.hx);
+  convert(cx, a.cx);
+  convert(dropout_mask, a.dropout_mask);
   const int64_t LD = s.num_layers * s.num_directions;
-  a.hy = at::empty({LD, s.batch, s.out_size}, opts);
-  a.cy = at::empty({LD, s.batch, s.hidden_size}, opts);
+  if (convert.widens()) {  // a CPU bfloat16 call: its float32 results returned rounded
+    TORCH_INTERNAL_ASSERT(a.dtype == at::kBFloat16);
+    convert.scratch_result(a.hy, {LD, s.batch, s.out_size});
+    convert.scratch_result(a.cy, {LD, s.batch, s.hidden_size});
+    if (!with_reserve) {
+      std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
+      out_shape.back() = s.num_directions * s.out_size;
+      convert.scratch_result(a.output, std::move(out_shape));
+    }
+  }
+  convert.finish();
+  const auto opts = input.options().dtype(a.math);
+  if (!a.hy.defined()) a.hy = at::empty({LD, s.batch, s.out_size}, opts);
+  if (!a.cy.defined()) a.cy = at::empty({LD, s.batch, s.hidden_size}, opts);
   if (with_reserve)
     a.reserve = input.is_cpu() ? cpu_cached_empty(s.reserve_numel(), a.math)
                                : at::empty({s.reserve_numel()}, opts);
@@ -245,11 +409,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_forward(const 
   const LSTMShape& s = a.shape;
   std::vector<int64_t> out_shape(a.input.sizes().begin(), a.input.sizes().end());
   out_shape.back() = s.num_directions * s.out_size;
+  const int64_t offset = s.layer_out_offset(s.num_layers - 1);
+  const int64_t numel = s.rows * s.num_directions * s.out_size;
   // A copy even in the math dtype: an output must not alias the reserve.
-  at::Tensor output = a.reserve.narrow(0, s.layer_out_offset(s.num_layers - 1),
-                                       s.rows * s.num_directions * s.out_size)
-                          .view(out_shape)
-                          .to(a.dtype, /*non_blocking=*/false, /*copy=*/true);
+  at::Tensor output;
+  if (a.dtype == at::kBFloat16 && a.math == at::kFloat && a.reserve.is_cpu()) {
+    output = at::empty(out_shape, a.reserve.options().dtype(a.dtype));
+    round_bf16(a.reserve.const_data_ptr<float>() + offset, numel,
+               output.mutable_data_ptr<c10::BFloat16>());
+  } else {
+    output = a.reserve.narrow(0, offset, numel)
+                 .view(out_shape)
+                 .to(a.dtype, /*non_blocking=*/false, /*copy=*/true);
+  }
   return {output, in_dtype(a.hy, a.dtype), in_dtype(a.cy, a.dtype), a.reserve};
 }
 
@@ -272,23 +444,35 @@ BackwardArgs prepare_backward(
   TORCH_CHECK(reserve.scalar_type() == a.math, "fused_lstm: reserve has dtype ",
               reserve.scalar_type(), ", expected ", a.math);
   const bool keep = keeps_bf16(s, input, keep_bf16);
-  convert_input_and_weights(s, input, weights, a.math, keep,
-                            keeps_bf16(s, input, keep_bf16_weights), a.input, a.weights);
-  a.hx = opt_to_math(hx, a.math);
-  a.cx = opt_to_math(cx, a.math);
-  a.dropout_mask = opt_to_math(dropout_mask, a.math);
+  ToMath convert(a.math);
+  const bool keep_weights = keeps_bf16(s, input, keep_bf16_weights);
+  convert_input_and_weights(s, input, weights, convert, keep, keep_weights, a.input, a.weights);
+  convert(hx, a.hx);
+  convert(cx, a.cx);
+  convert(dropout_mask, a.dropout_mask);
   a.reserve = reserve.contiguous();
-  if (keep && grad_output.has_value()) a.grad_output = grad_output->contiguous();
-  else a.grad_output = opt_to_math(grad_output, a.math);
-  a.grad_hy = opt_to_math(grad_hy, a.math);
-  a.grad_cy = opt_to_math(grad_cy, a.math);
-  const auto opts = input.options().dtype(a.math);
-  a.grad_weights.reserve(weights.size());
-  for (const auto& w : weights) a.grad_weights.push_back(at::empty(w.sizes(), opts));
+  if (keep && grad_output.has_value() && grad_output->is_contiguous()) a.grad_output = *grad_output;
+  else convert(grad_output, a.grad_output);
+  convert(grad_hy, a.grad_hy);
+  convert(grad_cy, a.grad_cy);
   const int64_t LD = s.num_layers * s.num_directions;
-  a.grad_input = at::empty(input.sizes(), opts);
-  a.grad_hx = at::empty({LD, s.batch, s.out_size}, opts);
-  a.grad_cx = at::empty({LD, s.batch, s.hidden_size}, opts);
+  a.grad_weights.resize(weights.size());
+  if (convert.widens()) {  // a CPU bfloat16 call: its float32 results returned rounded
+    TORCH_INTERNAL_ASSERT(a.dtype == at::kBFloat16);
+    if (!keep_weights)  // else each its own buffer, released one by one in finish_backward
+      for (size_t i = 0; i < weights.size(); ++i)
+        convert.scratch_result(a.grad_weights[i], weights[i].sizes().vec());
+    convert.scratch_result(a.grad_input, input.sizes().vec());
+    convert.scratch_result(a.grad_hx, {LD, s.batch, s.out_size});
+    convert.scratch_result(a.grad_cx, {LD, s.batch, s.hidden_size});
+  }
+  convert.finish();
+  const auto opts = input.options().dtype(a.math);
+  for (size_t i = 0; i < weights.size(); ++i)
+    if (!a.grad_weights[i].defined()) a.grad_weights[i] = at::empty(weights[i].sizes(), opts);
+  if (!a.grad_input.defined()) a.grad_input = at::empty(input.sizes(), opts);
+  if (!a.grad_hx.defined()) a.grad_hx = at::empty({LD, s.batch, s.out_size}, opts);
+  if (!a.grad_cx.defined()) a.grad_cx = at::empty({LD, s.batch, s.hidden_size}, opts);
   return a;
 }
 

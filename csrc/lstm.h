@@ -3,6 +3,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Optional.h>
 
 #include <tuple>
@@ -131,12 +133,16 @@ LSTMShape check_lstm_args(
 // The kernels compute in the math dtype: float for float/bfloat16/half, double for double.
 // prepare_* checks the arguments, converts every tensor to the math dtype (contiguous) and
 // allocates the results; the kernels fill them; finish_* converts them back to the caller's
-// dtypes. Absent optional tensors stay undefined.
+// dtypes. Absent optional tensors stay undefined. On the CPU, the bfloat16 tensors of a call
+// are widened by one loop into one scratch buffer (widen_bf16), which the converted tensors
+// view, and results are rounded back by round_bf16 (in_dtype): no ATen conversion per tensor.
 // Except: for a bfloat16 call where `keep_bf16(shape)` holds (a backend whose products read
 // bf16 operands as they are), the input, every W_ih and every W_hh, and the backward's
-// grad_output, stay bfloat16 (contiguous), so no float copy of them is made; the biases, W_hr
-// and everything else are converted. prepare_backward's `keep_bf16_weights(shape)` keeps only
-// W_ih and W_hh so (a backend that widens them to float a layer at a time).
+// grad_output, stay bfloat16 (made contiguous; an input or grad_output that is not contiguous
+// is widened with the rest instead), so no float copy of them is made; the biases, W_hr and
+// everything else are converted. prepare_backward's `keep_bf16_weights(shape)` keeps only
+// W_ih and W_hh so (a backend that widens them to float a layer at a time), and then gives
+// each weight gradient its own buffer, so finish_backward can release each as it is rounded.
 using KeepBf16 = std::function<bool(const LSTMShape&)>;
 
 struct ForwardArgs {
@@ -147,6 +153,10 @@ struct ForwardArgs {
   std::vector<at::Tensor> weights;         // in the math dtype (W_ih and W_hh maybe kept bf16)
   at::Tensor hy, cy, reserve;  // results: [L*D, B, out], [L*D, B, H], [reserve_numel()]
                                // (reserve undefined when prepared without one)
+  // Prepared without a reserve (inference), where the bf16 tensors were widened on the CPU:
+  // the output [*input.shape[:-1], D*out] in the math dtype, in the same scratch buffer as
+  // them (and hy, cy); else undefined (the backend allocates it).
+  at::Tensor output;
 };
 
 struct BackwardArgs {
@@ -174,9 +184,29 @@ ForwardArgs prepare_forward(
     bool bidirectional, bool has_biases, int64_t proj_size, bool with_reserve = true,
     KeepBf16 keep_bf16 = nullptr);
 
-// t in `dtype`: t itself when it already is (no dispatcher call, ~0.2 us), else a converted copy.
+// bfloat16 <-> float32 on the CPU without an ATen conversion op per tensor (lstm.cpp): a call
+// at the small sizes converts a dozen tensors, and each `to` cost ~1 us, more than the kernels
+// (benchmarks/notes/bf16.md, "bf16 at the small sizes: one conversion pass per call").
+// widen_bf16: the bfloat16 CPU tensor `src` (any strides) as src.numel() floats, in src's
+// element order, at dst (exact: a bf16 is the upper half of a float32).
+void widen_bf16(const at::Tensor& src, float* dst);
+// round_bf16: n floats rounded to bf16 as torch's .to(torch.bfloat16) rounds them on the CPU,
+// bit for bit: to nearest even, denormals kept, every NaN to 0xFFFF. Split over threads when
+// long.
+void round_bf16(const float* src, int64_t n, c10::BFloat16* dst);
+
+// t in `dtype`: t itself when it already is (no dispatcher call, ~0.2 us), else a converted
+// copy: a contiguous float32 CPU tensor to bfloat16 by round_bf16 into a fresh tensor (the
+// same bits as t.to(dtype)), anything else by t.to(dtype).
 inline at::Tensor in_dtype(const at::Tensor& t, at::ScalarType dtype) {
-  return t.scalar_type() == dtype ? t : t.to(dtype);
+  if (t.scalar_type() == dtype) return t;
+  if (dtype == at::kBFloat16 && t.scalar_type() == at::kFloat && t.is_cpu() &&
+      t.is_contiguous()) {
+    at::Tensor out = at::empty(t.sizes(), t.options().dtype(dtype));
+    round_bf16(t.const_data_ptr<float>(), t.numel(), out.mutable_data_ptr<c10::BFloat16>());
+    return out;
+  }
+  return t.to(dtype);
 }
 
 // (output, hy, cy, reserve); output is the last layer's rows of the reserve, copied out.

@@ -986,3 +986,209 @@ def test_bf16_thin_inference_makes_no_float_copy_of_the_weights():
     allocated = sum(e.self_cpu_memory_usage for e in prof.events()
                     if e.self_cpu_memory_usage > 0)
     assert 0 < allocated < weight_bytes / 8, (allocated, weight_bytes)
+
+
+# ---- bfloat16 at the small sizes: one conversion pass per call ----------------------------------
+# A CPU call widens the caller's bf16 tensors (input, weights, h0, c0, upstream gradients) by one
+# loop into one scratch buffer and rounds its results by one loop (csrc/lstm.cpp: widen_bf16,
+# round_bf16), instead of an ATen conversion op per tensor; the arithmetic is float32 as before
+# at these sizes (the small-hidden kernel, and the thin kernel on the bf16 weights as they are).
+# (variant, module options, seq_len, batch (None: unbatched input), with_state)
+BF16_SMALL = {
+    "small_hidden-seed-tiny": ("small_hidden", dict(input_size=1, hidden_size=3, num_layers=2),
+                               4, 92, False),
+    "small_hidden-small-state": ("small_hidden", dict(input_size=5, hidden_size=10,
+                                                      num_layers=2), 3, 10, True),
+    "small_hidden-1layer-bi-nobias": ("small_hidden", dict(input_size=4, hidden_size=5,
+                                                           num_layers=1, bidirectional=True,
+                                                           bias=False), 5, 7, True),
+    "small_hidden-2layers-bi-batch_first": ("small_hidden", dict(
+        input_size=6, hidden_size=7, num_layers=2, bidirectional=True, batch_first=True), 4, 9,
+        True),
+    "small_hidden-proj-nostate": ("small_hidden", dict(input_size=3, hidden_size=6,
+                                                       num_layers=2, proj_size=2), 5, 6, False),
+    "small_hidden-unbatched": ("small_hidden", dict(input_size=3, hidden_size=4, num_layers=2),
+                               6, None, True),
+    "thin-stream-step": ("thin", dict(input_size=64, hidden_size=256, num_layers=2), 1, 1, True),
+    "thin-1layer-nobias-nostate": ("thin", dict(input_size=11, hidden_size=16, num_layers=1,
+                                                bias=False), 2, 3, False),
+    "thin-2layers-bi-batch_first": ("thin", dict(input_size=19, hidden_size=33, num_layers=2,
+                                                 bidirectional=True, batch_first=True), 3, 4,
+                                    True),
+    "thin-unbatched-bi-nostate": ("thin", dict(input_size=24, hidden_size=40, num_layers=2,
+                                               bidirectional=True), 2, None, False),
+}
+
+
+def _bf16_small_case(name):
+    """(fused bf16, nn.LSTM bf16, nn.LSTM float64, FusedLSTM float32) on the same bf16 weights,
+    a bf16 input and state (None where the case has none)."""
+    _, kwargs, seq_len, batch, with_state = BF16_SMALL[name]
+    torch_lstm, fused = lstm_pair(dtype=BF16, **kwargs)
+    exact = nn.LSTM(dtype=F64, **kwargs)
+    exact.load_state_dict({k: v.double() for k, v in torch_lstm.state_dict().items()})
+    as_f32 = FusedLSTM(dtype=F32, **kwargs)
+    as_f32.load_state_dict({k: v.float() for k, v in torch_lstm.state_dict().items()})
+    if batch is None:
+        x = randn(seq_len, kwargs["input_size"]).to(BF16)
+    elif kwargs.get("batch_first"):
+        x = randn(batch, seq_len, kwargs["input_size"]).to(BF16)
+    else:
+        x = randn(seq_len, batch, kwargs["input_size"]).to(BF16)
+    hx = None
+    if with_state:
+        hx = tuple(t.detach() for t in make_state(fused, batch, BF16, unbatched=batch is None))
+    return fused, torch_lstm, exact, as_f32, x, hx
+
+
+def _bits(t):
+    return t.view(torch.int16) if t.dtype == BF16 else t.to(BF16).view(torch.int16)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("name", list(BF16_SMALL))
+def test_bf16_small_sizes_inference(name, threads):
+    """bf16 inference on the small-hidden and thin kernels (explain names the variant): outputs,
+    h_n and c_n within twice nn.LSTM's bf16 distance to nn.LSTM in float64 on the same bf16
+    weights and inputs, plus a bf16 epsilon (the rule of the bf16 tests above); and bit for bit
+    what float32 FusedLSTM computes on the same weights and inputs, rounded by torch's
+    .to(torch.bfloat16): the widening is exact and the rounding is torch's."""
+    variant = BF16_SMALL[name][0]
+    fused, torch_lstm, exact, as_f32, x, hx = _bf16_small_case(name)
+
+    def run(module, dtype):
+        state = None if hx is None else tuple(t.to(dtype) for t in hx)
+        with torch.no_grad():
+            out, (h_n, c_n) = module(x.to(dtype), state)
+        return [out, h_n, c_n]
+
+    with num_threads(threads):
+        with torch.no_grad():
+            assert fused_lstm.explain(fused, x)["forward"]["variant"] == variant
+        ours = run(fused, BF16)
+        widened = run(as_f32, F32)
+    expected, theirs = run(exact, F64), run(torch_lstm, BF16)
+    eps = torch.finfo(BF16).eps
+    for i, (o, e, t, w) in enumerate(zip(ours, expected, theirs, widened)):
+        assert o.dtype == BF16 and o.shape == e.shape, i
+        scale = max(1.0, e.abs().max().item())
+        our_error = (o.double() - e).abs().max().item()
+        their_error = (t.double() - e).abs().max().item()
+        assert our_error <= 2 * their_error + eps * scale, (i, our_error, their_error)
+        assert torch.equal(_bits(o), _bits(w)), i
+
+
+@pytest.mark.parametrize("name", ["small_hidden-small-state", "small_hidden-1layer-bi-nobias",
+                                  "small_hidden-2layers-bi-batch_first",
+                                  "small_hidden-unbatched"])
+def test_bf16_small_hidden_training(name):
+    """bf16 training at small hidden sizes (float32 arithmetic): outputs and the gradients of
+    input, h0, c0 and every weight within twice nn.LSTM's bf16 distance to nn.LSTM in float64
+    plus a bf16 epsilon, and bit for bit float32 FusedLSTM's on the same weights, inputs and
+    upstream gradients, rounded by torch (the upstream gradients, of a bf16 sum: expanded, not
+    contiguous, widened in place; the gradients rounded as they leave the op)."""
+    fused, torch_lstm, exact, as_f32, x, hx = _bf16_small_case(name)
+    probe, _ = fused(x, hx)
+    upstream_w = randn(*probe.shape[-1:]).to(BF16)
+
+    def run(module, dtype):
+        leaves = [x.to(dtype).requires_grad_(), *(t.to(dtype).requires_grad_() for t in hx)]
+        out, (h_n, c_n) = module(leaves[0], tuple(leaves[1:]))
+        loss = (out * upstream_w.to(dtype)).sum() + h_n.sum() + c_n.sum()
+        grads = torch.autograd.grad(loss, leaves + list(module.parameters()))
+        return [out, h_n, c_n, *grads]
+
+    ours, widened = run(fused, BF16), run(as_f32, F32)
+    expected, theirs = run(exact, F64), run(torch_lstm, BF16)
+    eps = torch.finfo(BF16).eps
+    for i, (o, e, t, w) in enumerate(zip(ours, expected, theirs, widened)):
+        assert o.dtype == BF16 and o.shape == e.shape, i
+        scale = max(1.0, e.abs().max().item())
+        our_error = (o.double() - e).abs().max().item()
+        their_error = (t.double() - e).abs().max().item()
+        assert our_error <= 2 * their_error + eps * scale, (i, our_error, their_error)
+        assert torch.equal(_bits(o), _bits(w)), i
+
+
+@pytest.mark.parametrize("name", ["small_hidden-small-state", "thin-1layer-nobias-nostate"])
+def test_bf16_small_sizes_round_nan_and_denormals_as_torch(name):
+    """The results' rounding is torch's to the bit where it matters most: a NaN (one input row
+    holds one) becomes torch's NaN bits, and denormal results (c_n = f * c0 with c0 denormal and
+    the g gate's weights and biases zero, so i * g = 0) are rounded, not flushed to zero."""
+    fused, _, _, as_f32, x, _ = _bf16_small_case(name)
+    H = fused.hidden_size
+    with torch.no_grad():
+        for module in (fused, as_f32):
+            for p_name, p in module.named_parameters():
+                if p_name.startswith(("weight_ih", "weight_hh", "bias_")):
+                    p[2 * H:3 * H].zero_()
+    batch = x.shape[1]
+    x = x.clone()
+    x[0, 1, 0] = float("nan")
+    LD = fused.num_layers * (2 if fused.bidirectional else 1)
+    h0 = randn(LD, batch, H).to(BF16)
+    c = randn(LD, batch, H)
+    c0 = (c.sign() * (1 + c.abs()) * 1e-39).to(BF16)  # 1e-39 to ~5e-39: bf16 denormals
+    assert (c0 != 0).all() and (c0.abs() < torch.finfo(torch.float32).tiny).all()
+    with torch.no_grad():
+        ours = fused(x, (h0, c0))
+        widened = as_f32(x.float(), (h0.float(), c0.float()))
+    ours, widened = [ours[0], *ours[1]], [widened[0], *widened[1]]
+    assert torch.isnan(ours[0][:, 1]).all() and not torch.isnan(ours[0][:, 0]).any()
+    c_n = widened[2][:, 0]
+    assert ((c_n != 0) & (c_n.abs() < torch.finfo(torch.float32).tiny)).any()
+    for i, (o, w) in enumerate(zip(ours, widened)):
+        assert torch.equal(_bits(o), _bits(w)), i
+
+
+def _ops_inside_fused_lstm(prof):
+    """Names of the ATen ops that ran inside a fused_lstm op (the op's own events left out)."""
+    names = []
+    for e in prof.events():
+        parent = e.cpu_parent
+        while parent is not None and not parent.name.startswith("fused_lstm::"):
+            parent = parent.cpu_parent
+        if parent is not None and not e.name.startswith("fused_lstm::"):
+            names.append(e.name)
+    return names
+
+
+CONVERSION_OPS = {"aten::to", "aten::_to_copy", "aten::copy_", "aten::contiguous",
+                  "aten::clone"}
+
+
+# Training takes no batch_first case: the op saves a transposed input as a contiguous copy for
+# backward, in every dtype, as nn.LSTM does (csrc/autograd.cpp, saveable_input); the thin kernel
+# serves inference only.
+@pytest.mark.parametrize("name,train", [
+    ("small_hidden-seed-tiny", False), ("small_hidden-small-state", False),
+    ("small_hidden-2layers-bi-batch_first", False), ("thin-stream-step", False),
+    ("thin-2layers-bi-batch_first", False), ("small_hidden-seed-tiny", True),
+    ("small_hidden-1layer-bi-nobias", True), ("small_hidden-proj-nostate", True)])
+def test_bf16_small_sizes_make_no_conversion_ops(name, train):
+    """A bf16 call at the small sizes makes no ATen conversion op (the profiler's record of one
+    call, forward and, training, backward): no aten::to / _to_copy / copy_ / contiguous / clone
+    inside the fused_lstm ops, and no more ATen ops there than the same call in float32 plus
+    one (the scratch buffer of the widened tensors)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fused, _, _, as_f32, x, hx = _bf16_small_case(name)
+
+    def ops_of(module, dtype):
+        state = None if hx is None else tuple(t.to(dtype) for t in hx)
+        inp = x.to(dtype).requires_grad_(train)
+
+        def once():
+            with torch.set_grad_enabled(train):
+                out, (h_n, c_n) = module(inp, state)
+                if train:
+                    (out.sum() + h_n.sum() + c_n.sum()).backward()
+
+        once()  # scratch buffers and lazily made state from the first call on
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            once()
+        return _ops_inside_fused_lstm(prof)
+
+    ours, f32 = ops_of(fused, BF16), ops_of(as_f32, F32)
+    assert not CONVERSION_OPS & set(ours), ours
+    assert len(ours) <= len(f32) + 1, (ours, f32)

@@ -99,7 +99,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference_cpu(
   const CpuPlan plan = call.of(s, a.dtype);
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
   out_shape.back() = s.num_directions * s.out_size;
-  at::Tensor output = at::empty(out_shape, a.hy.options());  // [T, B, D*out] == [rows, D*out]
+  at::Tensor output = a.output.defined()  // [T, B, D*out] == [rows, D*out]
+      ? a.output
+      : at::empty(out_shape, a.hy.options());
   AT_DISPATCH_FLOATING_TYPES(a.math, "fused_lstm_inference_cpu", [&] {
     inference_impl<scalar_t>(plan, s, operand<scalar_t>(a.input), ptr_or_null<scalar_t>(a.hx),
                              ptr_or_null<scalar_t>(a.cx), a.weights,
