@@ -457,7 +457,12 @@ BackwardArgs prepare_backward(
   convert(grad_cy, a.grad_cy);
   const int64_t LD = s.num_layers * s.num_directions;
   a.grad_weights.resize(weights.size());
-  if (convert.widens()) {  // a CPU bfloat16 call: its float32 results returned rounded
+  // A CPU bfloat16 call: its float32 results returned rounded, in the scratch buffer. Except
+  // where the op keeps bf16 operands (the bf16 products: sizes where an allocation per result
+  // costs nothing that shows): there each gradient keeps a tensor of its own, one allocation of
+  // its size, which tests/test_production.py counts to show that no float copy of the input or
+  // the weights is made.
+  if (convert.widens() && !keep) {
     TORCH_INTERNAL_ASSERT(a.dtype == at::kBFloat16);
     if (!keep_weights)  // else each its own buffer, released one by one in finish_backward
       for (size_t i = 0; i < weights.size(); ++i)
