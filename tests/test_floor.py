@@ -114,6 +114,9 @@ def test_always_and_never_by_name(dtype, layers, bidirectional, bias, with_state
             plan = _floor_of(fused, x)
         assert aten_calls == 1
         _assert_equal(got, expected)
+        # nn.LSTM in training mode (no dropout) under no_grad calls at::lstm with train=True:
+        # the same values as the floor's train=False call.
+        _assert_equal(got, torch_lstm.train()(*args))
         assert plan["nn_lstm_floor_runs"] == "true" and plan["path"] == "nn.LSTM"
         assert plan["nn_lstm_floor"].startswith("always")
         assert plan["variant"] == "row_wise"
