@@ -142,8 +142,8 @@ inline std::string describe_floor(const CpuPlan& p, const LSTMShape& s, at::Scal
     o << "\nnn_lstm_floor_times=fused " << c.times.fused_ms << " ms, at::lstm " << c.times.aten_ms
       << " ms (" << (c.times.injected ? "recorded by a test, not measured"
                                       : "wall time, least of interleaved calls")
-      << "; " << c.times.samples << " call" << (c.times.samples == 1 ? "" : "s")
-      << " of each, at batch " << c.times.batch << ", seq_len " << c.times.seq_len << ")";
+      << "; calls: " << c.times.samples << " of ours, " << c.times.aten_samples
+      << " of at::lstm, at batch " << c.times.batch << ", seq_len " << c.times.seq_len << ")";
   }
   return o.str();
 }

@@ -304,12 +304,13 @@ constexpr int64_t kFloorMinStepWork = int64_t{1} << 22;
 // a loaded machine: there the same call's ratio spread from 0.82 to 1.22 between measurements
 // (benchmarks/notes/floor.md); the least of interleaved calls is what narrows that.
 constexpr double kFloorMustWinBy = 1.03;
-// The measurement (lstm_cpu.cpp's measure_floor): our call (the user's), at::lstm's, then
-// at::lstm's and ours again, and for calls shorter than kFloorLongCallSeconds one more of each:
-// the least of 2 or 3 calls each, the first calls of the shape (which create oneDNN's
-// primitive and measure rates.h's rates) included. It stops where at::lstm is more than
-// kFloorFarBehind slower than ours. At most 5 calls more than the user's own, each of ours
-// shorter than kFloorLongCallSeconds, or 3 more for longer calls (benchmarks/notes/floor.md).
+// The measurement (lstm_cpu.cpp's measure_floor): our call (the user's), at::lstm's twice,
+// then, unless at::lstm is more than kFloorFarBehind slower, ours again, and for calls shorter
+// than kFloorLongCallSeconds ours and at::lstm's once more: the least of 2 or 3 calls each,
+// the first calls of the shape (which create oneDNN's primitive and measure rates.h's rates)
+// included. At most 5 calls more than the user's own (3 of at::lstm, 2 of ours each shorter
+// than kFloorLongCallSeconds), 3 more for longer calls, 2 (of at::lstm) where it is far
+// behind (benchmarks/notes/floor.md).
 constexpr double kFloorLongCallSeconds = 0.2;
 constexpr double kFloorFarBehind = 1.5;
 // Keys measured per process at most; calls of further keys run our kernels unmeasured.

@@ -201,7 +201,8 @@ struct FloorTimes {
   bool injected = false;     // set by the test hook fused_lstm::_floor_record, not measured
   double fused_ms = 0;       // least wall time of our inference call
   double aten_ms = 0;        // least wall time of at::lstm's
-  int samples = 0;           // calls of each timed
+  int samples = 0;           // calls of ours timed
+  int aten_samples = 0;      // calls of at::lstm timed
   int64_t batch = 0, seq_len = 0;  // the call that was measured
 };
 
