@@ -35,6 +35,11 @@ change applies from the next call.
 * ``fuse_by_measured_rates``: fuse the float32 input projection into the steps only where this
   machine's measured rates say the fused step is not slower than the projection GEMM plus the
   recurrent step alone (else by the weights' size per row alone).
+* ``nn_lstm_floor``: whether an inference call may run what nn.LSTM runs for it (``at::lstm``:
+  oneDNN's LSTM) instead of the fused kernels: ``"auto"`` (where it measures faster by more
+  than 3%: the first inference call of a shape times both, interleaved, once per process; large
+  float32 and bfloat16 calls only, see ``fused_lstm.explain``), ``"never"`` or ``"always"``
+  (wherever the floor is possible: for tests and comparisons).
 
 ``cuda`` (the CUDA kernels have not yet run on a GPU):
 
@@ -47,6 +52,7 @@ Defaults come from the environment, read once when fused_lstm is imported:
 ``FUSED_LSTM_NO_THIN``, ``FUSED_LSTM_NO_BF16_GEMM``, ``FUSED_LSTM_NO_AMX``,
 ``FUSED_LSTM_NO_MEASURED_FUSION`` (``1`` turns the matching CPU setting off),
 ``FUSED_LSTM_GEMM_LIBRARY`` (``auto``, ``blas`` or ``onednn_matmul``),
+``FUSED_LSTM_NN_LSTM_FLOOR`` (``auto``, ``never`` or ``always``),
 ``FUSED_LSTM_CUDA_PATH`` and ``FUSED_LSTM_CUDA_PERSISTENT_UNITS`` / ``_TILE`` / ``_KSPLIT``.
 """
 
@@ -67,6 +73,7 @@ _set = torch.ops.fused_lstm._set_setting
 
 _CUDA_PATHS = ("auto", "persistent", "step")
 _GEMM_LIBRARIES = ("auto", "blas", "onednn_matmul")
+_FLOORS = ("auto", "never", "always")
 
 
 def _flag(name: str, value: Any) -> int:
@@ -87,6 +94,13 @@ def _gemm_library(name: str, value: Any) -> int:
         raise ValueError(f"fused_lstm.backends.{name} must be 'auto', 'blas' or 'onednn_matmul'; "
                          f"got {value!r}")
     return _GEMM_LIBRARIES.index(value)
+
+
+def _floor(name: str, value: Any) -> int:
+    if value not in _FLOORS:
+        raise ValueError(f"fused_lstm.backends.{name} must be 'auto', 'never' or 'always'; "
+                         f"got {value!r}")
+    return _FLOORS.index(value)
 
 
 def _plan_int(limit: int, power_of_two: bool = False) -> Callable[[str, Any], int]:
@@ -128,6 +142,8 @@ _CPU: Dict[str, _Setting] = {
     "gemm_library": (_gemm_library, lambda i: _GEMM_LIBRARIES[i], "FUSED_LSTM_GEMM_LIBRARY",
                      lambda text: text or "auto"),
     "fuse_by_measured_rates": (_flag, bool, "FUSED_LSTM_NO_MEASURED_FUSION", _off_if_set),
+    "nn_lstm_floor": (_floor, lambda i: _FLOORS[i], "FUSED_LSTM_NN_LSTM_FLOOR",
+                      lambda text: text or "auto"),
 }
 _CUDA: Dict[str, _Setting] = {
     "path": (_cuda_path, lambda i: _CUDA_PATHS[i], "FUSED_LSTM_CUDA_PATH",

@@ -143,16 +143,25 @@ def _same_both(device, path, why):
     return _result(device, choice, dict(choice))
 
 
-def _cpu_plan(sizes, data, batch_sizes, inference: bool) -> dict[str, Any]:
+def _cpu_plan(sizes, data, batch_sizes, inference: bool, dropout: bool = False
+              ) -> dict[str, Any]:
     """The CPU plan (csrc/cpu/plan.h) of the call, as the op fused_lstm::cpu_plan describes it:
-    ``variant``, ``why``, and where each product goes."""
+    ``variant``, ``why``, and where each product goes; ``nn_lstm_floor``: whether the call runs
+    at::lstm instead (``path`` is then ``"nn.LSTM"``). ``dropout``: the call gets a dropout
+    mask."""
     steps = ([int(b) for b in batch_sizes] if batch_sizes is not None
              else [data.shape[1]] * data.shape[0])
     text = torch.ops.fused_lstm.cpu_plan(
         data.shape[-1], sizes["hidden_size"], sizes["proj_size"], sizes["num_layers"],
-        bool(sizes["bidirectional"]), bool(sizes["bias"]), steps, data.dtype, inference)
+        bool(sizes["bidirectional"]), bool(sizes["bias"]), steps, data.dtype, inference,
+        dropout)
     plan: dict[str, Any] = dict(line.split("=", 1) for line in text.splitlines())
     plan["path"] = plan["reason"] = plan["variant"]
+    if plan.get("nn_lstm_floor_runs") == "true":
+        plan["path"] = "nn.LSTM"
+        plan["reason"] = "nn_lstm_floor"
+        plan["why"] = ("the nn.LSTM floor: at::lstm (what nn.LSTM runs) runs the call: "
+                       + plan["nn_lstm_floor"])
     plan["inference"] = inference
     return plan
 
@@ -166,7 +175,10 @@ def _cpu_result(module_or_sizes, sizes, data, batch_sizes) -> dict[str, Any]:
     else:
         weights_grad = bool(module_or_sizes.get("requires_grad", True))
     grad = torch.is_grad_enabled() and (weights_grad or data.requires_grad)
-    forward = _cpu_plan(sizes, data, batch_sizes, inference=not grad)
+    # A dropout mask: a module in training mode with dropout between layers.
+    dropout = (isinstance(module_or_sizes, nn.Module) and module_or_sizes.training
+               and module_or_sizes.dropout > 0 and sizes["num_layers"] > 1)
+    forward = _cpu_plan(sizes, data, batch_sizes, inference=not grad, dropout=dropout)
     backward = _cpu_plan(sizes, data, batch_sizes, inference=False)
     return _result(device, forward, backward)
 
@@ -192,7 +204,11 @@ def explain(module_or_sizes: nn.LSTM | Mapping[str, Any], input) -> dict[str, An
     ``settings`` and ``cpu`` features the choice read, and for float32 the measured rates it
     read (``library_rates``: one thread's GFLOP/s of the BLAS and of oneDNN's matmul per class
     of product; ``fused_step_rates.<layer>``: one thread's fused step against the recurrent
-    step plus the projection); ``summary``, one line.
+    step plus the projection); ``nn_lstm_floor`` (whether the call may run, or runs, what
+    nn.LSTM runs, ``at::lstm``, instead of the fused kernels, and why),
+    ``nn_lstm_floor_runs`` (``"true"`` where it does: ``path`` is then ``"nn.LSTM"``, while
+    ``variant`` names the kernels that would run otherwise) and ``nn_lstm_floor_times`` (the
+    measured times behind an ``"auto"`` choice); ``summary``, one line.
     """
     from .module import _fused_kernel_available, _is_autocast_enabled
 

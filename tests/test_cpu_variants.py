@@ -419,16 +419,17 @@ def test_environment_gives_the_defaults_at_import(tmp_path):
     env = dict(os.environ, FUSED_LSTM_NO_THIN="1", FUSED_LSTM_NO_BRGEMM="0",
                FUSED_LSTM_UNFUSED_INPUT="1", FUSED_LSTM_CUDA_PATH="step",
                FUSED_LSTM_CUDA_PERSISTENT_TILE="8", FUSED_LSTM_GEMM_LIBRARY="blas",
-               FUSED_LSTM_NO_MEASURED_FUSION="1")
+               FUSED_LSTM_NO_MEASURED_FUSION="1", FUSED_LSTM_NN_LSTM_FLOOR="never")
     code = ("import fused_lstm, os; b = fused_lstm.backends; "
             "os.environ['FUSED_LSTM_NO_BRGEMM'] = '1'; "  # read at import only
             "print(b.cpu.allow_thin, b.cpu.allow_brgemm, b.cpu.allow_fused_input_projection, "
             "b.cuda.path, b.cuda.persistent_tile, b.cpu.gemm_library, "
-            "b.cpu.fuse_by_measured_rates)")
+            "b.cpu.fuse_by_measured_rates, b.cpu.nn_lstm_floor)")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.split() == ["False", "True", "False", "step", "8", "blas", "False"]
+    assert run.stdout.split() == ["False", "True", "False", "step", "8", "blas", "False",
+                                  "never"]
     env["FUSED_LSTM_CUDA_PATH"] = "fastest"
     run = subprocess.run([sys.executable, "-c", "import fused_lstm"], env=env,
                          capture_output=True, text=True, cwd=tmp_path)

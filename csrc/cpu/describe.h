@@ -120,5 +120,34 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s) {
   return o.str();
 }
 
+
+// The nn.LSTM floor's lines (plan.h): whether at::lstm runs the call, why, and the measured
+// times behind an "auto" choice. nn_lstm_floor_runs=true exactly where the op runs at::lstm.
+inline std::string describe_floor(const CpuPlan& p, const LSTMShape& s, at::ScalarType dtype,
+                                  bool has_mask) {
+  const FloorChoice c = floor_choice(p, s, dtype, has_mask, /*claim=*/false);
+  std::ostringstream o;
+  const bool runs = c.run == FloorRun::kAten;
+  o << "nn_lstm_floor=";
+  if (c.impossible != nullptr) o << "not possible: " << c.impossible;
+  else if (p.settings.nn_lstm_floor == 1) o << "never (setting nn_lstm_floor)";
+  else if (p.settings.nn_lstm_floor == 2) o << "always (setting nn_lstm_floor): at::lstm runs the call";
+  else if (c.times.measured)
+    o << (runs ? "at::lstm: measured faster than the fused kernels by more than 3%"
+               : "fused kernels: at::lstm not measured faster by more than 3%");
+  else if (c.table_full) o << "fused kernels: not measured (" << kFloorMaxKeys
+                           << " shapes measured already)";
+  else o << "not measured yet: the first inference call of this shape measures";
+  o << "\nnn_lstm_floor_runs=" << (runs ? "true" : "false");
+  if (c.times.measured) {
+    o << "\nnn_lstm_floor_times=fused " << c.times.fused_ms << " ms, at::lstm " << c.times.aten_ms
+      << " ms (" << (c.times.injected ? "recorded by a test, not measured"
+                                      : "wall time, least of interleaved calls")
+      << "; calls: " << c.times.samples << " of ours, " << c.times.aten_samples
+      << " of at::lstm, at batch " << c.times.batch << ", seq_len " << c.times.seq_len << ")";
+  }
+  return o.str();
+}
+
 }  // namespace
 }  // namespace fused_lstm

@@ -33,9 +33,13 @@
 #include "forward.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/lstm.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <chrono>
 #include <optional>
 
 namespace fused_lstm {
@@ -86,12 +90,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu(
   return finish_forward(a);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference_cpu(
-    const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
-    const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
-    at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
-    bool bidirectional, bool has_biases, int64_t proj_size) {
-  const CallPlan call{cpu_settings(), /*inference=*/true};
+using Results3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// Our inference kernels (lstm_inference without the floor).
+Results3 fused_inference(
+    const CpuSettings& settings, const at::Tensor& input,
+    const std::optional<at::Tensor>& batch_sizes, const std::optional<at::Tensor>& hx,
+    const std::optional<at::Tensor>& cx, at::TensorList weights,
+    const std::optional<at::Tensor>& dropout_mask, int64_t num_layers, bool bidirectional,
+    bool has_biases, int64_t proj_size) {
+  const CallPlan call{settings, /*inference=*/true};
   ForwardArgs a = prepare_forward(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
                                   bidirectional, has_biases, proj_size, /*with_reserve=*/false,
                                   call.keep_bf16());
@@ -109,6 +117,106 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference_cpu(
                              a.cy.mutable_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>());
   });
   return {in_dtype(output, a.dtype), in_dtype(a.hy, a.dtype), in_dtype(a.cy, a.dtype)};
+}
+
+// What nn.LSTM runs for the call in inference: at::lstm, with zeros for a state not given (as
+// nn.LSTM makes them), no dropout, time-major; recording nothing for autograd (the op is
+// called only where no gradient can flow, and its own kernels record nothing either).
+Results3 aten_inference(const LSTMShape& s, const at::Tensor& input,
+                        const std::optional<at::Tensor>& hx,
+                        const std::optional<at::Tensor>& cx, at::TensorList weights) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t LD = s.num_layers * s.num_directions;
+  const at::Tensor h0 = hx ? *hx : at::zeros({LD, s.batch, s.out_size}, input.options());
+  const at::Tensor c0 = cx ? *cx : at::zeros({LD, s.batch, s.hidden_size}, input.options());
+  auto [output, hy, cy] = at::lstm(input, {h0, c0}, weights, s.has_biases, s.num_layers,
+                                   /*dropout=*/0.0, /*train=*/false, s.num_directions == 2,
+                                   /*batch_first=*/false);
+  // Contiguous, as the fake kernel (fused_lstm/ops.py) and our kernels give them.
+  return {output.contiguous(), hy.contiguous(), cy.contiguous()};
+}
+
+double wall_seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// The floor's measurement (plan.h): our call and at::lstm's, interleaved, the least wall time
+// of each kept; the call's results are those of the implementation chosen, so that every call
+// of the key, this one included, gives the same results.
+template <typename Fused, typename Aten>
+Results3 measure_floor(const FloorKey& key, const LSTMShape& s, const Fused& fused,
+                       const Aten& aten) {
+  FloorTimes t;
+  t.batch = s.batch;
+  t.seq_len = s.seq_len;
+  Results3 fused_results, aten_results;
+  double best_fused = 1e30, best_aten = 1e30;
+  auto time_fused = [&] {
+    const auto t0 = std::chrono::steady_clock::now();
+    fused_results = fused();
+    best_fused = std::min(best_fused, wall_seconds_since(t0));
+  };
+  auto time_aten = [&] {
+    const auto t0 = std::chrono::steady_clock::now();
+    aten_results = aten();
+    best_aten = std::min(best_aten, wall_seconds_since(t0));
+  };
+  // Stops as soon as at::lstm, warm, is far behind (kFloorFarBehind): no further call can
+  // change the choice, and a loaded machine can slow at::lstm's per-step parallel regions
+  // several times. Not after its first call, which creates oneDNN's primitive and kernels.
+  auto far_behind = [&] { return best_aten > kFloorFarBehind * best_fused; };
+  try {
+    time_fused();  // the user's call (and the first of the shape: not a warm one)
+    time_aten();   // the first of the shape too: creates oneDNN's primitive
+    time_aten();
+    t.samples = 1;
+    t.aten_samples = 2;
+    if (!far_behind()) {
+      time_fused();
+      t.samples = 2;
+      if (!far_behind() && best_fused < kFloorLongCallSeconds) {
+        time_fused();
+        time_aten();
+        t.samples = 3;
+        t.aten_samples = 3;
+      }
+    }
+  } catch (...) {
+    floor_abandon(key);
+    throw;
+  }
+  t.fused_ms = best_fused * 1e3;
+  t.aten_ms = best_aten * 1e3;
+  t.measured = true;
+  floor_store(key, t);
+  return floor_measured_faster(t) ? aten_results : fused_results;
+}
+
+// lstm_inference: our kernels, or at::lstm where the floor (plan.h) runs the call.
+Results3 lstm_inference_cpu(
+    const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
+    const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
+    at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
+    bool bidirectional, bool has_biases, int64_t proj_size) {
+  const CpuSettings settings = cpu_settings();
+  const at::ScalarType dtype = input.scalar_type();
+  // The floor's cheap conditions first: most calls skip the rest.
+  if (settings.nn_lstm_floor != 1 && !batch_sizes.has_value() && !dropout_mask.has_value() &&
+      proj_size == 0 && (dtype == at::kFloat || dtype == at::kBFloat16)) {
+    const LSTMShape s = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask,
+                                        num_layers, bidirectional, has_biases, proj_size);
+    const CallPlan call{settings, /*inference=*/true};
+    const FloorChoice c = floor_choice(call.of(s, dtype), s, dtype, false, /*claim=*/true);
+    auto fused = [&] {
+      return fused_inference(settings, input, batch_sizes, hx, cx, weights, dropout_mask,
+                             num_layers, bidirectional, has_biases, proj_size);
+    };
+    auto aten = [&] { return aten_inference(s, input, hx, cx, weights); };
+    if (c.run == FloorRun::kAten) return aten();
+    if (c.run == FloorRun::kMeasure) return measure_floor(c.key, s, fused, aten);
+  }
+  return fused_inference(settings, input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
+                         bidirectional, has_biases, proj_size);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_backward_cpu(
@@ -141,7 +249,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_bac
 // sequence's batch sizes).
 std::string cpu_plan_op(int64_t input_size, int64_t hidden_size, int64_t proj_size,
                         int64_t num_layers, bool bidirectional, bool has_biases,
-                        std::vector<int64_t> batch_sizes, at::ScalarType dtype, bool inference) {
+                        std::vector<int64_t> batch_sizes, at::ScalarType dtype, bool inference,
+                        bool dropout) {
   TORCH_CHECK_VALUE(input_size >= 1 && hidden_size >= 1 && proj_size >= 0 &&
                         proj_size < hidden_size + (proj_size == 0) && num_layers >= 1 &&
                         !batch_sizes.empty(),
@@ -163,7 +272,39 @@ std::string cpu_plan_op(int64_t input_size, int64_t hidden_size, int64_t proj_si
   s.packed = batch_sizes.front() != batch_sizes.back();
   s.batch_sizes = std::move(batch_sizes);
   const CallPlan call{cpu_settings(), inference};
-  return describe(call.of(s, dtype), s);
+  const CpuPlan plan = call.of(s, dtype);
+  return describe(plan, s) + "\n" + describe_floor(plan, s, dtype, dropout);
+}
+
+// Test hooks of the floor (tests/test_cpu_variants.py): _floor_record stores times for the key
+// of a call of these sizes under the current settings and threads, as if measured (explain
+// reports them as recorded by a test); _floor_forget empties the table.
+void floor_record_op(int64_t input_size, int64_t hidden_size, int64_t num_layers,
+                     bool bidirectional, bool has_biases, int64_t batch, int64_t seq_len,
+                     at::ScalarType dtype, double fused_ms, double aten_ms) {
+  LSTMShape s;
+  s.num_layers = num_layers;
+  s.num_directions = bidirectional ? 2 : 1;
+  s.input_size = input_size;
+  s.hidden_size = hidden_size;
+  s.out_size = hidden_size;
+  s.has_biases = has_biases;
+  s.batch = batch;
+  s.seq_len = seq_len;
+  FloorTimes t;
+  t.measured = t.injected = true;
+  t.samples = t.aten_samples = 1;
+  t.fused_ms = fused_ms;
+  t.aten_ms = aten_ms;
+  t.batch = batch;
+  t.seq_len = seq_len;
+  floor_store(floor_key(s, dtype, cpu_settings()), t);
+}
+
+void floor_forget_op() {
+  FloorTable& table = floor_table();
+  std::lock_guard<std::mutex> lock(table.mutex);
+  table.times.clear();
 }
 
 }  // namespace
@@ -171,8 +312,13 @@ std::string cpu_plan_op(int64_t input_size, int64_t hidden_size, int64_t proj_si
 TORCH_LIBRARY_FRAGMENT(fused_lstm, m) {
   m.def("cpu_plan(int input_size, int hidden_size, int proj_size, int num_layers, "
         "bool bidirectional, bool has_biases, int[] batch_sizes, ScalarType dtype, "
-        "bool inference) -> str",
+        "bool inference, bool dropout=False) -> str",
         &cpu_plan_op);
+  m.def("_floor_record(int input_size, int hidden_size, int num_layers, bool bidirectional, "
+        "bool has_biases, int batch, int seq_len, ScalarType dtype, float fused_ms, "
+        "float aten_ms) -> ()",
+        &floor_record_op);
+  m.def("_floor_forget() -> ()", &floor_forget_op);
 }
 
 TORCH_LIBRARY_IMPL(fused_lstm, CPU, m) {

@@ -284,5 +284,147 @@ GemmLibrary gemm_library(bool trans_a, bool trans_b, int64_t m, int64_t n, int64
   return GemmLibrary::kBlas;
 }
 
+
+// ---- The nn.LSTM floor: at::lstm where it measures faster ----
+// Never slower than nn.LSTM: where none of our kernels beats what nn.LSTM runs for a call
+// (at::lstm: oneDNN's LSTM primitive, mkldnn_rnn, where ATen picks it; for bfloat16 on
+// AMX-BF16 CPUs on AMX tiles), the inference op runs at::lstm itself, as nn.LSTM calls it, and
+// returns its results. Whether it does is measured on this machine, not looked up by size: at
+// the first inference call of a shape key (floor_key) the op times its own call and at::lstm's,
+// interleaved (lstm_cpu.cpp's measure_floor), and keeps the answer for the process. Inference
+// only: training calls run the fused kernels (they measured faster at every size on both
+// benchmark machines, and timing a forward-and-backward pair at the first call is not cheap).
+//
+// Candidates only: calls large enough that both sides are bound by their GEMMs, so the
+// measurement is worth its one-off cost (never the thin, small-hidden or tutorial sizes, where
+// ours is several times faster) and where at::lstm would run what nn.LSTM runs for the same
+// call: no packed input (nn.LSTM's step loop, several times slower), no dropout mask (at::lstm
+// would draw its own), no projection (oneDNN's LSTM has none: ATen warns and runs its step
+// loop), float32 and bfloat16 models only (what oneDNN's LSTM takes).
+// kFloorMinStepWork: multiply-adds of the first layer's step, batch * 4H * (input + out)
+// (medium, batch 32: 2^23.6; fastrnns: 2^27; below 2^22 one step is a few tens of us).
+constexpr int64_t kFloorMinBatch = 16;
+constexpr int64_t kFloorMinStepWork = int64_t{1} << 22;
+// at::lstm runs a call only where ours measured more than 3% slower: a near tie keeps our
+// kernels (and their results), while a real gap of 5% (fastrnns float32 inference on the Intel
+// Xeon, quiet: 0.95x) still goes to at::lstm. No margin of a few percent absorbs the noise of
+// a loaded machine: there the same call's ratio spread from 0.82 to 1.22 between measurements
+// (benchmarks/notes/floor.md); the least of interleaved calls is what narrows that.
+constexpr double kFloorMustWinBy = 1.03;
+// The measurement (lstm_cpu.cpp's measure_floor): our call (the user's), at::lstm's twice,
+// then, unless at::lstm is more than kFloorFarBehind slower, ours again, and for calls shorter
+// than kFloorLongCallSeconds ours and at::lstm's once more: the least of 2 or 3 calls each,
+// the first calls of the shape (which create oneDNN's primitive and measure rates.h's rates)
+// included. At most 5 calls more than the user's own (3 of at::lstm, 2 of ours each shorter
+// than kFloorLongCallSeconds), 3 more for longer calls, 2 (of at::lstm) where it is far
+// behind (benchmarks/notes/floor.md).
+constexpr double kFloorLongCallSeconds = 0.2;
+constexpr double kFloorFarBehind = 1.5;
+// Keys measured per process at most; calls of further keys run our kernels unmeasured.
+constexpr size_t kFloorMaxKeys = 64;
+
+// Why the floor cannot run a call, or nullptr where it can.
+inline const char* floor_impossible(const CpuPlan& p, const LSTMShape& s, at::ScalarType dtype,
+                                    bool has_mask) {
+  if (!p.inference) return "a training call: the floor serves inference only";
+  if (dtype != at::kFloat && dtype != at::kBFloat16) return "float32 and bfloat16 models only";
+  if (s.packed) return "packed input: nn.LSTM runs it step by step";
+  if (has_mask) return "a dropout mask: at::lstm would draw its own";
+  if (s.proj_size > 0) return "proj_size > 0: oneDNN's LSTM has no projection";
+  if (p.variant != Variant::kRowWise) return "the thin or small-hidden kernel's sizes";
+  if (s.batch < kFloorMinBatch || s.seq_len < 2 ||
+      s.batch * 4 * s.hidden_size * (s.input_size + s.out_size) < kFloorMinStepWork)
+    return "too little work per step: batch < 16, one step, or batch * 4H * (input + hidden) "
+           "< 2^22";
+  return nullptr;
+}
+
+inline int64_t log2_bucket(int64_t n) {
+  int64_t b = 0;
+  while (n >>= 1) ++b;
+  return b;
+}
+
+// The calls one measurement serves: the same dtype and sizes, batch and seq_len in the same
+// power-of-two bucket (a user whose batch or sequence length varies measures a few times, not
+// every call), the same threads, oneDNN on or off in torch.backends.mkldnn (nn.LSTM's path),
+// and the same kernel settings (which change our side's speed).
+inline FloorKey floor_key(const LSTMShape& s, at::ScalarType dtype, const CpuSettings& settings) {
+  int64_t fingerprint = 0;
+#define FUSED_LSTM_FLOOR_FINGERPRINT(field, name, dflt, lo, hi) \
+  fingerprint = fingerprint * 4 + settings.field;
+  FUSED_LSTM_CPU_SETTINGS(FUSED_LSTM_FLOOR_FINGERPRINT)
+#undef FUSED_LSTM_FLOOR_FINGERPRINT
+  return {int64_t(dtype), s.input_size, s.hidden_size, s.num_layers, s.num_directions,
+          int64_t(s.has_biases), log2_bucket(s.batch), log2_bucket(s.seq_len),
+          int64_t(at::get_num_threads()), int64_t(at::globalContext().userEnabledMkldnn()),
+          fingerprint};
+}
+
+inline bool floor_measured_faster(const FloorTimes& t) {
+  return t.measured && kFloorMustWinBy * t.aten_ms < t.fused_ms;
+}
+
+enum class FloorRun { kFused, kAten, kMeasure };
+
+struct FloorChoice {
+  const char* impossible = nullptr;  // why the floor cannot run the call, or nullptr
+  FloorRun run = FloorRun::kFused;
+  FloorTimes times;                  // the key's measurement, where there is one
+  bool table_full = false;           // auto, unmeasured, and kFloorMaxKeys keys measured
+  FloorKey key{};
+};
+
+// The floor's choice for a call. `claim` (the kernel asks): an unmeasured key under "auto" is
+// marked as being measured and kMeasure returned (the caller then measures and calls
+// floor_store, or floor_abandon); while another thread measures the key, this one waits for
+// its result. Without `claim` (explain asks) nothing waits or changes: an unmeasured key is
+// kFused, reported as not measured yet.
+inline FloorChoice floor_choice(const CpuPlan& p, const LSTMShape& s, at::ScalarType dtype,
+                                bool has_mask, bool claim) {
+  FloorChoice c;
+  c.impossible = floor_impossible(p, s, dtype, has_mask);
+  if (c.impossible != nullptr || p.settings.nn_lstm_floor == 1) return c;
+  if (p.settings.nn_lstm_floor == 2) {
+    c.run = FloorRun::kAten;
+    return c;
+  }
+  c.key = floor_key(s, dtype, p.settings);
+  FloorTable& table = floor_table();
+  std::unique_lock<std::mutex> lock(table.mutex);
+  if (claim)
+    table.done.wait(lock, [&] { return table.pending.count(c.key) == 0; });
+  const auto it = table.times.find(c.key);
+  if (it != table.times.end()) {
+    c.times = it->second;
+    c.run = floor_measured_faster(c.times) ? FloorRun::kAten : FloorRun::kFused;
+  } else if (table.times.size() + table.pending.size() >= kFloorMaxKeys) {
+    c.table_full = true;
+  } else if (claim) {
+    table.pending[c.key] = true;
+    c.run = FloorRun::kMeasure;
+  }
+  return c;
+}
+
+inline void floor_store(const FloorKey& key, const FloorTimes& t) {
+  FloorTable& table = floor_table();
+  {
+    std::lock_guard<std::mutex> lock(table.mutex);
+    table.times[key] = t;
+    table.pending.erase(key);
+  }
+  table.done.notify_all();
+}
+
+inline void floor_abandon(const FloorKey& key) {
+  FloorTable& table = floor_table();
+  {
+    std::lock_guard<std::mutex> lock(table.mutex);
+    table.pending.erase(key);
+  }
+  table.done.notify_all();
+}
+
 }  // namespace
 }  // namespace fused_lstm

@@ -19,7 +19,9 @@
 
 #include <time.h>
 
+#include <array>
 #include <chrono>
+#include <condition_variable>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -184,6 +186,40 @@ inline double brgemm_step_seconds(int64_t rows, int64_t k, int64_t n) {
   std::lock_guard<std::mutex> lock(mutex);
   cache.emplace(key, seconds);
   return seconds;
+}
+
+
+// ---- The nn.LSTM floor: our inference call against at::lstm's, per shape key ----
+// Unlike the rates above, these are wall times of whole calls on the calling thread, every
+// thread of the process taking part: the floor is about how long the user waits, and both
+// implementations run parallel inside (our batch slices, oneDNN's own threads), which one
+// thread's CPU time would not see. A loaded machine delays both alike only on average, so
+// the calls are interleaved and the least of each kept (plan.h's floor rule, lstm_cpu.cpp's
+// measure_floor). Kept per key (plan.h's floor_key) for the process.
+struct FloorTimes {
+  bool measured = false;
+  bool injected = false;     // set by the test hook fused_lstm::_floor_record, not measured
+  double fused_ms = 0;       // least wall time of our inference call
+  double aten_ms = 0;        // least wall time of at::lstm's
+  int samples = 0;           // calls of ours timed
+  int aten_samples = 0;      // calls of at::lstm timed
+  int64_t batch = 0, seq_len = 0;  // the call that was measured
+};
+
+using FloorKey = std::array<int64_t, 11>;
+
+// The table of measured keys. A key being measured is in `pending`: another thread with the
+// same key waits for the result rather than measuring again.
+struct FloorTable {
+  std::mutex mutex;
+  std::condition_variable done;
+  std::map<FloorKey, FloorTimes> times;
+  std::map<FloorKey, bool> pending;
+};
+
+inline FloorTable& floor_table() {
+  static FloorTable t;
+  return t;
 }
 
 }  // namespace

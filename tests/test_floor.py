@@ -1,0 +1,308 @@
+"""The nn.LSTM floor (csrc/cpu/plan.h): an inference call may run what nn.LSTM runs for it
+(``at::lstm``: oneDNN's LSTM) instead of the fused kernels, where the setting
+``cpu.nn_lstm_floor`` says so ("always"), or where "auto" measured at::lstm faster by more than
+3%. Forced by name here, at the smallest sizes where the floor is possible (batch 16,
+4H * (input + hidden) * batch = 2^22 multiply-adds per step); "auto" from times recorded by the
+test hook ``fused_lstm::_floor_record`` in both directions, and from a real measurement.
+
+Where the floor runs, the results are nn.LSTM's bit for bit (the same at::lstm call on the same
+tensors); which implementation ran is read from the profiler (``aten::lstm`` under the op), so
+each test fails where the floor runs when it must not, or not when it must.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fused_lstm
+from fused_lstm import FusedLSTM
+from helpers import randn, random_lengths
+
+CPU = fused_lstm.backends.cpu
+F32, BF16 = torch.float32, torch.bfloat16
+RECORD = torch.ops.fused_lstm._floor_record
+FORGET = torch.ops.fused_lstm._floor_forget
+
+# The smallest floor sizes: batch 16, 4 * 128 * (384 + 128) * 16 = 2^22 multiply-adds per step.
+INPUT, HIDDEN, BATCH, STEPS = 384, 128, 16, 5
+
+
+@pytest.fixture(autouse=True)
+def _fresh_table():
+    """Each test starts and ends with no measured keys (and every setting restored)."""
+    FORGET()
+    with CPU.flags():
+        yield
+    FORGET()
+
+
+def _pair(dtype, **kwargs):
+    kwargs = dict(input_size=INPUT, hidden_size=HIDDEN, **kwargs)
+    torch_lstm = nn.LSTM(dtype=dtype, **kwargs).eval()
+    fused = FusedLSTM(dtype=dtype, **kwargs).eval()
+    fused.load_state_dict(torch_lstm.state_dict())
+    return torch_lstm, fused
+
+
+def _input(module, dtype, batch=BATCH, steps=STEPS):
+    shape = (batch, steps, module.input_size) if module.batch_first else (steps, batch,
+                                                                           module.input_size)
+    return randn(*shape).to(dtype)
+
+
+def _state(module, dtype, batch=BATCH):
+    ld = module.num_layers * (2 if module.bidirectional else 1)
+    return randn(ld, batch, module.hidden_size).to(dtype), randn(ld, batch,
+                                                                 module.hidden_size).to(dtype)
+
+
+def _ran_aten(fn):
+    """(fn's result, how many aten::lstm calls ran in it), with no warning allowed."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            result = fn()
+    return result, sum(e.name == "aten::lstm" for e in prof.events())
+
+
+def _flat(result):
+    output, (h, c) = result
+    return [output, h, c]
+
+
+def _assert_equal(got, expected):
+    for g, e in zip(_flat(got), _flat(expected)):
+        assert g.dtype == e.dtype and g.shape == e.shape
+        assert torch.equal(g, e), (g.float() - e.float()).abs().max()
+
+
+def _assert_close(got, expected, dtype):
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == BF16 else dict(atol=1e-5, rtol=1e-5)
+    for g, e in zip(_flat(got), _flat(expected)):
+        torch.testing.assert_close(g, e, **tol)
+
+
+def _floor_of(module, x):
+    with torch.no_grad():
+        return fused_lstm.explain(module, x)["forward"]
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("layers,bidirectional,bias,with_state,batch_first", [
+    (1, False, True, False, False),
+    (2, True, True, True, False),
+    (2, False, False, True, True),
+    (1, True, False, False, True),
+], ids=["1layer", "2layer-bi-state", "2layer-nobias-state-batchfirst", "bi-nobias-batchfirst"])
+def test_always_and_never_by_name(dtype, layers, bidirectional, bias, with_state, batch_first):
+    """"always": at::lstm runs the call, results bit for bit nn.LSTM's, explain says so;
+    "never": the fused kernels run (no aten::lstm), results within the dtype's rounding."""
+    torch_lstm, fused = _pair(dtype, num_layers=layers, bidirectional=bidirectional, bias=bias,
+                              batch_first=batch_first)
+    x = _input(fused, dtype)
+    args = (x, _state(fused, dtype)) if with_state else (x,)
+    with torch.no_grad():
+        expected = torch_lstm(*args)
+        with CPU.flags(nn_lstm_floor="always"):
+            got, aten_calls = _ran_aten(lambda: fused(*args))
+            plan = _floor_of(fused, x)
+        assert aten_calls == 1
+        _assert_equal(got, expected)
+        # nn.LSTM in training mode (no dropout) under no_grad calls at::lstm with train=True:
+        # the same values as the floor's train=False call.
+        _assert_equal(got, torch_lstm.train()(*args))
+        assert plan["nn_lstm_floor_runs"] == "true" and plan["path"] == "nn.LSTM"
+        assert plan["nn_lstm_floor"].startswith("always")
+        assert plan["variant"] == "row_wise"
+        with CPU.flags(nn_lstm_floor="never"):
+            got, aten_calls = _ran_aten(lambda: fused(*args))
+            plan = _floor_of(fused, x)
+        assert aten_calls == 0
+        _assert_close(got, expected, dtype)
+        assert plan["nn_lstm_floor_runs"] == "false" and plan["path"] == "row_wise"
+        assert plan["nn_lstm_floor"].startswith("never")
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+def test_auto_follows_the_measured_times(dtype):
+    """"auto" runs at::lstm exactly where the key's times say it is more than 3% faster; the
+    key covers batch and sequence length in the same power-of-two bucket, not the next."""
+    torch_lstm, fused = _pair(dtype, num_layers=2, bidirectional=True)
+    x = _input(fused, dtype)
+    with torch.no_grad():
+        expected = torch_lstm(x)
+        plan = _floor_of(fused, x)
+        assert plan["nn_lstm_floor"].startswith("not measured yet")
+        assert plan["nn_lstm_floor_runs"] == "false"
+
+        def record(fused_ms, aten_ms, batch=BATCH, steps=STEPS):
+            RECORD(INPUT, HIDDEN, 2, True, True, batch, steps, dtype, fused_ms, aten_ms)
+
+        record(10.0, 9.0)  # at::lstm 10% faster
+        got, aten_calls = _ran_aten(lambda: fused(x))
+        assert aten_calls == 1
+        _assert_equal(got, expected)
+        plan = _floor_of(fused, x)
+        assert plan["path"] == "nn.LSTM" and plan["nn_lstm_floor_runs"] == "true"
+        assert plan["nn_lstm_floor"].startswith("at::lstm: measured faster")
+        assert "fused 10 ms, at::lstm 9 ms (recorded by a test" in plan["nn_lstm_floor_times"]
+        # The same bucket: batch 16..31, 4..7 steps.
+        x_bucket = _input(fused, dtype, batch=31, steps=7)
+        assert _floor_of(fused, x_bucket)["nn_lstm_floor_runs"] == "true"
+        _, aten_calls = _ran_aten(lambda: fused(x_bucket))
+        assert aten_calls == 1
+        # The next bucket is another key, not measured.
+        x_next = _input(fused, dtype, batch=32)
+        assert _floor_of(fused, x_next)["nn_lstm_floor"].startswith("not measured yet")
+
+        record(10.0, 9.8)  # at::lstm 2% faster: a near tie keeps the fused kernels
+        got, aten_calls = _ran_aten(lambda: fused(x))
+        assert aten_calls == 0
+        _assert_close(got, expected, dtype)
+        plan = _floor_of(fused, x)
+        assert plan["path"] == "row_wise" and plan["nn_lstm_floor_runs"] == "false"
+        assert plan["nn_lstm_floor"].startswith("fused kernels: at::lstm not measured faster")
+
+        # The kernel settings are part of the key: another setting, another measurement.
+        record(10.0, 5.0)
+        with CPU.flags(allow_vec16_cell=False):
+            assert _floor_of(fused, x)["nn_lstm_floor"].startswith("not measured yet")
+
+
+def test_auto_measures_once_and_keeps_its_choice():
+    """An unmeasured key under "auto": the first call times both implementations (a few
+    calls), returns the results of the one it chose, and every later call of the key runs that
+    one, with the same results."""
+    torch_lstm, fused = _pair(F32)
+    x = _input(fused, F32)
+    with torch.no_grad():
+        expected = torch_lstm(x)
+        first, aten_calls = _ran_aten(lambda: fused(x))
+        assert 1 <= aten_calls <= 3
+        plan = _floor_of(fused, x)
+        times = plan["nn_lstm_floor_times"]
+        assert "wall time, least of interleaved calls" in times and "at batch 16, seq_len 5" in times
+        fused_ms, aten_ms = (float(v) for v in
+                             times.split(" ms (")[0].replace("fused ", "").split(" ms, at::lstm "))
+        chose_aten = aten_ms * 1.03 < fused_ms
+        assert plan["nn_lstm_floor_runs"] == ("true" if chose_aten else "false")
+        second, aten_calls = _ran_aten(lambda: fused(x))
+        assert aten_calls == (1 if chose_aten else 0)
+        _assert_equal(second, first)
+        if chose_aten:
+            _assert_equal(first, expected)
+        else:
+            _assert_close(first, expected, F32)
+
+
+def _packed(fused, x, lengths):
+    return lambda: fused(pack_padded_sequence(x, lengths))
+
+
+def test_calls_the_floor_must_not_take():
+    """Even with "always": packed input, a dropout mask, a training call, a projection, the thin
+    and small-hidden sizes, too little work per step, float64 and float16 run the fused
+    kernels (no aten::lstm, no warning), and explain says why."""
+    cases = []
+    torch_lstm, fused = _pair(F32, num_layers=2, dropout=0.5)
+    x = _input(fused, F32)
+    lengths = random_lengths(BATCH, STEPS, sort=True)
+    cases.append(("packed", fused.eval(), _packed(fused, x, lengths),
+                  pack_padded_sequence(x, lengths), "packed input"))
+    fused_train = FusedLSTM(INPUT, HIDDEN, 2, dropout=0.5).train()
+    cases.append(("dropout mask", fused_train, lambda: fused_train(x), x, "a dropout mask"))
+    _, fused_proj = _pair(F32, proj_size=64)
+    cases.append(("projection", fused_proj, lambda: fused_proj(x), x, "proj_size > 0"))
+    thin = _input(fused, F32, batch=4, steps=1)
+    cases.append(("thin", fused, lambda: fused(thin), thin, "the thin or small-hidden"))
+    small_hidden = FusedLSTM(INPUT, 8).eval()
+    cases.append(("small hidden", small_hidden, lambda: small_hidden(x), x,
+                  "the thin or small-hidden"))
+    one_step = _input(fused, F32, steps=1)
+    cases.append(("one step", fused, lambda: fused(one_step), one_step, "too little work"))
+    narrow = FusedLSTM(64, HIDDEN).eval()
+    x_narrow = randn(STEPS, BATCH, 64).float()
+    cases.append(("little work", narrow, lambda: narrow(x_narrow), x_narrow, "too little work"))
+    for dtype in (torch.float64, torch.float16):
+        m = FusedLSTM(INPUT, HIDDEN, dtype=dtype).eval()
+        xd = x.to(dtype)
+        cases.append((str(dtype), m, lambda m=m, xd=xd: m(xd), xd, "float32 and bfloat16"))
+    with CPU.flags(nn_lstm_floor="always"):
+        for name, module, run, inp, why in cases:
+            with torch.no_grad():
+                _, aten_calls = _ran_aten(run)
+                plan = fused_lstm.explain(module, inp)["forward"]
+            assert aten_calls == 0, name
+            assert plan["nn_lstm_floor_runs"] == "false", name
+            assert plan["nn_lstm_floor"].startswith("not possible: " + why), (name, plan)
+        # A training call: the fused forward and backward.
+        train_x = x.clone().requires_grad_()
+        (out, _), aten_calls = _ran_aten(lambda: fused(train_x))
+        out.sum().backward()
+        assert aten_calls == 0 and train_x.grad is not None
+        plan = fused_lstm.explain(fused, train_x)["forward"]
+        assert plan["nn_lstm_floor"].startswith("not possible: a training call")
+
+
+@contextlib.contextmanager
+def _always():
+    with CPU.flags(nn_lstm_floor="always"), torch.no_grad():
+        yield
+
+
+class _Holder(nn.Module):
+    def __init__(self, lstm):
+        super().__init__()
+        self.lstm = lstm
+
+    def forward(self, x):
+        return self.lstm(x)
+
+
+def test_every_entry_path_sees_the_floor():
+    """The choice is made inside the C++ op, so TorchScript, torch.jit.trace, torch.compile and
+    the op called directly run at::lstm exactly as the eager module does, with nn.LSTM's
+    results, and nothing is recorded for autograd."""
+    torch_lstm, fused = _pair(F32, num_layers=2)
+    x = _input(fused, F32)
+    with torch.no_grad():
+        expected = torch_lstm(x)
+    weights = [p for p in fused._flat_weights]
+    scripted = torch.jit.script(_Holder(FusedLSTM(INPUT, HIDDEN, 2).eval()))
+    scripted.lstm.load_state_dict(torch_lstm.state_dict())
+    with torch.no_grad():
+        traced = torch.jit.trace(fused, (x,))
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    entries = {
+        "op": lambda: (lambda o, h, c: (o, (h, c)))(*torch.ops.fused_lstm.lstm(
+            x, None, None, None, weights, None, 2, False, True, 0)),
+        "script": lambda: scripted(x),
+        "trace": lambda: traced(x),
+        "compile": lambda: compiled(x),
+    }
+    with _always():
+        for name, run in entries.items():
+            got, aten_calls = _ran_aten(run)
+            assert aten_calls == 1, name
+            _assert_equal(got, expected)
+            assert all(t.grad_fn is None for t in _flat(got)), name
+    # With "never", the same entries run the fused kernels.
+    with CPU.flags(nn_lstm_floor="never"), torch.no_grad():
+        for name, run in entries.items():
+            _, aten_calls = _ran_aten(run)
+            assert aten_calls == 0, name
+
+
+def test_floor_setting_values():
+    assert CPU.nn_lstm_floor == "auto"
+    with CPU.flags(nn_lstm_floor="always"):
+        assert CPU.nn_lstm_floor == "always"
+    assert CPU.nn_lstm_floor == "auto"
+    with pytest.raises(ValueError, match="'auto', 'never' or 'always'; got 'sometimes'"):
+        CPU.nn_lstm_floor = "sometimes"
