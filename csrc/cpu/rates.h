@@ -15,6 +15,7 @@
 // Part of the one translation unit lstm_cpu.cpp.
 #pragma once
 
+#include "amx.h"
 #include "blas.h"
 
 #include <time.h>
@@ -180,6 +181,32 @@ inline double brgemm_step_seconds(int64_t rows, int64_t k, int64_t n) {
                                       A + m0 * k, B + n0 * k, C + m0 * n + n0, false);
         }
     });
+  });
+  std::lock_guard<std::mutex> lock(mutex);
+  cache.emplace(key, seconds);
+  return seconds;
+}
+
+// ---- The same on AMX tiles: bf16 A [rows, k], B packed by amx_pack, float32 C ----
+inline double amx_step_seconds(int64_t rows, int64_t k, int64_t n) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int64_t, int64_t, int64_t>, double> cache;
+  const auto key = std::make_tuple(rows, k, n);
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    const auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  std::vector<c10::BFloat16> a(rows * k, c10::BFloat16(0.5f)), w(n * k, c10::BFloat16(0.25f));
+  std::vector<c10::BFloat16> packed(amx_packed_size(n, k));
+  std::vector<float> cbuf(rows * n);
+  double seconds = 0;
+  on_one_thread_in_region([&] {
+    amx_pack_weight_t(w.data(), n, k, k, packed.data());
+    seconds = best_cpu_seconds(2, [&] {
+      amx_product(false, rows, n, k, a.data(), k, packed.data(), cbuf.data(), n);
+    });
+    amx_release();
   });
   std::lock_guard<std::mutex> lock(mutex);
   cache.emplace(key, seconds);
