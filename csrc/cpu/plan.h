@@ -266,9 +266,11 @@ inline bool fuse_input_projection_in_batch_split(const CpuPlan& p, const LSTMSha
 // barrier per step. Taken, by default, only where one thread's step measured on both shapes
 // (rates.h: brgemm_step_seconds, amx_step_seconds) says the hidden split's is faster by this
 // margin: the barrier, and a thread descheduled on a shared machine, are not in the rates.
-// On the Intel Xeon (2 MB of L2 per core) the unfused fastrnns step measured ...; on a machine
-// whose step rate does not depend on the weights' size (the AMD EPYC's, float32: 94-97% of the
-// FMA peak either way) the two shapes measure alike and the batch split stays
+// On the Intel Xeon (2 MB of L2 per core) the unfused fastrnns step measured 487 -> 397 us per
+// thread in float32 and 96 -> 81 us on AMX tiles (one thread, CPU time); under other work on
+// the machine the barrier lost more than that. On a machine whose step rate does not depend on
+// the weights' size (the AMD EPYC's, float32: 94-97% of the FMA peak either way) the two
+// shapes measure alike and the batch split stays
 // (benchmarks/notes/float32-bound.md, "The hidden split on the Intel Xeon, float32 and bf16").
 constexpr double kHiddenSplitMustWinBy = 1.1;
 // Units go to threads in blocks of this many (whole 16-lane vectors for the cell pass).
@@ -279,7 +281,7 @@ constexpr int64_t kHiddenSplitUnitBlock = 16;
 // float32 on brgemm or a bf16 model on AMX tiles, a parallel region of OpenMP threads (the
 // barrier needs every slice running at once), at least two blocks of units.
 inline bool hidden_split_applies(const CpuPlan& p, const LSTMShape& s) {
-#if AT_PARALLEL_OPENMP
+#if AT_PARALLEL_OPENMP && defined(_OPENMP)
   return p.settings.hidden_split && p.inference && p.variant == Variant::kRowWise &&
       s.proj_size == 0 && s.seq_len >= 2 && s.batch >= 1 && every_step_full(s) &&
       (p.brgemm_steps || p.amx_products) && at::get_num_threads() > 1 &&
