@@ -35,9 +35,10 @@ change applies from the next call.
 * ``fuse_by_measured_rates``: fuse the float32 input projection into the steps only where this
   machine's measured rates say the fused step is not slower than the projection GEMM plus the
   recurrent step alone (else by the weights' size per row alone);
-* ``allow_hidden_split``: row-wise inference steps (float32 on brgemm, bf16 models on AMX
-  tiles; every step with every row, no projection) split over the threads by hidden units,
-  with a barrier per step, instead of by batch rows; where it pays (next setting);
+* ``allow_hidden_split`` (off by default: measured only on a loaded machine so far, where it
+  lost): row-wise inference steps (float32 on brgemm, bf16 models on AMX tiles; every step
+  with every row, no projection) split over the threads by hidden units, with a barrier per
+  step, instead of by batch rows; where it pays (next setting);
 * ``hidden_split_by_measured_rates``: take the hidden split only where this machine's measured
   rates say its step (every row, a thread's share of the gate columns) is faster than the batch
   split's (its rows, every column) by a margin for the barrier (else wherever it applies).
@@ -51,8 +52,8 @@ change applies from the next call.
 Defaults come from the environment, read once when fused_lstm is imported:
 ``FUSED_LSTM_NO_BRGEMM``, ``FUSED_LSTM_NO_VEC16_CELL``, ``FUSED_LSTM_UNFUSED_INPUT``,
 ``FUSED_LSTM_NO_THIN``, ``FUSED_LSTM_NO_BF16_GEMM``, ``FUSED_LSTM_NO_AMX``,
-``FUSED_LSTM_NO_MEASURED_FUSION``, ``FUSED_LSTM_NO_HIDDEN_SPLIT``,
-``FUSED_LSTM_NO_MEASURED_HIDDEN_SPLIT`` (``1`` turns the matching CPU setting off),
+``FUSED_LSTM_NO_MEASURED_FUSION``, ``FUSED_LSTM_NO_MEASURED_HIDDEN_SPLIT`` (``1`` turns the
+matching CPU setting off), ``FUSED_LSTM_HIDDEN_SPLIT`` (``1`` turns ``allow_hidden_split`` on),
 ``FUSED_LSTM_GEMM_LIBRARY`` (``auto``, ``blas`` or ``onednn_matmul``),
 ``FUSED_LSTM_CUDA_PATH`` and ``FUSED_LSTM_CUDA_PERSISTENT_UNITS`` / ``_TILE`` / ``_KSPLIT``.
 """
@@ -118,6 +119,10 @@ def _off_if_set(text: str) -> bool:
     return text in ("", "0")  # FUSED_LSTM_NO_X=1 turns X off
 
 
+def _on_if_set(text: str) -> bool:
+    return text not in ("", "0")  # FUSED_LSTM_X=1 turns X on (a setting off by default)
+
+
 def _env_int(text: str):
     try:
         return int(text) if text else None
@@ -135,7 +140,7 @@ _CPU: Dict[str, _Setting] = {
     "gemm_library": (_gemm_library, lambda i: _GEMM_LIBRARIES[i], "FUSED_LSTM_GEMM_LIBRARY",
                      lambda text: text or "auto"),
     "fuse_by_measured_rates": (_flag, bool, "FUSED_LSTM_NO_MEASURED_FUSION", _off_if_set),
-    "allow_hidden_split": (_flag, bool, "FUSED_LSTM_NO_HIDDEN_SPLIT", _off_if_set),
+    "allow_hidden_split": (_flag, bool, "FUSED_LSTM_HIDDEN_SPLIT", _on_if_set),
     "hidden_split_by_measured_rates": (_flag, bool, "FUSED_LSTM_NO_MEASURED_HIDDEN_SPLIT",
                                        _off_if_set),
 }

@@ -1036,7 +1036,7 @@ def test_hidden_split_inference_matches_nn_lstm(dtype, input_size, hidden, num_l
     D = 2 if bidirectional else 1
     hx = ((randn(num_layers * D, batch, hidden).to(dtype),
            randn(num_layers * D, batch, hidden).to(dtype)) if with_state else None)
-    settings = dict(allow_thin=False, hidden_split_by_measured_rates=False)
+    settings = dict(allow_thin=False, allow_hidden_split=True, hidden_split_by_measured_rates=False)
     with num_threads(2), CPU.flags(**settings):
         with torch.no_grad():
             plan = fused_lstm.explain(fused, x)["forward"]
@@ -1060,16 +1060,17 @@ def test_hidden_split_inference_matches_nn_lstm(dtype, input_size, hidden, num_l
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
 def test_hidden_split_follows_the_measured_rates(dtype):
-    """By default the hidden split runs a layer exactly where one thread's step measured on its
-    shape (every row, a thread's share of the gate columns) beats the batch split's (the
-    thread's rows, every column) by more than 10%, as explain reports both; either way the call
-    matches the batch split's results (the same products, column by column)."""
+    """With allow_hidden_split on (off by default) the hidden split runs a layer exactly where
+    one thread's step measured on its shape (every row, a thread's share of the gate columns)
+    beats the batch split's (the thread's rows, every column) by more than 10%, as explain
+    reports both; either way the call matches the batch split's results (the same products,
+    column by column). Off, explain reports no step split and the batch split runs."""
     need = "amx_bf16" if dtype == BF16 else "brgemm"
     if not FEATURES[need]:
         pytest.skip(f"this CPU lacks {need}")
     module = FusedLSTM(48, 96, num_layers=2, dtype=dtype)
     x = randn(6, 40, 48).to(dtype)
-    with num_threads(2):
+    with num_threads(2), CPU.flags(allow_hidden_split=True):
         with torch.no_grad():
             plan = fused_lstm.explain(module, x)["forward"]
             for layer in range(2):
@@ -1082,5 +1083,7 @@ def test_hidden_split_follows_the_measured_rates(dtype):
             default = module(x)
             with CPU.flags(allow_hidden_split=False):
                 batch_split = module(x)
+    with num_threads(2), torch.no_grad():
+        assert not any(k.startswith("step_split") for k in fused_lstm.explain(module, x)["forward"])
     for a, b in zip(default[:1] + default[1], batch_split[:1] + batch_split[1]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
