@@ -34,12 +34,19 @@ change applies from the next call.
   in the last bits between them;
 * ``fuse_by_measured_rates``: fuse the float32 input projection into the steps only where this
   machine's measured rates say the fused step is not slower than the projection GEMM plus the
-  recurrent step alone (else by the weights' size per row alone).
+  recurrent step alone (else by the weights' size per row alone);
 * ``nn_lstm_floor``: whether an inference call may run what nn.LSTM runs for it (``at::lstm``:
   oneDNN's LSTM) instead of the fused kernels: ``"auto"`` (where it measures faster by more
   than 3%: the first inference call of a shape times both, interleaved, once per process; large
   float32 and bfloat16 calls only, see ``fused_lstm.explain``), ``"never"`` or ``"always"``
-  (wherever the floor is possible: for tests and comparisons).
+  (wherever the floor is possible: for tests and comparisons);
+* ``allow_hidden_split`` (off by default: measured only on a loaded machine so far, where it
+  lost): row-wise inference steps (float32 on brgemm, bf16 models on AMX tiles; every step
+  with every row, no projection) split over the threads by hidden units, with a barrier per
+  step, instead of by batch rows; where it pays (next setting);
+* ``hidden_split_by_measured_rates``: take the hidden split only where this machine's measured
+  rates say its step (every row, a thread's share of the gate columns) is faster than the batch
+  split's (its rows, every column) by a margin for the barrier (else wherever it applies).
 
 ``cuda`` (the CUDA kernels have not yet run on a GPU):
 
@@ -50,7 +57,8 @@ change applies from the next call.
 Defaults come from the environment, read once when fused_lstm is imported:
 ``FUSED_LSTM_NO_BRGEMM``, ``FUSED_LSTM_NO_VEC16_CELL``, ``FUSED_LSTM_UNFUSED_INPUT``,
 ``FUSED_LSTM_NO_THIN``, ``FUSED_LSTM_NO_BF16_GEMM``, ``FUSED_LSTM_NO_AMX``,
-``FUSED_LSTM_NO_MEASURED_FUSION`` (``1`` turns the matching CPU setting off),
+``FUSED_LSTM_NO_MEASURED_FUSION``, ``FUSED_LSTM_NO_MEASURED_HIDDEN_SPLIT`` (``1`` turns the
+matching CPU setting off), ``FUSED_LSTM_HIDDEN_SPLIT`` (``1`` turns ``allow_hidden_split`` on),
 ``FUSED_LSTM_GEMM_LIBRARY`` (``auto``, ``blas`` or ``onednn_matmul``),
 ``FUSED_LSTM_NN_LSTM_FLOOR`` (``auto``, ``never`` or ``always``),
 ``FUSED_LSTM_CUDA_PATH`` and ``FUSED_LSTM_CUDA_PERSISTENT_UNITS`` / ``_TILE`` / ``_KSPLIT``.
@@ -125,6 +133,10 @@ def _off_if_set(text: str) -> bool:
     return text in ("", "0")  # FUSED_LSTM_NO_X=1 turns X off
 
 
+def _on_if_set(text: str) -> bool:
+    return text not in ("", "0")  # FUSED_LSTM_X=1 turns X on (a setting off by default)
+
+
 def _env_int(text: str):
     try:
         return int(text) if text else None
@@ -144,6 +156,9 @@ _CPU: Dict[str, _Setting] = {
     "fuse_by_measured_rates": (_flag, bool, "FUSED_LSTM_NO_MEASURED_FUSION", _off_if_set),
     "nn_lstm_floor": (_floor, lambda i: _FLOORS[i], "FUSED_LSTM_NN_LSTM_FLOOR",
                       lambda text: text or "auto"),
+    "allow_hidden_split": (_flag, bool, "FUSED_LSTM_HIDDEN_SPLIT", _on_if_set),
+    "hidden_split_by_measured_rates": (_flag, bool, "FUSED_LSTM_NO_MEASURED_HIDDEN_SPLIT",
+                                       _off_if_set),
 }
 _CUDA: Dict[str, _Setting] = {
     "path": (_cuda_path, lambda i: _CUDA_PATHS[i], "FUSED_LSTM_CUDA_PATH",

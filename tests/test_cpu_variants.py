@@ -1193,3 +1193,104 @@ def test_bf16_small_sizes_make_no_conversion_ops(name, train):
     ours, f32 = ops_of(fused, BF16), ops_of(as_f32, F32)
     assert not CONVERSION_OPS & set(ours), ours
     assert len(ours) <= len(f32) + 1, (ours, f32)
+
+
+# The hidden split of inference steps (csrc/cpu/hidden_split.h), forced by name: input, hidden,
+# layers, bidirectional, bias, with_state, batch. Hidden sizes with tails (units go to threads
+# in blocks of 16: 50 = 32 + 18, 100 = 48 + 52; gate columns cross the 64-column panels
+# mid-panel), odd batches (33 rows: a row block of 33; 70: two blocks of 64 and 6 on the tiles).
+HIDDEN_SPLIT_CASES = [
+    (24, 50, 1, False, True, True, 9),
+    (40, 100, 2, True, False, False, 33),
+    (36, 64, 2, False, True, False, 70),
+    (10, 48, 1, True, True, True, 11),
+]
+
+
+def _hidden_split_outputs(module, x, hx):
+    with torch.no_grad():
+        out, (h_n, c_n) = module(x, hx)
+    return [t.double() for t in (out, h_n, c_n)]
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("input_size,hidden,num_layers,bidirectional,bias,with_state,batch",
+                         HIDDEN_SPLIT_CASES,
+                         ids=[f"I{i}-H{h}-L{l}-{'bi' if d else 'uni'}-{'bias' if b else 'nobias'}"
+                              f"-{'state' if s else 'nostate'}-B{n}"
+                              for i, h, l, d, b, s, n in HIDDEN_SPLIT_CASES])
+def test_hidden_split_inference_matches_nn_lstm(dtype, input_size, hidden, num_layers,
+                                                bidirectional, bias, with_state, batch):
+    """Inference with the steps split over two threads by hidden units (each thread its units'
+    gate columns of W_hh^T for every row, the cell pass for its units, a barrier per step),
+    float32 on brgemm and bfloat16 on AMX tiles, forced wherever it applies
+    (hidden_split_by_measured_rates off): explain reports it for every layer, and the results
+    are within check_against_nn_lstm's rule of nn.LSTM in float64 on the same weights; with
+    allow_hidden_split off the plan has the batch split again."""
+    need = "amx_bf16" if dtype == BF16 else "brgemm"
+    if not FEATURES[need]:
+        pytest.skip(f"this CPU lacks {need}")
+    kwargs = dict(input_size=input_size, hidden_size=hidden, num_layers=num_layers,
+                  bidirectional=bidirectional, bias=bias)
+    seq_len = 7
+    torch_lstm = nn.LSTM(dtype=dtype, **kwargs)
+    torch_lstm.load_state_dict({k: v * 0.5 for k, v in torch_lstm.state_dict().items()})
+    fused = FusedLSTM(dtype=dtype, **kwargs)
+    fused.load_state_dict(torch_lstm.state_dict())
+    exact = nn.LSTM(dtype=F64, **kwargs)
+    exact.load_state_dict({k: v.double() for k, v in torch_lstm.state_dict().items()})
+    x = randn(seq_len, batch, input_size).to(dtype)
+    D = 2 if bidirectional else 1
+    hx = ((randn(num_layers * D, batch, hidden).to(dtype),
+           randn(num_layers * D, batch, hidden).to(dtype)) if with_state else None)
+    settings = dict(allow_thin=False, allow_hidden_split=True, hidden_split_by_measured_rates=False)
+    with num_threads(2), CPU.flags(**settings):
+        with torch.no_grad():
+            plan = fused_lstm.explain(fused, x)["forward"]
+        for layer in range(num_layers):
+            assert plan[f"step_split.{layer}"] == "hidden (hidden_split_by_measured_rates off)", plan
+        ours = _hidden_split_outputs(fused, x, hx)
+        with CPU.flags(allow_hidden_split=False):
+            with torch.no_grad():
+                off = fused_lstm.explain(fused, x)["forward"]
+            assert not any(k.startswith("step_split") for k in off), off
+    expected = _hidden_split_outputs(
+        exact, x.double(), None if hx is None else tuple(t.double() for t in hx))
+    theirs = _hidden_split_outputs(torch_lstm, x, hx)
+    for i, (o, e, t) in enumerate(zip(ours, expected, theirs)):
+        assert not torch.isnan(o).any(), i
+        scale = max(1.0, e.abs().max().item())
+        our_error = (o - e).abs().max().item()
+        their_error = (t - e).abs().max().item()
+        assert our_error <= 2 * their_error + FLOOR[dtype] * scale, (i, our_error, their_error)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+def test_hidden_split_follows_the_measured_rates(dtype):
+    """With allow_hidden_split on (off by default) the hidden split runs a layer exactly where
+    one thread's step measured on its shape (every row, a thread's share of the gate columns)
+    beats the batch split's (the thread's rows, every column) by more than 10%, as explain
+    reports both; either way the call matches the batch split's results (the same products,
+    column by column). Off, explain reports no step split and the batch split runs."""
+    need = "amx_bf16" if dtype == BF16 else "brgemm"
+    if not FEATURES[need]:
+        pytest.skip(f"this CPU lacks {need}")
+    module = FusedLSTM(48, 96, num_layers=2, dtype=dtype)
+    x = randn(6, 40, 48).to(dtype)
+    with num_threads(2), CPU.flags(allow_hidden_split=True):
+        with torch.no_grad():
+            plan = fused_lstm.explain(module, x)["forward"]
+            for layer in range(2):
+                m = re.fullmatch(r"(hidden|batch) \(one thread's step: batch split ([0-9.e+-]+) us"
+                                 r"( fused)?, hidden split ([0-9.e+-]+) us\)",
+                                 plan[f"step_split.{layer}"])
+                assert m, plan[f"step_split.{layer}"]
+                batch_us, hidden_us = float(m.group(2)), float(m.group(4))
+                assert (m.group(1) == "hidden") == (1.1 * hidden_us < batch_us), m.group(0)
+            default = module(x)
+            with CPU.flags(allow_hidden_split=False):
+                batch_split = module(x)
+    with num_threads(2), torch.no_grad():
+        assert not any(k.startswith("step_split") for k in fused_lstm.explain(module, x)["forward"])
+    for a, b in zip(default[:1] + default[1], batch_split[:1] + batch_split[1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

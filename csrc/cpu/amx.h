@@ -127,13 +127,15 @@ inline c10::BFloat16* amx_rows(const float* a, int64_t lda, int64_t m, int64_t k
 }
 
 // C[m, n] = A[m, k] B[k, n] (+ C when `add`) on this thread, B packed by amx_pack (k even, or
-// B's and A's padding zero).
+// B's and A's padding zero). Panel by panel, each over every block of rows: a panel is read
+// from memory once per call rather than once per 64 rows (the input projection's chunks of
+// rows).
 inline void amx_product(bool add, int64_t m, int64_t n, int64_t k, const c10::BFloat16* a,
                         int64_t lda, const c10::BFloat16* packed, float* c, int64_t ldc) {
   const BrgemmBf16 product = &at::native::cpublas::brgemm;
   const int64_t k_even = amx_k_even(k);
-  for (int64_t m0 = 0; m0 < m; m0 += kAmxBlockM)
-    for (int64_t n0 = 0; n0 < n; n0 += kAmxPanelN) {
+  for (int64_t n0 = 0; n0 < n; n0 += kAmxPanelN)
+    for (int64_t m0 = 0; m0 < m; m0 += kAmxBlockM) {
       const int64_t nb = std::min(kAmxPanelN, n - n0);
       product(std::min(kAmxBlockM, m - m0), nb, k, lda, kAmxPanelN, ldc, add, a + m0 * lda,
               packed + n0 * k_even, c + m0 * ldc + n0, true);

@@ -49,6 +49,22 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s) {
   o << "why=" << p.why << "\n";
   o << "threads=" << at::get_num_threads() << "\n";
   o << "batch_slices=" << slices << "\n";
+  // The inference steps' split over the threads, per layer (hidden_split.h), and the rates
+  // that chose it.
+  if (hidden_split_applies(p, s)) {
+    for (int64_t l = 0; l < s.num_layers; ++l) {
+      o << "step_split." << l << "=" << (hidden_split_layer(p, s, l) ? "hidden" : "batch");
+      if (p.settings.hidden_split_by_rates) {
+        const HiddenSplitRates r = hidden_split_rates(p, s, l);
+        if (r.measured)
+          o << " (one thread's step: batch split " << r.batch_us << " us"
+            << (r.batch_fused ? " fused" : "") << ", hidden split " << r.hidden_us << " us)";
+      } else {
+        o << " (hidden_split_by_measured_rates off)";
+      }
+      o << "\n";
+    }
+  }
   o << "cell_pass=" << (p.vec16_cell ? "avx512 (16 lanes)" : "vectorised loops (target_clones)")
     << "\n";
   for (int64_t l = 0; l < s.num_layers; ++l)
@@ -94,7 +110,9 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s) {
     << (p.settings.gemm_library == 1   ? "blas"
         : p.settings.gemm_library == 2 ? "onednn_matmul"
                                        : "auto")
-    << " fuse_by_measured_rates:" << p.settings.fuse_by_rates << "\n";
+    << " fuse_by_measured_rates:" << p.settings.fuse_by_rates
+    << " allow_hidden_split:" << p.settings.hidden_split
+    << " hidden_split_by_measured_rates:" << p.settings.hidden_split_by_rates << "\n";
   // The measured rates behind the choices (rates.h), where they were measured for this call.
   if (p.is_float && p.variant == Variant::kRowWise) {
     const LibraryRates& r = library_rates();

@@ -5,6 +5,7 @@
 #pragma once
 
 #include "bf16_products.h"
+#include "hidden_split.h"
 #include "small_hidden.h"
 #include "thin.h"
 
@@ -97,7 +98,7 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
   const int64_t out_stride = D * out;
   const int64_t chunk_steps = inference_chunk_steps(s);
-  at::Tensor dropped_buf, chunk_buf, gates_buf, pre_proj_buf, layer_buf[2];
+  at::Tensor dropped_buf, chunk_buf, gates_buf, pre_proj_buf, layer_buf[2], hb_buf;
   T* dropped = (mask && s.num_layers > 1) ? scratch<T>(dropped_buf, s.rows * out_stride) : nullptr;
   const int64_t chunk_rows = std::min(chunk_steps, s.seq_len) * s.batch;
   const bool tiny = plan.variant == Variant::kSmallHidden;
@@ -120,6 +121,13 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
         ? output
         : (layer_buf[l % 2].defined() ? layer_buf[l % 2].mutable_data_ptr<T>()
                                       : scratch<T>(layer_buf[l % 2], s.rows * out_stride));
+    // The hidden split (hidden_split.h): threads own units rather than batch rows.
+    const bool hidden = !tiny && hidden_split_layer(plan, s, l);
+    c10::BFloat16* hb = nullptr;
+    if (hidden && plan.amx_products) {
+      if (!hb_buf.defined()) hb_buf = cpu_cached_empty(hidden_split_scratch(s), at::kBFloat16);
+      hb = hb_buf.mutable_data_ptr<c10::BFloat16>();
+    }
     for (int64_t d = 0; d < D; ++d) {
       auto w = direction_weights<T>(s, weights, l, d);
       const int64_t ld = l * D + d;
@@ -178,6 +186,13 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
           return StepRows<T>{chunk + (off - row0) * G, nullptr, pre_proj,
                              layer_out + off * out_stride + d * out};
         };
+        if constexpr (std::is_same_v<T, float>) {
+          if (hidden) {
+            hidden_steps(plan, s, w, d, first, last, h_state, c_state, rows_of,
+                         hx == nullptr && first == 0, hb);
+            continue;
+          }
+        }
         for_each_batch_slice(s, last - first + 1, w.single_thread_product(), [&](int64_t r0, int64_t r1) {
           forward_steps(plan, s, w, d, first, last, r0, r1, h_state, c_state, rows_of, 0,
                         hx == nullptr && first == 0);

@@ -250,8 +250,10 @@ inline int64_t fused_slice_rows(const LSTMShape& s) {
   return (s.batch + slices - 1) / slices;
 }
 
-inline bool fuse_input_projection(const CpuPlan& p, const LSTMShape& s, int64_t layer,
-                                  int64_t weight_size) {
+// The choice for the batch split's steps (fuse_input_projection below: the hidden split's are
+// never fused).
+inline bool fuse_input_projection_in_batch_split(const CpuPlan& p, const LSTMShape& s,
+                                                 int64_t layer, int64_t weight_size) {
   if (!p.settings.fused_input_projection) return false;
   const int64_t slice_rows = fused_slice_rows(s);
   const int64_t weight_bytes =
@@ -262,6 +264,94 @@ inline bool fuse_input_projection(const CpuPlan& p, const LSTMShape& s, int64_t 
     if (f.measured && f.fused_us > kUnfusedMustWinBy * f.unfused_us) return false;
   }
   return true;
+}
+
+// ---- The hidden split of inference steps (hidden_split.h) ----
+// The batch split (for_each_batch_slice) has each thread read all of W_hh^T (and W_ih^T where
+// fused) every step for its rows; the hidden split has each thread read its share of the gate
+// columns for every row, a slice that can stay in the core's L2 between steps, at the cost of a
+// barrier per step. Taken where the setting allow_hidden_split is on (off by default: not yet
+// measured on a quiet machine) and one thread's step measured on both shapes
+// (rates.h: brgemm_step_seconds, amx_step_seconds) says the hidden split's is faster by this
+// margin: the barrier, and a thread descheduled on a shared machine, are not in the rates.
+// On the Intel Xeon (2 MB of L2 per core) the unfused fastrnns step measured 487 -> 397 us per
+// thread in float32 and 96 -> 81 us on AMX tiles (one thread, CPU time); under other work on
+// the machine the barrier lost more than that. On a machine whose step rate does not depend on
+// the weights' size (the AMD EPYC's, float32: 94-97% of the FMA peak either way) the two
+// shapes measure alike and the batch split stays
+// (benchmarks/notes/float32-bound.md, "The hidden split on the Intel Xeon, float32 and bf16").
+constexpr double kHiddenSplitMustWinBy = 1.1;
+// Units go to threads in blocks of this many (whole 16-lane vectors for the cell pass).
+constexpr int64_t kHiddenSplitUnitBlock = 16;
+
+// Whether the call's sizes, dtype and threads allow the hidden split (the settings aside from
+// the measured rule): inference on the row-wise path, every step with every row, no projection,
+// float32 on brgemm or a bf16 model on AMX tiles, a parallel region of OpenMP threads (the
+// barrier needs every slice running at once), at least two blocks of units.
+inline bool hidden_split_applies(const CpuPlan& p, const LSTMShape& s) {
+#if AT_PARALLEL_OPENMP && defined(_OPENMP)
+  return p.settings.hidden_split && p.inference && p.variant == Variant::kRowWise &&
+      s.proj_size == 0 && s.seq_len >= 2 && s.batch >= 1 && every_step_full(s) &&
+      (p.brgemm_steps || p.amx_products) && at::get_num_threads() > 1 &&
+      !at::in_parallel_region() && s.hidden_size >= 2 * kHiddenSplitUnitBlock;
+#else
+  (void)p;
+  (void)s;
+  return false;
+#endif
+}
+
+struct HiddenSplitRates {
+  bool measured = false;
+  bool batch_fused = false;  // the batch split's step has the projection fused
+  double batch_us = 0;       // one thread's step in the batch split (with its projection share)
+  double hidden_us = 0;      // the same in the hidden split
+};
+
+inline HiddenSplitRates hidden_split_rates(const CpuPlan& p, const LSTMShape& s, int64_t layer) {
+  HiddenSplitRates r;
+  const int64_t threads = at::get_num_threads();
+  const int64_t B = s.batch, H = s.hidden_size, G = 4 * H, out = s.out_size;
+  const int64_t in = s.layer_input_size(layer);
+  const int64_t slice_rows = fused_slice_rows(s);
+  const int64_t hidden_cols = 4 * ((H + threads - 1) / threads);
+  // Each thread's share of the unfused projection, per step: B / threads rows.
+  const double proj_rows = double(B) / double(threads);
+  if (p.amx_products) {
+    const double proj = amx_step_seconds(kAmxBlockM, in, G) * proj_rows / double(kAmxBlockM);
+    r.batch_fused = fuse_input_projection_in_batch_split(p, s, layer, 2);
+    r.batch_us = 1e6 * (r.batch_fused ? amx_step_seconds(slice_rows, in + out, G)
+                                      : amx_step_seconds(slice_rows, out, G) + proj);
+    r.hidden_us = 1e6 * (amx_step_seconds(B, out, hidden_cols) + proj);
+    r.measured = true;
+    return r;
+  }
+  const LibraryRates& lib = library_rates();
+  if (!lib.measured) return r;
+  const int c = int(GemmClass::kNT);
+  const double gemm_rate = std::max(lib.blas[c], lib.onednn[c]) * 1e9;
+  const double proj = 2.0 * proj_rows * double(G) * double(in) / gemm_rate;
+  r.batch_fused = fuse_input_projection_in_batch_split(p, s, layer, 4);
+  r.batch_us = 1e6 * (r.batch_fused ? brgemm_step_seconds(slice_rows, in + out, G)
+                                    : brgemm_step_seconds(slice_rows, out, G) + proj);
+  r.hidden_us = 1e6 * (brgemm_step_seconds(B, out, hidden_cols) + proj);
+  r.measured = true;
+  return r;
+}
+
+// Whether layer `layer` of an inference call runs the hidden split.
+inline bool hidden_split_layer(const CpuPlan& p, const LSTMShape& s, int64_t layer) {
+  if (!hidden_split_applies(p, s)) return false;
+  if (!p.settings.hidden_split_by_rates) return true;
+  const HiddenSplitRates r = hidden_split_rates(p, s, layer);
+  return r.measured && kHiddenSplitMustWinBy * r.hidden_us < r.batch_us;
+}
+
+// Whether layer `layer`'s input projection is fused into its steps (never in the hidden split).
+inline bool fuse_input_projection(const CpuPlan& p, const LSTMShape& s, int64_t layer,
+                                  int64_t weight_size) {
+  if (hidden_split_layer(p, s, layer)) return false;
+  return fuse_input_projection_in_batch_split(p, s, layer, weight_size);
 }
 
 // The library of a product (blas.h's gemm asks): the setting cpu.gemm_library where it names

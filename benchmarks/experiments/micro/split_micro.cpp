@@ -14,6 +14,8 @@
 #include "lstm_cell.h"
 #include "cpu/fast_math.h"
 
+#include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
 #include <immintrin.h>
 #include <time.h>
 
@@ -27,7 +29,11 @@
 namespace at::native::cpublas {
 void brgemm(int64_t M, int64_t N, int64_t K, int64_t ld_a, int64_t ld_b, int64_t ld_c,
             bool add_C, const float* A, const float* B, float* C, bool is_vnni);
+void brgemm(int64_t M, int64_t N, int64_t K, int64_t ld_a, int64_t ld_b, int64_t ld_c,
+            bool add_C, const c10::BFloat16* A, const c10::BFloat16* B, float* C, bool is_vnni);
 void brgemm_release(bool is_vnni);
+void pack(int64_t K, int64_t N, int64_t ld_in, int64_t ld_out, c10::ScalarType dt_in,
+          c10::ScalarType dt_out, const void* in, void* out);
 }  // namespace at::native::cpublas
 
 namespace {
@@ -81,6 +87,21 @@ void packed_product(bool add, int64_t m, int64_t n, int64_t k, const float* a, i
                                 c + n0, false);
   }
 }
+// The same on AMX tiles: w holds bf16 panels of kPanel columns, each [K, kPanel] in oneDNN's
+// VNNI layout (K even), panel n0 at n0 * k_total; a is float, rounded to bf16 rows first (as
+// the kernel's amx_rows does), in blocks of 64 rows.
+void amx_product(bool add, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                 const c10::BFloat16* w, int64_t k_total, int64_t k0, float* c, int64_t ldc,
+                 std::vector<c10::BFloat16>& abuf) {
+  abuf.resize(m * k);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t j = 0; j < k; ++j) abuf[r * k + j] = c10::BFloat16(a[r * lda + j]);
+  for (int64_t m0 = 0; m0 < m; m0 += 64)
+    for (int64_t n0 = 0; n0 < n; n0 += kPanel)
+      at::native::cpublas::brgemm(std::min<int64_t>(64, m - m0), std::min(kPanel, n - n0), k, k,
+                                  kPanel, ldc, add, abuf.data() + m0 * k,
+                                  w + n0 * k_total + k0 * kPanel, c + m0 * ldc + n0, true);
+}
 }  // namespace
 
 extern "C" {
@@ -89,12 +110,24 @@ extern "C" {
 // barrier: 0 none, 1 after the cell pass, 2 split phase (arrive after the cell pass, the next
 // step's x part, then wait before the h part).
 int sm_run(int threads, int64_t M, int64_t N, int64_t K_ih, int64_t K_hh, int reps, int trials,
-           int shared, int cell, int barrier, double* out) {
+           int shared, int cell, int barrier, int amx, double* out) {
   const int64_t K = K_ih + K_hh;
   std::vector<std::vector<float>> weights(shared ? 1 : threads);
-  for (auto& w : weights) {
+  std::vector<std::vector<c10::BFloat16>> weights_bf16(weights.size());
+  for (size_t i_w = 0; i_w < weights.size(); ++i_w) {
+    auto& w = weights[i_w];
     w.resize(K * N);
     for (int64_t i = 0; i < K * N; ++i) w[i] = float((i * 7919) % 13) * 0.01f - 0.06f;
+    if (amx) {  // each panel [K, kPanel] (w's panel layout, as bf16) packed to VNNI
+      std::vector<c10::BFloat16> t(K * kPanel);
+      auto& p = weights_bf16[i_w];
+      p.resize(K * N);
+      for (int64_t n0 = 0; n0 < N; n0 += kPanel) {
+        for (int64_t i = 0; i < K * kPanel; ++i) t[i] = c10::BFloat16(w[n0 * K + i]);
+        at::native::cpublas::pack(K, kPanel, kPanel, kPanel, c10::kBFloat16, c10::kBFloat16,
+                                  t.data(), p.data() + n0 * K);
+      }
+    }
   }
   Barrier bar;
   bar.n = threads;
@@ -106,12 +139,20 @@ int sm_run(int threads, int64_t M, int64_t N, int64_t K_ih, int64_t K_hh, int re
       for (int64_t i = 0; i < M * K_ih; ++i) x[i] = float(i % 11) * 0.05f - 0.2f;
       for (int64_t i = 0; i < M * K_hh; ++i) h[i] = float(i % 5) * 0.1f - 0.2f;
       for (int64_t i = 0; i < N; ++i) bias[i] = 0.01f * float(i % 3);
+      const c10::BFloat16* wb = amx ? weights_bf16[shared ? 0 : t].data() : nullptr;
+      std::vector<c10::BFloat16> abuf;
+      // g (+)= a (rows of k) times rows [k0, k0 + k) of the weights
+      auto product = [&](bool add, int64_t k, const float* a, int64_t k0) {
+        if (k == 0) return;  // K_ih = 0: the projection is not in the step
+        if (amx) amx_product(add, M, N, k, a, k, wb, K, k0, g.data(), N, abuf);
+        else packed_product(add, M, N, k, a, k, w, K, k0, g.data(), N);
+      };
       int local = 0, pending = -1;
       auto sync = [&] { local = bar.arrive(local); bar.wait(local); };
       auto x_part = [&] {
         if (cell >= 0)  // cell < 0: no bias rows, the x part overwrites g
           for (int64_t r = 0; r < M; ++r) std::memcpy(g.data() + r * N, bias.data(), 4 * N);
-        packed_product(cell >= 0, M, N, K_ih, x.data(), K_ih, w, K, 0, g.data(), N);
+        product(cell >= 0, K_ih, x.data(), 0);
       };
       double best_cpu = 1e30, best_wall = 1e30;
       for (int trial = 0; trial < trials; ++trial) {
@@ -122,7 +163,7 @@ int sm_run(int threads, int64_t M, int64_t N, int64_t K_ih, int64_t K_hh, int re
           if (barrier != 2) x_part();
           if (pending >= 0) bar.wait(pending);  // a real step reads the h the others wrote
           pending = -1;
-          packed_product(true, M, N, K_hh, h.data(), K_hh, w, K, K_ih, g.data(), N);
+          product(true, K_hh, h.data(), K_ih);
           if (cell > 0) {
             const int64_t U = N / 4;
             for (int64_t r = 0; r < M; ++r) {
@@ -144,7 +185,7 @@ int sm_run(int threads, int64_t M, int64_t N, int64_t K_ih, int64_t K_hh, int re
       }
       out[2 * t] = best_cpu;
       out[2 * t + 1] = best_wall;
-      at::native::cpublas::brgemm_release(false);
+      at::native::cpublas::brgemm_release(amx != 0);
     });
   for (auto& p : pool) p.join();
   return 0;

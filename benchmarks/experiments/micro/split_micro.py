@@ -25,14 +25,14 @@ def build():
     )
     so = ctypes.CDLL(path)
     i64 = ctypes.c_int64
-    so.sm_run.argtypes = [ctypes.c_int, i64, i64, i64, i64] + [ctypes.c_int] * 5 + [
+    so.sm_run.argtypes = [ctypes.c_int, i64, i64, i64, i64] + [ctypes.c_int] * 6 + [
         ctypes.c_void_p]
     return so
 
 
-def run(so, threads, M, N, K_ih, K_hh, reps=200, trials=15, shared=1, cell=0, barrier=0):
+def run(so, threads, M, N, K_ih, K_hh, reps=200, trials=15, shared=1, cell=0, barrier=0, amx=0):
     out = (ctypes.c_double * (2 * threads))()
-    so.sm_run(threads, M, N, K_ih, K_hh, reps, trials, shared, cell, barrier, out)
+    so.sm_run(threads, M, N, K_ih, K_hh, reps, trials, shared, cell, barrier, amx, out)
     cpu = [out[2 * t] / 1e3 for t in range(threads)]
     wall = [out[2 * t + 1] / 1e3 for t in range(threads)]
     return cpu, wall
@@ -86,5 +86,54 @@ def main(rounds=4):
               + " ".join(f"{flop / c / 1e3:5.1f}" for c in v) + " GFLOP/s")
 
 
+def xeon(rounds=4):
+    """The hidden split at fastrnns' and medium's steps on the Intel Xeon (AMX) box
+    (benchmarks/notes/float32-bound.md, "The hidden split on the Intel Xeon"): per shape, the batch
+    split (each of 2 threads half the rows, every gate column, one weight copy) against the
+    hidden split (every row, half the gate columns, a weight copy per thread), float32 through
+    brgemm and bf16 on AMX tiles; products alone, with the bias rows and the cell pass (cell=1),
+    and the hidden split with a barrier per step. K_ih = 0: the unfused step (the projection is
+    one GEMM before the steps); K_ih = input: the fused step. Per thread CPU us per step, minima
+    over `rounds` rounds of 15 runs of 200 steps."""
+    so = build()
+    best = {}
+
+    def rec(key, vals):
+        best[key] = [min(a, b) for a, b in zip(best.get(key, [1e30] * len(vals)), vals)]
+
+    # name, rows (batch), gate columns, K_ih (fused) , K_hh
+    shapes = [("fastrnns", 64, 2048, 512, 512), ("medium", 32, 1024, 256, 256)]
+    peak = max(fma_peak(so) for _ in range(3))
+    for _ in range(rounds):
+        for name, B, N, k_in, k_hh in shapes:
+            for amx in (0, 1):
+                for k_ih in (0, k_in):
+                    for cell in (0, 1):
+                        for threads in (1, 2):
+                            rec((name, amx, k_ih, threads, "batch", cell, 0),
+                                run(so, threads, B // 2, N, k_ih, k_hh, cell=cell, amx=amx)[0])
+                            rec((name, amx, k_ih, threads, "hidden", cell, 0),
+                                run(so, threads, B, N // 2, k_ih, k_hh, shared=0, cell=cell,
+                                    amx=amx)[0])
+                    rec((name, amx, k_ih, 2, "hidden", 1, 1),
+                        run(so, 2, B, N // 2, k_ih, k_hh, shared=0, cell=1, barrier=1,
+                            amx=amx)[0])
+        rec("barrier round trip", run(so, 2, 1, 64, 1, 1, reps=2000, barrier=1, shared=0)[1])
+        rec("no barrier", run(so, 2, 1, 64, 1, 1, reps=2000, barrier=0, shared=0)[1])
+    print(f"FMA peak {peak:.1f} GFLOP/s per core")
+    for key, v in best.items():
+        if isinstance(key, str):
+            print(f"{key}: " + " ".join(f"{c:.2f}" for c in v) + " us wall per step")
+            continue
+        name, amx, k_ih, threads, split, cell, barrier = key
+        B, N, k_hh = {s[0]: (s[1], s[2], s[4]) for s in shapes}[name]
+        flop = 2 * (B // 2) * N * (k_ih + k_hh)  # one thread's share
+        print(f"{name:8s} {'amx ' if amx else 'fp32'} K_ih={k_ih:3d} {threads} thr {split:6s} "
+              f"cell={cell} barrier={barrier}: " + " ".join(f"{c:7.1f}" for c in v)
+              + " us/step CPU; " + " ".join(f"{flop / c / 1e3:6.1f}" for c in v) + " GFLOP/s")
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    xeon() if sys.argv[1:] == ["xeon"] else main()
