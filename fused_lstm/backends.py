@@ -40,8 +40,8 @@ change applies from the next call.
   than 3%: the first inference call of a shape times both, interleaved, once per process; large
   float32 and bfloat16 calls only, see ``fused_lstm.explain``), ``"never"`` or ``"always"``
   (wherever the floor is possible: for tests and comparisons);
-* ``allow_hidden_split`` (off by default: measured only on a loaded machine so far, where it
-  lost): row-wise inference steps (float32 on brgemm, bf16 models on AMX tiles; every step
+* ``allow_hidden_split`` (on; on an oversubscribed machine the per-step barrier can cost more
+  than it gains: turn it off there): row-wise inference steps (float32 on brgemm, bf16 models on AMX tiles; every step
   with every row, no projection) split over the threads by hidden units, with a barrier per
   step, instead of by batch rows; where it pays (next setting);
 * ``hidden_split_by_measured_rates``: take the hidden split only where this machine's measured
@@ -57,8 +57,8 @@ change applies from the next call.
 Defaults come from the environment, read once when fused_lstm is imported:
 ``FUSED_LSTM_NO_BRGEMM``, ``FUSED_LSTM_NO_VEC16_CELL``, ``FUSED_LSTM_UNFUSED_INPUT``,
 ``FUSED_LSTM_NO_THIN``, ``FUSED_LSTM_NO_BF16_GEMM``, ``FUSED_LSTM_NO_AMX``,
-``FUSED_LSTM_NO_MEASURED_FUSION``, ``FUSED_LSTM_NO_MEASURED_HIDDEN_SPLIT`` (``1`` turns the
-matching CPU setting off), ``FUSED_LSTM_HIDDEN_SPLIT`` (``1`` turns ``allow_hidden_split`` on),
+``FUSED_LSTM_NO_MEASURED_FUSION``, ``FUSED_LSTM_NO_HIDDEN_SPLIT``,
+``FUSED_LSTM_NO_MEASURED_HIDDEN_SPLIT`` (``1`` turns the matching CPU setting off),
 ``FUSED_LSTM_GEMM_LIBRARY`` (``auto``, ``blas`` or ``onednn_matmul``),
 ``FUSED_LSTM_NN_LSTM_FLOOR`` (``auto``, ``never`` or ``always``),
 ``FUSED_LSTM_CUDA_PATH`` and ``FUSED_LSTM_CUDA_PERSISTENT_UNITS`` / ``_TILE`` / ``_KSPLIT``.
@@ -133,10 +133,6 @@ def _off_if_set(text: str) -> bool:
     return text in ("", "0")  # FUSED_LSTM_NO_X=1 turns X off
 
 
-def _on_if_set(text: str) -> bool:
-    return text not in ("", "0")  # FUSED_LSTM_X=1 turns X on (a setting off by default)
-
-
 def _env_int(text: str):
     try:
         return int(text) if text else None
@@ -156,7 +152,7 @@ _CPU: Dict[str, _Setting] = {
     "fuse_by_measured_rates": (_flag, bool, "FUSED_LSTM_NO_MEASURED_FUSION", _off_if_set),
     "nn_lstm_floor": (_floor, lambda i: _FLOORS[i], "FUSED_LSTM_NN_LSTM_FLOOR",
                       lambda text: text or "auto"),
-    "allow_hidden_split": (_flag, bool, "FUSED_LSTM_HIDDEN_SPLIT", _on_if_set),
+    "allow_hidden_split": (_flag, bool, "FUSED_LSTM_NO_HIDDEN_SPLIT", _off_if_set),
     "hidden_split_by_measured_rates": (_flag, bool, "FUSED_LSTM_NO_MEASURED_HIDDEN_SPLIT",
                                        _off_if_set),
 }

@@ -1267,7 +1267,7 @@ def test_hidden_split_inference_matches_nn_lstm(dtype, input_size, hidden, num_l
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
 def test_hidden_split_follows_the_measured_rates(dtype):
-    """With allow_hidden_split on (off by default) the hidden split runs a layer exactly where
+    """With allow_hidden_split on (the default) the hidden split runs a layer exactly where
     one thread's step measured on its shape (every row, a thread's share of the gate columns)
     beats the batch split's (the thread's rows, every column) by more than 10%, as explain
     reports both; either way the call matches the batch split's results (the same products,
@@ -1291,6 +1291,9 @@ def test_hidden_split_follows_the_measured_rates(dtype):
             with CPU.flags(allow_hidden_split=False):
                 batch_split = module(x)
     with num_threads(2), torch.no_grad():
-        assert not any(k.startswith("step_split") for k in fused_lstm.explain(module, x)["forward"])
+        assert any(k.startswith("step_split") for k in fused_lstm.explain(module, x)["forward"])
+        with CPU.flags(allow_hidden_split=False):
+            assert not any(k.startswith("step_split")
+                           for k in fused_lstm.explain(module, x)["forward"])
     for a, b in zip(default[:1] + default[1], batch_split[:1] + batch_split[1]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

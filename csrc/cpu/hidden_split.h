@@ -7,7 +7,7 @@
 // Inference only, every step with every row (no packed lengths), no projection (proj_size 0),
 // the projection unfused (one GEMM per chunk of steps, before them); float32 on brgemm's packed
 // panels, or a bfloat16 model's products on AMX tiles. Which calls take it: plan.h
-// (hidden_split_layer; the setting allow_hidden_split, off by default). Measured: benchmarks/notes/float32-bound.md, "The hidden split on the
+// (hidden_split_layer; the setting allow_hidden_split). Measured: benchmarks/notes/float32-bound.md, "The hidden split on the
 // Intel Xeon, float32 and bf16".
 // Part of the one translation unit lstm_cpu.cpp.
 #pragma once
