@@ -44,8 +44,8 @@ change applies from the next call.
   than it gains: turn it off there): row-wise inference steps (float32 on brgemm, bf16 models on AMX tiles; every step
   with every row, no projection) split over the threads by hidden units, with a barrier per
   step, instead of by batch rows; where it pays (next setting);
-* ``hidden_split_by_measured_rates``: take the hidden split only where this machine's measured
-  rates say its step (every row, a thread's share of the gate columns) is faster than the batch
+* ``hidden_split_by_measured_rates``: take the hidden split (float32 models; a bfloat16
+  model's AMX steps only with this setting off) only where this machine's measured rates say its step (every row, a thread's share of the gate columns) is faster than the batch
   split's (its rows, every column) by a margin for the barrier (else wherever it applies).
 
 ``cuda`` (the CUDA kernels have not yet run on a GPU):

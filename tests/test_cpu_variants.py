@@ -1265,7 +1265,25 @@ def test_hidden_split_inference_matches_nn_lstm(dtype, input_size, hidden, num_l
         assert our_error <= 2 * their_error + FLOOR[dtype] * scale, (i, our_error, their_error)
 
 
-@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+def test_hidden_split_rule_leaves_amx_steps_to_the_batch_split():
+    """A bfloat16 model's AMX steps take the hidden split only where it is forced
+    (hidden_split_by_measured_rates off): their one-thread probe is not reliable enough for the
+    rule (csrc/cpu/plan.h, hidden_split_layer)."""
+    if not FEATURES["amx_bf16"]:
+        pytest.skip("this CPU lacks amx_bf16")
+    module = FusedLSTM(48, 96, num_layers=2, dtype=BF16)
+    x = randn(6, 40, 48).to(BF16)
+    with num_threads(2), torch.no_grad():
+        plan = fused_lstm.explain(module, x)["forward"]
+        for layer in range(2):
+            assert plan[f"step_split.{layer}"].startswith("batch (AMX steps"), plan
+        with CPU.flags(hidden_split_by_measured_rates=False):
+            plan = fused_lstm.explain(module, x)["forward"]
+        for layer in range(2):
+            assert plan[f"step_split.{layer}"].startswith("hidden"), plan
+
+
+@pytest.mark.parametrize("dtype", [F32], ids=["f32"])
 def test_hidden_split_follows_the_measured_rates(dtype):
     """With allow_hidden_split on (the default) the hidden split runs a layer exactly where
     one thread's step measured on its shape (every row, a thread's share of the gate columns)

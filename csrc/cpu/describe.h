@@ -54,7 +54,9 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s) {
   if (hidden_split_applies(p, s)) {
     for (int64_t l = 0; l < s.num_layers; ++l) {
       o << "step_split." << l << "=" << (hidden_split_layer(p, s, l) ? "hidden" : "batch");
-      if (p.settings.hidden_split_by_rates) {
+      if (p.settings.hidden_split_by_rates && p.amx_products) {
+        o << " (AMX steps: the hidden split only with hidden_split_by_measured_rates off)";
+      } else if (p.settings.hidden_split_by_rates) {
         const HiddenSplitRates r = hidden_split_rates(p, s, l);
         if (r.measured)
           o << " (one thread's step: batch split " << r.batch_us << " us"
