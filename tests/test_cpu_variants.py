@@ -959,14 +959,7 @@ def test_bf16_thin_inference(threads, hidden, input_size, batch, num_layers, bia
         ours = run(fused, BF16)
         widened = run(as_f32, F32)
     expected, theirs = run(exact, F64), run(torch_lstm, BF16)
-    eps = torch.finfo(BF16).eps
-    for i, (o, e, t, w) in enumerate(zip(ours, expected, theirs, widened)):
-        assert o.dtype == BF16 and o.shape == e.shape, i
-        scale = max(1.0, e.abs().max().item())
-        our_error = (o.double() - e).abs().max().item()
-        their_error = (t.double() - e).abs().max().item()
-        assert our_error <= 2 * their_error + eps * scale, (i, our_error, their_error)
-        assert torch.equal(o, w.to(BF16)), i
+    _assert_bf16_results(ours, expected, theirs, widened)
 
 
 def test_bf16_thin_inference_makes_no_float_copy_of_the_weights():
@@ -1046,6 +1039,20 @@ def _bits(t):
     return t.view(torch.int16) if t.dtype == BF16 else t.to(BF16).view(torch.int16)
 
 
+def _assert_bf16_results(ours, expected, theirs, widened):
+    """bf16 results: each within twice nn.LSTM's bf16 distance (plus one bf16 eps of the scale)
+    to nn.LSTM in float64 on the same bf16 weights, and bit for bit the float32 model's results
+    on the widened weights rounded by torch."""
+    eps = torch.finfo(BF16).eps
+    for i, (o, e, t, w) in enumerate(zip(ours, expected, theirs, widened)):
+        assert o.dtype == BF16 and o.shape == e.shape, i
+        scale = max(1.0, e.abs().max().item())
+        our_error = (o.double() - e).abs().max().item()
+        their_error = (t.double() - e).abs().max().item()
+        assert our_error <= 2 * their_error + eps * scale, (i, our_error, their_error)
+        assert torch.equal(_bits(o), _bits(w)), i
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("name", list(BF16_SMALL))
 def test_bf16_small_sizes_inference(name, threads):
@@ -1069,14 +1076,7 @@ def test_bf16_small_sizes_inference(name, threads):
         ours = run(fused, BF16)
         widened = run(as_f32, F32)
     expected, theirs = run(exact, F64), run(torch_lstm, BF16)
-    eps = torch.finfo(BF16).eps
-    for i, (o, e, t, w) in enumerate(zip(ours, expected, theirs, widened)):
-        assert o.dtype == BF16 and o.shape == e.shape, i
-        scale = max(1.0, e.abs().max().item())
-        our_error = (o.double() - e).abs().max().item()
-        their_error = (t.double() - e).abs().max().item()
-        assert our_error <= 2 * their_error + eps * scale, (i, our_error, their_error)
-        assert torch.equal(_bits(o), _bits(w)), i
+    _assert_bf16_results(ours, expected, theirs, widened)
 
 
 @pytest.mark.parametrize("name", ["small_hidden-small-state", "small_hidden-1layer-bi-nobias",
@@ -1101,14 +1101,7 @@ def test_bf16_small_hidden_training(name):
 
     ours, widened = run(fused, BF16), run(as_f32, F32)
     expected, theirs = run(exact, F64), run(torch_lstm, BF16)
-    eps = torch.finfo(BF16).eps
-    for i, (o, e, t, w) in enumerate(zip(ours, expected, theirs, widened)):
-        assert o.dtype == BF16 and o.shape == e.shape, i
-        scale = max(1.0, e.abs().max().item())
-        our_error = (o.double() - e).abs().max().item()
-        their_error = (t.double() - e).abs().max().item()
-        assert our_error <= 2 * their_error + eps * scale, (i, our_error, their_error)
-        assert torch.equal(_bits(o), _bits(w)), i
+    _assert_bf16_results(ours, expected, theirs, widened)
 
 
 @pytest.mark.parametrize("name", ["small_hidden-small-state", "thin-1layer-nobias-nostate"])

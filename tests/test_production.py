@@ -125,8 +125,9 @@ def test_threads_training_recycled_buffers_bit_identical():
                 assert torch.equal(e, g)
 
 
-def _allocation_sizes(fn):
-    """Sizes in bytes of the CPU allocations that fn() makes (torch.profiler memory events)."""
+def _memory_events(fn):
+    """The CPU allocation and free events of fn() (torch.profiler memory events, every level of
+    the event tree, in no particular order)."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
@@ -137,8 +138,12 @@ def _allocation_sizes(fn):
         event = pending.pop()
         events.append(event)
         pending.extend(event.children)
-    return [e.extra_fields.alloc_size for e in events
-            if e.tag == _EventType.Allocation and e.extra_fields.alloc_size > 0]
+    return [e for e in events if e.tag == _EventType.Allocation]
+
+
+def _allocation_sizes(fn):
+    """Sizes in bytes of the CPU allocations that fn() makes (torch.profiler memory events)."""
+    return [e.extra_fields.alloc_size for e in _memory_events(fn) if e.extra_fields.alloc_size > 0]
 
 
 def test_recycled_buffers_count_in_profiled_memory():
@@ -238,19 +243,8 @@ def test_bf16_model_makes_no_float_copies_of_input_and_weights():
 def _peak_bytes(fn):
     """The most bytes fn() holds at once in CPU allocations it makes (torch.profiler memory
     events in order, frees included)."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events, pending = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while pending:
-        event = pending.pop()
-        events.append(event)
-        pending.extend(event.children)
     held = peak = 0
-    for e in sorted((e for e in events if e.tag == _EventType.Allocation),
-                    key=lambda e: e.start_time_ns):
+    for e in sorted(_memory_events(fn), key=lambda e: e.start_time_ns):
         held += e.extra_fields.alloc_size
         peak = max(peak, held)
     return peak

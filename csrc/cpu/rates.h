@@ -154,6 +154,25 @@ inline LibraryRates measure_library_rates(bool onednn_available) {
   return r;
 }
 
+// One probe per (rows, k, n) and process, kept; the probe runs outside the lock.
+struct StepProbeCache {
+  std::mutex mutex;
+  std::map<std::tuple<int64_t, int64_t, int64_t>, double> seconds;
+  template <typename Probe>
+  double get(int64_t rows, int64_t k, int64_t n, Probe probe) {
+    const auto key = std::make_tuple(rows, k, n);
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      const auto it = seconds.find(key);
+      if (it != seconds.end()) return it->second;
+    }
+    const double measured = probe();
+    std::lock_guard<std::mutex> lock(mutex);
+    seconds.emplace(key, measured);
+    return measured;
+  }
+};
+
 // ---- brgemm's step: one thread's seconds for C[rows, n] = A[rows, k] B[k, n], B packed ----
 // The least of this many timed runs (after one untimed): the hidden split's rule compares two
 // shapes whose difference (whether B stays in L2) other processes on the core blur.
@@ -163,35 +182,27 @@ constexpr int kStepProbeRuns = 4;
 // next or stream from further out is what the rate measures. Kept per shape; ~2-5 ms for each
 // new shape of a layer (the fused step, the recurrent step alone, the hidden split's step).
 inline double brgemm_step_seconds(int64_t rows, int64_t k, int64_t n) {
-  static std::mutex mutex;
-  static std::map<std::tuple<int64_t, int64_t, int64_t>, double> cache;
-  const auto key = std::make_tuple(rows, k, n);
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    const auto it = cache.find(key);
-    if (it != cache.end()) return it->second;
-  }
-  // Written, not zero pages: B must occupy its own lines, as the packed weights do.
-  std::vector<float> a(rows * k, 0.5f), b(k * n, 0.25f), cbuf(rows * n);
-  const float* A = a.data();
-  const float* B = b.data();
-  float* C = cbuf.data();
-  double seconds = 0;
-  on_one_thread_in_region([&] {
-    seconds = best_cpu_seconds(kStepProbeRuns, [&] {
-      for (int64_t m0 = 0; m0 < rows; m0 += kBrgemmBlockM)
-        for (int64_t n0 = 0; n0 < n; n0 += kBrgemmPanelN) {
-          const int64_t nb = std::min(kBrgemmPanelN, n - n0);
-          at::native::cpublas::brgemm(std::min(kBrgemmBlockM, rows - m0), nb, k, k, nb, n, false,
-                                      A + m0 * k, B + n0 * k, C + m0 * n + n0, false);
-        }
+  static StepProbeCache cache;
+  return cache.get(rows, k, n, [&] {
+    double seconds = 0;
+    // Written, not zero pages: B must occupy its own lines, as the packed weights do.
+    std::vector<float> a(rows * k, 0.5f), b(k * n, 0.25f), cbuf(rows * n);
+    const float* A = a.data();
+    const float* B = b.data();
+    float* C = cbuf.data();
+    on_one_thread_in_region([&] {
+      seconds = best_cpu_seconds(kStepProbeRuns, [&] {
+        for (int64_t m0 = 0; m0 < rows; m0 += kBrgemmBlockM)
+          for (int64_t n0 = 0; n0 < n; n0 += kBrgemmPanelN) {
+            const int64_t nb = std::min(kBrgemmPanelN, n - n0);
+            at::native::cpublas::brgemm(std::min(kBrgemmBlockM, rows - m0), nb, k, k, nb, n, false,
+                                        A + m0 * k, B + n0 * k, C + m0 * n + n0, false);
+          }
+      });
     });
+    return seconds;
   });
-  std::lock_guard<std::mutex> lock(mutex);
-  cache.emplace(key, seconds);
-  return seconds;
 }
-
 
 // ---- The nn.LSTM floor: our inference call against at::lstm's, per shape key ----
 // Unlike the rates above, these are wall times of whole calls on the calling thread, every
@@ -228,28 +239,21 @@ inline FloorTable& floor_table() {
 
 // ---- The same on AMX tiles: bf16 A [rows, k], B packed by amx_pack, float32 C ----
 inline double amx_step_seconds(int64_t rows, int64_t k, int64_t n) {
-  static std::mutex mutex;
-  static std::map<std::tuple<int64_t, int64_t, int64_t>, double> cache;
-  const auto key = std::make_tuple(rows, k, n);
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    const auto it = cache.find(key);
-    if (it != cache.end()) return it->second;
-  }
-  std::vector<c10::BFloat16> a(rows * k, c10::BFloat16(0.5f)), w(n * k, c10::BFloat16(0.25f));
-  std::vector<c10::BFloat16> packed(amx_packed_size(n, k));
-  std::vector<float> cbuf(rows * n);
-  double seconds = 0;
-  on_one_thread_in_region([&] {
-    amx_pack_weight_t(w.data(), n, k, k, packed.data());
-    seconds = best_cpu_seconds(kStepProbeRuns, [&] {
-      amx_product(false, rows, n, k, a.data(), k, packed.data(), cbuf.data(), n);
+  static StepProbeCache cache;
+  return cache.get(rows, k, n, [&] {
+    double seconds = 0;
+    std::vector<c10::BFloat16> a(rows * k, c10::BFloat16(0.5f)), w(n * k, c10::BFloat16(0.25f));
+    std::vector<c10::BFloat16> packed(amx_packed_size(n, k));
+    std::vector<float> cbuf(rows * n);
+    on_one_thread_in_region([&] {
+      amx_pack_weight_t(w.data(), n, k, k, packed.data());
+      seconds = best_cpu_seconds(kStepProbeRuns, [&] {
+        amx_product(false, rows, n, k, a.data(), k, packed.data(), cbuf.data(), n);
+      });
+      amx_release();
     });
-    amx_release();
+    return seconds;
   });
-  std::lock_guard<std::mutex> lock(mutex);
-  cache.emplace(key, seconds);
-  return seconds;
 }
 
 }  // namespace
