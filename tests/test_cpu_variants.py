@@ -195,6 +195,17 @@ CASES = {
 FLOOR = {F64: 1e-10, F32: 2e-6, BF16: torch.finfo(BF16).eps}
 
 
+def assert_within_twice_nn_lstm(ours, expected, theirs, floor):
+    """Each of our results within twice nn.LSTM's distance to the float64 reference, plus
+    `floor` times the result's scale (gradients can exceed 1: the floor is relative to them)."""
+    for i, (o, e, t) in enumerate(zip(ours, expected, theirs)):
+        assert not torch.isnan(o).any(), i
+        scale = max(1.0, e.abs().max().item())
+        our_error = (o.double() - e).abs().max().item()
+        their_error = (t.double() - e).abs().max().item()
+        assert our_error <= 2 * their_error + floor * scale, (i, our_error, their_error)
+
+
 def case_params():
     for name, case in CASES.items():
         need = case[-1]
@@ -244,12 +255,7 @@ def check_against_nn_lstm(kwargs, seq_len, batch, dtype, train, packed):
     expected = _run(exact, x.double(), tuple(t.double() for t in hx), lengths, upstream, train)
     theirs = _run(torch_lstm, x, hx, lengths, upstream, train) if dtype != F64 else expected
     assert len(ours) == len(expected) == len(theirs)
-    for i, (o, e, t) in enumerate(zip(ours, expected, theirs)):
-        assert not torch.isnan(o).any(), i
-        scale = max(1.0, e.abs().max().item())
-        our_error = (o - e).abs().max().item()
-        their_error = (t - e).abs().max().item()
-        assert our_error <= 2 * their_error + FLOOR[dtype] * scale, (i, our_error, their_error)
+    assert_within_twice_nn_lstm(ours, expected, theirs, FLOOR[dtype])
     return fused, x, lengths
 
 
@@ -836,12 +842,7 @@ def test_bf16_training_within_twice_nn_lstm(case):
 
     expected, ours, theirs = results(exact, F64), results(fused, torch.bfloat16), \
         results(torch_lstm, torch.bfloat16)
-    eps = torch.finfo(torch.bfloat16).eps
-    for i, (e, o, t) in enumerate(zip(expected, ours, theirs)):
-        scale = max(1.0, e.abs().max().item())  # gradients can exceed 1: eps relative to them
-        our_error = (o.double() - e).abs().max().item()
-        their_error = (t.double() - e).abs().max().item()
-        assert our_error <= 2 * their_error + eps * scale, (i, our_error, their_error)
+    assert_within_twice_nn_lstm(ours, expected, theirs, torch.finfo(torch.bfloat16).eps)
 
 
 def test_bf16_training_without_bf16_products():
@@ -1043,14 +1044,10 @@ def _assert_bf16_results(ours, expected, theirs, widened):
     """bf16 results: each within twice nn.LSTM's bf16 distance (plus one bf16 eps of the scale)
     to nn.LSTM in float64 on the same bf16 weights, and bit for bit the float32 model's results
     on the widened weights rounded by torch."""
-    eps = torch.finfo(BF16).eps
-    for i, (o, e, t, w) in enumerate(zip(ours, expected, theirs, widened)):
+    for i, (o, e, w) in enumerate(zip(ours, expected, widened)):
         assert o.dtype == BF16 and o.shape == e.shape, i
-        scale = max(1.0, e.abs().max().item())
-        our_error = (o.double() - e).abs().max().item()
-        their_error = (t.double() - e).abs().max().item()
-        assert our_error <= 2 * their_error + eps * scale, (i, our_error, their_error)
         assert torch.equal(_bits(o), _bits(w)), i
+    assert_within_twice_nn_lstm(ours, expected, theirs, torch.finfo(BF16).eps)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -1250,12 +1247,7 @@ def test_hidden_split_inference_matches_nn_lstm(dtype, input_size, hidden, num_l
     expected = _hidden_split_outputs(
         exact, x.double(), None if hx is None else tuple(t.double() for t in hx))
     theirs = _hidden_split_outputs(torch_lstm, x, hx)
-    for i, (o, e, t) in enumerate(zip(ours, expected, theirs)):
-        assert not torch.isnan(o).any(), i
-        scale = max(1.0, e.abs().max().item())
-        our_error = (o - e).abs().max().item()
-        their_error = (t - e).abs().max().item()
-        assert our_error <= 2 * their_error + FLOOR[dtype] * scale, (i, our_error, their_error)
+    assert_within_twice_nn_lstm(ours, expected, theirs, FLOOR[dtype])
 
 
 def test_hidden_split_rule_leaves_amx_steps_to_the_batch_split():

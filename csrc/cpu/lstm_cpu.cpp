@@ -151,16 +151,13 @@ Results3 measure_floor(const FloorKey& key, const LSTMShape& s, const Fused& fus
   t.seq_len = s.seq_len;
   Results3 fused_results, aten_results;
   double best_fused = 1e30, best_aten = 1e30;
-  auto time_fused = [&] {
+  auto timed = [](const auto& run, Results3& results, double& best) {
     const auto t0 = std::chrono::steady_clock::now();
-    fused_results = fused();
-    best_fused = std::min(best_fused, wall_seconds_since(t0));
+    results = run();
+    best = std::min(best, wall_seconds_since(t0));
   };
-  auto time_aten = [&] {
-    const auto t0 = std::chrono::steady_clock::now();
-    aten_results = aten();
-    best_aten = std::min(best_aten, wall_seconds_since(t0));
-  };
+  auto time_fused = [&] { timed(fused, fused_results, best_fused); };
+  auto time_aten = [&] { timed(aten, aten_results, best_aten); };
   // Stops as soon as at::lstm, warm, is far behind (kFloorFarBehind): no further call can
   // change the choice, and a loaded machine can slow at::lstm's per-step parallel regions
   // several times. Not after its first call, which creates oneDNN's primitive and kernels.
@@ -244,6 +241,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_bac
   return finish_backward(a, weights);
 }
 
+// The sizes of an LSTM (the batch and steps left to the caller), for the ops below that plan
+// a call from sizes alone.
+LSTMShape shape_of_sizes(int64_t input_size, int64_t hidden_size, int64_t proj_size,
+                         int64_t num_layers, bool bidirectional, bool has_biases) {
+  LSTMShape s;
+  s.num_layers = num_layers;
+  s.num_directions = bidirectional ? 2 : 1;
+  s.input_size = input_size;
+  s.hidden_size = hidden_size;
+  s.proj_size = proj_size;
+  s.out_size = proj_size > 0 ? proj_size : hidden_size;
+  s.has_biases = has_biases;
+  return s;
+}
+
 // fused_lstm::cpu_plan: the plan of a call of these sizes, as describe() writes it
 // (fused_lstm.explain reads it). batch_sizes: one per step (every step's batch, or a packed
 // sequence's batch sizes).
@@ -255,16 +267,10 @@ std::string cpu_plan_op(int64_t input_size, int64_t hidden_size, int64_t proj_si
                         proj_size < hidden_size + (proj_size == 0) && num_layers >= 1 &&
                         !batch_sizes.empty(),
                     "fused_lstm::cpu_plan: bad sizes");
-  LSTMShape s;
-  s.num_layers = num_layers;
-  s.num_directions = bidirectional ? 2 : 1;
-  s.input_size = input_size;
-  s.hidden_size = hidden_size;
-  s.proj_size = proj_size;
-  s.out_size = proj_size > 0 ? proj_size : hidden_size;
+  LSTMShape s = shape_of_sizes(input_size, hidden_size, proj_size, num_layers, bidirectional,
+                               has_biases);
   s.seq_len = static_cast<int64_t>(batch_sizes.size());
   s.batch = batch_sizes[0];
-  s.has_biases = has_biases;
   for (const int64_t b : batch_sizes) {
     s.step_offset.push_back(s.rows);
     s.rows += b;
@@ -282,13 +288,8 @@ std::string cpu_plan_op(int64_t input_size, int64_t hidden_size, int64_t proj_si
 void floor_record_op(int64_t input_size, int64_t hidden_size, int64_t num_layers,
                      bool bidirectional, bool has_biases, int64_t batch, int64_t seq_len,
                      at::ScalarType dtype, double fused_ms, double aten_ms) {
-  LSTMShape s;
-  s.num_layers = num_layers;
-  s.num_directions = bidirectional ? 2 : 1;
-  s.input_size = input_size;
-  s.hidden_size = hidden_size;
-  s.out_size = hidden_size;
-  s.has_biases = has_biases;
+  LSTMShape s = shape_of_sizes(input_size, hidden_size, /*proj_size=*/0, num_layers,
+                               bidirectional, has_biases);
   s.batch = batch;
   s.seq_len = seq_len;
   FloorTimes t;

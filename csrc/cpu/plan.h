@@ -270,9 +270,9 @@ inline bool fuse_input_projection_in_batch_split(const CpuPlan& p, const LSTMSha
 // The batch split (for_each_batch_slice) has each thread read all of W_hh^T (and W_ih^T where
 // fused) every step for its rows; the hidden split has each thread read its share of the gate
 // columns for every row, a slice that can stay in the core's L2 between steps, at the cost of a
-// barrier per step. Taken where the setting allow_hidden_split is on (the default) and one thread's step measured on both shapes
-// (rates.h: brgemm_step_seconds, amx_step_seconds) says the hidden split's is faster by this
-// margin: the barrier, and a thread descheduled on a shared machine, are not in the rates.
+// barrier per step. Taken where the setting allow_hidden_split is on (the default) and, for
+// float32, one thread's step measured on both shapes (rates.h: brgemm_step_seconds) says the
+// hidden split's is faster by this margin (bf16 AMX steps: only forced, hidden_split_layer): the barrier, and a thread descheduled on a shared machine, are not in the rates.
 // On the Intel Xeon (2 MB of L2 per core) the unfused fastrnns step measured 487 -> 397 us per
 // thread in float32 and 96 -> 81 us on AMX tiles (one thread, CPU time); under other work on
 // the machine the barrier lost more than that. On a machine whose step rate does not depend on
@@ -307,6 +307,7 @@ struct HiddenSplitRates {
   double hidden_us = 0;      // the same in the hidden split
 };
 
+// float32 steps on brgemm only (bf16 AMX steps are not rated: hidden_split_layer).
 inline HiddenSplitRates hidden_split_rates(const CpuPlan& p, const LSTMShape& s, int64_t layer) {
   HiddenSplitRates r;
   const int64_t threads = at::get_num_threads();
@@ -316,15 +317,6 @@ inline HiddenSplitRates hidden_split_rates(const CpuPlan& p, const LSTMShape& s,
   const int64_t hidden_cols = 4 * ((H + threads - 1) / threads);
   // Each thread's share of the unfused projection, per step: B / threads rows.
   const double proj_rows = double(B) / double(threads);
-  if (p.amx_products) {
-    const double proj = amx_step_seconds(kAmxBlockM, in, G) * proj_rows / double(kAmxBlockM);
-    r.batch_fused = fuse_input_projection_in_batch_split(p, s, layer, 2);
-    r.batch_us = 1e6 * (r.batch_fused ? amx_step_seconds(slice_rows, in + out, G)
-                                      : amx_step_seconds(slice_rows, out, G) + proj);
-    r.hidden_us = 1e6 * (amx_step_seconds(B, out, hidden_cols) + proj);
-    r.measured = true;
-    return r;
-  }
   const LibraryRates& lib = library_rates();
   if (!lib.measured) return r;
   const int c = int(GemmClass::kNT);
@@ -343,10 +335,11 @@ inline bool hidden_split_layer(const CpuPlan& p, const LSTMShape& s, int64_t lay
   if (!hidden_split_applies(p, s)) return false;
   if (!p.settings.hidden_split_by_rates) return true;
   // A bfloat16 model's AMX steps: only where forced (hidden_split_by_measured_rates off). Their
-  // one-thread probe (amx_step_seconds) measured medium's fused batch-split step at 10.3 us in
-  // one process and 35.6 us in the next on the quiet Intel Xeon, so the rule took the hidden
-  // split for medium's layer 0, which end to end lost 7.1 against 6.1 ms (float32-bound.md,
-  // "The quiet-box check"); the float32 probes agreed across processes.
+  // one-thread probe (amx_step_seconds, removed since: in git history at 5fa276f) measured
+  // medium's fused batch-split step at 10.3 us in one process and 35.6 us in the next on the
+  // quiet Intel Xeon, so the rule took the hidden split for medium's layer 0, which end to end
+  // lost 7.1 against 6.1 ms (float32-bound.md, "The quiet-box check"); the float32 probes
+  // agreed across processes.
   if (p.amx_products) return false;
   const HiddenSplitRates r = hidden_split_rates(p, s, layer);
   return r.measured && kHiddenSplitMustWinBy * r.hidden_us < r.batch_us;

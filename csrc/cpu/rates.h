@@ -15,7 +15,6 @@
 // Part of the one translation unit lstm_cpu.cpp.
 #pragma once
 
-#include "amx.h"
 #include "blas.h"
 
 #include <time.h>
@@ -235,25 +234,6 @@ struct FloorTable {
 inline FloorTable& floor_table() {
   static FloorTable t;
   return t;
-}
-
-// ---- The same on AMX tiles: bf16 A [rows, k], B packed by amx_pack, float32 C ----
-inline double amx_step_seconds(int64_t rows, int64_t k, int64_t n) {
-  static StepProbeCache cache;
-  return cache.get(rows, k, n, [&] {
-    double seconds = 0;
-    std::vector<c10::BFloat16> a(rows * k, c10::BFloat16(0.5f)), w(n * k, c10::BFloat16(0.25f));
-    std::vector<c10::BFloat16> packed(amx_packed_size(n, k));
-    std::vector<float> cbuf(rows * n);
-    on_one_thread_in_region([&] {
-      amx_pack_weight_t(w.data(), n, k, k, packed.data());
-      seconds = best_cpu_seconds(kStepProbeRuns, [&] {
-        amx_product(false, rows, n, k, a.data(), k, packed.data(), cbuf.data(), n);
-      });
-      amx_release();
-    });
-    return seconds;
-  });
 }
 
 }  // namespace
