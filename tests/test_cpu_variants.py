@@ -931,8 +931,10 @@ def test_bf16_thin_inference(threads, hidden, input_size, batch, num_layers, bia
     """bf16 streaming inference runs the thin kernel on the bf16 weights as the model holds them
     (explain: variant thin, keep_bf16 true): outputs, h_n and c_n within twice nn.LSTM's bf16
     distance to nn.LSTM in float64 on the same bf16 weights and inputs, plus a bf16 epsilon; and
-    bit for bit those of the float32 model on the same weights, rounded to bf16 (the kernel
-    widens each bf16 weight exactly and sums as the float32 kernel does)."""
+    the float32 model's results on the same weights rounded to bf16, up to the order of the sums
+    (the kernel widens each bf16 weight exactly, two at a time from one 32-bit word, and sums
+    the even and odd elements apart: within half a bf16 unit of the float32 results plus float32
+    summation error)."""
     kwargs = dict(input_size=input_size, hidden_size=hidden, num_layers=num_layers, bias=bias,
                   bidirectional=bidirectional)
     torch_lstm, fused = lstm_pair(dtype=BF16, **kwargs)
@@ -960,7 +962,7 @@ def test_bf16_thin_inference(threads, hidden, input_size, batch, num_layers, bia
         ours = run(fused, BF16)
         widened = run(as_f32, F32)
     expected, theirs = run(exact, F64), run(torch_lstm, BF16)
-    _assert_bf16_results(ours, expected, theirs, widened)
+    _assert_bf16_results(ours, expected, theirs, widened, same_sums=False)
 
 
 def test_bf16_thin_inference_makes_no_float_copy_of_the_weights():
@@ -1040,13 +1042,24 @@ def _bits(t):
     return t.view(torch.int16) if t.dtype == BF16 else t.to(BF16).view(torch.int16)
 
 
-def _assert_bf16_results(ours, expected, theirs, widened):
+def _assert_bf16_results(ours, expected, theirs, widened, same_sums=True):
     """bf16 results: each within twice nn.LSTM's bf16 distance (plus one bf16 eps of the scale)
     to nn.LSTM in float64 on the same bf16 weights, and bit for bit the float32 model's results
-    on the widened weights rounded by torch."""
+    on the widened weights rounded by torch. same_sums False (the thin kernel on bf16 weights,
+    whose dot products sum in another order than the float32 kernel's): each result the
+    rounding to bf16 of a float32 value within float32 summation error (1e-5 of the scale) of
+    the float32 model's, so at most half a bf16 unit in the last place (2^-8 of the value) plus
+    that error from it."""
     for i, (o, e, w) in enumerate(zip(ours, expected, widened)):
         assert o.dtype == BF16 and o.shape == e.shape, i
-        assert torch.equal(_bits(o), _bits(w)), i
+        if same_sums:
+            assert torch.equal(_bits(o), _bits(w)), i
+        else:
+            assert w.dtype == F32, i
+            err = 1e-5 * max(1.0, w.abs().max().item())
+            bound = (w.abs() + err) * 2.0 ** -8 + err
+            assert ((o.float() - w).abs() <= bound).all(), i
+            assert torch.equal(torch.isnan(o), torch.isnan(w)), i
     assert_within_twice_nn_lstm(ours, expected, theirs, torch.finfo(BF16).eps)
 
 
@@ -1057,7 +1070,8 @@ def test_bf16_small_sizes_inference(name, threads):
     h_n and c_n within twice nn.LSTM's bf16 distance to nn.LSTM in float64 on the same bf16
     weights and inputs, plus a bf16 epsilon (the rule of the bf16 tests above); and bit for bit
     what float32 FusedLSTM computes on the same weights and inputs, rounded by torch's
-    .to(torch.bfloat16): the widening is exact and the rounding is torch's."""
+    .to(torch.bfloat16): the widening is exact and the rounding is torch's (the thin kernel: up
+    to the order of its sums, as test_bf16_thin_inference checks)."""
     variant = BF16_SMALL[name][0]
     fused, torch_lstm, exact, as_f32, x, hx = _bf16_small_case(name)
 
@@ -1073,7 +1087,7 @@ def test_bf16_small_sizes_inference(name, threads):
         ours = run(fused, BF16)
         widened = run(as_f32, F32)
     expected, theirs = run(exact, F64), run(torch_lstm, BF16)
-    _assert_bf16_results(ours, expected, theirs, widened)
+    _assert_bf16_results(ours, expected, theirs, widened, same_sums=variant != "thin")
 
 
 @pytest.mark.parametrize("name", ["small_hidden-small-state", "small_hidden-1layer-bi-nobias",

@@ -24,7 +24,7 @@ namespace {
 // on the weights as the model holds them: each dot product loads bf16 weights and widens them
 // to float32 (exact: a bf16 is the upper half of a float32), so no float32 copy of the weights
 // is made and half the bytes are read. The results are those of the float32 kernel on the
-// weights converted to float32 (the same products, sums and order).
+// weights converted to float32 up to the order of the sums (`dots`).
 // Measured (stream-step op, loaded 2-core box, minimum of many samples): ~61-73 -> ~35-41 us
 // on 2 threads, ~95 -> ~55 us on 1 (benchmarks/notes/thin-batch.md, "The thin-batch inference
 // kernel").
@@ -72,79 +72,137 @@ FUSED_LSTM_INLINE T hsum(VecOf<T, kBytes> v) {
   }
 }
 
-// kLanes weights from p, as T: a plain load, or bf16 widened to float32 (the bf16 bits as the
-// upper half of the float's).
-template <typename T, int kLanes, typename W>
-FUSED_LSTM_INLINE Vec<T, kLanes> load_weights(const W* p) {
-  if constexpr (std::is_same_v<T, W>) {
-    return vec_load<T, kLanes>(p);
-  } else {
-    static_assert(std::is_same_v<T, float> && std::is_same_v<W, c10::BFloat16>);
-    const Vec<uint16_t, kLanes> u = vec_load<uint16_t, kLanes>(reinterpret_cast<const uint16_t*>(p));
-    const Vec<uint32_t, kLanes> bits = __builtin_convertvector(u, Vec<uint32_t, kLanes>) << 16;
-    Vec<float, kLanes> f;
-    std::memcpy(&f, &bits, sizeof(f));
-    return f;
-  }
+// The even (kOdd 0) or odd (1) elements of the 2 * kLanes floats lo, hi.
+template <int kOdd, int kLanes, size_t... kI>
+FUSED_LSTM_INLINE Vec<float, kLanes> deinterleave(Vec<float, kLanes> lo, Vec<float, kLanes> hi,
+                                                   std::index_sequence<kI...>) {
+  return __builtin_shufflevector(lo, hi, (2 * kI + kOdd)...);
 }
-
-// acc[r][b] (vector part) and tail[r][b] (the last K % lanes elements) += the dot product of
-// row r of w (rows row_stride apart, K long) with x[b], for r < kR and b < kNB.
+template <typename V, typename U>
+FUSED_LSTM_INLINE V bit_cast_vec(U u) {
+  static_assert(sizeof(V) == sizeof(U));
+  V v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+}
+// acc[r][b] (vector part) and tail[r][b] (the last elements) += the dot product of row r of the
+// weights (at w[r], K long) with x[b], for r < kR and b < kNB.
+// bf16 weights go 2 * kLanes at a time: one load of kLanes 32-bit words holds an even and an odd
+// bf16 each, which a shift (even) and a mask (odd) widen to float32 exactly, against the even
+// and odd elements of x (two shuffles per row of x, shared by the kR weight rows): two integer
+// operations per 2 * kLanes weights. GCC lowers __builtin_convertvector of 16 bf16 to 32-bit
+// lanes as two 256-bit halves (vpmovzxwd twice, vextracti128, vinserti64x4) and a shift, and the
+// thin bf16 step was bound by those shuffles, slower than float32 on twice the bytes; a
+// two-source word shuffle (vpermt2w) per 16 weights instead was a third slower than this
+// (benchmarks/notes/thin-batch.md, "bf16 weights"). The sums go in another order than the
+// float32 kernel's on the widened weights (lane i of the even sums holds the elements
+// 2i mod 2 * kLanes), so the results are within float32 summation error of it, not equal.
 template <typename T, int kBytes, int kR, int kNB, typename W>
-FUSED_LSTM_INLINE void dots(const W* w, int64_t row_stride, int64_t K, const T* const* x,
+FUSED_LSTM_INLINE void dots(const W* const (&w)[kR], int64_t K, const T* const* x,
                             VecOf<T, kBytes> (&acc)[kR][kNB],
                             T (&tail)[kR][kNB]) {
   using V = VecOf<T, kBytes>;
   constexpr int64_t kLanes = kBytes / sizeof(T);
   int64_t k = 0;
-  for (; k + kLanes <= K; k += kLanes) {
-    V xv[kNB];
-    for (int b = 0; b < kNB; ++b) xv[b] = vec_load<T, kLanes>(x[b] + k);
-    for (int r = 0; r < kR; ++r) {
-      const V wv = load_weights<T, kLanes>(w + r * row_stride + k);
-      for (int b = 0; b < kNB; ++b) acc[r][b] += wv * xv[b];
+  if constexpr (std::is_same_v<T, W>) {
+    for (; k + kLanes <= K; k += kLanes) {
+      V xv[kNB];
+      for (int b = 0; b < kNB; ++b) xv[b] = vec_load<T, kLanes>(x[b] + k);
+      for (int r = 0; r < kR; ++r) {
+        const V wv = vec_load<T, kLanes>(w[r] + k);
+        for (int b = 0; b < kNB; ++b) acc[r][b] += wv * xv[b];
+      }
+    }
+  } else {
+    using U = Vec<uint32_t, kLanes>;
+    const U odd_mask = U{} + 0xFFFF0000u;
+    for (; k + 2 * kLanes <= K; k += 2 * kLanes) {
+      V xe[kNB], xo[kNB];
+      for (int b = 0; b < kNB; ++b) {
+        const V lo = vec_load<T, kLanes>(x[b] + k), hi = vec_load<T, kLanes>(x[b] + k + kLanes);
+        xe[b] = deinterleave<0, kLanes>(lo, hi, std::make_index_sequence<kLanes>{});
+        xo[b] = deinterleave<1, kLanes>(lo, hi, std::make_index_sequence<kLanes>{});
+      }
+      for (int r = 0; r < kR; ++r) {
+        const U bits = vec_load<uint32_t, kLanes>(reinterpret_cast<const uint32_t*>(w[r] + k));
+        const V we = bit_cast_vec<V>(U(bits << 16)), wo = bit_cast_vec<V>(U(bits & odd_mask));
+        for (int b = 0; b < kNB; ++b) {
+          acc[r][b] += we * xe[b];
+          acc[r][b] += wo * xo[b];
+        }
+      }
     }
   }
   for (; k < K; ++k)
     for (int r = 0; r < kR; ++r)
-      for (int b = 0; b < kNB; ++b) tail[r][b] += static_cast<T>(w[r * row_stride + k]) * x[b][k];
+      for (int b = 0; b < kNB; ++b) tail[r][b] += static_cast<T>(w[r][k]) * x[b][k];
 }
 
-// Pre-activations of hidden unit j of direction d for the rows [b0, b0 + kNB).
-template <typename T, int kBytes, int kNB, typename W>
+// Pre-activations of the hidden units [j, j + kU) of direction d for the rows [b0, b0 + kNB):
+// 4 * kU weight rows against kNB inputs, 4 * kU * kNB independent sums (a few rows take several
+// units at once, so that enough sums are in flight to hide the FMA latency).
+template <typename T, int kBytes, int kU, int kNB, typename W>
 FUSED_LSTM_INLINE void unit_rows(const ThinStep<T, W>& a, int64_t d, int64_t j, int64_t b0) {
   using V = VecOf<T, kBytes>;
+  constexpr int kR = 4 * kU;
   const int64_t H = a.H, I = a.in_size;
-  V acc[4][kNB];
-  T tail[4][kNB];
-  for (int g = 0; g < 4; ++g)
+  V acc[kR][kNB];
+  T tail[kR][kNB];
+  for (int r = 0; r < kR; ++r)
     for (int b = 0; b < kNB; ++b) {
-      acc[g][b] = V{};
-      tail[g][b] = T(0);
+      acc[r][b] = V{};
+      tail[r][b] = T(0);
     }
-  dots<T, kBytes, 4, kNB, W>(a.w_ih[d] + j * I, H * I, I, a.x[d] + b0, acc, tail);
-  if (a.h[d][0] != nullptr)
-    dots<T, kBytes, 4, kNB, W>(a.w_hh[d] + j * H, H * H, H, a.h[d] + b0, acc, tail);
-  for (int g = 0; g < 4; ++g) {
-    const T bias = a.b_ih[d] ? a.b_ih[d][g * H + j] + a.b_hh[d][g * H + j] : T(0);
-    for (int b = 0; b < kNB; ++b)
-      a.gates[(d * kThinMaxBatch + b0 + b) * 4 * H + g * H + j] =
-          (hsum<T, kBytes>(acc[g][b]) + tail[g][b]) + bias;
+  // Row r = g * kU + u: gate g of unit j + u.
+  const W* w[kR];
+  for (int g = 0; g < 4; ++g)
+    for (int u = 0; u < kU; ++u) w[g * kU + u] = a.w_ih[d] + (g * H + j + u) * I;
+  dots<T, kBytes, kR, kNB, W>(w, I, a.x[d] + b0, acc, tail);
+  if (a.h[d][0] != nullptr) {
+    for (int g = 0; g < 4; ++g)
+      for (int u = 0; u < kU; ++u) w[g * kU + u] = a.w_hh[d] + (g * H + j + u) * H;
+    dots<T, kBytes, kR, kNB, W>(w, H, a.h[d] + b0, acc, tail);
   }
+  for (int g = 0; g < 4; ++g)
+    for (int u = 0; u < kU; ++u) {
+      const int64_t col = g * H + j + u;
+      const T bias = a.b_ih[d] ? a.b_ih[d][col] + a.b_hh[d][col] : T(0);
+      for (int b = 0; b < kNB; ++b)
+        a.gates[(d * kThinMaxBatch + b0 + b) * 4 * H + col] =
+            (hsum<T, kBytes>(acc[g * kU + u][b]) + tail[g * kU + u][b]) + bias;
+    }
+}
+
+// The units [j0, j1) of direction d for the rows [b0, b0 + kNB), kU units at a time while kU
+// remain.
+template <typename T, int kBytes, int kU, int kNB, typename W>
+FUSED_LSTM_INLINE void units_of_rows(const ThinStep<T, W>& a, int64_t d, int64_t j0, int64_t j1,
+                                     int64_t b0) {
+  int64_t j = j0;
+  for (; j + kU <= j1; j += kU) unit_rows<T, kBytes, kU, kNB, W>(a, d, j, b0);
+  for (; j < j1; ++j) unit_rows<T, kBytes, 1, kNB, W>(a, d, j, b0);
 }
 
 // Pre-activations of the units [j0, j1) of direction d, every row of the step; kBytes: the
-// vector width, kMaxNB: rows at a time (accumulators: 4 * kMaxNB vectors).
+// vector width, kMaxNB: rows at a time (accumulators: 4 * kMaxNB vectors; one or two rows take
+// several units at once instead). Each unit's weights are read once from L2 while its rows go
+// through them in blocks.
 template <typename T, int kBytes, int kMaxNB, typename W>
 FUSED_LSTM_INLINE void units_pre(const ThinStep<T, W>& a, int64_t d, int64_t j0, int64_t j1) {
   const int64_t bs = a.bs[d];
+  // One row: bf16 weights, four units at a time where 16 sums fit (the widening's integer
+  // operations leave the FMAs' latency exposed with fewer); float32, two (four lost 7% at
+  // stream-step: 16 weight rows streamed at once from L3 on top of L2).
+  constexpr int kOneRowUnits = std::is_same_v<T, W> ? std::max(1, kMaxNB / 2) : kMaxNB;
+  if (bs == 1) return units_of_rows<T, kBytes, kOneRowUnits, 1, W>(a, d, j0, j1, 0);
+  if (kMaxNB >= 4 && bs == 2) return units_of_rows<T, kBytes, kMaxNB / 2, 2, W>(a, d, j0, j1, 0);
   for (int64_t j = j0; j < j1; ++j) {
     int64_t b0 = 0;
-    for (; b0 + kMaxNB <= bs; b0 += kMaxNB) unit_rows<T, kBytes, kMaxNB, W>(a, d, j, b0);
+    for (; b0 + kMaxNB <= bs; b0 += kMaxNB) unit_rows<T, kBytes, 1, kMaxNB, W>(a, d, j, b0);
     const int64_t rest = bs - b0;
-    if (rest >= 3) unit_rows<T, kBytes, 3, W>(a, d, j, b0);
-    else if (rest == 2) unit_rows<T, kBytes, 2, W>(a, d, j, b0);
-    else if (rest == 1) unit_rows<T, kBytes, 1, W>(a, d, j, b0);
+    if (rest >= 3) unit_rows<T, kBytes, 1, 3, W>(a, d, j, b0);
+    else if (rest == 2) unit_rows<T, kBytes, 1, 2, W>(a, d, j, b0);
+    else if (rest == 1) unit_rows<T, kBytes, 1, 1, W>(a, d, j, b0);
   }
 }
 
