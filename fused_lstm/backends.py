@@ -47,6 +47,9 @@ change applies from the next call.
 * ``hidden_split_by_measured_rates``: take the hidden split (float32 models; a bfloat16
   model's AMX steps only with this setting off) only where this machine's measured rates say its step (every row, a thread's share of the gate columns) is faster than the batch
   split's (its rows, every column) by a margin for the barrier (else wherever it applies).
+  Where ``nn_lstm_floor`` ("auto") measures a call, it also times the call with the other
+  split end to end and keeps the faster for that shape (float32 and bfloat16 models; explain's
+  ``step_split_times``).
 
 ``cuda`` (the CUDA kernels have not yet run on a GPU):
 

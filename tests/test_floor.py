@@ -190,6 +190,17 @@ def test_auto_measures_once_and_keeps_its_choice():
         assert "wall time, least of interleaved calls" in times and "at batch 16, seq_len 5" in times
         fused_ms, aten_ms = (float(v) for v in
                              times.split(" ms (")[0].replace("fused ", "").split(" ms, at::lstm "))
+        # Where the hidden split applies (these sizes, 2+ threads), our call with the other
+        # split of the steps is timed too, and the faster of our two is what at::lstm must beat.
+        split_times = plan.get("step_split_times")
+        assert (split_times is not None) == (torch.get_num_threads() > 1)
+        if split_times is not None:
+            rule_ms, other_ms = _split_times(split_times)
+            assert rule_ms == fused_ms
+            other_runs = other_ms < rule_ms
+            assert split_times.endswith("split runs")
+            assert ("the rule's split runs" in split_times) == (not other_runs)
+            fused_ms = min(fused_ms, other_ms)
         chose_aten = aten_ms * 1.03 < fused_ms
         assert plan["nn_lstm_floor_runs"] == ("true" if chose_aten else "false")
         second, aten_calls = _ran_aten(lambda: fused(x))
@@ -199,6 +210,93 @@ def test_auto_measures_once_and_keeps_its_choice():
             _assert_equal(first, expected)
         else:
             _assert_close(first, expected, F32)
+
+
+@contextlib.contextmanager
+def _two_threads():
+    """The hidden split needs a parallel region of 2+ threads (also on a 1-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _ran_split(fn):
+    """(fn's result, its aten::lstm calls, the chunks of steps it ran in the hidden split)."""
+    before = torch.ops.fused_lstm._hidden_split_chunks()
+    result, aten_calls = _ran_aten(fn)
+    return result, aten_calls, torch.ops.fused_lstm._hidden_split_chunks() - before
+
+
+def _split_times(text):
+    """(the rule's split's ms, the other split's ms) from explain's step_split_times."""
+    rule, other = text.split(" (least of")[0].split(", the ")
+    return float(rule.split(" split ")[1].split(" ms")[0]), float(other.split(" split ")[1].split(
+        " ms")[0])
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+def test_auto_takes_the_split_measured_faster(dtype):
+    """Where the hidden split of the steps applies and the rule decides it, the floor's
+    measurement also times our call with the other split than the rule's, and every call of the
+    key runs whichever of our two measured faster (explain's step_split says which, and why),
+    at::lstm only where it beats the faster of them by 3%; forcing either split, or the floor
+    off, leaves the rule's choice alone."""
+    torch_lstm, fused = _pair(dtype, num_layers=2)
+    x = _input(fused, dtype)
+    with torch.no_grad(), _two_threads():
+        expected = torch_lstm(x)
+        rule = _floor_of(fused, x)
+        rule_splits = {k: v.split(" ")[0] for k, v in rule.items() if k.startswith("step_split.")}
+        assert sorted(rule_splits) == ["step_split.0", "step_split.1"], rule
+        other = "batch" if "hidden" in rule_splits.values() else "hidden"
+
+        def record(rule_ms, aten_ms, other_ms=-1.0):
+            RECORD(INPUT, HIDDEN, 2, False, True, BATCH, STEPS, dtype, rule_ms, aten_ms, other_ms)
+
+        record(10.0, 20.0, 9.0)  # the other split 10% faster
+        plan = _floor_of(fused, x)
+        assert plan["step_split_times"] == (
+            f"the rule's split 10 ms, the {other} split 9 ms (least of interleaved calls): "
+            f"the {other} split runs")
+        for layer in (0, 1):
+            assert plan[f"step_split.{layer}"] == (
+                f"{other} (measured faster end to end than the rule's split: step_split_times)")
+        got, aten_calls, hidden_chunks = _ran_split(lambda: fused(x))
+        assert aten_calls == 0 and (hidden_chunks > 0) == (other == "hidden")
+        _assert_close(got, expected, dtype)
+
+        record(10.0, 8.5, 9.0)  # at::lstm beats the faster of ours by more than 3%
+        plan = _floor_of(fused, x)
+        assert plan["nn_lstm_floor_runs"] == "true"
+        _, aten_calls = _ran_aten(lambda: fused(x))
+        assert aten_calls == 1
+        record(10.0, 9.0, 9.0)  # by more than 3% of the rule's split only: the other split
+        plan = _floor_of(fused, x)
+        assert plan["nn_lstm_floor_runs"] == "false"
+        assert plan["step_split.0"].startswith(other + " (measured faster")
+        _, aten_calls, hidden_chunks = _ran_split(lambda: fused(x))
+        assert aten_calls == 0 and (hidden_chunks > 0) == (other == "hidden")
+
+        record(10.0, 20.0, 10.5)  # the rule's split faster: as the rule says
+        plan = _floor_of(fused, x)
+        assert plan["step_split_times"].endswith("the rule's split runs")
+        assert {k: plan[k].split(" ")[0] for k in rule_splits} == rule_splits
+        assert "measured faster end to end" not in plan["step_split.0"]
+        got, aten_calls, hidden_chunks = _ran_split(lambda: fused(x))
+        assert aten_calls == 0 and (hidden_chunks > 0) == (other == "batch")
+        _assert_close(got, expected, dtype)
+
+        # A forced split, or the hidden split off, is another key, and the floor does not time
+        # the other split there.
+        for flags in (dict(hidden_split_by_measured_rates=False), dict(allow_hidden_split=False)):
+            with CPU.flags(**flags):
+                with pytest.raises(ValueError, match="does not time the other split"):
+                    record(10.0, 20.0, 9.0)
+                record(10.0, 20.0)
+                assert "step_split_times" not in _floor_of(fused, x)
 
 
 def _packed(fused, x, lengths):

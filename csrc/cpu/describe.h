@@ -31,7 +31,10 @@ inline std::string input_projection_of(const CpuPlan& p, const LSTMShape& s, int
       gemm_library(false, true, rows, G, in, p.is_float, false, p.settings.gemm_library));
 }
 
-inline std::string describe(const CpuPlan& p, const LSTMShape& s) {
+// measured_split: "hidden" or "batch" where the floor's end-to-end measurement chose the other
+// split of the steps than the rule's (lstm_cpu.cpp's cpu_plan_op), else nullptr.
+inline std::string describe(const CpuPlan& p, const LSTMShape& s,
+                            const char* measured_split = nullptr) {
   const int64_t G = 4 * s.hidden_size, H = s.hidden_size, out = s.out_size;
   const bool single_thread = p.brgemm_steps || p.bf16_products;
   const int64_t slices = batch_slices(s, s.seq_len, single_thread);
@@ -51,7 +54,11 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s) {
   o << "batch_slices=" << slices << "\n";
   // The inference steps' split over the threads, per layer (hidden_split.h), and the rates
   // that chose it.
-  if (hidden_split_applies(p, s)) {
+  if (measured_split != nullptr) {
+    for (int64_t l = 0; l < s.num_layers; ++l)
+      o << "step_split." << l << "=" << measured_split
+        << " (measured faster end to end than the rule's split: step_split_times)\n";
+  } else if (hidden_split_applies(p, s)) {
     for (int64_t l = 0; l < s.num_layers; ++l) {
       o << "step_split." << l << "=" << (hidden_split_layer(p, s, l) ? "hidden" : "batch");
       if (p.settings.hidden_split_by_rates && p.amx_products) {
@@ -165,6 +172,14 @@ inline std::string describe_floor(const CpuPlan& p, const LSTMShape& s, at::Scal
                                       : "wall time, least of interleaved calls")
       << "; calls: " << c.times.samples << " of ours, " << c.times.aten_samples
       << " of at::lstm, at batch " << c.times.batch << ", seq_len " << c.times.seq_len << ")";
+    if (c.times.other_split_measured) {
+      const char* other = c.times.other_split_hidden ? "hidden" : "batch";
+      o << "\nstep_split_times=the rule's split " << c.times.fused_ms << " ms, the " << other
+        << " split " << c.times.other_split_ms << " ms (least of interleaved calls): "
+        << (other_split_measured_faster(c.times) ? std::string("the ") + other + " split"
+                                                 : std::string("the rule's split"))
+        << " runs";
+    }
   }
   return o.str();
 }

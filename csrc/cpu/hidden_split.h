@@ -88,6 +88,14 @@ inline void amx_columns(int64_t m, int64_t c0, int64_t c1, int64_t k, const c10:
   }
 }
 
+// Chunks of steps that ran hidden_steps in this process (the test hook
+// fused_lstm::_hidden_split_chunks reads it: which split a call ran leaves no other trace, the
+// two giving the same results).
+inline std::atomic<int64_t>& hidden_split_chunks() {
+  static std::atomic<int64_t> n{0};
+  return n;
+}
+
 // Room for hidden_steps' bf16 copies of h (AMX only): two [B, H] buffers.
 inline int64_t hidden_split_scratch(const LSTMShape& s) { return 2 * s.batch * s.out_size; }
 
@@ -101,6 +109,7 @@ template <typename RowsOf>
 void hidden_steps(const CpuPlan& plan, const LSTMShape& s, const DirectionWeights<float>& w,
                   int64_t d, int64_t first, int64_t last, float* h_state, float* c_state,
                   const RowsOf& rows_of, bool h_zero, c10::BFloat16* hb) {
+  hidden_split_chunks().fetch_add(1, std::memory_order_relaxed);
   const int64_t H = s.hidden_size, G = 4 * H, B = s.batch;
   const int64_t out_stride = s.num_directions * H;
   const bool amx = w.amx_hh != nullptr;

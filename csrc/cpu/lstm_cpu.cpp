@@ -141,16 +141,19 @@ double wall_seconds_since(std::chrono::steady_clock::time_point t0) {
 }
 
 // The floor's measurement (plan.h): our call and at::lstm's, interleaved, the least wall time
-// of each kept; the call's results are those of the implementation chosen, so that every call
-// of the key, this one included, gives the same results.
-template <typename Fused, typename Aten>
+// of each kept; where `other` is given (measures_other_split), our call with the other split of
+// the steps too, interleaved with them. The call's results are those of the implementation
+// chosen, so that every call of the key, this one included, gives the same results.
+template <typename Fused, typename Aten, typename Other>
 Results3 measure_floor(const FloorKey& key, const LSTMShape& s, const Fused& fused,
-                       const Aten& aten) {
+                       const Aten& aten, const Other* other, bool other_hidden) {
   FloorTimes t;
   t.batch = s.batch;
   t.seq_len = s.seq_len;
-  Results3 fused_results, aten_results;
-  double best_fused = 1e30, best_aten = 1e30;
+  t.other_split_measured = other != nullptr;
+  t.other_split_hidden = other_hidden;
+  Results3 fused_results, aten_results, other_results;
+  double best_fused = 1e30, best_aten = 1e30, best_other = 1e30;
   auto timed = [](const auto& run, Results3& results, double& best) {
     const auto t0 = std::chrono::steady_clock::now();
     results = run();
@@ -158,25 +161,35 @@ Results3 measure_floor(const FloorKey& key, const LSTMShape& s, const Fused& fus
   };
   auto time_fused = [&] { timed(fused, fused_results, best_fused); };
   auto time_aten = [&] { timed(aten, aten_results, best_aten); };
+  auto time_other = [&] {
+    if (other != nullptr) timed(*other, other_results, best_other);
+  };
   // Stops as soon as at::lstm, warm, is far behind (kFloorFarBehind): no further call can
   // change the choice, and a loaded machine can slow at::lstm's per-step parallel regions
   // several times. Not after its first call, which creates oneDNN's primitive and kernels.
-  auto far_behind = [&] { return best_aten > kFloorFarBehind * best_fused; };
+  auto far_behind = [&] { return best_aten > kFloorFarBehind * std::min(best_fused, best_other); };
   try {
     time_fused();  // the user's call (and the first of the shape: not a warm one)
     time_aten();   // the first of the shape too: creates oneDNN's primitive
+    time_other();
     time_aten();
     t.samples = 1;
     t.aten_samples = 2;
     if (!far_behind()) {
       time_fused();
+      time_other();
       t.samples = 2;
-      if (!far_behind() && best_fused < kFloorLongCallSeconds) {
+      if (!far_behind() && std::min(best_fused, best_other) < kFloorLongCallSeconds) {
+        time_other();
         time_fused();
         time_aten();
         t.samples = 3;
         t.aten_samples = 3;
       }
+    } else if (other != nullptr) {
+      time_fused();
+      time_other();
+      t.samples = 2;
     }
   } catch (...) {
     floor_abandon(key);
@@ -184,9 +197,11 @@ Results3 measure_floor(const FloorKey& key, const LSTMShape& s, const Fused& fus
   }
   t.fused_ms = best_fused * 1e3;
   t.aten_ms = best_aten * 1e3;
+  t.other_split_ms = other != nullptr ? best_other * 1e3 : 0;
   t.measured = true;
   floor_store(key, t);
-  return floor_measured_faster(t) ? aten_results : fused_results;
+  if (floor_measured_faster(t)) return aten_results;
+  return other_split_measured_faster(t) ? other_results : fused_results;
 }
 
 // lstm_inference: our kernels, or at::lstm where the floor (plan.h) runs the call.
@@ -203,14 +218,24 @@ Results3 lstm_inference_cpu(
     const LSTMShape s = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask,
                                         num_layers, bidirectional, has_biases, proj_size);
     const CallPlan call{settings, /*inference=*/true};
-    const FloorChoice c = floor_choice(call.of(s, dtype), s, dtype, false, /*claim=*/true);
-    auto fused = [&] {
-      return fused_inference(settings, input, batch_sizes, hx, cx, weights, dropout_mask,
-                             num_layers, bidirectional, has_biases, proj_size);
+    const CpuPlan plan = call.of(s, dtype);
+    const FloorChoice c = floor_choice(plan, s, dtype, false, /*claim=*/true);
+    auto fused_with = [&](const CpuSettings& st) {
+      return fused_inference(st, input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
+                             bidirectional, has_biases, proj_size);
     };
+    auto fused = [&] { return fused_with(settings); };
     auto aten = [&] { return aten_inference(s, input, hx, cx, weights); };
     if (c.run == FloorRun::kAten) return aten();
-    if (c.run == FloorRun::kMeasure) return measure_floor(c.key, s, fused, aten);
+    if (c.run == FloorRun::kMeasure) {
+      bool other_hidden = false;
+      const bool other_split = measures_other_split(plan, s, other_hidden);
+      const CpuSettings other_settings = other_split_settings(settings, other_hidden);
+      auto other = [&] { return fused_with(other_settings); };
+      return measure_floor(c.key, s, fused, aten, other_split ? &other : nullptr, other_hidden);
+    }
+    if (other_split_measured_faster(c.times))
+      return fused_with(other_split_settings(settings, c.times.other_split_hidden));
   }
   return fused_inference(settings, input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
                          bidirectional, has_biases, proj_size);
@@ -277,8 +302,18 @@ std::string cpu_plan_op(int64_t input_size, int64_t hidden_size, int64_t proj_si
   }
   s.packed = batch_sizes.front() != batch_sizes.back();
   s.batch_sizes = std::move(batch_sizes);
-  const CallPlan call{cpu_settings(), inference};
+  const CpuSettings settings = cpu_settings();
+  const CallPlan call{settings, inference};
   const CpuPlan plan = call.of(s, dtype);
+  // Where the floor's measurement found the other split of the steps faster, the call runs it
+  // (lstm_inference_cpu): described as it runs.
+  const FloorChoice c = floor_choice(plan, s, dtype, dropout, /*claim=*/false);
+  if (c.run == FloorRun::kFused && other_split_measured_faster(c.times)) {
+    const bool hidden = c.times.other_split_hidden;
+    const CpuPlan runs = CallPlan{other_split_settings(settings, hidden), inference}.of(s, dtype);
+    return describe(runs, s, hidden ? "hidden" : "batch") + "\n" +
+           describe_floor(plan, s, dtype, dropout);
+  }
   return describe(plan, s) + "\n" + describe_floor(plan, s, dtype, dropout);
 }
 
@@ -287,12 +322,26 @@ std::string cpu_plan_op(int64_t input_size, int64_t hidden_size, int64_t proj_si
 // reports them as recorded by a test); _floor_forget empties the table.
 void floor_record_op(int64_t input_size, int64_t hidden_size, int64_t num_layers,
                      bool bidirectional, bool has_biases, int64_t batch, int64_t seq_len,
-                     at::ScalarType dtype, double fused_ms, double aten_ms) {
+                     at::ScalarType dtype, double fused_ms, double aten_ms,
+                     double other_split_ms) {
   LSTMShape s = shape_of_sizes(input_size, hidden_size, /*proj_size=*/0, num_layers,
                                bidirectional, has_biases);
   s.batch = batch;
   s.seq_len = seq_len;
   FloorTimes t;
+  if (other_split_ms >= 0) {  // as measured: only where the measurement times the other split
+    for (int64_t step = 0; step < seq_len; ++step) {
+      s.step_offset.push_back(s.rows);
+      s.rows += batch;
+      s.batch_sizes.push_back(batch);
+    }
+    const CpuPlan plan = CallPlan{cpu_settings(), /*inference=*/true}.of(s, dtype);
+    TORCH_CHECK_VALUE(measures_other_split(plan, s, t.other_split_hidden),
+                      "fused_lstm::_floor_record: the floor does not time the other split of "
+                      "the steps for these sizes and settings");
+    t.other_split_measured = true;
+    t.other_split_ms = other_split_ms;
+  }
   t.measured = t.injected = true;
   t.samples = t.aten_samples = 1;
   t.fused_ms = fused_ms;
@@ -301,6 +350,8 @@ void floor_record_op(int64_t input_size, int64_t hidden_size, int64_t num_layers
   t.seq_len = seq_len;
   floor_store(floor_key(s, dtype, cpu_settings()), t);
 }
+
+int64_t hidden_split_chunks_op() { return hidden_split_chunks().load(); }
 
 void floor_forget_op() {
   FloorTable& table = floor_table();
@@ -317,9 +368,10 @@ TORCH_LIBRARY_FRAGMENT(fused_lstm, m) {
         &cpu_plan_op);
   m.def("_floor_record(int input_size, int hidden_size, int num_layers, bool bidirectional, "
         "bool has_biases, int batch, int seq_len, ScalarType dtype, float fused_ms, "
-        "float aten_ms) -> ()",
+        "float aten_ms, float other_split_ms=-1) -> ()",
         &floor_record_op);
   m.def("_floor_forget() -> ()", &floor_forget_op);
+  m.def("_hidden_split_chunks() -> int", &hidden_split_chunks_op);
 }
 
 TORCH_LIBRARY_IMPL(fused_lstm, CPU, m) {

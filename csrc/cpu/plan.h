@@ -279,6 +279,9 @@ inline bool fuse_input_projection_in_batch_split(const CpuPlan& p, const LSTMSha
 // the weights' size (the AMD EPYC's, float32: 94-97% of the FMA peak either way) the two
 // shapes measure alike and the batch split stays
 // (benchmarks/notes/float32-bound.md, "The hidden split on the Intel Xeon, float32 and bf16").
+// Where the floor measures a call (below: large float32 and bf16 inference under the floor's
+// "auto"), it also times the call with the other split end to end and keeps the faster
+// (measures_other_split): the rule's guess, from one thread's step, is only the default there.
 constexpr double kHiddenSplitMustWinBy = 1.1;
 // Units go to threads in blocks of this many (whole 16-lane vectors for the cell pass).
 constexpr int64_t kHiddenSplitUnitBlock = 16;
@@ -399,6 +402,13 @@ constexpr int64_t kFloorMinStepWork = int64_t{1} << 22;
 // a loaded machine: there the same call's ratio spread from 0.82 to 1.22 between measurements
 // (benchmarks/notes/floor.md); the least of interleaved calls is what narrows that.
 constexpr double kFloorMustWinBy = 1.03;
+// Where the hidden split applies and the rule decides it (measures_other_split), the same
+// measurement times our call with the other split of the steps too (the hidden split forced
+// where the rule took the batch split for every layer, else the batch split), interleaved,
+// and every call of the key runs the faster of our two; at::lstm must beat that one. So a
+// bf16 model's AMX steps, which the rule never gives the hidden split, take it where it
+// measured faster end to end, and a float32 choice within the rule's margin is settled by the
+// call itself (benchmarks/notes/floor.md, "The split measured end to end").
 // The measurement (lstm_cpu.cpp's measure_floor): our call (the user's), at::lstm's twice,
 // then, unless at::lstm is more than kFloorFarBehind slower, ours again, and for calls shorter
 // than kFloorLongCallSeconds ours and at::lstm's once more: the least of 2 or 3 calls each,
@@ -449,8 +459,39 @@ inline FloorKey floor_key(const LSTMShape& s, at::ScalarType dtype, const CpuSet
           fingerprint};
 }
 
+// Whether the other split of the steps measured faster end to end than the rule's (the least
+// of interleaved calls; no margin: both are our kernels, with the same results).
+inline bool other_split_measured_faster(const FloorTimes& t) {
+  return t.measured && t.other_split_measured && t.other_split_ms < t.fused_ms;
+}
+
+// Our call's least measured time: the rule's split, or the other where it measured faster.
+inline double fused_best_ms(const FloorTimes& t) {
+  return other_split_measured_faster(t) ? t.other_split_ms : t.fused_ms;
+}
+
 inline bool floor_measured_faster(const FloorTimes& t) {
-  return t.measured && kFloorMustWinBy * t.aten_ms < t.fused_ms;
+  return t.measured && kFloorMustWinBy * t.aten_ms < fused_best_ms(t);
+}
+
+// The settings that give the other split of the steps than the rule's: the hidden split
+// forced (by_rates off) where the rule took the batch split for every layer, else none.
+inline CpuSettings other_split_settings(const CpuSettings& settings, bool hidden) {
+  CpuSettings other = settings;
+  if (hidden) other.hidden_split_by_rates = 0;
+  else other.hidden_split = 0;
+  return other;
+}
+
+// Whether the end-to-end measurement of the floor also times the other split, and which it is
+// (the hidden split where the rule takes the batch split for every layer): where the hidden
+// split applies and the rule, not a setting, decides it.
+inline bool measures_other_split(const CpuPlan& p, const LSTMShape& s, bool& other_hidden) {
+  if (!p.settings.hidden_split_by_rates || !hidden_split_applies(p, s)) return false;
+  other_hidden = true;
+  for (int64_t l = 0; l < s.num_layers; ++l)
+    if (hidden_split_layer(p, s, l)) other_hidden = false;
+  return true;
 }
 
 enum class FloorRun { kFused, kAten, kMeasure };

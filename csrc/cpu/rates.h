@@ -213,10 +213,16 @@ inline double brgemm_step_seconds(int64_t rows, int64_t k, int64_t n) {
 struct FloorTimes {
   bool measured = false;
   bool injected = false;     // set by the test hook fused_lstm::_floor_record, not measured
-  double fused_ms = 0;       // least wall time of our inference call
+  double fused_ms = 0;       // least wall time of our inference call (as the rule plans it)
   double aten_ms = 0;        // least wall time of at::lstm's
   int samples = 0;           // calls of ours timed
   int aten_samples = 0;      // calls of at::lstm timed
+  // Our call with the other split of the steps (plan.h, "The hidden split"): the hidden split
+  // forced where the rule took the batch split, or the reverse; measured where the hidden
+  // split applies and the rule decides it (hidden_split_by_measured_rates on).
+  bool other_split_measured = false;
+  bool other_split_hidden = false;  // the other split is the hidden split (else the batch split)
+  double other_split_ms = 0;        // its least wall time
   int64_t batch = 0, seq_len = 0;  // the call that was measured
 };
 
