@@ -6,6 +6,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/GradMode.h>
+#include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
 namespace fused_lstm {
@@ -297,11 +298,11 @@ class ToMath {
   // Where widens(): out = uninitialised floats of `sizes` in finish()'s scratch buffer too. For
   // the results that the kernels fill in float32 and the op returns rounded to bf16 (a copy,
   // in_dtype), so they cost no allocation of their own.
-  void scratch_result(at::Tensor& out, std::vector<int64_t> sizes) {
+  void scratch_result(at::Tensor& out, at::IntArrayRef sizes) {
     TORCH_INTERNAL_ASSERT(widens());
     int64_t numel = 1;
     for (const int64_t n : sizes) numel *= n;
-    results_.emplace_back(&out, std::move(sizes));
+    results_.emplace_back(&out, Sizes(sizes.begin(), sizes.end()));
     numel_ += numel;
   }
 
@@ -324,9 +325,12 @@ class ToMath {
   }
 
  private:
+  // Inline room for a call's tensors (up to a dozen, and up to a dozen results in the
+  // backward): no heap allocation per entry (a bf16 call at the tutorial sizes is a few us).
+  using Sizes = c10::SmallVector<int64_t, 4>;
   at::ScalarType math_;
-  std::vector<std::pair<const at::Tensor*, at::Tensor*>> pending_;
-  std::vector<std::pair<at::Tensor*, std::vector<int64_t>>> results_;
+  c10::SmallVector<std::pair<const at::Tensor*, at::Tensor*>, 16> pending_;
+  c10::SmallVector<std::pair<at::Tensor*, Sizes>, 16> results_;
   int64_t numel_ = 0;
 };
 
@@ -390,9 +394,9 @@ ForwardArgs prepare_forward(
     convert.scratch_result(a.hy, {LD, s.batch, s.out_size});
     convert.scratch_result(a.cy, {LD, s.batch, s.hidden_size});
     if (!with_reserve) {
-      std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
+      c10::SmallVector<int64_t, 4> out_shape(input.sizes().begin(), input.sizes().end());
       out_shape.back() = s.num_directions * s.out_size;
-      convert.scratch_result(a.output, std::move(out_shape));
+      convert.scratch_result(a.output, out_shape);
     }
   }
   convert.finish();
@@ -466,8 +470,8 @@ BackwardArgs prepare_backward(
     TORCH_INTERNAL_ASSERT(a.dtype == at::kBFloat16);
     if (!keep_weights)  // else each its own buffer, released one by one in finish_backward
       for (size_t i = 0; i < weights.size(); ++i)
-        convert.scratch_result(a.grad_weights[i], weights[i].sizes().vec());
-    convert.scratch_result(a.grad_input, input.sizes().vec());
+        convert.scratch_result(a.grad_weights[i], weights[i].sizes());
+    convert.scratch_result(a.grad_input, input.sizes());
     convert.scratch_result(a.grad_hx, {LD, s.batch, s.out_size});
     convert.scratch_result(a.grad_cx, {LD, s.batch, s.hidden_size});
   }
