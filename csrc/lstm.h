@@ -25,6 +25,12 @@ namespace fused_lstm {
 //     gates    [rows, 4 * hidden]           activated i, f, g, o
 //     cells    [rows, hidden]               c_t
 //     pre_proj [rows, hidden]               o * tanh(c_t), only when proj_size > 0
+// Each [rows, n] block is row-major, step t's rows at [step_offset[t], + batch_sizes[t]); except
+// on the CPU below 16 hidden units (the small-hidden variant, cpu/plan.h kRowWiseHidden, which
+// the sizes alone choose, so its forward and backward always agree), where gates and cells
+// hold each step's block transposed, [n][batch_sizes[t]] at the same place (element (row
+// step_offset[t] + b, column k) at step_offset[t] * n + k * batch_sizes[t] + b), as its steps
+// compute and read them (cpu/small_hidden.h); layer_out and pre_proj stay row-major there too.
 // The sizes come from reserve_direction_numel / reserve_layer_numel / reserve_numel_of below,
 // the one formula: the kernels use it through LSTMShape (int64_t), the fake kernels
 // (fused_lstm/ops.py) through the fused_lstm::reserve_numel op (c10::SymInt).

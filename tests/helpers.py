@@ -209,6 +209,40 @@ def zeros_state(a):
             torch.zeros(layers_dirs, batch, hidden, dtype=x.dtype, device=x.device))
 
 
+# Below this hidden size the CPU kernels run the small-hidden variant (csrc/cpu/plan.h,
+# kRowWiseHidden), whose reserve stores each step's gates and cells transposed (csrc/lstm.h).
+CPU_ROW_WISE_HIDDEN = 16
+
+
+def reserve_in_common_layout(reserve, a):
+    """The reserve of lstm_forward for ``make_case``'s arguments ``a`` in the layout every backend
+    shares (csrc/lstm.h: [rows, n] blocks, row-major). The CPU's small-hidden variant stores each
+    step's gates and cells as [n][rows of the step] instead; those blocks are transposed back here,
+    so that its reserve can be compared with the CUDA kernels'. Any other reserve: itself."""
+    hidden = a["weights"][0].shape[0] // 4
+    if reserve.device.type != "cpu" or hidden >= CPU_ROW_WISE_HIDDEN:
+        return reserve
+    x = a["input"]
+    sizes = (a["batch_sizes"].tolist() if a["batch_sizes"] is not None
+             else [x.shape[1]] * x.shape[0])
+    rows, proj = sum(sizes), a["proj_size"]
+    directions = 2 if a["bidirectional"] else 1
+    direction_numel = rows * (5 * hidden + (hidden if proj > 0 else 0))
+    layer_numel = rows * directions * (proj or hidden) + directions * direction_numel
+    assert reserve.numel() == a["num_layers"] * layer_numel
+    common = reserve.clone()
+    for layer in range(a["num_layers"]):
+        for d in range(directions):
+            gates = layer * layer_numel + rows * directions * (proj or hidden) + d * direction_numel
+            for start, n in ((gates, 4 * hidden), (gates + rows * 4 * hidden, hidden)):
+                offset = 0
+                for bs in sizes:
+                    block = slice(start + offset * n, start + (offset + bs) * n)
+                    common[block] = reserve[block].view(n, bs).t().reshape(-1)
+                    offset += bs
+    return common
+
+
 # The persistent CUDA kernels take no projection: GRID without proj_size.
 PERSISTENT_GRID = [(l, b, d, k) for l, b, d, p, k in GRID if p == 0]
 PERSISTENT_GRID_IDS = [f"L{l}-{'bias' if b else 'nobias'}-{'bi' if d else 'uni'}-"

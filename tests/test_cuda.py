@@ -33,6 +33,7 @@ from helpers import (
     make_case,
     op_args,
     randn,
+    reserve_in_common_layout,
     zeros_state,
 )
 
@@ -183,15 +184,15 @@ def test_low_precision_error_within_twice_cudnn(dtype, packed):
 @pytest.mark.parametrize("with_state", [True, False], ids=["state", "nostate"])
 @pytest.mark.parametrize("num_layers,bias,bidirectional,proj_size,packed", GRID, ids=GRID_IDS)
 def test_cuda_matches_cpu_kernels(num_layers, bias, bidirectional, proj_size, packed, with_state):
-    """float64, with a dropout mask between layers: output, h_n, c_n, the whole reserve (same
-    layout on both devices) and every gradient of the backward op."""
+    """float64, with a dropout mask between layers: output, h_n, c_n, the whole reserve (the
+    CPU's in the common layout) and every gradient of the backward op."""
     _, a = make_case(num_layers, bias, bidirectional, proj_size, packed, with_state,
                      input_size=3, hidden_size=5, seq_len=6, batch=4, dropout=0.4,
                      requires_grad=False)
     g = on(a)
     expected = LSTM_FORWARD(*op_args(a))
     got = LSTM_FORWARD(*op_args(g))
-    for x, y in zip(got, expected):
+    for x, y in zip(got, [*expected[:3], reserve_in_common_layout(expected[3], a)]):
         assert x.device.type == CUDA and x.dtype == y.dtype and x.shape == y.shape
         torch.testing.assert_close(x.cpu(), y, rtol=1e-10, atol=1e-10)
     upstream = [torch.randn_like(t) for t in expected[:3]]
@@ -210,6 +211,7 @@ def test_cuda_matches_cpu_kernels_low_precision(dtype):
     cpu = on(a, device="cpu", dtype=dtype)
     got = LSTM_FORWARD(*op_args(on(cpu)))
     expected = LSTM_FORWARD(*op_args(cpu))
+    expected = [*expected[:3], reserve_in_common_layout(expected[3], cpu)]
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
     for x, y in zip(got, expected):
         assert x.dtype == y.dtype
@@ -507,10 +509,13 @@ def test_persistent_gradcheck(cuda_path, num_layers, bias, bidirectional, packed
 
 
 def _forward_backward(a, upstream):
+    """Results and gradients of the ops, the reserve in the common layout (for comparing
+    devices)."""
     output, hy, cy, reserve = LSTM_FORWARD(*op_args(a))
     c = op_args(a)
     grads = LSTM_BACKWARD(*c[:6], reserve, *upstream, *c[6:])
-    return [output, hy, cy, reserve, grads[0], grads[1], grads[2], *grads[3]]
+    return [output, hy, cy, reserve_in_common_layout(reserve, a), grads[0], grads[1], grads[2],
+            *grads[3]]
 
 
 @pytest.mark.parametrize("with_state", [True, False], ids=["state", "nostate"])

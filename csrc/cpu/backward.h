@@ -305,7 +305,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
       }
       if (tiny) {
         tiny_backward_steps(s, w, d, gates, cells, c0, dy.f, dh_all, dgates, dh_state, dc_state,
-                            c_prev_buf, tiny_buf);
+                            tiny_buf);
       } else {
       // The reverse recurrence, for batch rows [r0, r1) (rows are independent sequences).
       auto steps = [&](int64_t r0, int64_t r1) {

@@ -179,8 +179,10 @@ inline void tiny_product(int64_t n, int64_t rows_w, int64_t cols_w, const T* w, 
 // quantity laid out [feature][batch] ("T" below): the input projection is computed transposed
 // (gT [4H, rows] = W_ih x^T + b), the state is kept as hT [out, B] and cT [H, B], the recurrent
 // product is an inline loop vectorised along the batch, and the cell pass runs per hidden unit
-// over the step's rows. Only what leaves the loop is written row-major: the reserve's gates,
-// cells and pre_proj (training) and the layer output. The reserve layout is the common one.
+// over the step's rows. In training each step's gates and cells go to the reserve as computed,
+// in the small-hidden variant's reserve layout (lstm.h: [feature][row of the step] per step),
+// which tiny_backward_steps reads in place; only the layer output and pre_proj are written
+// row-major (transposed from the working layout).
 template <typename T>
 struct TinyBuffers {
   T* gT;        // [4H][ld_g]: the input projection of rows [row0, row0 + ld_g), then gates
@@ -189,8 +191,7 @@ struct TinyBuffers {
   T* hT;        // [out][B] h state
   T* cT;        // [H][B]   c state
   T* hnew;      // [H][B]   o * tanh(c_t) before the projection (projection only)
-  T* cnew;      // [H][B]   c_t of the step
-  T* gstep;     // [4H][bs] one step's gates, compact (a batch slice [r0, r1) at 4H * r0)
+  T* gstep;     // [4H][bs] one step's gates in inference, compact (a slice [r0, r1) at 4H * r0)
   T* xT;        // [kTinyProjectionInput][ld_g] the layer input, transposed (tiny_input_projection)
 };
 
@@ -229,8 +230,9 @@ std::pair<const T*, const T*> transpose_recurrent_weights(const LSTMShape& s,
 }
 
 // Forward steps [first, last] (processing order) of direction d for batch rows [r0, r1).
-// gates/cells/pre_proj: the reserve's (null for inference); layer_out: this direction's first
-// column of the layer output, row stride D*out. h_zero: hT is zero at step `first` (no hx).
+// gates/cells/pre_proj: the reserve's (null for inference), gates and cells in the small-hidden
+// reserve layout (lstm.h), pre_proj row-major; layer_out: this direction's first column of the
+// layer output, row stride D*out. h_zero: hT is zero at step `first` (no hx).
 template <typename T>
 void tiny_forward_steps(const CpuPlan& plan, const LSTMShape& s, const DirectionWeights<T>& w,
                         int64_t d, int64_t first, int64_t last, int64_t r0, int64_t r1,
@@ -250,34 +252,32 @@ void tiny_forward_steps(const CpuPlan& plan, const LSTMShape& s, const Direction
     const int64_t bs = std::min(s.batch_sizes[t], r1) - r0;
     if (bs <= 0) continue;
     const int64_t off = s.step_offset[t];
-    // The step's gates, compact [4H][bs]: its input projection plus the recurrent product.
-    T* g = tb.gstep + G * r0;
+    // The step's gates, [4H][ldg] from column r0: its input projection plus the recurrent
+    // product. In training the reserve's block of the step (ldg: the step's rows), else compact.
+    const int64_t ldg = gates ? s.batch_sizes[t] : bs;
+    T* g = gates ? gates + off * G + r0 : tb.gstep + G * r0;
+    T* c_out = gates ? cells + off * H + r0 : nullptr;  // c_t, [H][ldg]
     const T* projected = tb.gT + (off - tb.row0) + r0;
     T* hT = tb.hT + r0;
     T* cT = tb.cT + r0;
     T* hnew = tb.hnew + r0;
-    T* cnew = tb.cnew + r0;
     if (h_zero && step == first)  // h_{t-1} = 0 (no hx): the gates are the projection
-      copy_rows(projected, ld, g, bs, G, bs);
+      copy_rows(projected, ld, g, ldg, G, bs);
     else
-      tiny_product(bs, G, out, w.w_hh, w_hh_t, hT, B, projected, ld, g, bs);
-    if (bs == B) {  // the whole batch: [H][B] state and [H][bs] gates line up, one long pass
+      tiny_product(bs, G, out, w.w_hh, w_hh_t, hT, B, projected, ld, g, ldg);
+    if (bs == B) {  // the whole batch (so ldg == B): [H][B] state and gates line up, one pass
       cell_forward_block(H * bs, g, g + H * bs, g + 2 * H * bs, g + 3 * H * bs, nullptr, 0, cT,
-                         gates ? cnew : nullptr, has_proj ? hnew : hT, plan.vec16_cell);
+                         c_out, has_proj ? hnew : hT, plan.vec16_cell);
     } else {
       for (int64_t j = 0; j < H; ++j)
-        cell_forward_block(bs, g + j * bs, g + (H + j) * bs, g + (2 * H + j) * bs,
-                           g + (3 * H + j) * bs, nullptr, 0, cT + j * B,
-                           gates ? cnew + j * B : nullptr, has_proj ? hnew + j * B : hT + j * B,
+        cell_forward_block(bs, g + j * ldg, g + (H + j) * ldg, g + (2 * H + j) * ldg,
+                           g + (3 * H + j) * ldg, nullptr, 0, cT + j * B,
+                           c_out ? c_out + j * ldg : nullptr, has_proj ? hnew + j * B : hT + j * B,
                            plan.vec16_cell);
     }
     if (has_proj) tiny_product<T>(bs, out, H, w.w_hr, w_hr_t, hnew, B, nullptr, 0, hT, B);
     const int64_t row = off + r0;
-    if (gates) {
-      tiny_transpose(g, bs, G, bs, gates + row * G, G);
-      tiny_transpose(cnew, B, H, bs, cells + row * H, H);
-      if (has_proj) tiny_transpose(hnew, B, H, bs, pre_proj + row * H, H);
-    }
+    if (gates && has_proj) tiny_transpose(hnew, B, H, bs, pre_proj + row * H, H);
     tiny_transpose(hT, B, out, bs, layer_out + row * out_stride, out_stride);
   }
 }
@@ -286,28 +286,49 @@ void tiny_forward_steps(const CpuPlan& plan, const LSTMShape& s, const Direction
 template <typename T>
 TinyBuffers<T> tiny_buffers(const LSTMShape& s, int64_t g_rows, at::Tensor& holder) {
   const int64_t H = s.hidden_size, B = s.batch;
-  const int64_t state = (s.out_size + 3 * H) * B;
+  const int64_t state = (s.out_size + 2 * H) * B;
   T* p = scratch<T>(holder, 4 * H * g_rows + state + 4 * H * B + kTinyProjectionInput * g_rows);
   T* st = p + 4 * H * g_rows;
   return TinyBuffers<T>{p, g_rows, 0, st, st + s.out_size * B, st + (s.out_size + H) * B,
-                        st + (s.out_size + 2 * H) * B, st + state, st + state + 4 * H * B};
+                        st + state, st + state + 4 * H * B};
+}
+
+// c_{t-1} of step t's bs rows (direction d) as a compact [H][bs] block, from the reserve's cells
+// in the small-hidden layout (lstm.h) and c0T ([H][B], c0 transposed): the previous step's
+// block itself where it has exactly these rows, else its first columns and c0T's for the rows
+// that start at t (a packed batch), pieced together in `buf` [H][bs].
+template <typename T>
+const T* tiny_c_prev(const LSTMShape& s, int64_t d, int64_t t, int64_t bs, const T* cells,
+                     const T* c0T, T* buf) {
+  const int64_t H = s.hidden_size, B = s.batch;
+  const int64_t prev_t = d == 0 ? t - 1 : t + 1;
+  const bool has_prev = prev_t >= 0 && prev_t < s.seq_len;
+  const int64_t prev_bs = has_prev ? s.batch_sizes[prev_t] : 0;
+  const int64_t continuing = std::min(bs, prev_bs);
+  const T* prev = has_prev ? cells + s.step_offset[prev_t] * H : nullptr;
+  if (continuing == bs && prev_bs == bs) return prev;
+  if (continuing == 0 && bs == B) return c0T;
+  if (continuing > 0) copy_rows(prev, prev_bs, buf, bs, H, continuing);
+  if (continuing < bs) copy_rows(c0T + continuing, B, buf + continuing, bs, H, bs - continuing);
+  return buf;
 }
 
 // The reverse recurrence of one layer and direction for small hidden sizes, in the same
 // batch-fastest layout as tiny_forward_steps: carried dL/dh and dL/dc kept as dhT [out, B] and
-// dcT [H, B], the step's gates, cells and c_{t-1} transposed into compact [.., bs] blocks, one
-// cell pass over the step, and dL/dh_{t-1} as an inline product. dgates leaves row-major, as
-// the weight-gradient GEMMs after the loop read it. `buf`: tiny_backward_numel(s) elements.
+// dcT [H, B], the step's gates and cells read in place from the reserve (the small-hidden
+// layout, lstm.h: each step's [4H][bs] and [H][bs] blocks), one cell pass over the step, and
+// dL/dh_{t-1} as an inline product. dgates leaves row-major, as the weight-gradient products
+// after the loop read it. `buf`: tiny_backward_numel(s) elements.
 template <typename T>
 int64_t tiny_backward_numel(const LSTMShape& s) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size;
-  return (2 * out + 5 * H + 2 * G) * s.batch + 2 * G * out + H * out;
+  return (2 * out + 4 * H + G) * s.batch + 2 * G * out + H * out;
 }
 
 template <typename T>
 void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_t d,
                          const T* gates, const T* cells, const T* c0, const T* dy, T* dh_all,
-                         T* dgates, T* dh_state, T* dc_state, T* c_prev_buf, T* buf) {
+                         T* dgates, T* dh_state, T* dc_state, T* buf) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, B = s.batch;
   const int64_t out_stride = s.num_directions * out;
   const bool has_proj = s.proj_size > 0;
@@ -315,13 +336,13 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
   T* dcT = dhT + out * B;     // [H][B]
   T* dsum = dcT + H * B;      // [out][bs]
   T* dhH = dsum + out * B;    // [H][bs]
-  T* ct = dhH + H * B;        // [H][bs]
-  T* cp = ct + H * B;         // [H][bs]
-  T* gm = cp + H * B;         // [4H][bs]
-  T* dg = gm + G * B;         // [4H][bs]
+  T* cp = dhH + H * B;        // [H][bs]
+  T* c0T = cp + H * B;        // [H][B]
+  T* dg = c0T + H * B;        // [4H][bs]
   const auto [w_hh_t, w_hr_t] = transpose_recurrent_weights(s, w, dg + G * B);
   tiny_transpose(dh_state, out, B, out, dhT, B);  // grad_hy (or zeros), as the caller filled it
   tiny_transpose(dc_state, H, B, H, dcT, B);
+  tiny_transpose(c0, H, B, H, c0T, B);
   for (int64_t step = s.seq_len - 1; step >= 0; --step) {
     const int64_t t = time_of(s, d, step);
     const int64_t bs = s.batch_sizes[t], off = s.step_offset[t];
@@ -335,17 +356,17 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
       tiny_product<T>(bs, H, out, w_hr_t, w.w_hr, dsum, bs, nullptr, 0, dhH, bs);
       dh_t = dhH;
     }
-    tiny_transpose(gates + off * G, G, bs, G, gm, bs);
-    tiny_transpose(cells + off * H, H, bs, H, ct, bs);
-    tiny_transpose(step_c_prev(s, d, t, 0, bs, cells, c0, c_prev_buf), H, bs, H, cp, bs);
+    const T* gm = gates + off * G;  // [4H][bs]
+    const T* ct = cells + off * H;  // [H][bs]
+    const T* cpv = tiny_c_prev(s, d, t, bs, cells, c0T, cp);
     if (bs == B) {
       const int64_t n = H * bs;
-      cell_backward_block(n, gm, gm + n, gm + 2 * n, gm + 3 * n, ct, cp, dh_t, dcT, dg, dg + n,
+      cell_backward_block(n, gm, gm + n, gm + 2 * n, gm + 3 * n, ct, cpv, dh_t, dcT, dg, dg + n,
                           dg + 2 * n, dg + 3 * n);
     } else {
       for (int64_t j = 0; j < H; ++j)
         cell_backward_block(bs, gm + j * bs, gm + (H + j) * bs, gm + (2 * H + j) * bs,
-                            gm + (3 * H + j) * bs, ct + j * bs, cp + j * bs, dh_t + j * bs,
+                            gm + (3 * H + j) * bs, ct + j * bs, cpv + j * bs, dh_t + j * bs,
                             dcT + j * B, dg + j * bs, dg + (H + j) * bs, dg + (2 * H + j) * bs,
                             dg + (3 * H + j) * bs);
     }
