@@ -293,6 +293,44 @@ def test_bf16_float32_product_backward_widens_one_layer_at_a_time(brgemm):
     torch.testing.assert_close(x.grad, x32.grad.to(torch.bfloat16), rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not _cpu_has_avx512_bf16(), reason="the bf16 products need AVX512_BF16")
+def test_bf16_packed_backward_holds_a_chunk_of_dgates():
+    """Where a bfloat16 model's backward runs the bf16 products, the recurrence hands dgates to
+    them a chunk of steps at a time (at most kBf16GradRows = 1024 rows; csrc/cpu/backward.h,
+    bf16_chunk_products; benchmarks/notes/memory.md, "bf16 training at the small sizes"): a
+    packed two-layer backward over 3200 rows allocates no float32 dgates [rows, 4H] and gathers
+    h_{t-1} a chunk at a time (the only [rows, hidden] float32 buffer is layer 1's dL/dx), and
+    holds at most its float32 gradients, that dL/dx, a chunk's dgates and h_{t-1}, the bf16
+    operands of a chunk's products and a few rows' scratch."""
+    I, H, L, B, chunk = 24, 64, 2, 16, 1024
+    G = 4 * H
+    lengths = torch.tensor([260 - 8 * i for i in range(B)])[torch.randperm(B)]
+    rows = int(lengths.sum())
+    assert rows == 3200 and rows > 3 * chunk
+    model = FusedLSTM(I, H, num_layers=L).to(torch.bfloat16)
+    packed = pack_padded_sequence(randn(int(lengths.max()), B, I, dtype=torch.bfloat16), lengths,
+                                  enforce_sorted=False)
+    packed = packed._replace(data=packed.data.requires_grad_())
+    up = randn(rows, H, dtype=torch.bfloat16)
+    products = fused_lstm.explain(model, packed)["backward"]["backward_weight_products"]
+    assert products in ("amx_brgemm", "bf16_gemm"), products
+    model(packed)[0].data.backward(up)  # warm: buffers cached, grads allocated
+    outputs = [model(packed)[0].data]
+    sizes = _allocation_sizes(lambda: outputs[0].backward(up))
+    outputs.append(model(packed)[0].data)
+    peak = _peak_bytes(lambda: outputs[1].backward(up))
+    assert 4 * rows * G not in sizes, sorted(sizes)
+    assert sizes.count(4 * rows * H) == 1, sorted(sizes)  # layer 1's dL/dx only
+    float_grads = 4 * (sum(p.numel() for p in model.parameters()) + rows * I + 2 * L * B * H)
+    dx = 4 * rows * H
+    chunk_scratch = 4 * chunk * (G + H)  # a chunk's dgates and gathered h_{t-1}
+    k = max(I, H)
+    bf16_operands = 2 * (G * (k + H) + chunk * (k + H) + G * (chunk + 64))
+    rows_scratch = 4 * 64 * G
+    bound = float_grads + dx + chunk_scratch + bf16_operands + rows_scratch
+    assert peak <= bound, (peak, bound)
+
+
 # --- non-finite values ---------------------------------------------------------------------
 
 
