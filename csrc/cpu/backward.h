@@ -4,6 +4,7 @@
 #pragma once
 
 #include "bf16_products.h"
+#include "forward.h"
 #include "small_hidden.h"
 
 namespace fused_lstm {
@@ -254,10 +255,26 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
   const int64_t out_stride = D * out;
   const bool has_proj = s.proj_size > 0;
+  const bool tiny = plan.variant == Variant::kSmallHidden;
+  // A reserve without the gates (lstm.h, gates_in_reserve): where the products are bf16 ones,
+  // the recurrence below recomputes each step's gates; elsewhere (no bf16 products, or the
+  // small-hidden kernel) the forward runs again into a reserve that keeps them, and the
+  // backward reads that (the same gates: the forward is deterministic).
+  if (!s.gates_in_reserve && (!plan.bf16_products || tiny)) {
+    LSTMShape with_gates = s;
+    with_gates.gates_in_reserve = true;
+    at::Tensor full_buf, states_buf;
+    T* full = scratch<T>(full_buf, with_gates.reserve_numel());
+    const int64_t states = s.num_layers * D * s.batch;
+    T* hy = scratch<T>(states_buf, states * (out + H));
+    forward_impl(plan, with_gates, input, hx, cx, weights, mask, hy, hy + states * out, full);
+    return backward_impl(plan, with_gates, input, hx, cx, weights, mask, full, grad_output,
+                         grad_hy, grad_cy, grad_input, grad_hx, grad_cx, grad_weights);
+  }
+  const bool recompute = !s.gates_in_reserve;
   // Scratch, allocated once per call.
   at::Tensor dgates_buf, h_prev_buf, dy_buf, dx_buf, dx2_buf, dropped_buf, dh_all_buf, dh_buf_t,
       c_prev_buf_t, zeros_buf, tiny_buf_t, bf16_buf;
-  const bool tiny = plan.variant == Variant::kSmallHidden;
   const Bf16Backward bb = bf16_backward_buffers(plan, s, bf16_buf);
   // dgates [rows, 4H]: every row's; where the products are bf16 ones, a chunk of steps' rows
   // only (at most kBf16GradRows, or one step's), whose products run as soon as the recurrence
@@ -292,6 +309,20 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   std::fill_n(zeros_mut, s.batch * std::max(H, out), T(0));
   const T* zeros = zeros_mut;
   T* tiny_buf = tiny ? scratch<T>(tiny_buf_t, tiny_backward_numel<T>(s)) : nullptr;
+  // Recomputing the gates (recompute): W_ih and W_hh packed as the forward packs them, the
+  // summed bias, and per batch row the step's gates [G], h_{t-1} gathered [out], and what the
+  // forward's cell pass writes besides them (c, c_t, pre-projection [H] each, h [out]).
+  at::Tensor fw_weights_buf, fw_bias_buf, rec_buf;
+  uint16_t* fw_weights = recompute ? bf16_weight_buffer(plan, s, fw_weights_buf) : nullptr;
+  const int64_t rec_row = G + 2 * out + 3 * H;
+  T* rec = recompute ? scratch<T>(rec_buf, s.batch * rec_row) : nullptr;
+  if (rec) std::fill_n(rec, s.batch * rec_row, T(0));
+  T* rec_gates = rec;
+  T* rec_h_prev = rec ? rec_gates + s.batch * G : nullptr;
+  T* rec_h = rec ? rec_h_prev + s.batch * out : nullptr;
+  T* rec_c = rec ? rec_h + s.batch * out : nullptr;
+  T* rec_cells = rec ? rec_c + s.batch * H : nullptr;
+  T* rec_pre_proj = rec ? rec_cells + s.batch * H : nullptr;
   // dL/dh_{t-1} = dgates_t W_hh through brgemm (W_hh is already its B[4H, out]).
   const bool brgemm = plan.brgemm_dh;
   at::Tensor w_hh_panels_buf;
@@ -321,7 +352,14 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
     T* dx_l = l == 0 ? grad_input : dx_bufs[l % 2];
     for (int64_t d = 0; d < D; ++d) {
       const auto w = direction_weights<T>(s, weights, l, d);
-      const T* gates = reserve + s.gates_offset(l, d);
+      const T* gates = reserve + s.gates_offset(l, d);  // where s.gates_in_reserve
+      // The forward's weights for recomputing the gates: every step's projection fused into it
+      // (the forward's projection GEMM, where it ran one, gives each row the same sums).
+      auto fw = direction_weights<T>(s, weights, l, d);
+      if (recompute) {
+        use_bf16_gemm(plan, s, l, fw, fw_weights);
+        use_bias(fw, G, fw_bias_buf);
+      }
       const T* cells = reserve + s.cells_offset(l, d);
       const T* pre_proj = reserve + s.pre_proj_offset(l, d);  // used only when has_proj
       const int64_t ld = l * D + d;
@@ -384,6 +422,34 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
           const T* c_t = cells + off * H;
           T* dg_t = dgates + (off - dg_row0) * G;
           const T* g_t = gates + off * G;
+          if (recompute) {  // the forward's step again: its products and cell pass
+            // h_{t-1} of the slice: the previous step's layer output for rows that continue,
+            // h0 for rows that start here; none at the first step without hx (as forward_steps)
+            const int64_t prev_t = d == 0 ? t - 1 : t + 1;
+            const int64_t continuing = (prev_t >= 0 && prev_t < s.seq_len)
+                ? std::min(s.batch_sizes[t], s.batch_sizes[prev_t]) : 0;
+            const T* from_out = continuing > 0
+                ? layer_out + (s.step_offset[prev_t] + r0) * out_stride + d * out : nullptr;
+            const T* hp = h0 + r0 * out;
+            int64_t ld_hp = out;
+            if (step == 0 && hx == nullptr) {
+              hp = nullptr;
+            } else if (r0 + bs <= continuing) {
+              hp = from_out;
+              ld_hp = out_stride;
+            } else if (r0 < continuing) {
+              T* dst = rec_h_prev + r0 * out;
+              copy_rows(from_out, out_stride, dst, out, continuing - r0, out);
+              copy_rows(h0 + continuing * out, out, dst + (continuing - r0) * out, out,
+                        r0 + bs - continuing, out);
+              hp = dst;
+            }
+            T* g = rec_gates + r0 * G;
+            forward_step(plan, s, fw, bs, g, hp, ld_hp, rec_h + r0 * out, out, rec_c + r0 * H,
+                         rec_cells + r0 * H, has_proj ? rec_pre_proj + r0 * H : nullptr,
+                         x.at(off * in_size), in_size);
+            g_t = g;
+          }
           for_each_row(bs, G, [&](int64_t b) {
             const T* g = g_t + b * G;
             T* dg = dg_t + b * G;
