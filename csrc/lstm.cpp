@@ -374,10 +374,13 @@ ForwardArgs prepare_forward(
     const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
     bool bidirectional, bool has_biases, int64_t proj_size, bool with_reserve,
-    KeepBf16 keep_bf16) {
+    KeepBf16 keep_bf16, bool may_drop_gates) {
   ForwardArgs a;
   a.shape = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
                             bidirectional, has_biases, proj_size);
+  if (may_drop_gates)
+    a.shape.gates_in_reserve =
+        gates_in_reserve(a.shape.packed, input.scalar_type(), input.is_cpu());
   check_supported_dtype(input);
   const LSTMShape& s = a.shape;
   a.dtype = input.scalar_type();
@@ -436,10 +439,13 @@ BackwardArgs prepare_backward(
     const at::Tensor& reserve, const std::optional<at::Tensor>& grad_output,
     const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
-    KeepBf16 keep_bf16, KeepBf16 keep_bf16_weights) {
+    KeepBf16 keep_bf16, KeepBf16 keep_bf16_weights, bool may_drop_gates) {
   BackwardArgs a;
   a.shape = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
                             bidirectional, has_biases, proj_size);
+  if (may_drop_gates)
+    a.shape.gates_in_reserve =
+        gates_in_reserve(a.shape.packed, input.scalar_type(), input.is_cpu());
   check_supported_dtype(input);
   check_lstm_backward_args(a.shape, input, reserve, grad_output, grad_hy, grad_cy);
   const LSTMShape& s = a.shape;
@@ -562,10 +568,11 @@ TORCH_LIBRARY(fused_lstm, m) {
       "int num_directions, int num_runs, int elem_size, bool backward, int[] device_limits, "
       "str mode=\"auto\", int units=0, int batch_tile=0, int k_split=0) -> str");
   // Elements of lstm_forward's reserve (lstm.h): the fake kernels (fused_lstm/ops.py) ask for
-  // the size here, so it has one formula; SymInt, as they ask it with symbolic sizes.
+  // the size here, so it has one formula; SymInt, as they ask it with symbolic sizes. gates:
+  // whether it keeps the gates (lstm.h, gates_in_reserve).
   m.def(
       "reserve_numel(SymInt rows, int num_layers, int num_directions, SymInt hidden_size, "
-      "int proj_size) -> SymInt");
+      "int proj_size, bool gates=True) -> SymInt");
 }
 
 bool needs_grad(const at::Tensor& input, const std::optional<at::Tensor>& hx,
@@ -615,8 +622,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm(
 namespace {
 
 c10::SymInt reserve_numel_op(c10::SymInt rows, int64_t num_layers, int64_t num_directions,
-                             c10::SymInt hidden_size, int64_t proj_size) {
-  return reserve_numel_of(rows, num_layers, num_directions, hidden_size, proj_size);
+                             c10::SymInt hidden_size, int64_t proj_size, bool gates) {
+  return reserve_numel_of(rows, num_layers, num_directions, hidden_size, proj_size, gates);
 }
 
 }  // namespace

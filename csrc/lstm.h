@@ -22,7 +22,7 @@ namespace fused_lstm {
 // Reserve (1-D, in the math dtype: float for float/bfloat16/half, double for double), per layer l:
 //   layer_out  [rows, D * out_size]         h of every step, both directions (pre-dropout)
 //   per direction d:
-//     gates    [rows, 4 * hidden]           activated i, f, g, o
+//     gates    [rows, 4 * hidden]           activated i, f, g, o; absent without `gates`
 //     cells    [rows, hidden]               c_t
 //     pre_proj [rows, hidden]               o * tanh(c_t), only when proj_size > 0
 // Each [rows, n] block is row-major, step t's rows at [step_offset[t], + batch_sizes[t]); except
@@ -31,24 +31,38 @@ namespace fused_lstm {
 // hold each step's block transposed, [n][batch_sizes[t]] at the same place (element (row
 // step_offset[t] + b, column k) at step_offset[t] * n + k * batch_sizes[t] + b), as its steps
 // compute and read them (cpu/small_hidden.h); layer_out and pre_proj stay row-major there too.
+// Without `gates` (gates_in_reserve below: packed bfloat16 calls on the CPU), the backward
+// recomputes each step's gates from the layer input and h_{t-1}, as the forward computed them.
 // The sizes come from reserve_direction_numel / reserve_layer_numel / reserve_numel_of below,
 // the one formula: the kernels use it through LSTMShape (int64_t), the fake kernels
 // (fused_lstm/ops.py) through the fused_lstm::reserve_numel op (c10::SymInt).
 template <typename Int>
-Int reserve_direction_numel(const Int& rows, const Int& hidden_size, int64_t proj_size) {
-  return rows * (hidden_size * 5 + (proj_size > 0 ? hidden_size : Int(0)));
+Int reserve_direction_numel(const Int& rows, const Int& hidden_size, int64_t proj_size,
+                            bool gates = true) {
+  return rows * (hidden_size * (gates ? 5 : 1) + (proj_size > 0 ? hidden_size : Int(0)));
 }
 template <typename Int>
 Int reserve_layer_numel(const Int& rows, int64_t num_directions, const Int& hidden_size,
-                        int64_t proj_size) {
+                        int64_t proj_size, bool gates = true) {
   const Int out_size = proj_size > 0 ? Int(proj_size) : hidden_size;
   return rows * num_directions * out_size +
-      reserve_direction_numel(rows, hidden_size, proj_size) * num_directions;
+      reserve_direction_numel(rows, hidden_size, proj_size, gates) * num_directions;
 }
 template <typename Int>
 Int reserve_numel_of(const Int& rows, int64_t num_layers, int64_t num_directions,
-                     const Int& hidden_size, int64_t proj_size) {
-  return reserve_layer_numel(rows, num_directions, hidden_size, proj_size) * num_layers;
+                     const Int& hidden_size, int64_t proj_size, bool gates = true) {
+  return reserve_layer_numel(rows, num_directions, hidden_size, proj_size, gates) * num_layers;
+}
+
+// Whether a call's reserve keeps the activated gates: all but packed (batch_sizes given)
+// bfloat16 calls on the CPU, whose backward recomputes them a step at a time (csrc/cpu/
+// backward.h): the gates are two thirds of the reserve, and without them packed bf16 training
+// holds less than nn.LSTM's (benchmarks/notes/memory.md, "bf16 training at the small sizes").
+// From the call's dtype, device and packing only, which the fake kernels know too. Applied by
+// prepare_forward / prepare_backward where the backend says it recomputes them
+// (`may_drop_gates`: the CPU backend); check_lstm_args leaves gates_in_reserve true.
+inline bool gates_in_reserve(bool packed, at::ScalarType dtype, bool cpu) {
+  return !(packed && dtype == at::kBFloat16 && cpu);
 }
 
 struct LSTMShape {
@@ -63,6 +77,7 @@ struct LSTMShape {
   int64_t rows = 0;   // sum of batch_sizes
   bool has_biases = false;
   bool packed = false;
+  bool gates_in_reserve = true;  // the reserve's layout (gates_in_reserve above)
   std::vector<int64_t> batch_sizes;  // [seq_len]
   std::vector<int64_t> step_offset;  // [seq_len], first row of each step
 
@@ -76,21 +91,23 @@ struct LSTMShape {
     return layer == 0 ? input_size : num_directions * out_size;
   }
   int64_t direction_numel() const {
-    return reserve_direction_numel(rows, hidden_size, proj_size);
+    return reserve_direction_numel(rows, hidden_size, proj_size, gates_in_reserve);
   }
   int64_t layer_numel() const {
-    return reserve_layer_numel(rows, num_directions, hidden_size, proj_size);
+    return reserve_layer_numel(rows, num_directions, hidden_size, proj_size, gates_in_reserve);
   }
   int64_t reserve_numel() const {
-    return reserve_numel_of(rows, num_layers, num_directions, hidden_size, proj_size);
+    return reserve_numel_of(rows, num_layers, num_directions, hidden_size, proj_size,
+                            gates_in_reserve);
   }
   int64_t layer_out_offset(int64_t layer) const { return layer * layer_numel(); }
+  // Where gates_in_reserve (else there are none: the offset is the cells').
   int64_t gates_offset(int64_t layer, int64_t direction) const {
     return layer * layer_numel() + rows * num_directions * out_size +
         direction * direction_numel();
   }
   int64_t cells_offset(int64_t layer, int64_t direction) const {
-    return gates_offset(layer, direction) + rows * 4 * hidden_size;
+    return gates_offset(layer, direction) + (gates_in_reserve ? rows * 4 * hidden_size : 0);
   }
   int64_t pre_proj_offset(int64_t layer, int64_t direction) const {
     return cells_offset(layer, direction) + rows * hidden_size;
@@ -188,7 +205,7 @@ ForwardArgs prepare_forward(
     const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
     bool bidirectional, bool has_biases, int64_t proj_size, bool with_reserve = true,
-    KeepBf16 keep_bf16 = nullptr);
+    KeepBf16 keep_bf16 = nullptr, bool may_drop_gates = false);
 
 // bfloat16 <-> float32 on the CPU without an ATen conversion op per tensor (lstm.cpp): a call
 // at the small sizes converts a dozen tensors, and each `to` cost ~1 us, more than the kernels
@@ -225,7 +242,8 @@ BackwardArgs prepare_backward(
     const at::Tensor& reserve, const std::optional<at::Tensor>& grad_output,
     const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
-    KeepBf16 keep_bf16 = nullptr, KeepBf16 keep_bf16_weights = nullptr);
+    KeepBf16 keep_bf16 = nullptr, KeepBf16 keep_bf16_weights = nullptr,
+    bool may_drop_gates = false);
 
 // (grad_input, grad_hx, grad_cx, grad_weights), each in its argument's dtype. Releases what `a`
 // holds as it goes (the math-dtype gradients once converted).

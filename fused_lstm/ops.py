@@ -66,11 +66,18 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def reserve_numel(rows, num_layers, num_directions, hidden_size, proj_size):
+def reserve_numel(rows, num_layers, num_directions, hidden_size, proj_size, gates=True):
     """Elements of the reserve buffer, from the C++ formula (``reserve_numel_of`` in
     csrc/lstm.h, through the ``fused_lstm::reserve_numel`` op); ``rows`` and ``hidden_size``
-    may be SymInts."""
-    return _reserve_numel(rows, num_layers, num_directions, hidden_size, proj_size)
+    may be SymInts. ``gates``: whether the reserve keeps the gates (:func:`gates_in_reserve`)."""
+    return _reserve_numel(rows, num_layers, num_directions, hidden_size, proj_size, gates)
+
+
+def gates_in_reserve(input: Tensor, batch_sizes: Optional[Tensor]) -> bool:  # noqa: A002
+    """Whether lstm_forward's reserve keeps the gates: all but packed bfloat16 calls on the
+    CPU, whose backward recomputes them (``gates_in_reserve`` in csrc/lstm.h)."""
+    return not (batch_sizes is not None and input.dtype == torch.bfloat16
+                and input.device.type == "cpu")
 
 
 def _state_shapes(a: LSTMArgs):
@@ -99,7 +106,8 @@ def _lstm_forward_fake(*args):
     hy = input.new_empty(hy_shape)
     cy = input.new_empty((*hy_shape[:2], hidden_size))
     reserve = input.new_empty(
-        (reserve_numel(rows, a.num_layers, num_directions, hidden_size, a.proj_size),),
+        (reserve_numel(rows, a.num_layers, num_directions, hidden_size, a.proj_size,
+                       gates_in_reserve(input, a.batch_sizes)),),
         dtype=math_dtype(input.dtype),
     )
     return output, hy, cy, reserve

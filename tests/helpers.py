@@ -227,14 +227,22 @@ def reserve_in_common_layout(reserve, a):
              else [x.shape[1]] * x.shape[0])
     rows, proj = sum(sizes), a["proj_size"]
     directions = 2 if a["bidirectional"] else 1
-    direction_numel = rows * (5 * hidden + (hidden if proj > 0 else 0))
-    layer_numel = rows * directions * (proj or hidden) + directions * direction_numel
-    assert reserve.numel() == a["num_layers"] * layer_numel
+    # With the gates, or without (a packed bfloat16 call's CPU reserve: csrc/lstm.h,
+    # gates_in_reserve), told apart by the size.
+    gates_numel = rows * 4 * hidden
+    for kept in (gates_numel, 0):
+        direction_numel = kept + rows * (hidden + (hidden if proj > 0 else 0))
+        layer_numel = rows * directions * (proj or hidden) + directions * direction_numel
+        if reserve.numel() == a["num_layers"] * layer_numel:
+            break
+    else:
+        raise AssertionError(f"reserve of {reserve.numel()} elements: not csrc/lstm.h's layout")
     common = reserve.clone()
     for layer in range(a["num_layers"]):
         for d in range(directions):
             gates = layer * layer_numel + rows * directions * (proj or hidden) + d * direction_numel
-            for start, n in ((gates, 4 * hidden), (gates + rows * 4 * hidden, hidden)):
+            blocks = ((gates, 4 * hidden), (gates + kept, hidden)) if kept else ((gates, hidden),)
+            for start, n in blocks:
                 offset = 0
                 for bs in sizes:
                     block = slice(start + offset * n, start + (offset + bs) * n)

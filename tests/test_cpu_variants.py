@@ -809,6 +809,10 @@ BF16_TRAINING = {
     # 2250 rows: the weight gradients sum over 1024 + 1024 + 202 (kBf16GradRows chunks)
     "chunked-bi": (dict(input_size=8, hidden_size=16, num_layers=2, bidirectional=True), 45, 50,
                    False),
+    # packed, 1275 rows: the backward's recurrence hands dgates to the products in chunks of
+    # steps of at most 1024 rows, h_{t-1} gathered per chunk, both directions
+    "chunked-packed-bi": (dict(input_size=8, hidden_size=16, num_layers=2, bidirectional=True),
+                          50, 50, True),
 }
 
 

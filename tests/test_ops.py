@@ -173,11 +173,64 @@ def test_opcheck_backward(case):
     torch.library.opcheck(LSTM_BACKWARD, args)
 
 
+
+@pytest.mark.parametrize("hidden_size", [4, 32], ids=["small-hidden", "row-wise"])
+def test_opcheck_packed_bf16(hidden_size):
+    """opcheck (the fake kernels against the CPU kernels) for packed bfloat16 calls, whose
+    reserve keeps no gates."""
+    _, a = make_case(2, True, True, 0, True, with_state=True, dtype=torch.bfloat16,
+                     hidden_size=hidden_size, seq_len=6, batch=5, dropout=0.5,
+                     requires_grad=False)
+    args = (a["input"], a["batch_sizes"], a["hx"], a["cx"], a["weights"], a["dropout_mask"],
+            a["num_layers"], a["bidirectional"], a["has_biases"], a["proj_size"])
+    torch.library.opcheck(LSTM_FORWARD, args)
+    output, hy, cy, reserve = call(LSTM_FORWARD, a)
+    args = (*args[:6], reserve, torch.randn_like(output), torch.randn_like(hy), None, *args[6:])
+    torch.library.opcheck(LSTM_BACKWARD, args)
+
 def test_reserve_size_matches_python_formula():
     _, a = make_case(3, True, True, 2, True, with_state=True, requires_grad=False)
     reserve = call(LSTM_FORWARD, a)[3]
     assert reserve.numel() == ops.reserve_numel(a["input"].shape[0], 3, 2, 4, 2)
     assert reserve.dtype == torch.float64
+
+
+@pytest.mark.parametrize("hidden_size", [4, 32], ids=["small-hidden", "row-wise"])
+def test_packed_bf16_reserve_keeps_no_gates(hidden_size):
+    """A packed bfloat16 call on the CPU saves no gates (csrc/lstm.h, gates_in_reserve: its
+    backward recomputes them): its reserve is the formula's without them, padded bf16 and
+    packed float64 keep them; the backward's gradients are the same as from the same call
+    padded (hidden 4: the small-hidden kernel, whose backward reruns the forward; hidden 32:
+    the row-wise kernel, which recomputes each step's gates)."""
+    H = hidden_size
+    for packed, dtype, gates in ((True, torch.bfloat16, False), (False, torch.bfloat16, True),
+                                 (True, torch.float64, True)):
+        _, a = make_case(2, True, True, 0, packed, with_state=True, dtype=dtype, hidden_size=H,
+                         seq_len=6, batch=5, requires_grad=False)
+        rows = a["input"].shape[0] * (1 if packed else a["input"].shape[1])
+        reserve = call(LSTM_FORWARD, a)[3]
+        assert ops.gates_in_reserve(a["input"], a["batch_sizes"]) == gates
+        assert reserve.numel() == ops.reserve_numel(rows, 2, 2, H, 0, gates)
+        assert reserve.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert ops.reserve_numel(rows, 2, 2, H, 0, False) < ops.reserve_numel(rows, 2, 2, H, 0)
+    # every sequence of full length: the packed call and the padded one are the same LSTM
+    _, a = make_case(2, True, True, 0, False, with_state=True, dtype=torch.bfloat16,
+                     hidden_size=H, seq_len=6, batch=5, requires_grad=False)
+    T, B = a["input"].shape[:2]
+    packed = dict(a, input=a["input"].reshape(T * B, -1),
+                  batch_sizes=torch.full((T,), B, dtype=torch.long))
+    results = []
+    for args in (a, packed):
+        output, hy, cy, reserve = call(LSTM_FORWARD, args)
+        up = [torch.randn(t.shape, generator=torch.Generator().manual_seed(3)).to(t.dtype)
+              for t in (output, hy, cy)]
+        back = torch.ops.fused_lstm.lstm_backward(
+            args["input"], args["batch_sizes"], args["hx"], args["cx"], args["weights"], None,
+            reserve, up[0].reshape(output.shape), up[1], up[2], 2, True, True, 0)
+        results.append([output.reshape(T * B, -1), hy, cy, back[0].reshape(T * B, -1),
+                        back[1], back[2], *back[3]])
+    for x, y in zip(*results):
+        assert torch.equal(x, y)
 
 
 def test_zero_batch():
@@ -287,8 +340,10 @@ def test_reserve_size_is_the_kernels_formula_also_with_symbolic_sizes():
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    for packed in (False, True):
-        _, a = make_case(3, True, True, 2, packed, with_state=True, requires_grad=False)
+    for packed, dtype in ((False, torch.float64), (True, torch.float64),
+                          (False, torch.bfloat16), (True, torch.bfloat16)):
+        _, a = make_case(3, True, True, 2, packed, with_state=True, requires_grad=False,
+                         dtype=dtype)
         reserve = call(LSTM_FORWARD, a)[3]
         mode = FakeTensorMode(shape_env=ShapeEnv())
         fake = {k: mode.from_tensor(v, static_shapes=k not in ("input", "hx", "cx"))

@@ -293,6 +293,52 @@ def test_bf16_float32_product_backward_widens_one_layer_at_a_time(brgemm):
     torch.testing.assert_close(x.grad, x32.grad.to(torch.bfloat16), rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not _cpu_has_avx512_bf16(), reason="the bf16 products need AVX512_BF16")
+def test_bf16_packed_training_holds_no_gates_and_a_chunk_of_dgates():
+    """Packed bfloat16 training on the CPU (benchmarks/notes/memory.md, "bf16 training at the
+    small sizes"): the forward's reserve keeps no gates (csrc/lstm.h, gates_in_reserve; the
+    backward recomputes them a step at a time), and where the backward runs the bf16 products
+    its recurrence hands dgates to them a chunk of steps at a time (at most kBf16GradRows = 1024
+    rows; csrc/cpu/backward.h, bf16_chunk_products): a packed two-layer backward over 3200 rows
+    allocates no float32 dgates [rows, 4H] and gathers h_{t-1} a chunk at a time (the only
+    [rows, hidden] float32 buffer is layer 1's dL/dx), and holds at most its float32 gradients,
+    that dL/dx, a chunk's dgates and h_{t-1}, the bf16 operands of a chunk's products, the
+    forward's packed weights (to recompute the gates) and a few rows' scratch."""
+    from fused_lstm import ops
+
+    I, H, L, B, chunk = 24, 64, 2, 16, 1024
+    G = 4 * H
+    lengths = torch.tensor([260 - 8 * i for i in range(B)])[torch.randperm(B)]
+    rows = int(lengths.sum())
+    assert rows == 3200 and rows > 3 * chunk
+    model = FusedLSTM(I, H, num_layers=L).to(torch.bfloat16)
+    packed = pack_padded_sequence(randn(int(lengths.max()), B, I, dtype=torch.bfloat16), lengths,
+                                  enforce_sorted=False)
+    packed = packed._replace(data=packed.data.requires_grad_())
+    up = randn(rows, H, dtype=torch.bfloat16)
+    products = fused_lstm.explain(model, packed)["backward"]["backward_weight_products"]
+    assert products in ("amx_brgemm", "bf16_gemm"), products
+    model(packed)[0].data.backward(up)  # warm: buffers cached, grads allocated
+    outputs = []
+    forward = _allocation_sizes(lambda: outputs.append(model(packed)[0].data))
+    assert 4 * ops.reserve_numel(rows, L, 1, H, 0, False) in forward, sorted(forward)
+    assert 4 * ops.reserve_numel(rows, L, 1, H, 0) not in forward, sorted(forward)
+    sizes = _allocation_sizes(lambda: outputs[0].backward(up))
+    outputs.append(model(packed)[0].data)
+    peak = _peak_bytes(lambda: outputs[1].backward(up))
+    assert 4 * rows * G not in sizes, sorted(sizes)
+    assert sizes.count(4 * rows * H) == 1, sorted(sizes)  # layer 1's dL/dx only
+    float_grads = 4 * (sum(p.numel() for p in model.parameters()) + rows * I + 2 * L * B * H)
+    dx = 4 * rows * H
+    chunk_scratch = 4 * chunk * (G + H)  # a chunk's dgates and gathered h_{t-1}
+    k = max(I, H)
+    bf16_operands = 2 * (G * (k + H) + chunk * (k + H) + G * (chunk + 64))
+    forward_weights = 2 * G * (k + H)
+    rows_scratch = 4 * 64 * G
+    bound = float_grads + dx + chunk_scratch + bf16_operands + forward_weights + rows_scratch
+    assert peak <= bound, (peak, bound)
+
+
 # --- non-finite values ---------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "bf16_products.h"
+#include "forward.h"
 #include "small_hidden.h"
 
 namespace fused_lstm {
@@ -131,72 +132,110 @@ HPrev<T> h_prev_rows(const LSTMShape& s, int64_t d, const T* layer_out, const T*
   return hp;
 }
 
-// A layer and direction's products after its recurrence: dW_ih = dgates^T x,
-// dW_hh = dgates^T h_prev, and dL/dx = dgates W_ih (added to dx when `add_dx`: the other
-// direction's). bf16 operands where `bb` is set (its W_ih^T packed already).
+// h_{t-1} of rows [row0, row1) of direction d, the rows of steps whose times are
+// [t_lo, t_hi] (a chunk of the backward's steps, bf16_chunk_products): h_prev_rows' segments
+// cut to those rows where every step has every row (read in place); else gathered into `buf`
+// [row1 - row0, out], row r at buf + (r - row0) * out. Row r's h_{t-1} at seg.h + (r - seg.r0) *
+// seg.ld, as h_prev_rows gives it.
 template <typename T>
-void backward_products(const LSTMShape& s, const Bf16Backward& bb, const T* dgates, Operand<T> x,
+HPrev<T> h_prev_chunk(const LSTMShape& s, int64_t d, int64_t t_lo, int64_t t_hi, const T* layer_out,
+                      const T* h0, T* buf) {
+  const int64_t out = s.out_size, out_stride = s.num_directions * out;
+  const int64_t row0 = s.step_offset[t_lo], row1 = s.step_offset[t_hi] + s.batch_sizes[t_hi];
+  HPrev<T> hp;
+  if (every_step_full(s)) {
+    const HPrev<T> all = h_prev_rows<T>(s, d, layer_out, h0, nullptr);
+    for (int i = 0; i < all.n; ++i) {
+      const HPrevSegment<T>& seg = all.seg[i];
+      const int64_t r0 = std::max(seg.r0, row0), r1 = std::min(seg.r1, row1);
+      if (r0 < r1) hp.seg[hp.n++] = {seg.h + (r0 - seg.r0) * seg.ld, seg.ld, r0, r1};
+    }
+    return hp;
+  }
+  for (int64_t t = t_lo; t <= t_hi; ++t) {
+    const int64_t bs = s.batch_sizes[t];
+    const int64_t prev_t = d == 0 ? t - 1 : t + 1;
+    const int64_t continuing =
+        (prev_t >= 0 && prev_t < s.seq_len) ? std::min(bs, s.batch_sizes[prev_t]) : 0;
+    T* dst = buf + (s.step_offset[t] - row0) * out;
+    if (continuing > 0)
+      copy_rows(layer_out + s.step_offset[prev_t] * out_stride + d * out, out_stride, dst, out,
+                continuing, out);
+    copy_rows(h0 + continuing * out, out, dst + continuing * out, out, bs - continuing, out);
+  }
+  hp.seg[0] = {buf, out, row0, row1};
+  hp.n = 1;
+  return hp;
+}
+
+// The bf16 products of a chunk of a layer and direction's rows, [row0, row1) (the rows of
+// consecutive steps), as soon as the recurrence has computed their dgates (`dgates`: row row0's
+// at dgates, G apart): dW_ih += dgates^T x, dW_hh += dgates^T h_prev (written, not added, where
+// `first`: the direction's first chunk), and dL/dx = dgates W_ih for those rows (added to dx
+// when `add_dx`: the other direction's). The weight gradients sum over at most kBf16GradRows
+// rows at a time, no piece across two segments of h_prev; the bf16 copies of dgates^T, x and
+// h_prev are a piece's only (bb, its W_ih^T packed already).
+inline void bf16_chunk_products(const LSTMShape& s, const Bf16Backward& bb, const float* dgates,
+                                int64_t row0, int64_t row1, Operand<float> x, int64_t in_size,
+                                const HPrev<float>& h_prev, float* gw_ih, float* gw_hh,
+                                float* dx, bool add_dx, bool first) {
+  const int64_t G = 4 * s.hidden_size, out = s.out_size, ld = bb.ld;
+  for (int i = 0; i < h_prev.n; ++i) {
+    const HPrevSegment<float>& seg = h_prev.seg[i];
+    for (int64_t k0 = seg.r0; k0 < seg.r1;) {
+      const int64_t kn = std::min(kBf16GradRows, seg.r1 - k0);
+      const bool overwrite = first && k0 == row0, last = k0 + kn == row1;
+      const Piecewise dgates_t{G, [&](int64_t m0, int64_t m1) {  // bf16 rows, zero-padded
+        bf16_transpose_rows(dgates + (k0 - row0) * G + m0, kn, m1 - m0, G, bb.dgates_t + m0 * ld,
+                            ld);
+      }};
+      const float* h_rows = seg.h + (k0 - seg.r0) * seg.ld;
+      if (bb.amx_x) {  // x and h_prev as B [kn, in] and [kn, out] for the tiles
+        split_over_threads({dgates_t});
+        visit(x.at(k0 * in_size), [&](auto X) { amx_pack(X, in_size, kn, 1, in_size, bb.amx_x); });
+        amx_pack(h_rows, out, kn, 1, seg.ld, bb.amx_h_prev);
+      } else {
+        split_over_threads({pack_t_job(x.at(k0 * in_size), in_size, kn, in_size, bb.x),
+                            pack_t_job({h_rows}, out, kn, seg.ld, bb.h_prev), dgates_t});
+      }
+      const Piecewise weight_grads{G, [&](int64_t m0, int64_t m1) {  // rows of dW_ih, dW_hh
+        const c10::BFloat16* a = bb.dgates_t + m0 * ld;
+        if (bb.amx_x) {  // K rounded up to pairs: the zero column of A meets a zero row of B
+          const int64_t k_even = amx_k_even(kn);
+          amx_product(!overwrite, m1 - m0, in_size, k_even, a, ld, bb.amx_x, gw_ih + m0 * in_size,
+                      in_size);
+          amx_product(!overwrite, m1 - m0, out, k_even, a, ld, bb.amx_h_prev, gw_hh + m0 * out,
+                      out);
+          amx_release();
+          return;
+        }
+        bf16_gemm(m1 - m0, in_size, kn, a, ld, bb.x, gw_ih + m0 * in_size, in_size, !overwrite);
+        bf16_gemm(m1 - m0, out, kn, a, ld, bb.h_prev, gw_hh + m0 * out, out, !overwrite);
+      }};
+      const Piecewise data_grads{last ? row1 - row0 : 0, [&](int64_t r0, int64_t r1) {  // dL/dx
+        const float* a = dgates + r0 * G;
+        float* c = dx + (row0 + r0) * in_size;
+        if (bb.amx_w_ih) {
+          amx_product(add_dx, r1 - r0, in_size, G, a, G, bb.amx_w_ih, c, in_size);
+          amx_release();
+          return;
+        }
+        bf16_gemm(r1 - r0, in_size, G, a, G, bb.w_ih_t, c, in_size, add_dx);
+      }};
+      split_over_threads({weight_grads, data_grads});
+      k0 += kn;
+    }
+  }
+}
+
+// A layer and direction's products after its recurrence, where they are not bf16 ones
+// (bf16_chunk_products): dW_ih = dgates^T x, dW_hh = dgates^T h_prev, and dL/dx = dgates W_ih
+// (added to dx when `add_dx`: the other direction's).
+template <typename T>
+void backward_products(const LSTMShape& s, const T* dgates, Operand<T> x,
                        int64_t in_size, const HPrev<T>& h_prev, const T* w_ih, T* gw_ih,
                        T* gw_hh, T* dx, bool add_dx) {
   const int64_t G = 4 * s.hidden_size, out = s.out_size, rows = s.rows;
-  if constexpr (std::is_same_v<T, float>) {
-    if (bb.on) {
-      const int64_t ld = bb.ld;
-      if (rows == 0) {  // an empty batch: zero weight gradients, no dL/dx
-        std::fill_n(gw_ih, G * in_size, 0.0f);
-        std::fill_n(gw_hh, G * out, 0.0f);
-        return;
-      }
-      // The rows summed over, a chunk at a time, no chunk across two segments of h_prev.
-      int64_t k0 = 0;
-      for (int i = 0; i < h_prev.n; ++i) {
-        const HPrevSegment<float>& seg = h_prev.seg[i];
-        while (k0 < seg.r1) {
-          const int64_t kn = std::min(kBf16GradRows, seg.r1 - k0);
-          const bool first = k0 == 0, last = k0 + kn == rows;
-          const Piecewise dgates_t{G, [&](int64_t m0, int64_t m1) {  // bf16 rows, zero-padded
-            bf16_transpose_rows(dgates + k0 * G + m0, kn, m1 - m0, G, bb.dgates_t + m0 * ld, ld);
-          }};
-          const float* h_rows = seg.h + (k0 - seg.r0) * seg.ld;
-          if (bb.amx_x) {  // x and h_prev as B [kn, in] and [kn, out] for the tiles
-            split_over_threads({dgates_t});
-            visit(x.at(k0 * in_size), [&](auto X) { amx_pack(X, in_size, kn, 1, in_size, bb.amx_x); });
-            amx_pack(h_rows, out, kn, 1, seg.ld, bb.amx_h_prev);
-          } else {
-            split_over_threads({pack_t_job(x.at(k0 * in_size), in_size, kn, in_size, bb.x),
-                                pack_t_job({h_rows}, out, kn, seg.ld, bb.h_prev), dgates_t});
-          }
-          const Piecewise weight_grads{G, [&](int64_t m0, int64_t m1) {  // rows of dW_ih, dW_hh
-            const c10::BFloat16* a = bb.dgates_t + m0 * ld;
-            if (bb.amx_x) {  // K rounded up to pairs: the zero column of A meets a zero row of B
-              const int64_t k_even = amx_k_even(kn);
-              amx_product(!first, m1 - m0, in_size, k_even, a, ld, bb.amx_x, gw_ih + m0 * in_size,
-                          in_size);
-              amx_product(!first, m1 - m0, out, k_even, a, ld, bb.amx_h_prev, gw_hh + m0 * out,
-                          out);
-              amx_release();
-              return;
-            }
-            bf16_gemm(m1 - m0, in_size, kn, a, ld, bb.x, gw_ih + m0 * in_size, in_size, !first);
-            bf16_gemm(m1 - m0, out, kn, a, ld, bb.h_prev, gw_hh + m0 * out, out, !first);
-          }};
-          const Piecewise data_grads{last ? rows : 0, [&](int64_t r0, int64_t r1) {  // of dL/dx
-            if (bb.amx_w_ih) {
-              amx_product(add_dx, r1 - r0, in_size, G, dgates + r0 * G, G, bb.amx_w_ih,
-                          dx + r0 * in_size, in_size);
-              amx_release();
-              return;
-            }
-            bf16_gemm(r1 - r0, in_size, G, dgates + r0 * G, G, bb.w_ih_t, dx + r0 * in_size,
-                      in_size, add_dx);
-          }};
-          split_over_threads({weight_grads, data_grads});
-          k0 += kn;
-        }
-      }
-      return;
-    }
-  }
   gemm<T>(true, false, G, in_size, rows, T(1), dgates, G, x.f, in_size, T(0), gw_ih, in_size);
   for (int i = 0; i < h_prev.n; ++i) {  // also for an empty batch: gemm zero-fills when k == 0
     const HPrevSegment<T>& seg = h_prev.seg[i];
@@ -216,12 +255,37 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
   const int64_t out_stride = D * out;
   const bool has_proj = s.proj_size > 0;
+  const bool tiny = plan.variant == Variant::kSmallHidden;
+  // A reserve without the gates (lstm.h, gates_in_reserve): where the products are bf16 ones,
+  // the recurrence below recomputes each step's gates; elsewhere (no bf16 products, or the
+  // small-hidden kernel) the forward runs again into a reserve that keeps them, and the
+  // backward reads that (the same gates: the forward is deterministic).
+  if (!s.gates_in_reserve && (!plan.bf16_products || tiny)) {
+    LSTMShape with_gates = s;
+    with_gates.gates_in_reserve = true;
+    at::Tensor full_buf, states_buf;
+    T* full = scratch<T>(full_buf, with_gates.reserve_numel());
+    const int64_t states = s.num_layers * D * s.batch;
+    T* hy = scratch<T>(states_buf, states * (out + H));
+    forward_impl(plan, with_gates, input, hx, cx, weights, mask, hy, hy + states * out, full);
+    return backward_impl(plan, with_gates, input, hx, cx, weights, mask, full, grad_output,
+                         grad_hy, grad_cy, grad_input, grad_hx, grad_cx, grad_weights);
+  }
+  const bool recompute = !s.gates_in_reserve;
   // Scratch, allocated once per call.
   at::Tensor dgates_buf, h_prev_buf, dy_buf, dx_buf, dx2_buf, dropped_buf, dh_all_buf, dh_buf_t,
       c_prev_buf_t, zeros_buf, tiny_buf_t, bf16_buf;
-  T* dgates = scratch<T>(dgates_buf, s.rows * G);
-  // h_{t-1} of every row gathered, only where steps have different rows (h_prev_rows).
-  T* h_prev_buf_ptr = every_step_full(s) ? nullptr : scratch<T>(h_prev_buf, s.rows * out);
+  const Bf16Backward bb = bf16_backward_buffers(plan, s, bf16_buf);
+  // dgates [rows, 4H]: every row's; where the products are bf16 ones, a chunk of steps' rows
+  // only (at most kBf16GradRows, or one step's), whose products run as soon as the recurrence
+  // has computed them (bf16_chunk_products).
+  const bool chunked = bb.on && !tiny;
+  const int64_t chunk_rows =
+      chunked ? std::min(s.rows, std::max(kBf16GradRows, s.batch)) : s.rows;
+  T* dgates = scratch<T>(dgates_buf, chunk_rows * G);
+  // h_{t-1} of every row (or of a chunk's) gathered, only where steps have different rows
+  // (h_prev_rows, h_prev_chunk).
+  T* h_prev_buf_ptr = every_step_full(s) ? nullptr : scratch<T>(h_prev_buf, chunk_rows * out);
   // dy: the gradient of the current layer's output, read only. The top layer's is grad_output
   // itself (zeros when it is None; bf16 as the caller gave it where the op keeps it: lstm.h
   // KeepBf16); a lower layer's is the dL/dx of the layer above, written into one of two
@@ -244,9 +308,21 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   T* zeros_mut = scratch<T>(zeros_buf, s.batch * std::max(H, out));  // h0 / c0 when None
   std::fill_n(zeros_mut, s.batch * std::max(H, out), T(0));
   const T* zeros = zeros_mut;
-  const bool tiny = plan.variant == Variant::kSmallHidden;
   T* tiny_buf = tiny ? scratch<T>(tiny_buf_t, tiny_backward_numel<T>(s)) : nullptr;
-  const Bf16Backward bb = bf16_backward_buffers(plan, s, bf16_buf);
+  // Recomputing the gates (recompute): W_ih and W_hh packed as the forward packs them, the
+  // summed bias, and per batch row the step's gates [G], h_{t-1} gathered [out], and what the
+  // forward's cell pass writes besides them (c, c_t, pre-projection [H] each, h [out]).
+  at::Tensor fw_weights_buf, fw_bias_buf, rec_buf;
+  uint16_t* fw_weights = recompute ? bf16_weight_buffer(plan, s, fw_weights_buf) : nullptr;
+  const int64_t rec_row = G + 2 * out + 3 * H;
+  T* rec = recompute ? scratch<T>(rec_buf, s.batch * rec_row) : nullptr;
+  if (rec) std::fill_n(rec, s.batch * rec_row, T(0));
+  T* rec_gates = rec;
+  T* rec_h_prev = rec ? rec_gates + s.batch * G : nullptr;
+  T* rec_h = rec ? rec_h_prev + s.batch * out : nullptr;
+  T* rec_c = rec ? rec_h + s.batch * out : nullptr;
+  T* rec_cells = rec ? rec_c + s.batch * H : nullptr;
+  T* rec_pre_proj = rec ? rec_cells + s.batch * H : nullptr;
   // dL/dh_{t-1} = dgates_t W_hh through brgemm (W_hh is already its B[4H, out]).
   const bool brgemm = plan.brgemm_dh;
   at::Tensor w_hh_panels_buf;
@@ -276,7 +352,14 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
     T* dx_l = l == 0 ? grad_input : dx_bufs[l % 2];
     for (int64_t d = 0; d < D; ++d) {
       const auto w = direction_weights<T>(s, weights, l, d);
-      const T* gates = reserve + s.gates_offset(l, d);
+      const T* gates = reserve + s.gates_offset(l, d);  // where s.gates_in_reserve
+      // The forward's weights for recomputing the gates: every step's projection fused into it
+      // (the forward's projection GEMM, where it ran one, gives each row the same sums).
+      auto fw = direction_weights<T>(s, weights, l, d);
+      if (recompute) {
+        use_bf16_gemm(plan, s, l, fw, fw_weights);
+        use_bias(fw, G, fw_bias_buf);
+      }
       const T* cells = reserve + s.cells_offset(l, d);
       const T* pre_proj = reserve + s.pre_proj_offset(l, d);  // used only when has_proj
       const int64_t ld = l * D + d;
@@ -295,6 +378,14 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
         }
       }
 
+      const T* h0 = hx ? hx + ld * s.batch * out : zeros;
+      const int64_t k = s.weight_index(l, d);
+      T* gw_ih = grad_weights[k].mutable_data_ptr<T>();
+      T* gw_hh = grad_weights[k + 1].mutable_data_ptr<T>();
+      // The bias gradient (b_ih's; b_hh's is the same), summed over the rows' dgates.
+      T* gb_ih = s.has_biases ? grad_weights[k + 2].mutable_data_ptr<T>() : nullptr;
+      if (gb_ih) std::fill_n(gb_ih, G, T(0));
+
       const T* w_hh = w.w_hh;
       if (widens) {
         TORCH_INTERNAL_ASSERT(w.hh.b != nullptr && w.ih.b != nullptr);
@@ -307,9 +398,10 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
         tiny_backward_steps(s, w, d, gates, cells, c0, dy.f, dh_all, dgates, dh_state, dc_state,
                             tiny_buf);
       } else {
-      // The reverse recurrence, for batch rows [r0, r1) (rows are independent sequences).
-      auto steps = [&](int64_t r0, int64_t r1) {
-        for (int64_t step = s.seq_len - 1; step >= 0; --step) {
+      // The reverse recurrence of steps step_hi down to step_lo (processing order), for batch
+      // rows [r0, r1) (rows are independent sequences); row r's dgates at dgates + (r - dg_row0) * G.
+      auto steps = [&](int64_t step_hi, int64_t step_lo, int64_t dg_row0, int64_t r0, int64_t r1) {
+        for (int64_t step = step_hi; step >= step_lo; --step) {
           const int64_t t = time_of(s, d, step);
           const int64_t bs = std::min(s.batch_sizes[t], r1) - r0;
           if (bs <= 0) continue;
@@ -328,8 +420,36 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
           if (has_proj) gemm<T>(false, false, bs, H, out, T(1), dh_sum, out, w.w_hr, H, T(0), dh_t, H);
           const T* c_prev = step_c_prev(s, d, t, r0, bs, cells, c0, c_prev_buf);
           const T* c_t = cells + off * H;
-          T* dg_t = dgates + off * G;
+          T* dg_t = dgates + (off - dg_row0) * G;
           const T* g_t = gates + off * G;
+          if (recompute) {  // the forward's step again: its products and cell pass
+            // h_{t-1} of the slice: the previous step's layer output for rows that continue,
+            // h0 for rows that start here; none at the first step without hx (as forward_steps)
+            const int64_t prev_t = d == 0 ? t - 1 : t + 1;
+            const int64_t continuing = (prev_t >= 0 && prev_t < s.seq_len)
+                ? std::min(s.batch_sizes[t], s.batch_sizes[prev_t]) : 0;
+            const T* from_out = continuing > 0
+                ? layer_out + (s.step_offset[prev_t] + r0) * out_stride + d * out : nullptr;
+            const T* hp = h0 + r0 * out;
+            int64_t ld_hp = out;
+            if (step == 0 && hx == nullptr) {
+              hp = nullptr;
+            } else if (r0 + bs <= continuing) {
+              hp = from_out;
+              ld_hp = out_stride;
+            } else if (r0 < continuing) {
+              T* dst = rec_h_prev + r0 * out;
+              copy_rows(from_out, out_stride, dst, out, continuing - r0, out);
+              copy_rows(h0 + continuing * out, out, dst + (continuing - r0) * out, out,
+                        r0 + bs - continuing, out);
+              hp = dst;
+            }
+            T* g = rec_gates + r0 * G;
+            forward_step(plan, s, fw, bs, g, hp, ld_hp, rec_h + r0 * out, out, rec_c + r0 * H,
+                         rec_cells + r0 * H, has_proj ? rec_pre_proj + r0 * H : nullptr,
+                         x.at(off * in_size), in_size);
+            g_t = g;
+          }
           for_each_row(bs, G, [&](int64_t b) {
             const T* g = g_t + b * G;
             T* dg = dg_t + b * G;
@@ -341,27 +461,55 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
         }
         if (bb.amx_w_hh) amx_release();  // this thread's last product of the direction
       };
-      for_each_batch_slice(s, s.seq_len, brgemm || bb.on, steps);
+      if (!chunked) {
+        for_each_batch_slice(s, s.seq_len, brgemm || bb.on, [&](int64_t r0, int64_t r1) {
+          steps(s.seq_len - 1, 0, 0, r0, r1);
+        });
+      } else if constexpr (std::is_same_v<T, float>) {
+        // Chunks of consecutive steps, at most kBf16GradRows rows each (or one step): the
+        // recurrence over a chunk, then its products and its rows' bias gradient. The weight
+        // and bias gradients sum the chunks in the order the recurrence finishes them.
+        if (s.rows == 0) {  // an empty batch: zero weight gradients, no dL/dx
+          std::fill_n(gw_ih, G * in_size, 0.0f);
+          std::fill_n(gw_hh, G * out, 0.0f);
+        }
+        bool first = true;
+        for (int64_t step_hi = s.seq_len - 1; step_hi >= 0 && s.rows > 0;) {
+          int64_t step_lo = step_hi, n = s.batch_sizes[time_of(s, d, step_hi)];
+          while (step_lo > 0 && n + s.batch_sizes[time_of(s, d, step_lo - 1)] <= kBf16GradRows)
+            n += s.batch_sizes[time_of(s, d, --step_lo)];
+          const int64_t t_lo = std::min(time_of(s, d, step_lo), time_of(s, d, step_hi));
+          const int64_t t_hi = std::max(time_of(s, d, step_lo), time_of(s, d, step_hi));
+          const int64_t row0 = s.step_offset[t_lo];
+          const int64_t row1 = s.step_offset[t_hi] + s.batch_sizes[t_hi];
+          for_each_batch_slice(s, s.seq_len, true, [&](int64_t r0, int64_t r1) {
+            steps(step_hi, step_lo, row0, r0, r1);
+          });
+          const HPrev<T> h_prev = h_prev_chunk(s, d, t_lo, t_hi, layer_out, h0, h_prev_buf_ptr);
+          bf16_chunk_products(s, bb, dgates, row0, row1, x, in_size, h_prev, gw_ih, gw_hh, dx_l,
+                              d > 0, first);
+          if (gb_ih)
+            for (int64_t r = 0; r < row1 - row0; ++r)
+              for (int64_t j = 0; j < G; ++j) gb_ih[j] += dgates[r * G + j];
+          first = false;
+          step_hi = step_lo - 1;
+        }
+      }
       }
 
-      const T* h0 = hx ? hx + ld * s.batch * out : zeros;
-      const HPrev<T> h_prev = h_prev_rows(s, d, layer_out, h0, h_prev_buf_ptr);
-
-      const int64_t k = s.weight_index(l, d);
-      T* gw_ih = grad_weights[k].mutable_data_ptr<T>();
-      T* gw_hh = grad_weights[k + 1].mutable_data_ptr<T>();
-      // dL/dx of this layer is summed over directions.
-      // The recurrence is done with W_hh: W_ih widened into the same buffer.
-      const T* w_ih = widens ? widened(w.ih.b, G * in_size, widened_w) : w.w_ih;
-      backward_products(s, bb, dgates, x, in_size, h_prev, w_ih, gw_ih, gw_hh, dx_l, d > 0);
+      if (!chunked) {
+        const HPrev<T> h_prev = h_prev_rows(s, d, layer_out, h0, h_prev_buf_ptr);
+        // dL/dx of this layer is summed over directions.
+        // The recurrence is done with W_hh: W_ih widened into the same buffer.
+        const T* w_ih = widens ? widened(w.ih.b, G * in_size, widened_w) : w.w_ih;
+        backward_products(s, dgates, x, in_size, h_prev, w_ih, gw_ih, gw_hh, dx_l, d > 0);
+        if (gb_ih)
+          for (int64_t r = 0; r < s.rows; ++r)
+            for (int64_t j = 0; j < G; ++j) gb_ih[j] += dgates[r * G + j];
+      }
       int64_t next = k + 2;
       if (s.has_biases) {
-        T* gb_ih = grad_weights[next].mutable_data_ptr<T>();
-        T* gb_hh = grad_weights[next + 1].mutable_data_ptr<T>();
-        std::fill_n(gb_ih, G, T(0));
-        for (int64_t r = 0; r < s.rows; ++r)
-          for (int64_t j = 0; j < G; ++j) gb_ih[j] += dgates[r * G + j];
-        std::memcpy(gb_hh, gb_ih, sizeof(T) * G);
+        std::memcpy(grad_weights[next + 1].mutable_data_ptr<T>(), gb_ih, sizeof(T) * G);
         next += 2;
       }
       if (has_proj) {  // also for an empty batch: gemm zero-fills when k == 0

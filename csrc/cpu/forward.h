@@ -25,13 +25,17 @@ void forward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, con
   uint16_t* bf16_weights = bf16_weight_buffer(plan, s, bf16_buf);
   T* w_packed = bf16_weights ? nullptr : brgemm_buffer<T>(plan, s, w_packed_buf);
   T* dropped = (mask && s.num_layers > 1) ? scratch<T>(dropped_buf, s.rows * out_stride) : nullptr;
+  // Where the reserve keeps no gates (lstm.h, gates_in_reserve), every layer and direction's
+  // go to one scratch buffer; the backward recomputes them.
+  at::Tensor gates_buf;
+  T* gates_scratch = s.gates_in_reserve ? nullptr : scratch<T>(gates_buf, s.rows * G);
   for (int64_t l = 0; l < s.num_layers; ++l) {
     const Operand<T> x = layer_input(
         s, l, input, l > 0 ? reserve + s.layer_out_offset(l - 1) : nullptr, mask, dropped);
     T* layer_out = reserve + s.layer_out_offset(l);
     for (int64_t d = 0; d < D; ++d) {
       auto w = direction_weights<T>(s, weights, l, d);
-      T* gates = reserve + s.gates_offset(l, d);
+      T* gates = gates_scratch ? gates_scratch : reserve + s.gates_offset(l, d);
       T* cells = reserve + s.cells_offset(l, d);
       T* pre_proj = reserve + s.pre_proj_offset(l, d);  // used only with projection
       // State lives directly in the h_n / c_n outputs.

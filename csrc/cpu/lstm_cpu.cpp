@@ -79,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu(
   const CallPlan call{cpu_settings(), /*inference=*/false};
   ForwardArgs a = prepare_forward(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
                                   bidirectional, has_biases, proj_size, /*with_reserve=*/true,
-                                  call.keep_bf16());
+                                  call.keep_bf16(), /*may_drop_gates=*/true);
   const CpuPlan plan = call.of(a.shape, a.dtype);
   AT_DISPATCH_FLOATING_TYPES(a.math, "fused_lstm_forward_cpu", [&] {
     forward_impl<scalar_t>(plan, a.shape, operand<scalar_t>(a.input), ptr_or_null<scalar_t>(a.hx),
@@ -252,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_bac
   BackwardArgs a = prepare_backward(input, batch_sizes, hx, cx, weights, dropout_mask, reserve,
                                     grad_output, grad_hy, grad_cy, num_layers, bidirectional,
                                     has_biases, proj_size, call.keep_bf16(),
-                                    call.backward_widens_bf16());
+                                    call.backward_widens_bf16(), /*may_drop_gates=*/true);
   const CpuPlan plan = call.of(a.shape, a.dtype);
   AT_DISPATCH_FLOATING_TYPES(a.math, "fused_lstm_backward_cpu", [&] {
     backward_impl<scalar_t>(
@@ -301,6 +301,7 @@ std::string cpu_plan_op(int64_t input_size, int64_t hidden_size, int64_t proj_si
     s.rows += b;
   }
   s.packed = batch_sizes.front() != batch_sizes.back();
+  s.gates_in_reserve = gates_in_reserve(s.packed, dtype, /*cpu=*/true);
   s.batch_sizes = std::move(batch_sizes);
   const CpuSettings settings = cpu_settings();
   const CallPlan call{settings, inference};

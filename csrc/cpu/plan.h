@@ -131,8 +131,10 @@ inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, bool is
   p.amx_products = p.bf16_products && settings.amx && amx_sizes(s) && amx_bf16_available();
   // The thin kernel reads a bfloat16 model's W_ih and W_hh as they are (thin.h), on any CPU.
   p.keep_bf16 = (p.bf16_products && !thin) || (bf16_model && p.variant == Variant::kThin);
+  // (Not where the backward recomputes the gates without the bf16 products: it reruns the
+  // forward on float32 weights, backward.h.)
   p.backward_widens_bf16 = bf16_model && is_float && !inference && !p.bf16_products &&
-                           p.variant == Variant::kRowWise;
+                           p.variant == Variant::kRowWise && s.gates_in_reserve;
   p.brgemm_steps = is_float && packs && cpu.brgemm && settings.brgemm && !p.bf16_products;
   p.brgemm_dh = is_float && row_sizes && cpu.brgemm && settings.brgemm;
   p.vec16_cell = is_float && cpu.avx512 && settings.vec16_cell;
