@@ -415,9 +415,11 @@ constexpr double kFloorMustWinBy = 1.03;
 // then, unless at::lstm is more than kFloorFarBehind slower, ours again, and for calls shorter
 // than kFloorLongCallSeconds ours and at::lstm's once more: the least of 2 or 3 calls each,
 // the first calls of the shape (which create oneDNN's primitive and measure rates.h's rates)
-// included. At most 5 calls more than the user's own (3 of at::lstm, 2 of ours each shorter
-// than kFloorLongCallSeconds), 3 more for longer calls, 2 (of at::lstm) where it is far
-// behind (benchmarks/notes/floor.md).
+// included; for calls shorter than kFloorLongCallSeconds a fourth of at::lstm, which warms up
+// over its first 3-4 calls. At most 6 calls more than the user's own (4 of at::lstm, 2 of
+// ours), and 3 of ours with the other split where it is timed, each shorter than
+// kFloorLongCallSeconds; 3 (5) more for longer calls, 2 (of at::lstm) where it is far behind
+// (benchmarks/notes/floor.md).
 constexpr double kFloorLongCallSeconds = 0.2;
 constexpr double kFloorFarBehind = 1.5;
 // Keys measured per process at most; calls of further keys run our kernels unmeasured.
