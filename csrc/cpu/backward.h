@@ -95,6 +95,30 @@ struct HPrev {
   int n = 0;
 };
 
+// h_{t-1} of the rows of steps whose times are [t_lo, t_hi] (consecutive rows) gathered into
+// `buf` [rows, out], the first of them at buf: the previous step's layer output (direction d's
+// columns) for rows that continue a sequence, h0 for rows that start at their step.
+template <typename T>
+HPrev<T> gather_h_prev(const LSTMShape& s, int64_t d, int64_t t_lo, int64_t t_hi,
+                       const T* layer_out, const T* h0, T* buf) {
+  const int64_t out = s.out_size, out_stride = s.num_directions * out;
+  const int64_t row0 = s.step_offset[t_lo], row1 = s.step_offset[t_hi] + s.batch_sizes[t_hi];
+  for (int64_t t = t_lo; t <= t_hi; ++t) {
+    const int64_t bs = s.batch_sizes[t];
+    const PrevStep prev = prev_step(s, d, t);
+    T* dst = buf + (s.step_offset[t] - row0) * out;
+    if (prev.continuing > 0)
+      copy_rows(layer_out + s.step_offset[prev.t] * out_stride + d * out, out_stride, dst, out,
+                prev.continuing, out);
+    copy_rows(h0 + prev.continuing * out, out, dst + prev.continuing * out, out,
+              bs - prev.continuing, out);
+  }
+  HPrev<T> hp;
+  hp.seg[0] = {buf, out, row0, row1};
+  hp.n = 1;
+  return hp;
+}
+
 // h_{t-1} of every row of direction d. Where every step has every row, read in place: the
 // layer output shifted by one step (its direction's columns), and h0 for the first step
 // processed (time 0 forward, time T-1 backward). Otherwise gathered into `buf` [rows, out]:
@@ -116,20 +140,7 @@ HPrev<T> h_prev_rows(const LSTMShape& s, int64_t d, const T* layer_out, const T*
     hp.n = 2;
     return hp;
   }
-  for (int64_t t = 0; t < s.seq_len; ++t) {
-    const int64_t bs = s.batch_sizes[t], off = s.step_offset[t];
-    const int64_t prev_t = d == 0 ? t - 1 : t + 1;
-    const int64_t continuing =
-        (prev_t >= 0 && prev_t < s.seq_len) ? std::min(bs, s.batch_sizes[prev_t]) : 0;
-    T* dst = buf + off * out;
-    if (continuing > 0)
-      copy_rows(layer_out + s.step_offset[prev_t] * out_stride + d * out, out_stride, dst, out,
-                continuing, out);
-    copy_rows(h0 + continuing * out, out, dst + continuing * out, out, bs - continuing, out);
-  }
-  hp.seg[0] = {buf, out, 0, rows};
-  hp.n = 1;
-  return hp;
+  return gather_h_prev(s, d, 0, s.seq_len - 1, layer_out, h0, buf);
 }
 
 // h_{t-1} of rows [row0, row1) of direction d, the rows of steps whose times are
@@ -140,7 +151,6 @@ HPrev<T> h_prev_rows(const LSTMShape& s, int64_t d, const T* layer_out, const T*
 template <typename T>
 HPrev<T> h_prev_chunk(const LSTMShape& s, int64_t d, int64_t t_lo, int64_t t_hi, const T* layer_out,
                       const T* h0, T* buf) {
-  const int64_t out = s.out_size, out_stride = s.num_directions * out;
   const int64_t row0 = s.step_offset[t_lo], row1 = s.step_offset[t_hi] + s.batch_sizes[t_hi];
   HPrev<T> hp;
   if (every_step_full(s)) {
@@ -152,20 +162,7 @@ HPrev<T> h_prev_chunk(const LSTMShape& s, int64_t d, int64_t t_lo, int64_t t_hi,
     }
     return hp;
   }
-  for (int64_t t = t_lo; t <= t_hi; ++t) {
-    const int64_t bs = s.batch_sizes[t];
-    const int64_t prev_t = d == 0 ? t - 1 : t + 1;
-    const int64_t continuing =
-        (prev_t >= 0 && prev_t < s.seq_len) ? std::min(bs, s.batch_sizes[prev_t]) : 0;
-    T* dst = buf + (s.step_offset[t] - row0) * out;
-    if (continuing > 0)
-      copy_rows(layer_out + s.step_offset[prev_t] * out_stride + d * out, out_stride, dst, out,
-                continuing, out);
-    copy_rows(h0 + continuing * out, out, dst + continuing * out, out, bs - continuing, out);
-  }
-  hp.seg[0] = {buf, out, row0, row1};
-  hp.n = 1;
-  return hp;
+  return gather_h_prev(s, d, t_lo, t_hi, layer_out, h0, buf);
 }
 
 // The bf16 products of a chunk of a layer and direction's rows, [row0, row1) (the rows of
@@ -425,11 +422,10 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
           if (recompute) {  // the forward's step again: its products and cell pass
             // h_{t-1} of the slice: the previous step's layer output for rows that continue,
             // h0 for rows that start here; none at the first step without hx (as forward_steps)
-            const int64_t prev_t = d == 0 ? t - 1 : t + 1;
-            const int64_t continuing = (prev_t >= 0 && prev_t < s.seq_len)
-                ? std::min(s.batch_sizes[t], s.batch_sizes[prev_t]) : 0;
+            const PrevStep prev = prev_step(s, d, t);
+            const int64_t continuing = prev.continuing;
             const T* from_out = continuing > 0
-                ? layer_out + (s.step_offset[prev_t] + r0) * out_stride + d * out : nullptr;
+                ? layer_out + (s.step_offset[prev.t] + r0) * out_stride + d * out : nullptr;
             const T* hp = h0 + r0 * out;
             int64_t ld_hp = out;
             if (step == 0 && hx == nullptr) {

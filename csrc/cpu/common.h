@@ -128,6 +128,17 @@ inline int64_t time_of(const LSTMShape& s, int64_t direction, int64_t step) {
   return direction == 0 ? step : s.seq_len - 1 - step;
 }
 
+// The step before time t in direction d's processing order (t - 1 forward, t + 1 backward),
+// and how many of t's rows continue from it (rows that start at t read the initial state):
+// prev.t is -1 where t is the direction's first step, and then prev.continuing is 0.
+struct PrevStep {
+  int64_t t = -1, continuing = 0;
+};
+inline PrevStep prev_step(const LSTMShape& s, int64_t direction, int64_t t) {
+  const int64_t prev_t = direction == 0 ? t - 1 : t + 1;
+  if (prev_t < 0 || prev_t >= s.seq_len) return {};
+  return {prev_t, std::min(s.batch_sizes[t], s.batch_sizes[prev_t])};
+}
 
 // c_{t-1} of rows [r0, r0 + n) of step t as one contiguous [n, H] block: a run of the reserve's
 // cells when every row continues a sequence, else pieced together in `buf` (at row r0) with c0

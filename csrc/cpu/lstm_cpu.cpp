@@ -269,10 +269,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_bac
   return finish_backward(a, weights);
 }
 
-// The sizes of an LSTM (the batch and steps left to the caller), for the ops below that plan
-// a call from sizes alone.
+// The sizes of an LSTM and of a call's steps (batch_sizes: one per step, every step's batch or
+// a packed sequence's batch sizes), for the ops below that plan a call from sizes alone.
 LSTMShape shape_of_sizes(int64_t input_size, int64_t hidden_size, int64_t proj_size,
-                         int64_t num_layers, bool bidirectional, bool has_biases) {
+                         int64_t num_layers, bool bidirectional, bool has_biases,
+                         std::vector<int64_t> batch_sizes) {
   LSTMShape s;
   s.num_layers = num_layers;
   s.num_directions = bidirectional ? 2 : 1;
@@ -281,6 +282,14 @@ LSTMShape shape_of_sizes(int64_t input_size, int64_t hidden_size, int64_t proj_s
   s.proj_size = proj_size;
   s.out_size = proj_size > 0 ? proj_size : hidden_size;
   s.has_biases = has_biases;
+  s.seq_len = static_cast<int64_t>(batch_sizes.size());
+  s.batch = batch_sizes.empty() ? 0 : batch_sizes[0];
+  for (const int64_t b : batch_sizes) {
+    s.step_offset.push_back(s.rows);
+    s.rows += b;
+  }
+  s.packed = !batch_sizes.empty() && batch_sizes.front() != batch_sizes.back();
+  s.batch_sizes = std::move(batch_sizes);
   return s;
 }
 
@@ -296,16 +305,8 @@ std::string cpu_plan_op(int64_t input_size, int64_t hidden_size, int64_t proj_si
                         !batch_sizes.empty(),
                     "fused_lstm::cpu_plan: bad sizes");
   LSTMShape s = shape_of_sizes(input_size, hidden_size, proj_size, num_layers, bidirectional,
-                               has_biases);
-  s.seq_len = static_cast<int64_t>(batch_sizes.size());
-  s.batch = batch_sizes[0];
-  for (const int64_t b : batch_sizes) {
-    s.step_offset.push_back(s.rows);
-    s.rows += b;
-  }
-  s.packed = batch_sizes.front() != batch_sizes.back();
+                               has_biases, std::move(batch_sizes));
   s.gates_in_reserve = gates_in_reserve(s.packed, dtype, /*cpu=*/true);
-  s.batch_sizes = std::move(batch_sizes);
   const CpuSettings settings = cpu_settings();
   const CallPlan call{settings, inference};
   const CpuPlan plan = call.of(s, dtype);
@@ -328,17 +329,11 @@ void floor_record_op(int64_t input_size, int64_t hidden_size, int64_t num_layers
                      bool bidirectional, bool has_biases, int64_t batch, int64_t seq_len,
                      at::ScalarType dtype, double fused_ms, double aten_ms,
                      double other_split_ms) {
-  LSTMShape s = shape_of_sizes(input_size, hidden_size, /*proj_size=*/0, num_layers,
-                               bidirectional, has_biases);
-  s.batch = batch;
-  s.seq_len = seq_len;
+  const LSTMShape s = shape_of_sizes(input_size, hidden_size, /*proj_size=*/0, num_layers,
+                                     bidirectional, has_biases,
+                                     std::vector<int64_t>(seq_len, batch));
   FloorTimes t;
   if (other_split_ms >= 0) {  // as measured: only where the measurement times the other split
-    for (int64_t step = 0; step < seq_len; ++step) {
-      s.step_offset.push_back(s.rows);
-      s.rows += batch;
-      s.batch_sizes.push_back(batch);
-    }
     const CpuPlan plan = CallPlan{cpu_settings(), /*inference=*/true}.of(s, dtype);
     TORCH_CHECK_VALUE(measures_other_split(plan, s, t.other_split_hidden),
                       "fused_lstm::_floor_record: the floor does not time the other split of "

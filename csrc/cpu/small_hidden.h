@@ -301,11 +301,10 @@ template <typename T>
 const T* tiny_c_prev(const LSTMShape& s, int64_t d, int64_t t, int64_t bs, const T* cells,
                      const T* c0T, T* buf) {
   const int64_t H = s.hidden_size, B = s.batch;
-  const int64_t prev_t = d == 0 ? t - 1 : t + 1;
-  const bool has_prev = prev_t >= 0 && prev_t < s.seq_len;
-  const int64_t prev_bs = has_prev ? s.batch_sizes[prev_t] : 0;
+  const PrevStep p = prev_step(s, d, t);
+  const int64_t prev_bs = p.t >= 0 ? s.batch_sizes[p.t] : 0;
   const int64_t continuing = std::min(bs, prev_bs);
-  const T* prev = has_prev ? cells + s.step_offset[prev_t] * H : nullptr;
+  const T* prev = p.t >= 0 ? cells + s.step_offset[p.t] * H : nullptr;
   if (continuing == bs && prev_bs == bs) return prev;
   if (continuing == 0 && bs == B) return c0T;
   if (continuing > 0) copy_rows(prev, prev_bs, buf, bs, H, continuing);
