@@ -9,13 +9,22 @@
 #include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
+#include <atomic>
+#ifdef __x86_64__
+#include <immintrin.h>
+#endif
+
 namespace fused_lstm {
 
-// ---- bfloat16 <-> float32 on the CPU (lstm.h) ----
+// ---- bfloat16 / float16 <-> float32 on the CPU (lstm.h) ----
 namespace {
 
-// target_clones: baseline x86-64, AVX2 and AVX-512 versions of the loops, chosen at run time.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FUSED_LSTM_X86_GCC 1
+#endif
+
+// target_clones: baseline x86-64, AVX2 and AVX-512 versions of the loops, chosen at run time.
+#ifdef FUSED_LSTM_X86_GCC
 #define FUSED_LSTM_CONVERT_CLONES \
   __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 #else
@@ -23,37 +32,134 @@ namespace {
 #endif
 
 FUSED_LSTM_CONVERT_CLONES void widen_bf16_run(const uint16_t* __restrict src, int64_t n,
-                                              uint32_t* __restrict dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = uint32_t{src[i]} << 16;
+                                              float* __restrict dst) {
+  auto* out = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) out[i] = uint32_t{src[i]} << 16;
 }
 
 // As torch 2.13's CPU conversion (cvtfp32_bf16 in ATen's vectorised bf16): add 0x7FFF plus
 // the lowest kept bit, keep the upper half; a NaN of either sign becomes 0xFFFF.
-FUSED_LSTM_CONVERT_CLONES void round_bf16_run(const uint32_t* __restrict src, int64_t n,
+FUSED_LSTM_CONVERT_CLONES void round_bf16_run(const float* __restrict src, int64_t n,
                                               uint16_t* __restrict dst) {
+  const auto* in = reinterpret_cast<const uint32_t*>(src);
   for (int64_t i = 0; i < n; ++i) {
-    const uint32_t u = src[i];
+    const uint32_t u = in[i];
     const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
     dst[i] = (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t{0xFFFF} : rounded;
   }
 }
 
-// Elements per thread from which widen_bf16 and round_bf16 split over threads (ATen's copy
-// grain).
+// float16: F16C's vcvtph2ps (exact) and vcvtps2ph to nearest even, the instructions torch's
+// vectorised CPU conversion uses, 16 at a time on AVX-512F and 8 with AVX + F16C; else c10's
+// scalar conversion (the same values; a NaN may keep other payload bits).
+void widen_half_scalar(const uint16_t* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = c10::detail::fp16_ieee_to_fp32_value(src[i]);
+}
+void round_half_scalar(const float* src, int64_t n, uint16_t* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = c10::detail::fp16_ieee_from_fp32_value(src[i]);
+}
+#ifdef FUSED_LSTM_X86_GCC
+__attribute__((target("avx512f,f16c"))) void widen_half_avx512(const uint16_t* src, int64_t n,
+                                                               float* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(
+                                  reinterpret_cast<const __m256i*>(src + i))));
+  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
+}
+__attribute__((target("avx,f16c"))) void widen_half_f16c(const uint16_t* src, int64_t n,
+                                                         float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i,
+                     _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
+}
+__attribute__((target("avx512f,f16c"))) void round_half_avx512(const float* src, int64_t n,
+                                                               uint16_t* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(src + i),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (; i < n; ++i) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+}
+__attribute__((target("avx,f16c"))) void round_half_f16c(const float* src, int64_t n,
+                                                         uint16_t* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (; i < n; ++i) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+}
+#endif
+
+using WidenRun = void (*)(const uint16_t*, int64_t, float*);
+using RoundRun = void (*)(const float*, int64_t, uint16_t*);
+
+// The widest of the float16 loops this CPU runs: 2 AVX-512F, 1 AVX + F16C, 0 scalar.
+int half_isa() {
+  static const int isa = [] {
+#ifdef FUSED_LSTM_X86_GCC
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c")) return 2;
+    if (__builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c")) return 1;
+#endif
+    return 0;
+  }();
+  return isa;
+}
+// The cap set by the test hook (lstm.h isa_level_cap; -1: none).
+std::atomic<int> forced_isa_cap{-1};
+
+int half_isa_now() {
+  const int cap = forced_isa_cap.load(std::memory_order_relaxed);
+  return cap >= 0 ? std::min(cap, half_isa()) : half_isa();
+}
+WidenRun widen_half_run() {
+#ifdef FUSED_LSTM_X86_GCC
+  switch (half_isa_now()) {
+    case 2: return widen_half_avx512;
+    case 1: return widen_half_f16c;
+    default: break;
+  }
+#endif
+  return widen_half_scalar;
+}
+RoundRun round_half_run() {
+#ifdef FUSED_LSTM_X86_GCC
+  switch (half_isa_now()) {
+    case 2: return round_half_avx512;
+    case 1: return round_half_f16c;
+    default: break;
+  }
+#endif
+  return round_half_scalar;
+}
+
+// Elements per thread from which the conversions split over threads (ATen's copy grain).
 constexpr int64_t kConvertGrain = int64_t{1} << 15;
+
+void round_with(RoundRun run, const float* src, int64_t n, uint16_t* dst) {
+  if (n < 2 * kConvertGrain) return run(src, n, dst);
+  at::parallel_for(0, n, kConvertGrain, [&](int64_t begin, int64_t end) {
+    run(src + begin, end - begin, dst + begin);
+  });
+}
 
 }  // namespace
 
-void widen_bf16(const at::Tensor& src, float* dst) {
-  TORCH_INTERNAL_ASSERT(src.scalar_type() == at::kBFloat16 && src.is_cpu());
-  const auto* p = reinterpret_cast<const uint16_t*>(src.const_data_ptr<c10::BFloat16>());
-  auto* out = reinterpret_cast<uint32_t*>(dst);
+void widen_to_float(const at::Tensor& src, float* dst) {
+  TORCH_INTERNAL_ASSERT(is_16bit(src.scalar_type()) && src.is_cpu());
+  const WidenRun run = src.scalar_type() == at::kBFloat16 ? widen_bf16_run : widen_half_run();
+  const auto* p = static_cast<const uint16_t*>(src.const_data_ptr());
   const int64_t n = src.numel();
   if (n == 0) return;
   if (src.is_contiguous()) {
-    if (n < 2 * kConvertGrain) return widen_bf16_run(p, n, out);
+    if (n < 2 * kConvertGrain) return run(p, n, dst);
     at::parallel_for(0, n, kConvertGrain, [&](int64_t begin, int64_t end) {
-      widen_bf16_run(p + begin, end - begin, out + begin);
+      run(p + begin, end - begin, dst + begin);
     });
     return;
   }
@@ -69,10 +175,9 @@ void widen_bf16(const at::Tensor& src, float* dst) {
         rest /= sizes[d];
       }
       if (inner_stride == 1) {
-        widen_bf16_run(p + offset, inner, out + r * inner);
+        run(p + offset, inner, dst + r * inner);
       } else {
-        for (int64_t i = 0; i < inner; ++i)
-          out[r * inner + i] = uint32_t{p[offset + i * inner_stride]} << 16;
+        for (int64_t i = 0; i < inner; ++i) run(p + offset + i * inner_stride, 1, dst + r * inner + i);
       }
     }
   };
@@ -82,13 +187,24 @@ void widen_bf16(const at::Tensor& src, float* dst) {
 }
 
 void round_bf16(const float* src, int64_t n, c10::BFloat16* dst) {
-  const auto* in = reinterpret_cast<const uint32_t*>(src);
-  auto* out = reinterpret_cast<uint16_t*>(dst);
-  if (n < 2 * kConvertGrain) return round_bf16_run(in, n, out);
-  at::parallel_for(0, n, kConvertGrain, [&](int64_t begin, int64_t end) {
-    round_bf16_run(in + begin, end - begin, out + begin);
-  });
+  round_with(round_bf16_run, src, n, reinterpret_cast<uint16_t*>(dst));
 }
+
+void round_half(const float* src, int64_t n, c10::Half* dst) {
+  round_with(round_half_run(), src, n, reinterpret_cast<uint16_t*>(dst));
+}
+
+void round_to(const float* src, int64_t n, at::ScalarType dtype, void* dst) {
+  TORCH_INTERNAL_ASSERT(is_16bit(dtype));
+  round_with(dtype == at::kBFloat16 ? round_bf16_run : round_half_run(), src, n,
+             static_cast<uint16_t*>(dst));
+}
+
+int set_isa_level_cap(int level) { return forced_isa_cap.exchange(level < 0 ? -1 : level); }
+
+int isa_level_cap() { return forced_isa_cap.load(std::memory_order_relaxed); }
+
+int half_conversion_isa() { return half_isa_now(); }
 
 namespace {
 
@@ -271,17 +387,17 @@ at::Tensor float_view(const at::Tensor& buf, int64_t offset, at::IntArrayRef siz
 }
 
 // A call's tensors in the math dtype (contiguous), as to_math gives them, except that CPU
-// bfloat16 tensors bound for float32 are not converted one ATen op each (~1 us per tensor, a
-// dozen per call: at the small sizes more than the kernels): they are queued, and finish()
-// widens all of them by one loop into one scratch buffer that their results view. The same
-// values as to_math's (widening is exact).
+// bfloat16 and float16 tensors bound for float32 are not converted one ATen op each (~1 us per
+// tensor, a dozen per call: at the small sizes more than the kernels): they are queued, and
+// finish() widens all of them by one loop each into one scratch buffer that their results
+// view. The same values as to_math's (widening is exact).
 class ToMath {
  public:
   explicit ToMath(at::ScalarType math) : math_(math) {}
 
   // out = t in the math dtype, now or at finish(); `t` and `out` must outlive finish().
   void operator()(const at::Tensor& t, at::Tensor& out) {
-    if (t.scalar_type() == at::kBFloat16 && math_ == at::kFloat && t.is_cpu()) {
+    if (is_16bit(t.scalar_type()) && math_ == at::kFloat && t.is_cpu()) {
       pending_.emplace_back(&t, &out);
       numel_ += t.numel();
       return;
@@ -292,11 +408,11 @@ class ToMath {
     if (t.has_value()) (*this)(*t, out);
   }
 
-  // Whether finish() makes a scratch buffer (there are CPU bfloat16 tensors to widen).
+  // Whether finish() makes a scratch buffer (there are CPU 16-bit tensors to widen).
   bool widens() const { return !pending_.empty(); }
 
   // Where widens(): out = uninitialised floats of `sizes` in finish()'s scratch buffer too. For
-  // the results that the kernels fill in float32 and the op returns rounded to bf16 (a copy,
+  // the results that the kernels fill in float32 and the op returns rounded (a copy,
   // in_dtype), so they cost no allocation of their own.
   void scratch_result(at::Tensor& out, at::IntArrayRef sizes) {
     TORCH_INTERNAL_ASSERT(widens());
@@ -312,7 +428,7 @@ class ToMath {
     float* p = buf.mutable_data_ptr<float>();
     int64_t offset = 0;
     for (const auto& [src, out] : pending_) {
-      widen_bf16(*src, p + offset);
+      widen_to_float(*src, p + offset);
       *out = float_view(buf, offset, src->sizes());
       offset += src->numel();
     }
@@ -326,7 +442,7 @@ class ToMath {
 
  private:
   // Inline room for a call's tensors (up to a dozen, and up to a dozen results in the
-  // backward): no heap allocation per entry (a bf16 call at the tutorial sizes is a few us).
+  // backward): no heap allocation per entry (a 16-bit call at the tutorial sizes is a few us).
   using Sizes = c10::SmallVector<int64_t, 4>;
   at::ScalarType math_;
   c10::SmallVector<std::pair<const at::Tensor*, at::Tensor*>, 16> pending_;
@@ -334,15 +450,16 @@ class ToMath {
   int64_t numel_ = 0;
 };
 
-// Whether a call keeps its bf16 tensors as given (lstm.h, KeepBf16).
-bool keeps_bf16(const LSTMShape& s, const at::Tensor& input, KeepBf16 keep_bf16) {
-  return input.scalar_type() == at::kBFloat16 && keep_bf16 != nullptr && keep_bf16(s);
+// Whether a call keeps its 16-bit tensors as given (lstm.h, Keep16).
+bool keeps_16bit(const LSTMShape& s, const at::Tensor& input, const Keep16& keep) {
+  return is_16bit(input.scalar_type()) && input.is_cpu() && keep != nullptr &&
+         keep(s, input.scalar_type());
 }
 
 // The input and W_ih / W_hh as the kernels read them: kept as given (contiguous) where `keep`
 // (W_ih / W_hh also where `keep_weights`), else in the math dtype (through `convert`). A kept
 // input that is not contiguous (batch_first) is widened with the rest rather than copied by an
-// ATen op: the kernels that read bf16 operands read float32 ones too (Operand), with the same
+// ATen op: the kernels that read 16-bit operands read float32 ones too (Operand), with the same
 // products (widening is exact).
 void convert_input_and_weights(const LSTMShape& s, const at::Tensor& input,
                                at::TensorList weights, ToMath& convert, bool keep,
@@ -374,7 +491,7 @@ ForwardArgs prepare_forward(
     const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
     bool bidirectional, bool has_biases, int64_t proj_size, bool with_reserve,
-    KeepBf16 keep_bf16, bool may_drop_gates) {
+    Keep16 keep, bool may_drop_gates) {
   ForwardArgs a;
   a.shape = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
                             bidirectional, has_biases, proj_size);
@@ -386,14 +503,16 @@ ForwardArgs prepare_forward(
   a.dtype = input.scalar_type();
   a.math = math_type(a.dtype);
   ToMath convert(a.math);
-  convert_input_and_weights(s, input, weights, convert, keeps_bf16(s, input, keep_bf16),
-                            /*keep_weights=*/false, a.input, a.weights);
+  // A float16 call keeps its weights only (lstm.h).
+  const bool kept = keeps_16bit(s, input, keep), half = a.dtype == at::kHalf;
+  convert_input_and_weights(s, input, weights, convert, kept && !half, kept && half, a.input,
+                            a.weights);
   convert(hx, a.hx);
   convert(cx, a.cx);
   convert(dropout_mask, a.dropout_mask);
   const int64_t LD = s.num_layers * s.num_directions;
-  if (convert.widens()) {  // a CPU bfloat16 call: its float32 results returned rounded
-    TORCH_INTERNAL_ASSERT(a.dtype == at::kBFloat16);
+  if (convert.widens()) {  // a CPU 16-bit call: its float32 results returned rounded
+    TORCH_INTERNAL_ASSERT(is_16bit(a.dtype));
     convert.scratch_result(a.hy, {LD, s.batch, s.out_size});
     convert.scratch_result(a.cy, {LD, s.batch, s.hidden_size});
     if (!with_reserve) {
@@ -420,10 +539,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_forward(const 
   const int64_t numel = s.rows * s.num_directions * s.out_size;
   // A copy even in the math dtype: an output must not alias the reserve.
   at::Tensor output;
-  if (a.dtype == at::kBFloat16 && a.math == at::kFloat && a.reserve.is_cpu()) {
+  if (is_16bit(a.dtype) && a.math == at::kFloat && a.reserve.is_cpu()) {
     output = at::empty(out_shape, a.reserve.options().dtype(a.dtype));
-    round_bf16(a.reserve.const_data_ptr<float>() + offset, numel,
-               output.mutable_data_ptr<c10::BFloat16>());
+    round_to(a.reserve.const_data_ptr<float>() + offset, numel, a.dtype,
+             output.mutable_data_ptr());
   } else {
     output = a.reserve.narrow(0, offset, numel)
                  .view(out_shape)
@@ -439,7 +558,7 @@ BackwardArgs prepare_backward(
     const at::Tensor& reserve, const std::optional<at::Tensor>& grad_output,
     const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
-    KeepBf16 keep_bf16, KeepBf16 keep_bf16_weights, bool may_drop_gates) {
+    Keep16 keep_16bit, Keep16 keep_16bit_weights, bool may_drop_gates) {
   BackwardArgs a;
   a.shape = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
                             bidirectional, has_biases, proj_size);
@@ -453,9 +572,11 @@ BackwardArgs prepare_backward(
   a.math = math_type(a.dtype);
   TORCH_CHECK(reserve.scalar_type() == a.math, "fused_lstm: reserve has dtype ",
               reserve.scalar_type(), ", expected ", a.math);
-  const bool keep = keeps_bf16(s, input, keep_bf16);
+  // (A float16 call keeps at most its weights: keep_16bit_weights.)
+  const bool keep = keeps_16bit(s, input, keep_16bit);
+  TORCH_INTERNAL_ASSERT(!keep || a.dtype == at::kBFloat16);
   ToMath convert(a.math);
-  const bool keep_weights = keeps_bf16(s, input, keep_bf16_weights);
+  const bool keep_weights = keeps_16bit(s, input, keep_16bit_weights);
   convert_input_and_weights(s, input, weights, convert, keep, keep_weights, a.input, a.weights);
   convert(hx, a.hx);
   convert(cx, a.cx);
@@ -467,13 +588,13 @@ BackwardArgs prepare_backward(
   convert(grad_cy, a.grad_cy);
   const int64_t LD = s.num_layers * s.num_directions;
   a.grad_weights.resize(weights.size());
-  // A CPU bfloat16 call: its float32 results returned rounded, in the scratch buffer. Except
+  // A CPU 16-bit call: its float32 results returned rounded, in the scratch buffer. Except
   // where the op keeps bf16 operands (the bf16 products: sizes where an allocation per result
   // costs nothing that shows): there each gradient keeps a tensor of its own, one allocation of
   // its size, which tests/test_production.py counts to show that no float copy of the input or
   // the weights is made.
   if (convert.widens() && !keep) {
-    TORCH_INTERNAL_ASSERT(a.dtype == at::kBFloat16);
+    TORCH_INTERNAL_ASSERT(is_16bit(a.dtype));
     if (!keep_weights)  // else each its own buffer, released one by one in finish_backward
       for (size_t i = 0; i < weights.size(); ++i)
         convert.scratch_result(a.grad_weights[i], weights[i].sizes());

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <c10/util/Optional.h>
 
 #include <tuple>
@@ -12,6 +13,9 @@
 #include <vector>
 
 namespace fused_lstm {
+
+// The 16-bit floating types, which the CPU kernels compute in float32.
+inline bool is_16bit(at::ScalarType st) { return st == at::kBFloat16 || st == at::kHalf; }
 
 // Sizes of one call of the stacked-LSTM op, validated.
 //
@@ -156,27 +160,29 @@ LSTMShape check_lstm_args(
 // The kernels compute in the math dtype: float for float/bfloat16/half, double for double.
 // prepare_* checks the arguments, converts every tensor to the math dtype (contiguous) and
 // allocates the results; the kernels fill them; finish_* converts them back to the caller's
-// dtypes. Absent optional tensors stay undefined. On the CPU, the bfloat16 tensors of a call
-// are widened by one loop into one scratch buffer (widen_bf16), which the converted tensors
-// view, and results are rounded back by round_bf16 (in_dtype): no ATen conversion per tensor.
-// Except: for a bfloat16 call where `keep_bf16(shape)` holds (a backend whose products read
-// bf16 operands as they are), the input, every W_ih and every W_hh, and the backward's
-// grad_output, stay bfloat16 (made contiguous; an input or grad_output that is not contiguous
-// is widened with the rest instead), so no float copy of them is made; the biases, W_hr and
-// everything else are converted. prepare_backward's `keep_bf16_weights(shape)` keeps only
-// W_ih and W_hh so (a backend that widens them to float a layer at a time), and then gives
-// each weight gradient its own buffer, so finish_backward can release each as it is rounded.
-using KeepBf16 = std::function<bool(const LSTMShape&)>;
+// dtypes. Absent optional tensors stay undefined. On the CPU, the bfloat16 and float16 tensors
+// of a call are widened by one loop into one scratch buffer (widen_to_float), which the
+// converted tensors view, and results are rounded back by round_to (in_dtype): no ATen
+// conversion per tensor. Except where `keep(shape, dtype)` holds: a bfloat16 call keeps the input,
+// every W_ih and every W_hh, and the backward's grad_output, as given (a backend whose products
+// read bf16 operands as they are; made contiguous; an input or grad_output that is not
+// contiguous is widened with the rest instead); a float16 call keeps W_ih and W_hh only (a
+// kernel that widens them as it reads them): no float copy of them is made; the biases, W_hr
+// and everything else are converted. prepare_backward's `keep_weights(shape, dtype)` keeps only W_ih
+// and W_hh so, in either dtype (a backend that widens them to float a layer at a time), and
+// then gives each weight gradient its own buffer, so finish_backward can release each as it is
+// rounded.
+using Keep16 = std::function<bool(const LSTMShape&, at::ScalarType)>;
 
 struct ForwardArgs {
   LSTMShape shape;
   at::ScalarType dtype;  // the caller's
   at::ScalarType math;
-  at::Tensor input, hx, cx, dropout_mask;  // as given, in the math dtype (or kept bf16)
-  std::vector<at::Tensor> weights;         // in the math dtype (W_ih and W_hh maybe kept bf16)
+  at::Tensor input, hx, cx, dropout_mask;  // as given, in the math dtype (or kept 16-bit)
+  std::vector<at::Tensor> weights;         // in the math dtype (W_ih and W_hh maybe kept 16-bit)
   at::Tensor hy, cy, reserve;  // results: [L*D, B, out], [L*D, B, H], [reserve_numel()]
                                // (reserve undefined when prepared without one)
-  // Prepared without a reserve (inference), where the bf16 tensors were widened on the CPU:
+  // Prepared without a reserve (inference), where 16-bit tensors were widened on the CPU:
   // the output [*input.shape[:-1], D*out] in the math dtype, in the same scratch buffer as
   // them (and hy, cy); else undefined (the backend allocates it).
   at::Tensor output;
@@ -186,7 +192,7 @@ struct BackwardArgs {
   LSTMShape shape;
   at::ScalarType dtype;
   at::ScalarType math;
-  // In the math dtype, as ForwardArgs' (input, W_ih, W_hh and grad_output maybe kept bf16).
+  // In the math dtype, as ForwardArgs' (input, W_ih, W_hh and grad_output maybe kept 16-bit).
   at::Tensor input, hx, cx, dropout_mask, reserve, grad_output, grad_hy, grad_cy;
   std::vector<at::Tensor> weights;
   // results, in the math dtype: shaped like input, [L*D, B, out], [L*D, B, H], like weights
@@ -205,28 +211,41 @@ ForwardArgs prepare_forward(
     const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
     bool bidirectional, bool has_biases, int64_t proj_size, bool with_reserve = true,
-    KeepBf16 keep_bf16 = nullptr, bool may_drop_gates = false);
+    Keep16 keep = nullptr, bool may_drop_gates = false);
 
-// bfloat16 <-> float32 on the CPU without an ATen conversion op per tensor (lstm.cpp): a call
-// at the small sizes converts a dozen tensors, and each `to` cost ~1 us, more than the kernels
-// (benchmarks/notes/bf16.md, "bf16 at the small sizes: one conversion pass per call").
-// widen_bf16: the bfloat16 CPU tensor `src` (any strides) as src.numel() floats, in src's
-// element order, at dst (exact: a bf16 is the upper half of a float32).
-void widen_bf16(const at::Tensor& src, float* dst);
+// bfloat16 / float16 <-> float32 on the CPU without an ATen conversion op per tensor
+// (lstm.cpp): a call at the small sizes converts a dozen tensors, and each `to` cost ~1 us, more
+// than the kernels (benchmarks/notes/bf16.md, "bf16 at the small sizes: one conversion pass per
+// call"; benchmarks/notes/fp16.md).
+// widen_to_float: the bfloat16 or float16 CPU tensor `src` (any strides) as src.numel() floats,
+// in src's element order, at dst (exact: every bf16 and fp16 value is a float32 value).
+void widen_to_float(const at::Tensor& src, float* dst);
 // round_bf16: n floats rounded to bf16 as torch's .to(torch.bfloat16) rounds them on the CPU,
-// bit for bit: to nearest even, denormals kept, every NaN to 0xFFFF. Split over threads when
-// long.
+// bit for bit: to nearest even, denormals kept, every NaN to 0xFFFF. round_half: to float16 as
+// torch's .to(torch.float16) does (F16C's vcvtps2ph where the CPU has it, as torch's
+// vectorised conversion: to nearest even, denormals kept, overflow to infinity). round_to: to
+// `dtype` (bfloat16 or float16). Split over threads when long.
 void round_bf16(const float* src, int64_t n, c10::BFloat16* dst);
+void round_half(const float* src, int64_t n, c10::Half* dst);
+void round_to(const float* src, int64_t n, at::ScalarType dtype, void* dst);
+// Test hooks, so that each version is checked on a CPU that would pick a wider one: cap the
+// vector ISA of the versions chosen at run time by CPU feature (the float16 conversions here
+// and the thin kernel's dot products, cpu/thin.h) at `level`: 0 the baseline (x86-64, scalar
+// float16 conversions), 1 AVX2 (x86-64-v3, with F16C), 2 AVX-512 (x86-64-v4); a cap above
+// this CPU's level runs this CPU's; -1 removes the cap. Returns the cap before (-1: none).
+// half_conversion_isa: the level of the float16 conversions now in effect.
+int set_isa_level_cap(int level);
+int isa_level_cap();
+int half_conversion_isa();
 
 // t in `dtype`: t itself when it already is (no dispatcher call, ~0.2 us), else a converted
-// copy: a contiguous float32 CPU tensor to bfloat16 by round_bf16 into a fresh tensor (the
-// same bits as t.to(dtype)), anything else by t.to(dtype).
+// copy: a contiguous float32 CPU tensor to bfloat16 or float16 by round_to into a fresh tensor
+// (the same values as t.to(dtype)), anything else by t.to(dtype).
 inline at::Tensor in_dtype(const at::Tensor& t, at::ScalarType dtype) {
   if (t.scalar_type() == dtype) return t;
-  if (dtype == at::kBFloat16 && t.scalar_type() == at::kFloat && t.is_cpu() &&
-      t.is_contiguous()) {
+  if (is_16bit(dtype) && t.scalar_type() == at::kFloat && t.is_cpu() && t.is_contiguous()) {
     at::Tensor out = at::empty(t.sizes(), t.options().dtype(dtype));
-    round_bf16(t.const_data_ptr<float>(), t.numel(), out.mutable_data_ptr<c10::BFloat16>());
+    round_to(t.const_data_ptr<float>(), t.numel(), dtype, out.mutable_data_ptr());
     return out;
   }
   return t.to(dtype);
@@ -242,7 +261,7 @@ BackwardArgs prepare_backward(
     const at::Tensor& reserve, const std::optional<at::Tensor>& grad_output,
     const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
-    KeepBf16 keep_bf16 = nullptr, KeepBf16 keep_bf16_weights = nullptr,
+    Keep16 keep = nullptr, Keep16 keep_weights = nullptr,
     bool may_drop_gates = false);
 
 // (grad_input, grad_hx, grad_cx, grad_weights), each in its argument's dtype. Releases what `a`

@@ -41,7 +41,7 @@ pytestmark = pytest.mark.filterwarnings(  # nn.LSTM's own, for the projection ca
     "ignore:LSTM with projections is not supported with oneDNN:UserWarning")
 
 CPU = fused_lstm.backends.cpu
-F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
+F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 
 
 FEATURES = cpu_features()
@@ -141,7 +141,7 @@ CASES = {
     "row_wise-bf16_gemm": (
         {"allow_amx": False},
         dict(input_size=24, hidden_size=32, num_layers=2, bidirectional=True), 10, 12, BF16,
-        True, {"variant": "row_wise", "recurrent_product": "bf16_gemm", "keep_bf16": "true",
+        True, {"variant": "row_wise", "recurrent_product": "bf16_gemm", "keep_16bit": "true",
                "backward_dh_product": "bf16_gemm", "backward_weight_products": "bf16_gemm"},
         "avx512_bf16"),
     "row_wise-bf16_gemm-odd-input": (
@@ -150,7 +150,7 @@ CASES = {
          "input_projection.0": "bf16_gemm, fused into the steps"}, "avx512_bf16"),
     "row_wise-amx": (
         {}, dict(input_size=24, hidden_size=32, num_layers=2, bidirectional=True), 10, 12, BF16,
-        True, {"variant": "row_wise", "recurrent_product": "amx_brgemm", "keep_bf16": "true",
+        True, {"variant": "row_wise", "recurrent_product": "amx_brgemm", "keep_16bit": "true",
                "input_projection.0": "amx_brgemm, fused into the steps",
                "backward_dh_product": "amx_brgemm",
                "backward_weight_products": "amx_brgemm"}, "amx_bf16"),
@@ -167,18 +167,25 @@ CASES = {
     "row_wise-bf16-float32-products": (
         {"allow_bf16_products": False},
         dict(input_size=24, hidden_size=32, num_layers=2, bidirectional=True), 10, 12, BF16,
-        True, {"variant": "row_wise", "keep_bf16": "false", "backward_dh_product": "brgemm"},
+        True, {"variant": "row_wise", "keep_16bit": "false", "backward_dh_product": "brgemm"},
         "brgemm"),
     "thin-one-step": (
         {}, dict(input_size=64, hidden_size=48, num_layers=2, bidirectional=True), 1, 3, F32,
         False, {"variant": "thin", "recurrent_product": "thin kernel (dot products)"}, None),
     "thin-bf16-one-step": (
         {}, dict(input_size=64, hidden_size=48, num_layers=2, bidirectional=True), 1, 3, BF16,
-        False, {"variant": "thin", "keep_bf16": "true", "recurrent_product":
+        False, {"variant": "thin", "keep_16bit": "true", "recurrent_product":
                 "thin kernel (dot products, bf16 weights widened to float32)"}, None),
+    "thin-fp16-one-step": (
+        {}, dict(input_size=64, hidden_size=48, num_layers=2, bidirectional=True), 1, 3, F16,
+        False, {"variant": "thin", "keep_16bit": "true", "recurrent_product":
+                "thin kernel (dot products, fp16 weights widened to float32)"}, None),
+    "fp16-training-widens": (
+        {}, dict(input_size=24, hidden_size=40, num_layers=2), 5, 3, F16, True,
+        {"variant": "row_wise", "keep_16bit": "false", "backward_widens_16bit": "true"}, None),
     "thin-bf16-steps": (
         {}, dict(input_size=40, hidden_size=33, num_layers=2), 3, 4, BF16, False,
-        {"variant": "thin", "keep_bf16": "true"}, None),
+        {"variant": "thin", "keep_16bit": "true"}, None),
     "thin-steps": (
         {}, dict(input_size=40, hidden_size=32, num_layers=3), 20, 8, F64, False,
         {"variant": "thin"}, None),
@@ -192,7 +199,7 @@ CASES = {
                                        "only"}, None),
 }
 # Float tolerances of the comparison with float64 (see check_against_nn_lstm).
-FLOOR = {F64: 1e-10, F32: 2e-6, BF16: torch.finfo(BF16).eps}
+FLOOR = {F64: 1e-10, F32: 2e-6, BF16: torch.finfo(BF16).eps, F16: torch.finfo(F16).eps}
 
 
 def assert_within_twice_nn_lstm(ours, expected, theirs, floor):
@@ -907,7 +914,7 @@ def test_bf16_fused_input_projection_same_as_unfused(case):
 
 
 # (hidden, input_size, batch, num_layers, bias, bidirectional, with_state, seq_len, packed): the
-# thin kernel on a bfloat16 model, which reads the bf16 W_ih and W_hh as they are. Hidden 16 is
+# thin kernel on a bfloat16 or float16 model, which reads the 16-bit W_ih and W_hh as they are. Hidden 16 is
 # one unit block, 17 and 33 a block and a tail, 40 and 48 several blocks split unevenly over 2
 # threads; input sizes and hidden sizes off the 16-, 8- and 4-lane vectors give scalar tails;
 # input 2000 splits a one-unit-block layer over 2 threads (16 units and 1); hidden 256 with
@@ -923,6 +930,7 @@ THIN_BF16_CASES = [
 ]
 
 
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
     "hidden,input_size,batch,num_layers,bias,bidirectional,with_state,seq_len,packed",
@@ -930,24 +938,25 @@ THIN_BF16_CASES = [
     ids=[f"H{h}-I{i}-B{b}-L{l}-{'bias' if bi else 'nobias'}-{'bi' if d else 'uni'}"
          f"-{'state' if s else 'nostate'}-T{t}{'-packed' if p else ''}"
          for h, i, b, l, bi, d, s, t, p in THIN_BF16_CASES])
-def test_bf16_thin_inference(threads, hidden, input_size, batch, num_layers, bias, bidirectional,
-                             with_state, seq_len, packed):
-    """bf16 streaming inference runs the thin kernel on the bf16 weights as the model holds them
-    (explain: variant thin, keep_bf16 true): outputs, h_n and c_n within twice nn.LSTM's bf16
-    distance to nn.LSTM in float64 on the same bf16 weights and inputs, plus a bf16 epsilon; and
-    the float32 model's results on the same weights rounded to bf16, up to the order of the sums
-    (the kernel widens each bf16 weight exactly, two at a time from one 32-bit word, and sums
-    the even and odd elements apart: within half a bf16 unit of the float32 results plus float32
-    summation error)."""
+def test_16bit_thin_inference(dtype, threads, hidden, input_size, batch, num_layers, bias,
+                              bidirectional, with_state, seq_len, packed):
+    """bf16 and fp16 streaming inference runs the thin kernel on the 16-bit weights as the model
+    holds them (explain: variant thin, keep_16bit true): outputs, h_n and c_n within twice
+    nn.LSTM's distance in the same dtype to nn.LSTM in float64 on the same weights and inputs,
+    plus an epsilon of the dtype; and the float32 model's results on the same weights rounded:
+    float16 bit for bit (each weight widened exactly by vcvtph2ps, the sums in the float32
+    kernel's order); bfloat16 up to the order of the sums (the kernel widens each bf16 weight
+    exactly, two at a time from one 32-bit word, and sums the even and odd elements apart:
+    within half a bf16 unit of the float32 results plus float32 summation error)."""
     kwargs = dict(input_size=input_size, hidden_size=hidden, num_layers=num_layers, bias=bias,
                   bidirectional=bidirectional)
-    torch_lstm, fused = lstm_pair(dtype=BF16, **kwargs)
+    torch_lstm, fused = lstm_pair(dtype=dtype, **kwargs)
     exact = nn.LSTM(dtype=F64, **kwargs)
     exact.load_state_dict({k: v.double() for k, v in torch_lstm.state_dict().items()})
     as_f32 = FusedLSTM(dtype=F32, **kwargs)
     as_f32.load_state_dict({k: v.float() for k, v in torch_lstm.state_dict().items()})
-    x = randn(seq_len, batch, input_size).to(BF16)
-    hx = tuple(t.detach() for t in make_state(fused, batch, BF16)) if with_state else None
+    x = randn(seq_len, batch, input_size).to(dtype)
+    hx = tuple(t.detach() for t in make_state(fused, batch, dtype)) if with_state else None
     lengths = sorted((seq_len - i * seq_len // batch for i in range(batch)), reverse=True)
     if packed:
         assert lengths[-1] < seq_len
@@ -962,22 +971,23 @@ def test_bf16_thin_inference(threads, hidden, input_size, batch, num_layers, bia
 
     with num_threads(threads):
         plan = plan_of(fused, x, lengths if packed else None, train=False)
-        assert plan["variant"] == "thin" and plan["keep_bf16"] == "true", plan
-        ours = run(fused, BF16)
+        assert plan["variant"] == "thin" and plan["keep_16bit"] == "true", plan
+        ours = run(fused, dtype)
         widened = run(as_f32, F32)
-    expected, theirs = run(exact, F64), run(torch_lstm, BF16)
-    _assert_bf16_results(ours, expected, theirs, widened, same_sums=False)
+    expected, theirs = run(exact, F64), run(torch_lstm, dtype)
+    _assert_16bit_results(ours, expected, theirs, widened, same_sums=dtype == F16)
 
 
-def test_bf16_thin_inference_makes_no_float_copy_of_the_weights():
-    """bf16 streaming inference (stream-step: input 64, hidden 256, 2 layers, one row, one step)
-    allocates far less than the model's bf16 weights during a call (the profiler's record of
-    every allocation): no float32 copy of W_ih or W_hh (2x their bf16 bytes) is made."""
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "fp16"])
+def test_16bit_thin_inference_makes_no_float_copy_of_the_weights(dtype):
+    """bf16 and fp16 streaming inference (stream-step: input 64, hidden 256, 2 layers, one row,
+    one step) allocates far less than the model's 16-bit weights during a call (the profiler's
+    record of every allocation): no float32 copy of W_ih or W_hh (2x their bytes) is made."""
     from torch.profiler import ProfilerActivity, profile
 
-    fused = FusedLSTM(64, 256, 2, dtype=BF16)
-    x = randn(1, 1, 64).to(BF16)
-    state = tuple(t.detach() for t in make_state(fused, 1, BF16))
+    fused = FusedLSTM(64, 256, 2, dtype=dtype)
+    x = randn(1, 1, 64).to(dtype)
+    state = tuple(t.detach() for t in make_state(fused, 1, dtype))
     weight_bytes = sum(p.numel() * p.element_size() for p in fused.parameters())
     with torch.no_grad():
         assert plan_of(fused, x, None, train=False)["variant"] == "thin"
@@ -989,11 +999,12 @@ def test_bf16_thin_inference_makes_no_float_copy_of_the_weights():
     assert 0 < allocated < weight_bytes / 8, (allocated, weight_bytes)
 
 
-# ---- bfloat16 at the small sizes: one conversion pass per call ----------------------------------
-# A CPU call widens the caller's bf16 tensors (input, weights, h0, c0, upstream gradients) by one
-# loop into one scratch buffer and rounds its results by one loop (csrc/lstm.cpp: widen_bf16,
-# round_bf16), instead of an ATen conversion op per tensor; the arithmetic is float32 as before
-# at these sizes (the small-hidden kernel, and the thin kernel on the bf16 weights as they are).
+# ---- bfloat16 and float16 at the small sizes: one conversion pass per call ----------------------
+# A CPU call widens the caller's 16-bit tensors (input, weights, h0, c0, upstream gradients) by
+# one loop into one scratch buffer and rounds its results by one loop (csrc/lstm.cpp:
+# widen_to_float, round_to), instead of an ATen conversion op per tensor; the arithmetic is
+# float32 as before at these sizes (the small-hidden kernel, and the thin kernel on the 16-bit
+# weights as they are).
 # (variant, module options, seq_len, batch (None: unbatched input), with_state)
 BF16_SMALL = {
     "small_hidden-seed-tiny": ("small_hidden", dict(input_size=1, hidden_size=3, num_layers=2),
@@ -1021,63 +1032,80 @@ BF16_SMALL = {
 }
 
 
-def _bf16_small_case(name):
-    """(fused bf16, nn.LSTM bf16, nn.LSTM float64, FusedLSTM float32) on the same bf16 weights,
-    a bf16 input and state (None where the case has none)."""
+def _small_16bit_case(name, dtype=BF16):
+    """(fused, nn.LSTM in `dtype`, nn.LSTM float64, FusedLSTM float32) on the same `dtype`
+    weights, an input and state in `dtype` (None where the case has none)."""
     _, kwargs, seq_len, batch, with_state = BF16_SMALL[name]
-    torch_lstm, fused = lstm_pair(dtype=BF16, **kwargs)
+    torch_lstm, fused = lstm_pair(dtype=dtype, **kwargs)
     exact = nn.LSTM(dtype=F64, **kwargs)
     exact.load_state_dict({k: v.double() for k, v in torch_lstm.state_dict().items()})
     as_f32 = FusedLSTM(dtype=F32, **kwargs)
     as_f32.load_state_dict({k: v.float() for k, v in torch_lstm.state_dict().items()})
     if batch is None:
-        x = randn(seq_len, kwargs["input_size"]).to(BF16)
+        x = randn(seq_len, kwargs["input_size"]).to(dtype)
     elif kwargs.get("batch_first"):
-        x = randn(batch, seq_len, kwargs["input_size"]).to(BF16)
+        x = randn(batch, seq_len, kwargs["input_size"]).to(dtype)
     else:
-        x = randn(seq_len, batch, kwargs["input_size"]).to(BF16)
+        x = randn(seq_len, batch, kwargs["input_size"]).to(dtype)
     hx = None
     if with_state:
-        hx = tuple(t.detach() for t in make_state(fused, batch, BF16, unbatched=batch is None))
+        hx = tuple(t.detach() for t in make_state(fused, batch, dtype, unbatched=batch is None))
     return fused, torch_lstm, exact, as_f32, x, hx
 
 
-def _bits(t):
-    return t.view(torch.int16) if t.dtype == BF16 else t.to(BF16).view(torch.int16)
+def _bits(t, dtype=BF16):
+    """The 16-bit patterns of t in `dtype` (t rounded by torch where it is not in it)."""
+    return (t if t.dtype == dtype else t.to(dtype)).view(torch.int16)
 
 
-def _assert_bf16_results(ours, expected, theirs, widened, same_sums=True):
-    """bf16 results: each within twice nn.LSTM's bf16 distance (plus one bf16 eps of the scale)
-    to nn.LSTM in float64 on the same bf16 weights, and bit for bit the float32 model's results
-    on the widened weights rounded by torch. same_sums False (the thin kernel on bf16 weights,
-    whose dot products sum in another order than the float32 kernel's): each result the
-    rounding to bf16 of a float32 value within float32 summation error (1e-5 of the scale) of
-    the float32 model's, so at most half a bf16 unit in the last place (2^-8 of the value) plus
-    that error from it."""
+def _assert_same_16bit(o, w):
+    """o (bf16 or fp16) is w rounded by torch's .to(o.dtype), bit for bit; float16 NaNs only
+    where w's are (torch's scalar and vector conversions give NaNs other payload bits)."""
+    if o.dtype == BF16:
+        assert torch.equal(_bits(o), _bits(w)), (o, w)
+        return
+    nan = torch.isnan(w)
+    assert torch.equal(torch.isnan(o), nan if w.dtype == o.dtype else torch.isnan(w.to(o.dtype)))
+    assert torch.equal(_bits(o, o.dtype)[~nan], _bits(w, o.dtype)[~nan]), (o, w)
+
+
+def _assert_16bit_results(ours, expected, theirs, widened, same_sums=True):
+    """bf16 or fp16 results: each within twice nn.LSTM's distance in the same dtype (plus one
+    eps of the dtype times the scale) to nn.LSTM in float64 on the same weights, and bit for bit
+    the float32 model's results on the widened weights rounded by torch. same_sums False (the
+    thin kernel on bf16 weights, whose dot products sum in another order than the float32
+    kernel's): each result the rounding of a float32 value within float32 summation error (1e-5
+    of the scale) of the float32 model's, so at most half a unit in the last place (bf16: 2^-8
+    of the value) plus that error from it."""
+    dtype = ours[0].dtype
+    assert dtype in (BF16, F16)
+    half_ulp = torch.finfo(dtype).eps / 2  # of the value: bf16 2^-8, fp16 2^-11
     for i, (o, e, w) in enumerate(zip(ours, expected, widened)):
-        assert o.dtype == BF16 and o.shape == e.shape, i
+        assert o.dtype == dtype and o.shape == e.shape, i
         if same_sums:
-            assert torch.equal(_bits(o), _bits(w)), i
+            _assert_same_16bit(o, w)
         else:
             assert w.dtype == F32, i
             err = 1e-5 * max(1.0, w.abs().max().item())
-            bound = (w.abs() + err) * 2.0 ** -8 + err
+            bound = (w.abs() + err) * half_ulp + err
             assert ((o.float() - w).abs() <= bound).all(), i
             assert torch.equal(torch.isnan(o), torch.isnan(w)), i
-    assert_within_twice_nn_lstm(ours, expected, theirs, torch.finfo(BF16).eps)
+    assert_within_twice_nn_lstm(ours, expected, theirs, torch.finfo(dtype).eps)
 
 
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("name", list(BF16_SMALL))
-def test_bf16_small_sizes_inference(name, threads):
-    """bf16 inference on the small-hidden and thin kernels (explain names the variant): outputs,
-    h_n and c_n within twice nn.LSTM's bf16 distance to nn.LSTM in float64 on the same bf16
-    weights and inputs, plus a bf16 epsilon (the rule of the bf16 tests above); and bit for bit
-    what float32 FusedLSTM computes on the same weights and inputs, rounded by torch's
-    .to(torch.bfloat16): the widening is exact and the rounding is torch's (the thin kernel: up
-    to the order of its sums, as test_bf16_thin_inference checks)."""
+def test_16bit_small_sizes_inference(name, threads, dtype):
+    """bf16 and fp16 inference on the small-hidden and thin kernels (explain names the variant):
+    outputs, h_n and c_n within twice nn.LSTM's distance in the same dtype to nn.LSTM in float64
+    on the same weights and inputs, plus an epsilon of the dtype (the rule of the bf16 tests
+    above); and bit for bit what float32 FusedLSTM computes on the same weights and inputs,
+    rounded by torch's .to(dtype): the widening is exact and the rounding is torch's (the bf16
+    thin kernel: up to the order of its sums, as test_16bit_thin_inference checks)."""
     variant = BF16_SMALL[name][0]
-    fused, torch_lstm, exact, as_f32, x, hx = _bf16_small_case(name)
+    model_dtype = dtype
+    fused, torch_lstm, exact, as_f32, x, hx = _small_16bit_case(name, dtype)
 
     def run(module, dtype):
         state = None if hx is None else tuple(t.to(dtype) for t in hx)
@@ -1088,24 +1116,27 @@ def test_bf16_small_sizes_inference(name, threads):
     with num_threads(threads):
         with torch.no_grad():
             assert fused_lstm.explain(fused, x)["forward"]["variant"] == variant
-        ours = run(fused, BF16)
+        ours = run(fused, model_dtype)
         widened = run(as_f32, F32)
-    expected, theirs = run(exact, F64), run(torch_lstm, BF16)
-    _assert_bf16_results(ours, expected, theirs, widened, same_sums=variant != "thin")
+    expected, theirs = run(exact, F64), run(torch_lstm, model_dtype)
+    _assert_16bit_results(ours, expected, theirs, widened,
+                          same_sums=variant != "thin" or model_dtype == F16)
 
 
+@pytest.mark.parametrize("model_dtype", [BF16, F16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("name", ["small_hidden-small-state", "small_hidden-1layer-bi-nobias",
                                   "small_hidden-2layers-bi-batch_first",
                                   "small_hidden-unbatched"])
-def test_bf16_small_hidden_training(name):
-    """bf16 training at small hidden sizes (float32 arithmetic): outputs and the gradients of
-    input, h0, c0 and every weight within twice nn.LSTM's bf16 distance to nn.LSTM in float64
-    plus a bf16 epsilon, and bit for bit float32 FusedLSTM's on the same weights, inputs and
-    upstream gradients, rounded by torch (the upstream gradients, of a bf16 sum: expanded, not
-    contiguous, widened in place; the gradients rounded as they leave the op)."""
-    fused, torch_lstm, exact, as_f32, x, hx = _bf16_small_case(name)
+def test_16bit_small_hidden_training(name, model_dtype):
+    """bf16 and fp16 training at small hidden sizes (float32 arithmetic): outputs and the
+    gradients of input, h0, c0 and every weight within twice nn.LSTM's distance in the same
+    dtype to nn.LSTM in float64 plus an epsilon of the dtype, and bit for bit float32
+    FusedLSTM's on the same weights, inputs and upstream gradients, rounded by torch (the
+    upstream gradients, of a 16-bit sum: expanded, not contiguous, widened in place; the
+    gradients rounded as they leave the op)."""
+    fused, torch_lstm, exact, as_f32, x, hx = _small_16bit_case(name, model_dtype)
     probe, _ = fused(x, hx)
-    upstream_w = randn(*probe.shape[-1:]).to(BF16)
+    upstream_w = randn(*probe.shape[-1:]).to(model_dtype)
 
     def run(module, dtype):
         leaves = [x.to(dtype).requires_grad_(), *(t.to(dtype).requires_grad_() for t in hx)]
@@ -1114,17 +1145,19 @@ def test_bf16_small_hidden_training(name):
         grads = torch.autograd.grad(loss, leaves + list(module.parameters()))
         return [out, h_n, c_n, *grads]
 
-    ours, widened = run(fused, BF16), run(as_f32, F32)
-    expected, theirs = run(exact, F64), run(torch_lstm, BF16)
-    _assert_bf16_results(ours, expected, theirs, widened)
+    ours, widened = run(fused, model_dtype), run(as_f32, F32)
+    expected, theirs = run(exact, F64), run(torch_lstm, model_dtype)
+    _assert_16bit_results(ours, expected, theirs, widened)
 
 
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("name", ["small_hidden-small-state", "thin-1layer-nobias-nostate"])
-def test_bf16_small_sizes_round_nan_and_denormals_as_torch(name):
+def test_16bit_small_sizes_round_nan_and_denormals_as_torch(name, dtype):
     """The results' rounding is torch's to the bit where it matters most: a NaN (one input row
-    holds one) becomes torch's NaN bits, and denormal results (c_n = f * c0 with c0 denormal and
-    the g gate's weights and biases zero, so i * g = 0) are rounded, not flushed to zero."""
-    fused, _, _, as_f32, x, _ = _bf16_small_case(name)
+    holds one) becomes torch's NaN bits (bf16; fp16: a NaN), and denormal results (c_n = f * c0
+    with c0 denormal and the g gate's weights and biases zero, so i * g = 0) are rounded, not
+    flushed to zero."""
+    fused, _, _, as_f32, x, _ = _small_16bit_case(name, dtype)
     H = fused.hidden_size
     with torch.no_grad():
         for module in (fused, as_f32):
@@ -1135,19 +1168,20 @@ def test_bf16_small_sizes_round_nan_and_denormals_as_torch(name):
     x = x.clone()
     x[0, 1, 0] = float("nan")
     LD = fused.num_layers * (2 if fused.bidirectional else 1)
-    h0 = randn(LD, batch, H).to(BF16)
+    h0 = randn(LD, batch, H).to(dtype)
     c = randn(LD, batch, H)
-    c0 = (c.sign() * (1 + c.abs()) * 1e-39).to(BF16)  # 1e-39 to ~5e-39: bf16 denormals
-    assert (c0 != 0).all() and (c0.abs() < torch.finfo(torch.float32).tiny).all()
+    # bf16: 1e-39 to ~5e-39; fp16: 1e-6 to ~5e-6 (its denormals)
+    c0 = (c.sign() * (1 + c.abs()) * (1e-39 if dtype == BF16 else 1e-6)).to(dtype)
+    assert (c0 != 0).all() and (c0.abs() < torch.finfo(dtype).tiny).all()
     with torch.no_grad():
         ours = fused(x, (h0, c0))
         widened = as_f32(x.float(), (h0.float(), c0.float()))
     ours, widened = [ours[0], *ours[1]], [widened[0], *widened[1]]
     assert torch.isnan(ours[0][:, 1]).all() and not torch.isnan(ours[0][:, 0]).any()
-    c_n = widened[2][:, 0]
-    assert ((c_n != 0) & (c_n.abs() < torch.finfo(torch.float32).tiny)).any()
-    for i, (o, w) in enumerate(zip(ours, widened)):
-        assert torch.equal(_bits(o), _bits(w)), i
+    c_n = widened[2][:, 0].to(dtype)
+    assert ((c_n != 0) & (c_n.abs() < torch.finfo(dtype).tiny)).any()
+    for o, w in zip(ours, widened):
+        _assert_same_16bit(o, w)
 
 
 def _ops_inside_fused_lstm(prof):
@@ -1174,14 +1208,15 @@ CONVERSION_OPS = {"aten::to", "aten::_to_copy", "aten::copy_", "aten::contiguous
     ("small_hidden-2layers-bi-batch_first", False), ("thin-stream-step", False),
     ("thin-2layers-bi-batch_first", False), ("small_hidden-seed-tiny", True),
     ("small_hidden-1layer-bi-nobias", True), ("small_hidden-proj-nostate", True)])
-def test_bf16_small_sizes_make_no_conversion_ops(name, train):
-    """A bf16 call at the small sizes makes no ATen conversion op (the profiler's record of one
-    call, forward and, training, backward): no aten::to / _to_copy / copy_ / contiguous / clone
-    inside the fused_lstm ops, and no more ATen ops there than the same call in float32 plus
-    one (the scratch buffer of the widened tensors)."""
+@pytest.mark.parametrize("model_dtype", [BF16, F16], ids=["bf16", "fp16"])
+def test_16bit_small_sizes_make_no_conversion_ops(name, train, model_dtype):
+    """A bf16 or fp16 call at the small sizes makes no ATen conversion op (the profiler's record
+    of one call, forward and, training, backward): no aten::to / _to_copy / copy_ / contiguous /
+    clone inside the fused_lstm ops, and no more ATen ops there than the same call in float32
+    plus one (the scratch buffer of the widened tensors)."""
     from torch.profiler import ProfilerActivity, profile
 
-    fused, _, _, as_f32, x, hx = _bf16_small_case(name)
+    fused, _, _, as_f32, x, hx = _small_16bit_case(name, model_dtype)
 
     def ops_of(module, dtype):
         state = None if hx is None else tuple(t.to(dtype) for t in hx)
@@ -1198,9 +1233,106 @@ def test_bf16_small_sizes_make_no_conversion_ops(name, train):
             once()
         return _ops_inside_fused_lstm(prof)
 
-    ours, f32 = ops_of(fused, BF16), ops_of(as_f32, F32)
+    ours, f32 = ops_of(fused, model_dtype), ops_of(as_f32, F32)
     assert not CONVERSION_OPS & set(ours), ours
     assert len(ours) <= len(f32) + 1, (ours, f32)
+
+
+# ---- Versions chosen by CPU feature, forced by name ---------------------------------------------
+# The float16 conversions (csrc/lstm.cpp: AVX-512F, AVX + F16C, scalar) and the thin kernel's
+# dot products (csrc/cpu/thin.h: pre_v4, pre_v3, pre_base) are chosen at run time by what the
+# CPU has; the test hook caps the level (2 AVX-512, 1 AVX2, 0 baseline) so that each version
+# this CPU can run is checked, not only the one it picks.
+def _isa_levels():
+    """The levels this CPU runs: 0 up to its own (the thin kernel's)."""
+    return list(range(torch.ops.fused_lstm._isa_level(1) + 1))
+
+
+@contextlib.contextmanager
+def _isa_cap(level):
+    before = torch.ops.fused_lstm._set_isa_level_cap(level)
+    try:
+        yield
+    finally:
+        torch.ops.fused_lstm._set_isa_level_cap(before)
+
+
+def test_every_isa_level_runs_on_this_cpu():
+    """The levels cap as documented (a cap above this CPU's level runs this CPU's), and this
+    CPU's level is what its features say (AVX-512: 2, AVX2: 1)."""
+    features = cpu_features()
+    assert torch.ops.fused_lstm._isa_level(1) == (2 if features["avx512"] else
+                                                   1 if features["avx2"] else 0)
+    for level in _isa_levels():
+        with _isa_cap(level):
+            assert torch.ops.fused_lstm._isa_level(1) == level
+            assert torch.ops.fused_lstm._isa_level(0) <= level
+    with _isa_cap(5):
+        assert torch.ops.fused_lstm._isa_level(1) == _isa_levels()[-1]
+
+
+@pytest.mark.parametrize("level", [0, 1, 2], ids=["baseline", "avx2", "avx512"])
+def test_16bit_conversions_match_torch_at_every_isa_level(level):
+    """The op boundary's conversions (fused_lstm::_convert_16bit: widen_to_float, round_to) at
+    each ISA level: float32 rounded to bf16 and fp16 as torch's .to() rounds it, bit for bit
+    (NaN: a NaN), over random values, every fp16 magnitude from denormals to overflow, ties,
+    infinities and lengths off the vector width; bf16 and fp16 widened exactly (every fp16 bit
+    pattern; strided input)."""
+    if level not in _isa_levels():
+        pytest.skip(f"this CPU's vector ISA is below level {level}")
+    convert = torch.ops.fused_lstm._convert_16bit
+    g = torch.Generator().manual_seed(7)
+    special = torch.tensor([0.0, -0.0, 1e-8, 2.0 ** -24, 2.0 ** -25, 3 * 2.0 ** -26, 6.0e-5,
+                            65504.0, 65519.0, 65520.0, 1e6, float("inf"), float("-inf"),
+                            float("nan"), 1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11, 1e-39, 3e38])
+    values = torch.cat([special, -special,
+                        torch.randn(1000, generator=g) * 10.0 ** torch.randint(
+                            -9, 6, (1000,), generator=g)])
+    with _isa_cap(level):
+        for n in (values.numel(), 37, 16, 15, 8, 7, 1):
+            v = values[:n]
+            for dtype in (BF16, F16):
+                ours = convert(v, dtype)
+                assert ours.dtype == dtype
+                _assert_same_16bit(ours, v)
+        every_fp16 = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(F16)
+        widened = convert(every_fp16, F32)
+        assert torch.equal(torch.isnan(widened), torch.isnan(every_fp16.float()))
+        finite = ~torch.isnan(widened)
+        assert torch.equal(widened[finite], every_fp16.float()[finite])
+        for dtype in (BF16, F16):
+            strided = randn(6, 5, 9).to(dtype).transpose(0, 2)
+            assert torch.equal(convert(strided, F32), strided.float())
+
+
+@pytest.mark.parametrize("level", [0, 1, 2], ids=["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("case", ["thin-stream-step", "thin-2layers-bi-batch_first",
+                                  "thin-unbatched-bi-nostate"])
+def test_thin_kernel_at_every_isa_level(level, case):
+    """The thin kernel's version of each ISA level (pre_v4, pre_v3, pre_base), in float32,
+    bfloat16 and float16: float32 within float32 rounding of nn.LSTM in float64; float16 bit
+    for bit the float32 model's at the same level rounded; bfloat16 within half a bf16 unit of
+    it plus float32 summation error (the rule of test_16bit_thin_inference)."""
+    if level not in _isa_levels():
+        pytest.skip(f"this CPU's vector ISA is below level {level}")
+    with _isa_cap(level):
+        assert torch.ops.fused_lstm._isa_level(1) == level
+        for dtype in (BF16, F16):
+            fused, torch_lstm, exact, as_f32, x, hx = _small_16bit_case(case, dtype)
+
+            def run(module, dt):
+                state = None if hx is None else tuple(t.to(dt) for t in hx)
+                with torch.no_grad():
+                    out, (h_n, c_n) = module(x.to(dt), state)
+                return [out, h_n, c_n]
+
+            with torch.no_grad():
+                assert fused_lstm.explain(fused, x)["forward"]["variant"] == "thin"
+            widened, expected = run(as_f32, F32), run(exact, F64)
+            for w, e in zip(widened, expected):
+                torch.testing.assert_close(w.double(), e, rtol=1e-5, atol=1e-5)
+            _assert_16bit_results(run(fused, dtype), expected, run(torch_lstm, dtype), widened,
+                                  same_sums=dtype == F16)
 
 
 # The hidden split of inference steps (csrc/cpu/hidden_split.h), forced by name: input, hidden,

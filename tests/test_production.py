@@ -251,21 +251,25 @@ def _peak_bytes(fn):
 
 
 @pytest.mark.parametrize("brgemm", [True, False], ids=["brgemm", "no-brgemm"])
-def test_bf16_float32_product_backward_widens_one_layer_at_a_time(brgemm):
-    """A bfloat16 model whose backward computes its products in float32 (a single step: no
-    bf16 products) reads W_ih and W_hh as given and widens one layer's at a time into one
-    float32 buffer (csrc/cpu/backward.h; benchmarks/notes/memory.md, "bf16 training at the
-    small sizes"): the backward makes no float32 copy of layer 0's W_ih (its float32 size is
-    allocated once, for its gradient), and holds at most the float32 gradients, that buffer and
-    a few rows' scratch, with the gradients converted to bf16 one at a time. The gradients are
-    those of the same call computed in float32 from the bf16 values (the widening is exact)."""
+@pytest.mark.parametrize("dtype,seq_len", [(torch.bfloat16, 1), (torch.float16, 1),
+                                           (torch.float16, 5)],
+                         ids=["bf16-1step", "fp16-1step", "fp16-5steps"])
+def test_16bit_float32_product_backward_widens_one_layer_at_a_time(brgemm, dtype, seq_len):
+    """A bfloat16 or float16 model whose backward computes its products in float32 (bfloat16: a
+    single step, no bf16 products; float16: always) reads W_ih and W_hh as given and widens one
+    layer's at a time into one float32 buffer (csrc/cpu/backward.h; benchmarks/notes/memory.md,
+    "bf16 training at the small sizes"): the backward makes no float32 copy of layer 0's W_ih
+    (its float32 size is allocated once, for its gradient), and holds at most the float32
+    gradients, that buffer and a few rows' scratch, with the gradients converted one at a time.
+    The gradients are those of the same call computed in float32 from the 16-bit values (the
+    widening is exact)."""
     I, H, L, B = 24, 40, 2, 3
-    model = FusedLSTM(I, H, num_layers=L).to(torch.bfloat16)
-    x = randn(1, B, I, dtype=torch.bfloat16).requires_grad_()
-    hx = tuple(randn(L, B, H, dtype=torch.bfloat16).requires_grad_() for _ in range(2))
-    up = randn(1, B, H, dtype=torch.bfloat16)
+    model = FusedLSTM(I, H, num_layers=L).to(dtype)
+    x = randn(seq_len, B, I, dtype=dtype).requires_grad_()
+    hx = tuple(randn(L, B, H, dtype=dtype).requires_grad_() for _ in range(2))
+    up = randn(seq_len, B, H, dtype=dtype)
     with fused_lstm.backends.cpu.flags(allow_brgemm=brgemm):
-        assert fused_lstm.explain(model, x)["backward"]["backward_widens_bf16"] == "true"
+        assert fused_lstm.explain(model, x)["backward"]["backward_widens_16bit"] == "true"
         model(x, hx)[0].backward(up)  # warm: buffers cached, grads allocated
         outputs = []
         model.zero_grad(set_to_none=True)
@@ -278,6 +282,8 @@ def test_bf16_float32_product_backward_widens_one_layer_at_a_time(brgemm):
     float_grads = 4 * sum(p.numel() for p in model.parameters())
     widened = 4 * G * max(I, H)
     rows_scratch = 4 * 64 * G  # dgates, the states and their gradients: a few rows each
+    # (float16 over several steps: the float32 input, upstream gradient and grad_input too)
+    rows_scratch += 3 * 4 * seq_len * B * max(I, H)
     assert peak <= float_grads + widened + rows_scratch, (peak, float_grads, widened)
 
     reference = FusedLSTM(I, H, num_layers=L)
@@ -289,8 +295,8 @@ def test_bf16_float32_product_backward_widens_one_layer_at_a_time(brgemm):
     with fused_lstm.backends.cpu.flags(allow_brgemm=brgemm):
         model(x, hx)[0].backward(up)
     for p, q in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad.to(torch.bfloat16), rtol=0, atol=0)
-    torch.testing.assert_close(x.grad, x32.grad.to(torch.bfloat16), rtol=0, atol=0)
+        torch.testing.assert_close(p.grad, q.grad.to(dtype), rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, x32.grad.to(dtype), rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not _cpu_has_avx512_bf16(), reason="the bf16 products need AVX512_BF16")

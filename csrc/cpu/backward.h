@@ -17,8 +17,8 @@ namespace {
 // measured one thread, [32, 2048] x [2048, 512] (fastrnns' dL/dh step), 70.6 GFLOP/s as stored
 // against 155.8 in panels; at medium's [16, 1024] x [1024, 256], 186.6 against 191.7
 // (Intel Xeon; benchmarks/notes/float32-bound.md, "Intel Xeon: where the time goes").
-// A bf16 W_hh (a bfloat16 model whose backward widens its weights, CpuPlan::
-// backward_widens_bf16) is widened to float as it is packed: the same panels as from its float
+// A bf16 or fp16 W_hh (a 16-bit model whose backward widens its weights, CpuPlan::
+// backward_widens_16bit) is widened to float as it is packed: the same panels as from its float
 // copy, bit for bit.
 template <typename S, typename T>
 void pack_w_hh_panels(const S* w_hh, int64_t G, int64_t out, T* buf) {
@@ -39,9 +39,9 @@ void pack_w_hh_panels(const S* w_hh, int64_t G, int64_t out, T* buf) {
   else pack(0, panels);
 }
 
-// A [rows, cols] weight given bf16, widened into `buf` (float, exact).
-template <typename T>
-const T* widened(const c10::BFloat16* w, int64_t n, T* buf) {
+// A [rows, cols] weight given bf16 or fp16, widened into `buf` (float, exact).
+template <typename T, typename S>
+const T* widened(const S* w, int64_t n, T* buf) {
   at::parallel_for(0, n, kParallelElements, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) buf[i] = static_cast<T>(w[i]);
   });
@@ -324,10 +324,10 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   const bool brgemm = plan.brgemm_dh;
   at::Tensor w_hh_panels_buf;
   T* w_hh_panels = nullptr;
-  // A bfloat16 model's W_ih and W_hh as given (plan.backward_widens_bf16): one layer and
+  // A 16-bit model's W_ih and W_hh as given (plan.backward_widens_16bit): one layer and
   // direction's at a time in float, in one buffer: W_hh (in panels, or as stored) during the
   // recurrence, then W_ih for dL/dx.
-  const bool widens = plan.backward_widens_bf16 && !bb.on && !tiny;
+  const bool widens = plan.backward_widens_16bit && !bb.on && !tiny;
   at::Tensor widened_buf;
   T* widened_w = nullptr;
   if constexpr (std::is_same_v<T, float>) {
@@ -385,9 +385,10 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
 
       const T* w_hh = w.w_hh;
       if (widens) {
-        TORCH_INTERNAL_ASSERT(w.hh.b != nullptr && w.ih.b != nullptr);
-        if (w_hh_panels) pack_w_hh_panels(w.hh.b, G, out, w_hh_panels);
-        else w_hh = widened(w.hh.b, G * out, widened_w);
+        with_kept_16bit(w.hh, [&](auto w16) {
+          if (w_hh_panels) pack_w_hh_panels(w16, G, out, w_hh_panels);
+          else w_hh = widened(w16, G * out, widened_w);
+        });
       } else if (w_hh_panels) {
         pack_w_hh_panels(w.w_hh, G, out, w_hh_panels);
       }
@@ -497,7 +498,9 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
         const HPrev<T> h_prev = h_prev_rows(s, d, layer_out, h0, h_prev_buf_ptr);
         // dL/dx of this layer is summed over directions.
         // The recurrence is done with W_hh: W_ih widened into the same buffer.
-        const T* w_ih = widens ? widened(w.ih.b, G * in_size, widened_w) : w.w_ih;
+        const T* w_ih = w.w_ih;
+        if (widens)
+          with_kept_16bit(w.ih, [&](auto w16) { w_ih = widened(w16, G * in_size, widened_w); });
         backward_products(s, dgates, x, in_size, h_prev, w_ih, gw_ih, gw_hh, dx_l, d > 0);
         if (gb_ih)
           for (int64_t r = 0; r < s.rows; ++r)

@@ -96,31 +96,51 @@ void copy_or_zero(const T* src, int64_t n, T* dst) {
 }
 
 // A matrix that the bf16 products may read: rows in the math dtype, or (for a bfloat16 model,
-// where the op keeps them as the caller gave them: lstm.h KeepBf16) bf16 rows, which only
+// where the op keeps them as the caller gave them: lstm.h Keep16) bf16 rows, which only
 // bf16_gemm and the bf16 packing read. bf16_gemm rounds a float operand to bf16 as it reads it,
-// so both give the same products. At most one pointer is set.
+// so both give the same products. Or, for a float16 model's W_ih and W_hh kept as given (the
+// thin kernel, the backward's widening a layer at a time), float16 rows, which only those read.
+// At most one pointer is set.
 template <typename T>
 struct Operand {
   const T* f = nullptr;
   const c10::BFloat16* b = nullptr;
+  const c10::Half* h = nullptr;
   Operand at(int64_t offset) const {
-    return {f ? f + offset : nullptr, b ? b + offset : nullptr};
+    return {f ? f + offset : nullptr, b ? b + offset : nullptr, h ? h + offset : nullptr};
   }
-  explicit operator bool() const { return f != nullptr || b != nullptr; }
+  explicit operator bool() const { return f != nullptr || b != nullptr || h != nullptr; }
 };
 
 template <typename T>
 Operand<T> operand(const at::Tensor& t) {
   if (!t.defined()) return {};
   if (t.scalar_type() == at::kBFloat16) return {nullptr, t.const_data_ptr<c10::BFloat16>()};
-  return {t.const_data_ptr<T>(), nullptr};
+  if (t.scalar_type() == at::kHalf) return {nullptr, nullptr, t.const_data_ptr<c10::Half>()};
+  return {t.const_data_ptr<T>()};
 }
 
-// fn(p) with the pointer that is set (for the bf16 products' overloads).
+// fn(p) with the pointer that is set (for the bf16 products' overloads: never float16).
 template <typename T, typename F>
 void visit(const Operand<T>& o, F&& fn) {
+  TORCH_INTERNAL_ASSERT(o.h == nullptr);
   if (o.b) fn(o.b);
   else fn(o.f);
+}
+
+// fn(p) with the kept 16-bit pointer (bf16 or fp16) of an operand that holds one.
+template <typename T, typename F>
+void with_kept_16bit(const Operand<T>& o, F&& fn) {
+  TORCH_INTERNAL_ASSERT(o.b != nullptr || o.h != nullptr);
+  if (o.b) fn(o.b);
+  else fn(o.h);
+}
+
+// The pointer of a kept 16-bit operand, as W (c10::BFloat16 or c10::Half).
+template <typename W, typename T>
+const W* kept_16bit(const Operand<T>& o) {
+  if constexpr (std::is_same_v<W, c10::BFloat16>) return o.b;
+  else return o.h;
 }
 
 // Step t in processing order `step` of direction d.

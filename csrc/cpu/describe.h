@@ -80,8 +80,9 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
     o << "input_projection." << l << "=" << input_projection_of(p, s, l, proj_rows) << "\n";
   std::string recurrent;
   if (p.variant == Variant::kThin)
-    recurrent = p.keep_bf16 ? "thin kernel (dot products, bf16 weights widened to float32)"
-                            : "thin kernel (dot products)";
+    recurrent = !p.keep_16bit                ? "thin kernel (dot products)"
+              : p.model == at::kBFloat16 ? "thin kernel (dot products, bf16 weights widened to float32)"
+                                         : "thin kernel (dot products, fp16 weights widened to float32)";
   else if (p.variant == Variant::kSmallHidden) recurrent = "small-hidden product (inline)";
   else if (p.amx_products) recurrent = "amx_brgemm";
   else if (p.bf16_products) recurrent = "bf16_gemm";
@@ -92,9 +93,9 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
     o << "projection=" << (p.variant == Variant::kSmallHidden ? "small-hidden product (inline)"
                                                                : library(false, true, slice_rows, out, H))
       << "\n";
-  o << "keep_bf16=" << (p.keep_bf16 ? "true" : "false") << "\n";
+  o << "keep_16bit=" << (p.keep_16bit ? "true" : "false") << "\n";
   if (!p.inference) {
-    o << "backward_widens_bf16=" << (p.backward_widens_bf16 ? "true" : "false") << "\n";
+    o << "backward_widens_16bit=" << (p.backward_widens_16bit ? "true" : "false") << "\n";
     std::string dh;
     if (p.variant == Variant::kSmallHidden) dh = "small-hidden product (inline)";
     else if (p.amx_products) dh = "amx_brgemm";

@@ -51,7 +51,7 @@ const T* ptr_or_null(const at::Tensor& t) {
 }
 
 // The plan of one op call: the settings are read once, when the call starts; the op boundary
-// asks whether a bfloat16 call keeps its tensors bf16 (lstm.h KeepBf16) before the kernels
+// asks whether a 16-bit call keeps its tensors as given (lstm.h Keep16) before the kernels
 // run; the plan is made once, at the first of the two questions (the same shape and dtype).
 struct CallPlan {
   CpuSettings settings = cpu_settings();
@@ -60,14 +60,16 @@ struct CallPlan {
 
   CpuPlan of(const LSTMShape& s, at::ScalarType dtype) const {
     if (!planned)
-      planned = plan_cpu(s, settings, dtype != at::kDouble, dtype == at::kBFloat16, inference);
+      planned = plan_cpu(s, settings, dtype, inference);
     return *planned;
   }
-  KeepBf16 keep_bf16() const {
-    return [this](const LSTMShape& s) { return of(s, at::kBFloat16).keep_bf16; };
+  Keep16 keep_16bit() const {
+    return [this](const LSTMShape& s, at::ScalarType dtype) { return of(s, dtype).keep_16bit; };
   }
-  KeepBf16 backward_widens_bf16() const {
-    return [this](const LSTMShape& s) { return of(s, at::kBFloat16).backward_widens_bf16; };
+  Keep16 backward_widens_16bit() const {
+    return [this](const LSTMShape& s, at::ScalarType dtype) {
+      return of(s, dtype).backward_widens_16bit;
+    };
   }
 };
 
@@ -79,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu(
   const CallPlan call{cpu_settings(), /*inference=*/false};
   ForwardArgs a = prepare_forward(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
                                   bidirectional, has_biases, proj_size, /*with_reserve=*/true,
-                                  call.keep_bf16(), /*may_drop_gates=*/true);
+                                  call.keep_16bit(), /*may_drop_gates=*/true);
   const CpuPlan plan = call.of(a.shape, a.dtype);
   AT_DISPATCH_FLOATING_TYPES(a.math, "fused_lstm_forward_cpu", [&] {
     forward_impl<scalar_t>(plan, a.shape, operand<scalar_t>(a.input), ptr_or_null<scalar_t>(a.hx),
@@ -102,7 +104,7 @@ Results3 fused_inference(
   const CallPlan call{settings, /*inference=*/true};
   ForwardArgs a = prepare_forward(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
                                   bidirectional, has_biases, proj_size, /*with_reserve=*/false,
-                                  call.keep_bf16());
+                                  call.keep_16bit());
   const LSTMShape& s = a.shape;
   const CpuPlan plan = call.of(s, a.dtype);
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
@@ -254,8 +256,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_bac
   const CallPlan call{cpu_settings(), /*inference=*/false};
   BackwardArgs a = prepare_backward(input, batch_sizes, hx, cx, weights, dropout_mask, reserve,
                                     grad_output, grad_hy, grad_cy, num_layers, bidirectional,
-                                    has_biases, proj_size, call.keep_bf16(),
-                                    call.backward_widens_bf16(), /*may_drop_gates=*/true);
+                                    has_biases, proj_size, call.keep_16bit(),
+                                    call.backward_widens_16bit(), /*may_drop_gates=*/true);
   const CpuPlan plan = call.of(a.shape, a.dtype);
   AT_DISPATCH_FLOATING_TYPES(a.math, "fused_lstm_backward_cpu", [&] {
     backward_impl<scalar_t>(
@@ -352,6 +354,32 @@ void floor_record_op(int64_t input_size, int64_t hidden_size, int64_t num_layers
 
 int64_t hidden_split_chunks_op() { return hidden_split_chunks().load(); }
 
+// Test hooks (lstm.h set_isa_level_cap): cap the vector ISA of the float16 conversions and the
+// thin kernel, returning the cap before; the levels now in effect of the conversions and of the
+// thin kernel (2 AVX-512, 1 AVX2, 0 baseline).
+int64_t set_isa_level_cap_op(int64_t level) { return set_isa_level_cap(int(level)); }
+int64_t isa_levels_op(int64_t which) {
+  return which == 0 ? half_conversion_isa() : thin::pre_level();
+}
+
+// Test hook of the op boundary's conversions (lstm.h): a bfloat16 or float16 CPU tensor (any
+// strides) widened to float32 by widen_to_float, or a float32 one rounded to `dtype` by round_to.
+at::Tensor convert_16bit_op(const at::Tensor& t, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(t.is_cpu(), "fused_lstm::_convert_16bit: a CPU tensor");
+  if (is_16bit(t.scalar_type())) {
+    TORCH_CHECK_VALUE(dtype == at::kFloat, "fused_lstm::_convert_16bit: widens to float32");
+    at::Tensor out = at::empty(t.sizes(), t.options().dtype(at::kFloat));
+    widen_to_float(t, out.mutable_data_ptr<float>());
+    return out;
+  }
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat && is_16bit(dtype),
+                    "fused_lstm::_convert_16bit: rounds float32 to bfloat16 or float16");
+  const at::Tensor src = t.contiguous();
+  at::Tensor out = at::empty(t.sizes(), t.options().dtype(dtype));
+  round_to(src.const_data_ptr<float>(), src.numel(), dtype, out.mutable_data_ptr());
+  return out;
+}
+
 void floor_forget_op() {
   FloorTable& table = floor_table();
   std::lock_guard<std::mutex> lock(table.mutex);
@@ -371,6 +399,9 @@ TORCH_LIBRARY_FRAGMENT(fused_lstm, m) {
         &floor_record_op);
   m.def("_floor_forget() -> ()", &floor_forget_op);
   m.def("_hidden_split_chunks() -> int", &hidden_split_chunks_op);
+  m.def("_set_isa_level_cap(int level) -> int", &set_isa_level_cap_op);
+  m.def("_isa_level(int which) -> int", &isa_levels_op);
+  m.def("_convert_16bit(Tensor t, ScalarType dtype) -> Tensor", &convert_16bit_op);
 }
 
 TORCH_LIBRARY_IMPL(fused_lstm, CPU, m) {

@@ -75,7 +75,7 @@ inline const char* variant_name(Variant v) {
 }
 
 // Whether the sizes are the thin kernel's (whatever the call: the forward and backward ops
-// decide the bf16 boundary alike, see keep_bf16).
+// decide the 16-bit boundary alike, see keep_16bit).
 inline bool thin_sizes(const LSTMShape& s) {
   return s.proj_size == 0 && s.hidden_size >= kRowWiseHidden && s.batch >= 1 &&
       s.batch <= kThinMaxBatch && s.seq_len >= 1 &&
@@ -86,28 +86,35 @@ struct CpuPlan {
   CpuSettings settings;
   Variant variant = Variant::kRowWise;
   const char* why = "";
+  at::ScalarType model = at::kFloat;  // the caller's dtype
   bool is_float = false;      // math dtype float32 (else float64)
   bool brgemm_steps = false;  // the forward's step products through brgemm (W packed in panels)
   bool brgemm_dh = false;     // the backward's dL/dh_{t-1} products through brgemm
   bool bf16_products = false; // a bfloat16 model's products through bf16_gemm (bf16_products.h)
   bool amx_products = false;  // of those, the forward's on AMX tiles (amx.h)
-  bool keep_bf16 = false;     // the op keeps the bf16 input, W_ih, W_hh as given (lstm.h)
-  // The backward of a bfloat16 model whose products are float32 (row-wise steps without the
-  // bf16 products: a single step, a CPU without AVX512_BF16, or the setting off) reads W_ih
-  // and W_hh as given and widens one layer and direction's at a time into a float32 scratch
-  // (backward.h), instead of a float32 copy of every weight for the whole call.
-  bool backward_widens_bf16 = false;
+  // The op keeps a bfloat16 model's input, W_ih and W_hh as given, or a float16 model's W_ih
+  // and W_hh (lstm.h Keep16).
+  bool keep_16bit = false;
+  // The backward of a bfloat16 or float16 model whose products are float32 (row-wise steps
+  // without the bf16 products: float16, a single step, a CPU without AVX512_BF16, or the
+  // setting off) reads W_ih and W_hh as given and widens one layer and direction's at a time
+  // into a float32 scratch (backward.h), instead of a float32 copy of every weight for the
+  // whole call.
+  bool backward_widens_16bit = false;
   bool vec16_cell = false;    // float32 cell pass on 16 lanes (cell_forward_vec16)
   bool inference = false;     // lstm_inference: nothing kept for backward
 };
 
-// is_float: the math dtype is float32; bf16_model: the caller's dtype is bfloat16;
-// inference: lstm_inference (nothing kept for backward).
-inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, bool is_float,
-                        bool bf16_model, bool inference) {
+// model: the caller's dtype (the math dtype is float32 but for float64); inference:
+// lstm_inference (nothing kept for backward).
+inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, at::ScalarType model,
+                        bool inference) {
   const CpuFeatures& cpu = cpu_features();
+  const bool is_float = model != at::kDouble, bf16_model = model == at::kBFloat16;
+  const bool model_16bit = is_16bit(model);
   CpuPlan p;
   p.settings = settings;
+  p.model = model;
   p.is_float = is_float;
   p.inference = inference;
   const bool row_sizes = s.hidden_size >= kRowWiseHidden;
@@ -129,12 +136,13 @@ inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, bool is
   const bool packs = row_sizes && s.seq_len >= 2;
   p.bf16_products = bf16_model && packs && cpu.avx512_bf16 && settings.bf16_products;
   p.amx_products = p.bf16_products && settings.amx && amx_sizes(s) && amx_bf16_available();
-  // The thin kernel reads a bfloat16 model's W_ih and W_hh as they are (thin.h), on any CPU.
-  p.keep_bf16 = (p.bf16_products && !thin) || (bf16_model && p.variant == Variant::kThin);
+  // The thin kernel reads a bfloat16 or float16 model's W_ih and W_hh as they are (thin.h), on
+  // any CPU.
+  p.keep_16bit = (p.bf16_products && !thin) || (model_16bit && p.variant == Variant::kThin);
   // (Not where the backward recomputes the gates without the bf16 products: it reruns the
   // forward on float32 weights, backward.h.)
-  p.backward_widens_bf16 = bf16_model && is_float && !inference && !p.bf16_products &&
-                           p.variant == Variant::kRowWise && s.gates_in_reserve;
+  p.backward_widens_16bit = model_16bit && !inference && !p.bf16_products &&
+                            p.variant == Variant::kRowWise && s.gates_in_reserve;
   p.brgemm_steps = is_float && packs && cpu.brgemm && settings.brgemm && !p.bf16_products;
   p.brgemm_dh = is_float && row_sizes && cpu.brgemm && settings.brgemm;
   p.vec16_cell = is_float && cpu.avx512 && settings.vec16_cell;

@@ -85,8 +85,37 @@ FUSED_LSTM_INLINE V bit_cast_vec(U u) {
   std::memcpy(&v, &u, sizeof(v));
   return v;
 }
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FUSED_LSTM_THIN_ISAS 1
+#endif
+
+// kBytes / 4 float16 weights at p widened to float32 (exact) by F16C's vcvtph2ps, as inline
+// assembly: dots is compiled for the baseline ISA and inlined into pre_v4 / pre_v3 only, and
+// GCC refuses to inline the intrinsics into a function without their target (and GCC 12's
+// __builtin_convertvector of _Float16 vectors converts one element at a time). The 64- and
+// 32-byte versions run only inside pre_v4 (AVX-512) and pre_v3 (AVX2, which implies F16C); the
+// baseline's 16 bytes convert one by one (c10's conversion, the same values).
+template <int kBytes>
+FUSED_LSTM_INLINE VecOf<float, kBytes> widen_half(const c10::Half* p) {
+  VecOf<float, kBytes> v;
+#ifdef FUSED_LSTM_THIN_ISAS
+  if constexpr (kBytes == 64) {
+    asm("vcvtph2ps %1, %0" : "=v"(v) : "m"(*reinterpret_cast<const char(*)[32]>(p)));
+    return v;
+  } else if constexpr (kBytes == 32) {
+    asm("vcvtph2ps %1, %0" : "=x"(v) : "m"(*reinterpret_cast<const char(*)[16]>(p)));
+    return v;
+  }
+#endif
+  for (int i = 0; i < kBytes / 4; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+}
+
 // acc[r][b] (vector part) and tail[r][b] (the last elements) += the dot product of row r of the
 // weights (at w[r], K long) with x[b], for r < kR and b < kNB.
+// float16 weights go kLanes at a time, each widened by one vcvtph2ps (widen_half), in the
+// float32 kernel's order of sums: the results are the float32 model's on the widened weights,
+// bit for bit.
 // bf16 weights go 2 * kLanes at a time: one load of kLanes 32-bit words holds an even and an odd
 // bf16 each, which a shift (even) and a mask (odd) widen to float32 exactly, against the even
 // and odd elements of x (two shuffles per row of x, shared by the kR weight rows): two integer
@@ -104,12 +133,14 @@ FUSED_LSTM_INLINE void dots(const W* const (&w)[kR], int64_t K, const T* const* 
   using V = VecOf<T, kBytes>;
   constexpr int64_t kLanes = kBytes / sizeof(T);
   int64_t k = 0;
-  if constexpr (std::is_same_v<T, W>) {
+  if constexpr (std::is_same_v<T, W> || std::is_same_v<W, c10::Half>) {
     for (; k + kLanes <= K; k += kLanes) {
       V xv[kNB];
       for (int b = 0; b < kNB; ++b) xv[b] = vec_load<T, kLanes>(x[b] + k);
       for (int r = 0; r < kR; ++r) {
-        const V wv = vec_load<T, kLanes>(w[r] + k);
+        V wv;
+        if constexpr (std::is_same_v<T, W>) wv = vec_load<T, kLanes>(w[r] + k);
+        else wv = widen_half<kBytes>(w[r] + k);
         for (int b = 0; b < kNB; ++b) acc[r][b] += wv * xv[b];
       }
     }
@@ -135,7 +166,7 @@ FUSED_LSTM_INLINE void dots(const W* const (&w)[kR], int64_t K, const T* const* 
   }
   for (; k < K; ++k)
     for (int r = 0; r < kR; ++r)
-      for (int b = 0; b < kNB; ++b) tail[r][b] += static_cast<T>(w[r][k]) * x[b][k];
+      for (int b = 0; b < kNB; ++b) tail[r][b] = std::fma(static_cast<T>(w[r][k]), x[b][k], tail[r][b]);
 }
 
 // Pre-activations of the hidden units [j, j + kU) of direction d for the rows [b0, b0 + kNB):
@@ -192,8 +223,10 @@ FUSED_LSTM_INLINE void units_pre(const ThinStep<T, W>& a, int64_t d, int64_t j0,
   const int64_t bs = a.bs[d];
   // One row: bf16 weights, four units at a time where 16 sums fit (the widening's integer
   // operations leave the FMAs' latency exposed with fewer); float32, two (four lost 7% at
-  // stream-step: 16 weight rows streamed at once from L3 on top of L2).
-  constexpr int kOneRowUnits = std::is_same_v<T, W> ? std::max(1, kMaxNB / 2) : kMaxNB;
+  // stream-step: 16 weight rows streamed at once from L3 on top of L2); float16, two (four
+  // measured the same at stream-step, within noise).
+  constexpr int kOneRowUnits =
+      std::is_same_v<W, c10::BFloat16> ? kMaxNB : std::max(1, kMaxNB / 2);
   if (bs == 1) return units_of_rows<T, kBytes, kOneRowUnits, 1, W>(a, d, j0, j1, 0);
   if (kMaxNB >= 4 && bs == 2) return units_of_rows<T, kBytes, kMaxNB / 2, 2, W>(a, d, j0, j1, 0);
   for (int64_t j = j0; j < j1; ++j) {
@@ -208,8 +241,7 @@ FUSED_LSTM_INLINE void units_pre(const ThinStep<T, W>& a, int64_t d, int64_t j0,
 
 // One version per instruction set (vector width and accumulator count differ, so not
 // target_clones of one body), chosen at run time by pre_fn.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FUSED_LSTM_THIN_ISAS 1
+#ifdef FUSED_LSTM_THIN_ISAS
 #define FUSED_LSTM_DEFINE_THIN(T, W)                                                         \
   __attribute__((target("arch=x86-64-v4"))) void pre_v4(const ThinStep<T, W>& a, int64_t d,  \
                                                         int64_t j0, int64_t j1) {         \
@@ -231,23 +263,37 @@ FUSED_LSTM_INLINE void units_pre(const ThinStep<T, W>& a, int64_t d, int64_t j0,
 FUSED_LSTM_DEFINE_THIN(float, float)
 FUSED_LSTM_DEFINE_THIN(double, double)
 FUSED_LSTM_DEFINE_THIN(float, c10::BFloat16)
+FUSED_LSTM_DEFINE_THIN(float, c10::Half)
 #undef FUSED_LSTM_DEFINE_THIN
 
 template <typename T, typename W>
 using PreFn = void (*)(const ThinStep<T, W>&, int64_t, int64_t, int64_t);
 
-template <typename T, typename W>
-PreFn<T, W> pre_fn() {
-  static const PreFn<T, W> fn = [] {
-    PreFn<T, W> f = pre_base;
+// The level of the versions pre_fn picks: 2 pre_v4, 1 pre_v3, 0 pre_base; this CPU's, or
+// lower under the tests' cap (lstm.h set_isa_level_cap).
+inline int pre_level() {
+  static const int best = [] {
 #ifdef FUSED_LSTM_THIN_ISAS
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("x86-64-v4")) f = pre_v4;
-    else if (__builtin_cpu_supports("x86-64-v3")) f = pre_v3;
+    if (__builtin_cpu_supports("x86-64-v4")) return 2;
+    if (__builtin_cpu_supports("x86-64-v3")) return 1;
 #endif
-    return f;
+    return 0;
   }();
-  return fn;
+  const int cap = isa_level_cap();
+  return cap >= 0 ? std::min(cap, best) : best;
+}
+
+template <typename T, typename W>
+PreFn<T, W> pre_fn() {
+#ifdef FUSED_LSTM_THIN_ISAS
+  switch (pre_level()) {
+    case 2: return pre_v4;
+    case 1: return pre_v3;
+    default: break;
+  }
+#endif
+  return pre_base;
 }
 
 }  // namespace thin
@@ -314,8 +360,8 @@ void thin_inference_of(const CpuPlan& plan, const LSTMShape& s, Operand<T> input
         a.w_ih[d] = w.w_ih;
         a.w_hh[d] = w.w_hh;
       } else {
-        a.w_ih[d] = w.ih.b;
-        a.w_hh[d] = w.hh.b;
+        a.w_ih[d] = kept_16bit<W>(w.ih);
+        a.w_hh[d] = kept_16bit<W>(w.hh);
       }
       TORCH_INTERNAL_ASSERT(a.w_ih[d] != nullptr && a.w_hh[d] != nullptr);
       a.b_ih[d] = w.b_ih;
@@ -355,14 +401,17 @@ void thin_inference_of(const CpuPlan& plan, const LSTMShape& s, Operand<T> input
 }
 
 // inference_impl for the plan's thin variant (same arguments): W_ih and W_hh in the math dtype,
-// or, for a bfloat16 model (float32 math), kept bf16 as the model holds them (plan.keep_bf16),
-// which the dot products widen as they read them.
+// or, for a bfloat16 or float16 model (float32 math), kept as the model holds them
+// (plan.keep_16bit), which the dot products widen as they read them.
 template <typename T>
 void thin_inference(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, const T* hx,
                     const T* cx, const std::vector<at::Tensor>& weights, const T* mask, T* hy,
                     T* cy, T* output) {
   if constexpr (std::is_same_v<T, float>) {
-    if (plan.keep_bf16)
+    if (plan.keep_16bit && weights[0].scalar_type() == at::kHalf)
+      return thin_inference_of<T, c10::Half>(plan, s, input, hx, cx, weights, mask, hy, cy,
+                                             output);
+    if (plan.keep_16bit)
       return thin_inference_of<T, c10::BFloat16>(plan, s, input, hx, cx, weights, mask, hy, cy,
                                                  output);
   }
