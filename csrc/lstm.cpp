@@ -186,6 +186,14 @@ void widen_to_float(const at::Tensor& src, float* dst) {
   at::parallel_for(0, row_count, std::max<int64_t>(1, kConvertGrain / inner), rows);
 }
 
+void widen_16bit(const c10::BFloat16* src, int64_t n, float* dst) {
+  widen_bf16_run(reinterpret_cast<const uint16_t*>(src), n, dst);
+}
+
+void widen_16bit(const c10::Half* src, int64_t n, float* dst) {
+  widen_half_run()(reinterpret_cast<const uint16_t*>(src), n, dst);
+}
+
 void round_bf16(const float* src, int64_t n, c10::BFloat16* dst) {
   round_with(round_bf16_run, src, n, reinterpret_cast<uint16_t*>(dst));
 }

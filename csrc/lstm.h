@@ -205,6 +205,9 @@ struct BackwardArgs {
 // each page faulted in and zeroed again (csrc/cpu/buffer_cache.cpp; benchmarks/notes/memory.md,
 // "Recycling the large CPU buffers").
 at::Tensor cpu_cached_empty(int64_t numel, at::ScalarType dtype);
+// Frees the blocks the cache holds (a test hook: tests that count allocations start from an
+// empty cache, whatever the tests before them left there).
+void empty_buffer_cache();
 
 ForwardArgs prepare_forward(
     const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
@@ -220,6 +223,10 @@ ForwardArgs prepare_forward(
 // widen_to_float: the bfloat16 or float16 CPU tensor `src` (any strides) as src.numel() floats,
 // in src's element order, at dst (exact: every bf16 and fp16 value is a float32 value).
 void widen_to_float(const at::Tensor& src, float* dst);
+// widen_16bit: n contiguous bf16 or fp16 values at src (c10::BFloat16 / c10::Half) to floats at
+// dst, on this thread (the kernels' widening of kept weights, a row or a layer at a time).
+void widen_16bit(const c10::BFloat16* src, int64_t n, float* dst);
+void widen_16bit(const c10::Half* src, int64_t n, float* dst);
 // round_bf16: n floats rounded to bf16 as torch's .to(torch.bfloat16) rounds them on the CPU,
 // bit for bit: to nearest even, denormals kept, every NaN to 0xFFFF. round_half: to float16 as
 // torch's .to(torch.float16) does (F16C's vcvtps2ph where the CPU has it, as torch's

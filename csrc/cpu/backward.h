@@ -28,6 +28,8 @@ void pack_w_hh_panels(const S* w_hh, int64_t G, int64_t out, T* buf) {
       const int64_t n0 = p * kBrgemmPanelN, nb = std::min(kBrgemmPanelN, out - n0);
       if constexpr (std::is_same_v<S, T>) {
         copy_rows(w_hh + n0, out, buf + n0 * G, nb, G, nb);
+      } else if constexpr (std::is_same_v<T, float>) {  // F16C for fp16 (lstm.h widen_16bit)
+        for (int64_t g = 0; g < G; ++g) widen_16bit(w_hh + g * out + n0, nb, buf + n0 * G + g * nb);
       } else {
         for (int64_t g = 0; g < G; ++g)
           for (int64_t j = 0; j < nb; ++j)
@@ -43,7 +45,9 @@ void pack_w_hh_panels(const S* w_hh, int64_t G, int64_t out, T* buf) {
 template <typename T, typename S>
 const T* widened(const S* w, int64_t n, T* buf) {
   at::parallel_for(0, n, kParallelElements, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) buf[i] = static_cast<T>(w[i]);
+    if constexpr (std::is_same_v<T, float>) widen_16bit(w + begin, end - begin, buf + begin);
+    else
+      for (int64_t i = begin; i < end; ++i) buf[i] = static_cast<T>(w[i]);
   });
   return buf;
 }
@@ -285,7 +289,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   T* h_prev_buf_ptr = every_step_full(s) ? nullptr : scratch<T>(h_prev_buf, chunk_rows * out);
   // dy: the gradient of the current layer's output, read only. The top layer's is grad_output
   // itself (zeros when it is None; bf16 as the caller gave it where the op keeps it: lstm.h
-  // KeepBf16); a lower layer's is the dL/dx of the layer above, written into one of two
+  // Keep16); a lower layer's is the dL/dx of the layer above, written into one of two
   // buffers used in turn (layer l writes dx_bufs[l % 2], which the layer below reads as its
   // dy; a second buffer only from three layers on) and masked in place.
   const int64_t dy_numel = s.rows * out_stride;

@@ -86,6 +86,17 @@ struct BufferCache {
     }
     for (const Block& old : evicted) c10::free_cpu(old.ptr);  // outside the lock
   }
+
+  // Frees every block held (blocks handed out come back later as usual).
+  void clear() {
+    std::vector<Block> blocks;
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      blocks.swap(free_blocks);
+      free_bytes = 0;
+    }
+    for (const Block& block : blocks) c10::free_cpu(block.ptr);
+  }
 };
 
 // Never destroyed: tensors freed during interpreter shutdown may still give blocks back.
@@ -116,5 +127,7 @@ at::Tensor cpu_cached_empty(int64_t numel, at::ScalarType dtype) {
       },
       at::TensorOptions().dtype(dtype));
 }
+
+void empty_buffer_cache() { cache().clear(); }
 
 }  // namespace fused_lstm

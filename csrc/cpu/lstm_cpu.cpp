@@ -402,6 +402,7 @@ TORCH_LIBRARY_FRAGMENT(fused_lstm, m) {
   m.def("_set_isa_level_cap(int level) -> int", &set_isa_level_cap_op);
   m.def("_isa_level(int which) -> int", &isa_levels_op);
   m.def("_convert_16bit(Tensor t, ScalarType dtype) -> Tensor", &convert_16bit_op);
+  m.def("_empty_buffer_cache() -> ()", &empty_buffer_cache);
 }
 
 TORCH_LIBRARY_IMPL(fused_lstm, CPU, m) {
