@@ -1263,10 +1263,14 @@ def test_every_isa_level_runs_on_this_cpu():
     features = cpu_features()
     assert torch.ops.fused_lstm._isa_level(1) == (2 if features["avx512"] else
                                                    1 if features["avx2"] else 0)
+    model, x = FusedLSTM(4, 32, dtype=F16), randn(3, 2, 4).to(F16)
+    names = ["scalar (c10)", "f16c (8 lanes)", "f16c (16 lanes, avx512)"]
     for level in _isa_levels():
         with _isa_cap(level):
             assert torch.ops.fused_lstm._isa_level(1) == level
             assert torch.ops.fused_lstm._isa_level(0) <= level
+            assert (fused_lstm.explain(model, x)["forward"]["fp16_conversions"]
+                    == names[torch.ops.fused_lstm._isa_level(0)])
     with _isa_cap(5):
         assert torch.ops.fused_lstm._isa_level(1) == _isa_levels()[-1]
 

@@ -74,6 +74,11 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
       o << "\n";
     }
   }
+  if (p.model == at::kHalf) {  // lstm.cpp's float16 conversions, by the CPU's F16C
+    static const char* const kConversions[] = {"scalar (c10)", "f16c (8 lanes)",
+                                               "f16c (16 lanes, avx512)"};
+    o << "fp16_conversions=" << kConversions[half_conversion_isa()] << "\n";
+  }
   o << "cell_pass=" << (p.vec16_cell ? "avx512 (16 lanes)" : "vectorised loops (target_clones)")
     << "\n";
   for (int64_t l = 0; l < s.num_layers; ++l)
