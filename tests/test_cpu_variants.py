@@ -116,6 +116,24 @@ CASES = {
          "recurrent_product": "brgemm", "backward_dh_product": "brgemm",
          "backward_weight_products": "onednn_matmul", "backward_data_product": "onednn_matmul"},
         "brgemm"),
+    # Matrix-vector products of a one-feature input (dW_ih, dL/dx) computed inline
+    # (inline_gemv: MKL's sgemv would open a parallel region), or by the BLAS when forced.
+    "small_hidden-inline-gemv": (
+        {}, dict(input_size=1, hidden_size=3, num_layers=2), 4, 92, F32, True,
+        {"variant": "small_hidden", "backward_weight_products": "inline_gemv",
+         "backward_data_product": "inline_gemv"}, None),
+    "small_hidden-inline-gemv-float64": (
+        {}, dict(input_size=1, hidden_size=5, num_layers=2, bidirectional=True), 6, 7, F64,
+        True, {"backward_weight_products": "inline_gemv", "backward_data_product": "inline_gemv"},
+        None),
+    "row_wise-inline-gemv": (
+        {}, dict(input_size=1, hidden_size=16, num_layers=2, bidirectional=True), 3, 2, F32,
+        True, {"variant": "row_wise", "backward_weight_products": "inline_gemv",
+               "backward_data_product": "inline_gemv"}, None),
+    "small_hidden-gemv-blas": (
+        {"gemm_library": "blas"}, dict(input_size=1, hidden_size=3, num_layers=2), 4, 92, F32,
+        True, {"variant": "small_hidden", "backward_weight_products": "blas",
+               "backward_data_product": "blas"}, None),
     "row_wise-brgemm-gemm-blas": (
         {"gemm_library": "blas", "allow_fused_input_projection": False},
         dict(input_size=16, hidden_size=64, num_layers=2, bidirectional=True), 12, 16, F32, True,

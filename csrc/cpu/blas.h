@@ -65,7 +65,7 @@ bool fortran_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, T alpha, co
 
 // Where a product goes (plan.h decides, by its sizes, its transposes and the measured rates of
 // the libraries: gemm_library).
-enum class GemmLibrary { kBlas, kOneDnn, kColumnSplit };
+enum class GemmLibrary { kBlas, kOneDnn, kColumnSplit, kInlineGemv };
 // in_region: called inside a parallel region (a batch slice's thread). library_setting: the
 // setting cpu.gemm_library (0 auto, 1 blas, 2 onednn_matmul); -1: its current value.
 GemmLibrary gemm_library(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
@@ -76,8 +76,35 @@ inline const char* library_name(GemmLibrary l) {
   switch (l) {
     case GemmLibrary::kOneDnn: return "onednn_matmul";
     case GemmLibrary::kColumnSplit: return "blas_column_split";
+    case GemmLibrary::kInlineGemv: return "inline_gemv";
     default: return "blas";
   }
+}
+
+// A matrix-vector product (m or n is 1) of at most kInlineGemvWork multiply-adds (plan.h
+// gemm_library): each element of C a dot product over k, in 8 interleaved partial sums, then
+// alpha and beta as BLAS applies them. MKL's sgemv opens an OpenMP parallel region even at the
+// tutorial sizes' [12 x 368] x [368 x 1] (the backward's dW_ih and dL/dx of a one-feature input,
+// seed-tiny), which cost ~9 us of a ~150 us training call (benchmarks/notes/small-hidden.md,
+// "Matrix-vector products without MKL's parallel region").
+template <typename T>
+void inline_gemv(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+                 int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  // A(i, p) = a[i * row_a + p * step_a], B(p, j) = b[p * step_b + j * col_b].
+  const int64_t step_a = trans_a ? lda : 1, row_a = trans_a ? 1 : lda;
+  const int64_t step_b = trans_b ? 1 : ldb, col_b = trans_b ? ldb : 1;
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      const T* ap = a + i * row_a;
+      const T* bp = b + j * col_b;
+      T acc[8] = {};
+      int64_t p = 0;
+      for (; p + 8 <= k; p += 8)
+        for (int u = 0; u < 8; ++u) acc[u] += ap[(p + u) * step_a] * bp[(p + u) * step_b];
+      T sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+      for (; p < k; ++p) sum += ap[p * step_a] * bp[p * step_b];
+      c[i * ldc + j] = alpha * sum + (beta == T(0) ? T(0) : beta * c[i * ldc + j]);
+    }
 }
 
 // Row-major C[m, n] = alpha * op(A)[m, k] op(B)[k, n] + beta * C, with op(X) = X or X^T as
@@ -98,6 +125,10 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
     return trans ? t.t() : t;
   };
   const GemmLibrary library = gemm_library(trans_a, trans_b, m, n, k, std::is_same_v<T, float>);
+  if (library == GemmLibrary::kInlineGemv) {
+    inline_gemv(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
   if constexpr (std::is_same_v<T, float>) {
     if (library == GemmLibrary::kOneDnn) {
       at::native::mkldnn_matmul(view(a, m, k, lda, trans_a), view(b, k, n, ldb, trans_b),

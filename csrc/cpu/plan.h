@@ -158,6 +158,10 @@ inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, at::Sca
 // (benchmarks/notes/cpu-kernels.md, "GEMM library: oneDNN's matmul for the large products";
 // benchmarks/notes/float32-bound.md, "Intel Xeon: where the time goes").
 constexpr int64_t kOneDnnMinWork = int64_t{1} << 22;
+// Matrix-vector products (a dimension of 1) of at most this many multiply-adds are computed
+// inline (blas.h inline_gemv): below it MKL's call (its sgemv opens an OpenMP parallel region)
+// costs more than the arithmetic, whatever the CPU.
+constexpr int64_t kInlineGemvWork = int64_t{1} << 14;
 
 // The rates of the libraries on this machine, measured once per process at the first need.
 inline const LibraryRates& library_rates() {
@@ -373,6 +377,10 @@ GemmLibrary gemm_library(bool trans_a, bool trans_b, int64_t m, int64_t n, int64
   if (library_setting < 0) library_setting = cpu_settings().gemm_library;
   const bool onednn = is_float && cpu_features().onednn_matmul;
   if (onednn && library_setting == 2) return GemmLibrary::kOneDnn;
+  // A small matrix-vector product costs more in the library call than in arithmetic (blas.h
+  // inline_gemv); with gemm_library "blas" it goes to the BLAS as before.
+  if (library_setting == 0 && (m == 1 || n == 1) && m * n * k <= kInlineGemvWork)
+    return GemmLibrary::kInlineGemv;
   if (onednn && library_setting == 0 && m * n * k >= kOneDnnMinWork &&
       onednn_measured_faster(gemm_class(trans_a, trans_b)))
     return GemmLibrary::kOneDnn;
