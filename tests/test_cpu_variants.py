@@ -1071,6 +1071,14 @@ def _small_16bit_case(name, dtype=BF16):
     return fused, torch_lstm, exact, as_f32, x, hx
 
 
+def _inference_results(module, x, hx, dtype):
+    """[output, h_n, c_n] of a no-grad call of module on x and hx (or None) in `dtype`."""
+    state = None if hx is None else tuple(t.to(dtype) for t in hx)
+    with torch.no_grad():
+        out, (h_n, c_n) = module(x.to(dtype), state)
+    return [out, h_n, c_n]
+
+
 def _bits(t, dtype=BF16):
     """The 16-bit patterns of t in `dtype` (t rounded by torch where it is not in it)."""
     return (t if t.dtype == dtype else t.to(dtype)).view(torch.int16)
@@ -1126,10 +1134,7 @@ def test_16bit_small_sizes_inference(name, threads, dtype):
     fused, torch_lstm, exact, as_f32, x, hx = _small_16bit_case(name, dtype)
 
     def run(module, dtype):
-        state = None if hx is None else tuple(t.to(dtype) for t in hx)
-        with torch.no_grad():
-            out, (h_n, c_n) = module(x.to(dtype), state)
-        return [out, h_n, c_n]
+        return _inference_results(module, x, hx, dtype)
 
     with num_threads(threads):
         with torch.no_grad():
@@ -1343,10 +1348,7 @@ def test_thin_kernel_at_every_isa_level(level, case):
             fused, torch_lstm, exact, as_f32, x, hx = _small_16bit_case(case, dtype)
 
             def run(module, dt):
-                state = None if hx is None else tuple(t.to(dt) for t in hx)
-                with torch.no_grad():
-                    out, (h_n, c_n) = module(x.to(dt), state)
-                return [out, h_n, c_n]
+                return _inference_results(module, x, hx, dt)
 
             with torch.no_grad():
                 assert fused_lstm.explain(fused, x)["forward"]["variant"] == "thin"
