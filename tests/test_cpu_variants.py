@@ -201,6 +201,14 @@ CASES = {
     "fp16-training-widens": (
         {}, dict(input_size=24, hidden_size=40, num_layers=2), 5, 3, F16, True,
         {"variant": "row_wise", "keep_16bit": "false", "backward_widens_16bit": "true"}, None),
+    "fp16-training-widens-bi-proj-no-brgemm": (
+        {"allow_brgemm": False}, dict(input_size=20, hidden_size=32, num_layers=2,
+                                      bidirectional=True, proj_size=12), 6, 4, F16, True,
+        {"variant": "row_wise", "backward_widens_16bit": "true", "backward_dh_product": "blas"},
+        None),
+    "fp16-inference-row-wise": (
+        {}, dict(input_size=20, hidden_size=32, num_layers=2, bidirectional=True), 12, 16, F16,
+        False, {"variant": "row_wise", "keep_16bit": "false"}, None),
     "thin-bf16-steps": (
         {}, dict(input_size=40, hidden_size=33, num_layers=2), 3, 4, BF16, False,
         {"variant": "thin", "keep_16bit": "true"}, None),
