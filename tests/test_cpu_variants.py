@@ -1027,7 +1027,7 @@ def test_16bit_thin_inference_makes_no_float_copy_of_the_weights(dtype):
 
 # ---- bfloat16 and float16 at the small sizes: one conversion pass per call ----------------------
 # A CPU call widens the caller's 16-bit tensors (input, weights, h0, c0, upstream gradients) by
-# one loop into one scratch buffer and rounds its results by one loop (csrc/lstm.cpp:
+# one loop into one scratch buffer and rounds its results by one loop (csrc/convert_16bit.cpp:
 # widen_to_float, round_to), instead of an ATen conversion op per tensor; the arithmetic is
 # float32 as before at these sizes (the small-hidden kernel, and the thin kernel on the 16-bit
 # weights as they are).
@@ -1270,7 +1270,7 @@ def test_16bit_small_sizes_make_no_conversion_ops(name, train, model_dtype):
 
 
 # ---- Versions chosen by CPU feature, forced by name ---------------------------------------------
-# The float16 conversions (csrc/lstm.cpp: AVX-512F, AVX + F16C, scalar) and the thin kernel's
+# The float16 conversions (csrc/convert_16bit.cpp: AVX-512F, AVX + F16C, scalar) and the thin kernel's
 # dot products (csrc/cpu/thin.h: pre_v4, pre_v3, pre_base) are chosen at run time by what the
 # CPU has; the test hook caps the level (2 AVX-512, 1 AVX2, 0 baseline) so that each version
 # this CPU can run is checked, not only the one it picks.

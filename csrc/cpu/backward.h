@@ -28,7 +28,7 @@ void pack_w_hh_panels(const S* w_hh, int64_t G, int64_t out, T* buf) {
       const int64_t n0 = p * kBrgemmPanelN, nb = std::min(kBrgemmPanelN, out - n0);
       if constexpr (std::is_same_v<S, T>) {
         copy_rows(w_hh + n0, out, buf + n0 * G, nb, G, nb);
-      } else if constexpr (std::is_same_v<T, float>) {  // F16C for fp16 (lstm.h widen_16bit)
+      } else if constexpr (std::is_same_v<T, float>) {  // F16C for fp16 (convert_16bit.h)
         for (int64_t g = 0; g < G; ++g) widen_16bit(w_hh + g * out + n0, nb, buf + n0 * G + g * nb);
       } else {
         for (int64_t g = 0; g < G; ++g)
@@ -386,6 +386,11 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
       // The bias gradient (b_ih's; b_hh's is the same), summed over the rows' dgates.
       T* gb_ih = s.has_biases ? grad_weights[k + 2].mutable_data_ptr<T>() : nullptr;
       if (gb_ih) std::fill_n(gb_ih, G, T(0));
+      auto add_bias_grad = [&](int64_t rows) {  // the first `rows` rows of dgates
+        if (gb_ih)
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t j = 0; j < G; ++j) gb_ih[j] += dgates[r * G + j];
+      };
 
       const T* w_hh = w.w_hh;
       if (widens) {
@@ -489,9 +494,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
           const HPrev<T> h_prev = h_prev_chunk(s, d, t_lo, t_hi, layer_out, h0, h_prev_buf_ptr);
           bf16_chunk_products(s, bb, dgates, row0, row1, x, in_size, h_prev, gw_ih, gw_hh, dx_l,
                               d > 0, first);
-          if (gb_ih)
-            for (int64_t r = 0; r < row1 - row0; ++r)
-              for (int64_t j = 0; j < G; ++j) gb_ih[j] += dgates[r * G + j];
+          add_bias_grad(row1 - row0);
           first = false;
           step_hi = step_lo - 1;
         }
@@ -506,9 +509,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
         if (widens)
           with_kept_16bit(w.ih, [&](auto w16) { w_ih = widened(w16, G * in_size, widened_w); });
         backward_products(s, dgates, x, in_size, h_prev, w_ih, gw_ih, gw_hh, dx_l, d > 0);
-        if (gb_ih)
-          for (int64_t r = 0; r < s.rows; ++r)
-            for (int64_t j = 0; j < G; ++j) gb_ih[j] += dgates[r * G + j];
+        add_bias_grad(s.rows);
       }
       int64_t next = k + 2;
       if (s.has_biases) {

@@ -74,7 +74,7 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
       o << "\n";
     }
   }
-  if (p.model == at::kHalf) {  // lstm.cpp's float16 conversions, by the CPU's F16C
+  if (p.model == at::kHalf) {  // convert_16bit.cpp's float16 conversions, by the CPU's F16C
     static const char* const kConversions[] = {"scalar (c10)", "f16c (8 lanes)",
                                                "f16c (16 lanes, avx512)"};
     o << "fp16_conversions=" << kConversions[half_conversion_isa()] << "\n";

@@ -354,7 +354,7 @@ void floor_record_op(int64_t input_size, int64_t hidden_size, int64_t num_layers
 
 int64_t hidden_split_chunks_op() { return hidden_split_chunks().load(); }
 
-// Test hooks (lstm.h set_isa_level_cap): cap the vector ISA of the float16 conversions and the
+// Test hooks (convert_16bit.h set_isa_level_cap): cap the vector ISA of the float16 conversions and the
 // thin kernel, returning the cap before; the levels now in effect of the conversions and of the
 // thin kernel (2 AVX-512, 1 AVX2, 0 baseline).
 int64_t set_isa_level_cap_op(int64_t level) { return set_isa_level_cap(int(level)); }
@@ -362,7 +362,7 @@ int64_t isa_levels_op(int64_t which) {
   return which == 0 ? half_conversion_isa() : thin::pre_level();
 }
 
-// Test hook of the op boundary's conversions (lstm.h): a bfloat16 or float16 CPU tensor (any
+// Test hook of the op boundary's conversions (convert_16bit.h): a bfloat16 or float16 CPU tensor (any
 // strides) widened to float32 by widen_to_float, or a float32 one rounded to `dtype` by round_to.
 at::Tensor convert_16bit_op(const at::Tensor& t, at::ScalarType dtype) {
   TORCH_CHECK_VALUE(t.is_cpu(), "fused_lstm::_convert_16bit: a CPU tensor");

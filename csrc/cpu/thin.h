@@ -20,11 +20,11 @@ namespace {
 // (cell_forward_block) and writes h_t and c_t, with no synchronisation inside the layer. Steps
 // and layers are separated by the end of the region (h_{t-1} needs every unit). OpenMP hands
 // chunk i to thread i, so a thread keeps its units, and re-reads the same weight slice, from
-// call to call. No projection; float32 and float64, and bfloat16 models in float32 arithmetic
-// on the weights as the model holds them: each dot product loads bf16 weights and widens them
-// to float32 (exact: a bf16 is the upper half of a float32), so no float32 copy of the weights
-// is made and half the bytes are read. The results are those of the float32 kernel on the
-// weights converted to float32 up to the order of the sums (`dots`).
+// call to call. No projection; float32 and float64, and bfloat16 and float16 models in float32
+// arithmetic on the weights as the model holds them: each dot product loads 16-bit weights and
+// widens them to float32 (exact), so no float32 copy of the weights is made and half the bytes
+// are read. The results are those of the float32 kernel on the weights converted to float32:
+// bit for bit for float16, up to the order of the sums for bfloat16 (`dots`).
 // Measured (stream-step op, loaded 2-core box, minimum of many samples): ~61-73 -> ~35-41 us
 // on 2 threads, ~95 -> ~55 us on 1 (benchmarks/notes/thin-batch.md, "The thin-batch inference
 // kernel").
@@ -270,7 +270,7 @@ template <typename T, typename W>
 using PreFn = void (*)(const ThinStep<T, W>&, int64_t, int64_t, int64_t);
 
 // The level of the versions pre_fn picks: 2 pre_v4, 1 pre_v3, 0 pre_base; this CPU's, or
-// lower under the tests' cap (lstm.h set_isa_level_cap).
+// lower under the tests' cap (convert_16bit.h set_isa_level_cap).
 inline int pre_level() {
   static const int best = [] {
 #ifdef FUSED_LSTM_THIN_ISAS
