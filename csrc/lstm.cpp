@@ -377,11 +377,12 @@ BackwardArgs prepare_backward(
   a.math = math_type(a.dtype);
   TORCH_CHECK(reserve.scalar_type() == a.math, "fused_lstm: reserve has dtype ",
               reserve.scalar_type(), ", expected ", a.math);
-  // (A float16 call keeps at most its weights: keep_16bit_weights.)
-  const bool keep = keeps_16bit(s, input, keep_16bit);
-  TORCH_INTERNAL_ASSERT(!keep || a.dtype == at::kBFloat16);
+  // (A float16 call keeps at most its weights: keep_16bit_weights, or keep_16bit as in
+  // prepare_forward.)
+  const bool keep = keeps_16bit(s, input, keep_16bit) && a.dtype == at::kBFloat16;
   ToMath convert(a.math);
-  const bool keep_weights = keeps_16bit(s, input, keep_16bit_weights);
+  const bool keep_weights = keeps_16bit(s, input, keep_16bit_weights) ||
+                            (a.dtype == at::kHalf && keeps_16bit(s, input, keep_16bit));
   convert_input_and_weights(s, input, weights, convert, keep, keep_weights, a.input, a.weights);
   convert(hx, a.hx);
   convert(cx, a.cx);
@@ -398,7 +399,8 @@ BackwardArgs prepare_backward(
   // costs nothing that shows): there each gradient keeps a tensor of its own, one allocation of
   // its size, which tests/test_production.py counts to show that no float copy of the input or
   // the weights is made.
-  if (convert.widens() && !keep) {
+  const bool widens = convert.widens();
+  if (widens && !keep) {
     TORCH_INTERNAL_ASSERT(is_16bit(a.dtype));
     if (!keep_weights)  // else each its own buffer, released one by one in finish_backward
       for (size_t i = 0; i < weights.size(); ++i)
@@ -409,8 +411,15 @@ BackwardArgs prepare_backward(
   }
   convert.finish();
   const auto opts = input.options().dtype(a.math);
+  // The float32 weight gradients that a CPU 16-bit call rounds and releases one by one
+  // (keep_weights): recycled blocks, not fresh pages faulted in on every call
+  // (benchmarks/notes/fp16.md, "Page faults in 16-bit training").
+  const bool recycle = widens && keep_weights && !keep;
   for (size_t i = 0; i < weights.size(); ++i)
-    if (!a.grad_weights[i].defined()) a.grad_weights[i] = at::empty(weights[i].sizes(), opts);
+    if (!a.grad_weights[i].defined())
+      a.grad_weights[i] = recycle ? cpu_cached_empty(weights[i].numel(), a.math)
+                                        .view(weights[i].sizes())
+                                  : at::empty(weights[i].sizes(), opts);
   if (!a.grad_input.defined()) a.grad_input = at::empty(input.sizes(), opts);
   if (!a.grad_hx.defined()) a.grad_hx = at::empty({LD, s.batch, s.out_size}, opts);
   if (!a.grad_cx.defined()) a.grad_cx = at::empty({LD, s.batch, s.hidden_size}, opts);

@@ -20,6 +20,9 @@ change applies from the next call.
 * ``allow_fused_input_projection``: the input projection fused into each step's product where
   it pays (else one GEMM over every step);
 * ``allow_thin``: the thin-batch inference kernel for a few rows and steps;
+* ``allow_few_rows``: a training call of at most 8 rows in all (B x T, e.g. one streaming step):
+  the backward's products read the weights as stored, 16-bit ones widened in registers (else
+  packed or widened copies and library products, as for larger calls);
 * ``allow_bf16_products``: bfloat16 models' products with bf16 operands and float32 sums on
   AVX512_BF16 CPUs (else computed in float32: results then differ by bf16 rounding);
 * ``allow_amx``: on CPUs with AMX-BF16, those products' forward on AMX tiles (oneDNN's brgemm
@@ -158,6 +161,7 @@ _CPU: Dict[str, _Setting] = {
     "allow_hidden_split": (_flag, bool, "FUSED_LSTM_NO_HIDDEN_SPLIT", _off_if_set),
     "hidden_split_by_measured_rates": (_flag, bool, "FUSED_LSTM_NO_MEASURED_HIDDEN_SPLIT",
                                        _off_if_set),
+    "allow_few_rows": (_flag, bool, "FUSED_LSTM_NO_FEW_ROWS", _off_if_set),
 }
 _CUDA: Dict[str, _Setting] = {
     "path": (_cuda_path, lambda i: _CUDA_PATHS[i], "FUSED_LSTM_CUDA_PATH",

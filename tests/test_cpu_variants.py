@@ -126,8 +126,8 @@ CASES = {
         {}, dict(input_size=1, hidden_size=5, num_layers=2, bidirectional=True), 6, 7, F64,
         True, {"backward_weight_products": "inline_gemv", "backward_data_product": "inline_gemv"},
         None),
-    "row_wise-inline-gemv": (
-        {}, dict(input_size=1, hidden_size=16, num_layers=2, bidirectional=True), 3, 2, F32,
+    "row_wise-inline-gemv": (  # 9+ rows, packed too: more than the few-row backward takes
+        {}, dict(input_size=1, hidden_size=16, num_layers=2, bidirectional=True), 3, 9, F32,
         True, {"variant": "row_wise", "backward_weight_products": "inline_gemv",
                "backward_data_product": "inline_gemv"}, None),
     "small_hidden-gemv-blas": (
@@ -206,6 +206,26 @@ CASES = {
                                       bidirectional=True, proj_size=12), 6, 4, F16, True,
         {"variant": "row_wise", "backward_widens_16bit": "true", "backward_dh_product": "blas"},
         None),
+    # Training calls of at most 8 rows in all (B x T): the backward's products read W_ih and
+    # W_hh as stored, 16-bit ones widened in registers, the weight gradients as summed outer
+    # products (few_rows.h); odd sizes for the column tails.
+    "few-rows-float32": (  # the row-wise forward (thin off)
+        {"allow_thin": False}, dict(input_size=37, hidden_size=35, num_layers=2), 1, 5, F32,
+        True, {"variant": "row_wise", "backward_dh_product": "few_rows (weights as stored)",
+         "backward_weight_products": "few_rows (outer products)",
+         "backward_data_product": "few_rows (weights as stored)"}, None),
+    "few-rows-fp16-bi-proj": (
+        {}, dict(input_size=20, hidden_size=32, num_layers=2, bidirectional=True, proj_size=12),
+        2, 4, F16, True,
+        {"variant": "row_wise", "backward_widens_16bit": "true",
+         "backward_dh_product": "few_rows (weights as stored)"}, None),
+    "few-rows-bf16": (  # thin forward (padded; packed bf16 keeps no gates: row-wise)
+        {}, dict(input_size=70, hidden_size=66, num_layers=3), 1, 8, BF16, True,
+        {"backward_dh_product": "few_rows (weights as stored)",
+         "backward_data_product": "few_rows (weights as stored)"}, None),
+    "few-rows-off": (
+        {"allow_few_rows": False}, dict(input_size=37, hidden_size=35, num_layers=2), 1, 5, F32,
+        True, {"variant": "row_wise", "backward_weight_products": "blas"}, None),
     "fp16-inference-row-wise": (
         {}, dict(input_size=20, hidden_size=32, num_layers=2, bidirectional=True), 12, 16, F16,
         False, {"variant": "row_wise", "keep_16bit": "false"}, None),
@@ -219,10 +239,20 @@ CASES = {
         {"allow_thin": False}, dict(input_size=40, hidden_size=32, num_layers=3), 20, 8, F64,
         False, {"variant": "row_wise", "why": "hidden_size >= 16; the thin kernel is off "
                 "(allow_thin)"}, None),
-    "thin-sizes-training": (
-        {}, dict(input_size=64, hidden_size=48, num_layers=1), 1, 3, F32, True,
-        {"variant": "row_wise", "why": "hidden_size >= 16; the thin kernel serves inference "
-                                       "only"}, None),
+    "thin-sizes-training": (  # 9 rows (24 padded)
+        {}, dict(input_size=64, hidden_size=48, num_layers=1), 3, 8, F32, True,
+        {"variant": "row_wise", "why": "hidden_size >= 16; the thin kernel trains only calls "
+                                       "of at most 8 rows"}, None),
+    # Training of at most 8 rows in all, no projection: the thin kernel's forward (gates and c_t
+    # into the reserve) and the few-row backward; 16-bit weights read as given in both.
+    "thin-training": (
+        {}, dict(input_size=64, hidden_size=48, num_layers=2, bidirectional=True), 2, 3, F32,
+        True, {"variant": "thin", "keep_16bit": "false",
+               "backward_dh_product": "few_rows (weights as stored)"}, None),
+    "thin-training-fp16": (
+        {}, dict(input_size=30, hidden_size=70, num_layers=3), 1, 7, F16, True,
+        {"variant": "thin", "keep_16bit": "true", "backward_widens_16bit": "true",
+         "backward_dh_product": "few_rows (weights as stored)"}, None),
 }
 # Float tolerances of the comparison with float64 (see check_against_nn_lstm).
 FLOOR = {F64: 1e-10, F32: 2e-6, BF16: torch.finfo(BF16).eps, F16: torch.finfo(F16).eps}
@@ -319,13 +349,16 @@ def test_variant(name, packed):
     ("allow_thin", "thin-one-step", "variant", True),
     ("allow_bf16_products", "row_wise-bf16_gemm", "recurrent_product", True),
     ("allow_amx", "row_wise-amx", "recurrent_product", False),
+    ("allow_few_rows", "few-rows-float32", "backward_dh_product", False),
 ])
 def test_setting_switches_the_kernel(setting, case, key, bits_differ):
     """Turning a setting off changes the plan the kernels read (explain), and both plans agree
     with each other closely. Where the two compute differently on every CPU (another exp, other
     summation orders, bf16 rounding), the results also differ in bits: the switch did reach the
     kernel. (brgemm and MKL's sgemm, fused or not, sum in the same order on some CPUs; so do
-    AMX tiles and AVX512_BF16's dot products: pairs of bf16 products added in K's order.)"""
+    AMX tiles and AVX512_BF16's dot products: pairs of bf16 products added in K's order; and
+    the few-row products and MKL's at small sizes, both one fused multiply-add per term in K's
+    order.)"""
     need = CASES[case][-1]
     if need and not FEATURES[need]:
         pytest.skip(f"this CPU lacks {need}")
@@ -1233,7 +1266,7 @@ CONVERSION_OPS = {"aten::to", "aten::_to_copy", "aten::copy_", "aten::contiguous
 
 # Training takes no batch_first case: the op saves a transposed input as a contiguous copy for
 # backward, in every dtype, as nn.LSTM does (csrc/autograd.cpp, saveable_input); the thin kernel
-# serves inference only.
+# trains only calls of at most 8 rows (test_few_rows.py).
 @pytest.mark.parametrize("name,train", [
     ("small_hidden-seed-tiny", False), ("small_hidden-small-state", False),
     ("small_hidden-2layers-bi-batch_first", False), ("thin-stream-step", False),

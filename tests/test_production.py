@@ -262,13 +262,15 @@ def test_16bit_float32_product_backward_widens_one_layer_at_a_time(brgemm, dtype
     (its float32 size is allocated once, for its gradient), and holds at most the float32
     gradients, that buffer and a few rows' scratch, with the gradients converted one at a time.
     The gradients are those of the same call computed in float32 from the 16-bit values (the
-    widening is exact)."""
+    widening is exact). The general backward, forced: these calls have at most 8 rows, which by
+    default take the few-row backward that widens nothing (tests/test_few_rows.py)."""
+    flags = dict(allow_brgemm=brgemm, allow_few_rows=False)
     I, H, L, B = 24, 40, 2, 3
     model = FusedLSTM(I, H, num_layers=L).to(dtype)
     x = randn(seq_len, B, I, dtype=dtype).requires_grad_()
     hx = tuple(randn(L, B, H, dtype=dtype).requires_grad_() for _ in range(2))
     up = randn(seq_len, B, H, dtype=dtype)
-    with fused_lstm.backends.cpu.flags(allow_brgemm=brgemm):
+    with fused_lstm.backends.cpu.flags(**flags):
         assert fused_lstm.explain(model, x)["backward"]["backward_widens_16bit"] == "true"
         model(x, hx)[0].backward(up)  # warm: buffers cached, grads allocated
         outputs = []
@@ -289,10 +291,11 @@ def test_16bit_float32_product_backward_widens_one_layer_at_a_time(brgemm, dtype
     reference = FusedLSTM(I, H, num_layers=L)
     reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
     x32, h32, c32 = (t.detach().float().requires_grad_() for t in (x, *hx))
-    reference(x32, (h32, c32))[0].backward(up.float())
+    with fused_lstm.backends.cpu.flags(**flags):
+        reference(x32, (h32, c32))[0].backward(up.float())
     model.zero_grad(set_to_none=True)
     x.grad = None
-    with fused_lstm.backends.cpu.flags(allow_brgemm=brgemm):
+    with fused_lstm.backends.cpu.flags(**flags):
         model(x, hx)[0].backward(up)
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad.to(dtype), rtol=0, atol=0)

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "bf16_products.h"
+#include "few_rows.h"
 #include "forward.h"
 #include "small_hidden.h"
 
@@ -247,6 +248,50 @@ void backward_products(const LSTMShape& s, const T* dgates, Operand<T> x,
           dx, in_size);
 }
 
+// step_dh_product and backward_products for the plan's backward_few_rows (float32 math; the
+// weights W_ih and W_hh as stored, float32 or kept 16-bit: few_rows.h).
+template <typename T>
+void few_rows_dh(int64_t bs, int64_t out, int64_t G, const T* dg_t, const Operand<T>& w_hh, T* dh) {
+  if constexpr (std::is_same_v<T, float>) {
+    visit_weights(w_hh, [&](auto W) { few_rows_product(bs, out, G, dg_t, G, W, out, dh, out, false); });
+  } else {
+    TORCH_INTERNAL_ASSERT(false, "fused_lstm: few-row products are float32 only");
+  }
+}
+
+template <typename T>
+void few_rows_backward_products(const LSTMShape& s, const T* dgates, Operand<T> x,
+                                int64_t in_size, const HPrev<T>& h_prev, const Operand<T>& w_ih,
+                                T* gw_ih, T* gw_hh, T* dx, bool add_dx) {
+  if constexpr (std::is_same_v<T, float>) {
+    const int64_t G = 4 * s.hidden_size, out = s.out_size, rows = s.rows;
+    TORCH_INTERNAL_ASSERT(rows <= kThinMaxBatch);
+    // A bf16 input kept as given (the thin variant's training): its rows widened, exactly.
+    std::vector<float> widened_x;
+    if (!x.f) {
+      widened_x.resize(rows * in_size);
+      visit(x, [&](auto X) {
+        for (int64_t i = 0; i < rows * in_size; ++i) widened_x[i] = static_cast<float>(X[i]);
+      });
+    }
+    const float* xf = x.f ? x.f : widened_x.data();
+    const float* x_rows[kThinMaxBatch];
+    const float* h_rows[kThinMaxBatch];
+    for (int64_t r = 0; r < rows; ++r) x_rows[r] = xf + r * in_size;
+    for (int i = 0; i < h_prev.n; ++i) {
+      const HPrevSegment<T>& seg = h_prev.seg[i];
+      for (int64_t r = seg.r0; r < seg.r1; ++r) h_rows[r] = seg.h + (r - seg.r0) * seg.ld;
+    }
+    few_rows_outer(rows, G, in_size, dgates, G, x_rows, gw_ih, in_size);
+    few_rows_outer(rows, G, out, dgates, G, h_rows, gw_hh, out);
+    visit_weights(w_ih, [&](auto W) {
+      few_rows_product(rows, in_size, G, dgates, G, W, in_size, dx, in_size, add_dx);
+    });
+  } else {
+    TORCH_INTERNAL_ASSERT(false, "fused_lstm: few-row products are float32 only");
+  }
+}
+
 template <typename T>
 void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, const T* hx,
                    const T* cx, const std::vector<at::Tensor>& weights, const T* mask,
@@ -331,7 +376,8 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   // A 16-bit model's W_ih and W_hh as given (plan.backward_widens_16bit): one layer and
   // direction's at a time in float, in one buffer: W_hh (in panels, or as stored) during the
   // recurrence, then W_ih for dL/dx.
-  const bool widens = plan.backward_widens_16bit && !bb.on && !tiny;
+  const bool few = plan.backward_few_rows;  // few_rows.h: the weights read as stored
+  const bool widens = plan.backward_widens_16bit && !bb.on && !tiny && !few;
   at::Tensor widened_buf;
   T* widened_w = nullptr;
   if constexpr (std::is_same_v<T, float>) {
@@ -463,7 +509,8 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
                                 dh_t + b * H, dc + b * H, dg, dg + H, dg + 2 * H, dg + 3 * H);
           });
           // dL/dh_{t-1} for the rows active at t; the others keep what they carry.
-          step_dh_product(bb, brgemm, bs, out, G, dg_t, w_hh, w_hh_panels, dh_carried);
+          if (few) few_rows_dh(bs, out, G, dg_t, w.hh, dh_carried);
+          else step_dh_product(bb, brgemm, bs, out, G, dg_t, w_hh, w_hh_panels, dh_carried);
         }
         if (bb.amx_w_hh) amx_release();  // this thread's last product of the direction
       };
@@ -508,7 +555,8 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
         const T* w_ih = w.w_ih;
         if (widens)
           with_kept_16bit(w.ih, [&](auto w16) { w_ih = widened(w16, G * in_size, widened_w); });
-        backward_products(s, dgates, x, in_size, h_prev, w_ih, gw_ih, gw_hh, dx_l, d > 0);
+        if (few) few_rows_backward_products(s, dgates, x, in_size, h_prev, w.ih, gw_ih, gw_hh, dx_l, d > 0);
+        else backward_products(s, dgates, x, in_size, h_prev, w_ih, gw_ih, gw_hh, dx_l, d > 0);
         add_bias_grad(s.rows);
       }
       int64_t next = k + 2;

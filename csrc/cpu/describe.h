@@ -105,16 +105,20 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
     if (p.variant == Variant::kSmallHidden) dh = "small-hidden product (inline)";
     else if (p.amx_products) dh = "amx_brgemm";
     else if (p.bf16_products) dh = "bf16_gemm";
+    else if (p.backward_few_rows) dh = "few_rows (weights as stored)";
     else if (p.brgemm_dh) dh = "brgemm";
     else dh = library(false, false, slice_rows, out, G);
     o << "backward_dh_product=" << dh << "\n";
     o << "backward_weight_products="
       << (p.amx_products    ? std::string("amx_brgemm")
           : p.bf16_products ? std::string("bf16_gemm")
+          : p.backward_few_rows ? std::string("few_rows (outer products)")
                             : library(true, false, G, s.layer_input_size(0), s.rows))
       << "\n";
     if (!p.bf16_products)
-      o << "backward_data_product=" << library(false, false, s.rows, s.layer_input_size(0), G)
+      o << "backward_data_product="
+        << (p.backward_few_rows ? std::string("few_rows (weights as stored)")
+                                : library(false, false, s.rows, s.layer_input_size(0), G))
         << "\n";
   }
   o << "settings=allow_brgemm:" << p.settings.brgemm
@@ -127,7 +131,8 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
                                        : "auto")
     << " fuse_by_measured_rates:" << p.settings.fuse_by_rates
     << " allow_hidden_split:" << p.settings.hidden_split
-    << " hidden_split_by_measured_rates:" << p.settings.hidden_split_by_rates << "\n";
+    << " hidden_split_by_measured_rates:" << p.settings.hidden_split_by_rates
+    << " allow_few_rows:" << p.settings.few_rows << "\n";
   // The measured rates behind the choices (rates.h), where they were measured for this call.
   if (p.is_float && p.variant == Variant::kRowWise) {
     const LibraryRates& r = library_rates();

@@ -16,6 +16,10 @@ template <typename T>
 void forward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, const T* hx,
                   const T* cx, const std::vector<at::Tensor>& weights, const T* mask, T* hy,
                   T* cy, T* reserve) {
+  if (plan.variant == Variant::kThin) {  // a training call of a few rows (plan.h)
+    TORCH_INTERNAL_ASSERT(s.gates_in_reserve);
+    return thin_forward<T>(plan, s, input, hx, cx, weights, mask, hy, cy, nullptr, reserve);
+  }
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
   const int64_t out_stride = D * out;  // row stride of layer_out
   at::Tensor tiny_buf, dropped_buf;
@@ -98,7 +102,7 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
                     const T* cx, const std::vector<at::Tensor>& weights, const T* mask, T* hy,
                     T* cy, T* output) {
   if (plan.variant == Variant::kThin)
-    return thin_inference(plan, s, input, hx, cx, weights, mask, hy, cy, output);
+    return thin_forward<T>(plan, s, input, hx, cx, weights, mask, hy, cy, output, nullptr);
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
   const int64_t out_stride = D * out;
   const int64_t chunk_steps = inference_chunk_steps(s);

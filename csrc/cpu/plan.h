@@ -101,6 +101,10 @@ struct CpuPlan {
   // into a float32 scratch (backward.h), instead of a float32 copy of every weight for the
   // whole call.
   bool backward_widens_16bit = false;
+  // The backward of a training call of at most kThinMaxBatch rows in all (B x T): its products
+  // read W_ih and W_hh as stored, float32 or 16-bit (few_rows.h), without brgemm's panels or a
+  // widened copy, and the weight gradients are summed outer products.
+  bool backward_few_rows = false;
   bool vec16_cell = false;    // float32 cell pass on 16 lanes (cell_forward_vec16)
   bool inference = false;     // lstm_inference: nothing kept for backward
 };
@@ -119,6 +123,10 @@ inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, at::Sca
   p.inference = inference;
   const bool row_sizes = s.hidden_size >= kRowWiseHidden;
   const bool thin = thin_sizes(s) && settings.thin;
+  // A training call of at most kThinMaxBatch rows in all: the few-row backward (few_rows.h),
+  // and, where the thin kernel is on, its forward too (its gates and c_t into the reserve).
+  const bool few_rows = is_float && !inference && row_sizes && s.rows <= kThinMaxBatch &&
+                        settings.few_rows;
   if (!row_sizes) {
     p.variant = Variant::kSmallHidden;
     p.why = "hidden_size < 16: gate rows too short to vectorise, so the batch-fastest layout";
@@ -126,15 +134,20 @@ inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, at::Sca
     p.variant = Variant::kThin;
     p.why = "inference of at most 8 rows, no projection, 1 step (or up to 32 with input_size "
             "<= 2 * hidden_size): bound by reading the weights, which threads split by units";
+  } else if (thin && few_rows && s.gates_in_reserve) {
+    p.variant = Variant::kThin;
+    p.why = "training of at most 8 rows in all, no projection: the thin kernel's forward "
+            "(gates and c_t into the reserve), the few-row backward";
   } else {
     p.variant = Variant::kRowWise;
-    p.why = !inference && thin_sizes(s) ? "hidden_size >= 16; the thin kernel serves inference only"
+    p.why = !inference && thin_sizes(s) ? "hidden_size >= 16; the thin kernel trains only calls of at most 8 rows"
           : thin_sizes(s)               ? "hidden_size >= 16; the thin kernel is off (allow_thin)"
                                         : "hidden_size >= 16 and not thin-batch sizes";
   }
   // A single step does not pay for packing the weights.
   const bool packs = row_sizes && s.seq_len >= 2;
-  p.bf16_products = bf16_model && packs && cpu.avx512_bf16 && settings.bf16_products;
+  p.bf16_products = bf16_model && packs && cpu.avx512_bf16 && settings.bf16_products &&
+                    p.variant != Variant::kThin;
   p.amx_products = p.bf16_products && settings.amx && amx_sizes(s) && amx_bf16_available();
   // The thin kernel reads a bfloat16 or float16 model's W_ih and W_hh as they are (thin.h), on
   // any CPU.
@@ -142,9 +155,10 @@ inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, at::Sca
   // (Not where the backward recomputes the gates without the bf16 products: it reruns the
   // forward on float32 weights, backward.h.)
   p.backward_widens_16bit = model_16bit && !inference && !p.bf16_products &&
-                            p.variant == Variant::kRowWise && s.gates_in_reserve;
+                            p.variant != Variant::kSmallHidden && s.gates_in_reserve;
   p.brgemm_steps = is_float && packs && cpu.brgemm && settings.brgemm && !p.bf16_products;
-  p.brgemm_dh = is_float && row_sizes && cpu.brgemm && settings.brgemm;
+  p.backward_few_rows = few_rows && p.variant != Variant::kSmallHidden && !p.bf16_products;
+  p.brgemm_dh = is_float && row_sizes && cpu.brgemm && settings.brgemm && !p.backward_few_rows;
   p.vec16_cell = is_float && cpu.avx512 && settings.vec16_cell;
   return p;
 }

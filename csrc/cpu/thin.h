@@ -50,7 +50,9 @@ struct ThinStep {
   T* h_out[2][kThinMaxBatch] = {};             // receive h_t (the layer output's rows)
   T* h_state[2] = {};                      // [B, H] receive h_t (h_n)
   T* c_state[2] = {};                      // [B, H] c_{t-1} in, c_t out
-  T* gates = nullptr;                      // scratch [2][kThinMaxBatch][4H]: pre-activations
+  T* gates[2][kThinMaxBatch] = {};             // [4H] each: pre-activations, then (training)
+                                               // the activated gates: the reserve's rows
+  T* cells[2][kThinMaxBatch] = {};             // [H] each: receive c_t (training), or null
   bool vec16_cell = false;                 // the plan's
 };
 
@@ -199,7 +201,7 @@ FUSED_LSTM_INLINE void unit_rows(const ThinStep<T, W>& a, int64_t d, int64_t j, 
       const int64_t col = g * H + j + u;
       const T bias = a.b_ih[d] ? a.b_ih[d][col] + a.b_hh[d][col] : T(0);
       for (int b = 0; b < kNB; ++b)
-        a.gates[(d * kThinMaxBatch + b0 + b) * 4 * H + col] =
+        a.gates[d][b0 + b][col] =
             (hsum<T, kBytes>(acc[g * kU + u][b]) + tail[g * kU + u][b]) + bias;
     }
 }
@@ -301,7 +303,7 @@ PreFn<T, W> pre_fn() {
 // A thread's share of a step: the units [u0, u1) of the layer's D * H (direction-major).
 template <typename T, typename W>
 void thin_step_units(const ThinStep<T, W>& a, int64_t D, int64_t u0, int64_t u1) {
-  const int64_t H = a.H, G = 4 * H;
+  const int64_t H = a.H;
   const thin::PreFn<T, W> pre = thin::pre_fn<T, W>();
   for (int64_t d = 0; d < D; ++d) {
     const int64_t j0 = std::max<int64_t>(u0 - d * H, 0), j1 = std::min<int64_t>(u1 - d * H, H);
@@ -309,30 +311,34 @@ void thin_step_units(const ThinStep<T, W>& a, int64_t D, int64_t u0, int64_t u1)
     pre(a, d, j0, j1);
     const int64_t n = j1 - j0;
     for (int64_t b = 0; b < a.bs[d]; ++b) {
-      T* g = a.gates + (d * kThinMaxBatch + b) * G + j0;
+      T* g = a.gates[d][b] + j0;
       T* h = a.h_out[d][b] + j0;
+      T* cells = a.cells[d][b] ? a.cells[d][b] + j0 : nullptr;
       cell_forward_block(n, g, g + H, g + 2 * H, g + 3 * H, nullptr, 0, a.c_state[d] + b * H + j0,
-                         nullptr, h, a.vec16_cell);
+                         cells, h, a.vec16_cell);
       std::memcpy(a.h_state[d] + b * H + j0, h, sizeof(T) * n);
     }
   }
 }
 
 
-// inference_impl for the plan's thin variant (same arguments); W: the storage type of W_ih and
-// W_hh (thin_inference below). A bf16 input (kept as given with the weights) is widened to
-// float32 into scratch first: [rows, input_size], a few hundred elements at most steps.
+// inference_impl for the plan's thin variant (same arguments), or with a `reserve` (not null:
+// a training call, then `output` is unused) forward_impl's: each layer's output, the activated
+// gates and c_t go to the reserve's rows (lstm.h's layout, gates kept), where the backward reads
+// them. W: the storage type of W_ih and W_hh (thin_forward below). A bf16 input (kept as given
+// with the weights) is widened to float32 into scratch first: [rows, input_size], a few hundred
+// elements at most steps.
 template <typename T, typename W>
-void thin_inference_of(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, const T* hx,
-                       const T* cx, const std::vector<at::Tensor>& weights, const T* mask, T* hy,
-                       T* cy, T* output) {
+void thin_forward_of(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, const T* hx,
+                     const T* cx, const std::vector<at::Tensor>& weights, const T* mask, T* hy,
+                     T* cy, T* output, T* reserve) {
   const int64_t H = s.hidden_size, D = s.num_directions, B = s.batch;
   const int64_t out_stride = D * H, layer_numel = s.rows * out_stride;
   at::Tensor buf_t, dropped_buf;
   const int64_t gates_numel = 2 * kThinMaxBatch * 4 * H;
   const int64_t input_numel = input.b ? s.rows * s.input_size : 0;
   T* buf = scratch<T>(buf_t, gates_numel + H + input_numel +
-                                 (s.num_layers > 1 ? 2 * layer_numel : 0));
+                                 (s.num_layers > 1 && !reserve ? 2 * layer_numel : 0));
   T* zeros = buf + gates_numel;  // h_{t-1} of rows that start without hx
   std::fill_n(zeros, H, T(0));
   if (input.b) {
@@ -348,11 +354,12 @@ void thin_inference_of(const CpuPlan& plan, const LSTMShape& s, Operand<T> input
   for (int64_t l = 0; l < s.num_layers; ++l) {
     const int64_t in_size = s.layer_input_size(l);
     const T* x = layer_input(s, l, input, prev, mask, dropped).f;
-    T* layer_out = l + 1 == s.num_layers ? output : layer_buf + (l % 2) * layer_numel;
+    T* layer_out = reserve                 ? reserve + s.layer_out_offset(l)
+                   : l + 1 == s.num_layers ? output
+                                           : layer_buf + (l % 2) * layer_numel;
     ThinStep<T, W> a;
     a.H = H;
     a.in_size = in_size;
-    a.gates = buf;
     a.vec16_cell = plan.vec16_cell;
     for (int64_t d = 0; d < D; ++d) {
       const auto w = direction_weights<T>(s, weights, l, d);
@@ -382,6 +389,9 @@ void thin_inference_of(const CpuPlan& plan, const LSTMShape& s, Operand<T> input
         const T* h0 = hx ? hx + (l * D + d) * B * H : nullptr;
         a.bs[d] = bs;
         for (int64_t b = 0; b < bs; ++b) {
+          a.gates[d][b] = reserve ? reserve + s.gates_offset(l, d) + (off + b) * 4 * H
+                                  : buf + (d * kThinMaxBatch + b) * 4 * H;
+          a.cells[d][b] = reserve ? reserve + s.cells_offset(l, d) + (off + b) * H : nullptr;
           a.x[d][b] = x + (off + b) * in_size;
           a.h_out[d][b] = layer_out + (off + b) * out_stride + d * H;
           a.h[d][b] = b < continuing ? layer_out + (s.step_offset[prev_t] + b) * out_stride + d * H
@@ -400,22 +410,22 @@ void thin_inference_of(const CpuPlan& plan, const LSTMShape& s, Operand<T> input
   }
 }
 
-// inference_impl for the plan's thin variant (same arguments): W_ih and W_hh in the math dtype,
-// or, for a bfloat16 or float16 model (float32 math), kept as the model holds them
-// (plan.keep_16bit), which the dot products widen as they read them.
+// thin_forward_of for the plan's thin variant: W_ih and W_hh in the math dtype, or, for a
+// bfloat16 or float16 model (float32 math), kept as the model holds them (plan.keep_16bit),
+// which the dot products widen as they read them. `reserve`: null for inference.
 template <typename T>
-void thin_inference(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, const T* hx,
-                    const T* cx, const std::vector<at::Tensor>& weights, const T* mask, T* hy,
-                    T* cy, T* output) {
+void thin_forward(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, const T* hx,
+                  const T* cx, const std::vector<at::Tensor>& weights, const T* mask, T* hy,
+                  T* cy, T* output, T* reserve) {
   if constexpr (std::is_same_v<T, float>) {
     if (plan.keep_16bit && weights[0].scalar_type() == at::kHalf)
-      return thin_inference_of<T, c10::Half>(plan, s, input, hx, cx, weights, mask, hy, cy,
-                                             output);
+      return thin_forward_of<T, c10::Half>(plan, s, input, hx, cx, weights, mask, hy, cy,
+                                           output, reserve);
     if (plan.keep_16bit)
-      return thin_inference_of<T, c10::BFloat16>(plan, s, input, hx, cx, weights, mask, hy, cy,
-                                                 output);
+      return thin_forward_of<T, c10::BFloat16>(plan, s, input, hx, cx, weights, mask, hy, cy,
+                                               output, reserve);
   }
-  thin_inference_of<T, T>(plan, s, input, hx, cx, weights, mask, hy, cy, output);
+  thin_forward_of<T, T>(plan, s, input, hx, cx, weights, mask, hy, cy, output, reserve);
 }
 
 }  // namespace
