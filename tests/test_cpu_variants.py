@@ -659,7 +659,7 @@ THIN_CASES = [  # hidden, input, batch, num_layers, bias, bidirectional, with_st
 def test_thin_inference_matches_nn_lstm(seq_len, threads, dtype, hidden, input_size, batch,
                                         num_layers, bias, bidirectional, with_state):
     """Streaming inference (a batch of at most 8 rows, a hidden size from 16 on, no projection):
-    lstm_inference takes the thin kernel (csrc/cpu: thin_inference; each thread owns a range of
+    lstm_inference takes the thin kernel (csrc/cpu: thin_forward; each thread owns a range of
     hidden units, dot products along the weight rows in blocks of 1 to 4 batch rows, scalar
     tails where the row lengths are not multiples of the vector width, units split unevenly
     over the threads). Against nn.LSTM on the same weights, and against lstm_forward; seq_len 3
