@@ -138,3 +138,32 @@ def test_few_rows_only_up_to_eight_rows():
             "backward_dh_product"] != "few_rows (weights as stored)"
         assert fused_lstm.explain(model.double(), randn(1, 2, 16))["backward"][
             "backward_dh_product"] != "few_rows (weights as stored)"
+
+
+@pytest.mark.parametrize("dtype", [F32, F16], ids=["f32", "f16"])
+def test_few_rows_with_dropout_between_layers(dtype):
+    """Dropout between layers in a few-row training call (thin forward, few-row backward): the
+    same mask (the same seed) gives the general path's results and gradients, within the
+    tolerance of test_few_rows_results_match_the_general_backward; and the mask did apply."""
+    torch.manual_seed(5)
+    model = FusedLSTM(24, 40, num_layers=3, dropout=0.4, dtype=dtype)
+    x = randn(2, 3, 24).to(dtype)
+    hx = tuple(randn(3, 3, 40).to(dtype) for _ in range(2))
+    up = (randn(2, 3, 40).to(dtype), randn(3, 3, 40).to(dtype), randn(3, 3, 40).to(dtype))
+    with torch.enable_grad():
+        assert fused_lstm.explain(model, x)["backward"]["variant"] == "thin"
+
+    def seeded(**flags):
+        torch.manual_seed(11)
+        with CPU.flags(**flags):
+            return _training_results(model, x, hx, up)
+
+    few, general = seeded(), seeded(allow_few_rows=False, allow_thin=False)
+    model.eval()
+    without_dropout = _training_results(model, x, hx, up)
+    model.train()
+    assert not torch.equal(few[0], without_dropout[0])
+    eps = 1e-5 if dtype == F32 else 2 * torch.finfo(dtype).eps
+    for a, b in zip(few, general):
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a.double(), b.double(), rtol=eps, atol=eps * scale)
