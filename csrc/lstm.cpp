@@ -363,7 +363,7 @@ BackwardArgs prepare_backward(
     const at::Tensor& reserve, const std::optional<at::Tensor>& grad_output,
     const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
-    Keep16 keep_16bit, Keep16 keep_16bit_weights, bool may_drop_gates) {
+    Keep16 keep_16bit, Keep16 keep_16bit_weights, bool may_drop_gates, Keep16 grads_16bit) {
   BackwardArgs a;
   a.shape = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
                             bidirectional, has_biases, proj_size);
@@ -415,6 +415,14 @@ BackwardArgs prepare_backward(
   // (keep_weights): recycled blocks, not fresh pages faulted in on every call
   // (benchmarks/notes/fp16.md, "Page faults in 16-bit training").
   const bool recycle = widens && keep_weights && !keep;
+  // W_ih's and W_hh's gradients in the model's 16-bit dtype, written so by the kernels
+  // (grads_16bit: returned as they are, no float32 copy).
+  if (keeps_16bit(s, input, grads_16bit)) {
+    const int64_t per_direction = s.weights_per_direction();
+    for (size_t i = 0; i < weights.size(); ++i)
+      if (static_cast<int64_t>(i) % per_direction < 2)
+        a.grad_weights[i] = at::empty(weights[i].sizes(), weights[i].options());
+  }
   for (size_t i = 0; i < weights.size(); ++i)
     if (!a.grad_weights[i].defined())
       a.grad_weights[i] = recycle ? cpu_cached_empty(weights[i].numel(), a.math)

@@ -262,7 +262,7 @@ void few_rows_dh(int64_t bs, int64_t out, int64_t G, const T* dg_t, const Operan
 template <typename T>
 void few_rows_backward_products(const LSTMShape& s, const T* dgates, Operand<T> x,
                                 int64_t in_size, const HPrev<T>& h_prev, const Operand<T>& w_ih,
-                                T* gw_ih, T* gw_hh, T* dx, bool add_dx) {
+                                at::Tensor& gw_ih, at::Tensor& gw_hh, T* dx, bool add_dx) {
   if constexpr (std::is_same_v<T, float>) {
     const int64_t G = 4 * s.hidden_size, out = s.out_size, rows = s.rows;
     TORCH_INTERNAL_ASSERT(rows <= kThinMaxBatch);
@@ -282,8 +282,8 @@ void few_rows_backward_products(const LSTMShape& s, const T* dgates, Operand<T> 
       const HPrevSegment<T>& seg = h_prev.seg[i];
       for (int64_t r = seg.r0; r < seg.r1; ++r) h_rows[r] = seg.h + (r - seg.r0) * seg.ld;
     }
-    few_rows_outer(rows, G, in_size, dgates, G, x_rows, gw_ih, in_size);
-    few_rows_outer(rows, G, out, dgates, G, h_rows, gw_hh, out);
+    few_rows_outer(rows, G, in_size, dgates, G, x_rows, gw_ih);
+    few_rows_outer(rows, G, out, dgates, G, h_rows, gw_hh);
     visit_weights(w_ih, [&](auto W) {
       few_rows_product(rows, in_size, G, dgates, G, W, in_size, dx, in_size, add_dx);
     });
@@ -427,8 +427,12 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
 
       const T* h0 = hx ? hx + ld * s.batch * out : zeros;
       const int64_t k = s.weight_index(l, d);
-      T* gw_ih = grad_weights[k].mutable_data_ptr<T>();
-      T* gw_hh = grad_weights[k + 1].mutable_data_ptr<T>();
+      // W_ih's and W_hh's gradients: in the math dtype, or a 16-bit model's dtype where the
+      // few-row backward writes them rounded (plan.grads_16bit).
+      const bool grads_16bit = grad_weights[k].scalar_type() != c10::CppTypeToScalarType<T>::value;
+      TORCH_INTERNAL_ASSERT(!grads_16bit || few);
+      T* gw_ih = grads_16bit ? nullptr : grad_weights[k].mutable_data_ptr<T>();
+      T* gw_hh = grads_16bit ? nullptr : grad_weights[k + 1].mutable_data_ptr<T>();
       // The bias gradient (b_ih's; b_hh's is the same), summed over the rows' dgates.
       T* gb_ih = s.has_biases ? grad_weights[k + 2].mutable_data_ptr<T>() : nullptr;
       if (gb_ih) std::fill_n(gb_ih, G, T(0));
@@ -555,7 +559,9 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
         const T* w_ih = w.w_ih;
         if (widens)
           with_kept_16bit(w.ih, [&](auto w16) { w_ih = widened(w16, G * in_size, widened_w); });
-        if (few) few_rows_backward_products(s, dgates, x, in_size, h_prev, w.ih, gw_ih, gw_hh, dx_l, d > 0);
+        if (few)
+          few_rows_backward_products(s, dgates, x, in_size, h_prev, w.ih, grad_weights[k],
+                                     grad_weights[k + 1], dx_l, d > 0);
         else backward_products(s, dgates, x, in_size, h_prev, w_ih, gw_ih, gw_hh, dx_l, d > 0);
         add_bias_grad(s.rows);
       }

@@ -278,13 +278,31 @@ void few_rows_product(int64_t M, int64_t N, int64_t K, const float* a, int64_t l
   few::split(N, M * N * K, [&](int64_t n0, int64_t n1) { fn(M, K, a, lda, w, ldw, c, ldc, add, n0, n1); });
 }
 
-// gw [G, N] (row stride ldw) = dg^T x: sum over the rows r < rows of dg[r, :]^T x[r][:] (dg row
-// stride ldg; x[r]: row r's N values). Zero where rows == 0.
+// gw [G, N] (contiguous) = dg^T x: sum over the rows r < rows of dg[r, :]^T x[r][:] (dg row
+// stride ldg; x[r]: row r's N values); zero where rows == 0. gw float32, or bfloat16 / float16
+// (a 16-bit model's gradient, CpuPlan::grads_16bit): then each row is summed in float32 and
+// rounded as torch rounds (round_to), the same values as the float32 gradient rounded after,
+// without a float32 gradient in memory.
 inline void few_rows_outer(int64_t rows, int64_t G, int64_t N, const float* dg, int64_t ldg,
-                           const float* const* x, float* gw, int64_t ldw) {
+                           const float* const* x, at::Tensor& gw) {
   const few::OuterFn fn = few::outer_fn();
+  TORCH_INTERNAL_ASSERT(gw.is_contiguous() && gw.numel() == G * N);
+  const at::ScalarType dtype = gw.scalar_type();
+  if (dtype == at::kFloat) {
+    float* out = gw.mutable_data_ptr<float>();
+    few::split(G, rows * G * N + G * N, [&](int64_t g0, int64_t g1) {
+      fn(rows, dg, ldg, x, out, N, g0, g1, N);
+    });
+    return;
+  }
+  TORCH_INTERNAL_ASSERT(is_16bit(dtype));
+  auto* out = static_cast<uint16_t*>(gw.mutable_data_ptr());
   few::split(G, rows * G * N + G * N, [&](int64_t g0, int64_t g1) {
-    fn(rows, dg, ldg, x, gw, ldw, g0, g1, N);
+    std::vector<float> row(static_cast<size_t>(N));
+    for (int64_t g = g0; g < g1; ++g) {  // row g: dg's column g against x
+      fn(rows, dg + g, ldg, x, row.data(), N, 0, 1, N);
+      round_to(row.data(), N, dtype, out + g * N);
+    }
   });
 }
 

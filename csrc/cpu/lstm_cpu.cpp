@@ -71,6 +71,9 @@ struct CallPlan {
       return of(s, dtype).backward_widens_16bit;
     };
   }
+  Keep16 grads_16bit() const {
+    return [this](const LSTMShape& s, at::ScalarType dtype) { return of(s, dtype).grads_16bit; };
+  }
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu(
@@ -257,7 +260,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_bac
   BackwardArgs a = prepare_backward(input, batch_sizes, hx, cx, weights, dropout_mask, reserve,
                                     grad_output, grad_hy, grad_cy, num_layers, bidirectional,
                                     has_biases, proj_size, call.keep_16bit(),
-                                    call.backward_widens_16bit(), /*may_drop_gates=*/true);
+                                    call.backward_widens_16bit(), /*may_drop_gates=*/true,
+                                    call.grads_16bit());
   const CpuPlan plan = call.of(a.shape, a.dtype);
   AT_DISPATCH_FLOATING_TYPES(a.math, "fused_lstm_backward_cpu", [&] {
     backward_impl<scalar_t>(

@@ -99,12 +99,17 @@ struct CpuPlan {
   // without the bf16 products: float16, a single step, a CPU without AVX512_BF16, or the
   // setting off) reads W_ih and W_hh as given and widens one layer and direction's at a time
   // into a float32 scratch (backward.h), instead of a float32 copy of every weight for the
-  // whole call.
+  // whole call; where backward_few_rows, its products read them in place and nothing is
+  // widened (few_rows.h).
   bool backward_widens_16bit = false;
   // The backward of a training call of at most kThinMaxBatch rows in all (B x T): its products
   // read W_ih and W_hh as stored, float32 or 16-bit (few_rows.h), without brgemm's panels or a
   // widened copy, and the weight gradients are summed outer products.
   bool backward_few_rows = false;
+  // Of those, a bfloat16 or float16 model's: the W_ih and W_hh gradients are written in the
+  // model's dtype by the few-row outer products (rounded as torch rounds), not as float32
+  // gradients rounded afterwards (lstm.h prepare_backward's grads_16bit).
+  bool grads_16bit = false;
   bool vec16_cell = false;    // float32 cell pass on 16 lanes (cell_forward_vec16)
   bool inference = false;     // lstm_inference: nothing kept for backward
 };
@@ -158,6 +163,7 @@ inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, at::Sca
                             p.variant != Variant::kSmallHidden && s.gates_in_reserve;
   p.brgemm_steps = is_float && packs && cpu.brgemm && settings.brgemm && !p.bf16_products;
   p.backward_few_rows = few_rows && p.variant != Variant::kSmallHidden && !p.bf16_products;
+  p.grads_16bit = p.backward_few_rows && model_16bit;
   p.brgemm_dh = is_float && row_sizes && cpu.brgemm && settings.brgemm && !p.backward_few_rows;
   p.vec16_cell = is_float && cpu.avx512 && settings.vec16_cell;
   return p;
