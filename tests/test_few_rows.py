@@ -167,3 +167,40 @@ def test_few_rows_with_dropout_between_layers(dtype):
     for a, b in zip(few, general):
         scale = max(1.0, b.abs().max().item())
         torch.testing.assert_close(a.double(), b.double(), rtol=eps, atol=eps * scale)
+
+
+def _allocation_sizes(fn):
+    """Sizes in bytes of the CPU allocations fn() makes (torch.profiler memory events)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, pending = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        event = pending.pop()
+        events.append(event)
+        pending.extend(event.children)
+    return [e.extra_fields.alloc_size for e in events
+            if e.tag == _EventType.Allocation and e.extra_fields.alloc_size > 0]
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["f16", "bf16"])
+def test_few_rows_16bit_gradients_are_written_in_their_dtype(dtype):
+    """A 16-bit model's few-row backward writes W_ih's and W_hh's gradients in the model's dtype
+    (one allocation each, 2 bytes per element) and allocates no float32 gradient or float32
+    copy of those weights (4 bytes per element) on the way."""
+    I, H = 40, 96  # no 16-bit size equal to a float32 one
+    model = FusedLSTM(I, H, dtype=dtype)
+    x = randn(1, 2, I).to(dtype).requires_grad_()
+    with torch.enable_grad():
+        assert fused_lstm.explain(model, x)["backward"]["backward_dh_product"] == \
+            "few_rows (weights as stored)"
+    model(x)[0].sum().backward()  # warm: scratch buffers made
+    model.zero_grad(set_to_none=True)
+    out = model(x)[0].sum()
+    sizes = _allocation_sizes(out.backward)
+    G = 4 * H
+    assert sizes.count(2 * G * H) == 1 and sizes.count(2 * G * I) == 1, sorted(sizes)
+    assert 4 * G * H not in sizes and 4 * G * I not in sizes, sorted(sizes)
+    assert model.weight_hh_l0.grad.dtype == dtype
