@@ -75,6 +75,12 @@ CASES = {
     "small_hidden-inference": (
         {}, dict(input_size=6, hidden_size=12, num_layers=3), 11, 5, F32, False,
         {"variant": "small_hidden", "inference": True}, None),
+    # Layers below the last hand their output on transposed (forward.h, tiny_out_t), over two
+    # chunks of steps (2^20 gate elements each: 38 steps of 450 rows at hidden 15), both
+    # directions.
+    "small_hidden-inference-chunks-bi": (
+        {}, dict(input_size=7, hidden_size=15, num_layers=3, bidirectional=True), 40, 450, F32,
+        False, {"variant": "small_hidden", "inference": True}, None),
     "row_wise-brgemm-fused": (  # fused by the weights' size alone (not by measured rates)
         {"fuse_by_measured_rates": False}, dict(input_size=16, hidden_size=64, num_layers=2), 12,
         16, F32, True,

@@ -122,13 +122,19 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
   };
   T* pre_proj = (s.proj_size > 0 && !tiny) ? scratch<T>(pre_proj_buf, s.batch * H) : nullptr;
   const T* prev = nullptr;
+  // Small hidden sizes: a layer below the last writes its output transposed ([D*out][rows]),
+  // as the next layer's input projection reads it (tiny_input_projection's x_t), instead of
+  // row-major and transposed back (without dropout; inputs the tiny product takes).
+  const bool tiny_out_t = tiny && !mask && out_stride <= kTinyProjectionInput;
+  bool prev_t = false;  // prev is transposed
   for (int64_t l = 0; l < s.num_layers; ++l) {
     const int64_t in_size = s.layer_input_size(l);
-    const Operand<T> x = layer_input(s, l, input, prev, mask, dropped);
+    const Operand<T> x = prev_t ? Operand<T>{} : layer_input(s, l, input, prev, mask, dropped);
     T* layer_out = l + 1 == s.num_layers
         ? output
         : (layer_buf[l % 2].defined() ? layer_buf[l % 2].mutable_data_ptr<T>()
                                       : scratch<T>(layer_buf[l % 2], s.rows * out_stride));
+    const bool out_t = tiny_out_t && l + 1 < s.num_layers;  // layer_out transposed
     // The hidden split (hidden_split.h): threads own units rather than batch rows.
     const bool hidden = !tiny && hidden_split_layer(plan, s, l);
     c10::BFloat16* hb = nullptr;
@@ -175,10 +181,15 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
           }
           tb.ld_g = rows;
           tb.row0 = row0;
-          tiny_input_projection(w, x.f + row0 * in_size, rows, in_size, G, tb.gT, tb.xT);
+          if (prev_t)
+            tiny_input_projection<T>(w, nullptr, rows, in_size, G, tb.gT, tb.xT, prev + row0,
+                                     s.rows);
+          else
+            tiny_input_projection(w, x.f + row0 * in_size, rows, in_size, G, tb.gT, tb.xT);
           for_each_batch_slice(s, last - first + 1, false, [&](int64_t r0, int64_t r1) {
             tiny_forward_steps<T>(plan, s, w, d, first, last, r0, r1, tb, nullptr, nullptr, nullptr,
-                                  layer_out + d * out, hx == nullptr && first == 0);
+                                  out_t ? layer_out + d * out * s.rows : layer_out + d * out,
+                                  hx == nullptr && first == 0, out_t ? s.rows : 0);
           });
           if (last + 1 == s.seq_len) {
             transpose(tb.hT, s.batch, out, s.batch, h_state, out);
@@ -208,6 +219,7 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
       }
     }
     prev = layer_out;
+    prev_t = out_t;
   }
 }
 

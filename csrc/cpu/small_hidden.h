@@ -200,15 +200,22 @@ struct TinyBuffers {
 constexpr int64_t kTinyProjectionInput = 32;
 
 // gT [4H, rows] = W_ih x^T + b, x: [rows, in_size]; xT: room for [kTinyProjectionInput, rows].
+// Or, where `x_t` is given (in_size <= kTinyProjectionInput), the input already transposed:
+// x_t [in_size][ld_x_t], these rows from column 0 (x unused).
 template <typename T>
 void tiny_input_projection(const DirectionWeights<T>& w, const T* x, int64_t rows,
-                           int64_t in_size, int64_t G, T* gT, T* xT) {
+                           int64_t in_size, int64_t G, T* gT, T* xT, const T* x_t = nullptr,
+                           int64_t ld_x_t = 0) {
   if (w.b_ih)
     for (int64_t r = 0; r < G; ++r) std::fill_n(gT + r * rows, rows, w.b_ih[r] + w.b_hh[r]);
   if (in_size <= kTinyProjectionInput) {
-    tiny_transpose(x, in_size, rows, in_size, xT, rows);
-    tiny_product<T>(rows, G, in_size, w.w_ih, nullptr, xT, rows, w.b_ih ? gT : nullptr, rows, gT,
-                    rows);
+    if (x_t == nullptr) {
+      tiny_transpose(x, in_size, rows, in_size, xT, rows);
+      x_t = xT;
+      ld_x_t = rows;
+    }
+    tiny_product<T>(rows, G, in_size, w.w_ih, nullptr, x_t, ld_x_t, w.b_ih ? gT : nullptr, rows,
+                    gT, rows);
     return;
   }
   gemm<T>(false, true, G, rows, in_size, T(1), w.w_ih, in_size, x, in_size, w.b_ih ? T(1) : T(0),
@@ -232,12 +239,14 @@ std::pair<const T*, const T*> transpose_recurrent_weights(const LSTMShape& s,
 // Forward steps [first, last] (processing order) of direction d for batch rows [r0, r1).
 // gates/cells/pre_proj: the reserve's (null for inference), gates and cells in the small-hidden
 // reserve layout (lstm.h), pre_proj row-major; layer_out: this direction's first column of the
-// layer output, row stride D*out. h_zero: hT is zero at step `first` (no hx).
+// layer output, row stride D*out; or, where ld_out_t > 0 (inference, for the next layer's
+// input projection: tiny_input_projection's x_t), this direction's first row of the layer
+// output transposed, [D*out][ld_out_t]. h_zero: hT is zero at step `first` (no hx).
 template <typename T>
 void tiny_forward_steps(const CpuPlan& plan, const LSTMShape& s, const DirectionWeights<T>& w,
                         int64_t d, int64_t first, int64_t last, int64_t r0, int64_t r1,
                         const TinyBuffers<T>& tb, T* gates, T* cells, T* pre_proj,
-                        T* layer_out, bool h_zero) {
+                        T* layer_out, bool h_zero, int64_t ld_out_t = 0) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, B = s.batch;
   const int64_t out_stride = s.num_directions * out;
   const bool has_proj = s.proj_size > 0;
@@ -278,7 +287,8 @@ void tiny_forward_steps(const CpuPlan& plan, const LSTMShape& s, const Direction
     if (has_proj) tiny_product<T>(bs, out, H, w.w_hr, w_hr_t, hnew, B, nullptr, 0, hT, B);
     const int64_t row = off + r0;
     if (gates && has_proj) tiny_transpose(hnew, B, H, bs, pre_proj + row * H, H);
-    tiny_transpose(hT, B, out, bs, layer_out + row * out_stride, out_stride);
+    if (ld_out_t > 0) copy_rows(hT, B, layer_out + row, ld_out_t, out, bs);
+    else tiny_transpose(hT, B, out, bs, layer_out + row * out_stride, out_stride);
   }
 }
 
