@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
 import pathlib
@@ -273,3 +274,43 @@ def cpu_features() -> dict[str, bool]:
 
     plan = fused_lstm.explain(dict(hidden_size=32), torch.empty(2, 2, 4))["forward"]
     return {k: v == "1" for k, v in (w.split(":") for w in plan["cpu"].split())}
+
+
+# ---- Versions chosen by CPU feature (the tests' ISA cap) ---------------------------------------
+def isa_levels():
+    """The instruction-set levels this CPU runs (2 AVX-512, 1 AVX2, 0 baseline): 0 up to its own
+    (the thin kernel's)."""
+    return list(range(torch.ops.fused_lstm._isa_level(1) + 1))
+
+
+@contextlib.contextmanager
+def isa_cap(level):
+    """The kernels chosen by CPU feature (fp16 conversions, thin kernel, few-row products) at
+    most at `level` inside the block (the test hook _set_isa_level_cap)."""
+    before = torch.ops.fused_lstm._set_isa_level_cap(level)
+    try:
+        yield
+    finally:
+        torch.ops.fused_lstm._set_isa_level_cap(before)
+
+
+# ---- Memory events ------------------------------------------------------------------------------
+def memory_events(fn):
+    """The CPU allocation and free events of fn() (torch.profiler memory events, every level of
+    the event tree, in no particular order)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, pending = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        event = pending.pop()
+        events.append(event)
+        pending.extend(event.children)
+    return [e for e in events if e.tag == _EventType.Allocation]
+
+
+def allocation_sizes(fn):
+    """Sizes in bytes of the CPU allocations that fn() makes (torch.profiler memory events)."""
+    return [e.extra_fields.alloc_size for e in memory_events(fn) if e.extra_fields.alloc_size > 0]

@@ -29,6 +29,8 @@ from helpers import (
     call,
     cpu_features,
     differentiable,
+    isa_cap,
+    isa_levels,
     lstm_pair,
     make_case,
     make_state,
@@ -1313,18 +1315,7 @@ def test_16bit_small_sizes_make_no_conversion_ops(name, train, model_dtype):
 # dot products (csrc/cpu/thin.h: pre_v4, pre_v3, pre_base) are chosen at run time by what the
 # CPU has; the test hook caps the level (2 AVX-512, 1 AVX2, 0 baseline) so that each version
 # this CPU can run is checked, not only the one it picks.
-def _isa_levels():
-    """The levels this CPU runs: 0 up to its own (the thin kernel's)."""
-    return list(range(torch.ops.fused_lstm._isa_level(1) + 1))
-
-
-@contextlib.contextmanager
-def _isa_cap(level):
-    before = torch.ops.fused_lstm._set_isa_level_cap(level)
-    try:
-        yield
-    finally:
-        torch.ops.fused_lstm._set_isa_level_cap(before)
+_isa_levels, _isa_cap = isa_levels, isa_cap  # helpers.py
 
 
 def test_every_isa_level_runs_on_this_cpu():

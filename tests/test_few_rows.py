@@ -6,15 +6,13 @@ name against nn.LSTM are in test_cpu_variants.py (``few-rows-*``)."""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from torch import nn
 
 import fused_lstm
 from fused_lstm import FusedLSTM
-from helpers import randn
+from helpers import allocation_sizes, isa_cap, isa_levels, randn
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 CPU = fused_lstm.backends.cpu
@@ -28,19 +26,6 @@ CASES = {
     "tails-one-step": (37, 70, 2, True, 1, 5, (F32, F16, BF16)),
     "stream-step-split": (64, 256, 2, False, 1, 2, (F32, F16, BF16)),
 }
-
-
-def _isa_levels():
-    return list(range(torch.ops.fused_lstm._isa_level(1) + 1))
-
-
-@contextlib.contextmanager
-def _isa_cap(level):
-    before = torch.ops.fused_lstm._set_isa_level_cap(level)
-    try:
-        yield
-    finally:
-        torch.ops.fused_lstm._set_isa_level_cap(before)
 
 
 def _training_results(module, x, hx, upstream):
@@ -80,9 +65,9 @@ def test_few_rows_backward_at_every_isa_level(level, name):
     thin forward's bf16 dot products sum even and odd elements apart: float32 summation error,
     which may round either way; test_cpu_variants' thin tests); and the few-row backward where
     explain says so."""
-    if level not in _isa_levels():
+    if level not in isa_levels():
         pytest.skip(f"this CPU's vector ISA is below level {level}")
-    with _isa_cap(level):
+    with isa_cap(level):
         for dtype in CASES[name][-1]:
             model, as_f32, exact, x, hx, up = _case(name, dtype)
             with torch.enable_grad():
@@ -169,22 +154,6 @@ def test_few_rows_with_dropout_between_layers(dtype):
         torch.testing.assert_close(a.double(), b.double(), rtol=eps, atol=eps * scale)
 
 
-def _allocation_sizes(fn):
-    """Sizes in bytes of the CPU allocations fn() makes (torch.profiler memory events)."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events, pending = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while pending:
-        event = pending.pop()
-        events.append(event)
-        pending.extend(event.children)
-    return [e.extra_fields.alloc_size for e in events
-            if e.tag == _EventType.Allocation and e.extra_fields.alloc_size > 0]
-
-
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["f16", "bf16"])
 def test_few_rows_16bit_gradients_are_written_in_their_dtype(dtype):
     """A 16-bit model's few-row backward writes W_ih's and W_hh's gradients in the model's dtype
@@ -199,7 +168,7 @@ def test_few_rows_16bit_gradients_are_written_in_their_dtype(dtype):
     model(x)[0].sum().backward()  # warm: scratch buffers made
     model.zero_grad(set_to_none=True)
     out = model(x)[0].sum()
-    sizes = _allocation_sizes(out.backward)
+    sizes = allocation_sizes(out.backward)
     G = 4 * H
     assert sizes.count(2 * G * H) == 1 and sizes.count(2 * G * I) == 1, sorted(sizes)
     assert 4 * G * H not in sizes and 4 * G * I not in sizes, sorted(sizes)

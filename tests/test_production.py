@@ -22,7 +22,7 @@ from torch.testing import assert_close
 import fused_lstm
 from fused_lstm import FusedLSTM
 
-from helpers import ROOT, cpu_features, lstm_pair, randn
+from helpers import ROOT, allocation_sizes, cpu_features, lstm_pair, memory_events, randn
 
 # The op rejecting a call that nn.LSTM accepts would show up as this warning: make it fail.
 pytestmark = pytest.mark.filterwarnings("error::fused_lstm.FusedLSTMFallbackWarning")
@@ -125,25 +125,7 @@ def test_threads_training_recycled_buffers_bit_identical():
                 assert torch.equal(e, g)
 
 
-def _memory_events(fn):
-    """The CPU allocation and free events of fn() (torch.profiler memory events, every level of
-    the event tree, in no particular order)."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events, pending = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while pending:
-        event = pending.pop()
-        events.append(event)
-        pending.extend(event.children)
-    return [e for e in events if e.tag == _EventType.Allocation]
-
-
-def _allocation_sizes(fn):
-    """Sizes in bytes of the CPU allocations that fn() makes (torch.profiler memory events)."""
-    return [e.extra_fields.alloc_size for e in _memory_events(fn) if e.extra_fields.alloc_size > 0]
+_memory_events, _allocation_sizes = memory_events, allocation_sizes  # helpers.py
 
 
 def test_recycled_buffers_count_in_profiled_memory():
