@@ -413,7 +413,7 @@ BackwardArgs prepare_backward(
   const auto opts = input.options().dtype(a.math);
   // The float32 weight gradients that a CPU 16-bit call rounds and releases one by one
   // (keep_weights): recycled blocks, not fresh pages faulted in on every call
-  // (benchmarks/notes/fp16.md, "Page faults in 16-bit training").
+  // (benchmarks/notes/fp16.md, "Few-row training").
   const bool recycle = widens && keep_weights && !keep;
   // W_ih's and W_hh's gradients in the model's 16-bit dtype, written so by the kernels
   // (grads_16bit: returned as they are, no float32 copy).
