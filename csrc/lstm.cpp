@@ -394,6 +394,15 @@ BackwardArgs prepare_backward(
   convert(grad_cy, a.grad_cy);
   const int64_t LD = s.num_layers * s.num_directions;
   a.grad_weights.resize(weights.size());
+  // W_ih's and W_hh's gradients in the model's 16-bit dtype, written so by the kernels
+  // (grads_16bit: returned as they are, no float32 copy).
+  const bool grads_in_dtype = keeps_16bit(s, input, grads_16bit);
+  const int64_t per_direction = s.weights_per_direction();
+  auto in_dtype_grad = [&](size_t i) {
+    return grads_in_dtype && static_cast<int64_t>(i) % per_direction < 2;
+  };
+  for (size_t i = 0; i < weights.size(); ++i)
+    if (in_dtype_grad(i)) a.grad_weights[i] = at::empty(weights[i].sizes(), weights[i].options());
   // A CPU 16-bit call: its float32 results returned rounded, in the scratch buffer. Except
   // where the op keeps bf16 operands (the bf16 products: sizes where an allocation per result
   // costs nothing that shows): there each gradient keeps a tensor of its own, one allocation of
@@ -404,7 +413,7 @@ BackwardArgs prepare_backward(
     TORCH_INTERNAL_ASSERT(is_16bit(a.dtype));
     if (!keep_weights)  // else each its own buffer, released one by one in finish_backward
       for (size_t i = 0; i < weights.size(); ++i)
-        convert.scratch_result(a.grad_weights[i], weights[i].sizes());
+        if (!in_dtype_grad(i)) convert.scratch_result(a.grad_weights[i], weights[i].sizes());
     convert.scratch_result(a.grad_input, input.sizes());
     convert.scratch_result(a.grad_hx, {LD, s.batch, s.out_size});
     convert.scratch_result(a.grad_cx, {LD, s.batch, s.hidden_size});
@@ -415,14 +424,6 @@ BackwardArgs prepare_backward(
   // (keep_weights): recycled blocks, not fresh pages faulted in on every call
   // (benchmarks/notes/fp16.md, "Few-row training").
   const bool recycle = widens && keep_weights && !keep;
-  // W_ih's and W_hh's gradients in the model's 16-bit dtype, written so by the kernels
-  // (grads_16bit: returned as they are, no float32 copy).
-  if (keeps_16bit(s, input, grads_16bit)) {
-    const int64_t per_direction = s.weights_per_direction();
-    for (size_t i = 0; i < weights.size(); ++i)
-      if (static_cast<int64_t>(i) % per_direction < 2)
-        a.grad_weights[i] = at::empty(weights[i].sizes(), weights[i].options());
-  }
   for (size_t i = 0; i < weights.size(); ++i)
     if (!a.grad_weights[i].defined())
       a.grad_weights[i] = recycle ? cpu_cached_empty(weights[i].numel(), a.math)

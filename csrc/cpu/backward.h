@@ -251,9 +251,11 @@ void backward_products(const LSTMShape& s, const T* dgates, Operand<T> x,
 // step_dh_product and backward_products for the plan's backward_few_rows (float32 math; the
 // weights W_ih and W_hh as stored, float32 or kept 16-bit: few_rows.h).
 template <typename T>
-void few_rows_dh(int64_t bs, int64_t out, int64_t G, const T* dg_t, const Operand<T>& w_hh, T* dh) {
+void few_rows_dh(int64_t bs, int64_t out, int64_t G, const T* dg_t, const Operand<T>& w_hh,
+                 T* dh) {
   if constexpr (std::is_same_v<T, float>) {
-    visit_weights(w_hh, [&](auto W) { few_rows_product(bs, out, G, dg_t, G, W, out, dh, out, false); });
+    visit_weights(w_hh,
+                  [&](auto W) { few_rows_product(bs, out, G, dg_t, G, W, out, dh, out, false); });
   } else {
     TORCH_INTERNAL_ASSERT(false, "fused_lstm: few-row products are float32 only");
   }
@@ -268,11 +270,9 @@ void few_rows_backward_products(const LSTMShape& s, const T* dgates, Operand<T> 
     TORCH_INTERNAL_ASSERT(rows <= kThinMaxBatch);
     // A bf16 input kept as given (the thin variant's training): its rows widened, exactly.
     std::vector<float> widened_x;
-    if (!x.f) {
+    if (!x.f && rows * in_size > 0) {  // (an empty batch's input has no data at all)
       widened_x.resize(rows * in_size);
-      visit(x, [&](auto X) {
-        for (int64_t i = 0; i < rows * in_size; ++i) widened_x[i] = static_cast<float>(X[i]);
-      });
+      with_kept_16bit(x, [&](auto X) { widen_16bit(X, rows * in_size, widened_x.data()); });
     }
     const float* xf = x.f ? x.f : widened_x.data();
     const float* x_rows[kThinMaxBatch];

@@ -213,28 +213,27 @@ FUSED_LSTM_DEFINE_FEW(c10::BFloat16, product_bf16)
 FUSED_LSTM_DEFINE_FEW(c10::Half, product_f16)
 #undef FUSED_LSTM_DEFINE_FEW
 
+// NAME's version for thin::pre_level (the versions defined above).
+#ifdef FUSED_LSTM_THIN_ISAS
+template <typename Fn>
+Fn by_level(Fn v4, Fn v3, Fn base) {
+  const int level = thin::pre_level();
+  return level == 2 ? v4 : level == 1 ? v3 : base;
+}
+#define FUSED_LSTM_FEW_BY_LEVEL(NAME) by_level(NAME##_v4, NAME##_v3, NAME##_base)
+#else
+#define FUSED_LSTM_FEW_BY_LEVEL(NAME) NAME##_base
+#endif
+
 template <typename W>
 ProductFn<W> product_fn() {
-#ifdef FUSED_LSTM_THIN_ISAS
-  const int level = thin::pre_level();
-  if constexpr (std::is_same_v<W, float>) return level == 2 ? product_f32_v4 : level == 1 ? product_f32_v3 : product_f32_base;
-  else if constexpr (std::is_same_v<W, c10::Half>) return level == 2 ? product_f16_v4 : level == 1 ? product_f16_v3 : product_f16_base;
-  else return level == 2 ? product_bf16_v4 : level == 1 ? product_bf16_v3 : product_bf16_base;
-#else
-  if constexpr (std::is_same_v<W, float>) return product_f32_base;
-  else if constexpr (std::is_same_v<W, c10::Half>) return product_f16_base;
-  else return product_bf16_base;
-#endif
+  if constexpr (std::is_same_v<W, float>) return FUSED_LSTM_FEW_BY_LEVEL(product_f32);
+  else if constexpr (std::is_same_v<W, c10::Half>) return FUSED_LSTM_FEW_BY_LEVEL(product_f16);
+  else return FUSED_LSTM_FEW_BY_LEVEL(product_bf16);
 }
 
-inline OuterFn outer_fn() {
-#ifdef FUSED_LSTM_THIN_ISAS
-  const int level = thin::pre_level();
-  return level == 2 ? outer_v4 : level == 1 ? outer_v3 : outer_base;
-#else
-  return outer_base;
-#endif
-}
+inline OuterFn outer_fn() { return FUSED_LSTM_FEW_BY_LEVEL(outer); }
+#undef FUSED_LSTM_FEW_BY_LEVEL
 
 // Work (multiply-adds) from which a product is split over the threads.
 constexpr int64_t kParallelWork = kThinParallelWork;
@@ -275,7 +274,8 @@ void few_rows_product(int64_t M, int64_t N, int64_t K, const float* a, int64_t l
     return;
   }
   const few::ProductFn<W> fn = few::product_fn<W>();
-  few::split(N, M * N * K, [&](int64_t n0, int64_t n1) { fn(M, K, a, lda, w, ldw, c, ldc, add, n0, n1); });
+  few::split(N, M * N * K,
+             [&](int64_t n0, int64_t n1) { fn(M, K, a, lda, w, ldw, c, ldc, add, n0, n1); });
 }
 
 // gw [G, N] (contiguous) = dg^T x: sum over the rows r < rows of dg[r, :]^T x[r][:] (dg row

@@ -52,7 +52,7 @@ const T* ptr_or_null(const at::Tensor& t) {
 
 // The plan of one op call: the settings are read once, when the call starts; the op boundary
 // asks whether a 16-bit call keeps its tensors as given (lstm.h Keep16) before the kernels
-// run; the plan is made once, at the first of the two questions (the same shape and dtype).
+// run; the plan is made once, at the first of the questions (the same shape and dtype).
 struct CallPlan {
   CpuSettings settings = cpu_settings();
   bool inference = false;
@@ -63,16 +63,9 @@ struct CallPlan {
       planned = plan_cpu(s, settings, dtype, inference);
     return *planned;
   }
-  Keep16 keep_16bit() const {
-    return [this](const LSTMShape& s, at::ScalarType dtype) { return of(s, dtype).keep_16bit; };
-  }
-  Keep16 backward_widens_16bit() const {
-    return [this](const LSTMShape& s, at::ScalarType dtype) {
-      return of(s, dtype).backward_widens_16bit;
-    };
-  }
-  Keep16 grads_16bit() const {
-    return [this](const LSTMShape& s, at::ScalarType dtype) { return of(s, dtype).grads_16bit; };
+  // The op boundary's question (lstm.h Keep16), answered by the plan's `flag`.
+  Keep16 asks(bool CpuPlan::*flag) const {
+    return [this, flag](const LSTMShape& s, at::ScalarType dtype) { return of(s, dtype).*flag; };
   }
 };
 
@@ -84,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu(
   const CallPlan call{cpu_settings(), /*inference=*/false};
   ForwardArgs a = prepare_forward(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
                                   bidirectional, has_biases, proj_size, /*with_reserve=*/true,
-                                  call.keep_16bit(), /*may_drop_gates=*/true);
+                                  call.asks(&CpuPlan::keep_16bit), /*may_drop_gates=*/true);
   const CpuPlan plan = call.of(a.shape, a.dtype);
   AT_DISPATCH_FLOATING_TYPES(a.math, "fused_lstm_forward_cpu", [&] {
     forward_impl<scalar_t>(plan, a.shape, operand<scalar_t>(a.input), ptr_or_null<scalar_t>(a.hx),
@@ -107,7 +100,7 @@ Results3 fused_inference(
   const CallPlan call{settings, /*inference=*/true};
   ForwardArgs a = prepare_forward(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
                                   bidirectional, has_biases, proj_size, /*with_reserve=*/false,
-                                  call.keep_16bit());
+                                  call.asks(&CpuPlan::keep_16bit));
   const LSTMShape& s = a.shape;
   const CpuPlan plan = call.of(s, a.dtype);
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
@@ -259,9 +252,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_bac
   const CallPlan call{cpu_settings(), /*inference=*/false};
   BackwardArgs a = prepare_backward(input, batch_sizes, hx, cx, weights, dropout_mask, reserve,
                                     grad_output, grad_hy, grad_cy, num_layers, bidirectional,
-                                    has_biases, proj_size, call.keep_16bit(),
-                                    call.backward_widens_16bit(), /*may_drop_gates=*/true,
-                                    call.grads_16bit());
+                                    has_biases, proj_size, call.asks(&CpuPlan::keep_16bit),
+                                    call.asks(&CpuPlan::backward_widens_16bit),
+                                    /*may_drop_gates=*/true, call.asks(&CpuPlan::grads_16bit));
   const CpuPlan plan = call.of(a.shape, a.dtype);
   AT_DISPATCH_FLOATING_TYPES(a.math, "fused_lstm_backward_cpu", [&] {
     backward_impl<scalar_t>(
