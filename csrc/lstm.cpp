@@ -9,6 +9,8 @@
 #include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
+#include <cstring>
+
 namespace fused_lstm {
 
 namespace {
@@ -348,6 +350,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_forward(const 
     output = at::empty(out_shape, a.reserve.options().dtype(a.dtype));
     round_to(a.reserve.const_data_ptr<float>() + offset, numel, a.dtype,
              output.mutable_data_ptr());
+  } else if (a.reserve.is_cpu() && a.dtype == a.math) {
+    // A plain copy: `to(copy=true)` dispatches four ops (to, _to_copy, empty_strided, copy_),
+    // ~1 us of a ~100 us training call at the tutorial sizes
+    // (benchmarks/notes/python-overhead.md, "Allocations and copies per training call").
+    output = at::empty(out_shape, a.reserve.options());
+    std::memcpy(output.mutable_data_ptr(),
+                static_cast<const char*>(a.reserve.const_data_ptr()) +
+                    offset * a.reserve.element_size(),
+                static_cast<size_t>(numel) * a.reserve.element_size());
   } else {
     output = a.reserve.narrow(0, offset, numel)
                  .view(out_shape)

@@ -318,9 +318,9 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
                          grad_hy, grad_cy, grad_input, grad_hx, grad_cx, grad_weights);
   }
   const bool recompute = !s.gates_in_reserve;
-  // Scratch, allocated once per call.
-  at::Tensor dgates_buf, h_prev_buf, dy_buf, dx_buf, dx2_buf, dropped_buf, dh_all_buf, dh_buf_t,
-      c_prev_buf_t, zeros_buf, tiny_buf_t, bf16_buf;
+  // Scratch, allocated once per call (ScratchPieces: the small pieces in one block).
+  at::Tensor bf16_buf;
+  ScratchPieces<T> pieces;
   const Bf16Backward bb = bf16_backward_buffers(plan, s, bf16_buf);
   // dgates [rows, 4H]: every row's; where the products are bf16 ones, a chunk of steps' rows
   // only (at most kBf16GradRows, or one step's), whose products run as soon as the recurrence
@@ -328,10 +328,12 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   const bool chunked = bb.on && !tiny;
   const int64_t chunk_rows =
       chunked ? std::min(s.rows, std::max(kBf16GradRows, s.batch)) : s.rows;
-  T* dgates = scratch<T>(dgates_buf, chunk_rows * G);
+  T* dgates;
+  pieces.add(&dgates, chunk_rows * G);
   // h_{t-1} of every row (or of a chunk's) gathered, only where steps have different rows
   // (h_prev_rows, h_prev_chunk).
-  T* h_prev_buf_ptr = every_step_full(s) ? nullptr : scratch<T>(h_prev_buf, chunk_rows * out);
+  T* h_prev_buf_ptr;
+  pieces.add(&h_prev_buf_ptr, every_step_full(s) ? 0 : chunk_rows * out);
   // dy: the gradient of the current layer's output, read only. The top layer's is grad_output
   // itself (zeros when it is None; bf16 as the caller gave it where the op keeps it: lstm.h
   // Keep16); a lower layer's is the dL/dx of the layer above, written into one of two
@@ -339,29 +341,54 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   // dy; a second buffer only from three layers on) and masked in place.
   const int64_t dy_numel = s.rows * out_stride;
   Operand<T> dy = grad_output;
-  if (!dy) {
-    T* zero = scratch<T>(dy_buf, dy_numel);
-    std::fill_n(zero, dy_numel, T(0));
-    dy = {zero};
-  }
-  T* dx_bufs[2] = {nullptr, nullptr};
-  if (s.num_layers > 1) dx_bufs[(s.num_layers - 1) % 2] = scratch<T>(dx_buf, dy_numel);
-  if (s.num_layers > 2) dx_bufs[s.num_layers % 2] = scratch<T>(dx2_buf, dy_numel);
-  T* dropped = (mask && s.num_layers > 1) ? scratch<T>(dropped_buf, s.rows * out_stride) : nullptr;
-  T* dh_all = has_proj ? scratch<T>(dh_all_buf, s.rows * out) : nullptr;
-  T* dh_buf = scratch<T>(dh_buf_t, s.batch * H);           // dL/dh_t, [bs, H]
-  T* c_prev_buf = scratch<T>(c_prev_buf_t, s.batch * H);   // c_{t-1} when pieced together
-  T* zeros_mut = scratch<T>(zeros_buf, s.batch * std::max(H, out));  // h0 / c0 when None
-  std::fill_n(zeros_mut, s.batch * std::max(H, out), T(0));
-  const T* zeros = zeros_mut;
-  T* tiny_buf = tiny ? scratch<T>(tiny_buf_t, tiny_backward_numel<T>(s)) : nullptr;
+  T* zero_dy;
+  pieces.add(&zero_dy, dy ? 0 : dy_numel);
+  T* dx_bufs[2];
+  pieces.add(&dx_bufs[(s.num_layers - 1) % 2], s.num_layers > 1 ? dy_numel : 0);
+  pieces.add(&dx_bufs[s.num_layers % 2], s.num_layers > 2 ? dy_numel : 0);
+  T* dropped;
+  pieces.add(&dropped, (mask && s.num_layers > 1) ? s.rows * out_stride : 0);
+  T* dh_all;
+  pieces.add(&dh_all, has_proj ? s.rows * out : 0);
+  T *dh_buf, *c_prev_buf, *zeros_mut;
+  pieces.add(&dh_buf, s.batch * H);                      // dL/dh_t, [bs, H]
+  pieces.add(&c_prev_buf, s.batch * H);                  // c_{t-1} when pieced together
+  pieces.add(&zeros_mut, s.batch * std::max(H, out));    // h0 / c0 when None
+  T* tiny_buf;
+  pieces.add(&tiny_buf, tiny ? tiny_backward_numel<T>(s) : 0);
   // Recomputing the gates (recompute): W_ih and W_hh packed as the forward packs them, the
   // summed bias, and per batch row the step's gates [G], h_{t-1} gathered [out], and what the
   // forward's cell pass writes besides them (c, c_t, pre-projection [H] each, h [out]).
-  at::Tensor fw_weights_buf, fw_bias_buf, rec_buf;
+  at::Tensor fw_weights_buf, fw_bias_buf;
   uint16_t* fw_weights = recompute ? bf16_weight_buffer(plan, s, fw_weights_buf) : nullptr;
   const int64_t rec_row = G + 2 * out + 3 * H;
-  T* rec = recompute ? scratch<T>(rec_buf, s.batch * rec_row) : nullptr;
+  T* rec;
+  pieces.add(&rec, recompute ? s.batch * rec_row : 0);
+  // dL/dh_{t-1} = dgates_t W_hh through brgemm (W_hh is already its B[4H, out]).
+  const bool brgemm = plan.brgemm_dh;
+  T* w_hh_panels = nullptr;
+  // A 16-bit model's W_ih and W_hh as given (plan.backward_widens_16bit): one layer and
+  // direction's at a time in float, in one buffer: W_hh (in panels, or as stored) during the
+  // recurrence, then W_ih for dL/dx.
+  const bool few = plan.backward_few_rows;  // few_rows.h: the weights read as stored
+  const bool widens = plan.backward_widens_16bit && !bb.on && !tiny && !few;
+  T* widened_w = nullptr;
+  if constexpr (std::is_same_v<T, float>) {
+    if (widens) {
+      const int64_t in_max = std::max(s.input_size, s.num_directions * s.out_size);
+      pieces.add(&widened_w, G * std::max(in_max, out));
+    } else if (brgemm && !bb.on && !tiny) {
+      pieces.add(&w_hh_panels, G * out);
+    }
+  }
+  pieces.allocate();
+  if (widens && brgemm) w_hh_panels = widened_w;
+  if (!dy) {
+    std::fill_n(zero_dy, dy_numel, T(0));
+    dy = {zero_dy};
+  }
+  std::fill_n(zeros_mut, s.batch * std::max(H, out), T(0));
+  const T* zeros = zeros_mut;
   if (rec) std::fill_n(rec, s.batch * rec_row, T(0));
   T* rec_gates = rec;
   T* rec_h_prev = rec ? rec_gates + s.batch * G : nullptr;
@@ -369,26 +396,6 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   T* rec_c = rec ? rec_h + s.batch * out : nullptr;
   T* rec_cells = rec ? rec_c + s.batch * H : nullptr;
   T* rec_pre_proj = rec ? rec_cells + s.batch * H : nullptr;
-  // dL/dh_{t-1} = dgates_t W_hh through brgemm (W_hh is already its B[4H, out]).
-  const bool brgemm = plan.brgemm_dh;
-  at::Tensor w_hh_panels_buf;
-  T* w_hh_panels = nullptr;
-  // A 16-bit model's W_ih and W_hh as given (plan.backward_widens_16bit): one layer and
-  // direction's at a time in float, in one buffer: W_hh (in panels, or as stored) during the
-  // recurrence, then W_ih for dL/dx.
-  const bool few = plan.backward_few_rows;  // few_rows.h: the weights read as stored
-  const bool widens = plan.backward_widens_16bit && !bb.on && !tiny && !few;
-  at::Tensor widened_buf;
-  T* widened_w = nullptr;
-  if constexpr (std::is_same_v<T, float>) {
-    if (widens) {
-      const int64_t in_max = std::max(s.input_size, s.num_directions * s.out_size);
-      widened_w = scratch<T>(widened_buf, G * std::max(in_max, out));
-      if (brgemm) w_hh_panels = widened_w;
-    } else if (brgemm && !bb.on && !tiny) {
-      w_hh_panels = scratch<T>(w_hh_panels_buf, G * out);
-    }
-  }
 
   for (int64_t l = s.num_layers - 1; l >= 0; --l) {
     const int64_t in_size = s.layer_input_size(l);

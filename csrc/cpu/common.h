@@ -6,6 +6,7 @@
 #include "../lstm.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/SmallVector.h>
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -191,6 +192,49 @@ T* scratch(at::Tensor& holder, int64_t numel) {
   holder = cpu_cached_empty(numel, c10::CppTypeToScalarType<T>::value);
   return holder.mutable_data_ptr<T>();
 }
+
+// A call's scratch buffers: add() each piece with its pointer, then allocate() sets every
+// pointer (a piece of 0 elements gets nullptr); the pieces live as long as this object. Pieces
+// under kOwnBlockBytes share one allocation (each on a 64-byte boundary), larger ones get a
+// block each (scratch() above, recycled as before). At the tutorial sizes every piece is small,
+// and each allocation saved is ~0.2-0.4 us of a ~100 us training call; from 64 KB a piece's
+// own allocation is far below the work that writes it, and the separate blocks keep what the
+// memory tests see of the large buffers (benchmarks/notes/python-overhead.md, "Allocations
+// and copies per training call").
+template <typename T>
+class ScratchPieces {
+ public:
+  void add(T** ptr, int64_t numel) {
+    *ptr = nullptr;
+    if (numel > 0) pieces_.push_back({ptr, numel});
+  }
+  void allocate() {
+    int64_t shared = 0;
+    for (const Piece& p : pieces_)
+      if (!own_block(p.numel)) shared += aligned(p.numel);
+    T* base = shared > 0 ? scratch<T>(holders_.emplace_back(), shared) : nullptr;
+    for (const Piece& p : pieces_) {
+      if (own_block(p.numel)) {
+        *p.ptr = scratch<T>(holders_.emplace_back(), p.numel);
+      } else {
+        *p.ptr = base;
+        base += aligned(p.numel);
+      }
+    }
+  }
+
+ private:
+  static constexpr int64_t kOwnBlockBytes = int64_t{64} << 10;
+  static constexpr int64_t kAlign = std::max<int64_t>(1, 64 / int64_t(sizeof(T)));
+  static bool own_block(int64_t numel) { return numel * int64_t(sizeof(T)) >= kOwnBlockBytes; }
+  static int64_t aligned(int64_t numel) { return (numel + kAlign - 1) / kAlign * kAlign; }
+  struct Piece {
+    T** ptr;
+    int64_t numel;
+  };
+  c10::SmallVector<Piece, 16> pieces_;
+  c10::SmallVector<at::Tensor, 8> holders_;
+};
 
 }  // namespace
 }  // namespace fused_lstm
