@@ -37,7 +37,10 @@ change applies from the next call.
   in the last bits between them;
 * ``fuse_by_measured_rates``: fuse the float32 input projection into the steps only where this
   machine's measured rates say the fused step is not slower than the projection GEMM plus the
-  recurrent step alone (else by the weights' size per row alone);
+  recurrent step alone (else by the weights' size per row alone). Where ``nn_lstm_floor``
+  ("auto") measures a call and these rates decided a layer's choice, it also times the call
+  with the other choice end to end and keeps the fastest of ours for that shape (explain's
+  ``input_projection_times``);
 * ``nn_lstm_floor``: whether an inference call may run what nn.LSTM runs for it (``at::lstm``:
   oneDNN's LSTM) instead of the fused kernels: ``"auto"`` (where it measures faster by more
   than 3%: the first inference call of a shape times both, interleaved, once per process; large

@@ -193,16 +193,28 @@ def test_auto_measures_once_and_keeps_its_choice():
         fused_ms, aten_ms = (float(v) for v in
                              times.split(" ms (")[0].replace("fused ", "").split(" ms, at::lstm "))
         # Where the hidden split applies (these sizes, 2+ threads), our call with the other
-        # split of the steps is timed too, and the faster of our two is what at::lstm must beat.
+        # split of the steps is timed too, and where one thread's step rates decided whether a
+        # layer's input projection is fused, our call with the other choice; the fastest of
+        # ours (the rule's on a tie) runs, and is what at::lstm must beat.
         split_times = plan.get("step_split_times")
+        projection_times = plan.get("input_projection_times")
         assert (split_times is not None) == (torch.get_num_threads() > 1)
+        ours = {"rule": fused_ms}
+        for name, text, parse in (("split", split_times, _split_times),
+                                  ("projection", projection_times, _projection_times)):
+            if text is not None:
+                rule_ms, other_ms = parse(text)
+                assert rule_ms == fused_ms and text.endswith(" runs")
+                ours[name] = other_ms
+        runs = "rule"
+        for name in ("split", "projection"):  # as the op compares them: strictly faster only
+            if name in ours and ours[name] < ours[runs]:
+                runs = name
         if split_times is not None:
-            rule_ms, other_ms = _split_times(split_times)
-            assert rule_ms == fused_ms
-            other_runs = other_ms < rule_ms
-            assert split_times.endswith("split runs")
-            assert ("the rule's split runs" in split_times) == (not other_runs)
-            fused_ms = min(fused_ms, other_ms)
+            assert ("the rule's split runs" in split_times) == (runs != "split")
+        if projection_times is not None:
+            assert ("the rule's runs" in projection_times) == (runs != "projection")
+        fused_ms = ours[runs]
         chose_aten = aten_ms * 1.03 < fused_ms
         assert plan["nn_lstm_floor_runs"] == ("true" if chose_aten else "false")
         second, aten_calls = _ran_aten(lambda: fused(x))
@@ -237,6 +249,93 @@ def _split_times(text):
     rule, other = text.split(" (least of")[0].split(", the ")
     return float(rule.split(" split ")[1].split(" ms")[0]), float(other.split(" split ")[1].split(
         " ms")[0])
+
+
+def _ran_fused(fn):
+    """(fn's result, its aten::lstm calls, the layers it ran with the input projection fused)."""
+    before = torch.ops.fused_lstm._fused_projection_layers()
+    result, aten_calls = _ran_aten(fn)
+    return result, aten_calls, torch.ops.fused_lstm._fused_projection_layers() - before
+
+
+def _projection_times(text):
+    """(the rule's ms, the other choice's ms) from explain's input_projection_times."""
+    rule, other = text.split(" (least of")[0].split(" ms, ")
+    return float(rule.split(" ")[-1]), float(other.split(" ")[-2])
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_auto_takes_the_projection_measured_faster(layers):
+    """Where one thread's measured step rates decide whether a layer's input projection is
+    fused into the steps (float32 on brgemm), the floor's measurement also times our call with
+    the other choice (fused wherever the sizes allow where the rule fused no layer, else never
+    fused), and every call of the key runs whichever of ours measured fastest (explain's
+    input_projection_times and input_projection.<layer> say which), at::lstm only where it beats
+    that one by 3%. Each choice's results are told apart by running it by name."""
+    torch_lstm, fused = _pair(F32, num_layers=layers)
+    x = _input(fused, F32)
+
+    def record(rule_ms, aten_ms, fusion_ms):
+        RECORD(INPUT, HIDDEN, layers, False, True, BATCH, STEPS, F32, rule_ms, aten_ms, -1.0,
+               fusion_ms)
+
+    with torch.no_grad(), _two_threads(), CPU.flags(allow_hidden_split=False):
+        plan = _floor_of(fused, x)
+        if not any(k.startswith("fused_step_rates.") for k in plan):
+            pytest.skip("no measured step rates here (brgemm not available on this CPU)")
+        rule = {layer: plan[f"input_projection.{layer}"] for layer in range(layers)}
+        other_fused = not any("fused into the steps" in v for v in rule.values())
+        rule_fuses = sum("fused into the steps" in v for v in rule.values())
+        with CPU.flags(nn_lstm_floor="never"):
+            rule_out = fused(x)
+            with CPU.flags(fuse_by_measured_rates=False):
+                fused_out = fused(x)
+            with CPU.flags(allow_fused_input_projection=False):
+                unfused_out = fused(x)
+        other_out = fused_out if other_fused else unfused_out
+        expected = torch_lstm(x)
+        other = "fused where the sizes allow" if other_fused else "never fused"
+
+        record(10.0, 20.0, 9.0)  # the other choice 10% faster
+        plan = _floor_of(fused, x)
+        assert plan["input_projection_times"] == (
+            f"the rule's 10 ms, {other} 9 ms (least of interleaved calls): {other} runs")
+        for layer in range(layers):
+            assert ("fused into the steps" in plan[f"input_projection.{layer}"]) == other_fused
+        other_fuses = sum("fused into the steps" in plan[f"input_projection.{layer}"]
+                          for layer in range(layers))
+        assert other_fuses != rule_fuses
+        got, aten_calls, fused_layers = _ran_fused(lambda: fused(x))
+        assert aten_calls == 0 and fused_layers == other_fuses
+        _assert_equal(got, other_out)
+        _assert_close(got, expected, F32)
+
+        record(10.0, 9.0, 9.0)  # at::lstm 10% faster than the rule's, level with the other
+        assert _floor_of(fused, x)["nn_lstm_floor_runs"] == "false"
+        got, aten_calls, fused_layers = _ran_fused(lambda: fused(x))
+        assert aten_calls == 0 and fused_layers == other_fuses
+        _assert_equal(got, other_out)
+        record(10.0, 8.5, 9.0)  # at::lstm beats the faster of ours by more than 3%
+        assert _floor_of(fused, x)["nn_lstm_floor_runs"] == "true"
+        _, aten_calls = _ran_aten(lambda: fused(x))
+        assert aten_calls == 1
+
+        record(10.0, 20.0, 10.5)  # the rule's choice faster: as the rule says
+        plan = _floor_of(fused, x)
+        assert plan["input_projection_times"].endswith("the rule's runs")
+        assert {layer: plan[f"input_projection.{layer}"] for layer in range(layers)} == rule
+        got, aten_calls, fused_layers = _ran_fused(lambda: fused(x))
+        assert aten_calls == 0 and fused_layers == rule_fuses
+        _assert_equal(got, rule_out)
+
+    # Where the rates decide no layer's choice (the fused step off, or fused wherever the
+    # sizes allow), the floor does not time the other choice.
+    for flags in (dict(allow_fused_input_projection=False), dict(fuse_by_measured_rates=False)):
+        with _two_threads(), CPU.flags(allow_hidden_split=False, **flags):
+            with pytest.raises(ValueError, match="does not time the other choice"):
+                record(10.0, 20.0, 9.0)
+            record(10.0, 20.0, -1.0)
+            assert "input_projection_times" not in _floor_of(fused, x)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])

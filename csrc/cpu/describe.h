@@ -191,6 +191,14 @@ inline std::string describe_floor(const CpuPlan& p, const LSTMShape& s, at::Scal
                                                  : std::string("the rule's split"))
         << " runs";
     }
+    if (c.times.other_fusion_measured) {
+      const char* other =
+          c.times.other_fusion_fused ? "fused where the sizes allow" : "never fused";
+      o << "\ninput_projection_times=the rule's " << c.times.fused_ms << " ms, " << other << " "
+        << c.times.other_fusion_ms << " ms (least of interleaved calls): "
+        << (other_fusion_measured_faster(c.times) ? std::string(other) + " runs"
+                                                   : std::string("the rule's runs"));
+    }
   }
   return o.str();
 }

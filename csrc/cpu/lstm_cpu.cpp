@@ -140,18 +140,22 @@ double wall_seconds_since(std::chrono::steady_clock::time_point t0) {
 
 // The floor's measurement (plan.h): our call and at::lstm's, interleaved, the least wall time
 // of each kept; where `other` is given (measures_other_split), our call with the other split of
-// the steps too, interleaved with them. The call's results are those of the implementation
+// the steps too, and where `fusion` is (measures_other_fusion), with the other choice of the
+// input projection, interleaved with them. The call's results are those of the implementation
 // chosen, so that every call of the key, this one included, gives the same results.
-template <typename Fused, typename Aten, typename Other>
+template <typename Fused, typename Aten, typename Other, typename Fusion>
 Results3 measure_floor(const FloorKey& key, const LSTMShape& s, const Fused& fused,
-                       const Aten& aten, const Other* other, bool other_hidden) {
+                       const Aten& aten, const Other* other, bool other_hidden,
+                       const Fusion* fusion, bool other_fused) {
   FloorTimes t;
   t.batch = s.batch;
   t.seq_len = s.seq_len;
   t.other_split_measured = other != nullptr;
   t.other_split_hidden = other_hidden;
-  Results3 fused_results, aten_results, other_results;
-  double best_fused = 1e30, best_aten = 1e30, best_other = 1e30;
+  t.other_fusion_measured = fusion != nullptr;
+  t.other_fusion_fused = other_fused;
+  Results3 fused_results, aten_results, other_results, fusion_results;
+  double best_fused = 1e30, best_aten = 1e30, best_other = 1e30, best_fusion = 1e30;
   auto timed = [](const auto& run, Results3& results, double& best) {
     const auto t0 = std::chrono::steady_clock::now();
     results = run();
@@ -159,13 +163,16 @@ Results3 measure_floor(const FloorKey& key, const LSTMShape& s, const Fused& fus
   };
   auto time_fused = [&] { timed(fused, fused_results, best_fused); };
   auto time_aten = [&] { timed(aten, aten_results, best_aten); };
+  // The alternatives of ours, each where given.
   auto time_other = [&] {
     if (other != nullptr) timed(*other, other_results, best_other);
+    if (fusion != nullptr) timed(*fusion, fusion_results, best_fusion);
   };
+  auto best_ours = [&] { return std::min({best_fused, best_other, best_fusion}); };
   // Stops as soon as at::lstm, warm, is far behind (kFloorFarBehind): no further call can
   // change the choice, and a loaded machine can slow at::lstm's per-step parallel regions
   // several times. Not after its first call, which creates oneDNN's primitive and kernels.
-  auto far_behind = [&] { return best_aten > kFloorFarBehind * std::min(best_fused, best_other); };
+  auto far_behind = [&] { return best_aten > kFloorFarBehind * best_ours(); };
   try {
     time_fused();  // the user's call (and the first of the shape: not a warm one)
     time_aten();   // the first of the shape too: creates oneDNN's primitive
@@ -177,7 +184,7 @@ Results3 measure_floor(const FloorKey& key, const LSTMShape& s, const Fused& fus
       time_fused();
       time_other();
       t.samples = 2;
-      if (!far_behind() && std::min(best_fused, best_other) < kFloorLongCallSeconds) {
+      if (!far_behind() && best_ours() < kFloorLongCallSeconds) {
         time_other();
         time_fused();
         time_aten();
@@ -187,7 +194,7 @@ Results3 measure_floor(const FloorKey& key, const LSTMShape& s, const Fused& fus
         t.samples = 3;
         t.aten_samples = 4;
       }
-    } else if (other != nullptr) {
+    } else if (other != nullptr || fusion != nullptr) {
       time_fused();
       time_other();
       t.samples = 2;
@@ -199,10 +206,15 @@ Results3 measure_floor(const FloorKey& key, const LSTMShape& s, const Fused& fus
   t.fused_ms = best_fused * 1e3;
   t.aten_ms = best_aten * 1e3;
   t.other_split_ms = other != nullptr ? best_other * 1e3 : 0;
+  t.other_fusion_ms = fusion != nullptr ? best_fusion * 1e3 : 0;
   t.measured = true;
   floor_store(key, t);
   if (floor_measured_faster(t)) return aten_results;
-  return other_split_measured_faster(t) ? other_results : fused_results;
+  switch (fused_best(t)) {
+    case OursRuns::kOtherSplit: return other_results;
+    case OursRuns::kOtherFusion: return fusion_results;
+    default: return fused_results;
+  }
 }
 
 // lstm_inference: our kernels, or at::lstm where the floor (plan.h) runs the call.
@@ -229,14 +241,18 @@ Results3 lstm_inference_cpu(
     auto aten = [&] { return aten_inference(s, input, hx, cx, weights); };
     if (c.run == FloorRun::kAten) return aten();
     if (c.run == FloorRun::kMeasure) {
-      bool other_hidden = false;
+      bool other_hidden = false, other_fused = false;
       const bool other_split = measures_other_split(plan, s, other_hidden);
-      const CpuSettings other_settings = other_split_settings(settings, other_hidden);
-      auto other = [&] { return fused_with(other_settings); };
-      return measure_floor(c.key, s, fused, aten, other_split ? &other : nullptr, other_hidden);
+      const bool other_fusion = measures_other_fusion(plan, s, other_fused);
+      const CpuSettings split_settings = other_split_settings(settings, other_hidden);
+      const CpuSettings fusion_settings = other_fusion_settings(settings, other_fused);
+      auto other = [&] { return fused_with(split_settings); };
+      auto fusion = [&] { return fused_with(fusion_settings); };
+      return measure_floor(c.key, s, fused, aten, other_split ? &other : nullptr, other_hidden,
+                           other_fusion ? &fusion : nullptr, other_fused);
     }
-    if (other_split_measured_faster(c.times))
-      return fused_with(other_split_settings(settings, c.times.other_split_hidden));
+    if (fused_best(c.times) != OursRuns::kRule)
+      return fused_with(settings_that_run(settings, c.times));
   }
   return fused_inference(settings, input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
                          bidirectional, has_biases, proj_size);
@@ -309,14 +325,15 @@ std::string cpu_plan_op(int64_t input_size, int64_t hidden_size, int64_t proj_si
   const CpuSettings settings = cpu_settings();
   const CallPlan call{settings, inference};
   const CpuPlan plan = call.of(s, dtype);
-  // Where the floor's measurement found the other split of the steps faster, the call runs it
-  // (lstm_inference_cpu): described as it runs.
+  // Where the floor's measurement found the other split of the steps, or the other choice of
+  // the input projection, faster, the call runs it (lstm_inference_cpu): described as it runs.
   const FloorChoice c = floor_choice(plan, s, dtype, dropout, /*claim=*/false);
-  if (c.run == FloorRun::kFused && other_split_measured_faster(c.times)) {
+  if (c.run == FloorRun::kFused && fused_best(c.times) != OursRuns::kRule) {
     const bool hidden = c.times.other_split_hidden;
-    const CpuPlan runs = CallPlan{other_split_settings(settings, hidden), inference}.of(s, dtype);
-    return describe(runs, s, hidden ? "hidden" : "batch") + "\n" +
-           describe_floor(plan, s, dtype, dropout);
+    const CpuPlan runs = CallPlan{settings_that_run(settings, c.times), inference}.of(s, dtype);
+    const char* split =
+        other_split_measured_faster(c.times) ? (hidden ? "hidden" : "batch") : nullptr;
+    return describe(runs, s, split) + "\n" + describe_floor(plan, s, dtype, dropout);
   }
   return describe(plan, s) + "\n" + describe_floor(plan, s, dtype, dropout);
 }
@@ -327,7 +344,7 @@ std::string cpu_plan_op(int64_t input_size, int64_t hidden_size, int64_t proj_si
 void floor_record_op(int64_t input_size, int64_t hidden_size, int64_t num_layers,
                      bool bidirectional, bool has_biases, int64_t batch, int64_t seq_len,
                      at::ScalarType dtype, double fused_ms, double aten_ms,
-                     double other_split_ms) {
+                     double other_split_ms, double other_fusion_ms) {
   const LSTMShape s = shape_of_sizes(input_size, hidden_size, /*proj_size=*/0, num_layers,
                                      bidirectional, has_biases,
                                      std::vector<int64_t>(seq_len, batch));
@@ -340,6 +357,14 @@ void floor_record_op(int64_t input_size, int64_t hidden_size, int64_t num_layers
     t.other_split_measured = true;
     t.other_split_ms = other_split_ms;
   }
+  if (other_fusion_ms >= 0) {  // as measured: only where the measurement times the other choice
+    const CpuPlan plan = CallPlan{cpu_settings(), /*inference=*/true}.of(s, dtype);
+    TORCH_CHECK_VALUE(measures_other_fusion(plan, s, t.other_fusion_fused),
+                      "fused_lstm::_floor_record: the floor does not time the other choice of "
+                      "the input projection for these sizes and settings");
+    t.other_fusion_measured = true;
+    t.other_fusion_ms = other_fusion_ms;
+  }
   t.measured = t.injected = true;
   t.samples = t.aten_samples = 1;
   t.fused_ms = fused_ms;
@@ -350,6 +375,7 @@ void floor_record_op(int64_t input_size, int64_t hidden_size, int64_t num_layers
 }
 
 int64_t hidden_split_chunks_op() { return hidden_split_chunks().load(); }
+int64_t fused_projection_layers_op() { return fused_projection_layers().load(); }
 
 // Test hooks (convert_16bit.h set_isa_level_cap): cap the vector ISA of the float16 conversions and the
 // thin kernel, returning the cap before; the levels now in effect of the conversions and of the
@@ -392,10 +418,11 @@ TORCH_LIBRARY_FRAGMENT(fused_lstm, m) {
         &cpu_plan_op);
   m.def("_floor_record(int input_size, int hidden_size, int num_layers, bool bidirectional, "
         "bool has_biases, int batch, int seq_len, ScalarType dtype, float fused_ms, "
-        "float aten_ms, float other_split_ms=-1) -> ()",
+        "float aten_ms, float other_split_ms=-1, float other_fusion_ms=-1) -> ()",
         &floor_record_op);
   m.def("_floor_forget() -> ()", &floor_forget_op);
   m.def("_hidden_split_chunks() -> int", &hidden_split_chunks_op);
+  m.def("_fused_projection_layers() -> int", &fused_projection_layers_op);
   m.def("_set_isa_level_cap(int level) -> int", &set_isa_level_cap_op);
   m.def("_isa_level(int which) -> int", &isa_levels_op);
   m.def("_convert_16bit(Tensor t, ScalarType dtype) -> Tensor", &convert_16bit_op);

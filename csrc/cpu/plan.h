@@ -286,15 +286,28 @@ inline int64_t fused_slice_rows(const LSTMShape& s) {
 
 // The choice for the batch split's steps (fuse_input_projection below: the hidden split's are
 // never fused).
-inline bool fuse_input_projection_in_batch_split(const CpuPlan& p, const LSTMShape& s,
-                                                 int64_t layer, int64_t weight_size) {
+// Whether the sizes allow the fused step (the setting allowing it): each slice's rows share
+// the weights' bytes (kFuseWeightBytesPerRow).
+inline bool fusion_sizes_allow(const CpuPlan& p, const LSTMShape& s, int64_t layer,
+                               int64_t weight_size) {
   if (!p.settings.fused_input_projection) return false;
-  const int64_t slice_rows = fused_slice_rows(s);
   const int64_t weight_bytes =
       weight_size * 4 * s.hidden_size * (s.layer_input_size(layer) + s.out_size);
-  if (slice_rows * kFuseWeightBytesPerRow < weight_bytes) return false;
+  return fused_slice_rows(s) * kFuseWeightBytesPerRow >= weight_bytes;
+}
+
+// Whether the measured rates decide the layer's choice (float32 steps on brgemm, the sizes
+// allowing the fused step, fuse_by_measured_rates on, the rates measured).
+inline bool fusion_by_rates(const CpuPlan& p, const LSTMShape& s, int64_t layer) {
+  return p.brgemm_steps && p.settings.fuse_by_rates && fusion_sizes_allow(p, s, layer, 4) &&
+      fused_step_rates(s, layer, fused_slice_rows(s)).measured;
+}
+
+inline bool fuse_input_projection_in_batch_split(const CpuPlan& p, const LSTMShape& s,
+                                                 int64_t layer, int64_t weight_size) {
+  if (!fusion_sizes_allow(p, s, layer, weight_size)) return false;
   if (weight_size == int64_t(sizeof(float)) && p.settings.fuse_by_rates) {
-    const FusedStepRates f = fused_step_rates(s, layer, slice_rows);
+    const FusedStepRates f = fused_step_rates(s, layer, fused_slice_rows(s));
     if (f.measured && f.fused_us > kUnfusedMustWinBy * f.unfused_us) return false;
   }
   return true;
@@ -501,13 +514,37 @@ inline FloorKey floor_key(const LSTMShape& s, at::ScalarType dtype, const CpuSet
 
 // Whether the other split of the steps measured faster end to end than the rule's (the least
 // of interleaved calls; no margin: both are our kernels, with the same results).
-inline bool other_split_measured_faster(const FloorTimes& t) {
-  return t.measured && t.other_split_measured && t.other_split_ms < t.fused_ms;
+// Which of our measured calls runs the key: the rule's, the other split of the steps, or the
+// other choice of the input projection, whichever measured fastest (the rule's on a tie).
+enum class OursRuns { kRule, kOtherSplit, kOtherFusion };
+
+inline OursRuns fused_best(const FloorTimes& t) {
+  OursRuns best = OursRuns::kRule;
+  if (!t.measured) return best;
+  double ms = t.fused_ms;
+  if (t.other_split_measured && t.other_split_ms < ms) {
+    best = OursRuns::kOtherSplit;
+    ms = t.other_split_ms;
+  }
+  if (t.other_fusion_measured && t.other_fusion_ms < ms) best = OursRuns::kOtherFusion;
+  return best;
 }
 
-// Our call's least measured time: the rule's split, or the other where it measured faster.
+inline bool other_split_measured_faster(const FloorTimes& t) {
+  return fused_best(t) == OursRuns::kOtherSplit;
+}
+
+inline bool other_fusion_measured_faster(const FloorTimes& t) {
+  return fused_best(t) == OursRuns::kOtherFusion;
+}
+
+// Our call's least measured time: the rule's, or another of ours where it measured faster.
 inline double fused_best_ms(const FloorTimes& t) {
-  return other_split_measured_faster(t) ? t.other_split_ms : t.fused_ms;
+  switch (fused_best(t)) {
+    case OursRuns::kOtherSplit: return t.other_split_ms;
+    case OursRuns::kOtherFusion: return t.other_fusion_ms;
+    default: return t.fused_ms;
+  }
 }
 
 inline bool floor_measured_faster(const FloorTimes& t) {
@@ -521,6 +558,43 @@ inline CpuSettings other_split_settings(const CpuSettings& settings, bool hidden
   if (hidden) other.hidden_split_by_rates = 0;
   else other.hidden_split = 0;
   return other;
+}
+
+// The settings that give the other choice of the input projection than the rule's: fused
+// wherever the sizes allow (fuse_by_measured_rates off) where the rule fused no layer, else
+// never fused (allow_fused_input_projection off).
+inline CpuSettings other_fusion_settings(const CpuSettings& settings, bool fused) {
+  CpuSettings other = settings;
+  if (fused) other.fuse_by_rates = 0;
+  else other.fused_input_projection = 0;
+  return other;
+}
+
+// The settings our call runs with for a measured key (the rule's, or those of another of ours
+// that measured faster).
+inline CpuSettings settings_that_run(const CpuSettings& settings, const FloorTimes& t) {
+  switch (fused_best(t)) {
+    case OursRuns::kOtherSplit: return other_split_settings(settings, t.other_split_hidden);
+    case OursRuns::kOtherFusion: return other_fusion_settings(settings, t.other_fusion_fused);
+    default: return settings;
+  }
+}
+
+// Whether the end-to-end measurement of the floor also times the other choice of the input
+// projection, and which it is: where the measured rates of one thread's steps decide it for a
+// layer of the rule's batch split (fusion_by_rates). The probe rates the two steps apart and
+// can misjudge the call: medium float32 inference on the Intel Xeon fused layer 1 in about 1
+// of 6 processes, a call ~10% slower (benchmarks/notes/floor.md, "The input projection's
+// choice measured end to end").
+inline bool measures_other_fusion(const CpuPlan& p, const LSTMShape& s, bool& other_fused) {
+  bool rated = false, fused = false;
+  for (int64_t l = 0; l < s.num_layers; ++l) {
+    if (hidden_split_layer(p, s, l) || !fusion_by_rates(p, s, l)) continue;
+    rated = true;
+    fused = fused || fuse_input_projection(p, s, l, 4);
+  }
+  other_fused = !fused;
+  return rated;
 }
 
 // Whether the end-to-end measurement of the floor also times the other split, and which it is

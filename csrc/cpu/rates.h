@@ -223,6 +223,12 @@ struct FloorTimes {
   bool other_split_measured = false;
   bool other_split_hidden = false;  // the other split is the hidden split (else the batch split)
   double other_split_ms = 0;        // its least wall time
+  // Our call with the other choice of the input projection where the rule's rests on the
+  // measured rates of one thread's step (plan.h, measures_other_fusion): fused into the steps
+  // wherever the sizes allow it where the rule fused no layer, else never fused.
+  bool other_fusion_measured = false;
+  bool other_fusion_fused = false;  // the other choice fuses (else it never fuses)
+  double other_fusion_ms = 0;       // its least wall time
   int64_t batch = 0, seq_len = 0;  // the call that was measured
 };
 

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "plan.h"
+#include <atomic>
 
 namespace fused_lstm {
 namespace {
@@ -140,6 +141,14 @@ void transpose_block(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T
 // of columns [n0, n0 + nb) of the gates holds W_ih^T's rows (where the input projection is
 // fused) then W_hh^T's, [k_ih + out, nb] row-major, at buf + n0 * (k_ih + out). `buf` is null
 // (from brgemm_buffer) where that path does not apply.
+// Layers (and directions) whose float32 brgemm steps ran with the input projection fused, in
+// this process (the test hook fused_lstm::_fused_projection_layers reads it: whether a call
+// fused leaves no other trace, the two often giving the same bits).
+inline std::atomic<int64_t>& fused_projection_layers() {
+  static std::atomic<int64_t> n{0};
+  return n;
+}
+
 template <typename T>
 void use_brgemm(const CpuPlan& plan, const LSTMShape& s, DirectionWeights<T>& w, T* buf,
                 int64_t layer) {
@@ -148,6 +157,7 @@ void use_brgemm(const CpuPlan& plan, const LSTMShape& s, DirectionWeights<T>& w,
     const int64_t G = 4 * s.hidden_size, out = s.out_size;
     const int64_t k_ih =
         fuse_input_projection(plan, s, layer, sizeof(float)) ? s.layer_input_size(layer) : 0;
+    if (k_ih > 0) fused_projection_layers().fetch_add(1, std::memory_order_relaxed);
     const int64_t K = k_ih + out;
     const int64_t panels = (G + kBrgemmPanelN - 1) / kBrgemmPanelN;
     auto pack = [&](int64_t p0, int64_t p1) {
