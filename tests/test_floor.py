@@ -237,11 +237,16 @@ def _two_threads():
         torch.set_num_threads(before)
 
 
+def _ran_counted(fn, counter):
+    """(fn's result, its aten::lstm calls, how far the test hook ``counter`` moved in it)."""
+    before = counter()
+    result, aten_calls = _ran_aten(fn)
+    return result, aten_calls, counter() - before
+
+
 def _ran_split(fn):
     """(fn's result, its aten::lstm calls, the chunks of steps it ran in the hidden split)."""
-    before = torch.ops.fused_lstm._hidden_split_chunks()
-    result, aten_calls = _ran_aten(fn)
-    return result, aten_calls, torch.ops.fused_lstm._hidden_split_chunks() - before
+    return _ran_counted(fn, torch.ops.fused_lstm._hidden_split_chunks)
 
 
 def _split_times(text):
@@ -253,9 +258,7 @@ def _split_times(text):
 
 def _ran_fused(fn):
     """(fn's result, its aten::lstm calls, the layers it ran with the input projection fused)."""
-    before = torch.ops.fused_lstm._fused_projection_layers()
-    result, aten_calls = _ran_aten(fn)
-    return result, aten_calls, torch.ops.fused_lstm._fused_projection_layers() - before
+    return _ran_counted(fn, torch.ops.fused_lstm._fused_projection_layers)
 
 
 def _projection_times(text):

@@ -349,22 +349,21 @@ void floor_record_op(int64_t input_size, int64_t hidden_size, int64_t num_layers
                                      bidirectional, has_biases,
                                      std::vector<int64_t>(seq_len, batch));
   FloorTimes t;
-  if (other_split_ms >= 0) {  // as measured: only where the measurement times the other split
-    const CpuPlan plan = CallPlan{cpu_settings(), /*inference=*/true}.of(s, dtype);
-    TORCH_CHECK_VALUE(measures_other_split(plan, s, t.other_split_hidden),
-                      "fused_lstm::_floor_record: the floor does not time the other split of "
-                      "the steps for these sizes and settings");
-    t.other_split_measured = true;
-    t.other_split_ms = other_split_ms;
-  }
-  if (other_fusion_ms >= 0) {  // as measured: only where the measurement times the other choice
-    const CpuPlan plan = CallPlan{cpu_settings(), /*inference=*/true}.of(s, dtype);
-    TORCH_CHECK_VALUE(measures_other_fusion(plan, s, t.other_fusion_fused),
-                      "fused_lstm::_floor_record: the floor does not time the other choice of "
-                      "the input projection for these sizes and settings");
-    t.other_fusion_measured = true;
-    t.other_fusion_ms = other_fusion_ms;
-  }
+  const CpuPlan plan = CallPlan{cpu_settings(), /*inference=*/true}.of(s, dtype);
+  // As measured: a time of ours with another choice (ms >= 0) only where the measurement
+  // times that choice.
+  auto record_other = [](double ms, bool timed, const char* what, bool& measured, double& out) {
+    if (ms < 0) return;
+    TORCH_CHECK_VALUE(timed, "fused_lstm::_floor_record: the floor does not time ", what,
+                      " for these sizes and settings");
+    measured = true;
+    out = ms;
+  };
+  record_other(other_split_ms, measures_other_split(plan, s, t.other_split_hidden),
+               "the other split of the steps", t.other_split_measured, t.other_split_ms);
+  record_other(other_fusion_ms, measures_other_fusion(plan, s, t.other_fusion_fused),
+               "the other choice of the input projection", t.other_fusion_measured,
+               t.other_fusion_ms);
   t.measured = t.injected = true;
   t.samples = t.aten_samples = 1;
   t.fused_ms = fused_ms;
