@@ -270,9 +270,9 @@ def _projection_times(text):
 @pytest.mark.parametrize("layers", [1, 2])
 def test_auto_takes_the_projection_measured_faster(layers):
     """Where one thread's measured step rates decide whether a layer's input projection is
-    fused into the steps (float32 on brgemm), the floor's measurement also times our call with
-    the other choice (fused wherever the sizes allow where the rule fused no layer, else never
-    fused), and every call of the key runs whichever of ours measured fastest (explain's
+    fused into the steps (float32 on brgemm, the rule's batch split), the floor's measurement
+    also times our call with the other choice (fused wherever the sizes allow where the rule
+    fused no layer, else never fused; the batch split kept), and every call of the key runs whichever of ours measured fastest (explain's
     input_projection_times and input_projection.<layer> say which), at::lstm only where it beats
     that one by 3%. Each choice's results are told apart by running it by name."""
     torch_lstm, fused = _pair(F32, num_layers=layers)
@@ -332,9 +332,12 @@ def test_auto_takes_the_projection_measured_faster(layers):
         _assert_equal(got, rule_out)
 
     # Where the rates decide no layer's choice (the fused step off, or fused wherever the
-    # sizes allow), the floor does not time the other choice.
-    for flags in (dict(allow_fused_input_projection=False), dict(fuse_by_measured_rates=False)):
-        with _two_threads(), CPU.flags(allow_hidden_split=False, **flags):
+    # sizes allow), or the rule takes the hidden split (here forced wherever it applies: its
+    # steps are never fused), the floor does not time the other choice.
+    for flags in (dict(allow_hidden_split=False, allow_fused_input_projection=False),
+                  dict(allow_hidden_split=False, fuse_by_measured_rates=False),
+                  dict(hidden_split_by_measured_rates=False)):
+        with _two_threads(), CPU.flags(**flags):
             with pytest.raises(ValueError, match="does not time the other choice"):
                 record(10.0, 20.0, 9.0)
             record(10.0, 20.0, -1.0)

@@ -562,9 +562,12 @@ inline CpuSettings other_split_settings(const CpuSettings& settings, bool hidden
 
 // The settings that give the other choice of the input projection than the rule's: fused
 // wherever the sizes allow (fuse_by_measured_rates off) where the rule fused no layer, else
-// never fused (allow_fused_input_projection off).
+// never fused (allow_fused_input_projection off); in the batch split, as the rule's
+// (measures_other_fusion): the hidden split off, which the rule's choice of split would
+// otherwise weigh anew against the other projection.
 inline CpuSettings other_fusion_settings(const CpuSettings& settings, bool fused) {
   CpuSettings other = settings;
+  other.hidden_split = 0;
   if (fused) other.fuse_by_rates = 0;
   else other.fused_input_projection = 0;
   return other;
@@ -581,15 +584,17 @@ inline CpuSettings settings_that_run(const CpuSettings& settings, const FloorTim
 }
 
 // Whether the end-to-end measurement of the floor also times the other choice of the input
-// projection, and which it is: where the measured rates of one thread's steps decide it for a
-// layer of the rule's batch split (fusion_by_rates). The probe rates the two steps apart and
+// projection, and which it is: where the rule takes the batch split for every layer (the
+// hidden split's steps are never fused) and the measured rates of one thread's steps decide
+// the choice for a layer (fusion_by_rates). The probe rates the two steps apart and
 // can misjudge the call: medium float32 inference on the Intel Xeon fused layer 1 in about 1
 // of 6 processes, a call ~10% slower (benchmarks/notes/floor.md, "The input projection's
 // choice measured end to end").
 inline bool measures_other_fusion(const CpuPlan& p, const LSTMShape& s, bool& other_fused) {
   bool rated = false, fused = false;
   for (int64_t l = 0; l < s.num_layers; ++l) {
-    if (hidden_split_layer(p, s, l) || !fusion_by_rates(p, s, l)) continue;
+    if (hidden_split_layer(p, s, l)) return false;
+    if (!fusion_by_rates(p, s, l)) continue;
     rated = true;
     fused = fused || fuse_input_projection(p, s, l, 4);
   }
