@@ -284,8 +284,6 @@ inline int64_t fused_slice_rows(const LSTMShape& s) {
   return (s.batch + slices - 1) / slices;
 }
 
-// The choice for the batch split's steps (fuse_input_projection below: the hidden split's are
-// never fused).
 // Whether the sizes allow the fused step (the setting allowing it): each slice's rows share
 // the weights' bytes (kFuseWeightBytesPerRow).
 inline bool fusion_sizes_allow(const CpuPlan& p, const LSTMShape& s, int64_t layer,
@@ -303,6 +301,8 @@ inline bool fusion_by_rates(const CpuPlan& p, const LSTMShape& s, int64_t layer)
       fused_step_rates(s, layer, fused_slice_rows(s)).measured;
 }
 
+// The choice for the batch split's steps (fuse_input_projection below: the hidden split's are
+// never fused).
 inline bool fuse_input_projection_in_batch_split(const CpuPlan& p, const LSTMShape& s,
                                                  int64_t layer, int64_t weight_size) {
   if (!fusion_sizes_allow(p, s, layer, weight_size)) return false;
@@ -512,10 +512,10 @@ inline FloorKey floor_key(const LSTMShape& s, at::ScalarType dtype, const CpuSet
           fingerprint};
 }
 
-// Whether the other split of the steps measured faster end to end than the rule's (the least
-// of interleaved calls; no margin: both are our kernels, with the same results).
 // Which of our measured calls runs the key: the rule's, the other split of the steps, or the
-// other choice of the input projection, whichever measured fastest (the rule's on a tie).
+// other choice of the input projection, whichever measured fastest (the least of interleaved
+// calls; the rule's on a tie; no margin: all are our kernels, with results within float32
+// rounding of each other).
 enum class OursRuns { kRule, kOtherSplit, kOtherFusion };
 
 inline OursRuns fused_best(const FloorTimes& t) {
