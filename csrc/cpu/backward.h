@@ -435,11 +435,9 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
       const T* h0 = hx ? hx + ld * s.batch * out : zeros;
       const int64_t k = s.weight_index(l, d);
       // W_ih's and W_hh's gradients: in the math dtype, or a 16-bit model's dtype where the
-      // few-row backward writes them rounded (plan.grads_16bit).
-      const bool grads_16bit = grad_weights[k].scalar_type() != c10::CppTypeToScalarType<T>::value;
-      TORCH_INTERNAL_ASSERT(!grads_16bit || few);
-      T* gw_ih = grads_16bit ? nullptr : grad_weights[k].mutable_data_ptr<T>();
-      T* gw_hh = grads_16bit ? nullptr : grad_weights[k + 1].mutable_data_ptr<T>();
+      // few-row backward writes them rounded (plan.grads_16bit: few_rows_outer takes them).
+      T* gw_ih = plan.grads_16bit ? nullptr : grad_weights[k].mutable_data_ptr<T>();
+      T* gw_hh = plan.grads_16bit ? nullptr : grad_weights[k + 1].mutable_data_ptr<T>();
       // The bias gradient (b_ih's; b_hh's is the same), summed over the rows' dgates.
       T* gb_ih = s.has_biases ? grad_weights[k + 2].mutable_data_ptr<T>() : nullptr;
       if (gb_ih) std::fill_n(gb_ih, G, T(0));

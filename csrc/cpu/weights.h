@@ -137,10 +137,6 @@ void transpose_block(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T
   transpose_tiles(src, ld_src, rows, cols, dst, ld_dst);
 }
 
-// The brgemm path's weights of layer `layer`, packed into `buf` (see kBrgemmPanelN): each panel
-// of columns [n0, n0 + nb) of the gates holds W_ih^T's rows (where the input projection is
-// fused) then W_hh^T's, [k_ih + out, nb] row-major, at buf + n0 * (k_ih + out). `buf` is null
-// (from brgemm_buffer) where that path does not apply.
 // Layers (and directions) whose float32 brgemm steps ran with the input projection fused, in
 // this process (the test hook fused_lstm::_fused_projection_layers reads it: whether a call
 // fused leaves no other trace, the two often giving the same bits).
@@ -149,6 +145,10 @@ inline std::atomic<int64_t>& fused_projection_layers() {
   return n;
 }
 
+// The brgemm path's weights of layer `layer`, packed into `buf` (see kBrgemmPanelN): each panel
+// of columns [n0, n0 + nb) of the gates holds W_ih^T's rows (where the input projection is
+// fused) then W_hh^T's, [k_ih + out, nb] row-major, at buf + n0 * (k_ih + out). `buf` is null
+// (from brgemm_buffer) where that path does not apply.
 template <typename T>
 void use_brgemm(const CpuPlan& plan, const LSTMShape& s, DirectionWeights<T>& w, T* buf,
                 int64_t layer) {
