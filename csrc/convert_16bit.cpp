@@ -190,6 +190,10 @@ void widen_16bit(const c10::Half* src, int64_t n, float* dst) {
   widen_half_run()(reinterpret_cast<const uint16_t*>(src), n, dst);
 }
 
+void round_bf16(const float* src, int64_t n, c10::BFloat16* dst) {
+  round_bf16_run(src, n, reinterpret_cast<uint16_t*>(dst));
+}
+
 void round_to(const float* src, int64_t n, at::ScalarType dtype, void* dst) {
   TORCH_INTERNAL_ASSERT(is_16bit(dtype));
   round_with(dtype == at::kBFloat16 ? round_bf16_run : round_half_run(), src, n,

@@ -26,6 +26,9 @@ void widen_to_float(const at::Tensor& src, float* dst);
 // dst, on this thread (the kernels' widening of kept weights, a row or a layer at a time).
 void widen_16bit(const c10::BFloat16* src, int64_t n, float* dst);
 void widen_16bit(const c10::Half* src, int64_t n, float* dst);
+// round_bf16: n floats rounded to bf16 as round_to rounds them, on this thread (an A operand's
+// rows for the AMX tiles).
+void round_bf16(const float* src, int64_t n, c10::BFloat16* dst);
 // round_to: n floats rounded to `dtype` as torch's .to(dtype) rounds them on the CPU. bfloat16
 // bit for bit: to nearest even, denormals kept, every NaN to 0xFFFF. float16: F16C's vcvtps2ph
 // where the CPU has it, as torch's vectorised conversion (to nearest even, denormals kept,

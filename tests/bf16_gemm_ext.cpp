@@ -56,6 +56,25 @@ int fl_bf16_pack_t(int dtype, const void* Wt, int64_t N, int64_t K, int64_t ldw,
   });
 }
 
+int64_t fl_bf16_packed_panels_size(int64_t N, int64_t K, int64_t panel) {
+  return fused_lstm::bf16_packed_panels_size(N, K, panel);
+}
+
+// dtype: 0 float32, 1 bfloat16; given_t: W given transposed ([K, N], row stride ldw)
+int fl_bf16_pack_panels(int dtype, const void* W, int64_t N, int64_t K, int64_t ldw,
+                        int64_t panel, int given_t, uint16_t* out) {
+  return guarded([&] {
+    if (dtype == 0 && given_t)
+      fused_lstm::bf16_pack_panels_t(static_cast<const float*>(W), N, K, ldw, panel, out);
+    else if (dtype == 0)
+      fused_lstm::bf16_pack_panels(static_cast<const float*>(W), N, K, ldw, panel, out);
+    else if (given_t)
+      fused_lstm::bf16_pack_panels_t(static_cast<const c10::BFloat16*>(W), N, K, ldw, panel, out);
+    else
+      fused_lstm::bf16_pack_panels(static_cast<const c10::BFloat16*>(W), N, K, ldw, panel, out);
+  });
+}
+
 int64_t fl_bf16_row_stride(int64_t K) { return fused_lstm::bf16_row_stride(K); }
 
 int fl_bf16_transpose_rows(const float* At, int64_t K, int64_t M, int64_t ldat, uint16_t* out,

@@ -50,6 +50,9 @@ def lib(tmp_path_factory):
     so.fl_bf16_packed_size.argtypes = [i64, i64]
     so.fl_bf16_pack.argtypes = [ctypes.c_int, vp, i64, i64, i64, vp]
     so.fl_bf16_pack_t.argtypes = [ctypes.c_int, vp, i64, i64, i64, vp]
+    so.fl_bf16_packed_panels_size.restype = i64
+    so.fl_bf16_packed_panels_size.argtypes = [i64, i64, i64]
+    so.fl_bf16_pack_panels.argtypes = [ctypes.c_int, vp, i64, i64, i64, i64, ctypes.c_int, vp]
     so.fl_bf16_row_stride.restype = i64
     so.fl_bf16_row_stride.argtypes = [i64]
     so.fl_bf16_transpose_rows.argtypes = [vp, i64, i64, i64, vp, i64]
@@ -143,16 +146,17 @@ def reference(A, W, C0=None):
     return out if C0 is None else out + C0.double()
 
 
-def layout_reference(W):
-    """The documented packed layout, element by element (bf16 bits as int16)."""
+def layout_reference(W, panel=BLOCK_N):
+    """The documented packed layout, element by element (bf16 bits as int16), in panels of
+    `panel` columns (bf16_gemm's: 16)."""
     N, K = W.shape
     kp = (K + 1) // 2
-    blocks = (N + BLOCK_N - 1) // BLOCK_N
+    blocks = (N + panel - 1) // panel
     bits = W.to(torch.bfloat16).view(torch.int16)
-    full = torch.zeros(blocks * BLOCK_N, 2 * kp, dtype=torch.int16)
+    full = torch.zeros(blocks * panel, 2 * kp, dtype=torch.int16)
     full[:N, :K] = bits
-    # packed[((n // 16) * kp + k // 2) * 32 + (n % 16) * 2 + k % 2]
-    return full.view(blocks, BLOCK_N, kp, 2).permute(0, 2, 1, 3).reshape(-1)
+    # packed[((n // panel) * kp + k // 2) * 2 * panel + (n % panel) * 2 + k % 2]
+    return full.view(blocks, panel, kp, 2).permute(0, 2, 1, 3).reshape(-1)
 
 
 # ---- packing (portable C++, any CPU) -------------------------------------------------------
@@ -207,6 +211,50 @@ def test_pack_t_rounds_like_torch(packer):
     nan = torch.isnan(want.view(torch.bfloat16))
     assert nan.sum() == 1 and torch.isnan(got.view(torch.bfloat16)[nan]).all()
     assert torch.equal(got[~nan], want[~nan])
+
+
+def pack_panels(lib, M, panel, given_t):
+    """bf16_pack_panels of a [N, K] view, or bf16_pack_panels_t of a [K, N] view (`given_t`)."""
+    assert M.stride(1) == 1
+    N, K = (M.shape[1], M.shape[0]) if given_t else M.shape
+    out = torch.full((lib.fl_bf16_packed_panels_size(N, K, panel),), -1, dtype=torch.int16)
+    dtype = F32 if M.dtype == torch.float32 else BF16
+    check(lib, lib.fl_bf16_pack_panels(dtype, M.data_ptr(), N, K, M.stride(0), panel,
+                                       int(given_t), out.data_ptr()))
+    return out
+
+
+@pytest.mark.parametrize("N,K", [(1, 1), (16, 2), (21, 6), (33, 64), (48, 31), (64, 33),
+                                 (65, 129), (130, 100), (512, 2048)])
+@pytest.mark.parametrize("panel", [16, 32, 64])
+@pytest.mark.parametrize("given_t", [False, True], ids=["W", "Wt"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pack_panels_layout(packer, N, K, panel, given_t, dtype):
+    """Panels of 16 to 64 columns (the AMX tiles' B, amx.h), from W [N, K] or Wt [K, N]: the
+    documented layout in panels, zero past N within the last panel and past an odd K."""
+    rows, cols = (K, N) if given_t else (N, K)
+    _, M = padded(rows, cols, 3, dtype, float("nan"))  # row padding must not be read
+    M.copy_(torch.randn(rows, cols))
+    W = M.T if given_t else M
+    want = layout_reference(W, panel)
+    assert packer.fl_bf16_packed_panels_size(N, K, panel) == want.numel()
+    assert torch.equal(pack_panels(packer, M, panel, given_t), want)
+
+
+def test_pack_panels_round_like_torch(packer):
+    """Ties, near-ties, inf, NaN, -0, denormals through both panel packers."""
+    base = torch.randn(40, 35)
+    tie = (base.view(torch.int32) & ~0xFFFF) | 0x8000
+    W = torch.cat([base, tie.view(torch.float32), (tie + 1).view(torch.float32),
+                   (tie - 1).view(torch.float32)])
+    W[0, :7] = torch.tensor([float("inf"), -float("inf"), float("nan"), 3.4e38, -0.0, 1e-40,
+                             -3e-39])
+    for M, given_t in ((W, False), (W.T.contiguous(), True)):
+        got = pack_panels(packer, M, 64, given_t)
+        want = layout_reference(W, 64)
+        nan = torch.isnan(want.view(torch.bfloat16))
+        assert nan.sum() == 1 and torch.isnan(got.view(torch.bfloat16)[nan]).all()
+        assert torch.equal(got[~nan], want[~nan])
 
 
 TRANSPOSE_K = (1, 2, 3, 31, 32, 33, 34, 63, 64, 65, 100)

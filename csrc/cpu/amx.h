@@ -7,6 +7,7 @@
 // Part of the one translation unit lstm_cpu.cpp.
 #pragma once
 
+#include "bf16_gemm.h"
 #include "blas.h"
 
 #include <c10/util/BFloat16.h>
@@ -32,8 +33,9 @@ constexpr int64_t kAmxBlockM = 64;
 using BrgemmBf16 = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool,
                             const c10::BFloat16*, const c10::BFloat16*, float*, bool);
 
-// Whether the exported micro-kernel runs bf16 on this CPU's tiles: the symbols exist and a small
-// product with a tail comes out exact (probed once); then, per call, whether oneDNN is enabled
+// Whether the exported micro-kernel runs bf16 on this CPU's tiles: the symbols exist, oneDNN
+// packs a B as bf16_pack_panels does, and a small product with a tail comes out exact (probed
+// once); then, per call, whether oneDNN is enabled
 // and still packs bf16 (torch.backends.mkldnn can be turned off at run time).
 inline bool amx_bf16_available() {
   namespace cb = at::native::cpublas;
@@ -42,14 +44,30 @@ inline bool amx_bf16_available() {
     if (product == nullptr || cb::pack == nullptr || cb::could_pack == nullptr ||
         cb::brgemm_release == nullptr || !cb::could_pack(at::kBFloat16))
       return false;
-    try {  // exact: small integers and halves
-      constexpr int64_t M = 3, N = 7, K = 6, LDB = 16;
-      c10::BFloat16 a[M * K], b[K * N], packed[K * LDB];
+    try {
+      // bf16_pack_panels' layout is oneDNN's: a narrow panel (21 columns) packed both ways
+      constexpr int64_t PK = 6, PN = 21;
+      c10::BFloat16 b[PK * PN];
+      for (int i = 0; i < PK * PN; ++i) b[i] = c10::BFloat16(float(i % 61) - 30.0f);
+      std::vector<uint16_t> ours(bf16_packed_panels_size(PN, PK, kAmxPanelN), 0);
+      std::vector<uint16_t> theirs(ours.size(), 0);
+      bf16_pack_panels_t(b, PN, PK, PN, kAmxPanelN, ours.data());
+      cb::pack(PK, PN, PN, kAmxPanelN, at::kBFloat16, at::kBFloat16, b, theirs.data());
+      for (int64_t k = 0; k < PK; ++k)
+        for (int64_t n = 0; n < PN; ++n) {
+          const int64_t at = k / 2 * 2 * kAmxPanelN + 2 * n + k % 2;
+          if (ours[at] != theirs[at]) return false;
+        }
+      // a product with a tail, exact: small integers and halves
+      constexpr int64_t M = 3, N = 7, K = 6;
+      c10::BFloat16 a[M * K];
       float c[M * N];
       for (int i = 0; i < M * K; ++i) a[i] = c10::BFloat16(float(i % 4) - 1.5f);
       for (int i = 0; i < K * N; ++i) b[i] = c10::BFloat16(float(i % 3) + 0.5f);
-      cb::pack(K, N, N, LDB, at::kBFloat16, at::kBFloat16, b, packed);
-      product(M, N, K, K, LDB, N, false, a, packed, c, true);
+      std::vector<uint16_t> packed(bf16_packed_panels_size(N, K, kAmxPanelN));
+      bf16_pack_panels_t(b, N, K, N, kAmxPanelN, packed.data());
+      product(M, N, K, K, kAmxPanelN, N, false, a,
+              reinterpret_cast<const c10::BFloat16*>(packed.data()), c, true);
       cb::brgemm_release(true);
       for (int64_t m = 0; m < M; ++m)
         for (int64_t n = 0; n < N; ++n) {
@@ -87,24 +105,23 @@ inline int64_t amx_packed_size(int64_t N, int64_t K) {
   return amx_k_even(K) * ((N + kAmxPanelN - 1) / kAmxPanelN * kAmxPanelN);
 }
 
-// B [K, N] with element (k, n) at w[n * stride_n + k * stride_k] (float or bf16), as bf16
-// packed into `out` by panels; an odd K gets a row of zeros (a product then takes
-// amx_k_even(K) and an A whose column K is zero).
+// B packed into `out` by panels (bf16_pack_panels' layout, panel kAmxPanelN; the probe in
+// amx_bf16_available checks that oneDNN's packing gives the same), from B [K, N] stored
+// row-major with row stride ldb (`rows_of_b`: the backward's W_hh and W_ih as stored, x,
+// h_prev) or from W = B^T [N, K] with row stride ldb (the forward's weights); float or bf16,
+// rounded to bf16. An odd K gets a row of zeros (a product then takes amx_k_even(K) and an A
+// whose column K is zero). Panels over the threads outside a parallel region.
 template <typename W>
-void amx_pack(const W* w, int64_t N, int64_t K, int64_t stride_n, int64_t stride_k,
+void amx_pack(const W* w, int64_t N, int64_t K, int64_t ldb, bool rows_of_b,
               c10::BFloat16* out) {
   const int64_t k_even = amx_k_even(K);
   const int64_t panels = (N + kAmxPanelN - 1) / kAmxPanelN;
   auto pack = [&](int64_t p0, int64_t p1) {
-    std::vector<c10::BFloat16> t(k_even * kAmxPanelN, c10::BFloat16(0.0f));
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * kAmxPanelN, nb = std::min(kAmxPanelN, N - n0);
-      for (int64_t n = 0; n < nb; ++n)
-        for (int64_t k = 0; k < K; ++k)
-          t[k * nb + n] = c10::BFloat16(float(w[(n0 + n) * stride_n + k * stride_k]));
-      if (k_even > K) std::fill_n(t.begin() + K * nb, nb, c10::BFloat16(0.0f));
-      at::native::cpublas::pack(k_even, nb, nb, kAmxPanelN, at::kBFloat16, at::kBFloat16,
-                                t.data(), out + n0 * k_even);
+      auto* o = reinterpret_cast<uint16_t*>(out + n0 * k_even);
+      if (rows_of_b) bf16_pack_panels_t(w + n0, nb, K, ldb, kAmxPanelN, o);
+      else bf16_pack_panels(w + n0 * ldb, nb, K, ldb, kAmxPanelN, o);
     }
   };
   if (panels > 1 && !at::in_parallel_region()) at::parallel_for(0, panels, 1, pack);
@@ -114,15 +131,15 @@ void amx_pack(const W* w, int64_t N, int64_t K, int64_t stride_n, int64_t stride
 // W [N, K] (rows ldw apart) as B = W^T [K, N]: the forward's weights.
 template <typename W>
 void amx_pack_weight_t(const W* w, int64_t N, int64_t K, int64_t ldw, c10::BFloat16* out) {
-  amx_pack(w, N, K, ldw, 1, out);
+  amx_pack(w, N, K, ldw, false, out);
 }
 
-// This thread's rows of bf16 for an A operand given as float (rounded as bf16_gemm rounds).
+// This thread's rows of bf16 for an A operand given as float (rounded as the op boundary
+// rounds, round_to).
 inline c10::BFloat16* amx_rows(const float* a, int64_t lda, int64_t m, int64_t k) {
   static thread_local std::vector<c10::BFloat16> buf;
   if (static_cast<int64_t>(buf.size()) < m * k) buf.resize(m * k);
-  for (int64_t r = 0; r < m; ++r)
-    for (int64_t j = 0; j < k; ++j) buf[r * k + j] = c10::BFloat16(a[r * lda + j]);
+  for (int64_t r = 0; r < m; ++r) round_bf16(a + r * lda, k, buf.data() + r * k);
   return buf.data();
 }
 

@@ -194,8 +194,8 @@ inline void bf16_chunk_products(const LSTMShape& s, const Bf16Backward& bb, cons
       const float* h_rows = seg.h + (k0 - seg.r0) * seg.ld;
       if (bb.amx_x) {  // x and h_prev as B [kn, in] and [kn, out] for the tiles
         split_over_threads({dgates_t});
-        visit(x.at(k0 * in_size), [&](auto X) { amx_pack(X, in_size, kn, 1, in_size, bb.amx_x); });
-        amx_pack(h_rows, out, kn, 1, seg.ld, bb.amx_h_prev);
+        visit(x.at(k0 * in_size), [&](auto X) { amx_pack(X, in_size, kn, in_size, true, bb.amx_x); });
+        amx_pack(h_rows, out, kn, seg.ld, true, bb.amx_h_prev);
       } else {
         split_over_threads({pack_t_job(x.at(k0 * in_size), in_size, kn, in_size, bb.x),
                             pack_t_job({h_rows}, out, kn, seg.ld, bb.h_prev), dgates_t});
@@ -424,8 +424,8 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
       copy_or_zero(grad_cy ? grad_cy + ld * s.batch * H : nullptr, s.batch * H, dc_state);
       if constexpr (std::is_same_v<T, float>) {
         if (bb.amx_w_hh) {  // W_hh and W_ih for the tiles, as stored: B [G, out], B [G, in]
-          visit(w.hh, [&](auto W) { amx_pack(W, out, G, 1, out, bb.amx_w_hh); });
-          visit(w.ih, [&](auto W) { amx_pack(W, in_size, G, 1, in_size, bb.amx_w_ih); });
+          visit(w.hh, [&](auto W) { amx_pack(W, out, G, out, true, bb.amx_w_hh); });
+          visit(w.ih, [&](auto W) { amx_pack(W, in_size, G, in_size, true, bb.amx_w_ih); });
         } else if (bb.w_hh_t) {
           split_over_threads({pack_t_job(w.hh, out, G, out, bb.w_hh_t),
                               pack_t_job(w.ih, in_size, G, in_size, bb.w_ih_t)});

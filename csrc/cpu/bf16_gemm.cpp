@@ -109,17 +109,19 @@ bool detect_cpu() {
 inline uint16_t to_bf16_bits(float f) { return c10::BFloat16(f).x; }  // round to nearest even
 inline uint16_t to_bf16_bits(uint16_t b) { return b; }
 
-// The packed layout from W [N, K] with element (n, k) at W[n * sn + k * sk]: sn = ldw, sk = 1
-// for a row-major W, sn = 1, sk = ldw for its transpose. Portable; out is written in order.
+// The packed layout in panels of `panel` columns from W [N, K] with element (n, k) at
+// W[n * sn + k * sk]: sn = ldw, sk = 1 for a row-major W, sn = 1, sk = ldw for its transpose.
+// Portable; out is written in order.
 template <typename T>
-void pack_strided(const T* W, int64_t N, int64_t K, int64_t sn, int64_t sk, uint16_t* out) {
+void pack_strided(const T* W, int64_t N, int64_t K, int64_t sn, int64_t sk, int64_t panel,
+                  uint16_t* out) {
   const int64_t kp = (K + 1) / 2;
-  const int64_t blocks = (N + kBN - 1) / kBN;
+  const int64_t blocks = (N + panel - 1) / panel;
   for (int64_t blk = 0; blk < blocks; ++blk)
     for (int64_t p = 0; p < kp; ++p) {
-      uint16_t* o = out + (blk * kp + p) * 2 * kBN;
-      for (int64_t c = 0; c < kBN; ++c) {
-        const int64_t n = blk * kBN + c;
+      uint16_t* o = out + (blk * kp + p) * 2 * panel;
+      for (int64_t c = 0; c < panel; ++c) {
+        const int64_t n = blk * panel + c;
         const T* w = W + n * sn + 2 * p * sk;
         o[2 * c] = n < N ? to_bf16_bits(w[0]) : 0;
         o[2 * c + 1] = n < N && 2 * p + 1 < K ? to_bf16_bits(w[sk]) : 0;
@@ -329,16 +331,9 @@ BF16_TARGET inline __mmask16 first_n(int64_t n) {
   return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
 }
 
-// bf16_pack_weight_t: per 16-column block, one pair_line per pair of k.
-template <typename T>
-BF16_TARGET void pack_t_avx512(const T* Wt, int64_t N, int64_t K, int64_t ldw, uint16_t* out) {
-  const int64_t kp = (K + 1) / 2;
-  for (int64_t n0 = 0; n0 < N; n0 += kBN) {
-    const __mmask16 n = first_n(N - n0);
-    uint16_t* o = out + n0 * 2 * kp;
-    for (int64_t p = 0; p < kp; ++p)
-      _mm512_storeu_si512(o + p * 2 * kBN, pair_line(Wt + 2 * p * ldw + n0, ldw, n, 2 * p + 1 < K));
-  }
+// The first n elements of 16 (n <= 0: none).
+BF16_TARGET inline __mmask16 mask16(int64_t n) {
+  return n <= 0 ? (__mmask16)0 : first_n(n);
 }
 
 // In-register transpose of a 16 x 16 dword matrix (r[i] is row i).
@@ -368,6 +363,62 @@ BF16_TARGET inline void transpose16(__m512i r[16]) {
     r[4 + col[c]] = _mm512_shuffle_i32x4(s0, s2, 0xDD);
     r[8 + col[c]] = _mm512_shuffle_i32x4(s1, s3, 0x88);
     r[12 + col[c]] = _mm512_shuffle_i32x4(s1, s3, 0xDD);
+  }
+}
+
+// bf16_pack_panels_t: per 16 columns of a panel, one pair_line per pair of k.
+template <typename T>
+BF16_TARGET void pack_panels_t_avx512(const T* Wt, int64_t N, int64_t K, int64_t ldw,
+                                      int64_t panel, uint16_t* out) {
+  const int64_t kp = (K + 1) / 2;
+  for (int64_t n0 = 0; n0 < N; n0 += panel) {
+    uint16_t* o = out + n0 * 2 * kp;
+    for (int64_t p = 0; p < kp; ++p)
+      for (int64_t j = 0; j < panel; j += kBN)
+        _mm512_storeu_si512(o + p * 2 * panel + 2 * j,
+                            pair_line(Wt + 2 * p * ldw + n0 + j, ldw, mask16(N - n0 - j),
+                                      2 * p + 1 < K));
+  }
+}
+
+// 16 dwords of row w's pairs (w[2i], w[2i + 1]), i < 16, as bf16 bits; zero from element
+// `left` on.
+BF16_TARGET inline __m512i row_pairs(const float* w, int64_t left) {
+  const __m512i lo = bf16_bits(_mm512_maskz_loadu_ps(mask16(left), w));
+  const __m512i hi = bf16_bits(_mm512_maskz_loadu_ps(mask16(left - 16), w + 16));
+  const __m512i even_words = _mm512_set_epi16(62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40,
+                                              38, 36, 34, 32, 30, 28, 26, 24, 22, 20, 18, 16,
+                                              14, 12, 10, 8, 6, 4, 2, 0);
+  return _mm512_permutex2var_epi16(lo, even_words, hi);  // the low half of each dword
+}
+BF16_TARGET inline __m512i row_pairs(const uint16_t* w, int64_t left) {
+  const __mmask32 m = left <= 0    ? (__mmask32)0
+                      : left >= 32 ? (__mmask32)0xFFFFFFFFu
+                                   : (__mmask32)((1u << left) - 1);
+  return _mm512_maskz_loadu_epi16(m, w);
+}
+
+// bf16_pack_panels: W's rows hold pairs of k; tiles of 16 rows (columns n of B) x 16 pairs,
+// transposed in registers into 16 lines of the layout.
+template <typename T>
+BF16_TARGET void pack_panels_avx512(const T* W, int64_t N, int64_t K, int64_t ldw, int64_t panel,
+                                    uint16_t* out) {
+  const int64_t kp = (K + 1) / 2;
+  for (int64_t n0 = 0; n0 < N; n0 += panel) {
+    uint16_t* o = out + n0 * 2 * kp;
+    for (int64_t j = 0; j < panel; j += kBN)
+      for (int64_t p0 = 0; p0 < kp; p0 += 16) {
+        __m512i r[16];
+#pragma GCC unroll 16
+        for (int64_t i = 0; i < 16; ++i) {
+          const int64_t n = n0 + j + i;
+          r[i] = n < N ? row_pairs(W + n * ldw + 2 * p0, K - 2 * p0) : _mm512_setzero_si512();
+        }
+        transpose16(r);
+        const int64_t np = kp - p0 < 16 ? kp - p0 : 16;
+        for (int64_t i = 0; i < np; ++i)
+          _mm512_storeu_si512(o + (p0 + i) * 2 * panel + 2 * j, r[i]);
+      }
   }
 }
 
@@ -493,23 +544,33 @@ void gemm_parallel_impl(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda
 }
 
 template <typename T>
-void pack_weight_impl(const T* W, int64_t N, int64_t K, int64_t ldw, uint16_t* out) {
-  TORCH_CHECK(N >= 0 && K >= 0 && (N == 0 || K == 0 || ldw >= K),
-              "bf16_pack_weight: bad sizes N=", N, " K=", K, " ldw=", ldw);
-  pack_strided(W, N, K, ldw, 1, out);
-}
-
-template <typename T>
-void pack_weight_t_impl(const T* Wt, int64_t N, int64_t K, int64_t ldw, uint16_t* out) {
-  TORCH_CHECK(N >= 0 && K >= 0 && (N == 0 || K == 0 || ldw >= N),
-              "bf16_pack_weight_t: bad sizes N=", N, " K=", K, " ldw=", ldw);
+void pack_panels_impl(const T* W, int64_t N, int64_t K, int64_t ldw, int64_t panel,
+                      uint16_t* out) {
+  TORCH_CHECK(N >= 0 && K >= 0 && (N == 0 || K == 0 || ldw >= K) && panel > 0 &&
+                  panel % kBN == 0,
+              "bf16_pack_panels: bad sizes N=", N, " K=", K, " ldw=", ldw, " panel=", panel);
 #if FUSED_LSTM_BF16_GEMM_X86
   if (bf16_gemm_available()) {
-    pack_t_avx512(Wt, N, K, ldw, out);
+    pack_panels_avx512(W, N, K, ldw, panel, out);
     return;
   }
 #endif
-  pack_strided(Wt, N, K, 1, ldw, out);
+  pack_strided(W, N, K, ldw, 1, panel, out);
+}
+
+template <typename T>
+void pack_panels_t_impl(const T* Wt, int64_t N, int64_t K, int64_t ldw, int64_t panel,
+                        uint16_t* out) {
+  TORCH_CHECK(N >= 0 && K >= 0 && (N == 0 || K == 0 || ldw >= N) && panel > 0 &&
+                  panel % kBN == 0,
+              "bf16_pack_panels_t: bad sizes N=", N, " K=", K, " ldw=", ldw, " panel=", panel);
+#if FUSED_LSTM_BF16_GEMM_X86
+  if (bf16_gemm_available()) {
+    pack_panels_t_avx512(Wt, N, K, ldw, panel, out);
+    return;
+  }
+#endif
+  pack_strided(Wt, N, K, 1, ldw, panel, out);
 }
 
 }  // namespace
@@ -526,24 +587,44 @@ size_t bf16_packed_size(int64_t N, int64_t K) {
 }
 
 void bf16_pack_weight(const uint16_t* W, int64_t N, int64_t K, int64_t ldw, uint16_t* out) {
-  pack_weight_impl(W, N, K, ldw, out);
+  pack_panels_impl(W, N, K, ldw, kBN, out);
 }
 void bf16_pack_weight(const c10::BFloat16* W, int64_t N, int64_t K, int64_t ldw, uint16_t* out) {
-  pack_weight_impl(reinterpret_cast<const uint16_t*>(W), N, K, ldw, out);
+  pack_panels_impl(reinterpret_cast<const uint16_t*>(W), N, K, ldw, kBN, out);
 }
 void bf16_pack_weight(const float* W, int64_t N, int64_t K, int64_t ldw, uint16_t* out) {
-  pack_weight_impl(W, N, K, ldw, out);
+  pack_panels_impl(W, N, K, ldw, kBN, out);
 }
 
 void bf16_pack_weight_t(const uint16_t* Wt, int64_t N, int64_t K, int64_t ldw, uint16_t* out) {
-  pack_weight_t_impl(Wt, N, K, ldw, out);
+  pack_panels_t_impl(Wt, N, K, ldw, kBN, out);
 }
 void bf16_pack_weight_t(const c10::BFloat16* Wt, int64_t N, int64_t K, int64_t ldw,
                         uint16_t* out) {
-  pack_weight_t_impl(reinterpret_cast<const uint16_t*>(Wt), N, K, ldw, out);
+  pack_panels_t_impl(reinterpret_cast<const uint16_t*>(Wt), N, K, ldw, kBN, out);
 }
 void bf16_pack_weight_t(const float* Wt, int64_t N, int64_t K, int64_t ldw, uint16_t* out) {
-  pack_weight_t_impl(Wt, N, K, ldw, out);
+  pack_panels_t_impl(Wt, N, K, ldw, kBN, out);
+}
+
+int64_t bf16_packed_panels_size(int64_t N, int64_t K, int64_t panel) {
+  return (N + panel - 1) / panel * panel * ((K + 1) / 2 * 2);
+}
+void bf16_pack_panels(const float* W, int64_t N, int64_t K, int64_t ldw, int64_t panel,
+                      uint16_t* out) {
+  pack_panels_impl(W, N, K, ldw, panel, out);
+}
+void bf16_pack_panels(const c10::BFloat16* W, int64_t N, int64_t K, int64_t ldw, int64_t panel,
+                      uint16_t* out) {
+  pack_panels_impl(reinterpret_cast<const uint16_t*>(W), N, K, ldw, panel, out);
+}
+void bf16_pack_panels_t(const float* Wt, int64_t N, int64_t K, int64_t ldw, int64_t panel,
+                        uint16_t* out) {
+  pack_panels_t_impl(Wt, N, K, ldw, panel, out);
+}
+void bf16_pack_panels_t(const c10::BFloat16* Wt, int64_t N, int64_t K, int64_t ldw,
+                        int64_t panel, uint16_t* out) {
+  pack_panels_t_impl(reinterpret_cast<const uint16_t*>(Wt), N, K, ldw, panel, out);
 }
 
 int64_t bf16_row_stride(int64_t K) {

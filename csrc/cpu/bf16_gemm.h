@@ -58,6 +58,23 @@ void bf16_pack_weight_t(const c10::BFloat16* Wt, int64_t N, int64_t K, int64_t l
                         uint16_t* out);
 void bf16_pack_weight_t(const float* Wt, int64_t N, int64_t K, int64_t ldw, uint16_t* out);
 
+// The same pairs-of-k layout in panels of `panel` columns (a multiple of 16): panel n0 (a
+// multiple of `panel`) at out + n0 * 2 * Kp, pair p of its k at + p * 2 * panel, column n at
+// + 2 * (n - n0) + k % 2; columns past N (a last panel is written whole) and the k past an odd K
+// are zero. bf16_packed_panels_size(N, K, panel) elements. Panel 16 is bf16_gemm's layout;
+// panels of 16 to 64 columns are the VNNI layout oneDNN's brgemm reads a bf16 B in on AMX
+// (ld_b = panel; amx.h checks the two agree before using its tiles). W [N, K] (row stride ldw)
+// as B = W^T, or Wt [K, N] (row stride ldw, n contiguous) as B = Wt. Single-threaded.
+int64_t bf16_packed_panels_size(int64_t N, int64_t K, int64_t panel);
+void bf16_pack_panels(const float* W, int64_t N, int64_t K, int64_t ldw, int64_t panel,
+                      uint16_t* out);
+void bf16_pack_panels(const c10::BFloat16* W, int64_t N, int64_t K, int64_t ldw, int64_t panel,
+                      uint16_t* out);
+void bf16_pack_panels_t(const float* Wt, int64_t N, int64_t K, int64_t ldw, int64_t panel,
+                        uint16_t* out);
+void bf16_pack_panels_t(const c10::BFloat16* Wt, int64_t N, int64_t K, int64_t ldw,
+                        int64_t panel, uint16_t* out);
+
 // A row stride (elements) for bf16 rows of K elements: even, at least K, and not a multiple of
 // 4 KB (rows a power of two apart share cache sets).
 int64_t bf16_row_stride(int64_t K);
