@@ -294,7 +294,8 @@ def test_bf16_packed_training_holds_no_gates_and_a_chunk_of_dgates():
     allocates no float32 dgates [rows, 4H] and gathers h_{t-1} a chunk at a time (the only
     [rows, hidden] float32 buffer is layer 1's dL/dx), and holds at most its float32 gradients,
     that dL/dx, a chunk's dgates and h_{t-1}, the bf16 operands of a chunk's products, the
-    forward's packed weights (to recompute the gates) and a few rows' scratch."""
+    forward's packed weights (to recompute the gates) and a few rows' scratch; on AMX tiles also
+    the chunk's dgates as bf16 rows."""
     from fused_lstm import ops
 
     I, H, L, B, chunk = 24, 64, 2, 16, 1024
@@ -327,6 +328,8 @@ def test_bf16_packed_training_holds_no_gates_and_a_chunk_of_dgates():
     chunk_scratch = 4 * chunk * (G + H)  # a chunk's dgates and gathered h_{t-1}
     k = max(I, H)
     bf16_operands = 2 * (G * (k + H) + chunk * (k + H) + G * (chunk + 64))
+    if products == "amx_brgemm":  # and the chunk's dgates as bf16 rows (Bf16Backward::dgates16)
+        bf16_operands += 2 * chunk * G
     forward_weights = 2 * G * (k + H)
     rows_scratch = 4 * 64 * G
     bound = float_grads + dx + chunk_scratch + bf16_operands + forward_weights + rows_scratch

@@ -53,15 +53,19 @@ const T* widened(const S* w, int64_t n, T* buf) {
   return buf;
 }
 
-// dL/dh_{t-1} [bs, out] = dg_t [bs, G] W_hh, on this thread: bf16_gemm where `bb` is set, else
+// dL/dh_{t-1} [bs, out] = dg_t [bs, G] W_hh, on this thread: on AMX tiles where bb.amx_w_hh is
+// set (dg_t's rows rounded into dg16, which the chunk's later products read), bf16_gemm where
+// `bb` is set, else
 // brgemm (`brgemm`: float32 with the micro-kernel; W_hh in panels where `w_hh_panels` is set,
 // pack_w_hh_panels), else BLAS.
 template <typename T>
 void step_dh_product(const Bf16Backward& bb, bool brgemm, int64_t bs, int64_t out, int64_t G,
-                     const T* dg_t, const T* w_hh, const T* w_hh_panels, T* dh) {
+                     const T* dg_t, const T* w_hh, const T* w_hh_panels, T* dh,
+                     c10::BFloat16* dg16) {
   if constexpr (std::is_same_v<T, float>) {
     if (bb.amx_w_hh) {
-      amx_product(false, bs, out, G, dg_t, G, bb.amx_w_hh, dh, out);
+      for (int64_t b = 0; b < bs; ++b) round_bf16(dg_t + b * G, G, dg16 + b * G);
+      amx_product(false, bs, out, G, dg16, G, bb.amx_w_hh, dh, out);
       return;
     }
     if (bb.w_hh_t) {
@@ -188,8 +192,12 @@ inline void bf16_chunk_products(const LSTMShape& s, const Bf16Backward& bb, cons
       const int64_t kn = std::min(kBf16GradRows, seg.r1 - k0);
       const bool overwrite = first && k0 == row0, last = k0 + kn == row1;
       const Piecewise dgates_t{G, [&](int64_t m0, int64_t m1) {  // bf16 rows, zero-padded
-        bf16_transpose_rows(dgates + (k0 - row0) * G + m0, kn, m1 - m0, G, bb.dgates_t + m0 * ld,
-                            ld);
+        if (bb.dgates16)  // rounded already by the steps' products
+          bf16_transpose_rows(bb.dgates16 + (k0 - row0) * G + m0, kn, m1 - m0, G,
+                              bb.dgates_t + m0 * ld, ld);
+        else
+          bf16_transpose_rows(dgates + (k0 - row0) * G + m0, kn, m1 - m0, G,
+                              bb.dgates_t + m0 * ld, ld);
       }};
       const float* h_rows = seg.h + (k0 - seg.r0) * seg.ld;
       if (bb.amx_x) {  // x and h_prev as B [kn, in] and [kn, out] for the tiles
@@ -218,7 +226,8 @@ inline void bf16_chunk_products(const LSTMShape& s, const Bf16Backward& bb, cons
         const float* a = dgates + r0 * G;
         float* c = dx + (row0 + r0) * in_size;
         if (bb.amx_w_ih) {
-          amx_product(add_dx, r1 - r0, in_size, G, a, G, bb.amx_w_ih, c, in_size);
+          amx_product(add_dx, r1 - r0, in_size, G, bb.dgates16 + r0 * G, G, bb.amx_w_ih, c,
+                      in_size);
           amx_release();
           return;
         }
@@ -326,8 +335,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   // only (at most kBf16GradRows, or one step's), whose products run as soon as the recurrence
   // has computed them (bf16_chunk_products).
   const bool chunked = bb.on && !tiny;
-  const int64_t chunk_rows =
-      chunked ? std::min(s.rows, std::max(kBf16GradRows, s.batch)) : s.rows;
+  const int64_t chunk_rows = chunked ? bf16_chunk_rows(s) : s.rows;
   T* dgates;
   pieces.add(&dgates, chunk_rows * G);
   // h_{t-1} of every row (or of a chunk's) gathered, only where steps have different rows
@@ -519,7 +527,9 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
           });
           // dL/dh_{t-1} for the rows active at t; the others keep what they carry.
           if (few) few_rows_dh(bs, out, G, dg_t, w.hh, dh_carried);
-          else step_dh_product(bb, brgemm, bs, out, G, dg_t, w_hh, w_hh_panels, dh_carried);
+          else
+            step_dh_product(bb, brgemm, bs, out, G, dg_t, w_hh, w_hh_panels, dh_carried,
+                            bb.dgates16 ? bb.dgates16 + (off - dg_row0) * G : nullptr);
         }
         if (bb.amx_w_hh) amx_release();  // this thread's last product of the direction
       };

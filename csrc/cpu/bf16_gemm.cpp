@@ -429,7 +429,8 @@ BF16_TARGET void pack_panels_avx512(const T* W, int64_t N, int64_t K, int64_t ld
 // 1 thread, minimum of 7: 3.6 ms against 1.7; strips of 512 as 128).
 constexpr int64_t kTransposeStrip = 128;
 
-BF16_TARGET void transpose_rows_avx512(const float* At, int64_t K, int64_t M, int64_t ldat,
+template <typename T>
+BF16_TARGET void transpose_rows_avx512(const T* At, int64_t K, int64_t M, int64_t ldat,
                                        uint16_t* out, int64_t ldo) {
   const int64_t kp = (K + 1) / 2;
   for (int64_t s0 = 0; s0 < M; s0 += kTransposeStrip) {
@@ -632,7 +633,10 @@ int64_t bf16_row_stride(int64_t K) {
   return even % 2048 == 0 ? even + 32 : even;
 }
 
-void bf16_transpose_rows(const float* At, int64_t K, int64_t M, int64_t ldat, c10::BFloat16* out,
+namespace {
+
+template <typename T>
+void transpose_rows_impl(const T* At, int64_t K, int64_t M, int64_t ldat, c10::BFloat16* out,
                          int64_t ldo) {
   TORCH_CHECK(K >= 0 && M >= 0 && (K == 0 || M == 0 || (ldat >= M && ldo >= K + (K & 1))),
               "bf16_transpose_rows: bad sizes K=", K, " M=", M, " ldat=", ldat, " ldo=", ldo);
@@ -647,6 +651,17 @@ void bf16_transpose_rows(const float* At, int64_t K, int64_t M, int64_t ldat, c1
     for (int64_t k = 0; k < K; ++k) o[m * ldo + k] = to_bf16_bits(At[k * ldat + m]);
     if (K & 1) o[m * ldo + K] = 0;
   }
+}
+
+}  // namespace
+
+void bf16_transpose_rows(const float* At, int64_t K, int64_t M, int64_t ldat, c10::BFloat16* out,
+                         int64_t ldo) {
+  transpose_rows_impl(At, K, M, ldat, out, ldo);
+}
+void bf16_transpose_rows(const c10::BFloat16* At, int64_t K, int64_t M, int64_t ldat,
+                         c10::BFloat16* out, int64_t ldo) {
+  transpose_rows_impl(reinterpret_cast<const uint16_t*>(At), K, M, ldat, out, ldo);
 }
 
 void bf16_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const uint16_t* W,

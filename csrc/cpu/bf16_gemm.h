@@ -87,6 +87,10 @@ int64_t bf16_row_stride(int64_t K);
 // (split M over threads: the rows of out are independent).
 void bf16_transpose_rows(const float* At, int64_t K, int64_t M, int64_t ldat, c10::BFloat16* out,
                          int64_t ldo);
+// The same from an At already in bf16 (copied, not rounded): the AMX backward's dgates, whose
+// bf16 rows the step's dL/dh product has made.
+void bf16_transpose_rows(const c10::BFloat16* At, int64_t K, int64_t M, int64_t ldat,
+                         c10::BFloat16* out, int64_t ldo);
 
 // C[m, n] = (accumulate ? C[m, n] : 0) + sum_k bf16(A[m, k]) * W[n, k], for m < M and
 // n0 <= n < n1 (n1 < 0 means N); other columns of C are neither read nor written. C points at

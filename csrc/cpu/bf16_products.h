@@ -74,6 +74,12 @@ void use_bf16_gemm(const CpuPlan& plan, const LSTMShape& s, int64_t layer, Direc
 // "bf16 weight gradients in chunks of rows").
 constexpr int64_t kBf16GradRows = 1024;
 
+// Rows of dgates the chunked backward holds at a time: kBf16GradRows, or one step's where a
+// step has more rows.
+inline int64_t bf16_chunk_rows(const LSTMShape& s) {
+  return std::min(s.rows, std::max(kBf16GradRows, s.batch));
+}
+
 struct Bf16Backward {
   bool on = false;             // the backward's products are bf16 ones (the plan's bf16_products)
   // bf16_gemm's operands, where the products are not on AMX tiles (else null):
@@ -91,6 +97,9 @@ struct Bf16Backward {
   // And the weight gradients' B operands for a chunk of rows: x [chunk, in], h_prev [chunk, out].
   c10::BFloat16* amx_x = nullptr;
   c10::BFloat16* amx_h_prev = nullptr;
+  // And a chunk's dgates [chunk rows, G] as bf16 rows: rounded once, by the step's dL/dh_{t-1}
+  // product (its A), then read by dL/dx and transposed into dgates_t.
+  c10::BFloat16* dgates16 = nullptr;
 };
 
 inline Bf16Backward bf16_backward_buffers(const CpuPlan& plan, const LSTMShape& s,
@@ -110,7 +119,9 @@ inline Bf16Backward bf16_backward_buffers(const CpuPlan& plan, const LSTMShape& 
   };
   const int64_t sizes[] = {packed(out, G), packed(in_max, G), packed(in_max, rows),
                            packed(out, rows)};
-  holder = cpu_cached_empty(sizes[0] + sizes[1] + sizes[2] + sizes[3] + G * b.ld, at::kBFloat16);
+  const int64_t dgates16 = amx ? bf16_chunk_rows(s) * G : 0;
+  holder = cpu_cached_empty(sizes[0] + sizes[1] + sizes[2] + sizes[3] + G * b.ld + dgates16,
+                            at::kBFloat16);
   uint16_t* part[5];
   part[0] = reinterpret_cast<uint16_t*>(holder.mutable_data_ptr());
   for (int i = 0; i < 4; ++i) part[i + 1] = part[i] + sizes[i];
@@ -121,6 +132,7 @@ inline Bf16Backward bf16_backward_buffers(const CpuPlan& plan, const LSTMShape& 
     b.amx_w_ih = bf16(part[1]);
     b.amx_x = bf16(part[2]);
     b.amx_h_prev = bf16(part[3]);
+    b.dgates16 = bf16(part[4] + G * b.ld);
   } else {
     b.w_hh_t = part[0];
     b.w_ih_t = part[1];
