@@ -84,6 +84,15 @@ int fl_bf16_transpose_rows(const float* At, int64_t K, int64_t M, int64_t ldat, 
   });
 }
 
+// At given in bf16 (copied, not rounded)
+int fl_bf16_transpose_rows_bf16(const uint16_t* At, int64_t K, int64_t M, int64_t ldat,
+                                uint16_t* out, int64_t ldo) {
+  return guarded([&] {
+    fused_lstm::bf16_transpose_rows(reinterpret_cast<const c10::BFloat16*>(At), K, M, ldat,
+                                    reinterpret_cast<c10::BFloat16*>(out), ldo);
+  });
+}
+
 // parallel: 0 bf16_gemm (columns [n0, n1)), 1 bf16_gemm_parallel (all columns)
 int fl_bf16_gemm(int dtype, int64_t M, int64_t N, int64_t K, const void* A, int64_t lda,
                  const uint16_t* W, float* C, int64_t ldc, int accumulate, int64_t n0, int64_t n1,

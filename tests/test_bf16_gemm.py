@@ -56,6 +56,7 @@ def lib(tmp_path_factory):
     so.fl_bf16_row_stride.restype = i64
     so.fl_bf16_row_stride.argtypes = [i64]
     so.fl_bf16_transpose_rows.argtypes = [vp, i64, i64, i64, vp, i64]
+    so.fl_bf16_transpose_rows_bf16.argtypes = [vp, i64, i64, i64, vp, i64]
     so.fl_bf16_gemm.argtypes = [ctypes.c_int, i64, i64, i64, vp, i64, vp, vp, i64, ctypes.c_int,
                                 i64, i64, ctypes.c_int]
     so.path = path
@@ -273,6 +274,20 @@ def test_transpose_rows_layout(packer):
         if K & 1:
             assert (out[:, K] == 0).all(), (K, M)
         assert (out[:, K + (K & 1):] == -7).all(), (K, M)
+
+
+def test_transpose_rows_of_bf16(packer):
+    """The bf16 overload (At already bf16: the AMX backward's dgates rows) gives the float
+    overload's bits for the same values; padding as there."""
+    for K, M in itertools.product(TRANSPOSE_K, TRANSPOSE_M):
+        _, At16 = padded(K, M, 5, torch.bfloat16, float("nan"))
+        At16.copy_(torch.randn(K, M))
+        ldo = K + (K & 1) + 3
+        out = torch.full((M, ldo), -7, dtype=torch.int16)
+        check(packer, packer.fl_bf16_transpose_rows_bf16(At16.data_ptr(), K, M, At16.stride(0),
+                                                         out.data_ptr(), ldo))
+        want, _ = transpose_rows(packer, At16.float(), ldo=ldo, fill=-7)
+        assert torch.equal(out, want), (K, M)
 
 
 def test_transpose_rows_rounds_like_torch(packer):

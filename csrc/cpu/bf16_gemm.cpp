@@ -21,10 +21,12 @@
 // kernels (4 x 6) instead, whose wider column groups keep more accumulators in flight (M = 1,
 // the batch-1 recurrent product, is bound by reading W from L2).
 //
-// bf16_pack_weight_t and bf16_transpose_rows build each 64-byte line from two source rows: 16
-// dwords (row k, row k + 1) of 16 columns, rounded with integer arithmetic as c10::BFloat16 is
-// (vcvtne2ps2bf16 would flush denormals). The packed weight is a sequence of such lines; the
-// transpose turns 16 of them into 16 rows of 16 pairs in registers.
+// The packers (bf16_pack_panels_t, under bf16_pack_weight_t) and bf16_transpose_rows build each
+// 64-byte line from two source rows: 16 dwords (row k, row k + 1) of 16 columns, rounded with
+// integer arithmetic as c10::BFloat16 is (vcvtne2ps2bf16 would flush denormals). The packed
+// weight is a sequence of such lines; the transpose turns 16 of them into 16 rows of 16 pairs in
+// registers, and bf16_pack_panels (under bf16_pack_weight) turns 16 rows of W's pairs into 16
+// lines the same way.
 #include "bf16_gemm.h"
 
 #include <ATen/Parallel.h>
