@@ -119,8 +119,7 @@ void hidden_steps(const CpuPlan& plan, const LSTMShape& s, const DirectionWeight
   // h as bf16 rows for the tiles: this slice's units of h (rows ld apart) into hb's buffer `which`.
   auto to_bf16 = [&](const float* h, int64_t ld, int64_t u0, int64_t u1, int which) {
     c10::BFloat16* dst = hb + which * B * H;
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t u = u0; u < u1; ++u) dst[b * H + u] = c10::BFloat16(h[b * ld + u]);
+    for (int64_t b = 0; b < B; ++b) round_bf16(h + b * ld + u0, u1 - u0, dst + b * H + u0);
   };
   at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
     const int64_t weight = s1 - s0;
