@@ -189,10 +189,17 @@ Results3 measure_floor(const FloorKey& key, const LSTMShape& s, const Fused& fus
         time_fused();
         time_aten();
         // at::lstm warms up over its first 3-4 calls of a shape (bf16 fastrnns on the Intel
-        // Xeon, interleaved with ours: 30.9, 25.1, 22.5, 21.6 ms), ours over 2-3: a fourth.
+        // Xeon, interleaved with ours: 30.9, 25.1, 22.5, 21.6 ms), ours over 2-3: a fourth,
+        // then one more of each and two of at::lstm, warm (a quarter of the first-call
+        // measurements there still took ours while at::lstm ran 8% faster from its third call
+        // on: benchmarks/notes/floor.md, "More warm calls in the measurement").
         time_aten();
-        t.samples = 3;
-        t.aten_samples = 4;
+        time_fused();
+        time_aten();
+        time_other();
+        time_aten();
+        t.samples = 4;
+        t.aten_samples = 6;
       }
     } else if (other != nullptr || fusion != nullptr) {
       time_fused();

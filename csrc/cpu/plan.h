@@ -462,11 +462,11 @@ constexpr double kFloorMustWinBy = 1.03;
 // call itself (benchmarks/notes/floor.md, "The split measured end to end").
 // The measurement (lstm_cpu.cpp's measure_floor): our call (the user's), at::lstm's twice,
 // then, unless at::lstm is more than kFloorFarBehind slower, ours again, and for calls shorter
-// than kFloorLongCallSeconds ours and at::lstm's once more: the least of 2 or 3 calls each,
-// the first calls of the shape (which create oneDNN's primitive and measure rates.h's rates)
-// included; for calls shorter than kFloorLongCallSeconds a fourth of at::lstm, which warms up
-// over its first 3-4 calls. At most 6 calls more than the user's own (4 of at::lstm, 2 of
-// ours), and 3 of ours with the other split where it is timed, each shorter than
+// than kFloorLongCallSeconds ours and at::lstm's once more, then a fourth of at::lstm (it
+// warms up over its first 3-4 calls), ours once more and at::lstm twice: the least of 4 calls
+// of ours and 6 of at::lstm, the first calls of the shape (which create oneDNN's primitive and
+// measure rates.h's rates) included. At most 9 calls more than the user's own (6 of at::lstm,
+// 3 of ours), and 4 of ours with each other choice where it is timed, each shorter than
 // kFloorLongCallSeconds; 3 (5) more for longer calls, 2 (of at::lstm) where it is far behind
 // (benchmarks/notes/floor.md).
 constexpr double kFloorLongCallSeconds = 0.2;
