@@ -180,6 +180,10 @@ CASES = {
                "input_projection.0": "amx_brgemm, fused into the steps",
                "backward_dh_product": "amx_brgemm",
                "backward_weight_products": "amx_brgemm"}, "amx_bf16"),
+    "row_wise-amx-step-wider-than-a-chunk": (  # a step's 1030 rows > kBf16GradRows
+        {}, dict(input_size=8, hidden_size=16, num_layers=1), 3, 1030, BF16, True,
+        {"variant": "row_wise", "backward_dh_product": "amx_brgemm",
+         "backward_weight_products": "amx_brgemm"}, "amx_bf16"),
     "row_wise-amx-unfused-inference": (
         {"allow_fused_input_projection": False},
         dict(input_size=24, hidden_size=48, num_layers=2, proj_size=20), 10, 12, BF16, False,
