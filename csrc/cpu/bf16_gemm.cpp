@@ -546,34 +546,23 @@ void gemm_parallel_impl(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda
   }
 }
 
+// bf16_pack_panels (W [N, K], given_t false) and bf16_pack_panels_t (W = Wt [K, N]).
 template <typename T>
-void pack_panels_impl(const T* W, int64_t N, int64_t K, int64_t ldw, int64_t panel,
+void pack_panels_impl(const T* W, int64_t N, int64_t K, int64_t ldw, int64_t panel, bool given_t,
                       uint16_t* out) {
-  TORCH_CHECK(N >= 0 && K >= 0 && (N == 0 || K == 0 || ldw >= K) && panel > 0 &&
+  TORCH_CHECK(N >= 0 && K >= 0 && (N == 0 || K == 0 || ldw >= (given_t ? N : K)) && panel > 0 &&
                   panel % kBN == 0,
-              "bf16_pack_panels: bad sizes N=", N, " K=", K, " ldw=", ldw, " panel=", panel);
+              given_t ? "bf16_pack_panels_t" : "bf16_pack_panels", ": bad sizes N=", N, " K=", K,
+              " ldw=", ldw, " panel=", panel);
 #if FUSED_LSTM_BF16_GEMM_X86
   if (bf16_gemm_available()) {
-    pack_panels_avx512(W, N, K, ldw, panel, out);
+    if (given_t) pack_panels_t_avx512(W, N, K, ldw, panel, out);
+    else pack_panels_avx512(W, N, K, ldw, panel, out);
     return;
   }
 #endif
-  pack_strided(W, N, K, ldw, 1, panel, out);
-}
-
-template <typename T>
-void pack_panels_t_impl(const T* Wt, int64_t N, int64_t K, int64_t ldw, int64_t panel,
-                        uint16_t* out) {
-  TORCH_CHECK(N >= 0 && K >= 0 && (N == 0 || K == 0 || ldw >= N) && panel > 0 &&
-                  panel % kBN == 0,
-              "bf16_pack_panels_t: bad sizes N=", N, " K=", K, " ldw=", ldw, " panel=", panel);
-#if FUSED_LSTM_BF16_GEMM_X86
-  if (bf16_gemm_available()) {
-    pack_panels_t_avx512(Wt, N, K, ldw, panel, out);
-    return;
-  }
-#endif
-  pack_strided(Wt, N, K, 1, ldw, panel, out);
+  if (given_t) pack_strided(W, N, K, 1, ldw, panel, out);
+  else pack_strided(W, N, K, ldw, 1, panel, out);
 }
 
 }  // namespace
@@ -590,24 +579,24 @@ size_t bf16_packed_size(int64_t N, int64_t K) {
 }
 
 void bf16_pack_weight(const uint16_t* W, int64_t N, int64_t K, int64_t ldw, uint16_t* out) {
-  pack_panels_impl(W, N, K, ldw, kBN, out);
+  pack_panels_impl(W, N, K, ldw, kBN, false, out);
 }
 void bf16_pack_weight(const c10::BFloat16* W, int64_t N, int64_t K, int64_t ldw, uint16_t* out) {
-  pack_panels_impl(reinterpret_cast<const uint16_t*>(W), N, K, ldw, kBN, out);
+  pack_panels_impl(reinterpret_cast<const uint16_t*>(W), N, K, ldw, kBN, false, out);
 }
 void bf16_pack_weight(const float* W, int64_t N, int64_t K, int64_t ldw, uint16_t* out) {
-  pack_panels_impl(W, N, K, ldw, kBN, out);
+  pack_panels_impl(W, N, K, ldw, kBN, false, out);
 }
 
 void bf16_pack_weight_t(const uint16_t* Wt, int64_t N, int64_t K, int64_t ldw, uint16_t* out) {
-  pack_panels_t_impl(Wt, N, K, ldw, kBN, out);
+  pack_panels_impl(Wt, N, K, ldw, kBN, true, out);
 }
 void bf16_pack_weight_t(const c10::BFloat16* Wt, int64_t N, int64_t K, int64_t ldw,
                         uint16_t* out) {
-  pack_panels_t_impl(reinterpret_cast<const uint16_t*>(Wt), N, K, ldw, kBN, out);
+  pack_panels_impl(reinterpret_cast<const uint16_t*>(Wt), N, K, ldw, kBN, true, out);
 }
 void bf16_pack_weight_t(const float* Wt, int64_t N, int64_t K, int64_t ldw, uint16_t* out) {
-  pack_panels_t_impl(Wt, N, K, ldw, kBN, out);
+  pack_panels_impl(Wt, N, K, ldw, kBN, true, out);
 }
 
 int64_t bf16_packed_panels_size(int64_t N, int64_t K, int64_t panel) {
@@ -615,19 +604,19 @@ int64_t bf16_packed_panels_size(int64_t N, int64_t K, int64_t panel) {
 }
 void bf16_pack_panels(const float* W, int64_t N, int64_t K, int64_t ldw, int64_t panel,
                       uint16_t* out) {
-  pack_panels_impl(W, N, K, ldw, panel, out);
+  pack_panels_impl(W, N, K, ldw, panel, false, out);
 }
 void bf16_pack_panels(const c10::BFloat16* W, int64_t N, int64_t K, int64_t ldw, int64_t panel,
                       uint16_t* out) {
-  pack_panels_impl(reinterpret_cast<const uint16_t*>(W), N, K, ldw, panel, out);
+  pack_panels_impl(reinterpret_cast<const uint16_t*>(W), N, K, ldw, panel, false, out);
 }
 void bf16_pack_panels_t(const float* Wt, int64_t N, int64_t K, int64_t ldw, int64_t panel,
                         uint16_t* out) {
-  pack_panels_t_impl(Wt, N, K, ldw, panel, out);
+  pack_panels_impl(Wt, N, K, ldw, panel, true, out);
 }
 void bf16_pack_panels_t(const c10::BFloat16* Wt, int64_t N, int64_t K, int64_t ldw,
                         int64_t panel, uint16_t* out) {
-  pack_panels_t_impl(reinterpret_cast<const uint16_t*>(Wt), N, K, ldw, panel, out);
+  pack_panels_impl(reinterpret_cast<const uint16_t*>(Wt), N, K, ldw, panel, true, out);
 }
 
 int64_t bf16_row_stride(int64_t K) {
