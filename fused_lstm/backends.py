@@ -25,9 +25,9 @@ change applies from the next call.
   packed or widened copies and library products, as for larger calls);
 * ``allow_bf16_products``: bfloat16 models' products with bf16 operands and float32 sums on
   AVX512_BF16 CPUs (else computed in float32: results then differ by bf16 rounding);
-* ``allow_amx``: on CPUs with AMX-BF16, those products' forward on AMX tiles (oneDNN's brgemm
-  micro-kernel) instead of bf16_gemm's AVX512_BF16 dot products (both: bf16 operands, float32
-  sums, in another order);
+* ``allow_amx``: on CPUs with AMX-BF16, those products, forward and backward, on AMX tiles
+  (oneDNN's brgemm micro-kernel) instead of bf16_gemm's AVX512_BF16 dot products (both: bf16
+  operands, float32 sums, in another order);
 * ``gemm_library``: where the products that go to a library run: ``"auto"`` (float32 products
   large enough go to oneDNN's matmul where this machine's measured rates say its kernel is the
   faster for that class of product, measured once per process at the first need, a few ms;
