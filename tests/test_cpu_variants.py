@@ -180,6 +180,9 @@ CASES = {
                "input_projection.0": "amx_brgemm, fused into the steps",
                "backward_dh_product": "amx_brgemm",
                "backward_weight_products": "amx_brgemm"}, "amx_bf16"),
+    "row_wise-amx-odd-rows": (  # odd K in the weight gradients' packed x and h_prev
+        {}, dict(input_size=24, hidden_size=32, num_layers=1, bidirectional=True), 7, 13, BF16,
+        True, {"variant": "row_wise", "backward_weight_products": "amx_brgemm"}, "amx_bf16"),
     "row_wise-amx-step-wider-than-a-chunk": (  # a step's 1030 rows > kBf16GradRows
         {}, dict(input_size=8, hidden_size=16, num_layers=1), 3, 1030, BF16, True,
         {"variant": "row_wise", "backward_dh_product": "amx_brgemm",
