@@ -134,12 +134,18 @@ void amx_pack_weight_t(const W* w, int64_t N, int64_t K, int64_t ldw, c10::BFloa
   amx_pack(w, N, K, ldw, false, out);
 }
 
-// This thread's rows of bf16 for an A operand given as float (rounded as the op boundary
-// rounds, round_to).
+// m rows of k floats (lda apart) rounded to bf16 rows (ldd apart), as the op boundary rounds
+// (round_to), on this thread: an A operand for the tiles.
+inline void round_bf16_rows(const float* a, int64_t lda, int64_t m, int64_t k, c10::BFloat16* d,
+                            int64_t ldd) {
+  for (int64_t r = 0; r < m; ++r) round_bf16(a + r * lda, k, d + r * ldd);
+}
+
+// This thread's rows of bf16 for an A operand given as float.
 inline c10::BFloat16* amx_rows(const float* a, int64_t lda, int64_t m, int64_t k) {
   static thread_local std::vector<c10::BFloat16> buf;
   if (static_cast<int64_t>(buf.size()) < m * k) buf.resize(m * k);
-  for (int64_t r = 0; r < m; ++r) round_bf16(a + r * lda, k, buf.data() + r * k);
+  round_bf16_rows(a, lda, m, k, buf.data(), k);
   return buf.data();
 }
 

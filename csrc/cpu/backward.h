@@ -64,7 +64,7 @@ void step_dh_product(const Bf16Backward& bb, bool brgemm, int64_t bs, int64_t ou
                      c10::BFloat16* dg16) {
   if constexpr (std::is_same_v<T, float>) {
     if (bb.amx_w_hh) {
-      for (int64_t b = 0; b < bs; ++b) round_bf16(dg_t + b * G, G, dg16 + b * G);
+      round_bf16_rows(dg_t, G, bs, G, dg16, G);
       amx_product(false, bs, out, G, dg16, G, bb.amx_w_hh, dh, out);
       return;
     }
@@ -192,12 +192,12 @@ inline void bf16_chunk_products(const LSTMShape& s, const Bf16Backward& bb, cons
       const int64_t kn = std::min(kBf16GradRows, seg.r1 - k0);
       const bool overwrite = first && k0 == row0, last = k0 + kn == row1;
       const Piecewise dgates_t{G, [&](int64_t m0, int64_t m1) {  // bf16 rows, zero-padded
-        if (bb.dgates16)  // rounded already by the steps' products
-          bf16_transpose_rows(bb.dgates16 + (k0 - row0) * G + m0, kn, m1 - m0, G,
-                              bb.dgates_t + m0 * ld, ld);
-        else
-          bf16_transpose_rows(dgates + (k0 - row0) * G + m0, kn, m1 - m0, G,
-                              bb.dgates_t + m0 * ld, ld);
+        auto transpose = [&](const auto* from) {  // from dgates' row row0
+          bf16_transpose_rows(from + (k0 - row0) * G + m0, kn, m1 - m0, G, bb.dgates_t + m0 * ld,
+                              ld);
+        };
+        if (bb.dgates16) transpose(bb.dgates16);  // rounded already by the steps' products
+        else transpose(dgates);
       }};
       const float* h_rows = seg.h + (k0 - seg.r0) * seg.ld;
       if (bb.amx_x) {  // x and h_prev as B [kn, in] and [kn, out] for the tiles
@@ -223,7 +223,6 @@ inline void bf16_chunk_products(const LSTMShape& s, const Bf16Backward& bb, cons
         bf16_gemm(m1 - m0, out, kn, a, ld, bb.h_prev, gw_hh + m0 * out, out, !overwrite);
       }};
       const Piecewise data_grads{last ? row1 - row0 : 0, [&](int64_t r0, int64_t r1) {  // dL/dx
-        const float* a = dgates + r0 * G;
         float* c = dx + (row0 + r0) * in_size;
         if (bb.amx_w_ih) {
           amx_product(add_dx, r1 - r0, in_size, G, bb.dgates16 + r0 * G, G, bb.amx_w_ih, c,
@@ -231,7 +230,7 @@ inline void bf16_chunk_products(const LSTMShape& s, const Bf16Backward& bb, cons
           amx_release();
           return;
         }
-        bf16_gemm(r1 - r0, in_size, G, a, G, bb.w_ih_t, c, in_size, add_dx);
+        bf16_gemm(r1 - r0, in_size, G, dgates + r0 * G, G, bb.w_ih_t, c, in_size, add_dx);
       }};
       split_over_threads({weight_grads, data_grads});
       k0 += kn;

@@ -565,6 +565,24 @@ void pack_panels_impl(const T* W, int64_t N, int64_t K, int64_t ldw, int64_t pan
   else pack_strided(W, N, K, ldw, 1, panel, out);
 }
 
+template <typename T>
+void transpose_rows_impl(const T* At, int64_t K, int64_t M, int64_t ldat, c10::BFloat16* out,
+                         int64_t ldo) {
+  TORCH_CHECK(K >= 0 && M >= 0 && (K == 0 || M == 0 || (ldat >= M && ldo >= K + (K & 1))),
+              "bf16_transpose_rows: bad sizes K=", K, " M=", M, " ldat=", ldat, " ldo=", ldo);
+  uint16_t* o = reinterpret_cast<uint16_t*>(out);
+#if FUSED_LSTM_BF16_GEMM_X86
+  if (bf16_gemm_available()) {
+    transpose_rows_avx512(At, K, M, ldat, o, ldo);
+    return;
+  }
+#endif
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < K; ++k) o[m * ldo + k] = to_bf16_bits(At[k * ldat + m]);
+    if (K & 1) o[m * ldo + K] = 0;
+  }
+}
+
 }  // namespace
 
 bool bf16_gemm_available() {
@@ -623,28 +641,6 @@ int64_t bf16_row_stride(int64_t K) {
   const int64_t even = K + (K & 1);
   return even % 2048 == 0 ? even + 32 : even;
 }
-
-namespace {
-
-template <typename T>
-void transpose_rows_impl(const T* At, int64_t K, int64_t M, int64_t ldat, c10::BFloat16* out,
-                         int64_t ldo) {
-  TORCH_CHECK(K >= 0 && M >= 0 && (K == 0 || M == 0 || (ldat >= M && ldo >= K + (K & 1))),
-              "bf16_transpose_rows: bad sizes K=", K, " M=", M, " ldat=", ldat, " ldo=", ldo);
-  uint16_t* o = reinterpret_cast<uint16_t*>(out);
-#if FUSED_LSTM_BF16_GEMM_X86
-  if (bf16_gemm_available()) {
-    transpose_rows_avx512(At, K, M, ldat, o, ldo);
-    return;
-  }
-#endif
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t k = 0; k < K; ++k) o[m * ldo + k] = to_bf16_bits(At[k * ldat + m]);
-    if (K & 1) o[m * ldo + K] = 0;
-  }
-}
-
-}  // namespace
 
 void bf16_transpose_rows(const float* At, int64_t K, int64_t M, int64_t ldat, c10::BFloat16* out,
                          int64_t ldo) {

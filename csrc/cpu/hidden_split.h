@@ -118,8 +118,7 @@ void hidden_steps(const CpuPlan& plan, const LSTMShape& s, const DirectionWeight
   SliceBarrier barrier(slices);
   // h as bf16 rows for the tiles: this slice's units of h (rows ld apart) into hb's buffer `which`.
   auto to_bf16 = [&](const float* h, int64_t ld, int64_t u0, int64_t u1, int which) {
-    c10::BFloat16* dst = hb + which * B * H;
-    for (int64_t b = 0; b < B; ++b) round_bf16(h + b * ld + u0, u1 - u0, dst + b * H + u0);
+    round_bf16_rows(h + u0, ld, B, u1 - u0, hb + which * B * H + u0, H);
   };
   at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
     const int64_t weight = s1 - s0;
