@@ -23,6 +23,9 @@ change applies from the next call.
 * ``allow_few_rows``: a training call of at most 8 rows in all (B x T, e.g. one streaming step):
   the backward's products read the weights as stored, 16-bit ones widened in registers (else
   packed or widened copies and library products, as for larger calls);
+* ``allow_small_products``: float32 products of at most 2^14 multiply-adds (the backward's at
+  the tutorial sizes) on 16 AVX-512 lanes in place, on CPUs with AVX-512 (else the BLAS, or
+  inline_gemv's loop for a matrix-vector product);
 * ``allow_bf16_products``: bfloat16 models' products with bf16 operands and float32 sums on
   AVX512_BF16 CPUs (else computed in float32: results then differ by bf16 rounding);
 * ``allow_amx``: on CPUs with AMX-BF16, those products, forward and backward, on AMX tiles
@@ -165,6 +168,7 @@ _CPU: Dict[str, _Setting] = {
     "hidden_split_by_measured_rates": (_flag, bool, "FUSED_LSTM_NO_MEASURED_HIDDEN_SPLIT",
                                        _off_if_set),
     "allow_few_rows": (_flag, bool, "FUSED_LSTM_NO_FEW_ROWS", _off_if_set),
+    "allow_small_products": (_flag, bool, "FUSED_LSTM_NO_SMALL_PRODUCTS", _off_if_set),
 }
 _CUDA: Dict[str, _Setting] = {
     "path": (_cuda_path, lambda i: _CUDA_PATHS[i], "FUSED_LSTM_CUDA_PATH",

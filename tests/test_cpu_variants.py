@@ -124,20 +124,42 @@ CASES = {
          "recurrent_product": "brgemm", "backward_dh_product": "brgemm",
          "backward_weight_products": "onednn_matmul", "backward_data_product": "onednn_matmul"},
         "brgemm"),
-    # Matrix-vector products of a one-feature input (dW_ih, dL/dx) computed inline
-    # (inline_gemv: MKL's sgemv would open a parallel region), or by the BLAS when forced.
-    "small_hidden-inline-gemv": (
+    # The backward's small products (at most 2^14 multiply-adds) on 16 AVX-512 lanes
+    # (small_avx512): thin dW and dL/dx of the tutorial sizes, bidirectional (dL/dx added to
+    # the other direction's), packed (dW_hh from h_prev's segments), widths of 1 to 5.
+    "small_hidden-small-products": (
         {}, dict(input_size=1, hidden_size=3, num_layers=2), 4, 92, F32, True,
-        {"variant": "small_hidden", "backward_weight_products": "inline_gemv",
-         "backward_data_product": "inline_gemv"}, None),
+        {"variant": "small_hidden", "backward_weight_products": "small_avx512",
+         "backward_data_product": "small_avx512"}, "avx512"),
+    "small_hidden-small-products-bi": (
+        {}, dict(input_size=5, hidden_size=4, num_layers=2, bidirectional=True), 5, 19, F32,
+        True, {"variant": "small_hidden", "backward_weight_products": "small_avx512",
+               "backward_data_product": "small_avx512"}, "avx512"),
+    "row_wise-small-products": (  # 16 rows: every product of both layers at most 2^14
+        {}, dict(input_size=3, hidden_size=16, num_layers=2), 2, 8, F32, True,
+        {"variant": "row_wise", "backward_weight_products": "small_avx512",
+         "backward_data_product": "small_avx512"}, "avx512"),
+    "row_wise-small-and-blas-products": (  # layer 1's dW_ih (in 32) too large: the BLAS
+        {}, dict(input_size=3, hidden_size=16, num_layers=2, bidirectional=True), 3, 9, F32,
+        True, {"variant": "row_wise", "backward_weight_products": "small_avx512,blas",
+               "backward_data_product": "small_avx512,blas"}, "avx512"),
+    # Matrix-vector products of a one-feature input (dW_ih, dL/dx) computed inline
+    # (inline_gemv: MKL's sgemv would open a parallel region) where the small products are
+    # off (or the CPU has no AVX-512, or float64), or by the BLAS when forced.
+    "small_hidden-inline-gemv": (
+        {"allow_small_products": False}, dict(input_size=1, hidden_size=3, num_layers=2), 4,
+        92, F32, True, {"variant": "small_hidden",
+                        "backward_weight_products": "inline_gemv,blas",
+                        "backward_data_product": "inline_gemv,blas"}, None),
     "small_hidden-inline-gemv-float64": (
         {}, dict(input_size=1, hidden_size=5, num_layers=2, bidirectional=True), 6, 7, F64,
-        True, {"backward_weight_products": "inline_gemv", "backward_data_product": "inline_gemv"},
-        None),
+        True, {"backward_weight_products": "inline_gemv,blas",
+               "backward_data_product": "inline_gemv,blas"}, None),
     "row_wise-inline-gemv": (  # 9+ rows, packed too: more than the few-row backward takes
-        {}, dict(input_size=1, hidden_size=16, num_layers=2, bidirectional=True), 3, 9, F32,
-        True, {"variant": "row_wise", "backward_weight_products": "inline_gemv",
-               "backward_data_product": "inline_gemv"}, None),
+        {"allow_small_products": False},
+        dict(input_size=1, hidden_size=16, num_layers=2, bidirectional=True), 3, 9, F32,
+        True, {"variant": "row_wise", "backward_weight_products": "inline_gemv,blas",
+               "backward_data_product": "inline_gemv,blas"}, None),
     "small_hidden-gemv-blas": (
         {"gemm_library": "blas"}, dict(input_size=1, hidden_size=3, num_layers=2), 4, 92, F32,
         True, {"variant": "small_hidden", "backward_weight_products": "blas",
@@ -217,7 +239,7 @@ CASES = {
         {}, dict(input_size=24, hidden_size=40, num_layers=2), 5, 3, F16, True,
         {"variant": "row_wise", "keep_16bit": "false", "backward_widens_16bit": "true"}, None),
     "fp16-training-widens-bi-proj-no-brgemm": (
-        {"allow_brgemm": False}, dict(input_size=20, hidden_size=32, num_layers=2,
+        {"allow_brgemm": False, "allow_small_products": False}, dict(input_size=20, hidden_size=32, num_layers=2,
                                       bidirectional=True, proj_size=12), 6, 4, F16, True,
         {"variant": "row_wise", "backward_widens_16bit": "true", "backward_dh_product": "blas"},
         None),
@@ -365,6 +387,7 @@ def test_variant(name, packed):
     ("allow_bf16_products", "row_wise-bf16_gemm", "recurrent_product", True),
     ("allow_amx", "row_wise-amx", "recurrent_product", False),
     ("allow_few_rows", "few-rows-float32", "backward_dh_product", False),
+    ("allow_small_products", "small_hidden-small-products", "backward_weight_products", True),
 ])
 def test_setting_switches_the_kernel(setting, case, key, bits_differ):
     """Turning a setting off changes the plan the kernels read (explain), and both plans agree

@@ -65,18 +65,20 @@ bool fortran_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, T alpha, co
 
 // Where a product goes (plan.h decides, by its sizes, its transposes and the measured rates of
 // the libraries: gemm_library).
-enum class GemmLibrary { kBlas, kOneDnn, kColumnSplit, kInlineGemv };
+enum class GemmLibrary { kBlas, kOneDnn, kColumnSplit, kInlineGemv, kSmallAvx512 };
 // in_region: called inside a parallel region (a batch slice's thread). library_setting: the
-// setting cpu.gemm_library (0 auto, 1 blas, 2 onednn_matmul); -1: its current value.
+// setting cpu.gemm_library (0 auto, 1 blas, 2 onednn_matmul), small_setting the setting
+// cpu.allow_small_products; -1: their current values.
 GemmLibrary gemm_library(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
                          bool is_float, bool in_region = at::in_parallel_region(),
-                         int64_t library_setting = -1);
+                         int64_t library_setting = -1, int64_t small_setting = -1);
 
 inline const char* library_name(GemmLibrary l) {
   switch (l) {
     case GemmLibrary::kOneDnn: return "onednn_matmul";
     case GemmLibrary::kColumnSplit: return "blas_column_split";
     case GemmLibrary::kInlineGemv: return "inline_gemv";
+    case GemmLibrary::kSmallAvx512: return "small_avx512";
     default: return "blas";
   }
 }
@@ -107,6 +109,119 @@ void inline_gemv(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T 
     }
 }
 
+// ---- Small products on 16 AVX-512 lanes (float32) ----
+// The backward's products at the tutorial sizes are tiny and thin: dW as [12 x 368] x [368 x 3]
+// and dL/dx as [368 x 12] x [12 x 3] at seed-tiny. MKL's sgemm runs them in its skinny "nocopy"
+// kernels at a few GFLOP/s (perf of seed-tiny training: ~6% of the call in six such calls) and
+// inline_gemv's scalar loop ~2 us for its two (benchmarks/notes/small-hidden.md, "Small
+// products on AVX-512 lanes"). small_gemm computes them along the longer of C's two dimensions,
+// 16 rows (or columns) in one masked vector, up to 4 of the other dimension at a time (their
+// factors broadcast), over k in two partial sums (even and odd terms, added at the end):
+// results within float32 rounding of the BLAS's. The operand along the lanes is loaded where it
+// is contiguous and gathered where it is strided (dL/dx's dgates rows).
+#if defined(__GNUC__) && defined(__x86_64__)
+#define FUSED_LSTM_SMALL_GEMM 1
+// The lanes of `mask` from row p of X: x[i], or x[idx[i]] (kGather); the others zero.
+template <bool kGather>
+__attribute__((target("avx512f"), always_inline)) inline __m512 small_lanes(__mmask16 mask,
+                                                                          __m512i idx,
+                                                                          const float* x) {
+  if constexpr (kGather) return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, idx, x, 4);
+  else return _mm512_maskz_loadu_ps(mask, x);
+}
+
+// D(i, j) = alpha * sum_p X(p, i) Y(p, j) + beta * D(i, j) for i < rows (the lanes of `mask`)
+// and j < kNJ: X(p, i) = x[p * x_p + i] (kGather: x[p * x_p + idx[i]]), Y(p, j) = y[p * y_p +
+// j * y_j], D(i, j) = d[i * d_i + j * d_j]. beta == 0 does not read D (as BLAS).
+template <int kNJ, bool kGather>
+__attribute__((target("avx512f,fma"), always_inline)) inline void small_block(
+    int64_t K, __mmask16 mask, int rows, __m512i idx, const float* x, int64_t x_p,
+    const float* y, int64_t y_p, int64_t y_j, float alpha, float beta, float* d, int64_t d_i,
+    int64_t d_j) {
+  __m512 acc0[kNJ], acc1[kNJ];
+  for (int j = 0; j < kNJ; ++j) acc0[j] = acc1[j] = _mm512_setzero_ps();
+  int64_t p = 0;
+  for (; p + 2 <= K; p += 2) {
+    const __m512 x0 = small_lanes<kGather>(mask, idx, x + p * x_p);
+    const __m512 x1 = small_lanes<kGather>(mask, idx, x + (p + 1) * x_p);
+    const float* y0 = y + p * y_p;
+    const float* y1 = y0 + y_p;
+    for (int j = 0; j < kNJ; ++j) {
+      acc0[j] = _mm512_fmadd_ps(x0, _mm512_set1_ps(y0[j * y_j]), acc0[j]);
+      acc1[j] = _mm512_fmadd_ps(x1, _mm512_set1_ps(y1[j * y_j]), acc1[j]);
+    }
+  }
+  if (p < K) {
+    const __m512 x0 = small_lanes<kGather>(mask, idx, x + p * x_p);
+    for (int j = 0; j < kNJ; ++j)
+      acc0[j] = _mm512_fmadd_ps(x0, _mm512_set1_ps(y[p * y_p + j * y_j]), acc0[j]);
+  }
+  for (int j = 0; j < kNJ; ++j) {
+    alignas(64) float sum[16];
+    _mm512_store_ps(sum, _mm512_add_ps(acc0[j], acc1[j]));
+    for (int i = 0; i < rows; ++i) {
+      float& out = d[i * d_i + j * d_j];
+      out = alpha * sum[i] + (beta == 0.0f ? 0.0f : beta * out);
+    }
+  }
+}
+
+template <bool kGather>
+__attribute__((target("avx512f,fma"))) void small_gemm_lanes(
+    int64_t M, int64_t N, int64_t K, float alpha, const float* x, int64_t x_p, int64_t x_i,
+    const float* y, int64_t y_p, int64_t y_j, float beta, float* d, int64_t d_i, int64_t d_j) {
+  const __m512i idx = _mm512_mullo_epi32(
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+      _mm512_set1_epi32(static_cast<int>(x_i)));
+  for (int64_t i0 = 0; i0 < M; i0 += 16) {
+    const int rows = static_cast<int>(std::min<int64_t>(16, M - i0));
+    const __mmask16 mask = static_cast<__mmask16>((1u << rows) - 1);
+    const float* xb = x + i0 * x_i;
+    for (int64_t j0 = 0; j0 < N; j0 += 4) {
+      const float* yb = y + j0 * y_j;
+      float* db = d + i0 * d_i + j0 * d_j;
+#define FUSED_LSTM_SMALL_BLOCK(NJ) \
+  small_block<NJ, kGather>(K, mask, rows, idx, xb, x_p, yb, y_p, y_j, alpha, beta, db, d_i, d_j)
+      switch (std::min<int64_t>(4, N - j0)) {
+        case 4: FUSED_LSTM_SMALL_BLOCK(4); break;
+        case 3: FUSED_LSTM_SMALL_BLOCK(3); break;
+        case 2: FUSED_LSTM_SMALL_BLOCK(2); break;
+        default: FUSED_LSTM_SMALL_BLOCK(1);
+      }
+#undef FUSED_LSTM_SMALL_BLOCK
+    }
+  }
+}
+#endif
+
+// Row-major C[m, n] = alpha * op(A)[m, k] op(B)[k, n] + beta * C by small_gemm_lanes, along m
+// where m >= n, else along n (C^T = op(B)^T op(A)^T). False (nothing done) where this build
+// has no AVX-512 version or a strided operand's 16 offsets do not fit the gather's int32 index;
+// the caller checks the CPU (plan.h gemm_library).
+inline bool small_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                       const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
+                       float* c, int64_t ldc) {
+#ifdef FUSED_LSTM_SMALL_GEMM
+  const int64_t a_i = trans_a ? 1 : lda, a_p = trans_a ? lda : 1;  // op(A)(i, p) = a[i a_i + p a_p]
+  const int64_t b_p = trans_b ? 1 : ldb, b_j = trans_b ? ldb : 1;  // op(B)(p, j) = b[p b_p + j b_j]
+  const bool along_m = m >= n;
+  const int64_t x_i = along_m ? a_i : b_j;
+  if (x_i > (int64_t{1} << 26)) return false;
+  auto run = [&](auto gather) {
+    constexpr bool kGather = decltype(gather)::value;
+    if (along_m)
+      small_gemm_lanes<kGather>(m, n, k, alpha, a, a_p, a_i, b, b_p, b_j, beta, c, ldc, 1);
+    else
+      small_gemm_lanes<kGather>(n, m, k, alpha, b, b_p, b_j, a, a_p, a_i, beta, c, 1, ldc);
+  };
+  if (x_i == 1) run(std::false_type{});
+  else run(std::true_type{});
+  return true;
+#else
+  return false;
+#endif
+}
+
 // Row-major C[m, n] = alpha * op(A)[m, k] op(B)[k, n] + beta * C, with op(X) = X or X^T as
 // stored (trans_a: A is stored [k, m]). Row-major C is column-major C^T = op(B)^T op(A)^T.
 template <typename T>
@@ -128,6 +243,11 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
   if (library == GemmLibrary::kInlineGemv) {
     inline_gemv(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (library == GemmLibrary::kSmallAvx512 &&
+        small_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc))
+      return;
   }
   if constexpr (std::is_same_v<T, float>) {
     if (library == GemmLibrary::kOneDnn) {

@@ -20,7 +20,7 @@ inline std::string input_projection_of(const CpuPlan& p, const LSTMShape& s, int
     return in <= kTinyProjectionInput
         ? "small-hidden product (inline)"
         : library_name(gemm_library(false, true, G, rows, in, p.is_float, false,
-                                    p.settings.gemm_library));
+                                    p.settings.gemm_library, p.settings.small_products));
   if (p.bf16_products) {
     const std::string library = p.amx_products ? "amx_brgemm" : "bf16_gemm";
     return fuse_input_projection(p, s, layer, 2) ? library + ", fused into the steps" : library;
@@ -28,7 +28,8 @@ inline std::string input_projection_of(const CpuPlan& p, const LSTMShape& s, int
   if (p.brgemm_steps && fuse_input_projection(p, s, layer, 4))
     return "brgemm, fused into the steps";
   return library_name(
-      gemm_library(false, true, rows, G, in, p.is_float, false, p.settings.gemm_library));
+      gemm_library(false, true, rows, G, in, p.is_float, false, p.settings.gemm_library,
+                   p.settings.small_products));
 }
 
 // measured_split: "hidden" or "batch" where the floor's end-to-end measurement chose the other
@@ -45,7 +46,8 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
       p.inference ? std::min(inference_chunk_steps(s), s.seq_len) * s.batch : s.rows;
   auto library = [&](bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k) {
     return std::string(library_name(gemm_library(trans_a, trans_b, m, n, k, p.is_float,
-                                                 slices > 1, p.settings.gemm_library)));
+                                                 slices > 1, p.settings.gemm_library,
+                                                 p.settings.small_products)));
   };
   std::ostringstream o;
   o << "variant=" << variant_name(p.variant) << "\n";
@@ -109,16 +111,41 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
     else if (p.brgemm_dh) dh = "brgemm";
     else dh = library(false, false, slice_rows, out, G);
     o << "backward_dh_product=" << dh << "\n";
+    // Every layer's products, by size (the small ones and the rest may go to different
+    // libraries): the libraries that run them, in the order of first use, comma-separated.
+    auto libraries = [&](bool weights) {
+      std::string names;
+      auto add = [&](const std::string& name) {
+        if (("," + names + ",").find("," + name + ",") == std::string::npos)
+          names += (names.empty() ? "" : ",") + name;
+      };
+      for (int64_t l = 0; l < s.num_layers; ++l) {
+        const int64_t in = s.layer_input_size(l);
+        if (weights) {
+          add(library(true, false, G, in, s.rows));
+          // dW_hh over h_{t-1}'s segments (backward.h h_prev_rows): in place where every step
+          // has every row (h0's rows, then the layer output's), else gathered (one product)
+          if (every_step_full(s)) {
+            add(library(true, false, G, out, s.batch));
+            if (s.rows > s.batch) add(library(true, false, G, out, s.rows - s.batch));
+          } else {
+            add(library(true, false, G, out, s.rows));
+          }
+        } else {
+          add(library(false, false, s.rows, in, G));
+        }
+      }
+      return names;
+    };
     o << "backward_weight_products="
       << (p.amx_products    ? std::string("amx_brgemm")
           : p.bf16_products ? std::string("bf16_gemm")
           : p.backward_few_rows ? std::string("few_rows (outer products)")
-                            : library(true, false, G, s.layer_input_size(0), s.rows))
+                            : libraries(true))
       << "\n";
     if (!p.bf16_products)
       o << "backward_data_product="
-        << (p.backward_few_rows ? std::string("few_rows (weights as stored)")
-                                : library(false, false, s.rows, s.layer_input_size(0), G))
+        << (p.backward_few_rows ? std::string("few_rows (weights as stored)") : libraries(false))
         << "\n";
   }
   o << "settings=allow_brgemm:" << p.settings.brgemm
@@ -132,7 +159,8 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
     << " fuse_by_measured_rates:" << p.settings.fuse_by_rates
     << " allow_hidden_split:" << p.settings.hidden_split
     << " hidden_split_by_measured_rates:" << p.settings.hidden_split_by_rates
-    << " allow_few_rows:" << p.settings.few_rows << "\n";
+    << " allow_few_rows:" << p.settings.few_rows
+    << " allow_small_products:" << p.settings.small_products << "\n";
   // The measured rates behind the choices (rates.h), where they were measured for this call.
   if (p.is_float && p.variant == Variant::kRowWise) {
     const LibraryRates& r = library_rates();

@@ -35,6 +35,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/lstm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -409,6 +410,36 @@ at::Tensor convert_16bit_op(const at::Tensor& t, at::ScalarType dtype) {
   return out;
 }
 
+// alpha * op(A) op(B) + beta * C by small_gemm (blas.h), for the tests: A, B and C float32
+// CPU matrices with unit column stride (their row strides as the leading dimensions). The
+// result is a new [m, n] view with C's row stride, the columns past n of its rows NaN (the
+// kernel must leave them so). Raises where this CPU or build has no such kernel.
+at::Tensor small_gemm_op(const at::Tensor& a, bool trans_a, const at::Tensor& b, bool trans_b,
+                         const at::Tensor& c, double alpha, double beta) {
+  for (const at::Tensor* t : {&a, &b, &c})
+    TORCH_CHECK_VALUE(t->is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 2 &&
+                          t->stride(1) == 1,
+                      "fused_lstm::_small_gemm: float32 CPU matrices with unit column stride");
+  const int64_t m = trans_a ? a.size(1) : a.size(0), k = trans_a ? a.size(0) : a.size(1);
+  const int64_t n = trans_b ? b.size(0) : b.size(1);
+  TORCH_CHECK_VALUE((trans_b ? b.size(1) : b.size(0)) == k && c.size(0) == m && c.size(1) == n,
+                    "fused_lstm::_small_gemm: shapes do not agree");
+  TORCH_CHECK(cpu_features().avx512, "fused_lstm::_small_gemm: this CPU has no AVX-512");
+  const int64_t ldc = std::max<int64_t>(n, c.stride(0));
+  at::Tensor out = at::full({m, ldc}, std::numeric_limits<float>::quiet_NaN(), c.options())
+                       .narrow(1, 0, n);
+  out.copy_(c);
+  if (m == 0 || n == 0) return out;
+  TORCH_CHECK(k > 0, "fused_lstm::_small_gemm: k = 0 is gemm's own case");
+  TORCH_CHECK(small_gemm(trans_a, trans_b, m, n, k, static_cast<float>(alpha),
+                         a.const_data_ptr<float>(), a.stride(0), b.const_data_ptr<float>(),
+                         b.stride(0), static_cast<float>(beta), out.mutable_data_ptr<float>(),
+                         out.stride(0)),
+              "fused_lstm::_small_gemm: this build has no AVX-512 version, or an operand's "
+              "stride is too large for it");
+  return out;
+}
+
 void floor_forget_op() {
   FloorTable& table = floor_table();
   std::lock_guard<std::mutex> lock(table.mutex);
@@ -433,6 +464,9 @@ TORCH_LIBRARY_FRAGMENT(fused_lstm, m) {
   m.def("_isa_level(int which) -> int", &isa_levels_op);
   m.def("_convert_16bit(Tensor t, ScalarType dtype) -> Tensor", &convert_16bit_op);
   m.def("_empty_buffer_cache() -> ()", &empty_buffer_cache);
+  m.def("_small_gemm(Tensor a, bool trans_a, Tensor b, bool trans_b, Tensor c, float alpha, "
+        "float beta) -> Tensor",
+        &small_gemm_op);
 }
 
 TORCH_LIBRARY_IMPL(fused_lstm, CPU, m) {

@@ -178,9 +178,11 @@ inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, at::Sca
 // (benchmarks/notes/cpu-kernels.md, "GEMM library: oneDNN's matmul for the large products";
 // benchmarks/notes/float32-bound.md, "Intel Xeon: where the time goes").
 constexpr int64_t kOneDnnMinWork = int64_t{1} << 22;
-// Matrix-vector products (a dimension of 1) of at most this many multiply-adds are computed
-// inline (blas.h inline_gemv): below it MKL's call (its sgemv opens an OpenMP parallel region)
-// costs more than the arithmetic, whatever the CPU.
+// Products of at most this many multiply-adds are computed in place: float32 ones on 16
+// AVX-512 lanes (blas.h small_gemm), matrix-vector ones (a dimension of 1) elsewhere inline
+// (blas.h inline_gemv): below it MKL's call (its sgemv opens an OpenMP parallel region, its
+// sgemm runs thin shapes in scalar-rate kernels) costs more than the arithmetic, whatever the
+// CPU.
 constexpr int64_t kInlineGemvWork = int64_t{1} << 14;
 
 // The rates of the libraries on this machine, measured once per process at the first need.
@@ -406,12 +408,19 @@ inline bool fuse_input_projection(const CpuPlan& p, const LSTMShape& s, int64_t 
 // one (oneDNN's matmul serves float32 only), else oneDNN's matmul for a large product of a
 // class whose measured rate is higher there, else the BLAS (split by columns for a few rows).
 GemmLibrary gemm_library(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
-                         bool is_float, bool in_region, int64_t library_setting) {
+                         bool is_float, bool in_region, int64_t library_setting,
+                         int64_t small_setting) {
   if (library_setting < 0) library_setting = cpu_settings().gemm_library;
+  if (small_setting < 0) small_setting = cpu_settings().small_products;
   const bool onednn = is_float && cpu_features().onednn_matmul;
   if (onednn && library_setting == 2) return GemmLibrary::kOneDnn;
-  // A small matrix-vector product costs more in the library call than in arithmetic (blas.h
-  // inline_gemv); with gemm_library "blas" it goes to the BLAS as before.
+  // A small product costs more in the library call than in arithmetic: on 16 AVX-512 lanes
+  // (blas.h small_gemm), or a matrix-vector one inline (inline_gemv) where the CPU or the dtype
+  // has no such kernel or allow_small_products is off; with gemm_library "blas" both go to the
+  // BLAS as before.
+  if (library_setting == 0 && m * n * k <= kInlineGemvWork && is_float &&
+      cpu_features().avx512 && small_setting)
+    return GemmLibrary::kSmallAvx512;
   if (library_setting == 0 && (m == 1 || n == 1) && m * n * k <= kInlineGemvWork)
     return GemmLibrary::kInlineGemv;
   if (onednn && library_setting == 0 && m * n * k >= kOneDnnMinWork &&
