@@ -183,14 +183,57 @@ at::Tensor to_math(const at::Tensor& t, at::ScalarType math) {
   return t.to(math).contiguous();
 }
 
+// The TensorImpls of the float views of 16-bit calls' scratch buffers (float_view), kept per
+// thread: a call at the tutorial sizes makes a dozen views (the input, each weight and bias,
+// the state and the results), and allocating, constructing and freeing a dozen TensorImpls cost
+// ~0.9 us of a ~14 us bf16 call (benchmarks/notes/bf16.md, "Views of the scratch buffer
+// reused"). A pooled TensorImpl is reused only while nothing but the pool holds it; its hold on
+// the buffer ends with the op call that made the view (ViewLease), so the buffer is freed when
+// the call ends, as before.
+class ViewPool {
+ public:
+  // A contiguous float tensor of `sizes` viewing buf from element `offset`.
+  at::Tensor take(const at::Tensor& buf, int64_t offset, at::IntArrayRef sizes) {
+    c10::TensorImpl* impl = nullptr;
+    for (size_t tried = 0; tried < impls_.size() && impl == nullptr; ++tried) {
+      next_ = next_ + 1 < impls_.size() ? next_ + 1 : 0;
+      if (impls_[next_].use_count() == 1) impl = impls_[next_].get();
+    }
+    if (impl == nullptr) {
+      impls_.push_back(c10::make_intrusive<c10::TensorImpl>(
+          c10::Storage(buf.storage()), c10::DispatchKeySet(c10::DispatchKey::CPU), buf.dtype()));
+      next_ = impls_.size() - 1;
+      impl = impls_.back().get();
+    } else {
+      impl->set_storage_keep_dtype(buf.storage());
+    }
+    impl->set_sizes_contiguous(sizes);
+    impl->set_storage_offset(buf.storage_offset() + offset);
+    return at::Tensor(impls_[next_]);
+  }
+
+  // The pool lets go of the buffers of the views that nothing else holds any more.
+  void release() {
+    if (!empty_.defined()) empty_ = at::empty({0}, at::kFloat);
+    for (auto& impl : impls_)
+      if (impl.use_count() == 1) impl->set_storage_keep_dtype(empty_.storage());
+  }
+
+ private:
+  at::Tensor empty_;  // an empty CPU storage for the views not in use to hold
+  std::vector<c10::intrusive_ptr<c10::TensorImpl>> impls_;
+  size_t next_ = 0;
+};
+
+ViewPool& view_pool() {
+  thread_local ViewPool pool;
+  return pool;
+}
+
 // A contiguous float tensor of `sizes` viewing buf (float) from element `offset`, made without
 // a dispatcher call (it shares buf's storage; internal to one op call, never returned).
 at::Tensor float_view(const at::Tensor& buf, int64_t offset, at::IntArrayRef sizes) {
-  auto impl = c10::make_intrusive<c10::TensorImpl>(
-      c10::Storage(buf.storage()), c10::DispatchKeySet(c10::DispatchKey::CPU), buf.dtype());
-  impl->set_sizes_contiguous(sizes);
-  impl->set_storage_offset(buf.storage_offset() + offset);
-  return at::Tensor(std::move(impl));
+  return view_pool().take(buf, offset, sizes);
 }
 
 // A call's tensors in the math dtype (contiguous), as to_math gives them, except that CPU
@@ -293,6 +336,10 @@ void check_supported_dtype(const at::Tensor& input) {
 
 }  // namespace
 
+ViewLease::~ViewLease() {
+  if (active_) view_pool().release();
+}
+
 ForwardArgs prepare_forward(
     const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
     const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
@@ -328,6 +375,7 @@ ForwardArgs prepare_forward(
       convert.scratch_result(a.output, out_shape);
     }
   }
+  if (convert.widens()) a.lease.hold();  // the views' TensorImpls go back at the call's end
   convert.finish();
   const auto opts = input.options().dtype(a.math);
   if (!a.hy.defined()) a.hy = at::empty({LD, s.batch, s.out_size}, opts);
@@ -429,6 +477,7 @@ BackwardArgs prepare_backward(
     convert.scratch_result(a.grad_hx, {LD, s.batch, s.out_size});
     convert.scratch_result(a.grad_cx, {LD, s.batch, s.hidden_size});
   }
+  if (convert.widens()) a.lease.hold();  // the views' TensorImpls go back at the call's end
   convert.finish();
   const auto opts = input.options().dtype(a.math);
   // The float32 weight gradients that a CPU 16-bit call rounds and releases one by one

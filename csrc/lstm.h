@@ -9,6 +9,7 @@
 #include <c10/util/Optional.h>
 
 #include <tuple>
+#include <utility>
 #include <functional>
 #include <vector>
 
@@ -172,7 +173,28 @@ LSTMShape check_lstm_args(
 // rounded.
 using Keep16 = std::function<bool(const LSTMShape&, at::ScalarType)>;
 
+// Held by ForwardArgs / BackwardArgs (their first member, so destroyed last): where the op
+// made float views of a scratch buffer (lstm.cpp ToMath), the pool that keeps their
+// TensorImpls lets go of the buffer when the args are gone, i.e. at the end of the op call.
+class ViewLease {
+ public:
+  ViewLease() = default;
+  ViewLease(ViewLease&& other) noexcept : active_(std::exchange(other.active_, false)) {}
+  ViewLease& operator=(ViewLease&& other) noexcept {
+    active_ = active_ || std::exchange(other.active_, false);
+    return *this;
+  }
+  ViewLease(const ViewLease&) = delete;
+  ViewLease& operator=(const ViewLease&) = delete;
+  ~ViewLease();
+  void hold() { active_ = true; }
+
+ private:
+  bool active_ = false;
+};
+
 struct ForwardArgs {
+  ViewLease lease;  // first: destroyed after the views below
   LSTMShape shape;
   at::ScalarType dtype;  // the caller's
   at::ScalarType math;
@@ -187,6 +209,7 @@ struct ForwardArgs {
 };
 
 struct BackwardArgs {
+  ViewLease lease;  // first: destroyed after the views below
   LSTMShape shape;
   at::ScalarType dtype;
   at::ScalarType math;

@@ -1340,6 +1340,35 @@ def test_16bit_small_sizes_make_no_conversion_ops(name, train, model_dtype):
     assert len(ours) <= len(f32) + 1, (ours, f32)
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
+@pytest.mark.parametrize("model_dtype", [BF16, F16], ids=["bf16", "fp16"])
+def test_16bit_small_sizes_free_their_scratch(train, model_dtype):
+    """A 16-bit call's widened tensors and float32 results are views of one scratch buffer,
+    whose views' TensorImpls are kept per thread for the next call (csrc/lstm.cpp ViewPool):
+    by the end of the call the buffer is freed all the same. What the call leaves allocated is
+    exactly what it returns (and, training, the gradients it accumulates)."""
+    from helpers import memory_events
+
+    fused, _, _, _, x, hx = _small_16bit_case("small_hidden-seed-tiny", model_dtype)
+    inp = x.requires_grad_(train)
+    kept = []
+
+    def once():
+        with torch.set_grad_enabled(train):
+            out, (h_n, c_n) = fused(inp, hx)
+            if train:
+                (out.float().sum() + h_n.float().sum() + c_n.float().sum()).backward()
+                out, h_n, c_n = out.detach(), h_n.detach(), c_n.detach()
+        kept.append((out, h_n, c_n))
+
+    once()  # lazily made state (and .grad) from the first call on
+    kept.clear()
+    events = memory_events(once)
+    net = sum(e.extra_fields.alloc_size for e in events)
+    returned = sum(t.untyped_storage().nbytes() for t in kept[0])
+    assert net == returned, (net, returned)
+
+
 # ---- Versions chosen by CPU feature, forced by name ---------------------------------------------
 # The float16 conversions (csrc/convert_16bit.cpp: AVX-512F, AVX + F16C, scalar) and the thin kernel's
 # dot products (csrc/cpu/thin.h: pre_v4, pre_v3, pre_base) are chosen at run time by what the
