@@ -5,6 +5,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <c10/core/Allocator.h>
+#include <c10/core/impl/alloc_cpu.h>
 #include <c10/core/GradMode.h>
 #include <c10/util/SmallVector.h>
 #include <torch/library.h>
@@ -230,6 +233,50 @@ ViewPool& view_pool() {
   return pool;
 }
 
+// The scratch buffer of a 16-bit call at the tutorial sizes (at most kFloats floats), kept per
+// thread: a fresh one is a ~11 KB malloc per call at seed-tiny, which glibc serves from its
+// large bins after consolidating the fast ones (~0.3 us of a ~14 us call; benchmarks/notes/
+// bf16.md, "Views of the scratch buffer reused"). As the CPU buffer cache does for its blocks
+// (buffer_cache.cpp), the profiler is told of the part a call uses when the call takes it and
+// when the call ends (release, by the ViewLease), so profiled memory counts it as the call's.
+class SmallScratch {
+ public:
+  static constexpr int64_t kFloats = 16384;
+
+  // The buffer for `numel` floats; undefined where it is too small or still in use (a call
+  // made while another call's views of it are alive on this thread).
+  at::Tensor take(int64_t numel) {
+    if (numel > kFloats || bytes_ > 0) return {};
+    if (!buf_.defined())
+      buf_ = at::from_blob(c10::alloc_cpu(kFloats * sizeof(float)), {kFloats},
+                           [](void* p) { c10::free_cpu(p); }, at::TensorOptions().dtype(at::kFloat));
+    bytes_ = numel * static_cast<int64_t>(sizeof(float));
+    report(+bytes_);
+    return buf_;
+  }
+
+  // The call that took the buffer has ended: free for the next, once no view of it is left
+  // (ViewPool::release has run; a view held elsewhere keeps it taken).
+  void release() {
+    if (bytes_ == 0 || buf_.storage().use_count() != 1) return;
+    report(-bytes_);
+    bytes_ = 0;
+  }
+
+ private:
+  void report(int64_t delta) const {
+    if (c10::memoryProfilingEnabled())
+      c10::reportMemoryUsageToProfiler(buf_.data_ptr(), delta, 0, 0, c10::Device(c10::kCPU));
+  }
+  at::Tensor buf_;
+  int64_t bytes_ = 0;  // taken by a call (its size), else 0
+};
+
+SmallScratch& small_scratch() {
+  thread_local SmallScratch scratch;
+  return scratch;
+}
+
 // A contiguous float tensor of `sizes` viewing buf (float) from element `offset`, made without
 // a dispatcher call (it shares buf's storage; internal to one op call, never returned).
 at::Tensor float_view(const at::Tensor& buf, int64_t offset, at::IntArrayRef sizes) {
@@ -274,7 +321,8 @@ class ToMath {
 
   void finish() {
     if (pending_.empty()) return;
-    const at::Tensor buf = cpu_cached_empty(numel_, at::kFloat);
+    at::Tensor buf = small_scratch().take(numel_);
+    if (!buf.defined()) buf = cpu_cached_empty(numel_, at::kFloat);
     float* p = buf.mutable_data_ptr<float>();
     int64_t offset = 0;
     for (const auto& [src, out] : pending_) {
@@ -337,7 +385,9 @@ void check_supported_dtype(const at::Tensor& input) {
 }  // namespace
 
 ViewLease::~ViewLease() {
-  if (active_) view_pool().release();
+  if (!active_) return;
+  view_pool().release();
+  small_scratch().release();
 }
 
 ForwardArgs prepare_forward(

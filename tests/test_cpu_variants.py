@@ -1367,6 +1367,14 @@ def test_16bit_small_sizes_free_their_scratch(train, model_dtype):
     net = sum(e.extra_fields.alloc_size for e in events)
     returned = sum(t.untyped_storage().nbytes() for t in kept[0])
     assert net == returned, (net, returned)
+    # ... and while the call runs, its scratch counts: the widened input and the float32
+    # results (4 bytes an element) are in it, whether the buffer was fresh or kept.
+    in_use = peak = 0
+    for e in sorted(events, key=lambda e: e.start_time_ns):
+        in_use += e.extra_fields.alloc_size
+        peak = max(peak, in_use)
+    scratch_floats = inp.numel() + sum(t.numel() for t in kept[0])
+    assert peak >= 4 * scratch_floats, (peak, scratch_floats)
 
 
 # ---- Versions chosen by CPU feature, forced by name ---------------------------------------------
