@@ -248,8 +248,9 @@ class SmallScratch {
   at::Tensor take(int64_t numel) {
     if (numel > kFloats || bytes_ > 0) return {};
     if (!buf_.defined())
-      buf_ = at::from_blob(c10::alloc_cpu(kFloats * sizeof(float)), {kFloats},
-                           [](void* p) { c10::free_cpu(p); }, at::TensorOptions().dtype(at::kFloat));
+      buf_ = at::from_blob(
+          c10::alloc_cpu(kFloats * sizeof(float)), {kFloats}, [](void* p) { c10::free_cpu(p); },
+          at::TensorOptions().dtype(at::kFloat));
     bytes_ = numel * static_cast<int64_t>(sizeof(float));
     report(+bytes_);
     return buf_;
