@@ -186,7 +186,7 @@ at::Tensor to_math(const at::Tensor& t, at::ScalarType math) {
   return t.to(math).contiguous();
 }
 
-// The TensorImpls of the float views of 16-bit calls' scratch buffers (float_view), kept per
+// The TensorImpls of the float views of 16-bit calls' scratch buffers (ToMath), kept per
 // thread: a call at the tutorial sizes makes a dozen views (the input, each weight and bias,
 // the state and the results), and allocating, constructing and freeing a dozen TensorImpls cost
 // ~0.9 us of a ~14 us bf16 call (benchmarks/notes/bf16.md, "Views of the scratch buffer
@@ -195,7 +195,8 @@ at::Tensor to_math(const at::Tensor& t, at::ScalarType math) {
 // the call ends, as before.
 class ViewPool {
  public:
-  // A contiguous float tensor of `sizes` viewing buf from element `offset`.
+  // A contiguous float tensor of `sizes` viewing buf from element `offset`, made without a
+  // dispatcher call (it shares buf's storage; internal to one op call, never returned).
   at::Tensor take(const at::Tensor& buf, int64_t offset, at::IntArrayRef sizes) {
     c10::TensorImpl* impl = nullptr;
     for (size_t tried = 0; tried < impls_.size() && impl == nullptr; ++tried) {
@@ -217,13 +218,13 @@ class ViewPool {
 
   // The pool lets go of the buffers of the views that nothing else holds any more.
   void release() {
-    if (!empty_.defined()) empty_ = at::empty({0}, at::kFloat);
     for (auto& impl : impls_)
       if (impl.use_count() == 1) impl->set_storage_keep_dtype(empty_.storage());
   }
 
  private:
-  at::Tensor empty_;  // an empty CPU storage for the views not in use to hold
+  // An empty CPU storage for the views not in use to hold.
+  at::Tensor empty_ = at::empty({0}, at::kFloat);
   std::vector<c10::intrusive_ptr<c10::TensorImpl>> impls_;
   size_t next_ = 0;
 };
@@ -278,12 +279,6 @@ SmallScratch& small_scratch() {
   return scratch;
 }
 
-// A contiguous float tensor of `sizes` viewing buf (float) from element `offset`, made without
-// a dispatcher call (it shares buf's storage; internal to one op call, never returned).
-at::Tensor float_view(const at::Tensor& buf, int64_t offset, at::IntArrayRef sizes) {
-  return view_pool().take(buf, offset, sizes);
-}
-
 // A call's tensors in the math dtype (contiguous), as to_math gives them, except that CPU
 // bfloat16 and float16 tensors bound for float32 are not converted one ATen op each (~1 us per
 // tensor, a dozen per call: at the small sizes more than the kernels): they are queued, and
@@ -328,11 +323,11 @@ class ToMath {
     int64_t offset = 0;
     for (const auto& [src, out] : pending_) {
       widen_to_float(*src, p + offset);
-      *out = float_view(buf, offset, src->sizes());
+      *out = view_pool().take(buf, offset, src->sizes());
       offset += src->numel();
     }
     for (const auto& [out, sizes] : results_) {
-      *out = float_view(buf, offset, sizes);
+      *out = view_pool().take(buf, offset, sizes);
       offset += out->numel();
     }
     pending_.clear();

@@ -180,11 +180,8 @@ class ViewLease {
  public:
   ViewLease() = default;
   ViewLease(ViewLease&& other) noexcept : active_(std::exchange(other.active_, false)) {}
-  ViewLease& operator=(ViewLease&& other) noexcept {
-    active_ = active_ || std::exchange(other.active_, false);
-    return *this;
-  }
   ViewLease(const ViewLease&) = delete;
+  ViewLease& operator=(ViewLease&&) = delete;
   ViewLease& operator=(const ViewLease&) = delete;
   ~ViewLease();
   void hold() { active_ = true; }

@@ -83,7 +83,7 @@ inline const char* library_name(GemmLibrary l) {
   }
 }
 
-// A matrix-vector product (m or n is 1) of at most kInlineGemvWork multiply-adds (plan.h
+// A matrix-vector product (m or n is 1) of at most kSmallProductWork multiply-adds (plan.h
 // gemm_library): each element of C a dot product over k, in 8 interleaved partial sums, then
 // alpha and beta as BLAS applies them. MKL's sgemv opens an OpenMP parallel region even at the
 // tutorial sizes' [12 x 368] x [368 x 1] (the backward's dW_ih and dL/dx of a one-feature input,

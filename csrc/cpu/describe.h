@@ -5,8 +5,10 @@
 
 #include "forward.h"
 
+#include <algorithm>
 #include <sstream>
 #include <string>
+#include <vector>
 
 namespace fused_lstm {
 namespace {
@@ -114,10 +116,12 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
     // Every layer's products, by size (the small ones and the rest may go to different
     // libraries): the libraries that run them, in the order of first use, comma-separated.
     auto libraries = [&](bool weights) {
+      std::vector<std::string> seen;
       std::string names;
       auto add = [&](const std::string& name) {
-        if (("," + names + ",").find("," + name + ",") == std::string::npos)
-          names += (names.empty() ? "" : ",") + name;
+        if (std::find(seen.begin(), seen.end(), name) != seen.end()) return;
+        names += (seen.empty() ? "" : ",") + name;
+        seen.push_back(name);
       };
       for (int64_t l = 0; l < s.num_layers; ++l) {
         const int64_t in = s.layer_input_size(l);

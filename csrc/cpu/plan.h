@@ -183,7 +183,7 @@ constexpr int64_t kOneDnnMinWork = int64_t{1} << 22;
 // (blas.h inline_gemv): below it MKL's call (its sgemv opens an OpenMP parallel region, its
 // sgemm runs thin shapes in scalar-rate kernels) costs more than the arithmetic, whatever the
 // CPU.
-constexpr int64_t kInlineGemvWork = int64_t{1} << 14;
+constexpr int64_t kSmallProductWork = int64_t{1} << 14;
 
 // The rates of the libraries on this machine, measured once per process at the first need.
 inline const LibraryRates& library_rates() {
@@ -418,10 +418,10 @@ GemmLibrary gemm_library(bool trans_a, bool trans_b, int64_t m, int64_t n, int64
   // (blas.h small_gemm), or a matrix-vector one inline (inline_gemv) where the CPU or the dtype
   // has no such kernel or allow_small_products is off; with gemm_library "blas" both go to the
   // BLAS as before.
-  if (library_setting == 0 && m * n * k <= kInlineGemvWork && is_float &&
+  if (library_setting == 0 && m * n * k <= kSmallProductWork && is_float &&
       cpu_features().avx512 && small_setting)
     return GemmLibrary::kSmallAvx512;
-  if (library_setting == 0 && (m == 1 || n == 1) && m * n * k <= kInlineGemvWork)
+  if (library_setting == 0 && (m == 1 || n == 1) && m * n * k <= kSmallProductWork)
     return GemmLibrary::kInlineGemv;
   if (onednn && library_setting == 0 && m * n * k >= kOneDnnMinWork &&
       onednn_measured_faster(gemm_class(trans_a, trans_b)))
