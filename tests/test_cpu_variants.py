@@ -214,6 +214,17 @@ CASES = {
         dict(input_size=24, hidden_size=48, num_layers=2, proj_size=20), 10, 12, BF16, False,
         {"variant": "row_wise", "input_projection.0": "amx_brgemm",
          "recurrent_product": "amx_brgemm"}, "amx_bf16"),
+    # A bf16 model's fused step on AMX tiles only up to kAmxFuseWeightBytesPerRow (64 KB) of
+    # fused bf16 weights per slice row (plan.h): 1 MB of weights over slices of 6 rows is
+    # unfused on the tiles and fused on bf16_gemm (kFuseWeightBytesPerRow, 256 KB per row).
+    "row_wise-amx-unfused-by-size": (
+        {}, dict(input_size=256, hidden_size=256, num_layers=1), 3, 12, BF16, True,
+        {"variant": "row_wise", "input_projection.0": "amx_brgemm",
+         "recurrent_product": "amx_brgemm"}, "amx_bf16"),
+    "row_wise-bf16_gemm-fused-by-size": (
+        {"allow_amx": False}, dict(input_size=256, hidden_size=256, num_layers=1), 3, 12, BF16,
+        False, {"variant": "row_wise", "input_projection.0": "bf16_gemm, fused into the steps",
+                "recurrent_product": "bf16_gemm"}, "avx512_bf16"),
     "row_wise-bf16_gemm-unfused": (
         {"allow_fused_input_projection": False, "allow_amx": False},
         dict(input_size=24, hidden_size=32, num_layers=2, proj_size=12), 10, 12, BF16, True,

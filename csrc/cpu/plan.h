@@ -243,6 +243,14 @@ void for_each_batch_slice(const LSTMShape& s, int64_t steps, bool single_thread_
 // The same for bf16_gemm's bf16 weights (weight_size: bytes per packed weight, 2 against
 // brgemm's 4). The setting allow_fused_input_projection = False turns it off.
 constexpr int64_t kFuseWeightBytesPerRow = int64_t{1} << 18;
+// The same for a bfloat16 model's products on AMX tiles, whose arithmetic is so fast that the
+// weights' bytes streamed per step decide: on the Intel Xeon (family 6 model 167, 2 MB of L2
+// per core, 2 threads; 100 steps, one layer, the fused and unfused steps alternated in one
+// process) the fused step won by 2-15% at 24-48 KB of fused bf16 weights per slice row (hidden
+// 256-384, 16 and 32 rows per thread) and lost by 3-29% from 64 KB per row on (hidden 256-512;
+// fastrnns: 128 KB per row, 26.9 against 22.8 ms). Only CPUs with AMX-BF16 run these products
+// (benchmarks/notes/bf16.md, "Fused or unfused projection on AMX tiles").
+constexpr int64_t kAmxFuseWeightBytesPerRow = int64_t{64} << 10;
 
 //
 // For float32 (brgemm) also where this machine's measured rates say so (the setting
@@ -287,13 +295,16 @@ inline int64_t fused_slice_rows(const LSTMShape& s) {
 }
 
 // Whether the sizes allow the fused step (the setting allowing it): each slice's rows share
-// the weights' bytes (kFuseWeightBytesPerRow).
+// the weights' bytes (kFuseWeightBytesPerRow; kAmxFuseWeightBytesPerRow on AMX tiles).
 inline bool fusion_sizes_allow(const CpuPlan& p, const LSTMShape& s, int64_t layer,
                                int64_t weight_size) {
   if (!p.settings.fused_input_projection) return false;
   const int64_t weight_bytes =
       weight_size * 4 * s.hidden_size * (s.layer_input_size(layer) + s.out_size);
-  return fused_slice_rows(s) * kFuseWeightBytesPerRow >= weight_bytes;
+  const int64_t per_row = p.amx_products && weight_size == int64_t(sizeof(uint16_t))
+                              ? kAmxFuseWeightBytesPerRow
+                              : kFuseWeightBytesPerRow;
+  return fused_slice_rows(s) * per_row >= weight_bytes;
 }
 
 // Whether the measured rates decide the layer's choice (float32 steps on brgemm, the sizes
