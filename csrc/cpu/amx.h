@@ -134,6 +134,29 @@ void amx_pack_weight_t(const W* w, int64_t N, int64_t K, int64_t ldw, c10::BFloa
   amx_pack(w, N, K, ldw, false, out);
 }
 
+// [W_ih^T; W_hh^T] ([k_ih + k_hh, N], W_ih [N, k_ih] and W_hh [N, k_hh] as stored, both K even)
+// packed as one B by panels: a fused step's two products in one call per panel (each call to
+// the micro-kernel looks its kernel up in ATen's cache, ~16% of a bf16 medium inference call
+// when the two products were apart: benchmarks/notes/bf16.md, "One micro-kernel call per panel
+// for the fused step"). A panel's k pairs come first (amx_pack's layout), so W_hh^T's rows
+// follow W_ih^T's in each panel.
+template <typename W>
+void amx_pack_cat_t(const W* w_ih, int64_t k_ih, const W* w_hh, int64_t k_hh, int64_t N,
+                    c10::BFloat16* out) {
+  TORCH_INTERNAL_ASSERT(k_ih % 2 == 0 && k_hh % 2 == 0);
+  const int64_t K = k_ih + k_hh, panels = (N + kAmxPanelN - 1) / kAmxPanelN;
+  auto pack = [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * kAmxPanelN, nb = std::min(kAmxPanelN, N - n0);
+      auto* o = reinterpret_cast<uint16_t*>(out + n0 * K);
+      bf16_pack_panels(w_ih + n0 * k_ih, nb, k_ih, k_ih, kAmxPanelN, o);
+      bf16_pack_panels(w_hh + n0 * k_hh, nb, k_hh, k_hh, kAmxPanelN, o + k_ih * kAmxPanelN);
+    }
+  };
+  if (panels > 1 && !at::in_parallel_region()) at::parallel_for(0, panels, 1, pack);
+  else pack(0, panels);
+}
+
 // m rows of k floats (lda apart) rounded to bf16 rows (ldd apart), as the op boundary rounds
 // (round_to), on this thread: an A operand for the tiles.
 inline void round_bf16_rows(const float* a, int64_t lda, int64_t m, int64_t k, c10::BFloat16* d,
@@ -153,10 +176,12 @@ inline c10::BFloat16* amx_rows(const float* a, int64_t lda, int64_t m, int64_t k
 // B's and A's padding zero). Panel by panel, each over every block of rows: a panel is read
 // from memory once per call rather than once per 64 rows (the input projection's chunks of
 // rows).
+// k_packed: the packed B's K where the product takes only its first k rows (else k).
 inline void amx_product(bool add, int64_t m, int64_t n, int64_t k, const c10::BFloat16* a,
-                        int64_t lda, const c10::BFloat16* packed, float* c, int64_t ldc) {
+                        int64_t lda, const c10::BFloat16* packed, float* c, int64_t ldc,
+                        int64_t k_packed = -1) {
   const BrgemmBf16 product = &at::native::cpublas::brgemm;
-  const int64_t k_even = amx_k_even(k);
+  const int64_t k_even = amx_k_even(k_packed >= 0 ? k_packed : k);
   for (int64_t n0 = 0; n0 < n; n0 += kAmxPanelN)
     for (int64_t m0 = 0; m0 < m; m0 += kAmxBlockM) {
       const int64_t nb = std::min(kAmxPanelN, n - n0);
@@ -169,6 +194,26 @@ inline void amx_product(bool add, int64_t m, int64_t n, int64_t k, const c10::BF
 inline void amx_product(bool add, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                         const c10::BFloat16* packed, float* c, int64_t ldc) {
   amx_product(add, m, n, k, amx_rows(a, lda, m, k), k, packed, c, ldc);
+}
+
+// A fused step's A operand for amx_pack_cat_t's B: this thread's m rows [x_t | h_{t-1}] as
+// bf16 (ld = k_x + k_h), x as given (bf16 rows copied, float rows rounded), h rounded as
+// amx_rows rounds it; h null: x's columns only.
+template <typename X>
+const c10::BFloat16* amx_cat_rows(const X* x, int64_t ldx, int64_t k_x, const float* h,
+                                  int64_t ldh, int64_t k_h, int64_t m) {
+  static thread_local std::vector<c10::BFloat16> buf;
+  const int64_t ld = k_x + k_h;
+  if (static_cast<int64_t>(buf.size()) < m * ld) buf.resize(m * ld);
+  c10::BFloat16* d = buf.data();
+  for (int64_t r = 0; r < m; ++r) {
+    if constexpr (std::is_same_v<X, c10::BFloat16>)
+      std::memcpy(d + r * ld, x + r * ldx, sizeof(c10::BFloat16) * k_x);
+    else
+      round_bf16(x + r * ldx, k_x, d + r * ld);
+    if (h) round_bf16(h + r * ldh, k_h, d + r * ld + k_x);
+  }
+  return d;
 }
 
 // Hands this thread's tiles back (after a thread's last product of a call).

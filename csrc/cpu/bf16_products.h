@@ -43,6 +43,22 @@ void use_bf16_gemm(const CpuPlan& plan, const LSTMShape& s, int64_t layer, Direc
     if (plan.amx_products) {
       auto* ih_amx = reinterpret_cast<c10::BFloat16*>(buf);
       auto* hh_amx = reinterpret_cast<c10::BFloat16*>(hh);
+      if (fuse_input_projection(plan, s, layer, sizeof(uint16_t))) {
+        // One B for the fused step (amx_pack_cat_t), in the room of the two.
+        visit(w.ih, [&](auto Wi) {
+          using W = std::remove_cv_t<std::remove_pointer_t<decltype(Wi)>>;
+          const W* Wh = nullptr;
+          visit(w.hh, [&](auto p) {
+            if constexpr (std::is_same_v<std::remove_cv_t<std::remove_pointer_t<decltype(p)>>, W>)
+              Wh = p;
+          });
+          TORCH_INTERNAL_ASSERT(Wh != nullptr, "fused_lstm: W_ih and W_hh of different dtypes");
+          amx_pack_cat_t(Wi, in, Wh, out, G, ih_amx);
+        });
+        w.amx_cat = ih_amx;
+        w.k_ih = in;
+        return;
+      }
       visit(w.ih, [&](auto W) { amx_pack_weight_t(W, G, in, in, ih_amx); });
       visit(w.hh, [&](auto W) { amx_pack_weight_t(W, G, out, out, hh_amx); });
       w.amx_ih = ih_amx;

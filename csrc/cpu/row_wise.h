@@ -67,7 +67,13 @@ void forward_step(const CpuPlan& plan, const LSTMShape& s, const DirectionWeight
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size;
   const bool has_proj = s.proj_size > 0;
   if constexpr (std::is_same_v<T, float>) {
-    if (w.amx_hh) {  // as bf16_gemm below, on this thread's AMX tiles
+    if (w.amx_cat) {  // the fused step on the tiles: [x_t | h_{t-1}] [W_ih^T; W_hh^T], one B
+      const int64_t k = in_size + out;
+      visit(x_t, [&](auto x) {
+        const c10::BFloat16* a = amx_cat_rows(x, in_size, in_size, h_prev, ld_prev, out, bs);
+        amx_product(false, bs, G, h_prev ? k : in_size, a, k, w.amx_cat, g_t, G, k);
+      });
+    } else if (w.amx_hh) {  // as bf16_gemm below, on this thread's AMX tiles
       if (x_t)
         visit(x_t, [&](auto a) { amx_product(false, bs, G, in_size, a, in_size, w.amx_ih, g_t, G); });
       if (h_prev) amx_product(true, bs, G, out, h_prev, ld_prev, w.amx_hh, g_t, G);
@@ -144,7 +150,7 @@ void forward_steps(const CpuPlan& plan, const LSTMShape& s, const DirectionWeigh
     last_bs = bs;
   }
   if (in_output && last_bs > 0) copy_rows(h_prev, out_stride, h_state + r0 * out, out, last_bs, out);
-  if (w.amx_hh) amx_release();  // this thread's last product of the direction
+  if (w.amx_steps()) amx_release();  // this thread's last product of the direction
 }
 
 }  // namespace

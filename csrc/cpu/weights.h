@@ -36,10 +36,14 @@ struct DirectionWeights {
   // The same on AMX tiles (amx.h: W^T packed by panels), instead of w_ih_bf16 / w_hh_bf16.
   const c10::BFloat16* amx_ih = nullptr;
   const c10::BFloat16* amx_hh = nullptr;
+  // Where the projection is fused into the steps on the tiles: [W_ih^T; W_hh^T] as one B
+  // (amx_pack_cat_t), K = k_ih + out, instead of amx_ih and amx_hh.
+  const c10::BFloat16* amx_cat = nullptr;
+  bool amx_steps() const { return amx_hh != nullptr || amx_cat != nullptr; }
   // Whether a step's recurrent product runs at full speed on one thread (brgemm, bf16_gemm or
   // AMX), so the batch can be split over threads at any step size (for_each_batch_slice).
   bool single_thread_product() const {
-    return w_packed != nullptr || w_hh_bf16 != nullptr || amx_hh != nullptr;
+    return w_packed != nullptr || w_hh_bf16 != nullptr || amx_steps();
   }
 };
 
