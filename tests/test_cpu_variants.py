@@ -370,6 +370,39 @@ def check_against_nn_lstm(kwargs, seq_len, batch, dtype, train, packed):
     return fused, x, lengths
 
 
+@needs["amx_bf16"]
+@pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
+def test_amx_fused_step_without_hx(train):
+    """A bf16 model's fused step on AMX tiles at the first step without hx: no h_{t-1}, so the one
+    call per panel takes x_t's columns of the packed [W_ih^T; W_hh^T] only (amx.h,
+    amx_cat_rows). Against nn.LSTM in float64 on the same bf16 values, within twice nn.LSTM's own
+    bf16 error (layer 0 reads the bf16 input as given, layer 1 the float layer output)."""
+    kwargs = dict(input_size=24, hidden_size=32, num_layers=2)
+    torch_lstm = nn.LSTM(dtype=BF16, **kwargs)
+    fused = FusedLSTM(dtype=BF16, **kwargs)
+    fused.load_state_dict(torch_lstm.state_dict())
+    exact = nn.LSTM(dtype=F64, **kwargs)
+    exact.load_state_dict({k: v.double() for k, v in torch_lstm.state_dict().items()})
+    x = randn(6, 12, 24).to(BF16)
+    upstream = randn(6, 12, 32)
+    plan = plan_of(fused, x, None, train)
+    assert plan["recurrent_product"] == "amx_brgemm"
+    assert plan["input_projection.0"] == "amx_brgemm, fused into the steps"
+
+    def run(module, inp):
+        leaf = inp.clone().requires_grad_(train)
+        with torch.set_grad_enabled(train):
+            out, (h_n, c_n) = module(leaf)
+        results = [out, h_n, c_n]
+        if train:
+            results += torch.autograd.grad(out, [leaf, *module.parameters()],
+                                           upstream.to(out.dtype))
+        return [t.detach().double() for t in results]
+
+    assert_within_twice_nn_lstm(run(fused, x), run(exact, x.double()), run(torch_lstm, x),
+                                FLOOR[BF16])
+
+
 def plan_of(module, x, lengths, train):
     inp = pack_padded_sequence(x, lengths) if lengths else x
     with torch.set_grad_enabled(train):
