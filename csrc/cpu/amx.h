@@ -157,11 +157,13 @@ void amx_pack_cat_t(const W* w_ih, int64_t k_ih, const W* w_hh, int64_t k_hh, in
   else pack(0, panels);
 }
 
-// m rows of k floats (lda apart) rounded to bf16 rows (ldd apart), as the op boundary rounds
-// (round_to), on this thread: an A operand for the tiles.
+// m rows of k floats (lda apart) rounded to bf16 rows (ldd apart) on this thread: an A operand
+// for the tiles or bf16_gemm (vcvtne2ps2bf16: bf16_round_rows; ~5% of a bf16 medium inference
+// call as a scalar-dispatched loop per row: benchmarks/notes/bf16.md, "Rounding the A rows
+// with vcvtne2ps2bf16").
 inline void round_bf16_rows(const float* a, int64_t lda, int64_t m, int64_t k, c10::BFloat16* d,
                             int64_t ldd) {
-  for (int64_t r = 0; r < m; ++r) round_bf16(a + r * lda, k, d + r * ldd);
+  bf16_round_rows(m, k, a, lda, d, ldd);
 }
 
 // This thread's rows of bf16 for an A operand given as float.
@@ -206,13 +208,13 @@ const c10::BFloat16* amx_cat_rows(const X* x, int64_t ldx, int64_t k_x, const fl
   const int64_t ld = k_x + k_h;
   if (static_cast<int64_t>(buf.size()) < m * ld) buf.resize(m * ld);
   c10::BFloat16* d = buf.data();
-  for (int64_t r = 0; r < m; ++r) {
-    if constexpr (std::is_same_v<X, c10::BFloat16>)
+  if constexpr (std::is_same_v<X, c10::BFloat16>) {
+    for (int64_t r = 0; r < m; ++r)
       std::memcpy(d + r * ld, x + r * ldx, sizeof(c10::BFloat16) * k_x);
-    else
-      round_bf16(x + r * ldx, k_x, d + r * ld);
-    if (h) round_bf16(h + r * ldh, k_h, d + r * ld + k_x);
+  } else {
+    round_bf16_rows(x, ldx, m, k_x, d, ld);
   }
+  if (h) round_bf16_rows(h, ldh, m, k_h, d + k_x, ld);
   return d;
 }
 

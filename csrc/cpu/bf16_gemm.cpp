@@ -651,6 +651,12 @@ void bf16_transpose_rows(const c10::BFloat16* At, int64_t K, int64_t M, int64_t 
   transpose_rows_impl(reinterpret_cast<const uint16_t*>(At), K, M, ldat, out, ldo);
 }
 
+void bf16_round_rows(int64_t M, int64_t K, const float* A, int64_t lda, c10::BFloat16* out,
+                     int64_t ldo) {
+  TORCH_INTERNAL_ASSERT(bf16_gemm_available(), "fused_lstm: bf16_round_rows needs AVX512_BF16");
+  convert_rows(M, K, A, lda, reinterpret_cast<uint16_t*>(out), ldo, K);
+}
+
 void bf16_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const uint16_t* W,
                float* C, int64_t ldc, bool accumulate, int64_t n0, int64_t n1) {
   gemm_impl(M, N, K, A, lda, W, C, ldc, accumulate, n0, n1);

@@ -92,6 +92,14 @@ void bf16_transpose_rows(const float* At, int64_t K, int64_t M, int64_t ldat, c1
 void bf16_transpose_rows(const c10::BFloat16* At, int64_t K, int64_t M, int64_t ldat,
                          c10::BFloat16* out, int64_t ldo);
 
+// M rows of K floats (row stride lda) rounded to bf16 rows (row stride ldo) to nearest even
+// with vcvtne2ps2bf16, as bf16_gemm rounds its float32 A: an operand for the bf16 products,
+// which treat denormal inputs as zero, so the instruction's flushing of denormals changes no
+// product (a NaN stays a NaN, with other payload bits than c10's rounding gives). Needs
+// bf16_gemm_available(). Single-threaded.
+void bf16_round_rows(int64_t M, int64_t K, const float* A, int64_t lda, c10::BFloat16* out,
+                     int64_t ldo);
+
 // C[m, n] = (accumulate ? C[m, n] : 0) + sum_k bf16(A[m, k]) * W[n, k], for m < M and
 // n0 <= n < n1 (n1 < 0 means N); other columns of C are neither read nor written. C points at
 // column 0 of row 0 (not at column n0). Row strides lda, ldc in elements. Single-threaded.
