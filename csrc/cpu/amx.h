@@ -163,7 +163,8 @@ void amx_pack_cat_t(const W* w_ih, int64_t k_ih, const W* w_hh, int64_t k_hh, in
 // with vcvtne2ps2bf16").
 inline void round_bf16_rows(const float* a, int64_t lda, int64_t m, int64_t k, c10::BFloat16* d,
                             int64_t ldd) {
-  bf16_round_rows(m, k, a, lda, d, ldd);
+  if (bf16_gemm_available()) return bf16_round_rows(m, k, a, lda, d, ldd);
+  for (int64_t r = 0; r < m; ++r) round_bf16(a + r * lda, k, d + r * ldd);  // as c10 rounds
 }
 
 // This thread's rows of bf16 for an A operand given as float.
