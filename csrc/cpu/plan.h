@@ -247,8 +247,10 @@ constexpr int64_t kFuseWeightBytesPerRow = int64_t{1} << 18;
 // weights' bytes streamed per step decide: on the Intel Xeon (family 6 model 167, 2 MB of L2
 // per core, 2 threads; 100 steps, one layer, the fused and unfused steps alternated in one
 // process) the fused step won by 2-15% at 24-48 KB of fused bf16 weights per slice row (hidden
-// 256-384, 16 and 32 rows per thread) and lost by 3-29% from 64 KB per row on (hidden 256-512;
-// fastrnns: 128 KB per row, 26.9 against 22.8 ms). Only CPUs with AMX-BF16 run these products
+// 256-384, 16 and 32 rows per thread) and lost by 3-29% from 96 KB per row on (hidden 384-512;
+// fastrnns: 128 KB per row, 26.9 against 22.8 ms). At 64 KB a layer alone lost 5%, but medium's
+// second layer (64 KB per row) won inside the two-layer model (unfused: +3% inference, +7%
+// training), so the bound is 64 KB. Only CPUs with AMX-BF16 run these products
 // (benchmarks/notes/bf16.md, "Fused or unfused projection on AMX tiles").
 constexpr int64_t kAmxFuseWeightBytesPerRow = int64_t{64} << 10;
 

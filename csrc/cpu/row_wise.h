@@ -69,6 +69,7 @@ void forward_step(const CpuPlan& plan, const LSTMShape& s, const DirectionWeight
   if constexpr (std::is_same_v<T, float>) {
     if (w.amx_cat) {  // the fused step on the tiles: [x_t | h_{t-1}] [W_ih^T; W_hh^T], one B
       const int64_t k = in_size + out;
+      TORCH_INTERNAL_ASSERT(x_t, "fused_lstm: a fused AMX step without its x_t");
       visit(x_t, [&](auto x) {
         const c10::BFloat16* a = amx_cat_rows(x, in_size, in_size, h_prev, ld_prev, out, bs);
         amx_product(false, bs, G, h_prev ? k : in_size, a, k, w.amx_cat, g_t, G, k);
