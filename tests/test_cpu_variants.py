@@ -334,11 +334,13 @@ def _inputs(module, seq_len, batch, packed, dtype):
 
 
 def _run(module, x, hx, lengths, upstream, train):
-    """Outputs (and with `train`, the gradients of input, h0, c0 and every weight), float64."""
-    leaves = [x.clone().requires_grad_(train), *(t.clone().requires_grad_(train) for t in hx)]
+    """Outputs (and with `train`, the gradients of input, h0, c0 and every weight), float64.
+    hx None: the module called without a state (no h0, c0 gradients)."""
+    leaves = [x.clone().requires_grad_(train),
+              *(t.clone().requires_grad_(train) for t in hx or ())]
     inp = pack_padded_sequence(leaves[0], lengths) if lengths else leaves[0]
     with torch.set_grad_enabled(train):
-        out, (h_n, c_n) = module(inp, tuple(leaves[1:]))
+        out, (h_n, c_n) = module(inp, tuple(leaves[1:]) if hx else None)
     out = out.data if lengths else out
     results = [out, h_n, c_n]
     if train:
@@ -384,23 +386,13 @@ def test_amx_fused_step_without_hx(train):
     exact = nn.LSTM(dtype=F64, **kwargs)
     exact.load_state_dict({k: v.double() for k, v in torch_lstm.state_dict().items()})
     x = randn(6, 12, 24).to(BF16)
-    upstream = randn(6, 12, 32)
+    upstream = (randn(6, 12, 32), randn(2, 12, 32), randn(2, 12, 32))
     plan = plan_of(fused, x, None, train)
     assert plan["recurrent_product"] == "amx_brgemm"
     assert plan["input_projection.0"] == "amx_brgemm, fused into the steps"
-
-    def run(module, inp):
-        leaf = inp.clone().requires_grad_(train)
-        with torch.set_grad_enabled(train):
-            out, (h_n, c_n) = module(leaf)
-        results = [out, h_n, c_n]
-        if train:
-            results += torch.autograd.grad(out, [leaf, *module.parameters()],
-                                           upstream.to(out.dtype))
-        return [t.detach().double() for t in results]
-
-    assert_within_twice_nn_lstm(run(fused, x), run(exact, x.double()), run(torch_lstm, x),
-                                FLOOR[BF16])
+    assert_within_twice_nn_lstm(_run(fused, x, None, None, upstream, train),
+                                _run(exact, x.double(), None, None, upstream, train),
+                                _run(torch_lstm, x, None, None, upstream, train), FLOOR[BF16])
 
 
 def plan_of(module, x, lengths, train):

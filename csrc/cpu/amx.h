@@ -110,11 +110,13 @@ inline int64_t amx_packed_size(int64_t N, int64_t K) {
 // row-major with row stride ldb (`rows_of_b`: the backward's W_hh and W_ih as stored, x,
 // h_prev) or from W = B^T [N, K] with row stride ldb (the forward's weights); float or bf16,
 // rounded to bf16. An odd K gets a row of zeros (a product then takes amx_k_even(K) and an A
-// whose column K is zero). Panels over the threads outside a parallel region.
+// whose column K is zero). Panels over the threads outside a parallel region. panel_k: the K
+// the panels are spaced for (panel n0 at out + n0 * panel_k), where B is K of the rows of a
+// taller packed B (amx_pack_cat_t); else amx_k_even(K).
 template <typename W>
 void amx_pack(const W* w, int64_t N, int64_t K, int64_t ldb, bool rows_of_b,
-              c10::BFloat16* out) {
-  const int64_t k_even = amx_k_even(K);
+              c10::BFloat16* out, int64_t panel_k = -1) {
+  const int64_t k_even = panel_k >= 0 ? panel_k : amx_k_even(K);
   const int64_t panels = (N + kAmxPanelN - 1) / kAmxPanelN;
   auto pack = [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
@@ -144,17 +146,8 @@ template <typename W>
 void amx_pack_cat_t(const W* w_ih, int64_t k_ih, const W* w_hh, int64_t k_hh, int64_t N,
                     c10::BFloat16* out) {
   TORCH_INTERNAL_ASSERT(k_ih % 2 == 0 && k_hh % 2 == 0);
-  const int64_t K = k_ih + k_hh, panels = (N + kAmxPanelN - 1) / kAmxPanelN;
-  auto pack = [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t n0 = p * kAmxPanelN, nb = std::min(kAmxPanelN, N - n0);
-      auto* o = reinterpret_cast<uint16_t*>(out + n0 * K);
-      bf16_pack_panels(w_ih + n0 * k_ih, nb, k_ih, k_ih, kAmxPanelN, o);
-      bf16_pack_panels(w_hh + n0 * k_hh, nb, k_hh, k_hh, kAmxPanelN, o + k_ih * kAmxPanelN);
-    }
-  };
-  if (panels > 1 && !at::in_parallel_region()) at::parallel_for(0, panels, 1, pack);
-  else pack(0, panels);
+  amx_pack(w_ih, N, k_ih, k_ih, false, out, k_ih + k_hh);
+  amx_pack(w_hh, N, k_hh, k_hh, false, out + k_ih * kAmxPanelN, k_ih + k_hh);
 }
 
 // m rows of k floats (lda apart) rounded to bf16 rows (ldd apart) on this thread: an A operand
@@ -167,12 +160,19 @@ inline void round_bf16_rows(const float* a, int64_t lda, int64_t m, int64_t k, c
   for (int64_t r = 0; r < m; ++r) round_bf16(a + r * lda, k, d + r * ldd);  // as c10 rounds
 }
 
+// This thread's buffer of at least n bf16 for an A operand (amx_rows, amx_cat_rows; each
+// product consumes its A before the next is built).
+inline c10::BFloat16* amx_row_buffer(int64_t n) {
+  static thread_local std::vector<c10::BFloat16> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
 // This thread's rows of bf16 for an A operand given as float.
 inline c10::BFloat16* amx_rows(const float* a, int64_t lda, int64_t m, int64_t k) {
-  static thread_local std::vector<c10::BFloat16> buf;
-  if (static_cast<int64_t>(buf.size()) < m * k) buf.resize(m * k);
-  round_bf16_rows(a, lda, m, k, buf.data(), k);
-  return buf.data();
+  c10::BFloat16* d = amx_row_buffer(m * k);
+  round_bf16_rows(a, lda, m, k, d, k);
+  return d;
 }
 
 // C[m, n] = A[m, k] B[k, n] (+ C when `add`) on this thread, B packed by amx_pack (k even, or
@@ -205,10 +205,8 @@ inline void amx_product(bool add, int64_t m, int64_t n, int64_t k, const float* 
 template <typename X>
 const c10::BFloat16* amx_cat_rows(const X* x, int64_t ldx, int64_t k_x, const float* h,
                                   int64_t ldh, int64_t k_h, int64_t m) {
-  static thread_local std::vector<c10::BFloat16> buf;
   const int64_t ld = k_x + k_h;
-  if (static_cast<int64_t>(buf.size()) < m * ld) buf.resize(m * ld);
-  c10::BFloat16* d = buf.data();
+  c10::BFloat16* d = amx_row_buffer(m * ld);
   if constexpr (std::is_same_v<X, c10::BFloat16>) {
     for (int64_t r = 0; r < m; ++r)
       std::memcpy(d + r * ld, x + r * ldx, sizeof(c10::BFloat16) * k_x);

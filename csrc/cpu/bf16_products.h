@@ -45,16 +45,10 @@ void use_bf16_gemm(const CpuPlan& plan, const LSTMShape& s, int64_t layer, Direc
       auto* hh_amx = reinterpret_cast<c10::BFloat16*>(hh);
       if (fuse_input_projection(plan, s, layer, sizeof(uint16_t))) {
         // One B for the fused step (amx_pack_cat_t), in the room of the two.
-        visit(w.ih, [&](auto Wi) {
-          using W = std::remove_cv_t<std::remove_pointer_t<decltype(Wi)>>;
-          const W* Wh = nullptr;
-          visit(w.hh, [&](auto p) {
-            if constexpr (std::is_same_v<std::remove_cv_t<std::remove_pointer_t<decltype(p)>>, W>)
-              Wh = p;
-          });
-          TORCH_INTERNAL_ASSERT(Wh != nullptr, "fused_lstm: W_ih and W_hh of different dtypes");
-          amx_pack_cat_t(Wi, in, Wh, out, G, ih_amx);
-        });
+        // (W_ih and W_hh are both kept bf16 or both float: lstm.h Keep16.)
+        TORCH_INTERNAL_ASSERT((w.ih.b != nullptr) == (w.hh.b != nullptr));
+        if (w.ih.b) amx_pack_cat_t(w.ih.b, in, w.hh.b, out, G, ih_amx);
+        else amx_pack_cat_t(w.ih.f, in, w.hh.f, out, G, ih_amx);
         w.amx_cat = ih_amx;
         w.k_ih = in;
         return;
