@@ -391,7 +391,7 @@ ForwardArgs prepare_forward(
     const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
     bool bidirectional, bool has_biases, int64_t proj_size, bool with_reserve,
-    Keep16 keep, bool may_drop_gates) {
+    Keep16 keep, bool may_drop_gates, Keep16 output_in_dtype) {
   ForwardArgs a;
   a.shape = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
                             bidirectional, has_biases, proj_size);
@@ -415,7 +415,7 @@ ForwardArgs prepare_forward(
     TORCH_INTERNAL_ASSERT(is_16bit(a.dtype));
     convert.scratch_result(a.hy, {LD, s.batch, s.out_size});
     convert.scratch_result(a.cy, {LD, s.batch, s.hidden_size});
-    if (!with_reserve) {
+    if (!with_reserve && !keeps_16bit(s, input, output_in_dtype)) {
       c10::SmallVector<int64_t, 4> out_shape(input.sizes().begin(), input.sizes().end());
       out_shape.back() = s.num_directions * s.out_size;
       convert.scratch_result(a.output, out_shape);

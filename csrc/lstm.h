@@ -201,7 +201,8 @@ struct ForwardArgs {
                                // (reserve undefined when prepared without one)
   // Prepared without a reserve (inference), where 16-bit tensors were widened on the CPU:
   // the output [*input.shape[:-1], D*out] in the math dtype, in the same scratch buffer as
-  // them (and hy, cy); else undefined (the backend allocates it).
+  // them (and hy, cy); else undefined (the backend allocates it, also where the backend
+  // writes it in the call's 16-bit dtype: prepare_forward's output_in_dtype).
   at::Tensor output;
 };
 
@@ -232,7 +233,7 @@ ForwardArgs prepare_forward(
     const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
     bool bidirectional, bool has_biases, int64_t proj_size, bool with_reserve = true,
-    Keep16 keep = nullptr, bool may_drop_gates = false);
+    Keep16 keep = nullptr, bool may_drop_gates = false, Keep16 output_in_dtype = nullptr);
 
 // t in `dtype`: t itself when it already is (no dispatcher call, ~0.2 us), else a converted
 // copy: a contiguous float32 CPU tensor to bfloat16 or float16 by round_to into a fresh tensor

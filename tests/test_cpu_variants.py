@@ -25,6 +25,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import fused_lstm
 from fused_lstm import FusedLSTM, ops, reference
 from helpers import (
+    allocation_sizes,
     assert_results_and_grads_close,
     call,
     cpu_features,
@@ -1614,3 +1615,77 @@ def test_hidden_split_follows_the_measured_rates(dtype):
                            for k in fused_lstm.explain(module, x)["forward"])
     for a, b in zip(default[:1] + default[1], batch_split[:1] + batch_split[1]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+# 16-bit inference on the row-wise path, the output written in the model's dtype by the steps
+# (CpuPlan::output_16bit). name: (input, hidden, layers, bidirectional, proj_size, batch,
+# packed, settings).
+OUTPUT_16BIT_CASES = {
+    "1layer": (24, 40, 1, False, 0, 12, False, {}),
+    "2layers-bi": (24, 40, 2, True, 0, 12, False, {}),
+    "proj": (24, 40, 2, False, 16, 12, False, {}),
+    "packed-bi": (24, 40, 2, True, 0, 12, True, {}),
+    "3layers-packed-bi-proj": (30, 48, 3, True, 24, 9, True, {}),
+    "hidden-split": (48, 128, 2, False, 0, 40, False,
+                     dict(allow_hidden_split=True, hidden_split_by_measured_rates=False)),
+    "float32-products": (24, 40, 2, False, 0, 12, False, dict(allow_bf16_products=False)),
+    "no-brgemm": (24, 40, 2, True, 0, 12, False, dict(allow_brgemm=False)),
+}
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", list(OUTPUT_16BIT_CASES))
+def test_16bit_inference_writes_its_output_in_its_dtype(name, dtype):
+    """bfloat16 and float16 inference on the row-wise path: explain reports output_16bit, and
+    the output, h_n and c_n are bit for bit the training forward's on the same call (which
+    rounds a float32 layer output at its end): the steps carry h_t in float32 and round each
+    step's rows into the output as torch rounds (benchmarks/notes/memory.md, "16-bit inference:
+    the output in its dtype"). The hidden split's last layer writes a float32 layer output
+    that is rounded after it; the products' libraries and fusion are fixed, so that both calls
+    run the same products (and the hidden size is a multiple of the AMX panels' 64 columns:
+    where the hidden split's column ranges cross a panel, its bf16 products can differ from
+    the batch split's in the last bit)."""
+    input_size, hidden, layers, bi, proj, batch, packed, settings = OUTPUT_16BIT_CASES[name]
+    if settings.get("allow_hidden_split") and not FEATURES["brgemm" if dtype == F16 else "amx_bf16"]:
+        pytest.skip("the hidden split needs brgemm (float32 products) or AMX-BF16 (bf16)")
+    module = FusedLSTM(input_size, hidden, layers, bidirectional=bi, proj_size=proj).to(dtype)
+    D, T = 2 if bi else 1, 9
+    x = randn(T, batch, input_size).to(dtype)
+    hx = (randn(layers * D, batch, proj or hidden).to(dtype),
+          randn(layers * D, batch, hidden).to(dtype))
+    if packed:
+        lengths = random_lengths(batch, T, sort=False)
+        x = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    fixed = dict(settings, fuse_by_measured_rates=False, gemm_library="blas",
+                 nn_lstm_floor="never")
+    with num_threads(2), CPU.flags(**fixed):
+        with torch.no_grad():
+            plan = fused_lstm.explain(module, x)["forward"]
+            assert plan["variant"] == "row_wise" and plan["output_16bit"] == "true", plan
+            out, (h_n, c_n) = module(x, hx)
+        train_out, (train_h, train_c) = module(x, tuple(t.requires_grad_() for t in hx))
+    if packed:
+        out, train_out = out.data, train_out.data
+    for ours, theirs in ((out, train_out), (h_n, train_h), (c_n, train_c)):
+        assert ours.dtype == dtype
+        _assert_same_16bit(ours, theirs.detach().float())
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "fp16"])
+def test_16bit_inference_allocates_no_float_output(dtype):
+    """Where the steps write a 16-bit model's output in its dtype, no float32 output of the
+    call's size is allocated: at a long sequence of few features, where the fused input
+    projection keeps the gates to one step, no allocation of the inference call is as large
+    as that float32 output would be (the build before made one: the output in the op's scratch,
+    rounded at the end)."""
+    T, B, I, H = 400, 9, 16, 32
+    module = FusedLSTM(I, H).to(dtype)  # one layer: no float32 layer output below the last
+    x = randn(T, B, I).to(dtype)
+    with num_threads(2), CPU.flags(fuse_by_measured_rates=False, allow_hidden_split=False,
+                                   nn_lstm_floor="never"), torch.no_grad():
+        assert fused_lstm.explain(module, x)["forward"]["output_16bit"] == "true"
+        module(x)  # warm: packed weights and scratch sized
+        sizes = allocation_sizes(lambda: module(x))
+    float_output = T * B * H * 4
+    assert T * B * H * 2 in sizes, sorted(sizes)  # the output, in its dtype
+    assert max(sizes) < float_output, sorted(sizes)

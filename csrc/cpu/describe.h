@@ -103,6 +103,7 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
                                                                : library(false, true, slice_rows, out, H))
       << "\n";
   o << "keep_16bit=" << (p.keep_16bit ? "true" : "false") << "\n";
+  if (p.inference) o << "output_16bit=" << (p.output_16bit ? "true" : "false") << "\n";
   if (!p.inference) {
     o << "backward_widens_16bit=" << (p.backward_widens_16bit ? "true" : "false") << "\n";
     std::string dh;

@@ -97,10 +97,16 @@ inline int64_t inference_chunk_steps(const LSTMShape& s) {
   return std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, s.batch * 4 * s.hidden_size));
 }
 
+// output16 (output null): the output in `out_dtype`, bfloat16 or float16, written by the last
+// layer's steps as they finish (CpuPlan::output_16bit: the row-wise variant).
 template <typename T>
 void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, const T* hx,
                     const T* cx, const std::vector<at::Tensor>& weights, const T* mask, T* hy,
-                    T* cy, T* output) {
+                    T* cy, T* output, void* output16 = nullptr,
+                    at::ScalarType out_dtype = at::kFloat) {
+  TORCH_INTERNAL_ASSERT((output == nullptr) == (output16 != nullptr));
+  TORCH_INTERNAL_ASSERT(!output16 || (std::is_same_v<T, float> && is_16bit(out_dtype) &&
+                                      plan.variant == Variant::kRowWise));
   if (plan.variant == Variant::kThin)
     return thin_forward<T>(plan, s, input, hx, cx, weights, mask, hy, cy, output, nullptr);
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
@@ -130,13 +136,19 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
   for (int64_t l = 0; l < s.num_layers; ++l) {
     const int64_t in_size = s.layer_input_size(l);
     const Operand<T> x = prev_t ? Operand<T>{} : layer_input(s, l, input, prev, mask, dropped);
-    T* layer_out = l + 1 == s.num_layers
-        ? output
+    const bool last_layer = l + 1 == s.num_layers;
+    // The hidden split (hidden_split.h): threads own units rather than batch rows.
+    const bool hidden = !tiny && hidden_split_layer(plan, s, l);
+    // A 16-bit output: the steps round their h_t rows into it (forward_steps' out_dtype), but
+    // for the hidden split's, whose threads read each other's float32 h_t from the layer
+    // output: that layer writes a float32 one, rounded into output16 after it.
+    uint16_t* out16 = last_layer && !hidden ? static_cast<uint16_t*>(output16) : nullptr;
+    const at::ScalarType step_out_dtype = out16 ? out_dtype : at::kFloat;
+    T* layer_out = out16 ? nullptr
+        : last_layer && output ? output
         : (layer_buf[l % 2].defined() ? layer_buf[l % 2].mutable_data_ptr<T>()
                                       : scratch<T>(layer_buf[l % 2], s.rows * out_stride));
     const bool out_t = tiny_out_t && l + 1 < s.num_layers;  // layer_out transposed
-    // The hidden split (hidden_split.h): threads own units rather than batch rows.
-    const bool hidden = !tiny && hidden_split_layer(plan, s, l);
     c10::BFloat16* hb = nullptr;
     if (hidden && plan.amx_products) {
       if (!hb_buf.defined()) hb_buf = cpu_cached_empty(hidden_split_scratch(s), at::kBFloat16);
@@ -159,11 +171,13 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
         auto rows_of = [&](int64_t t) {
           const int64_t off = s.step_offset[t];
           return StepRows<T>{step_gates, nullptr, pre_proj,
-                             layer_out + off * out_stride + d * out, x.at(off * in_size)};
+                             out16 ? nullptr : layer_out + off * out_stride + d * out,
+                             x.at(off * in_size),
+                             out16 ? out16 + off * out_stride + d * out : nullptr};
         };
         for_each_batch_slice(s, s.seq_len, true, [&](int64_t r0, int64_t r1) {
           forward_steps(plan, s, w, d, 0, s.seq_len - 1, r0, r1, h_state, c_state, rows_of, in_size,
-                        hx == nullptr);
+                        hx == nullptr, step_out_dtype);
         });
         continue;
       }
@@ -203,7 +217,8 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
         auto rows_of = [&](int64_t t) {
           const int64_t off = s.step_offset[t];
           return StepRows<T>{chunk + (off - row0) * G, nullptr, pre_proj,
-                             layer_out + off * out_stride + d * out};
+                             out16 ? nullptr : layer_out + off * out_stride + d * out, {},
+                             out16 ? out16 + off * out_stride + d * out : nullptr};
         };
         if constexpr (std::is_same_v<T, float>) {
           if (hidden) {
@@ -214,9 +229,13 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
         }
         for_each_batch_slice(s, last - first + 1, w.single_thread_product(), [&](int64_t r0, int64_t r1) {
           forward_steps(plan, s, w, d, first, last, r0, r1, h_state, c_state, rows_of, 0,
-                        hx == nullptr && first == 0);
+                        hx == nullptr && first == 0, step_out_dtype);
         });
       }
+    }
+    if constexpr (std::is_same_v<T, float>) {
+      if (last_layer && output16 && !out16)  // the hidden split's float32 layer output
+        round_to(layer_out, s.rows * out_stride, out_dtype, output16);
     }
     prev = layer_out;
     prev_t = out_t;

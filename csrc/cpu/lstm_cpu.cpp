@@ -101,21 +101,28 @@ Results3 fused_inference(
   const CallPlan call{settings, /*inference=*/true};
   ForwardArgs a = prepare_forward(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
                                   bidirectional, has_biases, proj_size, /*with_reserve=*/false,
-                                  call.asks(&CpuPlan::keep_16bit));
+                                  call.asks(&CpuPlan::keep_16bit), /*may_drop_gates=*/false,
+                                  call.asks(&CpuPlan::output_16bit));
   const LSTMShape& s = a.shape;
   const CpuPlan plan = call.of(s, a.dtype);
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
   out_shape.back() = s.num_directions * s.out_size;
-  at::Tensor output = a.output.defined()  // [T, B, D*out] == [rows, D*out]
-      ? a.output
-      : at::empty(out_shape, a.hy.options());
+  // [T, B, D*out] == [rows, D*out]: in the call's 16-bit dtype where the plan says the steps
+  // write it so (CpuPlan::output_16bit), else in the math dtype.
+  const bool out16 = is_16bit(a.dtype) && plan.output_16bit;
+  at::Tensor output = out16 ? at::empty(out_shape, a.hy.options().dtype(a.dtype))
+                      : a.output.defined() ? a.output
+                                           : at::empty(out_shape, a.hy.options());
   AT_DISPATCH_FLOATING_TYPES(a.math, "fused_lstm_inference_cpu", [&] {
     inference_impl<scalar_t>(plan, s, operand<scalar_t>(a.input), ptr_or_null<scalar_t>(a.hx),
                              ptr_or_null<scalar_t>(a.cx), a.weights,
                              ptr_or_null<scalar_t>(a.dropout_mask), a.hy.mutable_data_ptr<scalar_t>(),
-                             a.cy.mutable_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>());
+                             a.cy.mutable_data_ptr<scalar_t>(),
+                             out16 ? nullptr : output.mutable_data_ptr<scalar_t>(),
+                             out16 ? output.mutable_data_ptr() : nullptr, a.dtype);
   });
-  return {in_dtype(output, a.dtype), in_dtype(a.hy, a.dtype), in_dtype(a.cy, a.dtype)};
+  return {out16 ? output : in_dtype(output, a.dtype), in_dtype(a.hy, a.dtype),
+          in_dtype(a.cy, a.dtype)};
 }
 
 // What nn.LSTM runs for the call in inference: at::lstm, with zeros for a state not given (as

@@ -112,6 +112,12 @@ struct CpuPlan {
   bool grads_16bit = false;
   bool vec16_cell = false;    // float32 cell pass on 16 lanes (cell_forward_vec16)
   bool inference = false;     // lstm_inference: nothing kept for backward
+  // Inference of a bfloat16 or float16 model on the row-wise path: the last layer's h_t rows
+  // are rounded into the model-dtype output as each step finishes (forward_steps), instead of
+  // a float32 output for the whole call rounded at its end (the steps carry h in float32 in
+  // h_n's rows, so the results are the same bits). benchmarks/notes/memory.md, "16-bit
+  // inference: the output in its dtype".
+  bool output_16bit = false;
 };
 
 // model: the caller's dtype (the math dtype is float32 but for float64); inference:
@@ -166,6 +172,7 @@ inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, at::Sca
   p.grads_16bit = p.backward_few_rows && model_16bit;
   p.brgemm_dh = is_float && row_sizes && cpu.brgemm && settings.brgemm && !p.backward_few_rows;
   p.vec16_cell = is_float && cpu.avx512 && settings.vec16_cell;
+  p.output_16bit = inference && model_16bit && p.variant == Variant::kRowWise;
   return p;
 }
 

@@ -111,9 +111,18 @@ struct StepRows {
   T* gates;
   T* cells;     // null in inference (no reserve: the cell pass writes only c_t and h_t)
   T* pre_proj;  // null without projection
-  T* layer_out;
+  T* layer_out;  // null where the step's h_t goes to out16 instead
   Operand<T> x = {};  // the step's layer input [.., in_size] when the projection is fused
+  uint16_t* out16 = nullptr;  // the step's rows of a 16-bit output (forward_steps' out_dtype)
 };
+
+// rows of n floats (ld_src apart) rounded to `dtype` (bfloat16 or float16, as torch rounds)
+// into rows ld_dst elements apart; row by row, so on this thread (round_to splits only runs
+// far longer than a row).
+inline void round_rows_to(const float* src, int64_t ld_src, int64_t rows, int64_t n,
+                          at::ScalarType dtype, uint16_t* dst, int64_t ld_dst) {
+  for (int64_t r = 0; r < rows; ++r) round_to(src + r * ld_src, n, dtype, dst + r * ld_dst);
+}
 
 
 
@@ -124,14 +133,18 @@ struct StepRows {
 // Where every step has every row (no packed lengths), h_t is written once, into the layer
 // output, and the next step reads it from there; h_state receives the last step's at the end.
 // Otherwise (rows end or start at different steps) h_t goes to h_state, which every step reads,
-// and is copied into the layer output.
+// and is copied into the layer output; so also where the layer output is 16-bit (out_dtype
+// bfloat16 or float16: StepRows::out16, CpuPlan::output_16bit), rounded into it, while the
+// steps carry h_t in float32.
 template <typename T, typename RowsOf>
 void forward_steps(const CpuPlan& plan, const LSTMShape& s, const DirectionWeights<T>& w,
                    int64_t d, int64_t first, int64_t last, int64_t r0, int64_t r1, T* h_state, T* c_state,
-                   const RowsOf& rows_of, int64_t in_size, bool h_zero) {
+                   const RowsOf& rows_of, int64_t in_size, bool h_zero,
+                   at::ScalarType out_dtype = at::kFloat) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size;
   const int64_t out_stride = s.num_directions * out;
-  const bool in_output = every_step_full(s);
+  const bool out16 = is_16bit(out_dtype);
+  const bool in_output = every_step_full(s) && !out16;
   const int64_t ld_h = in_output ? out_stride : out;
   const T* h_prev = h_zero ? nullptr : h_state + r0 * out;
   int64_t ld_prev = out, last_bs = 0;
@@ -140,12 +153,15 @@ void forward_steps(const CpuPlan& plan, const LSTMShape& s, const DirectionWeigh
     const int64_t bs = std::min(s.batch_sizes[t], r1) - r0;
     if (bs <= 0) continue;
     const StepRows<T> p = rows_of(t);
-    T* out_t = p.layer_out + r0 * out_stride;
+    T* out_t = out16 ? nullptr : p.layer_out + r0 * out_stride;
     T* h_next = in_output ? out_t : h_state + r0 * out;
     forward_step(plan, s, w, bs, p.gates + r0 * G, h_prev, ld_prev, h_next, ld_h, c_state + r0 * H,
                  p.cells ? p.cells + r0 * H : nullptr, p.pre_proj ? p.pre_proj + r0 * H : nullptr,
                  p.x.at(r0 * in_size), in_size);
-    if (!in_output) copy_rows(h_next, out, out_t, out_stride, bs, out);
+    if constexpr (std::is_same_v<T, float>) {
+      if (out16) round_rows_to(h_next, out, bs, out, out_dtype, p.out16 + r0 * out_stride, out_stride);
+    }
+    if (!in_output && !out16) copy_rows(h_next, out, out_t, out_stride, bs, out);
     h_prev = h_next;
     ld_prev = ld_h;
     last_bs = bs;
