@@ -391,7 +391,7 @@ ForwardArgs prepare_forward(
     const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
     bool bidirectional, bool has_biases, int64_t proj_size, bool with_reserve,
-    Keep16 keep, bool may_drop_gates, Keep16 output_in_dtype) {
+    Keep16 keep, bool may_drop_gates, Keep16 output_in_dtype, Keep16 keep_half_input) {
   ForwardArgs a;
   a.shape = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
                             bidirectional, has_biases, proj_size);
@@ -403,9 +403,10 @@ ForwardArgs prepare_forward(
   a.dtype = input.scalar_type();
   a.math = math_type(a.dtype);
   ToMath convert(a.math);
-  // A float16 call keeps its weights only (lstm.h).
+  // A float16 call keeps its weights only (lstm.h), and its input where `keep_half_input`.
   const bool kept = keeps_16bit(s, input, keep), half = a.dtype == at::kHalf;
-  convert_input_and_weights(s, input, weights, convert, kept && !half, kept && half, a.input,
+  const bool keep_input = kept && (!half || keeps_16bit(s, input, keep_half_input));
+  convert_input_and_weights(s, input, weights, convert, keep_input, kept && half, a.input,
                             a.weights);
   convert(hx, a.hx);
   convert(cx, a.cx);

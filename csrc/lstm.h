@@ -233,7 +233,8 @@ ForwardArgs prepare_forward(
     const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
     bool bidirectional, bool has_biases, int64_t proj_size, bool with_reserve = true,
-    Keep16 keep = nullptr, bool may_drop_gates = false, Keep16 output_in_dtype = nullptr);
+    Keep16 keep = nullptr, bool may_drop_gates = false, Keep16 output_in_dtype = nullptr,
+    Keep16 keep_half_input = nullptr);
 
 // t in `dtype`: t itself when it already is (no dispatcher call, ~0.2 us), else a converted
 // copy: a contiguous float32 CPU tensor to bfloat16 or float16 by round_to into a fresh tensor

@@ -275,9 +275,21 @@ CASES = {
     "few-rows-off": (
         {"allow_few_rows": False}, dict(input_size=37, hidden_size=35, num_layers=2), 1, 5, F32,
         True, {"variant": "row_wise", "backward_weight_products": "blas"}, None),
+    # float16 inference on the row-wise path: the input, W_ih and W_hh read as given with
+    # brgemm's steps (CpuPlan::fp16_kept_inference), widened at the op's boundary without; the
+    # output written in float16 by the steps either way (CpuPlan::output_16bit).
     "fp16-inference-row-wise": (
         {}, dict(input_size=20, hidden_size=32, num_layers=2, bidirectional=True), 12, 16, F16,
-        False, {"variant": "row_wise", "keep_16bit": "false"}, None),
+        False, {"variant": "row_wise", "keep_16bit": "true", "output_16bit": "true",
+                "recurrent_product": "brgemm"}, "brgemm"),
+    "fp16-inference-row-wise-unfused": (
+        {"allow_fused_input_projection": False},
+        dict(input_size=20, hidden_size=32, num_layers=2, proj_size=12), 12, 16, F16, False,
+        {"variant": "row_wise", "keep_16bit": "true", "input_projection.0": "blas"}, "brgemm"),
+    "fp16-inference-row-wise-no-brgemm": (
+        {"allow_brgemm": False}, dict(input_size=20, hidden_size=32, num_layers=2,
+                                      bidirectional=True), 12, 16, F16, False,
+        {"variant": "row_wise", "keep_16bit": "false", "output_16bit": "true"}, None),
     "thin-bf16-steps": (
         {}, dict(input_size=40, hidden_size=33, num_layers=2), 3, 4, BF16, False,
         {"variant": "thin", "keep_16bit": "true"}, None),
@@ -1628,6 +1640,9 @@ OUTPUT_16BIT_CASES = {
     "3layers-packed-bi-proj": (30, 48, 3, True, 24, 9, True, {}),
     "hidden-split": (48, 128, 2, False, 0, 40, False,
                      dict(allow_hidden_split=True, hidden_split_by_measured_rates=False)),
+    "unfused": (24, 40, 2, False, 0, 12, False, dict(allow_fused_input_projection=False)),
+    "unfused-packed-bi": (24, 40, 2, True, 0, 12, True,
+                          dict(allow_fused_input_projection=False)),
     "float32-products": (24, 40, 2, False, 0, 12, False, dict(allow_bf16_products=False)),
     "no-brgemm": (24, 40, 2, True, 0, 12, False, dict(allow_brgemm=False)),
 }
@@ -1642,7 +1657,9 @@ def test_16bit_inference_writes_its_output_in_its_dtype(name, dtype):
     step's rows into the output as torch rounds (benchmarks/notes/memory.md, "16-bit inference:
     the output in its dtype"). The hidden split's last layer writes a float32 layer output
     that is rounded after it; the products' libraries and fusion are fixed, so that both calls
-    run the same products (and the hidden size is a multiple of the AMX panels' 64 columns:
+    run the same products (a float16 model's inference reads its input, W_ih and W_hh as
+    kept, widening them where a float32 product reads them: the same values) (and the hidden
+    size is a multiple of the AMX panels' 64 columns:
     where the hidden split's column ranges cross a panel, its bf16 products can differ from
     the batch split's in the last bit)."""
     input_size, hidden, layers, bi, proj, batch, packed, settings = OUTPUT_16BIT_CASES[name]
@@ -1689,3 +1706,41 @@ def test_16bit_inference_allocates_no_float_output(dtype):
     float_output = T * B * H * 4
     assert T * B * H * 2 in sizes, sorted(sizes)  # the output, in its dtype
     assert max(sizes) < float_output, sorted(sizes)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_fp16_inference_makes_no_float_copies_of_input_and_weights(fused):
+    """A float16 model's inference on the row-wise path with brgemm's steps reads its input,
+    W_ih and W_hh as given (CpuPlan::fp16_kept_inference; explain: keep_16bit): nothing of their
+    float32 sizes is allocated, and the call allocates less in all than the float32 model's
+    same call (the build before allocated more: float32 copies of all three and of the output).
+    brgemm's panels are packed from the float16 weights, and the unfused projection widens one
+    layer's W_ih, and a chunk's rows of the input, just before its GEMM (the W_ih of this
+    one-layer model is widened whole: its size is checked only fused). The results are checked
+    bit for bit against the training forward in
+    test_16bit_inference_writes_its_output_in_its_dtype."""
+    if not FEATURES["brgemm"]:
+        pytest.skip("this torch's brgemm micro-kernel does not run here")
+    T, B, I, H = 1200, 12, 24, 40  # longer than a projection chunk (2^20 gates: 546 steps)
+    model = FusedLSTM(I, H).to(F16)
+    as_f32 = FusedLSTM(I, H)
+    as_f32.load_state_dict(model.state_dict())
+    x = randn(T, B, I).to(F16)
+    x_f32 = x.float()
+    with num_threads(2), CPU.flags(allow_fused_input_projection=fused,
+                                   fuse_by_measured_rates=False, allow_hidden_split=False,
+                                   nn_lstm_floor="never"), torch.no_grad():
+        plan = fused_lstm.explain(model, x)["forward"]
+        assert plan["keep_16bit"] == "true", plan
+        assert plan["input_projection.0"].endswith("fused into the steps") == fused, plan
+        model(x)  # warm: buffers cached
+        sizes = allocation_sizes(lambda: model(x))
+        as_f32(x_f32)
+        f32_sizes = allocation_sizes(lambda: as_f32(x_f32))
+    assert sum(sizes) < sum(f32_sizes), (sorted(sizes), sorted(f32_sizes))
+    copies = {"input": T * B * I * 4, "W_ih": 4 * H * I * 4, "W_hh": 4 * H * H * 4}
+    assert len(set(copies.values())) == 3
+    if not fused:
+        del copies["W_ih"]
+    for name, size in copies.items():
+        assert size not in sizes, (name, sorted(sizes))

@@ -117,9 +117,22 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
   const int64_t chunk_rows = std::min(chunk_steps, s.seq_len) * s.batch;
   const bool tiny = plan.variant == Variant::kSmallHidden;
   TinyBuffers<T> tb = tiny ? tiny_buffers<T>(s, chunk_rows, chunk_buf) : TinyBuffers<T>{};
-  at::Tensor w_packed_buf, bf16_buf, bias_buf;
+  at::Tensor w_packed_buf, bf16_buf, bias_buf, w_ih_buf, x_chunk_buf;
   uint16_t* bf16_weights = bf16_weight_buffer(plan, s, bf16_buf);
   T* w_packed = bf16_weights ? nullptr : brgemm_buffer<T>(plan, s, w_packed_buf);
+  // n float16 values kept by the op (CpuPlan::fp16_kept_inference) widened into `holder`
+  // (allocated at the first need, at least n; exact).
+  auto widened_half = [](const c10::Half* src, int64_t n, at::Tensor& holder) -> const T* {
+    if constexpr (std::is_same_v<T, float>) {
+      if (!holder.defined() || holder.numel() < n) scratch<T>(holder, n);
+      T* dst = holder.mutable_data_ptr<T>();
+      widen_16bit(src, n, dst);
+      return dst;
+    } else {
+      TORCH_INTERNAL_ASSERT(false, "fused_lstm: float16 operands widen to float32");
+      return nullptr;
+    }
+  };
   // The gates of `rows` rows: one step's where the projection is fused into the steps (every
   // layer at medium and fastrnns), a chunk's otherwise; allocated at the first need.
   auto gates_for = [&](int64_t rows) {
@@ -165,6 +178,8 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
         use_bf16_gemm(plan, s, l, w, bf16_weights);
         use_brgemm(plan, s, w, w_packed, l);
         use_bias(w, G, bias_buf);
+        if (w.w_ih == nullptr && w.ih.h != nullptr && w.k_ih == 0)  // the unfused projection's
+          w.w_ih = widened_half(w.ih.h, G * in_size, w_ih_buf);     // GEMM reads float32
       }
       if (w.k_ih > 0) {  // the projection fused into the steps: one pass over every step
         T* step_gates = gates_for(s.batch);
@@ -212,7 +227,10 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
           continue;
         }
         T* chunk = gates_for(chunk_rows);
-        input_projection(w, x.at(row0 * in_size), rows, in_size, G, chunk);
+        const Operand<T> x_chunk = x.h ? Operand<T>{widened_half(x.h + row0 * in_size,
+                                                                 rows * in_size, x_chunk_buf)}
+                                       : x.at(row0 * in_size);
+        input_projection(w, x_chunk, rows, in_size, G, chunk);
         // The pre-projection goes to per-row scratch ([B, H]) that each step overwrites.
         auto rows_of = [&](int64_t t) {
           const int64_t off = s.step_offset[t];

@@ -102,7 +102,8 @@ Results3 fused_inference(
   ForwardArgs a = prepare_forward(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
                                   bidirectional, has_biases, proj_size, /*with_reserve=*/false,
                                   call.asks(&CpuPlan::keep_16bit), /*may_drop_gates=*/false,
-                                  call.asks(&CpuPlan::output_16bit));
+                                  call.asks(&CpuPlan::output_16bit),
+                                  call.asks(&CpuPlan::fp16_kept_inference));
   const LSTMShape& s = a.shape;
   const CpuPlan plan = call.of(s, a.dtype);
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());

@@ -93,8 +93,15 @@ struct CpuPlan {
   bool bf16_products = false; // a bfloat16 model's products through bf16_gemm (bf16_products.h)
   bool amx_products = false;  // of those, the forward's on AMX tiles (amx.h)
   // The op keeps a bfloat16 model's input, W_ih and W_hh as given, or a float16 model's W_ih
-  // and W_hh (lstm.h Keep16).
+  // and W_hh (lstm.h Keep16); a float16 model's input too where fp16_kept_inference.
   bool keep_16bit = false;
+  // Inference of a float16 model on the row-wise path with brgemm's steps: the op keeps the
+  // input, W_ih and W_hh as given (no float32 copy of each for the call); brgemm's panels are
+  // packed from the float16 weights, and where a float32 product reads W_ih or the input
+  // (the unfused projection, a fused step), a layer and direction's W_ih and a chunk's or a
+  // step's rows are widened just before (weights.h use_brgemm, forward.h;
+  // benchmarks/notes/memory.md, "16-bit inference: the output in its dtype").
+  bool fp16_kept_inference = false;
   // The backward of a bfloat16 or float16 model whose products are float32 (row-wise steps
   // without the bf16 products: float16, a single step, a CPU without AVX512_BF16, or the
   // setting off) reads W_ih and W_hh as given and widens one layer and direction's at a time
@@ -163,6 +170,9 @@ inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, at::Sca
   // The thin kernel reads a bfloat16 or float16 model's W_ih and W_hh as they are (thin.h), on
   // any CPU.
   p.keep_16bit = (p.bf16_products && !thin) || (model_16bit && p.variant == Variant::kThin);
+  p.fp16_kept_inference = inference && model == at::kHalf && p.variant == Variant::kRowWise &&
+                          is_float && packs && cpu.brgemm && settings.brgemm;
+  p.keep_16bit = p.keep_16bit || p.fp16_kept_inference;
   // (Not where the backward recomputes the gates without the bf16 products: it reruns the
   // forward on float32 weights, backward.h.)
   p.backward_widens_16bit = model_16bit && !inference && !p.bf16_products &&
