@@ -63,8 +63,8 @@ from lstm_bench.ceilings import ceilings  # noqa: E402
 from lstm_bench.gemm_peak import PEAK_MIN_RUN_TIME, QUICK_PEAK_MIN_RUN_TIME  # noqa: E402
 from lstm_bench.grid import Progress, grid_steps, measure_grid, plan  # noqa: E402
 from lstm_bench.implementations import implementations  # noqa: E402
-from lstm_bench.machine import (RESULTS, import_fused_lstm, machine_info, read_junit,  # noqa: E402
-                                results_folder_name)
+from lstm_bench.machine import (RESULTS, import_fused_lstm, keep_malloc_memory,  # noqa: E402
+                                machine_info, read_junit, results_folder_name)
 from lstm_bench.report import machine_lines, print_results, write_results  # noqa: E402
 from lstm_bench.timing import MIN_RUN_TIME, QUICK_MIN_RUN_TIME, QUICK_ROUNDS, ROUNDS  # noqa: E402
 from lstm_bench.workloads import DTYPES, WORKLOADS  # noqa: E402
@@ -98,6 +98,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--min-run-time", type=float, metavar="SECONDS",
                         help="seconds of timing per implementation, workload and mode "
                              "(overrides the --quick default)")
+    parser.add_argument("--malloc-keep", action="store_true",
+                        help="set glibc's mmap and trim thresholds to 1 GB first, so that freed "
+                             "CPU memory is reused without page faults (as jemalloc or tcmalloc "
+                             "would): under glibc's defaults nn.LSTM's large training buffers are "
+                             "fresh pages on every call, which FusedLSTM's own buffer cache "
+                             "avoids; the header's malloc line says which")
     parser.add_argument("--tests-junit", metavar="FILE",
                         help="JUnit XML of a test run (pytest --junitxml=FILE) to report "
                              "alongside the timings")
@@ -114,11 +120,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         sys.exit(f"compare.py: --tests-junit {args.tests_junit}: {error}")
     # Kineto's own log lines (profiler start/stop) would interleave with the progress bar.
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    if args.malloc_keep:
+        why_not = keep_malloc_memory()
+        if why_not is not None:
+            sys.exit(f"compare.py: --malloc-keep: {why_not}")
     fused_lstm = import_fused_lstm()
     impls, notes = implementations(fused_lstm)
     grid, plan_notes = plan(args, impls)
     devices = {device.type for device, *_ in grid}
-    machine = machine_info(devices, fused_lstm)
+    machine = machine_info(devices, fused_lstm, malloc_kept=args.malloc_keep)
     workloads = list(dict.fromkeys(workload for _, workload, _, _ in grid))
     out = None
     if args.out == "auto":  # named now, so that a clash stops the run before it starts

@@ -350,6 +350,56 @@ def test_header_has_cpu_model_and_isa(run):
     assert machine["isa"] == isa and machine["cpu"] == model
 
 
+def test_header_has_the_malloc_settings(run):
+    """The header says which C allocator settings the run had: under glibc's defaults
+    nn.LSTM's large training buffers are fresh pages on every call (--malloc-keep changes that)."""
+    out, proc = run
+    md = (out / "results.md").read_text()
+    for text in (proc.stdout, md):
+        line = next(line for line in text.splitlines() if line.lstrip(" -").startswith("malloc: "))
+        if sys.platform.startswith("linux"):
+            assert "default thresholds" in line, line
+    assert "malloc" in json.loads((out / "results.json").read_text())["machine"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_malloc_keep_sets_glibc_thresholds():
+    """--malloc-keep's setting (lstm_bench.machine.keep_malloc_memory): glibc's mmap and trim
+    thresholds at 1 GB, so a 64 MB block freed and asked for again comes back without a page
+    fault; under the defaults it is a fresh mapping, faulted in again (minor faults counted by
+    getrusage in a fresh interpreter, to leave this process's allocator as it is)."""
+    code = (
+        "import ctypes, resource, sys\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "from lstm_bench import machine\n"
+        "if sys.argv[2] == 'keep':\n"
+        "    assert machine.keep_malloc_memory() is None\n"
+        "libc = ctypes.CDLL(None)\n"
+        "libc.malloc.restype = ctypes.c_void_p\n"
+        "libc.free.argtypes = [ctypes.c_void_p]\n"
+        "n = 64 << 20\n"
+        "def touch():\n"
+        "    p = libc.malloc(n)\n"
+        "    ctypes.memset(p, 1, n)\n"
+        "    return p\n"
+        "libc.free(touch())\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "libc.free(touch())\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+        "print(machine.malloc_info(sys.argv[2] == 'keep'))\n")
+    faults = {}
+    for mode in ("default", "keep"):
+        proc = subprocess.run([sys.executable, "-c", code, str(BENCH), mode], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        count, info = proc.stdout.splitlines()
+        faults[mode] = int(count)
+        assert ("1 GB" in info) == (mode == "keep"), info
+    pages = (64 << 20) // 4096
+    assert faults["default"] >= pages // 2, faults
+    assert faults["keep"] < pages // 16, faults
+
+
 CPUINFO = """processor	: 0
 vendor_id	: AuthenticAMD
 cpu family	: 25

@@ -3,6 +3,7 @@ results folder named after it, a test run's counts, and the fused_lstm to measur
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import importlib
 import importlib.util
@@ -78,9 +79,48 @@ def blas_info() -> str:
     return ", ".join(parts)
 
 
-def machine_info(devices: set[str], fused_lstm) -> dict:
-    """What the numbers depend on: hardware (CPU model and ISA), threads, BLAS, versions,
-    commit, date."""
+# glibc's M_TRIM_THRESHOLD and M_MMAP_THRESHOLD (mallopt), and what --malloc-keep sets both to.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MALLOC_KEEP_BYTES = 1 << 30
+
+
+def keep_malloc_memory() -> Optional[str]:
+    """Sets glibc's mmap and trim thresholds to MALLOC_KEEP_BYTES (mallopt): blocks up to 1 GB
+    come from the heap and freed memory stays in it, so a call that allocates what the previous
+    one freed reuses its pages instead of faulting fresh ones in, as a caching allocator
+    (jemalloc, tcmalloc) would. Under glibc's defaults nn.LSTM's large training buffers are fresh
+    mmap'd pages on every call (benchmarks/notes/measurement.md, "The baseline's page faults").
+    Returns None where set, else why not."""
+    if platform.libc_ver()[0] != "glibc":
+        return "the C library is not glibc"
+    libc = ctypes.CDLL(None)
+    if (libc.mallopt(M_MMAP_THRESHOLD, MALLOC_KEEP_BYTES) != 1
+            or libc.mallopt(M_TRIM_THRESHOLD, MALLOC_KEEP_BYTES) != 1):
+        return "mallopt refused the thresholds"
+    return None
+
+
+def malloc_info(kept: bool) -> str:
+    """The C allocator the run's CPU memory came from, and its settings that change how often
+    freed memory is faulted in again: glibc's thresholds, MALLOC_* and GLIBC_TUNABLES variables,
+    a preloaded allocator."""
+    libc, version = platform.libc_ver()
+    parts = [f"{libc or 'unknown libc'} {version}".strip()]
+    parts.append("mmap and trim thresholds 1 GB (--malloc-keep: freed memory reused without "
+                 "page faults)" if kept else "default thresholds (large blocks freed back to "
+                 "the OS: fresh pages, page faults, on the next call)")
+    settings = sorted(f"{k}={v}" for k, v in os.environ.items()
+                      if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES")
+    if settings:
+        parts.append("environment " + " ".join(settings))
+    if os.environ.get("LD_PRELOAD"):
+        parts.append(f"LD_PRELOAD={os.environ['LD_PRELOAD']}")
+    return "; ".join(parts)
+
+
+def machine_info(devices: set[str], fused_lstm, malloc_kept: bool = False) -> dict:
+    """What the numbers depend on: hardware (CPU model and ISA), threads, BLAS, the C
+    allocator's settings, versions, commit, date."""
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {
         "device": gpu if "cuda" in devices else "cpu",
@@ -88,6 +128,7 @@ def machine_info(devices: set[str], fused_lstm) -> dict:
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "blas": blas_info(),
+        "malloc": malloc_info(malloc_kept),
         "gpu": gpu,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

@@ -190,6 +190,7 @@ def machine_lines(machine: dict, tests: Optional[dict]) -> list[str]:
         "threads",
         f"isa: {isa_line(machine)}",
         f"blas: {machine.get('blas', 'unknown')}",
+        f"malloc: {machine.get('malloc', 'not recorded')}",
         f"gpu: {machine['gpu'] or 'none'}",
         f"torch: {machine['torch']}, CUDA {machine['cuda'] or 'none'}, "
         f"Python {machine['python']}",
