@@ -707,6 +707,24 @@ def test_zero_batch_weight_gradients_are_zero(dtype):
             assert torch.equal(g, torch.zeros_like(p))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_zero_batch_16bit_inference(dtype):
+    """Inference of an empty batch in 16 bits at a size that takes the row-wise kernels, whose
+    16-bit output the steps write in its dtype (CpuPlan::output_16bit): results shaped and typed
+    as nn.LSTM's, with no warning (an empty output has no data pointer; the op once rejected
+    it, and nn.LSTM ran with the fallback warning)."""
+    torch_lstm, fused = lstm_pair(input_size=24, hidden_size=32, num_layers=2,
+                                  bidirectional=True, dtype=dtype)
+    x = randn(5, 0, 24, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            for hx in (None, make_state(fused, 0, dtype)):
+                ours, theirs = fused(x, hx), torch_lstm(x, hx)
+                for a, b in zip((ours[0], *ours[1]), (theirs[0], *theirs[1])):
+                    assert a.shape == b.shape and a.dtype == b.dtype
+
+
 def test_single_step_and_single_sequence():
     torch_lstm, fused = lstm_pair(input_size=3, hidden_size=4, num_layers=2, bidirectional=True)
     for shape in ((1, 1, 3), (1, 3), (1, 5, 3)):

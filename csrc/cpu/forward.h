@@ -104,7 +104,8 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
                     const T* cx, const std::vector<at::Tensor>& weights, const T* mask, T* hy,
                     T* cy, T* output, void* output16 = nullptr,
                     at::ScalarType out_dtype = at::kFloat) {
-  TORCH_INTERNAL_ASSERT((output == nullptr) == (output16 != nullptr));
+  // (Both null for an empty output: no rows.)
+  TORCH_INTERNAL_ASSERT(s.rows == 0 || (output == nullptr) == (output16 != nullptr));
   TORCH_INTERNAL_ASSERT(!output16 || (std::is_same_v<T, float> && is_16bit(out_dtype) &&
                                       plan.variant == Variant::kRowWise));
   if (plan.variant == Variant::kThin)
