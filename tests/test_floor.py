@@ -1,4 +1,4 @@
-"""The nn.LSTM floor (csrc/cpu/plan.h): an inference call may run what nn.LSTM runs for it
+"""The nn.LSTM floor (csrc/cpu/floor_rule.h): an inference call may run what nn.LSTM runs for it
 (``at::lstm``: oneDNN's LSTM) instead of the fused kernels, where the setting
 ``cpu.nn_lstm_floor`` says so ("always"), or where "auto" measured at::lstm faster by more than
 3%. Forced by name here, at the smallest sizes where the floor is possible (batch 16,
@@ -185,7 +185,7 @@ def test_auto_measures_once_and_keeps_its_choice():
         expected = torch_lstm(x)
         first, aten_calls = _ran_aten(lambda: fused(x))
         # The measurement's at::lstm calls: 2 where it is far behind, else 6 for a call this
-        # short (plan.h, "The measurement"), its results returned from the one it chose.
+        # short (floor_rule.h, "The measurement"), its results returned from the one it chose.
         assert aten_calls in (2, 6)
         plan = _floor_of(fused, x)
         times = plan["nn_lstm_floor_times"]

@@ -3,6 +3,7 @@
 // Part of the one translation unit lstm_cpu.cpp.
 #pragma once
 
+#include "floor_rule.h"
 #include "forward.h"
 
 #include <algorithm>
@@ -192,7 +193,7 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
 }
 
 
-// The nn.LSTM floor's lines (plan.h): whether at::lstm runs the call, why, and the measured
+// The nn.LSTM floor's lines (floor_rule.h): whether at::lstm runs the call, why, and the measured
 // times behind an "auto" choice. nn_lstm_floor_runs=true exactly where the op runs at::lstm.
 inline std::string describe_floor(const CpuPlan& p, const LSTMShape& s, at::ScalarType dtype,
                                   bool has_mask) {

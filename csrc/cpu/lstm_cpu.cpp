@@ -4,6 +4,7 @@
 //   common.h        scratch, row copies, transposes, Operand, GCC vectors
 //   blas.h          library glue: BLAS, oneDNN matmul, oneDNN brgemm
 //   plan.h          the kernel choice: which variant a call runs, and why
+//   floor_rule.h    the nn.LSTM floor: which inference calls may run at::lstm instead
 //   cell.h          the cell passes (lstm_cell.h's math over contiguous runs)
 //   weights.h       weight preparation (pointers, bias, brgemm packing)
 //   small_hidden.h  variant: small hidden sizes, batch-fastest layout
@@ -147,7 +148,7 @@ double wall_seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// The floor's measurement (plan.h): our call and at::lstm's, interleaved, the least wall time
+// The floor's measurement (floor_rule.h): our call and at::lstm's, interleaved, the least wall time
 // of each kept; where `other` is given (measures_other_split), our call with the other split of
 // the steps too, and where `fusion` is (measures_other_fusion), with the other choice of the
 // input projection, interleaved with them. The call's results are those of the implementation
@@ -233,7 +234,7 @@ Results3 measure_floor(const FloorKey& key, const LSTMShape& s, const Fused& fus
   }
 }
 
-// lstm_inference: our kernels, or at::lstm where the floor (plan.h) runs the call.
+// lstm_inference: our kernels, or at::lstm where the floor (floor_rule.h) runs the call.
 Results3 lstm_inference_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
     const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,

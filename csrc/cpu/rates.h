@@ -208,8 +208,8 @@ inline double brgemm_step_seconds(int64_t rows, int64_t k, int64_t n) {
 // thread of the process taking part: the floor is about how long the user waits, and both
 // implementations run parallel inside (our batch slices, oneDNN's own threads), which one
 // thread's CPU time would not see. A loaded machine delays both alike only on average, so
-// the calls are interleaved and the least of each kept (plan.h's floor rule, lstm_cpu.cpp's
-// measure_floor). Kept per key (plan.h's floor_key) for the process.
+// the calls are interleaved and the least of each kept (floor_rule.h's rule, lstm_cpu.cpp's
+// measure_floor). Kept per key (floor_rule.h's floor_key) for the process.
 struct FloorTimes {
   bool measured = false;
   bool injected = false;     // set by the test hook fused_lstm::_floor_record, not measured
