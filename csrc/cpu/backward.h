@@ -42,17 +42,6 @@ void pack_w_hh_panels(const S* w_hh, int64_t G, int64_t out, T* buf) {
   else pack(0, panels);
 }
 
-// A [rows, cols] weight given bf16 or fp16, widened into `buf` (float, exact).
-template <typename T, typename S>
-const T* widened(const S* w, int64_t n, T* buf) {
-  at::parallel_for(0, n, kParallelElements, [&](int64_t begin, int64_t end) {
-    if constexpr (std::is_same_v<T, float>) widen_16bit(w + begin, end - begin, buf + begin);
-    else
-      for (int64_t i = begin; i < end; ++i) buf[i] = static_cast<T>(w[i]);
-  });
-  return buf;
-}
-
 // dL/dh_{t-1} [bs, out] = dg_t [bs, G] W_hh, on this thread: on AMX tiles where bb.amx_w_hh is
 // set (dg_t's rows rounded into dg16, which the chunk's later products read), bf16_gemm where
 // `bb` is set, else

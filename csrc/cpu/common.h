@@ -24,6 +24,7 @@
 #include <limits>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace fused_lstm {
 namespace {
@@ -142,6 +143,27 @@ template <typename W, typename T>
 const W* kept_16bit(const Operand<T>& o) {
   if constexpr (std::is_same_v<W, c10::BFloat16>) return o.b;
   else return o.h;
+}
+
+// n values given bf16 or fp16 (a kept weight or operand), widened into `buf` (float, exact),
+// over the threads outside a parallel region.
+template <typename T, typename S>
+const T* widened(const S* w, int64_t n, T* buf) {
+  at::parallel_for(0, n, kParallelElements, [&](int64_t begin, int64_t end) {
+    if constexpr (std::is_same_v<T, float>) widen_16bit(w + begin, end - begin, buf + begin);
+    else
+      for (int64_t i = begin; i < end; ++i) buf[i] = static_cast<T>(w[i]);
+  });
+  return buf;
+}
+
+// The same into this thread's buffer, for a few rows that one product reads right away (the
+// buffer is reused by the thread's next call).
+inline const float* widened_on_this_thread(const c10::Half* w, int64_t n) {
+  static thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  widen_16bit(w, n, buf.data());
+  return buf.data();
 }
 
 // Step t in processing order `step` of direction d.

@@ -124,15 +124,8 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
   // n float16 values kept by the op (CpuPlan::fp16_kept_inference) widened into `holder`
   // (allocated at the first need, at least n; exact).
   auto widened_half = [](const c10::Half* src, int64_t n, at::Tensor& holder) -> const T* {
-    if constexpr (std::is_same_v<T, float>) {
-      if (!holder.defined() || holder.numel() < n) scratch<T>(holder, n);
-      T* dst = holder.mutable_data_ptr<T>();
-      widen_16bit(src, n, dst);
-      return dst;
-    } else {
-      TORCH_INTERNAL_ASSERT(false, "fused_lstm: float16 operands widen to float32");
-      return nullptr;
-    }
+    if (!holder.defined() || holder.numel() < n) scratch<T>(holder, n);
+    return widened(src, n, holder.mutable_data_ptr<T>());
   };
   // The gates of `rows` rows: one step's where the projection is fused into the steps (every
   // layer at medium and fastrnns), a chunk's otherwise; allocated at the first need.
@@ -162,6 +155,13 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
         : last_layer && output ? output
         : (layer_buf[l % 2].defined() ? layer_buf[l % 2].mutable_data_ptr<T>()
                                       : scratch<T>(layer_buf[l % 2], s.rows * out_stride));
+    // Step rows `r` with their h_t rows at row `off` of the layer output, float32 or 16-bit.
+    auto with_output = [&](StepRows<T> r, int64_t off, int64_t d) {
+      const int64_t at = off * out_stride + d * out;
+      if (out16) r.out16 = out16 + at;
+      else r.layer_out = layer_out + at;
+      return r;
+    };
     const bool out_t = tiny_out_t && l + 1 < s.num_layers;  // layer_out transposed
     c10::BFloat16* hb = nullptr;
     if (hidden && plan.amx_products) {
@@ -186,10 +186,8 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
         T* step_gates = gates_for(s.batch);
         auto rows_of = [&](int64_t t) {
           const int64_t off = s.step_offset[t];
-          return StepRows<T>{step_gates, nullptr, pre_proj,
-                             out16 ? nullptr : layer_out + off * out_stride + d * out,
-                             x.at(off * in_size),
-                             out16 ? out16 + off * out_stride + d * out : nullptr};
+          return with_output({step_gates, nullptr, pre_proj, nullptr, x.at(off * in_size)}, off,
+                             d);
         };
         for_each_batch_slice(s, s.seq_len, true, [&](int64_t r0, int64_t r1) {
           forward_steps(plan, s, w, d, 0, s.seq_len - 1, r0, r1, h_state, c_state, rows_of, in_size,
@@ -235,9 +233,7 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
         // The pre-projection goes to per-row scratch ([B, H]) that each step overwrites.
         auto rows_of = [&](int64_t t) {
           const int64_t off = s.step_offset[t];
-          return StepRows<T>{chunk + (off - row0) * G, nullptr, pre_proj,
-                             out16 ? nullptr : layer_out + off * out_stride + d * out, {},
-                             out16 ? out16 + off * out_stride + d * out : nullptr};
+          return with_output({chunk + (off - row0) * G, nullptr, pre_proj, nullptr}, off, d);
         };
         if constexpr (std::is_same_v<T, float>) {
           if (hidden) {

@@ -169,10 +169,10 @@ inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, at::Sca
   p.amx_products = p.bf16_products && settings.amx && amx_sizes(s) && amx_bf16_available();
   // The thin kernel reads a bfloat16 or float16 model's W_ih and W_hh as they are (thin.h), on
   // any CPU.
-  p.keep_16bit = (p.bf16_products && !thin) || (model_16bit && p.variant == Variant::kThin);
   p.fp16_kept_inference = inference && model == at::kHalf && p.variant == Variant::kRowWise &&
                           is_float && packs && cpu.brgemm && settings.brgemm;
-  p.keep_16bit = p.keep_16bit || p.fp16_kept_inference;
+  p.keep_16bit = (p.bf16_products && !thin) || (model_16bit && p.variant == Variant::kThin) ||
+                 p.fp16_kept_inference;
   // (Not where the backward recomputes the gates without the bf16 products: it reruns the
   // forward on float32 weights, backward.h.)
   p.backward_widens_16bit = model_16bit && !inference && !p.bf16_products &&

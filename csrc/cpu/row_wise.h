@@ -83,14 +83,9 @@ void forward_step(const CpuPlan& plan, const LSTMShape& s, const DirectionWeight
         visit(x_t, [&](auto a) { bf16_gemm(bs, G, in_size, a, in_size, w.w_ih_bf16, g_t, G, false); });
       if (h_prev) bf16_gemm(bs, G, out, h_prev, ld_prev, w.w_hh_bf16, g_t, G, true);
     } else if (x_t) {  // the input projection, fused: g_t = x_t W_ih^T + h_{t-1} W_hh^T
-      const float* x = x_t.f;
-      if (x == nullptr) {  // float16 rows kept by the op (CpuPlan::fp16_kept_inference)
-        static thread_local std::vector<float> widened;
-        TORCH_INTERNAL_ASSERT(x_t.h != nullptr);
-        widened.resize(bs * in_size);
-        widen_16bit(x_t.h, bs * in_size, widened.data());
-        x = widened.data();
-      }
+      TORCH_INTERNAL_ASSERT(x_t.f != nullptr || x_t.h != nullptr);
+      const float* x = x_t.f ? x_t.f  // else float16 rows kept by the op (fp16_kept_inference)
+                             : widened_on_this_thread(x_t.h, bs * in_size);
       brgemm_packed(false, bs, G, in_size, x, in_size, w, 0, g_t, G);
       if (h_prev) brgemm_packed(true, bs, G, out, h_prev, ld_prev, w, in_size, g_t, G);
     } else if (w.w_packed) {

@@ -165,24 +165,20 @@ void use_brgemm(const CpuPlan& plan, const LSTMShape& s, DirectionWeights<T>& w,
     const int64_t K = k_ih + out;
     const int64_t panels = (G + kBrgemmPanelN - 1) / kBrgemmPanelN;
     // The panel's nb rows of W ([G, k] row-major): as stored, or float16 ones kept by the op
-    // (CpuPlan::fp16_kept_inference) widened into this thread's buffer first (exact).
-    auto rows_of = [](const T* f, const Operand<T>& kept, int64_t n0, int64_t nb, int64_t k,
-                      std::vector<T>& widened) -> const T* {
+    // (CpuPlan::fp16_kept_inference) widened on this thread first (exact).
+    auto rows_of = [](const T* f, const Operand<T>& kept, int64_t n0, int64_t nb,
+                      int64_t k) -> const T* {
       if (f != nullptr) return f + n0 * k;
       TORCH_INTERNAL_ASSERT(kept.h != nullptr, "fused_lstm: brgemm's panels from kept weights");
-      widened.resize(nb * k);
-      widen_16bit(kept.h + n0 * k, nb * k, widened.data());
-      return widened.data();
+      return widened_on_this_thread(kept.h + n0 * k, nb * k);
     };
     auto pack = [&](int64_t p0, int64_t p1) {
-      static thread_local std::vector<T> widened;
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t n0 = p * kBrgemmPanelN, nb = std::min(kBrgemmPanelN, G - n0);
         T* panel = buf + n0 * K;
         if (k_ih > 0)
-          transpose_block(rows_of(w.w_ih, w.ih, n0, nb, k_ih, widened), k_ih, nb, k_ih, panel, nb);
-        transpose_block(rows_of(w.w_hh, w.hh, n0, nb, out, widened), out, nb, out,
-                        panel + k_ih * nb, nb);
+          transpose_block(rows_of(w.w_ih, w.ih, n0, nb, k_ih), k_ih, nb, k_ih, panel, nb);
+        transpose_block(rows_of(w.w_hh, w.hh, n0, nb, out), out, nb, out, panel + k_ih * nb, nb);
       }
     };
     if (panels > 1 && !at::in_parallel_region()) at::parallel_for(0, panels, 1, pack);
