@@ -396,8 +396,7 @@ ForwardArgs prepare_forward(
   a.shape = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
                             bidirectional, has_biases, proj_size);
   if (may_drop_gates)
-    a.shape.gates_in_reserve =
-        gates_in_reserve(a.shape.packed, input.scalar_type(), input.is_cpu());
+    a.shape.gates_in_reserve = gates_in_reserve(a.shape, input.scalar_type(), input.is_cpu());
   check_supported_dtype(input);
   const LSTMShape& s = a.shape;
   a.dtype = input.scalar_type();
@@ -469,13 +468,13 @@ BackwardArgs prepare_backward(
     const at::Tensor& reserve, const std::optional<at::Tensor>& grad_output,
     const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
-    Keep16 keep_16bit, Keep16 keep_16bit_weights, bool may_drop_gates, Keep16 grads_16bit) {
+    Keep16 keep_16bit, Keep16 keep_16bit_weights, bool may_drop_gates, Keep16 grads_16bit,
+    Keep16 keep_half_input) {
   BackwardArgs a;
   a.shape = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
                             bidirectional, has_biases, proj_size);
   if (may_drop_gates)
-    a.shape.gates_in_reserve =
-        gates_in_reserve(a.shape.packed, input.scalar_type(), input.is_cpu());
+    a.shape.gates_in_reserve = gates_in_reserve(a.shape, input.scalar_type(), input.is_cpu());
   check_supported_dtype(input);
   check_lstm_backward_args(a.shape, input, reserve, grad_output, grad_hy, grad_cy);
   const LSTMShape& s = a.shape;
@@ -483,9 +482,10 @@ BackwardArgs prepare_backward(
   a.math = math_type(a.dtype);
   TORCH_CHECK(reserve.scalar_type() == a.math, "fused_lstm: reserve has dtype ",
               reserve.scalar_type(), ", expected ", a.math);
-  // (A float16 call keeps at most its weights: keep_16bit_weights, or keep_16bit as in
-  // prepare_forward.)
-  const bool keep = keeps_16bit(s, input, keep_16bit) && a.dtype == at::kBFloat16;
+  // (A float16 call keeps its weights: keep_16bit_weights, or keep_16bit as in
+  // prepare_forward; and its input and upstream gradient only where keep_half_input.)
+  const bool keep = keeps_16bit(s, input, keep_16bit) &&
+                    (a.dtype == at::kBFloat16 || keeps_16bit(s, input, keep_half_input));
   ToMath convert(a.math);
   const bool keep_weights = keeps_16bit(s, input, keep_16bit_weights) ||
                             (a.dtype == at::kHalf && keeps_16bit(s, input, keep_16bit));
@@ -536,6 +536,11 @@ BackwardArgs prepare_backward(
       a.grad_weights[i] = recycle ? cpu_cached_empty(weights[i].numel(), a.math)
                                         .view(weights[i].sizes())
                                   : at::empty(weights[i].sizes(), opts);
+  // A one-direction float16 call whose input the op keeps: its grad_input in float16, which the
+  // CPU kernels write a chunk of rows at a time (backward.h: the call holds no float32 dL/dx of
+  // every row; with two directions the second adds to the first's float32 sums).
+  if (keep && a.dtype == at::kHalf && s.num_directions == 1)
+    a.grad_input = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
   if (!a.grad_input.defined()) a.grad_input = at::empty(input.sizes(), opts);
   if (!a.grad_hx.defined()) a.grad_hx = at::empty({LD, s.batch, s.out_size}, opts);
   if (!a.grad_cx.defined()) a.grad_cx = at::empty({LD, s.batch, s.hidden_size}, opts);

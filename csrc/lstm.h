@@ -57,17 +57,6 @@ Int reserve_numel_of(const Int& rows, int64_t num_layers, int64_t num_directions
   return reserve_layer_numel(rows, num_directions, hidden_size, proj_size, gates) * num_layers;
 }
 
-// Whether a call's reserve keeps the activated gates: all but packed (batch_sizes given)
-// bfloat16 calls on the CPU, whose backward recomputes them a step at a time (csrc/cpu/
-// backward.h): the gates are two thirds of the reserve, and without them packed bf16 training
-// holds less than nn.LSTM's (benchmarks/notes/memory.md, "bf16 training at the small sizes").
-// From the call's dtype, device and packing only, which the fake kernels know too. Applied by
-// prepare_forward / prepare_backward where the backend says it recomputes them
-// (`may_drop_gates`: the CPU backend); check_lstm_args leaves gates_in_reserve true.
-inline bool gates_in_reserve(bool packed, at::ScalarType dtype, bool cpu) {
-  return !(packed && dtype == at::kBFloat16 && cpu);
-}
-
 struct LSTMShape {
   int64_t num_layers = 0;
   int64_t num_directions = 0;
@@ -116,6 +105,33 @@ struct LSTMShape {
     return cells_offset(layer, direction) + rows * hidden_size;
   }
 };
+
+// Whether a call's reserve keeps the activated gates. Not on the CPU for packed (batch_sizes
+// given) bfloat16 calls, nor for float16 calls whose gates outweigh what recomputing them
+// holds: a hidden size of at least 16 and more than 8 rows (kDropGatesMinHidden,
+// kDropGatesMinRows: below them the CPU's small-hidden variant and thin kernel write the gates
+// in their forwards; cpu/plan.h kRowWiseHidden, kThinMaxBatch), and gates of at least twice
+// as many rows (rows x layers x directions) as the widest layer input plus out: the
+// recompute's packed and widened weights are [4H, input + out] and [4H, input], one layer
+// and direction's at a time, against the gates' [rows, 4H] of each.
+// Their backward recomputes the gates a step at a time (csrc/cpu/backward.h). The gates are
+// two thirds of the reserve, and without them packed bf16 and float16 training hold less than
+// nn.LSTM's bf16 and float16 (benchmarks/notes/memory.md, "bf16 training at the small sizes",
+// "float16 training: no gates kept"). From the call's dtype, device, packing and sizes only,
+// which the fake kernels know too (fused_lstm/ops.py). Applied by prepare_forward /
+// prepare_backward where the backend says it recomputes them (`may_drop_gates`: the CPU
+// backend); check_lstm_args leaves gates_in_reserve true.
+constexpr int64_t kDropGatesMinRows = 9;
+constexpr int64_t kDropGatesMinHidden = 16;
+inline bool gates_in_reserve(const LSTMShape& s, at::ScalarType dtype, bool cpu) {
+  if (!cpu) return true;
+  if (s.packed && dtype == at::kBFloat16) return false;
+  const int64_t widest_input =
+      std::max(s.input_size, s.num_layers > 1 ? s.num_directions * s.out_size : int64_t{0});
+  return !(dtype == at::kHalf && s.rows >= kDropGatesMinRows &&
+           s.hidden_size >= kDropGatesMinHidden &&
+           s.rows * s.num_layers * s.num_directions >= 2 * (widest_input + s.out_size));
+}
 
 // The C++ signature of lstm_forward / lstm_inference / lstm (their schema is in lstm.cpp), for
 // typed dispatcher handles.
@@ -260,7 +276,7 @@ BackwardArgs prepare_backward(
     const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
     Keep16 keep = nullptr, Keep16 keep_weights = nullptr,
-    bool may_drop_gates = false, Keep16 grads_16bit = nullptr);
+    bool may_drop_gates = false, Keep16 grads_16bit = nullptr, Keep16 keep_half_input = nullptr);
 
 // (grad_input, grad_hx, grad_cx, grad_weights), each in its argument's dtype. Releases what `a`
 // holds as it goes (the math-dtype gradients once converted).

@@ -73,11 +73,20 @@ def reserve_numel(rows, num_layers, num_directions, hidden_size, proj_size, gate
     return _reserve_numel(rows, num_layers, num_directions, hidden_size, proj_size, gates)
 
 
-def gates_in_reserve(input: Tensor, batch_sizes: Optional[Tensor]) -> bool:  # noqa: A002
-    """Whether lstm_forward's reserve keeps the gates: all but packed bfloat16 calls on the
-    CPU, whose backward recomputes them (``gates_in_reserve`` in csrc/lstm.h)."""
-    return not (batch_sizes is not None and input.dtype == torch.bfloat16
-                and input.device.type == "cpu")
+def gates_in_reserve(input: Tensor, batch_sizes: Optional[Tensor], rows, hidden_size: int,  # noqa: A002
+                     out_size: int, num_directions: int, num_layers: int) -> bool:
+    """Whether lstm_forward's reserve keeps the gates: all but, on the CPU, packed bfloat16
+    calls and float16 calls of a hidden size of at least 16, more than 8 rows, and gates of at
+    least twice as many rows (rows x layers x directions) as the widest layer input plus out,
+    whose backward recomputes them (``gates_in_reserve`` in csrc/lstm.h). ``rows`` may be a
+    SymInt."""
+    if input.device.type != "cpu":
+        return True
+    if batch_sizes is not None and input.dtype == torch.bfloat16:
+        return False
+    widest_input = max(input.shape[-1], num_directions * out_size if num_layers > 1 else 0)
+    return not (input.dtype == torch.float16 and hidden_size >= 16 and rows >= 9
+                and rows * num_layers * num_directions >= 2 * (widest_input + out_size))
 
 
 def _state_shapes(a: LSTMArgs):
@@ -107,7 +116,8 @@ def _lstm_forward_fake(*args):
     cy = input.new_empty((*hy_shape[:2], hidden_size))
     reserve = input.new_empty(
         (reserve_numel(rows, a.num_layers, num_directions, hidden_size, a.proj_size,
-                       gates_in_reserve(input, a.batch_sizes)),),
+                       gates_in_reserve(input, a.batch_sizes, rows, hidden_size, out_size,
+                                        num_directions, a.num_layers)),),
         dtype=math_dtype(input.dtype),
     )
     return output, hy, cy, reserve

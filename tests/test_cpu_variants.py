@@ -255,6 +255,23 @@ CASES = {
                                       bidirectional=True, proj_size=12), 6, 4, F16, True,
         {"variant": "row_wise", "backward_widens_16bit": "true", "backward_dh_product": "blas"},
         None),
+    # float16 training whose reserve keeps no gates (csrc/lstm.h gates_in_reserve): the forward
+    # keeps the input, W_ih and W_hh and projects by chunks of steps, the backward recomputes
+    # the gates a chunk at a time (CpuPlan::fp16_kept_training; three chunks at these sizes).
+    "fp16-training-no-gates": (
+        {}, dict(input_size=24, hidden_size=64, num_layers=2), 150, 32, F16, True,
+        {"variant": "row_wise", "keep_16bit": "true", "fp16_kept_training": "true",
+         "backward_widens_16bit": "true", "backward_dh_product": "brgemm"}, "brgemm"),
+    "fp16-training-no-gates-bi-proj-unfused": (
+        {"allow_fused_input_projection": False},
+        dict(input_size=24, hidden_size=256, num_layers=2, bidirectional=True, proj_size=40), 70,
+        16, F16, True, {"variant": "row_wise", "fp16_kept_training": "true",
+                        "input_projection.0": "blas"}, "brgemm"),
+    "fp16-training-no-gates-no-brgemm": (  # library steps: recomputed step by step
+        {"allow_brgemm": False, "allow_small_products": False},
+        dict(input_size=24, hidden_size=64, num_layers=2, bidirectional=True), 150, 32, F16,
+        True, {"variant": "row_wise", "fp16_kept_training": "false",
+               "backward_widens_16bit": "true", "backward_dh_product": "blas"}, None),
     # Training calls of at most 8 rows in all (B x T): the backward's products read W_ih and
     # W_hh as stored, 16-bit ones widened in registers, the weight gradients as summed outer
     # products (few_rows.h); odd sizes for the column tails.
@@ -1716,7 +1733,8 @@ def test_fp16_inference_makes_no_float_copies_of_input_and_weights(fused):
     same call (the build before allocated more: float32 copies of all three and of the output).
     brgemm's panels are packed from the float16 weights, and the unfused projection widens one
     layer's W_ih, and a chunk's rows of the input, just before its GEMM (the W_ih of this
-    one-layer model is widened whole: its size is checked only fused). The results are checked
+    one-layer model is widened whole, and brgemm's panels are W_hh^T's alone, W_hh's size:
+    their sizes are checked only fused). The results are checked
     bit for bit against the training forward in
     test_16bit_inference_writes_its_output_in_its_dtype."""
     if not FEATURES["brgemm"]:
@@ -1740,7 +1758,7 @@ def test_fp16_inference_makes_no_float_copies_of_input_and_weights(fused):
     assert sum(sizes) < sum(f32_sizes), (sorted(sizes), sorted(f32_sizes))
     copies = {"input": T * B * I * 4, "W_ih": 4 * H * I * 4, "W_hh": 4 * H * H * 4}
     assert len(set(copies.values())) == 3
-    if not fused:
-        del copies["W_ih"]
+    if not fused:  # (brgemm's panels then hold W_hh^T alone: W_hh's float32 size, packed)
+        del copies["W_ih"], copies["W_hh"]
     for name, size in copies.items():
         assert size not in sizes, (name, sorted(sizes))

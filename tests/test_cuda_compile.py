@@ -290,7 +290,7 @@ def _assert_same(got, expected, dtype, what):
 
 def _without_gates(reserve, a):
     """The reserve (csrc/lstm.h's layout) less its gates: what a CPU reserve of a packed
-    bfloat16 call keeps (gates_in_reserve), the CUDA path's keeping them."""
+    bfloat16 call or a float16 one keeps (gates_in_reserve), the CUDA path's keeping them."""
     rows, H = a["input"].shape[0], a["weights"][0].shape[0] // 4
     D = 2 if a["bidirectional"] else 1
     out = a["proj_size"] or H
@@ -316,7 +316,11 @@ def _check_against_cpu(emulated_ops, a, dtype):
     expected = cpu.lstm_forward(*op_args(a))
     got = emulated_ops.lstm_forward(*op_args(a))
     common = [*expected[:3], reserve_in_common_layout(expected[3], a)]
-    if not ops.gates_in_reserve(a["input"], a["batch_sizes"]):
+    x, bs = a["input"], a["batch_sizes"]
+    rows = x.shape[0] if bs is not None else x.shape[0] * x.shape[1]
+    H = a["weights"][0].shape[0] // 4
+    if not ops.gates_in_reserve(x, bs, rows, H, a["proj_size"] or H,
+                                2 if a["bidirectional"] else 1, a["num_layers"]):
         _assert_same([*got[:3], _without_gates(got[3], a)], common, dtype, "forward")
     else:
         _assert_same(got, common, dtype, "forward")

@@ -209,7 +209,7 @@ def test_packed_bf16_reserve_keeps_no_gates(hidden_size):
                          seq_len=6, batch=5, requires_grad=False)
         rows = a["input"].shape[0] * (1 if packed else a["input"].shape[1])
         reserve = call(LSTM_FORWARD, a)[3]
-        assert ops.gates_in_reserve(a["input"], a["batch_sizes"]) == gates
+        assert ops.gates_in_reserve(a["input"], a["batch_sizes"], rows, H, H, 2, 2) == gates
         assert reserve.numel() == ops.reserve_numel(rows, 2, 2, H, 0, gates)
         assert reserve.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert ops.reserve_numel(rows, 2, 2, H, 0, False) < ops.reserve_numel(rows, 2, 2, H, 0)

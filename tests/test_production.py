@@ -363,6 +363,129 @@ def test_bf16_packed_training_holds_no_gates_and_a_chunk_of_dgates():
     assert peak <= bound, (peak, bound)
 
 
+def _fp16_and_float32_models(I, H, L, bidirectional, proj_size=0):
+    """A float16 FusedLSTM and the float32 one on the same (widened) weights."""
+    model = FusedLSTM(I, H, num_layers=L, bidirectional=bidirectional,
+                      proj_size=proj_size).to(torch.float16)
+    reference = FusedLSTM(I, H, num_layers=L, bidirectional=bidirectional, proj_size=proj_size)
+    reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    return model, reference
+
+
+def _outputs_and_grads(model, x, hx, up, lengths):
+    """output, h_n, c_n and the gradients of x, h0, c0 (when given) and every parameter."""
+    leaves = [x.detach().clone().requires_grad_()]
+    if hx is not None:
+        leaves += [t.detach().clone().requires_grad_() for t in hx]
+    inp = pack_padded_sequence(leaves[0], lengths, enforce_sorted=False) if lengths is not None \
+        else leaves[0]
+    out, (h_n, c_n) = model(inp, tuple(leaves[1:]) if hx is not None else None)
+    out = out.data if lengths is not None else out
+    grads = torch.autograd.grad(out, leaves + list(model.parameters()), up.to(out.dtype))
+    return [out, h_n, c_n], list(grads)
+
+
+@pytest.mark.parametrize("L,bidirectional,proj,packed,with_hx,fused", [
+    (1, False, 0, False, True, True),
+    (1, False, 0, False, False, False),
+    (1, True, 0, True, True, True),
+    (1, True, 0, True, False, False),
+    (2, True, 24, False, True, False),
+    (3, False, 0, True, False, True),
+], ids=["1-layer", "1-layer-no-hx-unfused", "bi-packed", "bi-packed-no-hx-unfused",
+        "2-layers-bi-proj-unfused", "3-layers-packed-no-hx"])
+def test_fp16_training_recomputes_the_gates_bit_for_bit(L, bidirectional, proj, packed, with_hx,
+                                                        fused):
+    """float16 training whose reserve keeps no gates (csrc/lstm.h, gates_in_reserve: at least
+    twice as many rows as the widest layer input plus out): the forward projects the input by
+    chunks of steps and its reserve has no gates; the backward projects the same chunks again,
+    recomputes a chunk's gates at once from the h_{t-1} in the reserve (backward.h,
+    recompute_chunk_gates; step by step for library products) and hands each chunk's dgates
+    to its products (benchmarks/notes/memory.md, "float16 training: no gates kept"). At input
+    24, hidden 256 and batch 16 a chunk is 32 steps, so 70 steps are three chunks. The results
+    are the float32 model's on the same values: output, h_n and c_n bit for bit, and so the
+    recomputed gates, which the h0 and c0 gradients of one layer show bit for bit too (they
+    are the reverse recurrence's alone). The other gradients are float32 sums of the chunks'
+    products, in another order than the float32 model's one product over every row: each
+    within two float16 rounding steps of the largest value of its tensor, and at most 2% of
+    the elements not equal."""
+    from fused_lstm import ops
+
+    I, H, T, B = 24, 256, 70, 16
+    model, reference = _fp16_and_float32_models(I, H, L, bidirectional, proj)
+    D, out_size = (2 if bidirectional else 1), proj or H
+    x = randn(T, B, I, dtype=torch.float16)
+    lengths = None
+    if packed:
+        lengths = torch.randint(T // 2, T + 1, (B,))
+        lengths[0] = T
+    rows = int(lengths.sum()) if packed else T * B
+    hx = (randn(L * D, B, out_size, dtype=torch.float16),
+          randn(L * D, B, H, dtype=torch.float16)) if with_hx else None
+    up = randn(*((rows, D * out_size) if packed else (T, B, D * out_size)),
+               dtype=torch.float16)
+    settings = {} if fused else {"allow_fused_input_projection": False}
+    with fused_lstm.backends.cpu.flags(**settings):
+        inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
+        plan = fused_lstm.explain(model, inp)["backward"]
+        assert plan["fp16_kept_training"] == "true", plan
+        assert ops.gates_in_reserve(x, torch.ones(1) if packed else None, rows, H, out_size, D,
+                                    L) is False
+        results, grads = _outputs_and_grads(model, x, hx, up, lengths)
+        expected, expected_grads = _outputs_and_grads(
+            reference, x.float(), tuple(t.float() for t in hx) if hx else None, up.float(),
+            lengths)
+    for ours, theirs in zip(results, expected):
+        assert torch.equal(ours, theirs.to(torch.float16))
+    if L == 1 and with_hx:  # dL/dh0, dL/dc0: the reverse recurrence on the recomputed gates
+        for ours, theirs in zip(grads[1:3], expected_grads[1:3]):
+            assert torch.equal(ours, theirs.to(torch.float16))
+    eps = torch.finfo(torch.float16).eps
+    for i, (ours, theirs) in enumerate(zip(grads, expected_grads)):
+        assert not torch.isnan(ours).any(), i
+        theirs = theirs.to(torch.float16).float()
+        diff = (ours.float() - theirs).abs()
+        assert diff.max() <= 2 * eps * theirs.abs().max(), (i, diff.max(), theirs.abs().max())
+        assert (diff > 0).float().mean() <= 0.02, (i, (diff > 0).float().mean())
+
+
+def test_fp16_training_holds_less_than_half_the_float32_models_memory():
+    """float16 training at medium's sizes (input 128, hidden 256, 2 layers, 100 steps, batch
+    32, input 96 here to tell its sizes apart): the reserve keeps no gates, the forward keeps
+    the float16 input, W_ih and W_hh and the backward the input and upstream gradient
+    (CpuPlan::fp16_kept_training), the backward holds a chunk's float32 dgates (4H x 512 rows
+    here, csrc/cpu/forward.h kTrainingChunkElements) and writes grad_input in float16 a chunk
+    at a time (benchmarks/notes/memory.md, "float16 training: no gates kept"). No allocation of
+    either call has every row's gates ([rows, 4H] float32), nor is a float32 copy of the input
+    or of grad_input; and the training call's peak is below half the float32 model's (it was
+    above the float32 model's while the float16 call kept the gates and widened its input)."""
+    from fused_lstm import ops
+
+    I, H, L, T, B = 96, 256, 2, 100, 32
+    rows, G = T * B, 4 * H
+    model, reference = _fp16_and_float32_models(I, H, L, False)
+    x = randn(T, B, I, dtype=torch.float16).requires_grad_()
+    up = randn(T, B, H, dtype=torch.float16)
+    x32, up32 = x.detach().float().requires_grad_(), up.float()
+    assert fused_lstm.explain(model, x)["forward"]["fp16_kept_training"] == "true"
+    torch.ops.fused_lstm._empty_buffer_cache()
+    for m, xx, uu in ((model, x, up), (reference, x32, up32)):
+        m(xx)[0].backward(uu)  # warm: buffers cached, grads allocated
+    outputs = []
+    forward = _allocation_sizes(lambda: outputs.append(model(x)[0]))
+    reserve = 4 * ops.reserve_numel(rows, L, 1, H, 0, False)
+    assert reserve == 4 * rows * G  # two layers' h and c: every row's gates' size
+    assert forward.count(reserve) == 1, sorted(forward)  # the reserve, and no gates buffer
+    backward = _allocation_sizes(lambda: outputs[0].backward(up))
+    assert 4 * rows * G not in backward, sorted(backward)
+    for sizes in (forward, backward):
+        assert 4 * rows * I not in sizes, sorted(sizes)
+    assert 2 * rows * I in backward, sorted(backward)  # grad_input, float16
+    peak = _peak_bytes(lambda: model(x)[0].backward(up))
+    peak32 = _peak_bytes(lambda: reference(x32)[0].backward(up32))
+    assert peak < peak32 / 2, (peak, peak32)
+
+
 # --- non-finite values ---------------------------------------------------------------------
 
 

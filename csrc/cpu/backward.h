@@ -227,22 +227,27 @@ inline void bf16_chunk_products(const LSTMShape& s, const Bf16Backward& bb, cons
   }
 }
 
-// A layer and direction's products after its recurrence, where they are not bf16 ones
-// (bf16_chunk_products): dW_ih = dgates^T x, dW_hh = dgates^T h_prev, and dL/dx = dgates W_ih
-// (added to dx when `add_dx`: the other direction's).
+// A layer and direction's products where they are not bf16 ones (bf16_chunk_products), for
+// its rows [row0, row0 + rows) (all of them after the recurrence, or a chunk's as soon as the
+// recurrence has computed them: dgates, x_rows and dx_rows hold row row0's first): dW_ih =
+// dgates^T x and dW_hh = dgates^T h_prev (added to what the gradients hold where `accumulate`:
+// the chunks after a direction's first), and dL/dx = dgates W_ih (added to dx when `add_dx`:
+// the other direction's).
 template <typename T>
-void backward_products(const LSTMShape& s, const T* dgates, Operand<T> x,
-                       int64_t in_size, const HPrev<T>& h_prev, const T* w_ih, T* gw_ih,
-                       T* gw_hh, T* dx, bool add_dx) {
-  const int64_t G = 4 * s.hidden_size, out = s.out_size, rows = s.rows;
-  gemm<T>(true, false, G, in_size, rows, T(1), dgates, G, x.f, in_size, T(0), gw_ih, in_size);
+void backward_products(const LSTMShape& s, const T* dgates, int64_t row0, int64_t rows,
+                       const T* x_rows, int64_t in_size, const HPrev<T>& h_prev, const T* w_ih,
+                       T* gw_ih, T* gw_hh, T* dx_rows, bool add_dx, bool accumulate) {
+  const int64_t G = 4 * s.hidden_size, out = s.out_size;
+  TORCH_INTERNAL_ASSERT(x_rows != nullptr || rows == 0, "fused_lstm: float32 products read x in float");
+  const T beta = accumulate ? T(1) : T(0);
+  gemm<T>(true, false, G, in_size, rows, T(1), dgates, G, x_rows, in_size, beta, gw_ih, in_size);
   for (int i = 0; i < h_prev.n; ++i) {  // also for an empty batch: gemm zero-fills when k == 0
     const HPrevSegment<T>& seg = h_prev.seg[i];
-    gemm<T>(true, false, G, out, seg.r1 - seg.r0, T(1), dgates + seg.r0 * G, G, seg.h, seg.ld,
-            i == 0 ? T(0) : T(1), gw_hh, out);
+    gemm<T>(true, false, G, out, seg.r1 - seg.r0, T(1), dgates + (seg.r0 - row0) * G, G, seg.h,
+            seg.ld, i == 0 ? beta : T(1), gw_hh, out);
   }
   gemm<T>(false, false, rows, in_size, G, T(1), dgates, G, w_ih, in_size, add_dx ? T(1) : T(0),
-          dx, in_size);
+          dx_rows, in_size);
 }
 
 // step_dh_product and backward_products for the plan's backward_few_rows (float32 math; the
@@ -289,21 +294,72 @@ void few_rows_backward_products(const LSTMShape& s, const T* dgates, Operand<T> 
   }
 }
 
+// The activated gates of a chunk of a layer and direction's rows [row0, row0 + rows) (the rows
+// of consecutive steps, `block`) into `gates` ([rows, 4H], row row0's first), as the forward's
+// brgemm steps computed them, but for all of the chunk's rows at once: every h_{t-1} is in the
+// reserve already, so the steps' products need not run one step after the other. On entry
+// `gates` holds the chunk's input projection where the forward ran one (fw.k_ih == 0); else
+// x_rows' product with W_ih^T's panels is computed here first, as the fused step does. Then
+// h_{t-1} W_hh^T is added (h_prev: the chunk's segments; rows [skip0, skip1) have none, the
+// first step's without hx, whose product the forward skipped), and the cell pass activates
+// each row (its c_t and h_t go to scratch). The same micro-kernel on the same rows of A and
+// panels of B, and the same cell pass, as the forward's steps: the same gates, bit for bit,
+// with W_hh's panels read once per chunk and thread instead of once per step.
+inline void recompute_chunk_gates(const CpuPlan& plan, const LSTMShape& s,
+                                  const DirectionWeights<float>& fw, const StepBlock& block,
+                                  const float* x_rows, int64_t in_size, const HPrev<float>& h_prev,
+                                  int64_t skip0, int64_t skip1, float* gates) {
+  const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, row0 = block.row0;
+  auto rows_job = [&](int64_t a, int64_t b) {  // chunk rows [a, b), counted from row0
+    if (fw.k_ih > 0)
+      brgemm_packed(false, b - a, G, in_size, x_rows + a * in_size, in_size, fw, 0,
+                    gates + a * G, G);
+    for (int i = 0; i < h_prev.n; ++i) {
+      const HPrevSegment<float>& seg = h_prev.seg[i];
+      auto add = [&](int64_t r0, int64_t r1) {  // absolute rows
+        if (r0 >= r1) return;
+        brgemm_packed(true, r1 - r0, G, out, seg.h + (r0 - seg.r0) * seg.ld, seg.ld, fw,
+                      fw.k_ih, gates + (r0 - row0) * G, G);
+      };
+      const int64_t r0 = std::max(seg.r0, row0 + a), r1 = std::min(seg.r1, row0 + b);
+      add(r0, std::min(r1, skip0));
+      add(std::max(r0, skip1), r1);
+    }
+    std::vector<float> scratch(3 * H);  // c_{t-1} -> c_t, c_t kept, h_t: not read
+    for (int64_t r = a; r < b; ++r) {
+      float* g = gates + r * G;
+      cell_forward_block(H, g, g + H, g + 2 * H, g + 3 * H, fw.bias, H, scratch.data(),
+                         scratch.data() + H, scratch.data() + 2 * H, plan.vec16_cell);
+    }
+  };
+  const int64_t grain = kBrgemmBlockM;
+  if (block.rows * G * (in_size + out) >= kParallelElements && !at::in_parallel_region())
+    at::parallel_for(0, block.rows, grain, rows_job);
+  else
+    rows_job(0, block.rows);
+}
+
+// Where the float-chunk backward widens W_ih next to W_hh (in one scratch buffer): at the first
+// 64-byte boundary after W_hh's G * out floats, as the forward's own widened W_ih starts (the
+// same product on operands placed alike).
+inline int64_t w_ih_at(int64_t G, int64_t out) { return (G * out + 15) / 16 * 16; }
+
 template <typename T>
 void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, const T* hx,
                    const T* cx, const std::vector<at::Tensor>& weights, const T* mask,
                    const T* reserve, Operand<T> grad_output, const T* grad_hy, const T* grad_cy,
                    T* grad_input, T* grad_hx, T* grad_cx,
-                   std::vector<at::Tensor>& grad_weights) {
+                   std::vector<at::Tensor>& grad_weights, void* grad_input16 = nullptr) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
   const int64_t out_stride = D * out;
   const bool has_proj = s.proj_size > 0;
   const bool tiny = plan.variant == Variant::kSmallHidden;
-  // A reserve without the gates (lstm.h, gates_in_reserve): where the products are bf16 ones,
-  // the recurrence below recomputes each step's gates; elsewhere (no bf16 products, or the
-  // small-hidden kernel) the forward runs again into a reserve that keeps them, and the
-  // backward reads that (the same gates: the forward is deterministic).
-  if (!s.gates_in_reserve && (!plan.bf16_products || tiny)) {
+  // A reserve without the gates (lstm.h, gates_in_reserve): the recurrence below recomputes
+  // them (bf16 products: step by step; float32 ones: by chunks, plan.recompute_float_chunks);
+  // elsewhere (the small-hidden kernel, the few-row backward) the forward runs again into a
+  // reserve that keeps them, and the backward reads that (the same gates: the forward is
+  // deterministic).
+  if (!s.gates_in_reserve && (tiny || (!plan.bf16_products && !plan.recompute_float_chunks))) {
     LSTMShape with_gates = s;
     with_gates.gates_in_reserve = true;
     at::Tensor full_buf, states_buf;
@@ -314,16 +370,30 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
     return backward_impl(plan, with_gates, input, hx, cx, weights, mask, full, grad_output,
                          grad_hy, grad_cy, grad_input, grad_hx, grad_cx, grad_weights);
   }
-  const bool recompute = !s.gates_in_reserve;
   // Scratch, allocated once per call (ScratchPieces: the small pieces in one block).
   at::Tensor bf16_buf;
   ScratchPieces<T> pieces;
   const Bf16Backward bb = bf16_backward_buffers(plan, s, bf16_buf);
+  const bool recompute = !s.gates_in_reserve;
   // dgates [rows, 4H]: every row's; where the products are bf16 ones, a chunk of steps' rows
   // only (at most kBf16GradRows, or one step's), whose products run as soon as the recurrence
   // has computed them (bf16_chunk_products).
   const bool chunked = bb.on && !tiny;
-  const int64_t chunk_rows = chunked ? bf16_chunk_rows(s) : s.rows;
+  // Recomputing the gates with float32 products: the recurrence runs by the forward's chunks
+  // of projection_chunk_steps steps, last first; each chunk's input projection is computed
+  // again as the forward computed it (the same product over the same rows: the same gates),
+  // and its dgates go to the products as soon as its steps are done (backward_products).
+  const bool float_chunks = recompute && !bb.on;
+  TORCH_INTERNAL_ASSERT(!float_chunks || plan.recompute_float_chunks);
+  const int64_t chunk_rows = chunked ? bf16_chunk_rows(s)
+      : float_chunks ? std::min(training_chunk_steps(s), s.seq_len) * s.batch
+      : s.rows;
+  // grad_input16 (grad_input null): the op's dL/dx in float16 (lstm.cpp prepare_backward: a
+  // one-direction float16 call whose input the op keeps), each chunk's rows summed into a
+  // float32 chunk and rounded into it as the chunk is done, instead of a float32 dL/dx of
+  // every row rounded at the end.
+  TORCH_INTERNAL_ASSERT(!grad_input16 || (float_chunks && D == 1 && grad_input == nullptr));
+  T* dx_chunk;
   T* dgates;
   pieces.add(&dgates, chunk_rows * G);
   // h_{t-1} of every row (or of a chunk's) gathered, only where steps have different rows
@@ -352,14 +422,18 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   pieces.add(&zeros_mut, s.batch * std::max(H, out));    // h0 / c0 when None
   T* tiny_buf;
   pieces.add(&tiny_buf, tiny ? tiny_backward_numel<T>(s) : 0);
-  // Recomputing the gates (recompute): W_ih and W_hh packed as the forward packs them, the
-  // summed bias, and per batch row the step's gates [G], h_{t-1} gathered [out], and what the
-  // forward's cell pass writes besides them (c, c_t, pre-projection [H] each, h [out]).
-  at::Tensor fw_weights_buf, fw_bias_buf;
-  uint16_t* fw_weights = recompute ? bf16_weight_buffer(plan, s, fw_weights_buf) : nullptr;
+  // Recomputing the gates (recompute): W_ih and W_hh packed as the forward packs them (bf16
+  // ones, or brgemm's float32 panels), the summed bias, and per batch row the step's gates [G],
+  // h_{t-1} gathered [out], and what the forward's cell pass writes besides them (c, c_t,
+  // pre-projection [H] each, h [out]); with float32 products, a chunk's input projection.
+  at::Tensor fw_weights_buf, fw_packed_buf, fw_bias_buf, x_chunk_buf;
+  uint16_t* fw_weights = recompute && bb.on ? bf16_weight_buffer(plan, s, fw_weights_buf) : nullptr;
+  T* fw_packed = float_chunks ? brgemm_buffer<T>(plan, s, fw_packed_buf) : nullptr;
   const int64_t rec_row = G + 2 * out + 3 * H;
   T* rec;
   pieces.add(&rec, recompute ? s.batch * rec_row : 0);
+  // (A chunk's projection goes to its rows of dgates: the cell pass writes each row's dgates
+  // over its gates, cell_backward_in_place.)
   // dL/dh_{t-1} = dgates_t W_hh through brgemm (W_hh is already its B[4H, out]).
   const bool brgemm = plan.brgemm_dh;
   T* w_hh_panels = nullptr;
@@ -371,12 +445,18 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   T* widened_w = nullptr;
   if constexpr (std::is_same_v<T, float>) {
     if (widens) {
+      // W_hh (in panels, or as stored) during the recurrence, then W_ih; both at once where the
+      // recurrence runs by chunks (float_chunks: each chunk's projection and dL/dx read W_ih),
+      // with W_hh as stored too where the recomputed steps are library products.
       const int64_t in_max = std::max(s.input_size, s.num_directions * s.out_size);
-      pieces.add(&widened_w, G * std::max(in_max, out));
+      const bool library_steps = float_chunks && !plan.brgemm_steps && brgemm;
+      pieces.add(&widened_w, float_chunks ? w_ih_at(G, out) + G * (in_max + (library_steps ? 1 : 0) * out)
+                                          : G * std::max(in_max, out));
     } else if (brgemm && !bb.on && !tiny) {
       pieces.add(&w_hh_panels, G * out);
     }
   }
+  pieces.add(&dx_chunk, grad_input16 ? chunk_rows * s.input_size : 0);
   pieces.allocate();
   if (widens && brgemm) w_hh_panels = widened_w;
   if (!dy) {
@@ -407,7 +487,8 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
       // (the forward's projection GEMM, where it ran one, gives each row the same sums).
       auto fw = direction_weights<T>(s, weights, l, d);
       if (recompute) {
-        use_bf16_gemm(plan, s, l, fw, fw_weights);
+        if (bb.on) use_bf16_gemm(plan, s, l, fw, fw_weights);
+        else use_brgemm(plan, s, fw, fw_packed, l, /*count_fused=*/false);
         use_bias(fw, G, fw_bias_buf);
       }
       const T* cells = reserve + s.cells_offset(l, d);
@@ -459,12 +540,26 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
       } else if (w_hh_panels) {
         pack_w_hh_panels(w.w_hh, G, out, w_hh_panels);
       }
+      // W_ih in float for the chunks' projections and dL/dx (float_chunks), and the recomputed
+      // steps' weights in float where they are library products.
+      const T* w_ih_f = w.w_ih;
+      if (float_chunks && widens) {
+        T* more = widened_w + w_ih_at(G, out);
+        with_kept_16bit(w.ih, [&](auto w16) { w_ih_f = widened(w16, G * in_size, more); });
+        if (!fw.single_thread_product() && w_hh_panels)
+          with_kept_16bit(w.hh, [&](auto w16) { w_hh = widened(w16, G * out, more + G * in_size); });
+      }
+      if (float_chunks) {
+        fw.w_ih = w_ih_f;
+        if (!fw.single_thread_product()) fw.w_hh = w_hh;
+      }
       if (tiny) {
         tiny_backward_steps(s, w, d, gates, cells, c0, dy.f, dh_all, dgates, dh_state, dc_state,
                             tiny_buf);
       } else {
       // The reverse recurrence of steps step_hi down to step_lo (processing order), for batch
       // rows [r0, r1) (rows are independent sequences); row r's dgates at dgates + (r - dg_row0) * G.
+      bool chunk_gates = false;  // the chunk's gates in dgates' rows already (float_chunks)
       auto steps = [&](int64_t step_hi, int64_t step_lo, int64_t dg_row0, int64_t r0, int64_t r1) {
         for (int64_t step = step_hi; step >= step_lo; --step) {
           const int64_t t = time_of(s, d, step);
@@ -477,17 +572,27 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
           T* dh_t = dh_buf + r0 * H;
           // dL/dh_t before projection, [bs, H]: carried + from the output (through W_hr).
           T* dh_sum = has_proj ? dh_all + off * out : dh_t;
-          visit(dy_t, [&](auto y) {
-            for (int64_t b = 0; b < bs; ++b)
+          if (dy_t.h) {  // a float16 upstream gradient kept by the op: each row widened first
+            for (int64_t b = 0; b < bs; ++b) {
+              const float* y = widened_on_this_thread(dy_t.h + b * out_stride, out);
               for (int64_t j = 0; j < out; ++j)
-                dh_sum[b * out + j] = dh_carried[b * out + j] + static_cast<T>(y[b * out_stride + j]);
-          });
+                dh_sum[b * out + j] = dh_carried[b * out + j] + static_cast<T>(y[j]);
+            }
+          } else {
+            visit(dy_t, [&](auto y) {
+              for (int64_t b = 0; b < bs; ++b)
+                for (int64_t j = 0; j < out; ++j)
+                  dh_sum[b * out + j] = dh_carried[b * out + j] + static_cast<T>(y[b * out_stride + j]);
+            });
+          }
           if (has_proj) gemm<T>(false, false, bs, H, out, T(1), dh_sum, out, w.w_hr, H, T(0), dh_t, H);
           const T* c_prev = step_c_prev(s, d, t, r0, bs, cells, c0, c_prev_buf);
           const T* c_t = cells + off * H;
           T* dg_t = dgates + (off - dg_row0) * G;
           const T* g_t = gates + off * G;
-          if (recompute) {  // the forward's step again: its products and cell pass
+          if (chunk_gates) {  // recomputed for the chunk already (recompute_chunk_gates)
+            g_t = dg_t;
+          } else if (recompute) {  // the forward's step again: its products and cell pass
             // h_{t-1} of the slice: the previous step's layer output for rows that continue,
             // h0 for rows that start here; none at the first step without hx (as forward_steps)
             const PrevStep prev = prev_step(s, d, t);
@@ -508,17 +613,24 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
                         r0 + bs - continuing, out);
               hp = dst;
             }
-            T* g = rec_gates + r0 * G;
+            // The step's gates: the projection fused into its products (every bf16 one), or
+            // added to the chunk's projection rows (dgates' rows of the chunk).
+            const bool fused = bb.on || fw.k_ih > 0;
+            T* g = fused ? rec_gates + r0 * G : dg_t;
             forward_step(plan, s, fw, bs, g, hp, ld_hp, rec_h + r0 * out, out, rec_c + r0 * H,
                          rec_cells + r0 * H, has_proj ? rec_pre_proj + r0 * H : nullptr,
-                         x.at(off * in_size), in_size);
+                         fused ? x.at(off * in_size) : Operand<T>{}, in_size);
             g_t = g;
           }
           for_each_row(bs, G, [&](int64_t b) {
             const T* g = g_t + b * G;
             T* dg = dg_t + b * G;
-            cell_backward_block(H, g, g + H, g + 2 * H, g + 3 * H, c_t + b * H, c_prev + b * H,
-                                dh_t + b * H, dc + b * H, dg, dg + H, dg + 2 * H, dg + 3 * H);
+            if (g == dg)  // the recomputed gates in dgates' rows
+              cell_backward_in_place(H, dg, dg + H, dg + 2 * H, dg + 3 * H, c_t + b * H,
+                                     c_prev + b * H, dh_t + b * H, dc + b * H);
+            else
+              cell_backward_block(H, g, g + H, g + 2 * H, g + 3 * H, c_t + b * H, c_prev + b * H,
+                                  dh_t + b * H, dc + b * H, dg, dg + H, dg + 2 * H, dg + 3 * H);
           });
           // dL/dh_{t-1} for the rows active at t; the others keep what they carry.
           if (few) few_rows_dh(bs, out, G, dg_t, w.hh, dh_carried);
@@ -528,7 +640,51 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
         }
         if (bb.amx_w_hh) amx_release();  // this thread's last product of the direction
       };
-      if (!chunked) {
+      if (float_chunks) {
+        // The forward's chunks, last first: the chunk's projection again (where the forward
+        // ran one), its gates (all at once where the forward's steps were brgemm's:
+        // recompute_chunk_gates; else step by step in the recurrence), its steps, then its
+        // products and its rows' bias gradient.
+        const int64_t n = training_chunk_steps(s);
+        const int64_t chunks = (s.seq_len + n - 1) / n;
+        for (int64_t c = chunks - 1; c >= 0; --c) {
+          const int64_t first = c * n, last = std::min(first + n, s.seq_len) - 1;
+          const StepBlock block = step_block(s, d, first, last);
+          // The chunk's rows of x in float (a kept float16 input's widened, as the forward did)
+          const T* x_rows = x.f ? x.f + block.row0 * in_size
+              : x.h ? widened_into<T>(x.h + block.row0 * in_size, block.rows * in_size, x_chunk_buf)
+              : nullptr;
+          if (fw.k_ih == 0)
+            input_projection(fw, Operand<T>{x_rows}, block.rows, in_size, G, dgates);
+          const HPrev<T> h_prev =
+              h_prev_chunk(s, d, block.t_lo, block.t_hi, layer_out, h0, h_prev_buf_ptr);
+          if constexpr (std::is_same_v<T, float>) {
+            chunk_gates = fw.single_thread_product();
+            if (chunk_gates) {  // the first step without hx: no product (forward_steps)
+              const int64_t t0 = time_of(s, d, 0);
+              const bool skip = hx == nullptr && first == 0;
+              const int64_t skip0 = skip ? s.step_offset[t0] : 0;
+              recompute_chunk_gates(plan, s, fw, block, x_rows, in_size, h_prev, skip0,
+                                    skip ? skip0 + s.batch_sizes[t0] : 0, dgates);
+            }
+          }
+          // (Sliced as the forward sliced these steps: a library step's product over the same
+          // rows.)
+          for_each_batch_slice(s, last - first + 1, fw.single_thread_product(),
+                               [&](int64_t r0, int64_t r1) {
+            steps(last, first, block.row0, r0, r1);
+          });
+          T* dx_rows = dx_l ? dx_l + block.row0 * in_size : dx_chunk;
+          backward_products(s, dgates, block.row0, block.rows, x_rows, in_size, h_prev, w_ih_f,
+                            gw_ih, gw_hh, dx_rows, d > 0, c < chunks - 1);
+          if constexpr (std::is_same_v<T, float>) {
+            if (!dx_l)
+              round_to(dx_chunk, block.rows * in_size, at::kHalf,
+                       static_cast<uint16_t*>(grad_input16) + block.row0 * in_size);
+          }
+          add_bias_grad(block.rows);
+        }
+      } else if (!chunked) {
         for_each_batch_slice(s, s.seq_len, brgemm || bb.on, [&](int64_t r0, int64_t r1) {
           steps(s.seq_len - 1, 0, 0, r0, r1);
         });
@@ -562,7 +718,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
       }
       }
 
-      if (!chunked) {
+      if (!chunked && !float_chunks) {
         const HPrev<T> h_prev = h_prev_rows(s, d, layer_out, h0, h_prev_buf_ptr);
         // dL/dx of this layer is summed over directions.
         // The recurrence is done with W_hh: W_ih widened into the same buffer.
@@ -572,7 +728,8 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
         if (few)
           few_rows_backward_products(s, dgates, x, in_size, h_prev, w.ih, grad_weights[k],
                                      grad_weights[k + 1], dx_l, d > 0);
-        else backward_products(s, dgates, x, in_size, h_prev, w_ih, gw_ih, gw_hh, dx_l, d > 0);
+        else backward_products(s, dgates, 0, s.rows, x.f, in_size, h_prev, w_ih, gw_ih, gw_hh,
+                               dx_l, d > 0, false);
         add_bias_grad(s.rows);
       }
       int64_t next = k + 2;

@@ -194,5 +194,27 @@ FUSED_LSTM_DEFINE_BLOCKS(float)
 FUSED_LSTM_DEFINE_BLOCKS(double)
 #undef FUSED_LSTM_DEFINE_BLOCKS
 
+// cell_backward_block with each gate's gradient written over its activated gate (g_i.. hold
+// the activated gates on entry, their pre-activation gradients on exit), so that the backward
+// needs no buffer of gates beside its dgates (backward.h, recomputed gates). The gates of a
+// block of elements are copied aside first, then cell_backward_block runs on the copies: the
+// same arithmetic, so the same bits, without aliasing its restrict arguments. Blocks of whole
+// 16-lane vectors, so its vector body and tail see the elements they see in one call.
+template <typename T>
+void cell_backward_in_place(int64_t n, T* gi, T* gf, T* gg, T* go, const T* c, const T* c_prev,
+                            const T* dh, T* dc) {
+  constexpr int64_t kBlock = 256;
+  alignas(64) T a[4][kBlock];
+  for (int64_t e = 0; e < n; e += kBlock) {
+    const int64_t m = std::min(kBlock, n - e);
+    std::copy_n(gi + e, m, a[0]);
+    std::copy_n(gf + e, m, a[1]);
+    std::copy_n(gg + e, m, a[2]);
+    std::copy_n(go + e, m, a[3]);
+    cell_backward_block(m, a[0], a[1], a[2], a[3], c + e, c_prev + e, dh + e, dc + e, gi + e,
+                        gf + e, gg + e, go + e);
+  }
+}
+
 }  // namespace
 }  // namespace fused_lstm

@@ -159,7 +159,8 @@ const T* widened(const S* w, int64_t n, T* buf) {
 
 // The same into this thread's buffer, for a few rows that one product reads right away (the
 // buffer is reused by the thread's next call).
-inline const float* widened_on_this_thread(const c10::Half* w, int64_t n) {
+template <typename W>  // c10::Half or c10::BFloat16
+const float* widened_on_this_thread(const W* w, int64_t n) {
   static thread_local std::vector<float> buf;
   if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
   widen_16bit(w, n, buf.data());
@@ -213,6 +214,13 @@ template <typename T>
 T* scratch(at::Tensor& holder, int64_t numel) {
   holder = cpu_cached_empty(numel, c10::CppTypeToScalarType<T>::value);
   return holder.mutable_data_ptr<T>();
+}
+
+// n float16 values widened into `holder` (allocated at the first need, at least n; exact).
+template <typename T>
+const T* widened_into(const c10::Half* src, int64_t n, at::Tensor& holder) {
+  if (!holder.defined() || holder.numel() < n) scratch<T>(holder, n);
+  return widened(src, n, holder.mutable_data_ptr<T>());
 }
 
 // A call's scratch buffers: add() each piece with its pointer, then allocate() sets every

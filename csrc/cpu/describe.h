@@ -43,10 +43,12 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
   const bool single_thread = p.brgemm_steps || p.bf16_products;
   const int64_t slices = batch_slices(s, s.seq_len, single_thread);
   const int64_t slice_rows = (s.batch + slices - 1) / slices;
-  // The rows the input projection GEMM takes at once: every step's in training, a chunk's in
-  // inference.
+  // The rows the input projection GEMM takes at once: a chunk's in inference and in training
+  // without gates in the reserve, else every step's.
   const int64_t proj_rows =
-      p.inference ? std::min(inference_chunk_steps(s), s.seq_len) * s.batch : s.rows;
+      p.inference           ? std::min(projection_chunk_steps(s), s.seq_len) * s.batch
+      : !s.gates_in_reserve ? std::min(training_chunk_steps(s), s.seq_len) * s.batch
+                            : s.rows;
   auto library = [&](bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k) {
     return std::string(library_name(gemm_library(trans_a, trans_b, m, n, k, p.is_float,
                                                  slices > 1, p.settings.gemm_library,
@@ -105,6 +107,8 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
       << "\n";
   o << "keep_16bit=" << (p.keep_16bit ? "true" : "false") << "\n";
   if (p.inference) o << "output_16bit=" << (p.output_16bit ? "true" : "false") << "\n";
+  if (!p.inference && p.model == at::kHalf)
+    o << "fp16_kept_training=" << (p.fp16_kept_training ? "true" : "false") << "\n";
   if (!p.inference) {
     o << "backward_widens_16bit=" << (p.backward_widens_16bit ? "true" : "false") << "\n";
     std::string dh;

@@ -12,6 +12,40 @@
 namespace fused_lstm {
 namespace {
 
+// Gate elements per input-projection chunk of inference (4 MB in float32), where the
+// projection runs over chunks of steps into one reused buffer. Measured: 2^18 cost fastrnns a
+// quarter of its speed in small GEMMs; 2^22 was slower again than 2^20
+// (benchmarks/notes/memory.md, "Page faults of a fresh reserve; inference without one").
+constexpr int64_t kChunkElements = 1 << 20;
+
+// Steps per chunk of the unfused input projection (`elements` gate elements at most, at least
+// one step): chunk c holds steps [c * n, (c + 1) * n) in processing order.
+inline int64_t projection_chunk_steps(const LSTMShape& s, int64_t elements = kChunkElements) {
+  return std::max<int64_t>(1, elements / std::max<int64_t>(1, s.batch * 4 * s.hidden_size));
+}
+// The same for training without gates in the reserve (lstm.h, gates_in_reserve: forward_impl,
+// and backward_impl, which projects the same chunks again), by chunks of half inference's gate
+// elements: the backward holds a chunk's float32 dgates, and at medium
+// (float16) chunks of 2^20 left its peak 1% below nn.LSTM's float16, 2^19 11% below, at the
+// same time (benchmarks/notes/memory.md, "float16 training: no gates kept").
+constexpr int64_t kTrainingChunkElements = kChunkElements / 2;
+inline int64_t training_chunk_steps(const LSTMShape& s) {
+  return projection_chunk_steps(s, kTrainingChunkElements);
+}
+
+// The rows of steps [first, last] (processing order) of direction d: consecutive in time, so
+// one contiguous block [row0, row0 + rows).
+// Their times are [t_lo, t_hi].
+struct StepBlock {
+  int64_t row0, rows, t_lo, t_hi;
+};
+inline StepBlock step_block(const LSTMShape& s, int64_t d, int64_t first, int64_t last) {
+  const int64_t t_lo = std::min(time_of(s, d, first), time_of(s, d, last));
+  const int64_t t_hi = std::max(time_of(s, d, first), time_of(s, d, last));
+  const int64_t row0 = s.step_offset[t_lo];
+  return {row0, s.step_offset[t_hi] + s.batch_sizes[t_hi] - row0, t_lo, t_hi};
+}
+
 template <typename T>
 void forward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, const T* hx,
                   const T* cx, const std::vector<at::Tensor>& weights, const T* mask, T* hy,
@@ -25,21 +59,26 @@ void forward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, con
   at::Tensor tiny_buf, dropped_buf;
   const bool tiny = plan.variant == Variant::kSmallHidden;
   const TinyBuffers<T> tb = tiny ? tiny_buffers<T>(s, s.rows, tiny_buf) : TinyBuffers<T>{};
-  at::Tensor w_packed_buf, bf16_buf, bias_buf;
+  at::Tensor w_packed_buf, bf16_buf, bias_buf, w_ih_buf, x_chunk_buf;
   uint16_t* bf16_weights = bf16_weight_buffer(plan, s, bf16_buf);
   T* w_packed = bf16_weights ? nullptr : brgemm_buffer<T>(plan, s, w_packed_buf);
   T* dropped = (mask && s.num_layers > 1) ? scratch<T>(dropped_buf, s.rows * out_stride) : nullptr;
-  // Where the reserve keeps no gates (lstm.h, gates_in_reserve), every layer and direction's
-  // go to one scratch buffer; the backward recomputes them.
+  // Where the reserve keeps no gates (lstm.h, gates_in_reserve), the backward recomputes them:
+  // the gates go to one reused scratch buffer, every row's for the small-hidden kernel, else a
+  // step's rows where the projection is fused into the steps and a chunk's where it is not
+  // (projected by the chunks of projection_chunk_steps, as the backward projects them again).
   at::Tensor gates_buf;
-  T* gates_scratch = s.gates_in_reserve ? nullptr : scratch<T>(gates_buf, s.rows * G);
+  auto gates_for = [&](int64_t rows) {
+    if (!gates_buf.defined() || gates_buf.numel() < rows * G) scratch<T>(gates_buf, rows * G);
+    return gates_buf.mutable_data_ptr<T>();
+  };
   for (int64_t l = 0; l < s.num_layers; ++l) {
     const Operand<T> x = layer_input(
         s, l, input, l > 0 ? reserve + s.layer_out_offset(l - 1) : nullptr, mask, dropped);
     T* layer_out = reserve + s.layer_out_offset(l);
     for (int64_t d = 0; d < D; ++d) {
       auto w = direction_weights<T>(s, weights, l, d);
-      T* gates = gates_scratch ? gates_scratch : reserve + s.gates_offset(l, d);
+      T* gates = s.gates_in_reserve ? reserve + s.gates_offset(l, d) : nullptr;
       T* cells = reserve + s.cells_offset(l, d);
       T* pre_proj = reserve + s.pre_proj_offset(l, d);  // used only with projection
       // State lives directly in the h_n / c_n outputs.
@@ -49,6 +88,7 @@ void forward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, con
       copy_or_zero(hx ? hx + ld * s.batch * out : nullptr, s.batch * out, h_state);
       copy_or_zero(cx ? cx + ld * s.batch * H : nullptr, s.batch * H, c_state);
       if (tiny) {
+        if (!gates) gates = gates_for(s.rows);
         tiny_input_projection(w, x.f, s.rows, s.layer_input_size(l), G, tb.gT, tb.xT);
         transpose(hx ? hx + ld * s.batch * out : nullptr, out, s.batch, out, tb.hT, s.batch);
         transpose(cx ? cx + ld * s.batch * H : nullptr, H, s.batch, H, tb.cT, s.batch);
@@ -64,19 +104,41 @@ void forward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, con
       use_bf16_gemm(plan, s, l, w, bf16_weights);
       use_brgemm(plan, s, w, w_packed, l);
       use_bias(w, G, bias_buf);
-      const bool fused = w.k_ih > 0;  // else every step's projection at once, here
-      if (!fused) input_projection(w, x, s.rows, in_size, G, gates);
-      auto rows_of = [&](int64_t t) {
-        const int64_t off = s.step_offset[t];
-        return StepRows<T>{gates + off * G, cells + off * H,
-                           s.proj_size > 0 ? pre_proj + off * H : nullptr,
-                           layer_out + off * out_stride + d * out,
-                           fused ? x.at(off * in_size) : Operand<T>{}};
-      };
-      for_each_batch_slice(s, s.seq_len, w.single_thread_product(), [&](int64_t r0, int64_t r1) {
-        forward_steps(plan, s, w, d, 0, s.seq_len - 1, r0, r1, h_state, c_state, rows_of, in_size,
-                      hx == nullptr);
-      });
+      // float16 W_ih kept by the op (CpuPlan::fp16_kept_training): the unfused projection's
+      // GEMM reads it widened, a layer and direction's at a time.
+      if (w.w_ih == nullptr && w.ih.h != nullptr && w.k_ih == 0)
+        w.w_ih = widened_into<T>(w.ih.h, G * in_size, w_ih_buf);
+      const bool fused = w.k_ih > 0;  // else the projection of a chunk's steps at once, here
+      // One chunk of every step where the reserve keeps the gates (the projection of every row
+      // into them), or where the projection is fused (a step's gates at a time in scratch).
+      const int64_t chunk_steps =
+          s.gates_in_reserve || fused ? s.seq_len : training_chunk_steps(s);
+      T* step_gates = !gates && fused ? gates_for(s.batch) : nullptr;
+      for (int64_t first = 0; first < s.seq_len; first += chunk_steps) {
+        const int64_t last = std::min(first + chunk_steps, s.seq_len) - 1;
+        const StepBlock block = step_block(s, d, first, last);
+        // Row r's gates at chunk + (r - block.row0) * G (or at step_gates, the step's rows).
+        T* chunk = gates ? gates + block.row0 * G : fused ? nullptr : gates_for(block.rows);
+        if (!fused) {  // (a kept float16 input: the chunk's rows widened first)
+          const Operand<T> x_chunk =
+              x.h ? Operand<T>{widened_into<T>(x.h + block.row0 * in_size, block.rows * in_size,
+                                               x_chunk_buf)}
+                  : x.at(block.row0 * in_size);
+          input_projection(w, x_chunk, block.rows, in_size, G, chunk);
+        }
+        auto rows_of = [&](int64_t t) {
+          const int64_t off = s.step_offset[t];
+          return StepRows<T>{step_gates ? step_gates : chunk + (off - block.row0) * G,
+                             cells + off * H, s.proj_size > 0 ? pre_proj + off * H : nullptr,
+                             layer_out + off * out_stride + d * out,
+                             fused ? x.at(off * in_size) : Operand<T>{}};
+        };
+        for_each_batch_slice(s, last - first + 1, w.single_thread_product(),
+                             [&](int64_t r0, int64_t r1) {
+          forward_steps(plan, s, w, d, first, last, r0, r1, h_state, c_state, rows_of, in_size,
+                        hx == nullptr && first == 0);
+        });
+      }
     }
   }
 }
@@ -87,16 +149,6 @@ void forward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, con
 // and layer outputs alternate between two buffers (the last layer writes `output`). Besides
 // the work, this saves the first-touch page faults of a fresh reserve on every call
 // (benchmarks/notes/memory.md, "Page faults of a fresh reserve; inference without one").
-// Gate elements per input-projection chunk (4 MB in float32). Measured: 2^18 cost fastrnns a
-// quarter of its speed in small GEMMs; 2^22 was slower again than 2^20 (benchmarks/notes/memory.md,
-// "Page faults of a fresh reserve; inference without one").
-constexpr int64_t kChunkElements = 1 << 20;
-
-// Steps whose input projection inference_impl computes at once (unfused).
-inline int64_t inference_chunk_steps(const LSTMShape& s) {
-  return std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, s.batch * 4 * s.hidden_size));
-}
-
 // output16 (output null): the output in `out_dtype`, bfloat16 or float16, written by the last
 // layer's steps as they finish (CpuPlan::output_16bit: the row-wise variant).
 template <typename T>
@@ -112,7 +164,7 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
     return thin_forward<T>(plan, s, input, hx, cx, weights, mask, hy, cy, output, nullptr);
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
   const int64_t out_stride = D * out;
-  const int64_t chunk_steps = inference_chunk_steps(s);
+  const int64_t chunk_steps = projection_chunk_steps(s);
   at::Tensor dropped_buf, chunk_buf, gates_buf, pre_proj_buf, layer_buf[2], hb_buf;
   T* dropped = (mask && s.num_layers > 1) ? scratch<T>(dropped_buf, s.rows * out_stride) : nullptr;
   const int64_t chunk_rows = std::min(chunk_steps, s.seq_len) * s.batch;
@@ -124,8 +176,7 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
   // n float16 values kept by the op (CpuPlan::fp16_kept_inference) widened into `holder`
   // (allocated at the first need, at least n; exact).
   auto widened_half = [](const c10::Half* src, int64_t n, at::Tensor& holder) -> const T* {
-    if (!holder.defined() || holder.numel() < n) scratch<T>(holder, n);
-    return widened(src, n, holder.mutable_data_ptr<T>());
+    return widened_into<T>(src, n, holder);
   };
   // The gates of `rows` rows: one step's where the projection is fused into the steps (every
   // layer at medium and fastrnns), a chunk's otherwise; allocated at the first need.

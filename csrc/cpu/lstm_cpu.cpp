@@ -79,7 +79,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu(
   const CallPlan call{cpu_settings(), /*inference=*/false};
   ForwardArgs a = prepare_forward(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
                                   bidirectional, has_biases, proj_size, /*with_reserve=*/true,
-                                  call.asks(&CpuPlan::keep_16bit), /*may_drop_gates=*/true);
+                                  call.asks(&CpuPlan::keep_16bit), /*may_drop_gates=*/true,
+                                  /*output_in_dtype=*/nullptr,
+                                  call.asks(&CpuPlan::fp16_kept_training));
   const CpuPlan plan = call.of(a.shape, a.dtype);
   AT_DISPATCH_FLOATING_TYPES(a.math, "fused_lstm_forward_cpu", [&] {
     forward_impl<scalar_t>(plan, a.shape, operand<scalar_t>(a.input), ptr_or_null<scalar_t>(a.hx),
@@ -287,16 +289,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_bac
                                     grad_output, grad_hy, grad_cy, num_layers, bidirectional,
                                     has_biases, proj_size, call.asks(&CpuPlan::keep_16bit),
                                     call.asks(&CpuPlan::backward_widens_16bit),
-                                    /*may_drop_gates=*/true, call.asks(&CpuPlan::grads_16bit));
+                                    /*may_drop_gates=*/true, call.asks(&CpuPlan::grads_16bit),
+                                    call.asks(&CpuPlan::fp16_kept_training));
   const CpuPlan plan = call.of(a.shape, a.dtype);
+  // A float16 grad_input (prepare_backward: written by the kernels in chunks) or the math
+  // dtype's.
+  const bool grad_input_16bit = a.grad_input.scalar_type() != a.math;
   AT_DISPATCH_FLOATING_TYPES(a.math, "fused_lstm_backward_cpu", [&] {
     backward_impl<scalar_t>(
         plan, a.shape, operand<scalar_t>(a.input), ptr_or_null<scalar_t>(a.hx),
         ptr_or_null<scalar_t>(a.cx), a.weights, ptr_or_null<scalar_t>(a.dropout_mask),
         a.reserve.const_data_ptr<scalar_t>(), operand<scalar_t>(a.grad_output),
         ptr_or_null<scalar_t>(a.grad_hy), ptr_or_null<scalar_t>(a.grad_cy),
-        a.grad_input.mutable_data_ptr<scalar_t>(), a.grad_hx.mutable_data_ptr<scalar_t>(),
-        a.grad_cx.mutable_data_ptr<scalar_t>(), a.grad_weights);
+        grad_input_16bit ? nullptr : a.grad_input.mutable_data_ptr<scalar_t>(),
+        a.grad_hx.mutable_data_ptr<scalar_t>(), a.grad_cx.mutable_data_ptr<scalar_t>(),
+        a.grad_weights, grad_input_16bit ? a.grad_input.mutable_data_ptr() : nullptr);
   });
   return finish_backward(a, weights);
 }
@@ -338,7 +345,7 @@ std::string cpu_plan_op(int64_t input_size, int64_t hidden_size, int64_t proj_si
                     "fused_lstm::cpu_plan: bad sizes");
   LSTMShape s = shape_of_sizes(input_size, hidden_size, proj_size, num_layers, bidirectional,
                                has_biases, std::move(batch_sizes));
-  s.gates_in_reserve = gates_in_reserve(s.packed, dtype, /*cpu=*/true);
+  s.gates_in_reserve = gates_in_reserve(s, dtype, /*cpu=*/true);
   const CpuSettings settings = cpu_settings();
   const CallPlan call{settings, inference};
   const CpuPlan plan = call.of(s, dtype);

@@ -62,6 +62,8 @@ constexpr int64_t kRowWiseHidden = 16;
 // faster than that path up to 32 steps (input 64, hidden 256, 2 layers, batch 1..8, 1 and 2
 // threads; with and without brgemm).
 constexpr int64_t kThinMaxBatch = 8;
+static_assert(kDropGatesMinRows == kThinMaxBatch + 1 && kDropGatesMinHidden == kRowWiseHidden,
+              "lstm.h's gates rule names these sizes");
 constexpr int64_t kThinMaxSteps = 32;
 
 enum class Variant { kSmallHidden, kThin, kRowWise };
@@ -102,6 +104,12 @@ struct CpuPlan {
   // step's rows are widened just before (weights.h use_brgemm, forward.h;
   // benchmarks/notes/memory.md, "16-bit inference: the output in its dtype").
   bool fp16_kept_inference = false;
+  // The same for the training of a float16 model whose reserve keeps no gates (lstm.h
+  // gates_in_reserve): the forward keeps the input, W_ih and W_hh as given, and the backward
+  // the input and the upstream gradient (and W_ih and W_hh: backward_widens_16bit); each
+  // widens what a product reads just before it, a chunk's or a step's rows at a time
+  // (forward.h, backward.h; benchmarks/notes/memory.md, "float16 training: no gates kept").
+  bool fp16_kept_training = false;
   // The backward of a bfloat16 or float16 model whose products are float32 (row-wise steps
   // without the bf16 products: float16, a single step, a CPU without AVX512_BF16, or the
   // setting off) reads W_ih and W_hh as given and widens one layer and direction's at a time
@@ -109,6 +117,11 @@ struct CpuPlan {
   // whole call; where backward_few_rows, its products read them in place and nothing is
   // widened (few_rows.h).
   bool backward_widens_16bit = false;
+  // The backward of a call whose reserve keeps no gates (lstm.h gates_in_reserve) recomputes
+  // them with float32 products by chunks of steps (backward.h): the row-wise kernels without
+  // the bf16 products (which recompute them step by step) or the few-row backward. Elsewhere
+  // the backward runs the forward again into a reserve that keeps them.
+  bool recompute_float_chunks = false;
   // The backward of a training call of at most kThinMaxBatch rows in all (B x T): its products
   // read W_ih and W_hh as stored, float32 or 16-bit (few_rows.h), without brgemm's panels or a
   // widened copy, and the weight gradients are summed outer products.
@@ -171,14 +184,20 @@ inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, at::Sca
   // any CPU.
   p.fp16_kept_inference = inference && model == at::kHalf && p.variant == Variant::kRowWise &&
                           is_float && packs && cpu.brgemm && settings.brgemm;
+  p.fp16_kept_training = !inference && model == at::kHalf && !s.gates_in_reserve &&
+                         p.variant == Variant::kRowWise && is_float && packs && cpu.brgemm &&
+                         settings.brgemm;
   p.keep_16bit = (p.bf16_products && !thin) || (model_16bit && p.variant == Variant::kThin) ||
-                 p.fp16_kept_inference;
-  // (Not where the backward recomputes the gates without the bf16 products: it reruns the
-  // forward on float32 weights, backward.h.)
-  p.backward_widens_16bit = model_16bit && !inference && !p.bf16_products &&
-                            p.variant != Variant::kSmallHidden && s.gates_in_reserve;
-  p.brgemm_steps = is_float && packs && cpu.brgemm && settings.brgemm && !p.bf16_products;
+                 p.fp16_kept_inference || p.fp16_kept_training;
   p.backward_few_rows = few_rows && p.variant != Variant::kSmallHidden && !p.bf16_products;
+  p.recompute_float_chunks = !inference && !s.gates_in_reserve && !p.bf16_products &&
+                             p.variant == Variant::kRowWise && !p.backward_few_rows;
+  // (Not where the backward runs the forward again into a reserve with the gates: on float32
+  // weights, backward.h.)
+  p.backward_widens_16bit = model_16bit && !inference && !p.bf16_products &&
+                            p.variant != Variant::kSmallHidden &&
+                            (s.gates_in_reserve || p.recompute_float_chunks);
+  p.brgemm_steps = is_float && packs && cpu.brgemm && settings.brgemm && !p.bf16_products;
   p.grads_16bit = p.backward_few_rows && model_16bit;
   p.brgemm_dh = is_float && row_sizes && cpu.brgemm && settings.brgemm && !p.backward_few_rows;
   p.vec16_cell = is_float && cpu.avx512 && settings.vec16_cell;

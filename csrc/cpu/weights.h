@@ -152,25 +152,28 @@ inline std::atomic<int64_t>& fused_projection_layers() {
 // The brgemm path's weights of layer `layer`, packed into `buf` (see kBrgemmPanelN): each panel
 // of columns [n0, n0 + nb) of the gates holds W_ih^T's rows (where the input projection is
 // fused) then W_hh^T's, [k_ih + out, nb] row-major, at buf + n0 * (k_ih + out). `buf` is null
-// (from brgemm_buffer) where that path does not apply.
+// (from brgemm_buffer) where that path does not apply. count_fused: whether a fused layer counts
+// in fused_projection_layers (not the backward's recompute of the forward's steps).
 template <typename T>
 void use_brgemm(const CpuPlan& plan, const LSTMShape& s, DirectionWeights<T>& w, T* buf,
-                int64_t layer) {
+                int64_t layer, bool count_fused = true) {
   if constexpr (std::is_same_v<T, float>) {
     if (buf == nullptr) return;
     const int64_t G = 4 * s.hidden_size, out = s.out_size;
     const int64_t k_ih =
         fuse_input_projection(plan, s, layer, sizeof(float)) ? s.layer_input_size(layer) : 0;
-    if (k_ih > 0) fused_projection_layers().fetch_add(1, std::memory_order_relaxed);
+    if (k_ih > 0 && count_fused) fused_projection_layers().fetch_add(1, std::memory_order_relaxed);
     const int64_t K = k_ih + out;
     const int64_t panels = (G + kBrgemmPanelN - 1) / kBrgemmPanelN;
-    // The panel's nb rows of W ([G, k] row-major): as stored, or float16 ones kept by the op
-    // (CpuPlan::fp16_kept_inference) widened on this thread first (exact).
+    // The panel's nb rows of W ([G, k] row-major): as stored, or 16-bit ones kept by the op
+    // (CpuPlan::fp16_kept_inference; the backward's recompute where it widens a 16-bit model's
+    // weights, CpuPlan::backward_widens_16bit) widened on this thread first (exact).
     auto rows_of = [](const T* f, const Operand<T>& kept, int64_t n0, int64_t nb,
                       int64_t k) -> const T* {
       if (f != nullptr) return f + n0 * k;
-      TORCH_INTERNAL_ASSERT(kept.h != nullptr, "fused_lstm: brgemm's panels from kept weights");
-      return widened_on_this_thread(kept.h + n0 * k, nb * k);
+      const T* rows = nullptr;
+      with_kept_16bit(kept, [&](auto w16) { rows = widened_on_this_thread(w16 + n0 * k, nb * k); });
+      return rows;
     };
     auto pack = [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
@@ -189,12 +192,16 @@ void use_brgemm(const CpuPlan& plan, const LSTMShape& s, DirectionWeights<T>& w,
   }
 }
 
-// Scratch for use_brgemm, or null where the plan's steps do not use brgemm.
+// Scratch for use_brgemm, or null where the plan's steps do not use brgemm: the largest
+// layer's panels, W_hh^T's and, where that layer's projection is fused, W_ih^T's.
 template <typename T>
 T* brgemm_buffer(const CpuPlan& plan, const LSTMShape& s, at::Tensor& holder) {
   if (!std::is_same_v<T, float> || !plan.brgemm_steps) return nullptr;
-  const int64_t in_max = std::max(s.input_size, s.num_directions * s.out_size);
-  return scratch<T>(holder, 4 * s.hidden_size * (s.out_size + in_max));
+  int64_t k_max = 0;
+  for (int64_t l = 0; l < s.num_layers; ++l)
+    k_max = std::max(k_max, fuse_input_projection(plan, s, l, sizeof(float))
+                                ? s.layer_input_size(l) : int64_t{0});
+  return scratch<T>(holder, 4 * s.hidden_size * (s.out_size + k_max));
 }
 
 }  // namespace
