@@ -540,7 +540,8 @@ BackwardArgs prepare_backward(
   // CPU kernels write a chunk of rows at a time (backward.h: the call holds no float32 dL/dx of
   // every row; with two directions the second adds to the first's float32 sums).
   if (keep && a.dtype == at::kHalf && s.num_directions == 1)
-    a.grad_input = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+    a.grad_input = at::empty(input.sizes(),
+                             input.options().memory_format(at::MemoryFormat::Contiguous));
   if (!a.grad_input.defined()) a.grad_input = at::empty(input.sizes(), opts);
   if (!a.grad_hx.defined()) a.grad_hx = at::empty({LD, s.batch, s.out_size}, opts);
   if (!a.grad_cx.defined()) a.grad_cx = at::empty({LD, s.batch, s.hidden_size}, opts);

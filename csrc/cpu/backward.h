@@ -238,7 +238,8 @@ void backward_products(const LSTMShape& s, const T* dgates, int64_t row0, int64_
                        const T* x_rows, int64_t in_size, const HPrev<T>& h_prev, const T* w_ih,
                        T* gw_ih, T* gw_hh, T* dx_rows, bool add_dx, bool accumulate) {
   const int64_t G = 4 * s.hidden_size, out = s.out_size;
-  TORCH_INTERNAL_ASSERT(x_rows != nullptr || rows == 0, "fused_lstm: float32 products read x in float");
+  TORCH_INTERNAL_ASSERT(x_rows != nullptr || rows == 0,
+                        "fused_lstm: float32 products read x in float");
   const T beta = accumulate ? T(1) : T(0);
   gemm<T>(true, false, G, in_size, rows, T(1), dgates, G, x_rows, in_size, beta, gw_ih, in_size);
   for (int i = 0; i < h_prev.n; ++i) {  // also for an empty batch: gemm zero-fills when k == 0
@@ -380,7 +381,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   // has computed them (bf16_chunk_products).
   const bool chunked = bb.on && !tiny;
   // Recomputing the gates with float32 products: the recurrence runs by the forward's chunks
-  // of projection_chunk_steps steps, last first; each chunk's input projection is computed
+  // of training_chunk_steps steps, last first; each chunk's input projection is computed
   // again as the forward computed it (the same product over the same rows: the same gates),
   // and its dgates go to the products as soon as its steps are done (backward_products).
   const bool float_chunks = recompute && !bb.on;
@@ -429,9 +430,11 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   at::Tensor fw_weights_buf, fw_packed_buf, fw_bias_buf, x_chunk_buf;
   uint16_t* fw_weights = recompute && bb.on ? bf16_weight_buffer(plan, s, fw_weights_buf) : nullptr;
   T* fw_packed = float_chunks ? brgemm_buffer<T>(plan, s, fw_packed_buf) : nullptr;
+  // (Per batch row where the gates are recomputed step by step: the bf16 products', and
+  // float32 library steps'; brgemm's are recomputed a chunk at a time, recompute_chunk_gates.)
   const int64_t rec_row = G + 2 * out + 3 * H;
   T* rec;
-  pieces.add(&rec, recompute ? s.batch * rec_row : 0);
+  pieces.add(&rec, recompute && (bb.on || !plan.brgemm_steps) ? s.batch * rec_row : 0);
   // (A chunk's projection goes to its rows of dgates: the cell pass writes each row's dgates
   // over its gates, cell_backward_in_place.)
   // dL/dh_{t-1} = dgates_t W_hh through brgemm (W_hh is already its B[4H, out]).
@@ -450,8 +453,9 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
       // with W_hh as stored too where the recomputed steps are library products.
       const int64_t in_max = std::max(s.input_size, s.num_directions * s.out_size);
       const bool library_steps = float_chunks && !plan.brgemm_steps && brgemm;
-      pieces.add(&widened_w, float_chunks ? w_ih_at(G, out) + G * (in_max + (library_steps ? 1 : 0) * out)
-                                          : G * std::max(in_max, out));
+      pieces.add(&widened_w,
+                 float_chunks ? w_ih_at(G, out) + G * (in_max + (library_steps ? out : 0))
+                              : G * std::max(in_max, out));
     } else if (brgemm && !bb.on && !tiny) {
       pieces.add(&w_hh_panels, G * out);
     }
@@ -547,7 +551,8 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
         T* more = widened_w + w_ih_at(G, out);
         with_kept_16bit(w.ih, [&](auto w16) { w_ih_f = widened(w16, G * in_size, more); });
         if (!fw.single_thread_product() && w_hh_panels)
-          with_kept_16bit(w.hh, [&](auto w16) { w_hh = widened(w16, G * out, more + G * in_size); });
+          with_kept_16bit(w.hh,
+                          [&](auto w16) { w_hh = widened(w16, G * out, more + G * in_size); });
       }
       if (float_chunks) {
         fw.w_ih = w_ih_f;
@@ -582,7 +587,8 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
             visit(dy_t, [&](auto y) {
               for (int64_t b = 0; b < bs; ++b)
                 for (int64_t j = 0; j < out; ++j)
-                  dh_sum[b * out + j] = dh_carried[b * out + j] + static_cast<T>(y[b * out_stride + j]);
+                  dh_sum[b * out + j] =
+                      dh_carried[b * out + j] + static_cast<T>(y[b * out_stride + j]);
             });
           }
           if (has_proj) gemm<T>(false, false, bs, H, out, T(1), dh_sum, out, w.w_hr, H, T(0), dh_t, H);
