@@ -25,12 +25,16 @@ inline int64_t projection_chunk_steps(const LSTMShape& s, int64_t elements = kCh
 }
 // The same for training without gates in the reserve (lstm.h, gates_in_reserve: forward_impl,
 // and backward_impl, which projects the same chunks again), by chunks of half inference's gate
-// elements: the backward holds a chunk's float32 dgates, and at medium
-// (float16) chunks of 2^20 left its peak 1% below nn.LSTM's float16, 2^19 11% below, at the
-// same time (benchmarks/notes/memory.md, "float16 training: no gates kept").
+// elements, but at least kTrainingChunkMinRows rows: the backward holds a chunk's float32
+// dgates, and at medium (float16) chunks of 2^20 elements left its peak 1% below nn.LSTM's
+// float16, 2^19 11% below, at the same time; but a chunk's projection is a GEMM of the chunk's
+// rows, done twice, which ran at 294 GFLOP/s at 256 rows against 334 at 512 (fastrnns' shape,
+// 2 threads; benchmarks/notes/memory.md, "float16 training: no gates kept").
 constexpr int64_t kTrainingChunkElements = kChunkElements / 2;
+constexpr int64_t kTrainingChunkMinRows = 512;
 inline int64_t training_chunk_steps(const LSTMShape& s) {
-  return projection_chunk_steps(s, kTrainingChunkElements);
+  const int64_t min_steps = (kTrainingChunkMinRows + s.batch - 1) / std::max<int64_t>(1, s.batch);
+  return std::max(projection_chunk_steps(s, kTrainingChunkElements), min_steps);
 }
 
 // The rows of steps [first, last] (processing order) of direction d: consecutive in time, so
