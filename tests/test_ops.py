@@ -188,6 +188,31 @@ def test_opcheck_packed_bf16(hidden_size):
     args = (*args[:6], reserve, torch.randn_like(output), torch.randn_like(hy), None, *args[6:])
     torch.library.opcheck(LSTM_BACKWARD, args)
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_opcheck_fp16_without_gates(packed):
+    """opcheck for float16 calls whose reserve keeps no gates (csrc/lstm.h, gates_in_reserve:
+    hidden 32, 2 layers, 2 directions, rows at least twice the widest layer input plus out;
+    the Python rule of the fake kernels, ops.gates_in_reserve, agrees), on both sides of the
+    rule's row limit: the fake kernel's reserve is the CPU kernel's, with and without gates."""
+    from fused_lstm import ops
+
+    for seq_len, gates in ((40, False), (2, True)):
+        _, a = make_case(2, True, True, 0, packed, with_state=True, dtype=torch.float16,
+                         hidden_size=32, input_size=8, seq_len=seq_len, batch=6, dropout=0.5,
+                         requires_grad=False)
+        x = a["input"]
+        rows = x.shape[0] if packed else x.shape[0] * x.shape[1]
+        assert ops.gates_in_reserve(x, a["batch_sizes"], rows, 32, 32, 2, 2) == gates, rows
+        args = (x, a["batch_sizes"], a["hx"], a["cx"], a["weights"], a["dropout_mask"],
+                a["num_layers"], a["bidirectional"], a["has_biases"], a["proj_size"])
+        torch.library.opcheck(LSTM_FORWARD, args)
+        output, hy, cy, reserve = call(LSTM_FORWARD, a)
+        assert reserve.numel() == ops.reserve_numel(rows, 2, 2, 32, 0, gates)
+        args = (*args[:6], reserve, torch.randn_like(output), torch.randn_like(hy), None,
+                *args[6:])
+        torch.library.opcheck(LSTM_BACKWARD, args)
+
+
 def test_reserve_size_matches_python_formula():
     _, a = make_case(3, True, True, 2, True, with_state=True, requires_grad=False)
     reserve = call(LSTM_FORWARD, a)[3]
