@@ -114,7 +114,7 @@ struct LSTMShape {
 // as many rows (rows x layers x directions) as the widest layer input plus out: the
 // recompute's packed and widened weights are [4H, input + out] and [4H, input], one layer
 // and direction's at a time, against the gates' [rows, 4H] of each.
-// Their backward recomputes the gates a step at a time (csrc/cpu/backward.h). The gates are
+// Their backward recomputes the gates (csrc/cpu/backward.h, backward_products.h). The gates are
 // two thirds of the reserve, and without them packed bf16 and float16 training hold less than
 // nn.LSTM's bf16 and float16 (benchmarks/notes/memory.md, "bf16 training at the small sizes",
 // "float16 training: no gates kept"). From the call's dtype, device, packing and sizes only,

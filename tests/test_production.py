@@ -317,7 +317,7 @@ def test_bf16_packed_training_holds_no_gates_and_a_chunk_of_dgates():
     small sizes"): the forward's reserve keeps no gates (csrc/lstm.h, gates_in_reserve; the
     backward recomputes them a step at a time), and where the backward runs the bf16 products
     its recurrence hands dgates to them a chunk of steps at a time (at most kBf16GradRows = 1024
-    rows; csrc/cpu/backward.h, bf16_chunk_products): a packed two-layer backward over 3200 rows
+    rows; csrc/cpu/backward_products.h, bf16_chunk_products): a packed two-layer backward over 3200 rows
     allocates no float32 dgates [rows, 4H] and gathers h_{t-1} a chunk at a time (the only
     [rows, hidden] float32 buffer is layer 1's dL/dx), and holds at most its float32 gradients,
     that dL/dx, a chunk's dgates and h_{t-1}, the bf16 operands of a chunk's products, the
@@ -399,7 +399,7 @@ def test_fp16_training_recomputes_the_gates_bit_for_bit(L, bidirectional, proj, 
     """float16 training whose reserve keeps no gates (csrc/lstm.h, gates_in_reserve: at least
     twice as many rows as the widest layer input plus out): the forward projects the input by
     chunks of steps and its reserve has no gates; the backward projects the same chunks again,
-    recomputes a chunk's gates at once from the h_{t-1} in the reserve (backward.h,
+    recomputes a chunk's gates at once from the h_{t-1} in the reserve (backward_products.h,
     recompute_chunk_gates; step by step for library products) and hands each chunk's dgates
     to its products (benchmarks/notes/memory.md, "float16 training: no gates kept"). At input
     24, hidden 256 and batch 16 a chunk is 32 steps, so 70 steps are three chunks. The results

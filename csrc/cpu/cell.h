@@ -196,7 +196,7 @@ FUSED_LSTM_DEFINE_BLOCKS(double)
 
 // cell_backward_block with each gate's gradient written over its activated gate (g_i.. hold
 // the activated gates on entry, their pre-activation gradients on exit), so that the backward
-// needs no buffer of gates beside its dgates (backward.h, recomputed gates). The gates of a
+// needs no buffer of gates beside its dgates (backward_products.h, recompute_chunk_gates). The gates of a
 // block of elements are copied aside first, then cell_backward_block runs on the copies: the
 // same arithmetic, so the same bits, without aliasing its restrict arguments. Blocks of whole
 // 16-lane vectors, so its vector body and tail see the elements they see in one call.

@@ -133,7 +133,7 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
         const int64_t in = s.layer_input_size(l);
         if (weights) {
           add(library(true, false, G, in, s.rows));
-          // dW_hh over h_{t-1}'s segments (backward.h h_prev_rows): in place where every step
+          // dW_hh over h_{t-1}'s segments (backward_products.h h_prev_rows): in place where every step
           // has every row (h0's rows, then the layer output's), else gathered (one product)
           if (every_step_full(s)) {
             add(library(true, false, G, out, s.batch));

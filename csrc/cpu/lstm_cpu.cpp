@@ -12,6 +12,7 @@
 //   thin.h          variant: thin-batch inference
 //   bf16_products.h variant: bf16 products (weights packed for bf16_gemm, backward jobs)
 //   forward.h       forward and inference drivers
+//   backward_products.h  the backward's products and recomputed gates
 //   backward.h      backward driver
 // One unit rather than one per part: the parts share always-inline templates and
 // target_clones functions (cell passes, small-hidden products) that the compiler inlines or
@@ -19,13 +20,16 @@
 // file changed no generated code path (and no result bit).
 //
 // Per layer and direction (Appleyard et al. 2016):
-//   forward:  gates[rows, 4H] = x W_ih^T                    (one GEMM over every step, or
-//                                                            fused into each step's product)
+//   forward:  gates[rows, 4H] = x W_ih^T                    (one GEMM over every step, over
+//                                                            chunks of steps, or fused into
+//                                                            each step's product)
 //             per step t: gates_t += h_{t-1} W_hh^T
 //                         one fused pass: + b_ih + b_hh, activations, c_t, h_t (lstm_cell.h)
 //                         [proj] h_t = (o * tanh c_t) W_hr^T
 //   backward: per step, in reverse: one fused pass -> d(gates)_t, dh_{t-1} = d(gates)_t W_hh
-//             then dW_ih, dW_hh, dW_hr, db, dx as a few large GEMMs over every step.
+//             then dW_ih, dW_hh, dW_hr, db, dx as a few large GEMMs over every step (or
+//             a chunk of steps at a time: the bf16 products, and where the reserve keeps no
+//             gates, which the backward recomputes a chunk at a time).
 // Nothing is allocated per time step. Everything runs in the math dtype (float for
 // float/bfloat16/half, double for double); a bfloat16 model's products take bf16 operands with
 // float32 sums on CPUs with AVX512_BF16 (bf16_gemm.h), forward and backward.
