@@ -26,7 +26,7 @@ using OptTensor = std::optional<at::Tensor>;
 using BackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>(
     const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, at::TensorList,
     const OptTensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-    int64_t, bool, bool, int64_t);
+    int64_t, bool, bool, int64_t, bool);
 using CompositeSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>(
     const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, at::TensorList,
     const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, int64_t, bool, bool,
@@ -98,12 +98,15 @@ struct LSTMFunction : public torch::autograd::Function<LSTMFunction> {
           op.call(input, batch_sizes, hx, cx, weights, mask, grad_output, grad_hy, grad_cy,
                   num_layers, bidirectional, has_biases, proj_size);
     } else {
+      // Where the input needs no gradient (the usual training call: the data does not require
+      // grad), the op computes none: layer 0's dL/dx products are skipped.
       static const auto op = find_op<BackwardSig>("fused_lstm::lstm_backward");
       std::tie(grad_input, grad_hx, grad_cx, grad_weights) =
           op.call(input, batch_sizes, hx, cx, weights, mask, reserve, grad_output, grad_hy,
-                  grad_cy, num_layers, bidirectional, has_biases, proj_size);
+                  grad_cy, num_layers, bidirectional, has_biases, proj_size,
+                  ctx->needs_input_grad(0));
     }
-    result[0] = grad_input;
+    if (ctx->needs_input_grad(0)) result[0] = grad_input;
     if (hx) result[2] = grad_hx;
     if (cx) result[3] = grad_cx;
     for (size_t i = 0; i < grad_weights.size(); ++i) result[4 + i] = grad_weights[i];

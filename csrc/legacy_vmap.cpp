@@ -24,7 +24,7 @@ using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vecto
 using BackwardSig = BackwardResult(
     const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, at::TensorList,
     const OptTensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-    int64_t, bool, bool, int64_t);
+    int64_t, bool, bool, int64_t, bool);
 
 // The tensor arguments in one list (absent optionals as undefined tensors); the batched ones
 // are replaced by physical tensors whose leading dimension is the (flattened) vmap batch.
@@ -87,7 +87,7 @@ BackwardResult lstm_backward_batched(
     const OptTensor& cx, at::TensorList weights, const OptTensor& dropout_mask,
     const at::Tensor& reserve, const OptTensor& grad_output, const OptTensor& grad_hy,
     const OptTensor& grad_cy, int64_t num_layers, bool bidirectional, bool has_biases,
-    int64_t proj_size) {
+    int64_t proj_size, bool input_grad) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fused_lstm::lstm_backward", "")
                              .typed<BackwardSig>();
@@ -111,7 +111,7 @@ BackwardResult lstm_backward_batched(
     auto [gi, ghx, gcx, gw] =
         op.call(u.at(0, n), opt(u.at(1, n)), opt(u.at(2, n)), opt(u.at(3, n)), w,
                 opt(u.at(4, n)), u.at(5, n), opt(u.at(6, n)), opt(u.at(7, n)), opt(u.at(8, n)),
-                num_layers, bidirectional, has_biases, proj_size);
+                num_layers, bidirectional, has_biases, proj_size, input_grad);
     grad_input.push_back(gi);
     grad_hx.push_back(ghx);
     grad_cx.push_back(gcx);

@@ -469,7 +469,7 @@ BackwardArgs prepare_backward(
     const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
     Keep16 keep_16bit, Keep16 keep_16bit_weights, bool may_drop_gates, Keep16 grads_16bit,
-    Keep16 keep_half_input) {
+    Keep16 keep_half_input, bool input_grad) {
   BackwardArgs a;
   a.shape = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
                             bidirectional, has_biases, proj_size);
@@ -520,7 +520,7 @@ BackwardArgs prepare_backward(
     if (!keep_weights)  // else each its own buffer, released one by one in finish_backward
       for (size_t i = 0; i < weights.size(); ++i)
         if (!in_dtype_grad(i)) convert.scratch_result(a.grad_weights[i], weights[i].sizes());
-    convert.scratch_result(a.grad_input, input.sizes());
+    if (input_grad) convert.scratch_result(a.grad_input, input.sizes());
     convert.scratch_result(a.grad_hx, {LD, s.batch, s.out_size});
     convert.scratch_result(a.grad_cx, {LD, s.batch, s.hidden_size});
   }
@@ -539,7 +539,11 @@ BackwardArgs prepare_backward(
   // A one-direction float16 call whose input the op keeps: its grad_input in float16, which the
   // CPU kernels write a chunk of rows at a time (backward.h: the call holds no float32 dL/dx of
   // every row; with two directions the second adds to the first's float32 sums).
-  if (keep && a.dtype == at::kHalf && s.num_directions == 1)
+  // Without input_grad, none: an empty [0] tensor (lstm_backward's schema), and the kernels
+  // compute no dL/dx of layer 0.
+  if (!input_grad)
+    a.grad_input = at::empty({0}, opts);
+  else if (keep && a.dtype == at::kHalf && s.num_directions == 1)
     a.grad_input = at::empty(input.sizes(),
                              input.options().memory_format(at::MemoryFormat::Contiguous));
   if (!a.grad_input.defined()) a.grad_input = at::empty(input.sizes(), opts);
@@ -597,12 +601,14 @@ TORCH_LIBRARY(fused_lstm, m) {
       "-> (Tensor, Tensor, Tensor)");
   // Gradients of lstm_forward for the whole stack in one call. Missing grads mean zeros.
   // Returns grad_input, grad_hx, grad_cx (zeros-shaped like hx/cx even when they were None)
-  // and one gradient per weight.
+  // and one gradient per weight. input_grad=False: the input's gradient is not computed (the
+  // autograd kernel passes it where the input needs none: layer 0's dL/dx products skipped)
+  // and grad_input is an empty tensor of shape [0].
   m.def(
       "lstm_backward(Tensor input, Tensor? batch_sizes, Tensor? hx, Tensor? cx, Tensor[] weights, "
       "Tensor? dropout_mask, Tensor reserve, Tensor? grad_output, Tensor? grad_hy, "
-      "Tensor? grad_cy, int num_layers, bool bidirectional, bool has_biases, int proj_size) "
-      "-> (Tensor, Tensor, Tensor, Tensor[])");
+      "Tensor? grad_cy, int num_layers, bool bidirectional, bool has_biases, int proj_size, "
+      "bool input_grad=True) -> (Tensor, Tensor, Tensor, Tensor[])");
   // The same gradients, computed so that they are differentiable again (double backward):
   // implemented in Python (fused_lstm/ops.py) by differentiating the reference implementation.
   // autograd.cpp calls it instead of lstm_backward when backward runs with create_graph=True.

@@ -276,7 +276,8 @@ BackwardArgs prepare_backward(
     const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
     Keep16 keep = nullptr, Keep16 keep_weights = nullptr,
-    bool may_drop_gates = false, Keep16 grads_16bit = nullptr, Keep16 keep_half_input = nullptr);
+    bool may_drop_gates = false, Keep16 grads_16bit = nullptr, Keep16 keep_half_input = nullptr,
+    bool input_grad = true);
 
 // (grad_input, grad_hx, grad_cx, grad_weights), each in its argument's dtype. Releases what `a`
 // holds as it goes (the math-dtype gradients once converted).

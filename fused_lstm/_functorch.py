@@ -195,10 +195,13 @@ class LSTMFunction(torch.autograd.Function):
             grad_input, grad_hx, grad_cx, grad_weights = _differentiable_gradients(
                 input, batch_sizes, hx, cx, weights, mask, grad_output, grad_hy, grad_cy,
                 num_layers, bidirectional, has_biases, proj_size)
-        else:
+        else:  # (no dL/dx of layer 0 where the input needs no gradient: input_grad)
             grad_input, grad_hx, grad_cx, grad_weights = _backward_op(
                 input, batch_sizes, hx, cx, weights, mask, reserve, grad_output, grad_hy,
-                grad_cy, num_layers, bidirectional, has_biases, proj_size)
+                grad_cy, num_layers, bidirectional, has_biases, proj_size,
+                ctx.needs_input_grad[0])
+        if not ctx.needs_input_grad[0]:
+            grad_input = None
         return (grad_input, None, grad_hx if hx is not None else None,
                 grad_cx if cx is not None else None, None, None, None, None, None,
                 *grad_weights)

@@ -130,14 +130,16 @@ def _lstm_inference_fake(*args):
 
 @torch.library.register_fake("fused_lstm::lstm_backward")
 def _lstm_backward_fake(*args):
-    # (the forward's arguments, with reserve, grad_output, grad_hy, grad_cy after dropout_mask)
-    a = LSTMArgs(*args[:6], *args[10:])
+    # (the forward's arguments, with reserve, grad_output, grad_hy, grad_cy after dropout_mask,
+    # then input_grad: without it grad_input is an empty [0] tensor)
+    a = LSTMArgs(*args[:6], *args[10:14])
+    input_grad = args[14] if len(args) > 14 else True
     hidden_size, _, hy_shape = _state_shapes(a)
     # Contiguous, as the kernels allocate them (at::empty(sizes)): empty_like would copy the
     # strides of a non-contiguous input (batch_first input reaches the op transposed), and
     # compiled code checks the real strides against these.
     return (
-        a.input.new_empty(a.input.shape),
+        a.input.new_empty(a.input.shape if input_grad else (0,)),
         a.input.new_empty(hy_shape),
         a.input.new_empty((*hy_shape[:2], hidden_size)),
         [w.new_empty(w.shape) for w in a.weights],

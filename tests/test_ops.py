@@ -213,6 +213,46 @@ def test_opcheck_fp16_without_gates(packed):
         torch.library.opcheck(LSTM_BACKWARD, args)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["f64", "f32", "bf16", "fp16"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_backward_without_input_grad(dtype, bidirectional):
+    """lstm_backward(..., input_grad=False), which the autograd kernel passes where the input
+    needs no gradient (the usual training call): grad_input is an empty [0] tensor, layer 0's
+    dL/dx products are skipped, and every other gradient is the input_grad=True call's, bit for
+    bit (float16 at sizes whose reserve keeps no gates too: its dL/dx by chunks). The fake
+    kernel agrees (opcheck). Through autograd: an input that does not require grad gets the
+    same weight, h0 and c0 gradients as one that does."""
+    _, a = make_case(2, True, bidirectional, 0, False, with_state=True, dtype=dtype,
+                     hidden_size=32, input_size=8, seq_len=40, batch=6, requires_grad=False)
+    output, hy, cy, reserve = call(LSTM_FORWARD, a)
+    args = (a["input"], a["batch_sizes"], a["hx"], a["cx"], a["weights"], a["dropout_mask"],
+            reserve, torch.randn_like(output), torch.randn_like(hy), torch.randn_like(cy),
+            a["num_layers"], a["bidirectional"], a["has_biases"], a["proj_size"])
+    full = LSTM_BACKWARD(*args)
+    without = LSTM_BACKWARD(*args, False)
+    assert full[0].shape == a["input"].shape
+    assert without[0].shape == (0,) and without[0].dtype == a["input"].dtype
+    for x, y in zip([*full[1:3], *full[3]], [*without[1:3], *without[3]]):
+        assert torch.equal(x, y)
+    torch.library.opcheck(LSTM_BACKWARD, (*args, False))
+
+    from fused_lstm import FusedLSTM
+    torch.manual_seed(0)
+    model = FusedLSTM(8, 32, num_layers=2, bidirectional=bidirectional).to(dtype)
+    x = torch.randn(40, 6, 8, dtype=dtype)
+    up = torch.randn(40, 6, 64 if bidirectional else 32, dtype=dtype)
+    grads = []
+    for needs in (True, False):
+        model.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_(needs)
+        model(xx)[0].backward(up)
+        assert (xx.grad is not None) == needs
+        grads.append([p.grad for p in model.parameters()])
+    for g, h in zip(*grads):
+        assert torch.equal(g, h)
+
+
 def test_reserve_size_matches_python_formula():
     _, a = make_case(3, True, True, 2, True, with_state=True, requires_grad=False)
     reserve = call(LSTM_FORWARD, a)[3]

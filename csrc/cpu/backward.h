@@ -345,11 +345,11 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
                                [&](int64_t r0, int64_t r1) {
             steps(last, first, block.row0, r0, r1);
           });
-          T* dx_rows = dx_l ? dx_l + block.row0 * in_size : dx_chunk;
+          T* dx_rows = dx_l ? dx_l + block.row0 * in_size : dx_chunk;  // (both null: no dL/dx)
           backward_products(s, dgates, block.row0, block.rows, x_rows, in_size, h_prev, w_ih_f,
                             gw_ih, gw_hh, dx_rows, d > 0, c < chunks - 1);
           if constexpr (std::is_same_v<T, float>) {
-            if (!dx_l)
+            if (!dx_l && grad_input16)
               round_to(dx_chunk, block.rows * in_size, at::kHalf,
                        static_cast<uint16_t*>(grad_input16) + block.row0 * in_size);
           }

@@ -213,7 +213,8 @@ inline void bf16_chunk_products(const LSTMShape& s, const Bf16Backward& bb, cons
         bf16_gemm(m1 - m0, in_size, kn, a, ld, bb.x, gw_ih + m0 * in_size, in_size, !overwrite);
         bf16_gemm(m1 - m0, out, kn, a, ld, bb.h_prev, gw_hh + m0 * out, out, !overwrite);
       }};
-      const Piecewise data_grads{last ? row1 - row0 : 0, [&](int64_t r0, int64_t r1) {  // dL/dx
+      // dL/dx (none where dx is null: the input needs no gradient, lstm_backward's input_grad)
+      const Piecewise data_grads{last && dx ? row1 - row0 : 0, [&](int64_t r0, int64_t r1) {
         float* c = dx + (row0 + r0) * in_size;
         if (bb.amx_w_ih) {
           amx_product(add_dx, r1 - r0, in_size, G, bb.dgates16 + r0 * G, G, bb.amx_w_ih, c,
@@ -234,7 +235,7 @@ inline void bf16_chunk_products(const LSTMShape& s, const Bf16Backward& bb, cons
 // recurrence has computed them: dgates, x_rows and dx_rows hold row row0's first): dW_ih =
 // dgates^T x and dW_hh = dgates^T h_prev (added to what the gradients hold where `accumulate`:
 // the chunks after a direction's first), and dL/dx = dgates W_ih (added to dx when `add_dx`:
-// the other direction's).
+// the other direction's; none where dx_rows is null: lstm_backward's input_grad).
 template <typename T>
 void backward_products(const LSTMShape& s, const T* dgates, int64_t row0, int64_t rows,
                        const T* x_rows, int64_t in_size, const HPrev<T>& h_prev, const T* w_ih,
@@ -249,8 +250,9 @@ void backward_products(const LSTMShape& s, const T* dgates, int64_t row0, int64_
     gemm<T>(true, false, G, out, seg.r1 - seg.r0, T(1), dgates + (seg.r0 - row0) * G, G, seg.h,
             seg.ld, i == 0 ? beta : T(1), gw_hh, out);
   }
-  gemm<T>(false, false, rows, in_size, G, T(1), dgates, G, w_ih, in_size, add_dx ? T(1) : T(0),
-          dx_rows, in_size);
+  if (dx_rows)
+    gemm<T>(false, false, rows, in_size, G, T(1), dgates, G, w_ih, in_size, add_dx ? T(1) : T(0),
+            dx_rows, in_size);
 }
 
 // step_dh_product and backward_products for the plan's backward_few_rows (float32 math; the
@@ -290,7 +292,7 @@ void few_rows_backward_products(const LSTMShape& s, const T* dgates, Operand<T> 
     few_rows_outer(rows, G, in_size, dgates, G, x_rows, gw_ih);
     few_rows_outer(rows, G, out, dgates, G, h_rows, gw_hh);
     visit_weights(w_ih, [&](auto W) {
-      few_rows_product(rows, in_size, G, dgates, G, W, in_size, dx, in_size, add_dx);
+      if (dx) few_rows_product(rows, in_size, G, dgates, G, W, in_size, dx, in_size, add_dx);
     });
   } else {
     TORCH_INTERNAL_ASSERT(false, "fused_lstm: few-row products are float32 only");

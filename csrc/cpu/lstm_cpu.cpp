@@ -287,25 +287,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_bac
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask,
     const at::Tensor& reserve, const std::optional<at::Tensor>& grad_output,
     const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
-    int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size) {
+    int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
+    bool input_grad) {
   const CallPlan call{cpu_settings(), /*inference=*/false};
   BackwardArgs a = prepare_backward(input, batch_sizes, hx, cx, weights, dropout_mask, reserve,
                                     grad_output, grad_hy, grad_cy, num_layers, bidirectional,
                                     has_biases, proj_size, call.asks(&CpuPlan::keep_16bit),
                                     call.asks(&CpuPlan::backward_widens_16bit),
                                     /*may_drop_gates=*/true, call.asks(&CpuPlan::grads_16bit),
-                                    call.asks(&CpuPlan::fp16_kept_training));
+                                    call.asks(&CpuPlan::fp16_kept_training), input_grad);
   const CpuPlan plan = call.of(a.shape, a.dtype);
   // A float16 grad_input (prepare_backward: written by the kernels in chunks) or the math
-  // dtype's.
-  const bool grad_input_16bit = a.grad_input.scalar_type() != a.math;
+  // dtype's; or none (input_grad false: the kernels get null and compute no dL/dx of layer 0).
+  const bool grad_input_16bit = input_grad && a.grad_input.scalar_type() != a.math;
   AT_DISPATCH_FLOATING_TYPES(a.math, "fused_lstm_backward_cpu", [&] {
     backward_impl<scalar_t>(
         plan, a.shape, operand<scalar_t>(a.input), ptr_or_null<scalar_t>(a.hx),
         ptr_or_null<scalar_t>(a.cx), a.weights, ptr_or_null<scalar_t>(a.dropout_mask),
         a.reserve.const_data_ptr<scalar_t>(), operand<scalar_t>(a.grad_output),
         ptr_or_null<scalar_t>(a.grad_hy), ptr_or_null<scalar_t>(a.grad_cy),
-        grad_input_16bit ? nullptr : a.grad_input.mutable_data_ptr<scalar_t>(),
+        grad_input_16bit || !input_grad ? nullptr : a.grad_input.mutable_data_ptr<scalar_t>(),
         a.grad_hx.mutable_data_ptr<scalar_t>(), a.grad_cx.mutable_data_ptr<scalar_t>(),
         a.grad_weights, grad_input_16bit ? a.grad_input.mutable_data_ptr() : nullptr);
   });

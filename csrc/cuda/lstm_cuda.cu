@@ -350,7 +350,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward_cuda(
     const std::optional<Tensor>& dropout_mask, const Tensor& reserve,
     const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_hy,
     const std::optional<Tensor>& grad_cy, int64_t num_layers, bool bidirectional,
-    bool has_biases, int64_t proj_size) {
+    bool has_biases, int64_t proj_size, bool input_grad) {
   const c10::cuda::CUDAGuard device_guard(input.device());
   BackwardArgs a = prepare_backward(input, batch_sizes, hx, cx, weights, dropout_mask, reserve,
                                     grad_output, grad_hy, grad_cy, num_layers, bidirectional,
@@ -371,6 +371,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward_cuda(
                             a.grad_cx, a.grad_weights, stream,
                             path.persistent ? &path.plan : nullptr);
   });
+  // (The CUDA kernels compute dL/dx anyway; without input_grad the schema's empty [0] result.)
+  if (!input_grad) a.grad_input = at::empty({0}, a.grad_input.options());
   return finish_backward(a, weights);
 }
 
