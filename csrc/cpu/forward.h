@@ -37,9 +37,8 @@ inline int64_t training_chunk_steps(const LSTMShape& s) {
   return std::max(projection_chunk_steps(s, kTrainingChunkElements), min_steps);
 }
 
-// The rows of steps [first, last] (processing order) of direction d: consecutive in time, so
-// one contiguous block [row0, row0 + rows).
-// Their times are [t_lo, t_hi].
+// The rows of steps [first, last] (processing order) of direction d: consecutive in time
+// ([t_lo, t_hi]), so one contiguous block [row0, row0 + rows).
 struct StepBlock {
   int64_t row0, rows, t_lo, t_hi;
 };
@@ -70,7 +69,7 @@ void forward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, con
   // Where the reserve keeps no gates (lstm.h, gates_in_reserve), the backward recomputes them:
   // the gates go to one reused scratch buffer, every row's for the small-hidden kernel, else a
   // step's rows where the projection is fused into the steps and a chunk's where it is not
-  // (projected by the chunks of projection_chunk_steps, as the backward projects them again).
+  // (projected by the chunks of training_chunk_steps, as the backward projects them again).
   at::Tensor gates_buf;
   auto gates_for = [&](int64_t rows) {
     if (!gates_buf.defined() || gates_buf.numel() < rows * G) scratch<T>(gates_buf, rows * G);
