@@ -536,16 +536,12 @@ BackwardArgs prepare_backward(
       a.grad_weights[i] = recycle ? cpu_cached_empty(weights[i].numel(), a.math)
                                         .view(weights[i].sizes())
                                   : at::empty(weights[i].sizes(), opts);
-  // A one-direction float16 call whose input the op keeps: its grad_input in float16, which the
-  // CPU kernels write a chunk of rows at a time (backward.h: the call holds no float32 dL/dx of
-  // every row; with two directions the second adds to the first's float32 sums).
-  // Without input_grad, none: an empty [0] tensor (lstm_backward's schema), and the kernels
-  // compute no dL/dx of layer 0.
-  if (!input_grad)
-    a.grad_input = at::empty({0}, opts);
+  // grad_input: none without input_grad (the schema's empty [0]); in float16 for a
+  // one-direction float16 call whose input the op keeps (the CPU kernels round a chunk of rows
+  // at a time into it; two directions add into float32 sums first).
+  if (!input_grad) a.grad_input = at::empty({0}, opts);
   else if (keep && a.dtype == at::kHalf && s.num_directions == 1)
-    a.grad_input = at::empty(input.sizes(),
-                             input.options().memory_format(at::MemoryFormat::Contiguous));
+    a.grad_input = at::empty(input.sizes(), input.options());  // (contiguous)
   if (!a.grad_input.defined()) a.grad_input = at::empty(input.sizes(), opts);
   if (!a.grad_hx.defined()) a.grad_hx = at::empty({LD, s.batch, s.out_size}, opts);
   if (!a.grad_cx.defined()) a.grad_cx = at::empty({LD, s.batch, s.hidden_size}, opts);
