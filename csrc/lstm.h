@@ -133,7 +133,7 @@ inline bool gates_in_reserve(const LSTMShape& s, at::ScalarType dtype, bool cpu)
            s.rows * s.num_layers * s.num_directions >= 2 * (widest_input + s.out_size));
 }
 
-// The C++ signature of lstm_forward / lstm_inference / lstm (their schema is in lstm.cpp), for
+// The C++ signature of lstm_forward / lstm_inference / lstm (their schema is in ops.cpp), for
 // typed dispatcher handles.
 template <typename Result>
 using LSTMOpSignature = Result(
@@ -149,7 +149,7 @@ using InferenceSig = LSTMOpSignature<std::tuple<at::Tensor, at::Tensor, at::Tens
 bool needs_grad(const at::Tensor& input, const std::optional<at::Tensor>& hx,
                 const std::optional<at::Tensor>& cx, at::TensorList weights);
 
-// The kernel of fused_lstm::lstm (CompositeImplicitAutograd, schema in lstm.cpp): lstm_forward,
+// The kernel of fused_lstm::lstm (CompositeImplicitAutograd, schema in ops.cpp): lstm_forward,
 // its reserve dropped, when needs_grad(), else lstm_inference, each through the dispatcher.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm(
     const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,

@@ -6,7 +6,7 @@
 // ~20 us call (benchmarks/notes/python-overhead.md, "Less per call around the kernel" and "A C++
 // entry for the module call"). Here one METH_FASTCALL function takes
 // the module, input and hx, decides in C++ whether the call is a plain one, and calls
-// fused_lstm::lstm's kernel (lstm.cpp) directly, without that op's own dispatcher call: it
+// fused_lstm::lstm's kernel (ops.cpp) directly, without that op's own dispatcher call: it
 // chooses lstm_forward when a gradient can flow (its autograd kernel records the graph), else
 // lstm_inference, and calls that op through the dispatcher (so devices, profiler and autograd
 // see the same op as for the Python path's torch.ops.fused_lstm.lstm call). Under

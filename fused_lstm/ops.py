@@ -1,6 +1,6 @@
 """The fused_lstm ops: fake kernels, autograd, and typed Python wrappers.
 
-The ops are declared in ``csrc/lstm.cpp`` (``TORCH_LIBRARY(fused_lstm, m)``) and implemented
+The ops are declared in ``csrc/ops.cpp`` (``TORCH_LIBRARY(fused_lstm, m)``) and implemented
 per backend in ``csrc/cpu`` and ``csrc/cuda``. This module loads the compiled library, then
 registers what PyTorch needs in Python:
 
@@ -46,7 +46,7 @@ _reserve_numel = _ops.reserve_numel.default
 
 class LSTMArgs(NamedTuple):
     """The arguments of ``lstm_forward``, ``lstm_inference`` and :func:`lstm`, in the schema's
-    order (csrc/lstm.cpp): the one place the Python side spells them out. ``op(*args)`` calls
+    order (csrc/ops.cpp): the one place the Python side spells them out. ``op(*args)`` calls
     an op with them; the backward ops take them with their gradient arguments in between."""
 
     input: Tensor

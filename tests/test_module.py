@@ -1037,7 +1037,7 @@ def test_rejected_call_reaches_the_op_at_most_once(case, grad, entry, monkeypatc
 @pytest.mark.parametrize("requiring", ["nothing", "input", "h0", "c0", "weights"])
 def test_entry_and_python_path_choose_the_same_op(grad_mode, requiring, monkeypatch):
     """The choice between lstm_forward and lstm_inference is fused_lstm::lstm's (needs_grad,
-    csrc/lstm.cpp, written once): the C++ entry calls that kernel directly, the Python path
+    csrc/ops.cpp, written once): the C++ entry calls that kernel directly, the Python path
     through torch.ops; for every case both record the same fused_lstm::lstm call and the op
     it chose (lstm_forward exactly when grad mode is on and an argument requires grad)."""
     fused = FusedLSTM(3, 4, num_layers=2, dtype=F64).requires_grad_(requiring == "weights")

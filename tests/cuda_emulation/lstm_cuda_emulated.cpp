@@ -25,6 +25,7 @@
 #define fused_lstm fused_lstm_emulated
 #define CUDA CPU
 #include "lstm.cpp"
+#include "ops.cpp"
 #include "convert_16bit.cpp"
 #include "settings.cpp"
 #include "cpu/buffer_cache.cpp"
