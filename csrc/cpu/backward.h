@@ -152,8 +152,9 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
     for (int64_t d = 0; d < D; ++d) {
       const auto w = direction_weights<T>(s, weights, l, d);
       const T* gates = reserve + s.gates_offset(l, d);  // where s.gates_in_reserve
-      // The forward's weights for recomputing the gates: every step's projection fused into it
-      // (the forward's projection GEMM, where it ran one, gives each row the same sums).
+      // The forward's weights for recomputing the gates: bf16 ones with every step's projection
+      // fused (the forward's bf16 projection GEMM, where it ran one, gives each row the same
+      // sums), or brgemm's panels as the forward packed them.
       auto fw = direction_weights<T>(s, weights, l, d);
       if (recompute) {
         if (bb.on) use_bf16_gemm(plan, s, l, fw, fw_weights);
@@ -229,7 +230,9 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
       } else {
       // The reverse recurrence of steps step_hi down to step_lo (processing order), for batch
       // rows [r0, r1) (rows are independent sequences); row r's dgates at dgates + (r - dg_row0) * G.
-      bool chunk_gates = false;  // the chunk's gates in dgates' rows already (float_chunks)
+      // The chunk's gates recomputed at once into dgates' rows (float_chunks with the forward's
+      // brgemm steps: recompute_chunk_gates), else step by step below.
+      const bool chunk_gates = float_chunks && fw.single_thread_product();
       auto steps = [&](int64_t step_hi, int64_t step_lo, int64_t dg_row0, int64_t r0, int64_t r1) {
         for (int64_t step = step_hi; step >= step_lo; --step) {
           const int64_t t = time_of(s, d, step);
@@ -322,15 +325,13 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
           const int64_t first = c * n, last = std::min(first + n, s.seq_len) - 1;
           const StepBlock block = step_block(s, d, first, last);
           // The chunk's rows of x in float (a kept float16 input's widened, as the forward did)
-          const T* x_rows = x.f ? x.f + block.row0 * in_size
-              : x.h ? widened_into<T>(x.h + block.row0 * in_size, block.rows * in_size, x_chunk_buf)
-              : nullptr;
+          const T* x_rows =
+              rows_for_product(x, block.row0, block.rows, in_size, x_chunk_buf).f;
           if (fw.k_ih == 0)
             input_projection(fw, Operand<T>{x_rows}, block.rows, in_size, G, dgates);
           const HPrev<T> h_prev =
               h_prev_chunk(s, d, block.t_lo, block.t_hi, layer_out, h0, h_prev_buf_ptr);
           if constexpr (std::is_same_v<T, float>) {
-            chunk_gates = fw.single_thread_product();
             if (chunk_gates) {  // the first step without hx: no product (forward_steps)
               const int64_t t0 = time_of(s, d, 0);
               const bool skip = hx == nullptr && first == 0;
@@ -372,14 +373,13 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
           int64_t step_lo = step_hi, n = s.batch_sizes[time_of(s, d, step_hi)];
           while (step_lo > 0 && n + s.batch_sizes[time_of(s, d, step_lo - 1)] <= kBf16GradRows)
             n += s.batch_sizes[time_of(s, d, --step_lo)];
-          const int64_t t_lo = std::min(time_of(s, d, step_lo), time_of(s, d, step_hi));
-          const int64_t t_hi = std::max(time_of(s, d, step_lo), time_of(s, d, step_hi));
-          const int64_t row0 = s.step_offset[t_lo];
-          const int64_t row1 = s.step_offset[t_hi] + s.batch_sizes[t_hi];
+          const StepBlock block = step_block(s, d, step_lo, step_hi);
+          const int64_t row0 = block.row0, row1 = block.row0 + block.rows;
           for_each_batch_slice(s, s.seq_len, true, [&](int64_t r0, int64_t r1) {
             steps(step_hi, step_lo, row0, r0, r1);
           });
-          const HPrev<T> h_prev = h_prev_chunk(s, d, t_lo, t_hi, layer_out, h0, h_prev_buf_ptr);
+          const HPrev<T> h_prev =
+              h_prev_chunk(s, d, block.t_lo, block.t_hi, layer_out, h0, h_prev_buf_ptr);
           bf16_chunk_products(s, bb, dgates, row0, row1, x, in_size, h_prev, gw_ih, gw_hh, dx_l,
                               d > 0, first);
           add_bias_grad(row1 - row0);

@@ -223,6 +223,16 @@ const T* widened_into(const c10::Half* src, int64_t n, at::Tensor& holder) {
   return widened(src, n, holder.mutable_data_ptr<T>());
 }
 
+// Rows [row0, row0 + rows) of an operand of n columns as a product reads them: a float16 one
+// kept by the op widened into `holder`, any other (float, or bf16 for the bf16 products) in
+// place.
+template <typename T>
+Operand<T> rows_for_product(const Operand<T>& x, int64_t row0, int64_t rows, int64_t n,
+                            at::Tensor& holder) {
+  if (x.h) return {widened_into<T>(x.h + row0 * n, rows * n, holder)};
+  return x.at(row0 * n);
+}
+
 // A call's scratch buffers: add() each piece with its pointer, then allocate() sets every
 // pointer (a piece of 0 elements gets nullptr); the pieces live as long as this object. Pieces
 // under kOwnBlockBytes share one allocation (each on a 64-byte boundary), larger ones get a

@@ -107,10 +107,7 @@ void forward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, con
       use_bf16_gemm(plan, s, l, w, bf16_weights);
       use_brgemm(plan, s, w, w_packed, l);
       use_bias(w, G, bias_buf);
-      // float16 W_ih kept by the op (CpuPlan::fp16_kept_training): the unfused projection's
-      // GEMM reads it widened, a layer and direction's at a time.
-      if (w.w_ih == nullptr && w.ih.h != nullptr && w.k_ih == 0)
-        w.w_ih = widened_into<T>(w.ih.h, G * in_size, w_ih_buf);
+      widen_kept_w_ih(w, G, in_size, w_ih_buf);
       const bool fused = w.k_ih > 0;  // else the projection of a chunk's steps at once, here
       // One chunk of every step where the reserve keeps the gates (the projection of every row
       // into them), or where the projection is fused (a step's gates at a time in scratch).
@@ -122,13 +119,9 @@ void forward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, con
         const StepBlock block = step_block(s, d, first, last);
         // Row r's gates at chunk + (r - block.row0) * G (or at step_gates, the step's rows).
         T* chunk = gates ? gates + block.row0 * G : fused ? nullptr : gates_for(block.rows);
-        if (!fused) {  // (a kept float16 input: the chunk's rows widened first)
-          const Operand<T> x_chunk =
-              x.h ? Operand<T>{widened_into<T>(x.h + block.row0 * in_size, block.rows * in_size,
-                                               x_chunk_buf)}
-                  : x.at(block.row0 * in_size);
-          input_projection(w, x_chunk, block.rows, in_size, G, chunk);
-        }
+        if (!fused)
+          input_projection(w, rows_for_product(x, block.row0, block.rows, in_size, x_chunk_buf),
+                           block.rows, in_size, G, chunk);
         auto rows_of = [&](int64_t t) {
           const int64_t off = s.step_offset[t];
           return StepRows<T>{step_gates ? step_gates : chunk + (off - block.row0) * G,
@@ -176,11 +169,6 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
   at::Tensor w_packed_buf, bf16_buf, bias_buf, w_ih_buf, x_chunk_buf;
   uint16_t* bf16_weights = bf16_weight_buffer(plan, s, bf16_buf);
   T* w_packed = bf16_weights ? nullptr : brgemm_buffer<T>(plan, s, w_packed_buf);
-  // n float16 values kept by the op (CpuPlan::fp16_kept_inference) widened into `holder`
-  // (allocated at the first need, at least n; exact).
-  auto widened_half = [](const c10::Half* src, int64_t n, at::Tensor& holder) -> const T* {
-    return widened_into<T>(src, n, holder);
-  };
   // The gates of `rows` rows: one step's where the projection is fused into the steps (every
   // layer at medium and fastrnns), a chunk's otherwise; allocated at the first need.
   auto gates_for = [&](int64_t rows) {
@@ -233,8 +221,7 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
         use_bf16_gemm(plan, s, l, w, bf16_weights);
         use_brgemm(plan, s, w, w_packed, l);
         use_bias(w, G, bias_buf);
-        if (w.w_ih == nullptr && w.ih.h != nullptr && w.k_ih == 0)  // the unfused projection's
-          w.w_ih = widened_half(w.ih.h, G * in_size, w_ih_buf);     // GEMM reads float32
+        widen_kept_w_ih(w, G, in_size, w_ih_buf);
       }
       if (w.k_ih > 0) {  // the projection fused into the steps: one pass over every step
         T* step_gates = gates_for(s.batch);
@@ -251,11 +238,8 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
       }
       for (int64_t first = 0; first < s.seq_len; first += chunk_steps) {
         const int64_t last = std::min(first + chunk_steps, s.seq_len) - 1;
-        // The chunk's steps are consecutive in time, so their rows are one contiguous block.
-        const int64_t t_lo = std::min(time_of(s, d, first), time_of(s, d, last));
-        const int64_t t_hi = std::max(time_of(s, d, first), time_of(s, d, last));
-        const int64_t row0 = s.step_offset[t_lo];
-        const int64_t rows = s.step_offset[t_hi] + s.batch_sizes[t_hi] - row0;
+        const StepBlock block = step_block(s, d, first, last);
+        const int64_t row0 = block.row0, rows = block.rows;
         if (tiny) {
           if (first == 0) {
             transpose(hx ? hx + ld * s.batch * out : nullptr, out, s.batch, out, tb.hT, s.batch);
@@ -280,10 +264,8 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
           continue;
         }
         T* chunk = gates_for(chunk_rows);
-        const Operand<T> x_chunk = x.h ? Operand<T>{widened_half(x.h + row0 * in_size,
-                                                                 rows * in_size, x_chunk_buf)}
-                                       : x.at(row0 * in_size);
-        input_projection(w, x_chunk, rows, in_size, G, chunk);
+        input_projection(w, rows_for_product(x, row0, rows, in_size, x_chunk_buf), rows, in_size,
+                         G, chunk);
         // The pre-projection goes to per-row scratch ([B, H]) that each step overwrites.
         auto rows_of = [&](int64_t t) {
           const int64_t off = s.step_offset[t];

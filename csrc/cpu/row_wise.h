@@ -84,7 +84,7 @@ void forward_step(const CpuPlan& plan, const LSTMShape& s, const DirectionWeight
       if (h_prev) bf16_gemm(bs, G, out, h_prev, ld_prev, w.w_hh_bf16, g_t, G, true);
     } else if (x_t) {  // the input projection, fused: g_t = x_t W_ih^T + h_{t-1} W_hh^T
       TORCH_INTERNAL_ASSERT(x_t.f != nullptr || x_t.h != nullptr);
-      const float* x = x_t.f ? x_t.f  // else float16 rows kept by the op (fp16_kept_inference)
+      const float* x = x_t.f ? x_t.f  // else float16 rows kept by the op (fp16_kept_*)
                              : widened_on_this_thread(x_t.h, bs * in_size);
       brgemm_packed(false, bs, G, in_size, x, in_size, w, 0, g_t, G);
       if (h_prev) brgemm_packed(true, bs, G, out, h_prev, ld_prev, w, in_size, g_t, G);

@@ -192,6 +192,15 @@ void use_brgemm(const CpuPlan& plan, const LSTMShape& s, DirectionWeights<T>& w,
   }
 }
 
+// A float16 W_ih kept by the op (CpuPlan::fp16_kept_inference, fp16_kept_training) widened
+// into `holder` where the unfused projection's GEMM reads it (k_ih == 0: after use_brgemm),
+// a layer and direction's at a time.
+template <typename T>
+void widen_kept_w_ih(DirectionWeights<T>& w, int64_t G, int64_t in_size, at::Tensor& holder) {
+  if (w.w_ih == nullptr && w.ih.h != nullptr && w.k_ih == 0)
+    w.w_ih = widened_into<T>(w.ih.h, G * in_size, holder);
+}
+
 // Scratch for use_brgemm, or null where the plan's steps do not use brgemm: the largest
 // layer's panels, W_hh^T's and, where that layer's projection is fused, W_ih^T's.
 template <typename T>
