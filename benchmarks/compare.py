@@ -95,6 +95,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                              "[-<dtype>], named after this machine (e.g. "
                              "cpu-xeon-amx-2026-12-05, cpu-epyc-zen4-2026-11-22-bf16), the "
                              "folders of the runs kept in the repository; never overwritten")
+    parser.add_argument("--no-input-grad", dest="input_grad", action="store_false",
+                        help="training rows with an input that requires no gradient, the usual "
+                             "training call (a batch of data): no dL/dx is computed or checked "
+                             "(default: the input requires grad); --out auto adds "
+                             "-no-input-grad to the folder's name")
     parser.add_argument("--min-run-time", type=float, metavar="SECONDS",
                         help="seconds of timing per implementation, workload and mode "
                              "(overrides the --quick default)")
@@ -132,7 +137,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     workloads = list(dict.fromkeys(workload for _, workload, _, _ in grid))
     out = None
     if args.out == "auto":  # named now, so that a clash stops the run before it starts
-        out = RESULTS / results_folder_name(machine, args.dtype, machine["date"][:10])
+        out = RESULTS / (results_folder_name(machine, args.dtype, machine["date"][:10])
+                         + ("" if args.input_grad else "-no-input-grad"))
         if out.exists():
             sys.exit(f"compare.py: --out auto: {out} exists (a kept run); move it away or "
                      "give --out DIR")

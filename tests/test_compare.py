@@ -9,6 +9,7 @@ benchmark's numbers belong in its results, not in CI's verdict.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import json
 import pathlib
@@ -272,6 +273,38 @@ def test_gemm_flops(monkeypatch):
     one = bench.workloads.Workload("p", 4, 8, 1, 2, 3)
     assert (bench.workloads.lstm_gemm_flops(one, "infer", proj_size=5)
             == 2 * 6 * 32 * (4 + 5) + 2 * 6 * 8 * 5)
+    # An input that requires no grad: training less layer 0's dL/dx = dgates W_ih,
+    # 2 * rows * 4H * I (inference unchanged).
+    frozen = dataclasses.replace(workloads["medium"], input_grad=False)
+    assert (bench.workloads.lstm_gemm_flops(frozen, "train")
+            == 3 * 5_872_025_600 - 2 * 3200 * 1024 * 128)
+    assert bench.workloads.lstm_gemm_flops(frozen, "infer") == 5_872_025_600
+
+
+def test_check_without_input_grad(monkeypatch):
+    # --no-input-grad: the case's input requires no grad (padded and packed), the check
+    # compares every other gradient (no "grad input"), and still tells a wrong module.
+    from fused_lstm import FusedLSTM
+
+    bench = load_bench(monkeypatch)
+    for name in ("small", "packed-medium"):
+        workload = next(w for w in bench.workloads.WORKLOADS if w.name == name).quick()
+        workload = dataclasses.replace(workload, input_grad=False)
+        case = bench.workloads.make_case(workload, torch.device("cpu"), torch.float32)
+        assert not case.x.requires_grad and case.h0.requires_grad
+        fused = bench.implementations.fused_lstm_copy(FusedLSTM, case.lstm)
+        result = bench.check.run_for_check(fused, case, ("train",))["train"]
+        assert "grad input" not in result and "grad h0" in result
+        assert "grad weight_ih_l0" in result and result["grad weight_ih_l0"].abs().sum() > 0
+        modules = {"nn.LSTM": case.lstm, "FusedLSTM": fused}
+        if not workload.packed:  # (_Shifted adds to a padded output)
+            modules["wrong"] = _Shifted(case.lstm, 1e-3)
+        impls = {n: bench.implementations.Impl(n, None) for n in modules}
+        verdicts = bench.check.check(case, modules, impls, torch.float32)
+        expected = {"nn.LSTM": "ok", "FusedLSTM": "ok"}
+        if "wrong" in modules:
+            expected["wrong"] = "mismatch"
+        assert {n: v["train"][0] for n, v in verdicts.items()} == expected, verdicts
 
 
 def test_floor_module_shapes(monkeypatch):
@@ -641,17 +674,24 @@ def test_plan_dtypes_and_quick_forms(monkeypatch):
     impls = [Impl("nn.LSTM", None),
              Impl(ORT, None, devices=("cpu",), modes=("infer",), dtypes=(torch.float32,))]
     args = argparse.Namespace(device="cpu", workloads=["small", "packed-long"],
-                              dtype="bfloat16", quick=True)
+                              dtype="bfloat16", quick=True, input_grad=True)
     grid, notes = bench.grid.plan(args, impls)
     assert [[impl.name for impl in here] for *_, here in grid] == [["nn.LSTM"], ["nn.LSTM"]]
     assert f"{ORT}: float32 only, not run in bfloat16" in notes
     assert [(w.name, w.seq_len) for _, w, _, _ in grid] == [("small", 3), ("packed-long", 50)]
     args = argparse.Namespace(device="cpu", workloads=["small", "packed-long"], dtype=None,
-                              quick=False)
+                              quick=False, input_grad=True)
     grid, notes = bench.grid.plan(args, impls)
     assert [[impl.name for impl in here] for *_, here in grid] == [["nn.LSTM", ORT]] * 2
     assert [(w.name, w.seq_len) for _, w, _, _ in grid] == [("small", 3), ("packed-long", 1000)]
+    assert all(w.input_grad for _, w, _, _ in grid)
     assert not notes
+    # --no-input-grad: every workload's training input requires no grad, and says so.
+    args.input_grad = False
+    grid, _ = bench.grid.plan(args, impls)
+    assert [(w.name, w.input_grad) for _, w, _, _ in grid] == [("small", False),
+                                                               ("packed-long", False)]
+    assert grid[0][1].shape() == "small (5, 10, 2, 3, 10) input without grad"
 
 
 def test_out_auto_names_the_folder_and_never_overwrites(monkeypatch, tmp_path):
@@ -670,3 +710,9 @@ def test_out_auto_names_the_folder_and_never_overwrites(monkeypatch, tmp_path):
         compare.main(["--device", "cpu", "--workloads", "small", "--out", "auto"])
     assert f"{tmp_path / name} exists" in str(exit_info.value)
     assert not any((tmp_path / name).iterdir())
+    # --no-input-grad: the same name with -no-input-grad after it.
+    (tmp_path / f"{name}-no-input-grad").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(["--device", "cpu", "--workloads", "small", "--out", "auto",
+                      "--no-input-grad"])
+    assert f"{tmp_path / name}-no-input-grad exists" in str(exit_info.value)

@@ -30,7 +30,7 @@ CHECK_NOTE = ("outputs and gradients (input, h0, c0, weights) vs a float64 nn.LS
 def run_for_check(module: nn.Module, case: Case,
                   modes: tuple[str, ...] = MODES) -> dict[str, dict[str, torch.Tensor]]:
     """Per mode (of ``modes``), the tensors to compare: train: output, h_n, c_n and the
-    gradients of x, h0, c0 and of every parameter named as in nn.LSTM; infer (eval mode,
+    gradients of x (where it requires grad), h0, c0 and of every parameter named as in nn.LSTM; infer (eval mode,
     no_grad): output, h_n, c_n. A packed output is compared by its data."""
     result = {}
     if "train" in modes:
@@ -40,7 +40,8 @@ def run_for_check(module: nn.Module, case: Case,
         lstm_names = dict(case.lstm.named_parameters())
         params = {f"grad {name}": p for name, p in module.named_parameters()
                   if name in lstm_names}
-        wrt = {"grad input": case.x, "grad h0": case.h0, "grad c0": case.c0, **params}
+        inputs = {"grad input": case.x} if case.x.requires_grad else {}
+        wrt = {**inputs, "grad h0": case.h0, "grad c0": case.c0, **params}
         grads = torch.autograd.grad((output, h_n, c_n), list(wrt.values()), case.upstream)
         result["train"] = {"output": output, "h_n": h_n, "c_n": c_n,
                            **dict(zip(wrt, grads, strict=True))}

@@ -31,7 +31,8 @@ class EmptyLSTMFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n):
-        return tuple(torch.empty_like(t) for t in ctx.saved_tensors)
+        return tuple(torch.empty_like(t) if needed else None
+                     for t, needed in zip(ctx.saved_tensors, ctx.needs_input_grad))
 
 
 class FloorLSTM(nn.Module):

@@ -7,7 +7,7 @@ import argparse
 import functools
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -137,6 +137,8 @@ def plan(args: argparse.Namespace, impls: list[Impl]) -> tuple[list, list[str]]:
                 continue
             if args.quick:
                 workload = workload.quick()
+            if not args.input_grad:
+                workload = replace(workload, input_grad=False)
             dtype = DTYPES[args.dtype] if args.dtype else workload.dtype
             here = [impl for impl in impls if device_type in impl.devices]
             for impl in here:

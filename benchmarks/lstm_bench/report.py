@@ -245,6 +245,11 @@ def legend_lines(workloads: list[Workload], devices: set[str],
             "pack_padded_sequence(..., enforce_sorted=False) and every LSTM called with that "
             "PackedSequence; train backpropagates from the output's data, h_n and c_n; "
             "GFLOP/s counts the sum of the lengths as rows")
+    if any(not w.input_grad for w in workloads):
+        lines.append(
+            "input without grad (--no-input-grad): train calls each LSTM on an input that "
+            "requires no gradient, as a training step on a batch of data does; h0, c0 and the "
+            "weights still require grad; no dL/dx is computed, checked or counted in GFLOP/s")
     if any(not w.profile_memory for w in workloads):
         lines.append(
             "peak mem not measured (-) on " + ", ".join(w.name for w in workloads
@@ -270,7 +275,7 @@ def legend_lines(workloads: list[Workload], devices: set[str],
         "the 8 flat weights, its own copies of the parameters) that saves them for backward "
         "and returns torch.empty outputs (forward) and gradients (backward). Train: its time "
         "is the autograd engine's graph task, the Function's node, the AccumulateGrad of "
-        "every leaf (x, h0, c0 and the weights all require grad), the Python module call and "
+        "every leaf (x, unless --no-input-grad, h0, c0 and the weights), the Python module call and "
         "the allocations; infer: the module call and the three outputs' allocation (no "
         "autograd Function: none is needed without grad, and FusedLSTM's no-grad call goes "
         "through none)",

@@ -26,7 +26,9 @@ class Workload:
     """An LSTM size to measure; ``streaming``: one time step per call, the state carried over
     from the previous call; ``packed``: variable-length sequences, the input a PackedSequence
     (:func:`sequence_lengths`: lengths in [seq_len / 2, seq_len]); ``quick_seq_len``: the
-    sequence length under ``--quick`` where it differs (:meth:`quick`)."""
+    sequence length under ``--quick`` where it differs (:meth:`quick`); ``input_grad``: whether
+    training makes the input require grad (compare.py's ``--no-input-grad`` turns it off: the
+    usual training call, whose batch of data needs no gradient)."""
 
     name: str
     input_size: int
@@ -40,13 +42,14 @@ class Workload:
     profile_memory: bool = True  # False: no peak memory (see WORKLOADS)
     gpu_only: bool = False
     dtype: torch.dtype = torch.float32  # unless --dtype says otherwise
+    input_grad: bool = True
 
     def shape(self) -> str:
         """``name (input, hidden, layers, seq, batch)``."""
         seq = ("1 step/call" if self.streaming
                else f"packed {self.seq_len // 2}-{self.seq_len}" if self.packed else self.seq_len)
         return (f"{self.name} ({self.input_size}, {self.hidden_size}, {self.num_layers}, "
-                f"{seq}, {self.batch})")
+                f"{seq}, {self.batch})" + ("" if self.input_grad else " input without grad"))
 
     def quick(self) -> Workload:
         """The workload as ``--quick`` runs it: shorter sequences where ``quick_seq_len`` says
@@ -134,11 +137,11 @@ def make_case(workload: Workload, device: torch.device, dtype: torch.dtype) -> C
     state_shape = (w.num_layers, w.batch, w.hidden_size)
     lengths = sequence_lengths(w)
     if lengths is None:
-        x, packing = randn(w.seq_len, w.batch, w.input_size, requires_grad=True), None
+        x, packing = randn(w.seq_len, w.batch, w.input_size, requires_grad=w.input_grad), None
     else:
         packed = pack_padded_sequence(randn(w.seq_len, w.batch, w.input_size), lengths,
                                       enforce_sorted=False)
-        x = packed.data.detach().requires_grad_()
+        x = packed.data.detach().requires_grad_(w.input_grad)
         packing = (packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
     output_shape = (w.seq_len, w.batch) if lengths is None else (x.size(0),)
     return Case(
@@ -166,7 +169,8 @@ def lstm_gemm_flops(workload: Workload, mode: str, num_directions: int = 1,
     packed workload). ``infer`` is the forward; ``train``
     is 3 x forward: the forward, the data gradients (dgates W_ih for dx, dgates W_hh for dh:
     as many FLOPs as the forward's products) and the weight gradients (dgates^T x and
-    dgates^T h: as many again)."""
+    dgates^T h: as many again); without ``input_grad``, less layer 0's dL/dx = dgates W_ih,
+    2 * rows * 4H * input_size per direction."""
     w = workload
     rows, hidden = rows_per_call(w), w.hidden_size
     out = proj_size or hidden
@@ -177,11 +181,15 @@ def lstm_gemm_flops(workload: Workload, mode: str, num_directions: int = 1,
         if proj_size:
             per_direction += 2 * rows * hidden * proj_size
         forward += num_directions * per_direction
-    return float(3 * forward if mode == "train" else forward)
+    if mode != "train":
+        return float(forward)
+    input_grad = 0 if w.input_grad else num_directions * 2 * rows * 4 * hidden * w.input_size
+    return float(3 * forward - input_grad)
 
 
 FLOPS_NOTE = ("GFLOP/s: the LSTM's GEMM FLOPs / the row's median. FLOPs per layer (l) and "
               "direction, rows = seq * batch (packed: the sum of the lengths): forward 2 * rows * 4H * (I_l + H) (input "
               "projection and recurrence; I_l = input size, then H); train = 3 x forward (the "
               "forward, the data gradients dgates W_ih and dgates W_hh, the weight gradients "
-              "dgates^T x and dgates^T h); infer = forward; elementwise cell math not counted")
+              "dgates^T x and dgates^T h; the input requiring no grad: less layer 0's dgates W_ih); "
+              "infer = forward; elementwise cell math not counted")
