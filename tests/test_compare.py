@@ -103,6 +103,35 @@ def test_json_schema(run):
             assert isinstance(row[key], float) and row[key] > 0, (key, row)
         if row["impl"] == "nn.LSTM":
             assert row["speedup"] == 1.0
+        # What the call ran: said by FusedLSTM (fused_lstm.explain), by no other implementation.
+        if row["impl"] == "FusedLSTM":
+            assert row["ran"].startswith(("small_hidden", "row_wise", "thin", "at::lstm")), row
+            assert ("backward" in row["ran"]) == (row["mode"] == "train"), row
+        else:
+            assert row["ran"] == "", row
+
+
+def test_what_fused_lstm_ran(monkeypatch):
+    # fused_lstm_ran: the floor's at::lstm where the floor runs the call, else the CPU variant
+    # with each layer's split of the steps and input projection; the backward's in training.
+    import fused_lstm
+
+    bench = load_bench(monkeypatch)
+    workload = bench.workloads.Workload("w", 128, 256, 2, 4, 32)
+    case = bench.workloads.make_case(workload, torch.device("cpu"), torch.float32)
+    module = bench.implementations.fused_lstm_copy(fused_lstm.FusedLSTM, case.lstm)
+    ran = bench.implementations.fused_lstm_ran
+    with fused_lstm.backends.cpu.flags(nn_lstm_floor="always"):
+        assert ran(fused_lstm, module, case, "infer") == "at::lstm (the nn.LSTM floor)"
+        assert ran(fused_lstm, module, case, "train").startswith("row_wise, ")
+    with fused_lstm.backends.cpu.flags(nn_lstm_floor="never", hidden_split_by_measured_rates=False,
+                                       allow_fused_input_projection=False):
+        assert (ran(fused_lstm, module, case, "infer")
+                == "row_wise, steps split by hidden/hidden, input projection blas (every layer)")
+        assert ran(fused_lstm, module, case, "train").endswith(", backward row_wise")
+    with fused_lstm.backends.cpu.flags(nn_lstm_floor="never", allow_hidden_split=False):
+        # (the split is reported where the hidden split is allowed; fusion by measured rates)
+        assert ran(fused_lstm, module, case, "infer").startswith("row_wise, input projection ")
 
 
 def _close(a, b):

@@ -36,6 +36,7 @@ class Row:
     speedup: Optional[float] = None  # nn.LSTM's median / this median; None for the floor
     gflops: Optional[float] = None  # the LSTM's GEMM FLOPs / this median; None for the floor
     detail: str = ""
+    ran: str = ""  # what the call ran, where the implementation says (Impl.explain)
 
 
 class Progress:
@@ -115,6 +116,8 @@ def measure_workload(workload: Workload, device: torch.device, dtype: torch.dtyp
                                              mode, workload.streaming)
                 if not impl.foreign_memory and workload.profile_memory:
                     row.peak_mem_mb = peak_memory_bytes(new_step, device) / 1e6
+                if impl.explain is not None:
+                    row.ran = impl.explain(modules[impl.name], cases[impl.name], mode)
             rows.append(row)
     return rows
 

@@ -29,7 +29,9 @@ class Impl:
     no ``fallback_warning`` was raised. ``floor``: not an LSTM but the framework floor (no
     check, status ``floor``, no speedup, not in the exit status). ``modes`` and ``dtypes``:
     what it runs (``dtypes`` None: every dtype); it has no rows elsewhere. ``foreign_memory``:
-    it allocates outside PyTorch's allocators, so its peak memory is not measured."""
+    it allocates outside PyTorch's allocators, so its peak memory is not measured.
+    ``explain(module, case, mode)``: what the implementation's call of that mode ran, in a few
+    words, asked after its timed calls (FusedLSTM: :func:`fused_lstm_ran`), or None."""
 
     name: str
     build: Callable[[nn.LSTM], nn.Module]
@@ -40,6 +42,7 @@ class Impl:
     modes: tuple[str, ...] = MODES
     dtypes: Optional[tuple[torch.dtype, ...]] = None
     foreign_memory: bool = False  # its memory is not PyTorch's: no peak memory measured
+    explain: Optional[Callable[[nn.Module, Case, str], str]] = None
 
 
 class HasteLSTM(nn.Module):
@@ -113,6 +116,37 @@ def fused_lstm_copy(fused_lstm_class: type, lstm: nn.LSTM) -> nn.Module:
     return fused
 
 
+def fused_lstm_ran(fused_lstm, module: nn.Module, case: Case, mode: str) -> str:
+    """What FusedLSTM's call of ``mode`` on ``case`` ran, from ``fused_lstm.explain`` (asked
+    after the timed calls, so the nn.LSTM floor's first-call measurement is in it): the floor's
+    at::lstm, or the kernel variant (the CUDA path), with the threads' split of each layer's
+    steps and each layer's input projection where the CPU plan names them, and in training the
+    backward's variant."""
+    with torch.set_grad_enabled(mode == "train"):
+        info = fused_lstm.explain(module, case.inputs())
+    forward = info["forward"]
+    if forward.get("nn_lstm_floor_runs") == "true":
+        return "at::lstm (the nn.LSTM floor)"
+
+    def per_layer(key):
+        return [v for k, v in sorted(forward.items()) if k.startswith(key + ".")]
+
+    parts = [forward.get("variant", forward.get("path", "?"))]
+    splits = [v.split()[0] for v in per_layer("step_split")]
+    if splits:
+        parts.append("steps split by " + "/".join(splits))
+    projections = ["fused" if "fused into" in v else v.split(",")[0]
+                   for v in per_layer("input_projection")]
+    if len(set(projections)) == 1 and len(projections) > 1:
+        projections = [f"{projections[0]} (every layer)"]
+    if projections:
+        parts.append("input projection " + "/".join(projections))
+    if mode == "train":
+        backward = info["backward"]
+        parts.append("backward " + backward.get("variant", backward.get("path", "?")))
+    return ", ".join(parts)
+
+
 def implementations(fused_lstm) -> tuple[list[Impl], list[str]]:
     """The implementations to measure, and one line for each third-party one that is not
     importable."""
@@ -120,7 +154,8 @@ def implementations(fused_lstm) -> tuple[list[Impl], list[str]]:
         Impl(BASELINE, lambda lstm: lstm),
         Impl("FusedLSTM", lambda lstm: fused_lstm_copy(fused_lstm.FusedLSTM, lstm),
              kernel_prefix="fused_lstm::",
-             fallback_warning=fused_lstm.FusedLSTMFallbackWarning),
+             fallback_warning=fused_lstm.FusedLSTMFallbackWarning,
+             explain=lambda module, case, mode: fused_lstm_ran(fused_lstm, module, case, mode)),
         Impl(FLOOR, FloorLSTM, floor=True),
     ]
     skipped = []

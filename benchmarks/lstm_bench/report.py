@@ -165,6 +165,14 @@ def failures(rows: list[Row]) -> list[str]:
             for r in rows if r.status not in ("ok", "floor")]
 
 
+RAN_TITLE = "What FusedLSTM ran (fused_lstm.explain after the timed calls)"
+
+
+def ran_lines(rows: list[Row]) -> list[str]:
+    """One line per row whose implementation said what it ran (Row.ran)."""
+    return [f"{r.workload} {r.mode}: {r.ran}" for r in rows if r.ran]
+
+
 def cpu_line(machine: dict) -> str:
     """``Intel(R) Xeon(R) Processor (GenuineIntel, family 6, model 143, stepping 8)``: the model
     name, then what /proc/cpuinfo gave of the vendor and CPUID numbers."""
@@ -316,6 +324,8 @@ def print_results(rows: list[Row], cells: list[Ceiling], peaks: list[GemmPeak],
         if peer_table_wanted(group) and peers_by.get(key):
             print(f"\n{PEER_TITLE}\n"
                   f"{text_table([], PEER_COLUMNS, peer_cells(peers_by[key]))}")
+        if ran_lines(group):
+            print(f"\n{RAN_TITLE}:\n" + wrapped(ran_lines(group)))
     if failures(rows):
         print("\nNot timed:\n" + "\n".join(failures(rows)))
     print("\n" + wrapped(legend_lines(workloads, devices, {r.impl for r in rows})))
@@ -402,6 +412,8 @@ def write_results(out: pathlib.Path, machine: dict, rows: list[Row], tests: Opti
         if peer_table_wanted(group) and peers_by.get(key):
             md += ["", PEER_TITLE + ":", "",
                    markdown_table([], PEER_COLUMNS, peer_cells(peers_by[key]))]
+        if ran_lines(group):
+            md += ["", RAN_TITLE + ":", ""] + [f"- {line}" for line in ran_lines(group)]
     if failures(rows):
         md += ["", "Not timed:", ""] + [f"- {line}" for line in failures(rows)]
     if plot_note is None:
