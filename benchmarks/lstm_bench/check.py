@@ -30,8 +30,9 @@ CHECK_NOTE = ("outputs and gradients (input, h0, c0, weights) vs a float64 nn.LS
 def run_for_check(module: nn.Module, case: Case,
                   modes: tuple[str, ...] = MODES) -> dict[str, dict[str, torch.Tensor]]:
     """Per mode (of ``modes``), the tensors to compare: train: output, h_n, c_n and the
-    gradients of x (where it requires grad), h0, c0 and of every parameter named as in nn.LSTM; infer (eval mode,
-    no_grad): output, h_n, c_n. A packed output is compared by its data."""
+    gradients of x (where it requires grad), h0, c0 and of every parameter named as in
+    nn.LSTM; infer (eval mode, no_grad): output, h_n, c_n. A packed output is compared by its
+    data."""
     result = {}
     if "train" in modes:
         module.train()

@@ -283,8 +283,8 @@ def legend_lines(workloads: list[Workload], devices: set[str],
         "the 8 flat weights, its own copies of the parameters) that saves them for backward "
         "and returns torch.empty outputs (forward) and gradients (backward). Train: its time "
         "is the autograd engine's graph task, the Function's node, the AccumulateGrad of "
-        "every leaf (x, unless --no-input-grad, h0, c0 and the weights), the Python module call and "
-        "the allocations; infer: the module call and the three outputs' allocation (no "
+        "every leaf (x, unless --no-input-grad, h0, c0 and the weights), the Python module "
+        "call and the allocations; infer: the module call and the three outputs' allocation (no "
         "autograd Function: none is needed without grad, and FusedLSTM's no-grad call goes "
         "through none)",
         "GEMM peak: the best GEMM rate in the run's dtype (float32 unless --dtype), "

@@ -191,5 +191,5 @@ FLOPS_NOTE = ("GFLOP/s: the LSTM's GEMM FLOPs / the row's median. FLOPs per laye
               "direction, rows = seq * batch (packed: the sum of the lengths): forward 2 * rows * 4H * (I_l + H) (input "
               "projection and recurrence; I_l = input size, then H); train = 3 x forward (the "
               "forward, the data gradients dgates W_ih and dgates W_hh, the weight gradients "
-              "dgates^T x and dgates^T h; the input requiring no grad: less layer 0's dgates W_ih); "
-              "infer = forward; elementwise cell math not counted")
+              "dgates^T x and dgates^T h; the input requiring no grad: less layer 0's "
+              "dgates W_ih); infer = forward; elementwise cell math not counted")
