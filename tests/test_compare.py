@@ -134,6 +134,17 @@ def test_what_fused_lstm_ran(monkeypatch):
     with fused_lstm.backends.cpu.flags(nn_lstm_floor="never", allow_hidden_split=False):
         # (the split is reported where the hidden split is allowed; fusion by measured rates)
         assert ran(fused_lstm, module, case, "infer").startswith("row_wise, input projection ")
+    # The other variants, their projections named by their first words.
+    for sizes, expected in (((5, 10, 2, 3, 10), "small_hidden, input projection small-hidden "
+                             "product (every layer)"),
+                            ((64, 256, 2, 1, 1), "thin, input projection thin kernel (every "
+                             "layer)")):
+        case = bench.workloads.make_case(bench.workloads.Workload("w", *sizes),
+                                         torch.device("cpu"), torch.float32)
+        module = bench.implementations.fused_lstm_copy(fused_lstm.FusedLSTM, case.lstm)
+        assert ran(fused_lstm, module, case, "infer") == expected
+        variant = expected.split(",")[0]
+        assert ran(fused_lstm, module, case, "train") == f"{expected}, backward {variant}"
 
 
 def _close(a, b):

@@ -4,6 +4,7 @@ and, where importable, ONNX Runtime (CPU inference), haste and FlashRNN."""
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -135,7 +136,9 @@ def fused_lstm_ran(fused_lstm, module: nn.Module, case: Case, mode: str) -> str:
     splits = [v.split()[0] for v in per_layer("step_split")]
     if splits:
         parts.append("steps split by " + "/".join(splits))
-    projections = ["fused" if "fused into" in v else v.split(",")[0]
+    # (each named by its first words: "blas", "thin kernel (dot products, every step)" ->
+    # "thin kernel", "brgemm, fused into the steps" -> "fused")
+    projections = ["fused" if "fused into" in v else re.split(r"[,(]", v)[0].strip()
                    for v in per_layer("input_projection")]
     if len(set(projections)) == 1 and len(projections) > 1:
         projections = [f"{projections[0]} (every layer)"]
