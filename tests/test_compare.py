@@ -134,6 +134,24 @@ def test_what_fused_lstm_ran(monkeypatch):
     with fused_lstm.backends.cpu.flags(nn_lstm_floor="never", allow_hidden_split=False):
         # (the split is reported where the hidden split is allowed; fusion by measured rates)
         assert ran(fused_lstm, module, case, "infer").startswith("row_wise, input projection ")
+    # The floor's measurement (the default "auto"; a key of its own: these settings), after
+    # the first inference call: its least times, whichever it chose.
+    with fused_lstm.backends.cpu.flags(nn_lstm_floor="auto", allow_vec16_cell=False), \
+            torch.no_grad():
+        module.eval()
+        module(case.inputs(), (case.h0, case.c0))
+        infer = ran(fused_lstm, module, case, "infer")
+    assert "; the floor measured (least, ms): the rule's choice " in infer, infer
+    assert ", at::lstm " in infer.split("; the floor measured")[1], infer
+    forward = {"nn_lstm_floor_times": "fused 97.8228 ms, at::lstm 95.2455 ms (wall time, ...)",
+               "step_split_times": "the rule's split 97.8228 ms, the hidden split 93.0703 ms "
+                                   "(least of interleaved calls): the hidden split runs",
+               "input_projection_times": "the rule's 97.8228 ms, never fused 99.1 ms (least of "
+                                         "interleaved calls): the rule's runs"}
+    assert bench.implementations.floor_times(forward) == (
+        "; the floor measured (least, ms): the rule's choice 97.8, at::lstm 95.2, hidden split "
+        "93.1, never fused 99.1")
+    assert bench.implementations.floor_times({}) == ""
     # The other variants, their projections named by their first words.
     for sizes, expected in (((5, 10, 2, 3, 10), "small_hidden, input projection small-hidden "
                              "product (every layer)"),

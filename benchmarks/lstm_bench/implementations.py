@@ -122,12 +122,13 @@ def fused_lstm_ran(fused_lstm, module: nn.Module, case: Case, mode: str) -> str:
     after the timed calls, so the nn.LSTM floor's first-call measurement is in it): the floor's
     at::lstm, or the kernel variant (the CUDA path), with the threads' split of each layer's
     steps and each layer's input projection where the CPU plan names them, and in training the
-    backward's variant."""
+    backward's variant; then the floor's measured times where it measured the call
+    (:func:`floor_times`)."""
     with torch.set_grad_enabled(mode == "train"):
         info = fused_lstm.explain(module, case.inputs())
     forward = info["forward"]
     if forward.get("nn_lstm_floor_runs") == "true":
-        return "at::lstm (the nn.LSTM floor)"
+        return "at::lstm (the nn.LSTM floor)" + floor_times(forward)
 
     def per_layer(key):
         return [v for k, v in sorted(forward.items()) if k.startswith(key + ".")]
@@ -147,7 +148,27 @@ def fused_lstm_ran(fused_lstm, module: nn.Module, case: Case, mode: str) -> str:
     if mode == "train":
         backward = info["backward"]
         parts.append("backward " + backward.get("variant", backward.get("path", "?")))
-    return ", ".join(parts)
+    return ", ".join(parts) + floor_times(forward)
+
+
+def floor_times(forward: dict) -> str:
+    """``; the floor measured (least, ms): the rule's choice 97.8, at::lstm 95.2, hidden split
+    93.1``:
+    the nn.LSTM floor's first-call measurement behind the choice (explain's
+    nn_lstm_floor_times, step_split_times, input_projection_times), or "" where there is none."""
+    found = re.match(r"fused ([\d.e+-]+) ms, at::lstm ([\d.e+-]+) ms",
+                     forward.get("nn_lstm_floor_times", ""))
+    if not found:
+        return ""
+    times = [f"the rule's choice {float(found[1]):.3g}", f"at::lstm {float(found[2]):.3g}"]
+    for key, pattern in (("step_split_times", r"the (hidden|batch) split ([\d.e+-]+) ms"),
+                         ("input_projection_times", r"ms, (fused where the sizes allow|never "
+                                                     r"fused) ([\d.e+-]+) ms")):
+        other = re.search(pattern, forward.get(key, ""))
+        if other:
+            name = other[1] + (" split" if key == "step_split_times" else "")
+            times.append(f"{name} {float(other[2]):.3g}")
+    return "; the floor measured (least, ms): " + ", ".join(times)
 
 
 def implementations(fused_lstm) -> tuple[list[Impl], list[str]]:
