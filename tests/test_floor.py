@@ -344,6 +344,47 @@ def test_auto_takes_the_projection_measured_faster(layers):
             assert "input_projection_times" not in _floor_of(fused, x)
 
 
+@pytest.mark.parametrize("layers", [1, 2])
+def test_auto_times_the_other_projection_whichever_split_the_rule_takes(layers):
+    """With the hidden split allowed and chosen by the rates (the defaults), the floor times the
+    batch split with the other choice of projection whichever split the rule took for each layer
+    (before, only where it took the batch split for every layer: medium float32 inference on the
+    Intel Xeon then ran a call 7% slower than the batch split with both projections unfused,
+    benchmarks/notes/float32-bound.md). Where that call measured fastest, every layer runs the
+    batch split, with the projections the batch split's rule would not choose."""
+    torch_lstm, fused = _pair(F32, num_layers=layers)
+    x = _input(fused, F32)
+
+    def record(rule_ms, aten_ms, fusion_ms):
+        RECORD(INPUT, HIDDEN, layers, False, True, BATCH, STEPS, F32, rule_ms, aten_ms, -1.0,
+               fusion_ms)
+
+    with torch.no_grad(), _two_threads():
+        plan = _floor_of(fused, x)
+        if not any(k.startswith("fused_step_rates.") for k in plan):
+            pytest.skip("no measured step rates here (brgemm not available on this CPU)")
+        with CPU.flags(allow_hidden_split=False):  # the batch split's own choice per layer
+            batch_rule = _floor_of(fused, x)
+            batch_fuses = [("fused into the steps" in batch_rule[f"input_projection.{layer}"])
+                           for layer in range(layers)]
+        other_fused = not any(batch_fuses)
+        record(10.0, 20.0, 9.0)  # the batch split with the other projection 10% faster
+        plan = _floor_of(fused, x)
+        other = "fused where the sizes allow" if other_fused else "never fused"
+        assert plan["input_projection_times"] == (
+            f"the rule's 10 ms, {other} 9 ms (least of interleaved calls): {other} runs")
+        for layer in range(layers):  # (no step_split line: the hidden split is off)
+            assert not plan.get(f"step_split.{layer}", "batch").startswith("hidden"), plan
+            assert ("fused into the steps" in plan[f"input_projection.{layer}"]) == other_fused
+        got, aten_calls, fused_layers = _ran_fused(lambda: fused(x))
+        assert aten_calls == 0 and (fused_layers > 0) == other_fused
+        _assert_close(got, torch_lstm(x), F32)
+        # A hidden split forced by the settings is left alone: no other projection timed.
+        with CPU.flags(hidden_split_by_measured_rates=False):
+            with pytest.raises(ValueError, match="does not time the other choice"):
+                record(10.0, 20.0, 9.0)
+
+
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
 def test_auto_takes_the_split_measured_faster(dtype):
     """Where the hidden split of the steps applies and the rule decides it, the floor's

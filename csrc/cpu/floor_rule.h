@@ -167,19 +167,25 @@ inline CpuSettings settings_that_run(const CpuSettings& settings, const FloorTim
 }
 
 // Whether the end-to-end measurement of the floor also times the other choice of the input
-// projection, and which it is: where the rule takes the batch split for every layer (the
-// hidden split's steps are never fused) and the measured rates of one thread's steps decide
-// the choice for a layer (fusion_by_rates). The probe rates the two steps apart and
-// can misjudge the call: medium float32 inference on the Intel Xeon fused layer 1 in about 1
-// of 6 processes, a call ~10% slower (benchmarks/notes/floor.md, "The input projection's
-// choice measured end to end").
+// projection, and which it is: where the measured rates of one thread's steps decide the
+// choice for a layer in the batch split (fusion_by_rates), the batch split with the other
+// choice than the batch split's rule makes (other_fusion_settings turns the hidden split off).
+// So also where the rule takes the hidden split (by rates) for a layer: the floor then picks
+// among the rule's call, the other split and the batch split with the other projection; a
+// hidden split forced by the settings is left alone (its steps are never fused). The probe
+// rates the two steps apart and can misjudge the call: medium float32 inference on the Intel
+// Xeon fused layer 1 in about 1 of 6 processes, a call ~10% slower; where the rule took the
+// hidden split for a layer, the other projection went untimed and a call 7% slower than the
+// batch split with both projections unfused ran (benchmarks/notes/floor.md, "The input
+// projection's choice measured end to end"; float32-bound.md, "fastrnns inference: 0.96x in a
+// full run, 1.04x alone").
 inline bool measures_other_fusion(const CpuPlan& p, const LSTMShape& s, bool& other_fused) {
   bool rated = false, fused = false;
   for (int64_t l = 0; l < s.num_layers; ++l) {
-    if (hidden_split_layer(p, s, l)) return false;
+    if (!p.settings.hidden_split_by_rates && hidden_split_layer(p, s, l)) return false;
     if (!fusion_by_rates(p, s, l)) continue;
     rated = true;
-    fused = fused || fuse_input_projection(p, s, l, 4);
+    fused = fused || fuse_input_projection_in_batch_split(p, s, l, 4);
   }
   other_fused = !fused;
   return rated;
