@@ -373,12 +373,16 @@ def test_auto_times_the_other_projection_whichever_split_the_rule_takes(layers):
         other = "fused where the sizes allow" if other_fused else "never fused"
         assert plan["input_projection_times"] == (
             f"the rule's 10 ms, {other} 9 ms (least of interleaved calls): {other} runs")
-        for layer in range(layers):  # (no step_split line: the hidden split is off)
-            assert not plan.get(f"step_split.{layer}", "batch").startswith("hidden"), plan
+        for layer in range(layers):  # the batch split, named with why
+            assert plan[f"step_split.{layer}"] == (
+                "batch (the input projection's other choice, measured faster end to end "
+                "(input_projection_times), runs the batch split)"), plan
             assert ("fused into the steps" in plan[f"input_projection.{layer}"]) == other_fused
         got, aten_calls, fused_layers = _ran_fused(lambda: fused(x))
         assert aten_calls == 0 and (fused_layers > 0) == other_fused
         _assert_close(got, torch_lstm(x), F32)
+        _, aten_calls, hidden_chunks = _ran_split(lambda: fused(x))
+        assert aten_calls == 0 and hidden_chunks == 0
         # A hidden split forced by the settings is left alone: no other projection timed.
         with CPU.flags(hidden_split_by_measured_rates=False):
             with pytest.raises(ValueError, match="does not time the other choice"):

@@ -35,10 +35,11 @@ inline std::string input_projection_of(const CpuPlan& p, const LSTMShape& s, int
                    p.settings.small_products));
 }
 
-// measured_split: "hidden" or "batch" where the floor's end-to-end measurement chose the other
-// split of the steps than the rule's (lstm_cpu.cpp's cpu_plan_op), else nullptr.
+// measured_split: "hidden" or "batch" where the floor's end-to-end measurement chose a call of
+// ours other than the rule's (lstm_cpu.cpp's cpu_plan_op), the split it runs, and `why`; else
+// nullptr.
 inline std::string describe(const CpuPlan& p, const LSTMShape& s,
-                            const char* measured_split = nullptr) {
+                            const char* measured_split = nullptr, const char* why = "") {
   const int64_t G = 4 * s.hidden_size, H = s.hidden_size, out = s.out_size;
   const bool single_thread = p.brgemm_steps || p.bf16_products;
   const int64_t slices = batch_slices(s, s.seq_len, single_thread);
@@ -63,8 +64,7 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
   // that chose it.
   if (measured_split != nullptr) {
     for (int64_t l = 0; l < s.num_layers; ++l)
-      o << "step_split." << l << "=" << measured_split
-        << " (measured faster end to end than the rule's split: step_split_times)\n";
+      o << "step_split." << l << "=" << measured_split << " (" << why << ")\n";
   } else if (hidden_split_applies(p, s)) {
     for (int64_t l = 0; l < s.num_layers; ++l) {
       o << "step_split." << l << "=" << (hidden_split_layer(p, s, l) ? "hidden" : "batch");

@@ -360,9 +360,17 @@ std::string cpu_plan_op(int64_t input_size, int64_t hidden_size, int64_t proj_si
   if (c.run == FloorRun::kFused && fused_best(c.times) != OursRuns::kRule) {
     const bool hidden = c.times.other_split_hidden;
     const CpuPlan runs = CallPlan{settings_that_run(settings, c.times), inference}.of(s, dtype);
-    const char* split =
-        other_split_measured_faster(c.times) ? (hidden ? "hidden" : "batch") : nullptr;
-    return describe(runs, s, split) + "\n" + describe_floor(plan, s, dtype, dropout);
+    // The other choice of the projection runs the batch split in every layer
+    // (other_fusion_settings), which `runs` no longer names where the rule's plan split by hidden
+    // units somewhere.
+    const char* split = other_split_measured_faster(c.times) ? (hidden ? "hidden" : "batch")
+                        : hidden_split_applies(plan, s)      ? "batch"
+                                                             : nullptr;
+    const char* why = other_split_measured_faster(c.times)
+        ? "measured faster end to end than the rule's split: step_split_times"
+        : "the input projection's other choice, measured faster end to end "
+          "(input_projection_times), runs the batch split";
+    return describe(runs, s, split, why) + "\n" + describe_floor(plan, s, dtype, dropout);
   }
   return describe(plan, s) + "\n" + describe_floor(plan, s, dtype, dropout);
 }
