@@ -6,6 +6,7 @@ Every comparison is against torch.nn.LSTM on identical weights unless it says ot
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 import pathlib
@@ -1023,6 +1024,14 @@ def _ddp_worker(rank, world_size, init_file, result_file):
         if rank == 0:
             torch.save(params, result_file)
         dist.barrier()  # neither process leaves while the other still talks to it
+        # The DDP wrapper (its Reducer holds the process group) goes first, while the group is
+        # still registered: freed after destroy_process_group, the Reducer's deallocation holds
+        # the GIL while ~ProcessGroupGloo joins gloo's worker thread, which may still be
+        # destroying a finished work item whose thread-local state needs the GIL for a Python
+        # decref. That deadlock (a PyTorch one, pytorch/pytorch#56297) hung this worker about
+        # once in 40 runs.
+        del ddp
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
