@@ -93,14 +93,14 @@ void forward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, con
       if (tiny) {
         if (!gates) gates = gates_for(s.rows);
         tiny_input_projection(w, x.f, s.rows, s.layer_input_size(l), G, tb.gT, tb.xT);
-        transpose(hx ? hx + ld * s.batch * out : nullptr, out, s.batch, out, tb.hT, s.batch);
-        transpose(cx ? cx + ld * s.batch * H : nullptr, H, s.batch, H, tb.cT, s.batch);
+        tiny_transpose(hx ? hx + ld * s.batch * out : nullptr, out, s.batch, out, tb.hT, s.batch);
+        tiny_transpose(cx ? cx + ld * s.batch * H : nullptr, H, s.batch, H, tb.cT, s.batch);
         for_each_batch_slice(s, s.seq_len, false, [&](int64_t r0, int64_t r1) {
           tiny_forward_steps(plan, s, w, d, 0, s.seq_len - 1, r0, r1, tb, gates, cells, pre_proj,
                              layer_out + d * out, hx == nullptr);
         });
-        transpose(tb.hT, s.batch, out, s.batch, h_state, out);
-        transpose(tb.cT, s.batch, H, s.batch, c_state, H);
+        tiny_transpose(tb.hT, s.batch, out, s.batch, h_state, out);
+        tiny_transpose(tb.cT, s.batch, H, s.batch, c_state, H);
         continue;
       }
       const int64_t in_size = s.layer_input_size(l);
@@ -242,8 +242,8 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
         const int64_t row0 = block.row0, rows = block.rows;
         if (tiny) {
           if (first == 0) {
-            transpose(hx ? hx + ld * s.batch * out : nullptr, out, s.batch, out, tb.hT, s.batch);
-            transpose(cx ? cx + ld * s.batch * H : nullptr, H, s.batch, H, tb.cT, s.batch);
+            tiny_transpose(hx ? hx + ld * s.batch * out : nullptr, out, s.batch, out, tb.hT, s.batch);
+            tiny_transpose(cx ? cx + ld * s.batch * H : nullptr, H, s.batch, H, tb.cT, s.batch);
           }
           tb.ld_g = rows;
           tb.row0 = row0;
@@ -258,8 +258,8 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
                                   hx == nullptr && first == 0, out_t ? s.rows : 0);
           });
           if (last + 1 == s.seq_len) {
-            transpose(tb.hT, s.batch, out, s.batch, h_state, out);
-            transpose(tb.cT, s.batch, H, s.batch, c_state, H);
+            tiny_transpose(tb.hT, s.batch, out, s.batch, h_state, out);
+            tiny_transpose(tb.cT, s.batch, H, s.batch, c_state, H);
           }
           continue;
         }
