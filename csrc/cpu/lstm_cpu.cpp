@@ -361,8 +361,8 @@ std::string cpu_plan_op(int64_t input_size, int64_t hidden_size, int64_t proj_si
     const bool hidden = c.times.other_split_hidden;
     const CpuPlan runs = CallPlan{settings_that_run(settings, c.times), inference}.of(s, dtype);
     // The other choice of the projection runs the batch split in every layer
-    // (other_fusion_settings), which `runs` no longer names where the rule's plan split by hidden
-    // units somewhere.
+    // (other_fusion_settings turns the hidden split off, so `runs` names no split): named here
+    // wherever the hidden split applies to the call.
     const char* split = other_split_measured_faster(c.times) ? (hidden ? "hidden" : "batch")
                         : hidden_split_applies(plan, s)      ? "batch"
                                                              : nullptr;
