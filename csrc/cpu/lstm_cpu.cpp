@@ -363,10 +363,11 @@ std::string cpu_plan_op(int64_t input_size, int64_t hidden_size, int64_t proj_si
     // The other choice of the projection runs the batch split in every layer
     // (other_fusion_settings turns the hidden split off, so `runs` names no split): named here
     // wherever the hidden split applies to the call.
-    const char* split = other_split_measured_faster(c.times) ? (hidden ? "hidden" : "batch")
-                        : hidden_split_applies(plan, s)      ? "batch"
-                                                             : nullptr;
-    const char* why = other_split_measured_faster(c.times)
+    const bool other_split = other_split_measured_faster(c.times);
+    const char* split = other_split                     ? (hidden ? "hidden" : "batch")
+                        : hidden_split_applies(plan, s) ? "batch"
+                                                        : nullptr;
+    const char* why = other_split
         ? "measured faster end to end than the rule's split: step_split_times"
         : "the input projection's other choice, measured faster end to end "
           "(input_projection_times), runs the batch split";

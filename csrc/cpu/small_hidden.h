@@ -21,49 +21,45 @@
 namespace fused_lstm {
 namespace {
 
-// transpose() for the batch-fastest layout's per-step copies (gates, cells, states, dgates: a
-// few hundred to a few thousand floats, many times per call): float blocks through
-// transpose_block's 8 x 8 register transposes (weights.h), not one element at a time. A pure
-// copy, so the same bits. Measured at seed-tiny (callgrind, one thread, AVX2 clone): the
-// element-wise copies were ~260k of a training call's ~1.0M instructions
-// (benchmarks/notes/python-overhead.md, "Training at the tutorial sizes: where the time goes").
 #if defined(__GNUC__) && defined(__x86_64__)
-// The narrow shapes of that layout (a side of at most 16: the hidden size, 4H, or a step's
-// rows), which the 8 x 8 blocks leave to scalar edges, 16 at a time on AVX-512: where the
-// source's rows are narrow, each destination row's 16 elements gathered from 16 source rows;
-// where the destination's are, each source row's 16 elements scattered. False where neither
-// side is narrow or the strides overflow the 32-bit indices.
+// dst[c * ld_dst + r] = src[r * ld_src + c] for the narrow shapes of the batch-fastest layout
+// (a side of at most 16: the hidden size, 4H, or a step's rows), which transpose_block's 8 x 8
+// blocks leave to scalar edges: 16 elements of the long side at a time on AVX-512, gathered
+// from 16 source rows where the source's rows are narrow, scattered to 16 destination rows
+// where the destination's are. False where neither side is narrow or the stride overflows the
+// 32-bit indices.
 __attribute__((target("avx512f"))) inline bool transpose_narrow16(
     const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst, int64_t ld_dst) {
   constexpr int64_t kMaxStride = int64_t{1} << 26;  // 15 x the stride fits an int32
-  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  if (cols <= 16 && rows >= 16 && ld_src < kMaxStride) {
-    const __m512i idx = _mm512_mullo_epi32(lane, _mm512_set1_epi32(int(ld_src)));
-    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
-      const int64_t k = std::min<int64_t>(16, rows - r0);
-      const __mmask16 m = __mmask16((uint32_t{1} << k) - 1);
-      for (int64_t c = 0; c < cols; ++c)
-        _mm512_mask_storeu_ps(dst + c * ld_dst + r0, m,
+  const bool gather = cols <= 16 && rows >= 16 && ld_src < kMaxStride;
+  if (!gather && !(rows <= 16 && cols >= 16 && ld_dst < kMaxStride)) return false;
+  // Lane i: element b0 + i of the long side, ld_src (gather) or ld_dst (scatter) apart.
+  const int64_t n = gather ? rows : cols, narrow = gather ? cols : rows;
+  const __m512i idx =
+      _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                         _mm512_set1_epi32(int(gather ? ld_src : ld_dst)));
+  for (int64_t b0 = 0; b0 < n; b0 += 16) {
+    const __mmask16 m = __mmask16((uint32_t{1} << std::min<int64_t>(16, n - b0)) - 1);
+    for (int64_t j = 0; j < narrow; ++j) {
+      if (gather)
+        _mm512_mask_storeu_ps(dst + j * ld_dst + b0, m,
                               _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx,
-                                                       src + r0 * ld_src + c, 4));
+                                                       src + b0 * ld_src + j, 4));
+      else
+        _mm512_mask_i32scatter_ps(dst + b0 * ld_dst + j, m, idx,
+                                  _mm512_maskz_loadu_ps(m, src + j * ld_src + b0), 4);
     }
-    return true;
   }
-  if (rows <= 16 && cols >= 16 && ld_dst < kMaxStride) {
-    const __m512i idx = _mm512_mullo_epi32(lane, _mm512_set1_epi32(int(ld_dst)));
-    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
-      const int64_t k = std::min<int64_t>(16, cols - c0);
-      const __mmask16 m = __mmask16((uint32_t{1} << k) - 1);
-      for (int64_t r = 0; r < rows; ++r)
-        _mm512_mask_i32scatter_ps(dst + c0 * ld_dst + r, m, idx,
-                                  _mm512_maskz_loadu_ps(m, src + r * ld_src + c0), 4);
-    }
-    return true;
-  }
-  return false;
+  return true;
 }
 #endif
 
+// transpose() for the batch-fastest layout's per-step copies (gates, cells, states, dgates: a
+// few hundred to a few thousand floats, many times per call): float blocks through
+// transpose_block's 8 x 8 register transposes (weights.h), narrow ones through
+// transpose_narrow16 above, not one element at a time. A pure copy, so the same bits. Measured at seed-tiny (callgrind, one thread, AVX2 clone): the
+// element-wise copies were ~260k of a training call's ~1.0M instructions
+// (benchmarks/notes/python-overhead.md, "Training at the tutorial sizes: where the time goes").
 template <typename T>
 void tiny_transpose(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst,
                     int64_t ld_dst) {
