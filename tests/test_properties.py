@@ -6,8 +6,11 @@ against torch.nn.LSTM on identical weights.
   magnitude of the values compared).
 * Malformed calls (wrong shapes, dimensions, dtypes, hidden states): FusedLSTM raises the same
   exception class as nn.LSTM, or both succeed with the same result; never a crash.
+* The larger kernels (hidden sizes from 16: row-wise, thin, hidden split), float32, bfloat16 and
+  float16 models, 1 or 2 threads, with CPU kernel settings changed at random: within twice
+  nn.LSTM's own error in the dtype of the float64 result, and no warning nn.LSTM does not give.
 
-Example counts are bounded so CI stays fast (100 per test, about 5 s here). A longer run:
+Example counts are bounded so CI stays fast (100 per test, about 5 s each here). A longer run:
 ``FUSED_LSTM_HYPOTHESIS_PROFILE=long pytest tests/test_properties.py`` (profiles
 ``fused_lstm-ci``, the default, and ``fused_lstm-long`` are registered below). Every example
 draws its own torch seed, so hypothesis's printed falsifying example reproduces it exactly.
@@ -285,3 +288,127 @@ def test_packed_hidden_state_batch_like_nn_lstm(config, seq_len, batch, state_ba
         assert_near(got[0].data, expected[0].data, dtype, "output")
         assert_near(got[1][0], expected[1][0], dtype, "h_n")
         assert_near(got[1][1], expected[1][1], dtype, "c_n")
+
+
+# --- the larger kernels, 16-bit models and the kernel settings ------------------------------------
+
+# The CPU kernel settings that turn a kernel or a choice off (fused_lstm.backends.cpu); an
+# example turns up to three of them off, so that the variant a machine's rules would not pick
+# is drawn too.
+KERNEL_SWITCHES = (
+    "allow_amx", "allow_bf16_products", "allow_brgemm", "allow_few_rows",
+    "allow_fused_input_projection", "allow_hidden_split", "allow_small_products", "allow_thin",
+    "allow_vec16_cell", "fuse_by_measured_rates", "hidden_split_by_measured_rates",
+)
+# The distance to the float64 result allowed beyond twice nn.LSTM's own, relative to the
+# values' scale (as tests/test_cpu_variants.py's assert_within_twice_nn_lstm).
+KERNEL_FLOOR = {torch.float32: 2e-6, torch.bfloat16: torch.finfo(torch.bfloat16).eps,
+                torch.float16: torch.finfo(torch.float16).eps}
+
+
+@st.composite
+def kernel_configs(draw):
+    """Hidden sizes from 16 up, where the row-wise, thin and hidden-split kernels run (configs()
+    stays below 16, the small-hidden kernel's sizes): off the 16-column blocks too."""
+    hidden_size = draw(st.sampled_from([16, 17, 20, 31, 32, 33, 48, 64, 65, 96, 130]))
+    return dict(
+        input_size=draw(st.sampled_from([1, 3, 16, 17, 64, 100, 129])),
+        hidden_size=hidden_size,
+        num_layers=draw(st.integers(1, 3)),
+        bidirectional=draw(st.booleans()),
+        proj_size=draw(st.sampled_from([0, 0, 0, hidden_size // 3, hidden_size - 1])),
+        bias=draw(st.booleans()),
+        batch_first=draw(st.booleans()),
+    )
+
+
+@st.composite
+def kernel_settings(draw):
+    chosen = {name: False for name in draw(st.sets(st.sampled_from(KERNEL_SWITCHES), max_size=3))}
+    chosen["nn_lstm_floor"] = draw(st.sampled_from(["auto", "never", "always"]))
+    chosen["gemm_library"] = draw(st.sampled_from(["auto", "blas", "onednn_matmul"]))
+    return chosen
+
+
+def _as_dtype(inp, leaf, hx, dtype, batch_first):
+    """The same input (the same packing) and state as new leaves in `dtype`."""
+    new_leaf = leaf.detach().to(dtype).requires_grad_()
+    new_inp = new_leaf
+    if isinstance(inp, nn.utils.rnn.PackedSequence):
+        _, lengths = nn.utils.rnn.pad_packed_sequence(inp, batch_first=batch_first)
+        new_inp = nn.utils.rnn.pack_padded_sequence(
+            new_leaf, lengths, batch_first=batch_first, enforce_sorted=inp.sorted_indices is None)
+    new_hx = None if hx is None else tuple(t.detach().to(dtype).requires_grad_() for t in hx)
+    return new_inp, new_leaf, new_hx
+
+
+@PROFILE
+@given(
+    config=kernel_configs(),
+    layout=st.sampled_from(LAYOUTS),
+    seq_len=st.integers(1, 12),
+    batch=st.sampled_from([1, 2, 3, 5, 8, 15, 16, 17, 31, 33, 40]),
+    with_state=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    train=st.booleans(),
+    threads=st.sampled_from([1, 2]),
+    chosen=kernel_settings(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_kernel_variants_match_nn_lstm(config, layout, seq_len, batch, with_state, dtype, train,
+                                       threads, chosen, seed):
+    """Hidden sizes from 16, float32, bfloat16 and float16 models, training and inference, 1 or
+    2 threads, any of the CPU kernel settings changed: outputs (and in training every gradient)
+    within twice nn.LSTM's own distance in `dtype` to the float64 result on the same rounded
+    weights and inputs, plus the dtype's epsilon relative to the values; never NaN."""
+    from fused_lstm import backends
+
+    torch.manual_seed(seed)
+    torch_lstm, fused = lstm_pair(dtype=dtype, **config)
+    exact = nn.LSTM(dtype=torch.float64, **config)
+    exact.load_state_dict({k: v.double() for k, v in torch_lstm.state_dict().items()})
+    inp, leaf = make_input(fused, layout, seq_len=seq_len, batch=batch, dtype=dtype)
+    hx = make_state(fused, batch, dtype, unbatched=layout == "unbatched") if with_state else None
+    bf = config["batch_first"]
+
+    def results(module, module_dtype, upstream=None):
+        m_inp, m_leaf, m_hx = _as_dtype(inp, leaf, hx, module_dtype, bf)
+        module.train(train)
+        if train:
+            out, h_n, c_n, grads, upstream = run_and_grad(module, m_inp, m_leaf, m_hx,
+                                                          upstream=upstream)
+            return [out, h_n, c_n, *grads.values()], upstream
+        with torch.no_grad():
+            output, (h_n, c_n) = module(m_inp, m_hx) if m_hx is not None else module(m_inp)
+        return [output.data if isinstance(output, nn.utils.rnn.PackedSequence) else output,
+                h_n, c_n], None
+
+    def run_recording_warnings(module, upstream):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got, _ = results(module, dtype, upstream)
+        return got, {str(w.message) for w in caught}
+
+    # The upstream gradients drawn once, in float64, and rounded to `dtype` for the other two.
+    expected, up64 = results(exact, torch.float64)
+    upstream = None if up64 is None else tuple(u.to(dtype) for u in up64)
+    theirs, their_warnings = run_recording_warnings(torch_lstm, upstream)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with backends.cpu.flags(**chosen):
+            ours, our_warnings = run_recording_warnings(fused, upstream)
+    finally:
+        torch.set_num_threads(before)
+    assert our_warnings <= their_warnings, our_warnings - their_warnings
+    assert len(ours) == len(expected) == len(theirs)
+    for i, (o, e, t) in enumerate(zip(ours, expected, theirs)):
+        assert o.dtype == t.dtype and o.shape == t.shape, (i, o.dtype, o.shape, t.shape)
+        assert not torch.isnan(o).any(), i
+        if e.numel() == 0:
+            continue
+        scale = max(1.0, e.abs().max().item())
+        our_error = (o.double() - e).abs().max().item()
+        their_error = (t.double() - e).abs().max().item()
+        assert our_error <= 2 * their_error + KERNEL_FLOOR[dtype] * scale, \
+            (i, our_error, their_error)
