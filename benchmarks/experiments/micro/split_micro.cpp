@@ -214,3 +214,36 @@ extern "C" __attribute__((target("avx512f"))) double sm_fma_peak(int64_t iters, 
   }
   return best;
 }
+
+// One step's product g = a w (a [M, K], w in kPanel-column panels [K, kPanel] as above) on each
+// of `threads` std::threads (each its own a and w) through brgemm calls of at most mc rows and
+// kc of K at a time (kc < K: the later calls add to g), to see whether K in L1-sized blocks
+// (a panel's kc x kPanel floats) beats brgemm's own loop over K
+// (benchmarks/notes/float32-bound.md, "K in blocks; the layers on separate cores").
+// Returns the slowest thread's CPU ns per product (least over `trials` runs of `reps`).
+extern "C" double sm_k_blocks(int threads, int64_t M, int64_t N, int64_t K, int64_t kc,
+                              int64_t mc, int reps, int trials) {
+  std::vector<double> least(threads, 1e30);
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] {
+      std::vector<float> w(K * N), a(M * K), g(M * N);
+      for (int64_t i = 0; i < K * N; ++i) w[i] = float((i * 7919) % 13) * 0.01f - 0.06f;
+      for (int64_t i = 0; i < M * K; ++i) a[i] = float(i % 11) * 0.05f - 0.2f;
+      for (int trial = 0; trial < trials; ++trial) {
+        const double c0 = now(CLOCK_THREAD_CPUTIME_ID);
+        for (int rep = 0; rep < reps; ++rep)
+          for (int64_t n0 = 0; n0 < N; n0 += kPanel)
+            for (int64_t m0 = 0; m0 < M; m0 += mc)
+              for (int64_t k0 = 0; k0 < K; k0 += kc)
+                at::native::cpublas::brgemm(std::min(mc, M - m0), kPanel, std::min(kc, K - k0),
+                                            K, kPanel, N, k0 > 0, a.data() + m0 * K + k0,
+                                            w.data() + n0 * K + k0 * kPanel,
+                                            g.data() + m0 * N + n0, false);
+        least[t] = std::min(least[t], (now(CLOCK_THREAD_CPUTIME_ID) - c0) / reps);
+      }
+      at::native::cpublas::brgemm_release(false);
+    });
+  for (auto& p : pool) p.join();
+  return *std::max_element(least.begin(), least.end());
+}

@@ -27,6 +27,8 @@ def build():
     i64 = ctypes.c_int64
     so.sm_run.argtypes = [ctypes.c_int, i64, i64, i64, i64] + [ctypes.c_int] * 6 + [
         ctypes.c_void_p]
+    so.sm_k_blocks.restype = ctypes.c_double
+    so.sm_k_blocks.argtypes = [ctypes.c_int, i64, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int]
     return so
 
 
@@ -133,7 +135,45 @@ def xeon(rounds=4):
               + " us/step CPU; " + " ".join(f"{flop / c / 1e3:6.1f}" for c in v) + " GFLOP/s")
 
 
+def k_blocks(rounds=3):
+    """benchmarks/notes/float32-bound.md, "K in blocks; the layers on separate cores": the
+    steps' products through brgemm calls over all of K (as the op) against K in blocks of
+    kc (a panel's kc x 64 floats in L1) and at most mc rows per call, 1 and 2 threads (each its
+    own weights); then medium's step as the batch split runs it (16 rows, one weight copy for
+    both threads) against 32 rows with a weight copy per thread (one layer per core), products
+    alone and with the cell pass. Slowest thread's CPU us per product, least over rounds."""
+    so = build()
+    shapes = [("fastrnns, hidden split", 64, 1024, 512), ("fastrnns, batch split", 32, 2048, 512),
+              ("medium, batch split", 16, 1024, 256), ("medium, 32 rows", 32, 1024, 256)]
+    best = {}
+    for _ in range(rounds):
+        for name, M, N, K in shapes:
+            for threads in (1, 2):
+                for kc in (K, 256, 128, 64):
+                    for mc in sorted({M, 16, 8}, reverse=True):
+                        ns = so.sm_k_blocks(threads, M, N, K, kc, mc, 100, 7)
+                        key = (name, threads, kc, mc)
+                        best[key] = min(best.get(key, 1e30), ns)
+        for cell in (0, 1):
+            for name, rows, shared in (("medium 16 rows, shared weights", 16, 1),
+                                       ("medium 32 rows, own weights", 32, 0)):
+                cpu, _ = run(so, 2, rows, 1024, 0, 256, shared=shared, cell=cell)
+                best[(name, cell)] = min(best.get((name, cell), 1e30), max(cpu))
+    print(f"FMA peak {max(fma_peak(so) for _ in range(3)):.1f} GFLOP/s per core")
+    for key, us in best.items():
+        if len(key) == 4:
+            name, threads, kc, mc = key
+            M, N, K = {s[0]: s[1:] for s in shapes}[name]
+            print(f"{name:24s} {threads} thr kc={kc:3d} mc={mc:2d}: {us / 1e3:7.1f} us "
+                  f"{2 * M * N * K / us:6.1f} GFLOP/s")
+        else:
+            name, cell = key
+            rows = 32 if "32" in name else 16
+            print(f"{name:32s} cell={cell}: {us:7.1f} us/step, "
+                  f"{2 * rows * 1024 * 256 / us / 1e3:6.1f} GFLOP/s")
+
+
 if __name__ == "__main__":
     import sys
 
-    xeon() if sys.argv[1:] == ["xeon"] else main()
+    {"xeon": xeon, "k_blocks": k_blocks}.get(sys.argv[1] if sys.argv[1:] else "", main)()
