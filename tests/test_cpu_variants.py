@@ -487,9 +487,9 @@ def test_setting_switches_the_kernel(setting, case, key, bits_differ):
     assert all(a.equal(b) for a, b in zip(default, again))
 
 
-def _library_rates(plan):
-    """explain's library_rates: {class: (blas, onednn_matmul)} in GFLOP/s."""
-    text = plan["library_rates"].split(" (")[0]
+def _library_rates(plan, key="library_rates"):
+    """explain's library_rates (or `key`): {class: (blas, onednn_matmul)} in GFLOP/s."""
+    text = plan[key].split(" (")[0]
     rates = {}
     for part in text.split("; "):
         cls, _, blas, _, onednn = part.split()
@@ -538,6 +538,69 @@ def test_measured_rates_choose_library_and_fusion():
             assert "fused_step_rates.0" not in by_size
             assert by_size["input_projection.0"] == "brgemm, fused into the steps"
         check_against_nn_lstm(kwargs, 20, 32, F32, True, False)
+
+
+def test_products_on_every_thread_follow_the_rates_on_that_many_threads(two_threads):
+    """A large product outside the steps' parallel region (the unfused input projection, the
+    backward's weight and data products) runs on every thread, and goes to the library whose
+    rate measured on the process's thread count is the higher (explain's
+    library_rates_threads), not one thread's (library_rates): on the Intel Xeon the two ranked
+    differently from process to process (benchmarks/notes/float32-bound.md, "The library on
+    all threads"). One thread has no such line and follows one thread's rates (the test above)."""
+    kwargs = dict(input_size=128, hidden_size=256, num_layers=2)
+    module = FusedLSTM(dtype=F32, **kwargs)
+    x, _, _ = _inputs(module, 20, 32, False, F32)
+    with CPU.flags(allow_fused_input_projection=False):
+        plan = plan_of(module, x, None, True)
+    assert plan["library_rates_threads"].endswith("2 threads; measured in "
+                                                  + plan["library_rates_threads"].split()[-2]
+                                                  + " ms)")
+    rates = _library_rates(plan, "library_rates_threads")
+    assert set(rates) == {"A*B^T", "A^T*B", "A*B"}
+    assert all(blas > 0 for blas, _ in rates.values())
+
+    def check(cls, chosen):
+        blas, onednn = rates[cls]
+        if abs(blas - onednn) > 1:  # (rates are reported rounded: a near tie is not checked)
+            assert chosen == ("onednn_matmul" if FEATURES["onednn_matmul"] and onednn > blas
+                              else "blas"), (cls, chosen, plan)
+    check("A^T*B", plan["backward_weight_products"])
+    check("A*B", plan["backward_data_product"])
+    for layer in range(2):
+        check("A*B^T", plan[f"input_projection.{layer}"])
+    with num_threads(1):
+        assert "library_rates_threads" not in plan_of(module, x, None, True)
+    with CPU.flags(allow_fused_input_projection=False):
+        check_against_nn_lstm(kwargs, 20, 32, F32, True, False)
+
+
+@pytest.mark.skipif(not FEATURES["onednn_matmul"], reason="oneDNN's matmul is not available")
+def test_products_on_every_thread_take_the_library_recorded_faster(two_threads):
+    """The same rule, each way, from rates recorded by the test hook for 2 threads (whatever
+    this machine measures): every class to oneDNN's matmul, then every class to the BLAS, then
+    one class each way; one thread's rates no longer decide those products."""
+    kwargs = dict(input_size=128, hidden_size=256, num_layers=2)
+    module = FusedLSTM(dtype=F32, **kwargs)
+    x, _, _ = _inputs(module, 20, 32, False, F32)
+    record = torch.ops.fused_lstm._library_rates_record
+    try:
+        for blas, onednn in (([100.0] * 3, [200.0] * 3), ([200.0] * 3, [100.0] * 3),
+                             ([100.0, 200.0, 100.0], [200.0, 100.0, 200.0])):
+            record(2, blas, onednn)
+            with CPU.flags(allow_fused_input_projection=False):
+                plan = plan_of(module, x, None, True)
+            assert plan["library_rates_threads"].startswith(
+                f"A*B^T blas {int(blas[0])} onednn_matmul {int(onednn[0])}")
+
+            def faster(cls):
+                return "onednn_matmul" if onednn[cls] > blas[cls] else "blas"
+            assert plan["input_projection.0"] == plan["input_projection.1"] == faster(0), plan
+            assert plan["backward_weight_products"] == faster(1), plan
+            assert plan["backward_data_product"] == faster(2), plan
+            with CPU.flags(allow_fused_input_projection=False):
+                check_against_nn_lstm(kwargs, 20, 32, F32, True, False)
+    finally:
+        torch.ops.fused_lstm._library_rates_forget()
 
 
 def test_flags_restore_every_setting_even_after_an_error():

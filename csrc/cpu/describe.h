@@ -50,9 +50,12 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
       p.inference           ? std::min(projection_chunk_steps(s), s.seq_len) * s.batch
       : !s.gates_in_reserve ? std::min(training_chunk_steps(s), s.seq_len) * s.batch
                             : s.rows;
-  auto library = [&](bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k) {
+  // in_region: the product runs inside the batch slices' parallel region (a step's products)
+  // rather than on every thread (the backward's weight and data products).
+  auto library = [&](bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
+                     bool in_region) {
     return std::string(library_name(gemm_library(trans_a, trans_b, m, n, k, p.is_float,
-                                                 slices > 1, p.settings.gemm_library,
+                                                 in_region, p.settings.gemm_library,
                                                  p.settings.small_products)));
   };
   std::ostringstream o;
@@ -99,11 +102,11 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
   else if (p.amx_products) recurrent = "amx_brgemm";
   else if (p.bf16_products) recurrent = "bf16_gemm";
   else if (p.brgemm_steps) recurrent = "brgemm";
-  else recurrent = library(false, true, slice_rows, G, out);
+  else recurrent = library(false, true, slice_rows, G, out, slices > 1);
   o << "recurrent_product=" << recurrent << "\n";
   if (s.proj_size > 0)
     o << "projection=" << (p.variant == Variant::kSmallHidden ? "small-hidden product (inline)"
-                                                               : library(false, true, slice_rows, out, H))
+                                                               : library(false, true, slice_rows, out, H, slices > 1))
       << "\n";
   o << "keep_16bit=" << (p.keep_16bit ? "true" : "false") << "\n";
   if (p.inference) o << "output_16bit=" << (p.output_16bit ? "true" : "false") << "\n";
@@ -117,7 +120,7 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
     else if (p.bf16_products) dh = "bf16_gemm";
     else if (p.backward_few_rows) dh = "few_rows (weights as stored)";
     else if (p.brgemm_dh) dh = "brgemm";
-    else dh = library(false, false, slice_rows, out, G);
+    else dh = library(false, false, slice_rows, out, G, slices > 1);
     o << "backward_dh_product=" << dh << "\n";
     // Every layer's products, by size (the small ones and the rest may go to different
     // libraries): the libraries that run them, in the order of first use, comma-separated.
@@ -132,17 +135,17 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
       for (int64_t l = 0; l < s.num_layers; ++l) {
         const int64_t in = s.layer_input_size(l);
         if (weights) {
-          add(library(true, false, G, in, s.rows));
+          add(library(true, false, G, in, s.rows, false));
           // dW_hh over h_{t-1}'s segments (backward_products.h h_prev_rows): in place where every step
           // has every row (h0's rows, then the layer output's), else gathered (one product)
           if (every_step_full(s)) {
-            add(library(true, false, G, out, s.batch));
-            if (s.rows > s.batch) add(library(true, false, G, out, s.rows - s.batch));
+            add(library(true, false, G, out, s.batch, false));
+            if (s.rows > s.batch) add(library(true, false, G, out, s.rows - s.batch, false));
           } else {
-            add(library(true, false, G, out, s.rows));
+            add(library(true, false, G, out, s.rows, false));
           }
         } else {
-          add(library(false, false, s.rows, in, G));
+          add(library(false, false, s.rows, in, G, false));
         }
       }
       return names;
@@ -180,6 +183,17 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
         o << (c ? "; " : "") << gemm_class_name(GemmClass(c)) << " blas "
           << int(r.blas[c] + 0.5) << " onednn_matmul " << int(r.onednn[c] + 0.5);
       o << " (GFLOP/s, one thread; measured in " << int(r.probe_ms + 0.5) << " ms)\n";
+    }
+    // What decides a large product outside a parallel region (plan.h deciding_library_rates).
+    const int64_t threads = at::get_num_threads();
+    const LibraryRates& t = library_rates_on_threads(threads, cpu_features().onednn_matmul);
+    if (t.measured) {
+      o << "library_rates_threads=";
+      for (int c = 0; c < kGemmClasses; ++c)
+        o << (c ? "; " : "") << gemm_class_name(GemmClass(c)) << " blas "
+          << int(t.blas[c] + 0.5) << " onednn_matmul " << int(t.onednn[c] + 0.5);
+      o << " (GFLOP/s, " << threads << " threads; measured in " << int(t.probe_ms + 0.5)
+        << " ms)\n";
     }
     if (p.brgemm_steps && p.settings.fuse_by_rates && p.settings.fused_input_projection) {
       for (int64_t l = 0; l < s.num_layers; ++l) {

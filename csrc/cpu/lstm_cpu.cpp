@@ -470,6 +470,32 @@ at::Tensor small_gemm_op(const at::Tensor& a, bool trans_a, const at::Tensor& b,
   return out;
 }
 
+// Test hooks of the libraries' rates on several threads (tests/test_cpu_variants.py):
+// _library_rates_record stores rates for a thread count as if measured (GFLOP/s per class:
+// A*B^T, A^T*B, A*B); _library_rates_forget empties the table (the next need measures again).
+// (Forgetting frees entries a call in flight may be reading: for tests between calls only.)
+void library_rates_record_op(int64_t threads, c10::ArrayRef<double> blas,
+                             c10::ArrayRef<double> onednn) {
+  TORCH_CHECK_VALUE(threads > 1 && blas.size() == kGemmClasses &&
+                        onednn.size() == kGemmClasses,
+                    "fused_lstm::_library_rates_record: threads > 1 and 3 rates each");
+  LibraryRates r;
+  for (int c = 0; c < kGemmClasses; ++c) {
+    r.blas[c] = blas[c];
+    r.onednn[c] = onednn[c];
+  }
+  r.measured = true;
+  ThreadsRatesTable& table = threads_rates_table();
+  std::lock_guard<std::mutex> lock(table.mutex);
+  table.rates[threads] = r;
+}
+
+void library_rates_forget_op() {
+  ThreadsRatesTable& table = threads_rates_table();
+  std::lock_guard<std::mutex> lock(table.mutex);
+  table.rates.clear();
+}
+
 void floor_forget_op() {
   FloorTable& table = floor_table();
   std::lock_guard<std::mutex> lock(table.mutex);
@@ -488,6 +514,9 @@ TORCH_LIBRARY_FRAGMENT(fused_lstm, m) {
         "float aten_ms, float other_split_ms=-1, float other_fusion_ms=-1) -> ()",
         &floor_record_op);
   m.def("_floor_forget() -> ()", &floor_forget_op);
+  m.def("_library_rates_record(int threads, float[] blas, float[] onednn) -> ()",
+        &library_rates_record_op);
+  m.def("_library_rates_forget() -> ()", &library_rates_forget_op);
   m.def("_hidden_split_chunks() -> int", &hidden_split_chunks_op);
   m.def("_fused_projection_layers() -> int", &fused_projection_layers_op);
   m.def("_set_isa_level_cap(int level) -> int", &set_isa_level_cap_op);

@@ -227,9 +227,21 @@ inline const LibraryRates& library_rates() {
   return r;
 }
 
+// The measured rates a large product of class `c` is decided by: outside a parallel region
+// (where it runs on every thread) those measured on the process's thread count, else (inside
+// one, or on one thread) one thread's.
+inline const LibraryRates& deciding_library_rates(bool in_region) {
+  const int64_t threads = at::get_num_threads();
+  if (!in_region && threads > 1) {
+    const LibraryRates& r = library_rates_on_threads(threads, cpu_features().onednn_matmul);
+    if (r.measured) return r;
+  }
+  return library_rates();
+}
+
 // Whether the measured rates send a large product of class `c` to oneDNN's matmul.
-inline bool onednn_measured_faster(GemmClass c) {
-  const LibraryRates& r = library_rates();
+inline bool onednn_measured_faster(GemmClass c, bool in_region) {
+  const LibraryRates& r = deciding_library_rates(in_region);
   return r.measured && r.onednn[int(c)] > r.blas[int(c)];
 }
 // Products of at most kColumnSplitMaxRows rows whose matrix has kColumnSplitMinWork elements or
@@ -473,7 +485,7 @@ GemmLibrary gemm_library(bool trans_a, bool trans_b, int64_t m, int64_t n, int64
   if (library_setting == 0 && (m == 1 || n == 1) && m * n * k <= kSmallProductWork)
     return GemmLibrary::kInlineGemv;
   if (onednn && library_setting == 0 && m * n * k >= kOneDnnMinWork &&
-      onednn_measured_faster(gemm_class(trans_a, trans_b)))
+      onednn_measured_faster(gemm_class(trans_a, trans_b), in_region))
     return GemmLibrary::kOneDnn;
   // A product of a few rows (streaming inference: one sequence, one step) is bound by reading
   // the matrix, and BLAS runs it on one thread: split its columns over the threads instead.

@@ -25,6 +25,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace fused_lstm {
@@ -107,10 +108,14 @@ struct LibraryRates {
   double probe_ms = 0;  // what measuring took (wall)
 };
 
-inline LibraryRates measure_library_rates(bool onednn_available) {
-  LibraryRates r;
-  if (sgemm_ == nullptr) return r;
-  const int64_t M = kRateProbeM, N = kRateProbeN, K = kRateProbeK;
+// The least time of `rounds` interleaved runs each of the BLAS's and oneDNN's matmul on a
+// product of class `cls`, C[M, N] = A[M, K] B[K, N] (as transposed for the class), after one
+// untimed run each (a library's first call of a shape creates its kernel); time_of(f) times
+// one run. oneDNN's is 1e30 where it is not available.
+template <typename Time>
+std::pair<double, double> time_libraries(int cls, int64_t M, int64_t N, int64_t K,
+                                         bool onednn_available, int rounds,
+                                         const Time& time_of) {
   const auto opts = at::TensorOptions().dtype(at::kFloat);
   // Operands of small integers: exact in any summation order, no denormals.
   std::vector<float> a(M * K), b(K * N), cbuf(M * N);
@@ -120,29 +125,40 @@ inline LibraryRates measure_library_rates(bool onednn_available) {
   const float* B = b.data();
   float* C = cbuf.data();
   const at::Tensor c = at::from_blob(C, {M, N}, opts);
+  const bool ta = cls == int(GemmClass::kTN), tb = cls == int(GemmClass::kNT);
+  auto blas = [&] {
+    fortran_gemm<float>(tb ? 'T' : 'N', ta ? 'T' : 'N', N, M, K, 1.0f, B, tb ? K : N, A,
+                        ta ? M : K, 0.0f, C, N);
+  };
+  auto view = [&](const float* p, int64_t rows, int64_t cols, bool trans) {
+    at::Tensor t = at::from_blob(const_cast<float*>(p), {trans ? cols : rows,
+                                 trans ? rows : cols}, opts);
+    return trans ? t.t() : t;
+  };
+  const at::Tensor av = view(A, M, K, ta), bv = view(B, K, N, tb);
+  auto onednn = [&] { at::native::mkldnn_matmul(av, bv, c, 0.0f, 1.0f); };
+  blas();
+  if (onednn_available) onednn();
+  double t_blas = 1e30, t_onednn = 1e30;
+  for (int round = 0; round < rounds; ++round) {  // interleaved, so a slow moment hits both
+    t_blas = std::min(t_blas, time_of(blas));
+    if (onednn_available) t_onednn = std::min(t_onednn, time_of(onednn));
+  }
+  return {t_blas, t_onednn};
+}
+
+inline LibraryRates measure_library_rates(bool onednn_available) {
+  LibraryRates r;
+  if (sgemm_ == nullptr) return r;
+  const int64_t M = kRateProbeM, N = kRateProbeN, K = kRateProbeK;
   const double flop = 2.0 * M * N * K;
   const auto t0 = std::chrono::steady_clock::now();
   on_one_thread_in_region([&] {
     for (int cls = 0; cls < kGemmClasses; ++cls) {
-      const bool ta = cls == int(GemmClass::kTN), tb = cls == int(GemmClass::kNT);
-      auto blas = [&] {
-        fortran_gemm<float>(tb ? 'T' : 'N', ta ? 'T' : 'N', N, M, K, 1.0f, B, tb ? K : N, A,
-                            ta ? M : K, 0.0f, C, N);
-      };
-      auto view = [&](const float* p, int64_t rows, int64_t cols, bool trans) {
-        at::Tensor t = at::from_blob(const_cast<float*>(p), {trans ? cols : rows,
-                                     trans ? rows : cols}, opts);
-        return trans ? t.t() : t;
-      };
-      const at::Tensor av = view(A, M, K, ta), bv = view(B, K, N, tb);
-      auto onednn = [&] { at::native::mkldnn_matmul(av, bv, c, 0.0f, 1.0f); };
-      blas();  // not counted: the libraries' first call of a shape creates their kernel
-      if (onednn_available) onednn();
-      double t_blas = 1e30, t_onednn = 1e30;
-      for (int round = 0; round < 2; ++round) {  // interleaved, so a slow moment hits both
-        t_blas = std::min(t_blas, cpu_seconds(blas));
-        if (onednn_available) t_onednn = std::min(t_onednn, cpu_seconds(onednn));
-      }
+      const auto [t_blas, t_onednn] =
+          time_libraries(cls, M, N, K, onednn_available, 2, [](const auto& f) {
+            return cpu_seconds(f);
+          });
       r.blas[cls] = flop / t_blas * 1e-9;
       r.onednn[cls] = onednn_available ? flop / t_onednn * 1e-9 : 0.0;
     }
@@ -151,6 +167,61 @@ inline LibraryRates measure_library_rates(bool onednn_available) {
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   r.measured = true;
   return r;
+}
+
+// ---- The libraries on the process's threads ----
+// A large product outside a parallel region (the unfused input projection, training's weight
+// and data gradients) runs on every thread, and there the libraries need not rank as one
+// thread's do: on the Intel Xeon (Sapphire Rapids class, 2 threads) one thread's MKL and oneDNN
+// measured within a few per cent at 256^3 (214 against 202 GFLOP/s; either ahead from process
+// to process), while on both threads at medium's projection shape MKL ran 331-348 GFLOP/s
+// against oneDNN's 288-294, and the processes whose one-thread probe picked oneDNN ran medium
+// float32 inference at 1.11-1.12x of nn.LSTM against 1.15x with MKL
+// (benchmarks/notes/float32-bound.md, "The library on all threads"). Measured per class on a
+// product of this size (2^27 multiply-adds, ~1 ms on 2 threads), wall time (the other threads'
+// work counts), the least of 3 interleaved runs; once per thread count and process.
+constexpr int64_t kThreadsProbeM = 512, kThreadsProbeN = 1024, kThreadsProbeK = 256;
+
+// Rates on `threads` threads (measured false where not measured: the BLAS is missing, one
+// thread, or asked inside a parallel region, where the products run on one thread).
+// By thread count (lstm_cpu.cpp's test hooks record and forget entries).
+struct ThreadsRatesTable {
+  std::mutex mutex;
+  std::map<int64_t, LibraryRates> rates;
+};
+inline ThreadsRatesTable& threads_rates_table() {
+  static ThreadsRatesTable table;
+  return table;
+}
+
+inline const LibraryRates& library_rates_on_threads(int64_t threads, bool onednn_available) {
+  static const LibraryRates none;
+  if (sgemm_ == nullptr || threads <= 1 || at::in_parallel_region()) return none;
+  ThreadsRatesTable& table = threads_rates_table();
+  {
+    std::lock_guard<std::mutex> lock(table.mutex);
+    const auto it = table.rates.find(threads);
+    if (it != table.rates.end()) return it->second;
+  }
+  LibraryRates r;
+  const int64_t M = kThreadsProbeM, N = kThreadsProbeN, K = kThreadsProbeK;
+  const double flop = 2.0 * M * N * K;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int cls = 0; cls < kGemmClasses; ++cls) {
+    const auto [t_blas, t_onednn] =
+        time_libraries(cls, M, N, K, onednn_available, 3, [](const auto& f) {
+          const auto start = std::chrono::steady_clock::now();
+          f();
+          return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        });
+    r.blas[cls] = flop / t_blas * 1e-9;
+    r.onednn[cls] = onednn_available ? flop / t_onednn * 1e-9 : 0.0;
+  }
+  r.probe_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  r.measured = true;
+  std::lock_guard<std::mutex> lock(table.mutex);
+  return table.rates.emplace(threads, r).first->second;  // (a thread that measured first wins)
 }
 
 // One probe per (rows, k, n) and process, kept; the probe runs outside the lock.
