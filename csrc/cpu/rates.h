@@ -7,11 +7,12 @@
 // FMA width needs twice the bandwidth): benchmarks/notes/float32-bound.md, "Intel Xeon: where
 // the time goes".
 //
-// Every rate is one thread's, timed by that thread's CPU time (CLOCK_THREAD_CPUTIME_ID), the
-// minimum of a few runs: a shared machine delays a thread, which wall time would count, but
+// Every rate but one is one thread's, timed by that thread's CPU time (CLOCK_THREAD_CPUTIME_ID),
+// the minimum of a few runs: a shared machine delays a thread, which wall time would count, but
 // does not make its instructions slower. The libraries run single-threaded inside a parallel
 // region (MKL and oneDNN then do not start threads of their own), so what is compared is their
-// kernels.
+// kernels. The exception: the libraries' rates on the process's thread count
+// (library_rates_on_threads), for the products that run on every thread, timed by wall time.
 // Part of the one translation unit lstm_cpu.cpp.
 #pragma once
 
