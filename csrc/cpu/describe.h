@@ -105,8 +105,9 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
   else recurrent = library(false, true, slice_rows, G, out, slices > 1);
   o << "recurrent_product=" << recurrent << "\n";
   if (s.proj_size > 0)
-    o << "projection=" << (p.variant == Variant::kSmallHidden ? "small-hidden product (inline)"
-                                                               : library(false, true, slice_rows, out, H, slices > 1))
+    o << "projection="
+      << (p.variant == Variant::kSmallHidden ? "small-hidden product (inline)"
+                                             : library(false, true, slice_rows, out, H, slices > 1))
       << "\n";
   o << "keep_16bit=" << (p.keep_16bit ? "true" : "false") << "\n";
   if (p.inference) o << "output_16bit=" << (p.output_16bit ? "true" : "false") << "\n";
@@ -176,25 +177,20 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
     << " allow_small_products:" << p.settings.small_products << "\n";
   // The measured rates behind the choices (rates.h), where they were measured for this call.
   if (p.is_float && p.variant == Variant::kRowWise) {
-    const LibraryRates& r = library_rates();
-    if (r.measured) {
-      o << "library_rates=";
+    auto rates_line = [&](const char* key, const LibraryRates& r, const std::string& on) {
+      if (!r.measured) return;
+      o << key << "=";
       for (int c = 0; c < kGemmClasses; ++c)
         o << (c ? "; " : "") << gemm_class_name(GemmClass(c)) << " blas "
           << int(r.blas[c] + 0.5) << " onednn_matmul " << int(r.onednn[c] + 0.5);
-      o << " (GFLOP/s, one thread; measured in " << int(r.probe_ms + 0.5) << " ms)\n";
-    }
+      o << " (GFLOP/s, " << on << "; measured in " << int(r.probe_ms + 0.5) << " ms)\n";
+    };
+    rates_line("library_rates", library_rates(), "one thread");
     // What decides a large product outside a parallel region (plan.h deciding_library_rates).
     const int64_t threads = at::get_num_threads();
-    const LibraryRates& t = library_rates_on_threads(threads, cpu_features().onednn_matmul);
-    if (t.measured) {
-      o << "library_rates_threads=";
-      for (int c = 0; c < kGemmClasses; ++c)
-        o << (c ? "; " : "") << gemm_class_name(GemmClass(c)) << " blas "
-          << int(t.blas[c] + 0.5) << " onednn_matmul " << int(t.onednn[c] + 0.5);
-      o << " (GFLOP/s, " << threads << " threads; measured in " << int(t.probe_ms + 0.5)
-        << " ms)\n";
-    }
+    rates_line("library_rates_threads",
+               library_rates_on_threads(threads, cpu_features().onednn_matmul),
+               std::to_string(threads) + " threads");
     if (p.brgemm_steps && p.settings.fuse_by_rates && p.settings.fused_input_projection) {
       for (int64_t l = 0; l < s.num_layers; ++l) {
         const FusedStepRates f = fused_step_rates(s, l, fused_slice_rows(s));

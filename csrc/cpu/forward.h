@@ -242,7 +242,8 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
         const int64_t row0 = block.row0, rows = block.rows;
         if (tiny) {
           if (first == 0) {
-            tiny_transpose(hx ? hx + ld * s.batch * out : nullptr, out, s.batch, out, tb.hT, s.batch);
+            tiny_transpose(hx ? hx + ld * s.batch * out : nullptr, out, s.batch, out, tb.hT,
+                           s.batch);
             tiny_transpose(cx ? cx + ld * s.batch * H : nullptr, H, s.batch, H, tb.cT, s.batch);
           }
           tb.ld_g = rows;

@@ -148,25 +148,32 @@ std::pair<double, double> time_libraries(int cls, int64_t M, int64_t N, int64_t 
   return {t_blas, t_onednn};
 }
 
-inline LibraryRates measure_library_rates(bool onednn_available) {
+// Every class's rates from time_libraries on M x N x K, with what measuring took (wall).
+template <typename Time>
+LibraryRates library_rates_of(int64_t M, int64_t N, int64_t K, bool onednn_available,
+                              int rounds, const Time& time_of) {
   LibraryRates r;
-  if (sgemm_ == nullptr) return r;
-  const int64_t M = kRateProbeM, N = kRateProbeN, K = kRateProbeK;
   const double flop = 2.0 * M * N * K;
   const auto t0 = std::chrono::steady_clock::now();
-  on_one_thread_in_region([&] {
-    for (int cls = 0; cls < kGemmClasses; ++cls) {
-      const auto [t_blas, t_onednn] =
-          time_libraries(cls, M, N, K, onednn_available, 2, [](const auto& f) {
-            return cpu_seconds(f);
-          });
-      r.blas[cls] = flop / t_blas * 1e-9;
-      r.onednn[cls] = onednn_available ? flop / t_onednn * 1e-9 : 0.0;
-    }
-  });
+  for (int cls = 0; cls < kGemmClasses; ++cls) {
+    const auto [t_blas, t_onednn] =
+        time_libraries(cls, M, N, K, onednn_available, rounds, time_of);
+    r.blas[cls] = flop / t_blas * 1e-9;
+    r.onednn[cls] = onednn_available ? flop / t_onednn * 1e-9 : 0.0;
+  }
   r.probe_ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   r.measured = true;
+  return r;
+}
+
+inline LibraryRates measure_library_rates(bool onednn_available) {
+  LibraryRates r;
+  if (sgemm_ == nullptr) return r;
+  on_one_thread_in_region([&] {
+    r = library_rates_of(kRateProbeM, kRateProbeN, kRateProbeK, onednn_available, 2,
+                         [](const auto& f) { return cpu_seconds(f); });
+  });
   return r;
 }
 
@@ -183,9 +190,7 @@ inline LibraryRates measure_library_rates(bool onednn_available) {
 // work counts), the least of 3 interleaved runs; once per thread count and process.
 constexpr int64_t kThreadsProbeM = 512, kThreadsProbeN = 1024, kThreadsProbeK = 256;
 
-// Rates on `threads` threads (measured false where not measured: the BLAS is missing, one
-// thread, or asked inside a parallel region, where the products run on one thread).
-// By thread count (lstm_cpu.cpp's test hooks record and forget entries).
+// The rates by thread count (lstm_cpu.cpp's test hooks record and forget entries).
 struct ThreadsRatesTable {
   std::mutex mutex;
   std::map<int64_t, LibraryRates> rates;
@@ -195,6 +200,8 @@ inline ThreadsRatesTable& threads_rates_table() {
   return table;
 }
 
+// Rates on `threads` threads (measured false where not measured: the BLAS is missing, one
+// thread, or asked inside a parallel region, where the products run on one thread).
 inline const LibraryRates& library_rates_on_threads(int64_t threads, bool onednn_available) {
   static const LibraryRates none;
   if (sgemm_ == nullptr || threads <= 1 || at::in_parallel_region()) return none;
@@ -204,23 +211,12 @@ inline const LibraryRates& library_rates_on_threads(int64_t threads, bool onednn
     const auto it = table.rates.find(threads);
     if (it != table.rates.end()) return it->second;
   }
-  LibraryRates r;
-  const int64_t M = kThreadsProbeM, N = kThreadsProbeN, K = kThreadsProbeK;
-  const double flop = 2.0 * M * N * K;
-  const auto t0 = std::chrono::steady_clock::now();
-  for (int cls = 0; cls < kGemmClasses; ++cls) {
-    const auto [t_blas, t_onednn] =
-        time_libraries(cls, M, N, K, onednn_available, 3, [](const auto& f) {
-          const auto start = std::chrono::steady_clock::now();
-          f();
-          return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-        });
-    r.blas[cls] = flop / t_blas * 1e-9;
-    r.onednn[cls] = onednn_available ? flop / t_onednn * 1e-9 : 0.0;
-  }
-  r.probe_ms =
-      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-  r.measured = true;
+  const LibraryRates r = library_rates_of(
+      kThreadsProbeM, kThreadsProbeN, kThreadsProbeK, onednn_available, 3, [](const auto& f) {
+        const auto start = std::chrono::steady_clock::now();
+        f();
+        return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      });
   std::lock_guard<std::mutex> lock(table.mutex);
   return table.rates.emplace(threads, r).first->second;  // (a thread that measured first wins)
 }

@@ -57,7 +57,8 @@ __attribute__((target("avx512f"))) inline bool transpose_narrow16(
 // transpose() for the batch-fastest layout's per-step copies (gates, cells, states, dgates: a
 // few hundred to a few thousand floats, many times per call): float blocks through
 // transpose_block's 8 x 8 register transposes (weights.h), narrow ones through
-// transpose_narrow16 above, not one element at a time. A pure copy, so the same bits. Measured at seed-tiny (callgrind, one thread, AVX2 clone): the
+// transpose_narrow16 above, not one element at a time. A pure copy, so the same bits.
+// Measured at seed-tiny (callgrind, one thread, AVX2 clone): the
 // element-wise copies were ~260k of a training call's ~1.0M instructions
 // (benchmarks/notes/python-overhead.md, "Training at the tutorial sizes: where the time goes").
 template <typename T>
