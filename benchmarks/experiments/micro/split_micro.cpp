@@ -247,3 +247,146 @@ extern "C" double sm_k_blocks(int threads, int64_t M, int64_t N, int64_t K, int6
   for (auto& p : pool) p.join();
   return *std::max_element(least.begin(), least.end());
 }
+
+// A two-layer LSTM inference call (T steps, B rows, input I, hidden H, h0 = c0 = 0) on two
+// std::threads, every product through brgemm on kPanel-column panels
+// (benchmarks/notes/float32-bound.md, "One layer per core, measured as a whole call"):
+//   mode 0, the batch split: each thread B/2 rows through both layers (a layer's projection as
+//     products of 32 rows over its rows, then its steps; a barrier between the layers);
+//   mode 1, one layer per thread: thread 0 runs layer 0's steps with the projection fused
+//     ([x_t | h_{t-1}], K = I + H), then columns [0, H) of layer 1's projection of that step,
+//     and publishes the step; thread 1, a step behind, the other 3H columns of layer 1's
+//     projection and layer 1's recurrent product. Both threads do the same multiply-adds.
+// cell = 0 skips the cell pass (products alone; the output is then meaningless).
+// out[0, trials): the wall ns of each call; out[trials + t]: thread t's CPU ns in the last.
+// y: layer 1's output of the last call (T * B * H floats), to compare the two modes.
+namespace {
+std::vector<float> layers_panels(const std::vector<float>& a, int64_t ka,
+                                 const std::vector<float>& b, int64_t kb, int64_t n) {
+  // W^T in panels of kPanel columns, [a; b] stacked along K (W as PyTorch stores it, [n][k])
+  const int64_t k_total = ka + kb;
+  std::vector<float> p(n * k_total);
+  for (int64_t n0 = 0; n0 < n; n0 += kPanel)
+    for (int64_t k = 0; k < k_total; ++k)
+      for (int64_t j = 0; j < kPanel; ++j)
+        p[n0 * k_total + k * kPanel + j] =
+            k < ka ? a[(n0 + j) * ka + k] : b[(n0 + j) * kb + k - ka];
+  return p;
+}
+}  // namespace
+
+extern "C" int sm_layers(int mode, int64_t T, int64_t B, int64_t I, int64_t H, int cell,
+                         int trials, double* out, float* y) {
+  const int64_t G = 4 * H, bs = B / 2;
+  auto fill = [](int64_t n, uint32_t s) {
+    std::vector<float> v(n);
+    for (auto& e : v) {
+      s = s * 1664525u + 1013904223u;
+      e = (float((s >> 8) & 0xffff) / 65536.0f - 0.5f) * 0.25f;
+    }
+    return v;
+  };
+  const auto x = fill(T * B * I, 1), w_ih0 = fill(G * I, 2), w_hh0 = fill(G * H, 3),
+             w_ih1 = fill(G * H, 4), w_hh1 = fill(G * H, 5), b0 = fill(G, 6), b1 = fill(G, 7);
+  const std::vector<float> none;
+  const auto p_ih0 = layers_panels(w_ih0, I, none, 0, G), p_hh0 = layers_panels(w_hh0, H, none, 0, G),
+             p_ih1 = layers_panels(w_ih1, H, none, 0, G), p_hh1 = layers_panels(w_hh1, H, none, 0, G),
+             p_fused0 = layers_panels(w_ih0, I, w_hh0, H, G);
+  std::vector<float> y0(T * B * H), y1(T * B * H), p1(T * B * H);
+  std::vector<float> proj[2], rows_in[2];
+  for (int t = 0; t < 2; ++t) {
+    proj[t].assign(T * bs * G, 0.f);
+    rows_in[t].assign(T * bs * std::max(I, H), 0.f);
+  }
+  auto cell_rows = [&](int64_t rows, float* g, float* c, float* h) {
+    if (!cell) return;
+    for (int64_t r = 0; r < rows; ++r) {
+      float* gr = g + r * G;
+      cell_block(H, gr, gr + H, gr + 2 * H, gr + 3 * H, c + r * H, h + r * H);
+    }
+  };
+  std::atomic<int64_t> ready{0};
+  Barrier bar;
+  bar.n = 2;
+  for (int trial = 0; trial < trials; ++trial) {
+    ready.store(0);
+    double start = 0, end[2] = {0, 0};
+    std::vector<std::thread> pool;
+    for (int th = 0; th < 2; ++th)
+      pool.emplace_back([&, th] {
+        int local = 0;
+        local = bar.arrive(local);
+        bar.wait(local);
+        const double w0 = now(CLOCK_MONOTONIC), c0 = now(CLOCK_THREAD_CPUTIME_ID);
+        if (th == 0) start = w0;
+        std::vector<float> g(B * G), h(B * H, 0.f), c(B * H, 0.f), xh(B * (I + H));
+        if (mode == 0) {
+          const int64_t r0 = th * bs;
+          for (int layer = 0; layer < 2; ++layer) {
+            const int64_t K = layer ? H : I;
+            const float* src = layer ? y0.data() : x.data();
+            float* in = rows_in[th].data();
+            float* P = proj[th].data();
+            for (int64_t t = 0; t < T; ++t)
+              std::memcpy(in + t * bs * K, src + (t * B + r0) * K, 4 * bs * K);
+            for (int64_t r = 0; r < T * bs; ++r)
+              std::memcpy(P + r * G, (layer ? b1 : b0).data(), 4 * G);
+            for (int64_t m0 = 0; m0 < T * bs; m0 += 32)
+              packed_product(true, std::min<int64_t>(32, T * bs - m0), G, K, in + m0 * K, K,
+                             (layer ? p_ih1 : p_ih0).data(), K, 0, P + m0 * G, G);
+            std::fill(h.begin(), h.end(), 0.f);
+            std::fill(c.begin(), c.end(), 0.f);
+            float* out_l = layer ? y1.data() : y0.data();
+            for (int64_t t = 0; t < T; ++t) {
+              float* gt = P + t * bs * G;
+              packed_product(true, bs, G, H, h.data(), H, (layer ? p_hh1 : p_hh0).data(), H, 0,
+                             gt, G);
+              cell_rows(bs, gt, c.data(), h.data());
+              for (int64_t r = 0; r < bs; ++r)
+                std::memcpy(out_l + (t * B + r0 + r) * H, h.data() + r * H, 4 * H);
+            }
+            local = bar.arrive(local);  // layer 1 reads every row of layer 0's output
+            bar.wait(local);
+          }
+        } else if (th == 0) {
+          for (int64_t t = 0; t < T; ++t) {
+            for (int64_t r = 0; r < B; ++r) {
+              std::memcpy(xh.data() + r * (I + H), x.data() + (t * B + r) * I, 4 * I);
+              std::memcpy(xh.data() + r * (I + H) + I, h.data() + r * H, 4 * H);
+              std::memcpy(g.data() + r * G, b0.data(), 4 * G);
+            }
+            packed_product(true, B, G, I + H, xh.data(), I + H, p_fused0.data(), I + H, 0,
+                           g.data(), G);
+            cell_rows(B, g.data(), c.data(), h.data());
+            float* yt = y0.data() + t * B * H;
+            std::memcpy(yt, h.data(), 4 * B * H);
+            float* pt = p1.data() + t * B * H;
+            for (int64_t r = 0; r < B; ++r) std::memcpy(pt + r * H, b1.data(), 4 * H);
+            packed_product(true, B, H, H, yt, H, p_ih1.data(), H, 0, pt, H);
+            ready.store(t + 1, std::memory_order_release);
+          }
+        } else {
+          for (int64_t t = 0; t < T; ++t) {
+            while (ready.load(std::memory_order_acquire) <= t) _mm_pause();
+            const float* pt = p1.data() + t * B * H;
+            for (int64_t r = 0; r < B; ++r) {
+              std::memcpy(g.data() + r * G, pt + r * H, 4 * H);
+              std::memcpy(g.data() + r * G + H, b1.data() + H, 4 * (G - H));
+            }
+            const float* yt = y0.data() + t * B * H;
+            packed_product(true, B, G - H, H, yt, H, p_ih1.data() + H * H, H, 0, g.data() + H, G);
+            packed_product(true, B, G, H, h.data(), H, p_hh1.data(), H, 0, g.data(), G);
+            cell_rows(B, g.data(), c.data(), h.data());
+            std::memcpy(y1.data() + t * B * H, h.data(), 4 * B * H);
+          }
+        }
+        end[th] = now(CLOCK_MONOTONIC);
+        out[trials + th] = now(CLOCK_THREAD_CPUTIME_ID) - c0;
+        at::native::cpublas::brgemm_release(false);
+      });
+    for (auto& p : pool) p.join();
+    out[trial] = std::max(end[0], end[1]) - start;
+  }
+  std::memcpy(y, y1.data(), 4 * T * B * H);
+  return 0;
+}

@@ -6,6 +6,7 @@ configurations in main() and the GFLOP/s of the products (CPU time)."""
 import ctypes
 import os
 import pathlib
+import time
 
 from torch.utils import cpp_extension
 
@@ -173,7 +174,61 @@ def k_blocks(rounds=3):
                   f"{2 * rows * 1024 * 256 / us / 1e3:6.1f} GFLOP/s")
 
 
+def layers(rounds=3, trials=30):
+    """benchmarks/notes/float32-bound.md, "One layer per core, measured as a whole call":
+    medium's two layers (input 128, hidden 256, 100 steps, batch 32) as a whole inference call
+    on two threads, the batch split against one layer per thread (sm_layers), every product
+    through brgemm; with and without the cell pass; medians and minima of the call's wall time
+    and each thread's CPU time, next to FusedLSTM's own call (batch split, projections unfused)
+    and nn.LSTM's in the same process. The two modes' outputs must agree to float rounding."""
+    import statistics
+
+    import numpy as np
+    import torch
+
+    import fused_lstm
+
+    so = build()
+    so.sm_layers.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                             ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                             ctypes.c_void_p]
+    T, B, I, H = 100, 32, 128, 256
+    torch.set_num_threads(2)
+    ours = fused_lstm.convert(torch.nn.LSTM(I, H, 2))
+    theirs = torch.nn.LSTM(I, H, 2)
+    x = torch.randn(T, B, I)
+    settings = dict(nn_lstm_floor="never", allow_hidden_split=False,
+                    allow_fused_input_projection=False)
+    for _ in range(rounds):
+        outputs = {}
+        for cell in (1, 0):
+            for mode, name in ((0, "batch split"), (1, "one layer per thread")):
+                times = (ctypes.c_double * (trials + 2))()
+                y = np.zeros(T * B * H, np.float32)
+                so.sm_layers(mode, T, B, I, H, cell, trials, times, y.ctypes.data)
+                wall = sorted(times[i] / 1e6 for i in range(trials))
+                if cell:
+                    outputs[mode] = y
+                print(f"{name:22s} cell={cell}: median {statistics.median(wall):6.2f} ms, "
+                      f"min {wall[0]:6.2f}; CPU ms per thread {times[trials] / 1e6:.2f} "
+                      f"{times[trials + 1] / 1e6:.2f}")
+        print(f"  outputs differ by at most {np.abs(outputs[0] - outputs[1]).max():.2e} "
+              f"(largest |h| {np.abs(outputs[0]).max():.2f})")
+        with torch.no_grad():
+            for name, module, flags in (("FusedLSTM", ours, settings), ("nn.LSTM", theirs, {})):
+                with fused_lstm.backends.cpu.flags(**flags):
+                    for _ in range(3):
+                        module(x)
+                    wall = []
+                    for _ in range(trials):
+                        t0 = time.perf_counter()
+                        module(x)
+                        wall.append((time.perf_counter() - t0) * 1e3)
+                print(f"{name:22s}       : median {statistics.median(wall):6.2f} ms, "
+                      f"min {min(wall):6.2f}")
+
+
 if __name__ == "__main__":
     import sys
 
-    {"xeon": xeon, "k_blocks": k_blocks}.get(sys.argv[1] if sys.argv[1:] else "", main)()
+    {"xeon": xeon, "k_blocks": k_blocks, "layers": layers}.get(sys.argv[1] if sys.argv[1:] else "", main)()
