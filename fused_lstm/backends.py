@@ -35,8 +35,9 @@ change applies from the next call.
   large enough go to oneDNN's matmul where this machine's measured rates say its kernel is the
   faster for that class of product, measured once per process at the first need, a few tens
   of ms: on one thread for a product inside the steps' parallel region, on the process's
-  thread count for one that runs on every thread; the rest to the BLAS), ``"blas"`` (the BLAS, MKL on x86) or ``"onednn_matmul"`` (oneDNN's
-  matmul for every float32 product; float64 stays on the BLAS). The choice is reported per
+  thread count for one that runs on every thread; the rest to the BLAS), ``"blas"`` (the
+  BLAS, MKL on x86) or ``"onednn_matmul"`` (oneDNN's matmul for every float32 product; float64
+  stays on the BLAS). The choice is reported per
   product by ``fused_lstm.explain``; the libraries sum in different orders, so results differ
   in the last bits between them;
 * ``fuse_by_measured_rates``: fuse the float32 input projection into the steps only where this

@@ -227,7 +227,7 @@ inline const LibraryRates& library_rates() {
   return r;
 }
 
-// The measured rates a large product of class `c` is decided by: outside a parallel region
+// The measured rates that decide a large product's library: outside a parallel region
 // (where it runs on every thread) those measured on the process's thread count, else (inside
 // one, or on one thread) one thread's.
 inline const LibraryRates& deciding_library_rates(bool in_region) {

@@ -289,14 +289,22 @@ extern "C" int sm_layers(int mode, int64_t T, int64_t B, int64_t I, int64_t H, i
   const auto x = fill(T * B * I, 1), w_ih0 = fill(G * I, 2), w_hh0 = fill(G * H, 3),
              w_ih1 = fill(G * H, 4), w_hh1 = fill(G * H, 5), b0 = fill(G, 6), b1 = fill(G, 7);
   const std::vector<float> none;
-  const auto p_ih0 = layers_panels(w_ih0, I, none, 0, G), p_hh0 = layers_panels(w_hh0, H, none, 0, G),
-             p_ih1 = layers_panels(w_ih1, H, none, 0, G), p_hh1 = layers_panels(w_hh1, H, none, 0, G),
+  const auto p_ih0 = layers_panels(w_ih0, I, none, 0, G),
+             p_hh0 = layers_panels(w_hh0, H, none, 0, G),
+             p_ih1 = layers_panels(w_ih1, H, none, 0, G),
+             p_hh1 = layers_panels(w_hh1, H, none, 0, G),
              p_fused0 = layers_panels(w_ih0, I, w_hh0, H, G);
   std::vector<float> y0(T * B * H), y1(T * B * H), p1(T * B * H);
-  std::vector<float> proj[2], rows_in[2];
+  // Each thread's buffers, allocated once (outside the timed calls): the batch split's
+  // projection rows and their input rows; every mode's gates, h, c and [x_t | h] rows.
+  std::vector<float> proj[2], rows_in[2], gates[2], hs[2], cs[2], xhs[2];
   for (int t = 0; t < 2; ++t) {
-    proj[t].assign(T * bs * G, 0.f);
-    rows_in[t].assign(T * bs * std::max(I, H), 0.f);
+    proj[t].assign(mode == 0 ? T * bs * G : 0, 0.f);
+    rows_in[t].assign(mode == 0 ? T * bs * std::max(I, H) : 0, 0.f);
+    gates[t].assign(B * G, 0.f);
+    hs[t].assign(B * H, 0.f);
+    cs[t].assign(B * H, 0.f);
+    xhs[t].assign(B * (I + H), 0.f);
   }
   auto cell_rows = [&](int64_t rows, float* g, float* c, float* h) {
     if (!cell) return;
@@ -319,7 +327,12 @@ extern "C" int sm_layers(int mode, int64_t T, int64_t B, int64_t I, int64_t H, i
         bar.wait(local);
         const double w0 = now(CLOCK_MONOTONIC), c0 = now(CLOCK_THREAD_CPUTIME_ID);
         if (th == 0) start = w0;
-        std::vector<float> g(B * G), h(B * H, 0.f), c(B * H, 0.f), xh(B * (I + H));
+        std::vector<float>& g = gates[th];
+        std::vector<float>& h = hs[th];
+        std::vector<float>& c = cs[th];
+        std::vector<float>& xh = xhs[th];
+        std::fill(h.begin(), h.end(), 0.f);  // h0 = c0 = 0 in every call
+        std::fill(c.begin(), c.end(), 0.f);
         if (mode == 0) {
           const int64_t r0 = th * bs;
           for (int layer = 0; layer < 2; ++layer) {

@@ -231,4 +231,5 @@ def layers(rounds=3, trials=30):
 if __name__ == "__main__":
     import sys
 
-    {"xeon": xeon, "k_blocks": k_blocks, "layers": layers}.get(sys.argv[1] if sys.argv[1:] else "", main)()
+    modes = {"xeon": xeon, "k_blocks": k_blocks, "layers": layers}
+    modes.get(sys.argv[1] if sys.argv[1:] else "", main)()
