@@ -540,6 +540,34 @@ def test_measured_rates_choose_library_and_fusion():
         check_against_nn_lstm(kwargs, 20, 32, F32, True, False)
 
 
+@pytest.mark.skipif(not FEATURES["brgemm"], reason="the fused step's rates need brgemm")
+def test_fused_step_rates_report_the_unfused_pair_in_its_two_parts():
+    """fused_step_rates.<layer> gives the unfused pair as the recurrent step alone plus the
+    rows' share of the projection (plan.h fused_step_rates; rates.h step_pair_seconds, which
+    times the three together), each measured, and the share grows with the layer's input
+    (layer 1's 256 inputs against layer 0's 128). The figures are measured once per process
+    and shape: a second call reports the same ones."""
+    module = FusedLSTM(128, 256, 2, dtype=F32)
+    x, _, _ = _inputs(module, 20, 32, False, F32)
+    pattern = (r"fused ([0-9.e+]+) us, unfused ([0-9.e+]+) us \(one thread's step: recurrent "
+               r"([0-9.e+]+) us \+ projection ([0-9.e+]+) us; measured together in \d+ ms\)")
+    with num_threads(1):
+        plan = plan_of(module, x, None, True)
+        again = plan_of(module, x, None, True)
+    parts = {}
+    for layer in range(2):
+        line = plan[f"fused_step_rates.{layer}"]
+        assert again[f"fused_step_rates.{layer}"] == line
+        match = re.fullmatch(pattern, line)
+        assert match, line
+        fused_us, unfused_us, recurrent_us, projection_us = (float(v) for v in match.groups())
+        assert min(fused_us, recurrent_us, projection_us) > 0, line
+        # Printed to 6 significant digits.
+        assert unfused_us == pytest.approx(recurrent_us + projection_us, rel=1e-5), line
+        parts[layer] = projection_us
+    assert parts[1] > parts[0], plan
+
+
 def test_products_on_every_thread_follow_the_rates_on_that_many_threads(two_threads):
     """A large product outside the steps' parallel region (the unfused input projection, the
     backward's weight and data products) runs on every thread, and goes to the library whose

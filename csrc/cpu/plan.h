@@ -305,12 +305,13 @@ constexpr int64_t kAmxFuseWeightBytesPerRow = int64_t{64} << 10;
 //
 // For float32 (brgemm) also where this machine's measured rates say so (the setting
 // fuse_by_measured_rates, on by default): the fused step, which streams W_ih with W_hh, must
-// take no longer than the recurrent step alone plus the slice's share of the projection at the
-// faster library's rate (FusedStepRates), give or take kUnfusedMustWinBy. On the AMD EPYC the micro-kernel ran at ~95% of the
-// FMA peak whatever the weights' size, so the fused step always paid; on the Intel Xeon
-// (twice the FMA width per core, 2 MB of L2) streaming 8 MB of weights per step ran at ~150
-// GFLOP/s per core against ~200 from L2, and one projection GEMM plus the recurrent step alone
-// were faster at medium and fastrnns (benchmarks/notes/float32-bound.md, "Intel Xeon: where
+// take no longer than the recurrent step alone plus the slice's share of the projection through
+// the faster library, the three measured together (FusedStepRates; rates.h step_pair_seconds),
+// give or take kUnfusedMustWinBy. On the AMD EPYC the micro-kernel ran at ~95% of the FMA
+// peak whatever the weights' size, so the fused step always paid; on the Intel Xeon (twice the
+// FMA width per core, 2 MB of L2) streaming 8 MB of weights per step ran at ~150 GFLOP/s per
+// core against ~200 from L2, and one projection GEMM plus the recurrent step alone were faster
+// at medium and fastrnns (benchmarks/notes/float32-bound.md, "Intel Xeon: where
 // the time goes").
 // The fused step is kept unless the unfused pair measures more than this much faster: the
 // unfused projection also writes every step's gates and the step reads them back, which the
@@ -322,19 +323,33 @@ constexpr double kUnfusedMustWinBy = 1.05;
 struct FusedStepRates {
   bool measured = false;
   double fused_us = 0;     // one thread's fused step: [rows, in + out] x [in + out, 4H]
-  double unfused_us = 0;   // the recurrent step alone plus the rows' projection at the GEMM rate
+  double unfused_us = 0;   // the recurrent step alone plus the rows' share of the projection
+  double recurrent_us = 0, projection_us = 0;  // the two parts of unfused_us
+  double probe_ms = 0;     // what measuring the three took (wall)
 };
+
+// One thread's fused step, its recurrent step alone and its projection's seconds per row,
+// measured together (rates.h step_pair_seconds); the projection through the library with the
+// faster one-thread rate for A*B^T. measured false without the BLAS or brgemm.
+inline bool step_pair_measured(const LSTMShape& s, int64_t layer, int64_t slice_rows,
+                               StepPairSeconds* t) {
+  const LibraryRates& r = library_rates();
+  if (!r.measured || !cpu_features().brgemm) return false;
+  const int c = int(GemmClass::kNT);
+  *t = step_pair_seconds(slice_rows, s.layer_input_size(layer), s.out_size, 4 * s.hidden_size,
+                         r.onednn[c] > r.blas[c]);
+  return true;
+}
 
 inline FusedStepRates fused_step_rates(const LSTMShape& s, int64_t layer, int64_t slice_rows) {
   FusedStepRates f;
-  const LibraryRates& r = library_rates();
-  if (!r.measured || !cpu_features().brgemm) return f;
-  const int64_t G = 4 * s.hidden_size, in = s.layer_input_size(layer), out = s.out_size;
-  const int c = int(GemmClass::kNT);
-  const double gemm_rate = std::max(r.blas[c], r.onednn[c]) * 1e9;  // flop per second
-  f.fused_us = brgemm_step_seconds(slice_rows, in + out, G) * 1e6;
-  f.unfused_us = (brgemm_step_seconds(slice_rows, out, G) +
-                  2.0 * double(slice_rows) * double(G) * double(in) / gemm_rate) * 1e6;
+  StepPairSeconds t;
+  if (!step_pair_measured(s, layer, slice_rows, &t)) return f;
+  f.fused_us = t.fused * 1e6;
+  f.recurrent_us = t.recurrent * 1e6;
+  f.projection_us = double(slice_rows) * t.projection_row * 1e6;
+  f.unfused_us = f.recurrent_us + f.projection_us;
+  f.probe_ms = t.probe_ms;
   f.measured = true;
   return f;
 }
@@ -424,20 +439,16 @@ struct HiddenSplitRates {
 inline HiddenSplitRates hidden_split_rates(const CpuPlan& p, const LSTMShape& s, int64_t layer) {
   HiddenSplitRates r;
   const int64_t threads = at::get_num_threads();
-  const int64_t B = s.batch, H = s.hidden_size, G = 4 * H, out = s.out_size;
-  const int64_t in = s.layer_input_size(layer);
+  const int64_t B = s.batch, H = s.hidden_size, out = s.out_size;
   const int64_t slice_rows = fused_slice_rows(s);
   const int64_t hidden_cols = 4 * ((H + threads - 1) / threads);
   // Each thread's share of the unfused projection, per step: B / threads rows.
   const double proj_rows = double(B) / double(threads);
-  const LibraryRates& lib = library_rates();
-  if (!lib.measured) return r;
-  const int c = int(GemmClass::kNT);
-  const double gemm_rate = std::max(lib.blas[c], lib.onednn[c]) * 1e9;
-  const double proj = 2.0 * proj_rows * double(G) * double(in) / gemm_rate;
+  StepPairSeconds t;
+  if (!step_pair_measured(s, layer, slice_rows, &t)) return r;
+  const double proj = proj_rows * t.projection_row;
   r.batch_fused = fuse_input_projection_in_batch_split(p, s, layer, 4);
-  r.batch_us = 1e6 * (r.batch_fused ? brgemm_step_seconds(slice_rows, in + out, G)
-                                    : brgemm_step_seconds(slice_rows, out, G) + proj);
+  r.batch_us = 1e6 * (r.batch_fused ? t.fused : t.recurrent + proj);
   r.hidden_us = 1e6 * (brgemm_step_seconds(B, out, hidden_cols) + proj);
   r.measured = true;
   return r;

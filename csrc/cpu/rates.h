@@ -109,6 +109,38 @@ struct LibraryRates {
   double probe_ms = 0;  // what measuring took (wall)
 };
 
+// The operands of a product of class `cls`, C[M, N] = A[M, K] B[K, N] (as transposed for the
+// class), and one run of it through the BLAS or oneDNN's matmul.
+struct LibraryProduct {
+  LibraryProduct(int cls, int64_t M, int64_t N, int64_t K)
+      : M(M), N(N), K(K), ta(cls == int(GemmClass::kTN)), tb(cls == int(GemmClass::kNT)),
+        a(M * K), b(K * N), cbuf(M * N) {
+    // Operands of small integers: exact in any summation order, no denormals.
+    for (int64_t i = 0; i < M * K; ++i) a[i] = float(i % 7) - 3.0f;
+    for (int64_t i = 0; i < K * N; ++i) b[i] = float(i % 5) - 2.0f;
+    const auto opts = at::TensorOptions().dtype(at::kFloat);
+    auto view = [&](float* p, int64_t rows, int64_t cols, bool trans) {
+      at::Tensor t = at::from_blob(p, {trans ? cols : rows, trans ? rows : cols}, opts);
+      return trans ? t.t() : t;
+    };
+    av = view(a.data(), M, K, ta);
+    bv = view(b.data(), K, N, tb);
+    c = at::from_blob(cbuf.data(), {M, N}, opts);
+  }
+  void run(bool onednn) {
+    if (onednn) {
+      at::native::mkldnn_matmul(av, bv, c, 0.0f, 1.0f);
+      return;
+    }
+    fortran_gemm<float>(tb ? 'T' : 'N', ta ? 'T' : 'N', N, M, K, 1.0f, b.data(), tb ? K : N,
+                        a.data(), ta ? M : K, 0.0f, cbuf.data(), N);
+  }
+  int64_t M, N, K;
+  bool ta, tb;
+  std::vector<float> a, b, cbuf;
+  at::Tensor av, bv, c;
+};
+
 // The least time of `rounds` interleaved runs each of the BLAS's and oneDNN's matmul on a
 // product of class `cls`, C[M, N] = A[M, K] B[K, N] (as transposed for the class), after one
 // untimed run each (a library's first call of a shape creates its kernel); time_of(f) times
@@ -117,27 +149,9 @@ template <typename Time>
 std::pair<double, double> time_libraries(int cls, int64_t M, int64_t N, int64_t K,
                                          bool onednn_available, int rounds,
                                          const Time& time_of) {
-  const auto opts = at::TensorOptions().dtype(at::kFloat);
-  // Operands of small integers: exact in any summation order, no denormals.
-  std::vector<float> a(M * K), b(K * N), cbuf(M * N);
-  for (int64_t i = 0; i < M * K; ++i) a[i] = float(i % 7) - 3.0f;
-  for (int64_t i = 0; i < K * N; ++i) b[i] = float(i % 5) - 2.0f;
-  const float* A = a.data();
-  const float* B = b.data();
-  float* C = cbuf.data();
-  const at::Tensor c = at::from_blob(C, {M, N}, opts);
-  const bool ta = cls == int(GemmClass::kTN), tb = cls == int(GemmClass::kNT);
-  auto blas = [&] {
-    fortran_gemm<float>(tb ? 'T' : 'N', ta ? 'T' : 'N', N, M, K, 1.0f, B, tb ? K : N, A,
-                        ta ? M : K, 0.0f, C, N);
-  };
-  auto view = [&](const float* p, int64_t rows, int64_t cols, bool trans) {
-    at::Tensor t = at::from_blob(const_cast<float*>(p), {trans ? cols : rows,
-                                 trans ? rows : cols}, opts);
-    return trans ? t.t() : t;
-  };
-  const at::Tensor av = view(A, M, K, ta), bv = view(B, K, N, tb);
-  auto onednn = [&] { at::native::mkldnn_matmul(av, bv, c, 0.0f, 1.0f); };
+  LibraryProduct product(cls, M, N, K);
+  auto blas = [&] { product.run(false); };
+  auto onednn = [&] { product.run(true); };
   blas();
   if (onednn_available) onednn();
   double t_blas = 1e30, t_onednn = 1e30;
@@ -221,21 +235,21 @@ inline const LibraryRates& library_rates_on_threads(int64_t threads, bool onednn
   return table.rates.emplace(threads, r).first->second;  // (a thread that measured first wins)
 }
 
-// One probe per (rows, k, n) and process, kept; the probe runs outside the lock.
-struct StepProbeCache {
+// One probe per shape and process, kept; the probe runs outside the lock.
+template <typename Key, typename Value>
+struct ProbeCache {
   std::mutex mutex;
-  std::map<std::tuple<int64_t, int64_t, int64_t>, double> seconds;
+  std::map<Key, Value> values;
   template <typename Probe>
-  double get(int64_t rows, int64_t k, int64_t n, Probe probe) {
-    const auto key = std::make_tuple(rows, k, n);
+  Value get(const Key& key, Probe probe) {
     {
       std::lock_guard<std::mutex> lock(mutex);
-      const auto it = seconds.find(key);
-      if (it != seconds.end()) return it->second;
+      const auto it = values.find(key);
+      if (it != values.end()) return it->second;
     }
-    const double measured = probe();
+    const Value measured = probe();
     std::lock_guard<std::mutex> lock(mutex);
-    seconds.emplace(key, measured);
+    values.emplace(key, measured);
     return measured;
   }
 };
@@ -247,27 +261,100 @@ constexpr int kStepProbeRuns = 4;
 // The step of the row-wise path as the kernels run it (brgemm_packed: 64-column panels), on a
 // B of the step's size: whether its panels stay in this core's caches from one step to the
 // next or stream from further out is what the rate measures. Kept per shape; ~2-5 ms for each
-// new shape of a layer (the fused step, the recurrent step alone, the hidden split's step).
+// new shape of the hidden split's step (the batch split's are measured in step_pair_seconds).
+//
+// A step's operands, written, not zero pages: B must occupy its own lines, as the packed
+// weights do. Tensors, so 64-byte aligned as the op's buffers are (a std::vector's data is
+// aligned to 16 bytes, its offset within a cache line depending on the heap's state).
+struct StepOperands {
+  StepOperands(int64_t rows, int64_t k, int64_t n)
+      : rows(rows), k(k), n(n), a(at::empty({rows, k}).fill_(0.5)),
+        b(at::empty({k, n}).fill_(0.25)),
+        c(at::empty({rows, n})) {}
+  void run() {
+    const float* A = a.data_ptr<float>();
+    const float* B = b.data_ptr<float>();
+    float* C = c.data_ptr<float>();
+    for (int64_t m0 = 0; m0 < rows; m0 += kBrgemmBlockM)
+      for (int64_t n0 = 0; n0 < n; n0 += kBrgemmPanelN) {
+        const int64_t nb = std::min(kBrgemmPanelN, n - n0);
+        at::native::cpublas::brgemm(std::min(kBrgemmBlockM, rows - m0), nb, k, k, nb, n, false,
+                                    A + m0 * k, B + n0 * k, C + m0 * n + n0, false);
+      }
+  }
+  int64_t rows, k, n;
+  at::Tensor a, b, c;
+};
+
 inline double brgemm_step_seconds(int64_t rows, int64_t k, int64_t n) {
-  static StepProbeCache cache;
-  return cache.get(rows, k, n, [&] {
+  static ProbeCache<std::tuple<int64_t, int64_t, int64_t>, double> cache;
+  return cache.get(std::make_tuple(rows, k, n), [&] {
     double seconds = 0;
-    // Written, not zero pages: B must occupy its own lines, as the packed weights do.
-    std::vector<float> a(rows * k, 0.5f), b(k * n, 0.25f), cbuf(rows * n);
-    const float* A = a.data();
-    const float* B = b.data();
-    float* C = cbuf.data();
-    on_one_thread_in_region([&] {
-      seconds = best_cpu_seconds(kStepProbeRuns, [&] {
-        for (int64_t m0 = 0; m0 < rows; m0 += kBrgemmBlockM)
-          for (int64_t n0 = 0; n0 < n; n0 += kBrgemmPanelN) {
-            const int64_t nb = std::min(kBrgemmPanelN, n - n0);
-            at::native::cpublas::brgemm(std::min(kBrgemmBlockM, rows - m0), nb, k, k, nb, n, false,
-                                        A + m0 * k, B + n0 * k, C + m0 * n + n0, false);
-          }
-      });
-    });
+    StepOperands step(rows, k, n);
+    on_one_thread_in_region(
+        [&] { seconds = best_cpu_seconds(kStepProbeRuns, [&] { step.run(); }); });
     return seconds;
+  });
+}
+
+// ---- The fused step against the unfused pair, measured together ----
+// Whether a layer's input projection is fused into its steps (plan.h fused_step_rates) compares
+// one thread's fused step, [rows, in + out] x [in + out, n], with its recurrent step alone,
+// [rows, out] x [out, n], plus its rows' share of the projection GEMM. Measured apart, at
+// different moments of the process (the projection's share from the libraries' rates at
+// 256^3), the readings moved apart with what had run before: at fastrnns on the Intel Xeon the
+// fused step's reading fell by up to 15% after nn.LSTM's training call and the unfused pair's
+// by less, and the choice flipped to the fused step in about one process in ten
+// (benchmarks/notes/float32-bound.md, "The fused step's one-thread probe across processes").
+// So the three are timed in turn, round after round, each keeping its least: a slow or fast
+// moment of the machine reaches all three. In a round each runs a few times in a row, the first
+// not timed, as the op's steps follow steps of the same kind: what of the weights fits in the
+// core's caches is there (medium's 1 MB of W_hh^T in a 2 MB L2) whatever the other two evicted,
+// and a stream of weights larger than L2 ran faster after a few runs (fastrnns' 8 MB fused
+// step: ~1,150-1,400 us timed right after one run, ~870-950 after two or three; the recurrent
+// step alone moved less). The projection is timed on kStepPairProjectionRows rows
+// ([rows, in] x [in, n]^T, A*B^T) through the library whose one-thread rate for that class is
+// the faster, and counted per row. ~40 ms at fastrnns (once per process and layer shape).
+constexpr int kStepPairRounds = 3;
+constexpr int kStepPairRunsInARow = 3;
+constexpr int64_t kStepPairProjectionRows = 256;
+
+struct StepPairSeconds {
+  double fused = 0;           // one thread's fused step
+  double recurrent = 0;       // one thread's recurrent step alone
+  double projection_row = 0;  // the projection's seconds per row, one thread
+  double probe_ms = 0;        // what measuring took (wall)
+};
+
+inline StepPairSeconds step_pair_seconds(int64_t rows, int64_t in, int64_t out, int64_t n,
+                                         bool projection_onednn) {
+  static ProbeCache<std::tuple<int64_t, int64_t, int64_t, int64_t, bool>, StepPairSeconds> cache;
+  return cache.get(std::make_tuple(rows, in, out, n, projection_onednn), [&] {
+    StepPairSeconds t;
+    const auto t0 = std::chrono::steady_clock::now();
+    StepOperands fused(rows, in + out, n), recurrent(rows, out, n);
+    LibraryProduct projection(int(GemmClass::kNT), kStepPairProjectionRows, n, in);
+    on_one_thread_in_region([&] {
+      // kStepPairRunsInARow runs, the first not timed: the least of the others.
+      auto in_a_row = [](const auto& f) {
+        f();
+        double least = 1e30;
+        for (int r = 1; r < kStepPairRunsInARow; ++r) least = std::min(least, cpu_seconds(f));
+        return least;
+      };
+      double least[3] = {1e30, 1e30, 1e30};
+      for (int round = 0; round < kStepPairRounds; ++round) {
+        least[0] = std::min(least[0], in_a_row([&] { fused.run(); }));
+        least[1] = std::min(least[1], in_a_row([&] { recurrent.run(); }));
+        least[2] = std::min(least[2], in_a_row([&] { projection.run(projection_onednn); }));
+      }
+      t.fused = least[0];
+      t.recurrent = least[1];
+      t.projection_row = least[2] / double(kStepPairProjectionRows);
+    });
+    t.probe_ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    return t;
   });
 }
 
