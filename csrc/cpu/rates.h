@@ -258,11 +258,6 @@ struct ProbeCache {
 // The least of this many timed runs (after one untimed): the hidden split's rule compares two
 // shapes whose difference (whether B stays in L2) other processes on the core blur.
 constexpr int kStepProbeRuns = 4;
-// The step of the row-wise path as the kernels run it (brgemm_packed: 64-column panels), on a
-// B of the step's size: whether its panels stay in this core's caches from one step to the
-// next or stream from further out is what the rate measures. Kept per shape; ~2-5 ms for each
-// new shape of the hidden split's step (the batch split's are measured in step_pair_seconds).
-//
 // A step's operands, written, not zero pages: B must occupy its own lines, as the packed
 // weights do. Tensors, so 64-byte aligned as the op's buffers are (a std::vector's data is
 // aligned to 16 bytes, its offset within a cache line depending on the heap's state).
@@ -286,6 +281,10 @@ struct StepOperands {
   at::Tensor a, b, c;
 };
 
+// The step of the row-wise path as the kernels run it (brgemm_packed: 64-column panels), on a
+// B of the step's size: whether its panels stay in this core's caches from one step to the
+// next or stream from further out is what the rate measures. Kept per shape; ~2-5 ms for each
+// new shape of the hidden split's step (the batch split's are measured in step_pair_seconds).
 inline double brgemm_step_seconds(int64_t rows, int64_t k, int64_t n) {
   static ProbeCache<std::tuple<int64_t, int64_t, int64_t>, double> cache;
   return cache.get(std::make_tuple(rows, k, n), [&] {
