@@ -42,7 +42,8 @@ change applies from the next call.
   in the last bits between them;
 * ``fuse_by_measured_rates``: fuse the float32 input projection into the steps only where this
   machine's measured rates say the fused step is not slower than the projection GEMM plus the
-  recurrent step alone (else by the weights' size per row alone). Where ``nn_lstm_floor``
+  recurrent step alone (one thread's three products, timed together at the first call: explain's
+  ``fused_step_rates``; else by the weights' size per row alone). Where ``nn_lstm_floor``
   ("auto") measures a call and these rates decided a layer's choice, it also times the call
   with the other choice end to end and keeps the fastest of ours for that shape (explain's
   ``input_projection_times``);

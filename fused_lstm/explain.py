@@ -204,8 +204,9 @@ def explain(module_or_sizes: nn.LSTM | Mapping[str, Any], input) -> dict[str, An
     ``settings`` and ``cpu`` features the choice read, and for float32 the measured rates it
     read (``library_rates``: one thread's GFLOP/s of the BLAS and of oneDNN's matmul per class
     of product; ``fused_step_rates.<layer>``: one thread's fused step against the recurrent
-    step plus its rows' share of the projection, the three timed together); ``nn_lstm_floor`` (whether the call may run, or runs, what
-    nn.LSTM runs, ``at::lstm``, instead of the fused kernels, and why),
+    step plus its rows' share of the projection, the three timed together); ``nn_lstm_floor``
+    (whether the call may run, or runs, what nn.LSTM runs, ``at::lstm``, instead of the fused
+    kernels, and why),
     ``nn_lstm_floor_runs`` (``"true"`` where it does: ``path`` is then ``"nn.LSTM"``, while
     ``variant`` names the kernels that would run otherwise) and ``nn_lstm_floor_times`` (the
     measured times behind an ``"auto"`` choice); ``summary``, one line.

@@ -313,7 +313,7 @@ inline double brgemm_step_seconds(int64_t rows, int64_t k, int64_t n) {
 // step: ~1,150-1,400 us timed right after one run, ~870-950 after two or three; the recurrent
 // step alone moved less). The projection is timed on kStepPairProjectionRows rows
 // ([rows, in] x [in, n]^T, A*B^T) through the library whose one-thread rate for that class is
-// the faster, and counted per row. ~40 ms at fastrnns (once per process and layer shape).
+// the faster, and counted per row. ~50 ms at fastrnns (once per process and layer shape).
 constexpr int kStepPairRounds = 3;
 constexpr int kStepPairRunsInARow = 3;
 constexpr int64_t kStepPairProjectionRows = 256;
