@@ -235,7 +235,9 @@ inline const LibraryRates& library_rates_on_threads(int64_t threads, bool onednn
   return table.rates.emplace(threads, r).first->second;  // (a thread that measured first wins)
 }
 
-// One probe per shape and process, kept; the probe runs outside the lock.
+// One probe per shape and process, kept; the probe runs outside the lock. Where two threads
+// measure a shape at once, both return the figures stored first, so that every plan of the
+// process (a forward's and its backward's among them) reads the same ones.
 template <typename Key, typename Value>
 struct ProbeCache {
   std::mutex mutex;
@@ -249,8 +251,7 @@ struct ProbeCache {
     }
     const Value measured = probe();
     std::lock_guard<std::mutex> lock(mutex);
-    values.emplace(key, measured);
-    return measured;
+    return values.emplace(key, measured).first->second;
   }
 };
 
