@@ -150,10 +150,6 @@ Results3 aten_inference(const LSTMShape& s, const at::Tensor& input,
   return {output.contiguous(), hy.contiguous(), cy.contiguous()};
 }
 
-double wall_seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
 // The floor's measurement (floor_rule.h): our call and at::lstm's, interleaved, the least wall time
 // of each kept; where `other` is given (measures_other_split), our call with the other split of
 // the steps too, and where `fusion` is (measures_other_fusion), with the other choice of the

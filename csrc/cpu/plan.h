@@ -22,6 +22,7 @@
 #include "fast_math.h"
 #include "rates.h"
 
+#include <optional>
 #include <string>
 
 namespace fused_lstm {
@@ -330,26 +331,25 @@ struct FusedStepRates {
 
 // One thread's fused step, its recurrent step alone and its projection's seconds per row,
 // measured together (rates.h step_pair_seconds); the projection through the library with the
-// faster one-thread rate for A*B^T. measured false without the BLAS or brgemm.
-inline bool step_pair_measured(const LSTMShape& s, int64_t layer, int64_t slice_rows,
-                               StepPairSeconds* t) {
+// faster one-thread rate for A*B^T. None without the BLAS or brgemm.
+inline std::optional<StepPairSeconds> step_pair(const LSTMShape& s, int64_t layer,
+                                                int64_t slice_rows) {
   const LibraryRates& r = library_rates();
-  if (!r.measured || !cpu_features().brgemm) return false;
+  if (!r.measured || !cpu_features().brgemm) return std::nullopt;
   const int c = int(GemmClass::kNT);
-  *t = step_pair_seconds(slice_rows, s.layer_input_size(layer), s.out_size, 4 * s.hidden_size,
-                         r.onednn[c] > r.blas[c]);
-  return true;
+  return step_pair_seconds(slice_rows, s.layer_input_size(layer), s.out_size,
+                           4 * s.hidden_size, r.onednn[c] > r.blas[c]);
 }
 
 inline FusedStepRates fused_step_rates(const LSTMShape& s, int64_t layer, int64_t slice_rows) {
   FusedStepRates f;
-  StepPairSeconds t;
-  if (!step_pair_measured(s, layer, slice_rows, &t)) return f;
-  f.fused_us = t.fused * 1e6;
-  f.recurrent_us = t.recurrent * 1e6;
-  f.projection_us = double(slice_rows) * t.projection_row * 1e6;
+  const std::optional<StepPairSeconds> t = step_pair(s, layer, slice_rows);
+  if (!t) return f;
+  f.fused_us = t->fused * 1e6;
+  f.recurrent_us = t->recurrent * 1e6;
+  f.projection_us = double(slice_rows) * t->projection_row * 1e6;
   f.unfused_us = f.recurrent_us + f.projection_us;
-  f.probe_ms = t.probe_ms;
+  f.probe_ms = t->probe_ms;
   f.measured = true;
   return f;
 }
@@ -444,11 +444,11 @@ inline HiddenSplitRates hidden_split_rates(const CpuPlan& p, const LSTMShape& s,
   const int64_t hidden_cols = 4 * ((H + threads - 1) / threads);
   // Each thread's share of the unfused projection, per step: B / threads rows.
   const double proj_rows = double(B) / double(threads);
-  StepPairSeconds t;
-  if (!step_pair_measured(s, layer, slice_rows, &t)) return r;
-  const double proj = proj_rows * t.projection_row;
+  const std::optional<StepPairSeconds> t = step_pair(s, layer, slice_rows);
+  if (!t) return r;
+  const double proj = proj_rows * t->projection_row;
   r.batch_fused = fuse_input_projection_in_batch_split(p, s, layer, 4);
-  r.batch_us = 1e6 * (r.batch_fused ? t.fused : t.recurrent + proj);
+  r.batch_us = 1e6 * (r.batch_fused ? t->fused : t->recurrent + proj);
   r.hidden_us = 1e6 * (brgemm_step_seconds(B, out, hidden_cols) + proj);
   r.measured = true;
   return r;

@@ -66,6 +66,11 @@ double cpu_seconds(const F& f) {
   return thread_cpu_seconds() - t0;
 }
 
+// Wall seconds since t0.
+inline double wall_seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
 // The least CPU seconds of `runs` runs of f() on this thread, after one run not counted (it
 // creates the library's kernel for the shape and brings the operands into the caches).
 template <typename F>
@@ -175,8 +180,7 @@ LibraryRates library_rates_of(int64_t M, int64_t N, int64_t K, bool onednn_avail
     r.blas[cls] = flop / t_blas * 1e-9;
     r.onednn[cls] = onednn_available ? flop / t_onednn * 1e-9 : 0.0;
   }
-  r.probe_ms =
-      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  r.probe_ms = 1e3 * wall_seconds_since(t0);
   r.measured = true;
   return r;
 }
@@ -229,7 +233,7 @@ inline const LibraryRates& library_rates_on_threads(int64_t threads, bool onednn
       kThreadsProbeM, kThreadsProbeN, kThreadsProbeK, onednn_available, 3, [](const auto& f) {
         const auto start = std::chrono::steady_clock::now();
         f();
-        return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        return wall_seconds_since(start);
       });
   std::lock_guard<std::mutex> lock(table.mutex);
   return table.rates.emplace(threads, r).first->second;  // (a thread that measured first wins)
@@ -335,13 +339,8 @@ inline StepPairSeconds step_pair_seconds(int64_t rows, int64_t in, int64_t out, 
     StepOperands fused(rows, in + out, n), recurrent(rows, out, n);
     LibraryProduct projection(int(GemmClass::kNT), kStepPairProjectionRows, n, in);
     on_one_thread_in_region([&] {
-      // kStepPairRunsInARow runs, the first not timed: the least of the others.
-      auto in_a_row = [](const auto& f) {
-        f();
-        double least = 1e30;
-        for (int r = 1; r < kStepPairRunsInARow; ++r) least = std::min(least, cpu_seconds(f));
-        return least;
-      };
+      // Each round: kStepPairRunsInARow runs of each, the first not timed (best_cpu_seconds).
+      auto in_a_row = [](const auto& f) { return best_cpu_seconds(kStepPairRunsInARow - 1, f); };
       double least[3] = {1e30, 1e30, 1e30};
       for (int round = 0; round < kStepPairRounds; ++round) {
         least[0] = std::min(least[0], in_a_row([&] { fused.run(); }));
@@ -352,8 +351,7 @@ inline StepPairSeconds step_pair_seconds(int64_t rows, int64_t in, int64_t out, 
       t.recurrent = least[1];
       t.projection_row = least[2] / double(kStepPairProjectionRows);
     });
-    t.probe_ms =
-        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    t.probe_ms = 1e3 * wall_seconds_since(t0);
     return t;
   });
 }
