@@ -370,7 +370,8 @@ const T* tiny_c_prev(const LSTMShape& s, int64_t d, int64_t t, int64_t bs, const
 template <typename T>
 int64_t tiny_backward_numel(const LSTMShape& s) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size;
-  return (2 * out + 4 * H + G) * s.batch + 2 * G * out + H * out;
+  // The step's vectors, then W_hh^T and (with a projection) W_hr^T: transpose_recurrent_weights.
+  return (2 * out + 4 * H + G) * s.batch + G * out + (s.proj_size > 0 ? H * out : 0);
 }
 
 template <typename T>
