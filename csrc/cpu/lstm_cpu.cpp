@@ -483,13 +483,13 @@ void library_rates_record_op(int64_t threads, c10::ArrayRef<double> blas,
   r.measured = true;
   ThreadsRatesTable& table = threads_rates_table();
   std::lock_guard<std::mutex> lock(table.mutex);
-  table.rates[threads] = r;
+  table.values[threads] = r;
 }
 
 void library_rates_forget_op() {
   ThreadsRatesTable& table = threads_rates_table();
   std::lock_guard<std::mutex> lock(table.mutex);
-  table.rates.clear();
+  table.values.clear();
 }
 
 void floor_forget_op() {

@@ -208,46 +208,17 @@ inline LibraryRates measure_library_rates(bool onednn_available) {
 // work counts), the least of 3 interleaved runs; once per thread count and process.
 constexpr int64_t kThreadsProbeM = 512, kThreadsProbeN = 1024, kThreadsProbeK = 256;
 
-// The rates by thread count (lstm_cpu.cpp's test hooks record and forget entries).
-struct ThreadsRatesTable {
-  std::mutex mutex;
-  std::map<int64_t, LibraryRates> rates;
-};
-inline ThreadsRatesTable& threads_rates_table() {
-  static ThreadsRatesTable table;
-  return table;
-}
-
-// Rates on `threads` threads (measured false where not measured: the BLAS is missing, one
-// thread, or asked inside a parallel region, where the products run on one thread).
-inline const LibraryRates& library_rates_on_threads(int64_t threads, bool onednn_available) {
-  static const LibraryRates none;
-  if (sgemm_ == nullptr || threads <= 1 || at::in_parallel_region()) return none;
-  ThreadsRatesTable& table = threads_rates_table();
-  {
-    std::lock_guard<std::mutex> lock(table.mutex);
-    const auto it = table.rates.find(threads);
-    if (it != table.rates.end()) return it->second;
-  }
-  const LibraryRates r = library_rates_of(
-      kThreadsProbeM, kThreadsProbeN, kThreadsProbeK, onednn_available, 3, [](const auto& f) {
-        const auto start = std::chrono::steady_clock::now();
-        f();
-        return wall_seconds_since(start);
-      });
-  std::lock_guard<std::mutex> lock(table.mutex);
-  return table.rates.emplace(threads, r).first->second;  // (a thread that measured first wins)
-}
-
-// One probe per shape and process, kept; the probe runs outside the lock. Where two threads
-// measure a shape at once, both return the figures stored first, so that every plan of the
-// process (a forward's and its backward's among them) reads the same ones.
+// One probe per key and process, kept; the probe runs outside the lock. Where two threads
+// measure a key at once, both return the figures stored first, so that every plan of the
+// process (a forward's and its backward's among them) reads the same ones. The values stay
+// where they are stored (a map's nodes do not move), so a reference to one stays valid until
+// the test hooks forget them.
 template <typename Key, typename Value>
 struct ProbeCache {
   std::mutex mutex;
   std::map<Key, Value> values;
   template <typename Probe>
-  Value get(const Key& key, Probe probe) {
+  const Value& get(const Key& key, Probe probe) {
     {
       std::lock_guard<std::mutex> lock(mutex);
       const auto it = values.find(key);
@@ -258,6 +229,28 @@ struct ProbeCache {
     return values.emplace(key, measured).first->second;
   }
 };
+
+// The rates by thread count (lstm_cpu.cpp's test hooks record and forget entries).
+using ThreadsRatesTable = ProbeCache<int64_t, LibraryRates>;
+inline ThreadsRatesTable& threads_rates_table() {
+  static ThreadsRatesTable table;
+  return table;
+}
+
+// Rates on `threads` threads (measured false where not measured: the BLAS is missing, one
+// thread, or asked inside a parallel region, where the products run on one thread).
+inline const LibraryRates& library_rates_on_threads(int64_t threads, bool onednn_available) {
+  static const LibraryRates none;
+  if (sgemm_ == nullptr || threads <= 1 || at::in_parallel_region()) return none;
+  return threads_rates_table().get(threads, [&] {
+    return library_rates_of(kThreadsProbeM, kThreadsProbeN, kThreadsProbeK, onednn_available, 3,
+                            [](const auto& f) {
+                              const auto start = std::chrono::steady_clock::now();
+                              f();
+                              return wall_seconds_since(start);
+                            });
+  });
+}
 
 // ---- brgemm's step: one thread's seconds for C[rows, n] = A[rows, k] B[k, n], B packed ----
 // The least of this many timed runs (after one untimed): the hidden split's rule compares two
