@@ -82,6 +82,9 @@ struct LSTMShape {
   int64_t layer_input_size(int64_t layer) const {
     return layer == 0 ? input_size : num_directions * out_size;
   }
+  int64_t widest_layer_input() const {
+    return std::max(input_size, num_layers > 1 ? num_directions * out_size : int64_t{0});
+  }
   int64_t direction_numel() const {
     return reserve_direction_numel(rows, hidden_size, proj_size, gates_in_reserve);
   }
@@ -107,13 +110,20 @@ struct LSTMShape {
 };
 
 // Whether a call's reserve keeps the activated gates. Not on the CPU for packed (batch_sizes
-// given) bfloat16 calls, nor for float16 calls whose gates outweigh what recomputing them
-// holds: a hidden size of at least 16 and more than 8 rows (kDropGatesMinHidden,
-// kDropGatesMinRows: below them the CPU's small-hidden variant and thin kernel write the gates
-// in their forwards; cpu/plan.h kRowWiseHidden, kThinMaxBatch), and gates of at least twice
-// as many rows (rows x layers x directions) as the widest layer input plus out: the
-// recompute's packed and widened weights are [4H, input + out] and [4H, input], one layer
-// and direction's at a time, against the gates' [rows, 4H] of each.
+// given) bfloat16 calls, nor for float16 calls of more than 8 rows whose gates outweigh what
+// recomputing them holds (kDropGatesMinRows: below it the thin kernel writes the gates in its
+// forward; cpu/plan.h kThinMaxBatch):
+// - a hidden size of at least 16 (kDropGatesMinHidden, cpu/plan.h kRowWiseHidden) and gates of
+//   at least twice as many rows (rows x layers x directions) as the widest layer input plus
+//   out: the recompute's packed and widened weights are [4H, input + out] and [4H, input], one
+//   layer and direction's at a time, against the gates' [rows, 4H] of each;
+// - below 16 hidden units (the small-hidden variant, which recomputes a step's gates at a time
+//   in its own step buffers: cpu/small_hidden.h tiny_backward_steps), layer inputs of at most
+//   kDropGatesMaxSmallInput (which the forward, too, projects with the small-hidden product,
+//   so the recomputed gates are the forward's bit for bit; a wider input's projection is a
+//   GEMM over every row there), and gates of every layer and direction (4H x rows each) at
+//   least the widest layer input plus out plus 3H for each row of a step (the batch; every
+//   row where the batch is packed, as the fake kernels know no batch there).
 // Their backward recomputes the gates (csrc/cpu/backward.h, backward_products.h). The gates are
 // two thirds of the reserve, and without them packed bf16 and float16 training hold less than
 // nn.LSTM's bf16 and float16 (benchmarks/notes/memory.md, "bf16 training at the small sizes",
@@ -123,14 +133,17 @@ struct LSTMShape {
 // backend); check_lstm_args leaves gates_in_reserve true.
 constexpr int64_t kDropGatesMinRows = 9;
 constexpr int64_t kDropGatesMinHidden = 16;
+constexpr int64_t kDropGatesMaxSmallInput = 32;
 inline bool gates_in_reserve(const LSTMShape& s, at::ScalarType dtype, bool cpu) {
   if (!cpu) return true;
   if (s.packed && dtype == at::kBFloat16) return false;
-  const int64_t widest_input =
-      std::max(s.input_size, s.num_layers > 1 ? s.num_directions * s.out_size : int64_t{0});
-  return !(dtype == at::kHalf && s.rows >= kDropGatesMinRows &&
-           s.hidden_size >= kDropGatesMinHidden &&
-           s.rows * s.num_layers * s.num_directions >= 2 * (widest_input + s.out_size));
+  const int64_t widest_input = s.widest_layer_input();
+  if (dtype != at::kHalf || s.rows < kDropGatesMinRows) return true;
+  const int64_t H = s.hidden_size, LD = s.num_layers * s.num_directions;
+  if (H < kDropGatesMinHidden)
+    return widest_input > kDropGatesMaxSmallInput ||
+           4 * H * s.rows * LD < (widest_input + s.out_size + 3 * H) * (s.packed ? s.rows : s.batch);
+  return s.rows * LD < 2 * (widest_input + s.out_size);
 }
 
 // The C++ signature of lstm_forward / lstm_inference / lstm (their schema is in ops.cpp), for

@@ -76,17 +76,26 @@ def reserve_numel(rows, num_layers, num_directions, hidden_size, proj_size, gate
 def gates_in_reserve(input: Tensor, batch_sizes: Optional[Tensor], rows, hidden_size: int,  # noqa: A002
                      out_size: int, num_directions: int, num_layers: int) -> bool:
     """Whether lstm_forward's reserve keeps the gates: all but, on the CPU, packed bfloat16
-    calls and float16 calls of a hidden size of at least 16, more than 8 rows, and gates of at
-    least twice as many rows (rows x layers x directions) as the widest layer input plus out,
-    whose backward recomputes them (``gates_in_reserve`` in csrc/lstm.h). ``rows`` may be a
-    SymInt."""
+    calls and float16 calls of more than 8 rows whose backward recomputes them
+    (``gates_in_reserve`` in csrc/lstm.h): from a hidden size of 16, where the gates have at
+    least twice as many rows (rows x layers x directions) as the widest layer input plus out;
+    below it, where no layer input is wider than 32 and every layer and direction's gates
+    (4H x rows) are at least the widest layer input plus out plus 3H for each row of a step
+    (the batch, or every row where the batch is packed). ``rows`` may be a SymInt."""
     if input.device.type != "cpu":
         return True
     if batch_sizes is not None and input.dtype == torch.bfloat16:
         return False
+    if input.dtype != torch.float16 or rows < 9:
+        return True
     widest_input = max(input.shape[-1], num_directions * out_size if num_layers > 1 else 0)
-    return not (input.dtype == torch.float16 and hidden_size >= 16 and rows >= 9
-                and rows * num_layers * num_directions >= 2 * (widest_input + out_size))
+    layers = num_layers * num_directions
+    if hidden_size < 16:
+        if widest_input > 32:
+            return True
+        step_rows = rows if batch_sizes is not None else input.shape[1]
+        return 4 * hidden_size * rows * layers < (widest_input + out_size + 3 * hidden_size) * step_rows
+    return rows * layers < 2 * (widest_input + out_size)
 
 
 def _state_shapes(a: LSTMArgs):

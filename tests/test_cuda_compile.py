@@ -291,7 +291,8 @@ def _assert_same(got, expected, dtype, what):
 def _without_gates(reserve, a):
     """The reserve (csrc/lstm.h's layout) less its gates: what a CPU reserve of a packed
     bfloat16 call or a float16 one keeps (gates_in_reserve), the CUDA path's keeping them."""
-    rows, H = a["input"].shape[0], a["weights"][0].shape[0] // 4
+    x, H = a["input"], a["weights"][0].shape[0] // 4
+    rows = x.shape[0] if a["batch_sizes"] is not None else x.shape[0] * x.shape[1]
     D = 2 if a["bidirectional"] else 1
     out = a["proj_size"] or H
     per_direction = H * (2 if a["proj_size"] else 1)  # cells [, pre_proj]

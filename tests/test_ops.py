@@ -13,6 +13,7 @@ from helpers import (
     call,
     differentiable,
     make_case,
+    op_args,
     zeros_state,
 )
 
@@ -189,28 +190,84 @@ def test_opcheck_packed_bf16(hidden_size):
     torch.library.opcheck(LSTM_BACKWARD, args)
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_opcheck_fp16_without_gates(packed):
-    """opcheck for float16 calls whose reserve keeps no gates (csrc/lstm.h, gates_in_reserve:
-    hidden 32, 2 layers, 2 directions, rows at least twice the widest layer input plus out;
-    the Python rule of the fake kernels, ops.gates_in_reserve, agrees), on both sides of the
-    rule's row limit: the fake kernel's reserve is the CPU kernel's, with and without gates."""
+@pytest.mark.parametrize("hidden_size,input_size,cases", [
+    (32, 8, ((40, False), (2, True))),
+    (4, 8, ((3, False), (1, True))),
+    (4, 40, ((3, True),)),
+], ids=["row-wise", "small-hidden", "small-hidden-wide-input"])
+def test_opcheck_fp16_without_gates(packed, hidden_size, input_size, cases):
+    """opcheck for float16 calls whose reserve keeps no gates (csrc/lstm.h, gates_in_reserve),
+    2 layers, 2 directions, batch 6; the Python rule of the fake kernels, ops.gates_in_reserve,
+    agrees on both sides of the rule's limits: hidden 32 with rows at least twice the widest
+    layer input plus out (40 steps) and below it (2 steps); hidden 4 (the small-hidden kernel)
+    with more than 8 rows (3 steps) and fewer (1 step), and with an input wider than 32, whose
+    gates stay. The fake kernel's reserve is the CPU kernel's, with and without gates."""
     from fused_lstm import ops
 
-    for seq_len, gates in ((40, False), (2, True)):
+    H = hidden_size
+    for seq_len, gates in cases:
         _, a = make_case(2, True, True, 0, packed, with_state=True, dtype=torch.float16,
-                         hidden_size=32, input_size=8, seq_len=seq_len, batch=6, dropout=0.5,
-                         requires_grad=False)
+                         hidden_size=H, input_size=input_size, seq_len=seq_len, batch=6,
+                         dropout=0.5, requires_grad=False)
         x = a["input"]
         rows = x.shape[0] if packed else x.shape[0] * x.shape[1]
-        assert ops.gates_in_reserve(x, a["batch_sizes"], rows, 32, 32, 2, 2) == gates, rows
+        if gates is False and packed:
+            assert rows >= 9, rows  # (make_case's random lengths)
+        assert ops.gates_in_reserve(x, a["batch_sizes"], rows, H, H, 2, 2) == gates, rows
         args = (x, a["batch_sizes"], a["hx"], a["cx"], a["weights"], a["dropout_mask"],
                 a["num_layers"], a["bidirectional"], a["has_biases"], a["proj_size"])
         torch.library.opcheck(LSTM_FORWARD, args)
         output, hy, cy, reserve = call(LSTM_FORWARD, a)
-        assert reserve.numel() == ops.reserve_numel(rows, 2, 2, 32, 0, gates)
+        assert reserve.numel() == ops.reserve_numel(rows, 2, 2, H, 0, gates)
         args = (*args[:6], reserve, torch.randn_like(output), torch.randn_like(hy), None,
                 *args[6:])
         torch.library.opcheck(LSTM_BACKWARD, args)
+
+
+@pytest.mark.parametrize("L,bidirectional,proj,packed,with_state,dropout,batch", [
+    (2, False, 0, False, True, 0.0, 10),
+    (1, False, 0, False, False, 0.0, 5),
+    (2, True, 3, True, True, 0.5, 10),
+    (3, True, 0, True, False, 0.5, 5),
+    (2, False, 5, False, False, 0.5, 12),
+], ids=["2-layers", "1-layer-no-hx-narrow", "bi-proj-packed-dropout",
+        "3-layers-bi-packed-no-hx-narrow", "proj-no-hx-dropout"])
+def test_fp16_small_hidden_training_recomputes_the_gates_bit_for_bit(L, bidirectional, proj,
+                                                                     packed, with_state, dropout,
+                                                                     batch):
+    """float16 training below 16 hidden units (the small-hidden kernel) whose reserve keeps no
+    gates (csrc/lstm.h, gates_in_reserve): the backward recomputes each step's gates from the
+    layer input, h_{t-1} and c_{t-1} in the reserve, as the forward computed them
+    (csrc/cpu/small_hidden.h, tiny_recompute_gates: the step's projection, the recurrent
+    product, narrow batches through W_hh^T, the cell pass), and writes each gradient over its
+    gate. Every result and gradient is the float32 call's on the same values, whose reserve
+    keeps the gates, bit for bit; also without dL/dx (input_grad=False)."""
+    H, I, T = 10, 5, 6
+    _, a = make_case(L, True, bidirectional, proj, packed, with_state, dtype=torch.float16,
+                     input_size=I, hidden_size=H, seq_len=T, batch=batch, dropout=dropout,
+                     requires_grad=False)
+    a32 = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point()
+               else [w.float() for w in v] if k == "weights" else v) for k, v in a.items()}
+    D, out = (2 if bidirectional else 1), proj or H
+    rows = a["input"].shape[0] * (1 if packed else a["input"].shape[1])
+    output, hy, cy, reserve = call(LSTM_FORWARD, a)
+    expected = call(LSTM_FORWARD, a32)
+    assert reserve.numel() == ops.reserve_numel(rows, L, D, H, proj, False)
+    assert expected[3].numel() == ops.reserve_numel(rows, L, D, H, proj, True)
+    for ours, theirs in zip((output, hy, cy), expected[:3]):
+        assert torch.equal(ours, theirs.half())
+    ups = [torch.randn_like(t) for t in (output, hy, cy)]
+    for input_grad in (True, False):
+        got = LSTM_BACKWARD(*op_args(a)[:6], reserve, *ups, *op_args(a)[6:], input_grad)
+        want = LSTM_BACKWARD(*op_args(a32)[:6], expected[3], *(u.float() for u in ups),
+                             *op_args(a32)[6:], input_grad)
+        assert got[0].numel() == (rows * I if input_grad else 0)
+        for ours, theirs in zip([*got[:3], *got[3]], [*want[:3], *want[3]]):
+            if ours is None:
+                assert theirs is None
+                continue
+            assert not torch.isnan(ours).any()
+            assert torch.equal(ours, theirs.half())
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],

@@ -21,11 +21,15 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   const bool has_proj = s.proj_size > 0;
   const bool tiny = plan.variant == Variant::kSmallHidden;
   // A reserve without the gates (lstm.h, gates_in_reserve): the recurrence below recomputes
-  // them (bf16 products: step by step; float32 ones: by chunks, plan.recompute_float_chunks);
-  // elsewhere (the small-hidden kernel, the few-row backward) the forward runs again into a
+  // them (bf16 products, and the small-hidden kernel where every layer input takes its own
+  // product: step by step; float32 ones: by chunks, plan.recompute_float_chunks); elsewhere
+  // (a packed bfloat16 call's small-hidden kernel with a wider input, whose forward projected
+  // it with one GEMM over every row; the few-row backward) the forward runs again into a
   // reserve that keeps them, and the backward reads that (the same gates: the forward is
   // deterministic).
-  if (!s.gates_in_reserve && (tiny || (!plan.bf16_products && !plan.recompute_float_chunks))) {
+  const bool tiny_recomputes = tiny && s.widest_layer_input() <= kTinyProjectionInput;
+  if (!s.gates_in_reserve && (tiny ? !tiny_recomputes
+                                   : !plan.bf16_products && !plan.recompute_float_chunks)) {
     LSTMShape with_gates = s;
     with_gates.gates_in_reserve = true;
     at::Tensor full_buf, states_buf;
@@ -49,7 +53,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   // of training_chunk_steps steps, last first; each chunk's input projection is computed
   // again as the forward computed it (the same product over the same rows: the same gates),
   // and its dgates go to the products as soon as its steps are done (backward_products).
-  const bool float_chunks = recompute && !bb.on;
+  const bool float_chunks = recompute && !bb.on && !tiny;
   TORCH_INTERNAL_ASSERT(!float_chunks || plan.recompute_float_chunks);
   const int64_t chunk_rows = chunked ? bf16_chunk_rows(s)
       : float_chunks ? std::min(training_chunk_steps(s), s.seq_len) * s.batch
@@ -83,9 +87,9 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   T* dh_all;
   pieces.add(&dh_all, has_proj ? s.rows * out : 0);
   T *dh_buf, *c_prev_buf, *zeros_mut;
-  pieces.add(&dh_buf, s.batch * H);                      // dL/dh_t, [bs, H]
-  pieces.add(&c_prev_buf, s.batch * H);                  // c_{t-1} when pieced together
-  pieces.add(&zeros_mut, s.batch * std::max(H, out));    // h0 / c0 when None
+  pieces.add(&dh_buf, tiny ? 0 : s.batch * H);           // dL/dh_t, [bs, H]
+  pieces.add(&c_prev_buf, tiny ? 0 : s.batch * H);       // c_{t-1} when pieced together
+  pieces.add(&zeros_mut, hx && cx ? 0 : s.batch * std::max(H, out));  // h0 / c0 when None
   T* tiny_buf;
   pieces.add(&tiny_buf, tiny ? tiny_backward_numel<T>(s) : 0);
   // Recomputing the gates (recompute): W_ih and W_hh packed as the forward packs them (bf16
@@ -99,7 +103,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   // float32 library steps'; brgemm's are recomputed a chunk at a time, recompute_chunk_gates.)
   const int64_t rec_row = G + 2 * out + 3 * H;
   T* rec;
-  pieces.add(&rec, recompute && (bb.on || !plan.brgemm_steps) ? s.batch * rec_row : 0);
+  pieces.add(&rec, recompute && !tiny && (bb.on || !plan.brgemm_steps) ? s.batch * rec_row : 0);
   // (A chunk's projection goes to its rows of dgates: the cell pass writes each row's dgates
   // over its gates, cell_backward_in_place.)
   // dL/dh_{t-1} = dgates_t W_hh through brgemm (W_hh is already its B[4H, out]).
@@ -132,7 +136,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
     std::fill_n(zero_dy, dy_numel, T(0));
     dy = {zero_dy};
   }
-  std::fill_n(zeros_mut, s.batch * std::max(H, out), T(0));
+  if (zeros_mut) std::fill_n(zeros_mut, s.batch * std::max(H, out), T(0));
   const T* zeros = zeros_mut;
   if (rec) std::fill_n(rec, s.batch * rec_row, T(0));
   T* rec_gates = rec;
@@ -156,7 +160,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
       // fused (the forward's bf16 projection GEMM, where it ran one, gives each row the same
       // sums), or brgemm's panels as the forward packed them.
       auto fw = direction_weights<T>(s, weights, l, d);
-      if (recompute) {
+      if (float_chunks || (recompute && bb.on)) {
         if (bb.on) use_bf16_gemm(plan, s, l, fw, fw_weights);
         else use_brgemm(plan, s, fw, fw_packed, l, /*count_fused=*/false);
         use_bias(fw, G, fw_bias_buf);
@@ -225,8 +229,10 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
         if (!fw.single_thread_product()) fw.w_hh = w_hh;
       }
       if (tiny) {
-        tiny_backward_steps(s, w, d, gates, cells, c0, dy.f, dh_all, dgates, dh_state, dc_state,
-                            tiny_buf);
+        tiny_backward_steps(s, w, d, recompute ? nullptr : gates, cells, c0, dy.f, dh_all,
+                            dgates, dh_state, dc_state, tiny_buf,
+                            TinyRecompute<T>{x.f, in_size, layer_out + d * out, h0, hx == nullptr,
+                                             plan.vec16_cell});
       } else {
       // The reverse recurrence of steps step_hi down to step_lo (processing order), for batch
       // rows [r0, r1) (rows are independent sequences); row r's dgates at dgates + (r - dg_row0) * G.

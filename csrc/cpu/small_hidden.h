@@ -237,6 +237,8 @@ struct TinyBuffers {
 // Inputs up to this size are projected by tiny_product (x transposed into TinyBuffers::xT
 // first); larger ones by a GEMM. At tutorial sizes a BLAS call costs more than the arithmetic.
 constexpr int64_t kTinyProjectionInput = 32;
+// (A float16 call keeps no gates only where its inputs take that product: lstm.h gates_in_reserve.)
+static_assert(kTinyProjectionInput == kDropGatesMaxSmallInput);
 
 // gT [4H, rows] = W_ih x^T + b, x: [rows, in_size]; xT: room for [kTinyProjectionInput, rows].
 // Or, where `x_t` is given (in_size <= kTinyProjectionInput), the input already transposed:
@@ -367,17 +369,86 @@ const T* tiny_c_prev(const LSTMShape& s, int64_t d, int64_t t, int64_t bs, const
 // layout, lstm.h: each step's [4H][bs] and [H][bs] blocks), one cell pass over the step, and
 // dL/dh_{t-1} as an inline product. dgates leaves row-major, as the weight-gradient products
 // after the loop read it. `buf`: tiny_backward_numel(s) elements.
+// Where the reserve keeps no gates (lstm.h gates_in_reserve: float16 training), each step's
+// are recomputed first, as tiny_forward_steps computed them (TinyRecompute below), into the
+// step's dgates block, which the cell pass then overwrites with the gradients.
 template <typename T>
 int64_t tiny_backward_numel(const LSTMShape& s) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size;
-  // The step's vectors, then W_hh^T and (with a projection) W_hr^T: transpose_recurrent_weights.
-  return (2 * out + 4 * H + G) * s.batch + G * out + (s.proj_size > 0 ? H * out : 0);
+  // The step's vectors, then W_hh^T and (with a projection) W_hr^T: transpose_recurrent_weights;
+  // then, recomputing the gates, the step's input transposed, h_{t-1}, c_{t-1}, c_t and h_t.
+  const int64_t recompute =
+      s.gates_in_reserve ? 0 : (s.widest_layer_input() + out + 3 * H) * s.batch;
+  return (2 * out + 4 * H + G) * s.batch + G * out + (s.proj_size > 0 ? H * out : 0) + recompute;
 }
 
+// What recomputing a step's gates reads (tiny_backward_steps without gates in the reserve):
+// the layer input x [rows, in_size] row-major, its output in the reserve (this direction's
+// first column, row stride D * out), h0 [B, out] (zeros without hx), h_zero: no hx (the first
+// step's gates are its projection, as tiny_forward_steps has them), and the cell pass's setting.
+template <typename T>
+struct TinyRecompute {
+  const T* x;
+  int64_t in_size;
+  const T* layer_out;
+  const T* h0;
+  bool h_zero;
+  bool vec16;
+};
+
+// Step t's gates [4H][bs] into g as tiny_forward_steps computed them for the whole batch in
+// one slice: the step's input projection (tiny_input_projection on its rows, bias first), the
+// recurrent product on h_{t-1} (narrow batches through W_hh^T, as there), and the cell pass on
+// a copy of c_{t-1} (c_prev, [H][bs]), whose c_t and h_t go to scratch. The same arithmetic on
+// the same values, so the same gates (test_fp16_small_hidden_training_recomputes_the_gates;
+// lstm.h gates_in_reserve drops them only for inputs the forward, too, projects with
+// tiny_product: a GEMM's sums over a step's rows may round otherwise than over every row).
+// `scratch`: (widest layer input + out + 3H) x B elements (no input wider than
+// kTinyProjectionInput: lstm.h gates_in_reserve, backward.h).
+template <typename T>
+void tiny_recompute_gates(const LSTMShape& s, const DirectionWeights<T>& w, const T* w_hh_t,
+                          const TinyRecompute<T>& rc, int64_t d, int64_t step, const T* c_prev,
+                          T* g, T* scratch) {
+  const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, B = s.batch;
+  const int64_t t = time_of(s, d, step);
+  const int64_t bs = s.batch_sizes[t], off = s.step_offset[t];
+  T* xT = scratch;                            // [in][bs]
+  T* hp = xT + s.widest_layer_input() * B;    // [out][bs]: h_{t-1}
+  T* c = hp + out * B;                        // [H][bs]: c_{t-1}, then c_t
+  T* c_new = c + H * B;                       // [H][bs]
+  T* h = c_new + H * B;                       // [H][bs]
+  tiny_input_projection(w, rc.x + off * rc.in_size, bs, rc.in_size, G, g, xT);
+  if (!(rc.h_zero && step == 0)) {
+    // h_{t-1}: the previous step's output for the rows that continue, h0 for those that start
+    const PrevStep p = prev_step(s, d, t);
+    const int64_t out_stride = s.num_directions * out;
+    if (p.continuing > 0)
+      tiny_transpose(rc.layer_out + s.step_offset[p.t] * out_stride, out_stride, p.continuing,
+                     out, hp, bs);
+    if (p.continuing < bs)
+      tiny_transpose(rc.h0 + p.continuing * out, out, bs - p.continuing, out, hp + p.continuing,
+                     bs);
+    tiny_product(bs, G, out, w.w_hh, B < kTinyNarrowBatch ? w_hh_t : nullptr, hp, bs, g, bs, g,
+                 bs);
+  }
+  std::copy_n(c_prev, H * bs, c);
+  if (bs == B) {
+    cell_forward_block(H * bs, g, g + H * bs, g + 2 * H * bs, g + 3 * H * bs, nullptr, 0, c, c_new,
+                       h, rc.vec16);
+  } else {
+    for (int64_t j = 0; j < H; ++j)
+      cell_forward_block(bs, g + j * bs, g + (H + j) * bs, g + (2 * H + j) * bs,
+                         g + (3 * H + j) * bs, nullptr, 0, c + j * bs, c_new + j * bs, h + j * bs,
+                         rc.vec16);
+  }
+}
+
+// gates: the reserve's, or null to recompute each step's (rc).
 template <typename T>
 void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_t d,
                          const T* gates, const T* cells, const T* c0, const T* dy, T* dh_all,
-                         T* dgates, T* dh_state, T* dc_state, T* buf) {
+                         T* dgates, T* dh_state, T* dc_state, T* buf,
+                         const TinyRecompute<T>& rc = {}) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, B = s.batch;
   const int64_t out_stride = s.num_directions * out;
   const bool has_proj = s.proj_size > 0;
@@ -389,6 +460,7 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
   T* c0T = cp + H * B;        // [H][B]
   T* dg = c0T + H * B;        // [4H][bs]
   const auto [w_hh_t, w_hr_t] = transpose_recurrent_weights(s, w, dg + G * B);
+  T* recompute_buf = dg + G * B + G * out + (has_proj ? H * out : 0);
   tiny_transpose(dh_state, out, B, out, dhT, B);  // grad_hy (or zeros), as the caller filled it
   tiny_transpose(dc_state, H, B, H, dcT, B);
   tiny_transpose(c0, H, B, H, c0T, B);
@@ -405,19 +477,26 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
       tiny_product<T>(bs, H, out, w_hr_t, w.w_hr, dsum, bs, nullptr, 0, dhH, bs);
       dh_t = dhH;
     }
-    const T* gm = gates + off * G;  // [4H][bs]
     const T* ct = cells + off * H;  // [H][bs]
     const T* cpv = tiny_c_prev(s, d, t, bs, cells, c0T, cp);
+    // The step's activated gates [4H][bs]: the reserve's, or recomputed into dg, whose cell
+    // pass then writes each gradient over its gate (cell_backward_in_place: the same bits).
+    const T* gm = gates ? gates + off * G : dg;
+    if (!gates) tiny_recompute_gates(s, w, w_hh_t, rc, d, step, cpv, dg, recompute_buf);
+    const int64_t n = H * bs;  // a gate's elements in the step's block
+    auto cell_pass = [&](int64_t m, int64_t e, T* dc) {  // m elements of each gate from e
+      if (gates)
+        cell_backward_block(m, gm + e, gm + n + e, gm + 2 * n + e, gm + 3 * n + e, ct + e,
+                            cpv + e, dh_t + e, dc, dg + e, dg + n + e, dg + 2 * n + e,
+                            dg + 3 * n + e);
+      else
+        cell_backward_in_place(m, dg + e, dg + n + e, dg + 2 * n + e, dg + 3 * n + e, ct + e,
+                               cpv + e, dh_t + e, dc);
+    };
     if (bs == B) {
-      const int64_t n = H * bs;
-      cell_backward_block(n, gm, gm + n, gm + 2 * n, gm + 3 * n, ct, cpv, dh_t, dcT, dg, dg + n,
-                          dg + 2 * n, dg + 3 * n);
+      cell_pass(n, 0, dcT);
     } else {
-      for (int64_t j = 0; j < H; ++j)
-        cell_backward_block(bs, gm + j * bs, gm + (H + j) * bs, gm + (2 * H + j) * bs,
-                            gm + (3 * H + j) * bs, ct + j * bs, cpv + j * bs, dh_t + j * bs,
-                            dcT + j * B, dg + j * bs, dg + (H + j) * bs, dg + (2 * H + j) * bs,
-                            dg + (3 * H + j) * bs);
+      for (int64_t j = 0; j < H; ++j) cell_pass(bs, j * bs, dcT + j * B);
     }
     tiny_transpose(dg, bs, G, bs, dgates + off * G, G);
     tiny_product<T>(bs, out, G, w_hh_t, w.w_hh, dg, bs, nullptr, 0, dhT, B);  // dL/dh_{t-1}, rows < bs
