@@ -224,25 +224,28 @@ def test_opcheck_fp16_without_gates(packed, hidden_size, input_size, cases):
         torch.library.opcheck(LSTM_BACKWARD, args)
 
 
-@pytest.mark.parametrize("L,bidirectional,proj,packed,with_state,dropout,batch", [
-    (2, False, 0, False, True, 0.0, 10),
-    (1, False, 0, False, False, 0.0, 5),
-    (2, True, 3, True, True, 0.5, 10),
-    (3, True, 0, True, False, 0.5, 5),
-    (2, False, 5, False, False, 0.5, 12),
+@pytest.mark.parametrize("L,bidirectional,proj,packed,with_state,dropout,batch,H,T", [
+    (2, False, 0, False, True, 0.0, 10, 10, 6),
+    (1, False, 0, False, False, 0.0, 5, 10, 6),
+    (2, True, 3, True, True, 0.5, 10, 10, 6),
+    (3, True, 0, True, False, 0.5, 5, 10, 6),
+    (2, False, 5, False, False, 0.5, 12, 10, 6),
+    (2, True, 0, True, True, 0.0, 13, 15, 80),
 ], ids=["2-layers", "1-layer-no-hx-narrow", "bi-proj-packed-dropout",
-        "3-layers-bi-packed-no-hx-narrow", "proj-no-hx-dropout"])
+        "3-layers-bi-packed-no-hx-narrow", "proj-no-hx-dropout", "batch-slices-bi-packed"])
 def test_fp16_small_hidden_training_recomputes_the_gates_bit_for_bit(L, bidirectional, proj,
                                                                      packed, with_state, dropout,
-                                                                     batch):
+                                                                     batch, H, T):
     """float16 training below 16 hidden units (the small-hidden kernel) whose reserve keeps no
     gates (csrc/lstm.h, gates_in_reserve): the backward recomputes each step's gates from the
     layer input, h_{t-1} and c_{t-1} in the reserve, as the forward computed them
     (csrc/cpu/small_hidden.h, tiny_recompute_gates: the step's projection, the recurrent
     product, narrow batches through W_hh^T, the cell pass), and writes each gradient over its
     gate. Every result and gradient is the float32 call's on the same values, whose reserve
-    keeps the gates, bit for bit; also without dL/dx (input_grad=False)."""
-    H, I, T = 10, 5, 6
+    keeps the gates, bit for bit; also without dL/dx (input_grad=False), and where the
+    forward splits the batch over the threads (batch-slices: slices of 7 and 6 rows on two
+    threads, narrow ones, where the backward recomputes the whole batch at once)."""
+    I = 5
     _, a = make_case(L, True, bidirectional, proj, packed, with_state, dtype=torch.float16,
                      input_size=I, hidden_size=H, seq_len=T, batch=batch, dropout=dropout,
                      requires_grad=False)
