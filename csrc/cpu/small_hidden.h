@@ -369,7 +369,8 @@ const T* tiny_c_prev(const LSTMShape& s, int64_t d, int64_t t, int64_t bs, const
 // layout, lstm.h: each step's [4H][bs] and [H][bs] blocks), one cell pass over the step, and
 // dL/dh_{t-1} as an inline product. dgates leaves row-major, as the weight-gradient products
 // after the loop read it. `buf`: tiny_backward_numel(s) elements.
-// Where the reserve keeps no gates (lstm.h gates_in_reserve: float16 training), each step's
+// Where the reserve keeps no gates (lstm.h gates_in_reserve: float16 training, packed
+// bfloat16 training with inputs of at most kTinyProjectionInput: backward.h), each step's
 // are recomputed first, as tiny_forward_steps computed them (TinyRecompute below), into the
 // step's dgates block, which the cell pass then overwrites with the gradients.
 template <typename T>
