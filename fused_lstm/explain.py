@@ -200,7 +200,9 @@ def explain(module_or_sizes: nn.LSTM | Mapping[str, Any], input) -> dict[str, An
     nothing for backward: no gradient can flow) and where each product goes
     (``input_projection.<layer>``, ``recurrent_product``, ``projection``,
     ``backward_dh_product``, ``backward_weight_products``, ``backward_data_product``: brgemm,
-    bf16_gemm, onednn_matmul, blas, ...), with the ``cell_pass``, ``batch_slices``,
+    bf16_gemm, onednn_matmul, blas, ...), ``backward_gates`` for a training call (the gates
+    its backward reads: kept by the forward, or recomputed, a step or a chunk of steps at a
+    time, where the reserve keeps none), with the ``cell_pass``, ``batch_slices``,
     ``settings`` and ``cpu`` features the choice read, and for float32 the measured rates it
     read (``library_rates``: one thread's GFLOP/s of the BLAS and of oneDNN's matmul per class
     of product; ``fused_step_rates.<layer>``: one thread's fused step against the recurrent
