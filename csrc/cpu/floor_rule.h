@@ -25,7 +25,9 @@ namespace {
 // ours is several times faster) and where at::lstm would run what nn.LSTM runs for the same
 // call: no packed input (nn.LSTM's step loop, several times slower), no dropout mask (at::lstm
 // would draw its own), no projection (oneDNN's LSTM has none: ATen warns and runs its step
-// loop), float32 and bfloat16 models only (what oneDNN's LSTM takes).
+// loop), float32, bfloat16 and float16 models (what oneDNN's LSTM takes in inference: ATen
+// runs a float16 call's at::lstm on it too, on AMX-FP16 tiles where the CPU has them, where
+// ours computes in float32; benchmarks/notes/floor.md, "float16").
 // kFloorMinStepWork: multiply-adds of the first layer's step, batch * 4H * (input + out)
 // (medium, batch 32: 2^23.6; fastrnns: 2^27; below 2^22 one step is a few tens of us).
 constexpr int64_t kFloorMinBatch = 16;
@@ -61,7 +63,8 @@ constexpr size_t kFloorMaxKeys = 64;
 inline const char* floor_impossible(const CpuPlan& p, const LSTMShape& s, at::ScalarType dtype,
                                     bool has_mask) {
   if (!p.inference) return "a training call: the floor serves inference only";
-  if (dtype != at::kFloat && dtype != at::kBFloat16) return "float32 and bfloat16 models only";
+  if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf)
+    return "float32, bfloat16 and float16 models only";
   if (s.packed) return "packed input: nn.LSTM runs it step by step";
   if (has_mask) return "a dropout mask: at::lstm would draw its own";
   if (s.proj_size > 0) return "proj_size > 0: oneDNN's LSTM has no projection";
