@@ -50,7 +50,7 @@ change applies from the next call.
 * ``nn_lstm_floor``: whether an inference call may run what nn.LSTM runs for it (``at::lstm``:
   oneDNN's LSTM) instead of the fused kernels: ``"auto"`` (where it measures faster by more
   than 3%: the first inference call of a shape times both, interleaved, once per process; large
-  float32 and bfloat16 calls only, see ``fused_lstm.explain``), ``"never"`` or ``"always"``
+  float32, bfloat16 and float16 calls only, see ``fused_lstm.explain``), ``"never"`` or ``"always"``
   (wherever the floor is possible: for tests and comparisons);
 * ``allow_hidden_split`` (on; on an oversubscribed machine the per-step barrier can cost more
   than it gains: turn it off there): row-wise inference steps (float32 on brgemm, bf16 models on AMX tiles; every step
@@ -60,7 +60,7 @@ change applies from the next call.
   model's AMX steps only with this setting off) only where this machine's measured rates say its step (every row, a thread's share of the gate columns) is faster than the batch
   split's (its rows, every column) by a margin for the barrier (else wherever it applies).
   Where ``nn_lstm_floor`` ("auto") measures a call, it also times the call with the other
-  split end to end and keeps the faster for that shape (float32 and bfloat16 models; explain's
+  split end to end and keeps the faster for that shape (float32, bfloat16 and float16 models; explain's
   ``step_split_times``).
 
 ``cuda`` (the CUDA kernels have not yet run on a GPU):
