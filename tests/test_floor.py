@@ -84,8 +84,8 @@ def _assert_equal(got, expected):
 
 def _assert_close(got, expected, dtype):
     # Ours against nn.LSTM's in the same dtype: bf16 products against oneDNN's; float16 ours
-    # in float32, rounded at the end, against oneDNN's float16 (within 1e-3 here: ~5 float16
-    # steps at 1); float32 to its rounding.
+    # in float32, rounded at the end, against oneDNN's float16 (measured within 1e-3, one
+    # float16 step at 1; the tolerance is five); float32 to its rounding.
     tol = {BF16: dict(atol=2e-2, rtol=2e-2), F16: dict(atol=5e-3, rtol=5e-3)}.get(
         dtype, dict(atol=1e-5, rtol=1e-5))
     for g, e in zip(_flat(got), _flat(expected)):
