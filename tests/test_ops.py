@@ -245,8 +245,26 @@ def test_fp16_small_hidden_training_recomputes_the_gates_bit_for_bit(L, bidirect
     keeps the gates, bit for bit; also without dL/dx (input_grad=False), and where the
     forward splits the batch over the threads (batch-slices: slices of 7 and 6 rows on two
     threads, narrow ones, where the backward recomputes the whole batch at once)."""
-    I = 5
-    _, a = make_case(L, True, bidirectional, proj, packed, with_state, dtype=torch.float16,
+    _check_recomputed_gates(torch.float16, L, bidirectional, proj, packed, with_state, dropout,
+                            batch, H, T, I=5)
+
+
+@pytest.mark.parametrize("I", [5, 40], ids=["recomputed", "wide-input-forward-again"])
+def test_packed_bf16_small_hidden_backward_recomputes_the_gates_bit_for_bit(I):
+    """Packed bfloat16 training keeps no gates at any hidden size (csrc/lstm.h,
+    gates_in_reserve). Below 16 hidden units the small-hidden backward recomputes a step's at a
+    time where every layer input is at most 32 wide, and runs the forward again into a reserve
+    with the gates where one is wider (csrc/cpu/backward.h): either way every result and
+    gradient is the float32 call's on the same values, bit for bit."""
+    _check_recomputed_gates(torch.bfloat16, 2, True, 0, True, True, 0.5, 10, 10, 6, I=I)
+
+
+def _check_recomputed_gates(dtype, L, bidirectional, proj, packed, with_state, dropout, batch,
+                            H, T, I):
+    """A small-hidden training call in `dtype` whose reserve keeps no gates against the float32
+    call on the same values (whose reserve keeps them): equal bit for bit, forward and
+    backward, with and without dL/dx."""
+    _, a = make_case(L, True, bidirectional, proj, packed, with_state, dtype=dtype,
                      input_size=I, hidden_size=H, seq_len=T, batch=batch, dropout=dropout,
                      requires_grad=False)
     a32 = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point()
@@ -258,7 +276,7 @@ def test_fp16_small_hidden_training_recomputes_the_gates_bit_for_bit(L, bidirect
     assert reserve.numel() == ops.reserve_numel(rows, L, D, H, proj, False)
     assert expected[3].numel() == ops.reserve_numel(rows, L, D, H, proj, True)
     for ours, theirs in zip((output, hy, cy), expected[:3]):
-        assert torch.equal(ours, theirs.half())
+        assert torch.equal(ours, theirs.to(dtype))
     ups = [torch.randn_like(t) for t in (output, hy, cy)]
     for input_grad in (True, False):
         got = LSTM_BACKWARD(*op_args(a)[:6], reserve, *ups, *op_args(a)[6:], input_grad)
@@ -270,7 +288,7 @@ def test_fp16_small_hidden_training_recomputes_the_gates_bit_for_bit(L, bidirect
                 assert theirs is None
                 continue
             assert not torch.isnan(ours).any()
-            assert torch.equal(ours, theirs.half())
+            assert torch.equal(ours, theirs.to(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
