@@ -20,16 +20,14 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   const int64_t out_stride = D * out;
   const bool has_proj = s.proj_size > 0;
   const bool tiny = plan.variant == Variant::kSmallHidden;
-  // A reserve without the gates (lstm.h, gates_in_reserve): the recurrence below recomputes
+  // A reserve without the gates (lstm.h gates_in_reserve; plan.h backward_gates): the recurrence below recomputes
   // them (bf16 products, and the small-hidden kernel where every layer input takes its own
   // product: step by step; float32 ones: by chunks, plan.recompute_float_chunks); elsewhere
   // (a packed bfloat16 call's small-hidden kernel with a wider input, whose forward projected
   // it with one GEMM over every row; the few-row backward) the forward runs again into a
   // reserve that keeps them, and the backward reads that (the same gates: the forward is
   // deterministic).
-  const bool tiny_recomputes = tiny && s.widest_layer_input() <= kTinyProjectionInput;
-  if (!s.gates_in_reserve && (tiny ? !tiny_recomputes
-                                   : !plan.bf16_products && !plan.recompute_float_chunks)) {
+  if (backward_gates(plan, s) == BackwardGates::kForwardAgain) {
     LSTMShape with_gates = s;
     with_gates.gates_in_reserve = true;
     at::Tensor full_buf, states_buf;

@@ -114,16 +114,11 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
   if (!p.inference && p.model == at::kHalf)
     o << "fp16_kept_training=" << (p.fp16_kept_training ? "true" : "false") << "\n";
   if (!p.inference) {
-    // The gates the backward reads (lstm.h gates_in_reserve; backward.h).
-    const bool tiny = p.variant == Variant::kSmallHidden;
-    o << "backward_gates="
-      << (s.gates_in_reserve ? "kept by the forward"
-          : tiny && s.widest_layer_input() <= kTinyProjectionInput
-              ? "recomputed a step at a time (small-hidden kernel)"
-          : !tiny && p.bf16_products ? "recomputed a step at a time (bf16 products)"
-          : p.recompute_float_chunks ? "recomputed by chunks of steps"
-                                     : "the forward run again into a reserve with them")
-      << "\n";
+    static const char* const kGates[] = {
+        "kept by the forward", "recomputed a step at a time (small-hidden kernel)",
+        "recomputed a step at a time (bf16 products)", "recomputed by chunks of steps",
+        "the forward run again into a reserve with them"};
+    o << "backward_gates=" << kGates[int(backward_gates(p, s))] << "\n";
     o << "backward_widens_16bit=" << (p.backward_widens_16bit ? "true" : "false") << "\n";
     std::string dh;
     if (p.variant == Variant::kSmallHidden) dh = "small-hidden product (inline)";

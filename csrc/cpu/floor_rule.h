@@ -59,12 +59,16 @@ constexpr double kFloorFarBehind = 1.5;
 // Keys measured per process at most; calls of further keys run our kernels unmeasured.
 constexpr size_t kFloorMaxKeys = 64;
 
+// The model dtypes the floor takes (see above).
+inline bool floor_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
+}
+
 // Why the floor cannot run a call, or nullptr where it can.
 inline const char* floor_impossible(const CpuPlan& p, const LSTMShape& s, at::ScalarType dtype,
                                     bool has_mask) {
   if (!p.inference) return "a training call: the floor serves inference only";
-  if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf)
-    return "float32, bfloat16 and float16 models only";
+  if (!floor_dtype(dtype)) return "float32, bfloat16 and float16 models only";
   if (s.packed) return "packed input: nn.LSTM runs it step by step";
   if (has_mask) return "a dropout mask: at::lstm would draw its own";
   if (s.proj_size > 0) return "proj_size > 0: oneDNN's LSTM has no projection";

@@ -246,7 +246,7 @@ Results3 lstm_inference_cpu(
   const at::ScalarType dtype = input.scalar_type();
   // The floor's cheap conditions first: most calls skip the rest.
   if (settings.nn_lstm_floor != 1 && !batch_sizes.has_value() && !dropout_mask.has_value() &&
-      proj_size == 0 && (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf)) {
+      proj_size == 0 && floor_dtype(dtype)) {
     const LSTMShape s = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask,
                                         num_layers, bidirectional, has_biases, proj_size);
     const CallPlan call{settings, /*inference=*/true};

@@ -206,6 +206,22 @@ inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, at::Sca
   return p;
 }
 
+// Where a training call's backward gets its gates (lstm.h gates_in_reserve; backward.h acts on
+// it, describe.h reports it): kept by the forward; recomputed a step at a time by the
+// small-hidden kernel (every layer input at most kDropGatesMaxSmallInput wide, so the forward
+// projected it with the small-hidden product too) or in the bf16 products' recurrence; by
+// chunks of steps (recompute_float_chunks); else the forward runs again into a reserve with them.
+enum class BackwardGates { kKept, kSmallHiddenSteps, kBf16Steps, kFloatChunks, kForwardAgain };
+inline BackwardGates backward_gates(const CpuPlan& p, const LSTMShape& s) {
+  if (s.gates_in_reserve) return BackwardGates::kKept;
+  if (p.variant == Variant::kSmallHidden)
+    return s.widest_layer_input() <= kDropGatesMaxSmallInput ? BackwardGates::kSmallHiddenSteps
+                                                             : BackwardGates::kForwardAgain;
+  if (p.bf16_products) return BackwardGates::kBf16Steps;
+  if (p.recompute_float_chunks) return BackwardGates::kFloatChunks;
+  return BackwardGates::kForwardAgain;
+}
+
 // ---- The library of a product (blas.h's gemm asks) ----
 // From this many multiply-adds on, a float32 GEMM may go to oneDNN instead of the BLAS, where
 // this machine's measured rates (rates.h) say oneDNN's kernel for its class of product is the
