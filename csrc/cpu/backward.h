@@ -20,9 +20,10 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   const int64_t out_stride = D * out;
   const bool has_proj = s.proj_size > 0;
   const bool tiny = plan.variant == Variant::kSmallHidden;
-  // A reserve without the gates (lstm.h gates_in_reserve; plan.h backward_gates): the recurrence below recomputes
-  // them (bf16 products, and the small-hidden kernel where every layer input takes its own
-  // product: step by step; float32 ones: by chunks, plan.recompute_float_chunks); elsewhere
+  // A reserve without the gates (lstm.h gates_in_reserve; plan.h backward_gates): the
+  // recurrence below recomputes them (bf16 products, and the small-hidden kernel where every
+  // layer input takes its own product: step by step; float32 ones: by chunks,
+  // plan.recompute_float_chunks); elsewhere
   // (a packed bfloat16 call's small-hidden kernel with a wider input, whose forward projected
   // it with one GEMM over every row; the few-row backward) the forward runs again into a
   // reserve that keeps them, and the backward reads that (the same gates: the forward is
