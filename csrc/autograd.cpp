@@ -41,12 +41,59 @@ OptTensor defined_or_none(const at::Tensor& t) {
   return t.defined() ? OptTensor(t) : std::nullopt;
 }
 
+// Plain CPU tensors (or none): not a tracing or transform's wrapper (FakeTensor, functional,
+// functorch or legacy-vmap batched tensors), whose data the CPU kernels cannot read directly.
+bool plain_cpu(std::initializer_list<OptTensor> tensors) {
+  static const c10::DispatchKeySet wrapped({c10::DispatchKey::Python,
+                                            c10::DispatchKey::PythonTLSSnapshot,
+                                            c10::DispatchKey::Functionalize,
+                                            c10::DispatchKey::Batched,
+                                            c10::DispatchKey::FuncTorchBatched,
+                                            c10::DispatchKey::FuncTorchGradWrapper});
+  for (const OptTensor& t : tensors)
+    if (t && t->defined() && (!t->is_cpu() || t->layout() != at::kStrided ||
+                              t->key_set().has_any(wrapped)))
+      return false;
+  return true;
+}
+
+// W_ih's or W_hh's own autograd node (lstm.h, "gradients apart"). Its forward returns a token, a
+// 0-dim tensor that the LSTM node takes in the weight's place (the LSTM node reads the weight
+// detached); its backward, which runs after the LSTM node's (the token is its input), takes what
+// that left at `index` of the shared list: the weight's factors, whose gradient it makes, or
+// (create_graph, batched gradients, another backward) the gradient itself.
+struct WeightGradNode : public torch::autograd::Function<WeightGradNode> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& weight,
+                            const c10::IValue& apart, int64_t index) {
+    ctx->saved_data["apart"] = apart;
+    ctx->saved_data["index"] = index;
+    ctx->saved_data["sizes"] = weight.sizes().vec();
+    ctx->saved_data["dtype"] = weight.scalar_type();
+    return at::empty({}, weight.options());
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list) {
+    c10::List<at::Tensor> apart = ctx->saved_data["apart"].toTensorList();
+    const int64_t index = ctx->saved_data["index"].toInt();
+    at::Tensor left = apart.get(index);
+    apart.set(index, at::Tensor());  // released as soon as the gradient is made
+    const std::vector<int64_t> sizes = ctx->saved_data["sizes"].toIntVector();
+    at::Tensor grad;
+    if (left.defined())
+      grad = left.sizes() == at::IntArrayRef(sizes)
+                 ? left
+                 : weight_grad_from_factors(left, sizes, ctx->saved_data["dtype"].toScalarType());
+    return {grad, at::Tensor(), at::Tensor()};
+  }
+};
+
 struct LSTMFunction : public torch::autograd::Function<LSTMFunction> {
   static variable_list forward(
       AutogradContext* ctx, const at::Tensor& input, const OptTensor& batch_sizes,
       const OptTensor& hx, const OptTensor& cx, at::TensorList weights,
       const OptTensor& dropout_mask, int64_t num_layers, bool bidirectional, bool has_biases,
-      int64_t proj_size) {
+      int64_t proj_size, at::TensorList tokens, const c10::IValue& apart,
+      const c10::IValue& originals) {
     static const auto op = find_op<ForwardSig>("fused_lstm::lstm_forward");
     at::Tensor output, hy, cy, reserve;
     {
@@ -59,13 +106,21 @@ struct LSTMFunction : public torch::autograd::Function<LSTMFunction> {
     ctx->set_materialize_grads(false);
     variable_list saved{input, hx.value_or(at::Tensor()), cx.value_or(at::Tensor()),
                         dropout_mask.value_or(at::Tensor()), reserve};
-    saved.insert(saved.end(), weights.begin(), weights.end());
+    // (With the gradients apart, the weights as the caller gave them, not the detached ones
+    // read here: a differentiable gradient, create_graph=True, is made from them.)
+    if (originals.isTensorList()) {
+      for (const at::Tensor& w : originals.toTensorList()) saved.push_back(w);
+    } else {
+      saved.insert(saved.end(), weights.begin(), weights.end());
+    }
     ctx->save_for_backward(std::move(saved));
     ctx->saved_data["batch_sizes"] = batch_sizes.value_or(at::Tensor());
     ctx->saved_data["num_layers"] = num_layers;
     ctx->saved_data["bidirectional"] = bidirectional;
     ctx->saved_data["has_biases"] = has_biases;
     ctx->saved_data["proj_size"] = proj_size;
+    ctx->saved_data["tokens"] = static_cast<int64_t>(tokens.size());
+    ctx->saved_data["apart"] = apart;
     return {output, hy, cy, reserve};
   }
 
@@ -86,12 +141,28 @@ struct LSTMFunction : public torch::autograd::Function<LSTMFunction> {
     const OptTensor grad_hy = defined_or_none(grads[1]);
     const OptTensor grad_cy = defined_or_none(grads[2]);
 
-    // One entry per flattened forward argument (the non-tensor ones are dropped by autograd).
-    variable_list result(4 + weights.size() + 5);
+    // W_ih's and W_hh's gradients apart (lstm.h): their nodes' shared list, emptied first (a
+    // backward that makes none must not leave the nodes an earlier backward's).
+    const c10::IValue& apart_value = ctx->saved_data["apart"];
+    c10::List<at::Tensor> apart;
+    if (apart_value.isTensorList()) {
+      apart = apart_value.toTensorList();
+      for (size_t i = 0; i < apart.size(); ++i) apart.set(i, at::Tensor());
+    }
+    const int64_t tokens = ctx->saved_data["tokens"].toInt();
+
+    // One entry per flattened forward argument (autograd counts the non-tensor ones too, which
+    // get none): input, batch_sizes, hx, cx, the weights, dropout_mask, 4 ints and bools, the
+    // weight nodes' tokens, the list, the weights as given.
+    variable_list result(4 + weights.size() + 5 + tokens + 2);
     if (!grad_output && !grad_hy && !grad_cy) return result;
 
     at::Tensor grad_input, grad_hx, grad_cx;
     std::vector<at::Tensor> grad_weights;
+    // The plain backward, every weight's gradient returned by the op, except with W_ih and W_hh
+    // apart on plain CPU tensors: then theirs are factors (lstm_backward_cpu_apart).
+    const bool factors = !apart.empty() && !at::GradMode::is_enabled() &&
+                         plain_cpu({grad_output, grad_hy, grad_cy});
     if (at::GradMode::is_enabled()) {  // create_graph=True: a differentiable gradient
       static const auto op = find_op<CompositeSig>("fused_lstm::lstm_backward_composite");
       std::tie(grad_input, grad_hx, grad_cx, grad_weights) =
@@ -101,15 +172,30 @@ struct LSTMFunction : public torch::autograd::Function<LSTMFunction> {
       // Where the input needs no gradient (the usual training call: the data does not require
       // grad), the op computes none: layer 0's dL/dx products are skipped.
       static const auto op = find_op<BackwardSig>("fused_lstm::lstm_backward");
-      std::tie(grad_input, grad_hx, grad_cx, grad_weights) =
-          op.call(input, batch_sizes, hx, cx, weights, mask, reserve, grad_output, grad_hy,
-                  grad_cy, num_layers, bidirectional, has_biases, proj_size,
-                  ctx->needs_input_grad(0));
+      if (factors)
+        std::tie(grad_input, grad_hx, grad_cx, grad_weights) = lstm_backward_cpu_apart(
+            input, batch_sizes, hx, cx, weights, mask, reserve, grad_output, grad_hy, grad_cy,
+            num_layers, bidirectional, has_biases, proj_size, ctx->needs_input_grad(0));
+      else
+        std::tie(grad_input, grad_hx, grad_cx, grad_weights) =
+            op.call(input, batch_sizes, hx, cx, weights, mask, reserve, grad_output, grad_hy,
+                    grad_cy, num_layers, bidirectional, has_biases, proj_size,
+                    ctx->needs_input_grad(0));
     }
     if (ctx->needs_input_grad(0)) result[0] = grad_input;
     if (hx) result[2] = grad_hx;
     if (cx) result[3] = grad_cx;
-    for (size_t i = 0; i < grad_weights.size(); ++i) result[4 + i] = grad_weights[i];
+    const int64_t per_direction = 2 + (has_biases ? 2 : 0) + (proj_size > 0 ? 1 : 0);
+    for (size_t i = 0; i < grad_weights.size(); ++i) {
+      if (!apart.empty() && static_cast<int64_t>(i) % per_direction < 2)
+        apart.set(i, grad_weights[i]);  // for W_ih's or W_hh's node (WeightGradNode)
+      else
+        result[4 + i] = grad_weights[i];
+    }
+    if (tokens > 0) {  // each weight node's token: a gradient so that the node runs
+      const at::Tensor token_grad = at::zeros({}, weights[0].options());
+      for (int64_t i = 0; i < tokens; ++i) result[4 + weights.size() + 5 + i] = token_grad;
+    }
     return result;
   }
 };
@@ -124,6 +210,9 @@ struct LSTMFunction : public torch::autograd::Function<LSTMFunction> {
 // a normal tensor). A contiguous input is saved as it is: then an in-place edit makes
 // backward raise autograd's error, and an inference tensor cannot be saved (the op's error;
 // FusedLSTM then lets nn.LSTM raise its own), both as nn.LSTM does.
+// (A quick bound before the CPU plan is asked: the few-row backward takes at most 8 rows.)
+constexpr int64_t kApartMaxRows = 8;
+
 at::Tensor saveable_input(const at::Tensor& input) {
   return input.is_contiguous() ? input : input.contiguous();
 }
@@ -132,8 +221,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_autograd
     const at::Tensor& input, const OptTensor& batch_sizes, const OptTensor& hx,
     const OptTensor& cx, at::TensorList weights, const OptTensor& dropout_mask,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size) {
-  auto out = LSTMFunction::apply(saveable_input(input), batch_sizes, hx, cx, weights,
-                                 dropout_mask, num_layers, bidirectional, has_biases, proj_size);
+  // W_ih's and W_hh's gradients apart (lstm.h): a training call of a few rows on plain CPU
+  // tensors, every weight requiring grad.
+  // (Plain tensors first: a tracer's have symbolic sizes, which numel() refuses.)
+  bool apart = at::GradMode::is_enabled() && !weights.empty() && plain_cpu({input, hx, cx});
+  for (const at::Tensor& w : weights) apart = apart && w.requires_grad() && plain_cpu({w});
+  apart = apart && input.dim() >= 2 && input.numel() <= kApartMaxRows * input.size(-1) &&
+          cpu_weight_grads_apart(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
+                                 bidirectional, has_biases, proj_size);
+  if (!apart) {
+    auto out = LSTMFunction::apply(saveable_input(input), batch_sizes, hx, cx, weights,
+                                   dropout_mask, num_layers, bidirectional, has_biases, proj_size,
+                                   at::TensorList(), c10::IValue(), c10::IValue());
+    return {out[0], out[1], out[2], out[3]};
+  }
+  const int64_t per_direction = 2 + (has_biases ? 2 : 0) + (proj_size > 0 ? 1 : 0);
+  c10::List<at::Tensor> list;
+  std::vector<at::Tensor> tokens, as_read(weights.begin(), weights.end());
+  for (size_t i = 0; i < weights.size(); ++i) {
+    list.push_back(at::Tensor());
+    if (static_cast<int64_t>(i) % per_direction < 2) {
+      tokens.push_back(WeightGradNode::apply(weights[i], c10::IValue(list),
+                                             static_cast<int64_t>(i)));
+      as_read[i] = weights[i].detach();
+    }
+  }
+  // (As TensorLists: autograd counts a std::vector argument as one non-tensor.)
+  auto out = LSTMFunction::apply(saveable_input(input), batch_sizes, hx, cx,
+                                 at::TensorList(as_read), dropout_mask, num_layers, bidirectional,
+                                 has_biases, proj_size, at::TensorList(tokens), c10::IValue(list),
+                                 c10::IValue(c10::List<at::Tensor>(weights.vec())));
   return {out[0], out[1], out[2], out[3]};
 }
 

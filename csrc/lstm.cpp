@@ -467,7 +467,7 @@ BackwardArgs prepare_backward(
     const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
     Keep16 keep_16bit, Keep16 keep_16bit_weights, bool may_drop_gates, Keep16 grads_16bit,
-    Keep16 keep_half_input, bool input_grad) {
+    Keep16 keep_half_input, bool input_grad, bool weight_grads_apart) {
   BackwardArgs a;
   a.shape = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
                             bidirectional, has_biases, proj_size);
@@ -505,8 +505,16 @@ BackwardArgs prepare_backward(
   auto in_dtype_grad = [&](size_t i) {
     return grads_in_dtype && static_cast<int64_t>(i) % per_direction < 2;
   };
-  for (size_t i = 0; i < weights.size(); ++i)
-    if (in_dtype_grad(i)) a.grad_weights[i] = at::empty(weights[i].sizes(), weights[i].options());
+  // W_ih's and W_hh's factors instead of their gradients (weight_grads_apart, a few-row call):
+  // float32 [rows, 4H + columns], dL/dgates beside the rows each weight's gradient multiplies.
+  a.weight_grads_apart = weight_grads_apart;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    if (weight_grads_apart && static_cast<int64_t>(i) % per_direction < 2)
+      a.grad_weights[i] = at::empty({s.rows, 4 * s.hidden_size + weights[i].size(1)},
+                                    input.options().dtype(at::kFloat));
+    else if (in_dtype_grad(i))
+      a.grad_weights[i] = at::empty(weights[i].sizes(), weights[i].options());
+  }
   // A CPU 16-bit call: its float32 results returned rounded, in the scratch buffer. Except
   // where the op keeps bf16 operands (the bf16 products: sizes where an allocation per result
   // costs nothing that shows): there each gradient keeps a tensor of its own, one allocation of
@@ -517,7 +525,8 @@ BackwardArgs prepare_backward(
     TORCH_INTERNAL_ASSERT(is_16bit(a.dtype));
     if (!keep_weights)  // else each its own buffer, released one by one in finish_backward
       for (size_t i = 0; i < weights.size(); ++i)
-        if (!in_dtype_grad(i)) convert.scratch_result(a.grad_weights[i], weights[i].sizes());
+        if (!a.grad_weights[i].defined())
+          convert.scratch_result(a.grad_weights[i], weights[i].sizes());
     if (input_grad) convert.scratch_result(a.grad_input, input.sizes());
     convert.scratch_result(a.grad_hx, {LD, s.batch, s.out_size});
     convert.scratch_result(a.grad_cx, {LD, s.batch, s.hidden_size});
@@ -557,8 +566,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> finish_b
   a.weights.clear();
   std::vector<at::Tensor> grad_weights;
   grad_weights.reserve(a.grad_weights.size());
+  const int64_t per_direction = a.shape.weights_per_direction();
   for (size_t i = 0; i < a.grad_weights.size(); ++i) {
-    grad_weights.push_back(in_dtype(a.grad_weights[i], weights[i].scalar_type()));
+    const bool factors = a.weight_grads_apart && static_cast<int64_t>(i) % per_direction < 2;
+    grad_weights.push_back(factors ? a.grad_weights[i]
+                                   : in_dtype(a.grad_weights[i], weights[i].scalar_type()));
     a.grad_weights[i] = at::Tensor();
   }
   return {in_dtype(a.grad_input, a.dtype), in_dtype(a.grad_hx, a.dtype),

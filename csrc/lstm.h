@@ -246,6 +246,9 @@ struct BackwardArgs {
   // results, in the math dtype: shaped like input, [L*D, B, out], [L*D, B, H], like weights
   at::Tensor grad_input, grad_hx, grad_cx;
   std::vector<at::Tensor> grad_weights;
+  // W_ih's and W_hh's entries of grad_weights hold their factors instead (prepare_backward's
+  // weight_grads_apart): returned as they are.
+  bool weight_grads_apart = false;
 };
 
 // A 1-D CPU tensor of `numel` elements whose memory is recycled within the process: large
@@ -290,12 +293,49 @@ BackwardArgs prepare_backward(
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
     Keep16 keep = nullptr, Keep16 keep_weights = nullptr,
     bool may_drop_gates = false, Keep16 grads_16bit = nullptr, Keep16 keep_half_input = nullptr,
-    bool input_grad = true);
+    bool input_grad = true, bool weight_grads_apart = false);
 
 // (grad_input, grad_hx, grad_cx, grad_weights), each in its argument's dtype. Releases what `a`
 // holds as it goes (the math-dtype gradients once converted).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> finish_backward(
     BackwardArgs& a, at::TensorList weights);
+
+// ---- W_ih's and W_hh's gradients apart (csrc/autograd.cpp) ----
+// A training call of a few rows (one streaming step) spends little memory besides its weight
+// gradients, which one backward returns all at once. Where the CPU backend says it can
+// (cpu_weight_grads_apart), the autograd kernel gives W_ih and W_hh each an autograd node of its
+// own: the op's backward leaves their gradients as factors, dL/dgates beside the rows it
+// multiplies (the layer input for W_ih, h_{t-1} for W_hh; float32, [rows, 4H + columns]),
+// and each weight's node makes its gradient from them (weight_grad_from_factors), which autograd
+// adds into .grad and frees before the next is made. The gradients are the same bit for bit.
+// Measured: benchmarks/notes/memory.md, "Few-row training: the weight gradients one at a time".
+
+// Whether a training call of these arguments takes its W_ih and W_hh gradients apart: a CPU call
+// whose backward is the few-row one (csrc/cpu/plan.h) with the setting on
+// (cpu.allow_weight_grads_apart).
+bool cpu_weight_grads_apart(
+    const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
+    const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
+    at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
+    bool bidirectional, bool has_biases, int64_t proj_size);
+
+// The CPU backward (fused_lstm::lstm_backward's arguments and results) where W_ih's and W_hh's
+// entries of the weight gradients are their factors; or, where this call's backward is not the
+// few-row one after all (a setting changed since the forward), their gradients, as the op
+// returns them.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_backward_cpu_apart(
+    const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
+    const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
+    at::TensorList weights, const std::optional<at::Tensor>& dropout_mask,
+    const at::Tensor& reserve, const std::optional<at::Tensor>& grad_output,
+    const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
+    int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
+    bool input_grad);
+
+// A weight's gradient [4H, N] in `dtype` from its factors ([rows, 4H + N] float32): the sum over
+// the rows of dL/dgates^T times the row, as the few-row backward sums and rounds it.
+at::Tensor weight_grad_from_factors(const at::Tensor& factors, at::IntArrayRef sizes,
+                                    at::ScalarType dtype);
 
 // Additional checks of the backward op: reserve size and gradient shapes.
 void check_lstm_backward_args(

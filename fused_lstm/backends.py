@@ -23,6 +23,11 @@ change applies from the next call.
 * ``allow_few_rows``: a training call of at most 8 rows in all (B x T, e.g. one streaming step):
   the backward's products read the weights as stored, 16-bit ones widened in registers (else
   packed or widened copies and library products, as for larger calls);
+* ``allow_weight_grads_apart``: in those few-row training calls, W_ih's and W_hh's gradients
+  each made by an autograd node of their own, one after the other, from factors the backward
+  leaves (so that autograd adds each into ``.grad`` and frees it before the next is made: the
+  peak holds one weight's gradient, not all of them), where every weight requires grad and the
+  tensors are plain CPU ones (else the op's backward returns them all, the same values);
 * ``allow_small_products``: float32 products of at most 2^14 multiply-adds (the backward's at
   the tutorial sizes) on 16 AVX-512 lanes in place, on CPUs with AVX-512 (else the BLAS, or
   inline_gemv's loop for a matrix-vector product);
@@ -73,7 +78,9 @@ Defaults come from the environment, read once when fused_lstm is imported:
 ``FUSED_LSTM_NO_BRGEMM``, ``FUSED_LSTM_NO_VEC16_CELL``, ``FUSED_LSTM_UNFUSED_INPUT``,
 ``FUSED_LSTM_NO_THIN``, ``FUSED_LSTM_NO_BF16_GEMM``, ``FUSED_LSTM_NO_AMX``,
 ``FUSED_LSTM_NO_MEASURED_FUSION``, ``FUSED_LSTM_NO_HIDDEN_SPLIT``,
-``FUSED_LSTM_NO_MEASURED_HIDDEN_SPLIT`` (``1`` turns the matching CPU setting off),
+``FUSED_LSTM_NO_MEASURED_HIDDEN_SPLIT``, ``FUSED_LSTM_NO_FEW_ROWS``,
+``FUSED_LSTM_NO_WEIGHT_GRADS_APART``, ``FUSED_LSTM_NO_SMALL_PRODUCTS`` (``1`` turns the matching
+CPU setting off),
 ``FUSED_LSTM_GEMM_LIBRARY`` (``auto``, ``blas`` or ``onednn_matmul``),
 ``FUSED_LSTM_NN_LSTM_FLOOR`` (``auto``, ``never`` or ``always``),
 ``FUSED_LSTM_CUDA_PATH`` and ``FUSED_LSTM_CUDA_PERSISTENT_UNITS`` / ``_TILE`` / ``_KSPLIT``.
@@ -171,6 +178,7 @@ _CPU: Dict[str, _Setting] = {
     "hidden_split_by_measured_rates": (_flag, bool, "FUSED_LSTM_NO_MEASURED_HIDDEN_SPLIT",
                                        _off_if_set),
     "allow_few_rows": (_flag, bool, "FUSED_LSTM_NO_FEW_ROWS", _off_if_set),
+    "allow_weight_grads_apart": (_flag, bool, "FUSED_LSTM_NO_WEIGHT_GRADS_APART", _off_if_set),
     "allow_small_products": (_flag, bool, "FUSED_LSTM_NO_SMALL_PRODUCTS", _off_if_set),
 }
 _CUDA: Dict[str, _Setting] = {

@@ -461,6 +461,7 @@ def test_variant(name, packed):
     ("allow_bf16_products", "row_wise-bf16_gemm", "recurrent_product", True),
     ("allow_amx", "row_wise-amx", "recurrent_product", False),
     ("allow_few_rows", "few-rows-float32", "backward_dh_product", False),
+    ("allow_weight_grads_apart", "few-rows-float32", "weight_grads_apart", False),
     ("allow_small_products", "small_hidden-small-products", "backward_weight_products", True),
 ])
 def test_setting_switches_the_kernel(setting, case, key, bits_differ):

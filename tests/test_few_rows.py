@@ -12,7 +12,7 @@ from torch import nn
 
 import fused_lstm
 from fused_lstm import FusedLSTM
-from helpers import allocation_sizes, isa_cap, isa_levels, randn
+from helpers import allocation_sizes, isa_cap, isa_levels, memory_events, randn
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 CPU = fused_lstm.backends.cpu
@@ -173,3 +173,231 @@ def test_few_rows_16bit_gradients_are_written_in_their_dtype(dtype):
     assert sizes.count(2 * G * H) == 1 and sizes.count(2 * G * I) == 1, sorted(sizes)
     assert 4 * G * H not in sizes and 4 * G * I not in sizes, sorted(sizes)
     assert model.weight_hh_l0.grad.dtype == dtype
+
+
+# ---- W_ih's and W_hh's gradients apart (csrc/autograd.cpp, lstm.h cpu_weight_grads_apart) ----
+# input, hidden, layers, bidirectional, proj_size, seq_len, batch, dropout, packed, with hx
+APART_CASES = {
+    "stream-step": (64, 256, 2, False, 0, 1, 1, 0.0, False, True),
+    "bidirectional": (37, 70, 2, True, 0, 2, 3, 0.0, False, True),
+    "projection": (24, 40, 3, False, 16, 1, 4, 0.0, False, True),
+    "dropout-no-hx": (24, 40, 3, False, 0, 2, 2, 0.4, False, False),
+    "packed": (20, 48, 2, True, 0, 3, 2, 0.0, True, True),
+}
+_WEIGHT_NODE = "WeightGradNode"
+
+
+def _weight_nodes(t):
+    """The names of the weights' own nodes (WeightGradNode) in t's autograd graph."""
+    found, pending, seen = [], [t.grad_fn], set()
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if _WEIGHT_NODE in node.name():
+            found.append(node.name())
+        pending.extend(n for n, _ in node.next_functions)
+    return found
+
+
+def _apart_case(name, dtype):
+    I, H, L, bi, proj, T, B, p, packed, with_hx = APART_CASES[name]
+    torch.manual_seed(3)
+    model = FusedLSTM(I, H, L, bidirectional=bi, proj_size=proj, dropout=p, dtype=dtype)
+    D, out = (2 if bi else 1), (proj or H)
+    x = randn(T, B, I).to(dtype)
+    hx = (randn(L * D, B, out).to(dtype), randn(L * D, B, H).to(dtype)) if with_hx else None
+    up = (randn(T, B, D * out).to(dtype), randn(L * D, B, out).to(dtype),
+          randn(L * D, B, H).to(dtype))
+    lengths = torch.tensor([T, T - 1][:B] + [1] * max(0, B - 2)) if packed else None
+    return model, x, hx, up, lengths
+
+
+def _apart_results(model, x, hx, up, lengths, input_grad=True):
+    """output, h_n, c_n, the gradients of x, h0, c0 and every parameter, and whether W_ih's and
+    W_hh's gradients were made apart (their own autograd nodes in the graph)."""
+    x = x.detach().clone().requires_grad_(input_grad)
+    hx = None if hx is None else tuple(t.detach().clone().requires_grad_() for t in hx)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)  # the same dropout mask
+    if lengths is None:
+        out, (h_n, c_n) = model(x, hx)
+        y, ups = out, up
+    else:
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+        out, (h_n, c_n) = model(packed, hx)
+        y, ups = out.data, (up[0].view(-1, up[0].shape[-1])[: out.data.shape[0]], *up[1:])
+    apart = bool(_weight_nodes(h_n))
+    torch.autograd.backward((y, h_n, c_n), ups)
+    grads = [x.grad, *(() if hx is None else (t.grad for t in hx)),
+             *(p.grad for p in model.parameters())]
+    return [y, h_n, c_n, *grads], apart
+
+
+# (bfloat16 at one step: from two steps a bf16 model's products are bf16 ones, another backward.)
+@pytest.mark.parametrize("dtype,name", [
+    (dtype, name) for dtype in (F32, F16, BF16) for name in APART_CASES
+    if dtype != BF16 or APART_CASES[name][5] == 1],
+    ids=lambda v: {F32: "f32", F16: "f16", BF16: "bf16"}.get(v, v))
+def test_weight_grads_apart_bit_for_bit(dtype, name):
+    """A few-row training call makes W_ih's and W_hh's gradients in autograd nodes of their own
+    (explain says so, and the graph has them); every result and gradient is the one the op's
+    backward returns with the setting off, bit for bit (the same outer products, from the same
+    dL/dgates and rows), with and without the input's gradient."""
+    model, x, hx, up, lengths = _apart_case(name, dtype)
+    with torch.enable_grad():
+        assert fused_lstm.explain(model, x)["backward"]["weight_grads_apart"] == "true"
+    for input_grad in (True, False):
+        apart, took = _apart_results(model, x, hx, up, lengths, input_grad)
+        assert took, name
+        with CPU.flags(allow_weight_grads_apart=False):
+            together, took = _apart_results(model, x, hx, up, lengths, input_grad)
+            assert not took
+        for a, b in zip(apart, together):
+            if b is None:
+                assert a is None
+            else:
+                assert a.dtype == dtype and torch.equal(a, b), (name, (a - b).abs().max())
+
+
+def _peak_bytes(fn):
+    """The most bytes held at once during fn() above what was held when it started (its CPU
+    allocations and frees in order)."""
+    events = sorted(memory_events(fn), key=lambda e: e.start_time_ns)
+    held = peak = 0
+    for e in events:
+        held += e.extra_fields.alloc_size
+        peak = max(peak, held)
+    return peak
+
+
+@pytest.mark.parametrize("dtype", [F32, F16], ids=["f32", "f16"])
+def test_weight_grads_apart_hold_one_gradient_at_a_time(dtype):
+    """With the gradients accumulating (.grad already there), each weight's gradient is added
+    and freed before the next is made: a training call's peak holds about the largest one
+    (W_hh of layer 1 here), where the op's backward returning them together holds them all."""
+    model = FusedLSTM(64, 256, 2, dtype=dtype)
+    x = randn(1, 1, 64).to(dtype)
+    hx = tuple(randn(2, 1, 256).to(dtype) for _ in range(2))
+
+    def step():
+        out, (h, c) = model(x, hx)
+        (out.sum() + h.sum() + c.sum()).backward()
+
+    def peak():
+        step()  # .grad made, scratch buffers warm
+        return _peak_bytes(step)
+
+    size = torch.finfo(dtype).bits // 8
+    largest = max(p.numel() for p in model.parameters()) * size
+    matrices = sum(p.numel() for p in model.parameters() if p.dim() == 2) * size
+    apart = peak()
+    with CPU.flags(allow_weight_grads_apart=False):
+        together = peak()
+    assert together >= matrices, (together, matrices)
+    assert largest <= apart < largest + matrices // 8, (apart, largest, matrices)
+
+
+def _stream_step(dtype=F32):
+    model = FusedLSTM(24, 40, 2, dtype=dtype)
+    x = randn(1, 2, 24).to(dtype).requires_grad_()
+    hx = tuple(randn(2, 2, 40).to(dtype).requires_grad_() for _ in range(2))
+    return model, x, hx
+
+
+def test_weight_grads_apart_double_backward():
+    """create_graph=True: the weights' nodes pass on the differentiable gradients the LSTM node
+    computed; gradients of a function of them equal the setting-off call's."""
+    def second_order(apart):
+        model, x, hx = _stream_step()
+        with CPU.flags(allow_weight_grads_apart=apart):
+            out, (h, c) = model(x, hx)
+            params = list(model.parameters())
+            grads = torch.autograd.grad(out.pow(2).sum() + h.sum() * c.sum(), [x, *params],
+                                        create_graph=True)
+            assert all(g.requires_grad for g in grads)
+            penalty = sum(g.pow(2).sum() for g in grads)
+            return [*grads, *torch.autograd.grad(penalty, [x, *hx, *params])]
+
+    torch.manual_seed(8)
+    apart = second_order(True)
+    torch.manual_seed(8)
+    together = second_order(False)
+    for a, b in zip(apart, together):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_weight_grads_apart_retain_graph_and_partial_gradients():
+    """Each backward of a retained graph makes the weights' gradients again (accumulating: twice
+    the one call's); a backward that asks for some gradients only leaves nothing behind that a
+    later backward would take for its own."""
+    model, x, hx = _stream_step()
+    out, (h, c) = model(x, hx)
+    loss = out.sum() + (h * c).sum()
+    (w_hh_only,) = torch.autograd.grad(loss, [model.weight_hh_l1], retain_graph=True)
+    (x_only,) = torch.autograd.grad(loss, [x], retain_graph=True)
+    loss.backward(retain_graph=True)
+    once = [p.grad.clone() for p in model.parameters()]
+    assert torch.equal(once[model._flat_weights_names.index("weight_hh_l1")], w_hh_only)
+    assert torch.equal(x.grad, x_only)
+    loss.backward()
+    for p, g in zip(model.parameters(), once):
+        torch.testing.assert_close(p.grad, 2 * g, rtol=0, atol=0)
+    with CPU.flags(allow_weight_grads_apart=False):
+        model.zero_grad(set_to_none=True)
+        out, (h, c) = model(x, hx)
+        (out.sum() + (h * c).sum()).backward()
+    for p, g in zip(model.parameters(), once):
+        assert torch.equal(p.grad, g)
+
+
+def test_weight_grads_apart_only_where_every_weight_trains():
+    """A frozen weight (requires_grad False) keeps the op's backward returning every gradient;
+    the gradients are still right (the unfrozen ones equal the setting-off call's)."""
+    model, x, hx = _stream_step()
+    model.weight_ih_l0.requires_grad_(False)
+    out, (h, c) = model(x, hx)
+    assert not _weight_nodes(h)
+    (out.sum() + h.sum()).backward()
+    got = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    with CPU.flags(allow_weight_grads_apart=False):
+        out, (h, c) = model(x, hx)
+        (out.sum() + h.sum()).backward()
+    assert all(torch.equal(a, p.grad) for a, p in
+               zip(got, (p for p in model.parameters() if p.requires_grad)))
+    assert model.weight_ih_l0.grad is None
+
+
+def test_weight_grads_apart_when_the_backward_is_planned_otherwise():
+    """A setting changed between the forward (gradients apart) and the backward (allow_few_rows
+    off: the general backward, which makes whole gradients): the weights' nodes pass on the
+    gradients the backward made, the general backward's values."""
+    model, x, hx = _stream_step()
+
+    def grads(apart):
+        model.zero_grad(set_to_none=True)
+        with CPU.flags(allow_weight_grads_apart=apart):
+            out, (h, c) = model(x, hx)  # the thin forward, either way
+        assert bool(_weight_nodes(h)) == apart
+        with CPU.flags(allow_few_rows=False):
+            (out.sum() + h.sum()).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    assert all(torch.equal(a, b) for a, b in zip(grads(True), grads(False)))
+
+
+def test_weight_grads_apart_batched_gradients():
+    """autograd.grad with is_grads_batched=True (legacy vmap over the upstream gradients): the
+    LSTM node's backward takes the op (its batching rule) and the weights' nodes pass on its
+    batched gradients; each equals that upstream gradient's own backward."""
+    model, x, hx = _stream_step()
+    out, (h, c) = model(x, hx)
+    params = list(model.parameters())
+    ups = randn(3, *out.shape)
+    batched = torch.autograd.grad(out, params, ups, is_grads_batched=True, retain_graph=True)
+    for i in range(3):
+        single = torch.autograd.grad(out, params, ups[i], retain_graph=True)
+        for a, b in zip(batched, single):
+            torch.testing.assert_close(a[i], b, rtol=1e-6, atol=1e-6)

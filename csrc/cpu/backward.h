@@ -15,7 +15,8 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
                    const T* cx, const std::vector<at::Tensor>& weights, const T* mask,
                    const T* reserve, Operand<T> grad_output, const T* grad_hy, const T* grad_cy,
                    T* grad_input, T* grad_hx, T* grad_cx,
-                   std::vector<at::Tensor>& grad_weights, void* grad_input16 = nullptr) {
+                   std::vector<at::Tensor>& grad_weights, void* grad_input16 = nullptr,
+                   bool weight_grads_apart = false) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
   const int64_t out_stride = D * out;
   const bool has_proj = s.proj_size > 0;
@@ -37,7 +38,8 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
     T* hy = scratch<T>(states_buf, states * (out + H));
     forward_impl(plan, with_gates, input, hx, cx, weights, mask, hy, hy + states * out, full);
     return backward_impl(plan, with_gates, input, hx, cx, weights, mask, full, grad_output,
-                         grad_hy, grad_cy, grad_input, grad_hx, grad_cx, grad_weights);
+                         grad_hy, grad_cy, grad_input, grad_hx, grad_cx, grad_weights,
+                         grad_input16, weight_grads_apart);
   }
   // Scratch, allocated once per call (ScratchPieces: the small pieces in one block).
   at::Tensor bf16_buf;
@@ -62,6 +64,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   // float32 chunk and rounded into it as the chunk is done, instead of a float32 dL/dx of
   // every row rounded at the end.
   TORCH_INTERNAL_ASSERT(!grad_input16 || (float_chunks && D == 1 && grad_input == nullptr));
+  TORCH_INTERNAL_ASSERT(!weight_grads_apart || plan.backward_few_rows);
   T* dx_chunk;
   T* dgates;
   pieces.add(&dgates, chunk_rows * G);
@@ -186,8 +189,10 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
       const int64_t k = s.weight_index(l, d);
       // W_ih's and W_hh's gradients: in the math dtype, or a 16-bit model's dtype where the
       // few-row backward writes them rounded (plan.grads_16bit: few_rows_outer takes them).
-      T* gw_ih = plan.grads_16bit ? nullptr : grad_weights[k].mutable_data_ptr<T>();
-      T* gw_hh = plan.grads_16bit ? nullptr : grad_weights[k + 1].mutable_data_ptr<T>();
+      // (Neither where they are left as factors: weight_grads_apart, the few-row backward's.)
+      const bool in_place = !plan.grads_16bit && !weight_grads_apart;
+      T* gw_ih = in_place ? grad_weights[k].mutable_data_ptr<T>() : nullptr;
+      T* gw_hh = in_place ? grad_weights[k + 1].mutable_data_ptr<T>() : nullptr;
       // The bias gradient (b_ih's; b_hh's is the same), summed over the rows' dgates.
       T* gb_ih = s.has_biases ? grad_weights[k + 2].mutable_data_ptr<T>() : nullptr;
       if (gb_ih) std::fill_n(gb_ih, G, T(0));
@@ -403,7 +408,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
           with_kept_16bit(w.ih, [&](auto w16) { w_ih = widened(w16, G * in_size, widened_w); });
         if (few)
           few_rows_backward_products(s, dgates, x, in_size, h_prev, w.ih, grad_weights[k],
-                                     grad_weights[k + 1], dx_l, d > 0);
+                                     grad_weights[k + 1], dx_l, d > 0, weight_grads_apart);
         else backward_products(s, dgates, 0, s.rows, x.f, in_size, h_prev, w_ih, gw_ih, gw_hh,
                                dx_l, d > 0, false);
         add_bias_grad(s.rows);

@@ -271,7 +271,8 @@ void few_rows_dh(int64_t bs, int64_t out, int64_t G, const T* dg_t, const Operan
 template <typename T>
 void few_rows_backward_products(const LSTMShape& s, const T* dgates, Operand<T> x,
                                 int64_t in_size, const HPrev<T>& h_prev, const Operand<T>& w_ih,
-                                at::Tensor& gw_ih, at::Tensor& gw_hh, T* dx, bool add_dx) {
+                                at::Tensor& gw_ih, at::Tensor& gw_hh, T* dx, bool add_dx,
+                                bool factors = false) {
   if constexpr (std::is_same_v<T, float>) {
     const int64_t G = 4 * s.hidden_size, out = s.out_size, rows = s.rows;
     TORCH_INTERNAL_ASSERT(rows <= kThinMaxBatch);
@@ -289,8 +290,23 @@ void few_rows_backward_products(const LSTMShape& s, const T* dgates, Operand<T> 
       const HPrevSegment<T>& seg = h_prev.seg[i];
       for (int64_t r = seg.r0; r < seg.r1; ++r) h_rows[r] = seg.h + (r - seg.r0) * seg.ld;
     }
-    few_rows_outer(rows, G, in_size, dgates, G, x_rows, gw_ih);
-    few_rows_outer(rows, G, out, dgates, G, h_rows, gw_hh);
+    if (factors) {  // gw_ih, gw_hh: [rows, G + in_size], [rows, G + out]: dgates, then the row
+      // (lstm.h weight_grads_apart; weight_grad_from_factors makes the gradients from them)
+      auto write = [&](at::Tensor& f, const float* const* row, int64_t n) {
+        TORCH_INTERNAL_ASSERT(f.scalar_type() == at::kFloat && f.is_contiguous() &&
+                              f.size(0) == rows && f.size(1) == G + n);
+        float* p = f.mutable_data_ptr<float>();
+        for (int64_t r = 0; r < rows; ++r) {
+          std::copy_n(dgates + r * G, G, p + r * (G + n));
+          std::copy_n(row[r], n, p + r * (G + n) + G);
+        }
+      };
+      write(gw_ih, x_rows, in_size);
+      write(gw_hh, h_rows, out);
+    } else {
+      few_rows_outer(rows, G, in_size, dgates, G, x_rows, gw_ih);
+      few_rows_outer(rows, G, out, dgates, G, h_rows, gw_hh);
+    }
     visit_weights(w_ih, [&](auto W) {
       if (dx) few_rows_product(rows, in_size, G, dgates, G, W, in_size, dx, in_size, add_dx);
     });

@@ -162,6 +162,7 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
           : p.backward_few_rows ? std::string("few_rows (outer products)")
                             : libraries(true))
       << "\n";
+    o << "weight_grads_apart=" << (p.weight_grads_apart ? "true" : "false") << "\n";
     if (!p.bf16_products)
       o << "backward_data_product="
         << (p.backward_few_rows ? std::string("few_rows (weights as stored)") : libraries(false))
@@ -179,6 +180,7 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
     << " allow_hidden_split:" << p.settings.hidden_split
     << " hidden_split_by_measured_rates:" << p.settings.hidden_split_by_rates
     << " allow_few_rows:" << p.settings.few_rows
+    << " allow_weight_grads_apart:" << p.settings.weight_grads_apart
     << " allow_small_products:" << p.settings.small_products << "\n";
   // The measured rates behind the choices (rates.h), where they were measured for this call.
   if (p.is_float && p.variant == Variant::kRowWise) {

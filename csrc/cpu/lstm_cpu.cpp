@@ -277,21 +277,23 @@ Results3 lstm_inference_cpu(
                          bidirectional, has_biases, proj_size);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_backward_cpu(
-    const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
+// The backward of a call planned as `call` plans it (W_ih's and W_hh's gradients left as factors
+// where weight_grads_apart: the few-row backward's, lstm.h).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_with(
+    const CallPlan& call, const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
     const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask,
     const at::Tensor& reserve, const std::optional<at::Tensor>& grad_output,
     const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
-    bool input_grad) {
-  const CallPlan call{cpu_settings(), /*inference=*/false};
+    bool input_grad, bool weight_grads_apart) {
   BackwardArgs a = prepare_backward(input, batch_sizes, hx, cx, weights, dropout_mask, reserve,
                                     grad_output, grad_hy, grad_cy, num_layers, bidirectional,
                                     has_biases, proj_size, call.asks(&CpuPlan::keep_16bit),
                                     call.asks(&CpuPlan::backward_widens_16bit),
                                     /*may_drop_gates=*/true, call.asks(&CpuPlan::grads_16bit),
-                                    call.asks(&CpuPlan::fp16_kept_training), input_grad);
+                                    call.asks(&CpuPlan::fp16_kept_training), input_grad,
+                                    weight_grads_apart);
   const CpuPlan plan = call.of(a.shape, a.dtype);
   // A float16 grad_input (prepare_backward: written by the kernels in chunks) or the math
   // dtype's; or none (input_grad false: the kernels get null and compute no dL/dx of layer 0).
@@ -304,9 +306,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_bac
         ptr_or_null<scalar_t>(a.grad_hy), ptr_or_null<scalar_t>(a.grad_cy),
         grad_input_16bit || !input_grad ? nullptr : a.grad_input.mutable_data_ptr<scalar_t>(),
         a.grad_hx.mutable_data_ptr<scalar_t>(), a.grad_cx.mutable_data_ptr<scalar_t>(),
-        a.grad_weights, grad_input_16bit ? a.grad_input.mutable_data_ptr() : nullptr);
+        a.grad_weights, grad_input_16bit ? a.grad_input.mutable_data_ptr() : nullptr,
+        weight_grads_apart);
   });
   return finish_backward(a, weights);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_backward_cpu(
+    const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
+    const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
+    at::TensorList weights, const std::optional<at::Tensor>& dropout_mask,
+    const at::Tensor& reserve, const std::optional<at::Tensor>& grad_output,
+    const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
+    int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
+    bool input_grad) {
+  return backward_with(CallPlan{cpu_settings(), /*inference=*/false}, input, batch_sizes, hx, cx,
+                       weights, dropout_mask, reserve, grad_output, grad_hy, grad_cy,
+                       num_layers, bidirectional, has_biases, proj_size, input_grad,
+                       /*weight_grads_apart=*/false);
 }
 
 // The sizes of an LSTM and of a call's steps (batch_sizes: one per step, every step's batch or
@@ -499,6 +516,54 @@ void floor_forget_op() {
 }
 
 }  // namespace
+
+bool cpu_weight_grads_apart(
+    const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
+    const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
+    at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
+    bool bidirectional, bool has_biases, int64_t proj_size) {
+  const CpuSettings settings = cpu_settings();
+  if (!settings.weight_grads_apart || !settings.few_rows || !input.is_cpu()) return false;
+  LSTMShape s = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
+                                bidirectional, has_biases, proj_size);
+  if (s.rows > kThinMaxBatch) return false;
+  s.gates_in_reserve = gates_in_reserve(s, input.scalar_type(), /*cpu=*/true);
+  return plan_cpu(s, settings, input.scalar_type(), /*inference=*/false).weight_grads_apart;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_backward_cpu_apart(
+    const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
+    const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
+    at::TensorList weights, const std::optional<at::Tensor>& dropout_mask,
+    const at::Tensor& reserve, const std::optional<at::Tensor>& grad_output,
+    const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
+    int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
+    bool input_grad) {
+  const CallPlan call{cpu_settings(), /*inference=*/false};
+  // The plan as the backward will make it (settings may have changed since the forward).
+  LSTMShape s = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
+                                bidirectional, has_biases, proj_size);
+  s.gates_in_reserve = gates_in_reserve(s, input.scalar_type(), /*cpu=*/true);
+  const bool apart = call.of(s, input.scalar_type()).backward_few_rows;
+  return backward_with(call, input, batch_sizes, hx, cx, weights, dropout_mask, reserve,
+                       grad_output, grad_hy, grad_cy, num_layers, bidirectional, has_biases,
+                       proj_size, input_grad, apart);
+}
+
+at::Tensor weight_grad_from_factors(const at::Tensor& factors, at::IntArrayRef sizes,
+                                    at::ScalarType dtype) {
+  TORCH_INTERNAL_ASSERT(factors.scalar_type() == at::kFloat && factors.is_contiguous() &&
+                        factors.dim() == 2 && sizes.size() == 2 &&
+                        factors.size(1) == sizes[0] + sizes[1] &&
+                        factors.size(0) <= kThinMaxBatch);
+  const int64_t rows = factors.size(0), G = sizes[0], N = sizes[1];
+  const float* f = factors.const_data_ptr<float>();
+  const float* x_rows[kThinMaxBatch];
+  for (int64_t r = 0; r < rows; ++r) x_rows[r] = f + r * (G + N) + G;
+  at::Tensor grad = at::empty(sizes, factors.options().dtype(dtype));
+  few_rows_outer(rows, G, N, f, G + N, x_rows, grad);
+  return grad;
+}
 
 TORCH_LIBRARY_FRAGMENT(fused_lstm, m) {
   m.def("cpu_plan(int input_size, int hidden_size, int proj_size, int num_layers, "

@@ -131,6 +131,10 @@ struct CpuPlan {
   // model's dtype by the few-row outer products (rounded as torch rounds), not as float32
   // gradients rounded afterwards (lstm.h prepare_backward's grads_16bit).
   bool grads_16bit = false;
+  // W_ih's and W_hh's gradients made by autograd nodes of their own, one weight at a time, from
+  // the factors the few-row backward leaves (lstm.h cpu_weight_grads_apart, csrc/autograd.cpp):
+  // where every weight requires grad and the tensors are plain CPU ones.
+  bool weight_grads_apart = false;
   bool vec16_cell = false;    // float32 cell pass on 16 lanes (cell_forward_vec16)
   bool inference = false;     // lstm_inference: nothing kept for backward
   // Inference of a bfloat16 or float16 model on the row-wise path: the last layer's h_t rows
@@ -200,6 +204,7 @@ inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, at::Sca
                             (s.gates_in_reserve || p.recompute_float_chunks);
   p.brgemm_steps = is_float && packs && cpu.brgemm && settings.brgemm && !p.bf16_products;
   p.grads_16bit = p.backward_few_rows && model_16bit;
+  p.weight_grads_apart = p.backward_few_rows && settings.weight_grads_apart;
   p.brgemm_dh = is_float && row_sizes && cpu.brgemm && settings.brgemm && !p.backward_few_rows;
   p.vec16_cell = is_float && cpu.avx512 && settings.vec16_cell;
   p.output_16bit = inference && model_16bit && p.variant == Variant::kRowWise;
