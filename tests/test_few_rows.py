@@ -394,10 +394,38 @@ def test_weight_grads_apart_batched_gradients():
     batched gradients; each equals that upstream gradient's own backward."""
     model, x, hx = _stream_step()
     out, (h, c) = model(x, hx)
+    assert _weight_nodes(out)
     params = list(model.parameters())
-    ups = randn(3, *out.shape)
+    ups = randn(3, *out.shape).float()
     batched = torch.autograd.grad(out, params, ups, is_grads_batched=True, retain_graph=True)
     for i in range(3):
         single = torch.autograd.grad(out, params, ups[i], retain_graph=True)
         for a, b in zip(batched, single):
             torch.testing.assert_close(a[i], b, rtol=1e-6, atol=1e-6)
+
+
+def test_weight_grads_apart_over_several_calls_and_computed_weights():
+    """Streaming training's usual loop: several one-step calls, the state carried, one backward
+    at the end (each call's weight nodes add into the same gradients); and weights computed from
+    parameters each call (weight norm: the weight nodes' gradients flow on to g and v). Both
+    equal the setting-off calls' gradients bit for bit."""
+    def run(apart, computed):
+        torch.manual_seed(4)
+        model = FusedLSTM(24, 40, 2)
+        if computed:
+            model = nn.utils.parametrizations.weight_norm(model, "weight_hh_l0")
+        xs = randn(5, 1, 2, 24).float()
+        state = None
+        with CPU.flags(allow_weight_grads_apart=apart):
+            loss = 0
+            for x in xs:
+                out, state = model(x, state)
+                loss = loss + out.pow(2).sum()
+            assert bool(_weight_nodes(out)) == apart
+            loss.backward()
+        return [p.grad for p in model.parameters()]
+
+    for computed in (False, True):
+        apart, together = run(True, computed), run(False, computed)
+        assert len(apart) == len(together)
+        assert all(torch.equal(a, b) for a, b in zip(apart, together)), computed
