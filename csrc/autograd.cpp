@@ -160,7 +160,7 @@ struct LSTMFunction : public torch::autograd::Function<LSTMFunction> {
     at::Tensor grad_input, grad_hx, grad_cx;
     std::vector<at::Tensor> grad_weights;
     // The plain backward, every weight's gradient returned by the op, except with W_ih and W_hh
-    // apart on plain CPU tensors: then theirs are factors (lstm_backward_cpu_apart).
+    // apart on plain CPU tensors: then theirs are factors (lstm.h cpu_backward).
     const bool factors = !apart.empty() && !at::GradMode::is_enabled() &&
                          plain_cpu({grad_output, grad_hy, grad_cy});
     if (at::GradMode::is_enabled()) {  // create_graph=True: a differentiable gradient
@@ -173,9 +173,10 @@ struct LSTMFunction : public torch::autograd::Function<LSTMFunction> {
       // grad), the op computes none: layer 0's dL/dx products are skipped.
       static const auto op = find_op<BackwardSig>("fused_lstm::lstm_backward");
       if (factors)
-        std::tie(grad_input, grad_hx, grad_cx, grad_weights) = lstm_backward_cpu_apart(
+        std::tie(grad_input, grad_hx, grad_cx, grad_weights) = cpu_backward(
             input, batch_sizes, hx, cx, weights, mask, reserve, grad_output, grad_hy, grad_cy,
-            num_layers, bidirectional, has_biases, proj_size, ctx->needs_input_grad(0));
+            num_layers, bidirectional, has_biases, proj_size, ctx->needs_input_grad(0),
+            /*weight_grads_apart=*/true);
       else
         std::tie(grad_input, grad_hx, grad_cx, grad_weights) =
             op.call(input, batch_sizes, hx, cx, weights, mask, reserve, grad_output, grad_hy,

@@ -319,18 +319,18 @@ bool cpu_weight_grads_apart(
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
     bool bidirectional, bool has_biases, int64_t proj_size);
 
-// The CPU backward (fused_lstm::lstm_backward's arguments and results) where W_ih's and W_hh's
-// entries of the weight gradients are their factors; or, where this call's backward is not the
-// few-row one after all (a setting changed since the forward), their gradients, as the op
-// returns them.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_backward_cpu_apart(
+// The CPU backward: fused_lstm::lstm_backward's arguments and results (its CPU kernel), except
+// that with weight_grads_apart W_ih's and W_hh's entries of the weight gradients are their
+// factors, where this call's backward is the few-row one (as planned now: a setting may have
+// changed since the forward; else their gradients, as the op returns them).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> cpu_backward(
     const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
     const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask,
     const at::Tensor& reserve, const std::optional<at::Tensor>& grad_output,
     const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
-    bool input_grad);
+    bool input_grad, bool weight_grads_apart);
 
 // A weight's gradient [4H, N] in `dtype` from its factors ([rows, 4H + N] float32): the sum over
 // the rows of dL/dgates^T times the row, as the few-row backward sums and rounds it.

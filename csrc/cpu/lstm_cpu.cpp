@@ -277,41 +277,6 @@ Results3 lstm_inference_cpu(
                          bidirectional, has_biases, proj_size);
 }
 
-// The backward of a call planned as `call` plans it (W_ih's and W_hh's gradients left as factors
-// where weight_grads_apart: the few-row backward's, lstm.h).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_with(
-    const CallPlan& call, const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
-    const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
-    at::TensorList weights, const std::optional<at::Tensor>& dropout_mask,
-    const at::Tensor& reserve, const std::optional<at::Tensor>& grad_output,
-    const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
-    int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
-    bool input_grad, bool weight_grads_apart) {
-  BackwardArgs a = prepare_backward(input, batch_sizes, hx, cx, weights, dropout_mask, reserve,
-                                    grad_output, grad_hy, grad_cy, num_layers, bidirectional,
-                                    has_biases, proj_size, call.asks(&CpuPlan::keep_16bit),
-                                    call.asks(&CpuPlan::backward_widens_16bit),
-                                    /*may_drop_gates=*/true, call.asks(&CpuPlan::grads_16bit),
-                                    call.asks(&CpuPlan::fp16_kept_training), input_grad,
-                                    weight_grads_apart);
-  const CpuPlan plan = call.of(a.shape, a.dtype);
-  // A float16 grad_input (prepare_backward: written by the kernels in chunks) or the math
-  // dtype's; or none (input_grad false: the kernels get null and compute no dL/dx of layer 0).
-  const bool grad_input_16bit = input_grad && a.grad_input.scalar_type() != a.math;
-  AT_DISPATCH_FLOATING_TYPES(a.math, "fused_lstm_backward_cpu", [&] {
-    backward_impl<scalar_t>(
-        plan, a.shape, operand<scalar_t>(a.input), ptr_or_null<scalar_t>(a.hx),
-        ptr_or_null<scalar_t>(a.cx), a.weights, ptr_or_null<scalar_t>(a.dropout_mask),
-        a.reserve.const_data_ptr<scalar_t>(), operand<scalar_t>(a.grad_output),
-        ptr_or_null<scalar_t>(a.grad_hy), ptr_or_null<scalar_t>(a.grad_cy),
-        grad_input_16bit || !input_grad ? nullptr : a.grad_input.mutable_data_ptr<scalar_t>(),
-        a.grad_hx.mutable_data_ptr<scalar_t>(), a.grad_cx.mutable_data_ptr<scalar_t>(),
-        a.grad_weights, grad_input_16bit ? a.grad_input.mutable_data_ptr() : nullptr,
-        weight_grads_apart);
-  });
-  return finish_backward(a, weights);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_backward_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
     const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
@@ -320,10 +285,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_bac
     const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
     bool input_grad) {
-  return backward_with(CallPlan{cpu_settings(), /*inference=*/false}, input, batch_sizes, hx, cx,
-                       weights, dropout_mask, reserve, grad_output, grad_hy, grad_cy,
-                       num_layers, bidirectional, has_biases, proj_size, input_grad,
-                       /*weight_grads_apart=*/false);
+  return cpu_backward(input, batch_sizes, hx, cx, weights, dropout_mask, reserve, grad_output,
+                      grad_hy, grad_cy, num_layers, bidirectional, has_biases, proj_size,
+                      input_grad, /*weight_grads_apart=*/false);
 }
 
 // The sizes of an LSTM and of a call's steps (batch_sizes: one per step, every step's batch or
@@ -531,23 +495,44 @@ bool cpu_weight_grads_apart(
   return plan_cpu(s, settings, input.scalar_type(), /*inference=*/false).weight_grads_apart;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_backward_cpu_apart(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> cpu_backward(
     const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
     const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask,
     const at::Tensor& reserve, const std::optional<at::Tensor>& grad_output,
     const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
-    bool input_grad) {
+    bool input_grad, bool weight_grads_apart) {
   const CallPlan call{cpu_settings(), /*inference=*/false};
-  // The plan as the backward will make it (settings may have changed since the forward).
-  LSTMShape s = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
-                                bidirectional, has_biases, proj_size);
-  s.gates_in_reserve = gates_in_reserve(s, input.scalar_type(), /*cpu=*/true);
-  const bool apart = call.of(s, input.scalar_type()).backward_few_rows;
-  return backward_with(call, input, batch_sizes, hx, cx, weights, dropout_mask, reserve,
-                       grad_output, grad_hy, grad_cy, num_layers, bidirectional, has_biases,
-                       proj_size, input_grad, apart);
+  if (weight_grads_apart) {  // only where the backward is the few-row one, as planned now
+    LSTMShape s = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
+                                  bidirectional, has_biases, proj_size);
+    s.gates_in_reserve = gates_in_reserve(s, input.scalar_type(), /*cpu=*/true);
+    weight_grads_apart = call.of(s, input.scalar_type()).backward_few_rows;
+  }
+  BackwardArgs a = prepare_backward(input, batch_sizes, hx, cx, weights, dropout_mask, reserve,
+                                    grad_output, grad_hy, grad_cy, num_layers, bidirectional,
+                                    has_biases, proj_size, call.asks(&CpuPlan::keep_16bit),
+                                    call.asks(&CpuPlan::backward_widens_16bit),
+                                    /*may_drop_gates=*/true, call.asks(&CpuPlan::grads_16bit),
+                                    call.asks(&CpuPlan::fp16_kept_training), input_grad,
+                                    weight_grads_apart);
+  const CpuPlan plan = call.of(a.shape, a.dtype);
+  // A float16 grad_input (prepare_backward: written by the kernels in chunks) or the math
+  // dtype's; or none (input_grad false: the kernels get null and compute no dL/dx of layer 0).
+  const bool grad_input_16bit = input_grad && a.grad_input.scalar_type() != a.math;
+  AT_DISPATCH_FLOATING_TYPES(a.math, "fused_lstm_backward_cpu", [&] {
+    backward_impl<scalar_t>(
+        plan, a.shape, operand<scalar_t>(a.input), ptr_or_null<scalar_t>(a.hx),
+        ptr_or_null<scalar_t>(a.cx), a.weights, ptr_or_null<scalar_t>(a.dropout_mask),
+        a.reserve.const_data_ptr<scalar_t>(), operand<scalar_t>(a.grad_output),
+        ptr_or_null<scalar_t>(a.grad_hy), ptr_or_null<scalar_t>(a.grad_cy),
+        grad_input_16bit || !input_grad ? nullptr : a.grad_input.mutable_data_ptr<scalar_t>(),
+        a.grad_hx.mutable_data_ptr<scalar_t>(), a.grad_cx.mutable_data_ptr<scalar_t>(),
+        a.grad_weights, grad_input_16bit ? a.grad_input.mutable_data_ptr() : nullptr,
+        weight_grads_apart);
+  });
+  return finish_backward(a, weights);
 }
 
 at::Tensor weight_grad_from_factors(const at::Tensor& factors, at::IntArrayRef sizes,
