@@ -102,6 +102,13 @@ def _fused_kernel_available(device_type: str) -> bool:
     return has
 
 
+# The exceptions the op raises for arguments it rejects (c10's errors as torch translates them):
+# only these are put to nn.LSTM's implementation. Anything else was raised by code the op called
+# back into and goes on to its caller: a saved-tensor hook, as torch.utils.checkpoint's
+# (use_reentrant=False) raises one to stop its recomputation once it has what it saved.
+_OP_REJECTIONS = (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError)
+
+
 class FusedLSTM(nn.LSTM):
     """Drop-in replacement for :class:`torch.nn.LSTM` computed by the fused ``fused_lstm`` op.
 
@@ -118,7 +125,7 @@ class FusedLSTM(nn.LSTM):
         if _fast_forward is not None and not _is_compiling():
             try:
                 result = _fast_forward(self, input, hx)
-            except Exception as error:  # noqa: BLE001 (the path below decides what to raise)
+            except _OP_REJECTIONS as error:  # the path below decides what to raise
                 op_error = error
             else:
                 if result is not None:
@@ -177,7 +184,7 @@ class FusedLSTM(nn.LSTM):
                     c0 = c0.index_select(1, sorted_indices)
             try:
                 output, h_n, c_n = self._fused(data, batch_sizes, h0, c0, weights)
-            except Exception as op_error:  # nn.LSTM decides: its own exception, or its result
+            except _OP_REJECTIONS as op_error:  # nn.LSTM decides: its exception, or its result
                 if hx is not None:
                     self._check_packed_hidden(h0, c0, batch_sizes, op_error)
                 return self._forward_by_nn_lstm(input, hx, op_error)
@@ -240,7 +247,7 @@ class FusedLSTM(nn.LSTM):
             if op_error is not None:  # the op's answer, from the C++ entry: not asked again
                 raise op_error
             output, h_n, c_n = self._fused(x, None, h0, c0, weights)
-        except Exception as op_error:  # nn.LSTM decides: its own exception, or its result
+        except _OP_REJECTIONS as op_error:  # nn.LSTM decides: its exception, or its result
             return self._forward_by_nn_lstm(input, hx, op_error)
         if not is_batched:
             return output.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))

@@ -250,6 +250,49 @@ def test_tied_weights_share_gradients():
     assert_close(*grads)
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing(reentrant):
+    """torch.utils.checkpoint around the module: FusedLSTM's results and gradients are
+    nn.LSTM's under the same checkpointing, with no warning; non-reentrant, they are the plain
+    call's (the same dropout mask: checkpoint restores the RNG state). Non-reentrant
+    checkpointing stops its recomputation by raising from a saved-tensor hook inside the op's
+    call, which must reach checkpoint (not be taken for the op rejecting the call). float64
+    (the general kernels) and a float32 streaming step (the few-row backward, its weight
+    gradients apart)."""
+    from torch.utils.checkpoint import checkpoint
+
+    cases = ((F64, 5, 3, 0.0), (F64, 5, 3, 0.3), (F32, 1, 2, 0.0), (F32, 1, 2, 0.3))
+    for dtype, T, B, p in cases:
+        torch_lstm, fused = lstm_pair(input_size=3, hidden_size=16, num_layers=2, dropout=p,
+                                      dtype=dtype)
+        x = randn(T, B, 3, dtype=dtype)
+        hx = tuple(t.detach() for t in make_state(torch_lstm, B, dtype=dtype))
+        results = {}
+        for name, module in (("nn", torch_lstm), ("fused", fused)):
+            for checkpointed in (False, True):
+                torch.manual_seed(7)
+                leaf = x.clone().requires_grad_()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")
+                    if checkpointed:
+                        out, (h, c) = checkpoint(module, leaf, hx, use_reentrant=reentrant)
+                    else:
+                        out, (h, c) = module(leaf, hx)
+                    module.zero_grad(set_to_none=True)
+                    (out.pow(2).sum() + (h * c).sum()).backward()  # (reentrant: no .grad())
+                grads = [leaf.grad, *(q.grad for q in module.parameters())]
+                results[name, checkpointed] = [out, *grads]
+        # Non-reentrant: the plain call's output and gradients, bit for bit. (Reentrant
+        # checkpointing gives other gradients here, nn.LSTM's as well as ours: compared below.)
+        if not reentrant:
+            for a, b in zip(results["fused", True], results["fused", False]):
+                assert torch.equal(a, b)
+        if p == 0:  # (the two implementations draw their dropout masks differently)
+            tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == F32 else {}
+            for a, b in zip(results["fused", True], results["nn", True]):
+                assert_close(a, b, **tol)
+
+
 def test_functional_call_with_other_weights():
     torch_lstm, fused = lstm_pair(input_size=3, hidden_size=4, num_layers=2, bidirectional=True)
     params = {n: randn(*p.shape).requires_grad_() for n, p in fused.named_parameters()}
