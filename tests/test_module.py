@@ -283,7 +283,9 @@ def test_activation_checkpointing(reentrant):
                 grads = [leaf.grad, *(q.grad for q in module.parameters())]
                 results[name, checkpointed] = [out, *grads]
         # Non-reentrant: the plain call's output and gradients, bit for bit. (Reentrant
-        # checkpointing gives other gradients here, nn.LSTM's as well as ours: compared below.)
+        # checkpointing tracks only the tensors returned at the top level, not the (h_n, c_n)
+        # pair, so the loss's h * c term gives no gradient there, nn.LSTM's as well as ours:
+        # compared with nn.LSTM below.)
         if not reentrant:
             for a, b in zip(results["fused", True], results["fused", False]):
                 assert torch.equal(a, b)
