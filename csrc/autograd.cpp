@@ -41,6 +41,15 @@ OptTensor defined_or_none(const at::Tensor& t) {
   return t.defined() ? OptTensor(t) : std::nullopt;
 }
 
+// Whether weight i (nn.LSTM's _flat_weights order) is a W_ih or a W_hh: the weights whose
+// gradients are made apart (lstm.h), by autograd nodes of their own.
+bool made_apart(size_t i, bool has_biases, int64_t proj_size) {
+  return static_cast<int64_t>(i) % (2 + (has_biases ? 2 : 0) + (proj_size > 0 ? 1 : 0)) < 2;
+}
+
+// (A quick bound before the CPU plan is asked: the few-row backward takes at most 8 rows.)
+constexpr int64_t kApartMaxRows = 8;
+
 // Plain CPU tensors (or none): not a tracing or transform's wrapper (FakeTensor, functional,
 // functorch or legacy-vmap batched tensors), whose data the CPU kernels cannot read directly.
 bool plain_cpu(std::initializer_list<OptTensor> tensors) {
@@ -186,9 +195,8 @@ struct LSTMFunction : public torch::autograd::Function<LSTMFunction> {
     if (ctx->needs_input_grad(0)) result[0] = grad_input;
     if (hx) result[2] = grad_hx;
     if (cx) result[3] = grad_cx;
-    const int64_t per_direction = 2 + (has_biases ? 2 : 0) + (proj_size > 0 ? 1 : 0);
     for (size_t i = 0; i < grad_weights.size(); ++i) {
-      if (!apart.empty() && static_cast<int64_t>(i) % per_direction < 2)
+      if (!apart.empty() && made_apart(i, has_biases, proj_size))
         apart.set(i, grad_weights[i]);  // for W_ih's or W_hh's node (WeightGradNode)
       else
         result[4 + i] = grad_weights[i];
@@ -211,9 +219,6 @@ struct LSTMFunction : public torch::autograd::Function<LSTMFunction> {
 // a normal tensor). A contiguous input is saved as it is: then an in-place edit makes
 // backward raise autograd's error, and an inference tensor cannot be saved (the op's error;
 // FusedLSTM then lets nn.LSTM raise its own), both as nn.LSTM does.
-// (A quick bound before the CPU plan is asked: the few-row backward takes at most 8 rows.)
-constexpr int64_t kApartMaxRows = 8;
-
 at::Tensor saveable_input(const at::Tensor& input) {
   return input.is_contiguous() ? input : input.contiguous();
 }
@@ -236,12 +241,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_autograd
                                    at::TensorList(), c10::IValue(), c10::IValue());
     return {out[0], out[1], out[2], out[3]};
   }
-  const int64_t per_direction = 2 + (has_biases ? 2 : 0) + (proj_size > 0 ? 1 : 0);
   c10::List<at::Tensor> list;
   std::vector<at::Tensor> tokens, as_read(weights.begin(), weights.end());
   for (size_t i = 0; i < weights.size(); ++i) {
     list.push_back(at::Tensor());
-    if (static_cast<int64_t>(i) % per_direction < 2) {
+    if (made_apart(i, has_biases, proj_size)) {
       tokens.push_back(WeightGradNode::apply(weights[i], c10::IValue(list),
                                              static_cast<int64_t>(i)));
       as_read[i] = weights[i].detach();

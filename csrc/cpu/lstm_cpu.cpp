@@ -488,8 +488,13 @@ bool cpu_weight_grads_apart(
     bool bidirectional, bool has_biases, int64_t proj_size) {
   const CpuSettings settings = cpu_settings();
   if (!settings.weight_grads_apart || !settings.few_rows || !input.is_cpu()) return false;
-  LSTMShape s = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
-                                bidirectional, has_biases, proj_size);
+  LSTMShape s;
+  try {
+    s = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
+                        bidirectional, has_biases, proj_size);
+  } catch (const c10::Error&) {
+    return false;  // the op's forward raises its own error for these arguments, in its order
+  }
   if (s.rows > kThinMaxBatch) return false;
   s.gates_in_reserve = gates_in_reserve(s, input.scalar_type(), /*cpu=*/true);
   return plan_cpu(s, settings, input.scalar_type(), /*inference=*/false).weight_grads_apart;
