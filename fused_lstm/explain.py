@@ -202,7 +202,9 @@ def explain(module_or_sizes: nn.LSTM | Mapping[str, Any], input) -> dict[str, An
     ``backward_dh_product``, ``backward_weight_products``, ``backward_data_product``: brgemm,
     bf16_gemm, onednn_matmul, blas, ...), ``backward_gates`` for a training call (the gates
     its backward reads: kept by the forward, or recomputed, a step or a chunk of steps at a
-    time, where the reserve keeps none), with the ``cell_pass``, ``batch_slices``,
+    time, where the reserve keeps none), ``weight_grads_apart`` for a training call (whether
+    W_ih's and W_hh's gradients are made by autograd nodes of their own, one at a time: the
+    few-row backward, where every weight requires grad), with the ``cell_pass``, ``batch_slices``,
     ``settings`` and ``cpu`` features the choice read, and for float32 the measured rates it
     read (``library_rates``: one thread's GFLOP/s of the BLAS and of oneDNN's matmul per class
     of product; ``fused_step_rates.<layer>``: one thread's fused step against the recurrent
