@@ -78,7 +78,7 @@ struct WeightGradNode : public torch::autograd::Function<WeightGradNode> {
     ctx->saved_data["index"] = index;
     ctx->saved_data["sizes"] = weight.sizes().vec();
     ctx->saved_data["dtype"] = weight.scalar_type();
-    return at::empty({}, weight.options());
+    return at::zeros({}, weight.options());  // (its value is never read)
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list) {
