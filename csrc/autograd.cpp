@@ -44,7 +44,7 @@ OptTensor defined_or_none(const at::Tensor& t) {
 // Whether weight i (nn.LSTM's _flat_weights order) is a W_ih or a W_hh: the weights whose
 // gradients are made apart (lstm.h), by autograd nodes of their own.
 bool made_apart(size_t i, bool has_biases, int64_t proj_size) {
-  return static_cast<int64_t>(i) % (2 + (has_biases ? 2 : 0) + (proj_size > 0 ? 1 : 0)) < 2;
+  return static_cast<int64_t>(i) % weights_per_direction(has_biases, proj_size) < 2;
 }
 
 // (A quick bound before the CPU plan is asked: the few-row backward takes at most 8 rows.)

@@ -361,10 +361,8 @@ void convert_input_and_weights(const LSTMShape& s, const at::Tensor& input,
   else convert(input, input_out);
   // Sized first: `convert` may fill an element at its finish().
   weights_out.resize(weights.size());
-  const int64_t per_direction = s.weights_per_direction();
   for (size_t i = 0; i < weights.size(); ++i) {
-    const bool w_ih_or_hh = static_cast<int64_t>(i) % per_direction < 2;
-    if ((keep || keep_weights) && w_ih_or_hh) weights_out[i] = weights[i].contiguous();
+    if ((keep || keep_weights) && s.is_w_ih_or_w_hh(i)) weights_out[i] = weights[i].contiguous();
     else convert(weights[i], weights_out[i]);
   }
 }
@@ -467,7 +465,7 @@ BackwardArgs prepare_backward(
     const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
     Keep16 keep_16bit, Keep16 keep_16bit_weights, bool may_drop_gates, Keep16 grads_16bit,
-    Keep16 keep_half_input, bool input_grad, bool weight_grads_apart) {
+    Keep16 keep_half_input, bool input_grad, Keep16 weight_grads_apart) {
   BackwardArgs a;
   a.shape = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
                             bidirectional, has_biases, proj_size);
@@ -501,18 +499,16 @@ BackwardArgs prepare_backward(
   // W_ih's and W_hh's gradients in the model's 16-bit dtype, written so by the kernels
   // (grads_16bit: returned as they are, no float32 copy).
   const bool grads_in_dtype = keeps_16bit(s, input, grads_16bit);
-  const int64_t per_direction = s.weights_per_direction();
-  auto in_dtype_grad = [&](size_t i) {
-    return grads_in_dtype && static_cast<int64_t>(i) % per_direction < 2;
-  };
-  // W_ih's and W_hh's factors instead of their gradients (weight_grads_apart, a few-row call):
-  // float32 [rows, 4H + columns], dL/dgates beside the rows each weight's gradient multiplies.
-  a.weight_grads_apart = weight_grads_apart;
+  // W_ih's and W_hh's factors instead of their gradients (weight_grads_apart, where the backend
+  // says so for this shape: a few-row call): float32 [rows, 4H + columns], dL/dgates beside the
+  // rows each weight's gradient multiplies.
+  a.weight_grads_apart = weight_grads_apart != nullptr && weight_grads_apart(s, a.dtype);
   for (size_t i = 0; i < weights.size(); ++i) {
-    if (weight_grads_apart && static_cast<int64_t>(i) % per_direction < 2)
+    if (!s.is_w_ih_or_w_hh(i)) continue;
+    if (a.weight_grads_apart)
       a.grad_weights[i] = at::empty({s.rows, 4 * s.hidden_size + weights[i].size(1)},
                                     input.options().dtype(at::kFloat));
-    else if (in_dtype_grad(i))
+    else if (grads_in_dtype)
       a.grad_weights[i] = at::empty(weights[i].sizes(), weights[i].options());
   }
   // A CPU 16-bit call: its float32 results returned rounded, in the scratch buffer. Except
@@ -566,9 +562,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> finish_b
   a.weights.clear();
   std::vector<at::Tensor> grad_weights;
   grad_weights.reserve(a.grad_weights.size());
-  const int64_t per_direction = a.shape.weights_per_direction();
   for (size_t i = 0; i < a.grad_weights.size(); ++i) {
-    const bool factors = a.weight_grads_apart && static_cast<int64_t>(i) % per_direction < 2;
+    const bool factors = a.weight_grads_apart && a.shape.is_w_ih_or_w_hh(i);
     grad_weights.push_back(factors ? a.grad_weights[i]
                                    : in_dtype(a.grad_weights[i], weights[i].scalar_type()));
     a.grad_weights[i] = at::Tensor();

@@ -57,6 +57,12 @@ Int reserve_numel_of(const Int& rows, int64_t num_layers, int64_t num_directions
   return reserve_layer_numel(rows, num_directions, hidden_size, proj_size, gates) * num_layers;
 }
 
+// Weights per layer and direction in nn.LSTM's _flat_weights order: W_ih, W_hh, then b_ih and
+// b_hh where has_biases, then W_hr where proj_size > 0.
+inline int64_t weights_per_direction(bool has_biases, int64_t proj_size) {
+  return 2 + (has_biases ? 2 : 0) + (proj_size > 0 ? 1 : 0);
+}
+
 struct LSTMShape {
   int64_t num_layers = 0;
   int64_t num_directions = 0;
@@ -74,8 +80,10 @@ struct LSTMShape {
   std::vector<int64_t> step_offset;  // [seq_len], first row of each step
 
   int64_t weights_per_direction() const {
-    return 2 + (has_biases ? 2 : 0) + (proj_size > 0 ? 1 : 0);
+    return fused_lstm::weights_per_direction(has_biases, proj_size);
   }
+  // Whether weight i (nn.LSTM's _flat_weights order) is a W_ih or a W_hh.
+  bool is_w_ih_or_w_hh(int64_t i) const { return i % weights_per_direction() < 2; }
   int64_t weight_index(int64_t layer, int64_t direction) const {
     return (layer * num_directions + direction) * weights_per_direction();
   }
@@ -293,7 +301,7 @@ BackwardArgs prepare_backward(
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
     Keep16 keep = nullptr, Keep16 keep_weights = nullptr,
     bool may_drop_gates = false, Keep16 grads_16bit = nullptr, Keep16 keep_half_input = nullptr,
-    bool input_grad = true, bool weight_grads_apart = false);
+    bool input_grad = true, Keep16 weight_grads_apart = nullptr);
 
 // (grad_input, grad_hx, grad_cx, grad_weights), each in its argument's dtype. Releases what `a`
 // holds as it goes (the math-dtype gradients once converted).
@@ -321,8 +329,9 @@ bool cpu_weight_grads_apart(
 
 // The CPU backward: fused_lstm::lstm_backward's arguments and results (its CPU kernel), except
 // that with weight_grads_apart W_ih's and W_hh's entries of the weight gradients are their
-// factors, where this call's backward is the few-row one (as planned now: a setting may have
-// changed since the forward; else their gradients, as the op returns them).
+// factors, where this call's backward is the few-row one (as planned now, by prepare_backward's
+// question: a setting may have changed since the forward; else their gradients, as the op
+// returns them).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> cpu_backward(
     const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
     const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,

@@ -509,19 +509,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> cpu_back
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
     bool input_grad, bool weight_grads_apart) {
   const CallPlan call{cpu_settings(), /*inference=*/false};
-  if (weight_grads_apart) {  // only where the backward is the few-row one, as planned now
-    LSTMShape s = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
-                                  bidirectional, has_biases, proj_size);
-    s.gates_in_reserve = gates_in_reserve(s, input.scalar_type(), /*cpu=*/true);
-    weight_grads_apart = call.of(s, input.scalar_type()).backward_few_rows;
-  }
+  // (Factors only where the backward is the few-row one, as planned now.)
   BackwardArgs a = prepare_backward(input, batch_sizes, hx, cx, weights, dropout_mask, reserve,
                                     grad_output, grad_hy, grad_cy, num_layers, bidirectional,
                                     has_biases, proj_size, call.asks(&CpuPlan::keep_16bit),
                                     call.asks(&CpuPlan::backward_widens_16bit),
                                     /*may_drop_gates=*/true, call.asks(&CpuPlan::grads_16bit),
                                     call.asks(&CpuPlan::fp16_kept_training), input_grad,
-                                    weight_grads_apart);
+                                    weight_grads_apart ? call.asks(&CpuPlan::backward_few_rows)
+                                                       : nullptr);
   const CpuPlan plan = call.of(a.shape, a.dtype);
   // A float16 grad_input (prepare_backward: written by the kernels in chunks) or the math
   // dtype's; or none (input_grad false: the kernels get null and compute no dL/dx of layer 0).
@@ -535,7 +531,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> cpu_back
         grad_input_16bit || !input_grad ? nullptr : a.grad_input.mutable_data_ptr<scalar_t>(),
         a.grad_hx.mutable_data_ptr<scalar_t>(), a.grad_cx.mutable_data_ptr<scalar_t>(),
         a.grad_weights, grad_input_16bit ? a.grad_input.mutable_data_ptr() : nullptr,
-        weight_grads_apart);
+        a.weight_grads_apart);
   });
   return finish_backward(a, weights);
 }

@@ -277,6 +277,25 @@ std::pair<const T*, const T*> transpose_recurrent_weights(const LSTMShape& s,
   return {dst, dst + G * out};
 }
 
+// One step's cell pass in the small-hidden layout, bs of the batch's B rows: gates [4H][ldg]
+// (activated in place), c [H][ldc] (c_{t-1} in, c_t out), c_out [H][ldg] (c_t for the reserve,
+// or null) and h [H][ldc] (h_t). One pass over every element where the step has the whole batch
+// (then ldg == ldc == bs), else one per hidden unit. The vectorised passes' bounds follow this
+// grouping, so the backward's recompute (tiny_recompute_gates) calls it too: the same bits.
+template <typename T>
+void tiny_cell_step(int64_t H, int64_t bs, int64_t B, T* g, int64_t ldg, T* c, T* c_out, T* h,
+                    int64_t ldc, bool vec16) {
+  if (bs == B) {
+    cell_forward_block(H * bs, g, g + H * bs, g + 2 * H * bs, g + 3 * H * bs, nullptr, 0, c,
+                       c_out, h, vec16);
+    return;
+  }
+  for (int64_t j = 0; j < H; ++j)
+    cell_forward_block(bs, g + j * ldg, g + (H + j) * ldg, g + (2 * H + j) * ldg,
+                       g + (3 * H + j) * ldg, nullptr, 0, c + j * ldc,
+                       c_out ? c_out + j * ldg : nullptr, h + j * ldc, vec16);
+}
+
 // Forward steps [first, last] (processing order) of direction d for batch rows [r0, r1).
 // gates/cells/pre_proj: the reserve's (null for inference), gates and cells in the small-hidden
 // reserve layout (lstm.h), pre_proj row-major; layer_out: this direction's first column of the
@@ -315,16 +334,7 @@ void tiny_forward_steps(const CpuPlan& plan, const LSTMShape& s, const Direction
       copy_rows(projected, ld, g, ldg, G, bs);
     else
       tiny_product(bs, G, out, w.w_hh, w_hh_t, hT, B, projected, ld, g, ldg);
-    if (bs == B) {  // the whole batch (so ldg == B): [H][B] state and gates line up, one pass
-      cell_forward_block(H * bs, g, g + H * bs, g + 2 * H * bs, g + 3 * H * bs, nullptr, 0, cT,
-                         c_out, has_proj ? hnew : hT, plan.vec16_cell);
-    } else {
-      for (int64_t j = 0; j < H; ++j)
-        cell_forward_block(bs, g + j * ldg, g + (H + j) * ldg, g + (2 * H + j) * ldg,
-                           g + (3 * H + j) * ldg, nullptr, 0, cT + j * B,
-                           c_out ? c_out + j * ldg : nullptr, has_proj ? hnew + j * B : hT + j * B,
-                           plan.vec16_cell);
-    }
+    tiny_cell_step(H, bs, B, g, ldg, cT, c_out, has_proj ? hnew : hT, B, plan.vec16_cell);
     if (has_proj) tiny_product<T>(bs, out, H, w.w_hr, w_hr_t, hnew, B, nullptr, 0, hT, B);
     const int64_t row = off + r0;
     if (gates && has_proj) tiny_transpose(hnew, B, H, bs, pre_proj + row * H, H);
@@ -433,15 +443,7 @@ void tiny_recompute_gates(const LSTMShape& s, const DirectionWeights<T>& w, cons
                  bs);
   }
   std::copy_n(c_prev, H * bs, c);
-  if (bs == B) {
-    cell_forward_block(H * bs, g, g + H * bs, g + 2 * H * bs, g + 3 * H * bs, nullptr, 0, c, c_new,
-                       h, rc.vec16);
-  } else {
-    for (int64_t j = 0; j < H; ++j)
-      cell_forward_block(bs, g + j * bs, g + (H + j) * bs, g + (2 * H + j) * bs,
-                         g + (3 * H + j) * bs, nullptr, 0, c + j * bs, c_new + j * bs, h + j * bs,
-                         rc.vec16);
-  }
+  tiny_cell_step(H, bs, B, g, bs, c, c_new, h, bs, rc.vec16);
 }
 
 // gates: the reserve's, or null to recompute each step's (rc).
