@@ -47,8 +47,6 @@ bool made_apart(size_t i, bool has_biases, int64_t proj_size) {
   return static_cast<int64_t>(i) % weights_per_direction(has_biases, proj_size) < 2;
 }
 
-// (A quick bound before the CPU plan is asked: the few-row backward takes at most 8 rows.)
-constexpr int64_t kApartMaxRows = 8;
 
 // Plain CPU tensors (or none): not a tracing or transform's wrapper (FakeTensor, functional,
 // functorch or legacy-vmap batched tensors), whose data the CPU kernels cannot read directly.
@@ -69,15 +67,20 @@ bool plain_cpu(std::initializer_list<OptTensor> tensors) {
 // W_ih's or W_hh's own autograd node (lstm.h, "gradients apart"). Its forward returns a token, a
 // 0-dim tensor that the LSTM node takes in the weight's place (the LSTM node reads the weight
 // detached); its backward, which runs after the LSTM node's (the token is its input), takes what
-// that left at `index` of the shared list: the weight's factors, whose gradient it makes, or
-// (create_graph, batched gradients, another backward) the gradient itself.
+// that left at `index` of the shared list: its layer and direction's factors, from which it
+// makes the gradient of W_ih (`w_ih`) or W_hh, whose widths are `in` and `out`, or (create_graph,
+// batched gradients, another backward) the gradient itself.
 struct WeightGradNode : public torch::autograd::Function<WeightGradNode> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& weight,
-                            const c10::IValue& apart, int64_t index) {
+                            const c10::IValue& apart, int64_t index, bool w_ih, int64_t in,
+                            int64_t out) {
     ctx->saved_data["apart"] = apart;
     ctx->saved_data["index"] = index;
     ctx->saved_data["sizes"] = weight.sizes().vec();
     ctx->saved_data["dtype"] = weight.scalar_type();
+    ctx->saved_data["w_ih"] = w_ih;
+    ctx->saved_data["in"] = in;
+    ctx->saved_data["out"] = out;
     return at::zeros({}, weight.options());  // (its value is never read)
   }
 
@@ -91,8 +94,11 @@ struct WeightGradNode : public torch::autograd::Function<WeightGradNode> {
     if (left.defined())
       grad = left.sizes() == at::IntArrayRef(sizes)
                  ? left
-                 : weight_grad_from_factors(left, sizes, ctx->saved_data["dtype"].toScalarType());
-    return {grad, at::Tensor(), at::Tensor()};
+                 : weight_grad_from_factors(left, sizes[0], ctx->saved_data["in"].toInt(),
+                                            ctx->saved_data["out"].toInt(),
+                                            ctx->saved_data["w_ih"].toBool(),
+                                            ctx->saved_data["dtype"].toScalarType());
+    return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -227,12 +233,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_autograd
     const at::Tensor& input, const OptTensor& batch_sizes, const OptTensor& hx,
     const OptTensor& cx, at::TensorList weights, const OptTensor& dropout_mask,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size) {
-  // W_ih's and W_hh's gradients apart (lstm.h): a training call of a few rows on plain CPU
-  // tensors, every weight requiring grad.
+  // W_ih's and W_hh's gradients apart (lstm.h): a training call on plain CPU tensors, every
+  // weight requiring grad, that the CPU plan takes apart (fewer rows than W_ih has: a quick
+  // bound first, as the factors of more would outnumber the gradients).
   // (Plain tensors first: a tracer's have symbolic sizes, which numel() refuses.)
   bool apart = at::GradMode::is_enabled() && !weights.empty() && plain_cpu({input, hx, cx});
   for (const at::Tensor& w : weights) apart = apart && w.requires_grad() && plain_cpu({w});
-  apart = apart && input.dim() >= 2 && input.numel() <= kApartMaxRows * input.size(-1) &&
+  apart = apart && input.dim() >= 2 && weights[0].dim() == 2 && input.size(-1) > 0 &&
+          input.numel() / input.size(-1) < weights[0].size(0) &&
           cpu_weight_grads_apart(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
                                  bidirectional, has_biases, proj_size);
   if (!apart) {
@@ -246,8 +254,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_autograd
   for (size_t i = 0; i < weights.size(); ++i) {
     list.push_back(at::Tensor());
     if (made_apart(i, has_biases, proj_size)) {
+      const bool w_ih = static_cast<int64_t>(i) % weights_per_direction(has_biases, proj_size) == 0;
+      const size_t ih = w_ih ? i : i - 1;  // the layer and direction's W_ih, then its W_hh
       tokens.push_back(WeightGradNode::apply(weights[i], c10::IValue(list),
-                                             static_cast<int64_t>(i)));
+                                             static_cast<int64_t>(i), w_ih,
+                                             weights[ih].size(1), weights[ih + 1].size(1)));
       as_read[i] = weights[i].detach();
     }
   }

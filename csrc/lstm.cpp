@@ -500,16 +500,20 @@ BackwardArgs prepare_backward(
   // (grads_16bit: returned as they are, no float32 copy).
   const bool grads_in_dtype = keeps_16bit(s, input, grads_16bit);
   // W_ih's and W_hh's factors instead of their gradients (weight_grads_apart, where the backend
-  // says so for this shape: a few-row call): float32 [rows, 4H + columns], dL/dgates beside the
-  // rows each weight's gradient multiplies.
+  // says so for this shape): one float32 tensor per layer and direction, which its W_ih and
+  // W_hh entries share (lstm.h apart_factors_numel).
   a.weight_grads_apart = weight_grads_apart != nullptr && weight_grads_apart(s, a.dtype);
-  for (size_t i = 0; i < weights.size(); ++i) {
-    if (!s.is_w_ih_or_w_hh(i)) continue;
-    if (a.weight_grads_apart)
-      a.grad_weights[i] = at::empty({s.rows, 4 * s.hidden_size + weights[i].size(1)},
-                                    input.options().dtype(at::kFloat));
-    else if (grads_in_dtype)
-      a.grad_weights[i] = at::empty(weights[i].sizes(), weights[i].options());
+  if (a.weight_grads_apart) {
+    for (int64_t l = 0; l < s.num_layers; ++l)
+      for (int64_t d = 0; d < s.num_directions; ++d) {
+        const int64_t k = s.weight_index(l, d);
+        a.grad_weights[k] = a.grad_weights[k + 1] =
+            at::empty({apart_factors_numel(s, l)}, input.options().dtype(at::kFloat));
+      }
+  } else if (grads_in_dtype) {
+    for (size_t i = 0; i < weights.size(); ++i)
+      if (s.is_w_ih_or_w_hh(i))
+        a.grad_weights[i] = at::empty(weights[i].sizes(), weights[i].options());
   }
   // A CPU 16-bit call: its float32 results returned rounded, in the scratch buffer. Except
   // where the op keeps bf16 operands (the bf16 products: sizes where an allocation per result

@@ -312,14 +312,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> finish_b
 // A training call of a few rows (one streaming step) spends little memory besides its weight
 // gradients, which one backward returns all at once. Where the CPU backend says it can
 // (cpu_weight_grads_apart), the autograd kernel gives W_ih and W_hh each an autograd node of its
-// own: the op's backward leaves their gradients as factors, dL/dgates beside the rows it
-// multiplies (the layer input for W_ih, h_{t-1} for W_hh; float32, [rows, 4H + columns]),
-// and each weight's node makes its gradient from them (weight_grad_from_factors), which autograd
-// adds into .grad and frees before the next is made. The gradients are the same bit for bit.
-// Measured: benchmarks/notes/memory.md, "Few-row training: the weight gradients one at a time".
+// own: the op's backward leaves their gradients as factors, dL/dgates beside the rows they
+// multiply (the layer input for W_ih, h_{t-1} for W_hh), and each weight's node makes its
+// gradient from them (weight_grad_from_factors), which autograd adds into .grad and frees before
+// the next is made. A layer and direction's factors are one float32 tensor that its W_ih and
+// W_hh entries share (apart_factors_numel): dL/dgates [rows, 4H], then the layer input's rows
+// [rows, in], then h_{t-1}'s [rows, out]. Up to 8 rows the gradients are the same bit for bit
+// as the op's; from 9 rows (a float16 model, where the factors are smaller than the float32
+// gradients: csrc/cpu/plan.h) each node's product sums the same rows in float32 and rounds once,
+// as the op does, but in its own order.
+// Measured: benchmarks/notes/memory.md, "Few-row training: the weight gradients one at a time"
+// and "float16 training from 9 rows up to ~1,000".
+
+// The number of float32 factors of layer `layer`'s each direction (above).
+inline int64_t apart_factors_numel(const LSTMShape& s, int64_t layer) {
+  return s.rows * (4 * s.hidden_size + s.layer_input_size(layer) + s.out_size);
+}
 
 // Whether a training call of these arguments takes its W_ih and W_hh gradients apart: a CPU call
-// whose backward is the few-row one (csrc/cpu/plan.h) with the setting on
+// whose plan says so (csrc/cpu/plan.h weight_grads_apart) with the setting on
 // (cpu.allow_weight_grads_apart).
 bool cpu_weight_grads_apart(
     const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
@@ -341,10 +352,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> cpu_back
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
     bool input_grad, bool weight_grads_apart);
 
-// A weight's gradient [4H, N] in `dtype` from its factors ([rows, 4H + N] float32): the sum over
-// the rows of dL/dgates^T times the row, as the few-row backward sums and rounds it.
-at::Tensor weight_grad_from_factors(const at::Tensor& factors, at::IntArrayRef sizes,
-                                    at::ScalarType dtype);
+// W_ih's (`w_ih`) or W_hh's gradient [4H, in] or [4H, out] in `dtype` from its layer and
+// direction's factors (above): the sum over the rows of dL/dgates^T times the row, in float32,
+// rounded once to `dtype`.
+at::Tensor weight_grad_from_factors(const at::Tensor& factors, int64_t G, int64_t in,
+                                    int64_t out, bool w_ih, at::ScalarType dtype);
 
 // Additional checks of the backward op: reserve size and gradient shapes.
 void check_lstm_backward_args(

@@ -23,11 +23,14 @@ change applies from the next call.
 * ``allow_few_rows``: a training call of at most 8 rows in all (B x T, e.g. one streaming step):
   the backward's products read the weights as stored, 16-bit ones widened in registers (else
   packed or widened copies and library products, as for larger calls);
-* ``allow_weight_grads_apart``: in those few-row training calls, W_ih's and W_hh's gradients
-  each made by an autograd node of their own, one after the other, from factors the backward
-  leaves (so that autograd adds each into ``.grad`` and frees it before the next is made: the
-  peak holds one weight's gradient, not all of them), where every weight requires grad and the
-  tensors are plain CPU ones (else the op's backward returns them all, the same values);
+* ``allow_weight_grads_apart``: in those few-row training calls, and from 9 rows in a float16
+  model's training whose reserve keeps the gates (where the factors are fewer floats than the
+  float32 gradients), W_ih's and W_hh's gradients each made by an autograd node of their own,
+  one after the other, from factors the backward leaves (so that autograd adds each into
+  ``.grad`` and frees it before the next is made: the peak holds one weight's gradient, not all
+  of them), where every weight requires grad and the tensors are plain CPU ones (else the op's
+  backward returns them all: the same values up to 8 rows, within a unit in the last place from
+  9);
 * ``allow_small_products``: float32 products of at most 2^14 multiply-adds (the backward's at
   the tutorial sizes) on 16 AVX-512 lanes in place, on CPUs with AVX-512 (else the BLAS, or
   inline_gemv's loop for a matrix-vector product);

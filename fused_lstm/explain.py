@@ -204,7 +204,9 @@ def explain(module_or_sizes: nn.LSTM | Mapping[str, Any], input) -> dict[str, An
     its backward reads: kept by the forward, or recomputed, a step or a chunk of steps at a
     time, where the reserve keeps none), ``weight_grads_apart`` for a training call (whether
     W_ih's and W_hh's gradients are made by autograd nodes of their own, one at a time: the
-    few-row backward, where every weight requires grad), with the ``cell_pass``, ``batch_slices``,
+    few-row backward, and a float16 model's from 9 rows with the gates kept, where every weight
+    requires grad), ``fp16_kept_weights`` for a float16 model's training (whether its forward
+    reads W_ih and W_hh as given with the gates kept), with the ``cell_pass``, ``batch_slices``,
     ``settings`` and ``cpu`` features the choice read, and for float32 the measured rates it
     read (``library_rates``: one thread's GFLOP/s of the BLAS and of oneDNN's matmul per class
     of product; ``fused_step_rates.<layer>``: one thread's fused step against the recurrent

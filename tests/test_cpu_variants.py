@@ -254,14 +254,23 @@ CASES = {
         {}, dict(input_size=64, hidden_size=48, num_layers=2, bidirectional=True), 1, 3, F16,
         False, {"variant": "thin", "keep_16bit": "true", "recurrent_product":
                 "thin kernel (dot products, fp16 weights widened to float32)"}, None),
+    # float16 training whose reserve keeps the gates: the forward keeps W_ih and W_hh and packs
+    # brgemm's panels from them (CpuPlan::fp16_kept_weights), the backward widens them a layer
+    # and direction at a time, and W_ih's and W_hh's gradients are made apart from 9 rows
+    # (CpuPlan::weight_grads_apart: 15 rows here; one step of 12 below).
     "fp16-training-widens": (
         {}, dict(input_size=24, hidden_size=40, num_layers=2), 5, 3, F16, True,
-        {"variant": "row_wise", "keep_16bit": "false", "backward_widens_16bit": "true"}, None),
+        {"variant": "row_wise", "keep_16bit": "true", "fp16_kept_weights": "true",
+         "backward_widens_16bit": "true", "weight_grads_apart": "true"}, "brgemm"),
+    "fp16-training-one-step": (
+        {}, dict(input_size=24, hidden_size=40, num_layers=2, bidirectional=True), 1, 12, F16,
+        True, {"variant": "row_wise", "fp16_kept_weights": "true", "recurrent_product": "brgemm",
+               "weight_grads_apart": "true"}, "brgemm"),
     "fp16-training-widens-bi-proj-no-brgemm": (
         {"allow_brgemm": False, "allow_small_products": False}, dict(input_size=20, hidden_size=32, num_layers=2,
                                       bidirectional=True, proj_size=12), 6, 4, F16, True,
-        {"variant": "row_wise", "backward_widens_16bit": "true", "backward_dh_product": "blas"},
-        None),
+        {"variant": "row_wise", "keep_16bit": "false", "fp16_kept_weights": "false",
+         "backward_widens_16bit": "true", "backward_dh_product": "blas"}, None),
     # float16 training whose reserve keeps no gates (csrc/lstm.h gates_in_reserve): the forward
     # keeps the input, W_ih and W_hh and projects by chunks of steps, the backward recomputes
     # the gates a chunk at a time (CpuPlan::fp16_kept_training; three chunks at these sizes).
@@ -462,6 +471,7 @@ def test_variant(name, packed):
     ("allow_amx", "row_wise-amx", "recurrent_product", False),
     ("allow_few_rows", "few-rows-float32", "backward_dh_product", False),
     ("allow_weight_grads_apart", "few-rows-float32", "weight_grads_apart", False),
+    ("allow_weight_grads_apart", "fp16-training-widens", "weight_grads_apart", False),
     ("allow_small_products", "small_hidden-small-products", "backward_weight_products", True),
 ])
 def test_setting_switches_the_kernel(setting, case, key, bits_differ):
@@ -488,9 +498,11 @@ def test_setting_switches_the_kernel(setting, case, key, bits_differ):
     assert switched_plan[key] != default_plan[key], (key, default_plan[key])
     if bits_differ:
         assert any(not torch.equal(a, b) for a, b in zip(default, switched))
+    # (float16: the same float32 sums in another order, rounded once, differ by at most one
+    # unit in the last place, 2^-10 of the value.)
     tol = 0.05 if dtype == BF16 else 1e-5
     for a, b in zip(default, switched):
-        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+        torch.testing.assert_close(a, b, rtol=2**-10 if dtype == F16 else tol, atol=tol)
     with CPU.flags(**settings):
         again = _run(module, x, hx, lengths, upstream, train)
     assert all(a.equal(b) for a, b in zip(default, again))

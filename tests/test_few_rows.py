@@ -201,8 +201,20 @@ def _weight_nodes(t):
     return found
 
 
-def _apart_case(name, dtype):
-    I, H, L, bi, proj, T, B, p, packed, with_hx = APART_CASES[name]
+# From 9 rows: a float16 model's row-wise backward with the gates kept, where the factors are
+# fewer floats than the float32 gradients (csrc/cpu/plan.h apart_rows); 11 to 30 rows.
+ROWS_APART_CASES = {
+    "one-step": (48, 96, 2, False, 0, 1, 12, 0.0, False, True),
+    "steps": (37, 70, 2, False, 0, 5, 6, 0.0, False, True),
+    "bidirectional": (20, 48, 2, True, 0, 4, 5, 0.0, False, True),
+    "projection": (24, 40, 3, False, 16, 3, 4, 0.0, False, True),
+    "dropout-no-hx": (24, 40, 3, False, 0, 3, 4, 0.4, False, False),
+    "packed": (20, 48, 2, True, 0, 5, 4, 0.0, True, True),
+}
+
+
+def _apart_case(name, dtype, cases=APART_CASES):
+    I, H, L, bi, proj, T, B, p, packed, with_hx = cases[name]
     torch.manual_seed(3)
     model = FusedLSTM(I, H, L, bidirectional=bi, proj_size=proj, dropout=p, dtype=dtype)
     D, out = (2 if bi else 1), (proj or H)
@@ -304,6 +316,64 @@ def _stream_step(dtype=F32):
     x = randn(1, 2, 24).to(dtype).requires_grad_()
     hx = tuple(randn(2, 2, 40).to(dtype).requires_grad_() for _ in range(2))
     return model, x, hx
+
+
+@pytest.mark.parametrize("name", list(ROWS_APART_CASES))
+def test_weight_grads_apart_from_nine_rows_float16(name):
+    """From 9 rows a float16 model's training makes W_ih's and W_hh's gradients apart too (explain
+    says so, and the graph has their nodes). The outputs and the gradients of the input, the
+    states and the biases are the setting-off call's bit for bit (the same dL/dgates and dL/dx
+    products); W_ih's and W_hh's are the same float32 sums in another order, rounded once to
+    float16: each within one unit in the last place of the setting-off call's (above
+    float16's subnormals), most equal."""
+    model, x, hx, up, lengths = _apart_case(name, F16, ROWS_APART_CASES)
+    with torch.enable_grad():
+        assert fused_lstm.explain(model, x)["backward"]["weight_grads_apart"] == "true"
+    n_states = 0 if hx is None else 2
+    names = [n for n, _ in model.named_parameters()]
+    for input_grad in (True, False):
+        apart, took = _apart_results(model, x, hx, up, lengths, input_grad)
+        assert took, name
+        with CPU.flags(allow_weight_grads_apart=False):
+            together, took = _apart_results(model, x, hx, up, lengths, input_grad)
+            assert not took
+        for i, (a, b) in enumerate(zip(apart, together)):
+            if b is None:
+                assert a is None
+                continue
+            assert a.dtype == F16
+            k = i - 4 - n_states  # the parameter's index
+            if k >= 0 and names[k].startswith(("weight_ih", "weight_hh")):
+                # (atol: where a sum cancels into float16's subnormals, the float32 sums' own
+                # difference, ~2^-23 of the terms' size, can span two of their units)
+                torch.testing.assert_close(a.float(), b.float(), rtol=2**-10, atol=2**-20)
+                assert (a == b).float().mean() > 0.9, (names[k], (a != b).sum())
+            else:
+                assert torch.equal(a, b), (name, i, (a - b).abs().max())
+
+
+def test_weight_grads_apart_from_nine_rows_memory():
+    """float16, 16 rows (one step of 16 sequences, hidden 256): the op's backward returning
+    W_ih's and W_hh's gradients together holds at least their float32 sums; apart, the call's
+    peak is lower by at least half of those (benchmarks/notes/memory.md, "float16 training from
+    9 rows up to ~1,000")."""
+    model = FusedLSTM(64, 256, 2, dtype=F16)
+    x = randn(1, 16, 64).to(F16)
+
+    def step():
+        out, (h, c) = model(x)
+        (out.float().sum() + h.float().sum()).backward()
+
+    def peak():
+        step()  # .grad made, scratch buffers warm
+        return _peak_bytes(step)
+
+    sums = sum(p.numel() for p in model.parameters() if p.dim() == 2) * 4
+    apart = peak()
+    with CPU.flags(allow_weight_grads_apart=False):
+        together = peak()
+    assert together >= sums, (together, sums)
+    assert apart <= together - sums // 2, (apart, together, sums)
 
 
 def test_weight_grads_apart_double_backward():

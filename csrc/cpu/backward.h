@@ -64,10 +64,17 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   // float32 chunk and rounded into it as the chunk is done, instead of a float32 dL/dx of
   // every row rounded at the end.
   TORCH_INTERNAL_ASSERT(!grad_input16 || (float_chunks && D == 1 && grad_input == nullptr));
-  TORCH_INTERNAL_ASSERT(!weight_grads_apart || plan.backward_few_rows);
+  TORCH_INTERNAL_ASSERT(!weight_grads_apart || plan.weight_grads_apart);
+  // W_ih's and W_hh's gradients apart (lstm.h) beyond the few-row backward: each layer and
+  // direction's dgates are its factors' first rows * G floats (grad_weights[k], which W_ih's and
+  // W_hh's entries share), the recurrence writes them there, and the products below make only
+  // dL/dx; the rows of x and h_{t-1} are copied in after them.
+  const bool rows_apart = weight_grads_apart && !plan.backward_few_rows;
+  TORCH_INTERNAL_ASSERT(!rows_apart || (!bb.on && !tiny && !float_chunks && !grad_input16 &&
+                                        std::is_same_v<T, float>));
   T* dx_chunk;
   T* dgates;
-  pieces.add(&dgates, chunk_rows * G);
+  pieces.add(&dgates, rows_apart ? 0 : chunk_rows * G);
   // h_{t-1} of every row (or of a chunk's) gathered, only where steps have different rows
   // (h_prev_rows, h_prev_chunk).
   T* h_prev_buf_ptr;
@@ -187,6 +194,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
 
       const T* h0 = hx ? hx + ld * s.batch * out : zeros;
       const int64_t k = s.weight_index(l, d);
+      if (rows_apart) dgates = grad_weights[k].mutable_data_ptr<T>();
       // W_ih's and W_hh's gradients: in the math dtype, or a 16-bit model's dtype where the
       // few-row backward writes them rounded (plan.grads_16bit: few_rows_outer takes them).
       // (Neither where they are left as factors: weight_grads_apart, the few-row backward's.)
@@ -406,6 +414,15 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
         const T* w_ih = w.w_ih;
         if (widens)
           with_kept_16bit(w.ih, [&](auto w16) { w_ih = widened(w16, G * in_size, widened_w); });
+        if (rows_apart) {  // x's and h_{t-1}'s rows into the factors, after dgates
+          T* x_factors = dgates + s.rows * G;
+          T* h_factors = x_factors + s.rows * in_size;
+          copy_rows(x.f, in_size, x_factors, in_size, s.rows, in_size);
+          for (int i = 0; i < h_prev.n; ++i) {
+            const HPrevSegment<T>& seg = h_prev.seg[i];
+            copy_rows(seg.h, seg.ld, h_factors + seg.r0 * out, out, seg.r1 - seg.r0, out);
+          }
+        }
         if (few)
           few_rows_backward_products(s, dgates, x, in_size, h_prev, w.ih, grad_weights[k],
                                      grad_weights[k + 1], dx_l, d > 0, weight_grads_apart);

@@ -234,8 +234,9 @@ inline void bf16_chunk_products(const LSTMShape& s, const Bf16Backward& bb, cons
 // its rows [row0, row0 + rows) (all of them after the recurrence, or a chunk's as soon as the
 // recurrence has computed them: dgates, x_rows and dx_rows hold row row0's first): dW_ih =
 // dgates^T x and dW_hh = dgates^T h_prev (added to what the gradients hold where `accumulate`:
-// the chunks after a direction's first), and dL/dx = dgates W_ih (added to dx when `add_dx`:
-// the other direction's; none where dx_rows is null: lstm_backward's input_grad).
+// the chunks after a direction's first; none where gw_ih and gw_hh are null: the gradients
+// apart, lstm.h), and dL/dx = dgates W_ih (added to dx when `add_dx`: the other direction's;
+// none where dx_rows is null: lstm_backward's input_grad).
 template <typename T>
 void backward_products(const LSTMShape& s, const T* dgates, int64_t row0, int64_t rows,
                        const T* x_rows, int64_t in_size, const HPrev<T>& h_prev, const T* w_ih,
@@ -244,8 +245,10 @@ void backward_products(const LSTMShape& s, const T* dgates, int64_t row0, int64_
   TORCH_INTERNAL_ASSERT(x_rows != nullptr || rows == 0,
                         "fused_lstm: float32 products read x in float");
   const T beta = accumulate ? T(1) : T(0);
-  gemm<T>(true, false, G, in_size, rows, T(1), dgates, G, x_rows, in_size, beta, gw_ih, in_size);
-  for (int i = 0; i < h_prev.n; ++i) {  // also for an empty batch: gemm zero-fills when k == 0
+  if (gw_ih)
+    gemm<T>(true, false, G, in_size, rows, T(1), dgates, G, x_rows, in_size, beta, gw_ih, in_size);
+  // (also for an empty batch: gemm zero-fills when k == 0)
+  for (int i = 0; i < h_prev.n && gw_hh; ++i) {
     const HPrevSegment<T>& seg = h_prev.seg[i];
     gemm<T>(true, false, G, out, seg.r1 - seg.r0, T(1), dgates + (seg.r0 - row0) * G, G, seg.h,
             seg.ld, i == 0 ? beta : T(1), gw_hh, out);
@@ -290,19 +293,17 @@ void few_rows_backward_products(const LSTMShape& s, const T* dgates, Operand<T> 
       const HPrevSegment<T>& seg = h_prev.seg[i];
       for (int64_t r = seg.r0; r < seg.r1; ++r) h_rows[r] = seg.h + (r - seg.r0) * seg.ld;
     }
-    if (factors) {  // gw_ih, gw_hh: [rows, G + in_size], [rows, G + out]: dgates, then the row
-      // (lstm.h weight_grads_apart; weight_grad_from_factors makes the gradients from them)
-      auto write = [&](at::Tensor& f, const float* const* row, int64_t n) {
-        TORCH_INTERNAL_ASSERT(f.scalar_type() == at::kFloat && f.is_contiguous() &&
-                              f.size(0) == rows && f.size(1) == G + n);
-        float* p = f.mutable_data_ptr<float>();
-        for (int64_t r = 0; r < rows; ++r) {
-          std::copy_n(dgates + r * G, G, p + r * (G + n));
-          std::copy_n(row[r], n, p + r * (G + n) + G);
-        }
-      };
-      write(gw_ih, x_rows, in_size);
-      write(gw_hh, h_rows, out);
+    if (factors) {  // gw_ih and gw_hh: the one tensor of the layer and direction's factors,
+      // dgates [rows, G], x [rows, in_size], h_prev [rows, out] (lstm.h apart_factors_numel;
+      // weight_grad_from_factors makes the gradients from them)
+      TORCH_INTERNAL_ASSERT(gw_ih.is_same(gw_hh) && gw_ih.scalar_type() == at::kFloat &&
+                            gw_ih.is_contiguous() && gw_ih.numel() == rows * (G + in_size + out));
+      float* p = gw_ih.mutable_data_ptr<float>();
+      std::copy_n(dgates, rows * G, p);
+      for (int64_t r = 0; r < rows; ++r) {
+        std::copy_n(x_rows[r], in_size, p + rows * G + r * in_size);
+        std::copy_n(h_rows[r], out, p + rows * (G + in_size) + r * out);
+      }
     } else {
       few_rows_outer(rows, G, in_size, dgates, G, x_rows, gw_ih);
       few_rows_outer(rows, G, out, dgates, G, h_rows, gw_hh);

@@ -111,8 +111,10 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
       << "\n";
   o << "keep_16bit=" << (p.keep_16bit ? "true" : "false") << "\n";
   if (p.inference) o << "output_16bit=" << (p.output_16bit ? "true" : "false") << "\n";
-  if (!p.inference && p.model == at::kHalf)
+  if (!p.inference && p.model == at::kHalf) {
     o << "fp16_kept_training=" << (p.fp16_kept_training ? "true" : "false") << "\n";
+    o << "fp16_kept_weights=" << (p.fp16_kept_weights ? "true" : "false") << "\n";
+  }
   if (!p.inference) {
     static const char* const kGates[] = {
         "kept by the forward", "recomputed a step at a time (small-hidden kernel)",

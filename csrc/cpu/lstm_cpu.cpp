@@ -487,7 +487,7 @@ bool cpu_weight_grads_apart(
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
     bool bidirectional, bool has_biases, int64_t proj_size) {
   const CpuSettings settings = cpu_settings();
-  if (!settings.weight_grads_apart || !settings.few_rows || !input.is_cpu()) return false;
+  if (!settings.weight_grads_apart || !input.is_cpu()) return false;
   LSTMShape s;
   try {
     s = check_lstm_args(input, batch_sizes, hx, cx, weights, dropout_mask, num_layers,
@@ -495,7 +495,6 @@ bool cpu_weight_grads_apart(
   } catch (const c10::Error&) {
     return false;  // the op's forward raises its own error for these arguments, in its order
   }
-  if (s.rows > kThinMaxBatch) return false;
   s.gates_in_reserve = gates_in_reserve(s, input.scalar_type(), /*cpu=*/true);
   return plan_cpu(s, settings, input.scalar_type(), /*inference=*/false).weight_grads_apart;
 }
@@ -509,14 +508,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> cpu_back
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
     bool input_grad, bool weight_grads_apart) {
   const CallPlan call{cpu_settings(), /*inference=*/false};
-  // (Factors only where the backward is the few-row one, as planned now.)
+  // (Factors only where the plan, as made now, says so.)
   BackwardArgs a = prepare_backward(input, batch_sizes, hx, cx, weights, dropout_mask, reserve,
                                     grad_output, grad_hy, grad_cy, num_layers, bidirectional,
                                     has_biases, proj_size, call.asks(&CpuPlan::keep_16bit),
                                     call.asks(&CpuPlan::backward_widens_16bit),
                                     /*may_drop_gates=*/true, call.asks(&CpuPlan::grads_16bit),
                                     call.asks(&CpuPlan::fp16_kept_training), input_grad,
-                                    weight_grads_apart ? call.asks(&CpuPlan::backward_few_rows)
+                                    weight_grads_apart ? call.asks(&CpuPlan::weight_grads_apart)
                                                        : nullptr);
   const CpuPlan plan = call.of(a.shape, a.dtype);
   // A float16 grad_input (prepare_backward: written by the kernels in chunks) or the math
@@ -536,18 +535,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> cpu_back
   return finish_backward(a, weights);
 }
 
-at::Tensor weight_grad_from_factors(const at::Tensor& factors, at::IntArrayRef sizes,
-                                    at::ScalarType dtype) {
+// The float32 sums a 16-bit gradient made from its factors holds per thread (64 KB): a block
+// of its rows at a time (at hidden 256, 64 of W_hh's 1,024 rows).
+constexpr int64_t kApartBlockFloats = 1 << 14;
+
+at::Tensor weight_grad_from_factors(const at::Tensor& factors, int64_t G, int64_t in,
+                                    int64_t out, bool w_ih, at::ScalarType dtype) {
+  const int64_t columns = G + in + out;
   TORCH_INTERNAL_ASSERT(factors.scalar_type() == at::kFloat && factors.is_contiguous() &&
-                        factors.dim() == 2 && sizes.size() == 2 &&
-                        factors.size(1) == sizes[0] + sizes[1] &&
-                        factors.size(0) <= kThinMaxBatch);
-  const int64_t rows = factors.size(0), G = sizes[0], N = sizes[1];
-  const float* f = factors.const_data_ptr<float>();
-  const float* x_rows[kThinMaxBatch];
-  for (int64_t r = 0; r < rows; ++r) x_rows[r] = f + r * (G + N) + G;
-  at::Tensor grad = at::empty(sizes, factors.options().dtype(dtype));
-  few_rows_outer(rows, G, N, f, G + N, x_rows, grad);
+                        factors.dim() == 1 && factors.numel() % columns == 0);
+  const int64_t rows = factors.numel() / columns, N = w_ih ? in : out;
+  const float* dg = factors.const_data_ptr<float>();  // [rows, G]
+  const float* x = dg + rows * G + (w_ih ? 0 : rows * in);  // [rows, N]
+  at::Tensor grad = at::empty({G, N}, factors.options().dtype(dtype));
+  if (rows <= kThinMaxBatch) {  // the few-row backward's outer products (the same bits)
+    const float* x_rows[kThinMaxBatch];
+    for (int64_t r = 0; r < rows; ++r) x_rows[r] = x + r * N;
+    few_rows_outer(rows, G, N, dg, G, x_rows, grad);
+    return grad;
+  }
+  if (dtype == at::kFloat) {
+    gemm<float>(true, false, G, N, rows, 1.0f, dg, G, x, N, 0.0f, grad.mutable_data_ptr<float>(),
+                N);
+    return grad;
+  }
+  // A 16-bit gradient: blocks of its rows summed in float32 into a small buffer and rounded
+  // (round_to, as finish_backward rounds the op's), not a float32 gradient of every row.
+  TORCH_INTERNAL_ASSERT(is_16bit(dtype));
+  auto* out16 = static_cast<uint16_t*>(grad.mutable_data_ptr());
+  const int64_t block = std::max<int64_t>(16, std::min<int64_t>(G, kApartBlockFloats / N));
+  auto blocks = [&](int64_t b0, int64_t b1) {
+    std::vector<float> sums(static_cast<size_t>(block * N));
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t g0 = b * block, gb = std::min(block, G - g0);
+      gemm<float>(true, false, gb, N, rows, 1.0f, dg + g0, G, x, N, 0.0f, sums.data(), N);
+      round_to(sums.data(), gb * N, dtype, out16 + g0 * N);
+    }
+  };
+  const int64_t n_blocks = (G + block - 1) / block;
+  if (n_blocks > 1 && G * N * rows >= kParallelElements && !at::in_parallel_region())
+    at::parallel_for(0, n_blocks, 1, blocks);
+  else
+    blocks(0, n_blocks);
   return grad;
 }
 

@@ -111,6 +111,11 @@ struct CpuPlan {
   // widens what a product reads just before it, a chunk's or a step's rows at a time
   // (forward.h, backward.h; benchmarks/notes/memory.md, "float16 training: no gates kept").
   bool fp16_kept_training = false;
+  // The training of a float16 model whose reserve keeps the gates, on the same kernels: the
+  // forward keeps W_ih and W_hh as given (not the input), and packs brgemm's float32 panels
+  // from them a layer and direction at a time, instead of a float32 copy of every weight for
+  // the call (benchmarks/notes/memory.md, "float16 training from 9 rows up to ~1,000").
+  bool fp16_kept_weights = false;
   // The backward of a bfloat16 or float16 model whose products are float32 (row-wise steps
   // without the bf16 products: float16, a single step, a CPU without AVX512_BF16, or the
   // setting off) reads W_ih and W_hh as given and widens one layer and direction's at a time
@@ -132,8 +137,11 @@ struct CpuPlan {
   // gradients rounded afterwards (lstm.h prepare_backward's grads_16bit).
   bool grads_16bit = false;
   // W_ih's and W_hh's gradients made by autograd nodes of their own, one weight at a time, from
-  // the factors the few-row backward leaves (lstm.h cpu_weight_grads_apart, csrc/autograd.cpp):
-  // where every weight requires grad and the tensors are plain CPU ones.
+  // the factors the backward leaves (lstm.h cpu_weight_grads_apart, csrc/autograd.cpp): where
+  // every weight requires grad and the tensors are plain CPU ones, and the backward is the
+  // few-row one, or (apart_rows) a float16 model's row-wise backward with the gates kept whose
+  // factors are fewer floats than the float32 gradients it would hold
+  // (benchmarks/notes/memory.md, "float16 training from 9 rows up to ~1,000").
   bool weight_grads_apart = false;
   bool vec16_cell = false;    // float32 cell pass on 16 lanes (cell_forward_vec16)
   bool inference = false;     // lstm_inference: nothing kept for backward
@@ -147,6 +155,25 @@ struct CpuPlan {
 
 // model: the caller's dtype (the math dtype is float32 but for float64); inference:
 // lstm_inference (nothing kept for backward).
+// The gradients apart from 9 rows (CpuPlan::weight_grads_apart): a float16 model's training on
+// the row-wise kernels with float32 products whose reserve keeps the gates (one backward pass,
+// backward.h: the recurrence writes each layer and direction's dgates into its factors), where
+// every layer's factors (lstm.h apart_factors_numel) are no more floats than its W_ih's and
+// W_hh's float32 gradients: then the backward holds the factors instead of those gradients, and
+// autograd one float16 gradient at a time instead of all of them.
+inline bool apart_rows(const LSTMShape& s, at::ScalarType model, bool inference,
+                       const CpuPlan& p) {
+  if (model != at::kHalf || inference || p.variant != Variant::kRowWise || !s.gates_in_reserve ||
+      p.bf16_products || p.backward_few_rows || s.rows == 0)
+    return false;
+  int64_t factors = 0, grads = 0;
+  for (int64_t l = 0; l < s.num_layers; ++l) {
+    factors += apart_factors_numel(s, l);
+    grads += 4 * s.hidden_size * (s.layer_input_size(l) + s.out_size);
+  }
+  return factors <= grads;
+}
+
 inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, at::ScalarType model,
                         bool inference) {
   const CpuFeatures& cpu = cpu_features();
@@ -180,8 +207,9 @@ inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, at::Sca
           : thin_sizes(s)               ? "hidden_size >= 16; the thin kernel is off (allow_thin)"
                                         : "hidden_size >= 16 and not thin-batch sizes";
   }
-  // A single step does not pay for packing the weights.
-  const bool packs = row_sizes && s.seq_len >= 2;
+  // A single step does not pay for packing the weights, except a float16 model's training,
+  // which would widen them anyway (fp16_kept_weights: packing is the widening).
+  const bool packs = row_sizes && (s.seq_len >= 2 || (model == at::kHalf && !inference));
   p.bf16_products = bf16_model && packs && cpu.avx512_bf16 && settings.bf16_products &&
                     p.variant != Variant::kThin;
   p.amx_products = p.bf16_products && settings.amx && amx_sizes(s) && amx_bf16_available();
@@ -192,8 +220,11 @@ inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, at::Sca
   p.fp16_kept_training = !inference && model == at::kHalf && !s.gates_in_reserve &&
                          p.variant == Variant::kRowWise && is_float && packs && cpu.brgemm &&
                          settings.brgemm;
+  p.fp16_kept_weights = !inference && model == at::kHalf && s.gates_in_reserve &&
+                        p.variant == Variant::kRowWise && is_float && packs && cpu.brgemm &&
+                        settings.brgemm;
   p.keep_16bit = (p.bf16_products && !thin) || (model_16bit && p.variant == Variant::kThin) ||
-                 p.fp16_kept_inference || p.fp16_kept_training;
+                 p.fp16_kept_inference || p.fp16_kept_training || p.fp16_kept_weights;
   p.backward_few_rows = few_rows && p.variant != Variant::kSmallHidden && !p.bf16_products;
   p.recompute_float_chunks = !inference && !s.gates_in_reserve && !p.bf16_products &&
                              p.variant == Variant::kRowWise && !p.backward_few_rows;
@@ -204,7 +235,8 @@ inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, at::Sca
                             (s.gates_in_reserve || p.recompute_float_chunks);
   p.brgemm_steps = is_float && packs && cpu.brgemm && settings.brgemm && !p.bf16_products;
   p.grads_16bit = p.backward_few_rows && model_16bit;
-  p.weight_grads_apart = p.backward_few_rows && settings.weight_grads_apart;
+  p.weight_grads_apart = settings.weight_grads_apart &&
+                         (p.backward_few_rows || apart_rows(s, model, inference, p));
   p.brgemm_dh = is_float && row_sizes && cpu.brgemm && settings.brgemm && !p.backward_few_rows;
   p.vec16_cell = is_float && cpu.avx512 && settings.vec16_cell;
   p.output_16bit = inference && model_16bit && p.variant == Variant::kRowWise;
