@@ -284,6 +284,10 @@ CASES = {
         dict(input_size=24, hidden_size=256, num_layers=2, bidirectional=True, proj_size=40), 70,
         16, F16, True, {"variant": "row_wise", "fp16_kept_training": "true",
                         "input_projection.0": "blas"}, "brgemm"),
+    "fp16-training-no-gates-one-step": (  # one step of a large batch packs too (plan.h packs)
+        {}, dict(input_size=24, hidden_size=64, num_layers=2), 1, 600, F16, True,
+        {"variant": "row_wise", "fp16_kept_training": "true", "recurrent_product": "brgemm",
+         "backward_gates": "recomputed by chunks of steps"}, "brgemm"),
     "fp16-training-no-gates-no-brgemm": (  # library steps: recomputed step by step
         {"allow_brgemm": False, "allow_small_products": False},
         dict(input_size=24, hidden_size=64, num_layers=2, bidirectional=True), 150, 32, F16,

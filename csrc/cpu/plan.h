@@ -158,9 +158,9 @@ struct CpuPlan {
 // The gradients apart from 9 rows (CpuPlan::weight_grads_apart): a float16 model's training on
 // the row-wise kernels with float32 products whose reserve keeps the gates (one backward pass,
 // backward.h: the recurrence writes each layer and direction's dgates into its factors), where
-// every layer's factors (lstm.h apart_factors_numel) are no more floats than its W_ih's and
-// W_hh's float32 gradients: then the backward holds the factors instead of those gradients, and
-// autograd one float16 gradient at a time instead of all of them.
+// the layers' factors together (lstm.h apart_factors_numel) are no more floats than their W_ih's
+// and W_hh's float32 gradients: then the backward holds the factors instead of those gradients,
+// and autograd one float16 gradient at a time instead of all of them.
 inline bool apart_rows(const LSTMShape& s, at::ScalarType model, bool inference,
                        const CpuPlan& p) {
   if (model != at::kHalf || inference || p.variant != Variant::kRowWise || !s.gates_in_reserve ||
