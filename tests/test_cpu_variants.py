@@ -331,6 +331,16 @@ CASES = {
     "thin-bf16-steps": (
         {}, dict(input_size=40, hidden_size=33, num_layers=2), 3, 4, BF16, False,
         {"variant": "thin", "keep_16bit": "true"}, None),
+    # A bfloat16 model's steps on AMX tiles: the thin kernel up to 32 rows in all (steps x
+    # batch), the row-wise path beyond (plan.h kThinAmxMaxRows; packed: at least 39 rows).
+    "thin-bf16-amx-32-rows": (
+        {}, dict(input_size=64, hidden_size=64, num_layers=2), 4, 8, BF16, False,
+        {"variant": "thin"}, None),
+    "row_wise-bf16-amx-beyond-thin": (
+        {}, dict(input_size=64, hidden_size=64, num_layers=2), 32, 8, BF16, False,
+        {"variant": "row_wise", "recurrent_product": "amx_brgemm",
+         "why": "hidden_size >= 16; a bfloat16 model's steps of more than 32 rows in all run "
+                "faster on AMX tiles than in the thin kernel"}, "amx_bf16"),
     "thin-steps": (
         {}, dict(input_size=40, hidden_size=32, num_layers=3), 20, 8, F64, False,
         {"variant": "thin"}, None),

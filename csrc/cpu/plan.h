@@ -66,6 +66,14 @@ constexpr int64_t kThinMaxBatch = 8;
 static_assert(kDropGatesMinRows == kThinMaxBatch + 1 && kDropGatesMinHidden == kRowWiseHidden,
               "lstm.h's gates rule names these sizes");
 constexpr int64_t kThinMaxSteps = 32;
+// ...except a bfloat16 model's steps where the row-wise path would run them on AMX tiles (amx.h):
+// the tiles take a row for much less than the thin kernel's dot products, and from more than
+// this many rows in all (steps x batch) the row-wise path was measured as fast or faster (Intel
+// Xeon with AMX-BF16, inference, 4 to 16 steps of batches 1 to 8, hidden 64 to 1024; from 64
+// rows 1.0-2.2x faster, at 48 rows 0.95-1.25x; benchmarks/notes/thin-batch.md, "bfloat16 on
+// AMX tiles: where the thin kernel stops"). Without AMX (AVX512_BF16's bf16_gemm), not measured:
+// the thin kernel keeps its sizes.
+constexpr int64_t kThinAmxMaxRows = 32;
 
 enum class Variant { kSmallHidden, kThin, kRowWise };
 
@@ -185,7 +193,11 @@ inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, at::Sca
   p.is_float = is_float;
   p.inference = inference;
   const bool row_sizes = s.hidden_size >= kRowWiseHidden;
-  const bool thin = thin_sizes(s) && settings.thin;
+  // (A bfloat16 model's several steps of more than kThinAmxMaxRows rows on AMX tiles: row-wise.)
+  const bool amx_rows = bf16_model && row_sizes && s.seq_len >= 2 && s.rows > kThinAmxMaxRows &&
+                        cpu.avx512_bf16 && settings.bf16_products && settings.amx &&
+                        amx_sizes(s) && amx_bf16_available();
+  const bool thin = thin_sizes(s) && settings.thin && !amx_rows;
   // A training call of at most kThinMaxBatch rows in all: the few-row backward (few_rows.h),
   // and, where the thin kernel is on, its forward too (its gates and c_t into the reserve).
   const bool few_rows = is_float && !inference && row_sizes && s.rows <= kThinMaxBatch &&
@@ -204,6 +216,8 @@ inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, at::Sca
   } else {
     p.variant = Variant::kRowWise;
     p.why = !inference && thin_sizes(s) ? "hidden_size >= 16; the thin kernel trains only calls of at most 8 rows"
+          : thin_sizes(s) && amx_rows   ? "hidden_size >= 16; a bfloat16 model's steps of more than 32 "
+                                          "rows in all run faster on AMX tiles than in the thin kernel"
           : thin_sizes(s)               ? "hidden_size >= 16; the thin kernel is off (allow_thin)"
                                         : "hidden_size >= 16 and not thin-batch sizes";
   }
