@@ -191,7 +191,7 @@ struct LSTMFunction : public torch::autograd::Function<LSTMFunction> {
         std::tie(grad_input, grad_hx, grad_cx, grad_weights) = cpu_backward(
             input, batch_sizes, hx, cx, weights, mask, reserve, grad_output, grad_hy, grad_cy,
             num_layers, bidirectional, has_biases, proj_size, ctx->needs_input_grad(0),
-            /*weight_grads_apart=*/true);
+            /*weight_grads_apart=*/true, /*state_grad=*/hx && ctx->needs_input_grad(2));
       else
         std::tie(grad_input, grad_hx, grad_cx, grad_weights) =
             op.call(input, batch_sizes, hx, cx, weights, mask, reserve, grad_output, grad_hy,
@@ -199,7 +199,7 @@ struct LSTMFunction : public torch::autograd::Function<LSTMFunction> {
                     ctx->needs_input_grad(0));
     }
     if (ctx->needs_input_grad(0)) result[0] = grad_input;
-    if (hx) result[2] = grad_hx;
+    if (hx && ctx->needs_input_grad(2)) result[2] = grad_hx;  // (else maybe not computed)
     if (cx) result[3] = grad_cx;
     for (size_t i = 0; i < grad_weights.size(); ++i) {
       if (!apart.empty() && made_apart(i, has_biases, proj_size))

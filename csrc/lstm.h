@@ -340,9 +340,10 @@ bool cpu_weight_grads_apart(
 
 // The CPU backward: fused_lstm::lstm_backward's arguments and results (its CPU kernel), except
 // that with weight_grads_apart W_ih's and W_hh's entries of the weight gradients are their
-// factors, where this call's backward is the few-row one (as planned now, by prepare_backward's
+// factors, where this call's plan takes them apart (as planned now, by prepare_backward's
 // question: a setting may have changed since the forward; else their gradients, as the op
-// returns them).
+// returns them). Without state_grad (h0 needs no gradient) grad_hx is not computed: its values
+// are undefined (the first step's dL/dh_{t-1} product, which only it reads, is skipped).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> cpu_backward(
     const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
     const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
@@ -350,7 +351,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> cpu_back
     const at::Tensor& reserve, const std::optional<at::Tensor>& grad_output,
     const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
-    bool input_grad, bool weight_grads_apart);
+    bool input_grad, bool weight_grads_apart, bool state_grad = true);
 
 // W_ih's (`w_ih`) or W_hh's gradient [4H, in] or [4H, out] in `dtype` from its layer and
 // direction's factors (above): the sum over the rows of dL/dgates^T times the row, in float32,

@@ -376,6 +376,57 @@ def test_weight_grads_apart_from_nine_rows_memory():
     assert apart <= together - sums // 2, (apart, together, sums)
 
 
+@pytest.mark.parametrize("state", ["none", "h0-no-grad"])
+@pytest.mark.parametrize("dtype,steps,batch", [(F32, 1, 4), (F32, 2, 3), (F16, 1, 4),
+                                               (F16, 1, 16), (F16, 3, 5)],
+                         ids=["f32-1x4", "f32-2x3", "f16-1x4", "f16-1x16", "f16-3x5"])
+def test_weight_grads_apart_without_h0_gradient(dtype, steps, batch, state):
+    """Where h0 needs no gradient (hx None, or h0 given without requires_grad, c0 with it), the
+    backward with the gradients apart skips the first step's dL/dh_{t-1} product, which only
+    h0's gradient reads (lstm.h cpu_backward's state_grad), and with one step reads no W_hh at
+    all; a float16 one-step forward without hx packs no W_hh either (weights.h use_brgemm). Every
+    gradient it returns is the setting-off call's (which computes them all): bit for bit, W_ih's
+    and W_hh's within a unit in the last place from 9 rows (a float16 model's other sums); the
+    outputs agree with nn.LSTM in float64."""
+    torch.manual_seed(11)
+    model = FusedLSTM(24, 40, 2, dtype=dtype)
+    exact = nn.LSTM(24, 40, 2, dtype=torch.float64)
+    exact.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    x0 = randn(steps, batch, 24).to(dtype)
+    c00 = randn(2, batch, 40).to(dtype)
+    h00 = randn(2, batch, 40).to(dtype)
+
+    def results():
+        x = x0.clone().requires_grad_()
+        model.zero_grad(set_to_none=True)
+        c0 = c00.clone().requires_grad_()
+        hx = None if state == "none" else (h00.clone(), c0)
+        out, (h_n, c_n) = model(x, hx)
+        apart = bool(_weight_nodes(h_n))
+        (out.float().pow(2).sum() + h_n.float().sum() + c_n.float().sum()).backward()
+        grads = [x.grad, *(() if hx is None else (c0.grad,)), *(p.grad for p in model.parameters())]
+        return [out, h_n, c_n], grads, apart
+
+    outs, grads, apart = results()
+    assert apart
+    with CPU.flags(allow_weight_grads_apart=False):
+        outs_off, grads_off, apart_off = results()
+    assert not apart_off
+    names = ["x", *(() if state == "none" else ("c0",)), *(n for n, _ in model.named_parameters())]
+    for a, b in zip(outs, outs_off):
+        assert torch.equal(a, b)
+    for name, a, b in zip(names, grads, grads_off):
+        if dtype == F16 and steps * batch > 8 and name.startswith(("weight_ih", "weight_hh")):
+            torch.testing.assert_close(a.float(), b.float(), rtol=2**-10, atol=2**-20)
+        else:
+            assert torch.equal(a, b), (name, (a - b).abs().max())
+    hx64 = None if state == "none" else (h00.double(), c00.double())
+    want = exact(x0.double(), hx64)
+    tol = 2e-3 if dtype == F16 else 1e-5
+    for a, b in zip(outs, (want[0], *want[1])):
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
+
+
 def test_weight_grads_apart_double_backward():
     """create_graph=True: the weights' nodes pass on the differentiable gradients the LSTM node
     computed; gradients of a function of them equal the setting-off call's."""

@@ -16,7 +16,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
                    const T* reserve, Operand<T> grad_output, const T* grad_hy, const T* grad_cy,
                    T* grad_input, T* grad_hx, T* grad_cx,
                    std::vector<at::Tensor>& grad_weights, void* grad_input16 = nullptr,
-                   bool weight_grads_apart = false) {
+                   bool weight_grads_apart = false, bool state_grad = true) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, D = s.num_directions;
   const int64_t out_stride = D * out;
   const bool has_proj = s.proj_size > 0;
@@ -39,7 +39,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
     forward_impl(plan, with_gates, input, hx, cx, weights, mask, hy, hy + states * out, full);
     return backward_impl(plan, with_gates, input, hx, cx, weights, mask, full, grad_output,
                          grad_hy, grad_cy, grad_input, grad_hx, grad_cx, grad_weights,
-                         grad_input16, weight_grads_apart);
+                         grad_input16, weight_grads_apart, state_grad);
   }
   // Scratch, allocated once per call (ScratchPieces: the small pieces in one block).
   at::Tensor bf16_buf;
@@ -70,6 +70,13 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   // W_hh's entries share), the recurrence writes them there, and the products below make only
   // dL/dx; the rows of x and h_{t-1} are copied in after them.
   const bool rows_apart = weight_grads_apart && !plan.backward_few_rows;
+  // Without state_grad (the caller needs no gradient of h0: hx is None or needs none; lstm.h
+  // cpu_backward), the first step's dL/dh_{t-1} product, which only h0's gradient reads, is
+  // skipped (grad_hx is then not computed), and with one step W_hh is not read at all: not
+  // widened, not packed. (Not with the bf16 products: their dL/dh_{t-1} product also rounds the
+  // step's dgates for the chunk's weight products.)
+  const bool first_dh = state_grad || bb.on;
+  const bool reads_w_hh = first_dh || s.seq_len > 1 || recompute;
   TORCH_INTERNAL_ASSERT(!rows_apart || (!bb.on && !tiny && !float_chunks && !grad_input16 &&
                                         std::is_same_v<T, float>));
   T* dx_chunk;
@@ -218,12 +225,12 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
       };
 
       const T* w_hh = w.w_hh;
-      if (widens) {
+      if (reads_w_hh && widens) {
         with_kept_16bit(w.hh, [&](auto w16) {
           if (w_hh_panels) pack_w_hh_panels(w16, G, out, w_hh_panels);
           else w_hh = widened(w16, G * out, widened_w);
         });
-      } else if (w_hh_panels) {
+      } else if (reads_w_hh && w_hh_panels) {
         pack_w_hh_panels(w.w_hh, G, out, w_hh_panels);
       }
       // W_ih in float for the chunks' projections and dL/dx (float_chunks), and the recomputed
@@ -325,6 +332,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
                                   dh_t + b * H, dc + b * H, dg, dg + H, dg + 2 * H, dg + 3 * H);
           });
           // dL/dh_{t-1} for the rows active at t; the others keep what they carry.
+          if (step == 0 && !first_dh) continue;  // only h0's gradient would read it
           if (few) few_rows_dh(bs, out, G, dg_t, w.hh, dh_carried);
           else
             step_dh_product(bb, brgemm, bs, out, G, dg_t, w_hh, w_hh_panels, dh_carried,

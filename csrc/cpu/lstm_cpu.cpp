@@ -506,7 +506,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> cpu_back
     const at::Tensor& reserve, const std::optional<at::Tensor>& grad_output,
     const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
-    bool input_grad, bool weight_grads_apart) {
+    bool input_grad, bool weight_grads_apart, bool state_grad) {
   const CallPlan call{cpu_settings(), /*inference=*/false};
   // (Factors only where the plan, as made now, says so.)
   BackwardArgs a = prepare_backward(input, batch_sizes, hx, cx, weights, dropout_mask, reserve,
@@ -530,7 +530,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> cpu_back
         grad_input_16bit || !input_grad ? nullptr : a.grad_input.mutable_data_ptr<scalar_t>(),
         a.grad_hx.mutable_data_ptr<scalar_t>(), a.grad_cx.mutable_data_ptr<scalar_t>(),
         a.grad_weights, grad_input_16bit ? a.grad_input.mutable_data_ptr() : nullptr,
-        a.weight_grads_apart);
+        a.weight_grads_apart, state_grad);
   });
   return finish_backward(a, weights);
 }

@@ -153,10 +153,11 @@ inline std::atomic<int64_t>& fused_projection_layers() {
 // of columns [n0, n0 + nb) of the gates holds W_ih^T's rows (where the input projection is
 // fused) then W_hh^T's, [k_ih + out, nb] row-major, at buf + n0 * (k_ih + out). `buf` is null
 // (from brgemm_buffer) where that path does not apply. count_fused: whether a fused layer counts
-// in fused_projection_layers (not the backward's recompute of the forward's steps).
+// in fused_projection_layers (not the backward's recompute of the forward's steps). Without
+// `with_w_hh` (one step without hx: no recurrent product) W_hh^T's rows are not packed.
 template <typename T>
 void use_brgemm(const CpuPlan& plan, const LSTMShape& s, DirectionWeights<T>& w, T* buf,
-                int64_t layer, bool count_fused = true) {
+                int64_t layer, bool count_fused = true, bool with_w_hh = true) {
   if constexpr (std::is_same_v<T, float>) {
     if (buf == nullptr) return;
     const int64_t G = 4 * s.hidden_size, out = s.out_size;
@@ -181,7 +182,9 @@ void use_brgemm(const CpuPlan& plan, const LSTMShape& s, DirectionWeights<T>& w,
         T* panel = buf + n0 * K;
         if (k_ih > 0)
           transpose_block(rows_of(w.w_ih, w.ih, n0, nb, k_ih), k_ih, nb, k_ih, panel, nb);
-        transpose_block(rows_of(w.w_hh, w.hh, n0, nb, out), out, nb, out, panel + k_ih * nb, nb);
+        if (with_w_hh)
+          transpose_block(rows_of(w.w_hh, w.hh, n0, nb, out), out, nb, out, panel + k_ih * nb,
+                          nb);
       }
     };
     if (panels > 1 && !at::in_parallel_region()) at::parallel_for(0, panels, 1, pack);
