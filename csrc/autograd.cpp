@@ -136,6 +136,9 @@ struct LSTMFunction : public torch::autograd::Function<LSTMFunction> {
     ctx->saved_data["proj_size"] = proj_size;
     ctx->saved_data["tokens"] = static_cast<int64_t>(tokens.size());
     ctx->saved_data["apart"] = apart;
+    // (Whether h0 needs a gradient: needs_input_grad counts the present tensors only, so its
+    // index for hx moves with batch_sizes.)
+    ctx->saved_data["h0_grad"] = hx.has_value() && hx->requires_grad();
     return {output, hy, cy, reserve};
   }
 
@@ -165,6 +168,7 @@ struct LSTMFunction : public torch::autograd::Function<LSTMFunction> {
       for (size_t i = 0; i < apart.size(); ++i) apart.set(i, at::Tensor());
     }
     const int64_t tokens = ctx->saved_data["tokens"].toInt();
+    const bool h0_grad = ctx->saved_data["h0_grad"].toBool();
 
     // One entry per flattened forward argument (autograd counts the non-tensor ones too, which
     // get none): input, batch_sizes, hx, cx, the weights, dropout_mask, 4 ints and bools, the
@@ -191,7 +195,7 @@ struct LSTMFunction : public torch::autograd::Function<LSTMFunction> {
         std::tie(grad_input, grad_hx, grad_cx, grad_weights) = cpu_backward(
             input, batch_sizes, hx, cx, weights, mask, reserve, grad_output, grad_hy, grad_cy,
             num_layers, bidirectional, has_biases, proj_size, ctx->needs_input_grad(0),
-            /*weight_grads_apart=*/true, /*state_grad=*/hx && ctx->needs_input_grad(2));
+            /*weight_grads_apart=*/true, /*state_grad=*/h0_grad);
       else
         std::tie(grad_input, grad_hx, grad_cx, grad_weights) =
             op.call(input, batch_sizes, hx, cx, weights, mask, reserve, grad_output, grad_hy,
@@ -199,7 +203,7 @@ struct LSTMFunction : public torch::autograd::Function<LSTMFunction> {
                     ctx->needs_input_grad(0));
     }
     if (ctx->needs_input_grad(0)) result[0] = grad_input;
-    if (hx && ctx->needs_input_grad(2)) result[2] = grad_hx;  // (else maybe not computed)
+    if (hx && (h0_grad || !factors)) result[2] = grad_hx;  // (factors: computed if h0_grad)
     if (cx) result[3] = grad_cx;
     for (size_t i = 0; i < grad_weights.size(); ++i) {
       if (!apart.empty() && made_apart(i, has_biases, proj_size))
