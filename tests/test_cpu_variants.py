@@ -262,8 +262,14 @@ CASES = {
         {}, dict(input_size=24, hidden_size=40, num_layers=2), 5, 3, F16, True,
         {"variant": "row_wise", "keep_16bit": "true", "fp16_kept_weights": "true",
          "backward_widens_16bit": "true", "weight_grads_apart": "true"}, "brgemm"),
-    "fp16-training-one-step": (
+    # One step of 9 to 32 rows: the thin kernel's forward on the float16 weights as stored (gates
+    # and c_t into the reserve), the general backward; from 33 rows the row-wise forward.
+    "fp16-training-one-step-thin": (
         {}, dict(input_size=24, hidden_size=40, num_layers=2, bidirectional=True), 1, 12, F16,
+        True, {"variant": "thin", "keep_16bit": "true", "weight_grads_apart": "true",
+               "backward_gates": "kept by the forward"}, None),
+    "fp16-training-one-step": (
+        {}, dict(input_size=24, hidden_size=40, num_layers=2, bidirectional=True), 1, 40, F16,
         True, {"variant": "row_wise", "fp16_kept_weights": "true", "recurrent_product": "brgemm",
                "weight_grads_apart": "true"}, "brgemm"),
     "fp16-training-widens-bi-proj-no-brgemm": (

@@ -74,6 +74,12 @@ constexpr int64_t kThinMaxSteps = 32;
 // AMX tiles: where the thin kernel stops"). Without AMX (AVX512_BF16's bf16_gemm), not measured:
 // the thin kernel keeps its sizes.
 constexpr int64_t kThinAmxMaxRows = 32;
+// The thin kernel's rows per step at most (ThinStep's arrays): kThinMaxBatch, or a float16
+// model's training of one step of up to this many rows, whose forward reads the float16
+// weights as stored where the row-wise forward packs float32 panels from them (measured as fast
+// or faster from 9 to 32 rows, hidden 64 to 1,024: benchmarks/notes/fp16.md, "One step of
+// float16 training with large weights").
+constexpr int64_t kThinMaxRows = 32;
 
 enum class Variant { kSmallHidden, kThin, kRowWise };
 
@@ -164,15 +170,16 @@ struct CpuPlan {
 // model: the caller's dtype (the math dtype is float32 but for float64); inference:
 // lstm_inference (nothing kept for backward).
 // The gradients apart from 9 rows (CpuPlan::weight_grads_apart): a float16 model's training on
-// the row-wise kernels with float32 products whose reserve keeps the gates (one backward pass,
+// the row-wise backward (after the row-wise or, one step of up to 32 rows, the thin forward)
+// with float32 products whose reserve keeps the gates (one backward pass,
 // backward.h: the recurrence writes each layer and direction's dgates into its factors), where
 // the layers' factors together (lstm.h apart_factors_numel) are no more floats than their W_ih's
 // and W_hh's float32 gradients: then the backward holds the factors instead of those gradients,
 // and autograd one float16 gradient at a time instead of all of them.
 inline bool apart_rows(const LSTMShape& s, at::ScalarType model, bool inference,
                        const CpuPlan& p) {
-  if (model != at::kHalf || inference || p.variant != Variant::kRowWise || !s.gates_in_reserve ||
-      p.bf16_products || p.backward_few_rows || s.rows == 0)
+  if (model != at::kHalf || inference || p.variant == Variant::kSmallHidden ||
+      !s.gates_in_reserve || p.bf16_products || p.backward_few_rows || s.rows == 0)
     return false;
   int64_t factors = 0, grads = 0;
   for (int64_t l = 0; l < s.num_layers; ++l) {
@@ -209,6 +216,12 @@ inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, at::Sca
     p.variant = Variant::kThin;
     p.why = "inference of at most 8 rows, no projection, 1 step (or up to 32 with input_size "
             "<= 2 * hidden_size): bound by reading the weights, which threads split by units";
+  } else if (!inference && model == at::kHalf && settings.thin && s.seq_len == 1 &&
+             s.proj_size == 0 && s.rows > kThinMaxBatch && s.rows <= kThinMaxRows &&
+             s.gates_in_reserve && row_sizes) {
+    p.variant = Variant::kThin;
+    p.why = "float16 training of one step of 9 to 32 rows: the thin kernel's forward reads "
+            "the float16 weights as stored (gates and c_t into the reserve), the general backward";
   } else if (thin && few_rows && s.gates_in_reserve) {
     p.variant = Variant::kThin;
     p.why = "training of at most 8 rows in all, no projection: the thin kernel's forward "

@@ -45,14 +45,14 @@ struct ThinStep {
   const W* w_hh[2] = {};                   // [4H, H]
   const T* b_ih[2] = {};                   // [4H] or null
   const T* b_hh[2] = {};
-  const T* x[2][kThinMaxBatch] = {};           // x_t of each row
-  const T* h[2][kThinMaxBatch] = {};           // h_{t-1} of each row; null: zero for every row
-  T* h_out[2][kThinMaxBatch] = {};             // receive h_t (the layer output's rows)
+  const T* x[2][kThinMaxRows] = {};            // x_t of each row
+  const T* h[2][kThinMaxRows] = {};            // h_{t-1} of each row; null: zero for every row
+  T* h_out[2][kThinMaxRows] = {};              // receive h_t (the layer output's rows)
   T* h_state[2] = {};                      // [B, H] receive h_t (h_n)
   T* c_state[2] = {};                      // [B, H] c_{t-1} in, c_t out
-  T* gates[2][kThinMaxBatch] = {};             // [4H] each: pre-activations, then (training)
+  T* gates[2][kThinMaxRows] = {};              // [4H] each: pre-activations, then (training)
                                                // the activated gates: the reserve's rows
-  T* cells[2][kThinMaxBatch] = {};             // [H] each: receive c_t (training), or null
+  T* cells[2][kThinMaxRows] = {};              // [H] each: receive c_t (training), or null
   bool vec16_cell = false;                 // the plan's
 };
 
