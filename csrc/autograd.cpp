@@ -47,7 +47,6 @@ bool made_apart(size_t i, bool has_biases, int64_t proj_size) {
   return static_cast<int64_t>(i) % weights_per_direction(has_biases, proj_size) < 2;
 }
 
-
 // Plain CPU tensors (or none): not a tracing or transform's wrapper (FakeTensor, functional,
 // functorch or legacy-vmap batched tensors), whose data the CPU kernels cannot read directly.
 bool plain_cpu(std::initializer_list<OptTensor> tensors) {
@@ -255,11 +254,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_autograd
   }
   c10::List<at::Tensor> list;
   std::vector<at::Tensor> tokens, as_read(weights.begin(), weights.end());
+  const int64_t per_direction = weights_per_direction(has_biases, proj_size);
   for (size_t i = 0; i < weights.size(); ++i) {
     list.push_back(at::Tensor());
-    if (made_apart(i, has_biases, proj_size)) {
-      const bool w_ih = static_cast<int64_t>(i) % weights_per_direction(has_biases, proj_size) == 0;
-      const size_t ih = w_ih ? i : i - 1;  // the layer and direction's W_ih, then its W_hh
+    const int64_t slot = static_cast<int64_t>(i) % per_direction;  // W_ih 0, W_hh 1 (made_apart)
+    if (slot < 2) {
+      const bool w_ih = slot == 0;
+      const size_t ih = i - slot;  // the layer and direction's W_ih, then its W_hh
       tokens.push_back(WeightGradNode::apply(weights[i], c10::IValue(list),
                                              static_cast<int64_t>(i), w_ih,
                                              weights[ih].size(1), weights[ih + 1].size(1)));

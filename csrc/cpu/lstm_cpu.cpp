@@ -554,13 +554,9 @@ at::Tensor weight_grad_from_factors(const at::Tensor& factors, int64_t G, int64_
     few_rows_outer(rows, G, N, dg, G, x_rows, grad);
     return grad;
   }
-  if (dtype == at::kFloat) {
-    gemm<float>(true, false, G, N, rows, 1.0f, dg, G, x, N, 0.0f, grad.mutable_data_ptr<float>(),
-                N);
-    return grad;
-  }
-  // A 16-bit gradient: blocks of its rows summed in float32 into a small buffer and rounded
-  // (round_to, as finish_backward rounds the op's), not a float32 gradient of every row.
+  // From 9 rows only a float16 model takes its gradients apart (plan.h apart_rows): blocks of
+  // the gradient's rows summed in float32 into a small buffer and rounded (round_to, as
+  // finish_backward rounds the op's), not a float32 gradient of every row.
   TORCH_INTERNAL_ASSERT(is_16bit(dtype));
   auto* out16 = static_cast<uint16_t*>(grad.mutable_data_ptr());
   const int64_t block = std::max<int64_t>(16, std::min<int64_t>(G, kApartBlockFloats / N));
