@@ -231,7 +231,8 @@ struct TinyBuffers {
   T* cT;        // [H][B]   c state
   T* hnew;      // [H][B]   o * tanh(c_t) before the projection (projection only)
   T* gstep;     // [4H][bs] one step's gates in inference, compact (a slice [r0, r1) at 4H * r0)
-  T* xT;        // [kTinyProjectionInput][ld_g] the layer input, transposed (tiny_input_projection)
+  T* xT;        // [widest input, at most kTinyProjectionInput][ld_g] the layer input,
+                //   transposed (tiny_input_projection)
 };
 
 // Inputs up to this size are projected by tiny_product (x transposed into TinyBuffers::xT
@@ -240,7 +241,8 @@ constexpr int64_t kTinyProjectionInput = 32;
 // (A float16 call keeps no gates only where its inputs take that product: lstm.h gates_in_reserve.)
 static_assert(kTinyProjectionInput == kDropGatesMaxSmallInput);
 
-// gT [4H, rows] = W_ih x^T + b, x: [rows, in_size]; xT: room for [kTinyProjectionInput, rows].
+// gT [4H, rows] = W_ih x^T + b, x: [rows, in_size]; xT: room for [in_size, rows] where in_size <=
+// kTinyProjectionInput (tiny_buffers: the widest layer input's).
 // Or, where `x_t` is given (in_size <= kTinyProjectionInput), the input already transposed:
 // x_t [in_size][ld_x_t], these rows from column 0 (x unused).
 template <typename T>
@@ -348,7 +350,10 @@ template <typename T>
 TinyBuffers<T> tiny_buffers(const LSTMShape& s, int64_t g_rows, at::Tensor& holder) {
   const int64_t H = s.hidden_size, B = s.batch;
   const int64_t state = (s.out_size + 2 * H) * B;
-  T* p = scratch<T>(holder, 4 * H * g_rows + state + 4 * H * B + kTinyProjectionInput * g_rows);
+  // xT: room for the widest layer input that tiny_input_projection transposes (at most
+  // kTinyProjectionInput wide), not for kTinyProjectionInput columns whatever the input.
+  const int64_t x_cols = std::min(s.widest_layer_input(), kTinyProjectionInput);
+  T* p = scratch<T>(holder, 4 * H * g_rows + state + 4 * H * B + x_cols * g_rows);
   T* st = p + 4 * H * g_rows;
   return TinyBuffers<T>{p, g_rows, 0, st, st + s.out_size * B, st + (s.out_size + H) * B,
                         st + state, st + state + 4 * H * B};
