@@ -728,7 +728,10 @@ def test_environment_gives_the_defaults_at_import(tmp_path):
     env = dict(os.environ, FUSED_LSTM_NO_THIN="1", FUSED_LSTM_NO_BRGEMM="0",
                FUSED_LSTM_UNFUSED_INPUT="1", FUSED_LSTM_CUDA_PATH="step",
                FUSED_LSTM_CUDA_PERSISTENT_TILE="8", FUSED_LSTM_GEMM_LIBRARY="blas",
-               FUSED_LSTM_NO_MEASURED_FUSION="1", FUSED_LSTM_NN_LSTM_FLOOR="never")
+               FUSED_LSTM_NO_MEASURED_FUSION="1", FUSED_LSTM_NN_LSTM_FLOOR="never",
+               # the same fused_lstm this process imported (the source tree's where none is
+               # installed: conftest.py)
+               PYTHONPATH=os.path.dirname(os.path.dirname(fused_lstm.__file__)))
     code = ("import fused_lstm, os; b = fused_lstm.backends; "
             "os.environ['FUSED_LSTM_NO_BRGEMM'] = '1'; "  # read at import only
             "print(b.cpu.allow_thin, b.cpu.allow_brgemm, b.cpu.allow_fused_input_projection, "
