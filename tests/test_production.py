@@ -421,9 +421,10 @@ def test_fp16_training_recomputes_the_gates_bit_for_bit(L, bidirectional, proj, 
 
     Bit for bit needs an input projection that gives a row the same bits however many rows the
     product has (the float16 model projects a chunk's rows, the float32 model every row at
-    once): oneDNN's matmul does on both CPUs tried; MKL's SGEMM on the AMD EPYC (Zen 5) gave
-    one element of 438,272 another float16 rounding in the last chunk's rows, so the products
-    are pinned to oneDNN's where this torch exports it."""
+    once). MKL's SGEMM on the AMD EPYC (Zen 5) does not: it gave one element of 438,272 another
+    float16 rounding in the last chunk's rows, where oneDNN's matmul gave every case equal
+    (repeated runs of the six), so the products are pinned to oneDNN's where this torch
+    exports it."""
     from fused_lstm import ops
 
     I, H, T, B = 24, 256, 70, 16
