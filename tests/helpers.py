@@ -276,6 +276,14 @@ def cpu_features() -> dict[str, bool]:
     return {k: v == "1" for k, v in (w.split(":") for w in plan["cpu"].split())}
 
 
+def hidden_split_feature(dtype) -> str:
+    """The cpu_features() entry the hidden split of inference steps needs for a model of
+    `dtype` (csrc/cpu/plan.h, hidden_split_applies): AMX-BF16 for bfloat16 (its steps on AMX
+    tiles; bf16_gemm's steps never split), brgemm otherwise (float32 steps, and a float16
+    model's in float32)."""
+    return "amx_bf16" if dtype == torch.bfloat16 else "brgemm"
+
+
 # ---- Versions chosen by CPU feature (the tests' ISA cap) ---------------------------------------
 def isa_levels():
     """The instruction-set levels this CPU runs (2 AVX-512, 1 AVX2, 0 baseline): 0 up to its own

@@ -30,6 +30,7 @@ from helpers import (
     call,
     cpu_features,
     differentiable,
+    hidden_split_feature,
     isa_cap,
     isa_levels,
     lstm_pair,
@@ -1697,7 +1698,7 @@ def test_hidden_split_inference_matches_nn_lstm(dtype, input_size, hidden, num_l
     (hidden_split_by_measured_rates off): explain reports it for every layer, and the results
     are within check_against_nn_lstm's rule of nn.LSTM in float64 on the same weights; with
     allow_hidden_split off the plan has the batch split again."""
-    need = "amx_bf16" if dtype == BF16 else "brgemm"
+    need = hidden_split_feature(dtype)
     if not FEATURES[need]:
         pytest.skip(f"this CPU lacks {need}")
     kwargs = dict(input_size=input_size, hidden_size=hidden, num_layers=num_layers,
@@ -1755,7 +1756,7 @@ def test_hidden_split_follows_the_measured_rates(dtype):
     beats the batch split's (the thread's rows, every column) by more than 10%, as explain
     reports both; either way the call matches the batch split's results (the same products,
     column by column). Off, explain reports no step split and the batch split runs."""
-    need = "amx_bf16" if dtype == BF16 else "brgemm"
+    need = hidden_split_feature(dtype)
     if not FEATURES[need]:
         pytest.skip(f"this CPU lacks {need}")
     module = FusedLSTM(48, 96, num_layers=2, dtype=dtype)
@@ -1816,7 +1817,7 @@ def test_16bit_inference_writes_its_output_in_its_dtype(name, dtype):
     where the hidden split's column ranges cross a panel, its bf16 products can differ from
     the batch split's in the last bit)."""
     input_size, hidden, layers, bi, proj, batch, packed, settings = OUTPUT_16BIT_CASES[name]
-    if settings.get("allow_hidden_split") and not FEATURES["brgemm" if dtype == F16 else "amx_bf16"]:
+    if settings.get("allow_hidden_split") and not FEATURES[hidden_split_feature(dtype)]:
         pytest.skip("the hidden split needs brgemm (float32 products) or AMX-BF16 (bf16)")
     module = FusedLSTM(input_size, hidden, layers, bidirectional=bi, proj_size=proj).to(dtype)
     D, T = 2 if bi else 1, 9

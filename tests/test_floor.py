@@ -22,7 +22,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_lstm
 from fused_lstm import FusedLSTM
-from helpers import cpu_features, randn, random_lengths
+from helpers import cpu_features, hidden_split_feature, randn, random_lengths
 
 CPU = fused_lstm.backends.cpu
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
@@ -400,7 +400,7 @@ def test_auto_takes_the_split_measured_faster(dtype):
     key runs whichever of our two measured faster (explain's step_split says which, and why),
     at::lstm only where it beats the faster of them by 3%; forcing either split, or the floor
     off, leaves the rule's choice alone."""
-    need = "amx_bf16" if dtype == BF16 else "brgemm"  # plan.h, hidden_split_applies
+    need = hidden_split_feature(dtype)
     if not cpu_features()[need]:
         pytest.skip(f"the hidden split needs {need}, which this CPU lacks")
     torch_lstm, fused = _pair(dtype, num_layers=2)

@@ -105,7 +105,7 @@ void forward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, con
       }
       const int64_t in_size = s.layer_input_size(l);
       use_bf16_gemm(plan, s, l, w, bf16_weights);
-      use_brgemm(plan, s, w, w_packed, l, true, hx != nullptr || s.seq_len > 1);
+      use_brgemm(plan, s, w, w_packed, l, true, forward_reads_w_hh(s, hx != nullptr));
       use_bias(w, G, bias_buf);
       widen_kept_w_ih(w, G, in_size, w_ih_buf);
       const bool fused = w.k_ih > 0;  // else the projection of a chunk's steps at once, here
@@ -219,7 +219,7 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
       copy_or_zero(cx ? cx + ld * s.batch * H : nullptr, s.batch * H, c_state);
       if (!tiny) {
         use_bf16_gemm(plan, s, l, w, bf16_weights);
-        use_brgemm(plan, s, w, w_packed, l, true, hx != nullptr || s.seq_len > 1);
+        use_brgemm(plan, s, w, w_packed, l, true, forward_reads_w_hh(s, hx != nullptr));
         use_bias(w, G, bias_buf);
         widen_kept_w_ih(w, G, in_size, w_ih_buf);
       }

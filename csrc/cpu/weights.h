@@ -149,12 +149,17 @@ inline std::atomic<int64_t>& fused_projection_layers() {
   return n;
 }
 
+// Whether a forward's steps read W_hh: not with one step and no hx (h_{t-1} = 0 throughout).
+inline bool forward_reads_w_hh(const LSTMShape& s, bool has_hx) {
+  return has_hx || s.seq_len > 1;
+}
+
 // The brgemm path's weights of layer `layer`, packed into `buf` (see kBrgemmPanelN): each panel
 // of columns [n0, n0 + nb) of the gates holds W_ih^T's rows (where the input projection is
 // fused) then W_hh^T's, [k_ih + out, nb] row-major, at buf + n0 * (k_ih + out). `buf` is null
 // (from brgemm_buffer) where that path does not apply. count_fused: whether a fused layer counts
 // in fused_projection_layers (not the backward's recompute of the forward's steps). Without
-// `with_w_hh` (one step without hx: no recurrent product) W_hh^T's rows are not packed.
+// `with_w_hh` (forward_reads_w_hh false: no recurrent product) W_hh^T's rows are not packed.
 template <typename T>
 void use_brgemm(const CpuPlan& plan, const LSTMShape& s, DirectionWeights<T>& w, T* buf,
                 int64_t layer, bool count_fused = true, bool with_w_hh = true) {
