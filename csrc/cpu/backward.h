@@ -250,6 +250,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
       if (tiny) {
         tiny_backward_steps(s, w, d, recompute ? nullptr : gates, cells, c0, dy.f, dh_all,
                             dgates, dh_state, dc_state, tiny_buf,
+                            TinyDx<T>{dx_l, in_size, d > 0},
                             TinyRecompute<T>{x.f, in_size, layer_out + d * out, h0, hx == nullptr,
                                              plan.vec16_cell});
       } else {
@@ -435,7 +436,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
           few_rows_backward_products(s, dgates, x, in_size, h_prev, w.ih, grad_weights[k],
                                      grad_weights[k + 1], dx_l, d > 0, weight_grads_apart);
         else backward_products(s, dgates, 0, s.rows, x.f, in_size, h_prev, w_ih, gw_ih, gw_hh,
-                               dx_l, d > 0, false);
+                               tiny ? nullptr : dx_l, d > 0, false);  // (tiny: TinyDx)
         add_bias_grad(s.rows);
       }
       int64_t next = k + 2;

@@ -392,11 +392,27 @@ template <typename T>
 int64_t tiny_backward_numel(const LSTMShape& s) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size;
   // The step's vectors, then W_hh^T and (with a projection) W_hr^T: transpose_recurrent_weights;
-  // then, recomputing the gates, the step's input transposed, h_{t-1}, c_{t-1}, c_t and h_t.
-  const int64_t recompute =
-      s.gates_in_reserve ? 0 : (s.widest_layer_input() + out + 3 * H) * s.batch;
-  return (2 * out + 4 * H + G) * s.batch + G * out + (s.proj_size > 0 ? H * out : 0) + recompute;
+  // then, recomputing the gates, the step's input transposed, h_{t-1}, c_{t-1}, c_t and h_t;
+  // then W_ih^T and the step's dL/dx transposed (TinyDx).
+  const int64_t in = s.widest_layer_input();
+  const int64_t recompute = s.gates_in_reserve ? 0 : (in + out + 3 * H) * s.batch;
+  return (2 * out + 4 * H + G) * s.batch + G * out + (s.proj_size > 0 ? H * out : 0) + recompute +
+         in * (G + s.batch);
 }
+
+// dL/dx of a layer and direction, computed a step at a time by tiny_backward_steps from the
+// step's dgates block as the cell pass leaves it ([4H][bs]: dxT [in][bs] = W_ih^T dgates_t, an
+// inline product along the batch as dL/dh_{t-1}'s), then written into the step's rows of dx
+// ([rows, in_size] row-major; added where `add`: a second direction). Not as one product over
+// every row's dgates after the loop: that product reads dgates across its rows (a gather of 16
+// rows 4H floats apart per multiply-add) and took ~5 us of a ~77 us seed-tiny training call on
+// the AMD EPYC Zen 5 (benchmarks/notes/small-hidden.md, "dL/dx a step at a time").
+template <typename T>
+struct TinyDx {
+  T* dx = nullptr;  // null: no dL/dx wanted (layer 0 without input_grad)
+  int64_t in_size = 0;
+  bool add = false;
+};
 
 // What recomputing a step's gates reads (tiny_backward_steps without gates in the reserve):
 // the layer input x [rows, in_size] row-major, its output in the reserve (this direction's
@@ -455,7 +471,7 @@ void tiny_recompute_gates(const LSTMShape& s, const DirectionWeights<T>& w, cons
 template <typename T>
 void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_t d,
                          const T* gates, const T* cells, const T* c0, const T* dy, T* dh_all,
-                         T* dgates, T* dh_state, T* dc_state, T* buf,
+                         T* dgates, T* dh_state, T* dc_state, T* buf, const TinyDx<T>& dx,
                          const TinyRecompute<T>& rc = {}) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, B = s.batch;
   const int64_t out_stride = s.num_directions * out;
@@ -469,6 +485,10 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
   T* dg = c0T + H * B;        // [4H][bs]
   const auto [w_hh_t, w_hr_t] = transpose_recurrent_weights(s, w, dg + G * B);
   T* recompute_buf = dg + G * B + G * out + (has_proj ? H * out : 0);
+  const int64_t in = dx.in_size;
+  T* w_ih_t = recompute_buf + (gates ? 0 : (s.widest_layer_input() + out + 3 * H) * B);
+  T* dxT = w_ih_t + s.widest_layer_input() * G;  // [in][bs]
+  if (dx.dx) tiny_transpose(w.w_ih, in, G, in, w_ih_t, G);  // W_ih^T [in][4H]
   tiny_transpose(dh_state, out, B, out, dhT, B);  // grad_hy (or zeros), as the caller filled it
   tiny_transpose(dc_state, H, B, H, dcT, B);
   tiny_transpose(c0, H, B, H, c0T, B);
@@ -508,6 +528,16 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
     }
     tiny_transpose(dg, bs, G, bs, dgates + off * G, G);
     tiny_product<T>(bs, out, G, w_hh_t, w.w_hh, dg, bs, nullptr, 0, dhT, B);  // dL/dh_{t-1}, rows < bs
+    if (dx.dx) {  // dL/dx of the step's rows (TinyDx)
+      tiny_product<T>(bs, in, G, w_ih_t, w.w_ih, dg, bs, nullptr, 0, dxT, bs);
+      T* rows_dx = dx.dx + off * in;
+      if (!dx.add) {
+        tiny_transpose(dxT, bs, in, bs, rows_dx, in);
+      } else {
+        for (int64_t b = 0; b < bs; ++b)
+          for (int64_t i = 0; i < in; ++i) rows_dx[b * in + i] += dxT[i * bs + b];
+      }
+    }
   }
   tiny_transpose(dhT, B, out, B, dh_state, out);
   tiny_transpose(dcT, B, H, B, dc_state, H);
