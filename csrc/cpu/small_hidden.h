@@ -99,40 +99,43 @@ __attribute__((always_inline)) inline void for_width_blocks(int64_t n, const Bod
 // Rows of the product at a time (see the top of the file).
 constexpr int kTinyRowGroup = 4;
 
-// Rows [r, r + R) of the product for batch columns [b0, b0 + V).
-template <typename T, int V, int R>
+// Rows [r, r + R) of the product for batch columns [b0, b0 + V). kT: w stored transposed,
+// [cols_w][rows_w] (element (r, i) at w[i * rows_w + r]: a weight as stored, used as its
+// transpose), not [rows_w][cols_w]; the same products in the same order.
+template <typename T, int V, int R, bool kT>
 __attribute__((always_inline)) inline void tiny_product_rows_of(
-    int64_t r, int64_t b0, int64_t cols_w, const T* __restrict w, const T* __restrict h,
-    int64_t ld_h, const T* y_in, int64_t ld_in, T* y, int64_t ld_y) {
+    int64_t r, int64_t b0, int64_t rows_w, int64_t cols_w, const T* __restrict w,
+    const T* __restrict h, int64_t ld_h, const T* y_in, int64_t ld_in, T* y, int64_t ld_y) {
   Vec<T, V> acc[R];
   for (int k = 0; k < R; ++k)
     acc[k] = y_in ? vec_load<T, V>(y_in + (r + k) * ld_in + b0) : Vec<T, V>{};
-  const T* __restrict wr = w + r * cols_w;
+  const T* __restrict wr = kT ? w + r : w + r * cols_w;
   for (int64_t i = 0; i < cols_w; ++i) {
     const Vec<T, V> hi = vec_load<T, V>(h + i * ld_h + b0);
-    for (int k = 0; k < R; ++k) acc[k] += wr[k * cols_w + i] * hi;
+    for (int k = 0; k < R; ++k) acc[k] += (kT ? wr[i * rows_w + k] : wr[k * cols_w + i]) * hi;
   }
   for (int k = 0; k < R; ++k) vec_store<T, V>(y + (r + k) * ld_y + b0, acc[k]);
 }
 
-template <typename T, int V>
+template <typename T, int V, bool kT>
 __attribute__((always_inline)) inline void tiny_product_block(
     int64_t b0, int64_t rows_w, int64_t cols_w, const T* __restrict w, const T* __restrict h,
     int64_t ld_h, const T* y_in, int64_t ld_in, T* y, int64_t ld_y) {
   int64_t r = 0;
   for (; r + kTinyRowGroup <= rows_w; r += kTinyRowGroup)
-    tiny_product_rows_of<T, V, kTinyRowGroup>(r, b0, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
+    tiny_product_rows_of<T, V, kTinyRowGroup, kT>(r, b0, rows_w, cols_w, w, h, ld_h, y_in,
+                                                  ld_in, y, ld_y);
   for (; r < rows_w; ++r)
-    tiny_product_rows_of<T, V, 1>(r, b0, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
+    tiny_product_rows_of<T, V, 1, kT>(r, b0, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
 }
 
-template <typename T>
+template <typename T, bool kT>
 __attribute__((always_inline)) inline void tiny_product_loop(
     int64_t n, int64_t rows_w, int64_t cols_w, const T* __restrict w, const T* __restrict h,
     int64_t ld_h, const T* y_in, int64_t ld_in, T* y, int64_t ld_y) {
   for_width_blocks(n, [&](auto width, int64_t b0) __attribute__((always_inline)) {
-    tiny_product_block<T, decltype(width)::value>(b0, rows_w, cols_w, w, h, ld_h, y_in, ld_in,
-                                                  y, ld_y);
+    tiny_product_block<T, decltype(width)::value, kT>(b0, rows_w, cols_w, w, h, ld_h, y_in,
+                                                      ld_in, y, ld_y);
   });
 }
 
@@ -185,7 +188,13 @@ __attribute__((always_inline)) inline void tiny_rows_loop(
                                                 const T* w, const T* h, int64_t ld_h,           \
                                                 const T* y_in, int64_t ld_in, T* y,             \
                                                 int64_t ld_y) {                                 \
-    tiny_product_loop<T>(n, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);                  \
+    tiny_product_loop<T, false>(n, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);           \
+  }                                                                                            \
+  FUSED_LSTM_SIMD_CLONES void tiny_product_cols_t(int64_t n, int64_t rows_w, int64_t cols_w,   \
+                                                  const T* wT, const T* h, int64_t ld_h,        \
+                                                  const T* y_in, int64_t ld_in, T* y,           \
+                                                  int64_t ld_y) {                               \
+    tiny_product_loop<T, true>(n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);           \
   }                                                                                            \
   FUSED_LSTM_SIMD_CLONES void tiny_product_rows(int64_t n, int64_t rows_w, int64_t cols_w,     \
                                                 const T* wT, const T* h, int64_t ld_h,          \
@@ -210,6 +219,17 @@ inline void tiny_product(int64_t n, int64_t rows_w, int64_t cols_w, const T* w, 
     tiny_product_rows(n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);
   else
     tiny_product_cols(n, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
+}
+
+// y = y_in + w h as tiny_product, given only wT [cols_w][rows_w] (a weight as stored, used
+// transposed: the backward's dL/dh_{t-1} and dL/dx products): no transposed copy of it needed.
+template <typename T>
+inline void tiny_product_t(int64_t n, int64_t rows_w, int64_t cols_w, const T* wT, const T* h,
+                           int64_t ld_h, const T* y_in, int64_t ld_in, T* y, int64_t ld_y) {
+  if (n < kTinyNarrowBatch)
+    tiny_product_rows(n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);
+  else
+    tiny_product_cols_t(n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);
 }
 
 // ---- Small hidden sizes (H < kRowWiseHidden): a batch-fastest working layout ----
@@ -267,8 +287,8 @@ void tiny_input_projection(const DirectionWeights<T>& w, const T* x, int64_t row
 
 // W_hh^T [out][4H] and, with a projection, W_hr^T [H][out], into `dst` (room for
 // (4H + H) * out): the other layout of the small-hidden products' weights (tiny_product's w
-// and wT), used by the forward's narrow batches and by the backward. Returns W_hh^T, W_hr^T
-// (null without a projection).
+// and wT), used by the forward's narrow batches. Returns W_hh^T, W_hr^T (null without a
+// projection).
 template <typename T>
 std::pair<const T*, const T*> transpose_recurrent_weights(const LSTMShape& s,
                                                           const DirectionWeights<T>& w, T* dst) {
@@ -391,13 +411,17 @@ const T* tiny_c_prev(const LSTMShape& s, int64_t d, int64_t t, int64_t bs, const
 template <typename T>
 int64_t tiny_backward_numel(const LSTMShape& s) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size;
-  // The step's vectors, then W_hh^T and (with a projection) W_hr^T: transpose_recurrent_weights;
-  // then, recomputing the gates, the step's input transposed, h_{t-1}, c_{t-1}, c_t and h_t;
-  // then W_ih^T and the step's dL/dx transposed (TinyDx).
+  // The step's vectors; then, recomputing the gates, the step's input transposed, h_{t-1},
+  // c_{t-1}, c_t and h_t, and for a narrow batch W_hh^T (the forward's narrow-batch product);
+  // then the step's dL/dx transposed (TinyDx). (The backward's own products read the weights as
+  // stored: tiny_product_t.)
   const int64_t in = s.widest_layer_input();
-  const int64_t recompute = s.gates_in_reserve ? 0 : (in + out + 3 * H) * s.batch;
-  return (2 * out + 4 * H + G) * s.batch + G * out + (s.proj_size > 0 ? H * out : 0) + recompute +
-         in * (G + s.batch);
+  const int64_t recompute =
+      s.gates_in_reserve
+          ? 0
+          : (in + out + 3 * H) * s.batch +
+                (s.batch > 0 && s.batch < kTinyNarrowBatch ? G * out : 0);
+  return (2 * out + 4 * H + G) * s.batch + recompute + in * s.batch;
 }
 
 // dL/dx of a layer and direction, computed a step at a time by tiny_backward_steps from the
@@ -406,7 +430,8 @@ int64_t tiny_backward_numel(const LSTMShape& s) {
 // ([rows, in_size] row-major; added where `add`: a second direction). Not as one product over
 // every row's dgates after the loop: that product reads dgates across its rows (a gather of 16
 // rows 4H floats apart per multiply-add) and took ~5 us of a ~77 us seed-tiny training call on
-// the AMD EPYC Zen 5 (benchmarks/notes/small-hidden.md, "dL/dx a step at a time").
+// the AMD EPYC Zen 5 (benchmarks/notes/small-hidden.md, "What the backward's products after
+// the loop cost").
 template <typename T>
 struct TinyDx {
   T* dx = nullptr;  // null: no dL/dx wanted (layer 0 without input_grad)
@@ -483,12 +508,18 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
   T* cp = dhH + H * B;        // [H][bs]
   T* c0T = cp + H * B;        // [H][B]
   T* dg = c0T + H * B;        // [4H][bs]
-  const auto [w_hh_t, w_hr_t] = transpose_recurrent_weights(s, w, dg + G * B);
-  T* recompute_buf = dg + G * B + G * out + (has_proj ? H * out : 0);
+  T* recompute_buf = dg + G * B;
   const int64_t in = dx.in_size;
-  T* w_ih_t = recompute_buf + (gates ? 0 : (s.widest_layer_input() + out + 3 * H) * B);
-  T* dxT = w_ih_t + s.widest_layer_input() * G;  // [in][bs]
-  if (dx.dx) tiny_transpose(w.w_ih, in, G, in, w_ih_t, G);  // W_ih^T [in][4H]
+  T* dxT = recompute_buf;     // [in][bs]
+  T* w_hh_t = nullptr;        // W_hh^T [out][4H]: recomputing a narrow batch's gates
+  if (!s.gates_in_reserve) {  // (as tiny_backward_numel; an empty batch's gates are null too)
+    dxT += (s.widest_layer_input() + out + 3 * H) * B;
+    if (B > 0 && B < kTinyNarrowBatch) {
+      w_hh_t = dxT;
+      dxT += G * out;
+      tiny_transpose(w.w_hh, out, G, out, w_hh_t, G);
+    }
+  }
   tiny_transpose(dh_state, out, B, out, dhT, B);  // grad_hy (or zeros), as the caller filled it
   tiny_transpose(dc_state, H, B, H, dcT, B);
   tiny_transpose(c0, H, B, H, c0T, B);
@@ -502,7 +533,7 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
     T* dh_t = dsum;
     if (has_proj) {
       tiny_transpose(dsum, bs, out, bs, dh_all + off * out, out);
-      tiny_product<T>(bs, H, out, w_hr_t, w.w_hr, dsum, bs, nullptr, 0, dhH, bs);
+      tiny_product_t<T>(bs, H, out, w.w_hr, dsum, bs, nullptr, 0, dhH, bs);
       dh_t = dhH;
     }
     const T* ct = cells + off * H;  // [H][bs]
@@ -527,9 +558,9 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
       for (int64_t j = 0; j < H; ++j) cell_pass(bs, j * bs, dcT + j * B);
     }
     tiny_transpose(dg, bs, G, bs, dgates + off * G, G);
-    tiny_product<T>(bs, out, G, w_hh_t, w.w_hh, dg, bs, nullptr, 0, dhT, B);  // dL/dh_{t-1}, rows < bs
+    tiny_product_t<T>(bs, out, G, w.w_hh, dg, bs, nullptr, 0, dhT, B);  // dL/dh_{t-1}, rows < bs
     if (dx.dx) {  // dL/dx of the step's rows (TinyDx)
-      tiny_product<T>(bs, in, G, w_ih_t, w.w_ih, dg, bs, nullptr, 0, dxT, bs);
+      tiny_product_t<T>(bs, in, G, w.w_ih, dg, bs, nullptr, 0, dxT, bs);
       T* rows_dx = dx.dx + off * in;
       if (!dx.add) {
         tiny_transpose(dxT, bs, in, bs, rows_dx, in);
