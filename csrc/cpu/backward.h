@@ -217,6 +217,8 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
       auto add_bias_grad = [&](int64_t rows) {  // the first `rows` rows of dgates
         if (!gb_ih) return;
         auto columns = [&](int64_t j0, int64_t j1) {
+          if (j1 - j0 <= kColumnSumsMaxCols)  // (small_hidden.h: the same sums in registers)
+            return add_column_sums(dgates + j0, G, rows, j1 - j0, gb_ih + j0);
           for (int64_t r = 0; r < rows; ++r)
             for (int64_t j = j0; j < j1; ++j) gb_ih[j] += dgates[r * G + j];
         };

@@ -206,6 +206,40 @@ FUSED_LSTM_DEFINE_TINY(float)
 FUSED_LSTM_DEFINE_TINY(double)
 #undef FUSED_LSTM_DEFINE_TINY
 
+// out[j] += the sum over rows r of a[r * lda + j], for j < cols: the bias gradient's sums over
+// the rows of dgates at small hidden sizes (backward.h add_bias_grad). Each column summed in row
+// order, as the plain loop sums it (the same bits), but in vector registers, 16 columns at a
+// time, rows in blocks that stay in cache across the column blocks. The plain loop kept each
+// sum in memory (gb may alias dgates for the compiler): at 4H = 12 columns a chain of
+// load-add-store per row, ~1.7 us of a seed-tiny training call (benchmarks/notes/
+// small-hidden.md, "The bias gradient's sums in registers").
+constexpr int64_t kColumnSumsMaxCols = 64;
+
+template <typename T>
+__attribute__((always_inline)) inline void column_sums_loop(const T* __restrict a, int64_t lda,
+                                                            int64_t rows, int64_t cols,
+                                                            T* __restrict out) {
+  constexpr int64_t kRowBlock = 256;
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+    const int64_t r1 = std::min(rows, r0 + kRowBlock);
+    for_width_blocks(cols, [&](auto width, int64_t j0) __attribute__((always_inline)) {
+      constexpr int V = decltype(width)::value;
+      Vec<T, V> acc = vec_load<T, V>(out + j0);
+      for (int64_t r = r0; r < r1; ++r) acc += vec_load<T, V>(a + r * lda + j0);
+      vec_store<T, V>(out + j0, acc);
+    });
+  }
+}
+
+#define FUSED_LSTM_DEFINE_COLUMN_SUMS(T)                                                       \
+  FUSED_LSTM_SIMD_CLONES void add_column_sums(const T* a, int64_t lda, int64_t rows,          \
+                                              int64_t cols, T* out) {                          \
+    column_sums_loop<T>(a, lda, rows, cols, out);                                              \
+  }
+FUSED_LSTM_DEFINE_COLUMN_SUMS(float)
+FUSED_LSTM_DEFINE_COLUMN_SUMS(double)
+#undef FUSED_LSTM_DEFINE_COLUMN_SUMS
+
 // Batches narrower than this take tiny_product_rows where the caller has w transposed.
 constexpr int64_t kTinyNarrowBatch = 8;
 
