@@ -183,28 +183,23 @@ __attribute__((always_inline)) inline void tiny_rows_loop(
   });
 }
 
-#define FUSED_LSTM_DEFINE_TINY(T)                                                              \
-  FUSED_LSTM_SIMD_CLONES void tiny_product_cols(int64_t n, int64_t rows_w, int64_t cols_w,     \
-                                                const T* w, const T* h, int64_t ld_h,           \
-                                                const T* y_in, int64_t ld_in, T* y,             \
-                                                int64_t ld_y) {                                 \
-    tiny_product_loop<T, false>(n, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);           \
-  }                                                                                            \
-  FUSED_LSTM_SIMD_CLONES void tiny_product_cols_t(int64_t n, int64_t rows_w, int64_t cols_w,   \
-                                                  const T* wT, const T* h, int64_t ld_h,        \
-                                                  const T* y_in, int64_t ld_in, T* y,           \
-                                                  int64_t ld_y) {                               \
-    tiny_product_loop<T, true>(n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);           \
-  }                                                                                            \
-  FUSED_LSTM_SIMD_CLONES void tiny_product_rows(int64_t n, int64_t rows_w, int64_t cols_w,     \
-                                                const T* wT, const T* h, int64_t ld_h,          \
-                                                const T* y_in, int64_t ld_in, T* y,             \
-                                                int64_t ld_y) {                                 \
-    tiny_rows_loop<T>(n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);                    \
+// The inline products' entry points, one per kernel and dtype (AVX-512 and AVX2 clones):
+// tiny_product_cols (w [rows_w][cols_w]), tiny_product_cols_t (w given as stored, wT
+// [cols_w][rows_w]), tiny_product_rows (narrow batches, wT).
+#define FUSED_LSTM_TINY_PRODUCT(T, NAME, LOOP)                                                 \
+  FUSED_LSTM_SIMD_CLONES void NAME(int64_t n, int64_t rows_w, int64_t cols_w, const T* w,      \
+                                   const T* h, int64_t ld_h, const T* y_in, int64_t ld_in,     \
+                                   T* y, int64_t ld_y) {                                       \
+    LOOP(n, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);                                 \
   }
+#define FUSED_LSTM_DEFINE_TINY(T)                                                              \
+  FUSED_LSTM_TINY_PRODUCT(T, tiny_product_cols, (tiny_product_loop<T, false>))                 \
+  FUSED_LSTM_TINY_PRODUCT(T, tiny_product_cols_t, (tiny_product_loop<T, true>))                \
+  FUSED_LSTM_TINY_PRODUCT(T, tiny_product_rows, tiny_rows_loop<T>)
 FUSED_LSTM_DEFINE_TINY(float)
 FUSED_LSTM_DEFINE_TINY(double)
 #undef FUSED_LSTM_DEFINE_TINY
+#undef FUSED_LSTM_TINY_PRODUCT
 
 // out[j] += the sum over rows r of a[r * lda + j], for j < cols: the bias gradient's sums over
 // the rows of dgates at small hidden sizes (backward.h add_bias_grad). Each column summed in row
@@ -436,8 +431,8 @@ const T* tiny_c_prev(const LSTMShape& s, int64_t d, int64_t t, int64_t bs, const
 // batch-fastest layout as tiny_forward_steps: carried dL/dh and dL/dc kept as dhT [out, B] and
 // dcT [H, B], the step's gates and cells read in place from the reserve (the small-hidden
 // layout, lstm.h: each step's [4H][bs] and [H][bs] blocks), one cell pass over the step, and
-// dL/dh_{t-1} as an inline product. dgates leaves row-major, as the weight-gradient products
-// after the loop read it. `buf`: tiny_backward_numel(s) elements.
+// dL/dh_{t-1} and dL/dx (TinyDx) as inline products. dgates leaves row-major, as the
+// weight-gradient products after the loop read it. `buf`: tiny_backward_numel(s) elements.
 // Where the reserve keeps no gates (lstm.h gates_in_reserve: float16 training, packed
 // bfloat16 training with inputs of at most kTinyProjectionInput: backward.h), each step's
 // are recomputed first, as tiny_forward_steps computed them (TinyRecompute below), into the
