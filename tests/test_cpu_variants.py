@@ -134,16 +134,35 @@ CASES = {
          "backward_weight_products": "onednn_matmul", "backward_data_product": "onednn_matmul"},
         "brgemm"),
     # The backward's small products (at most 2^14 multiply-adds) on 16 AVX-512 lanes
-    # (small_avx512): thin dW and dL/dx of the tutorial sizes, bidirectional (dL/dx added to
-    # the other direction's), packed (dW_hh from h_prev's segments), widths of 1 to 5.
+    # (small_avx512): thin dW of the tutorial sizes' layers below 16 batch rows (wider batches
+    # sum them a step at a time, below), bidirectional, packed (dW_hh from h_prev's segments),
+    # widths of 1 to 5. The small-hidden kernel's dL/dx is an inline product a step at a time.
     "small_hidden-small-products": (
-        {}, dict(input_size=1, hidden_size=3, num_layers=2), 4, 92, F32, True,
+        {}, dict(input_size=1, hidden_size=3, num_layers=2), 8, 12, F32, True,
         {"variant": "small_hidden", "backward_weight_products": "small_avx512",
-         "backward_data_product": "small_avx512"}, "avx512"),
+         "backward_data_product": "small-hidden product (inline)"}, "avx512"),
     "small_hidden-small-products-bi": (
         {}, dict(input_size=5, hidden_size=4, num_layers=2, bidirectional=True), 5, 19, F32,
         True, {"variant": "small_hidden", "backward_weight_products": "small_avx512",
-               "backward_data_product": "small_avx512"}, "avx512"),
+               "backward_data_product": "small-hidden product (inline)"}, "avx512"),
+    # The small-hidden kernel's weight and bias gradients a step at a time in 16-lane partial
+    # sums (plan.h tiny_step_weight_grads: 16 batch rows or more, and rows enough that the sums
+    # are fewer floats than the dgates they replace): seed-tiny's size; bidirectional with a
+    # projection (a second direction's sums, h_{t-1} of out < hidden); float64; batches that are
+    # not a multiple of 16 (the lanes' tail), packed (rows starting late, h0 for them).
+    "small_hidden-step-weights": (
+        {}, dict(input_size=1, hidden_size=3, num_layers=2), 4, 92, F32, True,
+        {"variant": "small_hidden", "backward_weight_products": "small-hidden steps (16-lane sums)",
+         "backward_data_product": "small-hidden product (inline)"}, None),
+    "small_hidden-step-weights-bi-proj": (
+        {}, dict(input_size=2, hidden_size=3, num_layers=2, bidirectional=True, proj_size=2),
+        12, 21, F32, True,
+        {"variant": "small_hidden", "backward_weight_products": "small-hidden steps (16-lane sums)"},
+        None),
+    "small_hidden-step-weights-float64": (
+        {}, dict(input_size=3, hidden_size=5, num_layers=1, bias=False), 20, 17, F64, True,
+        {"variant": "small_hidden", "backward_weight_products": "small-hidden steps (16-lane sums)"},
+        None),
     "row_wise-small-products": (  # 16 rows: every product of both layers at most 2^14
         {}, dict(input_size=3, hidden_size=16, num_layers=2), 2, 8, F32, True,
         {"variant": "row_wise", "backward_weight_products": "small_avx512",
@@ -156,23 +175,23 @@ CASES = {
     # (inline_gemv: MKL's sgemv would open a parallel region) where the small products are
     # off (or the CPU has no AVX-512, or float64), or by the BLAS when forced.
     "small_hidden-inline-gemv": (
-        {"allow_small_products": False}, dict(input_size=1, hidden_size=3, num_layers=2), 4,
-        92, F32, True, {"variant": "small_hidden",
+        {"allow_small_products": False}, dict(input_size=1, hidden_size=3, num_layers=2), 8,
+        12, F32, True, {"variant": "small_hidden",
                         "backward_weight_products": "inline_gemv,blas",
-                        "backward_data_product": "inline_gemv,blas"}, None),
+                        "backward_data_product": "small-hidden product (inline)"}, None),
     "small_hidden-inline-gemv-float64": (
         {}, dict(input_size=1, hidden_size=5, num_layers=2, bidirectional=True), 6, 7, F64,
         True, {"backward_weight_products": "inline_gemv,blas",
-               "backward_data_product": "inline_gemv,blas"}, None),
+               "backward_data_product": "small-hidden product (inline)"}, None),
     "row_wise-inline-gemv": (  # 9+ rows, packed too: more than the few-row backward takes
         {"allow_small_products": False},
         dict(input_size=1, hidden_size=16, num_layers=2, bidirectional=True), 3, 9, F32,
         True, {"variant": "row_wise", "backward_weight_products": "inline_gemv,blas",
                "backward_data_product": "inline_gemv,blas"}, None),
     "small_hidden-gemv-blas": (
-        {"gemm_library": "blas"}, dict(input_size=1, hidden_size=3, num_layers=2), 4, 92, F32,
+        {"gemm_library": "blas"}, dict(input_size=1, hidden_size=3, num_layers=2), 8, 12, F32,
         True, {"variant": "small_hidden", "backward_weight_products": "blas",
-               "backward_data_product": "blas"}, None),
+               "backward_data_product": "small-hidden product (inline)"}, None),
     "row_wise-brgemm-gemm-blas": (
         {"gemm_library": "blas", "allow_fused_input_projection": False},
         dict(input_size=16, hidden_size=64, num_layers=2, bidirectional=True), 12, 16, F32, True,

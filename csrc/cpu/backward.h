@@ -21,6 +21,9 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   const int64_t out_stride = D * out;
   const bool has_proj = s.proj_size > 0;
   const bool tiny = plan.variant == Variant::kSmallHidden;
+  // The small-hidden kernel's weight and bias gradients made a step at a time (no dgates of
+  // every row, no products after the loop): plan.h tiny_step_weight_grads.
+  const bool tiny_step_weights = tiny && plan.tiny_step_weight_grads;
   // A reserve without the gates (lstm.h gates_in_reserve; plan.h backward_gates): the
   // recurrence below recomputes them (bf16 products, and the small-hidden kernel where every
   // layer input takes its own product: step by step; float32 ones: by chunks,
@@ -81,11 +84,11 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
                                         std::is_same_v<T, float>));
   T* dx_chunk;
   T* dgates;
-  pieces.add(&dgates, rows_apart ? 0 : chunk_rows * G);
+  pieces.add(&dgates, rows_apart || tiny_step_weights ? 0 : chunk_rows * G);
   // h_{t-1} of every row (or of a chunk's) gathered, only where steps have different rows
   // (h_prev_rows, h_prev_chunk).
   T* h_prev_buf_ptr;
-  pieces.add(&h_prev_buf_ptr, every_step_full(s) ? 0 : chunk_rows * out);
+  pieces.add(&h_prev_buf_ptr, every_step_full(s) || tiny_step_weights ? 0 : chunk_rows * out);
   // dy: the gradient of the current layer's output, read only. The top layer's is grad_output
   // itself (zeros when it is None; bf16 as the caller gave it where the op keeps it: lstm.h
   // Keep16); a lower layer's is the dL/dx of the layer above, written into one of two
@@ -253,6 +256,8 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
         tiny_backward_steps(s, w, d, recompute ? nullptr : gates, cells, c0, dy.f, dh_all,
                             dgates, dh_state, dc_state, tiny_buf,
                             TinyDx<T>{dx_l, in_size, d > 0},
+                            tiny_step_weights ? TinyWeightGrads<T>{gw_ih, gw_hh, gb_ih}
+                                              : TinyWeightGrads<T>{},
                             TinyRecompute<T>{x.f, in_size, layer_out + d * out, h0, hx == nullptr,
                                              plan.vec16_cell});
       } else {
@@ -418,7 +423,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
       }
       }
 
-      if (!chunked && !float_chunks) {
+      if (!chunked && !float_chunks && !tiny_step_weights) {
         const HPrev<T> h_prev = h_prev_rows(s, d, layer_out, h0, h_prev_buf_ptr);
         // dL/dx of this layer is summed over directions.
         // The recurrence is done with W_hh: W_ih widened into the same buffer.

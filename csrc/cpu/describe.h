@@ -162,12 +162,15 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
       << (p.amx_products    ? std::string("amx_brgemm")
           : p.bf16_products ? std::string("bf16_gemm")
           : p.backward_few_rows ? std::string("few_rows (outer products)")
+          : p.tiny_step_weight_grads ? std::string("small-hidden steps (16-lane sums)")
                             : libraries(true))
       << "\n";
     o << "weight_grads_apart=" << (p.weight_grads_apart ? "true" : "false") << "\n";
     if (!p.bf16_products)
       o << "backward_data_product="
-        << (p.backward_few_rows ? std::string("few_rows (weights as stored)") : libraries(false))
+        << (p.backward_few_rows ? std::string("few_rows (weights as stored)")
+            : p.variant == Variant::kSmallHidden ? std::string("small-hidden product (inline)")
+                                                 : libraries(false))
         << "\n";
   }
   o << "settings=allow_brgemm:" << p.settings.brgemm

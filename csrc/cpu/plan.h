@@ -157,6 +157,13 @@ struct CpuPlan {
   // factors are fewer floats than the float32 gradients it would hold
   // (benchmarks/notes/memory.md, "float16 training from 9 rows up to ~1,000").
   bool weight_grads_apart = false;
+  // The small-hidden backward's weight and bias gradients summed a step at a time from each
+  // step's gate-major dgates block, in 16-lane partial sums (small_hidden.h
+  // tiny_weight_lanes), instead of every row's dgates transposed into rows for products after
+  // the loop: where the batch fills the lanes and the partial sums are fewer floats than the
+  // dgates they replace (tiny_step_weight_grads below; benchmarks/notes/small-hidden.md, "The
+  // weight gradients a step at a time").
+  bool tiny_step_weight_grads = false;
   bool vec16_cell = false;    // float32 cell pass on 16 lanes (cell_forward_vec16)
   bool inference = false;     // lstm_inference: nothing kept for backward
   // Inference of a bfloat16 or float16 model on the row-wise path: the last layer's h_t rows
@@ -187,6 +194,14 @@ inline bool apart_rows(const LSTMShape& s, at::ScalarType model, bool inference,
     grads += 4 * s.hidden_size * (s.layer_input_size(l) + s.out_size);
   }
   return factors <= grads;
+}
+
+// CpuPlan::tiny_step_weight_grads: a batch of at least 16 rows (a step's dgates fill the
+// partial sums' 16 lanes), and the partial sums (4H x (widest input + out + 1) x 16 floats) no
+// more than every row's dgates (rows x 4H), which they replace. A rule of sizes only: the same
+// on every CPU.
+inline bool tiny_step_weight_grads(const LSTMShape& s) {
+  return s.batch >= 16 && 16 * (s.widest_layer_input() + s.out_size + 1) <= s.rows;
 }
 
 inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, at::ScalarType model,
@@ -265,6 +280,8 @@ inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, at::Sca
   p.weight_grads_apart = settings.weight_grads_apart &&
                          (p.backward_few_rows || apart_rows(s, model, inference, p));
   p.brgemm_dh = is_float && row_sizes && cpu.brgemm && settings.brgemm && !p.backward_few_rows;
+  p.tiny_step_weight_grads =
+      !inference && p.variant == Variant::kSmallHidden && tiny_step_weight_grads(s);
   p.vec16_cell = is_float && cpu.avx512 && settings.vec16_cell;
   p.output_16bit = inference && model_16bit && p.variant == Variant::kRowWise;
   return p;

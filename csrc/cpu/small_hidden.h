@@ -235,6 +235,67 @@ FUSED_LSTM_DEFINE_COLUMN_SUMS(float)
 FUSED_LSTM_DEFINE_COLUMN_SUMS(double)
 #undef FUSED_LSTM_DEFINE_COLUMN_SUMS
 
+// One step's share of a layer's weight and bias gradients in 16-lane partial sums
+// (CpuPlan::tiny_step_weight_grads): for each gate row g of the step's dgates dg [4H][ld] and
+// each row k < k_used of f [k_used][ld] (the step's x^T, then h_{t-1}^T), both with their
+// columns from bs up to ld (a multiple of 16) zero, lanes[(g * K + k) * 16 + l] += the
+// products dg[g][b] f[k][b] of the columns b with b % 16 == l; bias_lanes[g * 16 + l] (if
+// given) likewise += dg[g][b]. tiny_weight_sums then adds each element's 16 lanes. Whole
+// vectors only: a scalar tail read back a lane just stored as part of a vector, which stalled
+// the loads (perf on the AMD EPYC Zen 5). The order of the sums is fixed by the shapes.
+template <typename T>
+__attribute__((always_inline)) inline void weight_lanes_loop(int64_t G, int64_t K, int64_t k_used,
+                                                             int64_t ld, const T* __restrict dg,
+                                                             const T* __restrict f,
+                                                             T* __restrict lanes,
+                                                             T* __restrict bias_lanes) {
+  for (int64_t g = 0; g < G; ++g) {
+    const T* dgg = dg + g * ld;
+    if (bias_lanes) {
+      T* bl = bias_lanes + g * 16;
+      Vec<T, 16> acc = vec_load<T, 16>(bl);
+      for (int64_t b = 0; b < ld; b += 16) acc += vec_load<T, 16>(dgg + b);
+      vec_store<T, 16>(bl, acc);
+    }
+    for (int64_t k = 0; k < k_used; ++k) {
+      const T* fk = f + k * ld;
+      T* lk = lanes + (g * K + k) * 16;
+      Vec<T, 16> acc = vec_load<T, 16>(lk);
+      for (int64_t b = 0; b < ld; b += 16) acc += vec_load<T, 16>(dgg + b) * vec_load<T, 16>(fk + b);
+      vec_store<T, 16>(lk, acc);
+    }
+  }
+}
+
+#define FUSED_LSTM_DEFINE_WEIGHT_LANES(T)                                                      \
+  FUSED_LSTM_SIMD_CLONES void tiny_weight_lanes(int64_t G, int64_t K, int64_t k_used,          \
+                                                int64_t ld, const T* dg, const T* f, T* lanes,  \
+                                                T* bias_lanes) {                                \
+    weight_lanes_loop<T>(G, K, k_used, ld, dg, f, lanes, bias_lanes);                          \
+  }
+FUSED_LSTM_DEFINE_WEIGHT_LANES(float)
+FUSED_LSTM_DEFINE_WEIGHT_LANES(double)
+#undef FUSED_LSTM_DEFINE_WEIGHT_LANES
+
+// The gradients from tiny_weight_lanes' partial sums: gw_ih [4H][in] and gw_hh [4H][out] (the
+// first in and the next out of each gate row's K = in + out elements) and gb [4H] (if given),
+// each the sum of its 16 lanes in lane order.
+template <typename T>
+void tiny_weight_sums(int64_t G, int64_t in, int64_t out, const T* lanes, const T* bias_lanes,
+                      T* gw_ih, T* gw_hh, T* gb) {
+  auto sum16 = [](const T* l) {
+    T sum = T(0);
+    for (int i = 0; i < 16; ++i) sum += l[i];
+    return sum;
+  };
+  const int64_t K = in + out;
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t i = 0; i < in; ++i) gw_ih[g * in + i] = sum16(lanes + (g * K + i) * 16);
+    for (int64_t o = 0; o < out; ++o) gw_hh[g * out + o] = sum16(lanes + (g * K + in + o) * 16);
+    if (gb) gb[g] = sum16(bias_lanes + g * 16);
+  }
+}
+
 // Batches narrower than this take tiny_product_rows where the caller has w transposed.
 constexpr int64_t kTinyNarrowBatch = 8;
 
@@ -450,8 +511,24 @@ int64_t tiny_backward_numel(const LSTMShape& s) {
           ? 0
           : (in + out + 3 * H) * s.batch +
                 (s.batch > 0 && s.batch < kTinyNarrowBatch ? G * out : 0);
-  return (2 * out + 4 * H + G) * s.batch + recompute + in * s.batch;
+  // With the weight gradients a step at a time (tiny_step_weight_grads): the partial sums, and
+  // the step's x^T and h_{t-1}^T and its dgates, their rows padded to a multiple of 16.
+  const int64_t step_weights =
+      tiny_step_weight_grads(s)
+          ? 16 * G * (in + out + 1) + (in + out + G) * ((s.batch + 15) / 16 * 16)
+          : 0;
+  return (2 * out + 4 * H + G) * s.batch + recompute + in * s.batch + step_weights;
 }
+
+// The weight and bias gradients of a layer and direction made a step at a time
+// (CpuPlan::tiny_step_weight_grads), written at the end of tiny_backward_steps; null gw_ih:
+// made after the loop from every row's dgates instead (backward.h).
+template <typename T>
+struct TinyWeightGrads {
+  T* gw_ih = nullptr;  // [4H][in]
+  T* gw_hh = nullptr;  // [4H][out]
+  T* gb = nullptr;     // [4H]: b_ih's (b_hh's is the same); null without biases
+};
 
 // dL/dx of a layer and direction, computed a step at a time by tiny_backward_steps from the
 // step's dgates block as the cell pass leaves it ([4H][bs]: dxT [in][bs] = W_ih^T dgates_t, an
@@ -482,6 +559,23 @@ struct TinyRecompute {
   bool vec16;
 };
 
+// h_{t-1} of step t's bs rows (direction d) as hp [out][bs]: the previous step's output (the
+// reserve's layer output, rc.layer_out) for the rows that continue, h0 for those that start.
+// (hp's row stride: ld, or bs where 0.)
+template <typename T>
+void tiny_h_prev_t(const LSTMShape& s, int64_t d, int64_t t, int64_t bs,
+                   const TinyRecompute<T>& rc, T* hp, int64_t ld = 0) {
+  if (ld == 0) ld = bs;
+  const int64_t out = s.out_size, out_stride = s.num_directions * out;
+  const PrevStep p = prev_step(s, d, t);
+  if (p.continuing > 0)
+    tiny_transpose(rc.layer_out + s.step_offset[p.t] * out_stride, out_stride, p.continuing, out,
+                   hp, ld);
+  if (p.continuing < bs)
+    tiny_transpose(rc.h0 + p.continuing * out, out, bs - p.continuing, out, hp + p.continuing,
+                   ld);
+}
+
 // Step t's gates [4H][bs] into g as tiny_forward_steps computed them for the whole batch in
 // one slice: the step's input projection (tiny_input_projection on its rows, bias first), the
 // recurrent product on h_{t-1} (narrow batches through W_hh^T, as there), and the cell pass on
@@ -505,15 +599,7 @@ void tiny_recompute_gates(const LSTMShape& s, const DirectionWeights<T>& w, cons
   T* h = c_new + H * B;                       // [H][bs]
   tiny_input_projection(w, rc.x + off * rc.in_size, bs, rc.in_size, G, g, xT);
   if (!(rc.h_zero && step == 0)) {
-    // h_{t-1}: the previous step's output for the rows that continue, h0 for those that start
-    const PrevStep p = prev_step(s, d, t);
-    const int64_t out_stride = s.num_directions * out;
-    if (p.continuing > 0)
-      tiny_transpose(rc.layer_out + s.step_offset[p.t] * out_stride, out_stride, p.continuing,
-                     out, hp, bs);
-    if (p.continuing < bs)
-      tiny_transpose(rc.h0 + p.continuing * out, out, bs - p.continuing, out, hp + p.continuing,
-                     bs);
+    tiny_h_prev_t(s, d, t, bs, rc, hp);
     tiny_product(bs, G, out, w.w_hh, B < kTinyNarrowBatch ? w_hh_t : nullptr, hp, bs, g, bs, g,
                  bs);
   }
@@ -526,7 +612,7 @@ template <typename T>
 void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64_t d,
                          const T* gates, const T* cells, const T* c0, const T* dy, T* dh_all,
                          T* dgates, T* dh_state, T* dc_state, T* buf, const TinyDx<T>& dx,
-                         const TinyRecompute<T>& rc = {}) {
+                         const TinyWeightGrads<T>& wg, const TinyRecompute<T>& rc) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, B = s.batch;
   const int64_t out_stride = s.num_directions * out;
   const bool has_proj = s.proj_size > 0;
@@ -549,6 +635,14 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
       tiny_transpose(w.w_hh, out, G, out, w_hh_t, G);
     }
   }
+  // The weight gradients a step at a time (wg): partial sums, then the step's x^T and
+  // h_{t-1}^T (f) and dgates (dgp), rows of a multiple of 16 (tiny_weight_lanes), after dxT.
+  const int64_t K = in + out;
+  T* lanes = dxT + s.widest_layer_input() * B;
+  T* bias_lanes = lanes + 16 * G * K;
+  T* f = bias_lanes + 16 * G;
+  T* dgp = f + (s.widest_layer_input() + out) * ((B + 15) / 16 * 16);
+  if (wg.gw_ih) std::fill_n(lanes, 16 * G * (K + 1), T(0));
   tiny_transpose(dh_state, out, B, out, dhT, B);  // grad_hy (or zeros), as the caller filled it
   tiny_transpose(dc_state, H, B, H, dcT, B);
   tiny_transpose(c0, H, B, H, c0T, B);
@@ -586,7 +680,21 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
     } else {
       for (int64_t j = 0; j < H; ++j) cell_pass(bs, j * bs, dcT + j * B);
     }
-    tiny_transpose(dg, bs, G, bs, dgates + off * G, G);
+    if (wg.gw_ih) {  // this step's share of the weight and bias gradients (TinyWeightGrads)
+      const int64_t ld = (bs + 15) / 16 * 16;
+      const bool h_zero = rc.h_zero && step == 0;  // h_{t-1} = 0: no share of W_hh's
+      const int64_t k_used = h_zero ? in : K;
+      tiny_transpose(rc.x + off * in, in, bs, in, f, ld);
+      if (!h_zero) tiny_h_prev_t(s, d, t, bs, rc, f + in * ld, ld);
+      for (int64_t g = 0; g < G; ++g) std::copy_n(dg + g * bs, bs, dgp + g * ld);
+      if (ld > bs) {
+        for (int64_t k = 0; k < k_used; ++k) std::fill(f + k * ld + bs, f + (k + 1) * ld, T(0));
+        for (int64_t g = 0; g < G; ++g) std::fill(dgp + g * ld + bs, dgp + (g + 1) * ld, T(0));
+      }
+      tiny_weight_lanes(G, K, k_used, ld, dgp, f, lanes, wg.gb ? bias_lanes : nullptr);
+    } else {
+      tiny_transpose(dg, bs, G, bs, dgates + off * G, G);
+    }
     tiny_product_t<T>(bs, out, G, w.w_hh, dg, bs, nullptr, 0, dhT, B);  // dL/dh_{t-1}, rows < bs
     if (dx.dx) {  // dL/dx of the step's rows (TinyDx)
       tiny_product_t<T>(bs, in, G, w.w_ih, dg, bs, nullptr, 0, dxT, bs);
@@ -601,6 +709,7 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
   }
   tiny_transpose(dhT, B, out, B, dh_state, out);
   tiny_transpose(dcT, B, H, B, dc_state, H);
+  if (wg.gw_ih) tiny_weight_sums(G, in, out, lanes, bias_lanes, wg.gw_ih, wg.gw_hh, wg.gb);
 }
 
 }  // namespace
