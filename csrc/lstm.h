@@ -126,7 +126,7 @@ struct LSTMShape {
 //   out: the recompute's packed and widened weights are [4H, input + out] and [4H, input], one
 //   layer and direction's at a time, against the gates' [rows, 4H] of each;
 // - below 16 hidden units (the small-hidden variant, which recomputes a step's gates at a time
-//   in its own step buffers: cpu/small_hidden.h tiny_backward_steps), layer inputs of at most
+//   in its own step buffers: cpu/small_hidden_backward.h tiny_backward_steps), layer inputs of at most
 //   kDropGatesMaxSmallInput (which the forward, too, projects with the small-hidden product,
 //   so the recomputed gates are the forward's bit for bit; a wider input's projection is a
 //   GEMM over every row there), and gates of every layer and direction (4H x rows each) at

@@ -74,7 +74,7 @@ CASES = {
                "backward_dh_product": "small-hidden product (inline)",
                "backward_gates": "kept by the forward"}, None),
     # float16 training keeps no gates here (csrc/lstm.h gates_in_reserve): the small-hidden
-    # backward recomputes each step's (small_hidden.h, tiny_recompute_gates).
+    # backward recomputes each step's (small_hidden_backward.h, tiny_recompute_gates).
     "small_hidden-fp16-training-recomputes": (
         {}, dict(input_size=6, hidden_size=10, num_layers=2, bidirectional=True), 7, 9, F16,
         True, {"variant": "small_hidden",

@@ -239,7 +239,7 @@ def test_fp16_small_hidden_training_recomputes_the_gates_bit_for_bit(L, bidirect
     """float16 training below 16 hidden units (the small-hidden kernel) whose reserve keeps no
     gates (csrc/lstm.h, gates_in_reserve): the backward recomputes each step's gates from the
     layer input, h_{t-1} and c_{t-1} in the reserve, as the forward computed them
-    (csrc/cpu/small_hidden.h, tiny_recompute_gates: the step's projection, the recurrent
+    (csrc/cpu/small_hidden_backward.h, tiny_recompute_gates: the step's projection, the recurrent
     product, narrow batches through W_hh^T, the cell pass), and writes each gradient over its
     gate. Every result and gradient is the float32 call's on the same values, whose reserve
     keeps the gates, bit for bit; also without dL/dx (input_grad=False), and where the

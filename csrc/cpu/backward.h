@@ -5,7 +5,7 @@
 #pragma once
 
 #include "backward_products.h"
-#include "small_hidden.h"
+#include "small_hidden_backward.h"
 
 namespace fused_lstm {
 namespace {
@@ -110,7 +110,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   pieces.add(&c_prev_buf, tiny ? 0 : s.batch * H);       // c_{t-1} when pieced together
   pieces.add(&zeros_mut, hx && cx ? 0 : s.batch * std::max(H, out));  // h0 / c0 when None
   T* tiny_buf;
-  pieces.add(&tiny_buf, tiny ? tiny_backward_numel<T>(s) : 0);
+  pieces.add(&tiny_buf, tiny ? tiny_backward_layout(s).total : 0);
   // Recomputing the gates (recompute): W_ih and W_hh packed as the forward packs them (bf16
   // ones, or brgemm's float32 panels), the summed bias, and per batch row the step's gates [G],
   // h_{t-1} gathered [out], and what the forward's cell pass writes besides them (c, c_t,
@@ -220,7 +220,8 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
       auto add_bias_grad = [&](int64_t rows) {  // the first `rows` rows of dgates
         if (!gb_ih) return;
         auto columns = [&](int64_t j0, int64_t j1) {
-          if (j1 - j0 <= kColumnSumsMaxCols)  // (small_hidden.h: the same sums in registers)
+          // (small_hidden_backward.h add_column_sums: the same sums, in registers)
+          if (j1 - j0 <= kColumnSumsMaxCols)
             return add_column_sums(dgates + j0, G, rows, j1 - j0, gb_ih + j0);
           for (int64_t r = 0; r < rows; ++r)
             for (int64_t j = j0; j < j1; ++j) gb_ih[j] += dgates[r * G + j];
@@ -255,7 +256,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
       if (tiny) {
         tiny_backward_steps(s, w, d, recompute ? nullptr : gates, cells, c0, dy.f, dh_all,
                             dgates, dh_state, dc_state, tiny_buf,
-                            TinyDx<T>{dx_l, in_size, d > 0},
+                            TinyDx<T>{dx_l, d > 0},
                             tiny_step_weights ? TinyWeightGrads<T>{gw_ih, gw_hh, gb_ih}
                                               : TinyWeightGrads<T>{},
                             TinyRecompute<T>{x.f, in_size, layer_out + d * out, h0, hx == nullptr,

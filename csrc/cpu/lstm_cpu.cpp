@@ -7,7 +7,8 @@
 //   floor_rule.h    the nn.LSTM floor: which inference calls may run at::lstm instead
 //   cell.h          the cell passes (lstm_cell.h's math over contiguous runs)
 //   weights.h       weight preparation (pointers, bias, brgemm packing)
-//   small_hidden.h  variant: small hidden sizes, batch-fastest layout
+//   small_hidden.h  variant: small hidden sizes, batch-fastest layout (products, forward)
+//   small_hidden_backward.h  its backward, and the bias gradient's column sums
 //   row_wise.h      variant: row-wise steps (brgemm / bf16_gemm / BLAS products)
 //   thin.h          variant: thin-batch inference
 //   bf16_products.h variant: bf16 products (weights packed for bf16_gemm, backward jobs)

@@ -158,7 +158,7 @@ struct CpuPlan {
   // (benchmarks/notes/memory.md, "float16 training from 9 rows up to ~1,000").
   bool weight_grads_apart = false;
   // The small-hidden backward's weight and bias gradients summed a step at a time from each
-  // step's gate-major dgates block, in 16-lane partial sums (small_hidden.h
+  // step's gate-major dgates block, in 16-lane partial sums (small_hidden_backward.h
   // tiny_weight_lanes), instead of every row's dgates transposed into rows for products after
   // the loop: where the batch fills the lanes and the partial sums are fewer floats than the
   // dgates they replace (tiny_step_weight_grads below; benchmarks/notes/small-hidden.md, "The
