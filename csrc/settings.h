@@ -27,7 +27,8 @@ namespace fused_lstm {
   X(hidden_split_by_rates, "cpu.hidden_split_by_measured_rates", 1, 0, 1)   \
   X(few_rows, "cpu.allow_few_rows", 1, 0, 1)                                \
   X(weight_grads_apart, "cpu.allow_weight_grads_apart", 1, 0, 1)            \
-  X(small_products, "cpu.allow_small_products", 1, 0, 1)
+  X(small_products, "cpu.allow_small_products", 1, 0, 1)                    \
+  X(small_hidden_avx512, "cpu.allow_small_hidden_avx512", 1, 0, 1)
 // gemm_library: 0 auto (the measured rates choose), 1 the BLAS, 2 oneDNN's matmul.
 // nn_lstm_floor: 0 auto (measured, plan.h's floor rule), 1 never, 2 always (where possible).
 // hidden_split: on; plan.h takes it only where one thread's measured step wins by 10% (float32-bound.md,

@@ -34,6 +34,10 @@ change applies from the next call.
 * ``allow_small_products``: float32 products of at most 2^14 multiply-adds (the backward's at
   the tutorial sizes) on 16 AVX-512 lanes in place, on CPUs with AVX-512 (else the BLAS, or
   inline_gemv's loop for a matrix-vector product);
+* ``allow_small_hidden_avx512``: the small-hidden kernel's (hidden sizes below 16) float32
+  inline products on 16 AVX-512 lanes with a masked tail, and its narrow transposes by
+  permutes, on CPUs with AVX-512 (else the generic target_clones blocks of 16, 8, 4, 2 and 1
+  lanes, and transposes by gathers and scatters; the same results to the bit);
 * ``allow_bf16_products``: bfloat16 models' products with bf16 operands and float32 sums on
   AVX512_BF16 CPUs (else computed in float32: results then differ by bf16 rounding);
 * ``allow_amx``: on CPUs with AMX-BF16, those products, forward and backward, on AMX tiles
@@ -183,6 +187,7 @@ _CPU: Dict[str, _Setting] = {
     "allow_few_rows": (_flag, bool, "FUSED_LSTM_NO_FEW_ROWS", _off_if_set),
     "allow_weight_grads_apart": (_flag, bool, "FUSED_LSTM_NO_WEIGHT_GRADS_APART", _off_if_set),
     "allow_small_products": (_flag, bool, "FUSED_LSTM_NO_SMALL_PRODUCTS", _off_if_set),
+    "allow_small_hidden_avx512": (_flag, bool, "FUSED_LSTM_NO_SMALL_HIDDEN_AVX512", _off_if_set),
 }
 _CUDA: Dict[str, _Setting] = {
     "path": (_cuda_path, lambda i: _CUDA_PATHS[i], "FUSED_LSTM_CUDA_PATH",

@@ -163,6 +163,23 @@ CASES = {
         {}, dict(input_size=3, hidden_size=5, num_layers=1, bias=False), 20, 17, F64, True,
         {"variant": "small_hidden", "backward_weight_products": "small-hidden steps (16-lane sums)"},
         None),
+    # The small-hidden kernel's AVX-512 variant (small_hidden_avx512.h: masked 16-lane
+    # products, permute transposes) and the generic one it replaces where allowed: a batch
+    # of 16 + 5 (a masked tail), bidirectional (the layer output's rows 2 x 3 floats apart, of
+    # which each direction's transposes touch its own 3), a projection (W_hr's products);
+    # tests/test_small_hidden_avx512.py checks that the two give the same bits.
+    "small_hidden-avx512-kernels": (
+        {}, dict(input_size=2, hidden_size=5, num_layers=2, bidirectional=True, proj_size=3),
+        6, 21, F32, True,
+        {"variant": "small_hidden",
+         "small_hidden_kernels": "avx512 (masked 16-lane products, permute transposes)"},
+        "avx512"),
+    "small_hidden-generic-kernels": (
+        {"allow_small_hidden_avx512": False},
+        dict(input_size=2, hidden_size=5, num_layers=2, bidirectional=True, proj_size=3), 6, 21,
+        F32, True,
+        {"variant": "small_hidden", "small_hidden_kernels":
+         "target_clones (16/8/4/2/1-lane products, gather transposes)"}, "avx512"),
     "row_wise-small-products": (  # 16 rows: every product of both layers at most 2^14
         {}, dict(input_size=3, hidden_size=16, num_layers=2), 2, 8, F32, True,
         {"variant": "row_wise", "backward_weight_products": "small_avx512",
@@ -514,6 +531,7 @@ def test_variant(name, packed):
     ("allow_weight_grads_apart", "few-rows-float32", "weight_grads_apart", False),
     ("allow_weight_grads_apart", "fp16-training-widens", "weight_grads_apart", False),
     ("allow_small_products", "small_hidden-small-products", "backward_weight_products", True),
+    ("allow_small_hidden_avx512", "small_hidden-avx512-kernels", "small_hidden_kernels", False),
 ])
 def test_setting_switches_the_kernel(setting, case, key, bits_differ):
     """Turning a setting off changes the plan the kernels read (explain), and both plans agree

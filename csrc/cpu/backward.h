@@ -260,7 +260,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
                             tiny_step_weights ? TinyWeightGrads<T>{gw_ih, gw_hh, gb_ih}
                                               : TinyWeightGrads<T>{},
                             TinyRecompute<T>{x.f, in_size, layer_out + d * out, h0, hx == nullptr,
-                                             plan.vec16_cell});
+                                             plan.vec16_cell, plan.small_hidden_avx512});
       } else {
       // The reverse recurrence of steps step_hi down to step_lo (processing order), for batch
       // rows [r0, r1) (rows are independent sequences); row r's dgates at dgates + (r - dg_row0) * G.

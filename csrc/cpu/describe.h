@@ -91,6 +91,13 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
   }
   o << "cell_pass=" << (p.vec16_cell ? "avx512 (16 lanes)" : "vectorised loops (target_clones)")
     << "\n";
+  if (p.variant == Variant::kSmallHidden)
+    o << "small_hidden_kernels="
+      << (p.small_hidden_avx512 ? "avx512 (masked 16-lane products, permute transposes)"
+          : p.is_float && cpu_features().avx512
+              ? "target_clones (16/8/4/2/1-lane products, gather transposes)"
+              : "target_clones (16/8/4/2/1-lane products, 8x8 transposes)")
+      << "\n";
   for (int64_t l = 0; l < s.num_layers; ++l)
     o << "input_projection." << l << "=" << input_projection_of(p, s, l, proj_rows) << "\n";
   std::string recurrent;
@@ -175,6 +182,7 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
   }
   o << "settings=allow_brgemm:" << p.settings.brgemm
     << " allow_vec16_cell:" << p.settings.vec16_cell
+    << " allow_small_hidden_avx512:" << p.settings.small_hidden_avx512
     << " allow_fused_input_projection:" << p.settings.fused_input_projection
     << " allow_thin:" << p.settings.thin << " allow_bf16_products:" << p.settings.bf16_products
     << " allow_amx:" << p.settings.amx << " gemm_library:"

@@ -92,15 +92,18 @@ void forward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, con
       copy_or_zero(cx ? cx + ld * s.batch * H : nullptr, s.batch * H, c_state);
       if (tiny) {
         if (!gates) gates = gates_for(s.rows);
-        tiny_input_projection(w, x.f, s.rows, s.layer_input_size(l), G, tb.gT, tb.xT);
-        tiny_transpose(hx ? hx + ld * s.batch * out : nullptr, out, s.batch, out, tb.hT, s.batch);
-        tiny_transpose(cx ? cx + ld * s.batch * H : nullptr, H, s.batch, H, tb.cT, s.batch);
+        const bool avx512 = plan.small_hidden_avx512;
+        tiny_input_projection(w, x.f, s.rows, s.layer_input_size(l), G, tb.gT, tb.xT, avx512);
+        tiny_transpose(hx ? hx + ld * s.batch * out : nullptr, out, s.batch, out, tb.hT, s.batch,
+                       avx512);
+        tiny_transpose(cx ? cx + ld * s.batch * H : nullptr, H, s.batch, H, tb.cT, s.batch,
+                       avx512);
         for_each_batch_slice(s, s.seq_len, false, [&](int64_t r0, int64_t r1) {
           tiny_forward_steps(plan, s, w, d, 0, s.seq_len - 1, r0, r1, tb, gates, cells, pre_proj,
                              layer_out + d * out, hx == nullptr);
         });
-        tiny_transpose(tb.hT, s.batch, out, s.batch, h_state, out);
-        tiny_transpose(tb.cT, s.batch, H, s.batch, c_state, H);
+        tiny_transpose(tb.hT, s.batch, out, s.batch, h_state, out, avx512);
+        tiny_transpose(tb.cT, s.batch, H, s.batch, c_state, H, avx512);
         continue;
       }
       const int64_t in_size = s.layer_input_size(l);
@@ -241,26 +244,29 @@ void inference_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, c
         const StepBlock block = step_block(s, d, first, last);
         const int64_t row0 = block.row0, rows = block.rows;
         if (tiny) {
+          const bool avx512 = plan.small_hidden_avx512;
           if (first == 0) {
             tiny_transpose(hx ? hx + ld * s.batch * out : nullptr, out, s.batch, out, tb.hT,
-                           s.batch);
-            tiny_transpose(cx ? cx + ld * s.batch * H : nullptr, H, s.batch, H, tb.cT, s.batch);
+                           s.batch, avx512);
+            tiny_transpose(cx ? cx + ld * s.batch * H : nullptr, H, s.batch, H, tb.cT, s.batch,
+                           avx512);
           }
           tb.ld_g = rows;
           tb.row0 = row0;
           if (prev_t)
-            tiny_input_projection<T>(w, nullptr, rows, in_size, G, tb.gT, tb.xT, prev + row0,
-                                     s.rows);
+            tiny_input_projection<T>(w, nullptr, rows, in_size, G, tb.gT, tb.xT, avx512,
+                                     prev + row0, s.rows);
           else
-            tiny_input_projection(w, x.f + row0 * in_size, rows, in_size, G, tb.gT, tb.xT);
+            tiny_input_projection(w, x.f + row0 * in_size, rows, in_size, G, tb.gT, tb.xT,
+                                  avx512);
           for_each_batch_slice(s, last - first + 1, false, [&](int64_t r0, int64_t r1) {
             tiny_forward_steps<T>(plan, s, w, d, first, last, r0, r1, tb, nullptr, nullptr, nullptr,
                                   out_t ? layer_out + d * out * s.rows : layer_out + d * out,
                                   hx == nullptr && first == 0, out_t ? s.rows : 0);
           });
           if (last + 1 == s.seq_len) {
-            tiny_transpose(tb.hT, s.batch, out, s.batch, h_state, out);
-            tiny_transpose(tb.cT, s.batch, H, s.batch, c_state, H);
+            tiny_transpose(tb.hT, s.batch, out, s.batch, h_state, out, avx512);
+            tiny_transpose(tb.cT, s.batch, H, s.batch, c_state, H, avx512);
           }
           continue;
         }

@@ -36,6 +36,13 @@ struct CpuFeatures {
   bool onednn_matmul = false;  // oneDNN's matmul, as ATen exports it
 };
 
+// Whether this build has small_hidden_avx512.h's kernels (GCC or Clang, x86-64).
+#if defined(__GNUC__) && defined(__x86_64__)
+constexpr bool kSmallHiddenAvx512Built = true;
+#else
+constexpr bool kSmallHiddenAvx512Built = false;
+#endif
+
 inline const CpuFeatures& cpu_features() {
   static const CpuFeatures f = [] {
     CpuFeatures c;
@@ -165,6 +172,9 @@ struct CpuPlan {
   // weight gradients a step at a time").
   bool tiny_step_weight_grads = false;
   bool vec16_cell = false;    // float32 cell pass on 16 lanes (cell_forward_vec16)
+  // The small-hidden kernel's float32 products on 16 AVX-512 lanes with a masked tail, and its
+  // narrow transposes by permutes (small_hidden_avx512.h; the same bits as the generic code).
+  bool small_hidden_avx512 = false;
   bool inference = false;     // lstm_inference: nothing kept for backward
   // Inference of a bfloat16 or float16 model on the row-wise path: the last layer's h_t rows
   // are rounded into the model-dtype output as each step finishes (forward_steps), instead of
@@ -283,6 +293,8 @@ inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, at::Sca
   p.tiny_step_weight_grads =
       !inference && p.variant == Variant::kSmallHidden && tiny_step_weight_grads(s);
   p.vec16_cell = is_float && cpu.avx512 && settings.vec16_cell;
+  p.small_hidden_avx512 = is_float && p.variant == Variant::kSmallHidden && cpu.avx512 &&
+                          settings.small_hidden_avx512 && kSmallHiddenAvx512Built;
   p.output_16bit = inference && model_16bit && p.variant == Variant::kRowWise;
   return p;
 }

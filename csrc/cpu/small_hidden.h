@@ -17,6 +17,7 @@
 #pragma once
 
 #include "cell.h"
+#include "small_hidden_avx512.h"
 #include "weights.h"
 
 namespace fused_lstm {
@@ -62,11 +63,14 @@ __attribute__((target("avx512f"))) inline bool transpose_narrow16(
 // Measured at seed-tiny (callgrind, one thread, AVX2 clone): the
 // element-wise copies were ~260k of a training call's ~1.0M instructions
 // (benchmarks/notes/python-overhead.md, "Training at the tutorial sizes: where the time goes").
+// avx512: the AVX-512 variant's permutes first (CpuPlan::small_hidden_avx512).
 template <typename T>
 void tiny_transpose(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst,
-                    int64_t ld_dst) {
+                    int64_t ld_dst, bool avx512) {
   if constexpr (std::is_same_v<T, float>) {
 #if defined(__GNUC__) && defined(__x86_64__)
+    if (src != nullptr && avx512 && transpose_permute(src, ld_src, rows, cols, dst, ld_dst))
+      return;
     if (src != nullptr && cpu_features().avx512 &&
         transpose_narrow16(src, ld_src, rows, cols, dst, ld_dst))
       return;
@@ -206,26 +210,34 @@ FUSED_LSTM_DEFINE_TINY(double)
 constexpr int64_t kTinyNarrowBatch = 8;
 
 // y = y_in + w h (see tiny_product_block), w also given transposed (wT [cols_w][rows_w], or
-// null): the narrow-batch kernel where it pays.
+// null): the narrow-batch kernel where it pays. avx512: the AVX-512 variant's masked 16-lane
+// blocks (CpuPlan::small_hidden_avx512; the same bits).
 template <typename T>
 inline void tiny_product(int64_t n, int64_t rows_w, int64_t cols_w, const T* w, const T* wT,
                          const T* h, int64_t ld_h, const T* y_in, int64_t ld_in, T* y,
-                         int64_t ld_y) {
+                         int64_t ld_y, bool avx512) {
   if (wT != nullptr && n < kTinyNarrowBatch)
-    tiny_product_rows(n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);
-  else
-    tiny_product_cols(n, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
+    return tiny_product_rows(n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);
+#ifdef FUSED_LSTM_SMALL_HIDDEN_AVX512
+  if constexpr (std::is_same_v<T, float>)
+    if (avx512) return masked_product16<false>(n, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
+#endif
+  tiny_product_cols(n, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
 }
 
 // y = y_in + w h as tiny_product, given only wT [cols_w][rows_w] (a weight as stored, used
 // transposed: the backward's dL/dh_{t-1} and dL/dx products): no transposed copy of it needed.
 template <typename T>
 inline void tiny_product_t(int64_t n, int64_t rows_w, int64_t cols_w, const T* wT, const T* h,
-                           int64_t ld_h, const T* y_in, int64_t ld_in, T* y, int64_t ld_y) {
+                           int64_t ld_h, const T* y_in, int64_t ld_in, T* y, int64_t ld_y,
+                           bool avx512) {
   if (n < kTinyNarrowBatch)
-    tiny_product_rows(n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);
-  else
-    tiny_product_cols_t(n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);
+    return tiny_product_rows(n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);
+#ifdef FUSED_LSTM_SMALL_HIDDEN_AVX512
+  if constexpr (std::is_same_v<T, float>)
+    if (avx512) return masked_product16<true>(n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);
+#endif
+  tiny_product_cols_t(n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);
 }
 
 // ---- Small hidden sizes (H < kRowWiseHidden): a batch-fastest working layout ----
@@ -263,18 +275,18 @@ static_assert(kTinyProjectionInput == kDropGatesMaxSmallInput);
 // x_t [in_size][ld_x_t], these rows from column 0 (x unused).
 template <typename T>
 void tiny_input_projection(const DirectionWeights<T>& w, const T* x, int64_t rows,
-                           int64_t in_size, int64_t G, T* gT, T* xT, const T* x_t = nullptr,
-                           int64_t ld_x_t = 0) {
+                           int64_t in_size, int64_t G, T* gT, T* xT, bool avx512,
+                           const T* x_t = nullptr, int64_t ld_x_t = 0) {
   if (w.b_ih)
     for (int64_t r = 0; r < G; ++r) std::fill_n(gT + r * rows, rows, w.b_ih[r] + w.b_hh[r]);
   if (in_size <= kTinyProjectionInput) {
     if (x_t == nullptr) {
-      tiny_transpose(x, in_size, rows, in_size, xT, rows);
+      tiny_transpose(x, in_size, rows, in_size, xT, rows, avx512);
       x_t = xT;
       ld_x_t = rows;
     }
     tiny_product<T>(rows, G, in_size, w.w_ih, nullptr, x_t, ld_x_t, w.b_ih ? gT : nullptr, rows,
-                    gT, rows);
+                    gT, rows, avx512);
     return;
   }
   gemm<T>(false, true, G, rows, in_size, T(1), w.w_ih, in_size, x, in_size, w.b_ih ? T(1) : T(0),
@@ -287,11 +299,12 @@ void tiny_input_projection(const DirectionWeights<T>& w, const T* x, int64_t row
 // projection).
 template <typename T>
 std::pair<const T*, const T*> transpose_recurrent_weights(const LSTMShape& s,
-                                                          const DirectionWeights<T>& w, T* dst) {
+                                                          const DirectionWeights<T>& w, T* dst,
+                                                          bool avx512) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size;
-  tiny_transpose(w.w_hh, out, G, out, dst, G);
+  tiny_transpose(w.w_hh, out, G, out, dst, G, avx512);
   if (s.proj_size == 0) return {dst, nullptr};
-  tiny_transpose(w.w_hr, H, out, H, dst + G * out, out);
+  tiny_transpose(w.w_hr, H, out, H, dst + G * out, out, avx512);
   return {dst, dst + G * out};
 }
 
@@ -329,10 +342,11 @@ void tiny_forward_steps(const CpuPlan& plan, const LSTMShape& s, const Direction
   const int64_t out_stride = s.num_directions * out;
   const bool has_proj = s.proj_size > 0;
   const int64_t ld = tb.ld_g;
+  const bool avx512 = plan.small_hidden_avx512;
   // A narrow slice's products read W_hh (and W_hr) transposed: this thread's copy, on its stack.
   T w_t[5 * kRowWiseHidden * kRowWiseHidden];
   const auto [w_hh_t, w_hr_t] = r1 - r0 < kTinyNarrowBatch
-      ? transpose_recurrent_weights(s, w, w_t)
+      ? transpose_recurrent_weights(s, w, w_t, avx512)
       : std::pair<const T*, const T*>{nullptr, nullptr};
   for (int64_t step = first; step <= last; ++step) {
     const int64_t t = time_of(s, d, step);
@@ -351,13 +365,14 @@ void tiny_forward_steps(const CpuPlan& plan, const LSTMShape& s, const Direction
     if (h_zero && step == first)  // h_{t-1} = 0 (no hx): the gates are the projection
       copy_rows(projected, ld, g, ldg, G, bs);
     else
-      tiny_product(bs, G, out, w.w_hh, w_hh_t, hT, B, projected, ld, g, ldg);
+      tiny_product(bs, G, out, w.w_hh, w_hh_t, hT, B, projected, ld, g, ldg, avx512);
     tiny_cell_step(H, bs, B, g, ldg, cT, c_out, has_proj ? hnew : hT, B, plan.vec16_cell);
-    if (has_proj) tiny_product<T>(bs, out, H, w.w_hr, w_hr_t, hnew, B, nullptr, 0, hT, B);
+    if (has_proj)
+      tiny_product<T>(bs, out, H, w.w_hr, w_hr_t, hnew, B, nullptr, 0, hT, B, avx512);
     const int64_t row = off + r0;
-    if (gates && has_proj) tiny_transpose(hnew, B, H, bs, pre_proj + row * H, H);
+    if (gates && has_proj) tiny_transpose(hnew, B, H, bs, pre_proj + row * H, H, avx512);
     if (ld_out_t > 0) copy_rows(hT, B, layer_out + row, ld_out_t, out, bs);
-    else tiny_transpose(hT, B, out, bs, layer_out + row * out_stride, out_stride);
+    else tiny_transpose(hT, B, out, bs, layer_out + row * out_stride, out_stride, avx512);
   }
 }
 

@@ -207,6 +207,7 @@ struct TinyRecompute {
   const T* h0;
   bool h_zero;
   bool vec16;
+  bool avx512;  // CpuPlan::small_hidden_avx512
 };
 
 // h_{t-1} of step t's bs rows (direction d) as hp [out][bs]: the previous step's output (the
@@ -220,10 +221,10 @@ void tiny_h_prev_t(const LSTMShape& s, int64_t d, int64_t t, int64_t bs,
   const PrevStep p = prev_step(s, d, t);
   if (p.continuing > 0)
     tiny_transpose(rc.layer_out + s.step_offset[p.t] * out_stride, out_stride, p.continuing, out,
-                   hp, ld);
+                   hp, ld, rc.avx512);
   if (p.continuing < bs)
     tiny_transpose(rc.h0 + p.continuing * out, out, bs - p.continuing, out, hp + p.continuing,
-                   ld);
+                   ld, rc.avx512);
 }
 
 // Step t's gates [4H][bs] into g as tiny_forward_steps computed them for the whole batch in
@@ -249,13 +250,13 @@ void tiny_recompute_gates(const LSTMShape& s, const DirectionWeights<T>& w, cons
   T* c = hp + out * B;                        // [H][bs]: c_{t-1}, then c_t
   T* c_new = c + H * B;                       // [H][bs]
   T* h = c_new + H * B;                       // [H][bs]
-  tiny_input_projection(w, rc.x + off * rc.in_size, bs, rc.in_size, G, g, xT, given,
+  tiny_input_projection(w, rc.x + off * rc.in_size, bs, rc.in_size, G, g, xT, rc.avx512, given,
                         ld_given);
   if (!(rc.h_zero && step == 0)) {
     const T* h_prev = given ? given + rc.in_size * ld_given : hp;
     if (!given) tiny_h_prev_t(s, d, t, bs, rc, hp);
     tiny_product(bs, G, out, w.w_hh, B < kTinyNarrowBatch ? w_hh_t : nullptr, h_prev,
-                 given ? ld_given : bs, g, bs, g, bs);
+                 given ? ld_given : bs, g, bs, g, bs, rc.avx512);
   }
   std::copy_n(c_prev, H * bs, c);
   tiny_cell_step(H, bs, B, g, bs, c, c_new, h, bs, rc.vec16);
@@ -291,7 +292,8 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
   T* recompute_buf = buf + l.recompute;
   T* dxT = buf + l.dxT;
   T* w_hh_t = l.w_hh_t < l.dxT ? buf + l.w_hh_t : nullptr;  // recomputing a narrow batch's gates
-  if (w_hh_t) tiny_transpose(w.w_hh, out, G, out, w_hh_t, G);
+  const bool avx512 = rc.avx512;
+  if (w_hh_t) tiny_transpose(w.w_hh, out, G, out, w_hh_t, G, avx512);
   const int64_t in = rc.in_size, K = in + out;  // (lanes: [4H][K][16] for this layer)
   T* lanes = buf + l.lanes;
   T* bias_lanes = buf + l.bias_lanes;
@@ -301,9 +303,10 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
     std::fill_n(lanes, 16 * G * K, T(0));
     std::fill_n(bias_lanes, 16 * G, T(0));
   }
-  tiny_transpose(dh_state, out, B, out, dhT, B);  // grad_hy (or zeros), as the caller filled it
-  tiny_transpose(dc_state, H, B, H, dcT, B);
-  tiny_transpose(c0, H, B, H, c0T, B);
+  // grad_hy (or zeros), as the caller filled it
+  tiny_transpose(dh_state, out, B, out, dhT, B, avx512);
+  tiny_transpose(dc_state, H, B, H, dcT, B, avx512);
+  tiny_transpose(c0, H, B, H, c0T, B, avx512);
   for (int64_t step = s.seq_len - 1; step >= 0; --step) {
     const int64_t t = time_of(s, d, step);
     const int64_t bs = s.batch_sizes[t], off = s.step_offset[t];
@@ -313,8 +316,8 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
       for (int64_t b = 0; b < bs; ++b) dsum[o * bs + b] = dhT[o * B + b] + dy_t[b * out_stride + o];
     T* dh_t = dsum;
     if (has_proj) {
-      tiny_transpose(dsum, bs, out, bs, dh_all + off * out, out);
-      tiny_product_t<T>(bs, H, out, w.w_hr, dsum, bs, nullptr, 0, dhH, bs);
+      tiny_transpose(dsum, bs, out, bs, dh_all + off * out, out, avx512);
+      tiny_product_t<T>(bs, H, out, w.w_hr, dsum, bs, nullptr, 0, dhH, bs, avx512);
       dh_t = dhH;
     }
     const T* ct = cells + off * H;  // [H][bs]
@@ -328,7 +331,7 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
     const bool h_zero = rc.h_zero && step == 0;  // h_{t-1} = 0: no share of W_hh's
     const int64_t k_used = h_zero ? in : K;
     if (wg.gw_ih) {
-      tiny_transpose(rc.x + off * in, in, bs, in, f, ld);
+      tiny_transpose(rc.x + off * in, in, bs, in, f, ld, avx512);
       if (!h_zero) tiny_h_prev_t(s, d, t, bs, rc, f + in * ld, ld);
       if (ld > bs)
         for (int64_t k = 0; k < k_used; ++k) std::fill(f + k * ld + bs, f + (k + 1) * ld, T(0));
@@ -358,22 +361,23 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
       }
       tiny_weight_lanes(G, K, k_used, ld, dgp, f, lanes, wg.gb ? bias_lanes : nullptr);
     } else {
-      tiny_transpose(dg, bs, G, bs, dgates + off * G, G);
+      tiny_transpose(dg, bs, G, bs, dgates + off * G, G, avx512);
     }
-    tiny_product_t<T>(bs, out, G, w.w_hh, dg, bs, nullptr, 0, dhT, B);  // dL/dh_{t-1}, rows < bs
+    // dL/dh_{t-1}, rows < bs
+    tiny_product_t<T>(bs, out, G, w.w_hh, dg, bs, nullptr, 0, dhT, B, avx512);
     if (dx.dx) {  // dL/dx of the step's rows (TinyDx)
-      tiny_product_t<T>(bs, in, G, w.w_ih, dg, bs, nullptr, 0, dxT, bs);
+      tiny_product_t<T>(bs, in, G, w.w_ih, dg, bs, nullptr, 0, dxT, bs, avx512);
       T* rows_dx = dx.dx + off * in;
       if (!dx.add) {
-        tiny_transpose(dxT, bs, in, bs, rows_dx, in);
+        tiny_transpose(dxT, bs, in, bs, rows_dx, in, avx512);
       } else {
         for (int64_t b = 0; b < bs; ++b)
           for (int64_t i = 0; i < in; ++i) rows_dx[b * in + i] += dxT[i * bs + b];
       }
     }
   }
-  tiny_transpose(dhT, B, out, B, dh_state, out);
-  tiny_transpose(dcT, B, H, B, dc_state, H);
+  tiny_transpose(dhT, B, out, B, dh_state, out, avx512);
+  tiny_transpose(dcT, B, H, B, dc_state, H, avx512);
   if (wg.gw_ih) tiny_weight_sums(G, in, out, lanes, bias_lanes, wg.gw_ih, wg.gw_hh, wg.gb);
 }
 

@@ -1,0 +1,199 @@
+// The small-hidden kernel's AVX-512 variant (CpuPlan::small_hidden_avx512, float32): its inline
+// products on one 16-lane vector per 16 batch columns with a masked tail, and its narrow
+// transposes by in-register permutes. The same arithmetic in the same order as the generic
+// code of small_hidden.h (target_clones, Vec<T, V> blocks of 16, 8, 4, 2, 1 lanes; transposes
+// by gathers and scatters): the same bits, fewer instructions. benchmarks/notes/small-hidden.md,
+// "Masked 16-lane products and permute transposes".
+// Part of the one translation unit lstm_cpu.cpp.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace fused_lstm {
+namespace {
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define FUSED_LSTM_SMALL_HIDDEN_AVX512 1
+
+// ---- Products ----
+// tiny_product's y[r][b] = y_in[r][b] + sum_i w(r, i) h[i][b] (small_hidden.h) for rows
+// [r, r + R) and batch columns [b0, b0 + 16) under mask m: the lanes past the batch are neither
+// loaded nor stored. Each element's sum runs over i in order, one fused multiply-add per term
+// (as the generic blocks' contracted `acc += w * h`), whatever R is; R only sets how many
+// independent chains run at once.
+template <int R, bool kT>
+__attribute__((target("avx512f,fma"), always_inline)) inline void masked_rows16(
+    int64_t r, int64_t b0, __mmask16 m, int64_t rows_w, int64_t cols_w, const float* __restrict w,
+    const float* __restrict h, int64_t ld_h, const float* y_in, int64_t ld_in, float* y,
+    int64_t ld_y) {
+  __m512 acc[R];
+  for (int k = 0; k < R; ++k)
+    acc[k] = y_in ? _mm512_maskz_loadu_ps(m, y_in + (r + k) * ld_in + b0) : _mm512_setzero_ps();
+  const float* __restrict wr = kT ? w + r : w + r * cols_w;
+  for (int64_t i = 0; i < cols_w; ++i) {
+    const __m512 hi = _mm512_maskz_loadu_ps(m, h + i * ld_h + b0);
+    for (int k = 0; k < R; ++k)
+      acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(kT ? wr[i * rows_w + k] : wr[k * cols_w + i]), hi,
+                               acc[k]);
+  }
+  for (int k = 0; k < R; ++k) _mm512_mask_storeu_ps(y + (r + k) * ld_y + b0, m, acc[k]);
+}
+
+// The whole product: batch columns 16 at a time (the last block masked), rows 8 at a time (8
+// chains cover the FMA latency on two ports), then 4, 2, 1. kT: w given as stored
+// ([cols_w][rows_w], tiny_product_t's wT).
+template <bool kT>
+__attribute__((target("avx512f,fma"))) void masked_product16(
+    int64_t n, int64_t rows_w, int64_t cols_w, const float* w, const float* h, int64_t ld_h,
+    const float* y_in, int64_t ld_in, float* y, int64_t ld_y) {
+  for (int64_t b0 = 0; b0 < n; b0 += 16) {
+    const __mmask16 m = __mmask16((uint32_t{1} << std::min<int64_t>(16, n - b0)) - 1);
+    int64_t r = 0;
+    for (; r + 8 <= rows_w; r += 8)
+      masked_rows16<8, kT>(r, b0, m, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
+    if (r + 4 <= rows_w) {
+      masked_rows16<4, kT>(r, b0, m, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
+      r += 4;
+    }
+    if (r + 2 <= rows_w) {
+      masked_rows16<2, kT>(r, b0, m, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
+      r += 2;
+    }
+    if (r < rows_w) masked_rows16<1, kT>(r, b0, m, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
+  }
+}
+
+// ---- Transposes ----
+// dst[c * ld_dst + r] = src[r * ld_src + c] (small_hidden.h tiny_transpose) where the row-major
+// side is at most kPermuteStride floats per row: each 16 rows of it are at most 8 vectors,
+// loaded or stored whole (masked at the ends), and each vector of the other side is put
+// together from them by masked permutes (vpermps), instead of one 16-element gather or scatter
+// per column, which the AMD EPYC Zen 5 runs slowly (transpose_narrow16 took 5.6% of a seed-tiny
+// training call there). The permutes' indices and masks depend only on the stride: built once.
+constexpr int64_t kPermuteStride = 8;
+
+struct PermuteTables {
+  // Interleaved rows of stride s (flat position p = 16 * k + l of vector k, lane l, holds row
+  // p / s, column p % s) and lanes (lane b of column j's vector holds row b):
+  //   lanes from rows: column j's lane b is lane (b s + j) % 16 of row vector (b s + j) / 16;
+  //   rows from lanes: row vector k's lane l is lane (16 k + l) / s of column (16 k + l) % s's.
+  alignas(64) int32_t from_rows[kPermuteStride + 1][kPermuteStride][16];  // [s][j][b]
+  __mmask16 from_rows_mask[kPermuteStride + 1][kPermuteStride][kPermuteStride];  // [s][j][k]
+  alignas(64) int32_t to_rows[kPermuteStride + 1][kPermuteStride][16];    // [s][k][l]
+  __mmask16 to_rows_mask[kPermuteStride + 1][kPermuteStride][kPermuteStride];    // [s][k][j]
+};
+
+inline const PermuteTables& permute_tables() {
+  static const PermuteTables t = [] {
+    PermuteTables p{};
+    for (int s = 1; s <= kPermuteStride; ++s)
+      for (int a = 0; a < s; ++a)
+        for (int l = 0; l < 16; ++l) {
+          const int q = l * s + a;  // lanes from rows: column a, lane l
+          p.from_rows[s][a][l] = q % 16;
+          p.from_rows_mask[s][a][q / 16] |= __mmask16(1u << l);
+          const int f = 16 * a + l;  // rows from lanes: row vector a, lane l
+          p.to_rows[s][a][l] = f / s;
+          p.to_rows_mask[s][a][f % s] |= __mmask16(1u << l);
+        }
+    return p;
+  }();
+  return t;
+}
+
+// The flat positions [0, count) of a 16-float vector.
+inline __mmask16 first_lanes(int64_t count) {
+  return count >= 16 ? __mmask16(0xFFFF) : __mmask16((uint32_t{1} << std::max<int64_t>(count, 0)) - 1);
+}
+
+// Rows of stride S (at most kPermuteStride) into `cols` vectors of lanes, or back (kToRows);
+// S a compile-time constant, so that the 16 rows' vectors stay in registers and the loops over
+// them unroll. See transpose_permute.
+template <int S, bool kToRows>
+__attribute__((target("avx512f"))) void transpose_permute_s(const float* src, int64_t ld_src,
+                                                            int64_t rows, int64_t cols,
+                                                            float* dst, int64_t ld_dst) {
+  const PermuteTables& t = permute_tables();
+  if constexpr (!kToRows) {
+    // src: rows of `cols` floats, S apart; dst: `cols` rows of `rows` lanes. Only the floats of
+    // the `cols` columns are read (not those between them, which may be another thread's: a
+    // bidirectional layer output's other half).
+    __mmask16 needed[S];
+    for (int k = 0; k < S; ++k) {
+      needed[k] = 0;
+      for (int64_t j = 0; j < cols; ++j) needed[k] |= t.to_rows_mask[S][k][j];
+    }
+    for (int64_t b0 = 0; b0 < rows; b0 += 16) {
+      const int64_t count = std::min<int64_t>(16, rows - b0);
+      const float* block = src + b0 * S;
+      const int64_t flat = (count - 1) * S + cols;  // the floats this block reads
+      __m512 v[S];
+      for (int k = 0; k < S; ++k)
+        v[k] = _mm512_maskz_loadu_ps(needed[k] & first_lanes(flat - 16 * k), block + 16 * k);
+      for (int64_t j = 0; j < cols; ++j) {
+        const __m512i idx = _mm512_load_si512(t.from_rows[S][j]);
+        __m512 out = _mm512_setzero_ps();
+        for (int k = 0; k < S; ++k)
+          out = _mm512_mask_permutexvar_ps(out, t.from_rows_mask[S][j][k], idx, v[k]);
+        _mm512_mask_storeu_ps(dst + j * ld_dst + b0, first_lanes(count), out);
+      }
+    }
+  } else {
+    // src: `rows` rows of `cols` lanes; dst: rows of `rows` floats, S apart (the floats
+    // between them are left as they are).
+    __mmask16 store[S];
+    __m512i idx[S];
+    for (int k = 0; k < S; ++k) {
+      store[k] = 0;
+      for (int64_t j = 0; j < rows; ++j) store[k] |= t.to_rows_mask[S][k][j];
+      idx[k] = _mm512_load_si512(t.to_rows[S][k]);
+    }
+    for (int64_t b0 = 0; b0 < cols; b0 += 16) {
+      const int64_t count = std::min<int64_t>(16, cols - b0);
+      __m512 u[S];
+      for (int j = 0; j < S; ++j)
+        u[j] = j < rows ? _mm512_maskz_loadu_ps(first_lanes(count), src + j * ld_src + b0)
+                        : _mm512_setzero_ps();
+      float* block = dst + b0 * S;
+      for (int k = 0; k < S; ++k) {
+        if (16 * k >= count * S) break;
+        __m512 out = _mm512_setzero_ps();
+        for (int j = 0; j < S; ++j)
+          if (j < rows)
+            out = _mm512_mask_permutexvar_ps(out, t.to_rows_mask[S][k][j], idx[k], u[j]);
+        _mm512_mask_storeu_ps(block + 16 * k, store[k] & first_lanes(count * S - 16 * k), out);
+      }
+    }
+  }
+}
+
+// False (nothing done) where neither side's rows are at most kPermuteStride floats apart.
+__attribute__((target("avx512f"))) inline bool transpose_permute(
+    const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst, int64_t ld_dst) {
+  const bool to_lanes = ld_src <= kPermuteStride && cols <= ld_src;
+  if (!to_lanes && !(ld_dst <= kPermuteStride && rows <= ld_dst)) return false;
+  if (rows == 0 || cols == 0) return true;
+  const int64_t stride = to_lanes ? ld_src : ld_dst;
+  auto run = [&](auto stride_c) {
+    constexpr int S = decltype(stride_c)::value;
+    if (to_lanes) transpose_permute_s<S, false>(src, ld_src, rows, cols, dst, ld_dst);
+    else transpose_permute_s<S, true>(src, ld_src, rows, cols, dst, ld_dst);
+  };
+  switch (stride) {
+    case 1: run(std::integral_constant<int, 1>{}); break;
+    case 2: run(std::integral_constant<int, 2>{}); break;
+    case 3: run(std::integral_constant<int, 3>{}); break;
+    case 4: run(std::integral_constant<int, 4>{}); break;
+    case 5: run(std::integral_constant<int, 5>{}); break;
+    case 6: run(std::integral_constant<int, 6>{}); break;
+    case 7: run(std::integral_constant<int, 7>{}); break;
+    default: run(std::integral_constant<int, 8>{});
+  }
+  return true;
+}
+#endif
+
+}  // namespace
+}  // namespace fused_lstm
