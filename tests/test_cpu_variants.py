@@ -138,12 +138,13 @@ CASES = {
     # sum them a step at a time, below), bidirectional, packed (dW_hh from h_prev's segments),
     # widths of 1 to 5. The small-hidden kernel's dL/dx is an inline product a step at a time.
     "small_hidden-small-products": (
-        {}, dict(input_size=1, hidden_size=3, num_layers=2), 8, 12, F32, True,
+        {"allow_small_hidden_avx512": False}, dict(input_size=1, hidden_size=3, num_layers=2),
+        8, 12, F32, True,
         {"variant": "small_hidden", "backward_weight_products": "small_avx512",
          "backward_data_product": "small-hidden product (inline)"}, "avx512"),
     "small_hidden-small-products-bi": (
-        {}, dict(input_size=5, hidden_size=4, num_layers=2, bidirectional=True), 5, 19, F32,
-        True, {"variant": "small_hidden", "backward_weight_products": "small_avx512",
+        {"allow_small_hidden_avx512": False},
+        dict(input_size=5, hidden_size=4, num_layers=2, bidirectional=True), 5, 19, F32, True, {"variant": "small_hidden", "backward_weight_products": "small_avx512",
                "backward_data_product": "small-hidden product (inline)"}, "avx512"),
     # The small-hidden kernel's weight and bias gradients a step at a time in 16-lane partial
     # sums (plan.h tiny_step_weight_grads: 16 batch rows or more, and rows enough that the sums
@@ -159,6 +160,19 @@ CASES = {
         12, 21, F32, True,
         {"variant": "small_hidden", "backward_weight_products": "small-hidden steps (16-lane sums)"},
         None),
+    # ... and, for batches the 16-lane sums' rule does not take (under 16 rows, or too few
+    # rows for the sums' size: 19 x 5), float32 on AVX-512, along each step's rows straight
+    # into the gradients (plan.h tiny_weight_rows): small's size; an input of 20 (two vectors
+    # a row) with a projection, bidirectional; packed (rows starting late, h0 for them).
+    "small_hidden-step-weights-rows": (
+        {}, dict(input_size=5, hidden_size=10, num_layers=2), 3, 10, F32, True,
+        {"variant": "small_hidden",
+         "backward_weight_products": "small-hidden steps (along rows, avx512)"}, "avx512"),
+    "small_hidden-step-weights-rows-wide-input": (
+        {}, dict(input_size=20, hidden_size=6, num_layers=2, bidirectional=True, proj_size=4),
+        5, 19, F32, True,
+        {"variant": "small_hidden",
+         "backward_weight_products": "small-hidden steps (along rows, avx512)"}, "avx512"),
     "small_hidden-step-weights-float64": (
         {}, dict(input_size=3, hidden_size=5, num_layers=1, bias=False), 20, 17, F64, True,
         {"variant": "small_hidden", "backward_weight_products": "small-hidden steps (16-lane sums)"},
@@ -192,7 +206,8 @@ CASES = {
     # (inline_gemv: MKL's sgemv would open a parallel region) where the small products are
     # off (or the CPU has no AVX-512, or float64), or by the BLAS when forced.
     "small_hidden-inline-gemv": (
-        {"allow_small_products": False}, dict(input_size=1, hidden_size=3, num_layers=2), 8,
+        {"allow_small_products": False, "allow_small_hidden_avx512": False},
+        dict(input_size=1, hidden_size=3, num_layers=2), 8,
         12, F32, True, {"variant": "small_hidden",
                         "backward_weight_products": "inline_gemv,blas",
                         "backward_data_product": "small-hidden product (inline)"}, None),
@@ -206,7 +221,8 @@ CASES = {
         True, {"variant": "row_wise", "backward_weight_products": "inline_gemv,blas",
                "backward_data_product": "inline_gemv,blas"}, None),
     "small_hidden-gemv-blas": (
-        {"gemm_library": "blas"}, dict(input_size=1, hidden_size=3, num_layers=2), 8, 12, F32,
+        {"gemm_library": "blas", "allow_small_hidden_avx512": False},
+        dict(input_size=1, hidden_size=3, num_layers=2), 8, 12, F32,
         True, {"variant": "small_hidden", "backward_weight_products": "blas",
                "backward_data_product": "small-hidden product (inline)"}, None),
     "row_wise-brgemm-gemm-blas": (
@@ -532,6 +548,8 @@ def test_variant(name, packed):
     ("allow_weight_grads_apart", "fp16-training-widens", "weight_grads_apart", False),
     ("allow_small_products", "small_hidden-small-products", "backward_weight_products", True),
     ("allow_small_hidden_avx512", "small_hidden-avx512-kernels", "small_hidden_kernels", False),
+    ("allow_small_hidden_avx512", "small_hidden-step-weights-rows", "backward_weight_products",
+     True),
 ])
 def test_setting_switches_the_kernel(setting, case, key, bits_differ):
     """Turning a setting off changes the plan the kernels read (explain), and both plans agree

@@ -1,6 +1,7 @@
 """The small-hidden kernel's AVX-512 variant (csrc/cpu/small_hidden_avx512.h: inline products
 on 16 lanes with a masked tail, narrow transposes by permutes) computes what the generic code
-computes, in the same order: the same bits, forward, inference and every gradient, at the
+computes, in the same order: the same bits, forward, inference and every gradient (but the
+weight gradients summed along each step's rows, which the generic code does not have), at the
 shapes whose edges it handles differently (batch tails of 1 to 15 lanes, narrow batches, rows
 of every stride from 1 to 8 floats and wider, bidirectional outputs whose rows hold both
 directions, projections, packed sequences whose steps shrink, float16 and bfloat16 models).
@@ -71,6 +72,16 @@ def test_same_bits_as_the_generic_kernels(shape, train):
             results.append(_results(module, x, hx, lengths, upstream, train))
     assert plans[0]["small_hidden_kernels"].startswith("avx512"), plans[0]
     assert plans[1]["small_hidden_kernels"].startswith("target_clones"), plans[1]
-    for a, b in zip(*results):
+    # The weight and bias gradients along each step's rows (batches the 16-lane sums do not
+    # take) sum in another order than the products after the loop that replace them where
+    # the variant is off: within float32's rounding of those sums. Everything else: the bits.
+    rows = train and plans[0]["backward_weight_products"] == "small-hidden steps (along rows, avx512)"
+    assert rows or plans[0].get("backward_weight_products") == plans[1].get("backward_weight_products")
+    n_params = len(list(module.parameters()))
+    for i, (a, b) in enumerate(zip(*results)):
         assert not a.isnan().any()
-        assert torch.equal(a, b)
+        if rows and i >= len(results[0]) - n_params:  # (16-bit: one rounding of the sums)
+            tol = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+        else:
+            assert torch.equal(a, b)

@@ -257,8 +257,9 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
         tiny_backward_steps(s, w, d, recompute ? nullptr : gates, cells, c0, dy.f, dh_all,
                             dgates, dh_state, dc_state, tiny_buf,
                             TinyDx<T>{dx_l, d > 0},
-                            tiny_step_weights ? TinyWeightGrads<T>{gw_ih, gw_hh, gb_ih}
-                                              : TinyWeightGrads<T>{},
+                            tiny_step_weights
+                                ? TinyWeightGrads<T>{gw_ih, gw_hh, gb_ih, plan.tiny_weight_rows}
+                                : TinyWeightGrads<T>{},
                             TinyRecompute<T>{x.f, in_size, layer_out + d * out, h0, hx == nullptr,
                                              plan.vec16_cell, plan.small_hidden_avx512});
       } else {

@@ -169,6 +169,7 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
       << (p.amx_products    ? std::string("amx_brgemm")
           : p.bf16_products ? std::string("bf16_gemm")
           : p.backward_few_rows ? std::string("few_rows (outer products)")
+          : p.tiny_weight_rows ? std::string("small-hidden steps (along rows, avx512)")
           : p.tiny_step_weight_grads ? std::string("small-hidden steps (16-lane sums)")
                             : libraries(true))
       << "\n";

@@ -171,6 +171,12 @@ struct CpuPlan {
   // dgates they replace (tiny_step_weight_grads below; benchmarks/notes/small-hidden.md, "The
   // weight gradients a step at a time").
   bool tiny_step_weight_grads = false;
+  // ... summed instead along each step's rows straight into the gradients (small_hidden_avx512.h
+  // weight_rows16), where the 16-lane sums' rule does not hold (a batch under 16 rows, or too
+  // few rows for the sums' size): float32 on AVX-512 (small_hidden_avx512), a batch of at least
+  // kWeightRowsMinBatch rows (each step's loads of the gradients amortised over its rows) and
+  // inputs of at most 32 (two vectors a row).
+  bool tiny_weight_rows = false;
   bool vec16_cell = false;    // float32 cell pass on 16 lanes (cell_forward_vec16)
   // The small-hidden kernel's float32 products on 16 AVX-512 lanes with a masked tail, and its
   // narrow transposes by permutes (small_hidden_avx512.h; the same bits as the generic code).
@@ -213,6 +219,9 @@ inline bool apart_rows(const LSTMShape& s, at::ScalarType model, bool inference,
 inline bool tiny_step_weight_grads(const LSTMShape& s) {
   return s.batch >= 16 && 16 * (s.widest_layer_input() + s.out_size + 1) <= s.rows;
 }
+// CpuPlan::tiny_weight_rows' least batch: each step loads and stores its gradients once per
+// 4 gate rows, against 12-24 multiply-adds per batch row.
+constexpr int64_t kWeightRowsMinBatch = 8;
 
 inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, at::ScalarType model,
                         bool inference) {
@@ -290,11 +299,15 @@ inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, at::Sca
   p.weight_grads_apart = settings.weight_grads_apart &&
                          (p.backward_few_rows || apart_rows(s, model, inference, p));
   p.brgemm_dh = is_float && row_sizes && cpu.brgemm && settings.brgemm && !p.backward_few_rows;
-  p.tiny_step_weight_grads =
-      !inference && p.variant == Variant::kSmallHidden && tiny_step_weight_grads(s);
-  p.vec16_cell = is_float && cpu.avx512 && settings.vec16_cell;
   p.small_hidden_avx512 = is_float && p.variant == Variant::kSmallHidden && cpu.avx512 &&
                           settings.small_hidden_avx512 && kSmallHiddenAvx512Built;
+  const bool small_hidden_training = !inference && p.variant == Variant::kSmallHidden;
+  p.tiny_weight_rows = small_hidden_training && !tiny_step_weight_grads(s) &&
+                       p.small_hidden_avx512 && s.batch >= kWeightRowsMinBatch &&
+                       s.widest_layer_input() <= 32;
+  p.tiny_step_weight_grads =
+      small_hidden_training && (tiny_step_weight_grads(s) || p.tiny_weight_rows);
+  p.vec16_cell = is_float && cpu.avx512 && settings.vec16_cell;
   p.output_16bit = inference && model_16bit && p.variant == Variant::kRowWise;
   return p;
 }

@@ -17,6 +17,11 @@ namespace {
 #if defined(__GNUC__) && defined(__x86_64__)
 #define FUSED_LSTM_SMALL_HIDDEN_AVX512 1
 
+// The flat positions [0, count) of a 16-float vector.
+inline __mmask16 first_lanes(int64_t count) {
+  return count >= 16 ? __mmask16(0xFFFF) : __mmask16((uint32_t{1} << std::max<int64_t>(count, 0)) - 1);
+}
+
 // ---- Products ----
 // tiny_product's y[r][b] = y_in[r][b] + sum_i w(r, i) h[i][b] (small_hidden.h) for rows
 // [r, r + R) and batch columns [b0, b0 + 16) under mask m: the lanes past the batch are neither
@@ -41,9 +46,9 @@ __attribute__((target("avx512f,fma"), always_inline)) inline void masked_rows16(
   for (int k = 0; k < R; ++k) _mm512_mask_storeu_ps(y + (r + k) * ld_y + b0, m, acc[k]);
 }
 
-// The whole product: batch columns 16 at a time (the last block masked), rows 8 at a time (8
-// chains cover the FMA latency on two ports), then 4, 2, 1. kT: w given as stored
-// ([cols_w][rows_w], tiny_product_t's wT).
+// The whole product: batch columns 16 at a time (the last block masked); rows 8 at a time
+// (8 chains cover the FMA latency on two ports) until at most 12 are left, which go as one
+// group (a tail of 2 rows would be two chains of cols_w dependent multiply-adds).
 template <bool kT>
 __attribute__((target("avx512f,fma"))) void masked_product16(
     int64_t n, int64_t rows_w, int64_t cols_w, const float* w, const float* h, int64_t ld_h,
@@ -51,17 +56,116 @@ __attribute__((target("avx512f,fma"))) void masked_product16(
   for (int64_t b0 = 0; b0 < n; b0 += 16) {
     const __mmask16 m = __mmask16((uint32_t{1} << std::min<int64_t>(16, n - b0)) - 1);
     int64_t r = 0;
-    for (; r + 8 <= rows_w; r += 8)
+    for (; rows_w - r > 12; r += 8)
       masked_rows16<8, kT>(r, b0, m, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
-    if (r + 4 <= rows_w) {
-      masked_rows16<4, kT>(r, b0, m, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
-      r += 4;
+#define FUSED_LSTM_MASKED_TAIL(R)                                                     \
+  case R:                                                                             \
+    masked_rows16<R, kT>(r, b0, m, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y); \
+    break;
+    switch (rows_w - r) {
+      FUSED_LSTM_MASKED_TAIL(1) FUSED_LSTM_MASKED_TAIL(2) FUSED_LSTM_MASKED_TAIL(3)
+      FUSED_LSTM_MASKED_TAIL(4) FUSED_LSTM_MASKED_TAIL(5) FUSED_LSTM_MASKED_TAIL(6)
+      FUSED_LSTM_MASKED_TAIL(7) FUSED_LSTM_MASKED_TAIL(8) FUSED_LSTM_MASKED_TAIL(9)
+      FUSED_LSTM_MASKED_TAIL(10) FUSED_LSTM_MASKED_TAIL(11) FUSED_LSTM_MASKED_TAIL(12)
+      default: break;  // none left
     }
-    if (r + 2 <= rows_w) {
-      masked_rows16<2, kT>(r, b0, m, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
-      r += 2;
+#undef FUSED_LSTM_MASKED_TAIL
+  }
+}
+
+// ---- Weight gradients along the rows ----
+// One step's share of a layer's weight and bias gradients for batches too narrow for
+// tiny_weight_lanes' 16-lane partial sums (CpuPlan::tiny_weight_rows): for each gate row g
+// of the step's gate-major dgates dg [4H][bs],
+//   gw_ih[g][i] += sum_b dg[g][b] x_b[i],  gw_hh[g][o] += sum_b dg[g][b] h_b[o],
+//   gb[g] += sum_b dg[g][b],
+// each sum in row order, one fused multiply-add per term, into the gradients themselves (no
+// partial sums held). x_b: row b of the step's input, x + b * ld_x ([in], in <= 16 * NX);
+// h_b: row b of h_{t-1}, h1 + b * ld_h1 for b < n1 (rows continuing from the previous step),
+// h2 + (b - n1) * ld_h2 after them (rows starting here, from h0), or zero where h1 and h2 are
+// null; out < 16, so lane `out` of h_b's vector holds 1 and its sum is the bias's (gb may be
+// null: no biases). Gate rows 4 at a time (4H is a multiple of 4): each x_b and h_b loaded
+// once for four rows' 4 (NX + 1) independent chains.
+template <int NX>
+__attribute__((target("avx512f,fma"))) void weight_rows16(
+    int64_t G, int64_t bs, int64_t in, int64_t out, const float* __restrict dg,
+    const float* x, int64_t ld_x, const float* h1, int64_t ld_h1, int64_t n1, const float* h2,
+    int64_t ld_h2, float* gw_ih, float* gw_hh, float* gb) {
+  const __mmask16 m0 = first_lanes(in), m1 = first_lanes(in - 16), mh = first_lanes(out);
+  const __mmask16 one = __mmask16(1u << out);
+  const __m512 ones = _mm512_set1_ps(1.0f);
+  const __m512i lane_out = _mm512_set1_epi32(static_cast<int>(out));
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    // The four gate rows' sums in named registers (GCC kept arrays of them in memory, storing
+    // every one on every row).
+    float* wi = gw_ih + g0 * in;
+    float* wh = gw_hh + g0 * out;
+    __m512 a0 = _mm512_maskz_loadu_ps(m0, wi), a1 = _mm512_maskz_loadu_ps(m0, wi + in);
+    __m512 a2 = _mm512_maskz_loadu_ps(m0, wi + 2 * in), a3 = _mm512_maskz_loadu_ps(m0, wi + 3 * in);
+    __m512 b0 = _mm512_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;  // columns 16-31 (NX 2)
+    if constexpr (NX == 2) {
+      b0 = _mm512_maskz_loadu_ps(m1, wi + 16);
+      b1 = _mm512_maskz_loadu_ps(m1, wi + in + 16);
+      b2 = _mm512_maskz_loadu_ps(m1, wi + 2 * in + 16);
+      b3 = _mm512_maskz_loadu_ps(m1, wi + 3 * in + 16);
     }
-    if (r < rows_w) masked_rows16<1, kT>(r, b0, m, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
+    __m512 h0 = _mm512_maskz_loadu_ps(mh, wh), h1s = _mm512_maskz_loadu_ps(mh, wh + out);
+    __m512 h2s = _mm512_maskz_loadu_ps(mh, wh + 2 * out), h3 = _mm512_maskz_loadu_ps(mh, wh + 3 * out);
+    if (gb) {  // the bias's running sums in lane `out`
+      h0 = _mm512_mask_mov_ps(h0, one, _mm512_set1_ps(gb[g0]));
+      h1s = _mm512_mask_mov_ps(h1s, one, _mm512_set1_ps(gb[g0 + 1]));
+      h2s = _mm512_mask_mov_ps(h2s, one, _mm512_set1_ps(gb[g0 + 2]));
+      h3 = _mm512_mask_mov_ps(h3, one, _mm512_set1_ps(gb[g0 + 3]));
+    }
+    const float* d = dg + g0 * bs;
+    // Rows [r0, r1) whose h_{t-1} rows are hb + (b - r0) * ld_h (hb null: zero).
+    auto rows = [&](int64_t r0, int64_t r1, const float* hb, int64_t ld_h)
+                    __attribute__((target("avx512f,fma"), always_inline)) {
+      for (int64_t b = r0; b < r1; ++b) {
+        const __m512 xv = _mm512_maskz_loadu_ps(m0, x + b * ld_x);
+        const __m512 xw = NX == 2 ? _mm512_maskz_loadu_ps(m1, x + b * ld_x + 16) : xv;
+        __m512 hv = hb ? _mm512_maskz_loadu_ps(mh, hb + (b - r0) * ld_h) : _mm512_setzero_ps();
+        hv = _mm512_mask_mov_ps(hv, one, ones);
+        const __m512 d0 = _mm512_set1_ps(d[b]), d1 = _mm512_set1_ps(d[bs + b]);
+        const __m512 d2 = _mm512_set1_ps(d[2 * bs + b]), d3 = _mm512_set1_ps(d[3 * bs + b]);
+        a0 = _mm512_fmadd_ps(d0, xv, a0);
+        a1 = _mm512_fmadd_ps(d1, xv, a1);
+        a2 = _mm512_fmadd_ps(d2, xv, a2);
+        a3 = _mm512_fmadd_ps(d3, xv, a3);
+        if constexpr (NX == 2) {
+          b0 = _mm512_fmadd_ps(d0, xw, b0);
+          b1 = _mm512_fmadd_ps(d1, xw, b1);
+          b2 = _mm512_fmadd_ps(d2, xw, b2);
+          b3 = _mm512_fmadd_ps(d3, xw, b3);
+        }
+        h0 = _mm512_fmadd_ps(d0, hv, h0);
+        h1s = _mm512_fmadd_ps(d1, hv, h1s);
+        h2s = _mm512_fmadd_ps(d2, hv, h2s);
+        h3 = _mm512_fmadd_ps(d3, hv, h3);
+      }
+    };
+    rows(0, n1, h1, ld_h1);
+    rows(n1, bs, h2, ld_h2);
+    _mm512_mask_storeu_ps(wi, m0, a0);
+    _mm512_mask_storeu_ps(wi + in, m0, a1);
+    _mm512_mask_storeu_ps(wi + 2 * in, m0, a2);
+    _mm512_mask_storeu_ps(wi + 3 * in, m0, a3);
+    if constexpr (NX == 2) {
+      _mm512_mask_storeu_ps(wi + 16, m1, b0);
+      _mm512_mask_storeu_ps(wi + in + 16, m1, b1);
+      _mm512_mask_storeu_ps(wi + 2 * in + 16, m1, b2);
+      _mm512_mask_storeu_ps(wi + 3 * in + 16, m1, b3);
+    }
+    _mm512_mask_storeu_ps(wh, mh, h0);
+    _mm512_mask_storeu_ps(wh + out, mh, h1s);
+    _mm512_mask_storeu_ps(wh + 2 * out, mh, h2s);
+    _mm512_mask_storeu_ps(wh + 3 * out, mh, h3);
+    if (gb) {
+      gb[g0] = _mm512_cvtss_f32(_mm512_permutexvar_ps(lane_out, h0));
+      gb[g0 + 1] = _mm512_cvtss_f32(_mm512_permutexvar_ps(lane_out, h1s));
+      gb[g0 + 2] = _mm512_cvtss_f32(_mm512_permutexvar_ps(lane_out, h2s));
+      gb[g0 + 3] = _mm512_cvtss_f32(_mm512_permutexvar_ps(lane_out, h3));
+    }
   }
 }
 
@@ -101,11 +205,6 @@ inline const PermuteTables& permute_tables() {
     return p;
   }();
   return t;
-}
-
-// The flat positions [0, count) of a 16-float vector.
-inline __mmask16 first_lanes(int64_t count) {
-  return count >= 16 ? __mmask16(0xFFFF) : __mmask16((uint32_t{1} << std::max<int64_t>(count, 0)) - 1);
 }
 
 // Rows of stride S (at most kPermuteStride) into `cols` vectors of lanes, or back (kToRows);

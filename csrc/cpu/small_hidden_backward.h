@@ -179,6 +179,7 @@ struct TinyWeightGrads {
   T* gw_ih = nullptr;  // [4H][in]
   T* gw_hh = nullptr;  // [4H][out]
   T* gb = nullptr;     // [4H]: b_ih's (b_hh's is the same); null without biases
+  bool rows = false;   // along each step's rows (weight_rows16), not in 16-lane partial sums
 };
 
 // dL/dx of a layer and direction, computed a step at a time by tiny_backward_steps from the
@@ -262,6 +263,35 @@ void tiny_recompute_gates(const LSTMShape& s, const DirectionWeights<T>& w, cons
   tiny_cell_step(H, bs, B, g, bs, c, c_new, h, bs, rc.vec16);
 }
 
+// Step t's share of the weight and bias gradients along its rows (TinyWeightGrads::rows:
+// small_hidden_avx512.h weight_rows16), from its dgates dg [4H][bs], the layer input's rows
+// and h_{t-1}'s: the previous step's output rows for the rows that continue, h0's for those
+// that start here (none where h_zero: h_{t-1} = 0).
+template <typename T>
+void tiny_weight_rows(const LSTMShape& s, int64_t d, int64_t t, int64_t bs,
+                      const TinyRecompute<T>& rc, bool h_zero, const T* dg,
+                      const TinyWeightGrads<T>& wg) {
+#ifdef FUSED_LSTM_SMALL_HIDDEN_AVX512
+  if constexpr (std::is_same_v<T, float>) {
+    const int64_t in = rc.in_size, out = s.out_size, out_stride = s.num_directions * out;
+    const PrevStep p = prev_step(s, d, t);
+    const T* h1 = h_zero || p.continuing == 0
+                      ? nullptr : rc.layer_out + s.step_offset[p.t] * out_stride;
+    const T* h2 = h_zero ? nullptr : rc.h0 + p.continuing * out;
+    const int64_t n1 = h_zero ? bs : p.continuing;
+    auto run = [&](auto nx) {
+      weight_rows16<decltype(nx)::value>(4 * s.hidden_size, bs, in, out, dg,
+                                         rc.x + s.step_offset[t] * in, in, h1, out_stride, n1,
+                                         h2, out, wg.gw_ih, wg.gw_hh, wg.gb);
+    };
+    if (in <= 16) run(std::integral_constant<int, 1>{});
+    else run(std::integral_constant<int, 2>{});
+    return;
+  }
+#endif
+  TORCH_INTERNAL_ASSERT(false, "the small-hidden weight gradients along rows need AVX-512");
+}
+
 // The reverse recurrence of one layer and direction for small hidden sizes, in the same
 // batch-fastest layout as tiny_forward_steps: carried dL/dh and dL/dc kept as dhT [out, B] and
 // dcT [H, B], the step's gates and cells read in place from the reserve (the small-hidden
@@ -299,9 +329,17 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
   T* bias_lanes = buf + l.bias_lanes;
   T* f = buf + l.f;
   T* dgp = buf + l.dgp;
-  if (wg.gw_ih) {
+  // The weight and bias gradients a step at a time (wg): in 16-lane partial sums, or (rows)
+  // straight into the gradients along each step's rows (float32 on AVX-512: plan.h).
+  const bool lanes_mode = wg.gw_ih && !wg.rows, rows_mode = wg.gw_ih && wg.rows;
+  if (lanes_mode) {
     std::fill_n(lanes, 16 * G * K, T(0));
     std::fill_n(bias_lanes, 16 * G, T(0));
+  }
+  if (rows_mode) {
+    std::fill_n(wg.gw_ih, G * in, T(0));
+    std::fill_n(wg.gw_hh, G * out, T(0));
+    if (wg.gb) std::fill_n(wg.gb, G, T(0));
   }
   // grad_hy (or zeros), as the caller filled it
   tiny_transpose(dh_state, out, B, out, dhT, B, avx512);
@@ -330,7 +368,7 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
     const int64_t ld = (bs + 15) / 16 * 16;
     const bool h_zero = rc.h_zero && step == 0;  // h_{t-1} = 0: no share of W_hh's
     const int64_t k_used = h_zero ? in : K;
-    if (wg.gw_ih) {
+    if (lanes_mode) {
       tiny_transpose(rc.x + off * in, in, bs, in, f, ld, avx512);
       if (!h_zero) tiny_h_prev_t(s, d, t, bs, rc, f + in * ld, ld);
       if (ld > bs)
@@ -338,7 +376,7 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
     }
     if (!gates)
       tiny_recompute_gates(s, w, w_hh_t, rc, d, step, cpv, dg, recompute_buf,
-                           wg.gw_ih ? f : nullptr, ld);
+                           lanes_mode ? f : nullptr, ld);
     const int64_t n = H * bs;  // a gate's elements in the step's block
     auto cell_pass = [&](int64_t m, int64_t e, T* dc) {  // m elements of each gate from e
       if (gates)
@@ -354,7 +392,9 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
     } else {
       for (int64_t j = 0; j < H; ++j) cell_pass(bs, j * bs, dcT + j * B);
     }
-    if (wg.gw_ih) {  // this step's share of the weight and bias gradients (TinyWeightGrads)
+    if (rows_mode) {  // this step's share of the weight and bias gradients (TinyWeightGrads)
+      tiny_weight_rows(s, d, t, bs, rc, h_zero, dg, wg);
+    } else if (lanes_mode) {
       for (int64_t g = 0; g < G; ++g) {
         std::copy_n(dg + g * bs, bs, dgp + g * ld);
         std::fill(dgp + g * ld + bs, dgp + (g + 1) * ld, T(0));
@@ -378,7 +418,7 @@ void tiny_backward_steps(const LSTMShape& s, const DirectionWeights<T>& w, int64
   }
   tiny_transpose(dhT, B, out, B, dh_state, out, avx512);
   tiny_transpose(dcT, B, H, B, dc_state, H, avx512);
-  if (wg.gw_ih) tiny_weight_sums(G, in, out, lanes, bias_lanes, wg.gw_ih, wg.gw_hh, wg.gb);
+  if (lanes_mode) tiny_weight_sums(G, in, out, lanes, bias_lanes, wg.gw_ih, wg.gw_hh, wg.gb);
 }
 
 }  // namespace
