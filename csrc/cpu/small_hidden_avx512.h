@@ -56,8 +56,18 @@ __attribute__((target("avx512f,fma"))) void masked_product16(
   for (int64_t b0 = 0; b0 < n; b0 += 16) {
     const __mmask16 m = __mmask16((uint32_t{1} << std::min<int64_t>(16, n - b0)) - 1);
     int64_t r = 0;
-    for (; rows_w - r > 12; r += 8)
+    // (w as rows, kT false: each of a group's rows is a pointer of its own, cols_w apart, and
+    // more than 8 do not fit the registers: groups of 8, 4, 2, 1.)
+    for (; rows_w - r > (kT ? 12 : 8); r += 8)
       masked_rows16<8, kT>(r, b0, m, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
+    if (!kT && rows_w - r > 4 && rows_w - r < 8) {
+      masked_rows16<4, kT>(r, b0, m, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
+      r += 4;
+    }
+    if (!kT && rows_w - r == 3) {
+      masked_rows16<2, kT>(r, b0, m, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
+      r += 2;
+    }
 #define FUSED_LSTM_MASKED_TAIL(R)                                                     \
   case R:                                                                             \
     masked_rows16<R, kT>(r, b0, m, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y); \
