@@ -1,9 +1,12 @@
 // The small-hidden kernel's AVX-512 variant (CpuPlan::small_hidden_avx512, float32): its inline
 // products on one 16-lane vector per 16 batch columns with a masked tail, and its narrow
-// transposes by in-register permutes. The same arithmetic in the same order as the generic
+// transposes by in-register permutes: the same arithmetic in the same order as the generic
 // code of small_hidden.h (target_clones, Vec<T, V> blocks of 16, 8, 4, 2, 1 lanes; transposes
-// by gathers and scatters): the same bits, fewer instructions. benchmarks/notes/small-hidden.md,
-// "Masked 16-lane products and permute transposes".
+// by gathers and scatters), so the same bits, with fewer instructions
+// (benchmarks/notes/small-hidden.md, "Masked 16-lane products and permute transposes"). And
+// the backward's weight gradients summed along each step's rows (CpuPlan::tiny_weight_rows),
+// which the generic code computes by products after the step loop instead, summing in another
+// order ("The weight gradients along each step's rows").
 // Part of the one translation unit lstm_cpu.cpp.
 #pragma once
 
@@ -19,7 +22,8 @@ namespace {
 
 // The flat positions [0, count) of a 16-float vector.
 inline __mmask16 first_lanes(int64_t count) {
-  return count >= 16 ? __mmask16(0xFFFF) : __mmask16((uint32_t{1} << std::max<int64_t>(count, 0)) - 1);
+  return count >= 16 ? __mmask16(0xFFFF)
+                     : __mmask16((uint32_t{1} << std::max<int64_t>(count, 0)) - 1);
 }
 
 // ---- Products ----
@@ -47,14 +51,15 @@ __attribute__((target("avx512f,fma"), always_inline)) inline void masked_rows16(
 }
 
 // The whole product: batch columns 16 at a time (the last block masked); rows 8 at a time
-// (8 chains cover the FMA latency on two ports) until at most 12 are left, which go as one
-// group (a tail of 2 rows would be two chains of cols_w dependent multiply-adds).
+// (8 chains cover the FMA latency on two ports) until at most 12 are left (kT; 8 for w as
+// rows, below), which go as one group (a tail of 2 rows would be two chains of cols_w
+// dependent multiply-adds).
 template <bool kT>
 __attribute__((target("avx512f,fma"))) void masked_product16(
     int64_t n, int64_t rows_w, int64_t cols_w, const float* w, const float* h, int64_t ld_h,
     const float* y_in, int64_t ld_in, float* y, int64_t ld_y) {
   for (int64_t b0 = 0; b0 < n; b0 += 16) {
-    const __mmask16 m = __mmask16((uint32_t{1} << std::min<int64_t>(16, n - b0)) - 1);
+    const __mmask16 m = first_lanes(n - b0);
     int64_t r = 0;
     // (w as rows, kT false: each of a group's rows is a pointer of its own, cols_w apart, and
     // more than 8 do not fit the registers: groups of 8, 4, 2, 1.)
@@ -111,7 +116,8 @@ __attribute__((target("avx512f,fma"))) void weight_rows16(
     float* wi = gw_ih + g0 * in;
     float* wh = gw_hh + g0 * out;
     __m512 a0 = _mm512_maskz_loadu_ps(m0, wi), a1 = _mm512_maskz_loadu_ps(m0, wi + in);
-    __m512 a2 = _mm512_maskz_loadu_ps(m0, wi + 2 * in), a3 = _mm512_maskz_loadu_ps(m0, wi + 3 * in);
+    __m512 a2 = _mm512_maskz_loadu_ps(m0, wi + 2 * in);
+    __m512 a3 = _mm512_maskz_loadu_ps(m0, wi + 3 * in);
     __m512 b0 = _mm512_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;  // columns 16-31 (NX 2)
     if constexpr (NX == 2) {
       b0 = _mm512_maskz_loadu_ps(m1, wi + 16);
@@ -120,7 +126,8 @@ __attribute__((target("avx512f,fma"))) void weight_rows16(
       b3 = _mm512_maskz_loadu_ps(m1, wi + 3 * in + 16);
     }
     __m512 h0 = _mm512_maskz_loadu_ps(mh, wh), h1s = _mm512_maskz_loadu_ps(mh, wh + out);
-    __m512 h2s = _mm512_maskz_loadu_ps(mh, wh + 2 * out), h3 = _mm512_maskz_loadu_ps(mh, wh + 3 * out);
+    __m512 h2s = _mm512_maskz_loadu_ps(mh, wh + 2 * out);
+    __m512 h3 = _mm512_maskz_loadu_ps(mh, wh + 3 * out);
     if (gb) {  // the bias's running sums in lane `out`
       h0 = _mm512_mask_mov_ps(h0, one, _mm512_set1_ps(gb[g0]));
       h1s = _mm512_mask_mov_ps(h1s, one, _mm512_set1_ps(gb[g0 + 1]));
