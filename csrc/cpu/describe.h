@@ -94,7 +94,8 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
   if (p.variant == Variant::kSmallHidden)
     o << "small_hidden_kernels="
       << (p.small_hidden_avx512 ? "avx512 (masked 16-lane products, permute transposes)"
-          : p.is_float && cpu_features().avx512
+          : !p.is_float ? "target_clones (16/8/4/2/1-lane products, element-wise transposes)"
+          : cpu_features().avx512
               ? "target_clones (16/8/4/2/1-lane products, gather transposes)"
               : "target_clones (16/8/4/2/1-lane products, 8x8 transposes)")
       << "\n";

@@ -209,20 +209,33 @@ FUSED_LSTM_DEFINE_TINY(double)
 // Batches narrower than this take tiny_product_rows where the caller has w transposed.
 constexpr int64_t kTinyNarrowBatch = 8;
 
+// The AVX-512 variant's masked 16-lane product (small_hidden_avx512.h masked_product16; kT: w
+// given as stored, [cols_w][rows_w]) where `avx512` (CpuPlan::small_hidden_avx512: float32):
+// true when it ran.
+template <bool kT, typename T>
+inline bool masked_product(bool avx512, int64_t n, int64_t rows_w, int64_t cols_w, const T* w,
+                           const T* h, int64_t ld_h, const T* y_in, int64_t ld_in, T* y,
+                           int64_t ld_y) {
+#ifdef FUSED_LSTM_SMALL_HIDDEN_AVX512
+  if constexpr (std::is_same_v<T, float>) {
+    if (avx512) masked_product16<kT>(n, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
+    return avx512;
+  }
+#endif
+  return false;
+}
+
 // y = y_in + w h (see tiny_product_block), w also given transposed (wT [cols_w][rows_w], or
 // null): the narrow-batch kernel where it pays. avx512: the AVX-512 variant's masked 16-lane
-// blocks (CpuPlan::small_hidden_avx512; the same bits).
+// blocks (the same bits).
 template <typename T>
 inline void tiny_product(int64_t n, int64_t rows_w, int64_t cols_w, const T* w, const T* wT,
                          const T* h, int64_t ld_h, const T* y_in, int64_t ld_in, T* y,
                          int64_t ld_y, bool avx512) {
   if (wT != nullptr && n < kTinyNarrowBatch)
     return tiny_product_rows(n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);
-#ifdef FUSED_LSTM_SMALL_HIDDEN_AVX512
-  if constexpr (std::is_same_v<T, float>)
-    if (avx512) return masked_product16<false>(n, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
-#endif
-  tiny_product_cols(n, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
+  if (!masked_product<false>(avx512, n, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y))
+    tiny_product_cols(n, rows_w, cols_w, w, h, ld_h, y_in, ld_in, y, ld_y);
 }
 
 // y = y_in + w h as tiny_product, given only wT [cols_w][rows_w] (a weight as stored, used
@@ -233,11 +246,8 @@ inline void tiny_product_t(int64_t n, int64_t rows_w, int64_t cols_w, const T* w
                            bool avx512) {
   if (n < kTinyNarrowBatch)
     return tiny_product_rows(n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);
-#ifdef FUSED_LSTM_SMALL_HIDDEN_AVX512
-  if constexpr (std::is_same_v<T, float>)
-    if (avx512) return masked_product16<true>(n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);
-#endif
-  tiny_product_cols_t(n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);
+  if (!masked_product<true>(avx512, n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y))
+    tiny_product_cols_t(n, rows_w, cols_w, wT, h, ld_h, y_in, ld_in, y, ld_y);
 }
 
 // ---- Small hidden sizes (H < kRowWiseHidden): a batch-fastest working layout ----
