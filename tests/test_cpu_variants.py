@@ -147,7 +147,7 @@ CASES = {
         dict(input_size=5, hidden_size=4, num_layers=2, bidirectional=True), 5, 19, F32, True, {"variant": "small_hidden", "backward_weight_products": "small_avx512",
                "backward_data_product": "small-hidden product (inline)"}, "avx512"),
     # The small-hidden kernel's weight and bias gradients a step at a time in 16-lane partial
-    # sums (plan.h tiny_step_weight_grads: 16 batch rows or more, and rows enough that the sums
+    # sums (plan.h tiny_weight_lanes_fit: 16 batch rows or more, and rows enough that the sums
     # are fewer floats than the dgates they replace): seed-tiny's size; bidirectional with a
     # projection (a second direction's sums, h_{t-1} of out < hidden); float64; batches that are
     # not a multiple of 16 (the lanes' tail), packed (rows starting late, h0 for them).

@@ -23,7 +23,7 @@ void backward_impl(const CpuPlan& plan, const LSTMShape& s, Operand<T> input, co
   const bool tiny = plan.variant == Variant::kSmallHidden;
   // The small-hidden kernel's weight and bias gradients made a step at a time (no dgates of
   // every row, no products after the loop): plan.h tiny_step_weight_grads.
-  const bool tiny_step_weights = tiny && plan.tiny_step_weight_grads;
+  const bool tiny_step_weights = tiny && plan.tiny_step_weight_grads();
   // A reserve without the gates (lstm.h gates_in_reserve; plan.h backward_gates): the
   // recurrence below recomputes them (bf16 products, and the small-hidden kernel where every
   // layer input takes its own product: step by step; float32 ones: by chunks,

@@ -171,7 +171,7 @@ inline std::string describe(const CpuPlan& p, const LSTMShape& s,
           : p.bf16_products ? std::string("bf16_gemm")
           : p.backward_few_rows ? std::string("few_rows (outer products)")
           : p.tiny_weight_rows ? std::string("small-hidden steps (along rows, avx512)")
-          : p.tiny_step_weight_grads ? std::string("small-hidden steps (16-lane sums)")
+          : p.tiny_weight_lanes ? std::string("small-hidden steps (16-lane sums)")
                             : libraries(true))
       << "\n";
     o << "weight_grads_apart=" << (p.weight_grads_apart ? "true" : "false") << "\n";

@@ -21,6 +21,7 @@
 #include "blas.h"
 #include "fast_math.h"
 #include "rates.h"
+#include "small_hidden_avx512.h"
 
 #include <optional>
 #include <string>
@@ -35,13 +36,6 @@ struct CpuFeatures {
   bool brgemm = false;         // oneDNN's brgemm micro-kernel, as ATen exports it, works here
   bool onednn_matmul = false;  // oneDNN's matmul, as ATen exports it
 };
-
-// Whether this build has small_hidden_avx512.h's kernels (GCC or Clang, x86-64).
-#if defined(__GNUC__) && defined(__x86_64__)
-constexpr bool kSmallHiddenAvx512Built = true;
-#else
-constexpr bool kSmallHiddenAvx512Built = false;
-#endif
 
 inline const CpuFeatures& cpu_features() {
   static const CpuFeatures f = [] {
@@ -168,15 +162,17 @@ struct CpuPlan {
   // step's gate-major dgates block, in 16-lane partial sums (small_hidden_backward.h
   // tiny_weight_lanes), instead of every row's dgates transposed into rows for products after
   // the loop: where the batch fills the lanes and the partial sums are fewer floats than the
-  // dgates they replace (tiny_step_weight_grads below; benchmarks/notes/small-hidden.md, "The
+  // dgates they replace (tiny_weight_lanes_fit below; benchmarks/notes/small-hidden.md, "The
   // weight gradients a step at a time").
-  bool tiny_step_weight_grads = false;
+  bool tiny_weight_lanes = false;
   // ... summed instead along each step's rows straight into the gradients (small_hidden_avx512.h
-  // weight_rows16), where the 16-lane sums' rule does not hold (a batch under 16 rows, or too
-  // few rows for the sums' size): float32 on AVX-512 (small_hidden_avx512), a batch of at least
+  // weight_rows16), where the 16-lane sums do not fit (a batch under 16 rows, or too few rows
+  // for the sums' size): float32 on AVX-512 (small_hidden_avx512), a batch of at least
   // kWeightRowsMinBatch rows (each step's loads of the gradients amortised over its rows) and
-  // inputs of at most 32 (two vectors a row).
+  // inputs of at most kWeightRowsMaxInput.
   bool tiny_weight_rows = false;
+  // Either: no dgates of every row, no weight products after the step loop.
+  bool tiny_step_weight_grads() const { return tiny_weight_lanes || tiny_weight_rows; }
   bool vec16_cell = false;    // float32 cell pass on 16 lanes (cell_forward_vec16)
   // The small-hidden kernel's float32 products on 16 AVX-512 lanes with a masked tail, and its
   // narrow transposes by permutes (small_hidden_avx512.h; the same bits as the generic code).
@@ -212,16 +208,18 @@ inline bool apart_rows(const LSTMShape& s, at::ScalarType model, bool inference,
   return factors <= grads;
 }
 
-// CpuPlan::tiny_step_weight_grads: a batch of at least 16 rows (a step's dgates fill the
+// CpuPlan::tiny_weight_lanes: a batch of at least 16 rows (a step's dgates fill the
 // partial sums' 16 lanes), and the partial sums (4H x (widest input + out + 1) x 16 floats) no
 // more than every row's dgates (rows x 4H), which they replace. A rule of sizes only: the same
 // on every CPU.
-inline bool tiny_step_weight_grads(const LSTMShape& s) {
+inline bool tiny_weight_lanes_fit(const LSTMShape& s) {
   return s.batch >= 16 && 16 * (s.widest_layer_input() + s.out_size + 1) <= s.rows;
 }
-// CpuPlan::tiny_weight_rows' least batch: each step loads and stores its gradients once per
-// 4 gate rows, against 12-24 multiply-adds per batch row.
+// CpuPlan::tiny_weight_rows' least batch (each step loads and stores its gradients once per
+// 4 gate rows, against 12-24 multiply-adds per batch row) and widest layer input (a row of it
+// in two 16-lane vectors).
 constexpr int64_t kWeightRowsMinBatch = 8;
+constexpr int64_t kWeightRowsMaxInput = 32;
 
 inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, at::ScalarType model,
                         bool inference) {
@@ -302,11 +300,10 @@ inline CpuPlan plan_cpu(const LSTMShape& s, const CpuSettings& settings, at::Sca
   p.small_hidden_avx512 = is_float && p.variant == Variant::kSmallHidden && cpu.avx512 &&
                           settings.small_hidden_avx512 && kSmallHiddenAvx512Built;
   const bool small_hidden_training = !inference && p.variant == Variant::kSmallHidden;
-  p.tiny_weight_rows = small_hidden_training && !tiny_step_weight_grads(s) &&
-                       p.small_hidden_avx512 && s.batch >= kWeightRowsMinBatch &&
-                       s.widest_layer_input() <= 32;
-  p.tiny_step_weight_grads =
-      small_hidden_training && (tiny_step_weight_grads(s) || p.tiny_weight_rows);
+  p.tiny_weight_lanes = small_hidden_training && tiny_weight_lanes_fit(s);
+  p.tiny_weight_rows = small_hidden_training && !p.tiny_weight_lanes && p.small_hidden_avx512 &&
+                       s.batch >= kWeightRowsMinBatch &&
+                       s.widest_layer_input() <= kWeightRowsMaxInput;
   p.vec16_cell = is_float && cpu.avx512 && settings.vec16_cell;
   p.output_16bit = inference && model_16bit && p.variant == Variant::kRowWise;
   return p;

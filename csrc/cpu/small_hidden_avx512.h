@@ -12,13 +12,16 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 
 namespace fused_lstm {
 namespace {
 
+// Whether this build has these kernels (GCC or Clang, x86-64): plan.h asks.
 #if defined(__GNUC__) && defined(__x86_64__)
 #define FUSED_LSTM_SMALL_HIDDEN_AVX512 1
+constexpr bool kSmallHiddenAvx512Built = true;
 
 // The flat positions [0, count) of a 16-float vector.
 inline __mmask16 first_lanes(int64_t count) {
@@ -309,6 +312,8 @@ __attribute__((target("avx512f"))) inline bool transpose_permute(
   }
   return true;
 }
+#else
+constexpr bool kSmallHiddenAvx512Built = false;
 #endif
 
 }  // namespace

@@ -44,7 +44,7 @@ FUSED_LSTM_DEFINE_COLUMN_SUMS(double)
 #undef FUSED_LSTM_DEFINE_COLUMN_SUMS
 
 // One step's share of a layer's weight and bias gradients in 16-lane partial sums
-// (CpuPlan::tiny_step_weight_grads): for each gate row g of the step's dgates dg [4H][ld] and
+// (CpuPlan::tiny_weight_lanes): for each gate row g of the step's dgates dg [4H][ld] and
 // each row k < k_used of f [k_used][ld] (the step's x^T, then h_{t-1}^T), both with their
 // columns from bs up to ld (a multiple of 16) zero, lanes[(g * K + k) * 16 + l] += the
 // products dg[g][b] f[k][b] of the columns b with b % 16 == l; bias_lanes[g * 16 + l] (if
@@ -135,7 +135,7 @@ struct TinyBackwardLayout {
   // c_{t-1}, c_t and h_t (tiny_recompute_gates), and for a narrow batch W_hh^T [out][4H]
   int64_t recompute, w_hh_t;
   int64_t dxT;  // the step's dL/dx transposed [in][bs] (TinyDx)
-  // the weight gradients a step at a time (tiny_step_weight_grads): partial sums [4H][in +
+  // the weight gradients a step at a time (tiny_weight_lanes_fit): partial sums [4H][in +
   // out][16] and the bias's [4H][16], the step's x^T and h_{t-1}^T (f) and dgates (dgp), rows
   // padded to a multiple of 16 (tiny_weight_lanes)
   int64_t lanes, bias_lanes, f, dgp;
@@ -145,7 +145,7 @@ struct TinyBackwardLayout {
 inline TinyBackwardLayout tiny_backward_layout(const LSTMShape& s) {
   const int64_t H = s.hidden_size, G = 4 * H, out = s.out_size, B = s.batch;
   const int64_t in = s.widest_layer_input(), padded = (B + 15) / 16 * 16;
-  const bool recompute = !s.gates_in_reserve, steps = tiny_step_weight_grads(s);
+  const bool recompute = !s.gates_in_reserve, steps = tiny_weight_lanes_fit(s);
   TinyBackwardLayout l;
   int64_t at = 0;
   auto take = [&](int64_t n) {
@@ -172,7 +172,7 @@ inline TinyBackwardLayout tiny_backward_layout(const LSTMShape& s) {
 }
 
 // The weight and bias gradients of a layer and direction made a step at a time
-// (CpuPlan::tiny_step_weight_grads), written at the end of tiny_backward_steps; null gw_ih:
+// (CpuPlan::tiny_step_weight_grads()), written at the end of tiny_backward_steps; null gw_ih:
 // made after the loop from every row's dgates instead (backward.h).
 template <typename T>
 struct TinyWeightGrads {
